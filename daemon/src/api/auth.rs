@@ -1,0 +1,90 @@
+//! Bearer-token authentication and role checks for the admin API.
+//!
+//! Tokens are random secrets shown once; only their sha256 is stored. Every admin route
+//! declares the least role it needs, and the check runs before any extractor, so an
+//! anonymous caller learns nothing about the request it sent.
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use super::AppState;
+use crate::core::model::TokenRole;
+
+/// Prefix that makes a Bearman token recognisable in a secret scanner.
+pub const TOKEN_PREFIX: &str = "bm_";
+
+/// The authenticated caller, available to handlers as an extension.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub token_name: String,
+    pub role: TokenRole,
+}
+
+impl Caller {
+    /// How this caller appears in the audit trail.
+    pub fn actor(&self) -> String {
+        format!("token:{}", self.token_name)
+    }
+}
+
+pub fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// A new token secret from 32 random bytes of the operating system's generator.
+pub fn generate_secret() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::getrandom(&mut bytes)?;
+    Ok(format!("{TOKEN_PREFIX}{}", hex::encode(bytes)))
+}
+
+fn unauthorized(message: &str) -> Response {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response()
+}
+
+/// Middleware: admit the request only with a valid token of at least `required` role.
+pub async fn require_role(
+    State(state): State<AppState>,
+    required: TokenRole,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(header_value) = request.headers().get(header::AUTHORIZATION) else {
+        return unauthorized("missing Authorization: Bearer <token> header");
+    };
+    let Some(secret) = header_value
+        .to_str()
+        .ok()
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+    else {
+        return unauthorized("Authorization header must be Bearer <token>");
+    };
+    let token = match state.store.token_find(&hash_secret(secret)).await {
+        Ok(Some(token)) => token,
+        Ok(None) => return unauthorized("invalid or revoked token"),
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    if token.role < required {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "token {} has role {}; this needs {}",
+                token.name,
+                token.role.as_str(),
+                required.as_str()
+            ),
+        )
+        .into_response();
+    }
+    request.extensions_mut().insert(Caller {
+        token_name: token.name,
+        role: token.role,
+    });
+    next.run(request).await
+}

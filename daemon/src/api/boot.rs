@@ -1,0 +1,371 @@
+//! The network-boot endpoints, exactly the paths of the original system:
+//! `/ipxe`, `/ipxe/{uuid}`, `…/register`, `…/profile`, `…/detail`, `…/installed`,
+//! `…/heartbeat`, plus `/images/{path}` for artifacts kept in the data directory.
+//!
+//! They are unauthenticated by design (firmware cannot hold a secret); what protects the
+//! inventory is that they only ever change the calling node's own record, and that a
+//! registration which does not match the hardware on record is refused and audited.
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bearman_proto::uuid::NodeUuid;
+use bearman_proto::{
+    BmcSettings, BootProfile, FirmwareVersions, Heartbeat, InstalledReport, NetworkDetail,
+    RegisterRequest, RegisterResponse,
+};
+
+use super::error::ApiError;
+use super::extract::{JsonBody, OptionalJson, UuidPath};
+use super::{apply_event, mutate_node, AppState};
+use crate::core::boot::{render_profile, render_stage1, render_target_script};
+use crate::core::ipam::{self, select_pool};
+use crate::core::lifecycle::{LifecycleEvent, LifecycleState};
+use crate::core::model::{Flavor, NewEvent, Node, PoolPurpose};
+use crate::core::registration::{plan_registration, RegistrationRefused};
+use crate::core::validate;
+use crate::store::StoreError;
+
+/// Who the audit trail names for requests a node makes about itself.
+const NODE_ACTOR: &str = "node";
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/ipxe", get(stage1_script))
+        .route("/ipxe/{uuid}", get(target_script))
+        .route("/ipxe/{uuid}/register", post(register))
+        .route("/ipxe/{uuid}/profile", get(profile))
+        .route("/ipxe/{uuid}/detail", get(detail))
+        .route("/ipxe/{uuid}/installed", post(installed))
+        .route("/ipxe/{uuid}/heartbeat", post(heartbeat))
+        .route("/images/{*path}", get(image))
+}
+
+fn ipxe_response(script: String) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        script,
+    )
+        .into_response()
+}
+
+async fn stage1_script(State(state): State<AppState>) -> Response {
+    ipxe_response(render_stage1(&state.config.stage1, &state.config.public_url, None))
+}
+
+async fn known_node(state: &AppState, uuid: &NodeUuid) -> Result<Node, ApiError> {
+    state
+        .store
+        .node_get(uuid)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("node {uuid} is not known; register it first")))
+}
+
+/// The node's flavor, or a 409 saying why it has none to boot.
+async fn node_flavor(state: &AppState, node: &Node) -> Result<Flavor, ApiError> {
+    if node.state == LifecycleState::Retired {
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            "retired",
+            format!("node {} is retired", node.uuid),
+        ));
+    }
+    let name = node.flavor.as_deref().ok_or_else(|| {
+        ApiError::conflict(
+            "no_flavor",
+            format!("node {} has no flavor assigned; set one with `bearman node update`", node.uuid),
+        )
+    })?;
+    state.store.flavor_get(name).await?.ok_or_else(|| {
+        ApiError::conflict(
+            "flavor_missing",
+            format!("node {} is assigned flavor {name}, which does not exist", node.uuid),
+        )
+    })
+}
+
+fn profile_for(state: &AppState, flavor: &Flavor, node: &Node) -> Result<BootProfile, ApiError> {
+    render_profile(flavor, node, &state.config.public_url)
+        .map_err(|error| ApiError::internal(format!("flavor {}: {error}", flavor.name)))
+}
+
+async fn target_script(State(state): State<AppState>, UuidPath(uuid): UuidPath) -> Result<Response, ApiError> {
+    let Some(node) = state.store.node_get(&uuid).await? else {
+        // A machine we have never seen: send it to stage 1 so it enlists itself.
+        return Ok(ipxe_response(render_stage1(
+            &state.config.stage1,
+            &state.config.public_url,
+            Some(&uuid),
+        )));
+    };
+    match node.state {
+        LifecycleState::Retired => {
+            return Ok(ipxe_response(bearman_proto::ipxe::render_exit(&format!(
+                "Bearman: node {uuid} is retired; not booting"
+            ))))
+        }
+        LifecycleState::Discovered => {
+            return Ok(ipxe_response(render_stage1(
+                &state.config.stage1,
+                &state.config.public_url,
+                Some(&uuid),
+            )))
+        }
+        _ => {}
+    }
+    let flavor = node_flavor(&state, &node).await?;
+    let now = state.clock.now_ms();
+    let node = mutate_node(&state, &uuid, |node| {
+        Ok(apply_event(node, LifecycleEvent::BootStarted, now, NODE_ACTOR, "fetched its target OS")?
+            .into_iter()
+            .collect())
+    })
+    .await?;
+    let profile = profile_for(&state, &flavor, &node)?;
+    Ok(ipxe_response(render_target_script(&profile, &node)))
+}
+
+async fn register(
+    State(state): State<AppState>,
+    UuidPath(uuid): UuidPath,
+    JsonBody(request): JsonBody<RegisterRequest>,
+) -> Result<Json<RegisterResponse>, ApiError> {
+    validate::check_register(&request)?;
+    let now = state.clock.now_ms();
+    let mut last_conflict = None;
+    for _ in 0..super::NODE_WRITE_ATTEMPTS_MAX {
+        let existing = state.store.node_get(&uuid).await?;
+        let mut node = match plan_registration(existing.as_ref(), &uuid, &request, &state.config.defaults, now) {
+            Ok(node) => node,
+            Err(RegistrationRefused::IdentityMismatch { detail, .. }) => {
+                let event = NewEvent::for_node(&uuid, now, NODE_ACTOR, "identity_refused", detail.clone());
+                state.store.event_append(&[event]).await?;
+                tracing::warn!(%uuid, %detail, "registration refused: identity mismatch");
+                return Err(ApiError::conflict(
+                    "identity_mismatch",
+                    format!("{detail}; an operator must run `bearman node accept-identity {uuid}`"),
+                ));
+            }
+            Err(RegistrationRefused::Illegal(error)) => return Err(error.into()),
+        };
+        let pools = state.store.pool_list().await?;
+        if let Some(pool) = select_pool(&pools, PoolPurpose::Node, node.network.vlan) {
+            let allocation = state.store.ip_allocate(&pool.name, &uuid, PoolPurpose::Node, now).await?;
+            let range = ipam::validate_pool(pool)
+                .map_err(|error| ApiError::internal(format!("pool {}: {error}", pool.name)))?;
+            let address = ipam::address_from_string(&allocation.address)
+                .ok_or_else(|| ApiError::internal(format!("stored address {:?}", allocation.address)))?;
+            node.network.bond0_addresses = vec![range.with_prefix(address)];
+            node.network.gateway = pool.gateway.clone();
+            node.network.dns = pool.dns.clone();
+            node.network.mtu = pool.mtu;
+            if node.network.vlan.is_none() {
+                node.network.vlan = pool.vlan;
+            }
+        }
+        let mut bmc_settings = None;
+        if request.bmc.is_some() {
+            if let Some(pool) = select_pool(&pools, PoolPurpose::Bmc, None) {
+                let allocation = state.store.ip_allocate(&pool.name, &uuid, PoolPurpose::Bmc, now).await?;
+                    let range = ipam::validate_pool(pool)
+                    .map_err(|error| ApiError::internal(format!("pool {}: {error}", pool.name)))?;
+                node.bmc.address = Some(allocation.address.clone());
+                bmc_settings = Some(BmcSettings {
+                    address: allocation.address,
+                    prefix_len: range.prefix_len,
+                    gateway: pool.gateway.clone(),
+                    vlan: pool.vlan,
+                });
+            }
+        }
+        let flavor = match &node.flavor {
+            Some(name) => state.store.flavor_get(name).await?,
+            None => None,
+        };
+        let mut events = vec![NewEvent::for_node(
+            &uuid,
+            now,
+            NODE_ACTOR,
+            "register",
+            format!(
+                "serial {}, {} NIC(s), rack {}",
+                node.serial,
+                node.hardware.nics.len(),
+                node.rack.as_deref().unwrap_or("unknown")
+            ),
+        )
+        .with_states(existing.as_ref().map_or(LifecycleState::Discovered, |n| n.state), node.state)];
+        if let Some(flavor) = &flavor {
+            if let Some(mismatch) = firmware_mismatch(&flavor.firmware_expected, &node.firmware) {
+                events.push(NewEvent::for_node(&uuid, now, NODE_ACTOR, "firmware_mismatch", mismatch));
+            }
+        }
+        let result = match &existing {
+            Some(_) => state.store.node_update(&node, &events).await,
+            None => state.store.node_create(&node, &events).await,
+        };
+        match result {
+            Ok(node) => {
+                tracing::info!(%uuid, hostname = %node.hostname, state = %node.state, "registered");
+                return Ok(Json(RegisterResponse {
+                    uuid: uuid.to_string(),
+                    hostname: node.hostname,
+                    state: node.state.as_str().to_string(),
+                    bmc: bmc_settings,
+                    firmware_expected: flavor.map(|f| f.firmware_expected).unwrap_or_default(),
+                }));
+            }
+            Err(error @ (StoreError::GenerationMismatch { .. } | StoreError::AlreadyExists { .. })) => {
+                // Lost a race with a concurrent registration of the same node (or its
+                // default hostname is taken): look again from the top.
+                last_conflict = Some(error);
+                if existing.is_none() {
+                    // Addresses of a node that does not exist are orphans: nothing of a
+                    // refused request may stay behind.
+                    state.store.ip_release_node(&uuid).await?;
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(last_conflict.map(ApiError::from).unwrap_or_else(|| {
+        ApiError::conflict("busy", format!("node {uuid} is being changed by others; retry"))
+    }))
+}
+
+/// Describes how reported firmware differs from what the flavor expects, if it does.
+fn firmware_mismatch(expected: &FirmwareVersions, reported: &FirmwareVersions) -> Option<String> {
+    let mut differences = Vec::new();
+    let mut compare = |what: &str, want: &Option<String>, have: Option<&String>| {
+        if let Some(want) = want {
+            if have != Some(want) {
+                differences.push(format!(
+                    "{what} {} (expected {want})",
+                    have.map_or("unknown", |v| v.as_str())
+                ));
+            }
+        }
+    };
+    compare("bios", &expected.bios, reported.bios.as_ref());
+    compare("bmc", &expected.bmc, reported.bmc.as_ref());
+    for (nic, want) in &expected.nics {
+        compare(&format!("nic {nic}"), &Some(want.clone()), reported.nics.get(nic));
+    }
+    (!differences.is_empty()).then(|| format!("firmware behind: {}", differences.join(", ")))
+}
+
+async fn profile(State(state): State<AppState>, UuidPath(uuid): UuidPath) -> Result<Json<BootProfile>, ApiError> {
+    let node = known_node(&state, &uuid).await?;
+    let flavor = node_flavor(&state, &node).await?;
+    profile_for(&state, &flavor, &node).map(Json)
+}
+
+async fn detail(State(state): State<AppState>, UuidPath(uuid): UuidPath) -> Result<Json<NetworkDetail>, ApiError> {
+    let node = known_node(&state, &uuid).await?;
+    if node.state == LifecycleState::Retired {
+        return Err(ApiError::new(StatusCode::GONE, "retired", format!("node {uuid} is retired")));
+    }
+    Ok(Json(NetworkDetail {
+        hostname: node.hostname.clone(),
+        vlan: node.network.vlan,
+        bond0_addresses: node.network.bond0_addresses.clone(),
+        bond0_slaves: node.mac_set(),
+        gateway: node.network.gateway.clone(),
+        dns: node.network.dns.clone(),
+        mtu: if node.network.mtu == 0 { 1500 } else { node.network.mtu },
+    }))
+}
+
+#[derive(serde::Serialize)]
+struct StateReply {
+    uuid: String,
+    state: String,
+}
+
+async fn installed(
+    State(state): State<AppState>,
+    UuidPath(uuid): UuidPath,
+    OptionalJson(report): OptionalJson<InstalledReport>,
+) -> Result<Json<StateReply>, ApiError> {
+    let now = state.clock.now_ms();
+    let reason = match &report.os_release {
+        Some(release) => format!("stage 2 up: {}", release.chars().take(120).collect::<String>()),
+        None => "stage 2 up".to_string(),
+    };
+    let node = mutate_node(&state, &uuid, |node| {
+        let events: Vec<NewEvent> = apply_event(node, LifecycleEvent::Installed, now, NODE_ACTOR, &reason)?
+            .into_iter()
+            .collect();
+        if !events.is_empty() {
+            node.installed_at_ms = Some(now);
+            node.last_heartbeat_at_ms = Some(now);
+        }
+        Ok(events)
+    })
+    .await?;
+    Ok(Json(StateReply {
+        uuid: uuid.to_string(),
+        state: node.state.as_str().to_string(),
+    }))
+}
+
+async fn heartbeat(
+    State(state): State<AppState>,
+    UuidPath(uuid): UuidPath,
+    OptionalJson(_beat): OptionalJson<Heartbeat>,
+) -> Result<Json<StateReply>, ApiError> {
+    let now = state.clock.now_ms();
+    let node = known_node(&state, &uuid).await?;
+    let next = crate::core::lifecycle::transition(node.state, LifecycleEvent::Heartbeat);
+    let node = match next {
+        Ok(next) if next == node.state => {
+            // The hot path: no state change, no generation bump.
+            state.store.node_record_heartbeat(&uuid, now).await?;
+            node
+        }
+        _ => {
+            let node = mutate_node(&state, &uuid, |node| {
+                let events = apply_event(node, LifecycleEvent::Heartbeat, now, NODE_ACTOR, "heartbeat resumed");
+                let events = match events {
+                    Ok(events) => events,
+                    Err(error) => {
+                        // A node we believe fenced (or never installed) must not be alive:
+                        // record it loudly; the caller gets a 409.
+                        tracing::warn!(%uuid, state = %node.state, "heartbeat from a node that should be silent");
+                        return Err(error);
+                    }
+                };
+                node.last_heartbeat_at_ms = Some(now);
+                Ok(events.into_iter().collect())
+            })
+            .await;
+            match node {
+                Ok(node) => node,
+                Err(error) => {
+                    if error.code == "illegal_transition" {
+                        let event = NewEvent::for_node(&uuid, now, NODE_ACTOR, "unexpected_heartbeat", error.message.clone());
+                        state.store.event_append(&[event]).await?;
+                    }
+                    return Err(error);
+                }
+            }
+        }
+    };
+    Ok(Json(StateReply {
+        uuid: uuid.to_string(),
+        state: node.state.as_str().to_string(),
+    }))
+}
+
+async fn image(State(state): State<AppState>, Path(path): Path<String>) -> Result<Response, ApiError> {
+    match state.images.get(&path).await {
+        Ok(Some(bytes)) => Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()),
+        Ok(None) => Err(ApiError::not_found(format!("no image {path}"))),
+        Err(crate::images::ImageError::InvalidPath(detail)) => {
+            Err(ApiError::bad_request("invalid_path", format!("invalid image path {detail:?}")))
+        }
+        Err(error) => Err(ApiError::internal(error.to_string())),
+    }
+}

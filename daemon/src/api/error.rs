@@ -1,0 +1,100 @@
+//! Mapping every failure to an HTTP status and a JSON [`ErrorBody`]: client mistakes get a
+//! 4xx naming the problem; only our own faults are 5xx, and those are logged in full.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bearman_proto::ErrorBody;
+
+use crate::core::lifecycle::IllegalTransition;
+use crate::core::validate::FieldError;
+use crate::store::StoreError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+
+    pub fn unprocessable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        let message = message.into();
+        tracing::error!(error = %message, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the daemon log",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: self.code.to_string(),
+            message: self.message,
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match &error {
+            StoreError::NotFound { .. } => ApiError::not_found(error.to_string()),
+            StoreError::AlreadyExists { .. } => ApiError::conflict("already_exists", error.to_string()),
+            StoreError::InUse { .. } => ApiError::conflict("in_use", error.to_string()),
+            StoreError::GenerationMismatch { .. } => {
+                ApiError::conflict("generation_mismatch", error.to_string())
+            }
+            StoreError::PoolExhausted { .. } | StoreError::InvalidPool { .. } => {
+                tracing::warn!(error = %error, "address allocation failed");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "pool_unavailable", error.to_string())
+            }
+            StoreError::Corrupt(_) | StoreError::Backend(_) => ApiError::internal(error.to_string()),
+        }
+    }
+}
+
+impl From<IllegalTransition> for ApiError {
+    fn from(error: IllegalTransition) -> Self {
+        ApiError::conflict("illegal_transition", error.to_string())
+    }
+}
+
+impl From<FieldError> for ApiError {
+    fn from(error: FieldError) -> Self {
+        ApiError::unprocessable(error.to_string())
+    }
+}

@@ -1,0 +1,36 @@
+//! The `Bmc` seam: power control of one physical server through its baseboard management
+//! controller. Drivers (IPMI, Redfish, QEMU QMP, the simulator's) implement this trait;
+//! fencing and rebuild (remediation) are written against it alone.
+//!
+//! Only the interface exists so far: the drivers and the remediation that uses them are
+//! tracked as their own issues.
+
+use async_trait::async_trait;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerState {
+    On,
+    Off,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BmcError {
+    #[error("bmc {bmc}: {operation} timed out")]
+    Timeout { bmc: String, operation: &'static str },
+    #[error("bmc {bmc}: {operation} failed: {detail}")]
+    Failed {
+        bmc: String,
+        operation: &'static str,
+        detail: String,
+    },
+}
+
+#[async_trait]
+pub trait Bmc: Send + Sync {
+    async fn power_state(&self) -> Result<PowerState, BmcError>;
+    async fn power_on(&self) -> Result<(), BmcError>;
+    /// Hard power off (STONITH). Accepted is not done: callers verify with `power_state`.
+    async fn power_off(&self) -> Result<(), BmcError>;
+    /// Network boot (PXE) on the next boot only.
+    async fn set_next_boot_pxe(&self) -> Result<(), BmcError>;
+}

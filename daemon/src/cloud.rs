@@ -1,0 +1,25 @@
+//! The `Cloud` seam: the hypervisor control plane (OpenStack Nova in production, the
+//! simulator's cloud in simulation) through which VMs are evacuated from a fenced node.
+//!
+//! Only the interface exists so far; evacuation is tracked as the remediation issue.
+
+use async_trait::async_trait;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    /// Nova's `ComputeServiceInUse`: the host's compute service still looks alive.
+    #[error("compute service on {host} is still up")]
+    ServiceInUse { host: String },
+    #[error("cloud api error: {0}")]
+    Api(String),
+}
+
+#[async_trait]
+pub trait Cloud: Send + Sync {
+    /// VM ids running on `host`.
+    async fn vms_on_host(&self, host: &str) -> Result<Vec<String>, CloudError>;
+    /// Marks the host's compute service forced-down (Nova `os-services` force_down).
+    async fn force_down(&self, host: &str) -> Result<(), CloudError>;
+    /// Rebuilds `vm` on another host (Nova `evacuate`).
+    async fn evacuate(&self, vm: &str) -> Result<(), CloudError>;
+}

@@ -1,0 +1,149 @@
+//! What a node boots: the stage-1 script every machine chains to, and the per-node target
+//! OS script and profile rendered from its flavor.
+
+use bearman_proto::ipxe;
+use bearman_proto::uuid::NodeUuid;
+use bearman_proto::BootProfile;
+use serde::{Deserialize, Serialize};
+
+use super::model::{Flavor, Node};
+
+/// Where the stage-1 image lives and what it is told on its command line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage1Config {
+    /// Kernel URL; a relative path is resolved against the public URL.
+    pub kernel: String,
+    /// Initramfs URLs; relative paths resolved likewise.
+    pub initrds: Vec<String>,
+    /// Extra kernel arguments (console, quiet, …).
+    pub cmdline: String,
+}
+
+impl Default for Stage1Config {
+    fn default() -> Self {
+        Stage1Config {
+            kernel: "/images/stage1/vmlinuz".into(),
+            initrds: vec!["/images/stage1/initrd.img".into()],
+            cmdline: "console=ttyS0 console=tty0".into(),
+        }
+    }
+}
+
+/// Resolves `path` against `public_url` unless it is already absolute.
+pub fn resolve_url(public_url: &str, path: &str) -> String {
+    if path.starts_with("http://") || path.starts_with("https://") {
+        path.to_string()
+    } else {
+        format!(
+            "{}/{}",
+            public_url.trim_end_matches('/'),
+            path.trim_start_matches('/')
+        )
+    }
+}
+
+/// The stage-1 script. With `uuid` unset it carries iPXE's own `${uuid}` so one script
+/// serves every machine that DHCP points at `/ipxe`.
+pub fn render_stage1(config: &Stage1Config, public_url: &str, uuid: Option<&NodeUuid>) -> String {
+    let uuid_text = uuid.map_or("${uuid}".to_string(), |uuid| uuid.to_string());
+    let mut args = format!(
+        "bearman.url={} bearman.uuid={}",
+        public_url.trim_end_matches('/'),
+        uuid_text
+    );
+    if !config.cmdline.is_empty() {
+        args.push(' ');
+        args.push_str(&config.cmdline);
+    }
+    let initrds: Vec<String> = config
+        .initrds
+        .iter()
+        .map(|path| resolve_url(public_url, path))
+        .collect();
+    ipxe::render_boot(
+        "Bearman stage 1: register hardware, then kexec the assigned OS",
+        &resolve_url(public_url, &config.kernel),
+        &args,
+        &initrds,
+    )
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("unknown placeholder {{{0}}}; known: hostname, uuid, url, ip, gateway, vlan")]
+    UnknownPlaceholder(String),
+    #[error("unclosed {{")]
+    Unclosed,
+}
+
+const PLACEHOLDERS: [&str; 6] = ["hostname", "uuid", "url", "ip", "gateway", "vlan"];
+
+/// Substitutes `{name}` placeholders; `lookup` is only asked for known names.
+fn substitute(
+    template: &str,
+    mut lookup: impl FnMut(&str) -> String,
+) -> Result<String, TemplateError> {
+    let mut out = String::with_capacity(template.len() + 64);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let close = after.find('}').ok_or(TemplateError::Unclosed)?;
+        let name = &after[..close];
+        if !PLACEHOLDERS.contains(&name) {
+            return Err(TemplateError::UnknownPlaceholder(name.to_string()));
+        }
+        out.push_str(&lookup(name));
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Checks a template without a node, for flavor validation.
+pub fn check_template(template: &str) -> Result<(), TemplateError> {
+    substitute(template, |_| String::new()).map(|_| ())
+}
+
+/// The node's kernel command line from its flavor's template.
+pub fn render_cmdline(flavor: &Flavor, node: &Node, public_url: &str) -> Result<String, TemplateError> {
+    substitute(&flavor.cmdline_template, |name| match name {
+        "hostname" => node.hostname.clone(),
+        "uuid" => node.uuid.to_string(),
+        "url" => public_url.trim_end_matches('/').to_string(),
+        "ip" => node
+            .network
+            .bond0_addresses
+            .first()
+            .map(|cidr| cidr.split('/').next().unwrap_or_default().to_string())
+            .unwrap_or_default(),
+        "gateway" => node.network.gateway.clone().unwrap_or_default(),
+        "vlan" => node.network.vlan.map(|v| v.to_string()).unwrap_or_default(),
+        _ => String::new(),
+    })
+}
+
+pub fn render_profile(flavor: &Flavor, node: &Node, public_url: &str) -> Result<BootProfile, TemplateError> {
+    let resolve = |artifact: &bearman_proto::Artifact| bearman_proto::Artifact {
+        url: resolve_url(public_url, &artifact.url),
+        sha256: artifact.sha256.clone(),
+    };
+    Ok(BootProfile {
+        flavor: flavor.name.clone(),
+        kernel: resolve(&flavor.kernel),
+        initrds: flavor.initrds.iter().map(resolve).collect(),
+        cmdline: render_cmdline(flavor, node, public_url)?,
+    })
+}
+
+/// The node's target OS as an iPXE script, which stage 1 parses into a kexec call.
+pub fn render_target_script(profile: &BootProfile, node: &Node) -> String {
+    let initrds: Vec<String> = profile.initrds.iter().map(|a| a.url.clone()).collect();
+    ipxe::render_boot(
+        &format!("Bearman target OS for {} ({}): flavor {}", node.hostname, node.uuid, profile.flavor),
+        &profile.kernel.url,
+        &profile.cmdline,
+        &initrds,
+    )
+}

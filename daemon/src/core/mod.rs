@@ -1,0 +1,15 @@
+//! The pure core: domain model, lifecycle state machine, IP address management, boot
+//! rendering and registration planning.
+//!
+//! Architecture invariant: nothing in here does I/O or reads a clock. Time comes in as
+//! `now_ms`; the daemon, the simulator and the tests all drive these same functions.
+
+pub mod boot;
+pub mod ipam;
+pub mod lifecycle;
+pub mod model;
+pub mod registration;
+pub mod validate;
+
+pub use lifecycle::{LifecycleEvent, LifecycleState};
+pub use model::*;

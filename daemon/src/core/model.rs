@@ -1,0 +1,345 @@
+//! The domain model: nodes, flavors (boot profiles), IP pools and allocations, events,
+//! API tokens. Plain data; persistence lives in `store`, rules in the sibling modules.
+
+use std::collections::BTreeMap;
+
+use bearman_proto::uuid::NodeUuid;
+use bearman_proto::{CpuFacts, DiskFacts, FirmwareVersions, NicFacts};
+use serde::{Deserialize, Serialize};
+
+use super::lifecycle::LifecycleState;
+
+/// Milliseconds since the Unix epoch, as read from the injected clock.
+pub type TimestampMs = i64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeRole {
+    Compute,
+    Storage,
+    LoadBalancer,
+    ControlPlane,
+}
+
+impl NodeRole {
+    pub const ALL: [NodeRole; 4] = [
+        NodeRole::Compute,
+        NodeRole::Storage,
+        NodeRole::LoadBalancer,
+        NodeRole::ControlPlane,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeRole::Compute => "compute",
+            NodeRole::Storage => "storage",
+            NodeRole::LoadBalancer => "load_balancer",
+            NodeRole::ControlPlane => "control_plane",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|role| role.as_str() == text)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BmcDriver {
+    Ipmi,
+    Redfish,
+    /// QEMU's QMP socket, for VMs standing in for servers (smoke boots).
+    Qmp,
+    /// The simulator's virtual BMC.
+    Sim,
+}
+
+/// How to reach a node's BMC. Credentials are a *reference* (a key in the secrets file or
+/// an environment variable name), never the secret itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BmcConfig {
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub mac: Option<String>,
+    #[serde(default)]
+    pub driver: Option<BmcDriver>,
+    #[serde(default)]
+    pub credentials_ref: Option<String>,
+}
+
+/// Hardware facts as last registered.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Hardware {
+    pub cpu: CpuFacts,
+    pub memory_bytes: u64,
+    pub disks: Vec<DiskFacts>,
+    /// NICs with their LLDP neighbour (switch chassis, port, VLAN), if one was heard.
+    pub nics: Vec<NicFacts>,
+}
+
+/// The node's network identity handed to stage 2 (`/ipxe/{uuid}/detail`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    pub vlan: Option<u16>,
+    /// Addresses in CIDR notation.
+    pub bond0_addresses: Vec<String>,
+    pub gateway: Option<String>,
+    pub dns: Vec<String>,
+    pub mtu: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub uuid: NodeUuid,
+    pub hostname: String,
+    pub serial: String,
+    pub vendor: String,
+    pub model: String,
+    pub role: NodeRole,
+    pub flavor: Option<String>,
+    /// Failure domain; defaults to the top-of-rack switch heard over LLDP.
+    pub rack: Option<String>,
+    pub state: LifecycleState,
+    /// Bumped on every update; writers must present the generation they read.
+    pub generation: i64,
+    pub hardware: Hardware,
+    pub firmware: FirmwareVersions,
+    pub bmc: BmcConfig,
+    pub network: NetworkConfig,
+    pub created_at_ms: TimestampMs,
+    pub updated_at_ms: TimestampMs,
+    pub registered_at_ms: Option<TimestampMs>,
+    pub installed_at_ms: Option<TimestampMs>,
+    pub last_heartbeat_at_ms: Option<TimestampMs>,
+}
+
+impl Node {
+    /// A node known by uuid only (operator enrolment, or first registration).
+    pub fn new(uuid: NodeUuid, hostname: String, role: NodeRole, now_ms: TimestampMs) -> Self {
+        Node {
+            uuid,
+            hostname,
+            serial: String::new(),
+            vendor: String::new(),
+            model: String::new(),
+            role,
+            flavor: None,
+            rack: None,
+            state: LifecycleState::Discovered,
+            generation: 1,
+            hardware: Hardware::default(),
+            firmware: FirmwareVersions::default(),
+            bmc: BmcConfig::default(),
+            network: NetworkConfig::default(),
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            registered_at_ms: None,
+            installed_at_ms: None,
+            last_heartbeat_at_ms: None,
+        }
+    }
+
+    /// Lowercase MACs of every NIC, sorted: the identity the anti-spoofing check compares.
+    pub fn mac_set(&self) -> Vec<String> {
+        mac_set(&self.hardware.nics)
+    }
+}
+
+pub fn mac_set(nics: &[NicFacts]) -> Vec<String> {
+    let mut macs: Vec<String> = nics.iter().map(|nic| nic.mac.to_ascii_lowercase()).collect();
+    macs.sort();
+    macs.dedup();
+    macs
+}
+
+/// A boot profile: which kernel and initrds stage 2 is, and with what command line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Flavor {
+    pub name: String,
+    pub kernel: bearman_proto::Artifact,
+    #[serde(default)]
+    pub initrds: Vec<bearman_proto::Artifact>,
+    /// Kernel command line; `{hostname}`, `{uuid}`, `{url}`, `{ip}`, `{gateway}`, `{vlan}`
+    /// are substituted per node.
+    #[serde(default)]
+    pub cmdline_template: String,
+    #[serde(default)]
+    pub firmware_expected: FirmwareVersions,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolPurpose {
+    /// Node (bond0) addresses.
+    Node,
+    /// BMC (out-of-band) addresses.
+    Bmc,
+}
+
+impl PoolPurpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolPurpose::Node => "node",
+            PoolPurpose::Bmc => "bmc",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "node" => Some(PoolPurpose::Node),
+            "bmc" => Some(PoolPurpose::Bmc),
+            _ => None,
+        }
+    }
+}
+
+/// An IPv4 pool on one VLAN subnet (the original's "IPman").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpPool {
+    pub name: String,
+    pub purpose: PoolPurpose,
+    #[serde(default)]
+    pub vlan: Option<u16>,
+    /// Subnet in CIDR notation, e.g. `10.1.0.0/24`.
+    pub cidr: String,
+    /// First and last assignable addresses (inclusive).
+    pub range_start: String,
+    pub range_end: String,
+    #[serde(default)]
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub dns: Vec<String>,
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+}
+
+fn default_mtu() -> u32 {
+    1500
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpAllocation {
+    pub pool: String,
+    pub address: String,
+    pub node_uuid: NodeUuid,
+    pub purpose: PoolPurpose,
+    pub allocated_at_ms: TimestampMs,
+}
+
+/// One row of the audit trail.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: i64,
+    pub at_ms: TimestampMs,
+    pub node_uuid: Option<NodeUuid>,
+    /// Who: `node` (the machine itself), `system`, or `token:<name>`.
+    pub actor: String,
+    /// What: `register`, `transition`, `maintenance_on`, `spoof_refused`, …
+    pub action: String,
+    pub from_state: Option<String>,
+    pub to_state: Option<String>,
+    /// Why, in words.
+    pub reason: String,
+}
+
+/// An event before the store assigns its id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEvent {
+    pub at_ms: TimestampMs,
+    pub node_uuid: Option<NodeUuid>,
+    pub actor: String,
+    pub action: String,
+    pub from_state: Option<LifecycleState>,
+    pub to_state: Option<LifecycleState>,
+    pub reason: String,
+}
+
+impl NewEvent {
+    pub fn for_node(
+        node: &NodeUuid,
+        at_ms: TimestampMs,
+        actor: &str,
+        action: &str,
+        reason: impl Into<String>,
+    ) -> Self {
+        NewEvent {
+            at_ms,
+            node_uuid: Some(node.clone()),
+            actor: actor.to_string(),
+            action: action.to_string(),
+            from_state: None,
+            to_state: None,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn with_states(mut self, from: LifecycleState, to: LifecycleState) -> Self {
+        self.from_state = Some(from);
+        self.to_state = Some(to);
+        self
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenRole {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl TokenRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRole::Viewer => "viewer",
+            TokenRole::Operator => "operator",
+            TokenRole::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "viewer" => Some(TokenRole::Viewer),
+            "operator" => Some(TokenRole::Operator),
+            "admin" => Some(TokenRole::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// A stored API token: only the sha256 of the secret is kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiToken {
+    pub id: i64,
+    pub name: String,
+    pub role: TokenRole,
+    #[serde(skip_serializing)]
+    pub secret_sha256: String,
+    pub created_at_ms: TimestampMs,
+}
+
+/// Filters for listing nodes; `None` means any.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeFilter {
+    pub state: Option<LifecycleState>,
+    pub rack: Option<String>,
+    pub role: Option<NodeRole>,
+    /// Return nodes whose uuid sorts after this one (keyset pagination).
+    pub after: Option<NodeUuid>,
+    pub limit: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    pub node_uuid: Option<NodeUuid>,
+    /// Return events with id below this one (newest first, keyset pagination).
+    pub before_id: Option<i64>,
+    pub limit: usize,
+}
+
+/// Counts of nodes per state, for summaries.
+pub type StateCounts = BTreeMap<LifecycleState, usize>;

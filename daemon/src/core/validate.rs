@@ -1,0 +1,174 @@
+//! Input checks for everything a client can send: registration bodies, flavors, node
+//! updates. Each error names the offending field so the 4xx body can say what to fix.
+
+use bearman_proto::RegisterRequest;
+
+use super::boot::check_template;
+use super::model::Flavor;
+
+pub const NICS_MAX: usize = 64;
+pub const DISKS_MAX: usize = 256;
+pub const TEXT_LEN_MAX: usize = 256;
+pub const INITRDS_MAX: usize = 16;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("field {field}: {problem}")]
+pub struct FieldError {
+    pub field: String,
+    pub problem: String,
+}
+
+fn field_error(field: impl Into<String>, problem: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+fn check_text(field: &str, value: &str) -> Result<(), FieldError> {
+    if value.len() > TEXT_LEN_MAX {
+        return Err(field_error(field, format!("longer than {TEXT_LEN_MAX} bytes")));
+    }
+    if value.chars().any(|c| c.is_control()) {
+        return Err(field_error(field, "contains control characters"));
+    }
+    Ok(())
+}
+
+/// `aa:bb:cc:dd:ee:ff`, either case.
+pub fn is_mac(text: &str) -> bool {
+    let parts: Vec<&str> = text.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// RFC 1123 hostname: dot-separated labels of [a-z0-9-], 1-63 each, 253 in all.
+pub fn check_hostname(hostname: &str) -> Result<(), FieldError> {
+    let ok = !hostname.is_empty()
+        && hostname.len() <= 253
+        && hostname.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(field_error(
+            "hostname",
+            format!("{hostname:?} is not a lowercase RFC 1123 hostname"),
+        ))
+    }
+}
+
+pub fn check_register(request: &RegisterRequest) -> Result<(), FieldError> {
+    if request.serial.trim().is_empty() {
+        return Err(field_error("serial", "must not be empty"));
+    }
+    check_text("serial", &request.serial)?;
+    check_text("vendor", &request.vendor)?;
+    check_text("model", &request.model)?;
+    check_text("cpu.model", &request.cpu.model)?;
+    if request.nics.is_empty() {
+        return Err(field_error("nics", "at least one NIC is required"));
+    }
+    if request.nics.len() > NICS_MAX {
+        return Err(field_error("nics", format!("more than {NICS_MAX} entries")));
+    }
+    if request.disks.len() > DISKS_MAX {
+        return Err(field_error("disks", format!("more than {DISKS_MAX} entries")));
+    }
+    for (index, nic) in request.nics.iter().enumerate() {
+        if nic.name.is_empty() {
+            return Err(field_error(format!("nics[{index}].name"), "must not be empty"));
+        }
+        check_text(&format!("nics[{index}].name"), &nic.name)?;
+        if !is_mac(&nic.mac) {
+            return Err(field_error(
+                format!("nics[{index}].mac"),
+                format!("{:?} is not a MAC address", truncate(&nic.mac)),
+            ));
+        }
+        if let Some(lldp) = &nic.lldp {
+            check_text(&format!("nics[{index}].lldp.chassis_id"), &lldp.chassis_id)?;
+            check_text(&format!("nics[{index}].lldp.port_id"), &lldp.port_id)?;
+            if let Some(vlan) = lldp.vlan {
+                if !(1..=4094).contains(&vlan) {
+                    return Err(field_error(
+                        format!("nics[{index}].lldp.vlan"),
+                        format!("{vlan} is not a VLAN id"),
+                    ));
+                }
+            }
+        }
+    }
+    for (index, disk) in request.disks.iter().enumerate() {
+        check_text(&format!("disks[{index}].name"), &disk.name)?;
+        check_text(&format!("disks[{index}].model"), &disk.model)?;
+    }
+    if let Some(bmc) = &request.bmc {
+        if !is_mac(&bmc.mac) {
+            return Err(field_error("bmc.mac", format!("{:?} is not a MAC address", truncate(&bmc.mac))));
+        }
+    }
+    for (name, version) in &request.firmware.nics {
+        check_text("firmware.nics", name)?;
+        check_text("firmware.nics", version)?;
+    }
+    Ok(())
+}
+
+fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn check_artifact(field: &str, artifact: &bearman_proto::Artifact) -> Result<(), FieldError> {
+    let url = &artifact.url;
+    let absolute = url.starts_with("http://") || url.starts_with("https://");
+    if url.is_empty() || !(absolute || url.starts_with('/')) || url.contains(char::is_whitespace) {
+        return Err(field_error(
+            format!("{field}.url"),
+            "must be an http(s) URL or a path starting with / (served under the public URL)",
+        ));
+    }
+    check_text(&format!("{field}.url"), url)?;
+    if !is_sha256_hex(&artifact.sha256) {
+        return Err(field_error(
+            format!("{field}.sha256"),
+            "must be 64 lowercase hex digits",
+        ));
+    }
+    Ok(())
+}
+
+pub fn check_flavor(flavor: &Flavor) -> Result<(), FieldError> {
+    if !super::ipam::is_valid_name(&flavor.name) {
+        return Err(field_error("name", "must be 1-63 characters of [a-z0-9-_.]"));
+    }
+    check_artifact("kernel", &flavor.kernel)?;
+    if flavor.initrds.len() > INITRDS_MAX {
+        return Err(field_error("initrds", format!("more than {INITRDS_MAX} entries")));
+    }
+    for (index, initrd) in flavor.initrds.iter().enumerate() {
+        check_artifact(&format!("initrds[{index}]"), initrd)?;
+    }
+    if flavor.cmdline_template.len() > 4096 {
+        return Err(field_error("cmdline_template", "longer than 4096 bytes"));
+    }
+    if flavor.cmdline_template.contains(['\n', '\r']) {
+        return Err(field_error("cmdline_template", "must be one line"));
+    }
+    check_template(&flavor.cmdline_template)
+        .map_err(|error| field_error("cmdline_template", error.to_string()))?;
+    Ok(())
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(40).collect()
+}

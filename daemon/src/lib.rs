@@ -1,0 +1,14 @@
+//! Bearman: a bare-metal fleet manager for diskless hypervisor clouds.
+//!
+//! The crate is the production daemon and the library the simulator and tests drive:
+//! a pure [`core`], persistence behind [`store::Store`], the HTTP surface in [`api`], and
+//! the seams to the outside world ([`runtime`], [`bmc`], [`cloud`], [`images`]).
+
+pub mod api;
+pub mod bmc;
+pub mod cloud;
+pub mod core;
+pub mod images;
+pub mod runtime;
+pub mod server;
+pub mod store;

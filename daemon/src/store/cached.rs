@@ -1,0 +1,215 @@
+//! A read-through cache of nodes and flavors in front of another store.
+//!
+//! The boot endpoints read a node and its flavor on every request; during a boot storm
+//! that is thousands of reads a second for records that rarely change. Writes go through
+//! this wrapper, which refreshes its copy from what the store returns.
+//!
+//! Architecture invariant: this is correct only while this daemon is the sole writer of
+//! its database (one active daemon per database, as documented in ARCHITECTURE.md). A
+//! cached entry is replaced only by a copy of a higher generation, so a slow reader can
+//! never reinstall a stale record over a fresh one.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bearman_proto::uuid::NodeUuid;
+
+use super::{Store, StoreError};
+use crate::core::model::{
+    ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
+    PoolPurpose, StateCounts, TimestampMs, TokenRole,
+};
+
+/// Entries kept before the cache starts over; bounds memory on huge fleets.
+pub const CACHED_NODES_MAX: usize = 200_000;
+
+pub struct CachedStore {
+    inner: Arc<dyn Store>,
+    nodes: Mutex<BTreeMap<NodeUuid, Node>>,
+    flavors: Mutex<BTreeMap<String, Flavor>>,
+}
+
+impl CachedStore {
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        CachedStore {
+            inner,
+            nodes: Mutex::new(BTreeMap::new()),
+            flavors: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn nodes(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeUuid, Node>> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn flavors(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Flavor>> {
+        self.flavors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(&self, node: &Node) {
+        let mut nodes = self.nodes();
+        if nodes.len() >= CACHED_NODES_MAX && !nodes.contains_key(&node.uuid) {
+            nodes.clear();
+        }
+        match nodes.get_mut(&node.uuid) {
+            Some(cached) if cached.generation > node.generation => {}
+            Some(cached) => {
+                let heartbeat = cached.last_heartbeat_at_ms.max(node.last_heartbeat_at_ms);
+                *cached = node.clone();
+                cached.last_heartbeat_at_ms = heartbeat;
+            }
+            None => {
+                nodes.insert(node.uuid.clone(), node.clone());
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for CachedStore {
+    fn backend_name(&self) -> &'static str {
+        self.inner.backend_name()
+    }
+
+    async fn node_get(&self, uuid: &NodeUuid) -> Result<Option<Node>, StoreError> {
+        if let Some(node) = self.nodes().get(uuid) {
+            return Ok(Some(node.clone()));
+        }
+        let node = self.inner.node_get(uuid).await?;
+        if let Some(node) = &node {
+            self.remember(node);
+        }
+        Ok(node)
+    }
+
+    async fn node_list(&self, filter: &NodeFilter) -> Result<Vec<Node>, StoreError> {
+        self.inner.node_list(filter).await
+    }
+
+    async fn node_count_by_state(&self) -> Result<StateCounts, StoreError> {
+        self.inner.node_count_by_state().await
+    }
+
+    async fn node_create(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError> {
+        let created = self.inner.node_create(node, events).await?;
+        self.remember(&created);
+        Ok(created)
+    }
+
+    async fn node_update(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError> {
+        match self.inner.node_update(node, events).await {
+            Ok(updated) => {
+                self.remember(&updated);
+                Ok(updated)
+            }
+            Err(error) => {
+                self.nodes().remove(&node.uuid);
+                Err(error)
+            }
+        }
+    }
+
+    async fn node_record_heartbeat(&self, uuid: &NodeUuid, at_ms: TimestampMs) -> Result<(), StoreError> {
+        self.inner.node_record_heartbeat(uuid, at_ms).await?;
+        if let Some(node) = self.nodes().get_mut(uuid) {
+            node.last_heartbeat_at_ms = Some(node.last_heartbeat_at_ms.unwrap_or(at_ms).max(at_ms));
+        }
+        Ok(())
+    }
+
+    async fn flavor_put(&self, flavor: &Flavor, at_ms: TimestampMs) -> Result<(), StoreError> {
+        self.flavors().remove(&flavor.name);
+        self.inner.flavor_put(flavor, at_ms).await?;
+        self.flavors().insert(flavor.name.clone(), flavor.clone());
+        Ok(())
+    }
+
+    async fn flavor_get(&self, name: &str) -> Result<Option<Flavor>, StoreError> {
+        if let Some(flavor) = self.flavors().get(name) {
+            return Ok(Some(flavor.clone()));
+        }
+        let flavor = self.inner.flavor_get(name).await?;
+        if let Some(flavor) = &flavor {
+            self.flavors().insert(flavor.name.clone(), flavor.clone());
+        }
+        Ok(flavor)
+    }
+
+    async fn flavor_list(&self) -> Result<Vec<Flavor>, StoreError> {
+        self.inner.flavor_list().await
+    }
+
+    async fn flavor_delete(&self, name: &str) -> Result<(), StoreError> {
+        self.flavors().remove(name);
+        self.inner.flavor_delete(name).await
+    }
+
+    async fn pool_create(&self, pool: &IpPool) -> Result<(), StoreError> {
+        self.inner.pool_create(pool).await
+    }
+
+    async fn pool_get(&self, name: &str) -> Result<Option<IpPool>, StoreError> {
+        self.inner.pool_get(name).await
+    }
+
+    async fn pool_list(&self) -> Result<Vec<IpPool>, StoreError> {
+        self.inner.pool_list().await
+    }
+
+    async fn pool_delete(&self, name: &str) -> Result<(), StoreError> {
+        self.inner.pool_delete(name).await
+    }
+
+    async fn ip_allocate(
+        &self,
+        pool: &str,
+        node_uuid: &NodeUuid,
+        purpose: PoolPurpose,
+        at_ms: TimestampMs,
+    ) -> Result<IpAllocation, StoreError> {
+        self.inner.ip_allocate(pool, node_uuid, purpose, at_ms).await
+    }
+
+    async fn ip_list(
+        &self,
+        pool: Option<&str>,
+        node_uuid: Option<&NodeUuid>,
+    ) -> Result<Vec<IpAllocation>, StoreError> {
+        self.inner.ip_list(pool, node_uuid).await
+    }
+
+    async fn ip_release_node(&self, node_uuid: &NodeUuid) -> Result<usize, StoreError> {
+        self.inner.ip_release_node(node_uuid).await
+    }
+
+    async fn event_append(&self, events: &[NewEvent]) -> Result<(), StoreError> {
+        self.inner.event_append(events).await
+    }
+
+    async fn event_list(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
+        self.inner.event_list(filter).await
+    }
+
+    async fn token_create(
+        &self,
+        name: &str,
+        role: TokenRole,
+        secret_sha256: &str,
+        at_ms: TimestampMs,
+    ) -> Result<ApiToken, StoreError> {
+        self.inner.token_create(name, role, secret_sha256, at_ms).await
+    }
+
+    async fn token_find(&self, secret_sha256: &str) -> Result<Option<ApiToken>, StoreError> {
+        self.inner.token_find(secret_sha256).await
+    }
+
+    async fn token_list(&self) -> Result<Vec<ApiToken>, StoreError> {
+        self.inner.token_list().await
+    }
+
+    async fn token_delete(&self, name: &str) -> Result<(), StoreError> {
+        self.inner.token_delete(name).await
+    }
+}

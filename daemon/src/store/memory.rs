@@ -1,0 +1,373 @@
+//! In-memory store for the simulator and fast tests. Deterministic: ordered maps only, no
+//! threads, no clocks. One mutex, never held across an await.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use bearman_proto::uuid::NodeUuid;
+
+use super::{clamp_limit, Store, StoreError};
+use crate::core::ipam::{self, validate_pool};
+use crate::core::lifecycle::LifecycleState;
+use crate::core::model::{
+    ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
+    PoolPurpose, StateCounts, TimestampMs, TokenRole,
+};
+
+#[derive(Default)]
+struct State {
+    nodes: BTreeMap<NodeUuid, Node>,
+    hostnames: BTreeMap<String, NodeUuid>,
+    flavors: BTreeMap<String, Flavor>,
+    pools: BTreeMap<String, IpPool>,
+    /// (pool, address number) → allocation.
+    allocations: BTreeMap<(String, u32), IpAllocation>,
+    events: Vec<Event>,
+    tokens: BTreeMap<String, ApiToken>,
+    next_token_id: i64,
+}
+
+#[derive(Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug elsewhere; the data is still consistent
+        // because every method validates before mutating.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn append_events(state: &mut State, events: &[NewEvent]) {
+    for event in events {
+        let id = state.events.len() as i64 + 1;
+        state.events.push(Event {
+            id,
+            at_ms: event.at_ms,
+            node_uuid: event.node_uuid.clone(),
+            actor: event.actor.clone(),
+            action: event.action.clone(),
+            from_state: event.from_state.map(|s| s.as_str().to_string()),
+            to_state: event.to_state.map(|s| s.as_str().to_string()),
+            reason: event.reason.clone(),
+        });
+    }
+}
+
+fn release_node_addresses(state: &mut State, uuid: &NodeUuid) {
+    state.allocations.retain(|_, allocation| &allocation.node_uuid != uuid);
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn backend_name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn node_get(&self, uuid: &NodeUuid) -> Result<Option<Node>, StoreError> {
+        Ok(self.lock().nodes.get(uuid).cloned())
+    }
+
+    async fn node_list(&self, filter: &NodeFilter) -> Result<Vec<Node>, StoreError> {
+        let state = self.lock();
+        let limit = clamp_limit(filter.limit);
+        Ok(state
+            .nodes
+            .values()
+            .filter(|node| filter.after.as_ref().is_none_or(|after| &node.uuid > after))
+            .filter(|node| filter.state.is_none_or(|s| node.state == s))
+            .filter(|node| filter.rack.as_ref().is_none_or(|r| node.rack.as_ref() == Some(r)))
+            .filter(|node| filter.role.is_none_or(|r| node.role == r))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn node_count_by_state(&self) -> Result<StateCounts, StoreError> {
+        let state = self.lock();
+        let mut counts = StateCounts::new();
+        for node in state.nodes.values() {
+            *counts.entry(node.state).or_default() += 1;
+        }
+        Ok(counts)
+    }
+
+    async fn node_create(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError> {
+        let mut state = self.lock();
+        if state.nodes.contains_key(&node.uuid) {
+            return Err(StoreError::AlreadyExists {
+                what: format!("node {}", node.uuid),
+            });
+        }
+        if state.hostnames.contains_key(&node.hostname) {
+            return Err(StoreError::AlreadyExists {
+                what: format!("hostname {}", node.hostname),
+            });
+        }
+        state.hostnames.insert(node.hostname.clone(), node.uuid.clone());
+        state.nodes.insert(node.uuid.clone(), node.clone());
+        append_events(&mut state, events);
+        Ok(node.clone())
+    }
+
+    async fn node_update(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError> {
+        let mut state = self.lock();
+        let stored = state
+            .nodes
+            .get(&node.uuid)
+            .ok_or_else(|| StoreError::not_found(format!("node {}", node.uuid)))?;
+        if stored.generation != node.generation {
+            return Err(StoreError::GenerationMismatch {
+                uuid: node.uuid.clone(),
+                expected: node.generation,
+                found: stored.generation,
+            });
+        }
+        let old_hostname = stored.hostname.clone();
+        let last_heartbeat = stored.last_heartbeat_at_ms;
+        if old_hostname != node.hostname {
+            if state.hostnames.contains_key(&node.hostname) {
+                return Err(StoreError::AlreadyExists {
+                    what: format!("hostname {}", node.hostname),
+                });
+            }
+            state.hostnames.remove(&old_hostname);
+            state.hostnames.insert(node.hostname.clone(), node.uuid.clone());
+        }
+        let mut updated = node.clone();
+        updated.generation += 1;
+        // Heartbeats are written out of band; a stale copy must not roll them back.
+        updated.last_heartbeat_at_ms = updated.last_heartbeat_at_ms.max(last_heartbeat);
+        if updated.state == LifecycleState::Retired {
+            release_node_addresses(&mut state, &node.uuid);
+        }
+        state.nodes.insert(node.uuid.clone(), updated.clone());
+        append_events(&mut state, events);
+        Ok(updated)
+    }
+
+    async fn node_record_heartbeat(&self, uuid: &NodeUuid, at_ms: TimestampMs) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let node = state
+            .nodes
+            .get_mut(uuid)
+            .ok_or_else(|| StoreError::not_found(format!("node {uuid}")))?;
+        node.last_heartbeat_at_ms = Some(node.last_heartbeat_at_ms.unwrap_or(at_ms).max(at_ms));
+        Ok(())
+    }
+
+    async fn flavor_put(&self, flavor: &Flavor, _at_ms: TimestampMs) -> Result<(), StoreError> {
+        self.lock().flavors.insert(flavor.name.clone(), flavor.clone());
+        Ok(())
+    }
+
+    async fn flavor_get(&self, name: &str) -> Result<Option<Flavor>, StoreError> {
+        Ok(self.lock().flavors.get(name).cloned())
+    }
+
+    async fn flavor_list(&self) -> Result<Vec<Flavor>, StoreError> {
+        Ok(self.lock().flavors.values().cloned().collect())
+    }
+
+    async fn flavor_delete(&self, name: &str) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if !state.flavors.contains_key(name) {
+            return Err(StoreError::not_found(format!("flavor {name}")));
+        }
+        let users = state
+            .nodes
+            .values()
+            .filter(|node| node.flavor.as_deref() == Some(name))
+            .count();
+        if users > 0 {
+            return Err(StoreError::InUse {
+                what: format!("flavor {name}"),
+                detail: format!("{users} node(s) use it"),
+            });
+        }
+        state.flavors.remove(name);
+        Ok(())
+    }
+
+    async fn pool_create(&self, pool: &IpPool) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if state.pools.contains_key(&pool.name) {
+            return Err(StoreError::AlreadyExists {
+                what: format!("ip pool {}", pool.name),
+            });
+        }
+        state.pools.insert(pool.name.clone(), pool.clone());
+        Ok(())
+    }
+
+    async fn pool_get(&self, name: &str) -> Result<Option<IpPool>, StoreError> {
+        Ok(self.lock().pools.get(name).cloned())
+    }
+
+    async fn pool_list(&self) -> Result<Vec<IpPool>, StoreError> {
+        Ok(self.lock().pools.values().cloned().collect())
+    }
+
+    async fn pool_delete(&self, name: &str) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if !state.pools.contains_key(name) {
+            return Err(StoreError::not_found(format!("ip pool {name}")));
+        }
+        let used = state.allocations.keys().filter(|(pool, _)| pool == name).count();
+        if used > 0 {
+            return Err(StoreError::InUse {
+                what: format!("ip pool {name}"),
+                detail: format!("{used} address(es) allocated"),
+            });
+        }
+        state.pools.remove(name);
+        Ok(())
+    }
+
+    async fn ip_allocate(
+        &self,
+        pool_name: &str,
+        node_uuid: &NodeUuid,
+        purpose: PoolPurpose,
+        at_ms: TimestampMs,
+    ) -> Result<IpAllocation, StoreError> {
+        let mut state = self.lock();
+        if let Some(existing) = state
+            .allocations
+            .values()
+            .find(|a| &a.node_uuid == node_uuid && a.purpose == purpose)
+        {
+            return Ok(existing.clone());
+        }
+        let pool = state
+            .pools
+            .get(pool_name)
+            .ok_or_else(|| StoreError::not_found(format!("ip pool {pool_name}")))?;
+        let range = validate_pool(pool).map_err(|error| StoreError::InvalidPool {
+            pool: pool_name.to_string(),
+            detail: error.to_string(),
+        })?;
+        let used_anywhere: BTreeSet<u32> = state.allocations.keys().map(|(_, address)| *address).collect();
+        let in_pool: BTreeSet<u32> = state
+            .allocations
+            .keys()
+            .filter(|(pool, _)| pool == pool_name)
+            .map(|(_, address)| *address)
+            .collect();
+        // Overlapping pools must not hand out one address twice: skip addresses used by
+        // any pool, as the SQL stores' UNIQUE(address) constraint does.
+        let mut candidate = range.next_after_highest(in_pool.last().copied());
+        if candidate.is_some_and(|c| used_anywhere.contains(&c)) || candidate.is_none() {
+            candidate = range.first_gap(&used_anywhere);
+        }
+        let address = candidate.ok_or_else(|| StoreError::PoolExhausted {
+            pool: pool_name.to_string(),
+        })?;
+        let allocation = IpAllocation {
+            pool: pool_name.to_string(),
+            address: ipam::address_to_string(address),
+            node_uuid: node_uuid.clone(),
+            purpose,
+            allocated_at_ms: at_ms,
+        };
+        state
+            .allocations
+            .insert((pool_name.to_string(), address), allocation.clone());
+        Ok(allocation)
+    }
+
+    async fn ip_list(
+        &self,
+        pool: Option<&str>,
+        node_uuid: Option<&NodeUuid>,
+    ) -> Result<Vec<IpAllocation>, StoreError> {
+        let state = self.lock();
+        let mut allocations: Vec<(u32, IpAllocation)> = state
+            .allocations
+            .iter()
+            .filter(|((pool_name, _), _)| pool.is_none_or(|p| p == pool_name))
+            .filter(|(_, a)| node_uuid.is_none_or(|u| &a.node_uuid == u))
+            .map(|((_, address), a)| (*address, a.clone()))
+            .collect();
+        allocations.sort_by_key(|(address, a)| (*address, a.pool.clone()));
+        Ok(allocations.into_iter().map(|(_, a)| a).collect())
+    }
+
+    async fn ip_release_node(&self, node_uuid: &NodeUuid) -> Result<usize, StoreError> {
+        let mut state = self.lock();
+        let before = state.allocations.len();
+        release_node_addresses(&mut state, node_uuid);
+        Ok(before - state.allocations.len())
+    }
+
+    async fn event_append(&self, events: &[NewEvent]) -> Result<(), StoreError> {
+        append_events(&mut self.lock(), events);
+        Ok(())
+    }
+
+    async fn event_list(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
+        let state = self.lock();
+        Ok(state
+            .events
+            .iter()
+            .rev()
+            .filter(|e| filter.before_id.is_none_or(|before| e.id < before))
+            .filter(|e| filter.node_uuid.as_ref().is_none_or(|u| e.node_uuid.as_ref() == Some(u)))
+            .take(clamp_limit(filter.limit))
+            .cloned()
+            .collect())
+    }
+
+    async fn token_create(
+        &self,
+        name: &str,
+        role: TokenRole,
+        secret_sha256: &str,
+        at_ms: TimestampMs,
+    ) -> Result<ApiToken, StoreError> {
+        let mut state = self.lock();
+        if state.tokens.contains_key(name) {
+            return Err(StoreError::AlreadyExists {
+                what: format!("token {name}"),
+            });
+        }
+        state.next_token_id += 1;
+        let token = ApiToken {
+            id: state.next_token_id,
+            name: name.to_string(),
+            role,
+            secret_sha256: secret_sha256.to_string(),
+            created_at_ms: at_ms,
+        };
+        state.tokens.insert(name.to_string(), token.clone());
+        Ok(token)
+    }
+
+    async fn token_find(&self, secret_sha256: &str) -> Result<Option<ApiToken>, StoreError> {
+        Ok(self
+            .lock()
+            .tokens
+            .values()
+            .find(|t| t.secret_sha256 == secret_sha256)
+            .cloned())
+    }
+
+    async fn token_list(&self) -> Result<Vec<ApiToken>, StoreError> {
+        Ok(self.lock().tokens.values().cloned().collect())
+    }
+
+    async fn token_delete(&self, name: &str) -> Result<(), StoreError> {
+        self.lock()
+            .tokens
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| StoreError::not_found(format!("token {name}")))
+    }
+}

@@ -1,0 +1,134 @@
+//! Persistence: the [`Store`] trait and its implementations.
+//!
+//! - [`sql::SqlStore`]: sqlx over SQLite (the embedded default) or PostgreSQL (production),
+//!   with migrations in `daemon/migrations/{sqlite,postgres}`.
+//! - [`memory::MemoryStore`]: for the simulator, where sqlx's SQLite driver (one OS thread
+//!   per connection) would break determinism.
+//! - [`cached::CachedStore`]: a read-through cache for the boot hot path.
+//!
+//! One conformance suite ([`conformance`]) runs against every implementation.
+//!
+//! Architecture invariant: the store enforces the data invariants itself (unique addresses,
+//! unique hostnames, node generations, addresses released on retire) so no caller can
+//! break them, however it interleaves.
+
+pub mod cached;
+pub mod conformance;
+pub mod memory;
+pub mod sql;
+
+use async_trait::async_trait;
+use bearman_proto::uuid::NodeUuid;
+
+use crate::core::model::{
+    ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
+    PoolPurpose, StateCounts, TimestampMs, TokenRole,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("{what} already exists")]
+    AlreadyExists { what: String },
+    #[error("{what} is in use: {detail}")]
+    InUse { what: String, detail: String },
+    #[error("node {uuid} was modified concurrently (expected generation {expected}, found {found})")]
+    GenerationMismatch {
+        uuid: NodeUuid,
+        expected: i64,
+        found: i64,
+    },
+    #[error("ip pool {pool} has no free address")]
+    PoolExhausted { pool: String },
+    #[error("invalid ip pool {pool}: {detail}")]
+    InvalidPool { pool: String, detail: String },
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Backend(String),
+}
+
+impl StoreError {
+    pub fn not_found(what: impl Into<String>) -> Self {
+        StoreError::NotFound { what: what.into() }
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Which implementation this is, for logs (`sqlite`, `postgres`, `memory`).
+    fn backend_name(&self) -> &'static str;
+
+    async fn node_get(&self, uuid: &NodeUuid) -> Result<Option<Node>, StoreError>;
+    /// Nodes in uuid order matching `filter`, at most `filter.limit`.
+    async fn node_list(&self, filter: &NodeFilter) -> Result<Vec<Node>, StoreError>;
+    async fn node_count_by_state(&self) -> Result<StateCounts, StoreError>;
+    /// Inserts a new node (its generation is stored as given) with its audit events.
+    async fn node_create(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError>;
+    /// Writes `node` if the stored generation still equals `node.generation`; the stored
+    /// and returned generation is one higher. Events are written in the same transaction.
+    /// A node whose new state is `retired` has its addresses released in that transaction.
+    async fn node_update(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError>;
+    /// Records liveness without bumping the generation (the hot path: every node, every
+    /// few seconds, must not conflict with operator edits).
+    async fn node_record_heartbeat(&self, uuid: &NodeUuid, at_ms: TimestampMs) -> Result<(), StoreError>;
+
+    /// Creates or replaces a flavor.
+    async fn flavor_put(&self, flavor: &Flavor, at_ms: TimestampMs) -> Result<(), StoreError>;
+    async fn flavor_get(&self, name: &str) -> Result<Option<Flavor>, StoreError>;
+    async fn flavor_list(&self) -> Result<Vec<Flavor>, StoreError>;
+    /// Deletes a flavor no node uses; `InUse` otherwise.
+    async fn flavor_delete(&self, name: &str) -> Result<(), StoreError>;
+
+    async fn pool_create(&self, pool: &IpPool) -> Result<(), StoreError>;
+    async fn pool_get(&self, name: &str) -> Result<Option<IpPool>, StoreError>;
+    async fn pool_list(&self) -> Result<Vec<IpPool>, StoreError>;
+    /// Deletes a pool with no allocations; `InUse` otherwise.
+    async fn pool_delete(&self, name: &str) -> Result<(), StoreError>;
+
+    /// Gives `node_uuid` an address of `purpose` from `pool`, or returns the one it already
+    /// has for that purpose (idempotent: a retried registration gets the same address).
+    async fn ip_allocate(
+        &self,
+        pool: &str,
+        node_uuid: &NodeUuid,
+        purpose: PoolPurpose,
+        at_ms: TimestampMs,
+    ) -> Result<IpAllocation, StoreError>;
+    /// Allocations, optionally only one pool's or one node's, in address order.
+    async fn ip_list(
+        &self,
+        pool: Option<&str>,
+        node_uuid: Option<&NodeUuid>,
+    ) -> Result<Vec<IpAllocation>, StoreError>;
+
+    /// Releases every address held by `node_uuid`; returns how many were released.
+    async fn ip_release_node(&self, node_uuid: &NodeUuid) -> Result<usize, StoreError>;
+
+    async fn event_append(&self, events: &[NewEvent]) -> Result<(), StoreError>;
+    /// Newest first.
+    async fn event_list(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError>;
+
+    async fn token_create(
+        &self,
+        name: &str,
+        role: TokenRole,
+        secret_sha256: &str,
+        at_ms: TimestampMs,
+    ) -> Result<ApiToken, StoreError>;
+    async fn token_find(&self, secret_sha256: &str) -> Result<Option<ApiToken>, StoreError>;
+    async fn token_list(&self) -> Result<Vec<ApiToken>, StoreError>;
+    async fn token_delete(&self, name: &str) -> Result<(), StoreError>;
+}
+
+/// Upper bound on any listing, whatever the caller asks for.
+pub const LIST_LIMIT_MAX: usize = 10_000;
+
+pub(crate) fn clamp_limit(limit: usize) -> usize {
+    if limit == 0 {
+        LIST_LIMIT_MAX
+    } else {
+        limit.min(LIST_LIMIT_MAX)
+    }
+}

@@ -1,0 +1,256 @@
+//! A deliberately small HTTP/1.1 client over any byte stream.
+//!
+//! The stage-1 agent ships in a RAM disk and the simulator's virtual nodes speak through
+//! turmoil's sockets, so the client is generic over the stream and carries no TLS, no
+//! pooling and no redirects: one request per connection (`Connection: close`), bounded
+//! response size, bounded time (the caller wraps it in a timeout).
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Responses larger than this are refused; boot-protocol answers are a few KiB and the
+/// largest admin listing of 10k nodes stays well below it.
+pub const RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed response: {0}")]
+    Malformed(String),
+    #[error("response exceeds {RESPONSE_BYTES_MAX} bytes")]
+    TooLarge,
+    #[error("invalid url {0:?}: expected http://host[:port]/path")]
+    InvalidUrl(String),
+}
+
+/// `http://host:port/path` split into its parts; only plain `http` is supported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl {
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+impl HttpUrl {
+    pub fn parse(url: &str) -> Result<Self, HttpError> {
+        let invalid = || HttpError::InvalidUrl(url.to_string());
+        let rest = url.strip_prefix("http://").ok_or_else(invalid)?;
+        let (authority, path) = match rest.find('/') {
+            Some(index) => (&rest[..index], &rest[index..]),
+            None => (rest, "/"),
+        };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || authority.starts_with('[') => {
+                (host, port.parse::<u16>().map_err(|_| invalid())?)
+            }
+            _ => (authority, 80),
+        };
+        if host.is_empty() {
+            return Err(invalid());
+        }
+        Ok(HttpUrl {
+            host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+            port,
+            path: path.to_string(),
+        })
+    }
+
+    /// `host:port`, the form socket connectors take.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Sends one request on `stream` and reads the whole response.
+pub async fn send<S>(
+    stream: &mut S,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<Response, HttpError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(name);
+        request.push_str(": ");
+        request.push_str(value);
+        request.push_str("\r\n");
+    }
+    let body = body.unwrap_or_default();
+    if !body.is_empty() || method != "GET" {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes).await?;
+    stream.flush().await?;
+    read_response(stream).await
+}
+
+async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Response, HttpError> {
+    let mut buffer = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 8192];
+    let header_end = loop {
+        if let Some(position) = find(&buffer, b"\r\n\r\n") {
+            break position;
+        }
+        if buffer.len() > 64 * 1024 {
+            return Err(HttpError::Malformed("headers exceed 64 KiB".into()));
+        }
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            return Err(HttpError::Malformed(
+                "connection closed before headers ended".into(),
+            ));
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+    };
+    let head = std::str::from_utf8(&buffer[..header_end])
+        .map_err(|_| HttpError::Malformed("headers are not utf-8".into()))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| HttpError::Malformed(format!("bad status line {status_line:?}")))?;
+    let mut headers = Vec::new();
+    for line in lines {
+        if let Some((name, value)) = line.split_once(':') {
+            headers.push((name.trim().to_string(), value.trim().to_string()));
+        }
+    }
+    let mut response = Response {
+        status,
+        headers,
+        body: buffer[header_end + 4..].to_vec(),
+    };
+    let content_length = response
+        .header("content-length")
+        .and_then(|value| value.parse::<usize>().ok());
+    let chunked = response
+        .header("transfer-encoding")
+        .is_some_and(|value| value.eq_ignore_ascii_case("chunked"));
+    loop {
+        if let Some(length) = content_length {
+            if length > RESPONSE_BYTES_MAX {
+                return Err(HttpError::TooLarge);
+            }
+            if response.body.len() >= length {
+                response.body.truncate(length);
+                break;
+            }
+        }
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            if let Some(length) = content_length {
+                if response.body.len() < length {
+                    return Err(HttpError::Malformed("body shorter than content-length".into()));
+                }
+            }
+            break;
+        }
+        response.body.extend_from_slice(&chunk[..read]);
+        if response.body.len() > RESPONSE_BYTES_MAX {
+            return Err(HttpError::TooLarge);
+        }
+    }
+    if chunked {
+        response.body = dechunk(&response.body)?;
+    }
+    Ok(response)
+}
+
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, HttpError> {
+    let mut out = Vec::with_capacity(data.len());
+    loop {
+        let line_end =
+            find(data, b"\r\n").ok_or_else(|| HttpError::Malformed("bad chunk header".into()))?;
+        let size_text = std::str::from_utf8(&data[..line_end])
+            .map_err(|_| HttpError::Malformed("bad chunk size".into()))?;
+        let size_text = size_text.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| HttpError::Malformed(format!("bad chunk size {size_text:?}")))?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size + 2 {
+            return Err(HttpError::Malformed("truncated chunk".into()));
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_parse_handles_ports_paths_and_refuses_https() {
+        let url = HttpUrl::parse("http://10.0.2.2:8080/ipxe/x").unwrap();
+        assert_eq!((url.host.as_str(), url.port, url.path.as_str()), ("10.0.2.2", 8080, "/ipxe/x"));
+        let url = HttpUrl::parse("http://bearman").unwrap();
+        assert_eq!((url.port, url.path.as_str()), (80, "/"));
+        assert!(HttpUrl::parse("https://bearman/").is_err());
+        assert!(HttpUrl::parse("http://h:notaport/").is_err());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn reads_content_length_and_chunked_bodies() {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let server_task = async move {
+            let mut request = vec![0u8; 1024];
+            let _ = server.read(&mut request).await.unwrap();
+            server
+                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+                .await
+                .unwrap();
+        };
+        let client_task = send(&mut client, "GET", "h", "/", &[], None);
+        let (_, response) = tokio::join!(server_task, client_task);
+        let response = response.unwrap();
+        assert_eq!(response.status, 200);
+        assert_eq!(response.body, b"abcde");
+    }
+}

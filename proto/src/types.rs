@@ -1,0 +1,171 @@
+//! JSON bodies exchanged on the network-boot endpoints (`/ipxe/{uuid}/…`).
+//!
+//! Unknown fields are rejected so a typo in an agent is a clear 422, not silently dropped data.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// What the stage-1 agent reports about the machine it runs on (`POST /ipxe/{uuid}/register`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub serial: String,
+    #[serde(default)]
+    pub vendor: String,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub cpu: CpuFacts,
+    #[serde(default)]
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub disks: Vec<DiskFacts>,
+    pub nics: Vec<NicFacts>,
+    #[serde(default)]
+    pub firmware: FirmwareVersions,
+    /// The BMC as the agent found it (`ipmitool lan print`), if the machine has one.
+    #[serde(default)]
+    pub bmc: Option<BmcFacts>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuFacts {
+    #[serde(default)]
+    pub model: String,
+    #[serde(default)]
+    pub sockets: u32,
+    #[serde(default)]
+    pub cores: u32,
+    #[serde(default)]
+    pub threads: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskFacts {
+    pub name: String,
+    #[serde(default)]
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicFacts {
+    pub name: String,
+    pub mac: String,
+    #[serde(default)]
+    pub speed_mbps: Option<u32>,
+    /// Neighbouring switch as read from LLDP, when a frame was heard in time.
+    #[serde(default)]
+    pub lldp: Option<LldpNeighbor>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LldpNeighbor {
+    pub chassis_id: String,
+    pub port_id: String,
+    #[serde(default)]
+    pub vlan: Option<u16>,
+    #[serde(default)]
+    pub system_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirmwareVersions {
+    #[serde(default)]
+    pub bios: Option<String>,
+    #[serde(default)]
+    pub bmc: Option<String>,
+    /// NIC firmware by NIC name.
+    #[serde(default)]
+    pub nics: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BmcFacts {
+    pub mac: String,
+    #[serde(default)]
+    pub address: Option<String>,
+}
+
+/// What the daemon answers to a registration: who the node is and how to set its BMC up.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub uuid: String,
+    pub hostname: String,
+    pub state: String,
+    /// BMC LAN settings to apply with ipmitool; `None` when no BMC pool is configured.
+    pub bmc: Option<BmcSettings>,
+    /// Firmware versions the node's flavor expects, for the agent to compare.
+    pub firmware_expected: FirmwareVersions,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BmcSettings {
+    pub address: String,
+    pub prefix_len: u8,
+    pub gateway: Option<String>,
+    pub vlan: Option<u16>,
+}
+
+/// `GET /ipxe/{uuid}/profile`: what stage 2 is made of.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootProfile {
+    pub flavor: String,
+    pub kernel: Artifact,
+    pub initrds: Vec<Artifact>,
+    pub cmdline: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    pub url: String,
+    /// Lowercase hex sha256 the agent must verify before kexec.
+    pub sha256: String,
+}
+
+/// `GET /ipxe/{uuid}/detail`: the node's network identity for stage 2.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkDetail {
+    pub hostname: String,
+    pub vlan: Option<u16>,
+    /// bond0 addresses in CIDR notation; empty when the node keeps DHCP.
+    pub bond0_addresses: Vec<String>,
+    /// MACs of the NICs enslaved to bond0.
+    pub bond0_slaves: Vec<String>,
+    pub gateway: Option<String>,
+    pub dns: Vec<String>,
+    pub mtu: u32,
+}
+
+/// Optional body of `POST /ipxe/{uuid}/installed`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstalledReport {
+    #[serde(default)]
+    pub os_release: Option<String>,
+}
+
+/// Optional body of `POST /ipxe/{uuid}/heartbeat`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    #[serde(default)]
+    pub uptime_s: Option<u64>,
+}
+
+/// The JSON body of every error the daemon returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable machine-readable code, e.g. `invalid_uuid`, `illegal_transition`.
+    pub error: String,
+    /// Human-readable explanation naming the offending field or state.
+    pub message: String,
+}
