@@ -1,0 +1,169 @@
+//! Daemon configuration: command-line flags over `BEARMAN_*` environment variables over
+//! the `--config` TOML file over built-in defaults that run out of the box on SQLite.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use bearman::core::boot::Stage1Config;
+use bearman::core::model::NodeRole;
+use serde::Deserialize;
+
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
+pub const DATA_DIR_DEFAULT: &str = "bearman-data";
+
+/// The `--config` file. Every key is optional; unknown keys are an error.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub public_url: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub log_format: Option<String>,
+    pub default_flavor: Option<String>,
+    pub default_role: Option<String>,
+    pub body_limit_bytes: Option<usize>,
+    pub heartbeat_fresh_s: Option<u64>,
+    pub stage1: Option<Stage1Config>,
+}
+
+impl FileConfig {
+    pub fn load(path: Option<&Path>) -> anyhow::Result<FileConfig> {
+        let Some(path) = path else {
+            return Ok(FileConfig::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+}
+
+/// Everything `serve` needs, resolved.
+#[derive(Debug)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub public_url: String,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub log_json: bool,
+    pub default_flavor: Option<String>,
+    pub default_role: NodeRole,
+    pub body_limit_bytes: usize,
+    pub heartbeat_fresh_s: u64,
+    pub stage1: Stage1Config,
+}
+
+/// Values given on the command line or in the environment (clap merges those two).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub public_url: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub log_format: Option<String>,
+    pub default_flavor: Option<String>,
+}
+
+pub fn sqlite_url(data_dir: &Path) -> anyhow::Result<String> {
+    let absolute = std::path::absolute(data_dir)
+        .with_context(|| format!("resolving data directory {}", data_dir.display()))?;
+    Ok(format!("sqlite://{}?mode=rwc", absolute.join("bearman.db").display()))
+}
+
+pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeConfig> {
+    let listen_text = overrides
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| LISTEN_DEFAULT.to_string());
+    let listen: SocketAddr = listen_text
+        .parse()
+        .with_context(|| format!("--listen {listen_text:?} is not an address such as 0.0.0.0:8080"))?;
+    let public_url = match overrides.public_url.or(file.public_url) {
+        Some(url) => url,
+        None if listen.ip().is_unspecified() => bail!(
+            "--public-url is required when listening on {listen}: nodes need an address they can reach, \
+             e.g. --public-url http://10.0.0.1:{}",
+            listen.port()
+        ),
+        None => format!("http://{listen}"),
+    };
+    if !(public_url.starts_with("http://") || public_url.starts_with("https://")) {
+        bail!("--public-url {public_url:?} must start with http:// or https://");
+    }
+    let data_dir = overrides
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT));
+    let database_url = match overrides.database_url.or(file.database_url) {
+        Some(url) => url,
+        None => sqlite_url(&data_dir)?,
+    };
+    let log_format = overrides
+        .log_format
+        .or(file.log_format)
+        .unwrap_or_else(|| "text".to_string());
+    let log_json = match log_format.as_str() {
+        "text" => false,
+        "json" => true,
+        other => bail!("--log-format {other:?}: expected text or json"),
+    };
+    let default_role = match file.default_role.as_deref() {
+        None => NodeRole::Compute,
+        Some(text) => NodeRole::parse(text)
+            .with_context(|| format!("default_role {text:?}: expected compute, storage, load_balancer or control_plane"))?,
+    };
+    let body_limit_bytes = file.body_limit_bytes.unwrap_or(bearman::api::BODY_LIMIT_BYTES_DEFAULT);
+    if !(1024..=16 * 1024 * 1024).contains(&body_limit_bytes) {
+        bail!("body_limit_bytes {body_limit_bytes} is outside 1 KiB-16 MiB");
+    }
+    Ok(ServeConfig {
+        listen,
+        public_url: public_url.trim_end_matches('/').to_string(),
+        data_dir,
+        database_url,
+        log_json,
+        default_flavor: overrides.default_flavor.or(file.default_flavor),
+        default_role,
+        body_limit_bytes,
+        heartbeat_fresh_s: file.heartbeat_fresh_s.unwrap_or(30),
+        stage1: file.stage1.unwrap_or_default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_run_on_sqlite_in_the_working_directory() {
+        let config = resolve(Overrides::default(), FileConfig::default()).unwrap();
+        assert_eq!(config.listen.to_string(), LISTEN_DEFAULT);
+        assert_eq!(config.public_url, "http://127.0.0.1:8080");
+        assert!(config.database_url.starts_with("sqlite://"));
+        assert!(config.database_url.ends_with("bearman-data/bearman.db?mode=rwc"));
+    }
+
+    #[test]
+    fn flags_beat_file_and_bad_values_are_explained() {
+        let file: FileConfig = toml::from_str("listen = \"127.0.0.1:9000\"\nlog_format = \"json\"\n").unwrap();
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:9100".into()),
+            ..Default::default()
+        };
+        let config = resolve(overrides, file).unwrap();
+        assert_eq!(config.listen.port(), 9100);
+        assert!(config.log_json);
+
+        let error = resolve(
+            Overrides {
+                listen: Some("0.0.0.0:8080".into()),
+                ..Default::default()
+            },
+            FileConfig::default(),
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("--public-url is required"), "{error}");
+        assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err(), "typos in keys are errors");
+    }
+}
