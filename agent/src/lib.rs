@@ -1,1 +1,10 @@
-//! placeholder
+//! The Bearman stage-1/stage-2 agent, as a library: the boot-protocol client that a real
+//! stage-1 image runs before kexec, and that the simulator's virtual nodes run too.
+//!
+//! Architecture invariant: this crate depends on `bearman-proto` only, never on the
+//! daemon, so the stage-1 binary stays small and static.
+
+pub mod client;
+pub mod net;
+
+pub use client::{BootClient, BootPlan, ClientError, Connector};

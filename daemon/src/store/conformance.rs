@@ -274,7 +274,7 @@ async fn addresses_are_unique_sequential_and_reused(store: &dyn Store) {
     assert_eq!(released, 1, "explicit release frees the node's address");
     assert_eq!(store.ip_release_node(&uuids[3]).await.unwrap(), 0, "releasing twice is harmless");
     store.ip_allocate("conf-seq", &uuids[3], PoolPurpose::Node, 4).await.unwrap();
-    let missing = store.ip_allocate("conf-none", &uuids[0], PoolPurpose::Node, 1).await;
+    let missing = store.ip_allocate("conf-none", &NodeUuid::from_index(106, 50), PoolPurpose::Node, 1).await;
     assert!(matches!(missing, Err(StoreError::NotFound { .. })), "{missing:?}");
 }
 

@@ -704,7 +704,13 @@ impl SqlStore {
         if let Some(row) = existing {
             return allocation_from_row(&row).map(Some);
         }
-        let doc: Option<String> = sqlx::query("SELECT doc FROM ip_pools WHERE name = $1")
+        // PostgreSQL: lock the pool row so allocations from one pool queue up instead of
+        // racing for the same address (SQLite's single connection serializes them anyway).
+        let lock_clause = match self.backend {
+            Backend::Postgres => " FOR UPDATE",
+            Backend::Sqlite => "",
+        };
+        let doc: Option<String> = sqlx::query(&format!("SELECT doc FROM ip_pools WHERE name = $1{lock_clause}"))
             .bind(pool_name)
             .fetch_optional(&mut *tx)
             .await

@@ -1,0 +1,256 @@
+//! The boot-protocol client: every call the original `register.sh` and `kexec.sh` made,
+//! typed, bounded in time, and with errors that say what went wrong.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bearman_proto::http::{self, HttpUrl};
+use bearman_proto::ipxe::{self, BootScript};
+use bearman_proto::uuid::NodeUuid;
+use bearman_proto::{
+    BootProfile, ErrorBody, Heartbeat, InstalledReport, NetworkDetail, RegisterRequest,
+    RegisterResponse,
+};
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Opens byte streams to the daemon: TCP in production, turmoil in the simulator.
+pub trait Connector: Send + Sync {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send;
+    fn connect(&self, authority: &str) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+/// Default bound on one request, connect included.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach bearman at {authority}: {source}")]
+    Connect {
+        authority: String,
+        source: std::io::Error,
+    },
+    #[error("{method} {path}: no answer within {timeout:?}")]
+    Timeout {
+        method: &'static str,
+        path: String,
+        timeout: Duration,
+    },
+    #[error("{method} {path}: {source}")]
+    Transport {
+        method: &'static str,
+        path: String,
+        source: http::HttpError,
+    },
+    #[error("{method} {path}: HTTP {status}: {message}")]
+    Status {
+        method: &'static str,
+        path: String,
+        status: u16,
+        /// The daemon's error code (`no_flavor`, `identity_mismatch`, …) when it sent one.
+        code: Option<String>,
+        message: String,
+    },
+    #[error("{path}: unexpected response: {detail}")]
+    Decode { path: String, detail: String },
+    #[error("{path}: bad iPXE script: {source}")]
+    Script {
+        path: String,
+        source: ipxe::ScriptError,
+    },
+    #[error("boot script and profile disagree: {0}")]
+    Inconsistent(String),
+}
+
+impl ClientError {
+    /// HTTP status, when the daemon answered with an error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// What stage 1 needs to kexec into stage 2.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BootPlan {
+    pub registration: RegisterResponse,
+    pub script: BootScript,
+    pub profile: BootProfile,
+    pub detail: NetworkDetail,
+}
+
+pub struct BootClient<C> {
+    connector: C,
+    base: HttpUrl,
+    uuid: NodeUuid,
+    timeout: Duration,
+}
+
+impl<C: Connector> BootClient<C> {
+    /// `base_url` is the daemon's public URL, as passed on the kernel command line
+    /// (`bearman.url=`).
+    pub fn new(connector: C, base_url: &str, uuid: NodeUuid) -> Result<Self, http::HttpError> {
+        Ok(BootClient {
+            connector,
+            base: HttpUrl::parse(base_url)?,
+            uuid,
+            timeout: REQUEST_TIMEOUT,
+        })
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn uuid(&self) -> &NodeUuid {
+        &self.uuid
+    }
+
+    async fn request(
+        &self,
+        method: &'static str,
+        suffix: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<http::Response, ClientError> {
+        let path = format!("{}{}", self.base.path.trim_end_matches('/'), suffix);
+        let authority = self.base.authority();
+        let attempt = async {
+            let mut stream = self
+                .connector
+                .connect(&authority)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    authority: authority.clone(),
+                    source,
+                })?;
+            let headers: &[(&str, &str)] = if body.is_some() {
+                &[("Content-Type", "application/json")]
+            } else {
+                &[]
+            };
+            http::send(&mut stream, method, &authority, &path, headers, body.as_deref())
+                .await
+                .map_err(|source| ClientError::Transport {
+                    method,
+                    path: path.clone(),
+                    source,
+                })
+        };
+        let response = tokio::time::timeout(self.timeout, attempt)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                method,
+                path: path.clone(),
+                timeout: self.timeout,
+            })??;
+        if !response.is_success() {
+            let (code, message) = match serde_json::from_slice::<ErrorBody>(&response.body) {
+                Ok(error) => (Some(error.error), error.message),
+                Err(_) => (None, response.text().chars().take(200).collect()),
+            };
+            return Err(ClientError::Status {
+                method,
+                path,
+                status: response.status,
+                code,
+                message,
+            });
+        }
+        Ok(response)
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: &'static str,
+        suffix: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let response = self.request(method, suffix, body).await?;
+        serde_json::from_slice(&response.body).map_err(|error| ClientError::Decode {
+            path: suffix.to_string(),
+            detail: error.to_string(),
+        })
+    }
+
+    /// `GET /ipxe`: the script every machine chains to.
+    pub async fn stage1_script(&self) -> Result<BootScript, ClientError> {
+        let response = self.request("GET", "/ipxe", None).await?;
+        ipxe::parse(&response.text()).map_err(|source| ClientError::Script {
+            path: "/ipxe".into(),
+            source,
+        })
+    }
+
+    /// `POST /ipxe/{uuid}/register`.
+    pub async fn register(&self, request: &RegisterRequest) -> Result<RegisterResponse, ClientError> {
+        let body = serde_json::to_vec(request).map_err(|e| ClientError::Decode {
+            path: "register".into(),
+            detail: e.to_string(),
+        })?;
+        self.json("POST", &format!("/ipxe/{}/register", self.uuid), Some(body))
+            .await
+    }
+
+    /// `GET /ipxe/{uuid}`: the target OS script, parsed.
+    pub async fn target_script(&self) -> Result<BootScript, ClientError> {
+        let path = format!("/ipxe/{}", self.uuid);
+        let response = self.request("GET", &path, None).await?;
+        ipxe::parse(&response.text()).map_err(|source| ClientError::Script { path, source })
+    }
+
+    pub async fn profile(&self) -> Result<BootProfile, ClientError> {
+        self.json("GET", &format!("/ipxe/{}/profile", self.uuid), None)
+            .await
+    }
+
+    pub async fn detail(&self) -> Result<NetworkDetail, ClientError> {
+        self.json("GET", &format!("/ipxe/{}/detail", self.uuid), None)
+            .await
+    }
+
+    /// `POST /ipxe/{uuid}/installed`; returns the state the daemon moved the node to.
+    pub async fn installed(&self, report: &InstalledReport) -> Result<String, ClientError> {
+        let body = serde_json::to_vec(report).unwrap_or_default();
+        let reply: serde_json::Value = self
+            .json("POST", &format!("/ipxe/{}/installed", self.uuid), Some(body))
+            .await?;
+        Ok(reply["state"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// `POST /ipxe/{uuid}/heartbeat`; returns the node's state as the daemon sees it.
+    pub async fn heartbeat(&self, beat: &Heartbeat) -> Result<String, ClientError> {
+        let body = serde_json::to_vec(beat).unwrap_or_default();
+        let reply: serde_json::Value = self
+            .json("POST", &format!("/ipxe/{}/heartbeat", self.uuid), Some(body))
+            .await?;
+        Ok(reply["state"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Stage 1's whole conversation, in the original's order: register, then the target
+    /// script, profile and detail. The script and profile must name the same kernel.
+    pub async fn prepare_boot(&self, request: &RegisterRequest) -> Result<BootPlan, ClientError> {
+        let registration = self.register(request).await?;
+        let script = self.target_script().await?;
+        let profile = self.profile().await?;
+        let detail = self.detail().await?;
+        let kernel = script
+            .kernel
+            .as_ref()
+            .ok_or_else(|| ClientError::Inconsistent("the target script does not boot a kernel".into()))?;
+        if kernel.url != profile.kernel.url {
+            return Err(ClientError::Inconsistent(format!(
+                "script kernel {} but profile kernel {}",
+                kernel.url, profile.kernel.url
+            )));
+        }
+        Ok(BootPlan {
+            registration,
+            script,
+            profile,
+            detail,
+        })
+    }
+}
