@@ -1,1 +1,179 @@
-//! placeholder
+//! Shared harness for Bearman's end-to-end tests: a real daemon on a loopback socket
+//! (port 0) over a real store, and a small HTTP client to poke it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bearman::api::{AppState, ServiceConfig};
+use bearman::core::boot::Stage1Config;
+use bearman::core::model::{NodeRole, TokenRole};
+use bearman::core::registration::RegistrationDefaults;
+use bearman::images::MemoryImages;
+use bearman::runtime::system::SystemClock;
+use bearman::store::Store;
+use bearman_proto::http;
+use serde_json::Value;
+
+/// The public URL the test daemon advertises; fixed so golden scripts do not depend on
+/// the port the OS picked.
+pub const PUBLIC_URL: &str = "http://bearman.test:8080";
+
+pub struct TestDaemon {
+    pub address: SocketAddr,
+    pub store: Arc<dyn Store>,
+    pub images: Arc<MemoryImages>,
+    /// Secrets of tokens created at start, one per role.
+    pub admin_token: String,
+    pub operator_token: String,
+    pub viewer_token: String,
+    _dir: Option<tempfile::TempDir>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// What a test daemon is built with.
+pub struct Options {
+    pub default_flavor: Option<String>,
+    pub body_limit_bytes: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            default_flavor: None,
+            body_limit_bytes: bearman::api::BODY_LIMIT_BYTES_DEFAULT,
+        }
+    }
+}
+
+impl TestDaemon {
+    /// A daemon over SQLite in a fresh temporary directory, the production default.
+    pub async fn sqlite(options: Options) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("bearman.db").display());
+        let store = bearman::server::open_sql_store(&url).await.expect("open sqlite store");
+        Self::start(store, Some(dir), options).await
+    }
+
+    pub async fn start(store: Arc<dyn Store>, dir: Option<tempfile::TempDir>, options: Options) -> TestDaemon {
+        let images = Arc::new(MemoryImages::default());
+        let state = AppState {
+            store: store.clone(),
+            clock: Arc::new(SystemClock),
+            images: images.clone(),
+            config: Arc::new(ServiceConfig {
+                public_url: PUBLIC_URL.into(),
+                stage1: Stage1Config::default(),
+                defaults: RegistrationDefaults {
+                    role: NodeRole::Compute,
+                    flavor: options.default_flavor,
+                },
+                body_limit_bytes: options.body_limit_bytes,
+                heartbeat_fresh_ms: 30_000,
+            }),
+        };
+        let mut tokens = Vec::new();
+        for role in [TokenRole::Admin, TokenRole::Operator, TokenRole::Viewer] {
+            let token = bearman::api::admin::create_token(&*store, role.as_str(), role, "test", 0)
+                .await
+                .expect("create token");
+            tokens.push(token.secret);
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().unwrap();
+        let (shutdown, signal) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = signal.await;
+            };
+            bearman::server::serve(listener, state, stop).await.expect("serve");
+        });
+        TestDaemon {
+            address,
+            store,
+            images,
+            admin_token: tokens[0].clone(),
+            operator_token: tokens[1].clone(),
+            viewer_token: tokens[2].clone(),
+            _dir: dir,
+            shutdown: Some(shutdown),
+        }
+    }
+
+    /// The daemon's real base URL (what the boot client connects to).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Sends one request; `token` goes into `Authorization: Bearer`.
+    pub async fn request(&self, method: &str, path: &str, token: Option<&str>, body: Option<&[u8]>) -> http::Response {
+        let mut stream = tokio::net::TcpStream::connect(self.address).await.expect("connect");
+        let authorization = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(value) = &authorization {
+            headers.push(("Authorization", value.as_str()));
+        }
+        let host = self.address.to_string();
+        let response = http::send(&mut stream, method, &host, path, &headers, body);
+        tokio::time::timeout(std::time::Duration::from_secs(30), response)
+            .await
+            .expect("response within 30 s")
+            .expect("http exchange")
+    }
+
+    /// Sends JSON as the admin and returns (status, parsed body or Null).
+    pub async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let bytes = body.map(|b| serde_json::to_vec(&b).unwrap());
+        let response = self
+            .request(method, &format!("/api/v1{path}"), Some(&self.admin_token), bytes.as_deref())
+            .await;
+        (response.status, json_of(&response))
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+pub fn json_of(response: &http::Response) -> Value {
+    serde_json::from_slice(&response.body).unwrap_or(Value::Null)
+}
+
+/// A plausible registration body for node `index`, from the canned hardware fixture.
+pub fn register_body(index: u32) -> bearman_proto::RegisterRequest {
+    let text = include_str!("../../fixtures/hardware/r640.json");
+    let mut request: bearman_proto::RegisterRequest = serde_json::from_str(text).expect("fixture parses");
+    request.serial = format!("{}{index:04}", request.serial);
+    for (nic_index, nic) in request.nics.iter_mut().enumerate() {
+        nic.mac = format!("52:54:00:{:02x}:{:02x}:{:02x}", (index >> 8) & 0xff, index & 0xff, nic_index);
+    }
+    request
+}
+
+/// A flavor every test can boot: artifacts served by the daemon itself.
+pub fn flavor_json(name: &str) -> Value {
+    serde_json::json!({
+        "name": name,
+        "kernel": {"url": "/images/hv/vmlinuz", "sha256": "1".repeat(64)},
+        "initrds": [{"url": "/images/hv/initrd.img", "sha256": "2".repeat(64)}],
+        "cmdline_template": "console=ttyS0 hostname={hostname} ip={ip} bearman.url={url} bearman.uuid={uuid}",
+    })
+}
+
+pub fn node_pool_json() -> Value {
+    serde_json::json!({
+        "name": "rack-a", "purpose": "node", "vlan": 100, "cidr": "10.10.0.0/24",
+        "range_start": "10.10.0.10", "range_end": "10.10.0.200", "gateway": "10.10.0.1",
+        "dns": ["10.10.0.2"], "mtu": 9000,
+    })
+}
+
+pub fn bmc_pool_json() -> Value {
+    serde_json::json!({
+        "name": "oob", "purpose": "bmc", "cidr": "10.20.0.0/24",
+        "range_start": "10.20.0.10", "range_end": "10.20.0.200", "gateway": "10.20.0.1",
+    })
+}
