@@ -1,1 +1,19 @@
-//! placeholder
+//! bearman-sim: a deterministic fleet simulator that runs the real Bearman daemon (router,
+//! lifecycle, store trait) on turmoil, with racks of virtual nodes running the real agent
+//! boot-protocol client, a simulated BMC fabric and a Nova-like cloud.
+//!
+//! Topology: one turmoil host per rack (its top-of-rack switch; the nodes are tasks
+//! inside it), one "bmc" host for the out-of-band network, one "cloud" host, and the
+//! "daemon" host whose store lives outside the host so it survives a restart.
+
+pub mod bmc;
+pub mod check;
+pub mod cloud;
+pub mod fleet;
+pub mod net;
+pub mod node;
+pub mod report;
+pub mod rng;
+pub mod run;
+pub mod scenario;
+pub mod trace;

@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 const SIMULATED_ROOTS: [&str; 4] = ["daemon/src", "agent/src", "proto/src", "sim/src"];
 
 /// Production adapters and binaries: the only places allowed to touch the OS directly.
-const ADAPTERS: [&str; 5] = [
+const ADAPTERS: [&str; 6] = [
     "daemon/src/runtime/system.rs",
     "daemon/src/cli/",
     "daemon/src/main.rs",
     "agent/src/net.rs",
     "agent/src/stage1/",
+    "sim/src/main.rs",
 ];
 
 /// (pattern, why it breaks replay)

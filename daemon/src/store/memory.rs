@@ -23,6 +23,10 @@ struct State {
     pools: BTreeMap<String, IpPool>,
     /// (pool, address number) → allocation.
     allocations: BTreeMap<(String, u32), IpAllocation>,
+    /// Every address in use in any pool (overlapping pools share the address space).
+    used_addresses: BTreeSet<u32>,
+    /// (node, purpose) → its allocation's key: one address per node and purpose.
+    node_slots: BTreeMap<(NodeUuid, PoolPurpose), (String, u32)>,
     events: Vec<Event>,
     tokens: BTreeMap<String, ApiToken>,
     next_token_id: i64,
@@ -62,7 +66,57 @@ fn append_events(state: &mut State, events: &[NewEvent]) {
 }
 
 fn release_node_addresses(state: &mut State, uuid: &NodeUuid) {
-    state.allocations.retain(|_, allocation| &allocation.node_uuid != uuid);
+    for purpose in [PoolPurpose::Node, PoolPurpose::Bmc] {
+        if let Some(key) = state.node_slots.remove(&(uuid.clone(), purpose)) {
+            state.used_addresses.remove(&key.1);
+            state.allocations.remove(&key);
+        }
+    }
+}
+
+/// A consistent copy of the store's contents, for the simulator's invariant checker
+/// (which runs outside any async runtime).
+#[derive(Clone, Debug, Default)]
+pub struct MemorySnapshot {
+    pub nodes: Vec<Node>,
+    pub allocations: Vec<IpAllocation>,
+}
+
+impl MemoryStore {
+    pub fn snapshot(&self) -> MemorySnapshot {
+        let state = self.lock();
+        MemorySnapshot {
+            nodes: state.nodes.values().cloned().collect(),
+            allocations: state.allocations.values().cloned().collect(),
+        }
+    }
+
+    /// Events with id greater than `after_id`, oldest first.
+    pub fn events_after(&self, after_id: i64) -> Vec<Event> {
+        let state = self.lock();
+        let start = after_id.max(0) as usize;
+        state.events.get(start..).map(<[Event]>::to_vec).unwrap_or_default()
+    }
+
+    pub fn state_counts(&self) -> StateCounts {
+        let state = self.lock();
+        let mut counts = StateCounts::new();
+        for node in state.nodes.values() {
+            *counts.entry(node.state).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Runs a store call to completion without an async runtime. Every method of this
+    /// store finishes without waiting, so one poll always suffices.
+    pub fn now_or_never<T>(future: impl std::future::Future<Output = T>) -> T {
+        let mut future = std::pin::pin!(future);
+        let waker = std::task::Waker::noop();
+        match future.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
+            std::task::Poll::Ready(value) => value,
+            std::task::Poll::Pending => unreachable!("MemoryStore futures never wait"),
+        }
+    }
 }
 
 #[async_trait]
@@ -220,7 +274,10 @@ impl Store for MemoryStore {
         if !state.pools.contains_key(name) {
             return Err(StoreError::not_found(format!("ip pool {name}")));
         }
-        let used = state.allocations.keys().filter(|(pool, _)| pool == name).count();
+        let used = state
+            .allocations
+            .range((name.to_string(), 0)..=(name.to_string(), u32::MAX))
+            .count();
         if used > 0 {
             return Err(StoreError::InUse {
                 what: format!("ip pool {name}"),
@@ -239,12 +296,8 @@ impl Store for MemoryStore {
         at_ms: TimestampMs,
     ) -> Result<IpAllocation, StoreError> {
         let mut state = self.lock();
-        if let Some(existing) = state
-            .allocations
-            .values()
-            .find(|a| &a.node_uuid == node_uuid && a.purpose == purpose)
-        {
-            return Ok(existing.clone());
+        if let Some(key) = state.node_slots.get(&(node_uuid.clone(), purpose)) {
+            return Ok(state.allocations[key].clone());
         }
         let pool = state
             .pools
@@ -254,18 +307,16 @@ impl Store for MemoryStore {
             pool: pool_name.to_string(),
             detail: error.to_string(),
         })?;
-        let used_anywhere: BTreeSet<u32> = state.allocations.keys().map(|(_, address)| *address).collect();
-        let in_pool: BTreeSet<u32> = state
+        let highest_in_pool = state
             .allocations
-            .keys()
-            .filter(|(pool, _)| pool == pool_name)
-            .map(|(_, address)| *address)
-            .collect();
+            .range((pool_name.to_string(), 0)..=(pool_name.to_string(), u32::MAX))
+            .next_back()
+            .map(|((_, address), _)| *address);
         // Overlapping pools must not hand out one address twice: skip addresses used by
         // any pool, as the SQL stores' UNIQUE(address) constraint does.
-        let mut candidate = range.next_after_highest(in_pool.last().copied());
-        if candidate.is_some_and(|c| used_anywhere.contains(&c)) || candidate.is_none() {
-            candidate = range.first_gap(&used_anywhere);
+        let mut candidate = range.next_after_highest(highest_in_pool);
+        if candidate.is_none_or(|c| state.used_addresses.contains(&c)) {
+            candidate = range.first_gap(&state.used_addresses);
         }
         let address = candidate.ok_or_else(|| StoreError::PoolExhausted {
             pool: pool_name.to_string(),
@@ -277,9 +328,10 @@ impl Store for MemoryStore {
             purpose,
             allocated_at_ms: at_ms,
         };
-        state
-            .allocations
-            .insert((pool_name.to_string(), address), allocation.clone());
+        let key = (pool_name.to_string(), address);
+        state.allocations.insert(key.clone(), allocation.clone());
+        state.used_addresses.insert(address);
+        state.node_slots.insert((node_uuid.clone(), purpose), key);
         Ok(allocation)
     }
 

@@ -1,0 +1,321 @@
+//! The simulated data centre's ground truth: which machines have power, which OS is up,
+//! where each VM's instances actually run, and what every BMC and the cloud believe.
+//!
+//! Everything here is plain state with `now` passed in. The turmoil hosts (racks, BMC
+//! fabric, cloud) and the run driver mutate it through these methods; the invariant
+//! checker reads it. One mutex, never held across an await.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bearman_proto::uuid::NodeUuid;
+use tokio::sync::watch;
+
+use crate::trace::Trace;
+
+/// Namespace for simulated node uuids (`NodeUuid::from_index`).
+pub const UUID_NAMESPACE: u32 = 0x5e1f_0001;
+
+/// Nova's `service_down_time`: a compute service is considered down this long after its
+/// host stopped reporting.
+pub const SERVICE_DOWN_TIME: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Power {
+    On,
+    Off,
+}
+
+/// What the machine is doing, as opposed to what the daemon thinks it is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Os {
+    /// No power.
+    Off,
+    /// Firmware, iPXE, stage 1: on its way to stage 2.
+    Booting,
+    /// Stage 2 is up; the hypervisor runs VMs.
+    Running,
+    /// Kernel panic: power on, nothing running, nothing answering.
+    Crashed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Compute,
+    Storage,
+}
+
+pub struct NodeTruth {
+    pub index: u32,
+    pub rack: u32,
+    pub uuid: NodeUuid,
+    pub role: Role,
+    pub power: Power,
+    pub os: Os,
+    /// Bumped on every power or OS change; a node task runs for one epoch only.
+    pub epoch: u64,
+    pub epoch_tx: watch::Sender<u64>,
+    /// When the OS stopped running (for the cloud's service-down judgement).
+    pub os_down_since: Option<Duration>,
+    pub boots_completed: u32,
+    pub next_boot_pxe: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmTruth {
+    pub id: u32,
+    /// The host the cloud has the VM assigned to.
+    pub assigned: u32,
+    /// Hosts on which an instance of this VM is actually running. More than one is the
+    /// disaster the whole product exists to prevent (a shared iSCSI disk written twice).
+    pub instances: BTreeSet<u32>,
+}
+
+/// Per-BMC fault switches and state.
+#[derive(Clone, Debug, Default)]
+pub struct BmcState {
+    pub locked_until: Option<Duration>,
+    pub recent_calls: Vec<Duration>,
+    /// While set, power readback reports this instead of the truth.
+    pub stale_power: Option<Power>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct BmcFaults {
+    pub timeouts: bool,
+    pub stale_readback: bool,
+}
+
+pub struct World {
+    pub nodes: Vec<NodeTruth>,
+    pub vms: BTreeMap<u32, VmTruth>,
+    pub vm_capacity: u32,
+    pub forced_down: BTreeSet<u32>,
+    pub bmcs: Vec<BmcState>,
+    pub bmc_faults: BmcFaults,
+    pub cloud_outage: bool,
+    pub trace: Trace,
+    /// Safety violations seen at the moment they happened (e.g. an evacuation from a
+    /// host that was never powered off).
+    pub violations: Vec<String>,
+    pub heartbeats_sent: u64,
+    pub heartbeats_failed: u64,
+    pub requests_failed: u64,
+}
+
+pub type SharedWorld = Arc<Mutex<World>>;
+
+pub fn lock(world: &SharedWorld) -> MutexGuard<'_, World> {
+    world.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub fn seconds(at: Duration) -> String {
+    format!("{}.{:03}", at.as_secs(), at.subsec_millis())
+}
+
+impl World {
+    pub fn new(racks: u32, nodes_per_rack: u32, storage_per_rack: u32, vm_capacity: u32) -> World {
+        let mut nodes = Vec::new();
+        for rack in 0..racks {
+            for slot in 0..nodes_per_rack {
+                let index = rack * nodes_per_rack + slot;
+                let (epoch_tx, _) = watch::channel(0);
+                nodes.push(NodeTruth {
+                    index,
+                    rack,
+                    uuid: NodeUuid::from_index(UUID_NAMESPACE, index as u64),
+                    role: if slot < storage_per_rack { Role::Storage } else { Role::Compute },
+                    power: Power::Off,
+                    os: Os::Off,
+                    epoch: 0,
+                    epoch_tx,
+                    os_down_since: Some(Duration::ZERO),
+                    boots_completed: 0,
+                    next_boot_pxe: false,
+                });
+            }
+        }
+        let bmcs = vec![BmcState::default(); nodes.len()];
+        World {
+            nodes,
+            vms: BTreeMap::new(),
+            vm_capacity,
+            forced_down: BTreeSet::new(),
+            bmcs,
+            bmc_faults: BmcFaults::default(),
+            cloud_outage: false,
+            trace: Trace::default(),
+            violations: Vec::new(),
+            heartbeats_sent: 0,
+            heartbeats_failed: 0,
+            requests_failed: 0,
+        }
+    }
+
+    pub fn node_name(&self, index: u32) -> String {
+        let node = &self.nodes[index as usize];
+        format!("r{}n{}", node.rack, index)
+    }
+
+    fn bump(&mut self, index: u32) {
+        let node = &mut self.nodes[index as usize];
+        node.epoch += 1;
+        node.epoch_tx.send_replace(node.epoch);
+    }
+
+    /// Every VM instance on `index` dies with its OS.
+    fn stop_instances(&mut self, index: u32, now: Duration) {
+        for vm in self.vms.values_mut() {
+            vm.instances.remove(&index);
+        }
+        let node = &mut self.nodes[index as usize];
+        if node.os_down_since.is_none() {
+            node.os_down_since = Some(now);
+        }
+    }
+
+    pub fn power_on(&mut self, index: u32, now: Duration, why: &str) {
+        if self.nodes[index as usize].power == Power::On {
+            return;
+        }
+        let node = &mut self.nodes[index as usize];
+        node.power = Power::On;
+        node.os = Os::Booting;
+        self.bump(index);
+        let name = self.node_name(index);
+        self.trace.record(now, format!("power_on {name} ({why})"));
+    }
+
+    pub fn power_off(&mut self, index: u32, now: Duration, why: &str) {
+        if self.nodes[index as usize].power == Power::Off {
+            return;
+        }
+        self.stop_instances(index, now);
+        let node = &mut self.nodes[index as usize];
+        node.power = Power::Off;
+        node.os = Os::Off;
+        self.bump(index);
+        let name = self.node_name(index);
+        self.trace.record(now, format!("power_off {name} ({why})"));
+    }
+
+    /// Kernel panic: the OS and every VM instance on it stop; power stays on.
+    pub fn crash(&mut self, index: u32, now: Duration) {
+        if self.nodes[index as usize].os == Os::Off {
+            return;
+        }
+        self.stop_instances(index, now);
+        self.nodes[index as usize].os = Os::Crashed;
+        self.bump(index);
+        let name = self.node_name(index);
+        self.trace.record(now, format!("crash {name}"));
+    }
+
+    /// Stage 2 came up on `index` (its epoch must still be current): the hypervisor starts
+    /// instances of the VMs assigned to it and, like Nova on start-up, forgets instances
+    /// of VMs that were evacuated away while it was down.
+    pub fn os_running(&mut self, index: u32, epoch: u64, now: Duration) -> bool {
+        let node = &mut self.nodes[index as usize];
+        if node.epoch != epoch || node.os != Os::Booting {
+            return false;
+        }
+        node.os = Os::Running;
+        node.os_down_since = None;
+        node.boots_completed += 1;
+        node.next_boot_pxe = false;
+        let mut started = 0;
+        for vm in self.vms.values_mut() {
+            if vm.assigned == index && vm.instances.insert(index) {
+                started += 1;
+            }
+        }
+        self.forced_down.remove(&index);
+        let name = self.node_name(index);
+        self.trace.record(now, format!("stage2_up {name} vms_started={started}"));
+        true
+    }
+
+    /// Places `per_node` VMs on every compute node, in node order.
+    pub fn place_vms(&mut self, per_node: u32) {
+        let mut id = 0;
+        for node in &self.nodes {
+            if node.role != Role::Compute {
+                continue;
+            }
+            for _ in 0..per_node {
+                self.vms.insert(
+                    id,
+                    VmTruth {
+                        id,
+                        assigned: node.index,
+                        instances: BTreeSet::new(),
+                    },
+                );
+                id += 1;
+            }
+        }
+    }
+
+    /// Whether the cloud considers `index`'s compute service alive.
+    pub fn service_alive(&self, index: u32, now: Duration) -> bool {
+        if self.forced_down.contains(&index) {
+            return false;
+        }
+        match self.nodes[index as usize].os_down_since {
+            None => true,
+            Some(since) => now.saturating_sub(since) < SERVICE_DOWN_TIME,
+        }
+    }
+
+    /// Nova-like evacuation of one VM. Refuses while the source service looks alive
+    /// (`ComputeServiceInUse`) unless it was forced down; picks the least-loaded running
+    /// compute node with room. Records a violation if the source is not actually off.
+    pub fn evacuate(&mut self, vm_id: u32, now: Duration) -> Result<u32, String> {
+        let vm = self.vms.get(&vm_id).ok_or_else(|| format!("no such vm {vm_id}"))?.clone();
+        let source = vm.assigned;
+        if self.service_alive(source, now) {
+            return Err(format!(
+                "ComputeServiceInUse: compute service on {} is still up",
+                self.node_name(source)
+            ));
+        }
+        let mut load: BTreeMap<u32, u32> = BTreeMap::new();
+        for other in self.vms.values() {
+            *load.entry(other.assigned).or_default() += 1;
+        }
+        let target = self
+            .nodes
+            .iter()
+            .filter(|n| n.role == Role::Compute && n.os == Os::Running && n.index != source)
+            .filter(|n| !self.forced_down.contains(&n.index))
+            .map(|n| (load.get(&n.index).copied().unwrap_or(0), n.index))
+            .filter(|(used, _)| *used < self.vm_capacity)
+            .min()
+            .map(|(_, index)| index)
+            .ok_or_else(|| "NoValidHost: no running compute node has room".to_string())?;
+        if self.nodes[source as usize].power != Power::Off {
+            let violation = format!(
+                "t={} vm {vm_id} evacuated from {} whose power-off was never verified (power {:?}, os {:?})",
+                seconds(now),
+                self.node_name(source),
+                self.nodes[source as usize].power,
+                self.nodes[source as usize].os
+            );
+            self.violations.push(violation);
+        }
+        let vm = self.vms.get_mut(&vm_id).expect("checked above");
+        vm.assigned = target;
+        vm.instances.insert(target);
+        let (from, to) = (self.node_name(source), self.node_name(target));
+        self.trace.record(now, format!("evacuate vm{vm_id} {from} -> {to}"));
+        Ok(target)
+    }
+
+    /// Counts how many VMs run on more than one host, and how many run nowhere.
+    pub fn vm_census(&self) -> (usize, usize) {
+        let doubled = self.vms.values().filter(|vm| vm.instances.len() > 1).count();
+        let down = self.vms.values().filter(|vm| vm.instances.is_empty()).count();
+        (doubled, down)
+    }
+}

@@ -1,0 +1,148 @@
+//! `bearman-sim`: run fleet-failure scenarios deterministically and report.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use bearman_sim::report;
+use bearman_sim::run::{run, RunOptions};
+use bearman_sim::scenario::Scenario;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bearman-sim",
+    version,
+    about = "Deterministic fleet simulator: runs the real Bearman daemon with racks of virtual nodes on turmoil",
+    long_about = "Runs a scenario (fleet shape, timings, fault schedule, expectations) against the real daemon \
+code on a virtual network and clock. The same scenario and seed always replay byte-for-byte: the trace hash \
+printed at the end is the proof. Exit code 1 when an invariant or expectation fails."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a scenario file on one seed or a range of seeds
+    Run {
+        /// Scenario TOML file (see scenarios/)
+        scenario: PathBuf,
+        /// Seed (default: SIM_SEED, else 1)
+        #[arg(long, conflicts_with = "seeds")]
+        seed: Option<u64>,
+        /// Seed range A..B, B exclusive (default: SIM_SEEDS when set)
+        #[arg(long)]
+        seeds: Option<String>,
+        /// Resize the fleet to N nodes, keeping nodes per rack
+        #[arg(long)]
+        nodes: Option<u32>,
+        /// Write the trace to FILE (one run) or FILE.<seed> (several)
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// Only the summary line per seed
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+fn parse_seeds(text: &str) -> anyhow::Result<Vec<u64>> {
+    let (start, end) = text
+        .split_once("..")
+        .with_context(|| format!("--seeds {text:?}: expected A..B, e.g. 1..5"))?;
+    let start: u64 = start.trim().parse().with_context(|| format!("--seeds {text:?}: bad start"))?;
+    let end: u64 = end.trim().parse().with_context(|| format!("--seeds {text:?}: bad end"))?;
+    if end <= start || end - start > 10_000 {
+        bail!("--seeds {text:?}: need A < B and at most 10,000 seeds");
+    }
+    Ok((start..end).collect())
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<bool> {
+    let Command::Run { scenario: path, seed, seeds, nodes, trace, quiet } = Cli::parse().command;
+    let mut scenario = Scenario::load(&path)?;
+    if let Some(nodes) = nodes {
+        scenario = scenario.with_nodes(nodes)?;
+    }
+    let seeds = match (seed, seeds) {
+        (Some(seed), _) => vec![seed],
+        (None, Some(range)) => parse_seeds(&range)?,
+        (None, None) => match (std::env::var("SIM_SEED"), std::env::var("SIM_SEEDS")) {
+            (Ok(seed), _) => vec![seed.parse().with_context(|| format!("SIM_SEED={seed:?}"))?],
+            (Err(_), Ok(range)) => parse_seeds(&range)?,
+            _ => vec![1],
+        },
+    };
+    let mut all_passed = true;
+    for seed in &seeds {
+        eprintln!(
+            "bearman-sim: {} seed {seed}: {} nodes ({} racks x {}), {} s virtual, tick {} ms",
+            scenario.name,
+            scenario.node_count(),
+            scenario.fleet.racks,
+            scenario.fleet.nodes_per_rack,
+            scenario.duration_s,
+            scenario.tick_ms
+        );
+        let started = Instant::now();
+        let report = run(&scenario, &RunOptions { seed: *seed }, |sample, fraction| {
+            if !quiet {
+                let ready = sample.counts.get(&bearman::core::LifecycleState::Ready).copied().unwrap_or(0);
+                eprintln!(
+                    "  [{:>3.0}%] t={}s wall={:.1}s ready={ready} running={} vms_down={}",
+                    fraction * 100.0,
+                    sample.at.as_secs(),
+                    started.elapsed().as_secs_f64(),
+                    sample.machines_running,
+                    sample.vms_down
+                );
+            }
+        })?;
+        let wall = started.elapsed();
+        if let Some(trace_path) = &trace {
+            let target = if seeds.len() == 1 {
+                trace_path.clone()
+            } else {
+                PathBuf::from(format!("{}.{seed}", trace_path.display()))
+            };
+            std::fs::write(&target, report.trace.lines().join("\n") + "\n")
+                .with_context(|| format!("writing trace {}", target.display()))?;
+        }
+        if quiet {
+            println!(
+                "{} seed {seed}: {} trace {} virtual/wall {:.1}x",
+                scenario.name,
+                if report.passed() { "PASS" } else { "FAIL" },
+                report.trace.hash(),
+                report.virtual_time.as_secs_f64() / wall.as_secs_f64().max(1e-9)
+            );
+        } else {
+            println!("{}", report::render(&report, wall));
+        }
+        if !report.passed() {
+            all_passed = false;
+            let mut replay = format!("bearman-sim run {} --seed {seed}", path.display());
+            if let Some(nodes) = nodes {
+                replay.push_str(&format!(" --nodes {nodes}"));
+            }
+            eprintln!(
+                "FAILED: {} seed {seed} (tick {} ms, {} racks x {} nodes). Replay: {replay}",
+                scenario.name, scenario.tick_ms, scenario.fleet.racks, scenario.fleet.nodes_per_rack
+            );
+        }
+    }
+    Ok(all_passed)
+}

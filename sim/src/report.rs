@@ -1,0 +1,74 @@
+//! Rendering a run's report for people: states over virtual time, invariant verdicts,
+//! counters, and the trace hash.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use bearman::core::lifecycle::LifecycleState;
+
+use crate::run::Report;
+
+pub fn render(report: &Report, wall: Duration) -> String {
+    let mut out = String::new();
+    let virtual_s = report.virtual_time.as_secs_f64();
+    let _ = writeln!(
+        out,
+        "scenario {} seed {}: {} nodes in {} racks, {:.0} s virtual",
+        report.scenario, report.seed, report.nodes, report.racks, virtual_s
+    );
+    let states: Vec<LifecycleState> = LifecycleState::ALL
+        .into_iter()
+        .filter(|state| report.samples.iter().any(|s| s.counts.get(state).copied().unwrap_or(0) > 0))
+        .collect();
+    let _ = write!(out, "\nnodes per state (daemon's view) over virtual time\n{:>8}", "t(s)");
+    for state in &states {
+        let _ = write!(out, " {:>12}", state.as_str());
+    }
+    let _ = writeln!(out, " {:>9} {:>8}", "running", "vms_down");
+    let mut last_line = String::new();
+    for sample in &report.samples {
+        let mut line = String::new();
+        for state in &states {
+            let _ = write!(line, " {:>12}", sample.counts.get(state).copied().unwrap_or(0));
+        }
+        let _ = write!(line, " {:>9} {:>8}", sample.machines_running, sample.vms_down);
+        // Consecutive identical rows say nothing new.
+        if line != last_line {
+            let _ = writeln!(out, "{:>8}{line}", sample.at.as_secs());
+            last_line = line;
+        }
+    }
+    let _ = writeln!(out, "\ninvariants");
+    for verdict in report.checker.verdicts() {
+        let _ = writeln!(
+            out,
+            "  {:<9} {:<48} {} ({} checks)",
+            verdict.kind,
+            verdict.name,
+            if verdict.passed() { "ok" } else { "FAILED" },
+            verdict.checks
+        );
+        for failure in &verdict.failures {
+            let _ = writeln!(out, "            {failure}");
+        }
+    }
+    let ratio = if wall.as_secs_f64() > 0.0 {
+        virtual_s / wall.as_secs_f64()
+    } else {
+        f64::INFINITY
+    };
+    let _ = writeln!(
+        out,
+        "\ndaemon events {}, heartbeats {} ({} failed), agent request failures {}, turmoil steps {}",
+        report.daemon_events, report.heartbeats_sent, report.heartbeats_failed, report.requests_failed, report.steps
+    );
+    let _ = writeln!(
+        out,
+        "virtual {:.0} s, wall {:.1} s, ratio {:.1}x real time",
+        virtual_s,
+        wall.as_secs_f64(),
+        ratio
+    );
+    let _ = writeln!(out, "trace hash {} ({} lines)", report.trace.hash(), report.trace.len());
+    out
+}

@@ -1,0 +1,466 @@
+//! One simulation run: build the turmoil world (daemon, BMC fabric, cloud, one host per
+//! rack), drive it step by step through the scenario's fault schedule, check invariants,
+//! and produce the report and trace.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bearman::api::{AppState, ServiceConfig};
+use bearman::core::boot::Stage1Config;
+use bearman::core::lifecycle::LifecycleState;
+use bearman::core::model::{Flavor, IpPool, NodeRole, PoolPurpose};
+use bearman::core::registration::RegistrationDefaults;
+use bearman::images::MemoryImages;
+use bearman::runtime::Clock;
+use bearman::store::cached::CachedStore;
+use bearman::store::memory::MemoryStore;
+use bearman::store::Store;
+use bearman_proto::{Artifact, RegisterRequest};
+
+use crate::check::Checker;
+use crate::fleet::{lock, seconds, Os, Power, SharedWorld, World};
+use crate::scenario::{Fault, FaultKind, Scenario};
+use crate::{bmc, cloud, net, node};
+
+/// The simulated calendar starts here (2026-01-01T00:00:00Z), so event timestamps in the
+/// daemon's audit trail are the same on every run.
+pub const EPOCH_MS: i64 = 1_767_225_600_000;
+const DAEMON_PORT: u16 = 8080;
+/// Store scans (addresses, transitions) run this often; truth checks every second.
+const STORE_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The daemon's clock inside the simulation: the simulated calendar.
+struct SimClock;
+
+impl Clock for SimClock {
+    fn now_ms(&self) -> i64 {
+        EPOCH_MS + turmoil::sim_elapsed().unwrap_or_default().as_millis() as i64
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub seed: u64,
+}
+
+/// Counts of daemon node states at one moment.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub at: Duration,
+    pub counts: BTreeMap<LifecycleState, usize>,
+    pub machines_running: usize,
+    pub vms_down: usize,
+}
+
+pub struct Report {
+    pub scenario: String,
+    pub seed: u64,
+    pub nodes: u32,
+    pub racks: u32,
+    pub virtual_time: Duration,
+    pub samples: Vec<Sample>,
+    pub checker: Checker,
+    pub trace: crate::trace::Trace,
+    pub daemon_events: usize,
+    pub heartbeats_sent: u64,
+    pub heartbeats_failed: u64,
+    pub requests_failed: u64,
+    pub steps: u64,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.checker.all_passed()
+    }
+}
+
+fn rack_host(rack: u32) -> String {
+    format!("rack{rack}")
+}
+
+fn seed_store(store: &MemoryStore) {
+    let flavor = Flavor {
+        name: "hv".into(),
+        kernel: Artifact {
+            url: "/images/hv/vmlinuz".into(),
+            sha256: "5".repeat(64),
+        },
+        initrds: vec![Artifact {
+            url: "/images/hv/initrd.img".into(),
+            sha256: "6".repeat(64),
+        }],
+        cmdline_template: "console=ttyS0 hostname={hostname} ip={ip}".into(),
+        firmware_expected: Default::default(),
+    };
+    let pools = [
+        IpPool {
+            name: "fleet".into(),
+            purpose: PoolPurpose::Node,
+            vlan: None,
+            cidr: "10.64.0.0/12".into(),
+            range_start: "10.64.0.10".into(),
+            range_end: "10.79.255.250".into(),
+            gateway: Some("10.64.0.1".into()),
+            dns: vec!["10.64.0.2".into()],
+            mtu: 9000,
+        },
+        IpPool {
+            name: "oob".into(),
+            purpose: PoolPurpose::Bmc,
+            vlan: None,
+            cidr: "10.128.0.0/12".into(),
+            range_start: "10.128.0.10".into(),
+            range_end: "10.143.255.250".into(),
+            gateway: Some("10.128.0.1".into()),
+            dns: vec![],
+            mtu: 1500,
+        },
+    ];
+    MemoryStore::now_or_never(store.flavor_put(&flavor, EPOCH_MS)).expect("seed flavor");
+    for pool in &pools {
+        MemoryStore::now_or_never(store.pool_create(pool)).expect("seed pool");
+    }
+}
+
+/// Picks `count` distinct nodes (in `rack`, or anywhere) from the seed, in a stable order.
+fn pick_nodes(world: &World, rack: Option<u32>, count: u32, rng: &mut crate::rng::SimRng) -> Vec<u32> {
+    let mut candidates: Vec<u32> = world
+        .nodes
+        .iter()
+        .filter(|n| rack.is_none_or(|r| n.rack == r))
+        .map(|n| n.index)
+        .collect();
+    let mut chosen = Vec::new();
+    while chosen.len() < count as usize && !candidates.is_empty() {
+        let index = rng.range(0, candidates.len() as u64 - 1) as usize;
+        chosen.push(candidates.remove(index));
+    }
+    chosen.sort();
+    chosen
+}
+
+/// Applies (or, with `heal`, undoes) one fault.
+fn apply_fault(
+    sim: &mut turmoil::Sim<'_>,
+    world: &SharedWorld,
+    fault: &Fault,
+    heal: bool,
+    affected: &mut BTreeMap<usize, Vec<u32>>,
+    fault_index: usize,
+    rng: &mut crate::rng::SimRng,
+    racks: u32,
+    now: Duration,
+) {
+    let verb = if heal { "heal" } else { "fault" };
+    lock(world).trace.record(now, format!("{verb} {:?} rack={:?} count={:?}", fault.kind, fault.rack, fault.count));
+    match (&fault.kind, heal) {
+        (FaultKind::CrashNodes, false) => {
+            let mut world = lock(world);
+            let nodes = pick_nodes(&world, fault.rack, fault.count.unwrap_or(1), rng);
+            for index in &nodes {
+                world.crash(*index, now);
+            }
+            affected.insert(fault_index, nodes);
+        }
+        // Until automatic remediation exists, a crashed node comes back when someone
+        // power-cycles it: the heal is that operator action.
+        (FaultKind::CrashNodes, true) | (FaultKind::PowerCycleNodes, true) => {
+            let mut world = lock(world);
+            for index in affected.get(&fault_index).cloned().unwrap_or_default() {
+                world.power_off(index, now, "power cycle");
+                world.power_on(index, now, "power cycle");
+            }
+        }
+        (FaultKind::PowerCycleNodes, false) => {
+            let mut world = lock(world);
+            let nodes = pick_nodes(&world, fault.rack, fault.count.unwrap_or(1), rng);
+            for index in &nodes {
+                world.power_off(*index, now, "power cycle");
+            }
+            affected.insert(fault_index, nodes);
+        }
+        (FaultKind::RackPowerLoss, false) => {
+            let mut world = lock(world);
+            let rack = fault.rack.expect("validated");
+            let nodes: Vec<u32> = world.nodes.iter().filter(|n| n.rack == rack).map(|n| n.index).collect();
+            for index in &nodes {
+                world.power_off(*index, now, "rack power loss");
+            }
+        }
+        (FaultKind::RackPowerLoss, true) => {
+            let mut world = lock(world);
+            let rack = fault.rack.expect("validated");
+            let nodes: Vec<u32> = world.nodes.iter().filter(|n| n.rack == rack).map(|n| n.index).collect();
+            for index in &nodes {
+                world.power_on(*index, now, "rack power restored");
+            }
+        }
+        (FaultKind::PartitionRack, false) => sim.partition(rack_host(fault.rack.expect("validated")), "daemon"),
+        (FaultKind::PartitionRack, true) => sim.repair(rack_host(fault.rack.expect("validated")), "daemon"),
+        (FaultKind::PartitionBmc, false) => sim.partition(bmc::BMC_HOST, "daemon"),
+        (FaultKind::PartitionBmc, true) => sim.repair(bmc::BMC_HOST, "daemon"),
+        (FaultKind::BmcLockup, false) => {
+            let mut world = lock(world);
+            let until = now + Duration::from_secs(365 * 24 * 3600);
+            let rack = fault.rack;
+            for index in 0..world.nodes.len() {
+                if rack.is_none_or(|r| world.nodes[index].rack == r) {
+                    world.bmcs[index].locked_until = Some(until);
+                }
+            }
+        }
+        (FaultKind::BmcLockup, true) => {
+            let mut world = lock(world);
+            for bmc in &mut world.bmcs {
+                bmc.locked_until = None;
+            }
+        }
+        (FaultKind::BmcStaleReadback, heal) => {
+            let mut world = lock(world);
+            world.bmc_faults.stale_readback = !heal;
+            if heal {
+                for bmc in &mut world.bmcs {
+                    bmc.stale_power = None;
+                }
+            }
+        }
+        (FaultKind::BmcTimeouts, heal) => lock(world).bmc_faults.timeouts = !heal,
+        (FaultKind::DaemonRestart, false) => sim.crash("daemon"),
+        (FaultKind::DaemonRestart, true) => sim.bounce("daemon"),
+        (FaultKind::CloudOutage, false) => sim.partition(cloud::CLOUD_HOST, "daemon"),
+        (FaultKind::CloudOutage, true) => sim.repair(cloud::CLOUD_HOST, "daemon"),
+        (FaultKind::LatencySpike, false) => {
+            sim.set_max_message_latency(Duration::from_millis(100 + fault.latency_ms.unwrap_or(0)))
+        }
+        (FaultKind::LatencySpike, true) => sim.set_max_message_latency(Duration::from_millis(100)),
+        (FaultKind::PowerCycleAll, false) => {
+            let mut world = lock(world);
+            for index in 0..world.nodes.len() as u32 {
+                world.power_off(index, now, "power cycle all");
+                world.power_on(index, now, "power cycle all");
+            }
+        }
+        (FaultKind::PowerCycleAll, true) => {}
+    }
+    let _ = racks;
+}
+
+/// Runs `scenario` with `options`, calling `progress` about every tenth of the run.
+pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&Sample, f64)) -> anyhow::Result<Report> {
+    let fixture: RegisterRequest = serde_json::from_str(include_str!("../../fixtures/hardware/r640.json"))?;
+    let fleet = &scenario.fleet;
+    let world: SharedWorld = Arc::new(Mutex::new(World::new(
+        fleet.racks,
+        fleet.nodes_per_rack,
+        fleet.storage_per_rack,
+        fleet.vm_capacity,
+    )));
+    lock(&world).place_vms(fleet.vms_per_node);
+    let store = Arc::new(MemoryStore::new());
+    seed_store(&store);
+
+    let duration = Duration::from_secs(scenario.duration_s);
+    let tick = Duration::from_millis(scenario.tick_ms);
+    let mut sim = turmoil::Builder::new()
+        .simulation_duration(duration + Duration::from_secs(3600))
+        .tick_duration(tick)
+        .rng_seed(options.seed)
+        .epoch(std::time::UNIX_EPOCH + Duration::from_millis(EPOCH_MS as u64))
+        .tcp_capacity(4096)
+        .build();
+
+    // The daemon: the real router, lifecycle and store trait. Its data lives outside the
+    // host factory, so a crash and restart keeps it (the cache inside does not survive,
+    // as in production).
+    {
+        let store = store.clone();
+        sim.host("daemon", move || {
+            let store: Arc<dyn Store> = store.clone();
+            async move {
+                let listener = turmoil::net::TcpListener::bind(("0.0.0.0", DAEMON_PORT)).await?;
+                let state = AppState {
+                    store: Arc::new(CachedStore::new(store)),
+                    clock: Arc::new(SimClock),
+                    images: Arc::new(MemoryImages::default()),
+                    config: Arc::new(ServiceConfig {
+                        public_url: node::DAEMON_URL.into(),
+                        stage1: Stage1Config::default(),
+                        defaults: RegistrationDefaults {
+                            role: NodeRole::Compute,
+                            flavor: Some("hv".into()),
+                        },
+                        body_limit_bytes: bearman::api::BODY_LIMIT_BYTES_DEFAULT,
+                        heartbeat_fresh_ms: 30_000,
+                    }),
+                };
+                bearman::server::serve(net::TurmoilListener(listener), state, std::future::pending()).await?;
+                Ok(())
+            }
+        });
+    }
+    {
+        let world = world.clone();
+        let behaviour = scenario.bmc.clone();
+        let seed = options.seed;
+        sim.host(bmc::BMC_HOST, move || bmc::serve(world.clone(), behaviour.clone(), seed));
+    }
+    {
+        let world = world.clone();
+        sim.host(cloud::CLOUD_HOST, move || cloud::serve(world.clone()));
+    }
+    for rack in 0..fleet.racks {
+        let world = world.clone();
+        let timing = scenario.timing.clone();
+        let fixture = fixture.clone();
+        let seed = options.seed;
+        let per_rack = fleet.nodes_per_rack;
+        sim.host(rack_host(rack), move || {
+            let world = world.clone();
+            let timing = timing.clone();
+            let fixture = fixture.clone();
+            async move {
+                for slot in 0..per_rack {
+                    let index = rack * per_rack + slot;
+                    tokio::task::spawn_local(node::supervise(world.clone(), index, timing.clone(), fixture.clone(), seed));
+                }
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        });
+    }
+
+    if fleet.power_on_at_start {
+        let mut world = lock(&world);
+        for index in 0..world.nodes.len() as u32 {
+            world.power_on(index, Duration::ZERO, "initial power on");
+        }
+    }
+
+    // The fault schedule as (time, fault index, heal?), in time order; heals after faults
+    // at the same instant.
+    let mut schedule: Vec<(Duration, usize, bool)> = Vec::new();
+    for (index, fault) in scenario.faults.iter().enumerate() {
+        schedule.push((Duration::from_secs(fault.at_s), index, false));
+        if let Some(heal) = fault.heal_at_s {
+            schedule.push((Duration::from_secs(heal), index, true));
+        }
+    }
+    schedule.sort_by_key(|(at, index, heal)| (*at, *heal, *index));
+    let mut schedule = schedule.into_iter().peekable();
+
+    let deadline = match (scenario.expect.all_ready_by_s, scenario.expect.ready_after_heal_s) {
+        (Some(by), _) => Duration::from_secs(by),
+        (None, Some(after)) => Duration::from_secs(scenario.last_heal_s().unwrap_or(0) + after),
+        (None, None) => duration,
+    }
+    .min(duration);
+
+    let mut checker = Checker::default();
+    let mut fault_rng = crate::rng::SimRng::derive(options.seed, 0xfa17);
+    let mut affected = BTreeMap::new();
+    let mut samples = Vec::new();
+    let sample_every = Duration::from_secs((scenario.duration_s / 12).max(1));
+    let progress_every = Duration::from_secs((scenario.duration_s / 10).max(1));
+    let mut next_sample = Duration::ZERO;
+    let mut next_progress = progress_every;
+    let mut next_world_check = Duration::ZERO;
+    let mut next_store_check = Duration::ZERO;
+    let mut deadline_checked = false;
+    let mut steps: u64 = 0;
+
+    let sample = |world: &World, store: &MemoryStore, at: Duration| {
+        let (_, vms_down) = world.vm_census();
+        Sample {
+            at,
+            counts: store.state_counts(),
+            machines_running: world.nodes.iter().filter(|n| n.os == Os::Running).count(),
+            vms_down,
+        }
+    };
+
+    loop {
+        let now = sim.elapsed();
+        while let Some((at, index, heal)) = schedule.peek().copied() {
+            if at > now {
+                break;
+            }
+            schedule.next();
+            apply_fault(&mut sim, &world, &scenario.faults[index], heal, &mut affected, index, &mut fault_rng, fleet.racks, now);
+            samples.push(sample(&lock(&world), &store, now));
+        }
+        if now >= next_world_check {
+            checker.check_world(&lock(&world), now);
+            next_world_check = now + Duration::from_secs(1);
+        }
+        if now >= next_store_check {
+            checker.check_store(&store, now);
+            next_store_check = now + STORE_CHECK_INTERVAL;
+        }
+        if now >= next_sample {
+            let s = sample(&lock(&world), &store, now);
+            lock(&world).trace.record(now, format!("sample {:?} running={} vms_down={}", s.counts, s.machines_running, s.vms_down));
+            samples.push(s);
+            next_sample = now + sample_every;
+        }
+        if now >= next_progress {
+            let s = sample(&lock(&world), &store, now);
+            progress(&s, now.as_secs_f64() / duration.as_secs_f64());
+            next_progress = now + progress_every;
+        }
+        if !deadline_checked && now >= deadline {
+            checker.check_deadline(&lock(&world), &store, now);
+            deadline_checked = true;
+        }
+        if now >= duration {
+            break;
+        }
+        sim.step().map_err(|error| anyhow::anyhow!("simulation failed at t={}: {error}", seconds(now)))?;
+        steps += 1;
+    }
+    let end = sim.elapsed();
+    checker.check_world(&lock(&world), end);
+    checker.check_store(&store, end);
+    if !deadline_checked {
+        checker.check_deadline(&lock(&world), &store, end);
+    }
+    samples.push(sample(&lock(&world), &store, end));
+
+    // The trace: what the world saw, then the daemon's whole audit trail, then verdicts.
+    let mut world = lock(&world);
+    let mut trace = std::mem::take(&mut world.trace);
+    let events = store.events_after(0);
+    trace.extend(events.iter().map(|e| {
+        format!(
+            "event {} at={} node={} actor={} action={} {}->{} {}",
+            e.id,
+            e.at_ms - EPOCH_MS,
+            e.node_uuid.as_ref().map(|u| u.to_string()).unwrap_or_default(),
+            e.actor,
+            e.action,
+            e.from_state.as_deref().unwrap_or("-"),
+            e.to_state.as_deref().unwrap_or("-"),
+            e.reason
+        )
+    }));
+    for verdict in checker.verdicts() {
+        trace.extend([format!("verdict {} {} {:?}", verdict.name, verdict.passed(), verdict.failures)]);
+    }
+    let powered_off = world.nodes.iter().filter(|n| n.power == Power::Off).count();
+    trace.extend([format!("end powered_off={powered_off} heartbeats={}", world.heartbeats_sent)]);
+    Ok(Report {
+        scenario: scenario.name.clone(),
+        seed: options.seed,
+        nodes: scenario.node_count(),
+        racks: fleet.racks,
+        virtual_time: end,
+        samples,
+        checker,
+        trace,
+        daemon_events: events.len(),
+        heartbeats_sent: world.heartbeats_sent,
+        heartbeats_failed: world.heartbeats_failed,
+        requests_failed: world.requests_failed,
+        steps,
+    })
+}

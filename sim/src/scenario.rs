@@ -1,0 +1,285 @@
+//! Scenario files (`scenarios/*.toml`): fleet shape, timings, a fault schedule, and the
+//! expectations a run must meet. Parsing rejects unknown keys and impossible values with
+//! a message naming the field.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Virtual time to simulate.
+    pub duration_s: u64,
+    /// turmoil tick: virtual time advanced per step. Larger ticks run faster and coarsen
+    /// network latency; 10 ms is the default.
+    #[serde(default = "default_tick_ms")]
+    pub tick_ms: u64,
+    pub fleet: Fleet,
+    #[serde(default)]
+    pub timing: Timing,
+    #[serde(default)]
+    pub bmc: BmcBehaviour,
+    #[serde(default, rename = "fault")]
+    pub faults: Vec<Fault>,
+    #[serde(default)]
+    pub expect: Expect,
+}
+
+fn default_tick_ms() -> u64 {
+    10
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fleet {
+    pub racks: u32,
+    pub nodes_per_rack: u32,
+    /// Nodes per rack that are storage nodes (no VMs); the rest are compute nodes.
+    #[serde(default)]
+    pub storage_per_rack: u32,
+    /// VMs placed on each compute node at the start.
+    #[serde(default)]
+    pub vms_per_node: u32,
+    /// VM slots per compute node (evacuation targets need room).
+    #[serde(default = "default_vm_capacity")]
+    pub vm_capacity: u32,
+    /// Whether the fleet starts powered on (a boot storm at t=0) — the default.
+    #[serde(default = "default_true")]
+    pub power_on_at_start: bool,
+}
+
+fn default_vm_capacity() -> u32 {
+    16
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// How long the phases of a boot take, as `[min, max]` seconds drawn per boot.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timing {
+    pub firmware_s: [u64; 2],
+    pub stage1_s: [u64; 2],
+    pub kexec_s: [u64; 2],
+    pub heartbeat_interval_s: u64,
+    /// Each heartbeat is delayed by up to this much, so a fleet does not beat in lockstep.
+    pub heartbeat_jitter_ms: u64,
+    /// Agent retry backoff after a failed request: starts here, doubles, capped.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    /// Per-request timeout of the agent's client.
+    pub request_timeout_s: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            firmware_s: [30, 90],
+            stage1_s: [5, 15],
+            kexec_s: [5, 15],
+            heartbeat_interval_s: 10,
+            heartbeat_jitter_ms: 2000,
+            retry_initial_ms: 1000,
+            retry_max_ms: 30_000,
+            request_timeout_s: 10,
+        }
+    }
+}
+
+/// Simulated BMC latencies and failure modes.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BmcBehaviour {
+    /// Per-call latency range in milliseconds.
+    pub latency_ms: [u64; 2],
+    /// Power transitions take this long (the BMC reports the old state meanwhile).
+    pub transition_ms: u64,
+    /// A BMC that gets more than this many calls within `burst_window_s` locks up
+    /// (stops answering) for `lockup_s`. 0 disables.
+    pub burst_limit: u32,
+    pub burst_window_s: u64,
+    pub lockup_s: u64,
+}
+
+impl Default for BmcBehaviour {
+    fn default() -> Self {
+        BmcBehaviour {
+            latency_ms: [50, 400],
+            transition_ms: 3000,
+            burst_limit: 0,
+            burst_window_s: 10,
+            lockup_s: 120,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// Kernel panic on some nodes: the OS dies, power stays on.
+    CrashNodes,
+    /// Power off some nodes through their BMC, then (at heal) power them on again.
+    PowerCycleNodes,
+    /// A rack loses power; at heal, power returns and its nodes boot.
+    RackPowerLoss,
+    /// The rack's top-of-rack switch cuts it off from the daemon; heal repairs it.
+    PartitionRack,
+    /// The out-of-band (BMC) network is cut from the daemon.
+    PartitionBmc,
+    /// Every BMC in a rack (or all) stops answering; heal unlocks.
+    BmcLockup,
+    /// BMCs keep reporting the previous power state until heal.
+    BmcStaleReadback,
+    /// BMC calls never answer (time out) until heal.
+    BmcTimeouts,
+    /// The daemon process dies; at heal it restarts on the same database.
+    DaemonRestart,
+    /// The cloud (hypervisor) API is unreachable until heal.
+    CloudOutage,
+    /// Every link gets this much extra latency until heal.
+    LatencySpike,
+    /// Every node is powered off and on again at once.
+    PowerCycleAll,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    pub at_s: u64,
+    pub kind: FaultKind,
+    /// When the fault is undone, if ever.
+    #[serde(default)]
+    pub heal_at_s: Option<u64>,
+    /// Rack index the fault applies to (where it applies to one rack).
+    #[serde(default)]
+    pub rack: Option<u32>,
+    /// How many nodes (crash/power-cycle faults), chosen from the seed.
+    #[serde(default)]
+    pub count: Option<u32>,
+    /// Extra latency for `latency_spike`.
+    #[serde(default)]
+    pub latency_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// Every powered node must be Ready by this time (seconds).
+    #[serde(default)]
+    pub all_ready_by_s: Option<u64>,
+    /// After the last heal, every powered node must be Ready within this many seconds.
+    #[serde(default)]
+    pub ready_after_heal_s: Option<u64>,
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> anyhow::Result<Scenario> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading scenario {}", path.display()))?;
+        let scenario: Scenario =
+            toml::from_str(&text).with_context(|| format!("parsing scenario {}", path.display()))?;
+        scenario
+            .validate()
+            .with_context(|| format!("scenario {}", path.display()))?;
+        Ok(scenario)
+    }
+
+    /// Resizes the fleet to `nodes` in total, keeping nodes per rack.
+    pub fn with_nodes(mut self, nodes: u32) -> anyhow::Result<Scenario> {
+        if nodes == 0 {
+            bail!("--nodes must be at least 1");
+        }
+        let per_rack = self.fleet.nodes_per_rack.min(nodes);
+        self.fleet.nodes_per_rack = per_rack;
+        self.fleet.racks = nodes.div_ceil(per_rack);
+        self.validate()?;
+        Ok(self)
+    }
+
+    pub fn node_count(&self) -> u32 {
+        self.fleet.racks * self.fleet.nodes_per_rack
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let range = |field: &str, r: [u64; 2]| -> anyhow::Result<()> {
+            if r[0] > r[1] {
+                bail!("{field}: [{}, {}] is not a range (min > max)", r[0], r[1]);
+            }
+            Ok(())
+        };
+        if self.duration_s == 0 || self.duration_s > 7 * 24 * 3600 {
+            bail!("duration_s: {} is outside 1 s - 7 days", self.duration_s);
+        }
+        if !(1..=1000).contains(&self.tick_ms) {
+            bail!("tick_ms: {} is outside 1-1000", self.tick_ms);
+        }
+        if self.fleet.racks == 0 || self.fleet.nodes_per_rack == 0 {
+            bail!("fleet: racks and nodes_per_rack must be at least 1");
+        }
+        if self.node_count() > 100_000 {
+            bail!("fleet: {} nodes is more than the 100,000 the simulator supports", self.node_count());
+        }
+        if self.fleet.storage_per_rack > self.fleet.nodes_per_rack {
+            bail!("fleet.storage_per_rack exceeds nodes_per_rack");
+        }
+        if self.fleet.vms_per_node > self.fleet.vm_capacity {
+            bail!("fleet.vms_per_node exceeds vm_capacity");
+        }
+        range("timing.firmware_s", self.timing.firmware_s)?;
+        range("timing.stage1_s", self.timing.stage1_s)?;
+        range("timing.kexec_s", self.timing.kexec_s)?;
+        range("bmc.latency_ms", self.bmc.latency_ms)?;
+        if self.timing.heartbeat_interval_s == 0 {
+            bail!("timing.heartbeat_interval_s must be at least 1");
+        }
+        if self.timing.retry_initial_ms == 0 || self.timing.retry_max_ms < self.timing.retry_initial_ms {
+            bail!("timing: retry_initial_ms must be >= 1 and <= retry_max_ms");
+        }
+        for (index, fault) in self.faults.iter().enumerate() {
+            let field = format!("fault[{index}] ({:?})", fault.kind);
+            if fault.at_s >= self.duration_s {
+                bail!("{field}: at_s {} is not before the end ({} s)", fault.at_s, self.duration_s);
+            }
+            if let Some(heal) = fault.heal_at_s {
+                if heal <= fault.at_s {
+                    bail!("{field}: heal_at_s {heal} must be after at_s {}", fault.at_s);
+                }
+            }
+            if let Some(rack) = fault.rack {
+                if rack >= self.fleet.racks {
+                    bail!("{field}: rack {rack} does not exist (racks: {})", self.fleet.racks);
+                }
+            }
+            let needs_rack = matches!(fault.kind, FaultKind::RackPowerLoss | FaultKind::PartitionRack);
+            if needs_rack && fault.rack.is_none() {
+                bail!("{field}: needs rack");
+            }
+            let needs_count = matches!(fault.kind, FaultKind::CrashNodes | FaultKind::PowerCycleNodes);
+            if needs_count && fault.count.unwrap_or(0) == 0 {
+                bail!("{field}: needs count >= 1");
+            }
+            if fault.kind == FaultKind::LatencySpike && fault.latency_ms.is_none() {
+                bail!("{field}: needs latency_ms");
+            }
+            let needs_heal = matches!(
+                fault.kind,
+                FaultKind::DaemonRestart | FaultKind::PowerCycleNodes | FaultKind::RackPowerLoss
+            );
+            if needs_heal && fault.heal_at_s.is_none() {
+                bail!("{field}: needs heal_at_s (when power returns / the daemon restarts)");
+            }
+        }
+        Ok(())
+    }
+
+    /// The latest heal time, if any fault heals.
+    pub fn last_heal_s(&self) -> Option<u64> {
+        self.faults.iter().filter_map(|f| f.heal_at_s.or(Some(f.at_s))).max()
+    }
+}
