@@ -102,6 +102,8 @@ pub struct World {
     pub heartbeats_sent: u64,
     pub heartbeats_failed: u64,
     pub requests_failed: u64,
+    /// Nodes an operator should power-cycle through their BMCs (see `ops`).
+    pub ops_power_cycles: Vec<u32>,
 }
 
 pub type SharedWorld = Arc<Mutex<World>>;
@@ -150,6 +152,7 @@ impl World {
             heartbeats_sent: 0,
             heartbeats_failed: 0,
             requests_failed: 0,
+            ops_power_cycles: Vec::new(),
         }
     }
 

@@ -12,6 +12,7 @@ pub mod cloud;
 pub mod fleet;
 pub mod net;
 pub mod node;
+pub mod ops;
 pub mod report;
 pub mod rng;
 pub mod run;

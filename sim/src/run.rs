@@ -180,6 +180,13 @@ fn apply_fault(
             }
             affected.insert(fault_index, nodes);
         }
+        (FaultKind::BmcPowerCycleNodes, false) => {
+            let mut world = lock(world);
+            let nodes = pick_nodes(&world, fault.rack, fault.count.unwrap_or(1), rng);
+            world.ops_power_cycles.extend(nodes.iter().copied());
+            affected.insert(fault_index, nodes);
+        }
+        (FaultKind::BmcPowerCycleNodes, true) => {}
         (FaultKind::RackPowerLoss, false) => {
             let mut world = lock(world);
             let rack = fault.rack.expect("validated");
@@ -309,6 +316,10 @@ pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&
         let world = world.clone();
         sim.host(cloud::CLOUD_HOST, move || cloud::serve(world.clone()));
     }
+    {
+        let world = world.clone();
+        sim.host(crate::ops::OPS_HOST, move || crate::ops::serve(world.clone()));
+    }
     for rack in 0..fleet.racks {
         let world = world.clone();
         let timing = scenario.timing.clone();
@@ -349,12 +360,21 @@ pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&
     schedule.sort_by_key(|(at, index, heal)| (*at, *heal, *index));
     let mut schedule = schedule.into_iter().peekable();
 
-    let deadline = match (scenario.expect.all_ready_by_s, scenario.expect.ready_after_heal_s) {
-        (Some(by), _) => Duration::from_secs(by),
-        (None, Some(after)) => Duration::from_secs(scenario.last_heal_s().unwrap_or(0) + after),
-        (None, None) => duration,
+    // Liveness is judged at each expectation's deadline (and at the end when none is set).
+    let mut deadlines: Vec<Duration> = Vec::new();
+    if let Some(by) = scenario.expect.all_ready_by_s {
+        deadlines.push(Duration::from_secs(by));
     }
-    .min(duration);
+    if let Some(after) = scenario.expect.ready_after_heal_s {
+        deadlines.push(Duration::from_secs(scenario.last_heal_s().unwrap_or(0) + after));
+    }
+    if deadlines.is_empty() {
+        deadlines.push(duration);
+    }
+    let mut deadlines: Vec<Duration> = deadlines.into_iter().map(|d| d.min(duration)).collect();
+    deadlines.sort();
+    deadlines.dedup();
+    let mut deadlines = deadlines.into_iter().peekable();
 
     let mut checker = Checker::default();
     let mut fault_rng = crate::rng::SimRng::derive(options.seed, 0xfa17);
@@ -366,7 +386,6 @@ pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&
     let mut next_progress = progress_every;
     let mut next_world_check = Duration::ZERO;
     let mut next_store_check = Duration::ZERO;
-    let mut deadline_checked = false;
     let mut steps: u64 = 0;
 
     let sample = |world: &World, store: &MemoryStore, at: Duration| {
@@ -408,9 +427,9 @@ pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&
             progress(&s, now.as_secs_f64() / duration.as_secs_f64());
             next_progress = now + progress_every;
         }
-        if !deadline_checked && now >= deadline {
+        while deadlines.peek().is_some_and(|deadline| now >= *deadline) {
+            deadlines.next();
             checker.check_deadline(&lock(&world), &store, now);
-            deadline_checked = true;
         }
         if now >= duration {
             break;
@@ -421,7 +440,7 @@ pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&
     let end = sim.elapsed();
     checker.check_world(&lock(&world), end);
     checker.check_store(&store, end);
-    if !deadline_checked {
+    for _ in deadlines {
         checker.check_deadline(&lock(&world), &store, end);
     }
     samples.push(sample(&lock(&world), &store, end));

@@ -125,8 +125,11 @@ impl Default for BmcBehaviour {
 pub enum FaultKind {
     /// Kernel panic on some nodes: the OS dies, power stays on.
     CrashNodes,
-    /// Power off some nodes through their BMC, then (at heal) power them on again.
+    /// Cut and restore power of some nodes directly (a PDU outlet), power returning at heal.
     PowerCycleNodes,
+    /// An operator power-cycles some nodes through their BMCs over the out-of-band
+    /// network: power off, read back until off is verified, power on, read back on.
+    BmcPowerCycleNodes,
     /// A rack loses power; at heal, power returns and its nodes boot.
     RackPowerLoss,
     /// The rack's top-of-rack switch cuts it off from the daemon; heal repairs it.
@@ -260,7 +263,10 @@ impl Scenario {
             if needs_rack && fault.rack.is_none() {
                 bail!("{field}: needs rack");
             }
-            let needs_count = matches!(fault.kind, FaultKind::CrashNodes | FaultKind::PowerCycleNodes);
+            let needs_count = matches!(
+                fault.kind,
+                FaultKind::CrashNodes | FaultKind::PowerCycleNodes | FaultKind::BmcPowerCycleNodes
+            );
             if needs_count && fault.count.unwrap_or(0) == 0 {
                 bail!("{field}: needs count >= 1");
             }
@@ -278,8 +284,8 @@ impl Scenario {
         Ok(())
     }
 
-    /// The latest heal time, if any fault heals.
+    /// When the last fault was healed (or, for faults that do not heal, struck).
     pub fn last_heal_s(&self) -> Option<u64> {
-        self.faults.iter().filter_map(|f| f.heal_at_s.or(Some(f.at_s))).max()
+        self.faults.iter().map(|f| f.heal_at_s.unwrap_or(f.at_s)).max()
     }
 }
