@@ -16,7 +16,10 @@ pub enum PowerState {
 #[derive(Debug, thiserror::Error)]
 pub enum BmcError {
     #[error("bmc {bmc}: {operation} timed out")]
-    Timeout { bmc: String, operation: &'static str },
+    Timeout {
+        bmc: String,
+        operation: &'static str,
+    },
     #[error("bmc {bmc}: {operation} failed: {detail}")]
     Failed {
         bmc: String,

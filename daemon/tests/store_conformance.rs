@@ -11,7 +11,8 @@ use bearman::store::Store;
 
 /// PostgreSQL to test against: `DATABASE_URL`, or this machine's local server.
 fn postgres_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
 }
 
 #[tokio::test]
@@ -28,7 +29,10 @@ async fn cached_store_conforms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_store_conforms_and_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}?mode=rwc", dir.path().join("bearman.db").display());
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("bearman.db").display()
+    );
     let store = Arc::new(SqlStore::connect(&url).await.expect("open sqlite"));
     conformance::run_all(store.clone()).await;
     let before = store.node_count_by_state().await.unwrap();
@@ -46,7 +50,10 @@ async fn postgres_store_conforms() {
     let schema = format!(
         "bearman_test_{}_{}",
         std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
     );
     sqlx::any::install_default_drivers();
     let admin = sqlx::AnyPool::connect(&base).await.unwrap_or_else(|error| {
@@ -55,7 +62,10 @@ async fn postgres_store_conforms() {
              Start it, or point DATABASE_URL at one."
         )
     });
-    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&admin).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .unwrap();
     let separator = if base.contains('?') { '&' } else { '?' };
     let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
     let result = async move {
@@ -66,7 +76,10 @@ async fn postgres_store_conforms() {
     };
     // Always drop the schema, even when a check panics.
     let outcome = tokio::spawn(result).await;
-    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&admin).await.unwrap();
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&admin)
+        .await
+        .unwrap();
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic.into_panic());
     }

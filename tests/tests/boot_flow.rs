@@ -15,9 +15,27 @@ async fn node_goes_from_register_to_ready_over_http() {
         ..Default::default()
     })
     .await;
-    assert_eq!(daemon.admin("POST", "/flavors", Some(flavor_json("hv"))).await.0, 201);
-    assert_eq!(daemon.admin("POST", "/pools", Some(node_pool_json())).await.0, 201);
-    assert_eq!(daemon.admin("POST", "/pools", Some(bmc_pool_json())).await.0, 201);
+    assert_eq!(
+        daemon
+            .admin("POST", "/flavors", Some(flavor_json("hv")))
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        daemon
+            .admin("POST", "/pools", Some(node_pool_json()))
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        daemon
+            .admin("POST", "/pools", Some(bmc_pool_json()))
+            .await
+            .0,
+        201
+    );
 
     let uuid = NodeUuid::parse("4C4C4544-0042-3510-8052-B4C04F4E4A32").unwrap();
     let client = BootClient::new(TcpConnector, &daemon.url(), uuid.clone()).unwrap();
@@ -25,21 +43,50 @@ async fn node_goes_from_register_to_ready_over_http() {
     // Stage 1's first call: the generic script carries iPXE's ${uuid}.
     let stage1 = client.stage1_script().await.unwrap();
     let kernel = stage1.kernel.unwrap();
-    assert!(kernel.args.contains("bearman.uuid=${uuid}"), "{}", kernel.args);
+    assert!(
+        kernel.args.contains("bearman.uuid=${uuid}"),
+        "{}",
+        kernel.args
+    );
     assert!(kernel.args.contains("bearman.url=http://bearman.test:8080"));
 
-    let plan = client.prepare_boot(&register_body(1)).await.expect("stage 1 conversation");
+    let plan = client
+        .prepare_boot(&register_body(1))
+        .await
+        .expect("stage 1 conversation");
     assert_eq!(plan.registration.state, "registered");
     assert_eq!(plan.registration.hostname, "node-b4c04f4e4a32");
-    let bmc = plan.registration.bmc.clone().expect("bmc settings from the bmc pool");
+    let bmc = plan
+        .registration
+        .bmc
+        .clone()
+        .expect("bmc settings from the bmc pool");
     assert_eq!((bmc.address.as_str(), bmc.prefix_len), ("10.20.0.10", 24));
     assert_eq!(plan.profile.flavor, "hv");
-    assert_eq!(plan.profile.kernel.url, "http://bearman.test:8080/images/hv/vmlinuz");
+    assert_eq!(
+        plan.profile.kernel.url,
+        "http://bearman.test:8080/images/hv/vmlinuz"
+    );
     assert_eq!(plan.profile.initrds.len(), 1);
-    assert_eq!(plan.script.initrds, vec!["http://bearman.test:8080/images/hv/initrd.img".to_string()]);
-    assert!(plan.profile.cmdline.contains("hostname=node-b4c04f4e4a32 ip=10.10.0.10"), "{}", plan.profile.cmdline);
-    assert_eq!(plan.script.kernel.as_ref().unwrap().args, plan.profile.cmdline);
-    assert_eq!(plan.detail.bond0_addresses, vec!["10.10.0.10/24".to_string()]);
+    assert_eq!(
+        plan.script.initrds,
+        vec!["http://bearman.test:8080/images/hv/initrd.img".to_string()]
+    );
+    assert!(
+        plan.profile
+            .cmdline
+            .contains("hostname=node-b4c04f4e4a32 ip=10.10.0.10"),
+        "{}",
+        plan.profile.cmdline
+    );
+    assert_eq!(
+        plan.script.kernel.as_ref().unwrap().args,
+        plan.profile.cmdline
+    );
+    assert_eq!(
+        plan.detail.bond0_addresses,
+        vec!["10.10.0.10/24".to_string()]
+    );
     assert_eq!(plan.detail.vlan, Some(100));
     assert_eq!(plan.detail.gateway.as_deref(), Some("10.10.0.1"));
     assert_eq!(plan.detail.mtu, 9000);
@@ -56,31 +103,49 @@ async fn node_goes_from_register_to_ready_over_http() {
         .await
         .unwrap();
     assert_eq!(state, "ready");
-    assert_eq!(client.heartbeat(&Heartbeat::default()).await.unwrap(), "ready");
+    assert_eq!(
+        client.heartbeat(&Heartbeat::default()).await.unwrap(),
+        "ready"
+    );
 
     let (_, node) = daemon.admin("GET", &format!("/nodes/{uuid}"), None).await;
     assert_eq!(node["state"], "ready");
     assert!(node["last_heartbeat_at_ms"].as_i64().is_some());
 
     // The audit trail tells the story in order.
-    let (_, events) = daemon.admin("GET", &format!("/nodes/{uuid}/events"), None).await;
+    let (_, events) = daemon
+        .admin("GET", &format!("/nodes/{uuid}/events"), None)
+        .await;
     let transitions: Vec<String> = events
         .as_array()
         .unwrap()
         .iter()
         .rev()
         .filter(|e| e["to_state"].is_string())
-        .map(|e| format!("{}->{}", e["from_state"].as_str().unwrap(), e["to_state"].as_str().unwrap()))
+        .map(|e| {
+            format!(
+                "{}->{}",
+                e["from_state"].as_str().unwrap(),
+                e["to_state"].as_str().unwrap()
+            )
+        })
         .collect();
     assert_eq!(
         transitions,
-        vec!["discovered->registered", "registered->provisioning", "provisioning->ready"]
+        vec![
+            "discovered->registered",
+            "registered->provisioning",
+            "provisioning->ready"
+        ]
     );
 
     // A reboot goes around again with the same identity and the same address.
     let again = client.prepare_boot(&register_body(1)).await.unwrap();
     assert_eq!(again.detail.bond0_addresses, plan.detail.bond0_addresses);
-    assert_eq!(client.installed(&InstalledReport::default()).await.unwrap(), "ready");
+    assert_eq!(
+        client.installed(&InstalledReport::default()).await.unwrap(),
+        "ready"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,7 +155,9 @@ async fn many_nodes_registering_at_once_get_distinct_addresses() {
         ..Default::default()
     })
     .await;
-    daemon.admin("POST", "/flavors", Some(flavor_json("hv"))).await;
+    daemon
+        .admin("POST", "/flavors", Some(flavor_json("hv")))
+        .await;
     daemon.admin("POST", "/pools", Some(node_pool_json())).await;
     let url = daemon.url();
     let mut tasks = Vec::new();
@@ -99,15 +166,24 @@ async fn many_nodes_registering_at_once_get_distinct_addresses() {
         tasks.push(tokio::spawn(async move {
             let uuid = NodeUuid::from_index(0xabc, index as u64);
             let client = BootClient::new(TcpConnector, &url, uuid).unwrap();
-            let plan = client.prepare_boot(&register_body(index)).await.expect("boot");
-            client.installed(&InstalledReport::default()).await.expect("installed");
+            let plan = client
+                .prepare_boot(&register_body(index))
+                .await
+                .expect("boot");
+            client
+                .installed(&InstalledReport::default())
+                .await
+                .expect("installed");
             plan.detail.bond0_addresses[0].clone()
         }));
     }
     let mut addresses = std::collections::BTreeSet::new();
     for task in tasks {
         let address = task.await.unwrap();
-        assert!(addresses.insert(address.clone()), "{address} handed out twice");
+        assert!(
+            addresses.insert(address.clone()),
+            "{address} handed out twice"
+        );
     }
     let (_, summary) = daemon.admin("GET", "/summary", None).await;
     assert_eq!(summary["by_state"]["ready"], 40);

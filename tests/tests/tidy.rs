@@ -22,19 +22,46 @@ const ADAPTERS: [&str; 6] = [
 
 /// (pattern, why it breaks replay)
 const FORBIDDEN: [(&str, &str); 9] = [
-    ("SystemTime::now", "reads the wall clock; take `now` from runtime::Clock"),
-    ("std::time::Instant", "real time; use tokio::time::Instant, which turmoil virtualises"),
-    ("thread_rng", "OS-seeded randomness; use a seeded RNG passed in"),
-    ("Uuid::new_v4", "random identity; derive ids deterministically"),
-    ("spawn_blocking", "runs on an OS thread and freezes turmoil's clock"),
+    (
+        "SystemTime::now",
+        "reads the wall clock; take `now` from runtime::Clock",
+    ),
+    (
+        "std::time::Instant",
+        "real time; use tokio::time::Instant, which turmoil virtualises",
+    ),
+    (
+        "thread_rng",
+        "OS-seeded randomness; use a seeded RNG passed in",
+    ),
+    (
+        "Uuid::new_v4",
+        "random identity; derive ids deterministically",
+    ),
+    (
+        "spawn_blocking",
+        "runs on an OS thread and freezes turmoil's clock",
+    ),
     ("std::thread::spawn", "OS threads escape the simulation"),
-    ("tokio::net", "OS sockets; go through the listener/connector seams"),
-    ("HashMap", "iteration order varies per process; use BTreeMap"),
-    ("HashSet", "iteration order varies per process; use BTreeSet"),
+    (
+        "tokio::net",
+        "OS sockets; go through the listener/connector seams",
+    ),
+    (
+        "HashMap",
+        "iteration order varies per process; use BTreeMap",
+    ),
+    (
+        "HashSet",
+        "iteration order varies per process; use BTreeSet",
+    ),
 ];
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -53,7 +80,10 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 fn relative(path: &Path) -> String {
-    path.strip_prefix(workspace_root()).unwrap().to_string_lossy().replace('\\', "/")
+    path.strip_prefix(workspace_root())
+        .unwrap()
+        .to_string_lossy()
+        .replace('\\', "/")
 }
 
 /// Source text without `//` comments, so explanations may name what they forbid.
@@ -96,8 +126,15 @@ fn simulated_code_avoids_nondeterminism() {
             }
         }
     }
-    assert!(scanned > 20, "tidy scanned only {scanned} files; are the roots right?");
-    assert!(violations.is_empty(), "nondeterminism in simulated code:\n{}", violations.join("\n"));
+    assert!(
+        scanned > 20,
+        "tidy scanned only {scanned} files; are the roots right?"
+    );
+    assert!(
+        violations.is_empty(),
+        "nondeterminism in simulated code:\n{}",
+        violations.join("\n")
+    );
 }
 
 #[test]
@@ -120,14 +157,25 @@ fn select_is_biased_in_simulated_code() {
             }
         }
     }
-    assert!(violations.is_empty(), "select! without `biased;`:\n{}", violations.join("\n"));
+    assert!(
+        violations.is_empty(),
+        "select! without `biased;`:\n{}",
+        violations.join("\n")
+    );
 }
 
 #[test]
 fn every_module_says_what_it_owns() {
     let root = workspace_root();
     let mut missing = Vec::new();
-    for crate_root in ["daemon/src", "agent/src", "proto/src", "sim/src", "xtask/src", "tests/src"] {
+    for crate_root in [
+        "daemon/src",
+        "agent/src",
+        "proto/src",
+        "sim/src",
+        "xtask/src",
+        "tests/src",
+    ] {
         let mut files = Vec::new();
         rust_files(&root.join(crate_root), &mut files);
         for file in files {
@@ -137,5 +185,9 @@ fn every_module_says_what_it_owns() {
             }
         }
     }
-    assert!(missing.is_empty(), "modules without a leading //! line:\n{}", missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "modules without a leading //! line:\n{}",
+        missing.join("\n")
+    );
 }

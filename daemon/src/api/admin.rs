@@ -44,26 +44,62 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         (spec(Method::GET, "/nodes", Viewer), get(node_list)),
         (spec(Method::POST, "/nodes", Admin), post(node_enroll)),
         (spec(Method::GET, "/nodes/{uuid}", Viewer), get(node_show)),
-        (spec(Method::PATCH, "/nodes/{uuid}", Admin), patch(node_update)),
-        (spec(Method::GET, "/nodes/{uuid}/events", Viewer), get(node_events)),
-        (spec(Method::POST, "/nodes/{uuid}/maintenance", Operator), post(maintenance_on)),
-        (spec(Method::DELETE, "/nodes/{uuid}/maintenance", Operator), delete(maintenance_off)),
-        (spec(Method::POST, "/nodes/{uuid}/rebuild", Operator), post(rebuild)),
-        (spec(Method::POST, "/nodes/{uuid}/retire", Admin), post(retire)),
-        (spec(Method::POST, "/nodes/{uuid}/accept-identity", Admin), post(accept_identity)),
+        (
+            spec(Method::PATCH, "/nodes/{uuid}", Admin),
+            patch(node_update),
+        ),
+        (
+            spec(Method::GET, "/nodes/{uuid}/events", Viewer),
+            get(node_events),
+        ),
+        (
+            spec(Method::POST, "/nodes/{uuid}/maintenance", Operator),
+            post(maintenance_on),
+        ),
+        (
+            spec(Method::DELETE, "/nodes/{uuid}/maintenance", Operator),
+            delete(maintenance_off),
+        ),
+        (
+            spec(Method::POST, "/nodes/{uuid}/rebuild", Operator),
+            post(rebuild),
+        ),
+        (
+            spec(Method::POST, "/nodes/{uuid}/retire", Admin),
+            post(retire),
+        ),
+        (
+            spec(Method::POST, "/nodes/{uuid}/accept-identity", Admin),
+            post(accept_identity),
+        ),
         (spec(Method::GET, "/flavors", Viewer), get(flavor_list)),
         (spec(Method::POST, "/flavors", Admin), post(flavor_create)),
-        (spec(Method::GET, "/flavors/{name}", Viewer), get(flavor_show)),
-        (spec(Method::PUT, "/flavors/{name}", Admin), put(flavor_replace)),
-        (spec(Method::DELETE, "/flavors/{name}", Admin), delete(flavor_delete)),
+        (
+            spec(Method::GET, "/flavors/{name}", Viewer),
+            get(flavor_show),
+        ),
+        (
+            spec(Method::PUT, "/flavors/{name}", Admin),
+            put(flavor_replace),
+        ),
+        (
+            spec(Method::DELETE, "/flavors/{name}", Admin),
+            delete(flavor_delete),
+        ),
         (spec(Method::GET, "/pools", Viewer), get(pool_list)),
         (spec(Method::POST, "/pools", Admin), post(pool_create)),
         (spec(Method::GET, "/pools/{name}", Viewer), get(pool_show)),
-        (spec(Method::DELETE, "/pools/{name}", Admin), delete(pool_delete)),
+        (
+            spec(Method::DELETE, "/pools/{name}", Admin),
+            delete(pool_delete),
+        ),
         (spec(Method::GET, "/events", Viewer), get(event_list)),
         (spec(Method::GET, "/tokens", Admin), get(token_list)),
         (spec(Method::POST, "/tokens", Admin), post(token_create)),
-        (spec(Method::DELETE, "/tokens/{name}", Admin), delete(token_delete)),
+        (
+            spec(Method::DELETE, "/tokens/{name}", Admin),
+            delete(token_delete),
+        ),
     ]
 }
 
@@ -113,29 +149,47 @@ async fn summary(State(state): State<AppState>) -> Result<Json<Summary>, ApiErro
     let counts = state.store.node_count_by_state().await?;
     Ok(Json(Summary {
         total: counts.values().sum(),
-        by_state: counts.into_iter().map(|(s, n)| (s.as_str().to_string(), n)).collect(),
+        by_state: counts
+            .into_iter()
+            .map(|(s, n)| (s.as_str().to_string(), n))
+            .collect(),
     }))
 }
 
-async fn node_list(State(state): State<AppState>, query: QueryParams) -> Result<Json<Vec<Node>>, ApiError> {
+async fn node_list(
+    State(state): State<AppState>,
+    query: QueryParams,
+) -> Result<Json<Vec<Node>>, ApiError> {
     query.allow_only(&["state", "rack", "role", "after", "limit"])?;
     let state_filter = query
         .get("state")
         .map(|text| {
-            LifecycleState::parse(text)
-                .ok_or_else(|| ApiError::bad_request("invalid_query", format!("query parameter state: unknown state {text:?}")))
+            LifecycleState::parse(text).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("query parameter state: unknown state {text:?}"),
+                )
+            })
         })
         .transpose()?;
     let role = query
         .get("role")
         .map(|text| {
-            NodeRole::parse(text)
-                .ok_or_else(|| ApiError::bad_request("invalid_query", format!("query parameter role: unknown role {text:?}")))
+            NodeRole::parse(text).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("query parameter role: unknown role {text:?}"),
+                )
+            })
         })
         .transpose()?;
     let after = query
         .get("after")
-        .map(|text| NodeUuid::parse(text).map_err(|e| ApiError::bad_request("invalid_query", format!("query parameter after: {e}"))))
+        .map(|text| {
+            NodeUuid::parse(text).map_err(|e| {
+                ApiError::bad_request("invalid_query", format!("query parameter after: {e}"))
+            })
+        })
         .transpose()?;
     let filter = NodeFilter {
         state: state_filter,
@@ -147,7 +201,10 @@ async fn node_list(State(state): State<AppState>, query: QueryParams) -> Result<
     Ok(Json(state.store.node_list(&filter).await?))
 }
 
-async fn node_show(State(state): State<AppState>, UuidPath(uuid): UuidPath) -> Result<Json<Node>, ApiError> {
+async fn node_show(
+    State(state): State<AppState>,
+    UuidPath(uuid): UuidPath,
+) -> Result<Json<Node>, ApiError> {
     state
         .store
         .node_get(&uuid)
@@ -173,8 +230,16 @@ struct EnrollRequest {
 }
 
 fn check_rack(rack: &str) -> Result<(), ApiError> {
-    if rack.is_empty() || rack.len() > 63 || !rack.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')) {
-        return Err(field_error("rack", "must be 1-63 characters of [A-Za-z0-9-_.:]"));
+    if rack.is_empty()
+        || rack.len() > 63
+        || !rack
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return Err(field_error(
+            "rack",
+            "must be 1-63 characters of [A-Za-z0-9-_.:]",
+        ));
     }
     Ok(())
 }
@@ -187,7 +252,10 @@ fn check_bmc(bmc: &BmcConfig) -> Result<(), ApiError> {
     }
     if let Some(mac) = &bmc.mac {
         if !validate::is_mac(mac) {
-            return Err(field_error("bmc.mac", format!("{mac:?} is not a MAC address")));
+            return Err(field_error(
+                "bmc.mac",
+                format!("{mac:?} is not a MAC address"),
+            ));
         }
     }
     if let Some(reference) = &bmc.credentials_ref {
@@ -195,7 +263,9 @@ fn check_bmc(bmc: &BmcConfig) -> Result<(), ApiError> {
         // anything else keeps operators from pasting a password here.
         let valid = reference.len() <= 128
             && (reference.starts_with("env:") || reference.starts_with("file:"))
-            && reference.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/'));
+            && reference.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/')
+            });
         if !valid {
             return Err(field_error(
                 "bmc.credentials_ref",
@@ -208,7 +278,10 @@ fn check_bmc(bmc: &BmcConfig) -> Result<(), ApiError> {
 
 async fn check_flavor_exists(state: &AppState, flavor: &str) -> Result<(), ApiError> {
     if state.store.flavor_get(flavor).await?.is_none() {
-        return Err(field_error("flavor", format!("flavor {flavor} does not exist")));
+        return Err(field_error(
+            "flavor",
+            format!("flavor {flavor} does not exist"),
+        ));
     }
     Ok(())
 }
@@ -230,14 +303,27 @@ async fn node_enroll(
         check_flavor_exists(&state, flavor).await?;
     }
     let now = state.clock.now_ms();
-    let mut node = Node::new(uuid.clone(), hostname, request.role.unwrap_or(state.config.defaults.role), now);
+    let mut node = Node::new(
+        uuid.clone(),
+        hostname,
+        request.role.unwrap_or(state.config.defaults.role),
+        now,
+    );
     node.rack = request.rack;
-    node.flavor = request.flavor.or_else(|| state.config.defaults.flavor.clone());
+    node.flavor = request
+        .flavor
+        .or_else(|| state.config.defaults.flavor.clone());
     if let Some(bmc) = request.bmc {
         check_bmc(&bmc)?;
         node.bmc = bmc;
     }
-    let event = NewEvent::for_node(&uuid, now, &caller.actor(), "enroll", "enrolled by operator");
+    let event = NewEvent::for_node(
+        &uuid,
+        now,
+        &caller.actor(),
+        "enroll",
+        "enrolled by operator",
+    );
     let node = state.store.node_create(&node, &[event]).await?;
     Ok((StatusCode::CREATED, Json(node)))
 }
@@ -286,7 +372,10 @@ async fn node_update(
             if node.generation != expected {
                 return Err(ApiError::conflict(
                     "generation_mismatch",
-                    format!("node {uuid} is at generation {}, not {expected}", node.generation),
+                    format!(
+                        "node {uuid} is at generation {}, not {expected}",
+                        node.generation
+                    ),
                 ));
             }
         }
@@ -325,7 +414,13 @@ async fn node_update(
         if changes.is_empty() {
             return Ok(vec![]);
         }
-        Ok(vec![NewEvent::for_node(&uuid, now, &actor, "update", changes.join(", "))])
+        Ok(vec![NewEvent::for_node(
+            &uuid,
+            now,
+            &actor,
+            "update",
+            changes.join(", "),
+        )])
     })
     .await?;
     Ok(Json(node))
@@ -355,7 +450,9 @@ struct ReasonBody {
 impl ReasonBody {
     fn text(&self, default: &str) -> Result<String, ApiError> {
         match &self.reason {
-            Some(reason) if reason.len() > 1024 => Err(field_error("reason", "longer than 1024 bytes")),
+            Some(reason) if reason.len() > 1024 => {
+                Err(field_error("reason", "longer than 1024 bytes"))
+            }
             Some(reason) if !reason.trim().is_empty() => Ok(reason.trim().to_string()),
             _ => Ok(default.to_string()),
         }
@@ -373,7 +470,9 @@ async fn node_action(
     let now = state.clock.now_ms();
     let actor = caller.actor();
     let node = mutate_node(state, uuid, |node| {
-        Ok(apply_event(node, event, now, &actor, &reason)?.into_iter().collect())
+        Ok(apply_event(node, event, now, &actor, &reason)?
+            .into_iter()
+            .collect())
     })
     .await?;
     tracing::info!(%uuid, action = event.name(), actor = %actor, state = %node.state, "operator action");
@@ -387,7 +486,14 @@ async fn maintenance_on(
     OptionalJson(body): OptionalJson<ReasonBody>,
 ) -> Result<Json<Node>, ApiError> {
     let reason = body.text("maintenance requested")?;
-    node_action(&state, &caller, &uuid, LifecycleEvent::MaintenanceOn, reason).await
+    node_action(
+        &state,
+        &caller,
+        &uuid,
+        LifecycleEvent::MaintenanceOn,
+        reason,
+    )
+    .await
 }
 
 async fn maintenance_off(
@@ -406,7 +512,14 @@ async fn maintenance_off(
     let heartbeat_fresh = node
         .last_heartbeat_at_ms
         .is_some_and(|at| now - at <= state.config.heartbeat_fresh_ms);
-    node_action(&state, &caller, &uuid, LifecycleEvent::MaintenanceOff { heartbeat_fresh }, reason).await
+    node_action(
+        &state,
+        &caller,
+        &uuid,
+        LifecycleEvent::MaintenanceOff { heartbeat_fresh },
+        reason,
+    )
+    .await
 }
 
 async fn rebuild(
@@ -416,7 +529,14 @@ async fn rebuild(
     OptionalJson(body): OptionalJson<ReasonBody>,
 ) -> Result<Json<Node>, ApiError> {
     let reason = body.text("rebuild requested")?;
-    node_action(&state, &caller, &uuid, LifecycleEvent::RebuildStarted, reason).await
+    node_action(
+        &state,
+        &caller,
+        &uuid,
+        LifecycleEvent::RebuildStarted,
+        reason,
+    )
+    .await
 }
 
 async fn retire(
@@ -443,7 +563,13 @@ async fn accept_identity(
     let node = mutate_node(&state, &uuid, |node| {
         node.serial.clear();
         node.hardware.nics.clear();
-        Ok(vec![NewEvent::for_node(&uuid, now, &actor, "accept_identity", reason.clone())])
+        Ok(vec![NewEvent::for_node(
+            &uuid,
+            now,
+            &actor,
+            "accept_identity",
+            reason.clone(),
+        )])
     })
     .await?;
     Ok(Json(node))
@@ -453,7 +579,10 @@ async fn flavor_list(State(state): State<AppState>) -> Result<Json<Vec<Flavor>>,
     Ok(Json(state.store.flavor_list().await?))
 }
 
-async fn flavor_show(State(state): State<AppState>, NamePath(name): NamePath) -> Result<Json<Flavor>, ApiError> {
+async fn flavor_show(
+    State(state): State<AppState>,
+    NamePath(name): NamePath,
+) -> Result<Json<Flavor>, ApiError> {
     state
         .store
         .flavor_get(&name)
@@ -471,7 +600,10 @@ async fn flavor_create(
     if state.store.flavor_get(&flavor.name).await?.is_some() {
         return Err(ApiError::conflict(
             "already_exists",
-            format!("flavor {} already exists; use PUT to replace it", flavor.name),
+            format!(
+                "flavor {} already exists; use PUT to replace it",
+                flavor.name
+            ),
         ));
     }
     save_flavor(&state, &caller, &flavor, "flavor_create").await?;
@@ -485,14 +617,22 @@ async fn flavor_replace(
     JsonBody(flavor): JsonBody<Flavor>,
 ) -> Result<Json<Flavor>, ApiError> {
     if flavor.name != name {
-        return Err(field_error("name", format!("{:?} does not match the path's {name:?}", flavor.name)));
+        return Err(field_error(
+            "name",
+            format!("{:?} does not match the path's {name:?}", flavor.name),
+        ));
     }
     validate::check_flavor(&flavor)?;
     save_flavor(&state, &caller, &flavor, "flavor_replace").await?;
     Ok(Json(flavor))
 }
 
-async fn save_flavor(state: &AppState, caller: &Caller, flavor: &Flavor, action: &str) -> Result<(), ApiError> {
+async fn save_flavor(
+    state: &AppState,
+    caller: &Caller,
+    flavor: &Flavor,
+    action: &str,
+) -> Result<(), ApiError> {
     let now = state.clock.now_ms();
     state.store.flavor_put(flavor, now).await?;
     let event = NewEvent {
@@ -518,7 +658,12 @@ async fn flavor_delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn audit(state: &AppState, caller: &Caller, action: &str, reason: String) -> Result<(), ApiError> {
+async fn audit(
+    state: &AppState,
+    caller: &Caller,
+    action: &str,
+    reason: String,
+) -> Result<(), ApiError> {
     let event = NewEvent {
         at_ms: state.clock.now_ms(),
         node_uuid: None,
@@ -542,16 +687,29 @@ pub struct PoolDetail {
     pub allocations: Vec<IpAllocation>,
 }
 
-async fn pool_show(State(state): State<AppState>, NamePath(name): NamePath) -> Result<Json<PoolDetail>, ApiError> {
+async fn pool_show(
+    State(state): State<AppState>,
+    NamePath(name): NamePath,
+) -> Result<Json<PoolDetail>, ApiError> {
     let pool = state
         .store
         .pool_get(&name)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("ip pool {name} does not exist")))?;
-    let range = validate_pool(&pool).map_err(|e| ApiError::internal(format!("stored pool {name}: {e}")))?;
-    let size = range.end - range.start + 1 - u32::from(range.gateway.is_some_and(|g| g >= range.start && g <= range.end));
+    let range =
+        validate_pool(&pool).map_err(|e| ApiError::internal(format!("stored pool {name}: {e}")))?;
+    let size = range.end - range.start + 1
+        - u32::from(
+            range
+                .gateway
+                .is_some_and(|g| g >= range.start && g <= range.end),
+        );
     let allocations = state.store.ip_list(Some(&name), None).await?;
-    Ok(Json(PoolDetail { pool, size, allocations }))
+    Ok(Json(PoolDetail {
+        pool,
+        size,
+        allocations,
+    }))
 }
 
 async fn pool_create(
@@ -565,7 +723,10 @@ async fn pool_create(
         &state,
         &caller,
         "pool_create",
-        format!("pool {} {} {}-{}", pool.name, pool.cidr, pool.range_start, pool.range_end),
+        format!(
+            "pool {} {} {}-{}",
+            pool.name, pool.cidr, pool.range_start, pool.range_end
+        ),
     )
     .await?;
     Ok((StatusCode::CREATED, Json(pool)))
@@ -581,11 +742,18 @@ async fn pool_delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn event_list(State(state): State<AppState>, query: QueryParams) -> Result<Json<Vec<Event>>, ApiError> {
+async fn event_list(
+    State(state): State<AppState>,
+    query: QueryParams,
+) -> Result<Json<Vec<Event>>, ApiError> {
     query.allow_only(&["node", "limit", "before"])?;
     let node_uuid = query
         .get("node")
-        .map(|text| NodeUuid::parse(text).map_err(|e| ApiError::bad_request("invalid_query", format!("query parameter node: {e}"))))
+        .map(|text| {
+            NodeUuid::parse(text).map_err(|e| {
+                ApiError::bad_request("invalid_query", format!("query parameter node: {e}"))
+            })
+        })
         .transpose()?;
     let filter = EventFilter {
         node_uuid,
@@ -630,7 +798,9 @@ pub async fn create_token(
     }
     let secret = auth::generate_secret()
         .map_err(|e| ApiError::internal(format!("operating system random generator: {e}")))?;
-    store.token_create(name, role, &auth::hash_secret(&secret), now_ms).await?;
+    store
+        .token_create(name, role, &auth::hash_secret(&secret), now_ms)
+        .await?;
     let event = NewEvent {
         at_ms: now_ms,
         node_uuid: None,
@@ -653,7 +823,14 @@ async fn token_create(
     Extension(caller): Extension<Caller>,
     JsonBody(request): JsonBody<TokenRequest>,
 ) -> Result<(StatusCode, Json<NewToken>), ApiError> {
-    let token = create_token(&*state.store, &request.name, request.role, &caller.actor(), state.clock.now_ms()).await?;
+    let token = create_token(
+        &*state.store,
+        &request.name,
+        request.role,
+        &caller.actor(),
+        state.clock.now_ms(),
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(token)))
 }
 

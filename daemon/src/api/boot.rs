@@ -52,7 +52,11 @@ fn ipxe_response(script: String) -> Response {
 }
 
 async fn stage1_script(State(state): State<AppState>) -> Response {
-    ipxe_response(render_stage1(&state.config.stage1, &state.config.public_url, None))
+    ipxe_response(render_stage1(
+        &state.config.stage1,
+        &state.config.public_url,
+        None,
+    ))
 }
 
 async fn known_node(state: &AppState, uuid: &NodeUuid) -> Result<Node, ApiError> {
@@ -75,13 +79,19 @@ async fn node_flavor(state: &AppState, node: &Node) -> Result<Flavor, ApiError> 
     let name = node.flavor.as_deref().ok_or_else(|| {
         ApiError::conflict(
             "no_flavor",
-            format!("node {} has no flavor assigned; set one with `bearman node update`", node.uuid),
+            format!(
+                "node {} has no flavor assigned; set one with `bearman node update`",
+                node.uuid
+            ),
         )
     })?;
     state.store.flavor_get(name).await?.ok_or_else(|| {
         ApiError::conflict(
             "flavor_missing",
-            format!("node {} is assigned flavor {name}, which does not exist", node.uuid),
+            format!(
+                "node {} is assigned flavor {name}, which does not exist",
+                node.uuid
+            ),
         )
     })
 }
@@ -91,7 +101,10 @@ fn profile_for(state: &AppState, flavor: &Flavor, node: &Node) -> Result<BootPro
         .map_err(|error| ApiError::internal(format!("flavor {}: {error}", flavor.name)))
 }
 
-async fn target_script(State(state): State<AppState>, UuidPath(uuid): UuidPath) -> Result<Response, ApiError> {
+async fn target_script(
+    State(state): State<AppState>,
+    UuidPath(uuid): UuidPath,
+) -> Result<Response, ApiError> {
     let Some(node) = state.store.node_get(&uuid).await? else {
         // A machine we have never seen: send it to stage 1 so it enlists itself.
         return Ok(ipxe_response(render_stage1(
@@ -118,9 +131,15 @@ async fn target_script(State(state): State<AppState>, UuidPath(uuid): UuidPath) 
     let flavor = node_flavor(&state, &node).await?;
     let now = state.clock.now_ms();
     let node = mutate_node(&state, &uuid, |node| {
-        Ok(apply_event(node, LifecycleEvent::BootStarted, now, NODE_ACTOR, "fetched its target OS")?
-            .into_iter()
-            .collect())
+        Ok(apply_event(
+            node,
+            LifecycleEvent::BootStarted,
+            now,
+            NODE_ACTOR,
+            "fetched its target OS",
+        )?
+        .into_iter()
+        .collect())
     })
     .await?;
     let profile = profile_for(&state, &flavor, &node)?;
@@ -137,10 +156,17 @@ async fn register(
     let mut last_conflict = None;
     for _ in 0..super::NODE_WRITE_ATTEMPTS_MAX {
         let existing = state.store.node_get(&uuid).await?;
-        let mut node = match plan_registration(existing.as_ref(), &uuid, &request, &state.config.defaults, now) {
+        let mut node = match plan_registration(
+            existing.as_ref(),
+            &uuid,
+            &request,
+            &state.config.defaults,
+            now,
+        ) {
             Ok(node) => node,
             Err(RegistrationRefused::IdentityMismatch { detail, .. }) => {
-                let event = NewEvent::for_node(&uuid, now, NODE_ACTOR, "identity_refused", detail.clone());
+                let event =
+                    NewEvent::for_node(&uuid, now, NODE_ACTOR, "identity_refused", detail.clone());
                 state.store.event_append(&[event]).await?;
                 tracing::warn!(%uuid, %detail, "registration refused: identity mismatch");
                 return Err(ApiError::conflict(
@@ -150,36 +176,18 @@ async fn register(
             }
             Err(RegistrationRefused::Illegal(error)) => return Err(error.into()),
         };
-        let pools = state.store.pool_list().await?;
-        if let Some(pool) = select_pool(&pools, PoolPurpose::Node, node.network.vlan) {
-            let allocation = state.store.ip_allocate(&pool.name, &uuid, PoolPurpose::Node, now).await?;
-            let range = ipam::validate_pool(pool)
-                .map_err(|error| ApiError::internal(format!("pool {}: {error}", pool.name)))?;
-            let address = ipam::address_from_string(&allocation.address)
-                .ok_or_else(|| ApiError::internal(format!("stored address {:?}", allocation.address)))?;
-            node.network.bond0_addresses = vec![range.with_prefix(address)];
-            node.network.gateway = pool.gateway.clone();
-            node.network.dns = pool.dns.clone();
-            node.network.mtu = pool.mtu;
-            if node.network.vlan.is_none() {
-                node.network.vlan = pool.vlan;
-            }
-        }
-        let mut bmc_settings = None;
-        if request.bmc.is_some() {
-            if let Some(pool) = select_pool(&pools, PoolPurpose::Bmc, None) {
-                let allocation = state.store.ip_allocate(&pool.name, &uuid, PoolPurpose::Bmc, now).await?;
-                    let range = ipam::validate_pool(pool)
-                    .map_err(|error| ApiError::internal(format!("pool {}: {error}", pool.name)))?;
-                node.bmc.address = Some(allocation.address.clone());
-                bmc_settings = Some(BmcSettings {
-                    address: allocation.address,
-                    prefix_len: range.prefix_len,
-                    gateway: pool.gateway.clone(),
-                    vlan: pool.vlan,
-                });
-            }
-        }
+        let bmc_settings =
+            match assign_addresses(&state, &uuid, &mut node, request.bmc.is_some(), now).await {
+                Ok(settings) => settings,
+                Err(error) => {
+                    if existing.is_none() {
+                        // Addresses of a node that does not exist are orphans: nothing of a
+                        // refused request may stay behind.
+                        state.store.ip_release_node(&uuid).await?;
+                    }
+                    return Err(error);
+                }
+            };
         let flavor = match &node.flavor {
             Some(name) => state.store.flavor_get(name).await?,
             None => None,
@@ -196,10 +204,21 @@ async fn register(
                 node.rack.as_deref().unwrap_or("unknown")
             ),
         )
-        .with_states(existing.as_ref().map_or(LifecycleState::Discovered, |n| n.state), node.state)];
+        .with_states(
+            existing
+                .as_ref()
+                .map_or(LifecycleState::Discovered, |n| n.state),
+            node.state,
+        )];
         if let Some(flavor) = &flavor {
             if let Some(mismatch) = firmware_mismatch(&flavor.firmware_expected, &node.firmware) {
-                events.push(NewEvent::for_node(&uuid, now, NODE_ACTOR, "firmware_mismatch", mismatch));
+                events.push(NewEvent::for_node(
+                    &uuid,
+                    now,
+                    NODE_ACTOR,
+                    "firmware_mismatch",
+                    mismatch,
+                ));
             }
         }
         let result = match &existing {
@@ -217,7 +236,9 @@ async fn register(
                     firmware_expected: flavor.map(|f| f.firmware_expected).unwrap_or_default(),
                 }));
             }
-            Err(error @ (StoreError::GenerationMismatch { .. } | StoreError::AlreadyExists { .. })) => {
+            Err(
+                error @ (StoreError::GenerationMismatch { .. } | StoreError::AlreadyExists { .. }),
+            ) => {
                 // Lost a race with a concurrent registration of the same node (or its
                 // default hostname is taken): look again from the top.
                 last_conflict = Some(error);
@@ -227,12 +248,70 @@ async fn register(
                     state.store.ip_release_node(&uuid).await?;
                 }
             }
-            Err(error) => return Err(error.into()),
+            Err(error) => {
+                if existing.is_none() {
+                    state.store.ip_release_node(&uuid).await?;
+                }
+                return Err(error.into());
+            }
         }
     }
     Err(last_conflict.map(ApiError::from).unwrap_or_else(|| {
-        ApiError::conflict("busy", format!("node {uuid} is being changed by others; retry"))
+        ApiError::conflict(
+            "busy",
+            format!("node {uuid} is being changed by others; retry"),
+        )
     }))
+}
+
+/// Gives `node` its bond0 address (and its BMC one when the machine has a BMC) from the
+/// matching pools, writing them into the record. No pool configured means the node keeps
+/// DHCP. Returns the BMC settings for the agent to apply.
+async fn assign_addresses(
+    state: &AppState,
+    uuid: &NodeUuid,
+    node: &mut Node,
+    has_bmc: bool,
+    now: i64,
+) -> Result<Option<BmcSettings>, ApiError> {
+    let pools = state.store.pool_list().await?;
+    if let Some(pool) = select_pool(&pools, PoolPurpose::Node, node.network.vlan) {
+        let allocation = state
+            .store
+            .ip_allocate(&pool.name, uuid, PoolPurpose::Node, now)
+            .await?;
+        let range = ipam::validate_pool(pool)
+            .map_err(|error| ApiError::internal(format!("pool {}: {error}", pool.name)))?;
+        let address = ipam::address_from_string(&allocation.address).ok_or_else(|| {
+            ApiError::internal(format!("stored address {:?}", allocation.address))
+        })?;
+        node.network.bond0_addresses = vec![range.with_prefix(address)];
+        node.network.gateway = pool.gateway.clone();
+        node.network.dns = pool.dns.clone();
+        node.network.mtu = pool.mtu;
+        if node.network.vlan.is_none() {
+            node.network.vlan = pool.vlan;
+        }
+    }
+    let mut bmc_settings = None;
+    if has_bmc {
+        if let Some(pool) = select_pool(&pools, PoolPurpose::Bmc, None) {
+            let allocation = state
+                .store
+                .ip_allocate(&pool.name, uuid, PoolPurpose::Bmc, now)
+                .await?;
+            let range = ipam::validate_pool(pool)
+                .map_err(|error| ApiError::internal(format!("pool {}: {error}", pool.name)))?;
+            node.bmc.address = Some(allocation.address.clone());
+            bmc_settings = Some(BmcSettings {
+                address: allocation.address,
+                prefix_len: range.prefix_len,
+                gateway: pool.gateway.clone(),
+                vlan: pool.vlan,
+            });
+        }
+    }
+    Ok(bmc_settings)
 }
 
 /// Describes how reported firmware differs from what the flavor expects, if it does.
@@ -251,21 +330,35 @@ fn firmware_mismatch(expected: &FirmwareVersions, reported: &FirmwareVersions) -
     compare("bios", &expected.bios, reported.bios.as_ref());
     compare("bmc", &expected.bmc, reported.bmc.as_ref());
     for (nic, want) in &expected.nics {
-        compare(&format!("nic {nic}"), &Some(want.clone()), reported.nics.get(nic));
+        compare(
+            &format!("nic {nic}"),
+            &Some(want.clone()),
+            reported.nics.get(nic),
+        );
     }
     (!differences.is_empty()).then(|| format!("firmware behind: {}", differences.join(", ")))
 }
 
-async fn profile(State(state): State<AppState>, UuidPath(uuid): UuidPath) -> Result<Json<BootProfile>, ApiError> {
+async fn profile(
+    State(state): State<AppState>,
+    UuidPath(uuid): UuidPath,
+) -> Result<Json<BootProfile>, ApiError> {
     let node = known_node(&state, &uuid).await?;
     let flavor = node_flavor(&state, &node).await?;
     profile_for(&state, &flavor, &node).map(Json)
 }
 
-async fn detail(State(state): State<AppState>, UuidPath(uuid): UuidPath) -> Result<Json<NetworkDetail>, ApiError> {
+async fn detail(
+    State(state): State<AppState>,
+    UuidPath(uuid): UuidPath,
+) -> Result<Json<NetworkDetail>, ApiError> {
     let node = known_node(&state, &uuid).await?;
     if node.state == LifecycleState::Retired {
-        return Err(ApiError::new(StatusCode::GONE, "retired", format!("node {uuid} is retired")));
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            "retired",
+            format!("node {uuid} is retired"),
+        ));
     }
     Ok(Json(NetworkDetail {
         hostname: node.hostname.clone(),
@@ -274,7 +367,11 @@ async fn detail(State(state): State<AppState>, UuidPath(uuid): UuidPath) -> Resu
         bond0_slaves: node.mac_set(),
         gateway: node.network.gateway.clone(),
         dns: node.network.dns.clone(),
-        mtu: if node.network.mtu == 0 { 1500 } else { node.network.mtu },
+        mtu: if node.network.mtu == 0 {
+            1500
+        } else {
+            node.network.mtu
+        },
     }))
 }
 
@@ -291,13 +388,17 @@ async fn installed(
 ) -> Result<Json<StateReply>, ApiError> {
     let now = state.clock.now_ms();
     let reason = match &report.os_release {
-        Some(release) => format!("stage 2 up: {}", release.chars().take(120).collect::<String>()),
+        Some(release) => format!(
+            "stage 2 up: {}",
+            release.chars().take(120).collect::<String>()
+        ),
         None => "stage 2 up".to_string(),
     };
     let node = mutate_node(&state, &uuid, |node| {
-        let events: Vec<NewEvent> = apply_event(node, LifecycleEvent::Installed, now, NODE_ACTOR, &reason)?
-            .into_iter()
-            .collect();
+        let events: Vec<NewEvent> =
+            apply_event(node, LifecycleEvent::Installed, now, NODE_ACTOR, &reason)?
+                .into_iter()
+                .collect();
         if !events.is_empty() {
             node.installed_at_ms = Some(now);
             node.last_heartbeat_at_ms = Some(now);
@@ -345,7 +446,13 @@ async fn heartbeat(
                 Ok(node) => node,
                 Err(error) => {
                     if error.code == "illegal_transition" {
-                        let event = NewEvent::for_node(&uuid, now, NODE_ACTOR, "unexpected_heartbeat", error.message.clone());
+                        let event = NewEvent::for_node(
+                            &uuid,
+                            now,
+                            NODE_ACTOR,
+                            "unexpected_heartbeat",
+                            error.message.clone(),
+                        );
                         state.store.event_append(&[event]).await?;
                     }
                     return Err(error);
@@ -359,13 +466,19 @@ async fn heartbeat(
     }))
 }
 
-async fn image(State(state): State<AppState>, Path(path): Path<String>) -> Result<Response, ApiError> {
+async fn image(
+    State(state): State<AppState>,
+    Path(path): Path<String>,
+) -> Result<Response, ApiError> {
     match state.images.get(&path).await {
-        Ok(Some(bytes)) => Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()),
-        Ok(None) => Err(ApiError::not_found(format!("no image {path}"))),
-        Err(crate::images::ImageError::InvalidPath(detail)) => {
-            Err(ApiError::bad_request("invalid_path", format!("invalid image path {detail:?}")))
+        Ok(Some(bytes)) => {
+            Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
         }
+        Ok(None) => Err(ApiError::not_found(format!("no image {path}"))),
+        Err(crate::images::ImageError::InvalidPath(detail)) => Err(ApiError::bad_request(
+            "invalid_path",
+            format!("invalid image path {detail:?}"),
+        )),
         Err(error) => Err(ApiError::internal(error.to_string())),
     }
 }

@@ -61,9 +61,10 @@ impl IntoResponse for ApiError {
         };
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
         }
         response
     }
@@ -73,16 +74,24 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match &error {
             StoreError::NotFound { .. } => ApiError::not_found(error.to_string()),
-            StoreError::AlreadyExists { .. } => ApiError::conflict("already_exists", error.to_string()),
+            StoreError::AlreadyExists { .. } => {
+                ApiError::conflict("already_exists", error.to_string())
+            }
             StoreError::InUse { .. } => ApiError::conflict("in_use", error.to_string()),
             StoreError::GenerationMismatch { .. } => {
                 ApiError::conflict("generation_mismatch", error.to_string())
             }
             StoreError::PoolExhausted { .. } | StoreError::InvalidPool { .. } => {
                 tracing::warn!(error = %error, "address allocation failed");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "pool_unavailable", error.to_string())
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "pool_unavailable",
+                    error.to_string(),
+                )
             }
-            StoreError::Corrupt(_) | StoreError::Backend(_) => ApiError::internal(error.to_string()),
+            StoreError::Corrupt(_) | StoreError::Backend(_) => {
+                ApiError::internal(error.to_string())
+            }
         }
     }
 }

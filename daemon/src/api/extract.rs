@@ -20,29 +20,43 @@ pub struct JsonBody<T>(pub T);
 pub struct OptionalJson<T>(pub T);
 
 async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, ApiError> {
-    Bytes::from_request(request, state).await.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "request body exceeds the configured limit",
-            )
-        } else {
-            ApiError::bad_request("unreadable_body", rejection.body_text())
-        }
-    })
+    Bytes::from_request(request, state)
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "request body exceeds the configured limit",
+                )
+            } else {
+                ApiError::bad_request("unreadable_body", rejection.body_text())
+            }
+        })
 }
 
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|error| {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut deserializer);
+    let value = parsed.map_err(|error| {
         use serde_json::error::Category;
-        match error.classify() {
-            Category::Data => ApiError::unprocessable(error.to_string()),
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        match inner.classify() {
+            Category::Data if path != "." && !path.is_empty() => {
+                ApiError::unprocessable(format!("field {path}: {inner}"))
+            }
+            Category::Data => ApiError::unprocessable(inner.to_string()),
             Category::Syntax | Category::Eof | Category::Io => {
-                ApiError::bad_request("invalid_json", format!("body is not valid JSON: {error}"))
+                ApiError::bad_request("invalid_json", format!("body is not valid JSON: {inner}"))
             }
         }
-    })
+    })?;
+    // Trailing garbage after the document is a syntax error too.
+    deserializer.end().map_err(|error| {
+        ApiError::bad_request("invalid_json", format!("body is not valid JSON: {error}"))
+    })?;
+    Ok(value)
 }
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
@@ -51,7 +65,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = read_body(request, state).await?;
         if bytes.is_empty() {
-            return Err(ApiError::bad_request("missing_body", "a JSON body is required"));
+            return Err(ApiError::bad_request(
+                "missing_body",
+                "a JSON body is required",
+            ));
         }
         parse_json(&bytes).map(JsonBody)
     }
@@ -119,8 +136,9 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryParams {
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let decode = |text: &str| {
-                percent_decode(text)
-                    .ok_or_else(|| ApiError::bad_request("invalid_query", format!("bad escape in {text:?}")))
+                percent_decode(text).ok_or_else(|| {
+                    ApiError::bad_request("invalid_query", format!("bad escape in {text:?}"))
+                })
             };
             params.insert(decode(key)?, decode(value)?);
         }
@@ -134,7 +152,10 @@ impl QueryParams {
             if !known.contains(&key.as_str()) {
                 return Err(ApiError::bad_request(
                     "invalid_query",
-                    format!("unknown query parameter {key:?}; known: {}", known.join(", ")),
+                    format!(
+                        "unknown query parameter {key:?}; known: {}",
+                        known.join(", ")
+                    ),
                 ));
             }
         }
@@ -142,14 +163,20 @@ impl QueryParams {
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str).filter(|v| !v.is_empty())
+        self.0
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 
     pub fn parse<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, ApiError> {
         self.get(key)
             .map(|value| {
                 value.parse::<T>().map_err(|_| {
-                    ApiError::bad_request("invalid_query", format!("query parameter {key}: {value:?} is not valid"))
+                    ApiError::bad_request(
+                        "invalid_query",
+                        format!("query parameter {key}: {value:?} is not valid"),
+                    )
                 })
             })
             .transpose()

@@ -57,9 +57,7 @@ pub fn router(state: AppState) -> Router {
         .merge(boot::router())
         .nest("/api/v1", admin::router(state.clone()))
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such endpoint")
-        })
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such endpoint") })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(request_span))
         .with_state(state)

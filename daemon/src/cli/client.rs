@@ -22,7 +22,12 @@ impl ApiClient {
         Ok(ApiClient { base, token })
     }
 
-    async fn send(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<http::Response> {
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<http::Response> {
         let full_path = format!("{}/api/v1{path}", self.base.path.trim_end_matches('/'));
         let authority = self.base.authority();
         let attempt = async {
@@ -30,17 +35,32 @@ impl ApiClient {
                 .await
                 .with_context(|| format!("cannot connect to bearman at {authority}"))?;
             let authorization = self.token.as_ref().map(|t| format!("Bearer {t}"));
-            let mut headers = vec![("Content-Type", "application/json"), ("Accept", "application/json")];
+            let mut headers = vec![
+                ("Content-Type", "application/json"),
+                ("Accept", "application/json"),
+            ];
             if let Some(value) = &authorization {
                 headers.push(("Authorization", value.as_str()));
             }
-            http::send(&mut stream, method, &authority, &full_path, &headers, body.as_deref())
-                .await
-                .with_context(|| format!("{method} {full_path}"))
+            http::send(
+                &mut stream,
+                method,
+                &authority,
+                &full_path,
+                &headers,
+                body.as_deref(),
+            )
+            .await
+            .with_context(|| format!("{method} {full_path}"))
         };
         tokio::time::timeout(REQUEST_TIMEOUT, attempt)
             .await
-            .map_err(|_| anyhow!("{method} {full_path}: no answer within {}s", REQUEST_TIMEOUT.as_secs()))?
+            .map_err(|_| {
+                anyhow!(
+                    "{method} {full_path}: no answer within {}s",
+                    REQUEST_TIMEOUT.as_secs()
+                )
+            })?
     }
 
     pub async fn call<T: DeserializeOwned>(
@@ -57,7 +77,9 @@ impl ApiClient {
                 Err(_) => response.text(),
             };
             let hint = match response.status {
-                401 => "; pass --token or set BEARMAN_TOKEN (create one with `bearman token create`)",
+                401 => {
+                    "; pass --token or set BEARMAN_TOKEN (create one with `bearman token create`)"
+                }
                 _ => "",
             };
             bail!("{method} {path}: HTTP {}: {detail}{hint}", response.status);
@@ -65,6 +87,7 @@ impl ApiClient {
         if response.status == 204 || response.body.is_empty() {
             return serde_json::from_slice(b"null").context("empty response");
         }
-        serde_json::from_slice(&response.body).with_context(|| format!("{method} {path}: unexpected response body"))
+        serde_json::from_slice(&response.body)
+            .with_context(|| format!("{method} {path}: unexpected response body"))
     }
 }

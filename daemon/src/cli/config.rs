@@ -68,7 +68,10 @@ pub struct Overrides {
 pub fn sqlite_url(data_dir: &Path) -> anyhow::Result<String> {
     let absolute = std::path::absolute(data_dir)
         .with_context(|| format!("resolving data directory {}", data_dir.display()))?;
-    Ok(format!("sqlite://{}?mode=rwc", absolute.join("bearman.db").display()))
+    Ok(format!(
+        "sqlite://{}?mode=rwc",
+        absolute.join("bearman.db").display()
+    ))
 }
 
 pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeConfig> {
@@ -76,9 +79,9 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
         .listen
         .or(file.listen)
         .unwrap_or_else(|| LISTEN_DEFAULT.to_string());
-    let listen: SocketAddr = listen_text
-        .parse()
-        .with_context(|| format!("--listen {listen_text:?} is not an address such as 0.0.0.0:8080"))?;
+    let listen: SocketAddr = listen_text.parse().with_context(|| {
+        format!("--listen {listen_text:?} is not an address such as 0.0.0.0:8080")
+    })?;
     let public_url = match overrides.public_url.or(file.public_url) {
         Some(url) => url,
         None if listen.ip().is_unspecified() => bail!(
@@ -110,10 +113,15 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
     };
     let default_role = match file.default_role.as_deref() {
         None => NodeRole::Compute,
-        Some(text) => NodeRole::parse(text)
-            .with_context(|| format!("default_role {text:?}: expected compute, storage, load_balancer or control_plane"))?,
+        Some(text) => NodeRole::parse(text).with_context(|| {
+            format!(
+                "default_role {text:?}: expected compute, storage, load_balancer or control_plane"
+            )
+        })?,
     };
-    let body_limit_bytes = file.body_limit_bytes.unwrap_or(bearman::api::BODY_LIMIT_BYTES_DEFAULT);
+    let body_limit_bytes = file
+        .body_limit_bytes
+        .unwrap_or(bearman::api::BODY_LIMIT_BYTES_DEFAULT);
     if !(1024..=16 * 1024 * 1024).contains(&body_limit_bytes) {
         bail!("body_limit_bytes {body_limit_bytes} is outside 1 KiB-16 MiB");
     }
@@ -141,12 +149,15 @@ mod tests {
         assert_eq!(config.listen.to_string(), LISTEN_DEFAULT);
         assert_eq!(config.public_url, "http://127.0.0.1:8080");
         assert!(config.database_url.starts_with("sqlite://"));
-        assert!(config.database_url.ends_with("bearman-data/bearman.db?mode=rwc"));
+        assert!(config
+            .database_url
+            .ends_with("bearman-data/bearman.db?mode=rwc"));
     }
 
     #[test]
     fn flags_beat_file_and_bad_values_are_explained() {
-        let file: FileConfig = toml::from_str("listen = \"127.0.0.1:9000\"\nlog_format = \"json\"\n").unwrap();
+        let file: FileConfig =
+            toml::from_str("listen = \"127.0.0.1:9000\"\nlog_format = \"json\"\n").unwrap();
         let overrides = Overrides {
             listen: Some("127.0.0.1:9100".into()),
             ..Default::default()
@@ -163,7 +174,13 @@ mod tests {
             FileConfig::default(),
         )
         .unwrap_err();
-        assert!(error.to_string().contains("--public-url is required"), "{error}");
-        assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err(), "typos in keys are errors");
+        assert!(
+            error.to_string().contains("--public-url is required"),
+            "{error}"
+        );
+        assert!(
+            toml::from_str::<FileConfig>("lisen = \"x\"").is_err(),
+            "typos in keys are errors"
+        );
     }
 }

@@ -87,7 +87,11 @@ struct StoreArgs {
 #[derive(Args)]
 struct ServeArgs {
     /// Address to listen on
-    #[arg(long, env = "BEARMAN_LISTEN", help = "Address to listen on [default: 127.0.0.1:8080]")]
+    #[arg(
+        long,
+        env = "BEARMAN_LISTEN",
+        help = "Address to listen on [default: 127.0.0.1:8080]"
+    )]
     listen: Option<String>,
     /// Base URL nodes use to reach this daemon (put in iPXE scripts); defaults to http://LISTEN
     #[arg(long, env = "BEARMAN_PUBLIC_URL")]
@@ -337,7 +341,10 @@ enum PoolCommand {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -375,8 +382,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if api.output == Output::Json {
                 return print_json(&summary);
             }
-            let mut rows: Vec<Vec<String>> =
-                summary.by_state.iter().map(|(state, n)| vec![state.clone(), n.to_string()]).collect();
+            let mut rows: Vec<Vec<String>> = summary
+                .by_state
+                .iter()
+                .map(|(state, n)| vec![state.clone(), n.to_string()])
+                .collect();
             rows.push(vec!["total".into(), summary.total.to_string()]);
             table::print(&["STATE", "NODES"], &rows);
             Ok(())
@@ -393,7 +403,11 @@ fn init_logging(json: bool) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
-        builder.json().flatten_event(true).with_current_span(true).init();
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init();
     } else {
         builder.init();
     }
@@ -418,7 +432,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store = bearman::server::open_sql_store(&config.database_url)
         .await
         .map_err(|e| anyhow!("opening the database: {e}"))?;
-    if store.token_list().await.map_err(|e| anyhow!("{e}"))?.is_empty() {
+    if store
+        .token_list()
+        .await
+        .map_err(|e| anyhow!("{e}"))?
+        .is_empty()
+    {
         tracing::warn!(
             "no API tokens exist yet; create the first admin token with \
              `bearman token create --name admin --role admin` (same --data-dir / --database-url)"
@@ -460,13 +479,14 @@ async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(_) => {
-                let _ = interrupt.await;
-                return;
-            }
-        };
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
         tokio::select! {
             biased;
             _ = interrupt => {}
@@ -500,12 +520,23 @@ async fn open_store_for_cli(store: &StoreArgs) -> anyhow::Result<Arc<dyn bearman
 
 async fn token(command: TokenCommand) -> anyhow::Result<()> {
     match command {
-        TokenCommand::Create { name, role, store, output } => {
+        TokenCommand::Create {
+            name,
+            role,
+            store,
+            output,
+        } => {
             let store = open_store_for_cli(&store).await?;
             let role = TokenRole::parse(&role).ok_or_else(|| anyhow!("unknown role {role}"))?;
-            let token: NewToken = bearman::api::admin::create_token(&*store, &name, role, "cli", SystemClock.now_ms())
-                .await
-                .map_err(|e| anyhow!("{}", e.message))?;
+            let token: NewToken = bearman::api::admin::create_token(
+                &*store,
+                &name,
+                role,
+                "cli",
+                SystemClock.now_ms(),
+            )
+            .await
+            .map_err(|e| anyhow!("{}", e.message))?;
             if output == Output::Json {
                 return print_json(&token);
             }
@@ -525,14 +556,23 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
             }
             let rows = tokens
                 .iter()
-                .map(|t| vec![t.name.clone(), t.role.as_str().to_string(), table::timestamp(t.created_at_ms)])
+                .map(|t| {
+                    vec![
+                        t.name.clone(),
+                        t.role.as_str().to_string(),
+                        table::timestamp(t.created_at_ms),
+                    ]
+                })
                 .collect::<Vec<_>>();
             table::print(&["NAME", "ROLE", "CREATED"], &rows);
             Ok(())
         }
         TokenCommand::Revoke { name, store } => {
             let store = open_store_for_cli(&store).await?;
-            store.token_delete(&name).await.map_err(|e| anyhow!("{e}"))?;
+            store
+                .token_delete(&name)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
             eprintln!("token {name} revoked");
             Ok(())
         }
@@ -562,7 +602,12 @@ fn print_nodes(nodes: &[Node], output: Output) -> anyhow::Result<()> {
             ]
         })
         .collect::<Vec<_>>();
-    table::print(&["UUID", "HOSTNAME", "STATE", "ROLE", "RACK", "FLAVOR", "ADDRESS"], &rows);
+    table::print(
+        &[
+            "UUID", "HOSTNAME", "STATE", "ROLE", "RACK", "FLAVOR", "ADDRESS",
+        ],
+        &rows,
+    );
     Ok(())
 }
 
@@ -588,7 +633,10 @@ fn print_events(events: &[Event], output: Output) -> anyhow::Result<()> {
             ]
         })
         .collect::<Vec<_>>();
-    table::print(&["ID", "AT", "NODE", "ACTOR", "ACTION", "STATE", "WHY"], &rows);
+    table::print(
+        &["ID", "AT", "NODE", "ACTOR", "ACTION", "STATE", "WHY"],
+        &rows,
+    );
     Ok(())
 }
 
@@ -598,7 +646,13 @@ fn reason_body(reason: Option<String>) -> Value {
 
 async fn node(command: NodeCommand) -> anyhow::Result<()> {
     match command {
-        NodeCommand::List { api, state, rack, role, limit } => {
+        NodeCommand::List {
+            api,
+            state,
+            rack,
+            role,
+            limit,
+        } => {
             let client = ApiClient::new(&api.url, api.token.clone())?;
             let mut path = format!("/nodes?limit={limit}");
             for (key, value) in [("state", state), ("rack", rack), ("role", role)] {
@@ -611,21 +665,43 @@ async fn node(command: NodeCommand) -> anyhow::Result<()> {
         }
         NodeCommand::Show { uuid, api } => {
             let client = ApiClient::new(&api.url, api.token.clone())?;
-            let node: Value = client.call("GET", &format!("/nodes/{uuid}"), None::<&()>).await?;
+            let node: Value = client
+                .call("GET", &format!("/nodes/{uuid}"), None::<&()>)
+                .await?;
             // A node has nested hardware facts; JSON is the readable form either way.
             print_json(&node)
         }
-        NodeCommand::Enroll { uuid, api, hostname, role, rack, flavor } => {
+        NodeCommand::Enroll {
+            uuid,
+            api,
+            hostname,
+            role,
+            rack,
+            flavor,
+        } => {
             let client = ApiClient::new(&api.url, api.token.clone())?;
             let body = json!({ "uuid": uuid, "hostname": hostname, "role": role, "rack": rack, "flavor": flavor });
             let node: Node = client.call("POST", "/nodes", Some(&body)).await?;
             print_nodes(&[node], api.output)
         }
-        NodeCommand::Update { uuid, api, hostname, role, rack, flavor, bmc_address, bmc_driver, bmc_credentials_ref } => {
+        NodeCommand::Update {
+            uuid,
+            api,
+            hostname,
+            role,
+            rack,
+            flavor,
+            bmc_address,
+            bmc_driver,
+            bmc_credentials_ref,
+        } => {
             let client = ApiClient::new(&api.url, api.token.clone())?;
-            let mut body = json!({ "hostname": hostname, "role": role, "rack": rack, "flavor": flavor });
+            let mut body =
+                json!({ "hostname": hostname, "role": role, "rack": rack, "flavor": flavor });
             if bmc_address.is_some() || bmc_driver.is_some() || bmc_credentials_ref.is_some() {
-                let current: Node = client.call("GET", &format!("/nodes/{uuid}"), None::<&()>).await?;
+                let current: Node = client
+                    .call("GET", &format!("/nodes/{uuid}"), None::<&()>)
+                    .await?;
                 let mut bmc = serde_json::to_value(&current.bmc)?;
                 if let Some(address) = bmc_address {
                     bmc["address"] = json!(address);
@@ -639,34 +715,62 @@ async fn node(command: NodeCommand) -> anyhow::Result<()> {
                 body["bmc"] = bmc;
                 body["generation"] = json!(current.generation);
             }
-            let node: Node = client.call("PATCH", &format!("/nodes/{uuid}"), Some(&body)).await?;
-            print_nodes(&[node], api.output)
-        }
-        NodeCommand::Maintenance { uuid, mode, api, reason } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
-            let method = if mode == "on" { "POST" } else { "DELETE" };
             let node: Node = client
-                .call(method, &format!("/nodes/{uuid}/maintenance"), Some(&reason_body(reason)))
+                .call("PATCH", &format!("/nodes/{uuid}"), Some(&body))
                 .await?;
             print_nodes(&[node], api.output)
         }
-        NodeCommand::Rebuild { uuid, api, reason } => node_post(&api, &uuid, "rebuild", reason).await,
+        NodeCommand::Maintenance {
+            uuid,
+            mode,
+            api,
+            reason,
+        } => {
+            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let method = if mode == "on" { "POST" } else { "DELETE" };
+            let node: Node = client
+                .call(
+                    method,
+                    &format!("/nodes/{uuid}/maintenance"),
+                    Some(&reason_body(reason)),
+                )
+                .await?;
+            print_nodes(&[node], api.output)
+        }
+        NodeCommand::Rebuild { uuid, api, reason } => {
+            node_post(&api, &uuid, "rebuild", reason).await
+        }
         NodeCommand::Retire { uuid, api, reason } => node_post(&api, &uuid, "retire", reason).await,
-        NodeCommand::AcceptIdentity { uuid, api, reason } => node_post(&api, &uuid, "accept-identity", reason).await,
+        NodeCommand::AcceptIdentity { uuid, api, reason } => {
+            node_post(&api, &uuid, "accept-identity", reason).await
+        }
         NodeCommand::Events { uuid, api, limit } => {
             let client = ApiClient::new(&api.url, api.token.clone())?;
             let events: Vec<Event> = client
-                .call("GET", &format!("/nodes/{uuid}/events?limit={limit}"), None::<&()>)
+                .call(
+                    "GET",
+                    &format!("/nodes/{uuid}/events?limit={limit}"),
+                    None::<&()>,
+                )
                 .await?;
             print_events(&events, api.output)
         }
     }
 }
 
-async fn node_post(api: &ApiArgs, uuid: &str, action: &str, reason: Option<String>) -> anyhow::Result<()> {
+async fn node_post(
+    api: &ApiArgs,
+    uuid: &str,
+    action: &str,
+    reason: Option<String>,
+) -> anyhow::Result<()> {
     let client = ApiClient::new(&api.url, api.token.clone())?;
     let node: Node = client
-        .call("POST", &format!("/nodes/{uuid}/{action}"), Some(&reason_body(reason)))
+        .call(
+            "POST",
+            &format!("/nodes/{uuid}/{action}"),
+            Some(&reason_body(reason)),
+        )
         .await?;
     print_nodes(&[node], api.output)
 }
@@ -691,7 +795,8 @@ fn print_flavors(flavors: &[Flavor], output: Output) -> anyhow::Result<()> {
 }
 
 fn load_flavor_file(path: &std::path::Path) -> anyhow::Result<Flavor> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let is_toml = path.extension().is_some_and(|e| e == "toml");
     if is_toml {
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
@@ -709,10 +814,22 @@ async fn flavor(command: FlavorCommand) -> anyhow::Result<()> {
         }
         FlavorCommand::Show { name, api } => {
             let client = ApiClient::new(&api.url, api.token.clone())?;
-            let flavor: Flavor = client.call("GET", &format!("/flavors/{name}"), None::<&()>).await?;
+            let flavor: Flavor = client
+                .call("GET", &format!("/flavors/{name}"), None::<&()>)
+                .await?;
             print_json(&flavor)
         }
-        FlavorCommand::Create { api, file, name, kernel, kernel_sha256, initrd, initrd_sha256, cmdline, replace } => {
+        FlavorCommand::Create {
+            api,
+            file,
+            name,
+            kernel,
+            kernel_sha256,
+            initrd,
+            initrd_sha256,
+            cmdline,
+            replace,
+        } => {
             let client = ApiClient::new(&api.url, api.token.clone())?;
             let flavor = match file {
                 Some(path) => load_flavor_file(&path)?,
@@ -741,7 +858,9 @@ async fn flavor(command: FlavorCommand) -> anyhow::Result<()> {
                 }
             };
             let created: Flavor = if replace {
-                client.call("PUT", &format!("/flavors/{}", flavor.name), Some(&flavor)).await?
+                client
+                    .call("PUT", &format!("/flavors/{}", flavor.name), Some(&flavor))
+                    .await?
             } else {
                 client.call("POST", "/flavors", Some(&flavor)).await?
             };
@@ -749,7 +868,9 @@ async fn flavor(command: FlavorCommand) -> anyhow::Result<()> {
         }
         FlavorCommand::Delete { name, api } => {
             let client = ApiClient::new(&api.url, api.token.clone())?;
-            let _: Value = client.call("DELETE", &format!("/flavors/{name}"), None::<&()>).await?;
+            let _: Value = client
+                .call("DELETE", &format!("/flavors/{name}"), None::<&()>)
+                .await?;
             eprintln!("flavor {name} deleted");
             Ok(())
         }
@@ -773,7 +894,10 @@ fn print_pools(pools: &[IpPool], output: Output) -> anyhow::Result<()> {
             ]
         })
         .collect::<Vec<_>>();
-    table::print(&["NAME", "PURPOSE", "VLAN", "CIDR", "RANGE", "GATEWAY"], &rows);
+    table::print(
+        &["NAME", "PURPOSE", "VLAN", "CIDR", "RANGE", "GATEWAY"],
+        &rows,
+    );
     Ok(())
 }
 
@@ -786,28 +910,51 @@ async fn pool(command: PoolCommand) -> anyhow::Result<()> {
         }
         PoolCommand::Show { name, api } => {
             let client = ApiClient::new(&api.url, api.token.clone())?;
-            let detail: PoolDetail = client.call("GET", &format!("/pools/{name}"), None::<&()>).await?;
+            let detail: PoolDetail = client
+                .call("GET", &format!("/pools/{name}"), None::<&()>)
+                .await?;
             if api.output == Output::Json {
                 return print_json(&detail);
             }
             print_pools(std::slice::from_ref(&detail.pool), Output::Table)?;
-            println!("\n{} of {} addresses allocated", detail.allocations.len(), detail.size);
+            println!(
+                "\n{} of {} addresses allocated",
+                detail.allocations.len(),
+                detail.size
+            );
             let rows = detail
                 .allocations
                 .iter()
-                .map(|a| vec![a.address.clone(), a.node_uuid.to_string(), a.purpose.as_str().to_string()])
+                .map(|a| {
+                    vec![
+                        a.address.clone(),
+                        a.node_uuid.to_string(),
+                        a.purpose.as_str().to_string(),
+                    ]
+                })
                 .collect::<Vec<_>>();
             table::print(&["ADDRESS", "NODE", "PURPOSE"], &rows);
             Ok(())
         }
-        PoolCommand::Create { name, api, purpose, cidr, range, gateway, dns, vlan, mtu } => {
+        PoolCommand::Create {
+            name,
+            api,
+            purpose,
+            cidr,
+            range,
+            gateway,
+            dns,
+            vlan,
+            mtu,
+        } => {
             let client = ApiClient::new(&api.url, api.token.clone())?;
-            let (start, end) = range
-                .split_once('-')
-                .ok_or_else(|| anyhow!("--range {range:?}: expected START-END, e.g. 10.1.0.10-10.1.0.250"))?;
+            let (start, end) = range.split_once('-').ok_or_else(|| {
+                anyhow!("--range {range:?}: expected START-END, e.g. 10.1.0.10-10.1.0.250")
+            })?;
             let pool = IpPool {
                 name,
-                purpose: PoolPurpose::parse(&purpose).ok_or_else(|| anyhow!("--purpose {purpose}"))?,
+                purpose: PoolPurpose::parse(&purpose)
+                    .ok_or_else(|| anyhow!("--purpose {purpose}"))?,
                 vlan,
                 cidr,
                 range_start: start.trim().to_string(),
@@ -821,7 +968,9 @@ async fn pool(command: PoolCommand) -> anyhow::Result<()> {
         }
         PoolCommand::Delete { name, api } => {
             let client = ApiClient::new(&api.url, api.token.clone())?;
-            let _: Value = client.call("DELETE", &format!("/pools/{name}"), None::<&()>).await?;
+            let _: Value = client
+                .call("DELETE", &format!("/pools/{name}"), None::<&()>)
+                .await?;
             eprintln!("pool {name} deleted");
             Ok(())
         }

@@ -107,7 +107,11 @@ pub fn check_template(template: &str) -> Result<(), TemplateError> {
 }
 
 /// The node's kernel command line from its flavor's template.
-pub fn render_cmdline(flavor: &Flavor, node: &Node, public_url: &str) -> Result<String, TemplateError> {
+pub fn render_cmdline(
+    flavor: &Flavor,
+    node: &Node,
+    public_url: &str,
+) -> Result<String, TemplateError> {
     substitute(&flavor.cmdline_template, |name| match name {
         "hostname" => node.hostname.clone(),
         "uuid" => node.uuid.to_string(),
@@ -124,7 +128,11 @@ pub fn render_cmdline(flavor: &Flavor, node: &Node, public_url: &str) -> Result<
     })
 }
 
-pub fn render_profile(flavor: &Flavor, node: &Node, public_url: &str) -> Result<BootProfile, TemplateError> {
+pub fn render_profile(
+    flavor: &Flavor,
+    node: &Node,
+    public_url: &str,
+) -> Result<BootProfile, TemplateError> {
     let resolve = |artifact: &bearman_proto::Artifact| bearman_proto::Artifact {
         url: resolve_url(public_url, &artifact.url),
         sha256: artifact.sha256.clone(),
@@ -141,7 +149,10 @@ pub fn render_profile(flavor: &Flavor, node: &Node, public_url: &str) -> Result<
 pub fn render_target_script(profile: &BootProfile, node: &Node) -> String {
     let initrds: Vec<String> = profile.initrds.iter().map(|a| a.url.clone()).collect();
     ipxe::render_boot(
-        &format!("Bearman target OS for {} ({}): flavor {}", node.hostname, node.uuid, profile.flavor),
+        &format!(
+            "Bearman target OS for {} ({}): flavor {}",
+            node.hostname, node.uuid, profile.flavor
+        ),
         &profile.kernel.url,
         &profile.cmdline,
         &initrds,

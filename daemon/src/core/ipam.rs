@@ -82,9 +82,9 @@ fn prefix_mask(prefix: u8) -> u32 {
 pub fn is_valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        })
 }
 
 /// Checks a pool definition and returns its parsed range.
@@ -113,7 +113,10 @@ pub fn validate_pool(pool: &IpPool) -> Result<PoolRange, PoolError> {
             })
         }
     };
-    let start = inside("range_start", parse_address("range_start", &pool.range_start)?)?;
+    let start = inside(
+        "range_start",
+        parse_address("range_start", &pool.range_start)?,
+    )?;
     let end = inside("range_end", parse_address("range_end", &pool.range_end)?)?;
     if end < start {
         return Err(PoolError::EmptyRange);
@@ -171,11 +174,7 @@ impl PoolRange {
 
 /// Picks the pool for a node: same purpose and the node's VLAN if one matches, else the
 /// purpose's pool without a VLAN. Pools are scanned in name order, so the choice is stable.
-pub fn select_pool<'a>(
-    pools: &'a [IpPool],
-    purpose: PoolPurpose,
-    vlan: Option<u16>,
-) -> Option<&'a IpPool> {
+pub fn select_pool(pools: &[IpPool], purpose: PoolPurpose, vlan: Option<u16>) -> Option<&IpPool> {
     let mut candidates: Vec<&IpPool> = pools.iter().filter(|p| p.purpose == purpose).collect();
     candidates.sort_by(|a, b| a.name.cmp(&b.name));
     if let Some(vlan) = vlan {
@@ -215,9 +214,15 @@ mod tests {
     #[test]
     fn allocation_skips_gateway_and_stops_at_range_end() {
         let range = validate_pool(&pool("a", PoolPurpose::Node, None)).unwrap();
-        assert_eq!(range.next_after_highest(None), address_from_string("10.1.0.1"));
+        assert_eq!(
+            range.next_after_highest(None),
+            address_from_string("10.1.0.1")
+        );
         let first = range.next_after_highest(None).unwrap();
-        assert_eq!(range.next_after_highest(Some(first)), address_from_string("10.1.0.3"));
+        assert_eq!(
+            range.next_after_highest(Some(first)),
+            address_from_string("10.1.0.3")
+        );
         let last = address_from_string("10.1.0.4").unwrap();
         assert_eq!(range.next_after_highest(Some(last)), None);
         let used: BTreeSet<u32> = [first, last].into_iter().collect();
@@ -241,7 +246,10 @@ mod tests {
         check(|p| p.cidr = "10.1.0.0/33".into(), "field cidr");
         check(|p| p.range_start = "10.2.0.1".into(), "field range_start");
         check(|p| p.range_end = "nope".into(), "field range_end");
-        check(|p| p.range_end = "10.1.0.0".into(), "range ends before it starts");
+        check(
+            |p| p.range_end = "10.1.0.0".into(),
+            "range ends before it starts",
+        );
         check(|p| p.gateway = Some("192.168.0.1".into()), "field gateway");
         check(|p| p.name = "Bad Name".into(), "field name");
         check(|p| p.vlan = Some(5000), "field vlan");
@@ -264,10 +272,28 @@ mod tests {
             pool("v200", PoolPurpose::Node, Some(200)),
             pool("default", PoolPurpose::Node, None),
         ];
-        assert_eq!(select_pool(&pools, PoolPurpose::Node, Some(200)).unwrap().name, "v200");
-        assert_eq!(select_pool(&pools, PoolPurpose::Node, Some(300)).unwrap().name, "default");
-        assert_eq!(select_pool(&pools, PoolPurpose::Node, None).unwrap().name, "default");
-        assert_eq!(select_pool(&pools, PoolPurpose::Bmc, Some(200)).unwrap().name, "bmc");
+        assert_eq!(
+            select_pool(&pools, PoolPurpose::Node, Some(200))
+                .unwrap()
+                .name,
+            "v200"
+        );
+        assert_eq!(
+            select_pool(&pools, PoolPurpose::Node, Some(300))
+                .unwrap()
+                .name,
+            "default"
+        );
+        assert_eq!(
+            select_pool(&pools, PoolPurpose::Node, None).unwrap().name,
+            "default"
+        );
+        assert_eq!(
+            select_pool(&pools, PoolPurpose::Bmc, Some(200))
+                .unwrap()
+                .name,
+            "bmc"
+        );
         assert!(select_pool(&pools[1..2], PoolPurpose::Node, None).is_none());
     }
 }

@@ -148,7 +148,10 @@ impl Node {
 }
 
 pub fn mac_set(nics: &[NicFacts]) -> Vec<String> {
-    let mut macs: Vec<String> = nics.iter().map(|nic| nic.mac.to_ascii_lowercase()).collect();
+    let mut macs: Vec<String> = nics
+        .iter()
+        .map(|nic| nic.mac.to_ascii_lowercase())
+        .collect();
     macs.sort();
     macs.dedup();
     macs

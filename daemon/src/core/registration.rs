@@ -179,8 +179,14 @@ mod tests {
     #[test]
     fn first_registration_creates_registered_node_with_rack_and_vlan() {
         let uuid = NodeUuid::from_index(1, 42);
-        let node = plan_registration(None, &uuid, &request("S1", &["AA:00:00:00:00:01"]), &defaults(), 5)
-            .unwrap();
+        let node = plan_registration(
+            None,
+            &uuid,
+            &request("S1", &["AA:00:00:00:00:01"]),
+            &defaults(),
+            5,
+        )
+        .unwrap();
         assert_eq!(node.state, LifecycleState::Registered);
         assert_eq!(node.rack.as_deref(), Some("tor-a01"));
         assert_eq!(node.network.vlan, Some(100));
@@ -192,12 +198,33 @@ mod tests {
     #[test]
     fn changed_serial_or_macs_are_refused() {
         let uuid = NodeUuid::from_index(1, 1);
-        let node = plan_registration(None, &uuid, &request("S1", &["aa:00:00:00:00:01"]), &defaults(), 5)
-            .unwrap();
-        let same = plan_registration(Some(&node), &uuid, &request("S1", &["AA:00:00:00:00:01"]), &defaults(), 6);
+        let node = plan_registration(
+            None,
+            &uuid,
+            &request("S1", &["aa:00:00:00:00:01"]),
+            &defaults(),
+            5,
+        )
+        .unwrap();
+        let same = plan_registration(
+            Some(&node),
+            &uuid,
+            &request("S1", &["AA:00:00:00:00:01"]),
+            &defaults(),
+            6,
+        );
         assert!(same.is_ok());
-        let serial = plan_registration(Some(&node), &uuid, &request("S2", &["aa:00:00:00:00:01"]), &defaults(), 6);
-        assert!(matches!(serial, Err(RegistrationRefused::IdentityMismatch { .. })));
+        let serial = plan_registration(
+            Some(&node),
+            &uuid,
+            &request("S2", &["aa:00:00:00:00:01"]),
+            &defaults(),
+            6,
+        );
+        assert!(matches!(
+            serial,
+            Err(RegistrationRefused::IdentityMismatch { .. })
+        ));
         let macs = plan_registration(
             Some(&node),
             &uuid,
@@ -205,18 +232,40 @@ mod tests {
             &defaults(),
             6,
         );
-        assert!(matches!(macs, Err(RegistrationRefused::IdentityMismatch { .. })));
+        assert!(matches!(
+            macs,
+            Err(RegistrationRefused::IdentityMismatch { .. })
+        ));
     }
 
     #[test]
     fn retired_and_fenced_nodes_cannot_register() {
         let uuid = NodeUuid::from_index(1, 1);
-        let mut node = plan_registration(None, &uuid, &request("S1", &["aa:00:00:00:00:01"]), &defaults(), 5)
-            .unwrap();
-        for state in [LifecycleState::Retired, LifecycleState::Fenced, LifecycleState::Fencing] {
+        let mut node = plan_registration(
+            None,
+            &uuid,
+            &request("S1", &["aa:00:00:00:00:01"]),
+            &defaults(),
+            5,
+        )
+        .unwrap();
+        for state in [
+            LifecycleState::Retired,
+            LifecycleState::Fenced,
+            LifecycleState::Fencing,
+        ] {
             node.state = state;
-            let result = plan_registration(Some(&node), &uuid, &request("S1", &["aa:00:00:00:00:01"]), &defaults(), 6);
-            assert!(matches!(result, Err(RegistrationRefused::Illegal(_))), "{state}");
+            let result = plan_registration(
+                Some(&node),
+                &uuid,
+                &request("S1", &["aa:00:00:00:00:01"]),
+                &defaults(),
+                6,
+            );
+            assert!(
+                matches!(result, Err(RegistrationRefused::Illegal(_))),
+                "{state}"
+            );
         }
     }
 }

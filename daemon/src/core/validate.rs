@@ -27,7 +27,10 @@ fn field_error(field: impl Into<String>, problem: impl Into<String>) -> FieldErr
 
 fn check_text(field: &str, value: &str) -> Result<(), FieldError> {
     if value.len() > TEXT_LEN_MAX {
-        return Err(field_error(field, format!("longer than {TEXT_LEN_MAX} bytes")));
+        return Err(field_error(
+            field,
+            format!("longer than {TEXT_LEN_MAX} bytes"),
+        ));
     }
     if value.chars().any(|c| c.is_control()) {
         return Err(field_error(field, "contains control characters"));
@@ -82,11 +85,17 @@ pub fn check_register(request: &RegisterRequest) -> Result<(), FieldError> {
         return Err(field_error("nics", format!("more than {NICS_MAX} entries")));
     }
     if request.disks.len() > DISKS_MAX {
-        return Err(field_error("disks", format!("more than {DISKS_MAX} entries")));
+        return Err(field_error(
+            "disks",
+            format!("more than {DISKS_MAX} entries"),
+        ));
     }
     for (index, nic) in request.nics.iter().enumerate() {
         if nic.name.is_empty() {
-            return Err(field_error(format!("nics[{index}].name"), "must not be empty"));
+            return Err(field_error(
+                format!("nics[{index}].name"),
+                "must not be empty",
+            ));
         }
         check_text(&format!("nics[{index}].name"), &nic.name)?;
         if !is_mac(&nic.mac) {
@@ -114,7 +123,10 @@ pub fn check_register(request: &RegisterRequest) -> Result<(), FieldError> {
     }
     if let Some(bmc) = &request.bmc {
         if !is_mac(&bmc.mac) {
-            return Err(field_error("bmc.mac", format!("{:?} is not a MAC address", truncate(&bmc.mac))));
+            return Err(field_error(
+                "bmc.mac",
+                format!("{:?} is not a MAC address", truncate(&bmc.mac)),
+            ));
         }
     }
     for (name, version) in &request.firmware.nics {
@@ -125,7 +137,10 @@ pub fn check_register(request: &RegisterRequest) -> Result<(), FieldError> {
 }
 
 fn is_sha256_hex(text: &str) -> bool {
-    text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn check_artifact(field: &str, artifact: &bearman_proto::Artifact) -> Result<(), FieldError> {
@@ -149,11 +164,17 @@ fn check_artifact(field: &str, artifact: &bearman_proto::Artifact) -> Result<(),
 
 pub fn check_flavor(flavor: &Flavor) -> Result<(), FieldError> {
     if !super::ipam::is_valid_name(&flavor.name) {
-        return Err(field_error("name", "must be 1-63 characters of [a-z0-9-_.]"));
+        return Err(field_error(
+            "name",
+            "must be 1-63 characters of [a-z0-9-_.]",
+        ));
     }
     check_artifact("kernel", &flavor.kernel)?;
     if flavor.initrds.len() > INITRDS_MAX {
-        return Err(field_error("initrds", format!("more than {INITRDS_MAX} entries")));
+        return Err(field_error(
+            "initrds",
+            format!("more than {INITRDS_MAX} entries"),
+        ));
     }
     for (index, initrd) in flavor.initrds.iter().enumerate() {
         check_artifact(&format!("initrds[{index}]"), initrd)?;

@@ -110,7 +110,11 @@ impl Store for CachedStore {
         }
     }
 
-    async fn node_record_heartbeat(&self, uuid: &NodeUuid, at_ms: TimestampMs) -> Result<(), StoreError> {
+    async fn node_record_heartbeat(
+        &self,
+        uuid: &NodeUuid,
+        at_ms: TimestampMs,
+    ) -> Result<(), StoreError> {
         self.inner.node_record_heartbeat(uuid, at_ms).await?;
         if let Some(node) = self.nodes().get_mut(uuid) {
             node.last_heartbeat_at_ms = Some(node.last_heartbeat_at_ms.unwrap_or(at_ms).max(at_ms));
@@ -168,7 +172,9 @@ impl Store for CachedStore {
         purpose: PoolPurpose,
         at_ms: TimestampMs,
     ) -> Result<IpAllocation, StoreError> {
-        self.inner.ip_allocate(pool, node_uuid, purpose, at_ms).await
+        self.inner
+            .ip_allocate(pool, node_uuid, purpose, at_ms)
+            .await
     }
 
     async fn ip_list(
@@ -198,7 +204,9 @@ impl Store for CachedStore {
         secret_sha256: &str,
         at_ms: TimestampMs,
     ) -> Result<ApiToken, StoreError> {
-        self.inner.token_create(name, role, secret_sha256, at_ms).await
+        self.inner
+            .token_create(name, role, secret_sha256, at_ms)
+            .await
     }
 
     async fn token_find(&self, secret_sha256: &str) -> Result<Option<ApiToken>, StoreError> {

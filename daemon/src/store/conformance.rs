@@ -17,7 +17,12 @@ use crate::core::model::{
 
 fn node(namespace: u32, index: u64, rack: &str) -> Node {
     let uuid = NodeUuid::from_index(namespace, index);
-    let mut node = Node::new(uuid.clone(), format!("cn-{namespace}-{index}"), NodeRole::Compute, 1_000);
+    let mut node = Node::new(
+        uuid.clone(),
+        format!("cn-{namespace}-{index}"),
+        NodeRole::Compute,
+        1_000,
+    );
     node.rack = Some(rack.to_string());
     node.serial = format!("SER{namespace}{index}");
     node.hardware.nics.push(NicFacts {
@@ -80,16 +85,30 @@ async fn nodes_round_trip_and_filter(store: &dyn Store) {
         let created = store.node_create(&n, &[]).await.expect("create node");
         assert_eq!(created, n);
     }
-    let got = store.node_get(&NodeUuid::from_index(101, 3)).await.unwrap().expect("node 3 exists");
+    let got = store
+        .node_get(&NodeUuid::from_index(101, 3))
+        .await
+        .unwrap()
+        .expect("node 3 exists");
     assert_eq!(got, node(101, 3, rack), "node must round-trip unchanged");
-    assert!(store.node_get(&NodeUuid::from_index(101, 99)).await.unwrap().is_none());
+    assert!(store
+        .node_get(&NodeUuid::from_index(101, 99))
+        .await
+        .unwrap()
+        .is_none());
 
     let duplicate = store.node_create(&node(101, 1, rack), &[]).await;
-    assert!(matches!(duplicate, Err(StoreError::AlreadyExists { .. })), "duplicate uuid: {duplicate:?}");
+    assert!(
+        matches!(duplicate, Err(StoreError::AlreadyExists { .. })),
+        "duplicate uuid: {duplicate:?}"
+    );
     let mut same_hostname = node(101, 50, rack);
     same_hostname.hostname = "cn-101-1".into();
     let duplicate = store.node_create(&same_hostname, &[]).await;
-    assert!(matches!(duplicate, Err(StoreError::AlreadyExists { .. })), "duplicate hostname: {duplicate:?}");
+    assert!(
+        matches!(duplicate, Err(StoreError::AlreadyExists { .. })),
+        "duplicate hostname: {duplicate:?}"
+    );
 
     let filter = NodeFilter {
         rack: Some(rack.into()),
@@ -97,7 +116,10 @@ async fn nodes_round_trip_and_filter(store: &dyn Store) {
     };
     let all = store.node_list(&filter).await.unwrap();
     assert_eq!(all.len(), 5);
-    assert!(all.windows(2).all(|w| w[0].uuid < w[1].uuid), "listing is in uuid order");
+    assert!(
+        all.windows(2).all(|w| w[0].uuid < w[1].uuid),
+        "listing is in uuid order"
+    );
     let ready = store
         .node_list(&NodeFilter {
             state: Some(LifecycleState::Ready),
@@ -114,7 +136,10 @@ async fn nodes_round_trip_and_filter(store: &dyn Store) {
         })
         .await
         .unwrap();
-    assert_eq!(page.iter().map(|n| n.uuid.clone()).collect::<Vec<_>>(), vec![all[2].uuid.clone(), all[3].uuid.clone()]);
+    assert_eq!(
+        page.iter().map(|n| n.uuid.clone()).collect::<Vec<_>>(),
+        vec![all[2].uuid.clone(), all[3].uuid.clone()]
+    );
     let storage = store
         .node_list(&NodeFilter {
             role: Some(NodeRole::Storage),
@@ -134,9 +159,15 @@ async fn node_updates_are_optimistic(store: &dyn Store) {
     changed.state = LifecycleState::Registered;
     let event = NewEvent::for_node(&n.uuid, 2_000, "test", "transition", "conformance")
         .with_states(LifecycleState::Discovered, LifecycleState::Registered);
-    let updated = store.node_update(&changed, &[event]).await.expect("update at current generation");
+    let updated = store
+        .node_update(&changed, &[event])
+        .await
+        .expect("update at current generation");
     assert_eq!(updated.generation, n.generation + 1);
-    assert_eq!(store.node_get(&n.uuid).await.unwrap().unwrap().generation, n.generation + 1);
+    assert_eq!(
+        store.node_get(&n.uuid).await.unwrap().unwrap().generation,
+        n.generation + 1
+    );
 
     // A writer holding the old generation loses.
     let stale = store.node_update(&changed, &[]).await;
@@ -145,7 +176,11 @@ async fn node_updates_are_optimistic(store: &dyn Store) {
         "stale update must be refused: {stale:?}"
     );
     let stored = store.node_get(&n.uuid).await.unwrap().unwrap();
-    assert_eq!(stored.state, LifecycleState::Registered, "refused update changed nothing");
+    assert_eq!(
+        stored.state,
+        LifecycleState::Registered,
+        "refused update changed nothing"
+    );
 
     let events = store
         .event_list(&EventFilter {
@@ -158,12 +193,18 @@ async fn node_updates_are_optimistic(store: &dyn Store) {
     assert_eq!(events[0].to_state.as_deref(), Some("registered"));
 
     let missing = store.node_update(&node(102, 99, "x"), &[]).await;
-    assert!(matches!(missing, Err(StoreError::NotFound { .. })), "{missing:?}");
+    assert!(
+        matches!(missing, Err(StoreError::NotFound { .. })),
+        "{missing:?}"
+    );
 
     let mut renamed = updated.clone();
     renamed.hostname = "cn-101-0".into();
     let clash = store.node_update(&renamed, &[]).await;
-    assert!(matches!(clash, Err(StoreError::AlreadyExists { .. })), "hostname clash: {clash:?}");
+    assert!(
+        matches!(clash, Err(StoreError::AlreadyExists { .. })),
+        "hostname clash: {clash:?}"
+    );
 }
 
 async fn heartbeats_do_not_bump_generation(store: &dyn Store) {
@@ -172,24 +213,64 @@ async fn heartbeats_do_not_bump_generation(store: &dyn Store) {
     store.node_record_heartbeat(&n.uuid, 5_000).await.unwrap();
     store.node_record_heartbeat(&n.uuid, 4_000).await.unwrap();
     let stored = store.node_get(&n.uuid).await.unwrap().unwrap();
-    assert_eq!(stored.last_heartbeat_at_ms, Some(5_000), "heartbeat time never goes backwards");
-    assert_eq!(stored.generation, n.generation, "heartbeats leave the generation alone");
+    assert_eq!(
+        stored.last_heartbeat_at_ms,
+        Some(5_000),
+        "heartbeat time never goes backwards"
+    );
+    assert_eq!(
+        stored.generation, n.generation,
+        "heartbeats leave the generation alone"
+    );
     // An update from a copy read before the heartbeat keeps the newer heartbeat.
     let updated = store.node_update(&n, &[]).await.unwrap();
     assert_eq!(updated.last_heartbeat_at_ms, Some(5_000));
-    assert_eq!(store.node_get(&n.uuid).await.unwrap().unwrap().last_heartbeat_at_ms, Some(5_000));
-    let unknown = store.node_record_heartbeat(&NodeUuid::from_index(103, 99), 1).await;
+    assert_eq!(
+        store
+            .node_get(&n.uuid)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_heartbeat_at_ms,
+        Some(5_000)
+    );
+    // A heartbeat time carried by an update (e.g. `installed`) is kept when newer.
+    let mut installed = updated.clone();
+    installed.last_heartbeat_at_ms = Some(9_000);
+    let written = store.node_update(&installed, &[]).await.unwrap();
+    assert_eq!(written.last_heartbeat_at_ms, Some(9_000));
+    assert_eq!(
+        store
+            .node_get(&n.uuid)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_heartbeat_at_ms,
+        Some(9_000)
+    );
+    let unknown = store
+        .node_record_heartbeat(&NodeUuid::from_index(103, 99), 1)
+        .await;
     assert!(matches!(unknown, Err(StoreError::NotFound { .. })));
 }
 
 async fn retiring_releases_addresses(store: &dyn Store) {
     store
-        .pool_create(&pool("conf-retire", PoolPurpose::Node, "10.104.0.0/24", "10.104.0.10", "10.104.0.20"))
+        .pool_create(&pool(
+            "conf-retire",
+            PoolPurpose::Node,
+            "10.104.0.0/24",
+            "10.104.0.10",
+            "10.104.0.20",
+        ))
         .await
         .unwrap();
     let n = node(104, 1, "conf-rack-d");
     store.node_create(&n, &[]).await.unwrap();
-    let allocation = store.ip_allocate("conf-retire", &n.uuid, PoolPurpose::Node, 1).await.unwrap();
+    let allocation = store
+        .ip_allocate("conf-retire", &n.uuid, PoolPurpose::Node, 1)
+        .await
+        .unwrap();
     assert_eq!(allocation.address, "10.104.0.10");
     let mut retired = n.clone();
     retired.state = LifecycleState::Retired;
@@ -208,14 +289,25 @@ async fn flavors_cannot_be_deleted_while_used(store: &dyn Store) {
     replaced.cmdline_template = "quiet".into();
     store.flavor_put(&replaced, 2).await.unwrap();
     assert_eq!(store.flavor_get("conf-hv").await.unwrap(), Some(replaced));
-    assert!(store.flavor_list().await.unwrap().iter().any(|f| f.name == "conf-hv"));
+    assert!(store
+        .flavor_list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|f| f.name == "conf-hv"));
 
     let mut n = node(105, 1, "conf-rack-e");
     n.flavor = Some("conf-hv".into());
     store.node_create(&n, &[]).await.unwrap();
     let in_use = store.flavor_delete("conf-hv").await;
-    assert!(matches!(in_use, Err(StoreError::InUse { .. })), "{in_use:?}");
-    assert!(store.flavor_get("conf-hv").await.unwrap().is_some(), "refused delete changed nothing");
+    assert!(
+        matches!(in_use, Err(StoreError::InUse { .. })),
+        "{in_use:?}"
+    );
+    assert!(
+        store.flavor_get("conf-hv").await.unwrap().is_some(),
+        "refused delete changed nothing"
+    );
     let mut unassigned = n.clone();
     unassigned.flavor = None;
     store.node_update(&unassigned, &[]).await.unwrap();
@@ -226,30 +318,66 @@ async fn flavors_cannot_be_deleted_while_used(store: &dyn Store) {
 }
 
 async fn addresses_are_unique_sequential_and_reused(store: &dyn Store) {
-    let mut p = pool("conf-seq", PoolPurpose::Node, "10.106.0.0/24", "10.106.0.1", "10.106.0.4");
+    let mut p = pool(
+        "conf-seq",
+        PoolPurpose::Node,
+        "10.106.0.0/24",
+        "10.106.0.1",
+        "10.106.0.4",
+    );
     p.gateway = Some("10.106.0.2".into());
     store.pool_create(&p).await.unwrap();
     let duplicate = store.pool_create(&p).await;
     assert!(matches!(duplicate, Err(StoreError::AlreadyExists { .. })));
     // An overlapping pool must never hand out an address the first one holds.
     store
-        .pool_create(&pool("conf-seq-overlap", PoolPurpose::Bmc, "10.106.0.0/24", "10.106.0.1", "10.106.0.8"))
+        .pool_create(&pool(
+            "conf-seq-overlap",
+            PoolPurpose::Bmc,
+            "10.106.0.0/24",
+            "10.106.0.1",
+            "10.106.0.8",
+        ))
         .await
         .unwrap();
     assert_eq!(store.pool_get("conf-seq").await.unwrap(), Some(p.clone()));
 
     let uuids: Vec<NodeUuid> = (0..4).map(|i| NodeUuid::from_index(106, i)).collect();
-    let a0 = store.ip_allocate("conf-seq", &uuids[0], PoolPurpose::Node, 1).await.unwrap();
-    let a1 = store.ip_allocate("conf-seq", &uuids[1], PoolPurpose::Node, 1).await.unwrap();
-    assert_eq!((a0.address.as_str(), a1.address.as_str()), ("10.106.0.1", "10.106.0.3"), "gateway skipped");
-    let again = store.ip_allocate("conf-seq", &uuids[0], PoolPurpose::Node, 2).await.unwrap();
+    let a0 = store
+        .ip_allocate("conf-seq", &uuids[0], PoolPurpose::Node, 1)
+        .await
+        .unwrap();
+    let a1 = store
+        .ip_allocate("conf-seq", &uuids[1], PoolPurpose::Node, 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        (a0.address.as_str(), a1.address.as_str()),
+        ("10.106.0.1", "10.106.0.3"),
+        "gateway skipped"
+    );
+    let again = store
+        .ip_allocate("conf-seq", &uuids[0], PoolPurpose::Node, 2)
+        .await
+        .unwrap();
     assert_eq!(again, a0, "allocation is idempotent per node and purpose");
-    let a2 = store.ip_allocate("conf-seq", &uuids[2], PoolPurpose::Node, 1).await.unwrap();
+    let a2 = store
+        .ip_allocate("conf-seq", &uuids[2], PoolPurpose::Node, 1)
+        .await
+        .unwrap();
     assert_eq!(a2.address, "10.106.0.4");
-    let exhausted = store.ip_allocate("conf-seq", &uuids[3], PoolPurpose::Node, 1).await;
-    assert!(matches!(exhausted, Err(StoreError::PoolExhausted { .. })), "{exhausted:?}");
+    let exhausted = store
+        .ip_allocate("conf-seq", &uuids[3], PoolPurpose::Node, 1)
+        .await;
+    assert!(
+        matches!(exhausted, Err(StoreError::PoolExhausted { .. })),
+        "{exhausted:?}"
+    );
 
-    let overlap = store.ip_allocate("conf-seq-overlap", &uuids[0], PoolPurpose::Bmc, 1).await.unwrap();
+    let overlap = store
+        .ip_allocate("conf-seq-overlap", &uuids[0], PoolPurpose::Bmc, 1)
+        .await
+        .unwrap();
     assert!(
         !["10.106.0.1", "10.106.0.3", "10.106.0.4"].contains(&overlap.address.as_str()),
         "overlapping pool reused {}",
@@ -262,25 +390,57 @@ async fn addresses_are_unique_sequential_and_reused(store: &dyn Store) {
     store.node_create(&n, &[]).await.unwrap();
     n.state = LifecycleState::Retired;
     store.node_update(&n, &[]).await.unwrap();
-    let reused = store.ip_allocate("conf-seq", &uuids[3], PoolPurpose::Node, 3).await.unwrap();
-    assert_eq!(reused.address, "10.106.0.3", "released address is handed out again");
+    let reused = store
+        .ip_allocate("conf-seq", &uuids[3], PoolPurpose::Node, 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        reused.address, "10.106.0.3",
+        "released address is handed out again"
+    );
 
     let listed = store.ip_list(Some("conf-seq"), None).await.unwrap();
     let addresses: Vec<&str> = listed.iter().map(|a| a.address.as_str()).collect();
     assert_eq!(addresses, vec!["10.106.0.1", "10.106.0.3", "10.106.0.4"]);
     let in_use = store.pool_delete("conf-seq").await;
-    assert!(matches!(in_use, Err(StoreError::InUse { .. })), "{in_use:?}");
+    assert!(
+        matches!(in_use, Err(StoreError::InUse { .. })),
+        "{in_use:?}"
+    );
     let released = store.ip_release_node(&uuids[3]).await.unwrap();
     assert_eq!(released, 1, "explicit release frees the node's address");
-    assert_eq!(store.ip_release_node(&uuids[3]).await.unwrap(), 0, "releasing twice is harmless");
-    store.ip_allocate("conf-seq", &uuids[3], PoolPurpose::Node, 4).await.unwrap();
-    let missing = store.ip_allocate("conf-none", &NodeUuid::from_index(106, 50), PoolPurpose::Node, 1).await;
-    assert!(matches!(missing, Err(StoreError::NotFound { .. })), "{missing:?}");
+    assert_eq!(
+        store.ip_release_node(&uuids[3]).await.unwrap(),
+        0,
+        "releasing twice is harmless"
+    );
+    store
+        .ip_allocate("conf-seq", &uuids[3], PoolPurpose::Node, 4)
+        .await
+        .unwrap();
+    let missing = store
+        .ip_allocate(
+            "conf-none",
+            &NodeUuid::from_index(106, 50),
+            PoolPurpose::Node,
+            1,
+        )
+        .await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound { .. })),
+        "{missing:?}"
+    );
 }
 
 async fn concurrent_allocations_never_collide(store: Arc<dyn Store>) {
     store
-        .pool_create(&pool("conf-race", PoolPurpose::Node, "10.107.0.0/24", "10.107.0.1", "10.107.0.250"))
+        .pool_create(&pool(
+            "conf-race",
+            PoolPurpose::Node,
+            "10.107.0.0/24",
+            "10.107.0.1",
+            "10.107.0.250",
+        ))
         .await
         .unwrap();
     let mut tasks = Vec::new();
@@ -288,13 +448,22 @@ async fn concurrent_allocations_never_collide(store: Arc<dyn Store>) {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             let uuid = NodeUuid::from_index(107, index);
-            store.ip_allocate("conf-race", &uuid, PoolPurpose::Node, 1).await
+            store
+                .ip_allocate("conf-race", &uuid, PoolPurpose::Node, 1)
+                .await
         }));
     }
     let mut addresses = BTreeSet::new();
     for task in tasks {
-        let allocation = task.await.expect("task").expect("allocation under contention");
-        assert!(addresses.insert(allocation.address.clone()), "{} handed out twice", allocation.address);
+        let allocation = task
+            .await
+            .expect("task")
+            .expect("allocation under contention");
+        assert!(
+            addresses.insert(allocation.address.clone()),
+            "{} handed out twice",
+            allocation.address
+        );
     }
     assert_eq!(addresses.len(), 24);
 }
@@ -306,7 +475,13 @@ async fn events_page_newest_first(store: &dyn Store) {
         .collect();
     store.event_append(&events).await.unwrap();
     store
-        .event_append(&[NewEvent::for_node(&NodeUuid::from_index(108, 2), 99, "test", "note", "other")])
+        .event_append(&[NewEvent::for_node(
+            &NodeUuid::from_index(108, 2),
+            99,
+            "test",
+            "note",
+            "other",
+        )])
         .await
         .unwrap();
     let filter = EventFilter {
@@ -331,14 +506,28 @@ async fn events_page_newest_first(store: &dyn Store) {
 }
 
 async fn tokens_are_found_by_hash_only(store: &dyn Store) {
-    let created = store.token_create("conf-ops", TokenRole::Operator, &"b".repeat(64), 7).await.unwrap();
-    assert_eq!((created.name.as_str(), created.role), ("conf-ops", TokenRole::Operator));
-    let duplicate = store.token_create("conf-ops", TokenRole::Admin, &"c".repeat(64), 7).await;
+    let created = store
+        .token_create("conf-ops", TokenRole::Operator, &"b".repeat(64), 7)
+        .await
+        .unwrap();
+    assert_eq!(
+        (created.name.as_str(), created.role),
+        ("conf-ops", TokenRole::Operator)
+    );
+    let duplicate = store
+        .token_create("conf-ops", TokenRole::Admin, &"c".repeat(64), 7)
+        .await;
     assert!(matches!(duplicate, Err(StoreError::AlreadyExists { .. })));
-    assert_eq!(store.token_find(&"b".repeat(64)).await.unwrap(), Some(created.clone()));
+    assert_eq!(
+        store.token_find(&"b".repeat(64)).await.unwrap(),
+        Some(created.clone())
+    );
     assert!(store.token_find(&"d".repeat(64)).await.unwrap().is_none());
     assert!(store.token_list().await.unwrap().contains(&created));
     store.token_delete("conf-ops").await.unwrap();
     assert!(store.token_find(&"b".repeat(64)).await.unwrap().is_none());
-    assert!(matches!(store.token_delete("conf-ops").await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(
+        store.token_delete("conf-ops").await,
+        Err(StoreError::NotFound { .. })
+    ));
 }

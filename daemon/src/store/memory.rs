@@ -45,7 +45,9 @@ impl MemoryStore {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock is a bug elsewhere; the data is still consistent
         // because every method validates before mutating.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -95,7 +97,11 @@ impl MemoryStore {
     pub fn events_after(&self, after_id: i64) -> Vec<Event> {
         let state = self.lock();
         let start = after_id.max(0) as usize;
-        state.events.get(start..).map(<[Event]>::to_vec).unwrap_or_default()
+        state
+            .events
+            .get(start..)
+            .map(<[Event]>::to_vec)
+            .unwrap_or_default()
     }
 
     pub fn state_counts(&self) -> StateCounts {
@@ -112,7 +118,10 @@ impl MemoryStore {
     pub fn now_or_never<T>(future: impl std::future::Future<Output = T>) -> T {
         let mut future = std::pin::pin!(future);
         let waker = std::task::Waker::noop();
-        match future.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
+        match future
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker))
+        {
             std::task::Poll::Ready(value) => value,
             std::task::Poll::Pending => unreachable!("MemoryStore futures never wait"),
         }
@@ -137,7 +146,12 @@ impl Store for MemoryStore {
             .values()
             .filter(|node| filter.after.as_ref().is_none_or(|after| &node.uuid > after))
             .filter(|node| filter.state.is_none_or(|s| node.state == s))
-            .filter(|node| filter.rack.as_ref().is_none_or(|r| node.rack.as_ref() == Some(r)))
+            .filter(|node| {
+                filter
+                    .rack
+                    .as_ref()
+                    .is_none_or(|r| node.rack.as_ref() == Some(r))
+            })
             .filter(|node| filter.role.is_none_or(|r| node.role == r))
             .take(limit)
             .cloned()
@@ -165,7 +179,9 @@ impl Store for MemoryStore {
                 what: format!("hostname {}", node.hostname),
             });
         }
-        state.hostnames.insert(node.hostname.clone(), node.uuid.clone());
+        state
+            .hostnames
+            .insert(node.hostname.clone(), node.uuid.clone());
         state.nodes.insert(node.uuid.clone(), node.clone());
         append_events(&mut state, events);
         Ok(node.clone())
@@ -193,7 +209,9 @@ impl Store for MemoryStore {
                 });
             }
             state.hostnames.remove(&old_hostname);
-            state.hostnames.insert(node.hostname.clone(), node.uuid.clone());
+            state
+                .hostnames
+                .insert(node.hostname.clone(), node.uuid.clone());
         }
         let mut updated = node.clone();
         updated.generation += 1;
@@ -207,7 +225,11 @@ impl Store for MemoryStore {
         Ok(updated)
     }
 
-    async fn node_record_heartbeat(&self, uuid: &NodeUuid, at_ms: TimestampMs) -> Result<(), StoreError> {
+    async fn node_record_heartbeat(
+        &self,
+        uuid: &NodeUuid,
+        at_ms: TimestampMs,
+    ) -> Result<(), StoreError> {
         let mut state = self.lock();
         let node = state
             .nodes
@@ -218,7 +240,9 @@ impl Store for MemoryStore {
     }
 
     async fn flavor_put(&self, flavor: &Flavor, _at_ms: TimestampMs) -> Result<(), StoreError> {
-        self.lock().flavors.insert(flavor.name.clone(), flavor.clone());
+        self.lock()
+            .flavors
+            .insert(flavor.name.clone(), flavor.clone());
         Ok(())
     }
 
@@ -371,7 +395,12 @@ impl Store for MemoryStore {
             .iter()
             .rev()
             .filter(|e| filter.before_id.is_none_or(|before| e.id < before))
-            .filter(|e| filter.node_uuid.as_ref().is_none_or(|u| e.node_uuid.as_ref() == Some(u)))
+            .filter(|e| {
+                filter
+                    .node_uuid
+                    .as_ref()
+                    .is_none_or(|u| e.node_uuid.as_ref() == Some(u))
+            })
             .take(clamp_limit(filter.limit))
             .cloned()
             .collect())

@@ -33,7 +33,9 @@ pub enum StoreError {
     AlreadyExists { what: String },
     #[error("{what} is in use: {detail}")]
     InUse { what: String, detail: String },
-    #[error("node {uuid} was modified concurrently (expected generation {expected}, found {found})")]
+    #[error(
+        "node {uuid} was modified concurrently (expected generation {expected}, found {found})"
+    )]
     GenerationMismatch {
         uuid: NodeUuid,
         expected: i64,
@@ -72,7 +74,11 @@ pub trait Store: Send + Sync + 'static {
     async fn node_update(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError>;
     /// Records liveness without bumping the generation (the hot path: every node, every
     /// few seconds, must not conflict with operator edits).
-    async fn node_record_heartbeat(&self, uuid: &NodeUuid, at_ms: TimestampMs) -> Result<(), StoreError>;
+    async fn node_record_heartbeat(
+        &self,
+        uuid: &NodeUuid,
+        at_ms: TimestampMs,
+    ) -> Result<(), StoreError>;
 
     /// Creates or replaces a flavor.
     async fn flavor_put(&self, flavor: &Flavor, at_ms: TimestampMs) -> Result<(), StoreError>;

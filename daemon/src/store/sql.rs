@@ -226,16 +226,18 @@ impl Store for SqlStore {
     }
 
     async fn node_get(&self, uuid: &NodeUuid) -> Result<Option<Node>, StoreError> {
-        let row = sqlx::query("SELECT doc, generation, last_heartbeat_at_ms FROM nodes WHERE uuid = $1")
-            .bind(uuid.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend_error)?;
+        let row =
+            sqlx::query("SELECT doc, generation, last_heartbeat_at_ms FROM nodes WHERE uuid = $1")
+                .bind(uuid.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend_error)?;
         row.as_ref().map(node_from_row).transpose()
     }
 
     async fn node_list(&self, filter: &NodeFilter) -> Result<Vec<Node>, StoreError> {
-        let mut sql = String::from("SELECT doc, generation, last_heartbeat_at_ms FROM nodes WHERE 1 = 1");
+        let mut sql =
+            String::from("SELECT doc, generation, last_heartbeat_at_ms FROM nodes WHERE 1 = 1");
         let mut params: Vec<String> = Vec::new();
         let mut add = |sql: &mut String, column: &str, op: &str, value: String| {
             params.push(value);
@@ -253,7 +255,10 @@ impl Store for SqlStore {
         if let Some(role) = filter.role {
             add(&mut sql, "role", "=", role.as_str().to_string());
         }
-        sql.push_str(&format!(" ORDER BY uuid LIMIT {}", clamp_limit(filter.limit)));
+        sql.push_str(&format!(
+            " ORDER BY uuid LIMIT {}",
+            clamp_limit(filter.limit)
+        ));
         let mut query = sqlx::query(&sql);
         for param in &params {
             query = query.bind(param.as_str());
@@ -271,7 +276,8 @@ impl Store for SqlStore {
         for row in rows {
             let state: String = row.try_get("state").map_err(backend_error)?;
             let count: i64 = row.try_get("n").map_err(backend_error)?;
-            let state = LifecycleState::parse(&state).ok_or_else(|| corrupt("node state", &state))?;
+            let state =
+                LifecycleState::parse(&state).ok_or_else(|| corrupt("node state", &state))?;
             counts.insert(state, count as usize);
         }
         Ok(counts)
@@ -333,7 +339,9 @@ impl Store for SqlStore {
         let mut tx = self.pool.begin().await.map_err(backend_error)?;
         let result = sqlx::query(
             "UPDATE nodes SET hostname = $1, serial = $2, rack = $3, role = $4, state = $5, \
-             flavor = $6, generation = $7, updated_at_ms = $8, doc = $9 \
+             flavor = $6, generation = $7, updated_at_ms = $8, doc = $9, \
+             last_heartbeat_at_ms = CASE WHEN last_heartbeat_at_ms IS NULL OR last_heartbeat_at_ms < $12 \
+             THEN $12 ELSE last_heartbeat_at_ms END \
              WHERE uuid = $10 AND generation = $11",
         )
         .bind(&updated.hostname)
@@ -347,6 +355,7 @@ impl Store for SqlStore {
         .bind(node_doc(&updated)?)
         .bind(node.uuid.as_str())
         .bind(node.generation)
+        .bind(updated.last_heartbeat_at_ms)
         .execute(&mut *tx)
         .await;
         let rows = match result {
@@ -385,12 +394,18 @@ impl Store for SqlStore {
             .fetch_one(&mut *tx)
             .await
             .map_err(backend_error)?;
-        updated.last_heartbeat_at_ms = heartbeat.try_get("last_heartbeat_at_ms").map_err(backend_error)?;
+        updated.last_heartbeat_at_ms = heartbeat
+            .try_get("last_heartbeat_at_ms")
+            .map_err(backend_error)?;
         tx.commit().await.map_err(backend_error)?;
         Ok(updated)
     }
 
-    async fn node_record_heartbeat(&self, uuid: &NodeUuid, at_ms: TimestampMs) -> Result<(), StoreError> {
+    async fn node_record_heartbeat(
+        &self,
+        uuid: &NodeUuid,
+        at_ms: TimestampMs,
+    ) -> Result<(), StoreError> {
         let result = sqlx::query(
             "UPDATE nodes SET last_heartbeat_at_ms = $1 WHERE uuid = $2 \
              AND (last_heartbeat_at_ms IS NULL OR last_heartbeat_at_ms < $1)",
@@ -554,7 +569,10 @@ impl Store for SqlStore {
             // After a lost race, scan for gaps: the fast path's candidate may be held by
             // an overlapping pool for good.
             let gap_scan = attempt > 0;
-            match self.try_allocate(pool_name, node_uuid, purpose, at_ms, gap_scan).await? {
+            match self
+                .try_allocate(pool_name, node_uuid, purpose, at_ms, gap_scan)
+                .await?
+            {
                 Some(allocation) => return Ok(allocation),
                 // Lost a race for the address (or for this node's slot): look again.
                 None => continue,
@@ -605,7 +623,13 @@ impl Store for SqlStore {
              WHERE ($1 = '' OR node_uuid = $1) AND id < $2 ORDER BY id DESC LIMIT {}",
             clamp_limit(filter.limit)
         ))
-        .bind(filter.node_uuid.as_ref().map(|u| u.to_string()).unwrap_or_default())
+        .bind(
+            filter
+                .node_uuid
+                .as_ref()
+                .map(|u| u.to_string())
+                .unwrap_or_default(),
+        )
         .bind(filter.before_id.unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await
@@ -659,10 +683,12 @@ impl Store for SqlStore {
     }
 
     async fn token_list(&self) -> Result<Vec<ApiToken>, StoreError> {
-        let rows = sqlx::query("SELECT id, name, role, secret_sha256, created_at_ms FROM api_tokens ORDER BY name")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(backend_error)?;
+        let rows = sqlx::query(
+            "SELECT id, name, role, secret_sha256, created_at_ms FROM api_tokens ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend_error)?;
         rows.iter().map(token_from_row).collect()
     }
 
@@ -710,14 +736,16 @@ impl SqlStore {
             Backend::Postgres => " FOR UPDATE",
             Backend::Sqlite => "",
         };
-        let doc: Option<String> = sqlx::query(&format!("SELECT doc FROM ip_pools WHERE name = $1{lock_clause}"))
-            .bind(pool_name)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(backend_error)?
-            .map(|row| row.try_get("doc"))
-            .transpose()
-            .map_err(backend_error)?;
+        let doc: Option<String> = sqlx::query(&format!(
+            "SELECT doc FROM ip_pools WHERE name = $1{lock_clause}"
+        ))
+        .bind(pool_name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend_error)?
+        .map(|row| row.try_get("doc"))
+        .transpose()
+        .map_err(backend_error)?;
         let doc = doc.ok_or_else(|| StoreError::not_found(format!("ip pool {pool_name}")))?;
         let pool: IpPool = serde_json::from_str(&doc).map_err(|e| corrupt("pool document", e))?;
         let range = validate_pool(&pool).map_err(|error| StoreError::InvalidPool {

@@ -1,0 +1,511 @@
+//! The `bearman` binary end to end: bootstrapping a token straight into the database,
+//! `bearman serve` on a real socket, the client commands against it, and the start-up
+//! errors an operator sees for bad flags.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bearman_proto::http;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bearman");
+/// How long any one command, and the daemon's start-up, may take.
+const BOUND: Duration = Duration::from_secs(30);
+const UUID: &str = "4c4c4544-0042-3510-8052-b4c04f4e4a32";
+
+/// `bearman` in `dir`, with no `BEARMAN_*` variables inherited from whoever runs the tests.
+fn bearman(dir: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command.current_dir(dir).stdin(Stdio::null());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("BEARMAN_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+/// Runs a command that must exit by itself within [`BOUND`]; kills it (by its pid) if not.
+fn run(mut command: Command) -> Output {
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = command.spawn().expect("spawn bearman");
+    let pid = child.id();
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match finished.recv_timeout(BOUND) {
+        Ok(output) => output.expect("wait for bearman"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("bearman (pid {pid}) did not exit within {BOUND:?}");
+        }
+    }
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_success(what: &str, output: &Output) {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        output.status,
+        stdout(output),
+        stderr(output)
+    );
+}
+
+/// Checks a command failed the orderly way: exit code 1 (not a panic's 101, not a
+/// signal), an `error:` line naming `mentions`, and no panic message.
+fn assert_refused(what: &str, output: &Output, mentions: &str) {
+    let text = stderr(output);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{what}: expected exit 1, got {}; stderr: {text}",
+        output.status
+    );
+    assert!(text.contains("error"), "{what}: {text}");
+    assert!(
+        text.contains(mentions),
+        "{what}: stderr does not mention {mentions:?}: {text}"
+    );
+    assert!(!text.contains("panicked"), "{what}: {text}");
+}
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP request to `address`, bounded in time.
+fn request(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<http::Response, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(address)
+                .await
+                .map_err(|e| e.to_string())?;
+            let headers = [("Content-Type", "application/json")];
+            http::send(
+                &mut stream,
+                method,
+                &address.to_string(),
+                path,
+                &headers,
+                body,
+            )
+            .await
+            .map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(BOUND, exchange)
+            .await
+            .map_err(|_| "timed out".to_string())?
+    })
+}
+
+/// Creates an admin token in `data_dir` with the CLI and returns its secret.
+fn create_admin_token(dir: &Path, data_dir: &Path) -> String {
+    let mut command = bearman(dir);
+    command
+        .args([
+            "token",
+            "create",
+            "--name",
+            "admin",
+            "--role",
+            "admin",
+            "--data-dir",
+        ])
+        .arg(data_dir);
+    let output = run(command);
+    assert_success("token create", &output);
+    let secret = stdout(&output).trim().to_string();
+    assert!(
+        secret.starts_with("bm_"),
+        "stdout carries the secret: {secret:?}"
+    );
+    assert_eq!(secret.len(), 3 + 64, "{secret:?}");
+    assert!(
+        !secret.contains('\n'),
+        "only the secret goes to stdout: {secret:?}"
+    );
+    assert!(
+        stderr(&output).contains("shown only once"),
+        "{}",
+        stderr(&output)
+    );
+    secret
+}
+
+/// A running `bearman serve`, killed when dropped.
+struct Serve {
+    child: Child,
+    address: SocketAddr,
+    log: PathBuf,
+}
+
+impl Serve {
+    fn start(dir: &Path, data_dir: &Path) -> Serve {
+        let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = dir.join("serve.log");
+        let mut command = bearman(dir);
+        command
+            .args(["serve", "--listen", &address.to_string(), "--data-dir"])
+            .arg(data_dir)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap());
+        let child = command.spawn().expect("spawn bearman serve");
+        let mut serve = Serve {
+            child,
+            address,
+            log,
+        };
+        serve.wait_until_healthy();
+        serve
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls `GET /healthz` until it answers, the daemon exits, or [`BOUND`] passes.
+    fn wait_until_healthy(&mut self) {
+        let deadline = std::time::Instant::now() + BOUND;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "bearman serve exited early ({status}):\n{}",
+                    self.log_text()
+                );
+            }
+            if let Ok(response) = request(self.address, "GET", "/healthz", None) {
+                assert_eq!(response.status, 200, "{}", response.text());
+                assert_eq!(response.text(), "ok\n");
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "bearman serve did not answer /healthz within {BOUND:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// A client command pointed at this daemon through the environment.
+    fn client(&self, dir: &Path, token: Option<&str>, args: &[&str]) -> Output {
+        let mut command = bearman(dir);
+        command.args(args).env("BEARMAN_URL", self.url());
+        if let Some(token) = token {
+            command.env("BEARMAN_TOKEN", token);
+        }
+        run(command)
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn registration_body() -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hardware/r640.json");
+    let mut body: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    body["nics"][0]["mac"] = "52:54:00:00:00:01".into();
+    body["nics"][1]["mac"] = "52:54:00:00:00:02".into();
+    serde_json::to_vec(&body).unwrap()
+}
+
+#[test]
+fn token_create_prints_a_secret_on_stdout_and_list_never_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let secret = create_admin_token(dir.path(), &data_dir);
+    assert!(
+        data_dir.join("bearman.db").exists(),
+        "the database lives in --data-dir"
+    );
+
+    let mut list = bearman(dir.path());
+    list.args(["token", "list", "--output", "json", "--data-dir"])
+        .arg(&data_dir);
+    let output = run(list);
+    assert_success("token list", &output);
+    let tokens: Value =
+        serde_json::from_str(&stdout(&output)).expect("token list --output json is JSON");
+    assert_eq!(tokens.as_array().map(Vec::len), Some(1), "{tokens}");
+    assert_eq!(tokens[0]["name"], "admin");
+    assert_eq!(tokens[0]["role"], "admin");
+    assert!(!stdout(&output).contains(&secret));
+
+    let mut again = bearman(dir.path());
+    again
+        .args([
+            "token",
+            "create",
+            "--name",
+            "admin",
+            "--role",
+            "viewer",
+            "--data-dir",
+        ])
+        .arg(&data_dir);
+    assert_refused("duplicate token create", &run(again), "admin");
+}
+
+#[test]
+fn serve_answers_boot_requests_and_client_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let token = create_admin_token(dir.path(), &data_dir);
+    let serve = Serve::start(dir.path(), &data_dir);
+
+    let stage1 = request(serve.address, "GET", "/ipxe", None).unwrap();
+    assert_eq!(stage1.status, 200);
+    let script = stage1.text();
+    assert!(script.starts_with("#!ipxe\n"), "{script}");
+    assert!(
+        script.contains(&format!("bearman.url={}", serve.url())),
+        "public URL defaults to http://LISTEN: {script}"
+    );
+
+    let client = |args: &[&str]| serve.client(dir.path(), Some(&token), args);
+    let pool = client(&[
+        "pool",
+        "create",
+        "rack-a",
+        "--purpose",
+        "node",
+        "--cidr",
+        "10.10.0.0/24",
+        "--range",
+        "10.10.0.10-10.10.0.200",
+        "--gateway",
+        "10.10.0.1",
+        "--vlan",
+        "100",
+    ]);
+    assert_success("pool create", &pool);
+    assert!(stdout(&pool).contains("rack-a"), "{}", stdout(&pool));
+
+    let kernel_sha = "1".repeat(64);
+    let initrd_sha = "2".repeat(64);
+    let flavor = client(&[
+        "flavor",
+        "create",
+        "--name",
+        "hv",
+        "--kernel",
+        "/images/hv/vmlinuz",
+        "--kernel-sha256",
+        &kernel_sha,
+        "--initrd",
+        "/images/hv/initrd.img",
+        "--initrd-sha256",
+        &initrd_sha,
+        "--cmdline",
+        "console=ttyS0 ip={ip}",
+    ]);
+    assert_success("flavor create", &flavor);
+    assert!(stdout(&flavor).contains("hv"), "{}", stdout(&flavor));
+
+    let empty = client(&["node", "list", "--output", "json"]);
+    assert_success("node list", &empty);
+    let nodes: Value =
+        serde_json::from_str(&stdout(&empty)).expect("node list --output json is JSON");
+    assert_eq!(nodes, Value::Array(vec![]));
+
+    let registered = request(
+        serve.address,
+        "POST",
+        &format!("/ipxe/{UUID}/register"),
+        Some(&registration_body()),
+    )
+    .unwrap();
+    assert_eq!(registered.status, 200, "{}", registered.text());
+
+    let listed = client(&["node", "list", "--output", "json"]);
+    assert_success("node list", &listed);
+    let nodes: Value =
+        serde_json::from_str(&stdout(&listed)).expect("node list --output json is JSON");
+    let nodes = nodes.as_array().expect("a JSON array");
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0]["uuid"], UUID);
+    assert_eq!(nodes[0]["state"], "registered");
+    assert_eq!(
+        nodes[0]["network"]["bond0_addresses"],
+        serde_json::json!(["10.10.0.10/24"])
+    );
+
+    let filtered = client(&["node", "list", "--state", "ready", "--output", "json"]);
+    assert_success("node list --state ready", &filtered);
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&filtered)).unwrap(),
+        Value::Array(vec![])
+    );
+
+    let summary = client(&["summary"]);
+    assert_success("summary", &summary);
+    let table = stdout(&summary);
+    assert!(table.contains("STATE"), "{table}");
+    let row = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+    };
+    assert_eq!(row("registered"), Some(vec!["registered", "1"]), "{table}");
+    assert_eq!(row("total"), Some(vec!["total", "1"]), "{table}");
+
+    let summary = client(&["summary", "--output", "json"]);
+    assert_success("summary --output json", &summary);
+    let counts: Value = serde_json::from_str(&stdout(&summary)).unwrap();
+    assert_eq!(
+        counts,
+        serde_json::json!({"total": 1, "by_state": {"registered": 1}})
+    );
+
+    let shown = client(&["pool", "show", "rack-a"]);
+    assert_success("pool show", &shown);
+    assert!(
+        stdout(&shown).contains("1 of 191 addresses allocated"),
+        "{}",
+        stdout(&shown)
+    );
+
+    // The API's refusals reach the operator as errors naming the problem.
+    let bogus = client(&["node", "list", "--state", "bogus"]);
+    assert_refused("node list --state bogus", &bogus, "invalid_query");
+    let duplicate = client(&[
+        "pool",
+        "create",
+        "rack-a",
+        "--purpose",
+        "node",
+        "--cidr",
+        "10.10.0.0/24",
+        "--range",
+        "10.10.0.10-10.10.0.20",
+    ]);
+    assert_refused("duplicate pool create", &duplicate, "already_exists");
+    let backwards = client(&[
+        "pool",
+        "create",
+        "rack-b",
+        "--purpose",
+        "node",
+        "--cidr",
+        "10.11.0.0/24",
+        "--range",
+        "10.11.0.10",
+    ]);
+    assert_refused("pool create with a bad --range", &backwards, "--range");
+}
+
+#[test]
+fn client_without_token_is_told_about_bearman_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    create_admin_token(dir.path(), &data_dir);
+    let serve = Serve::start(dir.path(), &data_dir);
+    for args in [&["node", "list"][..], &["summary"], &["flavor", "list"]] {
+        let output = serve.client(dir.path(), None, args);
+        assert_refused(&args.join(" "), &output, "BEARMAN_TOKEN");
+        assert!(stderr(&output).contains("401"), "{}", stderr(&output));
+    }
+    let output = serve.client(dir.path(), Some("bm_not-a-real-token"), &["summary"]);
+    assert_refused("summary with a bad token", &output, "BEARMAN_TOKEN");
+}
+
+#[test]
+fn unreachable_url_is_an_error_naming_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    for args in [&["summary"][..], &["node", "list"], &["pool", "list"]] {
+        let mut command = bearman(dir.path());
+        command.args(args).args(["--url", &url, "--token", "bm_x"]);
+        let output = run(command);
+        assert_refused(&args.join(" "), &output, &format!("127.0.0.1:{port}"));
+    }
+    let mut command = bearman(dir.path());
+    command.args(["summary", "--url", "nonsense", "--token", "bm_x"]);
+    assert_refused("summary --url nonsense", &run(command), "--url");
+}
+
+#[test]
+fn serve_refuses_bad_flags_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let cases: [(&[&str], &str); 6] = [
+        (&["--listen", "0.0.0.0:1"], "--public-url"),
+        (&["--listen", "[::]:8080"], "--public-url"),
+        (&["--listen", "nonsense"], "--listen"),
+        (&["--listen", "127.0.0.1"], "--listen"),
+        (
+            &["--listen", &listen, "--log-format", "yaml"],
+            "--log-format",
+        ),
+        (
+            &["--listen", &listen, "--public-url", "ftp://10.0.0.1"],
+            "--public-url",
+        ),
+    ];
+    for (args, mentions) in cases {
+        let mut command = bearman(dir.path());
+        command
+            .arg("serve")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data_dir);
+        let output = run(command);
+        assert_refused(&format!("serve {}", args.join(" ")), &output, mentions);
+    }
+    assert!(
+        !dir.path().join("bearman-data").exists(),
+        "nothing is created in the working directory"
+    );
+}
+
+#[test]
+fn serve_on_a_busy_port_names_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let mut command = bearman(dir.path());
+    command
+        .args(["serve", "--listen", &address, "--data-dir"])
+        .arg(dir.path().join("data"));
+    assert_refused("serve on a busy port", &run(command), &address);
+    drop(taken);
+}
