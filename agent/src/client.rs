@@ -17,7 +17,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 /// Opens byte streams to the daemon: TCP in production, turmoil in the simulator.
 pub trait Connector: Send + Sync {
     type Stream: AsyncRead + AsyncWrite + Unpin + Send;
-    fn connect(&self, authority: &str) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+    fn connect(
+        &self,
+        authority: &str,
+    ) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
 }
 
 /// Default bound on one request, connect included.
@@ -118,26 +121,31 @@ impl<C: Connector> BootClient<C> {
         let path = format!("{}{}", self.base.path.trim_end_matches('/'), suffix);
         let authority = self.base.authority();
         let attempt = async {
-            let mut stream = self
-                .connector
-                .connect(&authority)
-                .await
-                .map_err(|source| ClientError::Connect {
+            let mut stream = self.connector.connect(&authority).await.map_err(|source| {
+                ClientError::Connect {
                     authority: authority.clone(),
                     source,
-                })?;
+                }
+            })?;
             let headers: &[(&str, &str)] = if body.is_some() {
                 &[("Content-Type", "application/json")]
             } else {
                 &[]
             };
-            http::send(&mut stream, method, &authority, &path, headers, body.as_deref())
-                .await
-                .map_err(|source| ClientError::Transport {
-                    method,
-                    path: path.clone(),
-                    source,
-                })
+            http::send(
+                &mut stream,
+                method,
+                &authority,
+                &path,
+                headers,
+                body.as_deref(),
+            )
+            .await
+            .map_err(|source| ClientError::Transport {
+                method,
+                path: path.clone(),
+                source,
+            })
         };
         let response = tokio::time::timeout(self.timeout, attempt)
             .await
@@ -185,7 +193,10 @@ impl<C: Connector> BootClient<C> {
     }
 
     /// `POST /ipxe/{uuid}/register`.
-    pub async fn register(&self, request: &RegisterRequest) -> Result<RegisterResponse, ClientError> {
+    pub async fn register(
+        &self,
+        request: &RegisterRequest,
+    ) -> Result<RegisterResponse, ClientError> {
         let body = serde_json::to_vec(request).map_err(|e| ClientError::Decode {
             path: "register".into(),
             detail: e.to_string(),
@@ -215,7 +226,11 @@ impl<C: Connector> BootClient<C> {
     pub async fn installed(&self, report: &InstalledReport) -> Result<String, ClientError> {
         let body = serde_json::to_vec(report).unwrap_or_default();
         let reply: serde_json::Value = self
-            .json("POST", &format!("/ipxe/{}/installed", self.uuid), Some(body))
+            .json(
+                "POST",
+                &format!("/ipxe/{}/installed", self.uuid),
+                Some(body),
+            )
             .await?;
         Ok(reply["state"].as_str().unwrap_or_default().to_string())
     }
@@ -224,7 +239,11 @@ impl<C: Connector> BootClient<C> {
     pub async fn heartbeat(&self, beat: &Heartbeat) -> Result<String, ClientError> {
         let body = serde_json::to_vec(beat).unwrap_or_default();
         let reply: serde_json::Value = self
-            .json("POST", &format!("/ipxe/{}/heartbeat", self.uuid), Some(body))
+            .json(
+                "POST",
+                &format!("/ipxe/{}/heartbeat", self.uuid),
+                Some(body),
+            )
             .await?;
         Ok(reply["state"].as_str().unwrap_or_default().to_string())
     }
@@ -236,10 +255,9 @@ impl<C: Connector> BootClient<C> {
         let script = self.target_script().await?;
         let profile = self.profile().await?;
         let detail = self.detail().await?;
-        let kernel = script
-            .kernel
-            .as_ref()
-            .ok_or_else(|| ClientError::Inconsistent("the target script does not boot a kernel".into()))?;
+        let kernel = script.kernel.as_ref().ok_or_else(|| {
+            ClientError::Inconsistent("the target script does not boot a kernel".into())
+        })?;
         if kernel.url != profile.kernel.url {
             return Err(ClientError::Inconsistent(format!(
                 "script kernel {} but profile kernel {}",

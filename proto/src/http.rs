@@ -73,7 +73,10 @@ impl HttpUrl {
             return Err(invalid());
         }
         Ok(HttpUrl {
-            host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
             port,
             path: path.to_string(),
         })
@@ -178,7 +181,9 @@ async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Response,
         if read == 0 {
             if let Some(length) = content_length {
                 if response.body.len() < length {
-                    return Err(HttpError::Malformed("body shorter than content-length".into()));
+                    return Err(HttpError::Malformed(
+                        "body shorter than content-length".into(),
+                    ));
                 }
             }
             break;
@@ -229,7 +234,10 @@ mod tests {
     #[test]
     fn url_parse_handles_ports_paths_and_refuses_https() {
         let url = HttpUrl::parse("http://10.0.2.2:8080/ipxe/x").unwrap();
-        assert_eq!((url.host.as_str(), url.port, url.path.as_str()), ("10.0.2.2", 8080, "/ipxe/x"));
+        assert_eq!(
+            (url.host.as_str(), url.port, url.path.as_str()),
+            ("10.0.2.2", 8080, "/ipxe/x")
+        );
         let url = HttpUrl::parse("http://bearman").unwrap();
         assert_eq!((url.port, url.path.as_str()), (80, "/"));
         assert!(HttpUrl::parse("https://bearman/").is_err());

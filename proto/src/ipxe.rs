@@ -181,8 +181,9 @@ mod tests {
 
     #[test]
     fn options_before_urls_are_skipped() {
-        let parsed =
-            parse("#!ipxe\nkernel --name vmlinuz http://h/k a=b\ninitrd --name=x http://h/i\nboot\n");
+        let parsed = parse(
+            "#!ipxe\nkernel --name vmlinuz http://h/k a=b\ninitrd --name=x http://h/i\nboot\n",
+        );
         // `--name=x` carries its value inline, so the URL follows directly.
         let parsed = parsed.unwrap();
         assert_eq!(parsed.kernel.unwrap().url, "http://h/k");

@@ -66,7 +66,9 @@ async fn handle(
             let locked = state.locked_until.is_some_and(|until| at < until);
             if !locked && behaviour.burst_limit > 0 {
                 let window = Duration::from_secs(behaviour.burst_window_s);
-                state.recent_calls.retain(|call| at.saturating_sub(*call) < window);
+                state
+                    .recent_calls
+                    .retain(|call| at.saturating_sub(*call) < window);
                 state.recent_calls.push(at);
                 if state.recent_calls.len() as u32 > behaviour.burst_limit {
                     state.locked_until = Some(at + Duration::from_secs(behaviour.lockup_s));
@@ -75,7 +77,9 @@ async fn handle(
                     world.trace.record(at, format!("bmc_lockup {name} (burst)"));
                 }
             }
-            let locked = world.bmcs[index as usize].locked_until.is_some_and(|until| at < until);
+            let locked = world.bmcs[index as usize]
+                .locked_until
+                .is_some_and(|until| at < until);
             if locked || world.bmc_faults.timeouts {
                 None
             } else {
@@ -93,7 +97,10 @@ async fn handle(
         }
         Some(_) => {}
     }
-    tokio::time::sleep(Duration::from_millis(rng.range(behaviour.latency_ms[0], behaviour.latency_ms[1]))).await;
+    tokio::time::sleep(Duration::from_millis(
+        rng.range(behaviour.latency_ms[0], behaviour.latency_ms[1]),
+    ))
+    .await;
     let transition = Duration::from_millis(behaviour.transition_ms);
     let reply = match op {
         "STATUS" => {
@@ -148,14 +155,22 @@ impl SimBmc {
         let exchange = async {
             let stream = turmoil::net::TcpStream::connect((BMC_HOST, BMC_PORT)).await?;
             let (read, mut write) = tokio::io::split(stream);
-            write.write_all(format!("{op} {}\n", self.node_index).as_bytes()).await?;
+            write
+                .write_all(format!("{op} {}\n", self.node_index).as_bytes())
+                .await?;
             let mut line = String::new();
-            BufReader::new(read).take(LINE_BYTES_MAX as u64).read_line(&mut line).await?;
+            BufReader::new(read)
+                .take(LINE_BYTES_MAX as u64)
+                .read_line(&mut line)
+                .await?;
             Ok::<String, std::io::Error>(line)
         };
         let line = tokio::time::timeout(self.timeout, exchange)
             .await
-            .map_err(|_| BmcError::Timeout { bmc: bmc.clone(), operation: op })?
+            .map_err(|_| BmcError::Timeout {
+                bmc: bmc.clone(),
+                operation: op,
+            })?
             .map_err(|error| BmcError::Failed {
                 bmc: bmc.clone(),
                 operation: op,
@@ -167,7 +182,11 @@ impl SimBmc {
             None => Err(BmcError::Failed {
                 bmc,
                 operation: op,
-                detail: if line.is_empty() { "connection closed without an answer".into() } else { line.to_string() },
+                detail: if line.is_empty() {
+                    "connection closed without an answer".into()
+                } else {
+                    line.to_string()
+                },
             }),
         }
     }

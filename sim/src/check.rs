@@ -57,7 +57,10 @@ impl Default for Checker {
             no_vm_lost: Verdict::new("no VM is lost", "liveness"),
             unique_addresses: Verdict::new("no address is allocated twice", "safety"),
             legal_states: Verdict::new("every node moves only by legal transitions", "safety"),
-            fence_before_evacuate: Verdict::new("nothing evacuated from a host not verified off", "safety"),
+            fence_before_evacuate: Verdict::new(
+                "nothing evacuated from a host not verified off",
+                "safety",
+            ),
             ready_after_heal: Verdict::new("every powered node Ready by the deadline", "liveness"),
             reported_doubled: BTreeSet::new(),
             events_seen: 0,
@@ -95,8 +98,12 @@ impl Checker {
         for vm in world.vms.values() {
             if vm.instances.len() > 1 && self.reported_doubled.insert(vm.id) {
                 let hosts: Vec<String> = vm.instances.iter().map(|h| world.node_name(*h)).collect();
-                self.no_vm_twice
-                    .fail(format!("t={} vm{} runs on {}", seconds(now), vm.id, hosts.join(" and ")));
+                self.no_vm_twice.fail(format!(
+                    "t={} vm{} runs on {}",
+                    seconds(now),
+                    vm.id,
+                    hosts.join(" and ")
+                ));
             }
         }
         self.fence_before_evacuate.checks += 1;
@@ -130,12 +137,17 @@ impl Checker {
                 continue;
             };
             match (LifecycleState::parse(from), LifecycleState::parse(to)) {
-                (Some(from_state), Some(to_state)) if reachable(from_state, to_state) || from_state == to_state => {}
+                (Some(from_state), Some(to_state))
+                    if reachable(from_state, to_state) || from_state == to_state => {}
                 _ => self.legal_states.fail(format!(
                     "t={} event {} moved {} from {from} to {to}",
                     seconds(now),
                     event.id,
-                    event.node_uuid.as_ref().map(|u| u.to_string()).unwrap_or_default()
+                    event
+                        .node_uuid
+                        .as_ref()
+                        .map(|u| u.to_string())
+                        .unwrap_or_default()
                 )),
             }
         }
@@ -146,8 +158,11 @@ impl Checker {
     pub fn check_deadline(&mut self, world: &World, store: &MemoryStore, now: Duration) {
         self.ready_after_heal.checks += 1;
         let snapshot = store.snapshot();
-        let states: BTreeMap<&str, LifecycleState> =
-            snapshot.nodes.iter().map(|n| (n.uuid.as_str(), n.state)).collect();
+        let states: BTreeMap<&str, LifecycleState> = snapshot
+            .nodes
+            .iter()
+            .map(|n| (n.uuid.as_str(), n.state))
+            .collect();
         let mut not_ready = Vec::new();
         for node in &world.nodes {
             if node.power != Power::On || node.os == Os::Crashed {
@@ -174,7 +189,12 @@ impl Checker {
             ));
         }
         self.no_vm_lost.checks += 1;
-        let lost: Vec<u32> = world.vms.values().filter(|vm| vm.instances.is_empty()).map(|vm| vm.id).collect();
+        let lost: Vec<u32> = world
+            .vms
+            .values()
+            .filter(|vm| vm.instances.is_empty())
+            .map(|vm| vm.id)
+            .collect();
         if !lost.is_empty() {
             self.no_vm_lost.fail(format!(
                 "t={} {} VM(s) run nowhere, e.g. vm{}",

@@ -66,12 +66,22 @@ fn answer(world: &mut World, op: &str, argument: &str) -> String {
                     world.trace.record(at, format!("force_down {name}"));
                     "OK".into()
                 }
-                _ => format!("OK {}", if world.service_alive(index, at) { "up" } else { "down" }),
+                _ => format!(
+                    "OK {}",
+                    if world.service_alive(index, at) {
+                        "up"
+                    } else {
+                        "down"
+                    }
+                ),
             }
         }
         "EVACUATE" => match argument.parse::<u32>() {
             Ok(vm) => match world.evacuate(vm, at) {
-                Ok(target) => format!("OK {}", default_hostname(&world.nodes[target as usize].uuid)),
+                Ok(target) => format!(
+                    "OK {}",
+                    default_hostname(&world.nodes[target as usize].uuid)
+                ),
                 Err(error) => format!("ERR 409 {error}"),
             },
             Err(_) => "ERR 400 bad vm id".into(),
@@ -83,7 +93,10 @@ fn answer(world: &mut World, op: &str, argument: &str) -> String {
 async fn handle(stream: turmoil::net::TcpStream, world: SharedWorld) -> std::io::Result<()> {
     let (read, mut write) = tokio::io::split(stream);
     let mut line = String::new();
-    BufReader::new(read).take(LINE_BYTES_MAX as u64).read_line(&mut line).await?;
+    BufReader::new(read)
+        .take(LINE_BYTES_MAX as u64)
+        .read_line(&mut line)
+        .await?;
     let mut words = line.split_whitespace();
     let (op, argument) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let reply = answer(&mut lock(&world), op, argument);
@@ -100,9 +113,14 @@ impl SimCloud {
         let exchange = async {
             let stream = turmoil::net::TcpStream::connect((CLOUD_HOST, CLOUD_PORT)).await?;
             let (read, mut write) = tokio::io::split(stream);
-            write.write_all(format!("{op} {argument}\n").as_bytes()).await?;
+            write
+                .write_all(format!("{op} {argument}\n").as_bytes())
+                .await?;
             let mut line = String::new();
-            BufReader::new(read).take(LINE_BYTES_MAX as u64).read_line(&mut line).await?;
+            BufReader::new(read)
+                .take(LINE_BYTES_MAX as u64)
+                .read_line(&mut line)
+                .await?;
             Ok::<String, std::io::Error>(line)
         };
         let line = tokio::time::timeout(self.timeout, exchange)
@@ -126,7 +144,11 @@ impl SimCloud {
 impl Cloud for SimCloud {
     async fn vms_on_host(&self, host: &str) -> Result<Vec<String>, CloudError> {
         let list = self.call("VMS", host).await?;
-        Ok(list.split(',').filter(|id| !id.is_empty()).map(str::to_string).collect())
+        Ok(list
+            .split(',')
+            .filter(|id| !id.is_empty())
+            .map(str::to_string)
+            .collect())
     }
 
     async fn force_down(&self, host: &str) -> Result<(), CloudError> {

@@ -109,7 +109,9 @@ pub struct World {
 pub type SharedWorld = Arc<Mutex<World>>;
 
 pub fn lock(world: &SharedWorld) -> MutexGuard<'_, World> {
-    world.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    world
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub fn seconds(at: Duration) -> String {
@@ -127,7 +129,11 @@ impl World {
                     index,
                     rack,
                     uuid: NodeUuid::from_index(UUID_NAMESPACE, index as u64),
-                    role: if slot < storage_per_rack { Role::Storage } else { Role::Compute },
+                    role: if slot < storage_per_rack {
+                        Role::Storage
+                    } else {
+                        Role::Compute
+                    },
                     power: Power::Off,
                     os: Os::Off,
                     epoch: 0,
@@ -235,7 +241,8 @@ impl World {
         }
         self.forced_down.remove(&index);
         let name = self.node_name(index);
-        self.trace.record(now, format!("stage2_up {name} vms_started={started}"));
+        self.trace
+            .record(now, format!("stage2_up {name} vms_started={started}"));
         true
     }
 
@@ -275,7 +282,11 @@ impl World {
     /// (`ComputeServiceInUse`) unless it was forced down; picks the least-loaded running
     /// compute node with room. Records a violation if the source is not actually off.
     pub fn evacuate(&mut self, vm_id: u32, now: Duration) -> Result<u32, String> {
-        let vm = self.vms.get(&vm_id).ok_or_else(|| format!("no such vm {vm_id}"))?.clone();
+        let vm = self
+            .vms
+            .get(&vm_id)
+            .ok_or_else(|| format!("no such vm {vm_id}"))?
+            .clone();
         let source = vm.assigned;
         if self.service_alive(source, now) {
             return Err(format!(
@@ -311,14 +322,23 @@ impl World {
         vm.assigned = target;
         vm.instances.insert(target);
         let (from, to) = (self.node_name(source), self.node_name(target));
-        self.trace.record(now, format!("evacuate vm{vm_id} {from} -> {to}"));
+        self.trace
+            .record(now, format!("evacuate vm{vm_id} {from} -> {to}"));
         Ok(target)
     }
 
     /// Counts how many VMs run on more than one host, and how many run nowhere.
     pub fn vm_census(&self) -> (usize, usize) {
-        let doubled = self.vms.values().filter(|vm| vm.instances.len() > 1).count();
-        let down = self.vms.values().filter(|vm| vm.instances.is_empty()).count();
+        let doubled = self
+            .vms
+            .values()
+            .filter(|vm| vm.instances.len() > 1)
+            .count();
+        let down = self
+            .vms
+            .values()
+            .filter(|vm| vm.instances.is_empty())
+            .count();
         (doubled, down)
     }
 }

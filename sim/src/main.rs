@@ -36,9 +36,13 @@ enum Command {
         /// Seed range A..B, B exclusive (default: SIM_SEEDS when set)
         #[arg(long)]
         seeds: Option<String>,
-        /// Resize the fleet to N nodes, keeping nodes per rack
+        /// Resize the fleet to N nodes (whole racks), keeping nodes per rack
         #[arg(long)]
         nodes: Option<u32>,
+        /// With --nodes: nodes per rack (each rack is one turmoil host; fewer, larger
+        /// racks simulate faster)
+        #[arg(long, requires = "nodes")]
+        nodes_per_rack: Option<u32>,
         /// Write the trace to FILE (one run) or FILE.<seed> (several)
         #[arg(long)]
         trace: Option<PathBuf>,
@@ -52,8 +56,14 @@ fn parse_seeds(text: &str) -> anyhow::Result<Vec<u64>> {
     let (start, end) = text
         .split_once("..")
         .with_context(|| format!("--seeds {text:?}: expected A..B, e.g. 1..5"))?;
-    let start: u64 = start.trim().parse().with_context(|| format!("--seeds {text:?}: bad start"))?;
-    let end: u64 = end.trim().parse().with_context(|| format!("--seeds {text:?}: bad end"))?;
+    let start: u64 = start
+        .trim()
+        .parse()
+        .with_context(|| format!("--seeds {text:?}: bad start"))?;
+    let end: u64 = end
+        .trim()
+        .parse()
+        .with_context(|| format!("--seeds {text:?}: bad end"))?;
     if end <= start || end - start > 10_000 {
         bail!("--seeds {text:?}: need A < B and at most 10,000 seeds");
     }
@@ -72,10 +82,18 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> anyhow::Result<bool> {
-    let Command::Run { scenario: path, seed, seeds, nodes, trace, quiet } = Cli::parse().command;
+    let Command::Run {
+        scenario: path,
+        seed,
+        seeds,
+        nodes,
+        nodes_per_rack,
+        trace,
+        quiet,
+    } = Cli::parse().command;
     let mut scenario = Scenario::load(&path)?;
     if let Some(nodes) = nodes {
-        scenario = scenario.with_nodes(nodes)?;
+        scenario = scenario.with_nodes(nodes, nodes_per_rack)?;
     }
     let seeds = match (seed, seeds) {
         (Some(seed), _) => vec![seed],
@@ -98,19 +116,27 @@ fn real_main() -> anyhow::Result<bool> {
             scenario.tick_ms
         );
         let started = Instant::now();
-        let report = run(&scenario, &RunOptions { seed: *seed }, |sample, fraction| {
-            if !quiet {
-                let ready = sample.counts.get(&bearman::core::LifecycleState::Ready).copied().unwrap_or(0);
-                eprintln!(
-                    "  [{:>3.0}%] t={}s wall={:.1}s ready={ready} running={} vms_down={}",
-                    fraction * 100.0,
-                    sample.at.as_secs(),
-                    started.elapsed().as_secs_f64(),
-                    sample.machines_running,
-                    sample.vms_down
-                );
-            }
-        })?;
+        let report = run(
+            &scenario,
+            &RunOptions { seed: *seed },
+            |sample, fraction| {
+                if !quiet {
+                    let ready = sample
+                        .counts
+                        .get(&bearman::core::LifecycleState::Ready)
+                        .copied()
+                        .unwrap_or(0);
+                    eprintln!(
+                        "  [{:>3.0}%] t={}s wall={:.1}s ready={ready} running={} vms_down={}",
+                        fraction * 100.0,
+                        sample.at.as_secs(),
+                        started.elapsed().as_secs_f64(),
+                        sample.machines_running,
+                        sample.vms_down
+                    );
+                }
+            },
+        )?;
         let wall = started.elapsed();
         if let Some(trace_path) = &trace {
             let target = if seeds.len() == 1 {
@@ -138,9 +164,15 @@ fn real_main() -> anyhow::Result<bool> {
             if let Some(nodes) = nodes {
                 replay.push_str(&format!(" --nodes {nodes}"));
             }
+            if let Some(per_rack) = nodes_per_rack {
+                replay.push_str(&format!(" --nodes-per-rack {per_rack}"));
+            }
             eprintln!(
                 "FAILED: {} seed {seed} (tick {} ms, {} racks x {} nodes). Replay: {replay}",
-                scenario.name, scenario.tick_ms, scenario.fleet.racks, scenario.fleet.nodes_per_rack
+                scenario.name,
+                scenario.tick_ms,
+                scenario.fleet.racks,
+                scenario.fleet.nodes_per_rack
             );
         }
     }

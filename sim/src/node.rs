@@ -38,7 +38,12 @@ pub fn hardware(fixture: &RegisterRequest, index: u32, rack: u32) -> RegisterReq
         });
     }
     request.bmc = Some(BmcFacts {
-        mac: format!("06:00:{:02x}:{:02x}:{:02x}:01", (index >> 16) & 0xff, (index >> 8) & 0xff, index & 0xff),
+        mac: format!(
+            "06:00:{:02x}:{:02x}:{:02x}:01",
+            (index >> 16) & 0xff,
+            (index >> 8) & 0xff,
+            index & 0xff
+        ),
         address: None,
     });
     request
@@ -53,7 +58,13 @@ fn now() -> Duration {
 }
 
 /// Runs node `index` forever: waits for power, lives one boot per epoch.
-pub async fn supervise(world: SharedWorld, index: u32, timing: Timing, fixture: RegisterRequest, seed: u64) {
+pub async fn supervise(
+    world: SharedWorld,
+    index: u32,
+    timing: Timing,
+    fixture: RegisterRequest,
+    seed: u64,
+) {
     let (mut epochs, rack) = {
         let world = lock(&world);
         let node = &world.nodes[index as usize];
@@ -107,7 +118,14 @@ where
     }
 }
 
-async fn life(world: &SharedWorld, index: u32, epoch: u64, timing: &Timing, request: &RegisterRequest, rng: &mut SimRng) {
+async fn life(
+    world: &SharedWorld,
+    index: u32,
+    epoch: u64,
+    timing: &Timing,
+    request: &RegisterRequest,
+    rng: &mut SimRng,
+) {
     let uuid = lock(world).nodes[index as usize].uuid.clone();
     let client = BootClient::new(TurmoilConnector, DAEMON_URL, uuid)
         .expect("static daemon url parses")

@@ -52,7 +52,9 @@ async fn set_and_verify(bmc: &SimBmc, want: PowerState) -> Result<u32, String> {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(20));
     }
-    Err(format!("not verified {want:?} after {READBACKS_MAX} readbacks"))
+    Err(format!(
+        "not verified {want:?} after {READBACKS_MAX} readbacks"
+    ))
 }
 
 async fn power_cycle(world: SharedWorld, index: u32) {

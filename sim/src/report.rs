@@ -18,9 +18,18 @@ pub fn render(report: &Report, wall: Duration) -> String {
     );
     let states: Vec<LifecycleState> = LifecycleState::ALL
         .into_iter()
-        .filter(|state| report.samples.iter().any(|s| s.counts.get(state).copied().unwrap_or(0) > 0))
+        .filter(|state| {
+            report
+                .samples
+                .iter()
+                .any(|s| s.counts.get(state).copied().unwrap_or(0) > 0)
+        })
         .collect();
-    let _ = write!(out, "\nnodes per state (daemon's view) over virtual time\n{:>8}", "t(s)");
+    let _ = write!(
+        out,
+        "\nnodes per state (daemon's view) over virtual time\n{:>8}",
+        "t(s)"
+    );
     for state in &states {
         let _ = write!(out, " {:>12}", state.as_str());
     }
@@ -29,9 +38,17 @@ pub fn render(report: &Report, wall: Duration) -> String {
     for sample in &report.samples {
         let mut line = String::new();
         for state in &states {
-            let _ = write!(line, " {:>12}", sample.counts.get(state).copied().unwrap_or(0));
+            let _ = write!(
+                line,
+                " {:>12}",
+                sample.counts.get(state).copied().unwrap_or(0)
+            );
         }
-        let _ = write!(line, " {:>9} {:>8}", sample.machines_running, sample.vms_down);
+        let _ = write!(
+            line,
+            " {:>9} {:>8}",
+            sample.machines_running, sample.vms_down
+        );
         // Consecutive identical rows say nothing new.
         if line != last_line {
             let _ = writeln!(out, "{:>8}{line}", sample.at.as_secs());
@@ -69,6 +86,11 @@ pub fn render(report: &Report, wall: Duration) -> String {
         wall.as_secs_f64(),
         ratio
     );
-    let _ = writeln!(out, "trace hash {} ({} lines)", report.trace.hash(), report.trace.len());
+    let _ = writeln!(
+        out,
+        "trace hash {} ({} lines)",
+        report.trace.hash(),
+        report.trace.len()
+    );
     out
 }

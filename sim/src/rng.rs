@@ -48,16 +48,23 @@ mod tests {
 
     #[test]
     fn same_seed_same_sequence_and_streams_differ() {
-        let a: Vec<u64> = (0..5).map({
-            let mut r = SimRng::new(7);
-            move |_| r.next_u64()
-        }).collect();
-        let b: Vec<u64> = (0..5).map({
-            let mut r = SimRng::new(7);
-            move |_| r.next_u64()
-        }).collect();
+        let a: Vec<u64> = (0..5)
+            .map({
+                let mut r = SimRng::new(7);
+                move |_| r.next_u64()
+            })
+            .collect();
+        let b: Vec<u64> = (0..5)
+            .map({
+                let mut r = SimRng::new(7);
+                move |_| r.next_u64()
+            })
+            .collect();
         assert_eq!(a, b);
-        assert_ne!(SimRng::derive(7, 1).next_u64(), SimRng::derive(7, 2).next_u64());
+        assert_ne!(
+            SimRng::derive(7, 1).next_u64(),
+            SimRng::derive(7, 2).next_u64()
+        );
         let mut r = SimRng::new(3);
         for _ in 0..1000 {
             let v = r.range(10, 20);

@@ -124,7 +124,12 @@ fn seed_store(store: &MemoryStore) {
 }
 
 /// Picks `count` distinct nodes (in `rack`, or anywhere) from the seed, in a stable order.
-fn pick_nodes(world: &World, rack: Option<u32>, count: u32, rng: &mut crate::rng::SimRng) -> Vec<u32> {
+fn pick_nodes(
+    world: &World,
+    rack: Option<u32>,
+    count: u32,
+    rng: &mut crate::rng::SimRng,
+) -> Vec<u32> {
     let mut candidates: Vec<u32> = world
         .nodes
         .iter()
@@ -153,7 +158,13 @@ fn apply_fault(
     now: Duration,
 ) {
     let verb = if heal { "heal" } else { "fault" };
-    lock(world).trace.record(now, format!("{verb} {:?} rack={:?} count={:?}", fault.kind, fault.rack, fault.count));
+    lock(world).trace.record(
+        now,
+        format!(
+            "{verb} {:?} rack={:?} count={:?}",
+            fault.kind, fault.rack, fault.count
+        ),
+    );
     match (&fault.kind, heal) {
         (FaultKind::CrashNodes, false) => {
             let mut world = lock(world);
@@ -190,7 +201,12 @@ fn apply_fault(
         (FaultKind::RackPowerLoss, false) => {
             let mut world = lock(world);
             let rack = fault.rack.expect("validated");
-            let nodes: Vec<u32> = world.nodes.iter().filter(|n| n.rack == rack).map(|n| n.index).collect();
+            let nodes: Vec<u32> = world
+                .nodes
+                .iter()
+                .filter(|n| n.rack == rack)
+                .map(|n| n.index)
+                .collect();
             for index in &nodes {
                 world.power_off(*index, now, "rack power loss");
             }
@@ -198,13 +214,22 @@ fn apply_fault(
         (FaultKind::RackPowerLoss, true) => {
             let mut world = lock(world);
             let rack = fault.rack.expect("validated");
-            let nodes: Vec<u32> = world.nodes.iter().filter(|n| n.rack == rack).map(|n| n.index).collect();
+            let nodes: Vec<u32> = world
+                .nodes
+                .iter()
+                .filter(|n| n.rack == rack)
+                .map(|n| n.index)
+                .collect();
             for index in &nodes {
                 world.power_on(*index, now, "rack power restored");
             }
         }
-        (FaultKind::PartitionRack, false) => sim.partition(rack_host(fault.rack.expect("validated")), "daemon"),
-        (FaultKind::PartitionRack, true) => sim.repair(rack_host(fault.rack.expect("validated")), "daemon"),
+        (FaultKind::PartitionRack, false) => {
+            sim.partition(rack_host(fault.rack.expect("validated")), "daemon")
+        }
+        (FaultKind::PartitionRack, true) => {
+            sim.repair(rack_host(fault.rack.expect("validated")), "daemon")
+        }
         (FaultKind::PartitionBmc, false) => sim.partition(bmc::BMC_HOST, "daemon"),
         (FaultKind::PartitionBmc, true) => sim.repair(bmc::BMC_HOST, "daemon"),
         (FaultKind::BmcLockup, false) => {
@@ -254,8 +279,13 @@ fn apply_fault(
 }
 
 /// Runs `scenario` with `options`, calling `progress` about every tenth of the run.
-pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&Sample, f64)) -> anyhow::Result<Report> {
-    let fixture: RegisterRequest = serde_json::from_str(include_str!("../../fixtures/hardware/r640.json"))?;
+pub fn run(
+    scenario: &Scenario,
+    options: &RunOptions,
+    mut progress: impl FnMut(&Sample, f64),
+) -> anyhow::Result<Report> {
+    let fixture: RegisterRequest =
+        serde_json::from_str(include_str!("../../fixtures/hardware/r640.json"))?;
     let fleet = &scenario.fleet;
     let world: SharedWorld = Arc::new(Mutex::new(World::new(
         fleet.racks,
@@ -301,7 +331,12 @@ pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&
                         heartbeat_fresh_ms: 30_000,
                     }),
                 };
-                bearman::server::serve(net::TurmoilListener(listener), state, std::future::pending()).await?;
+                bearman::server::serve(
+                    net::TurmoilListener(listener),
+                    state,
+                    std::future::pending(),
+                )
+                .await?;
                 Ok(())
             }
         });
@@ -310,7 +345,9 @@ pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&
         let world = world.clone();
         let behaviour = scenario.bmc.clone();
         let seed = options.seed;
-        sim.host(bmc::BMC_HOST, move || bmc::serve(world.clone(), behaviour.clone(), seed));
+        sim.host(bmc::BMC_HOST, move || {
+            bmc::serve(world.clone(), behaviour.clone(), seed)
+        });
     }
     {
         let world = world.clone();
@@ -318,7 +355,9 @@ pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&
     }
     {
         let world = world.clone();
-        sim.host(crate::ops::OPS_HOST, move || crate::ops::serve(world.clone()));
+        sim.host(crate::ops::OPS_HOST, move || {
+            crate::ops::serve(world.clone())
+        });
     }
     for rack in 0..fleet.racks {
         let world = world.clone();
@@ -333,7 +372,13 @@ pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&
             async move {
                 for slot in 0..per_rack {
                     let index = rack * per_rack + slot;
-                    tokio::task::spawn_local(node::supervise(world.clone(), index, timing.clone(), fixture.clone(), seed));
+                    tokio::task::spawn_local(node::supervise(
+                        world.clone(),
+                        index,
+                        timing.clone(),
+                        fixture.clone(),
+                        seed,
+                    ));
                 }
                 std::future::pending::<()>().await;
                 Ok(())
@@ -366,7 +411,9 @@ pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&
         deadlines.push(Duration::from_secs(by));
     }
     if let Some(after) = scenario.expect.ready_after_heal_s {
-        deadlines.push(Duration::from_secs(scenario.last_heal_s().unwrap_or(0) + after));
+        deadlines.push(Duration::from_secs(
+            scenario.last_heal_s().unwrap_or(0) + after,
+        ));
     }
     if deadlines.is_empty() {
         deadlines.push(duration);
@@ -405,7 +452,17 @@ pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&
                 break;
             }
             schedule.next();
-            apply_fault(&mut sim, &world, &scenario.faults[index], heal, &mut affected, index, &mut fault_rng, fleet.racks, now);
+            apply_fault(
+                &mut sim,
+                &world,
+                &scenario.faults[index],
+                heal,
+                &mut affected,
+                index,
+                &mut fault_rng,
+                fleet.racks,
+                now,
+            );
             samples.push(sample(&lock(&world), &store, now));
         }
         if now >= next_world_check {
@@ -418,7 +475,13 @@ pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&
         }
         if now >= next_sample {
             let s = sample(&lock(&world), &store, now);
-            lock(&world).trace.record(now, format!("sample {:?} running={} vms_down={}", s.counts, s.machines_running, s.vms_down));
+            lock(&world).trace.record(
+                now,
+                format!(
+                    "sample {:?} running={} vms_down={}",
+                    s.counts, s.machines_running, s.vms_down
+                ),
+            );
             samples.push(s);
             next_sample = now + sample_every;
         }
@@ -434,7 +497,8 @@ pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&
         if now >= duration {
             break;
         }
-        sim.step().map_err(|error| anyhow::anyhow!("simulation failed at t={}: {error}", seconds(now)))?;
+        sim.step()
+            .map_err(|error| anyhow::anyhow!("simulation failed at t={}: {error}", seconds(now)))?;
         steps += 1;
     }
     let end = sim.elapsed();
@@ -454,7 +518,10 @@ pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&
             "event {} at={} node={} actor={} action={} {}->{} {}",
             e.id,
             e.at_ms - EPOCH_MS,
-            e.node_uuid.as_ref().map(|u| u.to_string()).unwrap_or_default(),
+            e.node_uuid
+                .as_ref()
+                .map(|u| u.to_string())
+                .unwrap_or_default(),
             e.actor,
             e.action,
             e.from_state.as_deref().unwrap_or("-"),
@@ -463,10 +530,18 @@ pub fn run(scenario: &Scenario, options: &RunOptions, mut progress: impl FnMut(&
         )
     }));
     for verdict in checker.verdicts() {
-        trace.extend([format!("verdict {} {} {:?}", verdict.name, verdict.passed(), verdict.failures)]);
+        trace.extend([format!(
+            "verdict {} {} {:?}",
+            verdict.name,
+            verdict.passed(),
+            verdict.failures
+        )]);
     }
     let powered_off = world.nodes.iter().filter(|n| n.power == Power::Off).count();
-    trace.extend([format!("end powered_off={powered_off} heartbeats={}", world.heartbeats_sent)]);
+    trace.extend([format!(
+        "end powered_off={powered_off} heartbeats={}",
+        world.heartbeats_sent
+    )]);
     Ok(Report {
         scenario: scenario.name.clone(),
         seed: options.seed,

@@ -184,21 +184,27 @@ pub struct Expect {
 
 impl Scenario {
     pub fn load(path: &Path) -> anyhow::Result<Scenario> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading scenario {}", path.display()))?;
-        let scenario: Scenario =
-            toml::from_str(&text).with_context(|| format!("parsing scenario {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading scenario {}", path.display()))?;
+        let scenario: Scenario = toml::from_str(&text)
+            .with_context(|| format!("parsing scenario {}", path.display()))?;
         scenario
             .validate()
             .with_context(|| format!("scenario {}", path.display()))?;
         Ok(scenario)
     }
 
-    /// Resizes the fleet to `nodes` in total, keeping nodes per rack.
-    pub fn with_nodes(mut self, nodes: u32) -> anyhow::Result<Scenario> {
+    /// Resizes the fleet to `nodes` in total (rounded up to whole racks), with
+    /// `per_rack` nodes per rack or the scenario's own.
+    pub fn with_nodes(mut self, nodes: u32, per_rack: Option<u32>) -> anyhow::Result<Scenario> {
         if nodes == 0 {
             bail!("--nodes must be at least 1");
         }
-        let per_rack = self.fleet.nodes_per_rack.min(nodes);
+        if per_rack == Some(0) {
+            bail!("--nodes-per-rack must be at least 1");
+        }
+        let per_rack = per_rack.unwrap_or(self.fleet.nodes_per_rack).min(nodes);
+        self.fleet.storage_per_rack = self.fleet.storage_per_rack.min(per_rack);
         self.fleet.nodes_per_rack = per_rack;
         self.fleet.racks = nodes.div_ceil(per_rack);
         self.validate()?;
@@ -226,7 +232,10 @@ impl Scenario {
             bail!("fleet: racks and nodes_per_rack must be at least 1");
         }
         if self.node_count() > 100_000 {
-            bail!("fleet: {} nodes is more than the 100,000 the simulator supports", self.node_count());
+            bail!(
+                "fleet: {} nodes is more than the 100,000 the simulator supports",
+                self.node_count()
+            );
         }
         if self.fleet.storage_per_rack > self.fleet.nodes_per_rack {
             bail!("fleet.storage_per_rack exceeds nodes_per_rack");
@@ -241,25 +250,40 @@ impl Scenario {
         if self.timing.heartbeat_interval_s == 0 {
             bail!("timing.heartbeat_interval_s must be at least 1");
         }
-        if self.timing.retry_initial_ms == 0 || self.timing.retry_max_ms < self.timing.retry_initial_ms {
+        if self.timing.retry_initial_ms == 0
+            || self.timing.retry_max_ms < self.timing.retry_initial_ms
+        {
             bail!("timing: retry_initial_ms must be >= 1 and <= retry_max_ms");
         }
         for (index, fault) in self.faults.iter().enumerate() {
             let field = format!("fault[{index}] ({:?})", fault.kind);
             if fault.at_s >= self.duration_s {
-                bail!("{field}: at_s {} is not before the end ({} s)", fault.at_s, self.duration_s);
+                bail!(
+                    "{field}: at_s {} is not before the end ({} s)",
+                    fault.at_s,
+                    self.duration_s
+                );
             }
             if let Some(heal) = fault.heal_at_s {
                 if heal <= fault.at_s {
-                    bail!("{field}: heal_at_s {heal} must be after at_s {}", fault.at_s);
+                    bail!(
+                        "{field}: heal_at_s {heal} must be after at_s {}",
+                        fault.at_s
+                    );
                 }
             }
             if let Some(rack) = fault.rack {
                 if rack >= self.fleet.racks {
-                    bail!("{field}: rack {rack} does not exist (racks: {})", self.fleet.racks);
+                    bail!(
+                        "{field}: rack {rack} does not exist (racks: {})",
+                        self.fleet.racks
+                    );
                 }
             }
-            let needs_rack = matches!(fault.kind, FaultKind::RackPowerLoss | FaultKind::PartitionRack);
+            let needs_rack = matches!(
+                fault.kind,
+                FaultKind::RackPowerLoss | FaultKind::PartitionRack
+            );
             if needs_rack && fault.rack.is_none() {
                 bail!("{field}: needs rack");
             }
@@ -286,6 +310,9 @@ impl Scenario {
 
     /// When the last fault was healed (or, for faults that do not heal, struck).
     pub fn last_heal_s(&self) -> Option<u64> {
-        self.faults.iter().map(|f| f.heal_at_s.unwrap_or(f.at_s)).max()
+        self.faults
+            .iter()
+            .map(|f| f.heal_at_s.unwrap_or(f.at_s))
+            .max()
     }
 }

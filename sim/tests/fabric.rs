@@ -31,7 +31,9 @@ where
     };
     {
         let world = world.clone();
-        sim.host(bmc::BMC_HOST, move || bmc::serve(world.clone(), behaviour.clone(), 1));
+        sim.host(bmc::BMC_HOST, move || {
+            bmc::serve(world.clone(), behaviour.clone(), 1)
+        });
     }
     sim.client("daemon", client(world));
     sim.run().expect("simulation");
@@ -42,7 +44,10 @@ fn power_off_is_accepted_before_it_happens_and_readback_shows_it() {
     let world = world(2);
     lock(&world).power_on(0, Duration::ZERO, "test");
     with_bmc_fabric(world.clone(), |world| async move {
-        let bmc = SimBmc { node_index: 0, timeout: Duration::from_secs(5) };
+        let bmc = SimBmc {
+            node_index: 0,
+            timeout: Duration::from_secs(5),
+        };
         bmc.power_off().await?;
         // Accepted is not done: the transition takes time.
         assert_eq!(bmc.power_state().await?, PowerState::On);
@@ -59,11 +64,22 @@ fn stale_readback_reports_the_old_power_state_until_healed() {
     lock(&world).power_on(0, Duration::ZERO, "test");
     lock(&world).bmc_faults.stale_readback = true;
     with_bmc_fabric(world.clone(), |world| async move {
-        let bmc = SimBmc { node_index: 0, timeout: Duration::from_secs(5) };
+        let bmc = SimBmc {
+            node_index: 0,
+            timeout: Duration::from_secs(5),
+        };
         bmc.power_off().await?;
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert_eq!(lock(&world).nodes[0].power, Power::Off, "the machine is off");
-        assert_eq!(bmc.power_state().await?, PowerState::On, "but the BMC still says on");
+        assert_eq!(
+            lock(&world).nodes[0].power,
+            Power::Off,
+            "the machine is off"
+        );
+        assert_eq!(
+            bmc.power_state().await?,
+            PowerState::On,
+            "but the BMC still says on"
+        );
         {
             let mut world = lock(&world);
             world.bmc_faults.stale_readback = false;
@@ -79,11 +95,20 @@ fn a_hung_bmc_times_out_within_its_bound_and_others_still_answer() {
     let world = world(2);
     lock(&world).bmcs[0].locked_until = Some(Duration::from_secs(3600));
     with_bmc_fabric(world, |_| async move {
-        let hung = SimBmc { node_index: 0, timeout: Duration::from_secs(5) };
-        let healthy = SimBmc { node_index: 1, timeout: Duration::from_secs(5) };
+        let hung = SimBmc {
+            node_index: 0,
+            timeout: Duration::from_secs(5),
+        };
+        let healthy = SimBmc {
+            node_index: 1,
+            timeout: Duration::from_secs(5),
+        };
         let started = tokio::time::Instant::now();
         let (hung_result, healthy_result) = tokio::join!(hung.power_state(), healthy.power_state());
-        assert!(matches!(hung_result, Err(BmcError::Timeout { .. })), "{hung_result:?}");
+        assert!(
+            matches!(hung_result, Err(BmcError::Timeout { .. })),
+            "{hung_result:?}"
+        );
         assert!(started.elapsed() <= Duration::from_secs(6));
         assert_eq!(healthy_result?, PowerState::Off);
         Ok(())
@@ -93,7 +118,9 @@ fn a_hung_bmc_times_out_within_its_bound_and_others_still_answer() {
 #[test]
 fn a_burst_of_calls_locks_a_bmc_up() {
     let world = world(1);
-    let mut sim = turmoil::Builder::new().simulation_duration(Duration::from_secs(600)).build();
+    let mut sim = turmoil::Builder::new()
+        .simulation_duration(Duration::from_secs(600))
+        .build();
     let behaviour = BmcBehaviour {
         latency_ms: [1, 2],
         burst_limit: 3,
@@ -103,16 +130,27 @@ fn a_burst_of_calls_locks_a_bmc_up() {
     };
     {
         let world = world.clone();
-        sim.host(bmc::BMC_HOST, move || bmc::serve(world.clone(), behaviour.clone(), 1));
+        sim.host(bmc::BMC_HOST, move || {
+            bmc::serve(world.clone(), behaviour.clone(), 1)
+        });
     }
     sim.client("daemon", async move {
-        let bmc = SimBmc { node_index: 0, timeout: Duration::from_secs(2) };
+        let bmc = SimBmc {
+            node_index: 0,
+            timeout: Duration::from_secs(2),
+        };
         for _ in 0..3 {
             bmc.power_state().await?;
         }
-        assert!(matches!(bmc.power_state().await, Err(BmcError::Timeout { .. })), "fourth call in the window hangs");
+        assert!(
+            matches!(bmc.power_state().await, Err(BmcError::Timeout { .. })),
+            "fourth call in the window hangs"
+        );
         tokio::time::sleep(Duration::from_secs(61)).await;
-        assert!(bmc.power_state().await.is_ok(), "answers again after the lock-up");
+        assert!(
+            bmc.power_state().await.is_ok(),
+            "answers again after the lock-up"
+        );
         Ok(())
     });
     sim.run().unwrap();
@@ -131,13 +169,23 @@ fn evacuation_waits_for_service_down_or_force_down() {
     let refused = world.evacuate(0, at + Duration::from_secs(1));
     assert!(refused.unwrap_err().contains("ComputeServiceInUse"));
     // After service_down_time the service is considered down.
-    let target = world.evacuate(0, at + SERVICE_DOWN_TIME).expect("evacuates after service_down_time");
+    let target = world
+        .evacuate(0, at + SERVICE_DOWN_TIME)
+        .expect("evacuates after service_down_time");
     assert_ne!(target, 0);
-    assert!(world.violations.is_empty(), "source was powered off: no violation");
+    assert!(
+        world.violations.is_empty(),
+        "source was powered off: no violation"
+    );
     // Forcing the service down allows it at once.
     world.power_off(1, at, "test");
     world.forced_down.insert(1);
-    let on_node1: Vec<u32> = world.vms.values().filter(|vm| vm.assigned == 1).map(|vm| vm.id).collect();
+    let on_node1: Vec<u32> = world
+        .vms
+        .values()
+        .filter(|vm| vm.assigned == 1)
+        .map(|vm| vm.id)
+        .collect();
     assert!(!on_node1.is_empty());
     for vm in on_node1 {
         assert_eq!(world.evacuate(vm, at + Duration::from_secs(1)), Ok(2));
@@ -154,7 +202,9 @@ fn evacuating_an_unfenced_host_runs_the_vm_twice_and_is_recorded() {
         world.os_running(index, world.nodes[index as usize].epoch, Duration::ZERO);
     }
     world.forced_down.insert(0);
-    world.evacuate(0, Duration::from_secs(5)).expect("forced down: allowed");
+    world
+        .evacuate(0, Duration::from_secs(5))
+        .expect("forced down: allowed");
     assert_eq!(world.vm_census().0, 1, "vm0 now runs on both hosts");
     assert_eq!(world.violations.len(), 1, "{:?}", world.violations);
     let mut checker = bearman_sim::check::Checker::default();

@@ -7,7 +7,9 @@ use bearman_sim::run::{run, RunOptions};
 use bearman_sim::scenario::Scenario;
 
 fn scenario_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios").join(format!("{name}.toml"))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scenarios")
+        .join(format!("{name}.toml"))
 }
 
 fn seeds() -> Vec<u64> {
@@ -32,7 +34,10 @@ fn check_scenario(name: &str) {
             "{name} seed {seed} failed (replay: bearman-sim run scenarios/{name}.toml --seed {seed}):\n{}",
             failures.join("\n")
         );
-        assert!(report.heartbeats_sent > 0, "{name} seed {seed}: no node ever reached stage 2");
+        assert!(
+            report.heartbeats_sent > 0,
+            "{name} seed {seed}: no node ever reached stage 2"
+        );
     }
 }
 
@@ -96,8 +101,16 @@ fn same_seed_replays_byte_for_byte() {
     let scenario = Scenario::load(&scenario_path("daemon-restart-mid-boot")).unwrap();
     let first = run(&scenario, &RunOptions { seed: 7 }, |_, _| {}).unwrap();
     let second = run(&scenario, &RunOptions { seed: 7 }, |_, _| {}).unwrap();
-    assert_eq!(first.trace.lines(), second.trace.lines(), "traces differ between identical runs");
+    assert_eq!(
+        first.trace.lines(),
+        second.trace.lines(),
+        "traces differ between identical runs"
+    );
     assert_eq!(first.trace.hash(), second.trace.hash());
     let other = run(&scenario, &RunOptions { seed: 8 }, |_, _| {}).unwrap();
-    assert_ne!(first.trace.hash(), other.trace.hash(), "a different seed should change the run");
+    assert_ne!(
+        first.trace.hash(),
+        other.trace.hash(),
+        "a different seed should change the run"
+    );
 }

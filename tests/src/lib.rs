@@ -49,12 +49,21 @@ impl TestDaemon {
     /// A daemon over SQLite in a fresh temporary directory, the production default.
     pub async fn sqlite(options: Options) -> TestDaemon {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("bearman.db").display());
-        let store = bearman::server::open_sql_store(&url).await.expect("open sqlite store");
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("bearman.db").display()
+        );
+        let store = bearman::server::open_sql_store(&url)
+            .await
+            .expect("open sqlite store");
         Self::start(store, Some(dir), options).await
     }
 
-    pub async fn start(store: Arc<dyn Store>, dir: Option<tempfile::TempDir>, options: Options) -> TestDaemon {
+    pub async fn start(
+        store: Arc<dyn Store>,
+        dir: Option<tempfile::TempDir>,
+        options: Options,
+    ) -> TestDaemon {
         let images = Arc::new(MemoryImages::default());
         let state = AppState {
             store: store.clone(),
@@ -78,14 +87,18 @@ impl TestDaemon {
                 .expect("create token");
             tokens.push(token.secret);
         }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let address = listener.local_addr().unwrap();
         let (shutdown, signal) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             let stop = async move {
                 let _ = signal.await;
             };
-            bearman::server::serve(listener, state, stop).await.expect("serve");
+            bearman::server::serve(listener, state, stop)
+                .await
+                .expect("serve");
         });
         TestDaemon {
             address,
@@ -105,8 +118,16 @@ impl TestDaemon {
     }
 
     /// Sends one request; `token` goes into `Authorization: Bearer`.
-    pub async fn request(&self, method: &str, path: &str, token: Option<&str>, body: Option<&[u8]>) -> http::Response {
-        let mut stream = tokio::net::TcpStream::connect(self.address).await.expect("connect");
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> http::Response {
+        let mut stream = tokio::net::TcpStream::connect(self.address)
+            .await
+            .expect("connect");
         let authorization = token.map(|t| format!("Bearer {t}"));
         let mut headers = vec![("Content-Type", "application/json")];
         if let Some(value) = &authorization {
@@ -124,7 +145,12 @@ impl TestDaemon {
     pub async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let bytes = body.map(|b| serde_json::to_vec(&b).unwrap());
         let response = self
-            .request(method, &format!("/api/v1{path}"), Some(&self.admin_token), bytes.as_deref())
+            .request(
+                method,
+                &format!("/api/v1{path}"),
+                Some(&self.admin_token),
+                bytes.as_deref(),
+            )
             .await;
         (response.status, json_of(&response))
     }
@@ -145,10 +171,16 @@ pub fn json_of(response: &http::Response) -> Value {
 /// A plausible registration body for node `index`, from the canned hardware fixture.
 pub fn register_body(index: u32) -> bearman_proto::RegisterRequest {
     let text = include_str!("../../fixtures/hardware/r640.json");
-    let mut request: bearman_proto::RegisterRequest = serde_json::from_str(text).expect("fixture parses");
+    let mut request: bearman_proto::RegisterRequest =
+        serde_json::from_str(text).expect("fixture parses");
     request.serial = format!("{}{index:04}", request.serial);
     for (nic_index, nic) in request.nics.iter_mut().enumerate() {
-        nic.mac = format!("52:54:00:{:02x}:{:02x}:{:02x}", (index >> 8) & 0xff, index & 0xff, nic_index);
+        nic.mac = format!(
+            "52:54:00:{:02x}:{:02x}:{:02x}",
+            (index >> 8) & 0xff,
+            index & 0xff,
+            nic_index
+        );
     }
     request
 }
