@@ -1,1 +1,40 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <command>`: jobs that need more than cargo
+//! (external tools, a running daemon) written in Rust so they behave the same everywhere.
+//! Each command lives in its own module; add a variant to `Command` for a new one.
+
+mod bench_ipxe;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Bearman project automation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Benchmark GET /ipxe/{uuid} against nginx serving the same script as a static file
+    BenchIpxe(bench_ipxe::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::BenchIpxe(args) => bench_ipxe::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
