@@ -68,7 +68,7 @@ async fn known_node(state: &AppState, uuid: &NodeUuid) -> Result<Node, ApiError>
 }
 
 /// The node's flavor, or a 409 saying why it has none to boot.
-async fn node_flavor(state: &AppState, node: &Node) -> Result<Flavor, ApiError> {
+async fn node_flavor(state: &AppState, node: &Node) -> Result<std::sync::Arc<Flavor>, ApiError> {
     if node.state == LifecycleState::Retired {
         return Err(ApiError::new(
             StatusCode::GONE,
@@ -85,7 +85,7 @@ async fn node_flavor(state: &AppState, node: &Node) -> Result<Flavor, ApiError> 
             ),
         )
     })?;
-    state.store.flavor_get(name).await?.ok_or_else(|| {
+    state.store.flavor_get_shared(name).await?.ok_or_else(|| {
         ApiError::conflict(
             "flavor_missing",
             format!(
@@ -105,7 +105,7 @@ async fn target_script(
     State(state): State<AppState>,
     UuidPath(uuid): UuidPath,
 ) -> Result<Response, ApiError> {
-    let Some(node) = state.store.node_get(&uuid).await? else {
+    let Some(node) = state.store.node_get_shared(&uuid).await? else {
         // A machine we have never seen: send it to stage 1 so it enlists itself.
         return Ok(ipxe_response(render_stage1(
             &state.config.stage1,
@@ -129,19 +129,28 @@ async fn target_script(
         _ => {}
     }
     let flavor = node_flavor(&state, &node).await?;
-    let now = state.clock.now_ms();
-    let node = mutate_node(&state, &uuid, |node| {
-        Ok(apply_event(
-            node,
-            LifecycleEvent::BootStarted,
-            now,
-            NODE_ACTOR,
-            "fetched its target OS",
-        )?
-        .into_iter()
-        .collect())
-    })
-    .await?;
+    // The hot path during a boot storm: a node already provisioning asks again (iPXE
+    // retries, a second stage-1 attempt). Nothing to write then.
+    let unchanged = crate::core::lifecycle::transition(node.state, LifecycleEvent::BootStarted)
+        .is_ok_and(|next| next == node.state);
+    let node = if unchanged {
+        node
+    } else {
+        let now = state.clock.now_ms();
+        let updated = mutate_node(&state, &uuid, |node| {
+            Ok(apply_event(
+                node,
+                LifecycleEvent::BootStarted,
+                now,
+                NODE_ACTOR,
+                "fetched its target OS",
+            )?
+            .into_iter()
+            .collect())
+        })
+        .await?;
+        std::sync::Arc::new(updated)
+    };
     let profile = profile_for(&state, &flavor, &node)?;
     Ok(ipxe_response(render_target_script(&profile, &node)))
 }

@@ -26,8 +26,8 @@ pub const CACHED_NODES_MAX: usize = 200_000;
 
 pub struct CachedStore {
     inner: Arc<dyn Store>,
-    nodes: Mutex<BTreeMap<NodeUuid, Node>>,
-    flavors: Mutex<BTreeMap<String, Flavor>>,
+    nodes: Mutex<BTreeMap<NodeUuid, Arc<Node>>>,
+    flavors: Mutex<BTreeMap<String, Arc<Flavor>>>,
 }
 
 impl CachedStore {
@@ -39,11 +39,11 @@ impl CachedStore {
         }
     }
 
-    fn nodes(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeUuid, Node>> {
+    fn nodes(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeUuid, Arc<Node>>> {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn flavors(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Flavor>> {
+    fn flavors(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Flavor>>> {
         self.flavors.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -56,11 +56,12 @@ impl CachedStore {
             Some(cached) if cached.generation > node.generation => {}
             Some(cached) => {
                 let heartbeat = cached.last_heartbeat_at_ms.max(node.last_heartbeat_at_ms);
-                *cached = node.clone();
-                cached.last_heartbeat_at_ms = heartbeat;
+                let mut fresh = node.clone();
+                fresh.last_heartbeat_at_ms = heartbeat;
+                *cached = Arc::new(fresh);
             }
             None => {
-                nodes.insert(node.uuid.clone(), node.clone());
+                nodes.insert(node.uuid.clone(), Arc::new(node.clone()));
             }
         }
     }
@@ -73,6 +74,10 @@ impl Store for CachedStore {
     }
 
     async fn node_get(&self, uuid: &NodeUuid) -> Result<Option<Node>, StoreError> {
+        Ok(self.node_get_shared(uuid).await?.map(|node| (*node).clone()))
+    }
+
+    async fn node_get_shared(&self, uuid: &NodeUuid) -> Result<Option<Arc<Node>>, StoreError> {
         if let Some(node) = self.nodes().get(uuid) {
             return Ok(Some(node.clone()));
         }
@@ -80,7 +85,7 @@ impl Store for CachedStore {
         if let Some(node) = &node {
             self.remember(node);
         }
-        Ok(node)
+        Ok(self.nodes().get(uuid).cloned().or(node.map(Arc::new)))
     }
 
     async fn node_list(&self, filter: &NodeFilter) -> Result<Vec<Node>, StoreError> {
@@ -117,7 +122,10 @@ impl Store for CachedStore {
     ) -> Result<(), StoreError> {
         self.inner.node_record_heartbeat(uuid, at_ms).await?;
         if let Some(node) = self.nodes().get_mut(uuid) {
-            node.last_heartbeat_at_ms = Some(node.last_heartbeat_at_ms.unwrap_or(at_ms).max(at_ms));
+            let newer = node.last_heartbeat_at_ms.unwrap_or(at_ms).max(at_ms);
+            if node.last_heartbeat_at_ms != Some(newer) {
+                Arc::make_mut(node).last_heartbeat_at_ms = Some(newer);
+            }
         }
         Ok(())
     }
@@ -125,15 +133,19 @@ impl Store for CachedStore {
     async fn flavor_put(&self, flavor: &Flavor, at_ms: TimestampMs) -> Result<(), StoreError> {
         self.flavors().remove(&flavor.name);
         self.inner.flavor_put(flavor, at_ms).await?;
-        self.flavors().insert(flavor.name.clone(), flavor.clone());
+        self.flavors().insert(flavor.name.clone(), Arc::new(flavor.clone()));
         Ok(())
     }
 
     async fn flavor_get(&self, name: &str) -> Result<Option<Flavor>, StoreError> {
+        Ok(self.flavor_get_shared(name).await?.map(|flavor| (*flavor).clone()))
+    }
+
+    async fn flavor_get_shared(&self, name: &str) -> Result<Option<Arc<Flavor>>, StoreError> {
         if let Some(flavor) = self.flavors().get(name) {
             return Ok(Some(flavor.clone()));
         }
-        let flavor = self.inner.flavor_get(name).await?;
+        let flavor = self.inner.flavor_get(name).await?.map(Arc::new);
         if let Some(flavor) = &flavor {
             self.flavors().insert(flavor.name.clone(), flavor.clone());
         }

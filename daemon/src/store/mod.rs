@@ -17,6 +17,8 @@ pub mod conformance;
 pub mod memory;
 pub mod sql;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use bearman_proto::uuid::NodeUuid;
 
@@ -63,6 +65,11 @@ pub trait Store: Send + Sync + 'static {
     fn backend_name(&self) -> &'static str;
 
     async fn node_get(&self, uuid: &NodeUuid) -> Result<Option<Node>, StoreError>;
+    /// A read-only copy for hot read paths; caching stores hand out their copy without
+    /// cloning the record.
+    async fn node_get_shared(&self, uuid: &NodeUuid) -> Result<Option<Arc<Node>>, StoreError> {
+        Ok(self.node_get(uuid).await?.map(Arc::new))
+    }
     /// Nodes in uuid order matching `filter`, at most `filter.limit`.
     async fn node_list(&self, filter: &NodeFilter) -> Result<Vec<Node>, StoreError>;
     async fn node_count_by_state(&self) -> Result<StateCounts, StoreError>;
@@ -83,6 +90,10 @@ pub trait Store: Send + Sync + 'static {
     /// Creates or replaces a flavor.
     async fn flavor_put(&self, flavor: &Flavor, at_ms: TimestampMs) -> Result<(), StoreError>;
     async fn flavor_get(&self, name: &str) -> Result<Option<Flavor>, StoreError>;
+    /// Like [`Store::node_get_shared`], for flavors.
+    async fn flavor_get_shared(&self, name: &str) -> Result<Option<Arc<Flavor>>, StoreError> {
+        Ok(self.flavor_get(name).await?.map(Arc::new))
+    }
     async fn flavor_list(&self) -> Result<Vec<Flavor>, StoreError>;
     /// Deletes a flavor no node uses; `InUse` otherwise.
     async fn flavor_delete(&self, name: &str) -> Result<(), StoreError>;
