@@ -48,6 +48,7 @@ pub struct Checker {
     reported_doubled: BTreeSet<u32>,
     events_seen: i64,
     violations_seen: usize,
+    double_runs_seen: usize,
 }
 
 impl Default for Checker {
@@ -65,6 +66,7 @@ impl Default for Checker {
             reported_doubled: BTreeSet::new(),
             events_seen: 0,
             violations_seen: 0,
+            double_runs_seen: 0,
         }
     }
 }
@@ -92,44 +94,20 @@ impl Checker {
         self.verdicts().iter().all(|v| v.passed())
     }
 
-    /// Cheap checks over the ground truth, run every simulated second.
-    pub fn check_world(&mut self, world: &World, now: Duration) {
+    /// Safety checks run after every simulation step. The world records double runs and
+    /// unverified evacuations at the moment they happen, and the daemon's new audit events
+    /// are replayed against the lifecycle, so each step costs only what changed.
+    pub fn check_step(&mut self, world: &World, store: &MemoryStore, now: Duration) {
         self.no_vm_twice.checks += 1;
-        for vm in world.vms.values() {
-            if vm.instances.len() > 1 && self.reported_doubled.insert(vm.id) {
-                let hosts: Vec<String> = vm.instances.iter().map(|h| world.node_name(*h)).collect();
-                self.no_vm_twice.fail(format!(
-                    "t={} vm{} runs on {}",
-                    seconds(now),
-                    vm.id,
-                    hosts.join(" and ")
-                ));
-            }
+        for failure in &world.double_runs[self.double_runs_seen..] {
+            self.no_vm_twice.fail(failure.clone());
         }
+        self.double_runs_seen = world.double_runs.len();
         self.fence_before_evacuate.checks += 1;
         for violation in &world.violations[self.violations_seen..] {
             self.fence_before_evacuate.fail(violation.clone());
         }
         self.violations_seen = world.violations.len();
-    }
-
-    /// Scans of the daemon's store: addresses and the transitions recorded since the
-    /// last scan.
-    pub fn check_store(&mut self, store: &MemoryStore, now: Duration) {
-        let snapshot = store.snapshot();
-        self.unique_addresses.checks += 1;
-        let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
-        for allocation in &snapshot.allocations {
-            if let Some(other) = owners.insert(&allocation.address, allocation.node_uuid.as_str()) {
-                self.unique_addresses.fail(format!(
-                    "t={} {} is held by {} and {}",
-                    seconds(now),
-                    allocation.address,
-                    other,
-                    allocation.node_uuid
-                ));
-            }
-        }
         self.legal_states.checks += 1;
         for event in store.events_after(self.events_seen) {
             self.events_seen = event.id;
@@ -143,12 +121,39 @@ impl Checker {
                     "t={} event {} moved {} from {from} to {to}",
                     seconds(now),
                     event.id,
-                    event
-                        .node_uuid
-                        .as_ref()
-                        .map(|u| u.to_string())
-                        .unwrap_or_default()
+                    event.node_uuid.as_ref().map(|u| u.to_string()).unwrap_or_default()
                 )),
+            }
+        }
+    }
+
+    /// Full scans, run every few simulated seconds: the VM census over the ground truth
+    /// (a second line of defence behind the per-step record) and the daemon's address
+    /// allocations.
+    pub fn check_scan(&mut self, world: &World, store: &MemoryStore, now: Duration) {
+        for vm in world.vms.values() {
+            if vm.instances.len() > 1 && self.reported_doubled.insert(vm.id) && world.double_runs.is_empty() {
+                let hosts: Vec<String> = vm.instances.iter().map(|h| world.node_name(*h)).collect();
+                self.no_vm_twice.fail(format!(
+                    "t={} vm{} runs on {} (found by scan)",
+                    seconds(now),
+                    vm.id,
+                    hosts.join(" and ")
+                ));
+            }
+        }
+        let snapshot = store.snapshot();
+        self.unique_addresses.checks += 1;
+        let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
+        for allocation in &snapshot.allocations {
+            if let Some(other) = owners.insert(&allocation.address, allocation.node_uuid.as_str()) {
+                self.unique_addresses.fail(format!(
+                    "t={} {} is held by {} and {}",
+                    seconds(now),
+                    allocation.address,
+                    other,
+                    allocation.node_uuid
+                ));
             }
         }
     }

@@ -104,6 +104,8 @@ pub struct World {
     pub requests_failed: u64,
     /// Nodes an operator should power-cycle through their BMCs (see `ops`).
     pub ops_power_cycles: Vec<u32>,
+    /// Every moment a VM started running on a second host, as it happened.
+    pub double_runs: Vec<String>,
 }
 
 pub type SharedWorld = Arc<Mutex<World>>;
@@ -159,6 +161,7 @@ impl World {
             heartbeats_failed: 0,
             requests_failed: 0,
             ops_power_cycles: Vec::new(),
+            double_runs: Vec::new(),
         }
     }
 
@@ -234,10 +237,17 @@ impl World {
         node.boots_completed += 1;
         node.next_boot_pxe = false;
         let mut started = 0;
+        let mut doubled = Vec::new();
         for vm in self.vms.values_mut() {
             if vm.assigned == index && vm.instances.insert(index) {
                 started += 1;
+                if vm.instances.len() > 1 {
+                    doubled.push((vm.id, vm.instances.clone()));
+                }
             }
+        }
+        for (vm, hosts) in doubled {
+            self.record_double_run(vm, &hosts, now);
         }
         self.forced_down.remove(&index);
         let name = self.node_name(index);
@@ -321,10 +331,21 @@ impl World {
         let vm = self.vms.get_mut(&vm_id).expect("checked above");
         vm.assigned = target;
         vm.instances.insert(target);
+        if vm.instances.len() > 1 {
+            let hosts = vm.instances.clone();
+            self.record_double_run(vm_id, &hosts, now);
+        }
         let (from, to) = (self.node_name(source), self.node_name(target));
         self.trace
             .record(now, format!("evacuate vm{vm_id} {from} -> {to}"));
         Ok(target)
+    }
+
+    fn record_double_run(&mut self, vm: u32, hosts: &BTreeSet<u32>, now: Duration) {
+        let names: Vec<String> = hosts.iter().map(|h| self.node_name(*h)).collect();
+        let line = format!("t={} vm{vm} runs on {}", seconds(now), names.join(" and "));
+        self.trace.record(now, format!("double_run vm{vm}"));
+        self.double_runs.push(line);
     }
 
     /// Counts how many VMs run on more than one host, and how many run nowhere.

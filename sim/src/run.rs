@@ -27,8 +27,9 @@ use crate::{bmc, cloud, net, node};
 /// daemon's audit trail are the same on every run.
 pub const EPOCH_MS: i64 = 1_767_225_600_000;
 const DAEMON_PORT: u16 = 8080;
-/// Store scans (addresses, transitions) run this often; truth checks every second.
-const STORE_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// Full scans (VM census, address allocations) run this often; the incremental safety
+/// checks run after every step.
+const SCAN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The daemon's clock inside the simulation: the simulated calendar.
 struct SimClock;
@@ -431,8 +432,7 @@ pub fn run(
     let progress_every = Duration::from_secs((scenario.duration_s / 10).max(1));
     let mut next_sample = Duration::ZERO;
     let mut next_progress = progress_every;
-    let mut next_world_check = Duration::ZERO;
-    let mut next_store_check = Duration::ZERO;
+    let mut next_scan = Duration::ZERO;
     let mut steps: u64 = 0;
 
     let sample = |world: &World, store: &MemoryStore, at: Duration| {
@@ -465,13 +465,10 @@ pub fn run(
             );
             samples.push(sample(&lock(&world), &store, now));
         }
-        if now >= next_world_check {
-            checker.check_world(&lock(&world), now);
-            next_world_check = now + Duration::from_secs(1);
-        }
-        if now >= next_store_check {
-            checker.check_store(&store, now);
-            next_store_check = now + STORE_CHECK_INTERVAL;
+        checker.check_step(&lock(&world), &store, now);
+        if now >= next_scan {
+            checker.check_scan(&lock(&world), &store, now);
+            next_scan = now + SCAN_INTERVAL;
         }
         if now >= next_sample {
             let s = sample(&lock(&world), &store, now);
@@ -502,8 +499,8 @@ pub fn run(
         steps += 1;
     }
     let end = sim.elapsed();
-    checker.check_world(&lock(&world), end);
-    checker.check_store(&store, end);
+    checker.check_step(&lock(&world), &store, end);
+    checker.check_scan(&lock(&world), &store, end);
     for _ in deadlines {
         checker.check_deadline(&lock(&world), &store, end);
     }

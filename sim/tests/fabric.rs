@@ -208,7 +208,8 @@ fn evacuating_an_unfenced_host_runs_the_vm_twice_and_is_recorded() {
     assert_eq!(world.vm_census().0, 1, "vm0 now runs on both hosts");
     assert_eq!(world.violations.len(), 1, "{:?}", world.violations);
     let mut checker = bearman_sim::check::Checker::default();
-    checker.check_world(&world, Duration::from_secs(6));
+    let store = bearman::store::memory::MemoryStore::new();
+    checker.check_step(&world, &store, Duration::from_secs(6));
     assert!(!checker.no_vm_twice.passed());
     assert!(!checker.fence_before_evacuate.passed());
 }

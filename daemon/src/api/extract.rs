@@ -93,13 +93,11 @@ impl<S: Send + Sync> FromRequestParts<S> for UuidPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path(params) = Path::<BTreeMap<String, String>>::from_request_parts(parts, state)
+        // Every route with {uuid} has exactly one path parameter.
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|rejection| ApiError::bad_request("invalid_path", rejection.body_text()))?;
-        let raw = params
-            .get("uuid")
-            .ok_or_else(|| ApiError::internal("route has no {uuid} segment"))?;
-        NodeUuid::parse(raw)
+        NodeUuid::parse(&raw)
             .map(UuidPath)
             .map_err(|error| ApiError::bad_request("invalid_uuid", error.to_string()))
     }
@@ -112,14 +110,11 @@ impl<S: Send + Sync> FromRequestParts<S> for NamePath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path(params) = Path::<BTreeMap<String, String>>::from_request_parts(parts, state)
+        // Every route with {name} has exactly one path parameter.
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|rejection| ApiError::bad_request("invalid_path", rejection.body_text()))?;
-        params
-            .get("name")
-            .cloned()
-            .map(NamePath)
-            .ok_or_else(|| ApiError::internal("route has no {name} segment"))
+        Ok(NamePath(name))
     }
 }
 
