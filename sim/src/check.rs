@@ -121,7 +121,11 @@ impl Checker {
                     "t={} event {} moved {} from {from} to {to}",
                     seconds(now),
                     event.id,
-                    event.node_uuid.as_ref().map(|u| u.to_string()).unwrap_or_default()
+                    event
+                        .node_uuid
+                        .as_ref()
+                        .map(|u| u.to_string())
+                        .unwrap_or_default()
                 )),
             }
         }
@@ -132,7 +136,10 @@ impl Checker {
     /// allocations.
     pub fn check_scan(&mut self, world: &World, store: &MemoryStore, now: Duration) {
         for vm in world.vms.values() {
-            if vm.instances.len() > 1 && self.reported_doubled.insert(vm.id) && world.double_runs.is_empty() {
+            if vm.instances.len() > 1
+                && self.reported_doubled.insert(vm.id)
+                && world.double_runs.is_empty()
+            {
                 let hosts: Vec<String> = vm.instances.iter().map(|h| world.node_name(*h)).collect();
                 self.no_vm_twice.fail(format!(
                     "t={} vm{} runs on {} (found by scan)",

@@ -317,11 +317,11 @@ pub fn run(
             let store: Arc<dyn Store> = store.clone();
             async move {
                 let listener = turmoil::net::TcpListener::bind(("0.0.0.0", DAEMON_PORT)).await?;
-                let state = AppState {
-                    store: Arc::new(CachedStore::new(store)),
-                    clock: Arc::new(SimClock),
-                    images: Arc::new(MemoryImages::default()),
-                    config: Arc::new(ServiceConfig {
+                let state = AppState::new(
+                    Arc::new(CachedStore::new(store)),
+                    Arc::new(SimClock),
+                    Arc::new(MemoryImages::default()),
+                    ServiceConfig {
                         public_url: node::DAEMON_URL.into(),
                         stage1: Stage1Config::default(),
                         defaults: RegistrationDefaults {
@@ -330,8 +330,8 @@ pub fn run(
                         },
                         body_limit_bytes: bearman::api::BODY_LIMIT_BYTES_DEFAULT,
                         heartbeat_fresh_ms: 30_000,
-                    }),
-                };
+                    },
+                );
                 bearman::server::serve(
                     net::TurmoilListener(listener),
                     state,

@@ -65,11 +65,11 @@ impl TestDaemon {
         options: Options,
     ) -> TestDaemon {
         let images = Arc::new(MemoryImages::default());
-        let state = AppState {
-            store: store.clone(),
-            clock: Arc::new(SystemClock),
-            images: images.clone(),
-            config: Arc::new(ServiceConfig {
+        let state = AppState::new(
+            store.clone(),
+            Arc::new(SystemClock),
+            images.clone(),
+            ServiceConfig {
                 public_url: PUBLIC_URL.into(),
                 stage1: Stage1Config::default(),
                 defaults: RegistrationDefaults {
@@ -78,8 +78,8 @@ impl TestDaemon {
                 },
                 body_limit_bytes: options.body_limit_bytes,
                 heartbeat_fresh_ms: 30_000,
-            }),
-        };
+            },
+        );
         let mut tokens = Vec::new();
         for role in [TokenRole::Admin, TokenRole::Operator, TokenRole::Viewer] {
             let token = bearman::api::admin::create_token(&*store, role.as_str(), role, "test", 0)

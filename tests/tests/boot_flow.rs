@@ -188,3 +188,49 @@ async fn many_nodes_registering_at_once_get_distinct_addresses() {
     let (_, summary) = daemon.admin("GET", "/summary", None).await;
     assert_eq!(summary["by_state"]["ready"], 40);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_script_follows_flavor_and_node_changes() {
+    let daemon = TestDaemon::sqlite(Options {
+        default_flavor: Some("hv".into()),
+        ..Default::default()
+    })
+    .await;
+    daemon
+        .admin("POST", "/flavors", Some(flavor_json("hv")))
+        .await;
+    let uuid = "4c4c4544-0042-3510-8052-b4c04f4e4a32";
+    let body = serde_json::to_vec(&register_body(3)).unwrap();
+    let registered = daemon
+        .request("POST", &format!("/ipxe/{uuid}/register"), None, Some(&body))
+        .await;
+    assert_eq!(registered.status, 200);
+    let path = format!("/ipxe/{uuid}");
+    let first = daemon.request("GET", &path, None, None).await.text();
+    // Served again (from the rendered-script cache) it is the same script.
+    assert_eq!(daemon.request("GET", &path, None, None).await.text(), first);
+
+    let mut changed = flavor_json("hv");
+    changed["cmdline_template"] = serde_json::json!("quiet hostname={hostname}");
+    let (status, _) = daemon.admin("PUT", "/flavors/hv", Some(changed)).await;
+    assert_eq!(status, 200);
+    let after_flavor = daemon.request("GET", &path, None, None).await.text();
+    assert!(
+        after_flavor.contains("quiet hostname=node-b4c04f4e4a32"),
+        "{after_flavor}"
+    );
+
+    let (status, _) = daemon
+        .admin(
+            "PATCH",
+            &format!("/nodes/{uuid}"),
+            Some(serde_json::json!({"hostname": "cn0001"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let after_rename = daemon.request("GET", &path, None, None).await.text();
+    assert!(
+        after_rename.contains("quiet hostname=cn0001"),
+        "{after_rename}"
+    );
+}

@@ -31,6 +31,52 @@ use crate::store::StoreError;
 /// Who the audit trail names for requests a node makes about itself.
 const NODE_ACTOR: &str = "node";
 
+/// Entries kept before the script cache starts over; bounds memory on huge fleets.
+const CACHED_SCRIPTS_MAX: usize = 200_000;
+
+/// Target scripts as last rendered, per node. An entry is valid only for the node
+/// generation and the very flavor record (same `Arc`) it was rendered from: any node
+/// update bumps the generation and any flavor write replaces the record, so a stale
+/// script is never served. Stores that do not cache hand out fresh flavor records, which
+/// simply never hit.
+#[derive(Default)]
+pub struct ScriptCache {
+    entries: std::sync::Mutex<std::collections::BTreeMap<NodeUuid, CachedScript>>,
+}
+
+struct CachedScript {
+    generation: i64,
+    flavor: std::sync::Arc<Flavor>,
+    script: axum::body::Bytes,
+}
+
+impl ScriptCache {
+    fn get(&self, node: &Node, flavor: &std::sync::Arc<Flavor>) -> Option<axum::body::Bytes> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(&node.uuid)
+            .filter(|e| {
+                e.generation == node.generation && std::sync::Arc::ptr_eq(&e.flavor, flavor)
+            })
+            .map(|e| e.script.clone())
+    }
+
+    fn put(&self, node: &Node, flavor: std::sync::Arc<Flavor>, script: axum::body::Bytes) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= CACHED_SCRIPTS_MAX && !entries.contains_key(&node.uuid) {
+            entries.clear();
+        }
+        entries.insert(
+            node.uuid.clone(),
+            CachedScript {
+                generation: node.generation,
+                flavor,
+                script,
+            },
+        );
+    }
+}
+
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/ipxe", get(stage1_script))
@@ -151,8 +197,21 @@ async fn target_script(
         .await?;
         std::sync::Arc::new(updated)
     };
+    if let Some(script) = state.scripts.get(&node, &flavor) {
+        return Ok(ipxe_bytes(script));
+    }
     let profile = profile_for(&state, &flavor, &node)?;
-    Ok(ipxe_response(render_target_script(&profile, &node)))
+    let script = axum::body::Bytes::from(render_target_script(&profile, &node));
+    state.scripts.put(&node, flavor, script.clone());
+    Ok(ipxe_bytes(script))
+}
+
+fn ipxe_bytes(script: axum::body::Bytes) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        script,
+    )
+        .into_response()
 }
 
 async fn register(

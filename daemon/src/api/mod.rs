@@ -48,6 +48,25 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     pub images: Arc<dyn ImageStore>,
     pub config: Arc<ServiceConfig>,
+    /// Rendered target scripts, so a boot storm's repeated fetches cost a lookup.
+    pub scripts: Arc<boot::ScriptCache>,
+}
+
+impl AppState {
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        images: Arc<dyn ImageStore>,
+        config: ServiceConfig,
+    ) -> Self {
+        AppState {
+            store,
+            clock,
+            images,
+            config: Arc::new(config),
+            scripts: Arc::default(),
+        }
+    }
 }
 
 /// The whole HTTP application.

@@ -443,11 +443,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
              `bearman token create --name admin --role admin` (same --data-dir / --database-url)"
         );
     }
-    let state = AppState {
+    let state = AppState::new(
         store,
-        clock: Arc::new(SystemClock),
-        images: Arc::new(DirImages::new(config.data_dir.join("images"))),
-        config: Arc::new(ServiceConfig {
+        Arc::new(SystemClock),
+        Arc::new(DirImages::new(config.data_dir.join("images"))),
+        ServiceConfig {
             public_url: config.public_url.clone(),
             stage1: config.stage1.clone(),
             defaults: RegistrationDefaults {
@@ -456,8 +456,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             },
             body_limit_bytes: config.body_limit_bytes,
             heartbeat_fresh_ms: config.heartbeat_fresh_s as i64 * 1000,
-        }),
-    };
+        },
+    );
     let listener = bearman::runtime::system::bind_tcp(&config.listen.to_string())
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

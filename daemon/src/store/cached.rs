@@ -74,7 +74,10 @@ impl Store for CachedStore {
     }
 
     async fn node_get(&self, uuid: &NodeUuid) -> Result<Option<Node>, StoreError> {
-        Ok(self.node_get_shared(uuid).await?.map(|node| (*node).clone()))
+        Ok(self
+            .node_get_shared(uuid)
+            .await?
+            .map(|node| (*node).clone()))
     }
 
     async fn node_get_shared(&self, uuid: &NodeUuid) -> Result<Option<Arc<Node>>, StoreError> {
@@ -133,12 +136,16 @@ impl Store for CachedStore {
     async fn flavor_put(&self, flavor: &Flavor, at_ms: TimestampMs) -> Result<(), StoreError> {
         self.flavors().remove(&flavor.name);
         self.inner.flavor_put(flavor, at_ms).await?;
-        self.flavors().insert(flavor.name.clone(), Arc::new(flavor.clone()));
+        self.flavors()
+            .insert(flavor.name.clone(), Arc::new(flavor.clone()));
         Ok(())
     }
 
     async fn flavor_get(&self, name: &str) -> Result<Option<Flavor>, StoreError> {
-        Ok(self.flavor_get_shared(name).await?.map(|flavor| (*flavor).clone()))
+        Ok(self
+            .flavor_get_shared(name)
+            .await?
+            .map(|flavor| (*flavor).clone()))
     }
 
     async fn flavor_get_shared(&self, name: &str) -> Result<Option<Arc<Flavor>>, StoreError> {
