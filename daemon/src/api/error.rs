@@ -78,6 +78,7 @@ impl From<StoreError> for ApiError {
                 ApiError::conflict("already_exists", error.to_string())
             }
             StoreError::InUse { .. } => ApiError::conflict("in_use", error.to_string()),
+            StoreError::Conflict { .. } => ApiError::conflict("conflict", error.to_string()),
             StoreError::GenerationMismatch { .. } => {
                 ApiError::conflict("generation_mismatch", error.to_string())
             }

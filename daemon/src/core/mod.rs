@@ -5,10 +5,12 @@
 //! `now_ms`; the daemon, the simulator and the tests all drive these same functions.
 
 pub mod boot;
+pub mod health;
 pub mod ipam;
 pub mod lifecycle;
 pub mod model;
 pub mod registration;
+pub mod remediation;
 pub mod validate;
 
 pub use lifecycle::{LifecycleEvent, LifecycleState};

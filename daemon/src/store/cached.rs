@@ -20,6 +20,7 @@ use crate::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
 };
+use crate::core::remediation::Remediation;
 
 /// Entries kept before the cache starts over; bounds memory on huge fleets.
 pub const CACHED_NODES_MAX: usize = 200_000;
@@ -214,6 +215,55 @@ impl Store for CachedStore {
 
     async fn event_list(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
         self.inner.event_list(filter).await
+    }
+
+    async fn remediation_create(
+        &self,
+        remediation: &Remediation,
+        events: &[NewEvent],
+    ) -> Result<Remediation, StoreError> {
+        self.inner.remediation_create(remediation, events).await
+    }
+
+    async fn remediation_update(
+        &self,
+        remediation: &Remediation,
+        node: Option<&Node>,
+        events: &[NewEvent],
+    ) -> Result<(Remediation, Option<Node>), StoreError> {
+        match self
+            .inner
+            .remediation_update(remediation, node, events)
+            .await
+        {
+            Ok((remediation, node)) => {
+                if let Some(node) = &node {
+                    self.remember(node);
+                }
+                Ok((remediation, node))
+            }
+            Err(error) => {
+                if let Some(node) = node {
+                    self.nodes().remove(&node.uuid);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn remediation_get(&self, id: i64) -> Result<Option<Remediation>, StoreError> {
+        self.inner.remediation_get(id).await
+    }
+
+    async fn remediation_list(
+        &self,
+        active_only: bool,
+        node_uuid: Option<&NodeUuid>,
+        limit: usize,
+    ) -> Result<Vec<Remediation>, StoreError> {
+        self.inner
+            .remediation_list(active_only, node_uuid, limit)
+            .await
     }
 
     async fn token_create(

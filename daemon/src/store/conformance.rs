@@ -14,6 +14,7 @@ use crate::core::lifecycle::LifecycleState;
 use crate::core::model::{
     EventFilter, Flavor, IpPool, NewEvent, Node, NodeFilter, NodeRole, PoolPurpose, TokenRole,
 };
+use crate::core::remediation::{Remediation, RemediationKind, Status};
 
 fn node(namespace: u32, index: u64, rack: &str) -> Node {
     let uuid = NodeUuid::from_index(namespace, index);
@@ -73,6 +74,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     concurrent_allocations_never_collide(store.clone()).await;
     events_page_newest_first(&*store).await;
     tokens_are_found_by_hash_only(&*store).await;
+    remediations_are_one_active_per_node_and_optimistic(&*store).await;
 }
 
 async fn nodes_round_trip_and_filter(store: &dyn Store) {
@@ -530,4 +532,99 @@ async fn tokens_are_found_by_hash_only(store: &dyn Store) {
         store.token_delete("conf-ops").await,
         Err(StoreError::NotFound { .. })
     ));
+}
+
+async fn remediations_are_one_active_per_node_and_optimistic(store: &dyn Store) {
+    let mut n = node(109, 1, "conf-rack-g");
+    n.state = LifecycleState::Suspect;
+    let n = store.node_create(&n, &[]).await.unwrap();
+    let fresh = Remediation::new(
+        n.uuid.clone(),
+        RemediationKind::Automatic,
+        "system",
+        "silent",
+        10,
+    );
+    let event = NewEvent::for_node(&n.uuid, 10, "system", "remediation_start", "silent");
+    let created = store
+        .remediation_create(&fresh, &[event])
+        .await
+        .expect("create remediation");
+    assert!(created.id > 0, "the store assigns an id");
+    assert_eq!(
+        store.remediation_get(created.id).await.unwrap(),
+        Some(created.clone())
+    );
+    let second = store.remediation_create(&fresh, &[]).await;
+    assert!(
+        matches!(second, Err(StoreError::AlreadyExists { .. })),
+        "one active per node: {second:?}"
+    );
+
+    // Advance the saga and the node together.
+    let mut advanced = created.clone();
+    advanced.step_index = 1;
+    let mut fencing = n.clone();
+    fencing.state = LifecycleState::Fencing;
+    let (stored, node_written) = store
+        .remediation_update(&advanced, Some(&fencing), &[])
+        .await
+        .expect("update at current generations");
+    assert_eq!(stored.generation, created.generation + 1);
+    assert_eq!(node_written.unwrap().state, LifecycleState::Fencing);
+    assert_eq!(
+        store.node_get(&n.uuid).await.unwrap().unwrap().state,
+        LifecycleState::Fencing
+    );
+
+    // A stale writer loses and changes nothing, node included.
+    let stale = store.remediation_update(&advanced, None, &[]).await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { .. })),
+        "{stale:?}"
+    );
+    let mut stale_node = stored.clone();
+    stale_node.step_index = 2;
+    let node_conflict = store
+        .remediation_update(&stale_node, Some(&fencing), &[])
+        .await;
+    assert!(
+        matches!(node_conflict, Err(StoreError::GenerationMismatch { .. })),
+        "{node_conflict:?}"
+    );
+    assert_eq!(
+        store
+            .remediation_get(created.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .step_index,
+        1,
+        "nothing written"
+    );
+
+    let mut finished = stored.clone();
+    finished.status = Status::Done;
+    store
+        .remediation_update(&finished, None, &[])
+        .await
+        .unwrap();
+    let active = store
+        .remediation_list(true, Some(&n.uuid), 10)
+        .await
+        .unwrap();
+    assert!(active.is_empty());
+    let all = store
+        .remediation_list(false, Some(&n.uuid), 10)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    // A finished one does not block the next.
+    let next = store
+        .remediation_create(&fresh, &[])
+        .await
+        .expect("new remediation after the first ended");
+    assert!(next.id > created.id);
+    let listed = store.remediation_list(false, None, 10).await.unwrap();
+    assert_eq!(listed.first().map(|r| r.id), Some(next.id), "newest first");
 }

@@ -14,6 +14,7 @@ use crate::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
 };
+use crate::core::remediation::{Remediation, Status};
 
 #[derive(Default)]
 struct State {
@@ -30,6 +31,7 @@ struct State {
     events: Vec<Event>,
     tokens: BTreeMap<String, ApiToken>,
     next_token_id: i64,
+    remediations: BTreeMap<i64, Remediation>,
 }
 
 #[derive(Default)]
@@ -402,6 +404,98 @@ impl Store for MemoryStore {
                     .is_none_or(|u| e.node_uuid.as_ref() == Some(u))
             })
             .take(clamp_limit(filter.limit))
+            .cloned()
+            .collect())
+    }
+
+    async fn remediation_create(
+        &self,
+        remediation: &Remediation,
+        events: &[NewEvent],
+    ) -> Result<Remediation, StoreError> {
+        let mut state = self.lock();
+        let active = state
+            .remediations
+            .values()
+            .any(|r| r.node_uuid == remediation.node_uuid && r.status == Status::Active);
+        if active && remediation.status == Status::Active {
+            return Err(StoreError::AlreadyExists {
+                what: format!("active remediation of node {}", remediation.node_uuid),
+            });
+        }
+        let mut created = remediation.clone();
+        created.id = state.remediations.keys().next_back().copied().unwrap_or(0) + 1;
+        state.remediations.insert(created.id, created.clone());
+        append_events(&mut state, events);
+        Ok(created)
+    }
+
+    async fn remediation_update(
+        &self,
+        remediation: &Remediation,
+        node: Option<&Node>,
+        events: &[NewEvent],
+    ) -> Result<(Remediation, Option<Node>), StoreError> {
+        let mut state = self.lock();
+        let stored = state
+            .remediations
+            .get(&remediation.id)
+            .ok_or_else(|| StoreError::not_found(format!("remediation {}", remediation.id)))?;
+        if stored.generation != remediation.generation {
+            return Err(StoreError::Conflict {
+                what: format!("remediation {}", remediation.id),
+                detail: format!(
+                    "modified concurrently (expected generation {}, found {})",
+                    remediation.generation, stored.generation
+                ),
+            });
+        }
+        if let Some(node) = node {
+            let stored_node = state
+                .nodes
+                .get(&node.uuid)
+                .ok_or_else(|| StoreError::not_found(format!("node {}", node.uuid)))?;
+            if stored_node.generation != node.generation {
+                return Err(StoreError::GenerationMismatch {
+                    uuid: node.uuid.clone(),
+                    expected: node.generation,
+                    found: stored_node.generation,
+                });
+            }
+        }
+        let mut updated = remediation.clone();
+        updated.generation += 1;
+        state.remediations.insert(updated.id, updated.clone());
+        let node = node.map(|node| {
+            let last_heartbeat = state.nodes[&node.uuid].last_heartbeat_at_ms;
+            let mut written = node.clone();
+            written.generation += 1;
+            written.last_heartbeat_at_ms = written.last_heartbeat_at_ms.max(last_heartbeat);
+            state.nodes.insert(node.uuid.clone(), written.clone());
+            written
+        });
+        append_events(&mut state, events);
+        Ok((updated, node))
+    }
+
+    async fn remediation_get(&self, id: i64) -> Result<Option<Remediation>, StoreError> {
+        Ok(self.lock().remediations.get(&id).cloned())
+    }
+
+    async fn remediation_list(
+        &self,
+        active_only: bool,
+        node_uuid: Option<&NodeUuid>,
+        limit: usize,
+    ) -> Result<Vec<Remediation>, StoreError> {
+        Ok(self
+            .lock()
+            .remediations
+            .values()
+            .rev()
+            .filter(|r| !active_only || r.status == Status::Active)
+            .filter(|r| node_uuid.is_none_or(|u| &r.node_uuid == u))
+            .take(clamp_limit(limit))
             .cloned()
             .collect())
     }

@@ -26,6 +26,7 @@ use crate::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
 };
+use crate::core::remediation::Remediation;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -43,6 +44,8 @@ pub enum StoreError {
         expected: i64,
         found: i64,
     },
+    #[error("{what} conflict: {detail}")]
+    Conflict { what: String, detail: String },
     #[error("ip pool {pool} has no free address")]
     PoolExhausted { pool: String },
     #[error("invalid ip pool {pool}: {detail}")]
@@ -126,6 +129,30 @@ pub trait Store: Send + Sync + 'static {
     async fn event_append(&self, events: &[NewEvent]) -> Result<(), StoreError>;
     /// Newest first.
     async fn event_list(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError>;
+
+    /// Inserts a new remediation (the store assigns its id) with its audit events.
+    /// `AlreadyExists` when the node already has an active one.
+    async fn remediation_create(
+        &self,
+        remediation: &Remediation,
+        events: &[NewEvent],
+    ) -> Result<Remediation, StoreError>;
+    /// Writes `remediation` (and `node`, when given) if their stored generations still
+    /// equal the given ones, with the events, in one transaction. Returns both as stored.
+    async fn remediation_update(
+        &self,
+        remediation: &Remediation,
+        node: Option<&Node>,
+        events: &[NewEvent],
+    ) -> Result<(Remediation, Option<Node>), StoreError>;
+    async fn remediation_get(&self, id: i64) -> Result<Option<Remediation>, StoreError>;
+    /// Newest first; only active ones when `active_only`; only one node's when given.
+    async fn remediation_list(
+        &self,
+        active_only: bool,
+        node_uuid: Option<&NodeUuid>,
+        limit: usize,
+    ) -> Result<Vec<Remediation>, StoreError>;
 
     async fn token_create(
         &self,

@@ -23,6 +23,7 @@ use crate::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
 };
+use crate::core::remediation::Remediation;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -189,8 +190,88 @@ fn event_from_row(row: &AnyRow) -> Result<Event, StoreError> {
     })
 }
 
+fn remediation_doc(remediation: &Remediation) -> Result<String, StoreError> {
+    serde_json::to_string(remediation).map_err(|e| corrupt("remediation document", e))
+}
+
+fn remediation_from_row(row: &AnyRow) -> Result<Remediation, StoreError> {
+    let doc: String = row.try_get("doc").map_err(backend_error)?;
+    let mut remediation: Remediation =
+        serde_json::from_str(&doc).map_err(|e| corrupt("remediation document", e))?;
+    remediation.id = row.try_get("id").map_err(backend_error)?;
+    remediation.generation = row.try_get("generation").map_err(backend_error)?;
+    Ok(remediation)
+}
+
 fn node_doc(node: &Node) -> Result<String, StoreError> {
     serde_json::to_string(node).map_err(|e| corrupt("node document", e))
+}
+
+/// Writes `node` at its generation + 1 inside `tx` (optimistic concurrency), releasing its
+/// addresses when it is retired, and returns it as stored.
+async fn write_node(tx: &mut sqlx::AnyConnection, node: &Node) -> Result<Node, StoreError> {
+    let mut updated = node.clone();
+    updated.generation = node.generation + 1;
+    let result = sqlx::query(
+        "UPDATE nodes SET hostname = $1, serial = $2, rack = $3, role = $4, state = $5, \
+         flavor = $6, generation = $7, updated_at_ms = $8, doc = $9, \
+         last_heartbeat_at_ms = CASE WHEN last_heartbeat_at_ms IS NULL OR last_heartbeat_at_ms < $12 \
+         THEN $12 ELSE last_heartbeat_at_ms END \
+         WHERE uuid = $10 AND generation = $11",
+    )
+    .bind(&updated.hostname)
+    .bind(&updated.serial)
+    .bind(updated.rack.clone())
+    .bind(updated.role.as_str())
+    .bind(updated.state.as_str())
+    .bind(updated.flavor.clone())
+    .bind(updated.generation)
+    .bind(updated.updated_at_ms)
+    .bind(node_doc(&updated)?)
+    .bind(node.uuid.as_str())
+    .bind(node.generation)
+    .bind(updated.last_heartbeat_at_ms)
+    .execute(&mut *tx)
+    .await;
+    let rows = match result {
+        Err(error) if is_unique_violation(&error) => {
+            return Err(StoreError::AlreadyExists {
+                what: format!("hostname {}", node.hostname),
+            })
+        }
+        other => other.map_err(backend_error)?.rows_affected(),
+    };
+    if rows == 0 {
+        let found = sqlx::query("SELECT generation FROM nodes WHERE uuid = $1")
+            .bind(node.uuid.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend_error)?;
+        return Err(match found {
+            None => StoreError::not_found(format!("node {}", node.uuid)),
+            Some(row) => StoreError::GenerationMismatch {
+                uuid: node.uuid.clone(),
+                expected: node.generation,
+                found: row.try_get("generation").map_err(backend_error)?,
+            },
+        });
+    }
+    if updated.state == LifecycleState::Retired {
+        sqlx::query("DELETE FROM ip_allocations WHERE node_uuid = $1")
+            .bind(node.uuid.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(backend_error)?;
+    }
+    let heartbeat = sqlx::query("SELECT last_heartbeat_at_ms FROM nodes WHERE uuid = $1")
+        .bind(node.uuid.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(backend_error)?;
+    updated.last_heartbeat_at_ms = heartbeat
+        .try_get("last_heartbeat_at_ms")
+        .map_err(backend_error)?;
+    Ok(updated)
 }
 
 async fn insert_events(
@@ -334,69 +415,9 @@ impl Store for SqlStore {
     }
 
     async fn node_update(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError> {
-        let mut updated = node.clone();
-        updated.generation = node.generation + 1;
         let mut tx = self.pool.begin().await.map_err(backend_error)?;
-        let result = sqlx::query(
-            "UPDATE nodes SET hostname = $1, serial = $2, rack = $3, role = $4, state = $5, \
-             flavor = $6, generation = $7, updated_at_ms = $8, doc = $9, \
-             last_heartbeat_at_ms = CASE WHEN last_heartbeat_at_ms IS NULL OR last_heartbeat_at_ms < $12 \
-             THEN $12 ELSE last_heartbeat_at_ms END \
-             WHERE uuid = $10 AND generation = $11",
-        )
-        .bind(&updated.hostname)
-        .bind(&updated.serial)
-        .bind(updated.rack.clone())
-        .bind(updated.role.as_str())
-        .bind(updated.state.as_str())
-        .bind(updated.flavor.clone())
-        .bind(updated.generation)
-        .bind(updated.updated_at_ms)
-        .bind(node_doc(&updated)?)
-        .bind(node.uuid.as_str())
-        .bind(node.generation)
-        .bind(updated.last_heartbeat_at_ms)
-        .execute(&mut *tx)
-        .await;
-        let rows = match result {
-            Err(error) if is_unique_violation(&error) => {
-                return Err(StoreError::AlreadyExists {
-                    what: format!("hostname {}", node.hostname),
-                })
-            }
-            other => other.map_err(backend_error)?.rows_affected(),
-        };
-        if rows == 0 {
-            let found = sqlx::query("SELECT generation FROM nodes WHERE uuid = $1")
-                .bind(node.uuid.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(backend_error)?;
-            return Err(match found {
-                None => StoreError::not_found(format!("node {}", node.uuid)),
-                Some(row) => StoreError::GenerationMismatch {
-                    uuid: node.uuid.clone(),
-                    expected: node.generation,
-                    found: row.try_get("generation").map_err(backend_error)?,
-                },
-            });
-        }
-        if updated.state == LifecycleState::Retired {
-            sqlx::query("DELETE FROM ip_allocations WHERE node_uuid = $1")
-                .bind(node.uuid.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(backend_error)?;
-        }
+        let updated = write_node(&mut tx, node).await?;
         insert_events(&mut tx, events).await?;
-        let heartbeat = sqlx::query("SELECT last_heartbeat_at_ms FROM nodes WHERE uuid = $1")
-            .bind(node.uuid.as_str())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(backend_error)?;
-        updated.last_heartbeat_at_ms = heartbeat
-            .try_get("last_heartbeat_at_ms")
-            .map_err(backend_error)?;
         tx.commit().await.map_err(backend_error)?;
         Ok(updated)
     }
@@ -635,6 +656,116 @@ impl Store for SqlStore {
         .await
         .map_err(backend_error)?;
         rows.iter().map(event_from_row).collect()
+    }
+
+    async fn remediation_create(
+        &self,
+        remediation: &Remediation,
+        events: &[NewEvent],
+    ) -> Result<Remediation, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(backend_error)?;
+        let inserted = sqlx::query(
+            "INSERT INTO remediations (node_uuid, status, generation, created_at_ms, doc) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(remediation.node_uuid.as_str())
+        .bind(remediation.status.as_str())
+        .bind(remediation.generation)
+        .bind(remediation.created_at_ms)
+        .bind(remediation_doc(remediation)?)
+        .fetch_one(&mut *tx)
+        .await;
+        let row = match inserted {
+            Err(error) if is_unique_violation(&error) => {
+                return Err(StoreError::AlreadyExists {
+                    what: format!("active remediation of node {}", remediation.node_uuid),
+                })
+            }
+            other => other.map_err(backend_error)?,
+        };
+        let mut created = remediation.clone();
+        created.id = row.try_get("id").map_err(backend_error)?;
+        insert_events(&mut tx, events).await?;
+        tx.commit().await.map_err(backend_error)?;
+        Ok(created)
+    }
+
+    async fn remediation_update(
+        &self,
+        remediation: &Remediation,
+        node: Option<&Node>,
+        events: &[NewEvent],
+    ) -> Result<(Remediation, Option<Node>), StoreError> {
+        let mut updated = remediation.clone();
+        updated.generation += 1;
+        let mut tx = self.pool.begin().await.map_err(backend_error)?;
+        let rows = sqlx::query(
+            "UPDATE remediations SET status = $1, generation = $2, doc = $3 \
+             WHERE id = $4 AND generation = $5",
+        )
+        .bind(updated.status.as_str())
+        .bind(updated.generation)
+        .bind(remediation_doc(&updated)?)
+        .bind(remediation.id)
+        .bind(remediation.generation)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend_error)?
+        .rows_affected();
+        if rows == 0 {
+            let found = sqlx::query("SELECT generation FROM remediations WHERE id = $1")
+                .bind(remediation.id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(backend_error)?;
+            return Err(match found {
+                None => StoreError::not_found(format!("remediation {}", remediation.id)),
+                Some(row) => StoreError::Conflict {
+                    what: format!("remediation {}", remediation.id),
+                    detail: format!(
+                        "modified concurrently (expected generation {}, found {})",
+                        remediation.generation,
+                        row.try_get::<i64, _>("generation").map_err(backend_error)?
+                    ),
+                },
+            });
+        }
+        let node = match node {
+            Some(node) => Some(write_node(&mut tx, node).await?),
+            None => None,
+        };
+        insert_events(&mut tx, events).await?;
+        tx.commit().await.map_err(backend_error)?;
+        Ok((updated, node))
+    }
+
+    async fn remediation_get(&self, id: i64) -> Result<Option<Remediation>, StoreError> {
+        let row = sqlx::query("SELECT id, generation, doc FROM remediations WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend_error)?;
+        row.as_ref().map(remediation_from_row).transpose()
+    }
+
+    async fn remediation_list(
+        &self,
+        active_only: bool,
+        node_uuid: Option<&NodeUuid>,
+        limit: usize,
+    ) -> Result<Vec<Remediation>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT id, generation, doc FROM remediations \
+             WHERE ($1 = '' OR status = $1) AND ($2 = '' OR node_uuid = $2) \
+             ORDER BY id DESC LIMIT {}",
+            clamp_limit(limit)
+        ))
+        .bind(if active_only { "active" } else { "" })
+        .bind(node_uuid.map(|u| u.to_string()).unwrap_or_default())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend_error)?;
+        rows.iter().map(remediation_from_row).collect()
     }
 
     async fn token_create(

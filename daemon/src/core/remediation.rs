@@ -1,0 +1,481 @@
+//! Remediation sagas, pure: what a remediation is made of, and how it advances given the
+//! outcome of its current step.
+//!
+//! A remediation is persisted before every step it runs and after every outcome, and each
+//! step is idempotent (power off when off, force-down when down, evacuate what is still on
+//! the host, PXE + power on), so a daemon that dies at any point resumes the saga after a
+//! restart without doing anything twice that matters. Executing steps is the controller's
+//! job (`controller::remediation`); deciding what comes next is this module's.
+
+use bearman_proto::uuid::NodeUuid;
+use serde::{Deserialize, Serialize};
+
+use super::lifecycle::{LifecycleEvent, LifecycleState};
+use super::model::TimestampMs;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemediationKind {
+    /// Started by the health judgement: fence, evacuate, rebuild.
+    Automatic,
+    /// Operator: power off and verify.
+    Fence,
+    /// Operator: fence, then move every VM away.
+    Evacuate,
+    /// Operator: fence, evacuate, rebuild from PXE.
+    Rebuild,
+    /// Operator: fence, evacuate, then leave the node in maintenance.
+    Drain,
+}
+
+impl RemediationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RemediationKind::Automatic => "automatic",
+            RemediationKind::Fence => "fence",
+            RemediationKind::Evacuate => "evacuate",
+            RemediationKind::Rebuild => "rebuild",
+            RemediationKind::Drain => "drain",
+        }
+    }
+
+    pub fn plan(self) -> Vec<Step> {
+        use Step::*;
+        match self {
+            RemediationKind::Automatic | RemediationKind::Rebuild => {
+                vec![
+                    PowerOff, VerifyOff, ForceDown, Evacuate, Rebuild, AwaitReady,
+                ]
+            }
+            RemediationKind::Fence => vec![PowerOff, VerifyOff],
+            RemediationKind::Evacuate => vec![PowerOff, VerifyOff, ForceDown, Evacuate],
+            RemediationKind::Drain => vec![PowerOff, VerifyOff, ForceDown, Evacuate, Maintenance],
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Ask the BMC to power the node off (accepted is not done).
+    PowerOff,
+    /// Read the power state back until it is verifiably off.
+    VerifyOff,
+    /// Mark the node's compute service forced-down in the cloud.
+    ForceDown,
+    /// Evacuate every VM still on the node.
+    Evacuate,
+    /// Next boot from the network, power on.
+    Rebuild,
+    /// Wait for the node to come back through stage 1 and report installed.
+    AwaitReady,
+    /// Put the node into maintenance (drain).
+    Maintenance,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::PowerOff => "power_off",
+            Step::VerifyOff => "verify_off",
+            Step::ForceDown => "force_down",
+            Step::Evacuate => "evacuate",
+            Step::Rebuild => "rebuild",
+            Step::AwaitReady => "await_ready",
+            Step::Maintenance => "maintenance",
+        }
+    }
+
+    /// Attempts before the step, and so the remediation, fails.
+    pub fn attempts_max(self, limits: &Limits) -> u32 {
+        match self {
+            Step::PowerOff => limits.power_attempts_max,
+            Step::VerifyOff => limits.readbacks_max,
+            Step::ForceDown | Step::Evacuate => limits.cloud_attempts_max,
+            Step::Rebuild => limits.power_attempts_max,
+            // Waiting is bounded by time, not attempts (see `Limits::ready_timeout_ms`).
+            Step::AwaitReady => u32::MAX,
+            Step::Maintenance => 3,
+        }
+    }
+
+    /// Whether an operator may cancel during this step: not while a power-off is half
+    /// done, so nobody is left guessing the node's power state.
+    pub fn cancellable(self) -> bool {
+        !matches!(self, Step::PowerOff | Step::VerifyOff)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Active,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Active => "active",
+            Status::Done => "done",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Status> {
+        [
+            Status::Active,
+            Status::Done,
+            Status::Failed,
+            Status::Cancelled,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+}
+
+/// Retry budgets and backoff; every loop in remediation is bounded by these.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub power_attempts_max: u32,
+    pub readbacks_max: u32,
+    pub cloud_attempts_max: u32,
+    pub backoff_initial_ms: i64,
+    pub backoff_max_ms: i64,
+    /// How long a rebuilt node has to reach Ready before the rebuild is retried.
+    pub ready_timeout_ms: i64,
+    /// Rebuilds before the node goes to maintenance.
+    pub rebuilds_max: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            power_attempts_max: 5,
+            readbacks_max: 10,
+            cloud_attempts_max: 30,
+            backoff_initial_ms: 1_000,
+            backoff_max_ms: 10_000,
+            ready_timeout_ms: 15 * 60 * 1000,
+            rebuilds_max: 3,
+        }
+    }
+}
+
+/// One remediation of one node, as persisted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remediation {
+    pub id: i64,
+    pub node_uuid: NodeUuid,
+    pub kind: RemediationKind,
+    pub status: Status,
+    pub plan: Vec<Step>,
+    pub step_index: usize,
+    /// Attempts made at the current step (recorded before each attempt acts).
+    pub attempts: u32,
+    pub rebuilds: u32,
+    pub next_attempt_at_ms: TimestampMs,
+    pub step_started_at_ms: TimestampMs,
+    pub created_at_ms: TimestampMs,
+    pub updated_at_ms: TimestampMs,
+    pub requested_by: String,
+    pub reason: String,
+    pub last_error: Option<String>,
+    /// VM ids this remediation evacuated.
+    pub vms_evacuated: Vec<String>,
+    pub fenced_at_ms: Option<TimestampMs>,
+    pub evacuated_at_ms: Option<TimestampMs>,
+    pub finished_at_ms: Option<TimestampMs>,
+    /// Bumped on every write; writers present the one they read.
+    pub generation: i64,
+}
+
+impl Remediation {
+    pub fn new(
+        node_uuid: NodeUuid,
+        kind: RemediationKind,
+        requested_by: &str,
+        reason: &str,
+        now_ms: TimestampMs,
+    ) -> Self {
+        Remediation {
+            id: 0,
+            node_uuid,
+            kind,
+            status: Status::Active,
+            plan: kind.plan(),
+            step_index: 0,
+            attempts: 0,
+            rebuilds: 0,
+            next_attempt_at_ms: now_ms,
+            step_started_at_ms: now_ms,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            requested_by: requested_by.to_string(),
+            reason: reason.to_string(),
+            last_error: None,
+            vms_evacuated: Vec::new(),
+            fenced_at_ms: None,
+            evacuated_at_ms: None,
+            finished_at_ms: None,
+            generation: 1,
+        }
+    }
+
+    pub fn step(&self) -> Option<Step> {
+        if self.status == Status::Active {
+            self.plan.get(self.step_index).copied()
+        } else {
+            None
+        }
+    }
+}
+
+/// What running the current step once produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The step is complete.
+    Done,
+    /// Not yet (a readback still says on, the node is still booting): try again.
+    NotYet(String),
+    /// The attempt failed (timeout, refused, unreachable): try again with backoff.
+    Failed(String),
+}
+
+/// What the controller must do to the node's lifecycle along with an advance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Advance {
+    pub remediation: Remediation,
+    /// Lifecycle events to apply to the node, in order, in the same write.
+    pub node_events: Vec<LifecycleEvent>,
+    /// A line for the audit trail.
+    pub note: String,
+}
+
+fn backoff_ms(attempts: u32, limits: &Limits) -> i64 {
+    let doublings = attempts.saturating_sub(1).min(16);
+    (limits.backoff_initial_ms << doublings).min(limits.backoff_max_ms)
+}
+
+/// The lifecycle events that entering `step` implies for a node in `state`.
+pub fn entering(step: Step, state: LifecycleState) -> Vec<LifecycleEvent> {
+    match step {
+        Step::PowerOff if matches!(state, LifecycleState::Ready | LifecycleState::Suspect) => {
+            vec![LifecycleEvent::FenceStarted]
+        }
+        Step::Rebuild if state == LifecycleState::Fenced => vec![LifecycleEvent::RebuildStarted],
+        _ => vec![],
+    }
+}
+
+/// Advances `remediation` after its current step produced `outcome` at `now_ms`.
+pub fn advance(
+    remediation: &Remediation,
+    outcome: &Outcome,
+    now_ms: TimestampMs,
+    limits: &Limits,
+) -> Advance {
+    let mut next = remediation.clone();
+    next.updated_at_ms = now_ms;
+    let Some(step) = remediation.step() else {
+        return Advance {
+            remediation: next,
+            node_events: vec![],
+            note: "remediation is not active".into(),
+        };
+    };
+    let mut node_events = Vec::new();
+    let note;
+    match outcome {
+        Outcome::Done => {
+            next.last_error = None;
+            match step {
+                Step::VerifyOff => {
+                    next.fenced_at_ms = Some(now_ms);
+                    node_events.push(LifecycleEvent::FenceVerified);
+                }
+                Step::Evacuate => next.evacuated_at_ms = Some(now_ms),
+                Step::Maintenance => node_events.push(LifecycleEvent::MaintenanceOn),
+                _ => {}
+            }
+            note = format!("{} done", step.as_str());
+            next.step_index += 1;
+            next.attempts = 0;
+            next.step_started_at_ms = now_ms;
+            next.next_attempt_at_ms = now_ms;
+            if next.step_index >= next.plan.len() {
+                next.status = Status::Done;
+                next.finished_at_ms = Some(now_ms);
+            }
+        }
+        Outcome::NotYet(detail) | Outcome::Failed(detail) => {
+            next.last_error = Some(detail.clone());
+            let timed_out = step == Step::AwaitReady
+                && now_ms - remediation.step_started_at_ms >= limits.ready_timeout_ms;
+            let exhausted = remediation.attempts >= step.attempts_max(limits);
+            if step == Step::AwaitReady && timed_out {
+                if next.rebuilds + 1 >= limits.rebuilds_max {
+                    next.status = Status::Failed;
+                    next.finished_at_ms = Some(now_ms);
+                    node_events.push(LifecycleEvent::RebuildFailed);
+                    note = format!(
+                        "node not Ready after {} rebuild(s): giving up, node to maintenance ({detail})",
+                        next.rebuilds + 1
+                    );
+                } else {
+                    // Power-cycle into PXE again.
+                    next.rebuilds += 1;
+                    next.step_index -= 1;
+                    next.attempts = 0;
+                    next.step_started_at_ms = now_ms;
+                    next.next_attempt_at_ms = now_ms;
+                    note = format!(
+                        "node not Ready in time; rebuild attempt {}",
+                        next.rebuilds + 1
+                    );
+                }
+            } else if exhausted {
+                next.status = Status::Failed;
+                next.finished_at_ms = Some(now_ms);
+                if matches!(step, Step::PowerOff | Step::VerifyOff) {
+                    // A fence we cannot verify is reported and handed to a human; it is
+                    // never treated as done and never retried silently forever.
+                    node_events.push(LifecycleEvent::FenceFailed);
+                    node_events.push(LifecycleEvent::MaintenanceOn);
+                } else if step == Step::Rebuild {
+                    node_events.push(LifecycleEvent::RebuildFailed);
+                }
+                note = format!(
+                    "{} failed after {} attempt(s): {detail}",
+                    step.as_str(),
+                    remediation.attempts
+                );
+            } else {
+                let delay = match outcome {
+                    Outcome::NotYet(_) if step == Step::AwaitReady => limits.backoff_max_ms,
+                    _ => backoff_ms(remediation.attempts, limits),
+                };
+                next.next_attempt_at_ms = now_ms + delay;
+                note = format!(
+                    "{} attempt {}: {detail}",
+                    step.as_str(),
+                    remediation.attempts
+                );
+            }
+        }
+    }
+    Advance {
+        remediation: next,
+        node_events,
+        note,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh(kind: RemediationKind) -> Remediation {
+        Remediation::new(NodeUuid::from_index(3, 1), kind, "test", "because", 1_000)
+    }
+
+    /// Runs `remediation` to its end, giving each step the outcomes `script` returns.
+    fn drive(
+        mut remediation: Remediation,
+        mut script: impl FnMut(Step, u32) -> Outcome,
+    ) -> (Remediation, Vec<LifecycleEvent>) {
+        let limits = Limits::default();
+        let mut events = Vec::new();
+        let mut now = 1_000;
+        for _ in 0..10_000 {
+            let Some(step) = remediation.step() else {
+                return (remediation, events);
+            };
+            remediation.attempts += 1;
+            let outcome = script(step, remediation.attempts);
+            let advance = advance(&remediation, &outcome, now, &limits);
+            events.extend(advance.node_events);
+            remediation = advance.remediation;
+            now = remediation.next_attempt_at_ms.max(now + 1);
+        }
+        panic!("remediation never ended");
+    }
+
+    #[test]
+    fn automatic_remediation_walks_every_step() {
+        let (done, events) = drive(fresh(RemediationKind::Automatic), |_, _| Outcome::Done);
+        assert_eq!(done.status, Status::Done);
+        assert!(done.fenced_at_ms.is_some() && done.evacuated_at_ms.is_some());
+        assert_eq!(events, vec![LifecycleEvent::FenceVerified]);
+    }
+
+    #[test]
+    fn every_step_failing_once_is_retried_and_the_saga_completes() {
+        for kind in [
+            RemediationKind::Automatic,
+            RemediationKind::Drain,
+            RemediationKind::Fence,
+        ] {
+            let (done, _) = drive(fresh(kind), |_, attempt| {
+                if attempt == 1 {
+                    Outcome::Failed("transient".into())
+                } else {
+                    Outcome::Done
+                }
+            });
+            assert_eq!(done.status, Status::Done, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn an_unverifiable_fence_fails_and_hands_the_node_to_a_human() {
+        let (failed, events) = drive(fresh(RemediationKind::Automatic), |step, _| match step {
+            Step::PowerOff => Outcome::Done,
+            _ => Outcome::NotYet("bmc still reports on".into()),
+        });
+        assert_eq!(failed.status, Status::Failed);
+        assert_eq!(
+            failed.plan[failed.step_index],
+            Step::VerifyOff,
+            "never got past the fence"
+        );
+        assert_eq!(failed.attempts, Limits::default().readbacks_max);
+        assert_eq!(
+            events,
+            vec![LifecycleEvent::FenceFailed, LifecycleEvent::MaintenanceOn]
+        );
+        assert!(failed.fenced_at_ms.is_none());
+    }
+
+    #[test]
+    fn a_node_that_never_comes_back_is_rebuilt_then_given_up() {
+        let (failed, events) = drive(fresh(RemediationKind::Automatic), |step, _| match step {
+            Step::AwaitReady => Outcome::NotYet("still rebuilding".into()),
+            _ => Outcome::Done,
+        });
+        assert_eq!(failed.status, Status::Failed);
+        assert_eq!(failed.rebuilds + 1, Limits::default().rebuilds_max);
+        assert_eq!(events.last(), Some(&LifecycleEvent::RebuildFailed));
+    }
+
+    #[test]
+    fn advancing_a_finished_remediation_changes_nothing() {
+        let (done, _) = drive(fresh(RemediationKind::Fence), |_, _| Outcome::Done);
+        let again = advance(&done, &Outcome::Done, 99_999, &Limits::default());
+        assert_eq!(again.remediation.status, Status::Done);
+        assert_eq!(again.remediation.step_index, done.step_index);
+        assert!(again.node_events.is_empty());
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let limits = Limits::default();
+        assert_eq!(backoff_ms(1, &limits), 1_000);
+        assert_eq!(backoff_ms(2, &limits), 2_000);
+        assert_eq!(backoff_ms(30, &limits), limits.backoff_max_ms);
+    }
+}
