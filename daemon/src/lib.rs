@@ -7,6 +7,7 @@
 pub mod api;
 pub mod bmc;
 pub mod cloud;
+pub mod controller;
 pub mod core;
 pub mod images;
 pub mod runtime;

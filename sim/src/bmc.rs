@@ -218,3 +218,23 @@ impl Bmc for SimBmc {
         self.call("PXE").await.map(|_| ())
     }
 }
+
+/// The daemon's `BmcProvider` inside the simulation: every simulated node's BMC is on the
+/// fabric host, addressed by node index.
+pub struct SimBmcs {
+    pub timeout: Duration,
+}
+
+impl bearman::controller::BmcProvider for SimBmcs {
+    fn bmc_for(
+        &self,
+        node: &bearman::core::model::Node,
+    ) -> Result<std::sync::Arc<dyn Bmc>, String> {
+        let index = crate::fleet::index_of(&node.uuid)
+            .ok_or_else(|| format!("node {} is not a simulated node", node.uuid))?;
+        Ok(std::sync::Arc::new(SimBmc {
+            node_index: index,
+            timeout: self.timeout,
+        }))
+    }
+}

@@ -45,6 +45,7 @@ pub struct Checker {
     pub legal_states: Verdict,
     pub fence_before_evacuate: Verdict,
     pub ready_after_heal: Verdict,
+    pub expectations: Verdict,
     reported_doubled: BTreeSet<u32>,
     events_seen: i64,
     violations_seen: usize,
@@ -63,6 +64,7 @@ impl Default for Checker {
                 "safety",
             ),
             ready_after_heal: Verdict::new("every powered node Ready by the deadline", "liveness"),
+            expectations: Verdict::new("scenario expectations (fences, recovery times)", "expect"),
             reported_doubled: BTreeSet::new(),
             events_seen: 0,
             violations_seen: 0,
@@ -79,8 +81,9 @@ fn reachable(from: LifecycleState, to: LifecycleState) -> bool {
 }
 
 impl Checker {
-    pub fn verdicts(&self) -> [&Verdict; 6] {
+    pub fn verdicts(&self) -> [&Verdict; 7] {
         [
+            &self.expectations,
             &self.no_vm_twice,
             &self.fence_before_evacuate,
             &self.unique_addresses,
@@ -214,6 +217,53 @@ impl Checker {
                 lost.len(),
                 lost[0]
             ));
+        }
+    }
+}
+
+impl Checker {
+    /// The scenario's own expectations about fences and recovery, judged at the end.
+    pub fn check_expectations(
+        &mut self,
+        expect: &crate::scenario::Expect,
+        recoveries: &[crate::recovery::Recovery],
+        fences: usize,
+    ) {
+        self.expectations.checks += 1;
+        if let Some(max) = expect.fences_max {
+            if fences as u64 > max {
+                self.expectations
+                    .fail(format!("{fences} fence(s) started; at most {max} expected"));
+            }
+        }
+        for recovery in recoveries {
+            if let Some(within) = expect.vms_elsewhere_within_s {
+                match recovery.vms_elsewhere_after {
+                    Some(after) if after <= Duration::from_secs(within) => {}
+                    Some(after) => self.expectations.fail(format!(
+                        "{}: VMs running elsewhere {:.1} s after the crash; expected within {within} s",
+                        recovery.node,
+                        after.as_secs_f64()
+                    )),
+                    None => self.expectations.fail(format!(
+                        "{}: some of its {} VM(s) never ran elsewhere",
+                        recovery.node, recovery.vms
+                    )),
+                }
+            }
+            if let Some(within) = expect.crashed_ready_within_s {
+                match recovery.ready_after {
+                    Some(after) if after <= Duration::from_secs(within) => {}
+                    other => self.expectations.fail(format!(
+                        "{}: Ready again {}; expected within {within} s of the crash",
+                        recovery.node,
+                        other.map_or("never".to_string(), |a| format!(
+                            "after {:.1} s",
+                            a.as_secs_f64()
+                        ))
+                    )),
+                }
+            }
         }
     }
 }

@@ -106,6 +106,12 @@ pub struct World {
     pub ops_power_cycles: Vec<u32>,
     /// Every moment a VM started running on a second host, as it happened.
     pub double_runs: Vec<String>,
+    /// Racks without power: their BMCs are dark too.
+    pub racks_without_power: BTreeSet<u32>,
+    /// Crashes, for the recovery metrics: node → (crash time, VMs it was running).
+    pub crashes: BTreeMap<u32, (Duration, Vec<u32>)>,
+    /// When each VM was last evacuated.
+    pub evacuated_at: BTreeMap<u32, Duration>,
 }
 
 pub type SharedWorld = Arc<Mutex<World>>;
@@ -162,6 +168,9 @@ impl World {
             requests_failed: 0,
             ops_power_cycles: Vec::new(),
             double_runs: Vec::new(),
+            racks_without_power: BTreeSet::new(),
+            crashes: BTreeMap::new(),
+            evacuated_at: BTreeMap::new(),
         }
     }
 
@@ -217,6 +226,13 @@ impl World {
         if self.nodes[index as usize].os == Os::Off {
             return;
         }
+        let running: Vec<u32> = self
+            .vms
+            .values()
+            .filter(|vm| vm.instances.contains(&index))
+            .map(|vm| vm.id)
+            .collect();
+        self.crashes.insert(index, (now, running));
         self.stop_instances(index, now);
         self.nodes[index as usize].os = Os::Crashed;
         self.bump(index);
@@ -328,6 +344,7 @@ impl World {
             );
             self.violations.push(violation);
         }
+        self.evacuated_at.insert(vm_id, now);
         let vm = self.vms.get_mut(&vm_id).expect("checked above");
         vm.assigned = target;
         vm.instances.insert(target);
@@ -362,4 +379,13 @@ impl World {
             .count();
         (doubled, down)
     }
+}
+
+/// The simulator's node index behind a uuid made by `NodeUuid::from_index(UUID_NAMESPACE, _)`.
+pub fn index_of(uuid: &NodeUuid) -> Option<u32> {
+    let hex: String = uuid.as_str().chars().filter(|c| *c != '-').collect();
+    if u32::from_str_radix(&hex[..8], 16).ok()? != UUID_NAMESPACE {
+        return None;
+    }
+    u32::try_from(u64::from_str_radix(&hex[8..], 16).ok()?).ok()
 }

@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod net;
 pub mod node;
 pub mod ops;
+pub mod recovery;
 pub mod report;
 pub mod rng;
 pub mod run;

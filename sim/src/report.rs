@@ -55,6 +55,46 @@ pub fn render(report: &Report, wall: Duration) -> String {
             last_line = line;
         }
     }
+    if !report.recoveries.is_empty() || report.fences > 0 {
+        let secs = |d: Option<Duration>| {
+            d.map_or("never".to_string(), |d| format!("{:.1}", d.as_secs_f64()))
+        };
+        let _ = writeln!(
+            out,
+            "\nrecovery (seconds after the crash; fences started: {})\n{:>10} {:>9} {:>9} {:>9} {:>13} {:>9}",
+            report.fences, "node", "crash_at", "detected", "fenced", "vms_elsewhere", "ready"
+        );
+        for r in &report.recoveries {
+            let _ = writeln!(
+                out,
+                "{:>10} {:>9.1} {:>9} {:>9} {:>13} {:>9}",
+                r.node,
+                r.crashed_at.as_secs_f64(),
+                secs(r.detected_after),
+                secs(r.fenced_after),
+                secs(r.vms_elsewhere_after),
+                secs(r.ready_after)
+            );
+        }
+        let collect = |f: fn(&crate::recovery::Recovery) -> Option<Duration>| -> Vec<Duration> {
+            report.recoveries.iter().filter_map(f).collect()
+        };
+        for (label, values) in [
+            ("detect", collect(|r| r.detected_after)),
+            ("vms elsewhere", collect(|r| r.vms_elsewhere_after)),
+            ("ready again", collect(|r| r.ready_after)),
+        ] {
+            if !values.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  {label:<14} p50 {} s, p99 {} s over {} node(s)",
+                    secs(crate::recovery::percentile(&values, 50)),
+                    secs(crate::recovery::percentile(&values, 99)),
+                    values.len()
+                );
+            }
+        }
+    }
     let _ = writeln!(out, "\ninvariants");
     for verdict in report.checker.verdicts() {
         let _ = writeln!(

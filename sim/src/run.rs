@@ -68,6 +68,8 @@ pub struct Report {
     pub heartbeats_failed: u64,
     pub requests_failed: u64,
     pub steps: u64,
+    pub recoveries: Vec<crate::recovery::Recovery>,
+    pub fences: usize,
 }
 
 impl Report {
@@ -202,6 +204,7 @@ fn apply_fault(
         (FaultKind::RackPowerLoss, false) => {
             let mut world = lock(world);
             let rack = fault.rack.expect("validated");
+            world.racks_without_power.insert(rack);
             let nodes: Vec<u32> = world
                 .nodes
                 .iter()
@@ -215,6 +218,7 @@ fn apply_fault(
         (FaultKind::RackPowerLoss, true) => {
             let mut world = lock(world);
             let rack = fault.rack.expect("validated");
+            world.racks_without_power.remove(&rack);
             let nodes: Vec<u32> = world
                 .nodes
                 .iter()
@@ -313,8 +317,10 @@ pub fn run(
     // as in production).
     {
         let store = store.clone();
+        let remediation = scenario.remediation.clone();
         sim.host("daemon", move || {
             let store: Arc<dyn Store> = store.clone();
+            let remediation = remediation.clone();
             async move {
                 let listener = turmoil::net::TcpListener::bind(("0.0.0.0", DAEMON_PORT)).await?;
                 let state = AppState::new(
@@ -332,6 +338,17 @@ pub fn run(
                         heartbeat_fresh_ms: 30_000,
                     },
                 );
+                let controller = bearman::controller::Controller::new(
+                    state.clone(),
+                    Arc::new(bmc::SimBmcs {
+                        timeout: Duration::from_secs(10),
+                    }),
+                    Some(Arc::new(cloud::SimCloud {
+                        timeout: Duration::from_secs(10),
+                    })),
+                    remediation,
+                );
+                tokio::spawn(controller.run());
                 bearman::server::serve(
                     net::TurmoilListener(listener),
                     state,
@@ -396,15 +413,21 @@ pub fn run(
 
     // The fault schedule as (time, fault index, heal?), in time order; heals after faults
     // at the same instant.
+    // Faults with `when_event` wait, armed, for their event instead.
     let mut schedule: Vec<(Duration, usize, bool)> = Vec::new();
+    let mut armed: Vec<usize> = Vec::new();
     for (index, fault) in scenario.faults.iter().enumerate() {
+        if fault.when_event.is_some() {
+            armed.push(index);
+            continue;
+        }
         schedule.push((Duration::from_secs(fault.at_s), index, false));
         if let Some(heal) = fault.heal_at_s {
             schedule.push((Duration::from_secs(heal), index, true));
         }
     }
     schedule.sort_by_key(|(at, index, heal)| (*at, *heal, *index));
-    let mut schedule = schedule.into_iter().peekable();
+    let mut trigger_events_seen: i64 = 0;
 
     // Liveness is judged at each expectation's deadline (and at the end when none is set).
     let mut deadlines: Vec<Duration> = Vec::new();
@@ -447,11 +470,47 @@ pub fn run(
 
     loop {
         let now = sim.elapsed();
-        while let Some((at, index, heal)) = schedule.peek().copied() {
+        if !armed.is_empty() {
+            let new_events = store.events_after(trigger_events_seen);
+            if let Some(last) = new_events.last() {
+                trigger_events_seen = last.id;
+            }
+            for event in &new_events {
+                let text = format!("{} {}", event.action, event.reason);
+                let fired: Vec<usize> = armed
+                    .iter()
+                    .copied()
+                    .filter(|index| {
+                        let fault = &scenario.faults[*index];
+                        now >= Duration::from_secs(fault.at_s)
+                            && fault
+                                .when_event
+                                .as_deref()
+                                .is_some_and(|pattern| text.contains(pattern))
+                    })
+                    .collect();
+                for index in fired {
+                    armed.retain(|i| *i != index);
+                    lock(&world).trace.record(
+                        now,
+                        format!(
+                            "trigger {:?} on event {}",
+                            scenario.faults[index].kind, event.id
+                        ),
+                    );
+                    schedule.push((now, index, false));
+                    if let Some(after) = scenario.faults[index].heal_after_s {
+                        schedule.push((now + Duration::from_secs(after), index, true));
+                    }
+                }
+            }
+            schedule.sort_by_key(|(at, index, heal)| (*at, *heal, *index));
+        }
+        while let Some((at, index, heal)) = schedule.first().copied() {
             if at > now {
                 break;
             }
-            schedule.next();
+            schedule.remove(0);
             apply_fault(
                 &mut sim,
                 &world,
@@ -508,8 +567,11 @@ pub fn run(
 
     // The trace: what the world saw, then the daemon's whole audit trail, then verdicts.
     let mut world = lock(&world);
-    let mut trace = std::mem::take(&mut world.trace);
     let events = store.events_after(0);
+    let recoveries = crate::recovery::recoveries(&world, &events);
+    let fences = crate::recovery::fences_started(&events);
+    checker.check_expectations(&scenario.expect, &recoveries, fences);
+    let mut trace = std::mem::take(&mut world.trace);
     trace.extend(events.iter().map(|e| {
         format!(
             "event {} at={} node={} actor={} action={} {}->{} {}",
@@ -553,5 +615,7 @@ pub fn run(
         heartbeats_failed: world.heartbeats_failed,
         requests_failed: world.requests_failed,
         steps,
+        recoveries,
+        fences,
     })
 }

@@ -28,6 +28,9 @@ pub struct Scenario {
     pub faults: Vec<Fault>,
     #[serde(default)]
     pub expect: Expect,
+    /// The daemon's remediation settings (defaults are the production defaults).
+    #[serde(default)]
+    pub remediation: bearman::controller::ControllerConfig,
 }
 
 fn default_tick_ms() -> u64 {
@@ -160,6 +163,13 @@ pub struct Fault {
     /// When the fault is undone, if ever.
     #[serde(default)]
     pub heal_at_s: Option<u64>,
+    /// Strike at the first daemon audit event (at or after `at_s`) whose "action reason"
+    /// contains this text, e.g. "step evacuate": lands a fault inside a remediation.
+    #[serde(default)]
+    pub when_event: Option<String>,
+    /// With `when_event`: heal this many seconds after striking.
+    #[serde(default)]
+    pub heal_after_s: Option<u64>,
     /// Rack index the fault applies to (where it applies to one rack).
     #[serde(default)]
     pub rack: Option<u32>,
@@ -180,6 +190,16 @@ pub struct Expect {
     /// After the last heal, every powered node must be Ready within this many seconds.
     #[serde(default)]
     pub ready_after_heal_s: Option<u64>,
+    /// At most this many fences may start (0 for faults that kill no node).
+    #[serde(default)]
+    pub fences_max: Option<u64>,
+    /// Every VM a crashed node was running must run elsewhere within this many seconds
+    /// of the crash.
+    #[serde(default)]
+    pub vms_elsewhere_within_s: Option<u64>,
+    /// Every crashed node must be Ready again within this many seconds of its crash.
+    #[serde(default)]
+    pub crashed_ready_within_s: Option<u64>,
 }
 
 impl Scenario {
@@ -301,7 +321,13 @@ impl Scenario {
                 fault.kind,
                 FaultKind::DaemonRestart | FaultKind::PowerCycleNodes | FaultKind::RackPowerLoss
             );
-            if needs_heal && fault.heal_at_s.is_none() {
+            if fault.heal_after_s.is_some() && fault.when_event.is_none() {
+                bail!("{field}: heal_after_s goes with when_event; use heal_at_s otherwise");
+            }
+            if fault.when_event.is_some() && fault.heal_at_s.is_some() {
+                bail!("{field}: a when_event fault heals with heal_after_s, not heal_at_s");
+            }
+            if needs_heal && fault.heal_at_s.is_none() && fault.heal_after_s.is_none() {
                 bail!("{field}: needs heal_at_s (when power returns / the daemon restarts)");
             }
         }
@@ -312,7 +338,7 @@ impl Scenario {
     pub fn last_heal_s(&self) -> Option<u64> {
         self.faults
             .iter()
-            .map(|f| f.heal_at_s.unwrap_or(f.at_s))
+            .map(|f| f.heal_at_s.unwrap_or(f.at_s + f.heal_after_s.unwrap_or(0)))
             .max()
     }
 }

@@ -77,6 +77,16 @@ fn fleet_power_cycle() {
 }
 
 #[test]
+fn daemon_crash_mid_evacuation() {
+    check_scenario("daemon-crash-mid-evacuation");
+}
+
+#[test]
+fn cloud_outage_during_evacuation() {
+    check_scenario("cloud-outage-during-evacuation");
+}
+
+#[test]
 fn every_scenario_file_has_a_test() {
     let source = include_str!("scenarios.rs");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
@@ -87,7 +97,7 @@ fn every_scenario_file_has_a_test() {
         .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert!(names.len() >= 7, "scenarios: {names:?}");
+    assert!(names.len() >= 9, "scenarios: {names:?}");
     for name in names {
         assert!(
             source.contains(&format!("check_scenario(\"{name}\")")),

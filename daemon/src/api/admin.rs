@@ -21,6 +21,7 @@ use crate::core::model::{
     ApiToken, BmcConfig, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node,
     NodeFilter, NodeRole, TokenRole,
 };
+use crate::core::remediation::{Remediation, RemediationKind, Status as RemediationStatus};
 use crate::core::validate::{self, check_hostname, FieldError};
 use bearman_proto::uuid::NodeUuid;
 
@@ -61,8 +62,36 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             delete(maintenance_off),
         ),
         (
+            spec(Method::POST, "/nodes/{uuid}/fence", Operator),
+            post(fence),
+        ),
+        (
+            spec(Method::POST, "/nodes/{uuid}/evacuate", Operator),
+            post(evacuate),
+        ),
+        (
             spec(Method::POST, "/nodes/{uuid}/rebuild", Operator),
             post(rebuild),
+        ),
+        (
+            spec(Method::POST, "/nodes/{uuid}/drain", Operator),
+            post(drain),
+        ),
+        (
+            spec(Method::GET, "/remediations", Viewer),
+            get(remediation_list),
+        ),
+        (
+            spec(Method::GET, "/remediations/{id}", Viewer),
+            get(remediation_show),
+        ),
+        (
+            spec(Method::POST, "/remediations/{id}/cancel", Operator),
+            post(remediation_cancel),
+        ),
+        (
+            spec(Method::GET, "/remediation/guards", Viewer),
+            get(remediation_guards),
         ),
         (
             spec(Method::POST, "/nodes/{uuid}/retire", Admin),
@@ -522,21 +551,195 @@ async fn maintenance_off(
     .await
 }
 
-async fn rebuild(
+/// Starts an operator-requested remediation. Operator requests bypass the automatic
+/// guards (rack pause, fleet stop, rate limit): a human decided.
+async fn start_remediation(
+    state: &AppState,
+    caller: &Caller,
+    uuid: &NodeUuid,
+    kind: RemediationKind,
+    reason: String,
+) -> Result<(StatusCode, Json<Remediation>), ApiError> {
+    let node = state
+        .store
+        .node_get(uuid)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("node {uuid} is not known")))?;
+    if !matches!(
+        node.state,
+        LifecycleState::Ready
+            | LifecycleState::Suspect
+            | LifecycleState::Fenced
+            | LifecycleState::Provisioning
+            | LifecycleState::Registered
+    ) {
+        return Err(ApiError::conflict(
+            "illegal_state",
+            format!(
+                "node {uuid} is {}; {} needs a node that is ready, suspect, fenced, registered or provisioning",
+                node.state,
+                kind.as_str()
+            ),
+        ));
+    }
+    let now = state.clock.now_ms();
+    let remediation = Remediation::new(uuid.clone(), kind, &caller.actor(), &reason, now);
+    let event = NewEvent::for_node(
+        uuid,
+        now,
+        &caller.actor(),
+        "remediation_started",
+        format!("{}: {reason}", kind.as_str()),
+    );
+    let created = state
+        .store
+        .remediation_create(&remediation, &[event])
+        .await
+        .map_err(|error| match error {
+            crate::store::StoreError::AlreadyExists { .. } => ApiError::conflict(
+                "remediation_active",
+                format!("node {uuid} already has an active remediation; cancel it first"),
+            ),
+            other => other.into(),
+        })?;
+    tracing::info!(%uuid, id = created.id, kind = kind.as_str(), actor = %caller.actor(), "operator remediation");
+    Ok((StatusCode::ACCEPTED, Json(created)))
+}
+
+macro_rules! remediation_route {
+    ($name:ident, $kind:expr, $default:expr) => {
+        async fn $name(
+            State(state): State<AppState>,
+            Extension(caller): Extension<Caller>,
+            UuidPath(uuid): UuidPath,
+            OptionalJson(body): OptionalJson<ReasonBody>,
+        ) -> Result<(StatusCode, Json<Remediation>), ApiError> {
+            let reason = body.text($default)?;
+            start_remediation(&state, &caller, &uuid, $kind, reason).await
+        }
+    };
+}
+
+remediation_route!(fence, RemediationKind::Fence, "fence requested");
+remediation_route!(evacuate, RemediationKind::Evacuate, "evacuation requested");
+remediation_route!(rebuild, RemediationKind::Rebuild, "rebuild requested");
+remediation_route!(drain, RemediationKind::Drain, "drain requested");
+
+fn parse_id(text: &str) -> Result<i64, ApiError> {
+    text.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_path",
+                format!("remediation id {text:?} is not a positive integer"),
+            )
+        })
+}
+
+async fn remediation_list(
+    State(state): State<AppState>,
+    query: QueryParams,
+) -> Result<Json<Vec<Remediation>>, ApiError> {
+    query.allow_only(&["active", "node", "limit"])?;
+    let active = query.parse::<bool>("active")?.unwrap_or(false);
+    let node = query
+        .get("node")
+        .map(|text| {
+            NodeUuid::parse(text).map_err(|e| {
+                ApiError::bad_request("invalid_query", format!("query parameter node: {e}"))
+            })
+        })
+        .transpose()?;
+    let limit = query.parse::<usize>("limit")?.unwrap_or(100);
+    Ok(Json(
+        state
+            .store
+            .remediation_list(active, node.as_ref(), limit)
+            .await?,
+    ))
+}
+
+async fn remediation_show(
+    State(state): State<AppState>,
+    NamePath(id): NamePath,
+) -> Result<Json<Remediation>, ApiError> {
+    let id = parse_id(&id)?;
+    state
+        .store
+        .remediation_get(id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("remediation {id} does not exist")))
+}
+
+async fn remediation_cancel(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    UuidPath(uuid): UuidPath,
+    NamePath(id): NamePath,
     OptionalJson(body): OptionalJson<ReasonBody>,
-) -> Result<Json<Node>, ApiError> {
-    let reason = body.text("rebuild requested")?;
-    node_action(
-        &state,
-        &caller,
-        &uuid,
-        LifecycleEvent::RebuildStarted,
-        reason,
-    )
-    .await
+) -> Result<Json<Remediation>, ApiError> {
+    let id = parse_id(&id)?;
+    let reason = body.text("cancelled by operator")?;
+    for _ in 0..4 {
+        let remediation = state
+            .store
+            .remediation_get(id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("remediation {id} does not exist")))?;
+        let Some(step) = remediation.step() else {
+            return Err(ApiError::conflict(
+                "not_active",
+                format!(
+                    "remediation {id} is already {}",
+                    remediation.status.as_str()
+                ),
+            ));
+        };
+        if !step.cancellable() {
+            return Err(ApiError::conflict(
+                "not_cancellable",
+                format!("remediation {id} is in step {}; a power-off must finish before it can be cancelled", step.as_str()),
+            ));
+        }
+        let now = state.clock.now_ms();
+        let mut cancelled = remediation.clone();
+        cancelled.status = RemediationStatus::Cancelled;
+        cancelled.finished_at_ms = Some(now);
+        cancelled.updated_at_ms = now;
+        let event = NewEvent::for_node(
+            &remediation.node_uuid,
+            now,
+            &caller.actor(),
+            "remediation_cancelled",
+            format!("remediation {id}: {reason}"),
+        );
+        match state
+            .store
+            .remediation_update(&cancelled, None, &[event])
+            .await
+        {
+            Ok((stored, _)) => return Ok(Json(stored)),
+            Err(crate::store::StoreError::Conflict { .. }) => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(ApiError::conflict(
+        "busy",
+        format!("remediation {id} is changing; retry"),
+    ))
+}
+
+async fn remediation_guards(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let guards = state
+        .guards
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    Json(match guards {
+        Some(status) => serde_json::json!({ "controller_running": true, "guards": status }),
+        None => serde_json::json!({ "controller_running": false, "guards": null }),
+    })
 }
 
 async fn retire(

@@ -50,6 +50,9 @@ pub struct AppState {
     pub config: Arc<ServiceConfig>,
     /// Rendered target scripts, so a boot storm's repeated fetches cost a lookup.
     pub scripts: Arc<boot::ScriptCache>,
+    /// What the remediation guards said at the controller's last tick (none when no
+    /// controller runs).
+    pub guards: Arc<std::sync::Mutex<Option<crate::controller::GuardStatus>>>,
 }
 
 impl AppState {
@@ -65,6 +68,7 @@ impl AppState {
             images,
             config: Arc::new(config),
             scripts: Arc::default(),
+            guards: Arc::default(),
         }
     }
 }

@@ -17,8 +17,13 @@ use super::model::{Node, TimestampMs};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
-    /// A node whose last heartbeat is older than this is silent.
+    /// A node whose last heartbeat is older than this is silent (and becomes Suspect).
     pub heartbeat_grace_ms: i64,
+    /// A silent node may be fenced only after it has been silent this much longer. The
+    /// nodes behind a failed switch stop heartbeating within one heartbeat interval of
+    /// each other; waiting longer than that lets the rack guard see all of them before
+    /// the first is fenced.
+    pub fence_confirm_ms: i64,
     /// Pause automatic fencing in a rack when at least this fraction of its monitored
     /// nodes is silent (a ToR failure is not forty dead nodes).
     pub rack_silent_fraction_max: f64,
@@ -29,16 +34,44 @@ pub struct HealthConfig {
     pub fleet_silent_fraction_max: f64,
     /// ... provided the fleet has at least this many monitored nodes.
     pub fleet_nodes_min: usize,
+    /// A pause (rack) or stop (fleet) holds this long after its condition last held.
+    /// As a partition heals or power returns, nodes come back one by one; without the
+    /// hold, the last few still-silent nodes of a recovering rack would look like lone
+    /// deaths and be fenced.
+    pub pause_hold_ms: i64,
+}
+
+/// When each guard last tripped: the memory that gives the guards their hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardHistory {
+    pub rack_paused_at_ms: BTreeMap<String, TimestampMs>,
+    pub fleet_stopped_at_ms: Option<TimestampMs>,
+}
+
+impl GuardHistory {
+    /// Remembers what `judgement` tripped at `now_ms`.
+    pub fn record(&mut self, judgement: &Judgement, now_ms: TimestampMs) {
+        for (rack, health) in &judgement.racks {
+            if health.fencing_paused_now {
+                self.rack_paused_at_ms.insert(rack.clone(), now_ms);
+            }
+        }
+        if judgement.fleet_stopped_now {
+            self.fleet_stopped_at_ms = Some(now_ms);
+        }
+    }
 }
 
 impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
-            heartbeat_grace_ms: 25_000,
+            heartbeat_grace_ms: 20_000,
+            fence_confirm_ms: 14_000,
             rack_silent_fraction_max: 0.3,
             rack_nodes_min: 4,
             fleet_silent_fraction_max: 0.5,
             fleet_nodes_min: 4,
+            pause_hold_ms: 60_000,
         }
     }
 }
@@ -52,7 +85,9 @@ pub fn is_monitored(state: LifecycleState) -> bool {
 pub struct RackHealth {
     pub monitored: usize,
     pub silent: usize,
-    /// Automatic fencing is paused in this rack.
+    /// The rack meets the pause condition right now.
+    pub fencing_paused_now: bool,
+    /// Automatic fencing is paused in this rack (now, or within the hold).
     pub fencing_paused: bool,
 }
 
@@ -65,43 +100,59 @@ pub struct Judgement {
     pub racks: BTreeMap<String, RackHealth>,
     pub monitored: usize,
     pub silent: usize,
-    /// All automatic fencing is stopped.
+    /// The fleet meets the stop condition right now.
+    pub fleet_stopped_now: bool,
+    /// All automatic fencing is stopped (now, or within the hold).
     pub fleet_fencing_stopped: bool,
 }
 
-fn is_silent(node: &Node, now_ms: TimestampMs, grace_ms: i64) -> bool {
+/// How long the node has been quiet.
+fn silence_ms(node: &Node, now_ms: TimestampMs) -> i64 {
     // A node that never heartbeated counts from when it reported installed.
     let last = node
         .last_heartbeat_at_ms
         .or(node.installed_at_ms)
         .unwrap_or(node.updated_at_ms);
-    now_ms - last > grace_ms
+    now_ms - last
 }
 
-/// Judges the fleet at `now_ms`. Nodes without a rack form the rack "".
-pub fn judge(nodes: &[Node], now_ms: TimestampMs, config: &HealthConfig) -> Judgement {
+/// Judges the fleet at `now_ms`, given when the guards last tripped. Nodes without a rack
+/// form the rack "".
+pub fn judge(
+    nodes: &[Node],
+    now_ms: TimestampMs,
+    config: &HealthConfig,
+    history: &GuardHistory,
+) -> Judgement {
     let mut judgement = Judgement::default();
-    let mut silent_nodes: Vec<(&Node, String)> = Vec::new();
+    let mut silent_nodes: Vec<(&Node, String, i64)> = Vec::new();
     for node in nodes.iter().filter(|n| is_monitored(n.state)) {
         let rack = node.rack.clone().unwrap_or_default();
         let entry = judgement.racks.entry(rack.clone()).or_default();
         entry.monitored += 1;
         judgement.monitored += 1;
-        if is_silent(node, now_ms, config.heartbeat_grace_ms) {
+        let silence = silence_ms(node, now_ms);
+        if silence > config.heartbeat_grace_ms {
             entry.silent += 1;
             judgement.silent += 1;
             if node.state == LifecycleState::Ready {
                 judgement.newly_silent.push(node.uuid.clone());
             }
-            silent_nodes.push((node, rack));
+            silent_nodes.push((node, rack, silence));
         }
     }
-    for rack in judgement.racks.values_mut() {
-        rack.fencing_paused = rack.monitored >= config.rack_nodes_min
+    let held = |tripped_at: Option<&TimestampMs>| {
+        tripped_at.is_some_and(|at| now_ms - at < config.pause_hold_ms)
+    };
+    for (name, rack) in judgement.racks.iter_mut() {
+        rack.fencing_paused_now = rack.monitored >= config.rack_nodes_min
             && rack.silent as f64 >= config.rack_silent_fraction_max * rack.monitored as f64;
+        rack.fencing_paused = rack.fencing_paused_now || held(history.rack_paused_at_ms.get(name));
     }
-    judgement.fleet_fencing_stopped = judgement.monitored >= config.fleet_nodes_min
+    judgement.fleet_stopped_now = judgement.monitored >= config.fleet_nodes_min
         && judgement.silent as f64 >= config.fleet_silent_fraction_max * judgement.monitored as f64;
+    judgement.fleet_fencing_stopped =
+        judgement.fleet_stopped_now || held(history.fleet_stopped_at_ms.as_ref());
     if !judgement.fleet_fencing_stopped {
         let paused: BTreeSet<&String> = judgement
             .racks
@@ -109,10 +160,11 @@ pub fn judge(nodes: &[Node], now_ms: TimestampMs, config: &HealthConfig) -> Judg
             .filter(|(_, r)| r.fencing_paused)
             .map(|(name, _)| name)
             .collect();
+        let confirmed_after = config.heartbeat_grace_ms + config.fence_confirm_ms;
         judgement.fenceable = silent_nodes
             .iter()
-            .filter(|(_, rack)| !paused.contains(rack))
-            .map(|(node, _)| node.uuid.clone())
+            .filter(|(_, rack, silence)| !paused.contains(rack) && *silence > confirmed_after)
+            .map(|(node, _, _)| node.uuid.clone())
             .collect();
     }
     judgement
@@ -153,11 +205,29 @@ mod tests {
     fn one_silent_node_is_suspected_and_fenceable() {
         let mut nodes = fleet(2, 10);
         nodes[3].last_heartbeat_at_ms = Some(50_000);
-        let judgement = judge(&nodes, 100_000, &HealthConfig::default());
+        let judgement = judge(
+            &nodes,
+            100_000,
+            &HealthConfig::default(),
+            &GuardHistory::default(),
+        );
         assert_eq!(judgement.newly_silent, vec![nodes[3].uuid.clone()]);
         assert_eq!(judgement.fenceable, vec![nodes[3].uuid.clone()]);
         assert!(!judgement.fleet_fencing_stopped);
         assert!(!judgement.racks["r0"].fencing_paused);
+    }
+
+    #[test]
+    fn a_freshly_silent_node_is_suspected_but_not_yet_fenceable() {
+        let mut nodes = fleet(2, 10);
+        let config = HealthConfig::default();
+        nodes[3].last_heartbeat_at_ms = Some(100_000 - config.heartbeat_grace_ms - 1);
+        let judgement = judge(&nodes, 100_000, &config, &GuardHistory::default());
+        assert_eq!(judgement.newly_silent, vec![nodes[3].uuid.clone()]);
+        assert!(
+            judgement.fenceable.is_empty(),
+            "a rack-wide silence would not be visible yet"
+        );
     }
 
     #[test]
@@ -167,7 +237,12 @@ mod tests {
             node.last_heartbeat_at_ms = Some(10_000);
         }
         nodes[0].last_heartbeat_at_ms = Some(10_000);
-        let judgement = judge(&nodes, 100_000, &HealthConfig::default());
+        let judgement = judge(
+            &nodes,
+            100_000,
+            &HealthConfig::default(),
+            &GuardHistory::default(),
+        );
         assert!(judgement.racks["r1"].fencing_paused);
         assert_eq!(
             judgement.newly_silent.len(),
@@ -182,12 +257,56 @@ mod tests {
     }
 
     #[test]
+    fn a_rack_pause_holds_while_the_rack_comes_back() {
+        let config = HealthConfig::default();
+        let mut nodes = fleet(2, 10);
+        for node in nodes.iter_mut().filter(|n| n.rack.as_deref() == Some("r1")) {
+            node.last_heartbeat_at_ms = Some(10_000);
+        }
+        let mut history = GuardHistory::default();
+        let partitioned = judge(&nodes, 100_000, &config, &history);
+        history.record(&partitioned, 100_000);
+        assert!(partitioned.racks["r1"].fencing_paused);
+        // The switch recovers: all but one node are heard again.
+        for node in nodes
+            .iter_mut()
+            .filter(|n| n.rack.as_deref() == Some("r1"))
+            .skip(1)
+        {
+            node.last_heartbeat_at_ms = Some(101_000);
+        }
+        let healing = judge(&nodes, 102_000, &config, &history);
+        assert!(!healing.racks["r1"].fencing_paused_now);
+        assert!(healing.racks["r1"].fencing_paused, "held");
+        assert!(
+            healing.fenceable.is_empty(),
+            "the straggler is not fenced during the hold"
+        );
+        let later = judge(
+            &nodes,
+            100_000 + config.pause_hold_ms + 1,
+            &config,
+            &history,
+        );
+        assert_eq!(
+            later.fenceable.len(),
+            1,
+            "after the hold a node still silent is fair game"
+        );
+    }
+
+    #[test]
     fn losing_most_of_the_fleet_stops_all_fencing() {
         let mut nodes = fleet(4, 10);
         for node in nodes.iter_mut().take(25) {
             node.last_heartbeat_at_ms = Some(10_000);
         }
-        let judgement = judge(&nodes, 100_000, &HealthConfig::default());
+        let judgement = judge(
+            &nodes,
+            100_000,
+            &HealthConfig::default(),
+            &GuardHistory::default(),
+        );
         assert!(judgement.fleet_fencing_stopped);
         assert!(judgement.fenceable.is_empty());
     }
@@ -199,7 +318,12 @@ mod tests {
         nodes[0].last_heartbeat_at_ms = Some(0);
         nodes[1].state = LifecycleState::Provisioning;
         nodes[1].last_heartbeat_at_ms = None;
-        let judgement = judge(&nodes, 100_000, &HealthConfig::default());
+        let judgement = judge(
+            &nodes,
+            100_000,
+            &HealthConfig::default(),
+            &GuardHistory::default(),
+        );
         assert_eq!(judgement.monitored, 3);
         assert!(judgement.newly_silent.is_empty());
     }

@@ -155,11 +155,11 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            power_attempts_max: 5,
-            readbacks_max: 10,
+            power_attempts_max: 8,
+            readbacks_max: 15,
             cloud_attempts_max: 30,
             backoff_initial_ms: 1_000,
-            backoff_max_ms: 10_000,
+            backoff_max_ms: 30_000,
             ready_timeout_ms: 15 * 60 * 1000,
             rebuilds_max: 3,
         }

@@ -1,0 +1,416 @@
+//! The controller: the daemon's own loop that feeds the pure core and carries out its
+//! decisions — health judgement (silent nodes become Suspect, guards against partitions)
+//! and remediation sagas (fence, evacuate, rebuild) through the `Bmc` and `Cloud` seams.
+//!
+//! Architecture invariant: no decision is made here. `core::health` decides who is silent
+//! and whether fencing is allowed; `core::remediation` decides what a saga does next. This
+//! module reads the store, calls the outside world, and persists before and after acting.
+
+pub mod remediation;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::AppState;
+use crate::bmc::Bmc;
+use crate::cloud::Cloud;
+use crate::core::health::{self, HealthConfig, Judgement};
+use crate::core::lifecycle::{LifecycleEvent, LifecycleState};
+use crate::core::model::{NewEvent, Node, NodeFilter, TimestampMs};
+use crate::core::remediation::{Limits, Remediation, RemediationKind};
+use crate::store::{StoreError, LIST_LIMIT_MAX};
+
+/// Who the audit trail names for the controller's own actions.
+pub const SYSTEM_ACTOR: &str = "system";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    /// Whether silent nodes are remediated automatically (operators can always act).
+    pub automatic: bool,
+    /// How often the controller looks at the fleet.
+    pub tick_ms: u64,
+    pub health: HealthConfig,
+    pub limits: Limits,
+    /// Automatic remediations started per rolling minute, at most.
+    pub fences_per_minute_max: u32,
+    /// Remediations active at once (automatic ones wait beyond this).
+    pub remediations_active_max: usize,
+    /// After the controller starts, it judges no one for this long: heartbeats missed
+    /// while the daemon itself was down say nothing about the nodes.
+    pub startup_quiet_ms: i64,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            automatic: true,
+            tick_ms: 1_000,
+            health: HealthConfig::default(),
+            limits: Limits::default(),
+            fences_per_minute_max: 10,
+            remediations_active_max: 20,
+            startup_quiet_ms: 45_000,
+        }
+    }
+}
+
+/// Finds the driver for a node's BMC.
+pub trait BmcProvider: Send + Sync + 'static {
+    fn bmc_for(&self, node: &Node) -> Result<Arc<dyn Bmc>, String>;
+}
+
+/// Production until the IPMI, Redfish and QMP drivers land: every BMC is unreachable, so
+/// no fence can be verified and nothing is ever evacuated on a guess.
+pub struct NoBmcDrivers;
+
+impl BmcProvider for NoBmcDrivers {
+    fn bmc_for(&self, node: &Node) -> Result<Arc<dyn Bmc>, String> {
+        Err(format!(
+            "no BMC driver available for node {} (driver {:?}); IPMI/Redfish/QMP drivers are not built yet",
+            node.uuid, node.bmc.driver
+        ))
+    }
+}
+
+/// What the guards currently say, for the API and the CLI.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GuardStatus {
+    pub automatic: bool,
+    pub evaluated_at_ms: TimestampMs,
+    pub monitored: usize,
+    pub silent: usize,
+    pub fleet_fencing_stopped: bool,
+    pub racks_paused: Vec<String>,
+    pub automatic_starts_last_minute: usize,
+    pub fences_per_minute_max: u32,
+    pub remediations_active: usize,
+    pub remediations_active_max: usize,
+    pub heartbeat_grace_ms: i64,
+    pub rack_silent_fraction_max: f64,
+    pub fleet_silent_fraction_max: f64,
+}
+
+pub struct Controller {
+    pub state: AppState,
+    pub bmcs: Arc<dyn BmcProvider>,
+    pub cloud: Option<Arc<dyn Cloud>>,
+    pub config: ControllerConfig,
+    /// Remediations with a step in flight in this process.
+    running: Mutex<BTreeSet<i64>>,
+    /// When automatic remediations were started, for the rate limit.
+    recent_starts: Mutex<VecDeque<TimestampMs>>,
+    paused_before: Mutex<(bool, BTreeSet<String>)>,
+    guard_history: Mutex<health::GuardHistory>,
+    started_at_ms: TimestampMs,
+}
+
+impl Controller {
+    pub fn new(
+        state: AppState,
+        bmcs: Arc<dyn BmcProvider>,
+        cloud: Option<Arc<dyn Cloud>>,
+        config: ControllerConfig,
+    ) -> Arc<Controller> {
+        let started_at_ms = state.clock.now_ms();
+        Arc::new(Controller {
+            started_at_ms,
+            state,
+            bmcs,
+            cloud,
+            config,
+            running: Mutex::new(BTreeSet::new()),
+            recent_starts: Mutex::new(VecDeque::new()),
+            paused_before: Mutex::new((false, BTreeSet::new())),
+            guard_history: Mutex::new(health::GuardHistory::default()),
+        })
+    }
+
+    /// Runs forever: one tick per `tick_ms`.
+    pub async fn run(self: Arc<Self>) {
+        let mut ticker = tokio::time::interval(Duration::from_millis(self.config.tick_ms.max(10)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            if let Err(error) = self.clone().tick().await {
+                tracing::warn!(%error, "controller tick failed");
+            }
+        }
+    }
+
+    async fn all_nodes(&self) -> Result<Vec<Node>, StoreError> {
+        let mut nodes = Vec::new();
+        let mut filter = NodeFilter {
+            limit: LIST_LIMIT_MAX,
+            ..Default::default()
+        };
+        // Bounded: a million nodes is a hundred pages.
+        for _ in 0..100 {
+            let page = self.state.store.node_list(&filter).await?;
+            let full = page.len() == LIST_LIMIT_MAX;
+            filter.after = page.last().map(|n| n.uuid.clone());
+            nodes.extend(page);
+            if !full {
+                break;
+            }
+        }
+        Ok(nodes)
+    }
+
+    /// One look at the fleet: judge health, suspect the silent, start and drive sagas.
+    pub async fn tick(self: Arc<Self>) -> Result<(), StoreError> {
+        let now = self.state.clock.now_ms();
+        let nodes = self.all_nodes().await?;
+        let mut judgement = {
+            let mut history = self.guard_history.lock().unwrap_or_else(|p| p.into_inner());
+            let judgement = health::judge(&nodes, now, &self.config.health, &history);
+            history.record(&judgement, now);
+            judgement
+        };
+        if now - self.started_at_ms < self.config.startup_quiet_ms {
+            // Just (re)started: silence measured across our own downtime proves nothing.
+            judgement.newly_silent.clear();
+            judgement.fenceable.clear();
+        }
+        self.suspect_silent(&judgement, now).await;
+        self.record_guard_changes(&judgement, now).await?;
+        let active = self
+            .state
+            .store
+            .remediation_list(true, None, LIST_LIMIT_MAX)
+            .await?;
+        if self.config.automatic {
+            self.start_automatic(&judgement, &nodes, &active, now)
+                .await?;
+        }
+        self.publish_guards(&judgement, now).await?;
+        for remediation in self
+            .state
+            .store
+            .remediation_list(true, None, LIST_LIMIT_MAX)
+            .await?
+        {
+            if remediation.next_attempt_at_ms > now {
+                continue;
+            }
+            let newly_running = self
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(remediation.id);
+            if newly_running {
+                let controller = self.clone();
+                tokio::spawn(async move {
+                    let id = remediation.id;
+                    controller.clone().run_step(id).await;
+                    controller
+                        .running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn suspect_silent(&self, judgement: &Judgement, now: TimestampMs) {
+        let grace_s = self.config.health.heartbeat_grace_ms / 1000;
+        for uuid in &judgement.newly_silent {
+            let result = crate::api::mutate_node(&self.state, uuid, |node| {
+                if node.state != LifecycleState::Ready {
+                    return Ok(vec![]);
+                }
+                Ok(crate::api::apply_event(
+                    node,
+                    LifecycleEvent::HeartbeatsMissed,
+                    now,
+                    SYSTEM_ACTOR,
+                    &format!("no heartbeat for more than {grace_s} s"),
+                )?
+                .into_iter()
+                .collect())
+            })
+            .await;
+            if let Err(error) = result {
+                tracing::warn!(%uuid, error = %error.message, "could not mark node suspect");
+            }
+        }
+    }
+
+    /// Alerts (audit events) when a rack pause or the fleet-wide stop begins or ends.
+    async fn record_guard_changes(
+        &self,
+        judgement: &Judgement,
+        now: TimestampMs,
+    ) -> Result<(), StoreError> {
+        let paused: BTreeSet<String> = judgement
+            .racks
+            .iter()
+            .filter(|(_, r)| r.fencing_paused)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut events = Vec::new();
+        {
+            let mut before = self.paused_before.lock().unwrap_or_else(|p| p.into_inner());
+            let system_event = |action: &str, reason: String| NewEvent {
+                at_ms: now,
+                node_uuid: None,
+                actor: SYSTEM_ACTOR.into(),
+                action: action.into(),
+                from_state: None,
+                to_state: None,
+                reason,
+            };
+            for rack in paused.difference(&before.1) {
+                let health = &judgement.racks[rack];
+                tracing::warn!(rack = %rack, silent = health.silent, monitored = health.monitored, "rack silent: automatic fencing paused");
+                events.push(system_event(
+                    "rack_fencing_paused",
+                    format!(
+                        "{} of {} nodes in rack {rack:?} silent: suspecting the switch, not the nodes",
+                        health.silent, health.monitored
+                    ),
+                ));
+            }
+            for rack in before.1.difference(&paused) {
+                events.push(system_event(
+                    "rack_fencing_resumed",
+                    format!("rack {rack:?} heard again"),
+                ));
+            }
+            if judgement.fleet_fencing_stopped != before.0 {
+                let (action, reason) = if judgement.fleet_fencing_stopped {
+                    tracing::error!(
+                        silent = judgement.silent,
+                        monitored = judgement.monitored,
+                        "most of the fleet is silent: all automatic fencing stopped"
+                    );
+                    (
+                        "fleet_fencing_stopped",
+                        format!(
+                            "{} of {} nodes silent: suspecting our own network, fencing nobody",
+                            judgement.silent, judgement.monitored
+                        ),
+                    )
+                } else {
+                    ("fleet_fencing_resumed", "fleet heard again".to_string())
+                };
+                events.push(system_event(action, reason));
+            }
+            *before = (judgement.fleet_fencing_stopped, paused);
+        }
+        if !events.is_empty() {
+            self.state.store.event_append(&events).await?;
+        }
+        Ok(())
+    }
+
+    async fn start_automatic(
+        &self,
+        judgement: &Judgement,
+        nodes: &[Node],
+        active: &[Remediation],
+        now: TimestampMs,
+    ) -> Result<(), StoreError> {
+        let busy: BTreeSet<&str> = active.iter().map(|r| r.node_uuid.as_str()).collect();
+        let mut active_count = active.len();
+        for uuid in &judgement.fenceable {
+            if busy.contains(uuid.as_str()) {
+                continue;
+            }
+            // Only nodes we have marked Suspect; Maintenance and the rest are never touched.
+            let Some(node) = nodes.iter().find(|n| &n.uuid == uuid) else {
+                continue;
+            };
+            if !matches!(node.state, LifecycleState::Ready | LifecycleState::Suspect) {
+                continue;
+            }
+            if active_count >= self.config.remediations_active_max {
+                break;
+            }
+            {
+                let mut starts = self.recent_starts.lock().unwrap_or_else(|p| p.into_inner());
+                while starts.front().is_some_and(|at| now - at >= 60_000) {
+                    starts.pop_front();
+                }
+                if starts.len() >= self.config.fences_per_minute_max as usize {
+                    break;
+                }
+                starts.push_back(now);
+            }
+            let reason = "node silent; BMC fence, evacuate, rebuild";
+            let remediation = Remediation::new(
+                uuid.clone(),
+                RemediationKind::Automatic,
+                SYSTEM_ACTOR,
+                reason,
+                now,
+            );
+            let event = NewEvent::for_node(
+                uuid,
+                now,
+                SYSTEM_ACTOR,
+                "remediation_started",
+                "automatic: node silent",
+            );
+            match self
+                .state
+                .store
+                .remediation_create(&remediation, &[event])
+                .await
+            {
+                Ok(created) => {
+                    active_count += 1;
+                    tracing::warn!(%uuid, id = created.id, "automatic remediation started");
+                }
+                Err(StoreError::AlreadyExists { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish_guards(
+        &self,
+        judgement: &Judgement,
+        now: TimestampMs,
+    ) -> Result<(), StoreError> {
+        let active = self
+            .state
+            .store
+            .remediation_list(true, None, LIST_LIMIT_MAX)
+            .await?
+            .len();
+        let starts = self
+            .recent_starts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        let status = GuardStatus {
+            automatic: self.config.automatic,
+            evaluated_at_ms: now,
+            monitored: judgement.monitored,
+            silent: judgement.silent,
+            fleet_fencing_stopped: judgement.fleet_fencing_stopped,
+            racks_paused: judgement
+                .racks
+                .iter()
+                .filter(|(_, r)| r.fencing_paused)
+                .map(|(name, _)| name.clone())
+                .collect(),
+            automatic_starts_last_minute: starts,
+            fences_per_minute_max: self.config.fences_per_minute_max,
+            remediations_active: active,
+            remediations_active_max: self.config.remediations_active_max,
+            heartbeat_grace_ms: self.config.health.heartbeat_grace_ms,
+            rack_silent_fraction_max: self.config.health.rack_silent_fraction_max,
+            fleet_silent_fraction_max: self.config.health.fleet_silent_fraction_max,
+        };
+        *self.state.guards.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+        Ok(())
+    }
+}
