@@ -26,6 +26,8 @@ pub struct FileConfig {
     pub body_limit_bytes: Option<usize>,
     pub heartbeat_fresh_s: Option<u64>,
     pub stage1: Option<Stage1Config>,
+    /// Failure detection and remediation settings (guards, budgets).
+    pub remediation: Option<bearman::controller::ControllerConfig>,
 }
 
 impl FileConfig {
@@ -52,6 +54,7 @@ pub struct ServeConfig {
     pub body_limit_bytes: usize,
     pub heartbeat_fresh_s: u64,
     pub stage1: Stage1Config,
+    pub remediation: bearman::controller::ControllerConfig,
 }
 
 /// Values given on the command line or in the environment (clap merges those two).
@@ -136,6 +139,7 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
         body_limit_bytes,
         heartbeat_fresh_s: file.heartbeat_fresh_s.unwrap_or(30),
         stage1: file.stage1.unwrap_or_default(),
+        remediation: file.remediation.unwrap_or_default(),
     })
 }
 

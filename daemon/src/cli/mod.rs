@@ -14,6 +14,7 @@ use bearman::api::admin::{NewToken, PoolDetail, Summary};
 use bearman::api::{AppState, ServiceConfig};
 use bearman::core::model::{ApiToken, Event, Flavor, IpPool, Node, PoolPurpose, TokenRole};
 use bearman::core::registration::RegistrationDefaults;
+use bearman::core::remediation::Remediation;
 use bearman::images::DirImages;
 use bearman::runtime::system::SystemClock;
 use bearman::runtime::Clock;
@@ -54,6 +55,9 @@ enum Command {
     /// Manage IP pools
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// Remediations (fence, evacuate, rebuild sagas) and their guards
+    #[command(subcommand)]
+    Remediation(RemediationCommand),
     /// Show the audit trail, newest first
     Events {
         #[command(flatten)]
@@ -220,7 +224,31 @@ enum NodeCommand {
         #[arg(long)]
         reason: Option<String>,
     },
-    /// Mark a node for rebuild
+    /// Power a node off through its BMC and verify it is off (STONITH)
+    Fence {
+        uuid: String,
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Fence a node, then evacuate its VMs to healthy nodes
+    Evacuate {
+        uuid: String,
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Fence, evacuate, then leave the node in maintenance
+    Drain {
+        uuid: String,
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Fence, evacuate and rebuild a node from PXE back to Ready
     Rebuild {
         uuid: String,
         #[command(flatten)]
@@ -251,6 +279,41 @@ enum NodeCommand {
         api: ApiArgs,
         #[arg(long, default_value_t = 50)]
         limit: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum RemediationCommand {
+    /// List remediations, newest first
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Only active ones
+        #[arg(long)]
+        active: bool,
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Show one remediation in full
+    Show {
+        id: i64,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Cancel an active remediation (not while a power-off is in flight)
+    Cancel {
+        id: i64,
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// What the guards say: silent nodes, paused racks, fleet stop, rate limits
+    Guards {
+        #[command(flatten)]
+        api: ApiArgs,
     },
 }
 
@@ -367,6 +430,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(command) => node(command).await,
         Command::Flavor(command) => flavor(command).await,
         Command::Pool(command) => pool(command).await,
+        Command::Remediation(command) => remediation(command).await,
         Command::Events { api, node, limit } => {
             let client = ApiClient::new(&api.url, api.token.clone())?;
             let mut path = format!("/events?limit={limit}");
@@ -470,6 +534,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "bearman serving; DHCP should point iPXE at {}/ipxe",
         config.public_url
     );
+    // Until the IPMI/Redfish/QMP drivers and a cloud driver are configured, remediation
+    // detects and guards but cannot fence: every fence fails (reported), nothing is ever
+    // evacuated on a guess.
+    let controller = bearman::controller::Controller::new(
+        state.clone(),
+        Arc::new(bearman::controller::NoBmcDrivers),
+        None,
+        config.remediation.clone(),
+    );
+    tokio::spawn(controller.run());
     bearman::server::serve(listener, state, shutdown_signal()).await?;
     tracing::info!("bearman stopped");
     Ok(())
@@ -738,8 +812,13 @@ async fn node(command: NodeCommand) -> anyhow::Result<()> {
             print_nodes(&[node], api.output)
         }
         NodeCommand::Rebuild { uuid, api, reason } => {
-            node_post(&api, &uuid, "rebuild", reason).await
+            remediate(&api, &uuid, "rebuild", reason).await
         }
+        NodeCommand::Fence { uuid, api, reason } => remediate(&api, &uuid, "fence", reason).await,
+        NodeCommand::Evacuate { uuid, api, reason } => {
+            remediate(&api, &uuid, "evacuate", reason).await
+        }
+        NodeCommand::Drain { uuid, api, reason } => remediate(&api, &uuid, "drain", reason).await,
         NodeCommand::Retire { uuid, api, reason } => node_post(&api, &uuid, "retire", reason).await,
         NodeCommand::AcceptIdentity { uuid, api, reason } => {
             node_post(&api, &uuid, "accept-identity", reason).await
@@ -773,6 +852,104 @@ async fn node_post(
         )
         .await?;
     print_nodes(&[node], api.output)
+}
+
+fn print_remediations(items: &[Remediation], output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_json(&items);
+    }
+    let rows = items
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_string(),
+                r.node_uuid.to_string(),
+                r.kind.as_str().to_string(),
+                r.status.as_str().to_string(),
+                r.step().map_or("-".to_string(), |s| {
+                    format!("{} (attempt {})", s.as_str(), r.attempts)
+                }),
+                table::timestamp(r.created_at_ms),
+                r.requested_by.clone(),
+                table::or_dash(r.last_error.as_deref()),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table::print(
+        &[
+            "ID",
+            "NODE",
+            "KIND",
+            "STATUS",
+            "STEP",
+            "CREATED",
+            "BY",
+            "LAST ERROR",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+async fn remediate(
+    api: &ApiArgs,
+    uuid: &str,
+    action: &str,
+    reason: Option<String>,
+) -> anyhow::Result<()> {
+    let client = ApiClient::new(&api.url, api.token.clone())?;
+    let created: Remediation = client
+        .call(
+            "POST",
+            &format!("/nodes/{uuid}/{action}"),
+            Some(&reason_body(reason)),
+        )
+        .await?;
+    print_remediations(&[created], api.output)
+}
+
+async fn remediation(command: RemediationCommand) -> anyhow::Result<()> {
+    match command {
+        RemediationCommand::List {
+            api,
+            active,
+            node,
+            limit,
+        } => {
+            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let mut path = format!("/remediations?limit={limit}&active={active}");
+            if let Some(node) = node {
+                path.push_str(&format!("&node={node}"));
+            }
+            let items: Vec<Remediation> = client.call("GET", &path, None::<&()>).await?;
+            print_remediations(&items, api.output)
+        }
+        RemediationCommand::Show { id, api } => {
+            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let item: Value = client
+                .call("GET", &format!("/remediations/{id}"), None::<&()>)
+                .await?;
+            print_json(&item)
+        }
+        RemediationCommand::Cancel { id, api, reason } => {
+            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let item: Remediation = client
+                .call(
+                    "POST",
+                    &format!("/remediations/{id}/cancel"),
+                    Some(&reason_body(reason)),
+                )
+                .await?;
+            print_remediations(&[item], api.output)
+        }
+        RemediationCommand::Guards { api } => {
+            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let guards: Value = client
+                .call("GET", "/remediation/guards", None::<&()>)
+                .await?;
+            print_json(&guards)
+        }
+    }
 }
 
 fn print_flavors(flavors: &[Flavor], output: Output) -> anyhow::Result<()> {
