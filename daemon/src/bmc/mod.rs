@@ -2,8 +2,8 @@
 //! controller. Drivers (IPMI, Redfish, QEMU QMP, the simulator's) implement this trait;
 //! fencing and rebuild (remediation) are written against it alone.
 //!
-//! Only the interface exists so far: the drivers and the remediation that uses them are
-//! tracked as their own issues.
+//! Remediation (fencing, rebuild) uses this trait; the simulator implements it over its
+//! BMC fabric. Production drivers live in submodules as they land.
 
 use async_trait::async_trait;
 
