@@ -149,15 +149,20 @@ fn pick_nodes(
 }
 
 /// Applies (or, with `heal`, undoes) one fault.
+/// What fault application remembers between a fault and its heal.
+struct FaultState {
+    /// Nodes each fault picked, by fault index.
+    affected: BTreeMap<usize, Vec<u32>>,
+    rng: crate::rng::SimRng,
+}
+
 fn apply_fault(
     sim: &mut turmoil::Sim<'_>,
     world: &SharedWorld,
     fault: &Fault,
     heal: bool,
-    affected: &mut BTreeMap<usize, Vec<u32>>,
     fault_index: usize,
-    rng: &mut crate::rng::SimRng,
-    racks: u32,
+    faults: &mut FaultState,
     now: Duration,
 ) {
     let verb = if heal { "heal" } else { "fault" };
@@ -171,34 +176,54 @@ fn apply_fault(
     match (&fault.kind, heal) {
         (FaultKind::CrashNodes, false) => {
             let mut world = lock(world);
-            let nodes = pick_nodes(&world, fault.rack, fault.count.unwrap_or(1), rng);
+            let nodes = pick_nodes(
+                &world,
+                fault.rack,
+                fault.count.unwrap_or(1),
+                &mut faults.rng,
+            );
             for index in &nodes {
                 world.crash(*index, now);
             }
-            affected.insert(fault_index, nodes);
+            faults.affected.insert(fault_index, nodes);
         }
         // Until automatic remediation exists, a crashed node comes back when someone
         // power-cycles it: the heal is that operator action.
         (FaultKind::CrashNodes, true) | (FaultKind::PowerCycleNodes, true) => {
             let mut world = lock(world);
-            for index in affected.get(&fault_index).cloned().unwrap_or_default() {
+            for index in faults
+                .affected
+                .get(&fault_index)
+                .cloned()
+                .unwrap_or_default()
+            {
                 world.power_off(index, now, "power cycle");
                 world.power_on(index, now, "power cycle");
             }
         }
         (FaultKind::PowerCycleNodes, false) => {
             let mut world = lock(world);
-            let nodes = pick_nodes(&world, fault.rack, fault.count.unwrap_or(1), rng);
+            let nodes = pick_nodes(
+                &world,
+                fault.rack,
+                fault.count.unwrap_or(1),
+                &mut faults.rng,
+            );
             for index in &nodes {
                 world.power_off(*index, now, "power cycle");
             }
-            affected.insert(fault_index, nodes);
+            faults.affected.insert(fault_index, nodes);
         }
         (FaultKind::BmcPowerCycleNodes, false) => {
             let mut world = lock(world);
-            let nodes = pick_nodes(&world, fault.rack, fault.count.unwrap_or(1), rng);
+            let nodes = pick_nodes(
+                &world,
+                fault.rack,
+                fault.count.unwrap_or(1),
+                &mut faults.rng,
+            );
             world.ops_power_cycles.extend(nodes.iter().copied());
-            affected.insert(fault_index, nodes);
+            faults.affected.insert(fault_index, nodes);
         }
         (FaultKind::BmcPowerCycleNodes, true) => {}
         (FaultKind::RackPowerLoss, false) => {
@@ -280,7 +305,6 @@ fn apply_fault(
         }
         (FaultKind::PowerCycleAll, true) => {}
     }
-    let _ = racks;
 }
 
 /// Runs `scenario` with `options`, calling `progress` about every tenth of the run.
@@ -448,8 +472,10 @@ pub fn run(
     let mut deadlines = deadlines.into_iter().peekable();
 
     let mut checker = Checker::default();
-    let mut fault_rng = crate::rng::SimRng::derive(options.seed, 0xfa17);
-    let mut affected = BTreeMap::new();
+    let mut fault_state = FaultState {
+        affected: BTreeMap::new(),
+        rng: crate::rng::SimRng::derive(options.seed, 0xfa17),
+    };
     let mut samples = Vec::new();
     let sample_every = Duration::from_secs((scenario.duration_s / 12).max(1));
     let progress_every = Duration::from_secs((scenario.duration_s / 10).max(1));
@@ -516,10 +542,8 @@ pub fn run(
                 &world,
                 &scenario.faults[index],
                 heal,
-                &mut affected,
                 index,
-                &mut fault_rng,
-                fleet.racks,
+                &mut fault_state,
                 now,
             );
             samples.push(sample(&lock(&world), &store, now));

@@ -28,6 +28,8 @@ pub struct FileConfig {
     pub stage1: Option<Stage1Config>,
     /// Failure detection and remediation settings (guards, budgets).
     pub remediation: Option<bearman::controller::ControllerConfig>,
+    /// OpenStack Nova, for forcing compute services down and evacuating VMs.
+    pub nova: Option<bearman::cloud::nova::NovaConfig>,
 }
 
 impl FileConfig {
@@ -55,6 +57,7 @@ pub struct ServeConfig {
     pub heartbeat_fresh_s: u64,
     pub stage1: Stage1Config,
     pub remediation: bearman::controller::ControllerConfig,
+    pub nova: Option<bearman::cloud::nova::NovaConfig>,
 }
 
 /// Values given on the command line or in the environment (clap merges those two).
@@ -140,6 +143,7 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
         heartbeat_fresh_s: file.heartbeat_fresh_s.unwrap_or(30),
         stage1: file.stage1.unwrap_or_default(),
         remediation: file.remediation.unwrap_or_default(),
+        nova: file.nova,
     })
 }
 

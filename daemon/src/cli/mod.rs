@@ -534,13 +534,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "bearman serving; DHCP should point iPXE at {}/ipxe",
         config.public_url
     );
-    // Until the IPMI/Redfish/QMP drivers and a cloud driver are configured, remediation
-    // detects and guards but cannot fence: every fence fails (reported), nothing is ever
-    // evacuated on a guess.
+    // Without BMC drivers remediation detects and guards but cannot fence: every fence
+    // fails (reported) and nothing is ever evacuated on a guess. Without a cloud, fenced
+    // nodes are rebuilt but no VM is moved.
+    let cloud: Option<Arc<dyn bearman::cloud::Cloud>> = match config.nova.clone() {
+        Some(nova) => {
+            let cloud = bearman::cloud::nova::NovaCloud::new(nova, bearman::cloud::nova::TcpConnector)
+                .map_err(|e| anyhow!("nova configuration: {e}"))?;
+            tracing::info!("evacuation through OpenStack Nova enabled");
+            Some(Arc::new(cloud))
+        }
+        None => {
+            tracing::warn!("no [nova] section: remediation will not evacuate VMs");
+            None
+        }
+    };
     let controller = bearman::controller::Controller::new(
         state.clone(),
         Arc::new(bearman::controller::NoBmcDrivers),
-        None,
+        cloud,
         config.remediation.clone(),
     );
     tokio::spawn(controller.run());

@@ -1,7 +1,10 @@
 //! The `Cloud` seam: the hypervisor control plane (OpenStack Nova in production, the
 //! simulator's cloud in simulation) through which VMs are evacuated from a fenced node.
 //!
-//! Only the interface exists so far; evacuation is tracked as the remediation issue.
+//! Remediation forces a fenced host's compute service down and evacuates its VMs through
+//! this trait. `nova` is the production driver; the simulator has its own.
+
+pub mod nova;
 
 use async_trait::async_trait;
 

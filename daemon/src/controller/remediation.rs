@@ -200,7 +200,7 @@ impl Controller {
                 Err(error) => Outcome::Failed(error),
                 Ok(bmc) => {
                     // A power-off can be lost (metal3 #290): ask again now and then.
-                    if remediation.attempts % 3 == 0 {
+                    if remediation.attempts.is_multiple_of(3) {
                         let _ = bmc.power_off().await;
                     }
                     match bmc.power_state().await {

@@ -1,0 +1,981 @@
+//! The OpenStack Nova driver for the [`Cloud`] seam: lists a host's servers, forces its
+//! `nova-compute` service down and evacuates servers, authenticating with Keystone v3.
+//!
+//! Written against Nova's documented compute API at microversion 2.53 (services are
+//! addressed by UUID through `PUT /os-services/{service_id}`; evacuate takes neither
+//! `onSharedStorage` nor a target host, so the scheduler picks one) and Keystone v3
+//! password authentication scoped to a project. The compute endpoint is configured or
+//! taken from the token's service catalog.
+//!
+//! Transport: plain `http://` through a [`Connector`], one request per connection
+//! (`bearman_proto::http`), every exchange (connect included) bounded by
+//! [`NovaConfig::timeout`]; one `Cloud` call makes at most two authentications and two
+//! attempts per request (one retry after a 401), and follows at most [`PAGES_MAX`] pages.
+//! TLS is out of scope for now: an `https://` URL, configured or found in the catalog, is
+//! refused with an error saying so. Until TLS lands, reach Keystone and Nova over the
+//! management network or through a local TLS-terminating proxy.
+//!
+//! Secrets: the password and tokens never appear in errors, `Debug` output or logs; a
+//! server message that echoes one has it replaced by `[redacted]`.
+//!
+//! Why force-down before evacuate: Nova refuses to evacuate (`ComputeServiceInUse`) until
+//! the source host's service has missed heartbeats for `service_down_time` (60 s by
+//! default) unless the service is forced down, and a fenced host cannot report itself down.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bearman_proto::http::{self, HttpUrl, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{Cloud, CloudError};
+
+/// The compute API microversion every request asks for: the first with service UUIDs.
+pub const MICROVERSION: &str = "2.53";
+/// Default bound on one HTTP exchange, connect included.
+pub const TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// Bound on `servers/detail` pages followed for one host; more is an error, never a
+/// silently truncated list (a VM left off the list would be left behind).
+pub const PAGES_MAX: usize = 100;
+/// Servers asked for per page (`limit`); Nova caps it at its `max_limit`, 1000 by default.
+pub const PAGE_LIMIT_DEFAULT: usize = 1000;
+/// Nova and Keystone messages quoted in errors are cut to this many characters.
+const MESSAGE_CHARS_MAX: usize = 512;
+const REDACTED: &str = "[redacted]";
+/// Tokens remembered for redaction: the current one and those it replaced lately.
+const ISSUED_TOKENS_MAX: usize = 4;
+const USER_AGENT: &str = "bearman-nova";
+const PASSWORD_ENV_PREFIX: &str = "env:";
+/// Keystone's endpoint interfaces.
+const INTERFACES: [&str; 3] = ["public", "internal", "admin"];
+
+/// A byte stream to Keystone or Nova.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Opens streams to `host:port`: TCP in production, loopback in tests.
+#[async_trait]
+pub trait Connector: Send + Sync {
+    async fn connect(&self, authority: &str) -> io::Result<Box<dyn Stream>>;
+}
+
+/// The production connector: the operating system's TCP through `runtime::system`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcpConnector;
+
+#[async_trait]
+impl Connector for TcpConnector {
+    async fn connect(&self, authority: &str) -> io::Result<Box<dyn Stream>> {
+        let stream = crate::runtime::system::connect_tcp(authority).await?;
+        Ok(Box::new(stream))
+    }
+}
+
+/// Where Keystone and Nova are and who Bearman is to them. Deserializable so the daemon's
+/// configuration file can hold it (`timeout_s` in the file, seconds).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NovaConfig {
+    /// Keystone's URL, with or without the trailing `/v3` (`http://keystone:5000`).
+    pub auth_url: String,
+    pub username: String,
+    /// Name of the user's domain.
+    #[serde(default = "default_domain")]
+    pub user_domain: String,
+    /// The password itself, or `env:VAR` to read it from the environment at construction.
+    pub password: String,
+    /// Name of the project the token is scoped to (it needs the admin role in Nova).
+    pub project: String,
+    /// Name of the project's domain.
+    #[serde(default = "default_domain")]
+    pub project_domain: String,
+    /// Catalog region of the compute endpoint; needed only when the catalog has several.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Catalog interface of the compute endpoint: `public`, `internal` or `admin`.
+    #[serde(default = "default_interface")]
+    pub interface: String,
+    /// Compute endpoint (`http://nova:8774/v2.1`); when set, the catalog is not consulted.
+    #[serde(default)]
+    pub compute_url: Option<String>,
+    /// Bound on one HTTP exchange, connect included.
+    #[serde(
+        default = "default_timeout",
+        rename = "timeout_s",
+        deserialize_with = "deserialize_seconds"
+    )]
+    pub timeout: Duration,
+}
+
+fn default_domain() -> String {
+    "Default".to_string()
+}
+
+fn default_interface() -> String {
+    "public".to_string()
+}
+
+fn default_timeout() -> Duration {
+    TIMEOUT_DEFAULT
+}
+
+fn deserialize_seconds<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Duration, D::Error> {
+    let seconds = f64::deserialize(deserializer)?;
+    Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|duration| !duration.is_zero())
+        .ok_or_else(|| serde::de::Error::custom("timeout_s must be a positive number of seconds"))
+}
+
+impl fmt::Debug for NovaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // An `env:VAR` reference names where the secret is, not the secret.
+        let password = if self.password.starts_with(PASSWORD_ENV_PREFIX) {
+            self.password.as_str()
+        } else {
+            REDACTED
+        };
+        f.debug_struct("NovaConfig")
+            .field("auth_url", &self.auth_url)
+            .field("username", &self.username)
+            .field("user_domain", &self.user_domain)
+            .field("password", &password)
+            .field("project", &self.project)
+            .field("project_domain", &self.project_domain)
+            .field("region", &self.region)
+            .field("interface", &self.interface)
+            .field("compute_url", &self.compute_url)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NovaConfigError {
+    #[error("nova config: {field} {url:?} uses https, which the nova driver does not support yet (plain http only)")]
+    TlsUnsupported { field: &'static str, url: String },
+    #[error("nova config: {field} {url:?} is not an http://host[:port]/path url")]
+    InvalidUrl { field: &'static str, url: String },
+    #[error("nova config: {field} must not be empty")]
+    Empty { field: &'static str },
+    #[error("nova config: interface {0:?} is not one of public, internal, admin")]
+    Interface(String),
+    #[error("nova config: timeout must be positive")]
+    Timeout,
+    #[error("nova config: password refers to environment variable {0} which is not set or empty")]
+    PasswordEnv(String),
+}
+
+/// A password or token: `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+struct Secret(String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+/// A Keystone token and the compute endpoint it goes with.
+#[derive(Debug)]
+struct Session {
+    token: Secret,
+    compute: HttpUrl,
+}
+
+/// [`Cloud`] over OpenStack Nova.
+pub struct NovaCloud {
+    connector: Arc<dyn Connector>,
+    tokens_url: HttpUrl,
+    username: String,
+    user_domain: String,
+    password: Secret,
+    project: String,
+    project_domain: String,
+    region: Option<String>,
+    interface: String,
+    compute_url: Option<HttpUrl>,
+    timeout: Duration,
+    page_limit: usize,
+    /// The current token; the lock is held while authenticating so concurrent callers
+    /// that find the token expired authenticate once, not once each.
+    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    /// The last [`ISSUED_TOKENS_MAX`] tokens, so a message echoing one can be redacted.
+    issued: std::sync::Mutex<Vec<Secret>>,
+}
+
+impl fmt::Debug for NovaCloud {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NovaCloud")
+            .field("tokens_url", &self.tokens_url)
+            .field("username", &self.username)
+            .field("project", &self.project)
+            .field("password", &self.password)
+            .field("region", &self.region)
+            .field("interface", &self.interface)
+            .field("compute_url", &self.compute_url)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NovaCloud {
+    /// Validates `config` and resolves an `env:VAR` password from the process environment.
+    /// Nothing is sent until the first call.
+    pub fn new(
+        config: NovaConfig,
+        connector: impl Connector + 'static,
+    ) -> Result<Self, NovaConfigError> {
+        Self::with_env(config, connector, |name| std::env::var(name).ok())
+    }
+
+    /// [`NovaCloud::new`] with `env` standing in for the process environment.
+    pub fn with_env(
+        config: NovaConfig,
+        connector: impl Connector + 'static,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, NovaConfigError> {
+        for (field, value) in [
+            ("auth_url", &config.auth_url),
+            ("username", &config.username),
+            ("user_domain", &config.user_domain),
+            ("password", &config.password),
+            ("project", &config.project),
+            ("project_domain", &config.project_domain),
+        ] {
+            if value.trim().is_empty() {
+                return Err(NovaConfigError::Empty { field });
+            }
+        }
+        if !INTERFACES.contains(&config.interface.as_str()) {
+            return Err(NovaConfigError::Interface(config.interface));
+        }
+        if config.timeout.is_zero() {
+            return Err(NovaConfigError::Timeout);
+        }
+        let password = match config.password.strip_prefix(PASSWORD_ENV_PREFIX) {
+            Some(var) => env(var)
+                .filter(|value| !value.is_empty())
+                .ok_or_else(|| NovaConfigError::PasswordEnv(var.to_string()))?,
+            None => config.password,
+        };
+        let mut tokens_url = parse_http_url("auth_url", &config.auth_url)?;
+        let base = tokens_url.path.trim_end_matches('/');
+        let base = base.strip_suffix("/v3").unwrap_or(base);
+        tokens_url.path = format!("{base}/v3/auth/tokens");
+        let compute_url = match &config.compute_url {
+            Some(url) => Some(parse_http_url("compute_url", url)?),
+            None => None,
+        };
+        Ok(NovaCloud {
+            connector: Arc::new(connector),
+            tokens_url,
+            username: config.username,
+            user_domain: config.user_domain,
+            password: Secret(password),
+            project: config.project,
+            project_domain: config.project_domain,
+            region: config.region.filter(|region| !region.is_empty()),
+            interface: config.interface,
+            compute_url,
+            timeout: config.timeout,
+            page_limit: PAGE_LIMIT_DEFAULT,
+            session: tokio::sync::Mutex::new(None),
+            issued: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Servers asked for per `servers/detail` page (at least 1).
+    pub fn with_page_limit(mut self, limit: usize) -> Self {
+        self.page_limit = limit.max(1);
+        self
+    }
+
+    /// Replaces the password and the tokens we were issued lately in `text`.
+    fn redact(&self, text: &str) -> String {
+        let mut text = text.replace(&self.password.0, REDACTED);
+        let tokens = self
+            .issued
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for token in tokens.iter() {
+            text = text.replace(&token.0, REDACTED);
+        }
+        text
+    }
+
+    fn api_error(&self, operation: &str, subject: &str, detail: &str) -> CloudError {
+        CloudError::Api(self.redact(&format!("nova {operation} {subject}: {detail}")))
+    }
+
+    /// One HTTP exchange, connect included, bounded by the timeout.
+    async fn exchange(
+        &self,
+        url: &HttpUrl,
+        method: &'static str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<Response, String> {
+        let authority = url.authority();
+        let attempt = async {
+            let mut stream = self
+                .connector
+                .connect(&authority)
+                .await
+                .map_err(|error| format!("cannot reach {authority}: {error}"))?;
+            http::send(&mut stream, method, &authority, path, headers, body)
+                .await
+                .map_err(|error| format!("{method} {path}: {error}"))
+        };
+        match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "{method} {path}: no answer within {:?}",
+                self.timeout
+            )),
+        }
+    }
+
+    /// Keystone v3 password authentication scoped to the project.
+    async fn authenticate(&self) -> Result<Session, String> {
+        let request = json!({
+            "auth": {
+                "identity": {
+                    "methods": ["password"],
+                    "password": {
+                        "user": {
+                            "name": self.username,
+                            "domain": { "name": self.user_domain },
+                            "password": self.password.0,
+                        }
+                    }
+                },
+                "scope": {
+                    "project": {
+                        "name": self.project,
+                        "domain": { "name": self.project_domain },
+                    }
+                }
+            }
+        });
+        let body = request.to_string().into_bytes();
+        let headers = [
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json"),
+            ("User-Agent", USER_AGENT),
+        ];
+        let who = format!(
+            "keystone authentication as {} in project {}",
+            self.username, self.project
+        );
+        let response = self
+            .exchange(
+                &self.tokens_url,
+                "POST",
+                &self.tokens_url.path,
+                &headers,
+                Some(&body),
+            )
+            .await
+            .map_err(|error| format!("{who}: {error}"))?;
+        if !response.is_success() {
+            return Err(format!("{who}: {}", describe_failure(&response)));
+        }
+        let token = response
+            .header("X-Subject-Token")
+            .map(str::trim)
+            .filter(|token| !token.is_empty())
+            .ok_or_else(|| format!("{who}: the answer carried no X-Subject-Token header"))?
+            .to_string();
+        let compute = match &self.compute_url {
+            Some(url) => url.clone(),
+            None => self
+                .compute_from_catalog(&response.body)
+                .map_err(|error| format!("{who}: {error}"))?,
+        };
+        Ok(Session {
+            token: Secret(token),
+            compute,
+        })
+    }
+
+    /// The compute endpoint of the configured interface (and region) in a token's catalog.
+    fn compute_from_catalog(&self, body: &[u8]) -> Result<HttpUrl, String> {
+        let token: TokenBody = serde_json::from_slice(body)
+            .map_err(|error| format!("unreadable token body: {error}"))?;
+        let mut urls: Vec<(&str, &str)> = Vec::new();
+        for endpoint in token
+            .token
+            .catalog
+            .iter()
+            .filter(|service| service.kind == "compute")
+            .flat_map(|service| service.endpoints.iter())
+            .filter(|endpoint| endpoint.interface == self.interface)
+            .filter(|endpoint| match &self.region {
+                Some(region) => {
+                    endpoint.region.as_ref() == Some(region)
+                        || endpoint.region_id.as_ref() == Some(region)
+                }
+                None => true,
+            })
+        {
+            let region = endpoint
+                .region_id
+                .as_deref()
+                .or(endpoint.region.as_deref())
+                .unwrap_or("-");
+            if !urls.iter().any(|(url, _)| *url == endpoint.url) {
+                urls.push((endpoint.url.as_str(), region));
+            }
+        }
+        let in_region = match &self.region {
+            Some(region) => format!(" in region {region}"),
+            None => String::new(),
+        };
+        match urls.as_slice() {
+            [] => Err(format!(
+                "the token's catalog has no compute endpoint with interface {}{in_region}; set compute_url, region or interface",
+                self.interface
+            )),
+            [(url, _)] => {
+                if url.get(..8).is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://")) {
+                    return Err(format!(
+                        "compute endpoint {url:?} from the catalog uses https, which the nova driver does not support yet; set compute_url to a plain http endpoint"
+                    ));
+                }
+                HttpUrl::parse(url)
+                    .map_err(|_| format!("compute endpoint {url:?} from the catalog is not an http url"))
+            }
+            several => {
+                let regions: Vec<&str> = several.iter().map(|(_, region)| *region).collect();
+                Err(format!(
+                    "the token's catalog has {} compute endpoints with interface {}{in_region} (regions {}); set region or compute_url",
+                    several.len(),
+                    self.interface,
+                    regions.join(", ")
+                ))
+            }
+        }
+    }
+
+    /// The current session, or a new one when there is none or the caller's `stale` one is
+    /// still current (Nova just refused its token).
+    async fn session(&self, stale: Option<&Arc<Session>>) -> Result<Arc<Session>, String> {
+        let mut current = self.session.lock().await;
+        if let Some(session) = current.as_ref() {
+            let replaced = match stale {
+                Some(stale) => !Arc::ptr_eq(stale, session),
+                None => true,
+            };
+            if replaced {
+                return Ok(session.clone());
+            }
+        }
+        *current = None;
+        let session = Arc::new(self.authenticate().await?);
+        {
+            let mut issued = self
+                .issued
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if issued.len() == ISSUED_TOKENS_MAX {
+                issued.remove(0);
+            }
+            issued.push(session.token.clone());
+        }
+        *current = Some(session.clone());
+        Ok(session)
+    }
+
+    /// A compute API request; on 401 authenticates again once and retries. Any other
+    /// status is the caller's to judge.
+    async fn nova(
+        &self,
+        method: &'static str,
+        suffix: &str,
+        body: Option<&Value>,
+    ) -> Result<Response, String> {
+        let body = body.map(|body| body.to_string().into_bytes());
+        let first = self.session(None).await?;
+        let response = self
+            .nova_once(&first, method, suffix, body.as_deref())
+            .await?;
+        if response.status != 401 {
+            return Ok(response);
+        }
+        tracing::info!(
+            method,
+            suffix,
+            "nova refused the token (expired or revoked); authenticating again"
+        );
+        let second = self.session(Some(&first)).await?;
+        let response = self
+            .nova_once(&second, method, suffix, body.as_deref())
+            .await?;
+        if response.status == 401 {
+            let path = format!("{}{suffix}", second.compute.path.trim_end_matches('/'));
+            return Err(format!(
+                "{method} {path}: nova refused a freshly issued token too ({}); does the user have a role in the project?",
+                describe_failure(&response)
+            ));
+        }
+        Ok(response)
+    }
+
+    async fn nova_once(
+        &self,
+        session: &Session,
+        method: &'static str,
+        suffix: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Response, String> {
+        let path = format!("{}{suffix}", session.compute.path.trim_end_matches('/'));
+        let version = format!("compute {MICROVERSION}");
+        let mut headers = vec![
+            ("X-Auth-Token", session.token.0.as_str()),
+            ("Accept", "application/json"),
+            ("OpenStack-API-Version", version.as_str()),
+            ("X-OpenStack-Nova-API-Version", MICROVERSION),
+            ("User-Agent", USER_AGENT),
+        ];
+        if body.is_some() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        self.exchange(&session.compute, method, &path, &headers, body)
+            .await
+    }
+
+    async fn servers_on_host(&self, host: &str) -> Result<Vec<String>, String> {
+        let mut ids: Vec<String> = Vec::new();
+        let mut marker: Option<String> = None;
+        for _ in 0..PAGES_MAX {
+            let mut suffix = format!(
+                "/servers/detail?all_tenants=1&host={}&limit={}",
+                encode(host),
+                self.page_limit
+            );
+            if let Some(marker) = &marker {
+                suffix.push_str("&marker=");
+                suffix.push_str(&encode(marker));
+            }
+            let response = self.nova("GET", &suffix, None).await?;
+            if !response.is_success() {
+                return Err(format!(
+                    "GET /servers/detail: {}",
+                    describe_failure(&response)
+                ));
+            }
+            let page: ServersPage = serde_json::from_slice(&response.body)
+                .map_err(|error| format!("unreadable servers page: {error}"))?;
+            for server in page.servers {
+                // Nova drops admin-only filters such as `host` for callers without the
+                // admin role instead of refusing them; a list of someone else's servers
+                // must never reach evacuation.
+                if let Some(other) = server.host.as_deref().filter(|other| *other != host) {
+                    return Err(format!(
+                        "nova listed server {} on host {other}; the host filter was not applied (does the user have the admin role?)",
+                        server.id
+                    ));
+                }
+                if !ids.contains(&server.id) {
+                    ids.push(server.id);
+                }
+            }
+            let Some(next) = page.servers_links.iter().find(|link| link.rel == "next") else {
+                return Ok(ids);
+            };
+            let next_marker = query_value(&next.href, "marker")
+                .ok_or_else(|| format!("next link {:?} carries no marker", next.href))?;
+            if marker.as_deref() == Some(next_marker.as_str()) {
+                return Err(format!(
+                    "pagination did not advance past marker {next_marker}"
+                ));
+            }
+            marker = Some(next_marker);
+        }
+        Err(format!(
+            "more than {PAGES_MAX} pages of {} servers; refusing a truncated list",
+            self.page_limit
+        ))
+    }
+
+    async fn force_down_services(&self, host: &str) -> Result<(), String> {
+        let suffix = format!("/os-services?binary=nova-compute&host={}", encode(host));
+        let response = self.nova("GET", &suffix, None).await?;
+        if !response.is_success() {
+            return Err(format!("GET /os-services: {}", describe_failure(&response)));
+        }
+        let list: ServiceList = serde_json::from_slice(&response.body)
+            .map_err(|error| format!("unreadable services list: {error}"))?;
+        // Nova filters by exact host already; checking again costs nothing and guards
+        // against a server that ignored the filter forcing down the whole cloud.
+        let services: Vec<&Service> = list
+            .services
+            .iter()
+            .filter(|service| service.host == host && service.binary == "nova-compute")
+            .collect();
+        if services.is_empty() {
+            return Err(format!(
+                "nova knows no nova-compute service on host {host:?}; is that the host name nova uses?"
+            ));
+        }
+        for service in services {
+            let Some(id) = service.id.as_str() else {
+                return Err(format!(
+                    "service id {} is not a uuid; does nova support microversion {MICROVERSION}?",
+                    service.id
+                ));
+            };
+            if service.forced_down {
+                tracing::debug!(host, service = id, "nova-compute already forced down");
+                continue;
+            }
+            tracing::info!(host, service = id, "forcing nova-compute down");
+            let response = self
+                .nova(
+                    "PUT",
+                    &format!("/os-services/{}", encode(id)),
+                    Some(&json!({ "forced_down": true })),
+                )
+                .await?;
+            if !response.is_success() {
+                return Err(format!(
+                    "PUT /os-services/{id}: {}",
+                    describe_failure(&response)
+                ));
+            }
+            let updated: ServiceBody = serde_json::from_slice(&response.body)
+                .map_err(|error| format!("unreadable service update answer: {error}"))?;
+            if !updated.service.forced_down {
+                return Err(format!(
+                    "PUT /os-services/{id} answered but the service is not forced down"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Cloud for NovaCloud {
+    async fn vms_on_host(&self, host: &str) -> Result<Vec<String>, CloudError> {
+        if host.is_empty() {
+            // An empty filter would list every server in the cloud.
+            return Err(self.api_error("vms_on_host", host, "host must not be empty"));
+        }
+        self.servers_on_host(host)
+            .await
+            .map_err(|detail| self.api_error("vms_on_host", host, &detail))
+    }
+
+    async fn force_down(&self, host: &str) -> Result<(), CloudError> {
+        if host.is_empty() {
+            // An empty filter would match every compute service in the cloud.
+            return Err(self.api_error("force_down", host, "host must not be empty"));
+        }
+        self.force_down_services(host)
+            .await
+            .map_err(|detail| self.api_error("force_down", host, &detail))
+    }
+
+    async fn evacuate(&self, vm: &str) -> Result<(), CloudError> {
+        if vm.is_empty() {
+            return Err(self.api_error("evacuate", vm, "server id must not be empty"));
+        }
+        let suffix = format!("/servers/{}/action", encode(vm));
+        let response = self
+            .nova("POST", &suffix, Some(&json!({ "evacuate": {} })))
+            .await
+            .map_err(|detail| self.api_error("evacuate", vm, &detail))?;
+        if response.is_success() {
+            tracing::info!(server = vm, "nova accepted the evacuation");
+            return Ok(());
+        }
+        if let Some(host) = service_in_use_host(&response) {
+            return Err(CloudError::ServiceInUse { host });
+        }
+        Err(self.api_error(
+            "evacuate",
+            vm,
+            &format!("POST /servers/{vm}/action: {}", describe_failure(&response)),
+        ))
+    }
+}
+
+fn parse_http_url(field: &'static str, url: &str) -> Result<HttpUrl, NovaConfigError> {
+    if url
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+    {
+        return Err(NovaConfigError::TlsUnsupported {
+            field,
+            url: url.to_string(),
+        });
+    }
+    HttpUrl::parse(url).map_err(|_| NovaConfigError::InvalidUrl {
+        field,
+        url: url.to_string(),
+    })
+}
+
+/// `ComputeServiceInUse`, which Nova raises as 400 (`badRequest`) in its evacuate handler;
+/// 409 is accepted too. The host comes from the message
+/// "Compute service of {host} is still in use.".
+fn service_in_use_host(response: &Response) -> Option<String> {
+    if !matches!(response.status, 400 | 409) {
+        return None;
+    }
+    let message = fault(&response.body).map(|(_, message)| message);
+    let host = message.as_deref().and_then(|message| {
+        let rest = message.trim().strip_prefix("Compute service of ")?;
+        let (host, _) = rest.split_once(" is still in use")?;
+        Some(host.trim().to_string())
+    });
+    match host {
+        Some(host) if !host.is_empty() => Some(host),
+        _ if response.text().contains("ComputeServiceInUse") => Some("unknown".to_string()),
+        _ => None,
+    }
+}
+
+/// The fault name and message of an OpenStack error body: Nova's
+/// `{"itemNotFound": {"code": 404, "message": "..."}}` or Keystone's
+/// `{"error": {"code": 401, "title": "Unauthorized", "message": "..."}}`.
+fn fault(body: &[u8]) -> Option<(String, String)> {
+    let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else {
+        return None;
+    };
+    map.iter().find_map(|(name, value)| {
+        let message = value.get("message")?.as_str()?.to_string();
+        let name = match value.get("title").and_then(Value::as_str) {
+            Some(title) if name == "error" => title.to_string(),
+            _ => name.clone(),
+        };
+        Some((name, message))
+    })
+}
+
+/// `HTTP 404 itemNotFound: Instance … could not be found. (request req-…)`.
+fn describe_failure(response: &Response) -> String {
+    let mut text = format!("HTTP {}", response.status);
+    match fault(&response.body) {
+        Some((name, message)) => {
+            text.push_str(&format!(" {name}: {}", clip(&message)));
+        }
+        None if !response.body.is_empty() => {
+            text.push_str(&format!(": {}", clip(&response.text())));
+        }
+        None => {}
+    }
+    let request_id = response
+        .header("x-openstack-request-id")
+        .or_else(|| response.header("x-compute-request-id"));
+    if let Some(id) = request_id {
+        text.push_str(&format!(" (request {id})"));
+    }
+    text
+}
+
+/// A quoted message on one line and at most [`MESSAGE_CHARS_MAX`] characters.
+fn clip(text: &str) -> String {
+    let mut clipped: String = text
+        .trim()
+        .chars()
+        .take(MESSAGE_CHARS_MAX)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.trim().chars().count() > MESSAGE_CHARS_MAX {
+        clipped.push('…');
+    }
+    clipped
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+fn decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let escaped = (bytes[index] == b'%')
+            .then(|| text.get(index + 1..index + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                index += 3;
+            }
+            None => {
+                out.push(bytes[index]);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The decoded value of `key` in `url`'s query string.
+fn query_value(url: &str, key: &str) -> Option<String> {
+    let (_, query) = url.split_once('?')?;
+    let query = query.split('#').next().unwrap_or_default();
+    query.split('&').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        (name == key)
+            .then(|| decode(value))
+            .filter(|v| !v.is_empty())
+    })
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    token: TokenInfo,
+}
+
+#[derive(Deserialize)]
+struct TokenInfo {
+    #[serde(default)]
+    catalog: Vec<CatalogService>,
+}
+
+#[derive(Deserialize)]
+struct CatalogService {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    endpoints: Vec<CatalogEndpoint>,
+}
+
+#[derive(Deserialize)]
+struct CatalogEndpoint {
+    interface: String,
+    url: String,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    region_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ServersPage {
+    servers: Vec<ServerSummary>,
+    #[serde(default)]
+    servers_links: Vec<Link>,
+}
+
+#[derive(Deserialize)]
+struct ServerSummary {
+    id: String,
+    #[serde(rename = "OS-EXT-SRV-ATTR:host", default)]
+    host: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Link {
+    href: String,
+    rel: String,
+}
+
+#[derive(Deserialize)]
+struct ServiceList {
+    services: Vec<Service>,
+}
+
+#[derive(Deserialize)]
+struct ServiceBody {
+    service: Service,
+}
+
+#[derive(Deserialize)]
+struct Service {
+    id: Value,
+    binary: String,
+    host: String,
+    #[serde(default)]
+    forced_down: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(status: u16, body: &str) -> Response {
+        Response {
+            status,
+            headers: vec![],
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn service_in_use_is_recognised_in_400_and_409_bodies_only() {
+        let body = r#"{"conflictingRequest": {"code": 409, "message": "Compute service of compute-1 is still in use."}}"#;
+        assert_eq!(
+            service_in_use_host(&response(409, body)).as_deref(),
+            Some("compute-1")
+        );
+        let body = r#"{"badRequest": {"code": 400, "message": "Compute service of cn0007.rack3 is still in use."}}"#;
+        assert_eq!(
+            service_in_use_host(&response(400, body)).as_deref(),
+            Some("cn0007.rack3")
+        );
+        let body =
+            r#"{"badRequest": {"code": 400, "message": "The target host can't be the same one."}}"#;
+        assert_eq!(service_in_use_host(&response(400, body)), None);
+        let body = r#"{"conflictingRequest": {"code": 409, "message": "Compute service of compute-1 is still in use."}}"#;
+        assert_eq!(service_in_use_host(&response(500, body)), None);
+    }
+
+    #[test]
+    fn query_values_are_decoded_and_encoding_round_trips() {
+        let href = "http://nova/v2.1/servers/detail?all_tenants=1&limit=2&marker=a%2Fb-1";
+        assert_eq!(query_value(href, "marker").as_deref(), Some("a/b-1"));
+        assert_eq!(query_value(href, "absent"), None);
+        assert_eq!(encode("cn 01/é"), "cn%2001%2F%C3%A9");
+        assert_eq!(decode(&encode("cn 01/é&x=y")), "cn 01/é&x=y");
+    }
+
+    #[test]
+    fn failures_quote_the_fault_name_message_and_request_id() {
+        let mut answer = response(
+            404,
+            r#"{"itemNotFound": {"code": 404, "message": "Instance x could not be found."}}"#,
+        );
+        answer
+            .headers
+            .push(("x-openstack-request-id".into(), "req-1".into()));
+        assert_eq!(
+            describe_failure(&answer),
+            "HTTP 404 itemNotFound: Instance x could not be found. (request req-1)"
+        );
+        let keystone = response(
+            401,
+            r#"{"error": {"code": 401, "title": "Unauthorized", "message": "nope"}}"#,
+        );
+        assert_eq!(describe_failure(&keystone), "HTTP 401 Unauthorized: nope");
+        let long = "x".repeat(MESSAGE_CHARS_MAX + 10);
+        assert_eq!(
+            describe_failure(&response(502, &long)).chars().count(),
+            "HTTP 502: ".len() + MESSAGE_CHARS_MAX + 1
+        );
+    }
+}
