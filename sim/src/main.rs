@@ -105,6 +105,8 @@ fn real_main() -> anyhow::Result<bool> {
         },
     };
     let mut all_passed = true;
+    let mut all_recoveries: Vec<bearman_sim::recovery::Recovery> = Vec::new();
+    let mut fences_total = 0usize;
     for seed in &seeds {
         eprintln!(
             "bearman-sim: {} seed {seed}: {} nodes ({} racks x {}), {} s virtual, tick {} ms",
@@ -158,6 +160,8 @@ fn real_main() -> anyhow::Result<bool> {
         } else {
             println!("{}", report::render(&report, wall));
         }
+        all_recoveries.extend(report.recoveries.iter().cloned());
+        fences_total += report.fences;
         if !report.passed() {
             all_passed = false;
             let mut replay = format!("bearman-sim run {} --seed {seed}", path.display());
@@ -176,5 +180,54 @@ fn real_main() -> anyhow::Result<bool> {
             );
         }
     }
+    if seeds.len() > 1 {
+        print_aggregate(&scenario.name, seeds.len(), &all_recoveries, fences_total);
+    }
     Ok(all_passed)
+}
+
+/// Recovery figures over every crashed node of every seed.
+fn print_aggregate(
+    name: &str,
+    runs: usize,
+    recoveries: &[bearman_sim::recovery::Recovery],
+    fences: usize,
+) {
+    use bearman_sim::recovery::percentile;
+    println!(
+        "{name}: {runs} seeds, {} crashed node(s), {fences} fence(s) started",
+        recoveries.len()
+    );
+    let show = |label: &str, values: Vec<std::time::Duration>, missing: usize| {
+        if values.is_empty() && missing == 0 {
+            return;
+        }
+        let fmt = |d: Option<std::time::Duration>| {
+            d.map_or("-".to_string(), |d| format!("{:.1} s", d.as_secs_f64()))
+        };
+        println!(
+            "  {label:<28} p50 {}  p99 {}  max {}{}",
+            fmt(percentile(&values, 50)),
+            fmt(percentile(&values, 99)),
+            fmt(values.iter().max().copied()),
+            if missing > 0 {
+                format!("  ({missing} never)")
+            } else {
+                String::new()
+            }
+        );
+    };
+    let split = |f: fn(&bearman_sim::recovery::Recovery) -> Option<std::time::Duration>| {
+        let values: Vec<_> = recoveries.iter().filter_map(f).collect();
+        let missing = recoveries.len() - values.len();
+        (values, missing)
+    };
+    let (v, m) = split(|r| r.detected_after);
+    show("crash -> detected", v, m);
+    let (v, m) = split(|r| r.fenced_after);
+    show("crash -> fence verified", v, m);
+    let (v, m) = split(|r| r.vms_elsewhere_after);
+    show("crash -> VMs running elsewhere", v, m);
+    let (v, m) = split(|r| r.ready_after);
+    show("crash -> node Ready again", v, m);
 }

@@ -282,12 +282,18 @@ mod tests {
             healing.fenceable.is_empty(),
             "the straggler is not fenced during the hold"
         );
-        let later = judge(
-            &nodes,
-            100_000 + config.pause_hold_ms + 1,
-            &config,
-            &history,
-        );
+        // Later, everyone but the straggler keeps heartbeating.
+        let later_ms = 100_000 + config.pause_hold_ms + 1;
+        let straggler = nodes
+            .iter()
+            .find(|n| n.rack.as_deref() == Some("r1"))
+            .unwrap()
+            .uuid
+            .clone();
+        for node in nodes.iter_mut().filter(|n| n.uuid != straggler) {
+            node.last_heartbeat_at_ms = Some(later_ms - 1_000);
+        }
+        let later = judge(&nodes, later_ms, &config, &history);
         assert_eq!(
             later.fenceable.len(),
             1,
