@@ -19,7 +19,7 @@ use crate::bmc::Bmc;
 use crate::cloud::Cloud;
 use crate::core::health::{self, HealthConfig, Judgement};
 use crate::core::lifecycle::{LifecycleEvent, LifecycleState};
-use crate::core::model::{NewEvent, Node, NodeFilter, TimestampMs};
+use crate::core::model::{NewEvent, Node, TimestampMs};
 use crate::core::remediation::{Limits, Remediation, RemediationKind};
 use crate::store::{StoreError, LIST_LIMIT_MAX};
 
@@ -141,29 +141,10 @@ impl Controller {
         }
     }
 
-    async fn all_nodes(&self) -> Result<Vec<Node>, StoreError> {
-        let mut nodes = Vec::new();
-        let mut filter = NodeFilter {
-            limit: LIST_LIMIT_MAX,
-            ..Default::default()
-        };
-        // Bounded: a million nodes is a hundred pages.
-        for _ in 0..100 {
-            let page = self.state.store.node_list(&filter).await?;
-            let full = page.len() == LIST_LIMIT_MAX;
-            filter.after = page.last().map(|n| n.uuid.clone());
-            nodes.extend(page);
-            if !full {
-                break;
-            }
-        }
-        Ok(nodes)
-    }
-
     /// One look at the fleet: judge health, suspect the silent, start and drive sagas.
     pub async fn tick(self: Arc<Self>) -> Result<(), StoreError> {
         let now = self.state.clock.now_ms();
-        let nodes = self.all_nodes().await?;
+        let nodes = self.state.store.node_health_list().await?;
         let mut judgement = {
             let mut history = self.guard_history.lock().unwrap_or_else(|p| p.into_inner());
             let judgement = health::judge(&nodes, now, &self.config.health, &history);
@@ -312,7 +293,7 @@ impl Controller {
     async fn start_automatic(
         &self,
         judgement: &Judgement,
-        nodes: &[Node],
+        nodes: &[health::NodeHealth],
         active: &[Remediation],
         now: TimestampMs,
     ) -> Result<(), StoreError> {

@@ -106,32 +106,45 @@ pub struct Judgement {
     pub fleet_fencing_stopped: bool,
 }
 
-/// How long the node has been quiet.
-fn silence_ms(node: &Node, now_ms: TimestampMs) -> i64 {
-    // A node that never heartbeated counts from when it reported installed.
-    let last = node
-        .last_heartbeat_at_ms
-        .or(node.installed_at_ms)
-        .unwrap_or(node.updated_at_ms);
-    now_ms - last
+/// What health judgement needs of a node: a light record, cheap to list every tick.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHealth {
+    pub uuid: NodeUuid,
+    pub rack: Option<String>,
+    pub state: LifecycleState,
+    /// When the node was last heard from (heartbeat; for one that never heartbeated,
+    /// when it reported installed or was last updated).
+    pub last_heard_at_ms: TimestampMs,
 }
 
-/// Judges the fleet at `now_ms`, given when the guards last tripped. Nodes without a rack
-/// form the rack "".
+impl NodeHealth {
+    pub fn of(node: &Node) -> Self {
+        NodeHealth {
+            uuid: node.uuid.clone(),
+            rack: node.rack.clone(),
+            state: node.state,
+            last_heard_at_ms: node
+                .last_heartbeat_at_ms
+                .or(node.installed_at_ms)
+                .unwrap_or(node.updated_at_ms),
+        }
+    }
+}
+
 pub fn judge(
-    nodes: &[Node],
+    nodes: &[NodeHealth],
     now_ms: TimestampMs,
     config: &HealthConfig,
     history: &GuardHistory,
 ) -> Judgement {
     let mut judgement = Judgement::default();
-    let mut silent_nodes: Vec<(&Node, String, i64)> = Vec::new();
+    let mut silent_nodes: Vec<(&NodeHealth, String, i64)> = Vec::new();
     for node in nodes.iter().filter(|n| is_monitored(n.state)) {
         let rack = node.rack.clone().unwrap_or_default();
         let entry = judgement.racks.entry(rack.clone()).or_default();
         entry.monitored += 1;
         judgement.monitored += 1;
-        let silence = silence_ms(node, now_ms);
+        let silence = now_ms - node.last_heard_at_ms;
         if silence > config.heartbeat_grace_ms {
             entry.silent += 1;
             judgement.silent += 1;
@@ -188,6 +201,10 @@ mod tests {
         node
     }
 
+    fn health(nodes: &[Node]) -> Vec<NodeHealth> {
+        nodes.iter().map(NodeHealth::of).collect()
+    }
+
     fn fleet(racks: usize, per_rack: usize) -> Vec<Node> {
         (0..racks * per_rack)
             .map(|i| {
@@ -222,7 +239,7 @@ mod tests {
         let mut nodes = fleet(2, 10);
         let config = HealthConfig::default();
         nodes[3].last_heartbeat_at_ms = Some(100_000 - config.heartbeat_grace_ms - 1);
-        let judgement = judge(&nodes, 100_000, &config, &GuardHistory::default());
+        let judgement = judge(&health(&nodes), 100_000, &config, &GuardHistory::default());
         assert_eq!(judgement.newly_silent, vec![nodes[3].uuid.clone()]);
         assert!(
             judgement.fenceable.is_empty(),
@@ -264,7 +281,7 @@ mod tests {
             node.last_heartbeat_at_ms = Some(10_000);
         }
         let mut history = GuardHistory::default();
-        let partitioned = judge(&nodes, 100_000, &config, &history);
+        let partitioned = judge(&health(&nodes), 100_000, &config, &history);
         history.record(&partitioned, 100_000);
         assert!(partitioned.racks["r1"].fencing_paused);
         // The switch recovers: all but one node are heard again.
@@ -275,7 +292,7 @@ mod tests {
         {
             node.last_heartbeat_at_ms = Some(101_000);
         }
-        let healing = judge(&nodes, 102_000, &config, &history);
+        let healing = judge(&health(&nodes), 102_000, &config, &history);
         assert!(!healing.racks["r1"].fencing_paused_now);
         assert!(healing.racks["r1"].fencing_paused, "held");
         assert!(
@@ -293,7 +310,7 @@ mod tests {
         for node in nodes.iter_mut().filter(|n| n.uuid != straggler) {
             node.last_heartbeat_at_ms = Some(later_ms - 1_000);
         }
-        let later = judge(&nodes, later_ms, &config, &history);
+        let later = judge(&health(&nodes), later_ms, &config, &history);
         assert_eq!(
             later.fenceable.len(),
             1,

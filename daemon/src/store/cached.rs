@@ -96,6 +96,10 @@ impl Store for CachedStore {
         self.inner.node_list(filter).await
     }
 
+    async fn node_health_list(&self) -> Result<Vec<crate::core::health::NodeHealth>, StoreError> {
+        self.inner.node_health_list().await
+    }
+
     async fn node_count_by_state(&self) -> Result<StateCounts, StoreError> {
         self.inner.node_count_by_state().await
     }

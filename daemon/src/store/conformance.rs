@@ -150,6 +150,21 @@ async fn nodes_round_trip_and_filter(store: &dyn Store) {
         .await
         .unwrap();
     assert!(storage.is_empty());
+    let health: Vec<_> = store
+        .node_health_list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|h| h.rack.as_deref() == Some(rack))
+        .collect();
+    assert_eq!(
+        health.len(),
+        3,
+        "only nodes expected to heartbeat: {health:?}"
+    );
+    assert!(health
+        .iter()
+        .all(|h| h.state == LifecycleState::Ready && h.last_heard_at_ms == 1_000));
     let counts = store.node_count_by_state().await.unwrap();
     assert!(counts.get(&LifecycleState::Ready).copied().unwrap_or(0) >= 3);
 }

@@ -160,6 +160,16 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn node_health_list(&self) -> Result<Vec<crate::core::health::NodeHealth>, StoreError> {
+        let state = self.lock();
+        Ok(state
+            .nodes
+            .values()
+            .filter(|n| crate::core::health::is_monitored(n.state))
+            .map(crate::core::health::NodeHealth::of)
+            .collect())
+    }
+
     async fn node_count_by_state(&self) -> Result<StateCounts, StoreError> {
         let state = self.lock();
         let mut counts = StateCounts::new();

@@ -76,6 +76,32 @@ pub trait Store: Send + Sync + 'static {
     /// Nodes in uuid order matching `filter`, at most `filter.limit`.
     async fn node_list(&self, filter: &NodeFilter) -> Result<Vec<Node>, StoreError>;
     async fn node_count_by_state(&self) -> Result<StateCounts, StoreError>;
+    /// Light health records of every node expected to heartbeat (Ready or Suspect), for
+    /// the controller's every-second judgement.
+    async fn node_health_list(&self) -> Result<Vec<crate::core::health::NodeHealth>, StoreError> {
+        let mut out = Vec::new();
+        for state in [
+            crate::core::lifecycle::LifecycleState::Ready,
+            crate::core::lifecycle::LifecycleState::Suspect,
+        ] {
+            let mut filter = NodeFilter {
+                state: Some(state),
+                limit: LIST_LIMIT_MAX,
+                ..Default::default()
+            };
+            // Bounded: a million nodes is a hundred pages.
+            for _ in 0..100 {
+                let page = self.node_list(&filter).await?;
+                let full = page.len() == LIST_LIMIT_MAX;
+                filter.after = page.last().map(|n| n.uuid.clone());
+                out.extend(page.iter().map(crate::core::health::NodeHealth::of));
+                if !full {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
     /// Inserts a new node (its generation is stored as given) with its audit events.
     async fn node_create(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError>;
     /// Writes `node` if the stored generation still equals `node.generation`; the stored

@@ -348,6 +348,30 @@ impl Store for SqlStore {
         rows.iter().map(node_from_row).collect()
     }
 
+    async fn node_health_list(&self) -> Result<Vec<crate::core::health::NodeHealth>, StoreError> {
+        // Columns only: no document decoding on the controller's every-second path.
+        let rows = sqlx::query(
+            "SELECT uuid, rack, state, COALESCE(last_heartbeat_at_ms, updated_at_ms) AS heard \
+             FROM nodes WHERE state = 'ready' OR state = 'suspect' ORDER BY uuid",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend_error)?;
+        rows.iter()
+            .map(|row| {
+                let uuid: String = row.try_get("uuid").map_err(backend_error)?;
+                let state: String = row.try_get("state").map_err(backend_error)?;
+                Ok(crate::core::health::NodeHealth {
+                    uuid: NodeUuid::parse(&uuid).map_err(|e| corrupt("node uuid", e))?,
+                    rack: row.try_get("rack").map_err(backend_error)?,
+                    state: LifecycleState::parse(&state)
+                        .ok_or_else(|| corrupt("node state", &state))?,
+                    last_heard_at_ms: row.try_get("heard").map_err(backend_error)?,
+                })
+            })
+            .collect()
+    }
+
     async fn node_count_by_state(&self) -> Result<StateCounts, StoreError> {
         let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM nodes GROUP BY state")
             .fetch_all(&self.pool)
