@@ -8,6 +8,8 @@ packages=(
   postgresql-client   # psql, to check the PostgreSQL server the conformance suite uses
   nginx-light         # the static-file baseline in `cargo xtask bench-ipxe`
   wrk                 # HTTP load generator for the benchmarks
+  openipmi            # ipmi_sim: a real IPMI LAN (RMCP+) peer for daemon/tests/ipmi.rs
+  ipmitool            # the IPMI driver (daemon/src/bmc/ipmi.rs) runs it; production needs it too
 )
 
 missing=()
@@ -27,3 +29,31 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 echo "install-deps: ok"
+
+# sushy-tools: its Redfish emulator (fake, in-memory systems) is the BMC that
+# daemon/tests/redfish.rs drives the Redfish driver against. It is a Python program, so it
+# lives in a virtualenv in the repo (.venv-sushy/, git-ignored; the tests find it there or
+# through BEARMAN_SUSHY_VENV) and touches no system Python. Pinned: the version the tests
+# were written and checked against.
+SUSHY_TOOLS_VERSION=2.2.0
+sushy_venv="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv-sushy"
+sushy_installed() {
+  "$sushy_venv/bin/python" - "$SUSHY_TOOLS_VERSION" 2>/dev/null <<'PY'
+import importlib.metadata, sys
+sys.exit(importlib.metadata.version("sushy-tools") != sys.argv[1])
+PY
+}
+if ! sushy_installed; then
+  echo "install-deps: installing sushy-tools $SUSHY_TOOLS_VERSION into $sushy_venv"
+  # `python3 -m venv` needs ensurepip, which Debian's python3 ships separately.
+  if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv
+  fi
+  # --clear: a venv left by another Python (or half-made) is rebuilt, not patched.
+  "$sushy_venv/bin/python" -c '' 2>/dev/null || python3 -m venv --clear "$sushy_venv"
+  "$sushy_venv/bin/python" -m pip install --quiet --disable-pip-version-check "sushy-tools==$SUSHY_TOOLS_VERSION"
+  sushy_installed || { echo "install-deps: sushy-tools $SUSHY_TOOLS_VERSION did not install" >&2; exit 1; }
+fi
+echo "install-deps: sushy-tools ok"

@@ -5,6 +5,14 @@
 //! Remediation (fencing, rebuild) uses this trait; the simulator implements it over its
 //! BMC fabric. Production drivers live in submodules as they land.
 
+pub mod credentials;
+pub mod guard;
+pub mod ipmi;
+pub mod ops;
+pub mod provider;
+
+pub mod redfish;
+
 use async_trait::async_trait;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -30,6 +30,8 @@ pub struct FileConfig {
     pub remediation: Option<bearman::controller::ControllerConfig>,
     /// OpenStack Nova, for forcing compute services down and evacuating VMs.
     pub nova: Option<bearman::cloud::nova::NovaConfig>,
+    /// BMC drivers: secrets file, timeouts, fleet-wide limit, IPMI and Redfish settings.
+    pub bmc: Option<bearman::bmc::provider::BmcSettings>,
 }
 
 impl FileConfig {
@@ -58,6 +60,7 @@ pub struct ServeConfig {
     pub stage1: Stage1Config,
     pub remediation: bearman::controller::ControllerConfig,
     pub nova: Option<bearman::cloud::nova::NovaConfig>,
+    pub bmc: bearman::bmc::provider::BmcSettings,
 }
 
 /// Values given on the command line or in the environment (clap merges those two).
@@ -144,6 +147,7 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
         stage1: file.stage1.unwrap_or_default(),
         remediation: file.remediation.unwrap_or_default(),
         nova: file.nova,
+        bmc: file.bmc.unwrap_or_default(),
     })
 }
 

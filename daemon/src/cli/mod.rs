@@ -73,6 +73,53 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Talk to nodes' BMCs directly from this machine (IPMI, Redfish): power, PXE, checks
+    #[command(subcommand)]
+    Bmc(BmcCommand),
+}
+
+#[derive(Args, Clone)]
+struct BmcArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// TOML configuration file; its [bmc] table sets secrets_file, timeouts and limits
+    #[arg(long, env = "BEARMAN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Secrets file for file:KEY credentials (overrides [bmc] secrets_file)
+    #[arg(long, env = "BEARMAN_BMC_SECRETS_FILE")]
+    secrets_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum BmcCommand {
+    /// Read a node's power state from its BMC
+    Status {
+        uuid: String,
+        #[command(flatten)]
+        bmc: BmcArgs,
+    },
+    /// Power a node on, off (hard) or cycle it; done only when read back from the BMC
+    Power {
+        #[arg(value_parser = ["on", "off", "cycle"])]
+        action: String,
+        uuid: String,
+        #[command(flatten)]
+        bmc: BmcArgs,
+    },
+    /// Network-boot (PXE) a node at its next boot only
+    Pxe {
+        uuid: String,
+        #[command(flatten)]
+        bmc: BmcArgs,
+    },
+    /// Probe every node's BMC: power state or error, and latency
+    Check {
+        #[command(flatten)]
+        bmc: BmcArgs,
+        /// BMCs probed at once
+        #[arg(long, default_value_t = 16)]
+        parallelism: usize,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -431,6 +478,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Flavor(command) => flavor(command).await,
         Command::Pool(command) => pool(command).await,
         Command::Remediation(command) => remediation(command).await,
+        Command::Bmc(command) => bmc(command).await,
         Command::Events { api, node, limit } => {
             let client = ApiClient::new(&api.url, api.token.clone())?;
             let mut path = format!("/events?limit={limit}");
@@ -539,8 +587,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // nodes are rebuilt but no VM is moved.
     let cloud: Option<Arc<dyn bearman::cloud::Cloud>> = match config.nova.clone() {
         Some(nova) => {
-            let cloud = bearman::cloud::nova::NovaCloud::new(nova, bearman::cloud::nova::TcpConnector)
-                .map_err(|e| anyhow!("nova configuration: {e}"))?;
+            let cloud =
+                bearman::cloud::nova::NovaCloud::new(nova, bearman::cloud::nova::TcpConnector)
+                    .map_err(|e| anyhow!("nova configuration: {e}"))?;
             tracing::info!("evacuation through OpenStack Nova enabled");
             Some(Arc::new(cloud))
         }
@@ -549,9 +598,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             None
         }
     };
+    let bmcs = bearman::bmc::provider::DriverBmcs::new(config.bmc.clone())
+        .map_err(|e| anyhow!("bmc configuration: {e}"))?;
+    let bmcs: Arc<dyn bearman::controller::BmcProvider> = Arc::new(bmcs);
     let controller = bearman::controller::Controller::new(
         state.clone(),
-        Arc::new(bearman::controller::NoBmcDrivers),
+        bmcs,
         cloud,
         config.remediation.clone(),
     );
@@ -1164,4 +1216,81 @@ async fn pool(command: PoolCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// BMC drivers for `bearman bmc`: the [bmc] table of --config, --secrets-file over it.
+fn bmc_drivers(args: &BmcArgs) -> anyhow::Result<bearman::bmc::provider::DriverBmcs> {
+    let file = FileConfig::load(args.config.as_deref())?;
+    let mut settings = file.bmc.unwrap_or_default();
+    if let Some(path) = &args.secrets_file {
+        settings.secrets_file = Some(path.clone());
+    }
+    bearman::bmc::provider::DriverBmcs::new(settings).map_err(|e| anyhow!("bmc configuration: {e}"))
+}
+
+/// Every node, page by page (bounded: a million nodes is a thousand pages).
+async fn all_nodes(client: &ApiClient) -> anyhow::Result<Vec<Node>> {
+    let page_size = bearman::store::LIST_LIMIT_MAX;
+    let mut nodes = Vec::new();
+    let mut after: Option<String> = None;
+    for _ in 0..1000 {
+        let mut path = format!("/nodes?limit={page_size}");
+        if let Some(after) = &after {
+            path.push_str(&format!("&after={after}"));
+        }
+        let page: Vec<Node> = client.call("GET", &path, None::<&()>).await?;
+        let full = page.len() == page_size;
+        after = page.last().map(|n| n.uuid.to_string());
+        nodes.extend(page);
+        if !full {
+            break;
+        }
+    }
+    Ok(nodes)
+}
+
+async fn bmc(command: BmcCommand) -> anyhow::Result<()> {
+    use bearman::bmc::ops::{self, PowerAction};
+    let (uuid, action, args) = match command {
+        BmcCommand::Check {
+            bmc: args,
+            parallelism,
+        } => {
+            let drivers = bmc_drivers(&args)?;
+            let client = ApiClient::new(&args.api.url, args.api.token.clone())?;
+            let nodes = all_nodes(&client).await?;
+            let rows = ops::check_all(&drivers, &nodes, parallelism).await;
+            if args.api.output == Output::Json {
+                print_json(&rows)?;
+            } else {
+                table::print(&ops::CHECK_HEADERS, &ops::check_rows_table(&rows));
+            }
+            let failed = rows.iter().filter(|row| row.error.is_some()).count();
+            if failed > 0 {
+                bail!("{failed} of {} BMCs did not answer", rows.len());
+            }
+            return Ok(());
+        }
+        BmcCommand::Status { uuid, bmc } => (uuid, PowerAction::Status, bmc),
+        BmcCommand::Pxe { uuid, bmc } => (uuid, PowerAction::Pxe, bmc),
+        BmcCommand::Power { action, uuid, bmc } => {
+            let action = match action.as_str() {
+                "on" => PowerAction::On,
+                "off" => PowerAction::Off,
+                _ => PowerAction::Cycle,
+            };
+            (uuid, action, bmc)
+        }
+    };
+    let drivers = bmc_drivers(&args)?;
+    let client = ApiClient::new(&args.api.url, args.api.token.clone())?;
+    let node: Node = client
+        .call("GET", &format!("/nodes/{uuid}"), None::<&()>)
+        .await?;
+    let report = ops::act_on_node(&drivers, &node, action).await?;
+    if args.api.output == Output::Json {
+        return print_json(&report);
+    }
+    println!("{}", report.summary());
+    Ok(())
 }

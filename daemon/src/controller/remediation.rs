@@ -230,8 +230,19 @@ impl Controller {
                     if let Err(error) = bmc.set_next_boot_pxe().await {
                         return Outcome::Failed(error.to_string());
                     }
-                    match bmc.power_on().await {
-                        Ok(()) => Outcome::Done,
+                    // A rebuild retry finds the machine on but stuck (it never came back):
+                    // power-on alone would do nothing, so make sure it is off first.
+                    match bmc.power_state().await {
+                        Ok(PowerState::Off) => match bmc.power_on().await {
+                            Ok(()) => Outcome::Done,
+                            Err(error) => Outcome::Failed(error.to_string()),
+                        },
+                        Ok(PowerState::On) => match bmc.power_off().await {
+                            Ok(()) => {
+                                Outcome::NotYet("powering off before the rebuild power-on".into())
+                            }
+                            Err(error) => Outcome::Failed(error.to_string()),
+                        },
                         Err(error) => Outcome::Failed(error.to_string()),
                     }
                 }

@@ -15,7 +15,7 @@ use super::lifecycle::LifecycleState;
 use super::model::{Node, TimestampMs};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// A node whose last heartbeat is older than this is silent (and becomes Suspect).
     pub heartbeat_grace_ms: i64,
@@ -223,7 +223,7 @@ mod tests {
         let mut nodes = fleet(2, 10);
         nodes[3].last_heartbeat_at_ms = Some(50_000);
         let judgement = judge(
-            &nodes,
+            &health(&nodes),
             100_000,
             &HealthConfig::default(),
             &GuardHistory::default(),
@@ -255,7 +255,7 @@ mod tests {
         }
         nodes[0].last_heartbeat_at_ms = Some(10_000);
         let judgement = judge(
-            &nodes,
+            &health(&nodes),
             100_000,
             &HealthConfig::default(),
             &GuardHistory::default(),
@@ -325,7 +325,7 @@ mod tests {
             node.last_heartbeat_at_ms = Some(10_000);
         }
         let judgement = judge(
-            &nodes,
+            &health(&nodes),
             100_000,
             &HealthConfig::default(),
             &GuardHistory::default(),
@@ -342,7 +342,7 @@ mod tests {
         nodes[1].state = LifecycleState::Provisioning;
         nodes[1].last_heartbeat_at_ms = None;
         let judgement = judge(
-            &nodes,
+            &health(&nodes),
             100_000,
             &HealthConfig::default(),
             &GuardHistory::default(),

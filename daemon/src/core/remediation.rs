@@ -92,7 +92,8 @@ impl Step {
             Step::PowerOff => limits.power_attempts_max,
             Step::VerifyOff => limits.readbacks_max,
             Step::ForceDown | Step::Evacuate => limits.cloud_attempts_max,
-            Step::Rebuild => limits.power_attempts_max,
+            // Rebuild reads the power state back (off before on), like a fence.
+            Step::Rebuild => limits.readbacks_max,
             // Waiting is bounded by time, not attempts (see `Limits::ready_timeout_ms`).
             Step::AwaitReady => u32::MAX,
             Step::Maintenance => 3,

@@ -1,0 +1,785 @@
+//! The Redfish driver against sushy-tools' emulator (its fake driver: in-memory systems),
+//! started by each test on 127.0.0.1 with a port the kernel picks; and against a loopback
+//! server for what an emulator will not do on demand (never answer, answer garbage, insist
+//! on an ETag).
+//!
+//! The emulator comes from the virtualenv `scripts/install-deps.sh` makes (`.venv-sushy/`
+//! in the repo, or `BEARMAN_SUSHY_VENV`). Without it these tests fail, saying so: they are
+//! never skipped. Session tests run it through `fixtures/redfish/sushy_sessions.py`, which
+//! adds the SessionService that sushy-tools lacks.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bearman::bmc::redfish::{RedfishAuth, RedfishBmc, RedfishConfig};
+use bearman::bmc::{Bmc, BmcError, PowerState};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The user in `fixtures/redfish/htpasswd` (bcrypt cost 4, so checks are cheap).
+const USERNAME: &str = "admin";
+const PASSWORD: &str = "fixture-password-Vq8r";
+const WRONG_PASSWORD: &str = "wrong-password-Zt5k";
+const NODE_A: &str = "7f0a1c52-3b7e-4d5c-9a51-0c1f9e2d3a41";
+const NODE_B: &str = "c3d2b1a0-5e4f-4a8b-8c7d-6e5f4a3b2c1d";
+/// The emulator is a Python program: importing Flask takes a second or two, more when
+/// the two cores are busy compiling.
+const STARTUP_BOUND: Duration = Duration::from_secs(60);
+/// sushy's fake driver applies a power change 1 to 11 s after it is asked.
+const POWER_BOUND: Duration = Duration::from_secs(30);
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const INSTALL_HINT: &str = "run scripts/install-deps.sh: it creates .venv-sushy/ with \
+    sushy-tools 2.2.0 (or set BEARMAN_SUSHY_VENV to a virtualenv that has sushy-tools)";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("daemon/ has a parent")
+        .to_path_buf()
+}
+
+fn fixture(name: &str) -> PathBuf {
+    repo_root().join("fixtures/redfish").join(name)
+}
+
+#[derive(Clone, Copy)]
+struct Options {
+    /// Put the SessionService wrapper in front of the emulator.
+    sessions: bool,
+    /// Serve HTTPS with `fixtures/redfish/tls/bmc.pem` (signed by `tls/ca.pem`).
+    tls: bool,
+    /// Node A's power state at start.
+    power: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            sessions: false,
+            tls: false,
+            power: "Off",
+        }
+    }
+}
+
+/// One sushy-emulator process, killed on drop.
+struct Emulator {
+    child: Child,
+    port: u16,
+    tls: bool,
+    log: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Emulator {
+    fn start(options: Options) -> Emulator {
+        let venv = std::env::var_os("BEARMAN_SUSHY_VENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join(".venv-sushy"));
+        let program = if options.sessions {
+            venv.join("bin/python")
+        } else {
+            venv.join("bin/sushy-emulator")
+        };
+        assert!(
+            program.exists(),
+            "the sushy-tools emulator is not installed ({} is missing): {INSTALL_HINT}",
+            program.display()
+        );
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut config = format!(
+            "SUSHY_EMULATOR_LISTEN_IP = '127.0.0.1'\n\
+             SUSHY_EMULATOR_LISTEN_PORT = 0\n\
+             SUSHY_EMULATOR_STATE_DIR = {state:?}\n\
+             SUSHY_EMULATOR_AUTH_FILE = {auth:?}\n\
+             SUSHY_EMULATOR_FAKE_DRIVER = True\n\
+             SUSHY_EMULATOR_FAKE_SYSTEMS = [\n\
+             {{'uuid': '{NODE_A}', 'name': 'node-a', 'power_state': '{power}', 'nics': []}},\n\
+             {{'uuid': '{NODE_B}', 'name': 'node-b', 'power_state': 'Off', 'nics': []}},\n\
+             ]\n",
+            state = dir.path().join("state").display().to_string(),
+            auth = fixture("htpasswd").display().to_string(),
+            power = options.power,
+        );
+        if options.tls {
+            config.push_str(&format!(
+                "SUSHY_EMULATOR_SSL_CERT = {:?}\nSUSHY_EMULATOR_SSL_KEY = {:?}\n",
+                fixture("tls/bmc.pem").display().to_string(),
+                fixture("tls/bmc-key.pem").display().to_string(),
+            ));
+        }
+        let config_path = dir.path().join("emulator.conf");
+        std::fs::write(&config_path, config).expect("write the emulator config");
+
+        let mut command = Command::new(&program);
+        if options.sessions {
+            command.arg(fixture("sushy_sessions.py"));
+        }
+        let mut child = command
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--fake")
+            .env("PYTHONUNBUFFERED", "1")
+            .env_remove("SUSHY_EMULATOR_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!(
+                    "cannot start {}: {error}: {INSTALL_HINT}",
+                    program.display()
+                )
+            });
+
+        // Werkzeug logs the port it bound to stderr. The reader keeps draining stderr for
+        // the emulator's life (a full pipe would stall it) and keeps the lines for failure
+        // messages.
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (port_sender, port_receiver) = mpsc::channel();
+        let stderr = child.stderr.take().expect("piped stderr");
+        let reader_log = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(port) = listening_port(&line) {
+                    let _ = port_sender.send(port);
+                }
+                reader_log.lock().unwrap().push(line);
+            }
+        });
+        let port = match port_receiver.recv_timeout(STARTUP_BOUND) {
+            Ok(port) => port,
+            Err(failure) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                let what = match failure {
+                    mpsc::RecvTimeoutError::Timeout => {
+                        format!("did not listen within {STARTUP_BOUND:?}")
+                    }
+                    mpsc::RecvTimeoutError::Disconnected => "exited before listening".into(),
+                };
+                panic!(
+                    "sushy-emulator {what} ({status:?}): {INSTALL_HINT}\nits output:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Emulator {
+            child,
+            port,
+            tls: options.tls,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn address(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    fn config(&self) -> RedfishConfig {
+        let mut config = RedfishConfig::new(self.address(), USERNAME, PASSWORD);
+        config.timeout = CALL_TIMEOUT;
+        config
+    }
+
+    fn bmc(&self, config: RedfishConfig) -> RedfishBmc {
+        RedfishBmc::new(config).expect("valid redfish config")
+    }
+
+    /// The open sessions, asked with Basic auth (the wrapper allows it) so the answer
+    /// does not depend on the driver under test.
+    async fn session_count(&self) -> usize {
+        let response = reqwest::Client::new()
+            .get(format!(
+                "{}/redfish/v1/SessionService/Sessions",
+                self.address()
+            ))
+            .basic_auth(USERNAME, Some(PASSWORD))
+            .send()
+            .await
+            .expect("list sessions");
+        assert!(response.status().is_success(), "{}", response.status());
+        let body: Value = serde_json::from_slice(&response.bytes().await.expect("sessions body"))
+            .expect("sessions json");
+        body["Members"].as_array().expect("Members").len()
+    }
+
+    async fn delete_all_sessions(&self) {
+        let client = reqwest::Client::new();
+        let body = client
+            .get(format!(
+                "{}/redfish/v1/SessionService/Sessions",
+                self.address()
+            ))
+            .basic_auth(USERNAME, Some(PASSWORD))
+            .send()
+            .await
+            .expect("list sessions")
+            .bytes()
+            .await
+            .expect("sessions body");
+        let body: Value = serde_json::from_slice(&body).expect("sessions json");
+        for member in body["Members"].as_array().expect("Members") {
+            let path = member["@odata.id"].as_str().expect("@odata.id");
+            let response = client
+                .delete(format!("{}{path}", self.address()))
+                .basic_auth(USERNAME, Some(PASSWORD))
+                .send()
+                .await
+                .expect("delete session");
+            assert!(response.status().is_success(), "{}", response.status());
+        }
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "sushy-emulator output:\n{}",
+                self.log.lock().unwrap().join("\n")
+            );
+        }
+    }
+}
+
+/// The port in werkzeug's ` * Running on http://127.0.0.1:PORT`.
+fn listening_port(line: &str) -> Option<u16> {
+    let rest = &line[line.find("Running on http")?..];
+    let url = rest.split_whitespace().nth(2)?;
+    let digits: String = url
+        .rsplit(':')
+        .next()?
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+async fn wait_for_power(bmc: &RedfishBmc, want: PowerState) {
+    let deadline = Instant::now() + POWER_BOUND;
+    loop {
+        let state = bmc.power_state().await.expect("power_state");
+        if state == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "power state still {state:?} after {POWER_BOUND:?}; want {want:?}"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+fn system_path(uuid: &str) -> String {
+    format!("/redfish/v1/Systems/{uuid}")
+}
+
+#[tokio::test]
+async fn discovers_the_first_system_with_basic_auth() {
+    let emulator = Emulator::start(Options::default());
+    let bmc = emulator.bmc(emulator.config());
+    assert_eq!(bmc.discover().await.unwrap(), system_path(NODE_A));
+    assert_eq!(bmc.power_state().await.unwrap(), PowerState::Off);
+}
+
+#[tokio::test]
+async fn configured_system_id_selects_the_system_and_a_missing_one_is_named() {
+    let emulator = Emulator::start(Options::default());
+    let mut config = emulator.config();
+    config.system_id = Some(NODE_B.into());
+    let bmc = emulator.bmc(config.clone());
+    assert_eq!(bmc.discover().await.unwrap(), system_path(NODE_B));
+
+    config.system_id = Some("no-such-node".into());
+    let error = emulator.bmc(config).power_state().await.unwrap_err();
+    let text = error.to_string();
+    assert!(
+        matches!(
+            &error,
+            BmcError::Failed {
+                operation: "power_state",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        text.contains("/redfish/v1/Systems/no-such-node")
+            && text.contains("404")
+            && text.contains("Fake system no-such-node was not found"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn power_off_reads_back_off() {
+    let emulator = Emulator::start(Options {
+        power: "On",
+        ..Options::default()
+    });
+    let bmc = emulator.bmc(emulator.config());
+    assert_eq!(bmc.power_state().await.unwrap(), PowerState::On);
+    bmc.power_off().await.unwrap();
+    wait_for_power(&bmc, PowerState::Off).await;
+    // Fencing twice is harmless.
+    bmc.power_off().await.unwrap();
+    assert_eq!(bmc.power_state().await.unwrap(), PowerState::Off);
+}
+
+#[tokio::test]
+async fn power_on_reads_back_on() {
+    let emulator = Emulator::start(Options::default());
+    let bmc = emulator.bmc(emulator.config());
+    assert_eq!(bmc.power_state().await.unwrap(), PowerState::Off);
+    bmc.power_on().await.unwrap();
+    wait_for_power(&bmc, PowerState::On).await;
+    bmc.power_on().await.unwrap();
+    assert_eq!(bmc.power_state().await.unwrap(), PowerState::On);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_and_restart_are_accepted() {
+    let emulator = Emulator::start(Options {
+        power: "On",
+        ..Options::default()
+    });
+    let bmc = emulator.bmc(emulator.config());
+    bmc.power_restart().await.unwrap();
+    wait_for_power(&bmc, PowerState::On).await;
+    bmc.power_off_graceful().await.unwrap();
+    wait_for_power(&bmc, PowerState::Off).await;
+}
+
+#[tokio::test]
+async fn pxe_once_is_set_and_read_back() {
+    let emulator = Emulator::start(Options::default());
+    let bmc = emulator.bmc(emulator.config());
+    assert_eq!(
+        bmc.boot_override().await.unwrap().target.as_deref(),
+        Some("Hdd")
+    );
+    bmc.set_next_boot_pxe().await.unwrap();
+    // sushy's fake driver records the target but always reports `Continuous` for
+    // BootSourceOverrideEnabled; that the driver asks for `Once` is checked against the
+    // loopback server in `pxe_patch_asks_for_once_and_retries_with_the_etag`.
+    assert_eq!(
+        bmc.boot_override().await.unwrap().target.as_deref(),
+        Some("Pxe")
+    );
+}
+
+#[tokio::test]
+async fn wrong_password_is_a_clear_401_without_the_password() {
+    let emulator = Emulator::start(Options {
+        sessions: true,
+        ..Options::default()
+    });
+    for auth in [RedfishAuth::Basic, RedfishAuth::Session] {
+        let mut config = emulator.config();
+        config.password = WRONG_PASSWORD.into();
+        config.auth = auth;
+        let error = emulator.bmc(config).power_state().await.unwrap_err();
+        let text = error.to_string();
+        assert!(
+            matches!(
+                &error,
+                BmcError::Failed {
+                    operation: "power_state",
+                    ..
+                }
+            ),
+            "{auth:?}: {error:?}"
+        );
+        assert!(
+            text.contains(&emulator.address()) && text.contains("401 Unauthorized"),
+            "{auth:?}: {text}"
+        );
+        assert!(
+            !text.contains(WRONG_PASSWORD) && !format!("{error:?}").contains(WRONG_PASSWORD),
+            "{auth:?}: {text}"
+        );
+        if auth == RedfishAuth::Session {
+            assert!(text.contains("session login refused"), "{text}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn session_auth_works_and_close_logs_out() {
+    let emulator = Emulator::start(Options {
+        sessions: true,
+        ..Options::default()
+    });
+    let mut config = emulator.config();
+    config.auth = RedfishAuth::Session;
+    let bmc = emulator.bmc(config);
+    assert_eq!(bmc.power_state().await.unwrap(), PowerState::Off);
+    bmc.set_next_boot_pxe().await.unwrap();
+    assert_eq!(
+        bmc.boot_override().await.unwrap().target.as_deref(),
+        Some("Pxe")
+    );
+    // One login served every call.
+    assert_eq!(emulator.session_count().await, 1);
+    bmc.close().await.unwrap();
+    assert_eq!(emulator.session_count().await, 0);
+    // Closing again is harmless.
+    bmc.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn session_is_logged_out_on_drop() {
+    let emulator = Emulator::start(Options {
+        sessions: true,
+        ..Options::default()
+    });
+    let mut config = emulator.config();
+    config.auth = RedfishAuth::Session;
+    let bmc = emulator.bmc(config);
+    bmc.power_state().await.unwrap();
+    assert_eq!(emulator.session_count().await, 1);
+    drop(bmc);
+    let deadline = Instant::now() + CALL_TIMEOUT;
+    while emulator.session_count().await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "session still open {CALL_TIMEOUT:?} after drop"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+#[tokio::test]
+async fn expired_session_logs_in_again() {
+    let emulator = Emulator::start(Options {
+        sessions: true,
+        ..Options::default()
+    });
+    let mut config = emulator.config();
+    config.auth = RedfishAuth::Session;
+    let bmc = emulator.bmc(config);
+    bmc.power_state().await.unwrap();
+    emulator.delete_all_sessions().await;
+    assert_eq!(emulator.session_count().await, 0);
+    assert_eq!(bmc.power_state().await.unwrap(), PowerState::Off);
+    assert_eq!(emulator.session_count().await, 1);
+    bmc.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn tls_is_verified_by_default() {
+    let emulator = Emulator::start(Options {
+        tls: true,
+        ..Options::default()
+    });
+    let error = emulator
+        .bmc(emulator.config())
+        .power_state()
+        .await
+        .unwrap_err();
+    let text = error.to_string();
+    assert!(matches!(error, BmcError::Failed { .. }), "{error:?}");
+    assert!(
+        text.contains("certificate") && text.contains("ca_file"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn tls_with_the_bmcs_ca_file_is_verified() {
+    let emulator = Emulator::start(Options {
+        tls: true,
+        ..Options::default()
+    });
+    // A bare host:port means HTTPS.
+    let mut config = emulator.config();
+    config.address = format!("127.0.0.1:{}", emulator.port);
+    config.ca_file = Some(fixture("tls/ca.pem"));
+    let bmc = emulator.bmc(config);
+    assert_eq!(bmc.power_state().await.unwrap(), PowerState::Off);
+}
+
+#[tokio::test]
+async fn insecure_tls_accepts_a_lab_certificate() {
+    let emulator = Emulator::start(Options {
+        tls: true,
+        ..Options::default()
+    });
+    let mut config = emulator.config();
+    config.verify_tls = false;
+    let bmc = emulator.bmc(config);
+    assert_eq!(bmc.power_state().await.unwrap(), PowerState::Off);
+}
+
+// --- Loopback server: for answers an emulator will not give on demand. ---
+
+#[derive(Clone, Debug)]
+struct Recorded {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Recorded {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+type Handler = dyn Fn(&Recorded, &[Recorded]) -> Option<String> + Send + Sync;
+
+/// Serves one request per connection with `handler`'s raw answer; `None` holds the
+/// connection open without a word. Returns the address and every request received.
+async fn loopback(handler: Arc<Handler>) -> (SocketAddr, Arc<Mutex<Vec<Recorded>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&requests);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let handler = Arc::clone(&handler);
+            let seen = Arc::clone(&seen);
+            tokio::spawn(async move { answer(stream, handler, seen).await });
+        }
+    });
+    (address, requests)
+}
+
+async fn answer(mut stream: TcpStream, handler: Arc<Handler>, seen: Arc<Mutex<Vec<Recorded>>>) {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(end) = buffer.windows(4).position(|window| window == b"\r\n\r\n") {
+            break end;
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+        }
+        assert!(buffer.len() < 1 << 20, "request head too large");
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next().unwrap_or_default().split_whitespace();
+    let method = request_line.next().unwrap_or_default().to_string();
+    let path = request_line.next().unwrap_or_default().to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_string(), value.trim().to_string()))
+        .collect();
+    let length = headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = buffer[head_end + 4..].to_vec();
+    while body.len() < length {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => body.extend_from_slice(&chunk[..read]),
+        }
+    }
+    let request = Recorded {
+        method,
+        path,
+        headers,
+        body,
+    };
+    let earlier = seen.lock().unwrap().clone();
+    let reply = handler(&request, &earlier);
+    seen.lock().unwrap().push(request);
+    match reply {
+        Some(reply) => {
+            let _ = stream.write_all(reply.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        }
+        None => {
+            // Accept, read, and never answer: hold the connection until the client quits.
+            let _ = stream.read(&mut chunk).await;
+        }
+    }
+}
+
+fn http(status: &str, headers: &[(&str, &str)], body: &str) -> String {
+    let mut reply = format!(
+        "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        reply.push_str(&format!("{name}: {value}\r\n"));
+    }
+    reply.push_str("\r\n");
+    reply.push_str(body);
+    reply
+}
+
+fn loopback_config(address: SocketAddr, timeout: Duration) -> RedfishConfig {
+    let mut config = RedfishConfig::new(format!("http://{address}"), USERNAME, PASSWORD);
+    config.timeout = timeout;
+    config
+}
+
+#[tokio::test]
+async fn unanswered_request_times_out_within_the_bound() {
+    let (address, requests) = loopback(Arc::new(|_: &Recorded, _: &[Recorded]| None)).await;
+    let bound = Duration::from_secs(1);
+    let bmc = RedfishBmc::new(loopback_config(address, bound)).unwrap();
+    let started = Instant::now();
+    let error = bmc.power_off().await.unwrap_err();
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(
+            &error,
+            BmcError::Timeout {
+                operation: "power_off",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("timed out"), "{error}");
+    // Generous slack for a loaded machine; an unbounded call would never return at all.
+    assert!(
+        elapsed < bound + Duration::from_secs(5),
+        "took {elapsed:?} for a {bound:?} bound"
+    );
+    assert_eq!(requests.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn garbage_json_is_a_clear_error() {
+    let (address, _) = loopback(Arc::new(|_: &Recorded, _: &[Recorded]| {
+        Some(http(
+            "200 OK",
+            &[("Content-Type", "application/json")],
+            "{\"Members\": [ {\"@odata.id\": ",
+        ))
+    }))
+    .await;
+    let bmc = RedfishBmc::new(loopback_config(address, CALL_TIMEOUT)).unwrap();
+    let error = bmc.power_state().await.unwrap_err();
+    let text = error.to_string();
+    assert!(
+        matches!(
+            &error,
+            BmcError::Failed {
+                operation: "power_state",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        text.contains("GET /redfish/v1/Systems") && text.contains("invalid json"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn redfish_error_messages_are_quoted() {
+    let (address, _) = loopback(Arc::new(|_: &Recorded, _: &[Recorded]| {
+        Some(http(
+            "503 Service Unavailable",
+            &[("Content-Type", "application/json")],
+            &json!({"error": {
+                "code": "Base.1.8.GeneralError",
+                "message": "A general error has occurred. See ExtendedInfo for more information.",
+                "@Message.ExtendedInfo": [{
+                    "MessageId": "Base.1.8.ServiceTemporarilyUnavailable",
+                    "Message": "The service is temporarily unavailable.  Retry in 30 seconds."
+                }]
+            }})
+            .to_string(),
+        ))
+    }))
+    .await;
+    let bmc = RedfishBmc::new(loopback_config(address, CALL_TIMEOUT)).unwrap();
+    let text = bmc.discover().await.unwrap_err().to_string();
+    assert_eq!(
+        text,
+        format!(
+            "bmc http://{address}: discover failed: GET /redfish/v1/Systems: http 503 Service \
+             Unavailable: A general error has occurred. See ExtendedInfo for more information.; \
+             The service is temporarily unavailable. Retry in 30 seconds."
+        )
+    );
+}
+
+#[tokio::test]
+async fn pxe_patch_asks_for_once_and_retries_with_the_etag() {
+    let system = json!({
+        "@odata.id": "/redfish/v1/Systems/1",
+        "Id": "1",
+        "PowerState": "On",
+        "Boot": {"BootSourceOverrideTarget": "None", "BootSourceOverrideEnabled": "Disabled"},
+        "Actions": {"#ComputerSystem.Reset": {
+            "target": "/redfish/v1/Systems/1/Actions/ComputerSystem.Reset"
+        }}
+    })
+    .to_string();
+    let (address, requests) = loopback(Arc::new(move |request: &Recorded, _: &[Recorded]| {
+        let json = [("Content-Type", "application/json")];
+        Some(match (request.method.as_str(), request.path.as_str()) {
+            ("GET", "/redfish/v1/Systems") => http(
+                "200 OK",
+                &json,
+                r#"{"Members": [{"@odata.id": "/redfish/v1/Systems/1"}]}"#,
+            ),
+            ("GET", "/redfish/v1/Systems/1") => http(
+                "200 OK",
+                &[("Content-Type", "application/json"), ("ETag", "W/\"42\"")],
+                &system,
+            ),
+            ("PATCH", "/redfish/v1/Systems/1")
+                if request.header("If-Match") == Some("W/\"42\"") =>
+            {
+                http("204 No Content", &[], "")
+            }
+            ("PATCH", "/redfish/v1/Systems/1") => http(
+                "428 Precondition Required",
+                &json,
+                r#"{"error": {"message": "If-Match required"}}"#,
+            ),
+            _ => http("404 Not Found", &json, r#"{"error": {"message": "no"}}"#),
+        })
+    }))
+    .await;
+    let bmc = RedfishBmc::new(loopback_config(address, CALL_TIMEOUT)).unwrap();
+    bmc.set_next_boot_pxe().await.unwrap();
+
+    let requests = requests.lock().unwrap().clone();
+    let patches: Vec<&Recorded> = requests.iter().filter(|r| r.method == "PATCH").collect();
+    assert_eq!(patches.len(), 2, "{requests:#?}");
+    for patch in &patches {
+        let body: Value = serde_json::from_slice(&patch.body).unwrap();
+        assert_eq!(
+            body,
+            json!({"Boot": {"BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once"}})
+        );
+        assert_eq!(patch.header("Content-Type"), Some("application/json"));
+        assert!(patch
+            .header("Authorization")
+            .is_some_and(|v| v.starts_with("Basic ")));
+    }
+    assert_eq!(patches[0].header("If-Match"), None);
+    assert_eq!(patches[1].header("If-Match"), Some("W/\"42\""));
+}
