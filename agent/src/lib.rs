@@ -5,6 +5,8 @@
 //! daemon, so the stage-1 binary stays small and static.
 
 pub mod client;
+pub mod facts;
+pub mod lldp;
 pub mod net;
 
 pub use client::{BootClient, BootPlan, ClientError, Connector};

@@ -10,6 +10,7 @@ pub mod guard;
 pub mod ipmi;
 pub mod ops;
 pub mod provider;
+pub mod qmp;
 
 pub mod redfish;
 

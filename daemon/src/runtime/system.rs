@@ -27,3 +27,8 @@ pub async fn connect_tcp(authority: &str) -> std::io::Result<tokio::net::TcpStre
     stream.set_nodelay(true)?;
     Ok(stream)
 }
+
+/// Opens a unix-domain stream (the QMP BMC driver's socket to QEMU).
+pub async fn connect_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixStream> {
+    tokio::net::UnixStream::connect(path).await
+}

@@ -1,0 +1,377 @@
+//! The QMP BMC driver: power control of a QEMU virtual machine through its QMP unix socket,
+//! so Bearman can drive a VM (smoke boots, labs) exactly like a server.
+//!
+//! QEMU must be started with `-no-shutdown` (and a `-qmp unix:PATH,server=on,wait=off`
+//! socket): without it a guest that powers itself off makes the QEMU process exit, and a
+//! machine whose "BMC" disappears with it cannot be powered on again. With it the VM stops
+//! in the `shutdown` state, which this driver reads as Off.
+//!
+//! Power mapping:
+//! - `power_state`: `query-status`; `running` (and `suspended`, see [`power_state_of`]) is
+//!   On, every other run state (`paused`, `shutdown`, `prelaunch`, errors, …) is Off.
+//! - `power_off` (hard, STONITH): `stop` then `system_reset`; the VM stays paused, which is
+//!   Off, and its next `cont` boots from scratch as a server's power-on would.
+//! - `power_on`: nothing when already running (as a real BMC's "power on" of a powered
+//!   server), else `system_reset` then `cont`.
+//! - `set_next_boot_pxe`: accepted and does nothing: the VMs Bearman drives are diskless
+//!   and boot from the network every time (their only boot device is the NIC).
+//!
+//! Every call opens its own connection (QEMU serves one QMP client at a time), reads the
+//! greeting, negotiates capabilities and runs its commands, all within one timeout.
+//! Architecture invariant: the socket is opened through `runtime::system::connect_unix`;
+//! this module parses and sequences QMP and knows no other I/O.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+
+use super::{Bmc, BmcError, PowerState};
+
+/// Default bound on one driver call, connect and every command in it included.
+pub const QMP_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// Longest QMP line accepted; QEMU's replies to the commands used here are a few hundred bytes.
+const LINE_BYTES_MAX: u64 = 64 * 1024;
+/// Asynchronous events skipped while waiting for one reply before giving up.
+const EVENTS_PER_REPLY_MAX: usize = 256;
+
+/// A QEMU VM's power, driven over its QMP socket.
+pub struct QmpBmc {
+    socket: PathBuf,
+    /// How errors name this BMC: `qmp <socket>`.
+    bmc: String,
+    timeout: Duration,
+}
+
+impl QmpBmc {
+    /// A driver for the VM whose QMP socket is at `socket`; every call is bounded by `timeout`.
+    pub fn new(socket: impl Into<PathBuf>, timeout: Duration) -> QmpBmc {
+        let socket = socket.into();
+        QmpBmc {
+            bmc: format!("qmp {}", socket.display()),
+            socket,
+            timeout,
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Runs one operation within the timeout and names its failure.
+    async fn run<T>(
+        &self,
+        operation: &'static str,
+        work: impl std::future::Future<Output = Result<T, String>>,
+    ) -> Result<T, BmcError> {
+        let error = match tokio::time::timeout(self.timeout, work).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(detail)) => BmcError::Failed {
+                bmc: self.bmc.clone(),
+                operation,
+                detail,
+            },
+            Err(_elapsed) => BmcError::Timeout {
+                bmc: self.bmc.clone(),
+                operation,
+            },
+        };
+        tracing::debug!(error = %error, "qmp: call failed");
+        Err(error)
+    }
+
+    /// Connects and negotiates capabilities: a session ready for commands.
+    async fn session(&self) -> Result<Session<impl AsyncRead + AsyncWrite + Unpin>, String> {
+        let stream = crate::runtime::system::connect_unix(&self.socket)
+            .await
+            .map_err(|error| format!("connect: {error}"))?;
+        Session::open(stream).await
+    }
+}
+
+#[async_trait]
+impl Bmc for QmpBmc {
+    async fn power_state(&self) -> Result<PowerState, BmcError> {
+        self.run("power_state", async {
+            let mut session = self.session().await?;
+            let status = session.execute("query-status").await?;
+            power_state_of(&status)
+        })
+        .await
+    }
+
+    async fn power_on(&self) -> Result<(), BmcError> {
+        self.run("power_on", async {
+            let mut session = self.session().await?;
+            let status = session.execute("query-status").await?;
+            if power_state_of(&status)? == PowerState::On {
+                return Ok(());
+            }
+            // A VM in `shutdown` refuses `cont` until reset; a reset also makes every
+            // power-on a cold boot, as on a server.
+            session.execute("system_reset").await?;
+            session.execute("cont").await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn power_off(&self) -> Result<(), BmcError> {
+        self.run("power_off", async {
+            let mut session = self.session().await?;
+            session.execute("stop").await?;
+            // Drop the guest's state now, so nothing it was doing survives the "power cut".
+            session.execute("system_reset").await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_next_boot_pxe(&self) -> Result<(), BmcError> {
+        // Diskless VMs boot from the network every time: nothing to set.
+        Ok(())
+    }
+}
+
+/// The power state a `query-status` return means.
+///
+/// `suspended` (guest ACPI S3) counts as On: the guest can wake itself up without us, so
+/// fencing must not believe it is off.
+pub fn power_state_of(status: &Value) -> Result<PowerState, String> {
+    let state = status
+        .get("status")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            format!(
+                "query-status: no status in {}",
+                truncate(&status.to_string())
+            )
+        })?;
+    Ok(match state {
+        "running" | "suspended" => PowerState::On,
+        _ => PowerState::Off,
+    })
+}
+
+/// One line QEMU sent, classified.
+#[derive(Debug, PartialEq)]
+pub enum Message {
+    Greeting,
+    Return(Value),
+    Error { class: String, desc: String },
+    Event(String),
+}
+
+/// Classifies one QMP line (without its newline).
+pub fn parse_message(line: &[u8]) -> Result<Message, String> {
+    let value: Value = serde_json::from_slice(line)
+        .map_err(|error| format!("not QMP JSON ({error}): {}", truncate_bytes(line)))?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| format!("not a QMP object: {}", truncate_bytes(line)))?;
+    if let Some(returned) = object.get("return") {
+        return Ok(Message::Return(returned.clone()));
+    }
+    if let Some(error) = object.get("error") {
+        let text = |key: &str| {
+            error
+                .get(key)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        return Ok(Message::Error {
+            class: text("class"),
+            desc: text("desc"),
+        });
+    }
+    if let Some(event) = object.get("event") {
+        return Ok(Message::Event(event.as_str().unwrap_or("").to_string()));
+    }
+    if object.contains_key("QMP") {
+        return Ok(Message::Greeting);
+    }
+    Err(format!("unexpected QMP message: {}", truncate_bytes(line)))
+}
+
+/// A negotiated QMP connection.
+struct Session<S> {
+    stream: BufReader<S>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    async fn open(stream: S) -> Result<Session<S>, String> {
+        let mut session = Session {
+            stream: BufReader::new(stream),
+        };
+        match session.read_message().await? {
+            Message::Greeting => {}
+            other => return Err(format!("expected the QMP greeting, got {other:?}")),
+        }
+        session.execute("qmp_capabilities").await?;
+        Ok(session)
+    }
+
+    /// Sends `command` and returns its `return` value; a QMP error names the command and
+    /// carries QEMU's `desc`.
+    async fn execute(&mut self, command: &str) -> Result<Value, String> {
+        let mut line = serde_json::to_vec(&serde_json::json!({ "execute": command }))
+            .map_err(|error| format!("{command}: {error}"))?;
+        line.push(b'\n');
+        let stream = self.stream.get_mut();
+        stream
+            .write_all(&line)
+            .await
+            .map_err(|error| format!("{command}: send: {error}"))?;
+        stream
+            .flush()
+            .await
+            .map_err(|error| format!("{command}: send: {error}"))?;
+        for _ in 0..EVENTS_PER_REPLY_MAX {
+            match self
+                .read_message()
+                .await
+                .map_err(|error| format!("{command}: {error}"))?
+            {
+                Message::Return(value) => return Ok(value),
+                Message::Error { class, desc } => {
+                    return Err(format!("{command}: QEMU refused ({class}): {desc}"))
+                }
+                Message::Event(_) => continue,
+                Message::Greeting => return Err(format!("{command}: unexpected second greeting")),
+            }
+        }
+        Err(format!(
+            "{command}: no reply among {EVENTS_PER_REPLY_MAX} events"
+        ))
+    }
+
+    /// Reads one line (at most `LINE_BYTES_MAX`) and classifies it.
+    async fn read_message(&mut self) -> Result<Message, String> {
+        let mut line = Vec::new();
+        let read = (&mut self.stream)
+            .take(LINE_BYTES_MAX)
+            .read_until(b'\n', &mut line)
+            .await
+            .map_err(|error| format!("receive: {error}"))?;
+        if read == 0 {
+            return Err("QEMU closed the connection".into());
+        }
+        if line.last() != Some(&b'\n') {
+            return Err(if read as u64 >= LINE_BYTES_MAX {
+                format!("reply longer than {LINE_BYTES_MAX} bytes")
+            } else {
+                "QEMU closed the connection mid-reply".into()
+            });
+        }
+        let text = line.trim_ascii();
+        parse_message(text)
+    }
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(200).collect()
+}
+
+fn truncate_bytes(bytes: &[u8]) -> String {
+    truncate(&String::from_utf8_lossy(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn run_states_map_to_power() {
+        let check = |status: &str, expect: PowerState| {
+            let value =
+                json!({ "running": status == "running", "singlestep": false, "status": status });
+            assert_eq!(power_state_of(&value).unwrap(), expect, "{status}");
+        };
+        check("running", PowerState::On);
+        check("suspended", PowerState::On);
+        for off in [
+            "paused",
+            "shutdown",
+            "prelaunch",
+            "internal-error",
+            "io-error",
+            "guest-panicked",
+        ] {
+            check(off, PowerState::Off);
+        }
+        assert!(power_state_of(&json!({}))
+            .unwrap_err()
+            .contains("no status"));
+    }
+
+    #[test]
+    fn messages_are_classified() {
+        let greeting = br#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}}, "capabilities": ["oob"]}}"#;
+        assert_eq!(parse_message(greeting).unwrap(), Message::Greeting);
+        assert_eq!(
+            parse_message(br#"{"return": {}}"#).unwrap(),
+            Message::Return(json!({}))
+        );
+        assert_eq!(
+            parse_message(br#"{"error": {"class": "GenericError", "desc": "Resetting the Virtual Machine is required"}}"#).unwrap(),
+            Message::Error {
+                class: "GenericError".into(),
+                desc: "Resetting the Virtual Machine is required".into()
+            }
+        );
+        assert_eq!(
+            parse_message(br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "RESET", "data": {}}"#).unwrap(),
+            Message::Event("RESET".into())
+        );
+        assert!(parse_message(b"garbage")
+            .unwrap_err()
+            .contains("not QMP JSON"));
+        assert!(parse_message(b"[1]")
+            .unwrap_err()
+            .contains("not a QMP object"));
+        assert!(parse_message(b"{}")
+            .unwrap_err()
+            .contains("unexpected QMP message"));
+    }
+
+    #[tokio::test]
+    async fn a_qmp_error_names_the_command_and_desc() {
+        let (client, mut server) = tokio::io::duplex(4096);
+        let peer = async move {
+            server
+                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+                .await
+                .unwrap();
+            let mut reader = BufReader::new(&mut server);
+            let mut line = String::new();
+            reader.read_line(&mut line).await.unwrap();
+            assert!(line.contains("qmp_capabilities"), "{line}");
+            reader
+                .get_mut()
+                .write_all(b"{\"return\": {}}\r\n")
+                .await
+                .unwrap();
+            line.clear();
+            reader.read_line(&mut line).await.unwrap();
+            assert!(line.contains("\"cont\""), "{line}");
+            reader
+                .get_mut()
+                .write_all(b"{\"event\": \"STOP\"}\r\n{\"error\": {\"class\": \"GenericError\", \"desc\": \"Resetting the Virtual Machine is required\"}}\r\n")
+                .await
+                .unwrap();
+        };
+        let client = async move {
+            let mut session = Session::open(client).await.unwrap();
+            session.execute("cont").await.unwrap_err()
+        };
+        let ((), error) = tokio::join!(peer, client);
+        assert_eq!(
+            error,
+            "cont: QEMU refused (GenericError): Resetting the Virtual Machine is required"
+        );
+    }
+}
