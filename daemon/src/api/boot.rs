@@ -45,12 +45,25 @@ pub struct ScriptCache {
 }
 
 struct CachedScript {
+    /// The store's content epoch when rendered, if the store keeps one: while it is
+    /// unchanged no node or flavor was written, so the entry is valid without even
+    /// looking the node up (the boot-storm fast path).
+    epoch: Option<u64>,
     generation: i64,
     flavor: std::sync::Arc<Flavor>,
     script: axum::body::Bytes,
 }
 
 impl ScriptCache {
+    /// The script for `uuid` if nothing was written since it was rendered.
+    fn get_at_epoch(&self, uuid: &NodeUuid, epoch: u64) -> Option<axum::body::Bytes> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(uuid)
+            .filter(|e| e.epoch == Some(epoch))
+            .map(|e| e.script.clone())
+    }
+
     fn get(&self, node: &Node, flavor: &std::sync::Arc<Flavor>) -> Option<axum::body::Bytes> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries
@@ -61,7 +74,13 @@ impl ScriptCache {
             .map(|e| e.script.clone())
     }
 
-    fn put(&self, node: &Node, flavor: std::sync::Arc<Flavor>, script: axum::body::Bytes) {
+    fn put(
+        &self,
+        node: &Node,
+        flavor: std::sync::Arc<Flavor>,
+        script: axum::body::Bytes,
+        epoch: Option<u64>,
+    ) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if entries.len() >= CACHED_SCRIPTS_MAX && !entries.contains_key(&node.uuid) {
             entries.clear();
@@ -69,6 +88,7 @@ impl ScriptCache {
         entries.insert(
             node.uuid.clone(),
             CachedScript {
+                epoch,
                 generation: node.generation,
                 flavor,
                 script,
@@ -98,11 +118,8 @@ fn ipxe_response(script: String) -> Response {
 }
 
 async fn stage1_script(State(state): State<AppState>) -> Response {
-    ipxe_response(render_stage1(
-        &state.config.stage1,
-        &state.config.public_url,
-        None,
-    ))
+    // The same for every machine: rendered once at start-up.
+    ipxe_bytes(state.stage1_script.clone())
 }
 
 async fn known_node(state: &AppState, uuid: &NodeUuid) -> Result<Node, ApiError> {
@@ -151,6 +168,12 @@ async fn target_script(
     State(state): State<AppState>,
     UuidPath(uuid): UuidPath,
 ) -> Result<Response, ApiError> {
+    // Read before anything else: a write after this point changes the epoch, so an entry
+    // stored under it can never be served stale.
+    let epoch = state.store.content_epoch();
+    if let Some(script) = epoch.and_then(|epoch| state.scripts.get_at_epoch(&uuid, epoch)) {
+        return Ok(ipxe_bytes(script));
+    }
     let Some(node) = state.store.node_get_shared(&uuid).await? else {
         // A machine we have never seen: send it to stage 1 so it enlists itself.
         return Ok(ipxe_response(render_stage1(
@@ -197,12 +220,16 @@ async fn target_script(
         .await?;
         std::sync::Arc::new(updated)
     };
-    if let Some(script) = state.scripts.get(&node, &flavor) {
-        return Ok(ipxe_bytes(script));
-    }
-    let profile = profile_for(&state, &flavor, &node)?;
-    let script = axum::body::Bytes::from(render_target_script(&profile, &node));
-    state.scripts.put(&node, flavor, script.clone());
+    let script = match state.scripts.get(&node, &flavor) {
+        Some(script) => script,
+        None => {
+            let profile = profile_for(&state, &flavor, &node)?;
+            axum::body::Bytes::from(render_target_script(&profile, &node))
+        }
+    };
+    // Only a request that wrote nothing may vouch for the epoch it started under.
+    let epoch = if unchanged { epoch } else { None };
+    state.scripts.put(&node, flavor, script.clone(), epoch);
     Ok(ipxe_bytes(script))
 }
 

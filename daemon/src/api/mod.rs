@@ -50,6 +50,8 @@ pub struct AppState {
     pub config: Arc<ServiceConfig>,
     /// Rendered target scripts, so a boot storm's repeated fetches cost a lookup.
     pub scripts: Arc<boot::ScriptCache>,
+    /// `GET /ipxe`'s script, which depends on configuration only.
+    pub stage1_script: axum::body::Bytes,
     /// What the remediation guards said at the controller's last tick (none when no
     /// controller runs).
     pub guards: Arc<std::sync::Mutex<Option<crate::controller::GuardStatus>>>,
@@ -62,10 +64,16 @@ impl AppState {
         images: Arc<dyn ImageStore>,
         config: ServiceConfig,
     ) -> Self {
+        let stage1_script = axum::body::Bytes::from(crate::core::boot::render_stage1(
+            &config.stage1,
+            &config.public_url,
+            None,
+        ));
         AppState {
             store,
             clock,
             images,
+            stage1_script,
             config: Arc::new(config),
             scripts: Arc::default(),
             guards: Arc::default(),

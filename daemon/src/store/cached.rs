@@ -27,6 +27,8 @@ pub const CACHED_NODES_MAX: usize = 200_000;
 
 pub struct CachedStore {
     inner: Arc<dyn Store>,
+    /// Bumped after every node or flavor write (see `Store::content_epoch`).
+    epoch: std::sync::atomic::AtomicU64,
     nodes: Mutex<BTreeMap<NodeUuid, Arc<Node>>>,
     flavors: Mutex<BTreeMap<String, Arc<Flavor>>>,
 }
@@ -35,6 +37,7 @@ impl CachedStore {
     pub fn new(inner: Arc<dyn Store>) -> Self {
         CachedStore {
             inner,
+            epoch: std::sync::atomic::AtomicU64::new(1),
             nodes: Mutex::new(BTreeMap::new()),
             flavors: Mutex::new(BTreeMap::new()),
         }
@@ -46,6 +49,12 @@ impl CachedStore {
 
     fn flavors(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Flavor>>> {
         self.flavors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks that content changed; called after the write and the cache refresh, so a
+    /// reader who sees the new epoch also sees the new record.
+    fn bump(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn remember(&self, node: &Node) {
@@ -72,6 +81,10 @@ impl CachedStore {
 impl Store for CachedStore {
     fn backend_name(&self) -> &'static str {
         self.inner.backend_name()
+    }
+
+    fn content_epoch(&self) -> Option<u64> {
+        Some(self.epoch.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     async fn node_get(&self, uuid: &NodeUuid) -> Result<Option<Node>, StoreError> {
@@ -107,6 +120,7 @@ impl Store for CachedStore {
     async fn node_create(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError> {
         let created = self.inner.node_create(node, events).await?;
         self.remember(&created);
+        self.bump();
         Ok(created)
     }
 
@@ -114,10 +128,12 @@ impl Store for CachedStore {
         match self.inner.node_update(node, events).await {
             Ok(updated) => {
                 self.remember(&updated);
+                self.bump();
                 Ok(updated)
             }
             Err(error) => {
                 self.nodes().remove(&node.uuid);
+                self.bump();
                 Err(error)
             }
         }
@@ -140,10 +156,13 @@ impl Store for CachedStore {
 
     async fn flavor_put(&self, flavor: &Flavor, at_ms: TimestampMs) -> Result<(), StoreError> {
         self.flavors().remove(&flavor.name);
-        self.inner.flavor_put(flavor, at_ms).await?;
-        self.flavors()
-            .insert(flavor.name.clone(), Arc::new(flavor.clone()));
-        Ok(())
+        let written = self.inner.flavor_put(flavor, at_ms).await;
+        if written.is_ok() {
+            self.flavors()
+                .insert(flavor.name.clone(), Arc::new(flavor.clone()));
+        }
+        self.bump();
+        written
     }
 
     async fn flavor_get(&self, name: &str) -> Result<Option<Flavor>, StoreError> {
@@ -170,7 +189,9 @@ impl Store for CachedStore {
 
     async fn flavor_delete(&self, name: &str) -> Result<(), StoreError> {
         self.flavors().remove(name);
-        self.inner.flavor_delete(name).await
+        let deleted = self.inner.flavor_delete(name).await;
+        self.bump();
+        deleted
     }
 
     async fn pool_create(&self, pool: &IpPool) -> Result<(), StoreError> {
@@ -243,12 +264,14 @@ impl Store for CachedStore {
             Ok((remediation, node)) => {
                 if let Some(node) = &node {
                     self.remember(node);
+                    self.bump();
                 }
                 Ok((remediation, node))
             }
             Err(error) => {
                 if let Some(node) = node {
                     self.nodes().remove(&node.uuid);
+                    self.bump();
                 }
                 Err(error)
             }

@@ -67,6 +67,12 @@ pub trait Store: Send + Sync + 'static {
     /// Which implementation this is, for logs (`sqlite`, `postgres`, `memory`).
     fn backend_name(&self) -> &'static str;
 
+    /// A number that changes whenever any node or flavor is written through this store,
+    /// for caches of derived data; `None` when the store does not keep one.
+    fn content_epoch(&self) -> Option<u64> {
+        None
+    }
+
     async fn node_get(&self, uuid: &NodeUuid) -> Result<Option<Node>, StoreError>;
     /// A read-only copy for hot read paths; caching stores hand out their copy without
     /// cloning the record.
