@@ -11,6 +11,7 @@ packages=(
   openipmi            # ipmi_sim: a real IPMI LAN (RMCP+) peer for daemon/tests/ipmi.rs
   ipmitool            # the IPMI driver (daemon/src/bmc/ipmi.rs) runs it; production needs it too
   qemu-system-x86     # qemu-system-x86_64: a real QMP peer (a VM driven like a server) for daemon/tests/qmp.rs
+  cpio                # cpio -t checks the initramfs archives `cargo xtask images` writes (xtask tests)
 )
 
 missing=()

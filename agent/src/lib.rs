@@ -8,5 +8,7 @@ pub mod client;
 pub mod facts;
 pub mod lldp;
 pub mod net;
+pub mod plan;
+pub mod stage1;
 
 pub use client::{BootClient, BootPlan, ClientError, Connector};

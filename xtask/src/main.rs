@@ -3,6 +3,7 @@
 //! Each command lives in its own module; add a variant to `Command` for a new one.
 
 mod bench_ipxe;
+mod images;
 
 use std::process::ExitCode;
 
@@ -23,12 +24,15 @@ struct Cli {
 enum Command {
     /// Benchmark GET /ipxe/{uuid} against nginx serving the same script as a static file
     BenchIpxe(bench_ipxe::Args),
+    /// Build the stage-1 and stage-2 boot images (kernel + initramfs) from Debian packages
+    Images(images::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::BenchIpxe(args) => bench_ipxe::run(args),
+        Command::Images(args) => images::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

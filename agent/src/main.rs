@@ -1,0 +1,106 @@
+//! `bearman-agent`: the binary in the stage-1 RAM disk (`stage1`: register, fetch, verify,
+//! kexec) and in the stage-2 OS (`stage2`: report installed, heartbeat).
+//!
+//! Exit codes: 0 never in practice (stage 1 kexecs, stage 2 runs forever); 1 when stage 1
+//! gave up (`--once`) or stage 2 cannot read its command line; 2 for usage errors.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bearman_agent::net::TcpConnector;
+use bearman_agent::stage1::{self, kexec::SystemKexec};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bearman-agent",
+    about = "Bearman node agent: boots a diskless hypervisor from what Bearman says",
+    long_about = "Bearman node agent.\n\nRun `stage1` from the network-booted RAM disk: it reads bearman.url= and \
+bearman.uuid= from the kernel command line, brings the network up with busybox udhcpc if needed, \
+registers the machine's hardware facts, fetches its boot plan, downloads and sha256-verifies the \
+kernel and initrds, and kexecs into them. Run `stage2` from the booted OS: it reports the \
+installation finished and then heartbeats every 10 s."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Register, fetch the boot plan, download and verify stage 2, kexec into it.
+    /// Retries every failure with a capped backoff (1 s to 60 s) unless --once.
+    Stage1 {
+        /// Kernel command line to read bearman.url= and bearman.uuid= from.
+        #[arg(long, default_value = "/proc/cmdline")]
+        cmdline: PathBuf,
+        /// Root of the /sys and /proc trees hardware facts are read from.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Directory (a tmpfs) the kernel and initrds are downloaded to.
+        #[arg(long, default_value = "/run/bearman")]
+        work_dir: PathBuf,
+        /// Stop after one failed attempt (exit 1) instead of retrying.
+        #[arg(long)]
+        once: bool,
+        /// Do not run udhcpc even when the network looks down.
+        #[arg(long)]
+        no_dhcp: bool,
+    },
+    /// Report the installation finished, then heartbeat every 10 s (± 1 s) forever.
+    Stage2 {
+        /// Kernel command line to read bearman.url= and bearman.uuid= from.
+        #[arg(long, default_value = "/proc/cmdline")]
+        cmdline: PathBuf,
+        /// Root of /etc/os-release and /proc/uptime.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("bearman-agent: starting the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stage1_run = matches!(cli.command, Command::Stage1 { .. });
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Stage1 {
+                cmdline,
+                root,
+                work_dir,
+                once,
+                no_dhcp,
+            } => {
+                let mut options = stage1::Options::new(cmdline, root, work_dir.clone());
+                options.once = once;
+                options.dhcp = !no_dhcp;
+                let mut kexec = SystemKexec { work_dir };
+                stage1::run_stage1(&options, &TcpConnector, &mut kexec)
+                    .await
+                    .map(|_| ())
+            }
+            Command::Stage2 { cmdline, root } => {
+                let options = stage1::Stage2Options::new(cmdline, root);
+                stage1::run_stage2(&options, &TcpConnector).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // Stage 1 has already printed why it gave up.
+        Err(_) if stage1_run => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("bearman-agent: exiting: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
