@@ -220,9 +220,26 @@ impl Bmc for SimBmc {
 }
 
 /// The daemon's `BmcProvider` inside the simulation: every simulated node's BMC is on the
-/// fabric host, addressed by node index.
+/// fabric host, addressed by node index, behind the same guards as production drivers
+/// (one call at a time per BMC, a fleet-wide limit, bounded calls).
 pub struct SimBmcs {
     pub timeout: Duration,
+    guards: bearman::bmc::guard::Guards,
+}
+
+impl SimBmcs {
+    pub fn new(timeout: Duration) -> Self {
+        SimBmcs {
+            timeout,
+            guards: bearman::bmc::guard::Guards::new(
+                32,
+                bearman::bmc::guard::GuardLimits {
+                    queue_timeout: Duration::from_secs(60),
+                    call_timeout: timeout + Duration::from_secs(1),
+                },
+            ),
+        }
+    }
 }
 
 impl bearman::controller::BmcProvider for SimBmcs {
@@ -232,9 +249,11 @@ impl bearman::controller::BmcProvider for SimBmcs {
     ) -> Result<std::sync::Arc<dyn Bmc>, String> {
         let index = crate::fleet::index_of(&node.uuid)
             .ok_or_else(|| format!("node {} is not a simulated node", node.uuid))?;
-        Ok(std::sync::Arc::new(SimBmc {
+        let name = format!("sim-bmc-{index}");
+        let driver = std::sync::Arc::new(SimBmc {
             node_index: index,
             timeout: self.timeout,
-        }))
+        });
+        Ok(std::sync::Arc::new(self.guards.guard(&name, &name, driver)))
     }
 }

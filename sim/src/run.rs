@@ -364,9 +364,7 @@ pub fn run(
                 );
                 let controller = bearman::controller::Controller::new(
                     state.clone(),
-                    Arc::new(bmc::SimBmcs {
-                        timeout: Duration::from_secs(10),
-                    }),
+                    Arc::new(bmc::SimBmcs::new(Duration::from_secs(10))),
                     Some(Arc::new(cloud::SimCloud {
                         timeout: Duration::from_secs(10),
                     })),
