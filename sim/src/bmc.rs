@@ -112,6 +112,18 @@ async fn handle(
             };
             format!("OK {}", if reported == Power::On { "on" } else { "off" })
         }
+        "SOFT" => {
+            // The ACPI power button: only a running operating system obeys, after a while.
+            let obeys = lock(&world).nodes[index as usize].os == crate::fleet::Os::Running;
+            if obeys {
+                let world = world.clone();
+                tokio::task::spawn_local(async move {
+                    tokio::time::sleep(transition * 2).await;
+                    lock(&world).power_off(index, now(), "bmc clean shutdown");
+                });
+            }
+            "OK accepted".to_string()
+        }
         "ON" | "OFF" => {
             let turn_on = op == "ON";
             {
@@ -209,9 +221,12 @@ impl Bmc for SimBmc {
     async fn power_on(&self) -> Result<(), BmcError> {
         self.call("ON").await.map(|_| ())
     }
-
     async fn power_off(&self) -> Result<(), BmcError> {
         self.call("OFF").await.map(|_| ())
+    }
+
+    async fn power_off_soft(&self) -> Result<(), BmcError> {
+        self.call("SOFT").await.map(|_| ())
     }
 
     async fn set_next_boot_pxe(&self) -> Result<(), BmcError> {

@@ -203,9 +203,13 @@ impl Bmc for GuardedBmc {
     async fn power_on(&self) -> Result<(), BmcError> {
         self.guarded("power_on", self.inner.power_on()).await
     }
-
     async fn power_off(&self) -> Result<(), BmcError> {
         self.guarded("power_off", self.inner.power_off()).await
+    }
+
+    async fn power_off_soft(&self) -> Result<(), BmcError> {
+        self.guarded("power_off_soft", self.inner.power_off_soft())
+            .await
     }
 
     async fn set_next_boot_pxe(&self) -> Result<(), BmcError> {

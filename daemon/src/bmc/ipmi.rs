@@ -571,11 +571,14 @@ impl Bmc for IpmiBmc {
             .await
             .map(|_| ())
     }
-
     async fn power_off(&self) -> Result<(), BmcError> {
         self.command("power_off", &["chassis", "power", "off"], Repeat::Harmless)
             .await
             .map(|_| ())
+    }
+
+    async fn power_off_soft(&self) -> Result<(), BmcError> {
+        self.power_soft().await
     }
 
     /// `chassis bootdev pxe` without `options=persistent`: the next boot only.

@@ -43,6 +43,12 @@ pub trait Bmc: Send + Sync {
     async fn power_on(&self) -> Result<(), BmcError>;
     /// Hard power off (STONITH). Accepted is not done: callers verify with `power_state`.
     async fn power_off(&self) -> Result<(), BmcError>;
+    /// Clean power off (ACPI): asks the operating system to shut down, which a hung one
+    /// never will. Drivers without one do nothing; fencing always follows with
+    /// `power_off`.
+    async fn power_off_soft(&self) -> Result<(), BmcError> {
+        Ok(())
+    }
     /// Network boot (PXE) on the next boot only.
     async fn set_next_boot_pxe(&self) -> Result<(), BmcError>;
 }

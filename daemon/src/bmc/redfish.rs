@@ -789,6 +789,10 @@ impl Bmc for RedfishBmc {
         self.reset(ResetType::ForceOff).await
     }
 
+    async fn power_off_soft(&self) -> Result<(), BmcError> {
+        self.power_off_graceful().await
+    }
+
     async fn set_next_boot_pxe(&self) -> Result<(), BmcError> {
         self.run("set_next_boot_pxe", self.set_boot_pxe_once())
             .await

@@ -76,7 +76,7 @@ impl Controller {
         // An automatic remediation whose node spoke again before anything was done stands
         // down: it was a blip, not a death.
         if remediation.kind == RemediationKind::Automatic
-            && step == Step::PowerOff
+            && remediation.step_index == 0
             && remediation.attempts == 0
             && node.state == LifecycleState::Ready
         {
@@ -189,6 +189,21 @@ impl Controller {
     async fn execute(&self, step: Step, remediation: &Remediation, node: &Node) -> Outcome {
         let bmc = || self.bmcs.bmc_for(node);
         match step {
+            Step::SoftOff => {
+                if self.config.limits.soft_off_grace_ms <= 0 || remediation.attempts > 1 {
+                    return Outcome::Done;
+                }
+                // Best effort: a BMC that fails here gets the hard power-off next anyway.
+                match bmc() {
+                    Ok(bmc) => match bmc.power_off_soft().await {
+                        Ok(()) => Outcome::NotYet(
+                            "clean shutdown requested; waiting before the hard power-off".into(),
+                        ),
+                        Err(_) => Outcome::Done,
+                    },
+                    Err(_) => Outcome::Done,
+                }
+            }
             Step::PowerOff => match bmc() {
                 Err(error) => Outcome::Failed(error),
                 Ok(bmc) => match bmc.power_off().await {

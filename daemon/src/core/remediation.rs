@@ -44,12 +44,21 @@ impl RemediationKind {
         match self {
             RemediationKind::Automatic | RemediationKind::Rebuild => {
                 vec![
-                    PowerOff, VerifyOff, ForceDown, Evacuate, Rebuild, AwaitReady,
+                    SoftOff, PowerOff, VerifyOff, ForceDown, Evacuate, Rebuild, AwaitReady,
                 ]
             }
-            RemediationKind::Fence => vec![PowerOff, VerifyOff],
-            RemediationKind::Evacuate => vec![PowerOff, VerifyOff, ForceDown, Evacuate],
-            RemediationKind::Drain => vec![PowerOff, VerifyOff, ForceDown, Evacuate, Maintenance],
+            RemediationKind::Fence => vec![SoftOff, PowerOff, VerifyOff],
+            RemediationKind::Evacuate => vec![SoftOff, PowerOff, VerifyOff, ForceDown, Evacuate],
+            RemediationKind::Drain => {
+                vec![
+                    SoftOff,
+                    PowerOff,
+                    VerifyOff,
+                    ForceDown,
+                    Evacuate,
+                    Maintenance,
+                ]
+            }
         }
     }
 }
@@ -57,7 +66,12 @@ impl RemediationKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
-    /// Ask the BMC to power the node off (accepted is not done).
+    /// Ask the operating system to shut down cleanly (ACPI, through the BMC) and give it
+    /// `soft_off_grace_ms`. A hung or crashed OS ignores it; the hard power-off follows
+    /// regardless, and only readbacks after that hard power-off count as verification
+    /// (a stale BMC can report "off" for a running node before it).
+    SoftOff,
+    /// Ask the BMC to power the node off, hard (accepted is not done).
     PowerOff,
     /// Read the power state back until it is verifiably off.
     VerifyOff,
@@ -76,6 +90,7 @@ pub enum Step {
 impl Step {
     pub fn as_str(self) -> &'static str {
         match self {
+            Step::SoftOff => "soft_off",
             Step::PowerOff => "power_off",
             Step::VerifyOff => "verify_off",
             Step::ForceDown => "force_down",
@@ -89,6 +104,8 @@ impl Step {
     /// Attempts before the step, and so the remediation, fails.
     pub fn attempts_max(self, limits: &Limits) -> u32 {
         match self {
+            // One ask, one wait.
+            Step::SoftOff => 2,
             Step::PowerOff => limits.power_attempts_max,
             Step::VerifyOff => limits.readbacks_max,
             Step::ForceDown | Step::Evacuate => limits.cloud_attempts_max,
@@ -103,7 +120,7 @@ impl Step {
     /// Whether an operator may cancel during this step: not while a power-off is half
     /// done, so nobody is left guessing the node's power state.
     pub fn cancellable(self) -> bool {
-        !matches!(self, Step::PowerOff | Step::VerifyOff)
+        !matches!(self, Step::SoftOff | Step::PowerOff | Step::VerifyOff)
     }
 }
 
@@ -151,6 +168,8 @@ pub struct Limits {
     pub ready_timeout_ms: i64,
     /// Rebuilds before the node goes to maintenance.
     pub rebuilds_max: u32,
+    /// How long a clean (ACPI) shutdown is given before the hard power-off; 0 skips it.
+    pub soft_off_grace_ms: i64,
 }
 
 impl Default for Limits {
@@ -163,6 +182,7 @@ impl Default for Limits {
             backoff_max_ms: 30_000,
             ready_timeout_ms: 15 * 60 * 1000,
             rebuilds_max: 3,
+            soft_off_grace_ms: 5_000,
         }
     }
 }
@@ -265,7 +285,9 @@ fn backoff_ms(attempts: u32, limits: &Limits) -> i64 {
 /// The lifecycle events that entering `step` implies for a node in `state`.
 pub fn entering(step: Step, state: LifecycleState) -> Vec<LifecycleEvent> {
     match step {
-        Step::PowerOff if matches!(state, LifecycleState::Ready | LifecycleState::Suspect) => {
+        Step::SoftOff | Step::PowerOff
+            if matches!(state, LifecycleState::Ready | LifecycleState::Suspect) =>
+        {
             vec![LifecycleEvent::FenceStarted]
         }
         Step::Rebuild if state == LifecycleState::Fenced => vec![LifecycleEvent::RebuildStarted],
@@ -357,6 +379,7 @@ pub fn advance(
                 );
             } else {
                 let delay = match outcome {
+                    Outcome::NotYet(_) if step == Step::SoftOff => limits.soft_off_grace_ms,
                     Outcome::NotYet(_) if step == Step::AwaitReady => limits.backoff_max_ms,
                     _ => backoff_ms(remediation.attempts, limits),
                 };
@@ -435,7 +458,7 @@ mod tests {
     #[test]
     fn an_unverifiable_fence_fails_and_hands_the_node_to_a_human() {
         let (failed, events) = drive(fresh(RemediationKind::Automatic), |step, _| match step {
-            Step::PowerOff => Outcome::Done,
+            Step::SoftOff | Step::PowerOff => Outcome::Done,
             _ => Outcome::NotYet("bmc still reports on".into()),
         });
         assert_eq!(failed.status, Status::Failed);
