@@ -55,7 +55,13 @@ async fn operator_remediation_is_recorded_and_guarded() {
     assert_eq!(created["status"], "active");
     assert_eq!(
         created["plan"],
-        json!(["power_off", "verify_off", "force_down", "evacuate"])
+        json!([
+            "soft_off",
+            "power_off",
+            "verify_off",
+            "force_down",
+            "evacuate"
+        ])
     );
     let id = created["id"].as_i64().unwrap();
 
