@@ -164,19 +164,8 @@ pub struct SimBmc {
 impl SimBmc {
     async fn call(&self, op: &'static str) -> Result<String, BmcError> {
         let bmc = format!("sim-bmc-{}", self.node_index);
-        let exchange = async {
-            let stream = turmoil::net::TcpStream::connect((BMC_HOST, BMC_PORT)).await?;
-            let (read, mut write) = tokio::io::split(stream);
-            write
-                .write_all(format!("{op} {}\n", self.node_index).as_bytes())
-                .await?;
-            let mut line = String::new();
-            BufReader::new(read)
-                .take(LINE_BYTES_MAX as u64)
-                .read_line(&mut line)
-                .await?;
-            Ok::<String, std::io::Error>(line)
-        };
+        let request = format!("{op} {}", self.node_index);
+        let exchange = crate::net::line_exchange(BMC_HOST, BMC_PORT, &request);
         let line = tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| BmcError::Timeout {

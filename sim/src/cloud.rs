@@ -110,19 +110,8 @@ pub struct SimCloud {
 
 impl SimCloud {
     async fn call(&self, op: &str, argument: &str) -> Result<String, CloudError> {
-        let exchange = async {
-            let stream = turmoil::net::TcpStream::connect((CLOUD_HOST, CLOUD_PORT)).await?;
-            let (read, mut write) = tokio::io::split(stream);
-            write
-                .write_all(format!("{op} {argument}\n").as_bytes())
-                .await?;
-            let mut line = String::new();
-            BufReader::new(read)
-                .take(LINE_BYTES_MAX as u64)
-                .read_line(&mut line)
-                .await?;
-            Ok::<String, std::io::Error>(line)
-        };
+        let request = format!("{op} {argument}");
+        let exchange = crate::net::line_exchange(CLOUD_HOST, CLOUD_PORT, &request);
         let line = tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| CloudError::Api(format!("{op} {argument}: timed out")))?

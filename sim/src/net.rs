@@ -37,3 +37,21 @@ impl axum::serve::Listener for TurmoilListener {
         self.0.local_addr()
     }
 }
+
+/// Longest answer line the simulated BMC fabric and cloud send.
+pub const LINE_BYTES_MAX: usize = 256;
+
+/// One request line to `host:port` and its one answer line: the wire protocol of the
+/// simulated BMC fabric and cloud (one exchange per connection).
+pub async fn line_exchange(host: &str, port: u16, request: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let stream = turmoil::net::TcpStream::connect((host, port)).await?;
+    let (read, mut write) = tokio::io::split(stream);
+    write.write_all(format!("{request}\n").as_bytes()).await?;
+    let mut line = String::new();
+    BufReader::new(read)
+        .take(LINE_BYTES_MAX as u64)
+        .read_line(&mut line)
+        .await?;
+    Ok(line)
+}
