@@ -11,6 +11,8 @@ packages=(
   openipmi            # ipmi_sim: a real IPMI LAN (RMCP+) peer for daemon/tests/ipmi.rs
   ipmitool            # the IPMI driver (daemon/src/bmc/ipmi.rs) runs it; production needs it too
   qemu-system-x86     # qemu-system-x86_64: a real QMP peer (a VM driven like a server) for daemon/tests/qmp.rs
+  ipxe-qemu           # iPXE option ROMs (pxe-e1000.rom) the `cargo xtask qemu-smoke` VMs network-boot with
+  seabios             # the VMs' BIOS (qemu-system-x86 depends on it; named so the smoke's needs are listed)
   cpio                # cpio -t checks the initramfs archives `cargo xtask images` writes (xtask tests)
 )
 

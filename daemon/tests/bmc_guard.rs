@@ -268,7 +268,8 @@ fn provider_refuses_what_it_cannot_drive_and_says_why() {
     let env = Some("env:BEARMAN_TEST_UNSET_BMC_CREDENTIALS");
     let error = bmc_error(&bmcs, &node(Some(BmcDriver::Qmp), Some("10.0.0.1"), env));
     assert!(
-        error.contains("qmp BMC driver is not available in production"),
+        error.contains("qmp BMC driver is not available in production")
+            && error.contains("bmc.qmp_socket_dir"),
         "{error}"
     );
     let error = bmc_error(&bmcs, &node(Some(BmcDriver::Sim), Some("10.0.0.1"), env));

@@ -197,3 +197,66 @@ async fn a_hard_power_off_before_the_first_boot_reads_back_off() {
     bmc.power_on().await.unwrap();
     assert_eq!(bmc.power_state().await.unwrap(), PowerState::On);
 }
+
+/// Through the production provider: a `qmp` node is driven only when `bmc.qmp_socket_dir`
+/// allows it, its address names a socket inside that directory, and the guarded driver
+/// powers the real VM (soft off included: a guest with no ACPI handler ignores it).
+#[tokio::test]
+async fn the_provider_drives_a_vm_whose_socket_is_in_the_allowed_directory() {
+    use bearman::bmc::provider::{BmcSettings, DriverBmcs};
+    use bearman::controller::BmcProvider;
+    use bearman::core::model::{BmcConfig, BmcDriver, Node, NodeRole};
+    use bearman_proto::uuid::NodeUuid;
+
+    let qemu = Qemu::start();
+    let dir = qemu.socket.parent().unwrap().to_path_buf();
+    let node_with = |address: &str| {
+        let mut node = Node::new(
+            NodeUuid::from_index(5, 1),
+            "vm1".into(),
+            NodeRole::Compute,
+            0,
+        );
+        node.bmc = BmcConfig {
+            address: Some(address.to_string()),
+            mac: None,
+            driver: Some(BmcDriver::Qmp),
+            credentials_ref: None,
+        };
+        node
+    };
+    let refused = DriverBmcs::new(BmcSettings::default()).unwrap();
+    let error = refused.bmc_for(&node_with("qmp.sock")).err().unwrap();
+    assert!(error.contains("set bmc.qmp_socket_dir"), "{error}");
+
+    let bmcs = DriverBmcs::new(BmcSettings {
+        qmp_socket_dir: Some(dir.clone()),
+        ..BmcSettings::default()
+    })
+    .unwrap();
+    for outside in ["../qmp.sock", "/tmp/qmp.sock", ".hidden", "a/b.sock", ""] {
+        let Err(error) = bmcs.bmc_for(&node_with(outside)) else {
+            panic!("{outside:?} accepted");
+        };
+        assert!(error.contains("vm1"), "{outside:?}: {error}");
+    }
+    for address in [
+        "qmp.sock".to_string(),
+        dir.join("qmp.sock").display().to_string(),
+    ] {
+        let bmc = bmcs.bmc_for(&node_with(&address)).unwrap();
+        bmc.power_on().await.unwrap();
+        assert_eq!(bmc.power_state().await.unwrap(), PowerState::On);
+        bmc.power_off_soft().await.unwrap();
+        bmc.power_off().await.unwrap();
+        assert_eq!(bmc.power_state().await.unwrap(), PowerState::Off);
+    }
+
+    let error = BmcSettings {
+        qmp_socket_dir: Some("relative/dir".into()),
+        ..BmcSettings::default()
+    }
+    .validate()
+    .unwrap_err();
+    assert!(error.contains("absolute"), "{error}");
+}

@@ -8,17 +8,20 @@
 use std::fmt::Display;
 use std::fs::File;
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, ensure, Context};
-use bearman_proto::http::{self, Response};
-use serde_json::{json, Value};
-use tokio::net::TcpStream;
+use serde_json::json;
+
+use crate::process::{
+    cargo_build, create_token, daemon_command, find_on_path, free_local_addr, log_tail, request_ok,
+    wait_until_serving, ChildGuard,
+};
 
 /// Where Debian's nginx packages put the binary, which is not on a normal user's PATH.
 const NGINX_PATH: &str = "/usr/sbin/nginx";
@@ -26,10 +29,7 @@ const INSTALL_HINT: &str = "run scripts/install-deps.sh";
 const FLAVOR: &str = "hv";
 /// Addresses in the benchmark pool, 10.128.0.10 to 10.128.255.250: one per node.
 const POOL_ADDRESSES: u32 = 65_521;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const PROGRESS_EVERY: u32 = 1_000;
-const LOG_TAIL_LINES: usize = 20;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -83,7 +83,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("xtask lives inside the workspace")?;
-    let daemon = build_daemon(workspace)?;
+    progress("building the daemon: cargo build --release -p bearman");
+    let daemon = cargo_build(workspace, &["--release", "-p", "bearman"], &[], "bearman")?;
     let work = tempfile::Builder::new()
         .prefix("bench-ipxe-")
         .tempdir()
@@ -129,137 +130,8 @@ impl Tools {
     }
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-}
-
 fn progress(message: impl Display) {
     eprintln!("bench-ipxe: {message}");
-}
-
-/// Builds the release daemon and returns its path, as cargo reports it, so that
-/// CARGO_TARGET_DIR and build.target-dir are honoured.
-fn build_daemon(workspace: &Path) -> anyhow::Result<PathBuf> {
-    progress("building the daemon: cargo build --release -p bearman");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(workspace)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "bearman",
-            "--message-format=json-render-diagnostics",
-        ])
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo")?;
-    ensure!(
-        output.status.success(),
-        "cargo build --release -p bearman failed ({})",
-        output.status
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|message| {
-            message["reason"] == "compiler-artifact" && message["target"]["name"] == "bearman"
-        })
-        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
-        .context("cargo build did not report the bearman executable")
-}
-
-/// A child process stopped when the guard is dropped: on success, on error and on Ctrl-C.
-struct ChildGuard {
-    name: &'static str,
-    child: Child,
-}
-
-impl ChildGuard {
-    fn spawn(name: &'static str, command: &mut Command) -> anyhow::Result<ChildGuard> {
-        let child = command
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {name} ({:?})", command.get_program()))?;
-        Ok(ChildGuard { name, child })
-    }
-
-    fn exit_status(&mut self) -> anyhow::Result<Option<ExitStatus>> {
-        self.child
-            .try_wait()
-            .with_context(|| format!("checking on {}", self.name))
-    }
-
-    /// Waits without blocking the runtime, so Ctrl-C can still drop (and stop) the child.
-    async fn wait(&mut self) -> anyhow::Result<ExitStatus> {
-        loop {
-            if let Some(status) = self.exit_status()? {
-                return Ok(status);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        // SIGTERM first: nginx's master then stops its workers, which SIGKILL would leave
-        // running and holding the port; the daemon closes its database cleanly.
-        // SAFETY: kill(2) touches no memory of ours. The pid is our child and not yet
-        // reaped, so it cannot have been reused by an unrelated process.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        // A blocking wait is acceptable here: it only happens during teardown.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!(
-            "bench-ipxe: {} ignored SIGTERM for 5s; killing it",
-            self.name
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Binds port 0 to let the kernel pick a free port, then releases it for the server. Another
-/// process could take it in between; on a benchmark machine that is unlikely enough.
-fn free_local_addr() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?)
-}
-
-/// The daemon reads BEARMAN_* settings from the environment; a stray BEARMAN_DATABASE_URL
-/// would point the benchmark at a real database. RUST_LOG is dropped so the daemon logs at
-/// its production default, as logging costs time on the hot path.
-fn daemon_command(daemon: &Path) -> Command {
-    let mut command = Command::new(daemon);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("BEARMAN_") {
-            command.env_remove(name);
-        }
-    }
-    command.env_remove("RUST_LOG");
-    command
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
-    format!("last lines of {}:\n{tail}", path.display())
 }
 
 fn uuid(index: u32) -> String {
@@ -270,90 +142,6 @@ fn uuid(index: u32) -> String {
 fn mac(index: u32) -> String {
     let [a, b, c, d] = index.to_be_bytes();
     format!("02:00:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
-}
-
-/// One request on a fresh connection; the minimal client closes it after each answer.
-async fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-) -> anyhow::Result<Response> {
-    let attempt = async {
-        let mut stream = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connecting to {addr}"))?;
-        let authorization = token.map(|token| format!("Bearer {token}"));
-        let mut headers = vec![("Content-Type", "application/json")];
-        if let Some(value) = &authorization {
-            headers.push(("Authorization", value.as_str()));
-        }
-        let body = body.map(serde_json::to_vec).transpose()?;
-        let host = addr.to_string();
-        anyhow::Ok(http::send(&mut stream, method, &host, path, &headers, body.as_deref()).await?)
-    };
-    let response = match tokio::time::timeout(REQUEST_TIMEOUT, attempt).await {
-        Ok(response) => response,
-        Err(_) => Err(anyhow!("no answer within {}s", REQUEST_TIMEOUT.as_secs())),
-    };
-    response.with_context(|| format!("{method} {path}"))
-}
-
-/// Like [`request`], but anything other than 2xx is an error carrying the body.
-async fn request_ok(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&Value>,
-) -> anyhow::Result<Response> {
-    let response = request(addr, method, path, token, body).await?;
-    ensure!(
-        response.is_success(),
-        "{method} {path}: HTTP {}: {}",
-        response.status,
-        response.text().trim()
-    );
-    Ok(response)
-}
-
-/// Polls `path` until it answers 2xx, failing early if the server exits.
-async fn wait_until_serving(
-    server: &mut ChildGuard,
-    addr: SocketAddr,
-    path: &str,
-    log: &Path,
-) -> anyhow::Result<Response> {
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    loop {
-        if let Some(status) = server.exit_status()? {
-            bail!(
-                "{} exited during start-up ({status}); {}",
-                server.name,
-                log_tail(log)
-            );
-        }
-        match request(addr, "GET", path, None, None).await {
-            Ok(response) if response.is_success() => return Ok(response),
-            Ok(_) | Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Ok(response) => bail!(
-                "{} answers GET {path} with HTTP {} after {}s; {}",
-                server.name,
-                response.status,
-                STARTUP_TIMEOUT.as_secs(),
-                log_tail(log)
-            ),
-            Err(error) => bail!(
-                "{} is not serving on {addr} after {}s ({error:#}); {}",
-                server.name,
-                STARTUP_TIMEOUT.as_secs(),
-                log_tail(log)
-            ),
-        }
-    }
 }
 
 /// Runs `call` once per node index with at most `concurrency` in flight; the first error
@@ -403,7 +191,8 @@ where
 /// Sets up the daemon and nginx, loads each in turn and prints the comparison.
 async fn bench(args: &Args, tools: &Tools, daemon: &Path, work: &Path) -> anyhow::Result<()> {
     let data_dir = work.join("data");
-    let token = create_token(daemon, &data_dir)?;
+    progress("creating an admin token");
+    let token = create_token(daemon, &data_dir, "bench")?;
     let bearman_log = work.join("bearman.log");
     let (_bearman, bearman_addr) = start_bearman(daemon, &data_dir, &bearman_log).await?;
     populate(bearman_addr, &token, args.nodes, args.setup_concurrency).await?;
@@ -437,38 +226,6 @@ async fn bench(args: &Args, tools: &Tools, daemon: &Path, work: &Path) -> anyhow
     }
     ensure!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
-}
-
-/// The token goes straight into the database before the daemon starts, so the two
-/// processes never race to create the schema.
-fn create_token(daemon: &Path, data_dir: &Path) -> anyhow::Result<String> {
-    progress("creating an admin token");
-    let output = daemon_command(daemon)
-        .args([
-            "token",
-            "create",
-            "--name",
-            "bench",
-            "--role",
-            "admin",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .stdin(Stdio::null())
-        .output()
-        .context("running bearman token create")?;
-    ensure!(
-        output.status.success(),
-        "bearman token create failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    let token = String::from_utf8(output.stdout)
-        .context("bearman token create printed a non-UTF-8 secret")?
-        .trim()
-        .to_string();
-    ensure!(!token.is_empty(), "bearman token create printed no secret");
-    Ok(token)
 }
 
 async fn start_bearman(

@@ -19,6 +19,8 @@ use anyhow::{bail, ensure, Context};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::process::find_on_path;
+
 const INSTALL_HINT: &str =
     "run on Debian (or a derivative) with apt-get, apt-cache, dpkg-deb and gzip on PATH";
 /// The metapackage that names the current kernel image package of the release.
@@ -59,7 +61,23 @@ fn progress(message: impl Display) {
     eprintln!("images: {message}");
 }
 
+impl Args {
+    /// Images written to the default directory, with `agent` in them.
+    pub fn with_agent(agent: PathBuf) -> Args {
+        Args {
+            out: None,
+            agent: Some(agent),
+            force: false,
+        }
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    build(args).map(drop)
+}
+
+/// Builds (or finds up to date) the images and returns the directory they are in.
+pub fn build(args: Args) -> anyhow::Result<PathBuf> {
     let started = Instant::now();
     for tool in ["apt-get", "apt-cache", "dpkg-deb", "gzip"] {
         ensure!(
@@ -141,7 +159,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &inputs_hash[..12],
             started.elapsed().as_secs_f64()
         ));
-        return Ok(());
+        return Ok(out);
     }
     // Removed first: a build that fails half-way must not leave a stamp claiming success.
     if stamp.exists() {
@@ -278,14 +296,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if agent.is_none() {
         eprintln!("images: WARNING: the images contain NO bearman-agent; rerun with the agent built or --agent PATH");
     }
-    Ok(())
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
+    Ok(out)
 }
 
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {

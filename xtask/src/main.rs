@@ -4,6 +4,8 @@
 
 mod bench_ipxe;
 mod images;
+mod process;
+mod qemu_smoke;
 
 use std::process::ExitCode;
 
@@ -26,6 +28,9 @@ enum Command {
     BenchIpxe(bench_ipxe::Args),
     /// Build the stage-1 and stage-2 boot images (kernel + initramfs) from Debian packages
     Images(images::Args),
+    /// Boot QEMU VMs over the network through a real daemon (iPXE → stage 1 → kexec →
+    /// stage 2 → Ready), then cut one VM's power and check Bearman fences and rebuilds it
+    QemuSmoke(qemu_smoke::Args),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +38,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::BenchIpxe(args) => bench_ipxe::run(args),
         Command::Images(args) => images::run(args),
+        Command::QemuSmoke(args) => qemu_smoke::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,12 +1,13 @@
 //! The production `BmcProvider`: maps a node's `BmcConfig` (driver, address,
-//! credentials_ref) to a guarded driver — IPMI (`ipmitool`) or Redfish; QMP and the
-//! simulator's BMC are refused (they are for smoke boots and simulations).
+//! credentials_ref) to a guarded driver — IPMI (`ipmitool`) or Redfish; QMP (QEMU VMs)
+//! only when `bmc.qmp_socket_dir` names the directory its sockets must live in (smoke
+//! boots, labs); the simulator's BMC is always refused.
 //!
 //! Architecture invariant: every driver handed out is wrapped in `bmc::guard`, so the
 //! per-BMC lock, the fleet-wide limit and the call bound hold whoever asks.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use tokio::sync::Semaphore;
 use super::credentials::{CredentialSource, Credentials};
 use super::guard::{GuardLimits, GuardedBmc, Guards};
 use super::ipmi::{BmcAddress, IpmiBmc, IpmiSettings, IPMI_PORT_DEFAULT};
+use super::qmp::QmpBmc;
 use super::redfish::{RedfishAuth, RedfishBmc, RedfishConfig};
 use super::Bmc;
 use crate::controller::BmcProvider;
@@ -43,6 +45,11 @@ pub struct BmcSettings {
     /// the node (`host` or `host:port`) or by host alone.
     pub ipmi_cipher_suites: BTreeMap<String, u8>,
     pub redfish: RedfishSettings,
+    /// Directory of QEMU QMP sockets. Unset (the default), the `qmp` driver is refused;
+    /// set, a `qmp` node's BMC address names a socket inside it (`node1.qmp`, or an
+    /// absolute path under it) and Bearman drives that VM like a server. For smoke boots
+    /// and labs: QMP has no authentication, so the directory is the whole access control.
+    pub qmp_socket_dir: Option<PathBuf>,
 }
 
 /// How Redfish BMCs are spoken to (the `[bmc.redfish]` table).
@@ -82,6 +89,7 @@ impl Default for BmcSettings {
             ipmi: IpmiSettings::default(),
             ipmi_cipher_suites: BTreeMap::new(),
             redfish: RedfishSettings::default(),
+            qmp_socket_dir: None,
         }
     }
 }
@@ -128,6 +136,14 @@ impl BmcSettings {
                 "bmc.redfish.timeout_ms {} must be above 0 and at most bmc.call_timeout_ms ({})",
                 self.redfish.timeout_ms, self.call_timeout_ms
             ));
+        }
+        if let Some(dir) = &self.qmp_socket_dir {
+            if !dir.is_absolute() {
+                return Err(format!(
+                    "bmc.qmp_socket_dir {} must be an absolute path",
+                    dir.display()
+                ));
+            }
         }
         if let Some((address, suite)) = self.ipmi_cipher_suites.iter().find(|(_, s)| **s > 17) {
             return Err(format!(
@@ -221,7 +237,14 @@ impl DriverBmcs {
     /// credentials are resolved from its `credentials_ref`.
     pub fn connect(&self, node: &str, config: &BmcConfig) -> Result<Arc<GuardedBmc>, ConnectError> {
         // Refuse what cannot work before touching any secret.
-        self.driver_checks(node, config)?;
+        if self.driver_checks(node, config)? == BmcDriver::Qmp {
+            // QMP has no credentials: the socket directory's permissions are its access control.
+            let nobody = Credentials {
+                username: String::new(),
+                password: super::credentials::Secret::new(""),
+            };
+            return self.connect_with(node, config, nobody);
+        }
         let credentials = self
             .credentials
             .resolve(config.credentials_ref.as_deref())
@@ -282,8 +305,51 @@ impl DriverBmcs {
                 let name = format!("{node} at {key}");
                 Ok(Arc::new(self.guards.guard(&key, &name, inner)))
             }
+            BmcDriver::Qmp => {
+                let socket = self.qmp_socket(text).map_err(address_error)?;
+                let key = format!("qmp:{}", socket.display());
+                let name = format!("{node} at {key}");
+                let timeout = Duration::from_millis(self.settings.call_timeout_ms)
+                    .min(super::qmp::QMP_TIMEOUT_DEFAULT);
+                let inner: Arc<dyn Bmc> = Arc::new(QmpBmc::new(socket, timeout));
+                Ok(Arc::new(self.guards.guard(&key, &name, inner)))
+            }
             other => Err(unavailable(node, other)),
         }
+    }
+
+    /// The socket a `qmp` address names: a plain file name inside `bmc.qmp_socket_dir`, or
+    /// an absolute path that lies directly in it. Nothing else, so a node record cannot
+    /// point the daemon at an arbitrary unix socket.
+    fn qmp_socket(&self, address: &str) -> Result<PathBuf, String> {
+        let Some(dir) = &self.settings.qmp_socket_dir else {
+            return Err("bmc.qmp_socket_dir is not set".into());
+        };
+        let path = Path::new(address);
+        let name = if path.is_absolute() {
+            if path.parent() != Some(dir.as_path()) {
+                return Err(format!(
+                    "qmp socket {address} is not directly in bmc.qmp_socket_dir {}",
+                    dir.display()
+                ));
+            }
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .unwrap_or("")
+        } else {
+            address
+        };
+        let plain = !name.is_empty()
+            && !name.starts_with('.')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !plain {
+            return Err(format!(
+                "qmp socket name {address:?}: use a file name of [A-Za-z0-9._-] inside bmc.qmp_socket_dir"
+            ));
+        }
+        Ok(dir.join(name))
     }
 
     /// The node's driver, if this build can drive it and the node says where its BMC is.
@@ -291,7 +357,12 @@ impl DriverBmcs {
         let driver = config.driver.ok_or_else(|| ConnectError::NoDriver {
             node: node.to_string(),
         })?;
-        if !matches!(driver, BmcDriver::Ipmi | BmcDriver::Redfish) {
+        let allowed = match driver {
+            BmcDriver::Ipmi | BmcDriver::Redfish => true,
+            BmcDriver::Qmp => self.settings.qmp_socket_dir.is_some(),
+            BmcDriver::Sim => false,
+        };
+        if !allowed {
             return Err(unavailable(node, driver));
         }
         if config.address.as_deref().unwrap_or("").trim().is_empty() {
@@ -320,7 +391,9 @@ fn redfish_key(address: &str) -> String {
 fn unavailable(node: &str, driver: BmcDriver) -> ConnectError {
     let why = match driver {
         BmcDriver::Ipmi | BmcDriver::Redfish => "unreachable: built in",
-        BmcDriver::Qmp => "QMP drives QEMU VMs in smoke boots, not servers",
+        BmcDriver::Qmp => {
+            "QMP drives QEMU VMs (smoke boots, labs); set bmc.qmp_socket_dir to allow it"
+        }
         BmcDriver::Sim => "the simulator's BMC exists only inside bearman-sim",
     };
     ConnectError::NotAvailable {

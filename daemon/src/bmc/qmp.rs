@@ -11,6 +11,7 @@
 //!   On, every other run state (`paused`, `shutdown`, `prelaunch`, errors, …) is Off.
 //! - `power_off` (hard, STONITH): `stop` then `system_reset`; the VM stays paused, which is
 //!   Off, and its next `cont` boots from scratch as a server's power-on would.
+//! - `power_off_soft` (clean, ACPI): `system_powerdown`, the power button.
 //! - `power_on`: nothing when already running (as a real BMC's "power on" of a powered
 //!   server), else `system_reset` then `cont`.
 //! - `set_next_boot_pxe`: accepted and does nothing: the VMs Bearman drives are diskless
@@ -124,6 +125,17 @@ impl Bmc for QmpBmc {
             session.execute("stop").await?;
             // Drop the guest's state now, so nothing it was doing survives the "power cut".
             session.execute("system_reset").await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn power_off_soft(&self) -> Result<(), BmcError> {
+        self.run("power_off_soft", async {
+            let mut session = self.session().await?;
+            // The ACPI power button: a guest that handles it shuts down (and, with
+            // -no-shutdown, the VM stops in `shutdown`); one that does not ignores it.
+            session.execute("system_powerdown").await?;
             Ok(())
         })
         .await

@@ -106,8 +106,39 @@ pub fn check_template(template: &str) -> Result<(), TemplateError> {
     substitute(template, |_| String::new()).map(|_| ())
 }
 
-/// The node's kernel command line from its flavor's template.
+/// The node's kernel command line from its flavor's template, always carrying
+/// `bearman.url=` and `bearman.uuid=` (appended when the template does not set them): the
+/// booted OS reports `installed` and heartbeats with them, and a node that cannot is
+/// soon judged dead and fenced.
 pub fn render_cmdline(
+    flavor: &Flavor,
+    node: &Node,
+    public_url: &str,
+) -> Result<String, TemplateError> {
+    let mut cmdline = substitute_template(flavor, node, public_url)?;
+    let words: Vec<&str> = cmdline.split_whitespace().collect();
+    let missing: Vec<String> = [
+        ("bearman.url", public_url.trim_end_matches('/').to_string()),
+        ("bearman.uuid", node.uuid.to_string()),
+    ]
+    .into_iter()
+    .filter(|(key, _)| {
+        !words
+            .iter()
+            .any(|word| word.split('=').next() == Some(*key))
+    })
+    .map(|(key, value)| format!("{key}={value}"))
+    .collect();
+    for word in missing {
+        if !cmdline.is_empty() && !cmdline.ends_with(' ') {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(&word);
+    }
+    Ok(cmdline)
+}
+
+fn substitute_template(
     flavor: &Flavor,
     node: &Node,
     public_url: &str,
@@ -157,4 +188,56 @@ pub fn render_target_script(profile: &BootProfile, node: &Node) -> String {
         &profile.cmdline,
         &initrds,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::model::NodeRole;
+    use bearman_proto::uuid::NodeUuid;
+
+    fn cmdline_for(template: &str) -> String {
+        let artifact = bearman_proto::Artifact {
+            url: "/images/hv/vmlinuz".into(),
+            sha256: "ab".repeat(32),
+        };
+        let flavor = Flavor {
+            name: "hv".into(),
+            kernel: artifact,
+            initrds: Vec::new(),
+            cmdline_template: template.into(),
+            firmware_expected: Default::default(),
+        };
+        let node = Node::new(
+            NodeUuid::from_index(1, 2),
+            "cn1".into(),
+            NodeRole::Compute,
+            0,
+        );
+        render_cmdline(&flavor, &node, "http://bearman:8080/").unwrap()
+    }
+
+    #[test]
+    fn the_booted_os_is_always_told_where_bearman_is_and_who_it_is() {
+        let uuid = NodeUuid::from_index(1, 2);
+        assert_eq!(
+            cmdline_for("console=ttyS0 hostname={hostname}"),
+            format!(
+                "console=ttyS0 hostname=cn1 bearman.url=http://bearman:8080 bearman.uuid={uuid}"
+            )
+        );
+        assert_eq!(
+            cmdline_for(""),
+            format!("bearman.url=http://bearman:8080 bearman.uuid={uuid}")
+        );
+        // A template that sets them itself is left as written.
+        assert_eq!(
+            cmdline_for("bearman.uuid={uuid} quiet bearman.url=http://elsewhere"),
+            format!("bearman.uuid={uuid} quiet bearman.url=http://elsewhere")
+        );
+        // A key that merely starts the same way is not the key.
+        assert!(cmdline_for("bearman.urlx=1").ends_with(&format!(
+            "bearman.urlx=1 bearman.url=http://bearman:8080 bearman.uuid={uuid}"
+        )));
+    }
 }

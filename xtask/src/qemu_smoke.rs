@@ -1,0 +1,827 @@
+//! `cargo xtask qemu-smoke`: real network boots of QEMU VMs through a real `bearman serve`.
+//!
+//! Each VM is a diskless "server": SeaBIOS, iPXE from ipxe-qemu's `pxe-e1000.rom`, a DHCP
+//! lease from QEMU's user network whose boot file is the daemon's `/ipxe`, the stage-1 image
+//! from `cargo xtask images`, the agent registering and kexecing into stage 2, and stage 2
+//! reporting itself installed and heartbeating. The daemon runs on a fresh SQLite data
+//! directory with the QMP BMC driver allowed for this run's sockets, so it powers the VMs
+//! as it would servers. After every node is Ready, one VM's power is cut (QMP `stop`, which
+//! the driver reads as Off) and the smoke waits for Bearman to notice, fence it (verified
+//! off), rebuild it and see it Ready again — with every other node left alone.
+//!
+//! Each stage is checked by the witness that sees it: the serial console (kernel and agent
+//! lines), the admin API (lifecycle events, remediations) and the daemon's state. Progress
+//! is printed as it happens; on failure the tails of every serial log and of the daemon
+//! log are printed. Everything is kept in `<target>/qemu-smoke/` for reading afterwards.
+
+use std::fmt::Display;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, ensure, Context};
+use serde_json::{json, Value};
+
+use crate::images;
+use crate::process::{
+    cargo_build, create_token, daemon_command, find_on_path, free_local_addr, log_tail, request_ok,
+    wait_until_serving, ChildGuard,
+};
+
+const INSTALL_HINT: &str = "run scripts/install-deps.sh";
+const QEMU: &str = "qemu-system-x86_64";
+/// iPXE for QEMU's e1000, legacy BIOS build, from Debian's ipxe-qemu.
+const PXE_ROM: &str = "/usr/lib/ipxe/qemu/pxe-e1000.rom";
+/// QEMU user networking makes the host's loopback reachable at this address.
+const HOST_FROM_GUEST: &str = "10.0.2.2";
+const FLAVOR: &str = "smoke";
+const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
+/// How often the daemon and the serial logs are looked at.
+const POLL: Duration = Duration::from_secs(1);
+const SERIAL_TAIL_LINES: usize = 40;
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// VMs to boot at once (each gets 1 vCPU and --memory-mib)
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    nodes: u32,
+    /// Guest memory per VM, MiB
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(256..=8192))]
+    memory_mib: u32,
+    /// QEMU accelerator. tcg (software) is the default because KVM guests have been seen
+    /// to reset in the iPXE ROM on these machines; kvm is used only when asked for.
+    #[arg(long, value_enum, default_value_t = Accel::Tcg)]
+    accel: Accel,
+    /// Bound on each phase (all nodes Ready; the killed node Ready again), seconds
+    #[arg(long, default_value_t = 900, value_parser = clap::value_parser!(u64).range(30..=7200))]
+    phase_timeout_s: u64,
+    /// Stop after the first boots: skip the power-kill → fence → rebuild step
+    #[arg(long)]
+    no_power_kill: bool,
+    /// The bearman binary to run (default: built here with cargo build -p bearman). CI
+    /// passes the one its workspace build made, saving a second build with other features.
+    #[arg(long)]
+    daemon: Option<PathBuf>,
+    /// Directory for logs and the daemon's data (default: <target dir>/qemu-smoke; emptied first)
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Accel {
+    Tcg,
+    Kvm,
+}
+
+impl Accel {
+    fn name(self) -> &'static str {
+        match self {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        }
+    }
+}
+
+fn progress(message: impl Display) {
+    eprintln!("qemu-smoke: {message}");
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let qemu =
+        find_on_path(QEMU).with_context(|| format!("{QEMU} is not on PATH: {INSTALL_HINT}"))?;
+    ensure!(
+        Path::new(PXE_ROM).is_file(),
+        "{PXE_ROM} is missing (Debian package ipxe-qemu): {INSTALL_HINT}"
+    );
+    if args.accel == Accel::Kvm {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .context("--accel kvm: cannot open /dev/kvm read-write")?;
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask lives inside the workspace")?;
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let work = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| target_dir.join("qemu-smoke"));
+
+    progress(format!(
+        "building the static agent: cargo build --release -p bearman-agent --target {AGENT_TARGET} (crt-static)"
+    ));
+    // Static glibc: the initramfs has no libc. --target keeps these flags off host builds.
+    let agent = cargo_build(
+        workspace,
+        &["--release", "-p", "bearman-agent", "--target", AGENT_TARGET],
+        &[
+            (
+                "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+                "-C target-feature=+crt-static",
+            ),
+            ("CARGO_PROFILE_RELEASE_STRIP", "symbols"),
+        ],
+        "bearman-agent",
+    )?;
+    let daemon = match &args.daemon {
+        Some(path) => {
+            ensure!(path.is_file(), "--daemon {}: no such file", path.display());
+            fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?
+        }
+        None => {
+            progress("building the daemon: cargo build -p bearman");
+            cargo_build(
+                workspace,
+                &["-p", "bearman", "--bin", "bearman"],
+                &[],
+                "bearman",
+            )?
+        }
+    };
+    progress("building the boot images: cargo xtask images");
+    let images = images::build(images::Args::with_agent(agent))?;
+
+    if work.exists() {
+        fs::remove_dir_all(&work).with_context(|| format!("emptying {}", work.display()))?;
+    }
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    // Unix socket paths are limited to 108 bytes: keep them short, outside the work dir.
+    let sockets = tempfile::Builder::new()
+        .prefix("bearman-qmp-")
+        .tempdir()
+        .context("creating the QMP socket directory")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let setup = Setup {
+        qemu,
+        daemon,
+        images,
+        work,
+        sockets: sockets.path().to_path_buf(),
+    };
+    let started = Instant::now();
+    let result = runtime.block_on(async {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("listening for SIGTERM")?;
+        tokio::select! {
+            result = smoke(&args, &setup) => result,
+            // Returning drops the VMs and the daemon (their guards stop them).
+            _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+            _ = terminate.recv() => Err(anyhow!("terminated")),
+        }
+    });
+    match &result {
+        Ok(()) => progress(format!(
+            "PASSED in {:.0} s; logs in {}",
+            started.elapsed().as_secs_f64(),
+            setup.work.display()
+        )),
+        Err(_) => progress(format!(
+            "FAILED after {:.0} s; logs in {}",
+            started.elapsed().as_secs_f64(),
+            setup.work.display()
+        )),
+    }
+    result
+}
+
+struct Setup {
+    qemu: PathBuf,
+    daemon: PathBuf,
+    images: PathBuf,
+    work: PathBuf,
+    sockets: PathBuf,
+}
+
+/// One VM standing in for a server.
+struct Vm {
+    name: String,
+    uuid: String,
+    serial_log: PathBuf,
+    qmp: PathBuf,
+    guard: ChildGuard,
+}
+
+fn node_uuid(index: u32) -> String {
+    format!("5eed0000-0000-4000-8000-{:012x}", index + 1)
+}
+
+/// The VM's serial log tail, for failure reports.
+fn serial_tail(vm: &Vm) -> String {
+    let text = fs::read_to_string(&vm.serial_log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(SERIAL_TAIL_LINES)..].join("\n");
+    format!(
+        "--- {} serial console, last lines ({}):\n{tail}",
+        vm.name,
+        vm.serial_log.display()
+    )
+}
+
+async fn smoke(args: &Args, setup: &Setup) -> anyhow::Result<()> {
+    let data_dir = setup.work.join("data");
+    let manifest = stage_images(&setup.images, &data_dir)?;
+    let addr = free_local_addr()?;
+    let config = setup.work.join("bearman.toml");
+    write_config(&config, addr, &setup.sockets)?;
+    let token = create_token(&setup.daemon, &data_dir, "smoke")?;
+    let daemon_log = setup.work.join("bearman.log");
+    progress(format!(
+        "starting bearman serve on {addr} (nodes reach it as http://{HOST_FROM_GUEST}:{}; log {})",
+        addr.port(),
+        daemon_log.display()
+    ));
+    let log = File::create(&daemon_log).context("creating the daemon log")?;
+    let mut bearman = ChildGuard::spawn(
+        "bearman",
+        daemon_command(&setup.daemon)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--config")
+            .arg(&config)
+            .stdout(log.try_clone()?)
+            .stderr(log),
+    )?;
+    wait_until_serving(&mut bearman, addr, "/healthz", &daemon_log).await?;
+    let api = Api { addr, token };
+    configure(&api, &manifest, args.nodes).await?;
+
+    let mut vms = Vec::new();
+    for index in 0..args.nodes {
+        vms.push(start_vm(args, setup, addr, index)?);
+    }
+    let outcome = boots_and_rebuild(args, &api, &mut bearman, &mut vms, &daemon_log).await;
+    if outcome.is_err() {
+        for vm in &vms {
+            eprintln!("{}", serial_tail(vm));
+        }
+        eprintln!("--- bearman: {}", log_tail(&daemon_log));
+    }
+    outcome
+}
+
+/// Copies the stage-1 and stage-2 images into the daemon's image directory and returns
+/// the manifest (artifact hashes).
+fn stage_images(images: &Path, data_dir: &Path) -> anyhow::Result<Value> {
+    let manifest: Value = serde_json::from_str(
+        &fs::read_to_string(images.join("manifest.json")).context("reading manifest.json")?,
+    )
+    .context("parsing manifest.json")?;
+    ensure!(
+        manifest["agent"]["included"] == json!(true),
+        "the images were built without bearman-agent"
+    );
+    for stage in ["stage1", "stage2"] {
+        let dir = data_dir.join("images").join(stage);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for file in ["vmlinuz", "initrd.img"] {
+            let from = images.join(stage).join(file);
+            fs::copy(&from, dir.join(file))
+                .with_context(|| format!("copying {}", from.display()))?;
+        }
+    }
+    Ok(manifest)
+}
+
+/// The daemon's configuration: defaults everywhere except where a smoke boot differs
+/// from a data centre (the address nodes reach it at, the QMP sockets it may drive).
+fn write_config(path: &Path, addr: SocketAddr, sockets: &Path) -> anyhow::Result<()> {
+    let text = format!(
+        r#"# Written by cargo xtask qemu-smoke.
+listen = "{addr}"
+public_url = "http://{HOST_FROM_GUEST}:{port}"
+
+[stage1]
+kernel = "/images/stage1/vmlinuz"
+initrds = ["/images/stage1/initrd.img"]
+# No switch sends LLDP on QEMU's user network: do not wait for one.
+cmdline = "console=ttyS0 bearman.lldp_wait_s=0"
+
+[bmc]
+qmp_socket_dir = "{sockets}"
+"#,
+        port = addr.port(),
+        sockets = sockets.display()
+    );
+    fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+struct Api {
+    addr: SocketAddr,
+    token: String,
+}
+
+impl Api {
+    async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let response = request_ok(self.addr, "GET", path, Some(&self.token), None).await?;
+        serde_json::from_slice(&response.body).with_context(|| format!("GET {path}: not JSON"))
+    }
+
+    async fn send(&self, method: &str, path: &str, body: &Value) -> anyhow::Result<()> {
+        request_ok(self.addr, method, path, Some(&self.token), Some(body))
+            .await
+            .map(drop)
+    }
+}
+
+/// Flavor (stage 2), node address pool, and every node enrolled with its QMP "BMC".
+async fn configure(api: &Api, manifest: &Value, nodes: u32) -> anyhow::Result<()> {
+    let sha = |artifact: &str| -> anyhow::Result<String> {
+        manifest["artifacts"][artifact]["sha256"]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("manifest.json has no sha256 for {artifact}"))
+    };
+    progress(format!(
+        "creating flavor {FLAVOR}, pool smoke and {nodes} node(s)"
+    ));
+    api.send(
+        "POST",
+        "/api/v1/flavors",
+        &json!({
+            "name": FLAVOR,
+            "kernel": {"url": "/images/stage2/vmlinuz", "sha256": sha("stage2/vmlinuz")?},
+            "initrds": [{"url": "/images/stage2/initrd.img", "sha256": sha("stage2/initrd.img")?}],
+            "cmdline_template": "console=ttyS0 hostname={hostname}",
+        }),
+    )
+    .await?;
+    api.send(
+        "POST",
+        "/api/v1/pools",
+        &json!({
+            "name": "smoke",
+            "purpose": "node",
+            "cidr": "10.77.0.0/24",
+            "range_start": "10.77.0.10",
+            "range_end": "10.77.0.250",
+            "gateway": "10.77.0.1",
+            "dns": ["10.77.0.1"],
+            "mtu": 1500,
+        }),
+    )
+    .await?;
+    for index in 0..nodes {
+        api.send(
+            "POST",
+            "/api/v1/nodes",
+            &json!({
+                "uuid": node_uuid(index),
+                "hostname": format!("vm{}", index + 1),
+                // One rack each: two VMs are too few for the rack guard anyway (it needs
+                // rack_nodes_min), and this is how a small lab is usually described.
+                "rack": format!("smoke-{}", index + 1),
+                "flavor": FLAVOR,
+                "bmc": {"driver": "qmp", "address": format!("vm{}.qmp", index + 1)},
+            }),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+fn start_vm(args: &Args, setup: &Setup, addr: SocketAddr, index: u32) -> anyhow::Result<Vm> {
+    let name = format!("vm{}", index + 1);
+    let uuid = node_uuid(index);
+    let serial_log = setup.work.join(format!("{name}.serial.log"));
+    let qmp = setup.sockets.join(format!("{name}.qmp"));
+    let qemu_log = setup.work.join(format!("{name}.qemu.log"));
+    let qemu_output =
+        File::create(&qemu_log).with_context(|| format!("creating {}", qemu_log.display()))?;
+    let mut command = Command::new(&setup.qemu);
+    command
+        .args(["-machine", &format!("pc,accel={}", args.accel.name())])
+        .args(["-m", &args.memory_mib.to_string(), "-smp", "1"])
+        .args(["-nodefaults", "-display", "none", "-no-shutdown"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial_log.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .args([
+            "-smbios",
+            &format!(
+                "type=1,uuid={uuid},serial=SMOKE-{:04},manufacturer=Bearman,product=qemu-smoke",
+                index + 1
+            ),
+        ])
+        .args([
+            "-netdev",
+            &format!(
+                "user,id=net0,bootfile=http://{HOST_FROM_GUEST}:{}/ipxe",
+                addr.port()
+            ),
+        ])
+        .args([
+            "-device",
+            &format!(
+                "e1000,netdev=net0,mac=52:54:00:be:a0:{:02x},romfile={PXE_ROM}",
+                index + 1
+            ),
+        ])
+        .args(["-boot", "order=n"])
+        .stdout(qemu_output.try_clone()?)
+        .stderr(qemu_output);
+    progress(format!(
+        "powering on {name} (uuid {uuid}, {} MiB, {}; serial log {})",
+        args.memory_mib,
+        args.accel.name(),
+        serial_log.display()
+    ));
+    let guard = ChildGuard::spawn("qemu", &mut command)?;
+    Ok(Vm {
+        name,
+        uuid,
+        serial_log,
+        qmp,
+        guard,
+    })
+}
+
+/// Serial console lines that mark the stages of one boot cycle, in order; each is looked
+/// for after the previous one (the kernel banner appears once per kernel).
+const MARKERS: &[(&str, &str)] = &[
+    ("stage-1 kernel", "Linux version "),
+    ("stage-1 init", "bearman-init: stage1"),
+    ("registered+plan", "bearman-agent: booting "),
+    ("stage-2 kernel", "Linux version "),
+    ("stage-2 init", "bearman-init: stage2"),
+    ("installed", "bearman-agent: reported installed"),
+];
+
+/// One boot cycle of one VM, watched from power-on to Ready.
+struct Cycle {
+    started: Instant,
+    /// Seconds after `started` at which each marker was first seen.
+    seen: Vec<f64>,
+    /// Where in the log to look for the next marker: at first the log's length before the
+    /// cycle began (earlier cycles' lines are not its own), then just past the last marker.
+    cursor: usize,
+    ready_s: Option<f64>,
+}
+
+impl Cycle {
+    fn new(offset: usize, started: Instant) -> Cycle {
+        Cycle {
+            started,
+            seen: Vec::new(),
+            cursor: offset,
+            ready_s: None,
+        }
+    }
+
+    /// Looks for the next markers in the log; returns the names of those newly seen.
+    fn scan(&mut self, log: &[u8]) -> Vec<&'static str> {
+        let mut new = Vec::new();
+        while let Some((name, needle)) = MARKERS.get(self.seen.len()) {
+            let haystack = log.get(self.cursor..).unwrap_or_default();
+            let Some(at) = find(haystack, needle.as_bytes()) else {
+                break;
+            };
+            self.cursor += at + needle.len();
+            self.seen.push(self.started.elapsed().as_secs_f64());
+            new.push(*name);
+        }
+        new
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+async fn node_state(api: &Api, uuid: &str) -> anyhow::Result<String> {
+    let node = api.get(&format!("/api/v1/nodes/{uuid}")).await?;
+    node["state"]
+        .as_str()
+        .map(str::to_string)
+        .with_context(|| format!("node {uuid} has no state: {node}"))
+}
+
+/// Watches every VM's cycle until each node is Ready (and its serial log shows every
+/// stage), printing stages as they pass.
+async fn watch_until_ready(
+    args: &Args,
+    api: &Api,
+    bearman: &mut ChildGuard,
+    vms: &mut [Vm],
+    cycles: &mut [Option<Cycle>],
+    daemon_log: &Path,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(args.phase_timeout_s);
+    loop {
+        if let Some(status) = bearman.exit_status()? {
+            bail!("bearman exited ({status}); {}", log_tail(daemon_log));
+        }
+        let mut waiting = Vec::new();
+        for (vm, cycle) in vms.iter_mut().zip(cycles.iter_mut()) {
+            let Some(cycle) = cycle else { continue };
+            if let Some(status) = vm.guard.exit_status()? {
+                bail!("{}'s QEMU exited ({status})", vm.name);
+            }
+            let log = fs::read(&vm.serial_log).unwrap_or_default();
+            for stage in cycle.scan(&log) {
+                progress(format!(
+                    "{} {:>6.1} s  {stage}",
+                    vm.name,
+                    cycle.started.elapsed().as_secs_f64()
+                ));
+            }
+            if cycle.ready_s.is_none() && node_state(api, &vm.uuid).await? == "ready" {
+                // Ready counts once the serial log shows the cycle that made it so.
+                if cycle.seen.len() == MARKERS.len() {
+                    let seconds = cycle.started.elapsed().as_secs_f64();
+                    cycle.ready_s = Some(seconds);
+                    progress(format!("{} {seconds:>6.1} s  Ready (admin API)", vm.name));
+                }
+            }
+            if cycle.ready_s.is_none() {
+                let next = MARKERS
+                    .get(cycle.seen.len())
+                    .map_or("Ready", |(name, _)| name);
+                waiting.push(format!("{} (next: {next})", vm.name));
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "not Ready within {} s: {}",
+                args.phase_timeout_s,
+                waiting.join(", ")
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The node's lifecycle events, oldest first.
+async fn events(api: &Api, uuid: &str) -> anyhow::Result<Vec<Value>> {
+    let value = api
+        .get(&format!("/api/v1/nodes/{uuid}/events?limit=1000"))
+        .await?;
+    let mut events = value
+        .as_array()
+        .cloned()
+        .context("node events: not a list")?;
+    events.sort_by_key(|event| event["id"].as_i64().unwrap_or(0));
+    Ok(events)
+}
+
+/// Checks that `states` occur in this order among the events' target states (others may
+/// come between), and returns each one's `at_ms`.
+fn states_in_order(events: &[Value], states: &[&str]) -> Result<Vec<i64>, String> {
+    let mut times = Vec::new();
+    let mut rest = events.iter();
+    for wanted in states {
+        match rest.find(|event| event["to_state"] == json!(wanted)) {
+            Some(event) => times.push(event["at_ms"].as_i64().unwrap_or(0)),
+            None => {
+                let seen: Vec<String> = events
+                    .iter()
+                    .filter_map(|event| event["to_state"].as_str().map(str::to_string))
+                    .collect();
+                return Err(format!(
+                    "expected the states {states:?} in order; the events went through {seen:?}"
+                ));
+            }
+        }
+    }
+    Ok(times)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
+async fn boots_and_rebuild(
+    args: &Args,
+    api: &Api,
+    bearman: &mut ChildGuard,
+    vms: &mut [Vm],
+    daemon_log: &Path,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut cycles: Vec<Option<Cycle>> = vms.iter().map(|_| Some(Cycle::new(0, started))).collect();
+    watch_until_ready(args, api, bearman, vms, &mut cycles, daemon_log).await?;
+    for vm in vms.iter() {
+        let events = events(api, &vm.uuid).await?;
+        states_in_order(&events, &["registered", "provisioning", "ready"])
+            .map_err(|error| anyhow!("{}: {error}", vm.name))?;
+    }
+    let first: Vec<Cycle> = cycles.into_iter().flatten().collect();
+    print_cycles("first boot", vms, &first);
+    if args.no_power_kill {
+        progress("--no-power-kill: skipping the power-kill → fence → rebuild step");
+        return Ok(());
+    }
+
+    let victim = vms.len() - 1;
+    let offset = fs::read(&vms[victim].serial_log).map_or(0, |log| log.len());
+    let killed_at_ms = now_ms();
+    let killed = Instant::now();
+    progress(format!(
+        "cutting {}'s power (QMP stop: the VM halts, its BMC reads Off); waiting for Bearman to fence and rebuild it",
+        vms[victim].name
+    ));
+    qmp_command(&vms[victim].qmp, "stop")?;
+    let mut cycles: Vec<Option<Cycle>> = (0..vms.len())
+        .map(|index| (index == victim).then(|| Cycle::new(offset, killed)))
+        .collect();
+    watch_until_ready(args, api, bearman, vms, &mut cycles, daemon_log).await?;
+
+    let vm = &vms[victim];
+    let events = events(api, &vm.uuid).await?;
+    let after: Vec<Value> = events
+        .into_iter()
+        .filter(|event| event["at_ms"].as_i64().unwrap_or(0) >= killed_at_ms)
+        .collect();
+    let times = states_in_order(
+        &after,
+        &["suspect", "fencing", "fenced", "rebuilding", "ready"],
+    )
+    .map_err(|error| anyhow!("{} after the power cut: {error}", vm.name))?;
+    // Ready is the saga's last step to notice (it re-checks with backoff): wait for it.
+    let deadline = Instant::now() + Duration::from_secs(args.phase_timeout_s);
+    loop {
+        let remediations = api
+            .get(&format!("/api/v1/remediations?node={}", vm.uuid))
+            .await?;
+        let list = remediations.as_array().cloned().unwrap_or_default();
+        if list
+            .iter()
+            .any(|remediation| remediation["status"] == json!("done"))
+        {
+            progress(format!(
+                "{} {:>6.1} s  remediation done (admin API)",
+                vm.name,
+                killed.elapsed().as_secs_f64()
+            ));
+            break;
+        }
+        let ended: Vec<&Value> = list
+            .iter()
+            .filter(|remediation| remediation["status"] != json!("active"))
+            .collect();
+        ensure!(
+            ended.is_empty(),
+            "{}: the remediation ended without success: {remediations}",
+            vm.name
+        );
+        ensure!(
+            Instant::now() < deadline,
+            "{}: Ready again, but its remediation is not done within {} s: {remediations}",
+            vm.name,
+            args.phase_timeout_s
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    for other in vms.iter().filter(|other| other.uuid != vm.uuid) {
+        let state = node_state(api, &other.uuid).await?;
+        ensure!(
+            state == "ready",
+            "{} was not the one cut off, yet it is {state}",
+            other.name
+        );
+        let touched = api
+            .get(&format!("/api/v1/remediations?node={}", other.uuid))
+            .await?;
+        ensure!(
+            touched.as_array().is_some_and(Vec::is_empty),
+            "{} was remediated though its power was never cut: {touched}",
+            other.name
+        );
+    }
+    let rebuild: Vec<Cycle> = cycles.into_iter().flatten().collect();
+    print_cycles(
+        &format!("rebuild of {} (from the power cut)", vm.name),
+        &vms[victim..],
+        &rebuild,
+    );
+    let since_kill = |at_ms: i64| (at_ms - killed_at_ms) as f64 / 1000.0;
+    println!(
+        "power cut → suspect {:.1} s, → fencing {:.1} s, → fenced (verified off) {:.1} s, → rebuilding {:.1} s, → Ready {:.1} s (daemon event times)",
+        since_kill(times[0]),
+        since_kill(times[1]),
+        since_kill(times[2]),
+        since_kill(times[3]),
+        since_kill(times[4]),
+    );
+    Ok(())
+}
+
+/// Prints each VM's stage times: seconds since power-on, and each stage's own length.
+fn print_cycles(title: &str, vms: &[Vm], cycles: &[Cycle]) {
+    println!();
+    println!("{title}: seconds since power-on (stage length in brackets)");
+    let mut header = format!("{:<6}", "node");
+    for (name, _) in MARKERS {
+        header.push_str(&format!(" {name:>17}"));
+    }
+    header.push_str(&format!(" {:>17}", "Ready (API)"));
+    println!("{header}");
+    for (vm, cycle) in vms.iter().zip(cycles) {
+        let mut line = format!("{:<6}", vm.name);
+        let mut previous = 0.0;
+        let times = cycle.seen.iter().copied().chain(cycle.ready_s);
+        for at in times {
+            line.push_str(&format!(" {:>8.1} ({:>5.1})", at, at - previous));
+            previous = at;
+        }
+        println!("{line}");
+    }
+    println!();
+}
+
+/// Sends one QMP command to a VM (the "power cable" the smoke pulls), outside Bearman.
+fn qmp_command(socket: &Path, command: &str) -> anyhow::Result<()> {
+    let stream = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to QMP at {}", socket.display()))?;
+    stream.set_read_timeout(Some(QMP_TIMEOUT))?;
+    stream.set_write_timeout(Some(QMP_TIMEOUT))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .context("reading the QMP greeting")?;
+    for execute in ["qmp_capabilities", command] {
+        writeln!(writer, "{}", json!({ "execute": execute }))?;
+        loop {
+            line.clear();
+            ensure!(
+                reader
+                    .read_line(&mut line)
+                    .with_context(|| format!("QMP {execute}"))?
+                    > 0,
+                "QMP {execute}: QEMU closed the connection"
+            );
+            let reply: Value = serde_json::from_str(&line)
+                .with_context(|| format!("QMP {execute}: not JSON: {line}"))?;
+            if let Some(error) = reply.get("error") {
+                bail!("QMP {execute} failed: {error}");
+            }
+            if reply.get("return").is_some() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_are_found_in_order_across_reads() {
+        let mut cycle = Cycle::new(0, Instant::now());
+        let mut log = b"SeaBIOS\nLinux version 6.1\n".to_vec();
+        assert_eq!(cycle.scan(&log), vec!["stage-1 kernel"]);
+        log.extend_from_slice(b"bearman-init: stage1 on kernel\nbearman-agent: booting http://x\n");
+        assert_eq!(cycle.scan(&log), vec!["stage-1 init", "registered+plan"]);
+        // The second kernel banner counts only after the plan line.
+        log.extend_from_slice(b"Linux version 6.1\nbearman-init: stage2 on kernel\n");
+        assert_eq!(cycle.scan(&log), vec!["stage-2 kernel", "stage-2 init"]);
+        assert!(cycle.scan(&log).is_empty(), "nothing is seen twice");
+    }
+
+    #[test]
+    fn a_cycle_ignores_what_came_before_it() {
+        let old = b"Linux version 6.1\nbearman-init: stage1\n".to_vec();
+        let mut cycle = Cycle::new(old.len(), Instant::now());
+        assert!(cycle.scan(&old).is_empty());
+    }
+
+    #[test]
+    fn states_must_come_in_order() {
+        let events: Vec<Value> = ["registered", "provisioning", "ready", "suspect"]
+            .iter()
+            .enumerate()
+            .map(|(i, state)| json!({"id": i, "at_ms": i * 10, "to_state": state}))
+            .collect();
+        assert_eq!(
+            states_in_order(&events, &["registered", "ready"]).unwrap(),
+            vec![0, 20]
+        );
+        let error = states_in_order(&events, &["ready", "provisioning"]).unwrap_err();
+        assert!(error.contains("provisioning"), "{error}");
+    }
+}
