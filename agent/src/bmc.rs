@@ -132,7 +132,12 @@ pub fn parse_lan_print(text: &str) -> Option<BmcFacts> {
 mod tests {
     use super::*;
 
-    fn settings(address: &str, prefix_len: u8, gateway: Option<&str>, vlan: Option<u16>) -> BmcSettings {
+    fn settings(
+        address: &str,
+        prefix_len: u8,
+        gateway: Option<&str>,
+        vlan: Option<u16>,
+    ) -> BmcSettings {
         BmcSettings {
             address: address.into(),
             prefix_len,
@@ -151,7 +156,12 @@ mod tests {
             })
             .map_err(|error| error.to_string());
         let expect = expect
-            .map(|lines| lines.iter().map(|line| line.to_string()).collect::<Vec<_>>())
+            .map(|lines| {
+                lines
+                    .iter()
+                    .map(|line| line.to_string())
+                    .collect::<Vec<_>>()
+            })
             .map_err(str::to_string);
         assert_eq!(got, expect, "{settings:?}");
     }
@@ -217,7 +227,9 @@ mod tests {
         check(
             &settings("fd00::5", 64, None, None),
             1,
-            Err("bmc address \"fd00::5\" is not an IPv4 address (ipmitool lan set takes IPv4 only)"),
+            Err(
+                "bmc address \"fd00::5\" is not an IPv4 address (ipmitool lan set takes IPv4 only)",
+            ),
         );
         check(
             &settings("10.2.0.17", 0, None, None),
@@ -266,11 +278,9 @@ mod tests {
                 address: Some("10.2.0.40".into()),
             })
         );
-        let unconfigured = "IP Address              : 0.0.0.0\nMAC Address             : 0c:c4:7a:12:34:56\n";
-        assert_eq!(
-            parse_lan_print(unconfigured).unwrap().address,
-            None
-        );
+        let unconfigured =
+            "IP Address              : 0.0.0.0\nMAC Address             : 0c:c4:7a:12:34:56\n";
+        assert_eq!(parse_lan_print(unconfigured).unwrap().address, None);
         assert_eq!(parse_lan_print("IP Address : 10.0.0.1\n"), None);
         assert_eq!(parse_lan_print("MAC Address : 0c:c4:7a:12:34\n"), None);
         assert_eq!(parse_lan_print(""), None);

@@ -117,9 +117,8 @@ pub fn plan_network(detail: &NetworkDetail, state: &HostState) -> NetPlan {
         .or_else(|| state.interfaces.iter().find(|interface| interface.physical));
     let Some(target) = target else {
         if !detail.bond0_addresses.is_empty() || detail.gateway.is_some() {
-            plan.notes.push(
-                "no bond0 and no physical NIC: addresses, MTU and route not applied".into(),
-            );
+            plan.notes
+                .push("no bond0 and no physical NIC: addresses, MTU and route not applied".into());
         }
         return plan;
     };
@@ -154,9 +153,9 @@ pub fn plan_network(detail: &NetworkDetail, state: &HostState) -> NetPlan {
 
     if let Some(gateway) = &detail.gateway {
         match gateway.parse::<IpAddr>() {
-            Err(_) => plan
-                .notes
-                .push(format!("gateway {gateway:?} is not an IP address; no route added")),
+            Err(_) => plan.notes.push(format!(
+                "gateway {gateway:?} is not an IP address; no route added"
+            )),
             Ok(_) if state.has_default_route => plan.notes.push(format!(
                 "a default route exists; gateway {gateway} not added"
             )),
@@ -183,9 +182,9 @@ fn plan_resolv_conf(detail: &NetworkDetail, state: &HostState, plan: &mut NetPla
     for server in &detail.dns {
         match server.parse::<IpAddr>() {
             Ok(address) => servers.push(address.to_string()),
-            Err(_) => plan
-                .notes
-                .push(format!("dns server {server:?} is not an IP address; skipped")),
+            Err(_) => plan.notes.push(format!(
+                "dns server {server:?} is not an IP address; skipped"
+            )),
         }
     }
     if servers.len() > NAMESERVERS_MAX {
@@ -198,7 +197,8 @@ fn plan_resolv_conf(detail: &NetworkDetail, state: &HostState, plan: &mut NetPla
     if servers.is_empty() {
         return;
     }
-    let mut contents = String::from("# written by bearman-agent stage 2 from Bearman's network detail\n");
+    let mut contents =
+        String::from("# written by bearman-agent stage 2 from Bearman's network detail\n");
     for server in &servers {
         contents.push_str(&format!("nameserver {server}\n"));
     }
@@ -228,7 +228,9 @@ fn hostname_problem(name: &str) -> Option<String> {
                 .bytes()
                 .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-');
         if !valid {
-            return Some(format!("label {label:?} is not letters, digits and inner hyphens"));
+            return Some(format!(
+                "label {label:?} is not letters, digits and inner hyphens"
+            ));
         }
     }
     None
@@ -236,9 +238,7 @@ fn hostname_problem(name: &str) -> Option<String> {
 
 /// `address/prefix` checked and normalised (`fd00:0::5/64` → `fd00::5/64`).
 pub fn parse_cidr(cidr: &str) -> Result<String, String> {
-    let (address, prefix) = cidr
-        .split_once('/')
-        .ok_or("expected address/prefix")?;
+    let (address, prefix) = cidr.split_once('/').ok_or("expected address/prefix")?;
     let address: IpAddr = address
         .parse()
         .map_err(|_| format!("{address:?} is not an IP address"))?;
@@ -380,7 +380,10 @@ mod tests {
             bad.mtu = mtu;
             let plan = plan_network(&bad, &host);
             assert!(
-                !plan.actions.iter().any(|a| matches!(a, NetAction::SetMtu { .. })),
+                !plan
+                    .actions
+                    .iter()
+                    .any(|a| matches!(a, NetAction::SetMtu { .. })),
                 "mtu {mtu}"
             );
             assert!(
@@ -405,7 +408,13 @@ mod tests {
             ],
             bond0_slaves: vec![],
             gateway: Some("router".into()),
-            dns: vec!["8.8.8.8".into(), "dns.example".into(), "1.1.1.1".into(), "9.9.9.9".into(), "8.8.4.4".into()],
+            dns: vec![
+                "8.8.8.8".into(),
+                "dns.example".into(),
+                "1.1.1.1".into(),
+                "9.9.9.9".into(),
+                "8.8.4.4".into(),
+            ],
             mtu: 1500,
         };
         check(

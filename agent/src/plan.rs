@@ -519,7 +519,12 @@ mod tests {
                 "bearman.bmc_channel=\"16\" is not a channel number 0..=15; using channel 1",
             ],
         );
-        check("bearman.bmc_channel=x", 31, 1, &["bearman.bmc_channel=\"x\" is not a channel number 0..=15; using channel 1"]);
+        check(
+            "bearman.bmc_channel=x",
+            31,
+            1,
+            &["bearman.bmc_channel=\"x\" is not a channel number 0..=15; using channel 1"],
+        );
         // A broken command line gives the defaults; parse_cmdline reports it.
         check("bearman.lldp_wait_s=\"5", 31, 1, &[]);
     }

@@ -265,7 +265,7 @@ impl LldpSocket {
         // nothing else can close or replace the descriptor meanwhile.
         let fd = unsafe { AsyncFd::register(fd) }.map_err(|source| ListenError::Socket {
             nic: nic.to_string(),
-            source,
+            source: source.into(),
         })?;
         Ok(LldpSocket {
             nic: nic.to_string(),

@@ -51,7 +51,10 @@ impl SystemHost {
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
         match tokio::time::timeout(self.timeout, command.output()).await {
-            Err(_) => Err(format!("{shown}: no answer within {} s", self.timeout.as_secs())),
+            Err(_) => Err(format!(
+                "{shown}: no answer within {} s",
+                self.timeout.as_secs()
+            )),
             Ok(Err(error)) => Err(format!("{shown}: {error}")),
             Ok(Ok(output)) if output.status.success() => Ok(()),
             Ok(Ok(output)) => {
@@ -91,7 +94,8 @@ impl HostNetwork for SystemHost {
         let hostname = read("proc/sys/kernel/hostname")
             .map(|text| text.trim().to_string())
             .unwrap_or_default();
-        let has_default_route = super::has_default_route(&read("proc/net/route").unwrap_or_default());
+        let has_default_route =
+            super::has_default_route(&read("proc/net/route").unwrap_or_default());
         let resolv_path = self.root.join("etc/resolv.conf");
         let resolv_conf = match std::fs::symlink_metadata(&resolv_path) {
             Err(_) => ResolvConf::Missing,
@@ -102,8 +106,7 @@ impl HostNetwork for SystemHost {
             ),
             Ok(_) => ResolvConf::File(std::fs::read_to_string(&resolv_path).unwrap_or_default()),
         };
-        let addresses =
-            interface_addresses().map_err(|error| format!("getifaddrs: {error}"))?;
+        let addresses = interface_addresses().map_err(|error| format!("getifaddrs: {error}"))?;
         let interfaces = interfaces(&self.root.join("sys/class/net"), &addresses)?;
         Ok(HostState {
             hostname,
@@ -149,8 +152,7 @@ fn write_resolv_conf(etc: &Path, contents: &str) -> Result<(), String> {
 
 /// Interfaces under `sys/class/net`, sorted, with the addresses `getifaddrs` gave.
 fn interfaces(net: &Path, addresses: &[(String, String)]) -> Result<Vec<Interface>, String> {
-    let listing =
-        std::fs::read_dir(net).map_err(|error| format!("{}: {error}", net.display()))?;
+    let listing = std::fs::read_dir(net).map_err(|error| format!("{}: {error}", net.display()))?;
     let mut interfaces = Vec::new();
     for entry in listing.take(INTERFACES_MAX) {
         let entry = entry.map_err(|error| format!("{}: {error}", net.display()))?;
@@ -217,7 +219,11 @@ fn interface_addresses() -> io::Result<Vec<(String, String)>> {
                     128
                 } else {
                     let mask = unsafe { &*entry.ifa_netmask.cast::<libc::sockaddr_in6>() };
-                    mask.sin6_addr.s6_addr.iter().map(|byte| byte.count_ones()).sum()
+                    mask.sin6_addr
+                        .s6_addr
+                        .iter()
+                        .map(|byte| byte.count_ones())
+                        .sum()
                 };
                 format!("{}/{prefix}", Ipv6Addr::from(address.sin6_addr.s6_addr))
             }
