@@ -1007,3 +1007,33 @@ async fn a_bmc_device_without_ipmitool_is_named_and_skipped() {
         serde_json::Value::Null
     );
 }
+
+#[tokio::test]
+async fn an_lldp_socket_error_is_a_line_and_registration_goes_on() {
+    let boot = FakeBoot::start().await;
+    let node = Node::new(&format!(
+        "bearman.url={} bearman.uuid={UUID} bearman.lldp_wait_s=1",
+        boot.base
+    ));
+    // A NIC in the facts tree that the kernel does not have: its socket cannot be bound.
+    let nic = node.dir.path().join("root/sys/class/net/bmnosuch0");
+    std::fs::create_dir_all(nic.join("device")).unwrap();
+    std::fs::write(nic.join("address"), "52:54:00:12:34:56\n").unwrap();
+    let mut kexec = RecordingKexec::default();
+
+    stage1::run_stage1(&node.options(), &TcpConnector, &mut kexec)
+        .await
+        .unwrap();
+
+    let lines = node.lines();
+    for expected in [
+        "bearman-agent: lldp: listening on bmnosuch0 for up to 1 s",
+        "bearman-agent: lldp: no such interface bmnosuch0; registering bmnosuch0 without its neighbour",
+    ] {
+        assert!(lines.contains(&expected.to_string()), "{lines:#?}");
+    }
+    let register = boot.body("POST /ipxe/{uuid}/register");
+    assert_eq!(register["nics"][0]["name"], "bmnosuch0");
+    assert_eq!(register["nics"][0]["lldp"], serde_json::Value::Null);
+    assert_eq!(kexec.calls.len(), 1);
+}
