@@ -666,6 +666,15 @@ fn binary_explains_itself_and_stops_once() {
     assert!(help.status.success());
     let text = String::from_utf8_lossy(&help.stdout);
     assert!(text.contains("stage1") && text.contains("stage2"), "{text}");
+    // The long help names every kernel command-line key the agent reads.
+    for key in [
+        "bearman.url=",
+        "bearman.uuid=",
+        "bearman.lldp_wait_s=",
+        "bearman.bmc_channel=",
+    ] {
+        assert!(text.contains(key), "{key} missing from --help: {text}");
+    }
 
     let node = Node::new("quiet");
     let run = std::process::Command::new(binary)
