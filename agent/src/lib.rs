@@ -4,10 +4,12 @@
 //! Architecture invariant: this crate depends on `bearman-proto` only, never on the
 //! daemon, so the stage-1 binary stays small and static.
 
+pub mod bmc;
 pub mod client;
 pub mod facts;
 pub mod lldp;
 pub mod net;
+pub mod network;
 pub mod plan;
 pub mod stage1;
 

@@ -1,5 +1,6 @@
-//! `bearman-agent`: the binary in the stage-1 RAM disk (`stage1`: register, fetch, verify,
-//! kexec) and in the stage-2 OS (`stage2`: report installed, heartbeat).
+//! `bearman-agent`: the binary in the stage-1 RAM disk (`stage1`: LLDP, register, BMC,
+//! fetch, verify, kexec) and in the stage-2 OS (`stage2`: apply the network detail, report
+//! installed, heartbeat).
 //!
 //! Exit codes: 0 never in practice (stage 1 kexecs, stage 2 runs forever); 1 when stage 1
 //! gave up (`--once`) or stage 2 cannot read its command line; 2 for usage errors.
@@ -8,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bearman_agent::net::TcpConnector;
-use bearman_agent::stage1::{self, kexec::SystemKexec};
+use bearman_agent::stage1::{self, kexec::SystemKexec, netconf::SystemHost};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -17,8 +18,14 @@ use clap::{Parser, Subcommand};
     about = "Bearman node agent: boots a diskless hypervisor from what Bearman says",
     long_about = "Bearman node agent.\n\nRun `stage1` from the network-booted RAM disk: it reads bearman.url= and \
 bearman.uuid= from the kernel command line, brings the network up with busybox udhcpc if needed, \
-registers the machine's hardware facts, fetches its boot plan, downloads and sha256-verifies the \
-kernel and initrds, and kexecs into them. Run `stage2` from the booted OS: it reports the \
+listens for an LLDP frame on every NIC at once (bearman.lldp_wait_s=N seconds, default 31, 0 \
+disables, at most 120), reads the BMC with ipmitool when /dev/ipmi0 exists, registers the \
+machine's hardware facts and LLDP neighbours, sets the BMC's LAN address with ipmitool lan set \
+(channel bearman.bmc_channel=N, default 1) when Bearman sends BMC settings, fetches its boot \
+plan, downloads and sha256-verifies the kernel and initrds, and kexecs into them. LLDP and BMC \
+problems are console lines, never a stopped boot. Run `stage2` from the booted OS: it fetches \
+the network detail and applies it additively (hostname, /etc/resolv.conf, the pool addresses \
+beside the current ones, MTU, a default route only when there is none), reports the \
 installation finished and then heartbeats every 10 s."
 )]
 struct Cli {
@@ -28,13 +35,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Register, fetch the boot plan, download and verify stage 2, kexec into it.
-    /// Retries every failure with a capped backoff (1 s to 60 s) unless --once.
+    /// Listen for LLDP, register, configure the BMC, fetch the boot plan, download and
+    /// verify stage 2, kexec into it. Retries every failure with a capped backoff (1 s to
+    /// 60 s) unless --once.
     Stage1 {
-        /// Kernel command line to read bearman.url= and bearman.uuid= from.
+        /// Kernel command line to read bearman.url=, bearman.uuid=, bearman.lldp_wait_s=
+        /// and bearman.bmc_channel= from.
         #[arg(long, default_value = "/proc/cmdline")]
         cmdline: PathBuf,
-        /// Root of the /sys and /proc trees hardware facts are read from.
+        /// Root of the /sys, /proc and /dev trees hardware facts and the BMC device are
+        /// read from.
         #[arg(long, default_value = "/")]
         root: PathBuf,
         /// Directory (a tmpfs) the kernel and initrds are downloaded to.
@@ -47,12 +57,14 @@ enum Command {
         #[arg(long)]
         no_dhcp: bool,
     },
-    /// Report the installation finished, then heartbeat every 10 s (± 1 s) forever.
+    /// Apply the network detail (only adding), report the installation finished, then
+    /// heartbeat every 10 s (± 1 s) forever.
     Stage2 {
         /// Kernel command line to read bearman.url= and bearman.uuid= from.
         #[arg(long, default_value = "/proc/cmdline")]
         cmdline: PathBuf,
-        /// Root of /etc/os-release and /proc/uptime.
+        /// Root of /etc (os-release, resolv.conf), /proc (uptime, hostname, routes) and
+        /// /sys/class/net.
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
@@ -89,8 +101,9 @@ fn main() -> ExitCode {
                     .map(|_| ())
             }
             Command::Stage2 { cmdline, root } => {
-                let options = stage1::Stage2Options::new(cmdline, root);
-                stage1::run_stage2(&options, &TcpConnector).await
+                let options = stage1::Stage2Options::new(cmdline, root.clone());
+                let mut host = SystemHost::new(root);
+                stage1::run_stage2(&options, &TcpConnector, &mut host).await
             }
         }
     });

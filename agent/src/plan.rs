@@ -1,5 +1,5 @@
-//! Pure stage-1/stage-2 decisions: reading `bearman.url=` / `bearman.uuid=` from the kernel
-//! command line, turning a [`BootPlan`] into a [`KexecPlan`], the retry backoff schedule and
+//! Pure stage-1/stage-2 decisions: reading `bearman.url=` / `bearman.uuid=` (and the tuning
+//! keys `bearman.lldp_wait_s=`, `bearman.bmc_channel=`) from the kernel command line, turning a [`BootPlan`] into a [`KexecPlan`], the retry backoff schedule and
 //! the firmware comparison.
 //!
 //! Architecture invariant: no I/O, no clock, no OS randomness. The backoff's jitter comes
@@ -17,6 +17,18 @@ use crate::client::BootPlan;
 pub const URL_KEY: &str = "bearman.url";
 /// Kernel command-line key carrying the node's uuid, as iPXE expanded `${uuid}`.
 pub const UUID_KEY: &str = "bearman.uuid";
+/// Kernel command-line key: seconds stage 1 listens for LLDP on each NIC (0 disables).
+pub const LLDP_WAIT_KEY: &str = "bearman.lldp_wait_s";
+/// Kernel command-line key: the IPMI LAN channel stage 1 configures.
+pub const BMC_CHANNEL_KEY: &str = "bearman.bmc_channel";
+/// Switches send LLDP every 30 s by default: a second more hears at least one frame.
+pub const LLDP_WAIT_DEFAULT: Duration = Duration::from_secs(31);
+/// Longer waits are clamped: stage 1 must not sit for minutes on a typo.
+pub const LLDP_WAIT_MAX: Duration = Duration::from_secs(120);
+/// The LAN channel of most BMCs.
+pub const BMC_CHANNEL_DEFAULT: u8 = 1;
+/// IPMI channel numbers are 4 bits.
+pub const BMC_CHANNEL_MAX: u8 = 15;
 /// Longest command line read; the kernel's own limit is a few KiB.
 const CMDLINE_BYTES_MAX: usize = 64 * 1024;
 
@@ -120,6 +132,63 @@ pub fn parse_cmdline(text: &str) -> Result<BootArgs, CmdlineError> {
         source,
     })?;
     Ok(BootArgs { url, uuid })
+}
+
+/// Stage 1's tuning from the kernel command line. A bad value never stops stage 1: it
+/// falls back to the default (or the limit) and says so in `warnings`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// How long to listen for LLDP on each NIC; zero disables listening.
+    pub lldp_wait: Duration,
+    /// IPMI LAN channel for `ipmitool lan set`.
+    pub bmc_channel: u8,
+    /// One console line per value that was not taken as written.
+    pub warnings: Vec<String>,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            lldp_wait: LLDP_WAIT_DEFAULT,
+            bmc_channel: BMC_CHANNEL_DEFAULT,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// Reads `bearman.lldp_wait_s=` and `bearman.bmc_channel=` from `/proc/cmdline` text.
+/// A command line that does not split (unterminated quote) gives the defaults; reading the
+/// url and uuid reports that error.
+pub fn parse_tuning(text: &str) -> Tuning {
+    let mut tuning = Tuning::default();
+    let Ok(words) = split_cmdline(text) else {
+        return tuning;
+    };
+    if let Some(value) = cmdline_value(&words, LLDP_WAIT_KEY) {
+        let default_s = LLDP_WAIT_DEFAULT.as_secs();
+        let max_s = LLDP_WAIT_MAX.as_secs();
+        match value.parse::<u64>() {
+            Ok(seconds) if seconds > max_s => {
+                tuning.lldp_wait = LLDP_WAIT_MAX;
+                tuning.warnings.push(format!(
+                    "{LLDP_WAIT_KEY}={seconds} is above the {max_s} s limit; waiting {max_s} s"
+                ));
+            }
+            Ok(seconds) => tuning.lldp_wait = Duration::from_secs(seconds),
+            Err(_) => tuning.warnings.push(format!(
+                "{LLDP_WAIT_KEY}={value:?} is not a whole number of seconds; waiting {default_s} s"
+            )),
+        }
+    }
+    if let Some(value) = cmdline_value(&words, BMC_CHANNEL_KEY) {
+        match value.parse::<u8>() {
+            Ok(channel) if channel <= BMC_CHANNEL_MAX => tuning.bmc_channel = channel,
+            _ => tuning.warnings.push(format!(
+                "{BMC_CHANNEL_KEY}={value:?} is not a channel number 0..={BMC_CHANNEL_MAX}; using channel {BMC_CHANNEL_DEFAULT}"
+            )),
+        }
+    }
+    tuning
 }
 
 /// Everything the kexec step needs: what to download, what to verify, what to pass on.
@@ -412,6 +481,52 @@ mod tests {
             cmdline_value(&split_cmdline("bearman.urlx=1").unwrap(), URL_KEY),
             None
         );
+    }
+
+    #[test]
+    fn tuning_defaults_and_overrides() {
+        let check = |text: &str, wait_s: u64, channel: u8, warnings: &[&str]| {
+            let tuning = parse_tuning(text);
+            assert_eq!(
+                (
+                    tuning.lldp_wait,
+                    tuning.bmc_channel,
+                    tuning.warnings.clone()
+                ),
+                (
+                    Duration::from_secs(wait_s),
+                    channel,
+                    warnings.iter().map(|w| w.to_string()).collect::<Vec<_>>()
+                ),
+                "cmdline {text:?}"
+            );
+        };
+        check("bearman.url=http://h quiet", 31, 1, &[]);
+        check("bearman.lldp_wait_s=0 bearman.bmc_channel=8", 0, 8, &[]);
+        check("bearman.lldp_wait_s=5 bearman.lldp_wait_s=7", 7, 1, &[]);
+        check(
+            "bearman.lldp_wait_s=600",
+            120,
+            1,
+            &["bearman.lldp_wait_s=600 is above the 120 s limit; waiting 120 s"],
+        );
+        check(
+            "bearman.lldp_wait_s=-1 bearman.bmc_channel=16",
+            31,
+            1,
+            &[
+                "bearman.lldp_wait_s=\"-1\" is not a whole number of seconds; waiting 31 s",
+                "bearman.bmc_channel=\"16\" is not a channel number 0..=15; using channel 1",
+            ],
+        );
+        check(
+            "bearman.bmc_channel=x",
+            31,
+            1,
+            &["bearman.bmc_channel=\"x\" is not a channel number 0..=15; using channel 1"],
+        );
+        // A broken command line gives the defaults; parse_cmdline reports it.
+        check("bearman.lldp_wait_s=\"5", 31, 1, &[]);
     }
 
     fn artifact(url: &str, fill: char) -> Artifact {

@@ -1,14 +1,20 @@
 //! Stage 1 and stage 2 against a fake boot server on 127.0.0.1:0: registration, boot plan,
-//! verified downloads, and the kexec plan stage 1 would execute (kexec itself is injected).
+//! verified downloads, and the kexec plan stage 1 would execute (kexec itself is injected);
+//! the BMC through a fake ipmitool; stage 2's network changes through a fake host.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bearman_agent::net::TcpConnector;
+use bearman_agent::network::{HostState, Interface, NetAction, ResolvConf};
+use bearman_agent::stage1::bmc::Ipmitool;
 use bearman_agent::stage1::download::{self, DownloadError, Limits};
 use bearman_agent::stage1::kexec::{Kexec, KexecError, KexecFiles};
+use bearman_agent::stage1::netconf::HostNetwork;
 use bearman_agent::stage1::{self, Options, Stage2Options};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -53,6 +59,8 @@ struct ServerState {
     /// Served instead of `routes` while their count is above zero.
     faults: BTreeMap<String, (u32, Reply)>,
     requests: Vec<String>,
+    /// Request bodies by request key, last one kept.
+    bodies: BTreeMap<String, Vec<u8>>,
 }
 
 #[derive(Clone)]
@@ -103,9 +111,20 @@ impl FakeBoot {
         self.state.lock().unwrap().requests.clone()
     }
 
+    /// The last body sent to `key` (`{uuid}` expanded), as JSON.
+    fn body(&self, key: &str) -> serde_json::Value {
+        let key = key.replace("{uuid}", UUID);
+        let bodies = &self.state.lock().unwrap().bodies;
+        serde_json::from_slice(bodies.get(&key).expect("request was made")).unwrap()
+    }
+
     fn registration(&self) -> String {
+        self.registration_with_bmc(serde_json::Value::Null)
+    }
+
+    fn registration_with_bmc(&self, bmc: serde_json::Value) -> String {
         serde_json::json!({
-            "uuid": UUID, "hostname": "hv-001", "state": "registered", "bmc": null,
+            "uuid": UUID, "hostname": "hv-001", "state": "registered", "bmc": bmc,
             "firmware_expected": {"bios": "2.1", "bmc": null, "nics": {}}
         })
         .to_string()
@@ -180,6 +199,8 @@ async fn serve(mut stream: tokio::net::TcpStream, state: Arc<Mutex<ServerState>>
     let reply = {
         let mut state = state.lock().unwrap();
         state.requests.push(key.clone());
+        let body = buffer[header_end + 4..header_end + 4 + length].to_vec();
+        state.bodies.insert(key.clone(), body);
         let fault = match state.faults.get_mut(&key) {
             Some((remaining, reply)) if *remaining > 0 => {
                 *remaining -= 1;
@@ -221,9 +242,62 @@ impl Kexec for RecordingKexec {
     }
 }
 
+/// ipmitool as a script: records every argument vector, prints `lan_print` for
+/// `lan print`, and fails any command containing `fail_on`.
+#[derive(Clone)]
+struct FakeIpmitool {
+    calls: Arc<Mutex<Vec<String>>>,
+    available: bool,
+    lan_print: String,
+    fail_on: Option<String>,
+}
+
+impl Default for FakeIpmitool {
+    fn default() -> Self {
+        FakeIpmitool {
+            calls: Arc::default(),
+            available: true,
+            lan_print: "IP Address Source       : DHCP Address\n\
+                        IP Address              : 0.0.0.0\n\
+                        MAC Address             : 0C:C4:7A:12:34:56\n"
+                .into(),
+            fail_on: None,
+        }
+    }
+}
+
+impl FakeIpmitool {
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl Ipmitool for FakeIpmitool {
+    fn available(&self) -> bool {
+        self.available
+    }
+
+    fn run<'a>(
+        &'a self,
+        args: &'a [String],
+    ) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + 'a>> {
+        let line = args.join(" ");
+        self.calls.lock().unwrap().push(line.clone());
+        let result = match &self.fail_on {
+            Some(needle) if line.contains(needle.as_str()) => {
+                Err("exit status: 1: Invalid data field in request".to_string())
+            }
+            _ if args.get(1).is_some_and(|word| word == "print") => Ok(self.lan_print.clone()),
+            _ => Ok(String::new()),
+        };
+        Box::pin(async move { result })
+    }
+}
+
 struct Node {
     dir: tempfile::TempDir,
     lines: Arc<Mutex<Vec<String>>>,
+    ipmitool: FakeIpmitool,
 }
 
 impl Node {
@@ -249,7 +323,16 @@ impl Node {
         Node {
             dir,
             lines: Arc::default(),
+            ipmitool: FakeIpmitool::default(),
         }
+    }
+
+    /// Gives the machine an in-band IPMI device node.
+    fn with_bmc_device(self) -> Node {
+        let dev = self.dir.path().join("root/dev");
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(dev.join("ipmi0"), "").unwrap();
+        self
     }
 
     fn for_server(boot: &FakeBoot) -> Node {
@@ -272,6 +355,7 @@ impl Node {
         options.backoff_start = Duration::from_millis(1);
         options.backoff_cap = Duration::from_millis(4);
         options.attempts_max = Some(5);
+        options.ipmitool = Arc::new(self.ipmitool.clone());
         let lines = self.lines.clone();
         options.console = Arc::new(move |line: &str| lines.lock().unwrap().push(line.to_string()));
         options
@@ -315,6 +399,18 @@ async fn stage1_registers_verifies_downloads_and_stops_at_kexec() {
     assert!(
         lines.contains(&"bearman-agent: warning: bios firmware 2.0, expected 2.1 (firmware updates are not automated yet)".to_string()),
         "{lines:#?}"
+    );
+    // No /dev/ipmi0 under the root: one line, ipmitool never run, no BMC facts sent.
+    assert!(
+        lines.contains(
+            &"bearman-agent: no BMC found (no /dev/ipmi0); skipping BMC configuration".to_string()
+        ),
+        "{lines:#?}"
+    );
+    assert!(node.ipmitool.calls().is_empty());
+    assert_eq!(
+        boot.body("POST /ipxe/{uuid}/register")["bmc"],
+        serde_json::Value::Null
     );
 }
 
@@ -525,8 +621,11 @@ async fn stage2_reports_installed_then_heartbeats_through_failures() {
     options.beats_max = Some(3);
     let lines = node.lines.clone();
     options.console = Arc::new(move |line: &str| lines.lock().unwrap().push(line.to_string()));
+    let mut host = FakeHost::qemu();
 
-    stage1::run_stage2(&options, &TcpConnector).await.unwrap();
+    stage1::run_stage2(&options, &TcpConnector, &mut host)
+        .await
+        .unwrap();
 
     let requests = boot.requests();
     let installed = format!("POST /ipxe/{UUID}/installed");
@@ -534,6 +633,7 @@ async fn stage2_reports_installed_then_heartbeats_through_failures() {
     assert_eq!(
         requests,
         vec![
+            format!("GET /ipxe/{UUID}/detail"),
             installed.clone(),
             installed,
             heartbeat.clone(),
@@ -541,16 +641,19 @@ async fn stage2_reports_installed_then_heartbeats_through_failures() {
             heartbeat
         ]
     );
+    // The detail only names the hostname; the fake host had another one.
+    assert_eq!(host.applied, vec![NetAction::SetHostname("hv-001".into())]);
     let lines = node.lines();
+    assert_eq!(lines[0], "bearman-agent: network: applied hostname hv-001");
     assert!(
-        lines[0].contains("reporting installed:") && lines[0].contains("HTTP 503"),
+        lines[1].contains("reporting installed:") && lines[1].contains("HTTP 503"),
         "{lines:#?}"
     );
     assert_eq!(
-        lines[1],
+        lines[2],
         "bearman-agent: reported installed; bearman says active"
     );
-    assert!(lines[2].contains("heartbeat:") && lines[2].contains("trying again next period"));
+    assert!(lines[3].contains("heartbeat:") && lines[3].contains("trying again next period"));
 }
 
 #[test]
@@ -563,6 +666,15 @@ fn binary_explains_itself_and_stops_once() {
     assert!(help.status.success());
     let text = String::from_utf8_lossy(&help.stdout);
     assert!(text.contains("stage1") && text.contains("stage2"), "{text}");
+    // The long help names every kernel command-line key the agent reads.
+    for key in [
+        "bearman.url=",
+        "bearman.uuid=",
+        "bearman.lldp_wait_s=",
+        "bearman.bmc_channel=",
+    ] {
+        assert!(text.contains(key), "{key} missing from --help: {text}");
+    }
 
     let node = Node::new("quiet");
     let run = std::process::Command::new(binary)
@@ -586,4 +698,351 @@ fn binary_explains_itself_and_stops_once() {
         .output()
         .unwrap();
     assert_eq!(usage.status.code(), Some(2));
+}
+
+/// A host whose network is a value: `state` is what stage 2 reads, `applied` what it did,
+/// and actions whose text contains `fail_on` fail (and change nothing).
+struct FakeHost {
+    state: HostState,
+    applied: Vec<NetAction>,
+    fail_on: Option<String>,
+}
+
+impl FakeHost {
+    /// A QEMU guest after DHCP: eth0 with a user-networking lease and a default route.
+    fn qemu() -> FakeHost {
+        FakeHost {
+            state: HostState {
+                hostname: "localhost".into(),
+                interfaces: vec![
+                    Interface {
+                        name: "eth0".into(),
+                        mtu: 1500,
+                        physical: true,
+                        addresses: vec!["10.0.2.15/24".into()],
+                    },
+                    Interface {
+                        name: "lo".into(),
+                        mtu: 65536,
+                        physical: false,
+                        addresses: vec!["127.0.0.1/8".into()],
+                    },
+                ],
+                has_default_route: true,
+                resolv_conf: ResolvConf::File("nameserver 10.0.2.3\n".into()),
+            },
+            applied: Vec::new(),
+            fail_on: None,
+        }
+    }
+}
+
+impl HostNetwork for FakeHost {
+    fn state(&self) -> Result<HostState, String> {
+        Ok(self.state.clone())
+    }
+
+    async fn apply(&mut self, action: &NetAction) -> Result<(), String> {
+        if let Some(needle) = &self.fail_on {
+            if action.to_string().contains(needle.as_str()) {
+                return Err("RTNETLINK answers: Operation not permitted".into());
+            }
+        }
+        self.applied.push(action.clone());
+        Ok(())
+    }
+}
+
+fn stage2_options(node: &Node) -> Stage2Options {
+    let mut options = Stage2Options::new(
+        node.dir.path().join("cmdline"),
+        node.dir.path().join("root"),
+    );
+    options.heartbeat_period = Duration::from_millis(2);
+    options.backoff_start = Duration::from_millis(1);
+    options.backoff_cap = Duration::from_millis(1);
+    options.beats_max = Some(1);
+    let lines = node.lines.clone();
+    options.console = Arc::new(move |line: &str| lines.lock().unwrap().push(line.to_string()));
+    options
+}
+
+#[tokio::test]
+async fn stage2_adds_the_pool_address_beside_the_lease_and_reports_installed_despite_a_failure() {
+    let boot = FakeBoot::start().await;
+    boot.route(
+        "GET /ipxe/{uuid}/detail",
+        Reply::ok(
+            serde_json::json!({
+                "hostname": "hv-001", "vlan": null, "bond0_addresses": ["10.1.0.21/24"],
+                "bond0_slaves": [], "gateway": "10.1.0.1", "dns": ["10.1.0.53"], "mtu": 9000
+            })
+            .to_string(),
+        ),
+    );
+    boot.route(
+        "POST /ipxe/{uuid}/installed",
+        Reply::ok(r#"{"state":"active"}"#),
+    );
+    boot.route(
+        "POST /ipxe/{uuid}/heartbeat",
+        Reply::ok(r#"{"state":"active"}"#),
+    );
+    let node = Node::for_server(&boot);
+    let mut host = FakeHost::qemu();
+    host.fail_on = Some("mtu".into());
+
+    stage1::run_stage2(&stage2_options(&node), &TcpConnector, &mut host)
+        .await
+        .unwrap();
+
+    // Only additions; the lease's address and default route are never touched, so no
+    // route is added either.
+    assert_eq!(
+        host.applied,
+        vec![
+            NetAction::SetHostname("hv-001".into()),
+            NetAction::WriteResolvConf {
+                contents: "# written by bearman-agent stage 2 from Bearman's network detail\n\
+                           nameserver 10.1.0.53\n"
+                    .into()
+            },
+            NetAction::AddAddress {
+                dev: "eth0".into(),
+                cidr: "10.1.0.21/24".into()
+            },
+        ]
+    );
+    let lines = node.lines();
+    assert_eq!(
+        lines[..6],
+        [
+            "bearman-agent: network: a default route exists; gateway 10.1.0.1 not added",
+            "bearman-agent: network: applied hostname hv-001",
+            "bearman-agent: network: applied /etc/resolv.conf nameservers 10.1.0.53",
+            "bearman-agent: network: mtu 9000 on eth0 failed: RTNETLINK answers: Operation not permitted; going on",
+            "bearman-agent: network: applied address 10.1.0.21/24 on eth0",
+            "bearman-agent: reported installed; bearman says active",
+        ],
+        "{lines:#?}"
+    );
+    assert_eq!(
+        boot.requests(),
+        vec![
+            format!("GET /ipxe/{UUID}/detail"),
+            format!("POST /ipxe/{UUID}/installed"),
+            format!("POST /ipxe/{UUID}/heartbeat"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn stage2_without_a_detail_still_reports_installed() {
+    let boot = FakeBoot::start().await;
+    boot.route(
+        "GET /ipxe/{uuid}/detail",
+        Reply::status(
+            404,
+            r#"{"error":"not_found","message":"node has no detail"}"#,
+        ),
+    );
+    boot.route(
+        "POST /ipxe/{uuid}/installed",
+        Reply::ok(r#"{"state":"active"}"#),
+    );
+    boot.route(
+        "POST /ipxe/{uuid}/heartbeat",
+        Reply::ok(r#"{"state":"active"}"#),
+    );
+    let node = Node::for_server(&boot);
+    let mut host = FakeHost::qemu();
+
+    stage1::run_stage2(&stage2_options(&node), &TcpConnector, &mut host)
+        .await
+        .unwrap();
+
+    assert!(host.applied.is_empty());
+    let detail = format!("GET /ipxe/{UUID}/detail");
+    assert_eq!(
+        boot.requests(),
+        vec![
+            detail.clone(),
+            detail.clone(),
+            detail,
+            format!("POST /ipxe/{UUID}/installed"),
+            format!("POST /ipxe/{UUID}/heartbeat"),
+        ]
+    );
+    let lines = node.lines();
+    assert!(
+        lines[2].starts_with("bearman-agent: network detail: GET /ipxe/")
+            && lines[2].ends_with(
+                "HTTP 404: node has no detail; not applied after 3 attempt(s), going on"
+            ),
+        "{lines:#?}"
+    );
+    assert_eq!(
+        lines[3],
+        "bearman-agent: reported installed; bearman says active"
+    );
+}
+
+const BMC_SETTINGS: &str =
+    r#"{"address": "10.2.0.17", "prefix_len": 24, "gateway": "10.2.0.1", "vlan": 300}"#;
+
+#[tokio::test]
+async fn stage1_registers_the_bmc_mac_and_sets_bearmans_address_on_the_chosen_channel() {
+    let boot = FakeBoot::start().await;
+    boot.route(
+        "POST /ipxe/{uuid}/register",
+        Reply::ok(boot.registration_with_bmc(serde_json::from_str(BMC_SETTINGS).unwrap())),
+    );
+    let node = Node::new(&format!(
+        "bearman.url={} bearman.uuid={UUID} bearman.bmc_channel=2 bearman.lldp_wait_s=500",
+        boot.base
+    ))
+    .with_bmc_device();
+    let mut kexec = RecordingKexec::default();
+
+    stage1::run_stage1(&node.options(), &TcpConnector, &mut kexec)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        node.ipmitool.calls(),
+        vec![
+            "lan print 2",
+            "lan set 2 ipsrc static",
+            "lan set 2 ipaddr 10.2.0.17",
+            "lan set 2 netmask 255.255.255.0",
+            "lan set 2 defgw ipaddr 10.2.0.1",
+            "lan set 2 vlan id 300",
+        ]
+    );
+    assert_eq!(
+        boot.body("POST /ipxe/{uuid}/register")["bmc"],
+        serde_json::json!({"mac": "0c:c4:7a:12:34:56", "address": null})
+    );
+    let lines = node.lines();
+    for expected in [
+        "bearman-agent: warning: bearman.lldp_wait_s=500 is above the 120 s limit; waiting 120 s",
+        "bearman-agent: BMC on channel 2: mac 0c:c4:7a:12:34:56, address none",
+        "bearman-agent: BMC configured on channel 2: 10.2.0.17/24, gateway 10.2.0.1, vlan 300",
+    ] {
+        assert!(lines.contains(&expected.to_string()), "{lines:#?}");
+    }
+    assert_eq!(kexec.calls.len(), 1);
+}
+
+#[tokio::test]
+async fn a_bmc_that_refuses_a_setting_is_reported_and_the_boot_goes_on() {
+    let boot = FakeBoot::start().await;
+    boot.route(
+        "POST /ipxe/{uuid}/register",
+        Reply::ok(boot.registration_with_bmc(serde_json::from_str(BMC_SETTINGS).unwrap())),
+    );
+    let mut node = Node::for_server(&boot).with_bmc_device();
+    node.ipmitool.fail_on = Some("ipaddr".into());
+    let mut kexec = RecordingKexec::default();
+
+    stage1::run_stage1(&node.options(), &TcpConnector, &mut kexec)
+        .await
+        .unwrap();
+
+    // Stops at the failed command: no netmask, gateway or VLAN on a BMC without its address.
+    assert_eq!(
+        node.ipmitool.calls(),
+        vec![
+            "lan print 1",
+            "lan set 1 ipsrc static",
+            "lan set 1 ipaddr 10.2.0.17"
+        ]
+    );
+    let lines = node.lines();
+    assert!(
+        lines.contains(
+            &"bearman-agent: BMC configuration failed: ipmitool lan set 1 ipaddr 10.2.0.17: exit status: 1: Invalid data field in request; 3 later command(s) not run; booting on"
+                .to_string()
+        ),
+        "{lines:#?}"
+    );
+    assert_eq!(kexec.calls.len(), 1);
+}
+
+#[tokio::test]
+async fn a_bmc_without_settings_from_bearman_is_left_alone() {
+    let boot = FakeBoot::start().await;
+    let node = Node::for_server(&boot).with_bmc_device();
+    let mut kexec = RecordingKexec::default();
+
+    stage1::run_stage1(&node.options(), &TcpConnector, &mut kexec)
+        .await
+        .unwrap();
+
+    assert_eq!(node.ipmitool.calls(), vec!["lan print 1"]);
+    let lines = node.lines();
+    assert!(
+        lines.contains(
+            &"bearman-agent: bearman sent no BMC settings (no bmc pool, or no BMC MAC was registered); BMC left as it is"
+                .to_string()
+        ),
+        "{lines:#?}"
+    );
+    assert_eq!(kexec.calls.len(), 1);
+}
+
+#[tokio::test]
+async fn a_bmc_device_without_ipmitool_is_named_and_skipped() {
+    let boot = FakeBoot::start().await;
+    let mut node = Node::for_server(&boot).with_bmc_device();
+    node.ipmitool.available = false;
+    let mut kexec = RecordingKexec::default();
+
+    stage1::run_stage1(&node.options(), &TcpConnector, &mut kexec)
+        .await
+        .unwrap();
+
+    assert!(node.ipmitool.calls().is_empty());
+    assert!(
+        node.lines().contains(
+            &"bearman-agent: BMC device /dev/ipmi0 found but ipmitool is not on PATH; skipping BMC configuration"
+                .to_string()
+        ),
+        "{:#?}",
+        node.lines()
+    );
+    assert_eq!(
+        boot.body("POST /ipxe/{uuid}/register")["bmc"],
+        serde_json::Value::Null
+    );
+}
+
+#[tokio::test]
+async fn an_lldp_socket_error_is_a_line_and_registration_goes_on() {
+    let boot = FakeBoot::start().await;
+    let node = Node::new(&format!(
+        "bearman.url={} bearman.uuid={UUID} bearman.lldp_wait_s=1",
+        boot.base
+    ));
+    // A NIC in the facts tree that the kernel does not have: its socket cannot be bound.
+    let nic = node.dir.path().join("root/sys/class/net/bmnosuch0");
+    std::fs::create_dir_all(nic.join("device")).unwrap();
+    std::fs::write(nic.join("address"), "52:54:00:12:34:56\n").unwrap();
+    let mut kexec = RecordingKexec::default();
+
+    stage1::run_stage1(&node.options(), &TcpConnector, &mut kexec)
+        .await
+        .unwrap();
+
+    let lines = node.lines();
+    for expected in [
+        "bearman-agent: lldp: listening on bmnosuch0 for up to 1 s",
+        "bearman-agent: lldp: no such interface bmnosuch0; registering bmnosuch0 without its neighbour",
+    ] {
+        assert!(lines.contains(&expected.to_string()), "{lines:#?}");
+    }
+    let register = boot.body("POST /ipxe/{uuid}/register");
+    assert_eq!(register["nics"][0]["name"], "bmnosuch0");
+    assert_eq!(register["nics"][0]["lldp"], serde_json::Value::Null);
+    assert_eq!(kexec.calls.len(), 1);
 }

@@ -1,24 +1,35 @@
 //! Stage 1 and stage 2 entry points: everything in the agent that touches the operating
-//! system (kernel command line, DHCP via busybox `udhcpc`, downloads, kexec, reboot).
+//! system (kernel command line, DHCP via busybox `udhcpc`, LLDP raw sockets, ipmitool,
+//! downloads, kexec, reboot; in stage 2 the hostname, resolv.conf, addresses and routes).
+//!
+//! Stage 1: read the command line, collect facts, bring the network up, listen for LLDP
+//! (once per run, all NICs at once, `bearman.lldp_wait_s`), read the BMC, register, configure
+//! the BMC with what Bearman answered, download, kexec. LLDP and the BMC never stop a boot:
+//! their problems are console lines.
 //!
 //! Stage 1 never hangs and never gives up silently: every failure prints one console line
 //! (`bearman-agent: <what failed>: <why>; retrying in N s`) and the whole attempt starts
 //! again after a capped, jittered backoff. Decisions are made by [`crate::plan`]; this
 //! module only performs them.
 
+pub mod bmc;
 pub mod download;
 pub mod kexec;
+pub mod lldp_listen;
+pub mod netconf;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bearman_proto::{Heartbeat, InstalledReport};
+use bearman_proto::{Heartbeat, InstalledReport, LldpNeighbor};
 
 use crate::client::{BootClient, Connector};
-use crate::plan::{self, Backoff, BootArgs, KexecPlan, SplitMix64};
+use crate::plan::{self, Backoff, BootArgs, KexecPlan, SplitMix64, Tuning};
+use bmc::Ipmitool;
 use download::Limits;
 use kexec::{Kexec, KexecFiles};
+use netconf::HostNetwork;
 
 /// Where console lines go: stderr (the console) in production, a buffer in tests.
 pub type Console = Arc<dyn Fn(&str) + Send + Sync>;
@@ -50,6 +61,8 @@ pub struct Options {
     pub limits: Limits,
     /// Run `udhcpc` when no network is up.
     pub dhcp: bool,
+    /// How BMC commands are run: the real ipmitool, or a fake in tests.
+    pub ipmitool: Arc<dyn Ipmitool>,
     pub console: Console,
 }
 
@@ -65,6 +78,7 @@ impl Options {
             backoff_cap: plan::BACKOFF_CAP,
             limits: Limits::default(),
             dhcp: true,
+            ipmitool: Arc::new(bmc::SystemIpmitool::default()),
             console: stderr_console(),
         }
     }
@@ -104,8 +118,9 @@ pub async fn run_stage1<C: Connector + Clone, K: Kexec>(
         .map_or(0, |args| SplitMix64::seed_from(args.uuid.as_str()));
     let mut backoff = Backoff::new(options.backoff_start, options.backoff_cap, seed);
     let mut failures: u32 = 0;
+    let mut run = RunState::default();
     loop {
-        let error = match attempt(options, connector, kexec).await {
+        let error = match attempt(options, connector, kexec, &mut run).await {
             Ok(files) => return Ok(files),
             Err(error) => error,
         };
@@ -123,10 +138,76 @@ pub async fn run_stage1<C: Connector + Clone, K: Kexec>(
     }
 }
 
+/// What one stage-1 run learns once and keeps across retries: listening for LLDP again
+/// would add the whole wait to every retry, and the BMC is configured once.
+#[derive(Default)]
+struct RunState {
+    discovered: Option<Discovered>,
+    bmc_configured: bool,
+}
+
+struct Discovered {
+    tuning: Tuning,
+    lldp: Vec<lldp_listen::NicLldp>,
+    bmc: bmc::Presence,
+}
+
+impl Discovered {
+    fn neighbor(&self, nic: &str) -> Option<LldpNeighbor> {
+        self.lldp
+            .iter()
+            .find(|heard| heard.nic == nic)
+            .and_then(|heard| heard.neighbor().cloned())
+    }
+}
+
+/// Reads the tuning keys, listens for LLDP on every NIC and looks for the BMC, printing
+/// what it found. Never fails.
+async fn discover(options: &Options, nics: &[bearman_proto::NicFacts]) -> Discovered {
+    let tuning = std::fs::read_to_string(&options.cmdline_path)
+        .map(|text| plan::parse_tuning(&text))
+        .unwrap_or_default();
+    for warning in &tuning.warnings {
+        options.say(&format!("warning: {warning}"));
+    }
+    let names: Vec<String> = nics
+        .iter()
+        .filter(|nic| nic.name != "lo")
+        .map(|nic| nic.name.clone())
+        .collect();
+    let lldp = if tuning.lldp_wait.is_zero() {
+        options.say(&format!("lldp: not listening ({}=0)", plan::LLDP_WAIT_KEY));
+        Vec::new()
+    } else if names.is_empty() {
+        Vec::new()
+    } else {
+        options.say(&format!(
+            "lldp: listening on {} for up to {} s",
+            names.join(", "),
+            tuning.lldp_wait.as_secs()
+        ));
+        let heard = lldp_listen::listen_all(&names, tuning.lldp_wait).await;
+        for nic in &heard {
+            options.say(&nic.console_line());
+        }
+        heard
+    };
+    let say = |line: &str| options.say(line);
+    let bmc = bmc::discover(
+        &options.root,
+        options.ipmitool.as_ref(),
+        tuning.bmc_channel,
+        &say,
+    )
+    .await;
+    Discovered { tuning, lldp, bmc }
+}
+
 async fn attempt<C: Connector + Clone, K: Kexec>(
     options: &Options,
     connector: &C,
     kexec: &mut K,
+    run: &mut RunState,
 ) -> Result<KexecFiles, StepError> {
     let args = read_cmdline(&options.cmdline_path)?;
     let facts = crate::facts::collect(&options.root).map_err(step("collecting hardware facts"))?;
@@ -141,12 +222,35 @@ async fn attempt<C: Connector + Clone, K: Kexec>(
     if options.dhcp {
         ensure_network(options, &facts.register.nics).await?;
     }
+    if run.discovered.is_none() {
+        run.discovered = Some(discover(options, &facts.register.nics).await);
+    }
+    let Some(discovered) = run.discovered.as_ref() else {
+        unreachable!("discovered just above");
+    };
+    let mut register = facts.register.clone();
+    for nic in &mut register.nics {
+        nic.lldp = discovered.neighbor(&nic.name);
+    }
+    register.bmc = discovered.bmc.facts().cloned();
     let client = BootClient::new(connector.clone(), &args.url, args.uuid.clone())
         .map_err(step(format!("{}={}", plan::URL_KEY, args.url)))?;
     let boot_plan = client
-        .prepare_boot(&facts.register)
+        .prepare_boot(&register)
         .await
         .map_err(step("asking bearman what to boot"))?;
+    if !run.bmc_configured {
+        run.bmc_configured = true;
+        let say = |line: &str| options.say(line);
+        bmc::configure(
+            &discovered.bmc,
+            boot_plan.registration.bmc.as_ref(),
+            discovered.tuning.bmc_channel,
+            options.ipmitool.as_ref(),
+            &say,
+        )
+        .await;
+    }
     for difference in plan::firmware_differences(
         &boot_plan.registration.firmware_expected,
         &facts.register.firmware,
@@ -266,7 +370,11 @@ async fn ensure_network(
     })
 }
 
-/// Stage 2 options: the kexec'd OS reports itself installed, then heartbeats.
+/// Attempts at fetching the network detail in stage 2 before going on without it.
+pub const DETAIL_ATTEMPTS_MAX: u32 = 3;
+
+/// Stage 2 options: the kexec'd OS applies its network detail, reports itself installed,
+/// then heartbeats.
 #[derive(Clone)]
 pub struct Stage2Options {
     pub cmdline_path: PathBuf,
@@ -297,17 +405,21 @@ impl Stage2Options {
     }
 }
 
-/// Stage 2: `POST installed` (retried until it succeeds), then a heartbeat every period ±
-/// a tenth, failures logged and the loop kept going. Returns only when `beats_max` is
-/// reached, or at once if the command line is unusable.
-pub async fn run_stage2<C: Connector + Clone>(
+/// Stage 2: apply the network detail (`GET detail`, then only additive changes to `host`;
+/// failures are console lines), `POST installed` (retried until it succeeds), then a
+/// heartbeat every period ± a tenth, failures logged and the loop kept going. Returns only
+/// when `beats_max` is reached, or at once if the command line is unusable.
+pub async fn run_stage2<C: Connector + Clone, H: HostNetwork>(
     options: &Stage2Options,
     connector: &C,
+    host: &mut H,
 ) -> Result<(), StepError> {
     let args = read_cmdline(&options.cmdline_path)?;
     let client = BootClient::new(connector.clone(), &args.url, args.uuid.clone())
         .map_err(step(format!("{}={}", plan::URL_KEY, args.url)))?;
     let seed = SplitMix64::seed_from(args.uuid.as_str());
+    let mut backoff = Backoff::new(options.backoff_start, options.backoff_cap, seed);
+    apply_detail(options, &client, host, &mut backoff).await;
     let mut backoff = Backoff::new(options.backoff_start, options.backoff_cap, seed);
     let report = InstalledReport {
         os_release: os_release(&options.root),
@@ -344,6 +456,60 @@ pub async fn run_stage2<C: Connector + Clone>(
         tokio::time::sleep(plan::jittered(options.heartbeat_period, &mut rng)).await;
     }
     Ok(())
+}
+
+/// Fetches the network detail (a few bounded attempts) and applies the plan
+/// [`crate::network::plan_network`] makes of it, one console line per change, note or
+/// failure. Never fails: stage 2 goes on to report installed whatever happens here.
+async fn apply_detail<C: Connector, H: HostNetwork>(
+    options: &Stage2Options,
+    client: &BootClient<C>,
+    host: &mut H,
+    backoff: &mut Backoff,
+) {
+    let mut attempts = 0;
+    let detail = loop {
+        attempts += 1;
+        match client.detail().await {
+            Ok(detail) => break detail,
+            Err(error) if attempts >= DETAIL_ATTEMPTS_MAX => {
+                options.say(&format!(
+                    "network detail: {error}; not applied after {attempts} attempt(s), going on"
+                ));
+                return;
+            }
+            Err(error) => {
+                let delay = backoff.next().unwrap_or(options.backoff_cap);
+                options.say(&format!(
+                    "network detail: {error}; retrying in {:.1} s",
+                    delay.as_secs_f64()
+                ));
+                tokio::time::sleep(delay).await;
+            }
+        }
+    };
+    let state = match host.state() {
+        Ok(state) => state,
+        Err(error) => {
+            options.say(&format!(
+                "network: reading the host's state: {error}; detail not applied, going on"
+            ));
+            return;
+        }
+    };
+    let plan = crate::network::plan_network(&detail, &state);
+    for note in &plan.notes {
+        options.say(&format!("network: {note}"));
+    }
+    if plan.actions.is_empty() {
+        options.say("network: already as bearman describes it; nothing changed");
+    }
+    for action in &plan.actions {
+        match host.apply(action).await {
+            Ok(()) => options.say(&format!("network: applied {action}")),
+            Err(error) => options.say(&format!("network: {action} failed: {error}; going on")),
+        }
+    }
 }
 
 /// `PRETTY_NAME` from `etc/os-release` under `root`.
