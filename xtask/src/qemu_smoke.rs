@@ -627,7 +627,7 @@ async fn boots_and_rebuild(
             .map_err(|error| anyhow!("{}: {error}", vm.name))?;
     }
     let first: Vec<Cycle> = cycles.into_iter().flatten().collect();
-    print_cycles("first boot", vms, &first);
+    print_cycles("first boot", "power-on", vms, &first);
     if args.no_power_kill {
         progress("--no-power-kill: skipping the power-kill → fence → rebuild step");
         return Ok(());
@@ -711,7 +711,8 @@ async fn boots_and_rebuild(
     }
     let rebuild: Vec<Cycle> = cycles.into_iter().flatten().collect();
     print_cycles(
-        &format!("rebuild of {} (from the power cut)", vm.name),
+        &format!("rebuild of {}", vm.name),
+        "the power cut",
         &vms[victim..],
         &rebuild,
     );
@@ -727,10 +728,13 @@ async fn boots_and_rebuild(
     Ok(())
 }
 
-/// Prints each VM's stage times: seconds since power-on, and each stage's own length.
-fn print_cycles(title: &str, vms: &[Vm], cycles: &[Cycle]) {
+/// Prints each VM's stage times: seconds since `origin`, and each stage's own length.
+fn print_cycles(title: &str, origin: &str, vms: &[Vm], cycles: &[Cycle]) {
     println!();
-    println!("{title}: seconds since power-on (stage length in brackets)");
+    println!(
+        "{title}: seconds since {origin} (stage length in brackets; serial log polled every {} s)",
+        POLL.as_secs()
+    );
     let mut header = format!("{:<6}", "node");
     for (name, _) in MARKERS {
         header.push_str(&format!(" {name:>17}"));
