@@ -85,12 +85,7 @@ pub fn build(args: Args) -> anyhow::Result<PathBuf> {
             "{tool} is not on PATH: {INSTALL_HINT}"
         );
     }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask lives inside the workspace")?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
+    let (_, target_dir) = crate::process::workspace_dirs()?;
     let out = args.out.unwrap_or_else(|| target_dir.join("images"));
     let agent = match args.agent {
         Some(path) => {

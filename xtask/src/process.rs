@@ -23,6 +23,18 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
+/// The workspace root and the cargo target directory (CARGO_TARGET_DIR if set).
+pub fn workspace_dirs() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask lives inside the workspace")?
+        .to_path_buf();
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    Ok((workspace, target_dir))
+}
+
 /// Runs `cargo build ARGS --message-format=json-render-diagnostics` in `workspace` with
 /// `envs`, and returns the path cargo reports for the executable `bin`, so that
 /// CARGO_TARGET_DIR, build.target-dir and --target are honoured.

@@ -105,12 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .open("/dev/kvm")
             .context("--accel kvm: cannot open /dev/kvm read-write")?;
     }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask lives inside the workspace")?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
+    let (workspace, target_dir) = crate::process::workspace_dirs()?;
     let work = args
         .work_dir
         .clone()
@@ -121,7 +116,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ));
     // Static glibc: the initramfs has no libc. --target keeps these flags off host builds.
     let agent = cargo_build(
-        workspace,
+        &workspace,
         &["--release", "-p", "bearman-agent", "--target", AGENT_TARGET],
         &[
             (
@@ -140,7 +135,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => {
             progress("building the daemon: cargo build -p bearman");
             cargo_build(
-                workspace,
+                &workspace,
                 &["-p", "bearman", "--bin", "bearman"],
                 &[],
                 "bearman",
