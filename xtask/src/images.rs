@@ -252,6 +252,7 @@ pub fn build(args: Args) -> anyhow::Result<PathBuf> {
     let mut package_roots = Vec::new();
     for (package, deb) in &ipmitool_debs {
         let root = unpack.path().join("ipmitool").join(package);
+        fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         dpkg_extract(&deb.path, &root)?;
         package_roots.push((package.clone(), root));
     }
