@@ -9,6 +9,10 @@
 //! the driver reads as Off) and the smoke waits for Bearman to notice, fence it (verified
 //! off), rebuild it and see it Ready again — with every other node left alone.
 //!
+//! Each VM has QEMU's simulated BMC on an ISA KCS interface and the daemon a bmc pool; on
+//! every stage-1 boot the smoke checks what the IPMI modules, ipmitool and the agent did
+//! with it (QEMU 7.2's BMC refuses the LAN commands: see [`BMC_LAN_PRINT_REFUSED`]).
+//!
 //! Each stage is checked by the witness that sees it: the serial console (kernel and agent
 //! lines), the admin API (lifecycle events, remediations) and the daemon's state. Progress
 //! is printed as it happens; on failure the tails of every serial log and of the daemon
