@@ -5,7 +5,12 @@
 //! unpacked with `dpkg-deb -x`, and the initramfs is written here as a cpio (newc) archive
 //! with fixed owners and mtimes, then compressed with `gzip -n`: the same inputs give the
 //! same bytes. A stamp file holds the hash of every input; an unchanged stamp skips the
-//! build, so a second run costs two apt look-ups and a hash of the agent binary.
+//! build, so a second run costs the apt look-ups and a hash of the agent binary.
+//!
+//! Stage 1 also carries what it needs to find and configure the BMC in-band: the IPMI
+//! kernel modules and Debian's `ipmitool` with exactly the shared libraries it loads
+//! (found by reading `DT_NEEDED` from the unpacked packages, checked again in the finished
+//! archive). Stage 2 does not configure the BMC, so it carries neither and stays small.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
@@ -19,6 +24,7 @@ use anyhow::{bail, ensure, Context};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::elf;
 use crate::process::find_on_path;
 
 const INSTALL_HINT: &str =
@@ -30,13 +36,46 @@ const BUSYBOX_PACKAGE: &str = "busybox-static";
 /// e1000e, `-nic model=e1000` and virtio-net are the other usual choices, and virtio_pci is
 /// the bus driver virtio-net needs, a module in Debian's kernel.
 const WANTED_MODULES: &[&str] = &["e1000", "e1000e", "virtio_pci", "virtio_net"];
+/// Stage 1's in-band IPMI stack, in load order: the message handler, the `/dev/ipmi0`
+/// character device, and the system-interface driver that probes (ACPI, SMBIOS, PCI) for a
+/// KCS/SMIC/BT interface. `ipmi_si` finds nothing on a machine without a BMC and its insmod
+/// fails: the init script prints one line and boots on.
+const IPMI_MODULES: &[&str] = &["ipmi_msghandler", "ipmi_devintf", "ipmi_si"];
+const IPMITOOL_PACKAGE: &str = "ipmitool";
+const IPMITOOL_IN_PACKAGE: &str = "usr/bin/ipmitool";
+/// On init's PATH (/bin), where the agent looks for it.
+const IPMITOOL_PATH: &str = "bin/ipmitool";
+/// Where ipmitool's libraries are put: the first directory Debian's dynamic loader searches
+/// when there is no /etc/ld.so.cache (there is none in the image).
+const LIBRARY_DIR: &str = "lib/x86_64-linux-gnu";
+/// The loader's built-in search path (`ld.so --help` on Debian amd64), used to check the
+/// finished image.
+const LOADER_DIRS: &[&str] = &[
+    "lib/x86_64-linux-gnu",
+    "usr/lib/x86_64-linux-gnu",
+    "lib",
+    "usr/lib",
+];
+/// Where libraries are looked for in the unpacked packages (bookworm's libc6 still ships
+/// under /lib, libssl3 under /usr/lib).
+const PACKAGE_LIBRARY_DIRS: &[&str] = &[
+    "lib/x86_64-linux-gnu",
+    "usr/lib/x86_64-linux-gnu",
+    "lib64",
+    "lib",
+    "usr/lib",
+];
+/// Bound on the packages fetched for ipmitool (bookworm: nine).
+const IPMITOOL_PACKAGES_MAX: usize = 24;
+/// Bound on symlinks followed to reach a file.
+const SYMLINK_HOPS_MAX: usize = 16;
 /// busybox applets the init and udhcpc scripts run; the build fails if one is missing.
 const REQUIRED_APPLETS: &[&str] = &[
     "sh", "mount", "mkdir", "insmod", "ip", "udhcpc", "usleep", "cat", "uname", "echo",
 ];
 /// Bumped whenever the image layout changes in a way the scripts below do not show, so old
 /// outputs are rebuilt.
-const LAYOUT_VERSION: &str = "bearman-images 1";
+const LAYOUT_VERSION: &str = "bearman-images 2";
 const STAMP_FILE: &str = "inputs.sha256";
 /// Where the init script reads the modules to load, in load order.
 const MODULE_LIST_PATH: &str = "etc/bearman/modules";
@@ -112,6 +151,15 @@ pub fn build(args: Args) -> anyhow::Result<PathBuf> {
     ));
     let kernel_deb = fetch_deb(&kernel_package, &debs)?;
     let busybox_deb = fetch_deb(BUSYBOX_PACKAGE, &debs)?;
+    let ipmitool_packages = ipmitool_packages()?;
+    progress(format!(
+        "fetching {IPMITOOL_PACKAGE} and the packages of its libraries: {}",
+        ipmitool_packages.join(" ")
+    ));
+    let ipmitool_debs = ipmitool_packages
+        .iter()
+        .map(|package| Ok((package.clone(), fetch_deb(package, &debs)?)))
+        .collect::<anyhow::Result<Vec<(String, Deb)>>>()?;
     let agent_hash = match &agent {
         Some(path) => Some(sha256_file(path)?),
         None => None,
@@ -129,7 +177,12 @@ pub fn build(args: Args) -> anyhow::Result<PathBuf> {
     feed("kernel-deb", &kernel_deb.sha256);
     feed("busybox-deb", &busybox_deb.sha256);
     feed("agent", agent_hash.as_deref().unwrap_or("absent"));
-    feed("modules", &WANTED_MODULES.join(","));
+    for (stage, _) in &stage_inits {
+        feed(&format!("{stage}-modules"), &stage_modules(stage).join(","));
+    }
+    for (package, deb) in &ipmitool_debs {
+        feed(&format!("ipmitool-deb {package}"), &deb.sha256);
+    }
     feed("udhcpc-script", UDHCPC_SCRIPT);
     for (stage, init) in &stage_inits {
         feed(stage, init);
@@ -178,14 +231,30 @@ pub fn build(args: Args) -> anyhow::Result<PathBuf> {
         kernel.version,
         kernel.vmlinuz.display()
     ));
-    let modules = resolve_kernel_modules(&kernel)?;
+    let mut stage_modules_resolved = BTreeMap::new();
+    for (stage, _) in &stage_inits {
+        let modules = resolve_kernel_modules(&kernel, &stage_modules(stage))?;
+        progress(format!(
+            "{stage} modules, in load order: {}",
+            modules
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+        stage_modules_resolved.insert(*stage, modules);
+    }
+    let mut package_roots = Vec::new();
+    for (package, deb) in &ipmitool_debs {
+        let root = unpack.path().join("ipmitool").join(package);
+        fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        dpkg_extract(&deb.path, &root)?;
+        package_roots.push((package.clone(), root));
+    }
+    let ipmitool = ipmitool_payload(&package_roots)?;
     progress(format!(
-        "modules, in load order: {}",
-        modules
-            .iter()
-            .map(|m| m.name.as_str())
-            .collect::<Vec<_>>()
-            .join(" ")
+        "{IPMITOOL_PACKAGE} for stage 1, with {}",
+        ipmitool.libraries.join(" ")
     ));
 
     let busybox = busybox_root.join("bin/busybox");
@@ -220,18 +289,6 @@ pub fn build(args: Args) -> anyhow::Result<PathBuf> {
     );
     // Debian builds busybox to look in /etc/udhcpc; init passes -s, the agent need not.
     base.symlink("etc/udhcpc/default.script", UDHCPC_SCRIPT_PATH);
-    let modules_dir = format!("lib/modules/{}", kernel.version);
-    let mut module_list = String::new();
-    for module in &modules {
-        base.file(
-            &format!("{modules_dir}/{}", module.relative_path),
-            0o644,
-            read(&kernel.modules_dir.join(&module.relative_path))?,
-        );
-        module_list.push_str(&module.relative_path);
-        module_list.push('\n');
-    }
-    base.file(MODULE_LIST_PATH, 0o644, module_list.into_bytes());
     if let Some(path) = &agent {
         let binary = read(path)?;
         if elf_is_dynamic(&binary) {
@@ -244,7 +301,22 @@ pub fn build(args: Args) -> anyhow::Result<PathBuf> {
     let mut manifest_artifacts = serde_json::Map::new();
     for (stage, init) in &stage_inits {
         let mut archive = base.clone();
+        add_modules(&mut archive, &kernel, &stage_modules_resolved[stage])?;
+        if *stage == "stage1" {
+            archive.extend(&ipmitool.files);
+        }
         archive.file("init", 0o755, init.as_bytes().to_vec());
+        if *stage == "stage1" {
+            // Checked in the archive itself, not in the packages: what boots is what counts.
+            let libraries = check_loadable(&archive, IPMITOOL_PATH)
+                .with_context(|| format!("{stage}: /{IPMITOOL_PATH} would not start"))?;
+            ensure!(
+                libraries.len() == ipmitool.libraries.len(),
+                "{stage}: /{IPMITOOL_PATH} loads {} libraries, {} were put in",
+                libraries.len(),
+                ipmitool.libraries.len()
+            );
+        }
         let stage_dir = out.join(stage);
         fs::create_dir_all(&stage_dir)
             .with_context(|| format!("creating {}", stage_dir.display()))?;
@@ -266,7 +338,17 @@ pub fn build(args: Args) -> anyhow::Result<PathBuf> {
         "kernel_version": kernel.version,
         "kernel_package": kernel_deb.file_name,
         "busybox_package": busybox_deb.file_name,
-        "modules": modules.iter().map(|m| m.name.clone()).collect::<Vec<_>>(),
+        "modules": stage_modules_resolved
+            .iter()
+            .map(|(stage, modules)| {
+                (stage.to_string(), json!(modules.iter().map(|m| m.name.clone()).collect::<Vec<_>>()))
+            })
+            .collect::<serde_json::Map<_, _>>(),
+        "ipmitool": {
+            "stage": "stage1",
+            "packages": ipmitool_debs.iter().map(|(_, deb)| deb.file_name.clone()).collect::<Vec<_>>(),
+            "libraries": ipmitool.libraries,
+        },
         "agent": match &agent_hash {
             Some(hash) => json!({ "included": true, "sha256": hash }),
             None => json!({ "included": false }),
@@ -292,6 +374,216 @@ pub fn build(args: Args) -> anyhow::Result<PathBuf> {
         eprintln!("images: WARNING: the images contain NO bearman-agent; rerun with the agent built or --agent PATH");
     }
     Ok(out)
+}
+
+/// The kernel modules a stage's init loads: the NIC drivers, and in stage 1 the IPMI stack.
+fn stage_modules(stage: &str) -> Vec<&'static str> {
+    let mut modules = WANTED_MODULES.to_vec();
+    if stage == "stage1" {
+        modules.extend_from_slice(IPMI_MODULES);
+    }
+    modules
+}
+
+/// Puts `modules` under lib/modules/<version> and their paths, in load order, in the list
+/// the init script reads.
+fn add_modules(archive: &mut Cpio, kernel: &Kernel, modules: &[Module]) -> anyhow::Result<()> {
+    let modules_dir = format!("lib/modules/{}", kernel.version);
+    let mut module_list = String::new();
+    for module in modules {
+        archive.file(
+            &format!("{modules_dir}/{}", module.relative_path),
+            0o644,
+            read(&kernel.modules_dir.join(&module.relative_path))?,
+        );
+        module_list.push_str(&module.relative_path);
+        module_list.push('\n');
+    }
+    archive.file(MODULE_LIST_PATH, 0o644, module_list.into_bytes());
+    Ok(())
+}
+
+/// `ipmitool` and the packages that may hold the libraries it loads: the `lib*` packages
+/// among its `Depends:`, transitively (libc6, libfreeipmi17, libssl3, libreadline8 and
+/// theirs). Not the others (freeipmi-common, readline-common: data files ipmitool's
+/// `lan print`/`lan set` do not read). Whether they really provide every library is
+/// checked against the binaries afterwards.
+fn ipmitool_packages() -> anyhow::Result<Vec<String>> {
+    let mut found = BTreeSet::from([IPMITOOL_PACKAGE.to_string()]);
+    let mut queue = vec![IPMITOOL_PACKAGE.to_string()];
+    while let Some(package) = queue.pop() {
+        let text = output(Command::new("apt-cache").args(["depends", &package]))
+            .with_context(|| format!("apt-cache depends {package} (try apt-get update)"))?;
+        for dependency in library_dependencies(&text) {
+            if found.insert(dependency.clone()) {
+                ensure!(
+                    found.len() <= IPMITOOL_PACKAGES_MAX,
+                    "{IPMITOOL_PACKAGE} pulls in more than {IPMITOOL_PACKAGES_MAX} library packages: {}",
+                    found.iter().cloned().collect::<Vec<_>>().join(" ")
+                );
+                queue.push(dependency);
+            }
+        }
+    }
+    Ok(found.into_iter().collect())
+}
+
+/// The `lib*` packages in `apt-cache depends` output: `Depends:` lines and the first of
+/// `|Depends:` alternatives, not `PreDepends:`, `Recommends:` or virtual `<names>`.
+fn library_dependencies(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| line.trim().trim_start_matches('|').strip_prefix("Depends:"))
+        .map(|name| name.trim().trim_end_matches(":any"))
+        .filter(|name| name.starts_with("lib") && !name.starts_with('<'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// ipmitool and its libraries, laid out as they go into stage 1.
+struct IpmitoolPayload {
+    files: Cpio,
+    /// Sonames, sorted.
+    libraries: Vec<String>,
+}
+
+/// Reads `usr/bin/ipmitool` from the unpacked packages, follows its `DT_NEEDED` entries
+/// (transitively) to the library files in those packages, and lays out the binary, each
+/// library under /lib/x86_64-linux-gnu by its soname, and the program interpreter at the
+/// path ipmitool names (`/lib64/ld-linux-x86-64.so.2`). A library no package provides is
+/// an error naming it and what needs it.
+fn ipmitool_payload(roots: &[(String, PathBuf)]) -> anyhow::Result<IpmitoolPayload> {
+    let binary = find_in_packages(roots, &[IPMITOOL_IN_PACKAGE])?
+        .with_context(|| format!("no package has {IPMITOOL_IN_PACKAGE}"))?;
+    let dynamic = elf::dynamic(&binary).context(IPMITOOL_IN_PACKAGE)?;
+    let packages = roots
+        .iter()
+        .map(|(package, _)| package.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let libraries = elf::needed_closure(IPMITOOL_PACKAGE, &dynamic, |soname| {
+        let candidates: Vec<String> = PACKAGE_LIBRARY_DIRS
+            .iter()
+            .map(|dir| format!("{dir}/{soname}"))
+            .collect();
+        find_in_packages(roots, &candidates)
+    })
+    .with_context(|| {
+        format!("resolving {IPMITOOL_PACKAGE}'s shared libraries in the packages {packages}")
+    })?;
+    let mut files = Cpio::default();
+    files.file(IPMITOOL_PATH, 0o755, binary);
+    for (soname, bytes) in &libraries {
+        files.file(&format!("{LIBRARY_DIR}/{soname}"), 0o755, bytes.clone());
+    }
+    if let Some(interpreter) = &dynamic.interpreter {
+        let in_image = interpreter.trim_start_matches('/');
+        let file_name = in_image.rsplit('/').next().unwrap_or_default();
+        if libraries.contains_key(file_name) {
+            // libc.so.6 needs the loader too, so it is already there: link, do not copy.
+            if in_image != format!("{LIBRARY_DIR}/{file_name}") {
+                files.symlink(in_image, &format!("/{LIBRARY_DIR}/{file_name}"));
+            }
+        } else {
+            let bytes = find_in_packages(roots, &[in_image])?.with_context(|| {
+                format!("{IPMITOOL_PACKAGE}'s interpreter {interpreter} is in none of the packages {packages}")
+            })?;
+            files.file(in_image, 0o755, bytes);
+        }
+    }
+    Ok(IpmitoolPayload {
+        files,
+        libraries: libraries.into_keys().collect(),
+    })
+}
+
+/// The contents of the first of `candidates` (paths relative to a package root) that exists
+/// in one of the unpacked packages, following symlinks inside that package.
+fn find_in_packages(
+    roots: &[(String, PathBuf)],
+    candidates: &[impl AsRef<str>],
+) -> anyhow::Result<Option<Vec<u8>>> {
+    for candidate in candidates {
+        for (_, root) in roots {
+            if let Some(path) = resolve_in_root(root, candidate.as_ref())? {
+                return read(&path).map(Some);
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// `relative` under `root` with symlinks followed as if `root` were `/` (an unpacked
+/// package's absolute links point into the package, not the host); `None` if it is not
+/// there.
+fn resolve_in_root(root: &Path, relative: &str) -> anyhow::Result<Option<PathBuf>> {
+    let mut current = relative.trim_start_matches('/').to_string();
+    for _ in 0..SYMLINK_HOPS_MAX {
+        let path = root.join(&current);
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            return Ok(None);
+        };
+        if !meta.file_type().is_symlink() {
+            return Ok(meta.is_file().then_some(path));
+        }
+        let target =
+            fs::read_link(&path).with_context(|| format!("reading the link {}", path.display()))?;
+        current = join_link(&current, &target.to_string_lossy());
+    }
+    bail!(
+        "{relative} in {}: more than {SYMLINK_HOPS_MAX} symlinks",
+        root.display()
+    )
+}
+
+/// Where a symlink at `link` (a root-relative path) pointing at `target` leads, as a
+/// root-relative path with `.` and `..` resolved.
+fn join_link(link: &str, target: &str) -> String {
+    let mut parts: Vec<&str> = if target.starts_with('/') {
+        Vec::new()
+    } else {
+        let mut parts: Vec<&str> = link.split('/').collect();
+        parts.pop();
+        parts
+    };
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            part => parts.push(part),
+        }
+    }
+    parts.join("/")
+}
+
+/// Checks that `program` in the archive can be started by the kernel and the dynamic
+/// loader: its interpreter is a file there, and every library it needs, transitively, is a
+/// file in a directory the loader searches. Returns the sonames, sorted.
+fn check_loadable(archive: &Cpio, program: &str) -> anyhow::Result<Vec<String>> {
+    let binary = archive
+        .resolve(program)
+        .with_context(|| format!("/{program} is not in the image"))?;
+    let dynamic = elf::dynamic(binary).with_context(|| format!("/{program}"))?;
+    if let Some(interpreter) = &dynamic.interpreter {
+        ensure!(
+            archive.resolve(interpreter).is_some(),
+            "/{program}'s interpreter {interpreter} is not in the image"
+        );
+    }
+    let libraries = elf::needed_closure(&format!("/{program}"), &dynamic, |soname| {
+        Ok(LOADER_DIRS
+            .iter()
+            .find_map(|dir| archive.resolve(&format!("{dir}/{soname}")))
+            .map(<[u8]>::to_vec))
+    })
+    .with_context(|| {
+        format!(
+            "a library of /{program} is not in the image's loader path (/{})",
+            LOADER_DIRS.join(", /")
+        )
+    })?;
+    Ok(libraries.into_keys().collect())
 }
 
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
@@ -559,10 +851,10 @@ fn resolve_modules(
     Ok(ordered)
 }
 
-/// Resolves [`WANTED_MODULES`] against the unpacked kernel: through modules.dep when the
+/// Resolves `wanted` against the unpacked kernel: through modules.dep when the
 /// package ships one, otherwise (Debian's does not: depmod writes it on install) through the
 /// `depends=` field of each module's .modinfo section.
-fn resolve_kernel_modules(kernel: &Kernel) -> anyhow::Result<Vec<Module>> {
+fn resolve_kernel_modules(kernel: &Kernel, wanted: &[&str]) -> anyhow::Result<Vec<Module>> {
     let builtin: BTreeSet<String> = fs::read_to_string(kernel.modules_dir.join("modules.builtin"))
         .unwrap_or_default()
         .lines()
@@ -600,7 +892,7 @@ fn resolve_kernel_modules(kernel: &Kernel) -> anyhow::Result<Vec<Module>> {
         }
     };
     resolve_modules(
-        WANTED_MODULES,
+        wanted,
         |name| {
             Ok(if check_available(name)? {
                 Some(index[name].0.clone())
@@ -678,31 +970,7 @@ fn busybox_applets(busybox: &Path) -> anyhow::Result<BTreeSet<String>> {
 
 /// True for an ELF executable with a PT_INTERP header, i.e. one that needs a dynamic loader.
 fn elf_is_dynamic(binary: &[u8]) -> bool {
-    const PT_INTERP: u32 = 3;
-    let u16_at = |at: usize| {
-        binary
-            .get(at..at + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
-    };
-    let u32_at = |at: usize| {
-        binary
-            .get(at..at + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let u64_at = |at: usize| {
-        binary
-            .get(at..at + 8)
-            .and_then(|b| usize::try_from(u64::from_le_bytes(b.try_into().ok()?)).ok())
-    };
-    // 64-bit little-endian ELF only: anything else is not an amd64 agent and is left alone.
-    if binary.get(..6) != Some(b"\x7fELF\x02\x01") {
-        return false;
-    }
-    let (Some(phoff), Some(entry_size), Some(count)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
-    else {
-        return false;
-    };
-    (0..count).any(|index| u32_at(phoff + index * entry_size) == Some(PT_INTERP))
+    elf::dynamic(binary).is_ok_and(|dynamic| dynamic.interpreter.is_some())
 }
 
 fn gzip(bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
@@ -750,6 +1018,16 @@ esac
 exit 0
 "#;
 
+/// Loads each module of "$module_list" from "$module_dir", in order. A module that does not
+/// load (ipmi_si on a machine without a BMC: "No such device") is one console line, and the
+/// next module and the boot go on.
+const INSMOD_LOOP: &str = r#"while read -r module; do
+  if ! error=$(insmod "$module_dir/$module" 2>&1); then
+    echo "bearman-init: insmod ${module##*/} failed (${error:-no message}); booting on"
+  fi
+done < "$module_list"
+"#;
+
 fn init_script(stage: &str) -> String {
     format!(
         r#"#!/bin/sh
@@ -763,10 +1041,9 @@ mkdir -p /etc /tmp
 exec </dev/console >/dev/console 2>&1
 echo "bearman-init: {stage} on kernel $(uname -r)"
 
-while read -r module; do
-  insmod "/lib/modules/$(uname -r)/$module" || echo "bearman-init: insmod $module failed"
-done < /{MODULE_LIST_PATH}
-ip link set lo up
+module_dir="/lib/modules/$(uname -r)"
+module_list=/{MODULE_LIST_PATH}
+{INSMOD_LOOP}ip link set lo up
 
 # The NIC drivers probe asynchronously: wait (bounded) for the first ethernet interface.
 nic=
@@ -847,6 +1124,29 @@ impl Cpio {
         }
         self.entries.insert(path.to_string(), entry);
         self
+    }
+
+    /// Adds every entry of `other` (replacing entries at the same paths).
+    fn extend(&mut self, other: &Cpio) -> &mut Cpio {
+        for (path, entry) in &other.entries {
+            self.insert(path, entry.clone());
+        }
+        self
+    }
+
+    /// The data of the file at `path`, following symlinks as the booted system would (an
+    /// absolute target from the root, a relative one from the link's directory); `None`
+    /// when it leads nowhere or to something that is not a file.
+    fn resolve(&self, path: &str) -> Option<&[u8]> {
+        let mut current = path.trim_start_matches('/').to_string();
+        for _ in 0..SYMLINK_HOPS_MAX {
+            match self.entries.get(&current)? {
+                CpioEntry::File { data, .. } => return Some(data),
+                CpioEntry::Symlink { target } => current = join_link(&current, target),
+                CpioEntry::Dir | CpioEntry::CharDevice { .. } => return None,
+            }
+        }
+        None
     }
 
     fn dir(&mut self, path: &str) -> &mut Cpio {
@@ -1108,6 +1408,305 @@ kernel/drivers/virtio/virtio_pci-modern-dev.ko: kernel/drivers/virtio/virtio_rin
             Vec::<String>::new()
         );
         assert_eq!(modinfo_depends(b"no field here"), None);
+    }
+
+    #[test]
+    fn stage_one_alone_loads_the_ipmi_modules_after_the_nics() {
+        assert_eq!(
+            stage_modules("stage1"),
+            [
+                "e1000",
+                "e1000e",
+                "virtio_pci",
+                "virtio_net",
+                "ipmi_msghandler",
+                "ipmi_devintf",
+                "ipmi_si"
+            ]
+        );
+        assert_eq!(stage_modules("stage2"), WANTED_MODULES);
+    }
+
+    #[test]
+    fn a_module_that_does_not_load_is_one_line_and_the_rest_still_load() {
+        let Some(sh) = find_on_path("sh") else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        fs::create_dir(&bin).unwrap();
+        // A stand-in insmod: records what it loads, refuses ipmi_si as the kernel does
+        // when no BMC answers.
+        let insmod = bin.join("insmod");
+        fs::write(
+            &insmod,
+            format!(
+                "#!{}\ncase \"$1\" in\n  */ipmi_si.ko) echo \"insmod: can't insert '$1': No such device\" >&2; exit 1;;\nesac\necho \"$1\" >> {}/loaded\n",
+                sh.display(),
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&insmod, fs::Permissions::from_mode(0o755)).unwrap();
+        let list = dir.path().join("modules");
+        fs::write(
+            &list,
+            "kernel/ipmi_msghandler.ko\nkernel/char/ipmi/ipmi_si.ko\nkernel/ipmi_devintf.ko\n",
+        )
+        .unwrap();
+        let output = Command::new(&sh)
+            .arg("-c")
+            .arg(format!(
+                "module_dir=/mods\nmodule_list={}\n{INSMOD_LOOP}echo end",
+                list.display()
+            ))
+            .env("PATH", &bin)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        assert_eq!(
+            String::from_utf8(output.stdout).unwrap(),
+            "bearman-init: insmod ipmi_si.ko failed (insmod: can't insert '/mods/kernel/char/ipmi/ipmi_si.ko': No such device); booting on\nend\n"
+        );
+        assert!(
+            output.stderr.is_empty(),
+            "insmod's own error is not printed twice"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join("loaded")).unwrap(),
+            "/mods/kernel/ipmi_msghandler.ko\n/mods/kernel/ipmi_devintf.ko\n"
+        );
+        assert!(init_script("stage1").contains(INSMOD_LOOP));
+    }
+
+    #[test]
+    fn library_packages_come_from_depends_lines_only() {
+        let text = "ipmitool\n  PreDepends: init-system-helpers\n  Depends: libc6\n  Depends: libfreeipmi17\n |Depends: libreadline8\n  Depends: libssl3:any\n  Depends: <libvirtual>\n  Depends: freeipmi-common\n  Recommends: libsomething\n  Suggests: libother\n";
+        assert_eq!(
+            library_dependencies(text),
+            ["libc6", "libfreeipmi17", "libreadline8", "libssl3"]
+        );
+    }
+
+    #[test]
+    fn symlink_targets_resolve_like_the_kernel_does() {
+        assert_eq!(
+            join_link(
+                "lib64/ld-linux-x86-64.so.2",
+                "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+            ),
+            "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+        );
+        assert_eq!(
+            join_link("usr/lib/x86_64-linux-gnu/libfoo.so.1", "libfoo.so.1.2.3"),
+            "usr/lib/x86_64-linux-gnu/libfoo.so.1.2.3"
+        );
+        assert_eq!(join_link("lib/a/b", "../c/./d"), "lib/c/d");
+    }
+
+    use crate::elf::tests::tiny_elf;
+
+    const LOADER: &str = "/lib64/ld-linux-x86-64.so.2";
+
+    /// Unpacked stand-ins for ipmitool's packages: the layout Debian bookworm uses (libc6
+    /// under /lib with an absolute /lib64 link, libssl3 under /usr/lib, sonames as links
+    /// to versioned files).
+    fn fake_packages(dir: &Path, with_libgcrypt: bool) -> Vec<(String, PathBuf)> {
+        let put = |package: &str, path: &str, bytes: Vec<u8>| {
+            let file = dir.join(package).join(path);
+            fs::create_dir_all(file.parent().unwrap()).unwrap();
+            fs::write(file, bytes).unwrap();
+        };
+        let link = |package: &str, path: &str, target: &str| {
+            let file = dir.join(package).join(path);
+            fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(target, file).unwrap();
+        };
+        put(
+            "ipmitool",
+            "usr/bin/ipmitool",
+            tiny_elf(
+                Some(LOADER),
+                &["libfreeipmi.so.17", "libcrypto.so.3", "libc.so.6"],
+                None,
+            ),
+        );
+        put("ipmitool", "usr/sbin/ipmievd", b"not copied".to_vec());
+        put(
+            "libc6",
+            "lib/x86_64-linux-gnu/libc.so.6",
+            tiny_elf(None, &["ld-linux-x86-64.so.2"], Some("libc.so.6")),
+        );
+        put(
+            "libc6",
+            "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+            tiny_elf(None, &[], Some("ld-linux-x86-64.so.2")),
+        );
+        put(
+            "libc6",
+            "lib/x86_64-linux-gnu/libm.so.6",
+            tiny_elf(None, &["libc.so.6"], None),
+        );
+        link(
+            "libc6",
+            "lib64/ld-linux-x86-64.so.2",
+            "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        );
+        put(
+            "libfreeipmi17",
+            "usr/lib/x86_64-linux-gnu/libfreeipmi.so.17.2.6",
+            tiny_elf(
+                None,
+                &["libgcrypt.so.20", "libc.so.6"],
+                Some("libfreeipmi.so.17"),
+            ),
+        );
+        link(
+            "libfreeipmi17",
+            "usr/lib/x86_64-linux-gnu/libfreeipmi.so.17",
+            "libfreeipmi.so.17.2.6",
+        );
+        if with_libgcrypt {
+            put(
+                "libgcrypt20",
+                "usr/lib/x86_64-linux-gnu/libgcrypt.so.20",
+                tiny_elf(None, &["libc.so.6"], None),
+            );
+        }
+        put(
+            "libssl3",
+            "usr/lib/x86_64-linux-gnu/libcrypto.so.3",
+            tiny_elf(None, &["libc.so.6"], None),
+        );
+        [
+            "ipmitool",
+            "libc6",
+            "libfreeipmi17",
+            "libgcrypt20",
+            "libssl3",
+        ]
+        .iter()
+        .map(|package| (package.to_string(), dir.join(package)))
+        .collect()
+    }
+
+    #[test]
+    fn ipmitool_goes_in_with_exactly_the_libraries_it_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload = ipmitool_payload(&fake_packages(dir.path(), true)).unwrap();
+        assert_eq!(
+            payload.libraries,
+            [
+                "ld-linux-x86-64.so.2",
+                "libc.so.6",
+                "libcrypto.so.3",
+                "libfreeipmi.so.17",
+                "libgcrypt.so.20"
+            ],
+            "libm.so.6 is in a package but nothing loads it"
+        );
+        let entries: Vec<(&str, &CpioEntry)> = payload
+            .files
+            .entries
+            .iter()
+            .map(|(path, entry)| (path.as_str(), entry))
+            .filter(|(_, entry)| **entry != CpioEntry::Dir)
+            .collect();
+        let paths: Vec<&str> = entries.iter().map(|(path, _)| *path).collect();
+        assert_eq!(
+            paths,
+            [
+                "bin/ipmitool",
+                "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+                "lib/x86_64-linux-gnu/libc.so.6",
+                "lib/x86_64-linux-gnu/libcrypto.so.3",
+                "lib/x86_64-linux-gnu/libfreeipmi.so.17",
+                "lib/x86_64-linux-gnu/libgcrypt.so.20",
+                "lib64/ld-linux-x86-64.so.2",
+            ]
+        );
+        assert_eq!(
+            payload.files.entries["lib64/ld-linux-x86-64.so.2"],
+            CpioEntry::Symlink {
+                target: "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2".into()
+            }
+        );
+        // The versioned file's bytes, under the soname.
+        assert_eq!(
+            payload
+                .files
+                .resolve("lib/x86_64-linux-gnu/libfreeipmi.so.17"),
+            Some(
+                &fs::read(
+                    dir.path()
+                        .join("libfreeipmi17/usr/lib/x86_64-linux-gnu/libfreeipmi.so.17.2.6")
+                )
+                .unwrap()[..]
+            )
+        );
+        let mut archive = Cpio::default();
+        archive.extend(&payload.files);
+        assert_eq!(
+            check_loadable(&archive, IPMITOOL_PATH).unwrap(),
+            payload.libraries
+        );
+    }
+
+    #[test]
+    fn a_library_no_package_provides_fails_the_build_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let Err(error) = ipmitool_payload(&fake_packages(dir.path(), false)) else {
+            panic!("built without libgcrypt20");
+        };
+        let text = format!("{error:#}");
+        assert!(
+            text.contains("libgcrypt.so.20 (needed by libfreeipmi.so.17) is missing"),
+            "{text}"
+        );
+        assert!(
+            text.contains("libfreeipmi17"),
+            "names the packages looked in: {text}"
+        );
+    }
+
+    #[test]
+    fn the_image_check_finds_a_missing_library_or_loader() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload = ipmitool_payload(&fake_packages(dir.path(), true)).unwrap();
+        let check = |remove: &str| {
+            let mut archive = payload.files.clone();
+            archive.entries.remove(remove);
+            check_loadable(&archive, IPMITOOL_PATH).map_err(|error| format!("{error:#}"))
+        };
+        let error = check("lib/x86_64-linux-gnu/libgcrypt.so.20").unwrap_err();
+        assert!(
+            error.contains("libgcrypt.so.20 (needed by libfreeipmi.so.17) is missing"),
+            "{error}"
+        );
+        // The loader's file gone: the /lib64 link dangles, and libc's DT_NEEDED fails too.
+        let error = check("lib/x86_64-linux-gnu/ld-linux-x86-64.so.2").unwrap_err();
+        assert!(
+            error.contains("interpreter /lib64/ld-linux-x86-64.so.2 is not in the image"),
+            "{error}"
+        );
+        let error = check("bin/ipmitool").unwrap_err();
+        assert!(
+            error.contains("/bin/ipmitool is not in the image"),
+            "{error}"
+        );
+        // A library outside the loader's search path does not count.
+        let mut archive = payload.files.clone();
+        let CpioEntry::File { data, .. } = archive
+            .entries
+            .remove("lib/x86_64-linux-gnu/libcrypto.so.3")
+            .unwrap()
+        else {
+            panic!("libcrypto is a file");
+        };
+        archive.file("opt/lib/libcrypto.so.3", 0o755, data);
+        let error = check_loadable(&archive, IPMITOOL_PATH).unwrap_err();
+        assert!(format!("{error:#}").contains("libcrypto.so.3"), "{error:#}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Each command lives in its own module; add a variant to `Command` for a new one.
 
 mod bench_ipxe;
+mod elf;
 mod images;
 mod process;
 mod qemu_smoke;

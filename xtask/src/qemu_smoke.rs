@@ -9,6 +9,10 @@
 //! the driver reads as Off) and the smoke waits for Bearman to notice, fence it (verified
 //! off), rebuild it and see it Ready again — with every other node left alone.
 //!
+//! Each VM has QEMU's simulated BMC on an ISA KCS interface and the daemon a bmc pool; on
+//! every stage-1 boot the smoke checks what the IPMI modules, ipmitool and the agent did
+//! with it (QEMU 7.2's BMC refuses the LAN commands: see [`BMC_LAN_PRINT_REFUSED`]).
+//!
 //! Each stage is checked by the witness that sees it: the serial console (kernel and agent
 //! lines), the admin API (lifecycle events, remediations) and the daemon's state. Progress
 //! is printed as it happens; on failure the tails of every serial log and of the daemon
@@ -39,6 +43,7 @@ const PXE_ROM: &str = "/usr/lib/ipxe/qemu/pxe-e1000.rom";
 /// QEMU user networking makes the host's loopback reachable at this address.
 const HOST_FROM_GUEST: &str = "10.0.2.2";
 const FLAVOR: &str = "smoke";
+const BMC_POOL: &str = "smoke-bmc";
 const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// How often the daemon and the serial logs are looked at.
 const POLL: Duration = Duration::from_secs(1);
@@ -341,7 +346,7 @@ async fn configure(api: &Api, manifest: &Value, nodes: u32) -> anyhow::Result<()
             .with_context(|| format!("manifest.json has no sha256 for {artifact}"))
     };
     progress(format!(
-        "creating flavor {FLAVOR}, pool smoke and {nodes} node(s)"
+        "creating flavor {FLAVOR}, pools smoke and {BMC_POOL} and {nodes} node(s)"
     ));
     api.send(
         "POST",
@@ -366,6 +371,21 @@ async fn configure(api: &Api, manifest: &Value, nodes: u32) -> anyhow::Result<()
             "gateway": "10.77.0.1",
             "dns": ["10.77.0.1"],
             "mtu": 1500,
+        }),
+    )
+    .await?;
+    // The out-of-band network: the daemon hands a BMC address from it to each node that
+    // reports a BMC at registration.
+    api.send(
+        "POST",
+        "/api/v1/pools",
+        &json!({
+            "name": BMC_POOL,
+            "purpose": "bmc",
+            "cidr": "10.78.0.0/24",
+            "range_start": "10.78.0.10",
+            "range_end": "10.78.0.250",
+            "gateway": "10.78.0.1",
         }),
     )
     .await?;
@@ -426,6 +446,10 @@ fn start_vm(args: &Args, setup: &Setup, addr: SocketAddr, index: u32) -> anyhow:
                 index + 1
             ),
         ])
+        // An emulated BMC on the in-band KCS interface, found by ipmi_si through ACPI/SMBIOS:
+        // stage 1 reads and configures it as it would a server's.
+        .args(["-device", "ipmi-bmc-sim,id=bmc0"])
+        .args(["-device", "isa-ipmi-kcs,bmc=bmc0"])
         .args(["-boot", "order=n"])
         .stdout(qemu_output.try_clone()?)
         .stderr(qemu_output);
@@ -455,6 +479,115 @@ const MARKERS: &[(&str, &str)] = &[
     ("stage-2 init", "bearman-init: stage2"),
     ("installed", "bearman-agent: reported installed"),
 ];
+
+/// The kernel's line when `ipmi_si` has found the VM's emulated KCS interface.
+const BMC_KERNEL_FOUND: &str = "IPMI kcs interface initialized";
+/// What the agent prints when `ipmitool lan print 1` is refused the way QEMU 7.2's
+/// `ipmi-bmc-sim` refuses it: that BMC implements neither Get Channel Info (App netfn
+/// 0x06, command 0x42) nor any LAN configuration command (Transport netfn 0x0C), and
+/// answers them with completion code 0xC1, which ipmitool prints as "Invalid command".
+/// Found by booting; every `lan set` fails the same way ("Channel 1 is not a LAN channel").
+const BMC_LAN_PRINT_REFUSED: &str = "bearman-agent: reading the BMC: ipmitool lan print 1: exit status: 1: Get Channel Info command failed: Invalid command; Invalid channel: 1; registering without BMC facts";
+/// The agent's line when the registration answer carried no BMC settings (the daemon
+/// allocates a BMC address only to a node that reported its BMC's MAC).
+const BMC_NO_SETTINGS: &str = "bearman-agent: bearman sent no BMC settings (no bmc pool, or no BMC MAC was registered); BMC left as it is";
+
+/// Checks what the kernel and the agent did with the VM's emulated BMC in one stage-1
+/// boot, from its console text (from the cycle's start): the IPMI modules loaded and found
+/// the KCS interface, the agent found /dev/ipmi0 and ran ipmitool, QEMU's BMC refused
+/// `lan print` exactly as 7.2's does, no `lan set` was run, and the boot went on to the
+/// plan line.
+fn check_stage1_bmc(console: &str) -> Result<(), String> {
+    let stage1 = match console.find("bearman-agent: booting ") {
+        Some(end) => &console[..end],
+        None => return Err("stage 1 never reached its plan line".into()),
+    };
+    let relevant = || {
+        let lines: Vec<&str> = stage1
+            .lines()
+            .map(|line| line.trim_end_matches('\r'))
+            .filter(|line| {
+                let lower = line.to_ascii_lowercase();
+                lower.contains("ipmi") || lower.contains("bmc")
+            })
+            .collect();
+        format!("its BMC lines:\n  {}", lines.join("\n  "))
+    };
+    let fail = |what: &str| Err(format!("{what}; {}", relevant()));
+    if stage1.contains("bearman-init: insmod ipmi") {
+        return fail("an IPMI module did not load");
+    }
+    if !stage1.contains(BMC_KERNEL_FOUND) {
+        return fail(&format!(
+            "the kernel found no IPMI interface (no {BMC_KERNEL_FOUND:?} line)"
+        ));
+    }
+    if stage1.contains("no BMC found") || stage1.contains("ipmitool is not on PATH") {
+        return fail("the agent did not get as far as running ipmitool");
+    }
+    if stage1.contains("bearman-agent: BMC on channel") {
+        return fail(
+            "QEMU's BMC answered `ipmitool lan print` (7.2's refuses it): this QEMU implements \
+             LAN configuration, so extend the smoke to check the node's bmc.mac, its bmc-pool \
+             address and the lan set commands",
+        );
+    }
+    if !stage1.contains(BMC_LAN_PRINT_REFUSED) {
+        return fail(&format!("no line {BMC_LAN_PRINT_REFUSED:?}"));
+    }
+    if !stage1.contains(BMC_NO_SETTINGS) {
+        return fail(&format!("no line {BMC_NO_SETTINGS:?}"));
+    }
+    if stage1.contains("BMC configured on channel") || stage1.contains("BMC configuration failed") {
+        return fail("the agent ran lan set although it had no BMC settings");
+    }
+    Ok(())
+}
+
+/// Checks the daemon's side of a VM's BMC: with no BMC MAC registered it keeps the node's
+/// BMC record as enrolled (no MAC, the QMP socket as its address, which fencing needs) and
+/// allocates nothing from the bmc pool.
+async fn check_bmc_record(api: &Api, vm: &Vm) -> anyhow::Result<()> {
+    let node = api.get(&format!("/api/v1/nodes/{}", vm.uuid)).await?;
+    ensure!(
+        node["bmc"]["mac"].is_null(),
+        "{}: the node has a BMC MAC although QEMU's BMC refused lan print: {}",
+        vm.name,
+        node["bmc"]
+    );
+    let enrolled = format!("{}.qmp", vm.name);
+    ensure!(
+        node["bmc"]["address"] == json!(enrolled),
+        "{}: the node's BMC address is {}, not the QMP socket {enrolled} it was enrolled with",
+        vm.name,
+        node["bmc"]["address"]
+    );
+    let pool = api.get(&format!("/api/v1/pools/{BMC_POOL}")).await?;
+    let allocations = pool["allocations"]
+        .as_array()
+        .with_context(|| format!("pool {BMC_POOL} has no allocations list: {pool}"))?;
+    ensure!(
+        !allocations
+            .iter()
+            .any(|allocation| allocation.to_string().contains(&vm.uuid)),
+        "{}: got an address from {BMC_POOL} without reporting a BMC MAC: {pool}",
+        vm.name
+    );
+    Ok(())
+}
+
+/// Both BMC checks for one stage-1 boot of `vm`, its console read from `offset`.
+async fn check_bmc(api: &Api, vm: &Vm, offset: usize) -> anyhow::Result<()> {
+    let log = fs::read(&vm.serial_log).unwrap_or_default();
+    let console = String::from_utf8_lossy(log.get(offset..).unwrap_or_default());
+    check_stage1_bmc(&console).map_err(|error| anyhow!("{} BMC: {error}", vm.name))?;
+    check_bmc_record(api, vm).await?;
+    progress(format!(
+        "{}: BMC: ipmi_si found QEMU's KCS BMC; the agent ran ipmitool on /dev/ipmi0; lan print refused (Invalid command), so no MAC registered, no BMC settings, no {BMC_POOL} address, no lan set; boot went on",
+        vm.name
+    ));
+    Ok(())
+}
 
 /// One boot cycle of one VM, watched from power-on to Ready.
 struct Cycle {
@@ -620,6 +753,7 @@ async fn boots_and_rebuild(
         let events = events(api, &vm.uuid).await?;
         states_in_order(&events, &["registered", "provisioning", "ready"])
             .map_err(|error| anyhow!("{}: {error}", vm.name))?;
+        check_bmc(api, vm, 0).await?;
     }
     let first: Vec<Cycle> = cycles.into_iter().flatten().collect();
     print_cycles("first boot", "power-on", vms, &first);
@@ -643,6 +777,7 @@ async fn boots_and_rebuild(
     watch_until_ready(args, api, bearman, vms, &mut cycles, daemon_log).await?;
 
     let vm = &vms[victim];
+    check_bmc(api, vm, offset).await?;
     let events = events(api, &vm.uuid).await?;
     let after: Vec<Value> = events
         .into_iter()
@@ -807,6 +942,86 @@ mod tests {
         let old = b"Linux version 6.1\nbearman-init: stage1\n".to_vec();
         let mut cycle = Cycle::new(old.len(), Instant::now());
         assert!(cycle.scan(&old).is_empty());
+    }
+
+    /// The stage-1 console lines of a smoke boot (from a real run), with `agent` as the
+    /// agent's BMC lines.
+    fn stage1_console(kernel: &str, agent: &[&str]) -> String {
+        let mut text = String::from("[    4.39] IPMI message handler: version 39.2\r\n");
+        text.push_str(kernel);
+        text.push_str("bearman-init: exec /bin/bearman-agent stage1\r\n");
+        for line in agent {
+            text.push_str(line);
+            text.push_str("\r\n");
+        }
+        text.push_str(
+            "bearman-agent: booting http://10.0.2.2:1/images/stage2/vmlinuz (smoke) as vm1\r\n",
+        );
+        text
+    }
+
+    const KCS: &str = "[    4.45] ipmi_si IPI0001:00: IPMI kcs interface initialized\r\n";
+
+    #[test]
+    fn qemus_refused_lan_print_passes_and_anything_else_fails() {
+        assert_eq!(
+            check_stage1_bmc(&stage1_console(
+                KCS,
+                &[BMC_LAN_PRINT_REFUSED, BMC_NO_SETTINGS]
+            )),
+            Ok(())
+        );
+        let fails = |console: String, expect: &str| {
+            let error = check_stage1_bmc(&console).unwrap_err();
+            assert!(error.contains(expect), "{expect:?} not in {error:?}");
+        };
+        fails(
+            stage1_console("", &[BMC_LAN_PRINT_REFUSED, BMC_NO_SETTINGS]),
+            "the kernel found no IPMI interface",
+        );
+        fails(
+            stage1_console(
+                KCS,
+                &[
+                    "bearman-init: insmod ipmi_si.ko failed (No such device); booting on",
+                    BMC_LAN_PRINT_REFUSED,
+                    BMC_NO_SETTINGS,
+                ],
+            ),
+            "an IPMI module did not load",
+        );
+        fails(
+            stage1_console(
+                KCS,
+                &["bearman-agent: BMC device /dev/ipmi0 found but ipmitool is not on PATH; skipping BMC configuration"],
+            ),
+            "did not get as far as running ipmitool",
+        );
+        fails(
+            stage1_console(
+                KCS,
+                &["bearman-agent: BMC on channel 1: mac 52:54:00:00:00:01, address none"],
+            ),
+            "this QEMU implements LAN configuration",
+        );
+        fails(
+            stage1_console(KCS, &[BMC_NO_SETTINGS]),
+            "no line \"bearman-agent: reading the BMC",
+        );
+        fails(
+            stage1_console(KCS, &[BMC_LAN_PRINT_REFUSED]),
+            "no BMC settings",
+        );
+        fails(
+            stage1_console(KCS, &[BMC_LAN_PRINT_REFUSED, BMC_NO_SETTINGS])
+                .replace("bearman-agent: booting", "bearman-agent: stuck"),
+            "never reached its plan line",
+        );
+        // A refusal after the plan line (a later boot) is not this boot's.
+        let late = format!(
+            "{KCS}bearman-agent: booting x\r\n{BMC_LAN_PRINT_REFUSED}\r\n{BMC_NO_SETTINGS}\r\n"
+        );
+        fails(late, "no line");
     }
 
     #[test]

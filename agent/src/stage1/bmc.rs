@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use bearman_proto::{BmcFacts, BmcSettings};
 
-use crate::bmc::{lan_print_args, parse_lan_print, plan_lan, BMC_DEVICES};
+use crate::bmc::{ipmitool_error_line, lan_print_args, parse_lan_print, plan_lan, BMC_DEVICES};
 
 /// Bound on one ipmitool command (in-band KCS answers in well under a second; a wedged BMC
 /// never does).
 pub const IPMITOOL_TIMEOUT: Duration = Duration::from_secs(20);
-/// Longest stderr quoted on the console.
+/// Longest stderr quoted on the console (one line: see [`ipmitool_error_line`]).
 const STDERR_CHARS_MAX: usize = 400;
 
 /// Runs ipmitool with an argument vector (the program name not included).
@@ -71,11 +71,8 @@ impl Ipmitool for SystemIpmitool {
             if output.status.success() {
                 Ok(String::from_utf8_lossy(&output.stdout).into_owned())
             } else {
-                let stderr: String = String::from_utf8_lossy(&output.stderr)
-                    .trim()
-                    .chars()
-                    .take(STDERR_CHARS_MAX)
-                    .collect();
+                let stderr =
+                    ipmitool_error_line(&String::from_utf8_lossy(&output.stderr), STDERR_CHARS_MAX);
                 Err(format!("{}: {stderr}", output.status))
             }
         })
