@@ -234,3 +234,61 @@ async fn target_script_follows_flavor_and_node_changes() {
         "{after_rename}"
     );
 }
+
+/// A node whose BMC is a VM's QMP socket reports an in-band BMC (QEMU's emulated one, say):
+/// it gets no OOB address, and the socket the daemon fences it through is kept. A node
+/// fenced over IPMI gets the pool address as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bmc_reached_over_qmp_keeps_its_address_at_registration() {
+    let daemon = TestDaemon::sqlite(Options {
+        default_flavor: Some("hv".into()),
+        ..Default::default()
+    })
+    .await;
+    for (path, body) in [
+        ("/flavors", flavor_json("hv")),
+        ("/pools", node_pool_json()),
+        ("/pools", bmc_pool_json()),
+    ] {
+        assert_eq!(daemon.admin("POST", path, Some(body)).await.0, 201);
+    }
+    let vm = NodeUuid::from_index(9, 1);
+    let server = NodeUuid::from_index(9, 2);
+    for (uuid, bmc) in [
+        (
+            &vm,
+            serde_json::json!({"driver": "qmp", "address": "vm1.qmp"}),
+        ),
+        (&server, serde_json::json!({"driver": "ipmi"})),
+    ] {
+        let enroll = serde_json::json!({"uuid": uuid.to_string(), "bmc": bmc});
+        assert_eq!(daemon.admin("POST", "/nodes", Some(enroll)).await.0, 201);
+    }
+
+    let client = BootClient::new(TcpConnector, &daemon.url(), vm.clone()).unwrap();
+    let body = register_body(21);
+    assert!(body.bmc.is_some(), "the fixture reports a BMC");
+    let registration = client.register(&body).await.unwrap();
+    assert_eq!(
+        registration.bmc, None,
+        "no OOB settings for a QMP-driven BMC"
+    );
+    let (_, node) = daemon.admin("GET", &format!("/nodes/{vm}"), None).await;
+    assert_eq!(node["bmc"]["address"], "vm1.qmp");
+    assert_eq!(node["bmc"]["driver"], "qmp");
+
+    let client = BootClient::new(TcpConnector, &daemon.url(), server.clone()).unwrap();
+    let registration = client.register(&register_body(22)).await.unwrap();
+    let settings = registration.bmc.expect("an IPMI BMC gets its OOB address");
+    let (_, node) = daemon.admin("GET", &format!("/nodes/{server}"), None).await;
+    assert_eq!(node["bmc"]["address"], settings.address.as_str());
+
+    let (_, pool) = daemon.admin("GET", "/pools/oob", None).await;
+    let allocated: Vec<&str> = pool["allocations"]
+        .as_array()
+        .expect("allocations listed")
+        .iter()
+        .filter_map(|allocation| allocation["node_uuid"].as_str())
+        .collect();
+    assert_eq!(allocated, vec![server.to_string().as_str()]);
+}

@@ -23,7 +23,7 @@ use super::{apply_event, mutate_node, AppState};
 use crate::core::boot::{render_profile, render_stage1, render_target_script};
 use crate::core::ipam::{self, select_pool};
 use crate::core::lifecycle::{LifecycleEvent, LifecycleState};
-use crate::core::model::{Flavor, NewEvent, Node, PoolPurpose};
+use crate::core::model::{BmcDriver, Flavor, NewEvent, Node, PoolPurpose};
 use crate::core::registration::{plan_registration, RegistrationRefused};
 use crate::core::validate;
 use crate::store::StoreError;
@@ -359,8 +359,8 @@ async fn register(
     }))
 }
 
-/// Gives `node` its bond0 address (and its BMC one when the machine has a BMC) from the
-/// matching pools, writing them into the record. No pool configured means the node keeps
+/// Gives `node` its bond0 address (and its BMC one when the machine has a BMC reached over
+/// its LAN) from the matching pools, writing them into the record. No pool configured means the node keeps
 /// DHCP. Returns the BMC settings for the agent to apply.
 async fn assign_addresses(
     state: &AppState,
@@ -389,7 +389,11 @@ async fn assign_addresses(
         }
     }
     let mut bmc_settings = None;
-    if has_bmc {
+    // A BMC Bearman reaches some other way than its LAN (a VM's QMP socket, the
+    // simulator's fabric) keeps its address: an OOB address would replace the only way
+    // to fence it.
+    let reached_over_lan = !matches!(node.bmc.driver, Some(BmcDriver::Qmp | BmcDriver::Sim));
+    if has_bmc && reached_over_lan {
         if let Some(pool) = select_pool(&pools, PoolPurpose::Bmc, None) {
             let allocation = state
                 .store
