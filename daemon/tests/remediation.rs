@@ -1,6 +1,8 @@
 //! The remediation controller end to end over in-process fakes of the BMC and the cloud:
 //! a silent node is fenced (verified), evacuated and rebuilt; an unverifiable fence is
-//! reported and handed to a human; every saga step can run twice without harm.
+//! reported and handed to a human; every saga step can run twice without harm; power
+//! sync confirms a powered-off node without the confirmation wait, and changes nothing
+//! when the BMC reads On or cannot be read.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -14,6 +16,7 @@ use bearman::controller::{BmcProvider, Controller, ControllerConfig};
 use bearman::core::boot::Stage1Config;
 use bearman::core::lifecycle::LifecycleState;
 use bearman::core::model::{EventFilter, Node, NodeRole};
+use bearman::core::power_sync::PowerReadingState;
 use bearman::core::registration::RegistrationDefaults;
 use bearman::core::remediation::{Status, Step};
 use bearman::images::MemoryImages;
@@ -30,11 +33,14 @@ impl Clock for ManualClock {
     }
 }
 
-/// A BMC whose machine obeys power commands, unless told to lie about its power.
+/// A BMC whose machine obeys power commands, unless told to lie about its power, fail
+/// every status read, or never answer one.
 #[derive(Default)]
 struct FakeBmc {
     power_on: Mutex<bool>,
     always_reports_on: bool,
+    status_fails: bool,
+    status_hangs: bool,
     calls: Mutex<Vec<&'static str>>,
 }
 
@@ -42,6 +48,15 @@ struct FakeBmc {
 impl Bmc for FakeBmc {
     async fn power_state(&self) -> Result<PowerState, BmcError> {
         self.calls.lock().unwrap().push("status");
+        if self.status_hangs {
+            std::future::pending::<()>().await;
+        }
+        if self.status_fails {
+            return Err(BmcError::Timeout {
+                bmc: "fake".into(),
+                operation: "power_state",
+            });
+        }
         let on = *self.power_on.lock().unwrap() || self.always_reports_on;
         Ok(if on { PowerState::On } else { PowerState::Off })
     }
@@ -61,11 +76,20 @@ impl Bmc for FakeBmc {
     }
 }
 
-struct OneBmc(Arc<FakeBmc>);
+/// The victim's BMC, and one healthy BMC shared by every other node.
+struct FleetBmcs {
+    victim: NodeUuid,
+    bmc: Arc<FakeBmc>,
+    others: Arc<FakeBmc>,
+}
 
-impl BmcProvider for OneBmc {
-    fn bmc_for(&self, _node: &Node) -> Result<Arc<dyn Bmc>, String> {
-        Ok(self.0.clone())
+impl BmcProvider for FleetBmcs {
+    fn bmc_for(&self, node: &Node) -> Result<Arc<dyn Bmc>, String> {
+        Ok(if node.uuid == self.victim {
+            self.bmc.clone()
+        } else {
+            self.others.clone()
+        })
     }
 }
 
@@ -114,25 +138,41 @@ struct Harness {
     store: Arc<MemoryStore>,
     clock: Arc<ManualClock>,
     bmc: Arc<FakeBmc>,
+    others: Arc<FakeBmc>,
     cloud: Arc<FakeCloud>,
     controller: Arc<Controller>,
     uuid: NodeUuid,
+    nodes: u64,
 }
 
+/// Starts at a whole number of poll intervals, so first polls fall at their phase.
+const START_MS: i64 = 1_020_000;
+
 async fn harness(bmc: FakeBmc) -> Harness {
+    harness_with(bmc, FakeBmc::default(), ControllerConfig::default(), 6).await
+}
+
+async fn harness_with(
+    bmc: FakeBmc,
+    others: FakeBmc,
+    config: ControllerConfig,
+    nodes: u64,
+) -> Harness {
     let store = Arc::new(MemoryStore::new());
-    let clock = Arc::new(ManualClock(AtomicI64::new(1_000_000)));
+    let clock = Arc::new(ManualClock(AtomicI64::new(START_MS)));
     let bmc = Arc::new(bmc);
     *bmc.power_on.lock().unwrap() = true;
+    let others = Arc::new(others);
+    *others.power_on.lock().unwrap() = true;
     let cloud = Arc::new(FakeCloud::default());
-    // Five healthy nodes in one rack and the one that will go silent.
+    // Healthy nodes in one rack and the one that will go silent (node 0).
     let mut victim = None;
-    for index in 0..6u64 {
+    for index in 0..nodes {
         let uuid = NodeUuid::from_index(77, index);
         let mut node = Node::new(uuid.clone(), format!("cn{index}"), NodeRole::Compute, 0);
         node.rack = Some("r1".into());
         node.state = LifecycleState::Ready;
-        node.last_heartbeat_at_ms = Some(1_000_000);
+        node.last_heartbeat_at_ms = Some(START_MS);
         store.node_create(&node, &[]).await.unwrap();
         if index == 0 {
             victim = Some(uuid);
@@ -161,11 +201,15 @@ async fn harness(bmc: FakeBmc) -> Harness {
     );
     let config = ControllerConfig {
         startup_quiet_ms: 0,
-        ..Default::default()
+        ..config
     };
     let controller = Controller::new(
         state,
-        Arc::new(OneBmc(bmc.clone())),
+        Arc::new(FleetBmcs {
+            victim: uuid.clone(),
+            bmc: bmc.clone(),
+            others: others.clone(),
+        }),
         Some(cloud.clone()),
         config,
     );
@@ -173,17 +217,28 @@ async fn harness(bmc: FakeBmc) -> Harness {
         store,
         clock,
         bmc,
+        others,
         cloud,
         controller,
         uuid,
+        nodes,
     }
 }
 
 impl Harness {
     /// Advances time by `ms`, keeping every node but the victim heartbeating, and ticks.
     async fn advance(&self, ms: i64) {
+        self.advance_heard_from(ms, 1).await
+    }
+
+    /// Like `advance`, with every node heartbeating, the victim too.
+    async fn advance_all_alive(&self, ms: i64) {
+        self.advance_heard_from(ms, 0).await
+    }
+
+    async fn advance_heard_from(&self, ms: i64, first: u64) {
         let now = self.clock.0.fetch_add(ms, Ordering::SeqCst) + ms;
-        for index in 1..6u64 {
+        for index in first..self.nodes {
             self.store
                 .node_record_heartbeat(&NodeUuid::from_index(77, index), now)
                 .await
@@ -224,10 +279,12 @@ async fn silent_node_is_fenced_verified_evacuated_and_rebuilt() {
     assert!(!*h.bmc.power_on.lock().unwrap() || h.bmc.calls.lock().unwrap().contains(&"on"));
     let calls = h.bmc.calls.lock().unwrap().clone();
     let off = calls.iter().position(|c| *c == "off").expect("powered off");
-    let verified = calls
-        .iter()
-        .position(|c| *c == "status")
-        .expect("read back");
+    // Power sync reads the BMC before the fence too; the readback is the first read after.
+    let verified = off
+        + calls[off..]
+            .iter()
+            .position(|c| *c == "status")
+            .expect("read back");
     let pxe = calls.iter().position(|c| *c == "pxe").expect("pxe");
     assert!(
         off < verified && verified < pxe,
@@ -384,4 +441,202 @@ async fn every_step_can_run_twice_without_harm() {
         .unwrap()[0];
     assert_eq!(remediation.status, Status::Done, "{remediation:?}");
     assert_eq!(h.node_state().await, LifecycleState::Ready);
+}
+
+impl Harness {
+    async fn victim_events(&self) -> Vec<bearman::core::model::Event> {
+        let mut events = self
+            .store
+            .event_list(&EventFilter {
+                node_uuid: Some(self.uuid.clone()),
+                limit: 500,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        events.reverse();
+        events
+    }
+
+    /// Silence (ms since the victim was last heard) at which the automatic remediation
+    /// started, running up to `limit_ms` of virtual time.
+    async fn silence_when_remediation_started(&self, limit_ms: i64) -> Option<i64> {
+        for _ in 0..limit_ms / 1_000 {
+            self.advance(1_000).await;
+            if let Some(started) = self
+                .victim_events()
+                .await
+                .iter()
+                .find(|e| e.action == "remediation_started")
+            {
+                return Some(started.at_ms - START_MS);
+            }
+        }
+        None
+    }
+}
+
+#[tokio::test]
+async fn a_silent_node_whose_bmc_reads_off_is_fenced_without_the_confirm_wait() {
+    let h = harness(FakeBmc::default()).await;
+    let health = ControllerConfig::default().health;
+    // The power supply fails: the node stops heartbeating and its BMC reads Off.
+    *h.bmc.power_on.lock().unwrap() = false;
+    let silence = h
+        .silence_when_remediation_started(120_000)
+        .await
+        .expect("fenced");
+    assert!(
+        silence > health.heartbeat_grace_ms && silence <= health.heartbeat_grace_ms + 1_000,
+        "fenced at {silence} ms of silence: as soon as the grace ran out"
+    );
+    let events = h.victim_events().await;
+    let started = events
+        .iter()
+        .find(|e| e.action == "remediation_started")
+        .unwrap();
+    assert!(
+        started.reason.contains("BMC reads power off"),
+        "{started:?}"
+    );
+    let power: Vec<&str> = events
+        .iter()
+        .filter(|e| e.action == "power_state_changed")
+        .map(|e| e.reason.as_str())
+        .collect();
+    assert_eq!(power.len(), 1, "one event for the one change: {power:?}");
+    assert!(power[0].starts_with("BMC reads power off"), "{power:?}");
+    // The fence still goes through its own verified power-off and the saga completes.
+    h.run_until("rebuilding", |s| s == LifecycleState::Rebuilding)
+        .await;
+    assert_eq!(h.cloud.evacuations.lock().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_silent_node_whose_bmc_reads_on_waits_out_the_confirm_period() {
+    let h = harness(FakeBmc::default()).await;
+    let health = ControllerConfig::default().health;
+    // A hung kernel: silent, power still on.
+    let silence = h
+        .silence_when_remediation_started(120_000)
+        .await
+        .expect("fenced");
+    assert!(
+        silence > health.heartbeat_grace_ms + health.fence_confirm_ms
+            && silence <= health.heartbeat_grace_ms + health.fence_confirm_ms + 1_000,
+        "fenced at {silence} ms of silence: only after the confirmation period"
+    );
+    let reading = h.store.node_power_get(&h.uuid).await.unwrap().unwrap();
+    assert_eq!(reading.state, PowerReadingState::On);
+    assert!(
+        reading.read_at_ms > START_MS,
+        "read after the node fell silent"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_poll_is_recorded_unknown_and_changes_nothing() {
+    let h = harness(FakeBmc {
+        status_fails: true,
+        ..Default::default()
+    })
+    .await;
+    let health = ControllerConfig::default().health;
+    *h.bmc.power_on.lock().unwrap() = false;
+    let silence = h
+        .silence_when_remediation_started(120_000)
+        .await
+        .expect("fenced");
+    assert!(
+        silence > health.heartbeat_grace_ms + health.fence_confirm_ms,
+        "fenced at {silence} ms of silence: an unreadable BMC confirms nothing"
+    );
+    let reading = h.store.node_power_get(&h.uuid).await.unwrap().unwrap();
+    assert_eq!(reading.state, PowerReadingState::Unknown);
+    assert!(
+        reading.error.as_deref().unwrap_or("").contains("timed out"),
+        "{reading:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_power_event_is_written_only_when_the_reading_changes() {
+    let h = harness(FakeBmc::default()).await;
+    // Five healthy minutes: every node polled about five times, no power event.
+    for _ in 0..300 {
+        h.advance_all_alive(1_000).await;
+    }
+    let polls = h.others.calls.lock().unwrap().len() + h.bmc.calls.lock().unwrap().len();
+    assert!(
+        (4 * 6..=6 * 6).contains(&polls),
+        "{polls} polls of 6 nodes in 5 minutes at one per minute"
+    );
+    let events = h.store.event_list(&EventFilter::default()).await.unwrap();
+    assert!(
+        events.iter().all(|e| e.action != "power_state_changed"),
+        "{events:?}"
+    );
+    // The victim loses power (but is still heard from, say, a stale heartbeat path):
+    // one event at the change, none for the polls that read Off again.
+    *h.bmc.power_on.lock().unwrap() = false;
+    for _ in 0..200 {
+        h.advance_all_alive(1_000).await;
+    }
+    let changes: Vec<String> = h
+        .victim_events()
+        .await
+        .into_iter()
+        .filter(|e| e.action == "power_state_changed")
+        .map(|e| e.reason)
+        .collect();
+    assert!(h.bmc.calls.lock().unwrap().len() >= 7, "kept polling");
+    assert_eq!(changes, vec!["BMC reads power off (was on)".to_string()]);
+}
+
+#[tokio::test]
+async fn power_polls_are_bounded_per_tick_and_in_flight() {
+    let config = ControllerConfig {
+        power_polls_per_tick_max: 8,
+        power_polls_in_flight_max: 16,
+        ..Default::default()
+    };
+    // Every BMC hangs on a status read: polls pile up to the bound and no further.
+    let hangs = || FakeBmc {
+        status_hangs: true,
+        ..Default::default()
+    };
+    let h = harness_with(hangs(), hangs(), config, 40).await;
+    // Late in the interval, so (nearly) every node's first poll is due.
+    h.advance_all_alive(59_000).await;
+    assert_eq!(h.controller.power_polls_in_flight(), 8, "one tick starts 8");
+    h.advance_all_alive(100).await;
+    assert_eq!(h.controller.power_polls_in_flight(), 16);
+    for _ in 0..5 {
+        h.advance_all_alive(100).await;
+    }
+    assert_eq!(
+        h.controller.power_polls_in_flight(),
+        16,
+        "never more than 16 in flight"
+    );
+    let calls = h.others.calls.lock().unwrap().len() + h.bmc.calls.lock().unwrap().len();
+    assert_eq!(calls, 16, "hung polls are not repeated");
+}
+
+#[tokio::test]
+async fn power_sync_is_off_at_zero() {
+    let mut config = ControllerConfig::default();
+    config.health.power_poll_interval_ms = 0;
+    let h = harness_with(FakeBmc::default(), FakeBmc::default(), config.clone(), 6).await;
+    *h.bmc.power_on.lock().unwrap() = false;
+    let silence = h
+        .silence_when_remediation_started(120_000)
+        .await
+        .expect("fenced");
+    assert!(
+        silence > config.health.heartbeat_grace_ms + config.health.fence_confirm_ms,
+        "fenced at {silence} ms of silence: without power sync the confirmation period holds"
+    );
+    assert!(h.others.calls.lock().unwrap().is_empty(), "nobody polled");
+    assert_eq!(h.store.node_power_get(&h.uuid).await.unwrap(), None);
 }

@@ -240,6 +240,22 @@ impl World {
         self.trace.record(now, format!("crash {name}"));
     }
 
+    /// Power supply failure: power goes off (the OS and every VM instance with it) and is
+    /// recorded as a crash for the recovery figures. The BMC, on standby power, reads Off.
+    pub fn lose_power(&mut self, index: u32, now: Duration) {
+        if self.nodes[index as usize].power == Power::Off {
+            return;
+        }
+        let running: Vec<u32> = self
+            .vms
+            .values()
+            .filter(|vm| vm.instances.contains(&index))
+            .map(|vm| vm.id)
+            .collect();
+        self.crashes.insert(index, (now, running));
+        self.power_off(index, now, "power supply failure");
+    }
+
     /// Stage 2 came up on `index` (its epoch must still be current): the hypervisor starts
     /// instances of the VMs assigned to it and, like Nova on start-up, forgets instances
     /// of VMs that were evacuated away while it was down.

@@ -214,6 +214,21 @@ fn apply_fault(
             }
             faults.affected.insert(fault_index, nodes);
         }
+        (FaultKind::PowerLossNodes, false) => {
+            let mut world = lock(world);
+            let nodes = pick_nodes(
+                &world,
+                fault.rack,
+                fault.count.unwrap_or(1),
+                &mut faults.rng,
+            );
+            for index in &nodes {
+                world.lose_power(*index, now);
+            }
+            faults.affected.insert(fault_index, nodes);
+        }
+        // Nothing comes back by itself: the daemon's rebuild powers the node on.
+        (FaultKind::PowerLossNodes, true) => {}
         (FaultKind::BmcPowerCycleNodes, false) => {
             let mut world = lock(world);
             let nodes = pick_nodes(

@@ -130,6 +130,10 @@ pub enum FaultKind {
     CrashNodes,
     /// Cut and restore power of some nodes directly (a PDU outlet), power returning at heal.
     PowerCycleNodes,
+    /// Some nodes lose power for good (a failed power supply): OS and VMs die, the BMC
+    /// (on standby power) keeps answering and reads Off. Only a BMC power-on (the
+    /// rebuild) brings them back. Counted as crashes in the recovery figures.
+    PowerLossNodes,
     /// An operator power-cycles some nodes through their BMCs over the out-of-band
     /// network: power off, read back until off is verified, power on, read back on.
     BmcPowerCycleNodes,
@@ -263,6 +267,9 @@ impl Scenario {
         if self.fleet.vms_per_node > self.fleet.vm_capacity {
             bail!("fleet.vms_per_node exceeds vm_capacity");
         }
+        if let Err(problem) = self.remediation.validate() {
+            bail!("remediation: {problem}");
+        }
         range("timing.firmware_s", self.timing.firmware_s)?;
         range("timing.stage1_s", self.timing.stage1_s)?;
         range("timing.kexec_s", self.timing.kexec_s)?;
@@ -309,7 +316,10 @@ impl Scenario {
             }
             let needs_count = matches!(
                 fault.kind,
-                FaultKind::CrashNodes | FaultKind::PowerCycleNodes | FaultKind::BmcPowerCycleNodes
+                FaultKind::CrashNodes
+                    | FaultKind::PowerCycleNodes
+                    | FaultKind::PowerLossNodes
+                    | FaultKind::BmcPowerCycleNodes
             );
             if needs_count && fault.count.unwrap_or(0) == 0 {
                 bail!("{field}: needs count >= 1");

@@ -52,6 +52,44 @@ fn node_crash() {
 }
 
 #[test]
+fn node_power_loss() {
+    check_scenario("node-power-loss");
+}
+
+/// Power sync earns its keep: a node whose BMC reads Off is fenced without the
+/// confirmation wait. The same scenario and seeds with power sync off are the baseline;
+/// the slowest fence with it must beat the fastest without.
+#[test]
+fn power_sync_fences_a_powered_off_node_sooner() {
+    let with_sync = Scenario::load(&scenario_path("node-power-loss")).unwrap();
+    let mut without = with_sync.clone();
+    without.remediation.health.power_poll_interval_ms = 0;
+    let confirm =
+        std::time::Duration::from_millis(without.remediation.health.fence_confirm_ms as u64);
+    for seed in seeds() {
+        let detect_to_fence = |scenario: &Scenario| {
+            let report = run(scenario, &RunOptions { seed }, |_, _| {}).unwrap();
+            assert!(report.passed(), "{} seed {seed} failed", scenario.name);
+            let times: Vec<_> = report
+                .recoveries
+                .iter()
+                .map(|r| r.fenced_after.unwrap() - r.detected_after.unwrap())
+                .collect();
+            assert_eq!(times.len(), 2, "two nodes lost power");
+            times
+        };
+        let fast = detect_to_fence(&with_sync);
+        let slow = detect_to_fence(&without);
+        let fast_max = fast.iter().max().unwrap();
+        let slow_min = slow.iter().min().unwrap();
+        assert!(
+            *slow_min >= confirm && fast_max < slow_min,
+            "seed {seed}: suspicion to verified fence {fast:?} with power sync, {slow:?} without"
+        );
+    }
+}
+
+#[test]
 fn rack_power_loss() {
     check_scenario("rack-power-loss");
 }

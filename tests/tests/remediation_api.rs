@@ -1,7 +1,10 @@
 //! Operator remediation over HTTP: starting, listing, refusing a second one, refusing to
-//! cancel mid-fence, refusing maintenance nodes, and the guards endpoint.
+//! cancel mid-fence, refusing maintenance nodes, the guards endpoint and the node power
+//! reading.
 
+use bearman::core::power_sync::PowerReading;
 use bearman_e2e::{flavor_json, register_body, Options, TestDaemon};
+use bearman_proto::uuid::NodeUuid;
 use serde_json::json;
 
 const UUID: &str = "4c4c4544-0042-3510-8052-b4c04f4e4a32";
@@ -109,6 +112,49 @@ async fn operator_remediation_is_recorded_and_guarded() {
     let (status, guards) = daemon.admin("GET", "/remediation/guards", None).await;
     assert_eq!(status, 200);
     assert_eq!(guards["controller_running"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_power_shows_the_last_bmc_reading() {
+    let daemon = TestDaemon::sqlite(Options {
+        default_flavor: Some("hv".into()),
+        ..Default::default()
+    })
+    .await;
+    ready_node(&daemon).await;
+    let path = format!("/nodes/{UUID}/power");
+    let (status, body) = daemon.admin("GET", &path, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["uuid"], UUID);
+    assert!(body["power"].is_null(), "never polled: {body}");
+
+    // What the controller's power sync records is what the API shows.
+    let uuid = NodeUuid::parse(UUID).unwrap();
+    let reading = PowerReading::unknown("bmc 10.0.0.5:623: power_state timed out", 1_234);
+    daemon
+        .store
+        .node_power_record(&uuid, &reading, &[])
+        .await
+        .unwrap();
+    let (status, body) = daemon.admin("GET", &path, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["power"]["state"], "unknown");
+    assert_eq!(body["power"]["read_at_ms"], 1_234);
+    assert_eq!(
+        body["power"]["error"],
+        "bmc 10.0.0.5:623: power_state timed out"
+    );
+
+    let (status, body) = daemon
+        .admin(
+            "GET",
+            "/nodes/00000000-0000-0000-0000-0000000000ff/power",
+            None,
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = daemon.admin("GET", "/nodes/not-a-uuid/power", None).await;
+    assert_eq!(status, 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,7 @@ use crate::core::model::{
     ApiToken, BmcConfig, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node,
     NodeFilter, NodeRole, TokenRole,
 };
+use crate::core::power_sync::PowerReading;
 use crate::core::remediation::{Remediation, RemediationKind, Status as RemediationStatus};
 use crate::core::validate::{self, check_hostname, FieldError};
 use bearman_proto::uuid::NodeUuid;
@@ -52,6 +53,10 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         (
             spec(Method::GET, "/nodes/{uuid}/events", Viewer),
             get(node_events),
+        ),
+        (
+            spec(Method::GET, "/nodes/{uuid}/power", Viewer),
+            get(node_power),
         ),
         (
             spec(Method::POST, "/nodes/{uuid}/maintenance", Operator),
@@ -467,6 +472,25 @@ async fn node_events(
         limit: query.parse::<usize>("limit")?.unwrap_or(100),
     };
     Ok(Json(state.store.event_list(&filter).await?))
+}
+
+/// The node's last BMC power reading (power sync): `{"uuid", "power": null}` when it was
+/// never polled.
+#[derive(Serialize)]
+struct NodePower {
+    uuid: NodeUuid,
+    power: Option<PowerReading>,
+}
+
+async fn node_power(
+    State(state): State<AppState>,
+    UuidPath(uuid): UuidPath,
+) -> Result<Json<NodePower>, ApiError> {
+    if state.store.node_get_shared(&uuid).await?.is_none() {
+        return Err(ApiError::not_found(format!("node {uuid} is not known")));
+    }
+    let power = state.store.node_power_get(&uuid).await?;
+    Ok(Json(NodePower { uuid, power }))
 }
 
 #[derive(Deserialize, Default)]

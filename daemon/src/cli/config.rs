@@ -134,6 +134,18 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
     if !(1024..=16 * 1024 * 1024).contains(&body_limit_bytes) {
         bail!("body_limit_bytes {body_limit_bytes} is outside 1 KiB-16 MiB");
     }
+    let remediation = file.remediation.unwrap_or_default();
+    if let Err(problem) = remediation.validate() {
+        bail!("[remediation] {problem}");
+    }
+    let bmc = file.bmc.unwrap_or_default();
+    if bmc.concurrent_max > 1 && remediation.power_polls_in_flight_max >= bmc.concurrent_max {
+        bail!(
+            "[remediation] power_polls_in_flight_max {} must be below bmc.concurrent_max {}: power polls stuck on hung BMCs must never hold every permit fencing needs",
+            remediation.power_polls_in_flight_max,
+            bmc.concurrent_max
+        );
+    }
     Ok(ServeConfig {
         listen,
         public_url: public_url.trim_end_matches('/').to_string(),
@@ -145,9 +157,9 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
         body_limit_bytes,
         heartbeat_fresh_s: file.heartbeat_fresh_s.unwrap_or(30),
         stage1: file.stage1.unwrap_or_default(),
-        remediation: file.remediation.unwrap_or_default(),
+        remediation,
         nova: file.nova,
-        bmc: file.bmc.unwrap_or_default(),
+        bmc,
     })
 }
 
@@ -194,5 +206,42 @@ mod tests {
             toml::from_str::<FileConfig>("lisen = \"x\"").is_err(),
             "typos in keys are errors"
         );
+    }
+
+    #[test]
+    fn remediation_settings_are_validated() {
+        let file: FileConfig =
+            toml::from_str("[remediation.health]\npower_poll_interval_ms = 0\n").unwrap();
+        let config = resolve(Overrides::default(), file).unwrap();
+        assert_eq!(
+            config.remediation.health.power_poll_interval_ms, 0,
+            "0 turns power sync off"
+        );
+        for (text, key) in [
+            (
+                "[remediation.health]\npower_poll_interval_ms = 10\n",
+                "power_poll_interval_ms",
+            ),
+            (
+                "[remediation.health]\npower_check_silence_ms = 25000\n",
+                "power_check_silence_ms",
+            ),
+            (
+                "[remediation]\npower_polls_per_tick_max = 0\n",
+                "power_polls_per_tick_max",
+            ),
+            (
+                "[remediation]\npower_polls_in_flight_max = 32\n",
+                "bmc.concurrent_max",
+            ),
+            (
+                "[remediation.health]\nrack_silent_fraction_max = 0.0\n",
+                "rack_silent_fraction_max",
+            ),
+        ] {
+            let file: FileConfig = toml::from_str(text).unwrap();
+            let error = resolve(Overrides::default(), file).unwrap_err().to_string();
+            assert!(error.contains(key), "{text}: {error}");
+        }
     }
 }

@@ -357,7 +357,8 @@ enum RemediationCommand {
         #[arg(long)]
         reason: Option<String>,
     },
-    /// What the guards say: silent nodes, paused racks, fleet stop, rate limits
+    /// What the guards say: silent nodes, paused racks, fleet stop, rate limits, and power
+    /// sync (readings by state, nodes whose BMC reads Off)
     Guards {
         #[command(flatten)]
         api: ApiArgs,
@@ -803,9 +804,17 @@ async fn node(command: NodeCommand) -> anyhow::Result<()> {
         }
         NodeCommand::Show { uuid, api } => {
             let client = ApiClient::new(&api.url, api.token.clone())?;
-            let node: Value = client
+            let mut node: Value = client
                 .call("GET", &format!("/nodes/{uuid}"), None::<&()>)
                 .await?;
+            // The last BMC power reading (power sync) is kept apart from the node record;
+            // show it alongside.
+            let power: Value = client
+                .call("GET", &format!("/nodes/{uuid}/power"), None::<&()>)
+                .await?;
+            if let Some(fields) = node.as_object_mut() {
+                fields.insert("last_power_reading".into(), power["power"].clone());
+            }
             // A node has nested hardware facts; JSON is the readable form either way.
             print_json(&node)
         }

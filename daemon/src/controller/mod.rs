@@ -6,12 +6,14 @@
 //! and whether fencing is allowed; `core::remediation` decides what a saga does next. This
 //! module reads the store, calls the outside world, and persists before and after acting.
 
+mod power;
 pub mod remediation;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bearman_proto::uuid::NodeUuid;
 use serde::{Deserialize, Serialize};
 
 use crate::api::AppState;
@@ -20,6 +22,7 @@ use crate::cloud::Cloud;
 use crate::core::health::{self, HealthConfig, Judgement};
 use crate::core::lifecycle::{LifecycleEvent, LifecycleState};
 use crate::core::model::{NewEvent, Node, TimestampMs};
+use crate::core::power_sync::PowerReadingState;
 use crate::core::remediation::{Limits, Remediation, RemediationKind};
 use crate::store::{StoreError, LIST_LIMIT_MAX};
 
@@ -42,6 +45,13 @@ pub struct ControllerConfig {
     /// After the controller starts, it judges no one for this long: heartbeats missed
     /// while the daemon itself was down say nothing about the nodes.
     pub startup_quiet_ms: i64,
+    /// Power sync: BMC power polls started per tick, at most. With the defaults (8 per
+    /// 1 s tick, every 60 s) that covers 480 nodes per interval; a larger fleet is
+    /// polled less often, longest overdue first, unless this is raised.
+    pub power_polls_per_tick_max: usize,
+    /// Power polls in flight at once, at most. Keep it below `bmc.concurrent_max` so
+    /// polls stuck on hung BMCs never hold every permit fencing needs.
+    pub power_polls_in_flight_max: usize,
 }
 
 impl Default for ControllerConfig {
@@ -54,7 +64,32 @@ impl Default for ControllerConfig {
             fences_per_minute_max: 10,
             remediations_active_max: 20,
             startup_quiet_ms: 45_000,
+            power_polls_per_tick_max: 8,
+            power_polls_in_flight_max: 16,
         }
+    }
+}
+
+impl ControllerConfig {
+    /// Rejects impossible settings; the message names the key under `[remediation]`.
+    pub fn validate(&self) -> Result<(), String> {
+        self.health.validate()?;
+        if !(10..=3_600_000).contains(&self.tick_ms) {
+            return Err(format!("tick_ms {} is outside 10-3600000", self.tick_ms));
+        }
+        if !(1..=10_000).contains(&self.power_polls_per_tick_max) {
+            return Err(format!(
+                "power_polls_per_tick_max {} is outside 1-10000",
+                self.power_polls_per_tick_max
+            ));
+        }
+        if !(1..=10_000).contains(&self.power_polls_in_flight_max) {
+            return Err(format!(
+                "power_polls_in_flight_max {} is outside 1-10000",
+                self.power_polls_in_flight_max
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -92,6 +127,23 @@ pub struct GuardStatus {
     pub heartbeat_grace_ms: i64,
     pub rack_silent_fraction_max: f64,
     pub fleet_silent_fraction_max: f64,
+    /// Power sync: 0 when off.
+    pub power_poll_interval_ms: i64,
+    pub power_polls_in_flight: usize,
+    /// Monitored nodes by their last power reading (`on`, `off`, `unknown`, `none`).
+    pub power_readings: BTreeMap<String, usize>,
+    /// Monitored nodes whose BMC last read Off, with when.
+    pub power_off: Vec<PowerOffNode>,
+    /// Silent nodes confirmed dead by their BMC (fenceable without the confirm period).
+    pub power_confirmed: Vec<NodeUuid>,
+}
+
+/// A node that should be running whose BMC last read Off.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PowerOffNode {
+    pub uuid: NodeUuid,
+    pub read_at_ms: TimestampMs,
+    pub last_heard_at_ms: TimestampMs,
 }
 
 pub struct Controller {
@@ -106,6 +158,8 @@ pub struct Controller {
     paused_before: Mutex<(bool, BTreeSet<String>)>,
     guard_history: Mutex<health::GuardHistory>,
     started_at_ms: TimestampMs,
+    /// Nodes with a power poll in flight.
+    polls_in_flight: Mutex<BTreeSet<NodeUuid>>,
 }
 
 impl Controller {
@@ -126,6 +180,7 @@ impl Controller {
             recent_starts: Mutex::new(VecDeque::new()),
             paused_before: Mutex::new((false, BTreeSet::new())),
             guard_history: Mutex::new(health::GuardHistory::default()),
+            polls_in_flight: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -155,6 +210,7 @@ impl Controller {
             // Just (re)started: silence measured across our own downtime proves nothing.
             judgement.newly_silent.clear();
             judgement.fenceable.clear();
+            judgement.power_confirmed.clear();
         }
         self.suspect_silent(&judgement, now).await;
         self.record_guard_changes(&judgement, now).await?;
@@ -167,7 +223,8 @@ impl Controller {
             self.start_automatic(&judgement, &nodes, &active, now)
                 .await?;
         }
-        self.publish_guards(&judgement, now).await?;
+        self.start_power_polls(&nodes, &active, now);
+        self.publish_guards(&judgement, &nodes, now).await?;
         for remediation in self
             .state
             .store
@@ -323,7 +380,12 @@ impl Controller {
                 }
                 starts.push_back(now);
             }
-            let reason = "node silent; BMC fence, evacuate, rebuild";
+            let power_off = judgement.power_confirmed.contains(uuid);
+            let reason = if power_off {
+                "node silent and its BMC reads power off; BMC fence, evacuate, rebuild"
+            } else {
+                "node silent; BMC fence, evacuate, rebuild"
+            };
             let remediation = Remediation::new(
                 uuid.clone(),
                 RemediationKind::Automatic,
@@ -336,7 +398,11 @@ impl Controller {
                 now,
                 SYSTEM_ACTOR,
                 "remediation_started",
-                "automatic: node silent",
+                if power_off {
+                    "automatic: node silent, BMC reads power off"
+                } else {
+                    "automatic: node silent"
+                },
             );
             match self
                 .state
@@ -358,8 +424,26 @@ impl Controller {
     async fn publish_guards(
         &self,
         judgement: &Judgement,
+        nodes: &[health::NodeHealth],
         now: TimestampMs,
     ) -> Result<(), StoreError> {
+        let mut power_readings = BTreeMap::new();
+        let mut power_off = Vec::new();
+        for node in nodes {
+            let state = node.power.as_ref().map_or("none", |p| p.state.as_str());
+            *power_readings.entry(state.to_string()).or_default() += 1;
+            if let Some(reading) = node
+                .power
+                .as_ref()
+                .filter(|p| p.state == PowerReadingState::Off)
+            {
+                power_off.push(PowerOffNode {
+                    uuid: node.uuid.clone(),
+                    read_at_ms: reading.read_at_ms,
+                    last_heard_at_ms: node.last_heard_at_ms,
+                });
+            }
+        }
         let active = self
             .state
             .store
@@ -390,6 +474,11 @@ impl Controller {
             heartbeat_grace_ms: self.config.health.heartbeat_grace_ms,
             rack_silent_fraction_max: self.config.health.rack_silent_fraction_max,
             fleet_silent_fraction_max: self.config.health.fleet_silent_fraction_max,
+            power_poll_interval_ms: self.config.health.power_poll_interval_ms,
+            power_polls_in_flight: self.power_polls_in_flight(),
+            power_readings,
+            power_off,
+            power_confirmed: judgement.power_confirmed.clone(),
         };
         *self.state.guards.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
         Ok(())

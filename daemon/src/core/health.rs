@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::lifecycle::LifecycleState;
 use super::model::{Node, TimestampMs};
+use super::power_sync::{self, PowerReading};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -39,6 +40,15 @@ pub struct HealthConfig {
     /// hold, the last few still-silent nodes of a recovering rack would look like lone
     /// deaths and be fenced.
     pub pause_hold_ms: i64,
+    /// Each monitored node's BMC is asked for its power state at most this often (spread
+    /// over the interval by uuid); 0 disables power sync. A node that should be running
+    /// whose BMC reads Off is dead for certain and skips `fence_confirm_ms` (see
+    /// `core::power_sync`).
+    pub power_poll_interval_ms: i64,
+    /// A node not heard from for this long is polled out of turn (once per silence), so
+    /// its reading is in by the time the heartbeat grace runs out. Above the heartbeat interval plus its jitter (10 s + 2 s by default), so
+    /// healthy nodes are not polled on every heartbeat.
+    pub power_check_silence_ms: i64,
 }
 
 /// When each guard last tripped: the memory that gives the guards their hold.
@@ -72,7 +82,55 @@ impl Default for HealthConfig {
             fleet_silent_fraction_max: 0.5,
             fleet_nodes_min: 4,
             pause_hold_ms: 60_000,
+            power_poll_interval_ms: 60_000,
+            power_check_silence_ms: 13_000,
         }
+    }
+}
+
+impl HealthConfig {
+    /// Rejects settings that would disable a guard by accident or make the judgement
+    /// meaningless; the message names the key (under `[remediation.health]`).
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = |key: &str, value: i64, max: i64| {
+            if value <= 0 || value > max {
+                Err(format!("health.{key} {value} is outside 1-{max}"))
+            } else {
+                Ok(())
+            }
+        };
+        positive("heartbeat_grace_ms", self.heartbeat_grace_ms, 3_600_000)?;
+        if !(0..=3_600_000).contains(&self.fence_confirm_ms) {
+            return Err(format!(
+                "health.fence_confirm_ms {} is outside 0-3600000",
+                self.fence_confirm_ms
+            ));
+        }
+        positive("pause_hold_ms", self.pause_hold_ms, 86_400_000)?;
+        for (key, fraction) in [
+            ("rack_silent_fraction_max", self.rack_silent_fraction_max),
+            ("fleet_silent_fraction_max", self.fleet_silent_fraction_max),
+        ] {
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                return Err(format!("health.{key} {fraction} is outside (0, 1]"));
+            }
+        }
+        if self.power_poll_interval_ms != 0
+            && !(1_000..=86_400_000).contains(&self.power_poll_interval_ms)
+        {
+            return Err(format!(
+                "health.power_poll_interval_ms {} must be 0 (power sync off) or 1000-86400000",
+                self.power_poll_interval_ms
+            ));
+        }
+        if self.power_check_silence_ms <= 0 || self.power_check_silence_ms > self.heartbeat_grace_ms
+        {
+            return Err(format!(
+                "health.power_check_silence_ms {} must be above 0 and at most health.heartbeat_grace_ms ({}): the reading must be in before the grace runs out",
+                self.power_check_silence_ms, self.heartbeat_grace_ms
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -97,6 +155,9 @@ pub struct Judgement {
     pub newly_silent: Vec<NodeUuid>,
     /// Silent nodes automatic fencing may act on (not in a paused rack, fleet not stopped).
     pub fenceable: Vec<NodeUuid>,
+    /// Silent nodes whose BMC reads Off, outside any rack- or fleet-wide silence: dead for
+    /// certain, fenceable without waiting out `fence_confirm_ms` (guards permitting).
+    pub power_confirmed: Vec<NodeUuid>,
     pub racks: BTreeMap<String, RackHealth>,
     pub monitored: usize,
     pub silent: usize,
@@ -115,6 +176,8 @@ pub struct NodeHealth {
     /// When the node was last heard from (heartbeat; for one that never heartbeated,
     /// when it reported installed or was last updated).
     pub last_heard_at_ms: TimestampMs,
+    /// The last BMC power reading (power sync), if any.
+    pub power: Option<PowerReading>,
 }
 
 impl NodeHealth {
@@ -127,6 +190,7 @@ impl NodeHealth {
                 .last_heartbeat_at_ms
                 .or(node.installed_at_ms)
                 .unwrap_or(node.updated_at_ms),
+            power: None,
         }
     }
 }
@@ -154,6 +218,20 @@ pub fn judge(
             silent_nodes.push((node, rack, silence));
         }
     }
+    // A silent node whose BMC reads Off needs no confirmation period; the guards below
+    // still decide whether anyone may be fenced at all.
+    let power_confirmed: Vec<NodeUuid> = if config.power_poll_interval_ms > 0
+        && silent_nodes.iter().any(|(n, _, _)| n.power.is_some())
+    {
+        let heard = power_sync::HeardIndex::new(nodes);
+        silent_nodes
+            .iter()
+            .filter(|(node, _, _)| power_sync::confirmed_off(node, &heard, config))
+            .map(|(node, _, _)| node.uuid.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let held = |tripped_at: Option<&TimestampMs>| {
         tripped_at.is_some_and(|at| now_ms - at < config.pause_hold_ms)
     };
@@ -176,10 +254,14 @@ pub fn judge(
         let confirmed_after = config.heartbeat_grace_ms + config.fence_confirm_ms;
         judgement.fenceable = silent_nodes
             .iter()
-            .filter(|(_, rack, silence)| !paused.contains(rack) && *silence > confirmed_after)
+            .filter(|(_, rack, _)| !paused.contains(rack))
+            .filter(|(node, _, silence)| {
+                *silence > confirmed_after || power_confirmed.contains(&node.uuid)
+            })
             .map(|(node, _, _)| node.uuid.clone())
             .collect();
     }
+    judgement.power_confirmed = power_confirmed;
     judgement
 }
 
@@ -187,6 +269,7 @@ pub fn judge(
 mod tests {
     use super::*;
     use crate::core::model::NodeRole;
+    use crate::core::power_sync::PowerReadingState;
 
     fn node(index: u64, rack: &str, state: LifecycleState, last_heartbeat_at_ms: i64) -> Node {
         let mut node = Node::new(
@@ -332,6 +415,82 @@ mod tests {
         );
         assert!(judgement.fleet_fencing_stopped);
         assert!(judgement.fenceable.is_empty());
+    }
+
+    fn read(nodes: &mut [NodeHealth], index: usize, state: PowerReadingState, at: i64) {
+        nodes[index].power = Some(PowerReading::known(state, at));
+    }
+
+    #[test]
+    fn a_silent_node_read_off_is_fenceable_without_the_confirmation_wait() {
+        let config = HealthConfig::default();
+        let now = 100_000;
+        let mut nodes = health(&fleet(2, 10));
+        for node in nodes.iter_mut() {
+            node.last_heard_at_ms = now - 2_000;
+        }
+        // Node 3 went silent just past the grace; its BMC read Off 5 s ago, and its rack
+        // mates have been heard since.
+        nodes[3].last_heard_at_ms = now - config.heartbeat_grace_ms - 1;
+        read(&mut nodes, 3, PowerReadingState::Off, now - 5_000);
+        let judgement = judge(&nodes, now, &config, &GuardHistory::default());
+        assert_eq!(judgement.power_confirmed, vec![nodes[3].uuid.clone()]);
+        assert_eq!(judgement.fenceable, vec![nodes[3].uuid.clone()]);
+        // Read On (a hung OS) or not read at all: it waits out the confirmation period.
+        for state in [PowerReadingState::On, PowerReadingState::Unknown] {
+            read(&mut nodes, 3, state, now - 5_000);
+            let judgement = judge(&nodes, now, &config, &GuardHistory::default());
+            assert!(judgement.fenceable.is_empty(), "{state}: {judgement:?}");
+            assert_eq!(judgement.newly_silent, vec![nodes[3].uuid.clone()]);
+        }
+        // Power sync off: the same Off reading is ignored.
+        read(&mut nodes, 3, PowerReadingState::Off, now - 5_000);
+        let disabled = HealthConfig {
+            power_poll_interval_ms: 0,
+            ..config
+        };
+        assert!(judge(&nodes, now, &disabled, &GuardHistory::default())
+            .fenceable
+            .is_empty());
+    }
+
+    #[test]
+    fn a_rack_losing_power_is_not_fenced_early_even_though_it_reads_off() {
+        let config = HealthConfig::default();
+        let mut nodes = health(&fleet(3, 10));
+        for node in nodes.iter_mut() {
+            node.last_heard_at_ms = 89_000;
+        }
+        // Rack r1 loses power at 80 s; its nodes had last beaten between 68 and 79 s.
+        // At 89.5 s only the first two are past the grace (not yet the rack threshold),
+        // and every BMC of the rack reads Off.
+        let rack: Vec<usize> = (10..20).collect();
+        for (k, &i) in rack.iter().enumerate() {
+            nodes[i].last_heard_at_ms = 68_000 + 1_200 * k as i64;
+            read(
+                &mut nodes,
+                i,
+                PowerReadingState::Off,
+                82_000 + 500 * k as i64,
+            );
+        }
+        let early = judge(&nodes, 89_500, &config, &GuardHistory::default());
+        assert_eq!(early.silent, 2);
+        assert!(
+            !early.racks["r1"].fencing_paused,
+            "threshold not reached yet"
+        );
+        assert!(
+            early.power_confirmed.is_empty() && early.fenceable.is_empty(),
+            "nobody in r1 was heard after its BMCs read Off: {early:?}"
+        );
+        // Later the rack guard sees the whole rack and pauses, as without power sync.
+        for node in nodes.iter_mut().filter(|n| n.rack.as_deref() != Some("r1")) {
+            node.last_heard_at_ms = 119_000;
+        }
+        let later = judge(&nodes, 120_000, &config, &GuardHistory::default());
+        assert!(later.racks["r1"].fencing_paused);
+        assert!(later.fenceable.is_empty());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The pure core: domain model, lifecycle state machine, IP address management, boot
-//! rendering and registration planning.
+//! rendering, registration planning, health judgement, power sync and remediation sagas.
 //!
 //! Architecture invariant: nothing in here does I/O or reads a clock. Time comes in as
 //! `now_ms`; the daemon, the simulator and the tests all drive these same functions.
@@ -9,6 +9,7 @@ pub mod health;
 pub mod ipam;
 pub mod lifecycle;
 pub mod model;
+pub mod power_sync;
 pub mod registration;
 pub mod remediation;
 pub mod validate;

@@ -113,6 +113,24 @@ impl Store for CachedStore {
         self.inner.node_health_list().await
     }
 
+    // Power readings are not cached: only the controller reads them, once per tick, and
+    // they are not part of the node record the boot path serves.
+    async fn node_power_record(
+        &self,
+        uuid: &NodeUuid,
+        reading: &crate::core::power_sync::PowerReading,
+        events: &[NewEvent],
+    ) -> Result<bool, StoreError> {
+        self.inner.node_power_record(uuid, reading, events).await
+    }
+
+    async fn node_power_get(
+        &self,
+        uuid: &NodeUuid,
+    ) -> Result<Option<crate::core::power_sync::PowerReading>, StoreError> {
+        self.inner.node_power_get(uuid).await
+    }
+
     async fn node_count_by_state(&self) -> Result<StateCounts, StoreError> {
         self.inner.node_count_by_state().await
     }

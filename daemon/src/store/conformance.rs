@@ -14,6 +14,7 @@ use crate::core::lifecycle::LifecycleState;
 use crate::core::model::{
     EventFilter, Flavor, IpPool, NewEvent, Node, NodeFilter, NodeRole, PoolPurpose, TokenRole,
 };
+use crate::core::power_sync::{PowerReading, PowerReadingState};
 use crate::core::remediation::{Remediation, RemediationKind, Status};
 
 fn node(namespace: u32, index: u64, rack: &str) -> Node {
@@ -75,6 +76,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     events_page_newest_first(&*store).await;
     tokens_are_found_by_hash_only(&*store).await;
     remediations_are_one_active_per_node_and_optimistic(&*store).await;
+    power_readings_are_kept_per_node_without_touching_it(&*store).await;
 }
 
 async fn nodes_round_trip_and_filter(store: &dyn Store) {
@@ -642,4 +644,81 @@ async fn remediations_are_one_active_per_node_and_optimistic(store: &dyn Store) 
     assert!(next.id > created.id);
     let listed = store.remediation_list(false, None, 10).await.unwrap();
     assert_eq!(listed.first().map(|r| r.id), Some(next.id), "newest first");
+}
+
+async fn power_readings_are_kept_per_node_without_touching_it(store: &dyn Store) {
+    let rack = "conf-rack-power";
+    let mut n = node(131, 1, rack);
+    n.state = LifecycleState::Ready;
+    store.node_create(&n, &[]).await.unwrap();
+    let mut quiet = node(131, 2, rack);
+    quiet.state = LifecycleState::Ready;
+    store.node_create(&quiet, &[]).await.unwrap();
+    assert_eq!(store.node_power_get(&n.uuid).await.unwrap(), None);
+
+    let on = PowerReading::known(PowerReadingState::On, 5_000);
+    assert!(store.node_power_record(&n.uuid, &on, &[]).await.unwrap());
+    let off = PowerReading::known(PowerReadingState::Off, 6_000);
+    let event = NewEvent::for_node(&n.uuid, 6_000, "system", "power_state_changed", "on -> off");
+    assert!(store
+        .node_power_record(&n.uuid, &off, std::slice::from_ref(&event))
+        .await
+        .unwrap());
+    assert_eq!(
+        store.node_power_get(&n.uuid).await.unwrap(),
+        Some(off.clone())
+    );
+
+    // An answer that comes back late never replaces a newer reading, nor writes its events.
+    let late = PowerReading::unknown("bmc power_state timed out", 5_500);
+    let late_event = NewEvent::for_node(&n.uuid, 5_500, "system", "power_state_changed", "late");
+    assert!(!store
+        .node_power_record(&n.uuid, &late, &[late_event])
+        .await
+        .unwrap());
+    let failed = PowerReading::unknown("bmc power_state timed out", 7_000);
+    assert!(store
+        .node_power_record(&n.uuid, &failed, &[])
+        .await
+        .unwrap());
+    assert_eq!(
+        store.node_power_get(&n.uuid).await.unwrap(),
+        Some(failed.clone())
+    );
+
+    // The node record is untouched: no generation bump, so no conflict with an operator.
+    assert_eq!(store.node_get(&n.uuid).await.unwrap().unwrap(), n);
+    // The health list carries the reading, and no reading for a node never polled.
+    let health: Vec<_> = store
+        .node_health_list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|h| h.rack.as_deref() == Some(rack))
+        .collect();
+    assert_eq!(health.len(), 2);
+    assert_eq!(health[0].uuid, n.uuid);
+    assert_eq!(health[0].power, Some(failed));
+    assert_eq!(health[1].power, None);
+    // Events went with the write that carried them, and only with it.
+    let events = store
+        .event_list(&EventFilter {
+            node_uuid: Some(n.uuid.clone()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(),
+        vec!["on -> off"]
+    );
+
+    let missing = store
+        .node_power_record(&NodeUuid::from_index(131, 99), &on, &[])
+        .await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound { .. })),
+        "reading for an unknown node: {missing:?}"
+    );
 }

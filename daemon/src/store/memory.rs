@@ -14,6 +14,7 @@ use crate::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
 };
+use crate::core::power_sync::PowerReading;
 use crate::core::remediation::{Remediation, Status};
 
 #[derive(Default)]
@@ -32,6 +33,7 @@ struct State {
     tokens: BTreeMap<String, ApiToken>,
     next_token_id: i64,
     remediations: BTreeMap<i64, Remediation>,
+    power: BTreeMap<NodeUuid, PowerReading>,
 }
 
 #[derive(Default)]
@@ -166,8 +168,37 @@ impl Store for MemoryStore {
             .nodes
             .values()
             .filter(|n| crate::core::health::is_monitored(n.state))
-            .map(crate::core::health::NodeHealth::of)
+            .map(|node| crate::core::health::NodeHealth {
+                power: state.power.get(&node.uuid).cloned(),
+                ..crate::core::health::NodeHealth::of(node)
+            })
             .collect())
+    }
+
+    async fn node_power_record(
+        &self,
+        uuid: &NodeUuid,
+        reading: &PowerReading,
+        events: &[NewEvent],
+    ) -> Result<bool, StoreError> {
+        let mut state = self.lock();
+        if !state.nodes.contains_key(uuid) {
+            return Err(StoreError::not_found(format!("node {uuid}")));
+        }
+        if state
+            .power
+            .get(uuid)
+            .is_some_and(|stored| stored.read_at_ms > reading.read_at_ms)
+        {
+            return Ok(false);
+        }
+        state.power.insert(uuid.clone(), reading.clone());
+        append_events(&mut state, events);
+        Ok(true)
+    }
+
+    async fn node_power_get(&self, uuid: &NodeUuid) -> Result<Option<PowerReading>, StoreError> {
+        Ok(self.lock().power.get(uuid).cloned())
     }
 
     async fn node_count_by_state(&self) -> Result<StateCounts, StoreError> {

@@ -26,6 +26,7 @@ use crate::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
 };
+use crate::core::power_sync::PowerReading;
 use crate::core::remediation::Remediation;
 
 #[derive(Debug, thiserror::Error)]
@@ -82,8 +83,8 @@ pub trait Store: Send + Sync + 'static {
     /// Nodes in uuid order matching `filter`, at most `filter.limit`.
     async fn node_list(&self, filter: &NodeFilter) -> Result<Vec<Node>, StoreError>;
     async fn node_count_by_state(&self) -> Result<StateCounts, StoreError>;
-    /// Light health records of every node expected to heartbeat (Ready or Suspect), for
-    /// the controller's every-second judgement.
+    /// Light health records of every node expected to heartbeat (Ready or Suspect), with
+    /// their last power reading, for the controller's every-second judgement.
     async fn node_health_list(&self) -> Result<Vec<crate::core::health::NodeHealth>, StoreError> {
         let mut out = Vec::new();
         for state in [
@@ -106,8 +107,23 @@ pub trait Store: Send + Sync + 'static {
                 }
             }
         }
+        for health in &mut out {
+            health.power = self.node_power_get(&health.uuid).await?;
+        }
         Ok(out)
     }
+    /// Records `reading` as the last BMC power reading of `uuid` (power sync), with its
+    /// audit events, in one transaction — unless a newer reading is already stored, in
+    /// which case nothing is written and `false` returned. The node record itself is not
+    /// touched (no generation bump). `NotFound` for an unknown node.
+    async fn node_power_record(
+        &self,
+        uuid: &NodeUuid,
+        reading: &PowerReading,
+        events: &[NewEvent],
+    ) -> Result<bool, StoreError>;
+    /// The last BMC power reading of `uuid`, if one was ever recorded.
+    async fn node_power_get(&self, uuid: &NodeUuid) -> Result<Option<PowerReading>, StoreError>;
     /// Inserts a new node (its generation is stored as given) with its audit events.
     async fn node_create(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError>;
     /// Writes `node` if the stored generation still equals `node.generation`; the stored
