@@ -74,6 +74,7 @@ impl ControllerConfig {
     /// Rejects impossible settings; the message names the key under `[remediation]`.
     pub fn validate(&self) -> Result<(), String> {
         self.health.validate()?;
+        self.limits.validate()?;
         if !(10..=3_600_000).contains(&self.tick_ms) {
             return Err(format!("tick_ms {} is outside 10-3600000", self.tick_ms));
         }

@@ -166,6 +166,9 @@ pub struct Limits {
     pub backoff_max_ms: i64,
     /// How long a rebuilt node has to reach Ready before the rebuild is retried.
     pub ready_timeout_ms: i64,
+    /// How often a rebuilding node is checked for Ready. A plain store read, so short:
+    /// a finished rebuild should free its slot (remediations_active_max) at once.
+    pub ready_poll_ms: i64,
     /// Rebuilds before the node goes to maintenance.
     pub rebuilds_max: u32,
     /// How long a clean (ACPI) shutdown is given before the hard power-off; 0 skips it.
@@ -181,9 +184,28 @@ impl Default for Limits {
             backoff_initial_ms: 1_000,
             backoff_max_ms: 30_000,
             ready_timeout_ms: 15 * 60 * 1000,
+            ready_poll_ms: 2_000,
             rebuilds_max: 3,
             soft_off_grace_ms: 5_000,
         }
+    }
+}
+
+impl Limits {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(100..=600_000).contains(&self.ready_poll_ms) {
+            return Err(format!(
+                "limits.ready_poll_ms {} is outside 100-600000",
+                self.ready_poll_ms
+            ));
+        }
+        if self.ready_poll_ms > self.ready_timeout_ms {
+            return Err(format!(
+                "limits.ready_poll_ms {} is longer than limits.ready_timeout_ms {}",
+                self.ready_poll_ms, self.ready_timeout_ms
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -380,7 +402,7 @@ pub fn advance(
             } else {
                 let delay = match outcome {
                     Outcome::NotYet(_) if step == Step::SoftOff => limits.soft_off_grace_ms,
-                    Outcome::NotYet(_) if step == Step::AwaitReady => limits.backoff_max_ms,
+                    Outcome::NotYet(_) if step == Step::AwaitReady => limits.ready_poll_ms,
                     _ => backoff_ms(remediation.attempts, limits),
                 };
                 next.next_attempt_at_ms = now_ms + delay;
