@@ -96,8 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // A kept work directory must start empty: the token and nodes must be the only ones.
     let work = match &args.work_dir {
         Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             let empty = std::fs::read_dir(dir)
                 .with_context(|| format!("reading {}", dir.display()))?
                 .next()
