@@ -26,7 +26,8 @@ where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
-    axum::serve(listener, api::router(state))
+    let app = axum::ServiceExt::<axum::extract::Request>::into_make_service(api::app(state));
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }

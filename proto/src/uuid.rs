@@ -5,10 +5,16 @@
 
 use std::fmt;
 
+/// Characters in the hyphenated form.
+const UUID_LEN: usize = 36;
+
 /// A DMI system-uuid in canonical lowercase `8-4-4-4-12` form.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(transparent)]
-pub struct NodeUuid(String);
+///
+/// Kept inline as its 36 ASCII bytes rather than a `String`: parsing one (every boot
+/// request does) allocates nothing, clones are a copy and comparisons are one `memcmp`.
+/// Byte order is string order, so sorting is unchanged.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NodeUuid([u8; UUID_LEN]);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid uuid {input:?}: expected 32 hex digits as 8-4-4-4-12")]
@@ -22,11 +28,11 @@ impl NodeUuid {
         let invalid = || InvalidUuid {
             input: input.chars().take(64).collect(),
         };
-        let bytes = input.as_bytes();
-        if bytes.len() != 36 {
+        let Ok(bytes) = <[u8; UUID_LEN]>::try_from(input.as_bytes()) else {
             return Err(invalid());
-        }
-        for (index, byte) in bytes.iter().enumerate() {
+        };
+        let mut normalised = [0u8; UUID_LEN];
+        for (index, (byte, out)) in bytes.iter().zip(normalised.iter_mut()).enumerate() {
             let hyphen_expected = matches!(index, 8 | 13 | 18 | 23);
             let ok = if hyphen_expected {
                 *byte == b'-'
@@ -36,32 +42,55 @@ impl NodeUuid {
             if !ok {
                 return Err(invalid());
             }
+            *out = byte.to_ascii_lowercase();
         }
-        Ok(NodeUuid(input.to_ascii_lowercase()))
+        Ok(NodeUuid(normalised))
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        // Only `parse` and `from_index` build one, and both leave ASCII behind.
+        std::str::from_utf8(&self.0).expect("a NodeUuid holds ASCII only")
     }
 
     /// A deterministic uuid derived from a number; used by fixtures and the simulator,
     /// which must not draw identities from the OS.
     pub fn from_index(namespace: u32, index: u64) -> Self {
         let hex = format!("{namespace:08x}{index:024x}");
-        NodeUuid(format!(
+        let text = format!(
             "{}-{}-{}-{}-{}",
             &hex[0..8],
             &hex[8..12],
             &hex[12..16],
             &hex[16..20],
             &hex[20..32]
-        ))
+        );
+        NodeUuid::parse(&text).expect("hex digits in the 8-4-4-4-12 layout")
     }
 }
 
 impl fmt::Display for NodeUuid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::hash::Hash for NodeUuid {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As a `str` hashes, like the former `String`: recorded hashes stay valid.
+        self.as_str().hash(state);
+    }
+}
+
+impl fmt::Debug for NodeUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // As the former `NodeUuid(String)` printed: NodeUuid("…").
+        f.debug_tuple("NodeUuid").field(&self.as_str()).finish()
+    }
+}
+
+impl serde::Serialize for NodeUuid {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
     }
 }
 

@@ -51,6 +51,14 @@ pub struct Args {
     /// Requests in flight while registering and provisioning the nodes
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     setup_concurrency: u32,
+    /// Keep the data directory, logs, nginx files and wrk scripts in this (new or empty)
+    /// directory instead of a temporary one, e.g. to profile the populated daemon later
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Stop after setting up both servers (nodes registered, wrk scripts written); with
+    /// --work-dir this prepares a data directory for profiling without loading it
+    #[arg(long, requires = "work_dir")]
+    setup_only: bool,
 }
 
 /// Accepts wrk's duration syntax (`10`, `10s`, `2m`, `1h`) and returns seconds.
@@ -85,10 +93,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .context("xtask lives inside the workspace")?;
     progress("building the daemon: cargo build --release -p bearman");
     let daemon = cargo_build(workspace, &["--release", "-p", "bearman"], &[], "bearman")?;
-    let work = tempfile::Builder::new()
-        .prefix("bench-ipxe-")
-        .tempdir()
-        .context("creating a temporary directory")?;
+    // A kept work directory must start empty: the token and nodes must be the only ones.
+    let work = match &args.work_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let empty = std::fs::read_dir(dir)
+                .with_context(|| format!("reading {}", dir.display()))?
+                .next()
+                .is_none();
+            ensure!(empty, "--work-dir {} is not empty", dir.display());
+            WorkDir::Kept(std::fs::canonicalize(dir)?)
+        }
+        None => WorkDir::Temporary(
+            tempfile::Builder::new()
+                .prefix("bench-ipxe-")
+                .tempdir()
+                .context("creating a temporary directory")?,
+        ),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -101,6 +123,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
         }
     })
+}
+
+/// Where the benchmark keeps its files: removed afterwards unless the user chose it.
+enum WorkDir {
+    Temporary(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl WorkDir {
+    fn path(&self) -> &Path {
+        match self {
+            WorkDir::Temporary(dir) => dir.path(),
+            WorkDir::Kept(path) => path,
+        }
+    }
 }
 
 struct Tools {
@@ -206,6 +243,14 @@ async fn bench(args: &Args, tools: &Tools, daemon: &Path, work: &Path) -> anyhow
     let (_nginx, nginx_addr) = start_nginx(tools, &nginx_dir, &sample_path, &script).await?;
 
     let (bearman_lua, nginx_lua) = write_lua_scripts(work, args.nodes, &sample_path)?;
+    if args.setup_only {
+        progress(format!(
+            "set up in {}: data directory data/, nginx config nginx/nginx.conf, wrk scripts \
+             bearman.lua and nginx.lua; not loading (--setup-only)",
+            work.display()
+        ));
+        return Ok(());
+    }
     let bearman_report = load("bearman", args, tools, bearman_addr, &bearman_lua, work).await?;
     let nginx_report = load("nginx", args, tools, nginx_addr, &nginx_lua, work).await?;
     print_table(args, &bearman_report, &nginx_report);

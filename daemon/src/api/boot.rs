@@ -233,13 +233,43 @@ async fn target_script(
     Ok(ipxe_bytes(script))
 }
 
+/// The content type of every iPXE script, built once rather than validated per request.
+const IPXE_CONTENT_TYPE: header::HeaderValue =
+    header::HeaderValue::from_static("text/plain; charset=utf-8");
+
 fn ipxe_bytes(script: axum::body::Bytes) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        script,
-    )
-        .into_response()
+    let mut response = Response::new(axum::body::Body::from(script));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, IPXE_CONTENT_TYPE);
+    response
 }
+
+/// `GET /ipxe/{uuid}` during a boot storm, answered before routing (by [`super::App`]):
+/// when the path is a well-formed uuid whose cached script is valid at the store's
+/// current content epoch, this is exactly what [`target_script`] would send (it takes the
+/// same fast path first). `None` for everything else, including every miss, which the
+/// router then serves as before.
+pub fn cached_target_script(
+    state: &AppState,
+    request: &axum::extract::Request,
+) -> Option<Response> {
+    if request.method() != axum::http::Method::GET {
+        return None;
+    }
+    let raw = request.uri().path().strip_prefix("/ipxe/")?;
+    // Longer paths (`…/profile`) and percent-encoded ones are the router's.
+    if raw.len() != UUID_TEXT_LEN {
+        return None;
+    }
+    let uuid = NodeUuid::parse(raw).ok()?;
+    let epoch = state.store.content_epoch()?;
+    let script = state.scripts.get_at_epoch(&uuid, epoch)?;
+    Some(ipxe_bytes(script))
+}
+
+/// Characters in a hyphenated uuid.
+const UUID_TEXT_LEN: usize = 36;
 
 async fn register(
     State(state): State<AppState>,

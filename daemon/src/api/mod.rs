@@ -14,10 +14,8 @@ use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::StatusCode;
-use axum::middleware::Next;
 use axum::response::Response;
 use axum::Router;
-use tracing::Instrument;
 
 use crate::core::boot::Stage1Config;
 use crate::core::model::{NewEvent, Node, TimestampMs};
@@ -81,7 +79,18 @@ impl AppState {
     }
 }
 
-/// The whole HTTP application.
+/// The whole HTTP application as one service: the request span, the boot fast path and
+/// the router.
+pub fn app(state: AppState) -> App<Router> {
+    App {
+        state: Arc::new(state.clone()),
+        router: router(state),
+    }
+}
+
+/// Every route. The request span is not a router layer: `Router::layer` wraps each route
+/// in another boxed service, cloned on every request, and `middleware::from_fn` boxes
+/// both the inner service and the future; [`App`] around the whole does neither.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.body_limit_bytes;
     Router::new()
@@ -90,31 +99,124 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such endpoint") })
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(axum::middleware::from_fn(request_span))
         .with_state(state)
 }
 
-/// One span per request, and one log line when it completes.
-async fn request_span(request: Request, next: Next) -> Response {
-    let span = tracing::info_span!(
-        "request",
-        method = %request.method(),
-        path = %request.uri().path(),
-    );
-    async move {
+/// The application around `router` (the [`router`] in production): one span per request
+/// and one log line when it completes (a warning for a 5xx, debug otherwise).
+///
+/// `GET /ipxe/{uuid}` during a boot storm is answered before routing when its script is
+/// cached and current (see [`boot::cached_target_script`]), without the router's
+/// per-request work. The span's `method` and `path` are recorded (formatted) only when
+/// something may be logged in it: always before routing, since handlers log; for a
+/// cached answer, only when the completion line is enabled.
+#[derive(Clone)]
+pub struct App<S> {
+    state: Arc<AppState>,
+    router: S,
+}
+
+impl<S> tower::Service<Request> for App<S>
+where
+    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = AppFuture<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.router.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
         let started = tokio::time::Instant::now();
-        let response = next.run(request).await;
+        // The lookup logs nothing, so it may run before the span exists.
+        let (answer, span) = match boot::cached_target_script(&self.state, &request) {
+            Some(response) => {
+                let span = tracing::info_span!(
+                    "request",
+                    method = tracing::field::Empty,
+                    path = tracing::field::Empty,
+                );
+                // A cached answer is a 200 and logs nothing but the debug completion
+                // line: format the fields only if that line is enabled.
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    span.record("method", tracing::field::display(request.method()));
+                    span.record("path", tracing::field::display(request.uri().path()));
+                }
+                let response = Some(response);
+                (Answer::Cached { response }, span)
+            }
+            None => {
+                let span = tracing::info_span!(
+                    "request",
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                );
+                let inner = span.in_scope(|| self.router.call(request));
+                (Answer::Routed { inner }, span)
+            }
+        };
+        AppFuture {
+            answer,
+            span,
+            started,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The answer, polled inside the request's span, then the completion line.
+    pub struct AppFuture<F> {
+        #[pin]
+        answer: Answer<F>,
+        span: tracing::Span,
+        started: tokio::time::Instant,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Either the cached script, ready at once, or the router's future.
+    #[project = AnswerProjection]
+    enum Answer<F> {
+        Cached { response: Option<Response> },
+        Routed { #[pin] inner: F },
+    }
+}
+
+impl<F> std::future::Future for AppFuture<F>
+where
+    F: std::future::Future<Output = Result<Response, std::convert::Infallible>>,
+{
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        let response = match this.answer.project() {
+            AnswerProjection::Cached { response } => response
+                .take()
+                .expect("an AppFuture is not polled after it completed"),
+            AnswerProjection::Routed { inner } => {
+                let Ok(response) = std::task::ready!(inner.poll(cx));
+                response
+            }
+        };
         let status = response.status().as_u16();
-        let elapsed_us = started.elapsed().as_micros() as u64;
+        let elapsed_us = this.started.elapsed().as_micros() as u64;
         if status >= 500 {
             tracing::warn!(status, elapsed_us, "request failed");
         } else {
             tracing::debug!(status, elapsed_us, "request done");
         }
-        response
+        std::task::Poll::Ready(Ok(response))
     }
-    .instrument(span)
-    .await
 }
 
 /// Attempts at a read-modify-write of one node before reporting the conflict.
