@@ -292,3 +292,63 @@ async fn a_bmc_reached_over_qmp_keeps_its_address_at_registration() {
         .collect();
     assert_eq!(allocated, vec![server.to_string().as_str()]);
 }
+
+/// `GET /ipxe/{uuid}` answered before routing (a cached script at the current content
+/// epoch) is byte for byte, header for header, what the router's handler sent; and what
+/// the fast path must leave to the router (a longer path, a malformed uuid) or may take
+/// either way (upper case, a query string) still gets the router's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pre_routing_answer_is_the_routers_answer() {
+    let daemon = TestDaemon::sqlite(Options {
+        default_flavor: Some("hv".into()),
+        ..Default::default()
+    })
+    .await;
+    daemon
+        .admin("POST", "/flavors", Some(flavor_json("hv")))
+        .await;
+    let uuid = "4c4c4544-0042-3510-8052-b4c04f4e4a32";
+    let body = serde_json::to_vec(&register_body(4)).unwrap();
+    let registered = daemon
+        .request("POST", &format!("/ipxe/{uuid}/register"), None, Some(&body))
+        .await;
+    assert_eq!(registered.status, 200);
+    let path = format!("/ipxe/{uuid}");
+    // The first GET writes (registered → provisioning) and renders through the router;
+    // the second stores the script at the epoch; the third is answered before routing.
+    let routed = daemon.request("GET", &path, None, None).await;
+    let _ = daemon.request("GET", &path, None, None).await;
+    let fast = daemon.request("GET", &path, None, None).await;
+    assert_eq!(routed.status, 200);
+    assert_eq!(fast.status, routed.status);
+    assert_eq!(fast.body, routed.body);
+    assert_eq!(fast.header("content-type"), routed.header("content-type"));
+
+    let upper = daemon
+        .request(
+            "GET",
+            &path.to_uppercase().replace("/IPXE/", "/ipxe/"),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!((upper.status, &upper.body), (200, &routed.body));
+    let query = daemon
+        .request("GET", &format!("{path}?from=ipxe"), None, None)
+        .await;
+    assert_eq!((query.status, &query.body), (200, &routed.body));
+    let malformed = daemon
+        .request(
+            "GET",
+            "/ipxe/4c4c4544-0042-3510-8052-b4c04f4e4a3z",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(malformed.status, 400);
+    let profile = daemon
+        .request("GET", &format!("{path}/profile"), None, None)
+        .await;
+    assert_eq!(profile.status, 200);
+    assert!(profile.text().starts_with('{'), "{}", profile.text());
+}
