@@ -72,7 +72,7 @@ pub struct Args {
     /// passes the one its workspace build made, saving a second build with other features.
     #[arg(long)]
     daemon: Option<PathBuf>,
-    /// Directory for logs and the daemon's data (default: <target dir>/qemu-smoke; emptied first)
+    /// Directory for logs and the daemon's data (default: <target dir>/qemu-smoke). Emptied first, but a directory given here only if it is empty or an earlier run made it
     #[arg(long)]
     work_dir: Option<PathBuf>,
 }
@@ -150,10 +150,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     progress("building the boot images: cargo xtask images");
     let images = images::build(images::Args::with_agent(agent))?;
 
-    if work.exists() {
-        fs::remove_dir_all(&work).with_context(|| format!("emptying {}", work.display()))?;
-    }
-    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    // The default lives in cargo's target directory, which is ours to empty.
+    prepare_work_dir(&work, args.work_dir.is_none())?;
     // Unix socket paths are limited to 108 bytes: keep them short, outside the work dir.
     let sockets = tempfile::Builder::new()
         .prefix("bearman-qmp-")
@@ -195,6 +193,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )),
     }
     result
+}
+
+/// Marks a directory this command made, so a later run may empty it.
+const WORK_MARKER: &str = ".bearman-qemu-smoke";
+
+/// Empties `work` for a new run — but unless `ours` only a directory an earlier run made
+/// (or an empty one): a mistyped `--work-dir` must not delete somebody's files.
+fn prepare_work_dir(work: &Path, ours: bool) -> anyhow::Result<()> {
+    if work.exists() {
+        let empty = fs::read_dir(work)
+            .with_context(|| format!("reading {}", work.display()))?
+            .next()
+            .is_none();
+        ensure!(
+            ours || empty || work.join(WORK_MARKER).is_file(),
+            "refusing to empty {}: it is not empty and no earlier qemu-smoke made it (no {WORK_MARKER} in it); pass another --work-dir",
+            work.display()
+        );
+        fs::remove_dir_all(work).with_context(|| format!("emptying {}", work.display()))?;
+    }
+    fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
+    fs::write(
+        work.join(WORK_MARKER),
+        "made by cargo xtask qemu-smoke; emptied by its next run\n",
+    )
+    .with_context(|| format!("marking {}", work.display()))
 }
 
 struct Setup {
@@ -1022,6 +1046,27 @@ mod tests {
             "{KCS}bearman-agent: booting x\r\n{BMC_LAN_PRINT_REFUSED}\r\n{BMC_NO_SETTINGS}\r\n"
         );
         fails(late, "no line");
+    }
+
+    #[test]
+    fn only_a_directory_an_earlier_run_made_is_emptied() {
+        let root = tempfile::tempdir().unwrap();
+        let precious = root.path().join("home");
+        fs::create_dir(&precious).unwrap();
+        fs::write(precious.join("notes.txt"), "keep me").unwrap();
+        let error = prepare_work_dir(&precious, false).unwrap_err().to_string();
+        assert!(error.contains("refusing to empty"), "{error}");
+        assert!(precious.join("notes.txt").is_file(), "nothing was deleted");
+
+        let work = root.path().join("smoke");
+        prepare_work_dir(&work, false).unwrap();
+        fs::write(work.join("vm1.serial.log"), "old run").unwrap();
+        prepare_work_dir(&work, false).unwrap();
+        assert!(
+            !work.join("vm1.serial.log").exists(),
+            "an earlier run's files go"
+        );
+        assert!(work.join(WORK_MARKER).is_file());
     }
 
     #[test]
