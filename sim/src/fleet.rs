@@ -221,11 +221,8 @@ impl World {
         self.trace.record(now, format!("power_off {name} ({why})"));
     }
 
-    /// Kernel panic: the OS and every VM instance on it stop; power stays on.
-    pub fn crash(&mut self, index: u32, now: Duration) {
-        if self.nodes[index as usize].os == Os::Off {
-            return;
-        }
+    /// Remembers when `index` failed and which VMs ran on it, for the recovery figures.
+    fn record_crash(&mut self, index: u32, now: Duration) {
         let running: Vec<u32> = self
             .vms
             .values()
@@ -233,6 +230,14 @@ impl World {
             .map(|vm| vm.id)
             .collect();
         self.crashes.insert(index, (now, running));
+    }
+
+    /// Kernel panic: the OS and every VM instance on it stop; power stays on.
+    pub fn crash(&mut self, index: u32, now: Duration) {
+        if self.nodes[index as usize].os == Os::Off {
+            return;
+        }
+        self.record_crash(index, now);
         self.stop_instances(index, now);
         self.nodes[index as usize].os = Os::Crashed;
         self.bump(index);
@@ -246,13 +251,7 @@ impl World {
         if self.nodes[index as usize].power == Power::Off {
             return;
         }
-        let running: Vec<u32> = self
-            .vms
-            .values()
-            .filter(|vm| vm.instances.contains(&index))
-            .map(|vm| vm.id)
-            .collect();
-        self.crashes.insert(index, (now, running));
+        self.record_crash(index, now);
         self.power_off(index, now, "power supply failure");
     }
 

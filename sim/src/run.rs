@@ -148,7 +148,6 @@ fn pick_nodes(
     chosen
 }
 
-/// Applies (or, with `heal`, undoes) one fault.
 /// What fault application remembers between a fault and its heal.
 struct FaultState {
     /// Nodes each fault picked, by fault index.
@@ -156,6 +155,17 @@ struct FaultState {
     rng: crate::rng::SimRng,
 }
 
+impl FaultState {
+    /// Picks the nodes fault `fault_index` strikes (`count`, default 1, in its rack or
+    /// anywhere) and remembers them for its heal.
+    fn pick(&mut self, world: &World, fault_index: usize, fault: &Fault) -> Vec<u32> {
+        let nodes = pick_nodes(world, fault.rack, fault.count.unwrap_or(1), &mut self.rng);
+        self.affected.insert(fault_index, nodes.clone());
+        nodes
+    }
+}
+
+/// Applies (or, with `heal`, undoes) one fault.
 fn apply_fault(
     sim: &mut turmoil::Sim<'_>,
     world: &SharedWorld,
@@ -176,16 +186,10 @@ fn apply_fault(
     match (&fault.kind, heal) {
         (FaultKind::CrashNodes, false) => {
             let mut world = lock(world);
-            let nodes = pick_nodes(
-                &world,
-                fault.rack,
-                fault.count.unwrap_or(1),
-                &mut faults.rng,
-            );
+            let nodes = faults.pick(&world, fault_index, fault);
             for index in &nodes {
                 world.crash(*index, now);
             }
-            faults.affected.insert(fault_index, nodes);
         }
         // Until automatic remediation exists, a crashed node comes back when someone
         // power-cycles it: the heal is that operator action.
@@ -203,42 +207,24 @@ fn apply_fault(
         }
         (FaultKind::PowerCycleNodes, false) => {
             let mut world = lock(world);
-            let nodes = pick_nodes(
-                &world,
-                fault.rack,
-                fault.count.unwrap_or(1),
-                &mut faults.rng,
-            );
+            let nodes = faults.pick(&world, fault_index, fault);
             for index in &nodes {
                 world.power_off(*index, now, "power cycle");
             }
-            faults.affected.insert(fault_index, nodes);
         }
         (FaultKind::PowerLossNodes, false) => {
             let mut world = lock(world);
-            let nodes = pick_nodes(
-                &world,
-                fault.rack,
-                fault.count.unwrap_or(1),
-                &mut faults.rng,
-            );
+            let nodes = faults.pick(&world, fault_index, fault);
             for index in &nodes {
                 world.lose_power(*index, now);
             }
-            faults.affected.insert(fault_index, nodes);
         }
         // Nothing comes back by itself: the daemon's rebuild powers the node on.
         (FaultKind::PowerLossNodes, true) => {}
         (FaultKind::BmcPowerCycleNodes, false) => {
             let mut world = lock(world);
-            let nodes = pick_nodes(
-                &world,
-                fault.rack,
-                fault.count.unwrap_or(1),
-                &mut faults.rng,
-            );
+            let nodes = faults.pick(&world, fault_index, fault);
             world.ops_power_cycles.extend(nodes.iter().copied());
-            faults.affected.insert(fault_index, nodes);
         }
         (FaultKind::BmcPowerCycleNodes, true) => {}
         (FaultKind::RackPowerLoss, false) => {

@@ -189,8 +189,9 @@ async fn many_nodes_registering_at_once_get_distinct_addresses() {
     assert_eq!(summary["by_state"]["ready"], 40);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn target_script_follows_flavor_and_node_changes() {
+/// A daemon with flavor `hv` as the default and one node registered from the fixture
+/// (`register_body(index)`); returns the node's uuid.
+async fn registered_node(index: u32) -> (TestDaemon, &'static str) {
     let daemon = TestDaemon::sqlite(Options {
         default_flavor: Some("hv".into()),
         ..Default::default()
@@ -200,11 +201,17 @@ async fn target_script_follows_flavor_and_node_changes() {
         .admin("POST", "/flavors", Some(flavor_json("hv")))
         .await;
     let uuid = "4c4c4544-0042-3510-8052-b4c04f4e4a32";
-    let body = serde_json::to_vec(&register_body(3)).unwrap();
+    let body = serde_json::to_vec(&register_body(index)).unwrap();
     let registered = daemon
         .request("POST", &format!("/ipxe/{uuid}/register"), None, Some(&body))
         .await;
     assert_eq!(registered.status, 200);
+    (daemon, uuid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_script_follows_flavor_and_node_changes() {
+    let (daemon, uuid) = registered_node(3).await;
     let path = format!("/ipxe/{uuid}");
     let first = daemon.request("GET", &path, None, None).await.text();
     // Served again (from the rendered-script cache) it is the same script.
@@ -299,20 +306,7 @@ async fn a_bmc_reached_over_qmp_keeps_its_address_at_registration() {
 /// either way (upper case, a query string) still gets the router's answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pre_routing_answer_is_the_routers_answer() {
-    let daemon = TestDaemon::sqlite(Options {
-        default_flavor: Some("hv".into()),
-        ..Default::default()
-    })
-    .await;
-    daemon
-        .admin("POST", "/flavors", Some(flavor_json("hv")))
-        .await;
-    let uuid = "4c4c4544-0042-3510-8052-b4c04f4e4a32";
-    let body = serde_json::to_vec(&register_body(4)).unwrap();
-    let registered = daemon
-        .request("POST", &format!("/ipxe/{uuid}/register"), None, Some(&body))
-        .await;
-    assert_eq!(registered.status, 200);
+    let (daemon, uuid) = registered_node(4).await;
     let path = format!("/ipxe/{uuid}");
     // The first GET writes (registered → provisioning) and renders through the router;
     // the second stores the script at the epoch; the third is answered before routing.
