@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use bearman::bmc::credentials::{CredentialError, CredentialSource};
 use bearman::bmc::guard::{power_off_verified, GuardLimits, Guards};
 use bearman::bmc::provider::{BmcSettings, DriverBmcs};
+use bearman::bmc::BmcProvider;
 use bearman::bmc::{Bmc, BmcError, PowerState};
-use bearman::controller::BmcProvider;
 use bearman::core::model::{BmcConfig, BmcDriver, Node, NodeRole};
 use bearman_proto::uuid::NodeUuid;
 
@@ -258,7 +258,7 @@ fn node(driver: Option<BmcDriver>, address: Option<&str>, credentials_ref: Optio
 fn bmc_error(bmcs: &DriverBmcs, node: &Node) -> String {
     match bmcs.bmc_for(node) {
         Ok(_) => panic!("driver built for {:?}", node.bmc),
-        Err(error) => error,
+        Err(error) => error.to_string(),
     }
 }
 

@@ -20,8 +20,8 @@ use bearman::bmc::guard::{GuardLimits, Guards};
 use bearman::bmc::ipmi::{BmcAddress, IpmiBmc, IpmiSettings};
 use bearman::bmc::ops::{self, PowerAction, Readback};
 use bearman::bmc::provider::{BmcSettings, DriverBmcs};
+use bearman::bmc::BmcProvider;
 use bearman::bmc::{Bmc, BmcError, PowerState};
-use bearman::controller::BmcProvider;
 use bearman::core::model::{BmcConfig, BmcDriver, Node, NodeRole};
 use bearman_proto::uuid::NodeUuid;
 

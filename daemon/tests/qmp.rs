@@ -204,7 +204,7 @@ async fn a_hard_power_off_before_the_first_boot_reads_back_off() {
 #[tokio::test]
 async fn the_provider_drives_a_vm_whose_socket_is_in_the_allowed_directory() {
     use bearman::bmc::provider::{BmcSettings, DriverBmcs};
-    use bearman::controller::BmcProvider;
+    use bearman::bmc::BmcProvider;
     use bearman::core::model::{BmcConfig, BmcDriver, Node, NodeRole};
     use bearman_proto::uuid::NodeUuid;
 
@@ -226,7 +226,11 @@ async fn the_provider_drives_a_vm_whose_socket_is_in_the_allowed_directory() {
         node
     };
     let refused = DriverBmcs::new(BmcSettings::default()).unwrap();
-    let error = refused.bmc_for(&node_with("qmp.sock")).err().unwrap();
+    let error = refused
+        .bmc_for(&node_with("qmp.sock"))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(error.contains("set bmc.qmp_socket_dir"), "{error}");
 
     let bmcs = DriverBmcs::new(BmcSettings {
@@ -238,6 +242,7 @@ async fn the_provider_drives_a_vm_whose_socket_is_in_the_allowed_directory() {
         let Err(error) = bmcs.bmc_for(&node_with(outside)) else {
             panic!("{outside:?} accepted");
         };
+        let error = error.to_string();
         assert!(error.contains("vm1"), "{outside:?}: {error}");
     }
     for address in [

@@ -9,17 +9,16 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use bearman::api::{AppState, ServiceConfig};
+use bearman::app::{App, Settings};
+use bearman::bmc::BmcProvider;
 use bearman::bmc::{Bmc, BmcError, PowerState};
 use bearman::cloud::{Cloud, CloudError};
-use bearman::controller::{BmcProvider, Controller, ControllerConfig};
-use bearman::core::boot::Stage1Config;
+use bearman::controller::{Controller, ControllerConfig};
 use bearman::core::lifecycle::LifecycleState;
-use bearman::core::model::{EventFilter, Node, NodeRole};
+use bearman::core::model::{Action, EventFilter, Node, NodeRole};
 use bearman::core::power_sync::PowerReadingState;
 use bearman::core::registration::RegistrationDefaults;
 use bearman::core::remediation::{Status, Step};
-use bearman::images::MemoryImages;
 use bearman::runtime::Clock;
 use bearman::store::memory::MemoryStore;
 use bearman::store::Store;
@@ -84,7 +83,7 @@ struct FleetBmcs {
 }
 
 impl BmcProvider for FleetBmcs {
-    fn bmc_for(&self, node: &Node) -> Result<Arc<dyn Bmc>, String> {
+    fn bmc_for(&self, node: &Node) -> Result<Arc<dyn Bmc>, bearman::bmc::BmcError> {
         Ok(if node.uuid == self.victim {
             self.bmc.clone()
         } else {
@@ -184,18 +183,14 @@ async fn harness_with(
         .lock()
         .unwrap()
         .extend((0..3).map(|i| (format!("vm{i}"), "cn0".to_string())));
-    let state = AppState::new(
+    let app = App::new(
         store.clone(),
         clock.clone(),
-        Arc::new(MemoryImages::default()),
-        ServiceConfig {
-            public_url: "http://bearman.test".into(),
-            stage1: Stage1Config::default(),
+        Settings {
             defaults: RegistrationDefaults {
                 role: NodeRole::Compute,
                 flavor: None,
             },
-            body_limit_bytes: 65536,
             heartbeat_fresh_ms: 30_000,
         },
     );
@@ -204,7 +199,7 @@ async fn harness_with(
         ..config
     };
     let controller = Controller::new(
-        state,
+        app,
         Arc::new(FleetBmcs {
             victim: uuid.clone(),
             bmc: bmc.clone(),
@@ -467,7 +462,7 @@ impl Harness {
                 .victim_events()
                 .await
                 .iter()
-                .find(|e| e.action == "remediation_started")
+                .find(|e| e.action == Action::RemediationStarted)
             {
                 return Some(started.at_ms - START_MS);
             }
@@ -493,7 +488,7 @@ async fn a_silent_node_whose_bmc_reads_off_is_fenced_without_the_confirm_wait() 
     let events = h.victim_events().await;
     let started = events
         .iter()
-        .find(|e| e.action == "remediation_started")
+        .find(|e| e.action == Action::RemediationStarted)
         .unwrap();
     assert!(
         started.reason.contains("BMC reads power off"),
@@ -501,7 +496,7 @@ async fn a_silent_node_whose_bmc_reads_off_is_fenced_without_the_confirm_wait() 
     );
     let power: Vec<&str> = events
         .iter()
-        .filter(|e| e.action == "power_state_changed")
+        .filter(|e| e.action == Action::PowerStateChanged)
         .map(|e| e.reason.as_str())
         .collect();
     assert_eq!(power.len(), 1, "one event for the one change: {power:?}");
@@ -573,7 +568,7 @@ async fn a_power_event_is_written_only_when_the_reading_changes() {
     );
     let events = h.store.event_list(&EventFilter::default()).await.unwrap();
     assert!(
-        events.iter().all(|e| e.action != "power_state_changed"),
+        events.iter().all(|e| e.action != Action::PowerStateChanged),
         "{events:?}"
     );
     // The victim loses power (but is still heard from, say, a stale heartbeat path):
@@ -586,7 +581,7 @@ async fn a_power_event_is_written_only_when_the_reading_changes() {
         .victim_events()
         .await
         .into_iter()
-        .filter(|e| e.action == "power_state_changed")
+        .filter(|e| e.action == Action::PowerStateChanged)
         .map(|e| e.reason)
         .collect();
     assert!(h.bmc.calls.lock().unwrap().len() >= 7, "kept polling");

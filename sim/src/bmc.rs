@@ -246,13 +246,16 @@ impl SimBmcs {
     }
 }
 
-impl bearman::controller::BmcProvider for SimBmcs {
+impl bearman::bmc::BmcProvider for SimBmcs {
     fn bmc_for(
         &self,
         node: &bearman::core::model::Node,
-    ) -> Result<std::sync::Arc<dyn Bmc>, String> {
-        let index = crate::fleet::index_of(&node.uuid)
-            .ok_or_else(|| format!("node {} is not a simulated node", node.uuid))?;
+    ) -> Result<std::sync::Arc<dyn Bmc>, bearman::bmc::BmcError> {
+        let index =
+            crate::fleet::index_of(&node.uuid).ok_or_else(|| bearman::bmc::BmcError::NoDriver {
+                node: node.uuid.to_string(),
+                detail: "not a simulated node".into(),
+            })?;
         let name = format!("sim-bmc-{index}");
         let driver = std::sync::Arc::new(SimBmc {
             node_index: index,

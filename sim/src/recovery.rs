@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use bearman::core::model::Event;
+use bearman::core::model::{Action, Event};
 
 use crate::fleet::World;
 use crate::run::EPOCH_MS;
@@ -29,7 +29,7 @@ pub fn recoveries(world: &World, events: &[Event]) -> Vec<Recovery> {
     let mut out = Vec::new();
     for (index, (crashed_at, vms)) in &world.crashes {
         let uuid = &world.nodes[*index as usize].uuid;
-        let after = |action: &str, to_state: Option<&str>| {
+        let after = |action: Action, to_state: Option<&str>| {
             events
                 .iter()
                 .filter(|e| e.node_uuid.as_ref() == Some(uuid))
@@ -55,11 +55,11 @@ pub fn recoveries(world: &World, events: &[Event]) -> Vec<Recovery> {
         out.push(Recovery {
             node: world.node_name(*index),
             crashed_at: *crashed_at,
-            detected_after: after("heartbeats_missed", None),
-            fenced_after: after("fence_verified", None),
+            detected_after: after(Action::HeartbeatsMissed, None),
+            fenced_after: after(Action::FenceVerified, None),
             vms_elsewhere_after,
             vms: vms.len(),
-            ready_after: after("installed", Some("ready")),
+            ready_after: after(Action::Installed, Some("ready")),
         });
     }
     out
@@ -79,7 +79,7 @@ pub fn percentile(values: &[Duration], p: u32) -> Option<Duration> {
 pub fn fences_started(events: &[Event]) -> usize {
     events
         .iter()
-        .filter(|e| e.action == "fence_started")
+        .filter(|e| e.action == Action::FenceStarted)
         .count()
 }
 

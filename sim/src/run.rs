@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bearman::api::{AppState, ServiceConfig};
+use bearman::api::ServiceConfig;
 use bearman::core::boot::Stage1Config;
 use bearman::core::lifecycle::LifecycleState;
 use bearman::core::model::{Flavor, IpPool, NodeRole, PoolPurpose};
@@ -348,11 +348,11 @@ pub fn run(
             let remediation = remediation.clone();
             async move {
                 let listener = turmoil::net::TcpListener::bind(("0.0.0.0", DAEMON_PORT)).await?;
-                let state = AppState::new(
-                    Arc::new(CachedStore::new(store)),
-                    Arc::new(SimClock),
-                    Arc::new(MemoryImages::default()),
-                    ServiceConfig {
+                let parts = bearman::server::DaemonParts {
+                    store: Arc::new(CachedStore::new(store)),
+                    clock: Arc::new(SimClock),
+                    images: Arc::new(MemoryImages::default()),
+                    service: ServiceConfig {
                         public_url: node::DAEMON_URL.into(),
                         stage1: Stage1Config::default(),
                         defaults: RegistrationDefaults {
@@ -362,19 +362,15 @@ pub fn run(
                         body_limit_bytes: bearman::api::BODY_LIMIT_BYTES_DEFAULT,
                         heartbeat_fresh_ms: 30_000,
                     },
-                );
-                let controller = bearman::controller::Controller::new(
-                    state.clone(),
-                    Arc::new(bmc::SimBmcs::new(Duration::from_secs(10))),
-                    Some(Arc::new(cloud::SimCloud {
+                    bmcs: Arc::new(bmc::SimBmcs::new(Duration::from_secs(10))),
+                    cloud: Some(Arc::new(cloud::SimCloud {
                         timeout: Duration::from_secs(10),
                     })),
                     remediation,
-                );
-                tokio::spawn(controller.run());
-                bearman::server::serve(
+                };
+                bearman::server::run_daemon(
                     net::TurmoilListener(listener),
-                    state,
+                    parts,
                     std::future::pending(),
                 )
                 .await?;

@@ -14,16 +14,17 @@ use serde::{Deserialize, Serialize};
 use super::auth::{self, Caller};
 use super::error::ApiError;
 use super::extract::{JsonBody, NamePath, OptionalJson, QueryParams, UuidPath};
-use super::{apply_event, mutate_node, AppState};
+use super::AppState;
+use crate::app::nodes::{Enrollment, NodeChanges};
 use crate::core::ipam::{self, validate_pool};
 use crate::core::lifecycle::{LifecycleEvent, LifecycleState};
 use crate::core::model::{
-    ApiToken, BmcConfig, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node,
+    Action, ApiToken, BmcConfig, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node,
     NodeFilter, NodeRole, TokenRole,
 };
 use crate::core::power_sync::PowerReading;
-use crate::core::remediation::{Remediation, RemediationKind, Status as RemediationStatus};
-use crate::core::validate::{self, check_hostname, FieldError};
+use crate::core::remediation::{Remediation, RemediationKind};
+use crate::core::validate::{self, FieldError};
 use bearman_proto::uuid::NodeUuid;
 
 /// One admin route: method, path under `/api/v1`, and the least role that may call it.
@@ -263,102 +264,21 @@ struct EnrollRequest {
     bmc: Option<BmcConfig>,
 }
 
-fn check_rack(rack: &str) -> Result<(), ApiError> {
-    if rack.is_empty()
-        || rack.len() > 63
-        || !rack
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-    {
-        return Err(field_error(
-            "rack",
-            "must be 1-63 characters of [A-Za-z0-9-_.:]",
-        ));
-    }
-    Ok(())
-}
-
-fn check_bmc(bmc: &BmcConfig) -> Result<(), ApiError> {
-    if let Some(address) = &bmc.address {
-        if address.is_empty() || address.len() > 253 || address.contains(char::is_whitespace) {
-            return Err(field_error("bmc.address", "must be a host name or address"));
-        }
-    }
-    if let Some(mac) = &bmc.mac {
-        if !validate::is_mac(mac) {
-            return Err(field_error(
-                "bmc.mac",
-                format!("{mac:?} is not a MAC address"),
-            ));
-        }
-    }
-    if let Some(reference) = &bmc.credentials_ref {
-        // A reference names where the secret lives (`env:VAR`, `file:KEY`); refusing
-        // anything else keeps operators from pasting a password here.
-        let valid = reference.len() <= 128
-            && (reference.starts_with("env:") || reference.starts_with("file:"))
-            && reference.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/')
-            });
-        if !valid {
-            return Err(field_error(
-                "bmc.credentials_ref",
-                "must be env:VARIABLE or file:KEY naming where the secret is kept, never the secret itself",
-            ));
-        }
-    }
-    Ok(())
-}
-
-async fn check_flavor_exists(state: &AppState, flavor: &str) -> Result<(), ApiError> {
-    if state.store.flavor_get(flavor).await?.is_none() {
-        return Err(field_error(
-            "flavor",
-            format!("flavor {flavor} does not exist"),
-        ));
-    }
-    Ok(())
-}
-
 async fn node_enroll(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     JsonBody(request): JsonBody<EnrollRequest>,
 ) -> Result<(StatusCode, Json<Node>), ApiError> {
     let uuid = NodeUuid::parse(&request.uuid).map_err(|e| field_error("uuid", e.to_string()))?;
-    let hostname = request
-        .hostname
-        .unwrap_or_else(|| crate::core::registration::default_hostname(&uuid));
-    check_hostname(&hostname)?;
-    if let Some(rack) = &request.rack {
-        check_rack(rack)?;
-    }
-    if let Some(flavor) = &request.flavor {
-        check_flavor_exists(&state, flavor).await?;
-    }
-    let now = state.clock.now_ms();
-    let mut node = Node::new(
-        uuid.clone(),
-        hostname,
-        request.role.unwrap_or(state.config.defaults.role),
-        now,
-    );
-    node.rack = request.rack;
-    node.flavor = request
-        .flavor
-        .or_else(|| state.config.defaults.flavor.clone());
-    if let Some(bmc) = request.bmc {
-        check_bmc(&bmc)?;
-        node.bmc = bmc;
-    }
-    let event = NewEvent::for_node(
-        &uuid,
-        now,
-        &caller.actor(),
-        "enroll",
-        "enrolled by operator",
-    );
-    let node = state.store.node_create(&node, &[event]).await?;
+    let enrollment = Enrollment {
+        uuid,
+        hostname: request.hostname,
+        role: request.role,
+        rack: request.rack,
+        flavor: request.flavor,
+        bmc: request.bmc,
+    };
+    let node = state.app.node_enroll(&caller.actor(), enrollment).await?;
     Ok((StatusCode::CREATED, Json(node)))
 }
 
@@ -387,77 +307,20 @@ async fn node_update(
     UuidPath(uuid): UuidPath,
     JsonBody(patch): JsonBody<NodePatch>,
 ) -> Result<Json<Node>, ApiError> {
-    if let Some(hostname) = &patch.hostname {
-        check_hostname(hostname)?;
-    }
-    if let Some(rack) = &patch.rack {
-        check_rack(rack)?;
-    }
-    if let Some(bmc) = &patch.bmc {
-        check_bmc(bmc)?;
-    }
-    if let Some(flavor) = patch.flavor.as_deref().filter(|f| !f.is_empty()) {
-        check_flavor_exists(&state, flavor).await?;
-    }
-    let now = state.clock.now_ms();
-    let actor = caller.actor();
-    let node = mutate_node(&state, &uuid, |node| {
-        if let Some(expected) = patch.generation {
-            if node.generation != expected {
-                return Err(ApiError::conflict(
-                    "generation_mismatch",
-                    format!(
-                        "node {uuid} is at generation {}, not {expected}",
-                        node.generation
-                    ),
-                ));
-            }
-        }
-        let mut changes = Vec::new();
-        if let Some(hostname) = &patch.hostname {
-            if &node.hostname != hostname {
-                changes.push(format!("hostname {} -> {hostname}", node.hostname));
-                node.hostname = hostname.clone();
-            }
-        }
-        if let Some(role) = patch.role {
-            if node.role != role {
-                changes.push(format!("role {} -> {}", node.role.as_str(), role.as_str()));
-                node.role = role;
-            }
-        }
-        if let Some(rack) = &patch.rack {
-            if node.rack.as_ref() != Some(rack) {
-                changes.push(format!("rack -> {rack}"));
-                node.rack = Some(rack.clone());
-            }
-        }
-        if let Some(flavor) = &patch.flavor {
-            let new = (!flavor.is_empty()).then(|| flavor.clone());
-            if node.flavor != new {
-                changes.push(format!("flavor -> {}", new.as_deref().unwrap_or("(none)")));
-                node.flavor = new;
-            }
-        }
-        if let Some(bmc) = &patch.bmc {
-            if &node.bmc != bmc {
-                changes.push("bmc settings".to_string());
-                node.bmc = bmc.clone();
-            }
-        }
-        if changes.is_empty() {
-            return Ok(vec![]);
-        }
-        Ok(vec![NewEvent::for_node(
-            &uuid,
-            now,
-            &actor,
-            "update",
-            changes.join(", "),
-        )])
-    })
-    .await?;
-    Ok(Json(node))
+    let changes = NodeChanges {
+        hostname: patch.hostname,
+        role: patch.role,
+        rack: patch.rack,
+        flavor: patch.flavor,
+        bmc: patch.bmc,
+        generation: patch.generation,
+    };
+    Ok(Json(
+        state
+            .app
+            .node_update(&caller.actor(), &uuid, changes)
+            .await?,
+    ))
 }
 
 async fn node_events(
@@ -502,34 +365,8 @@ struct ReasonBody {
 
 impl ReasonBody {
     fn text(&self, default: &str) -> Result<String, ApiError> {
-        match &self.reason {
-            Some(reason) if reason.len() > 1024 => {
-                Err(field_error("reason", "longer than 1024 bytes"))
-            }
-            Some(reason) if !reason.trim().is_empty() => Ok(reason.trim().to_string()),
-            _ => Ok(default.to_string()),
-        }
+        Ok(validate::reason_or(self.reason.as_deref(), default)?)
     }
-}
-
-/// Runs an operator's lifecycle action on a node and records who asked and why.
-async fn node_action(
-    state: &AppState,
-    caller: &Caller,
-    uuid: &NodeUuid,
-    event: LifecycleEvent,
-    reason: String,
-) -> Result<Json<Node>, ApiError> {
-    let now = state.clock.now_ms();
-    let actor = caller.actor();
-    let node = mutate_node(state, uuid, |node| {
-        Ok(apply_event(node, event, now, &actor, &reason)?
-            .into_iter()
-            .collect())
-    })
-    .await?;
-    tracing::info!(%uuid, action = event.name(), actor = %actor, state = %node.state, "operator action");
-    Ok(Json(node))
 }
 
 async fn maintenance_on(
@@ -539,14 +376,16 @@ async fn maintenance_on(
     OptionalJson(body): OptionalJson<ReasonBody>,
 ) -> Result<Json<Node>, ApiError> {
     let reason = body.text("maintenance requested")?;
-    node_action(
-        &state,
-        &caller,
-        &uuid,
-        LifecycleEvent::MaintenanceOn,
-        reason,
-    )
-    .await
+    let node = state
+        .app
+        .node_lifecycle(
+            &caller.actor(),
+            &uuid,
+            LifecycleEvent::MaintenanceOn,
+            &reason,
+        )
+        .await?;
+    Ok(Json(node))
 }
 
 async fn maintenance_off(
@@ -556,78 +395,11 @@ async fn maintenance_off(
     OptionalJson(body): OptionalJson<ReasonBody>,
 ) -> Result<Json<Node>, ApiError> {
     let reason = body.text("maintenance ended")?;
-    let now = state.clock.now_ms();
     let node = state
-        .store
-        .node_get(&uuid)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("node {uuid} is not known")))?;
-    let heartbeat_fresh = node
-        .last_heartbeat_at_ms
-        .is_some_and(|at| now - at <= state.config.heartbeat_fresh_ms);
-    node_action(
-        &state,
-        &caller,
-        &uuid,
-        LifecycleEvent::MaintenanceOff { heartbeat_fresh },
-        reason,
-    )
-    .await
-}
-
-/// Starts an operator-requested remediation. Operator requests bypass the automatic
-/// guards (rack pause, fleet stop, rate limit): a human decided.
-async fn start_remediation(
-    state: &AppState,
-    caller: &Caller,
-    uuid: &NodeUuid,
-    kind: RemediationKind,
-    reason: String,
-) -> Result<(StatusCode, Json<Remediation>), ApiError> {
-    let node = state
-        .store
-        .node_get(uuid)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("node {uuid} is not known")))?;
-    if !matches!(
-        node.state,
-        LifecycleState::Ready
-            | LifecycleState::Suspect
-            | LifecycleState::Fenced
-            | LifecycleState::Provisioning
-            | LifecycleState::Registered
-    ) {
-        return Err(ApiError::conflict(
-            "illegal_state",
-            format!(
-                "node {uuid} is {}; {} needs a node that is ready, suspect, fenced, registered or provisioning",
-                node.state,
-                kind.as_str()
-            ),
-        ));
-    }
-    let now = state.clock.now_ms();
-    let remediation = Remediation::new(uuid.clone(), kind, &caller.actor(), &reason, now);
-    let event = NewEvent::for_node(
-        uuid,
-        now,
-        &caller.actor(),
-        "remediation_started",
-        format!("{}: {reason}", kind.as_str()),
-    );
-    let created = state
-        .store
-        .remediation_create(&remediation, &[event])
-        .await
-        .map_err(|error| match error {
-            crate::store::StoreError::AlreadyExists { .. } => ApiError::conflict(
-                "remediation_active",
-                format!("node {uuid} already has an active remediation; cancel it first"),
-            ),
-            other => other.into(),
-        })?;
-    tracing::info!(%uuid, id = created.id, kind = kind.as_str(), actor = %caller.actor(), "operator remediation");
-    Ok((StatusCode::ACCEPTED, Json(created)))
+        .app
+        .node_maintenance_off(&caller.actor(), &uuid, &reason)
+        .await?;
+    Ok(Json(node))
 }
 
 macro_rules! remediation_route {
@@ -639,7 +411,11 @@ macro_rules! remediation_route {
             OptionalJson(body): OptionalJson<ReasonBody>,
         ) -> Result<(StatusCode, Json<Remediation>), ApiError> {
             let reason = body.text($default)?;
-            start_remediation(&state, &caller, &uuid, $kind, reason).await
+            let created = state
+                .app
+                .remediation_start(&caller.actor(), &uuid, $kind, &reason)
+                .await?;
+            Ok((StatusCode::ACCEPTED, Json(created)))
         }
     };
 }
@@ -705,65 +481,23 @@ async fn remediation_cancel(
 ) -> Result<Json<Remediation>, ApiError> {
     let id = parse_id(&id)?;
     let reason = body.text("cancelled by operator")?;
-    for _ in 0..4 {
-        let remediation = state
-            .store
-            .remediation_get(id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("remediation {id} does not exist")))?;
-        let Some(step) = remediation.step() else {
-            return Err(ApiError::conflict(
-                "not_active",
-                format!(
-                    "remediation {id} is already {}",
-                    remediation.status.as_str()
-                ),
-            ));
-        };
-        if !step.cancellable() {
-            return Err(ApiError::conflict(
-                "not_cancellable",
-                format!("remediation {id} is in step {}; a power-off must finish before it can be cancelled", step.as_str()),
-            ));
-        }
-        let now = state.clock.now_ms();
-        let mut cancelled = remediation.clone();
-        cancelled.status = RemediationStatus::Cancelled;
-        cancelled.finished_at_ms = Some(now);
-        cancelled.updated_at_ms = now;
-        let event = NewEvent::for_node(
-            &remediation.node_uuid,
-            now,
-            &caller.actor(),
-            "remediation_cancelled",
-            format!("remediation {id}: {reason}"),
-        );
-        match state
-            .store
-            .remediation_update(&cancelled, None, &[event])
-            .await
-        {
-            Ok((stored, _)) => return Ok(Json(stored)),
-            Err(crate::store::StoreError::Conflict { .. }) => continue,
-            Err(error) => return Err(error.into()),
-        }
-    }
-    Err(ApiError::conflict(
-        "busy",
-        format!("remediation {id} is changing; retry"),
+    Ok(Json(
+        state
+            .app
+            .remediation_cancel(&caller.actor(), id, &reason)
+            .await?,
     ))
 }
 
+/// The guards as the controller last published them, and whether the controller is
+/// alive (a panicked one shows as down, with why).
 async fn remediation_guards(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let guards = state
-        .guards
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    Json(match guards {
-        Some(status) => serde_json::json!({ "controller_running": true, "guards": status }),
-        None => serde_json::json!({ "controller_running": false, "guards": null }),
-    })
+    let liveness = state.app.guards.liveness();
+    Json(serde_json::json!({
+        "controller_running": liveness.is_running(),
+        "controller": liveness,
+        "guards": state.app.guards.status(),
+    }))
 }
 
 async fn retire(
@@ -773,7 +507,11 @@ async fn retire(
     OptionalJson(body): OptionalJson<ReasonBody>,
 ) -> Result<Json<Node>, ApiError> {
     let reason = body.text("retired by operator")?;
-    node_action(&state, &caller, &uuid, LifecycleEvent::Retire, reason).await
+    let node = state
+        .app
+        .node_lifecycle(&caller.actor(), &uuid, LifecycleEvent::Retire, &reason)
+        .await?;
+    Ok(Json(node))
 }
 
 /// Forgets the recorded serial and MACs so the next registration binds the node to the
@@ -785,21 +523,12 @@ async fn accept_identity(
     OptionalJson(body): OptionalJson<ReasonBody>,
 ) -> Result<Json<Node>, ApiError> {
     let reason = body.text("identity reset by operator")?;
-    let now = state.clock.now_ms();
-    let actor = caller.actor();
-    let node = mutate_node(&state, &uuid, |node| {
-        node.serial.clear();
-        node.hardware.nics.clear();
-        Ok(vec![NewEvent::for_node(
-            &uuid,
-            now,
-            &actor,
-            "accept_identity",
-            reason.clone(),
-        )])
-    })
-    .await?;
-    Ok(Json(node))
+    Ok(Json(
+        state
+            .app
+            .node_accept_identity(&caller.actor(), &uuid, &reason)
+            .await?,
+    ))
 }
 
 async fn flavor_list(State(state): State<AppState>) -> Result<Json<Vec<Flavor>>, ApiError> {
@@ -833,7 +562,7 @@ async fn flavor_create(
             ),
         ));
     }
-    save_flavor(&state, &caller, &flavor, "flavor_create").await?;
+    save_flavor(&state, &caller, &flavor, Action::FlavorCreate).await?;
     Ok((StatusCode::CREATED, Json(flavor)))
 }
 
@@ -850,7 +579,7 @@ async fn flavor_replace(
         ));
     }
     validate::check_flavor(&flavor)?;
-    save_flavor(&state, &caller, &flavor, "flavor_replace").await?;
+    save_flavor(&state, &caller, &flavor, Action::FlavorReplace).await?;
     Ok(Json(flavor))
 }
 
@@ -858,7 +587,7 @@ async fn save_flavor(
     state: &AppState,
     caller: &Caller,
     flavor: &Flavor,
-    action: &str,
+    action: Action,
 ) -> Result<(), ApiError> {
     let now = state.clock.now_ms();
     state.store.flavor_put(flavor, now).await?;
@@ -866,7 +595,7 @@ async fn save_flavor(
         at_ms: now,
         node_uuid: None,
         actor: caller.actor(),
-        action: action.to_string(),
+        action,
         from_state: None,
         to_state: None,
         reason: format!("flavor {}", flavor.name),
@@ -881,21 +610,27 @@ async fn flavor_delete(
     NamePath(name): NamePath,
 ) -> Result<StatusCode, ApiError> {
     state.store.flavor_delete(&name).await?;
-    audit(&state, &caller, "flavor_delete", format!("flavor {name}")).await?;
+    audit(
+        &state,
+        &caller,
+        Action::FlavorDelete,
+        format!("flavor {name}"),
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn audit(
     state: &AppState,
     caller: &Caller,
-    action: &str,
+    action: Action,
     reason: String,
 ) -> Result<(), ApiError> {
     let event = NewEvent {
         at_ms: state.clock.now_ms(),
         node_uuid: None,
         actor: caller.actor(),
-        action: action.to_string(),
+        action,
         from_state: None,
         to_state: None,
         reason,
@@ -949,7 +684,7 @@ async fn pool_create(
     audit(
         &state,
         &caller,
-        "pool_create",
+        Action::PoolCreate,
         format!(
             "pool {} {} {}-{}",
             pool.name, pool.cidr, pool.range_start, pool.range_end
@@ -965,7 +700,7 @@ async fn pool_delete(
     NamePath(name): NamePath,
 ) -> Result<StatusCode, ApiError> {
     state.store.pool_delete(&name).await?;
-    audit(&state, &caller, "pool_delete", format!("pool {name}")).await?;
+    audit(&state, &caller, Action::PoolDelete, format!("pool {name}")).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1032,7 +767,7 @@ pub async fn create_token(
         at_ms: now_ms,
         node_uuid: None,
         actor: actor.to_string(),
-        action: "token_create".into(),
+        action: Action::TokenCreate,
         from_state: None,
         to_state: None,
         reason: format!("token {name} with role {}", role.as_str()),
@@ -1067,6 +802,12 @@ async fn token_delete(
     NamePath(name): NamePath,
 ) -> Result<StatusCode, ApiError> {
     state.store.token_delete(&name).await?;
-    audit(&state, &caller, "token_delete", format!("token {name}")).await?;
+    audit(
+        &state,
+        &caller,
+        Action::TokenDelete,
+        format!("token {name}"),
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -7,7 +7,7 @@
 //! registration which does not match the hardware on record is refused and audited.
 
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -19,17 +19,17 @@ use bearman_proto::{
 
 use super::error::ApiError;
 use super::extract::{JsonBody, OptionalJson, UuidPath};
-use super::{apply_event, mutate_node, AppState};
+use super::AppState;
+use crate::app::AppError;
 use crate::core::boot::{render_profile, render_stage1, render_target_script};
 use crate::core::ipam::{self, select_pool};
 use crate::core::lifecycle::{LifecycleEvent, LifecycleState};
-use crate::core::model::{BmcDriver, Flavor, NewEvent, Node, PoolPurpose};
-use crate::core::registration::{plan_registration, RegistrationRefused};
+use crate::core::model::{Action, BmcDriver, Flavor, NewEvent, Node, PoolPurpose};
+use crate::core::registration::{plan_registration, serves_boot, RegistrationRefused};
 use crate::core::validate;
 use crate::store::StoreError;
 
-/// Who the audit trail names for requests a node makes about itself.
-const NODE_ACTOR: &str = "node";
+use crate::app::NODE_ACTOR;
 
 /// Entries kept before the script cache starts over; bounds memory on huge fleets.
 const CACHED_SCRIPTS_MAX: usize = 200_000;
@@ -132,12 +132,11 @@ async fn known_node(state: &AppState, uuid: &NodeUuid) -> Result<Node, ApiError>
 
 /// The node's flavor, or a 409 saying why it has none to boot.
 async fn node_flavor(state: &AppState, node: &Node) -> Result<std::sync::Arc<Flavor>, ApiError> {
-    if node.state == LifecycleState::Retired {
-        return Err(ApiError::new(
-            StatusCode::GONE,
-            "retired",
-            format!("node {} is retired", node.uuid),
-        ));
+    if !serves_boot(node.state) {
+        return Err(AppError::NodeRetired {
+            uuid: node.uuid.clone(),
+        }
+        .into());
     }
     let name = node.flavor.as_deref().ok_or_else(|| {
         ApiError::conflict(
@@ -199,26 +198,13 @@ async fn target_script(
     }
     let flavor = node_flavor(&state, &node).await?;
     // The hot path during a boot storm: a node already provisioning asks again (iPXE
-    // retries, a second stage-1 attempt). Nothing to write then.
+    // retries, a second stage-1 attempt). Nothing is written then.
     let unchanged = crate::core::lifecycle::transition(node.state, LifecycleEvent::BootStarted)
         .is_ok_and(|next| next == node.state);
     let node = if unchanged {
         node
     } else {
-        let now = state.clock.now_ms();
-        let updated = mutate_node(&state, &uuid, |node| {
-            Ok(apply_event(
-                node,
-                LifecycleEvent::BootStarted,
-                now,
-                NODE_ACTOR,
-                "fetched its target OS",
-            )?
-            .into_iter()
-            .collect())
-        })
-        .await?;
-        std::sync::Arc::new(updated)
+        std::sync::Arc::new(state.app.node_boot_started(&node).await?)
     };
     let script = match state.scripts.get(&node, &flavor) {
         Some(script) => script,
@@ -245,7 +231,7 @@ fn ipxe_bytes(script: axum::body::Bytes) -> Response {
     response
 }
 
-/// `GET /ipxe/{uuid}` during a boot storm, answered before routing (by [`super::App`]):
+/// `GET /ipxe/{uuid}` during a boot storm, answered before routing (by [`super::HttpService`]):
 /// when the path is a well-formed uuid whose cached script is valid at the store's
 /// current content epoch, this is exactly what [`target_script`] would send (it takes the
 /// same fast path first). `None` for everything else, including every miss, which the
@@ -279,7 +265,7 @@ async fn register(
     validate::check_register(&request)?;
     let now = state.clock.now_ms();
     let mut last_conflict = None;
-    for _ in 0..super::NODE_WRITE_ATTEMPTS_MAX {
+    for _ in 0..crate::app::NODE_WRITE_ATTEMPTS_MAX {
         let existing = state.store.node_get(&uuid).await?;
         let mut node = match plan_registration(
             existing.as_ref(),
@@ -290,8 +276,13 @@ async fn register(
         ) {
             Ok(node) => node,
             Err(RegistrationRefused::IdentityMismatch { detail, .. }) => {
-                let event =
-                    NewEvent::for_node(&uuid, now, NODE_ACTOR, "identity_refused", detail.clone());
+                let event = NewEvent::for_node(
+                    &uuid,
+                    now,
+                    NODE_ACTOR,
+                    Action::IdentityRefused,
+                    detail.clone(),
+                );
                 state.store.event_append(&[event]).await?;
                 tracing::warn!(%uuid, %detail, "registration refused: identity mismatch");
                 return Err(ApiError::conflict(
@@ -321,7 +312,7 @@ async fn register(
             &uuid,
             now,
             NODE_ACTOR,
-            "register",
+            Action::Register,
             format!(
                 "serial {}, {} NIC(s), rack {}",
                 node.serial,
@@ -341,7 +332,7 @@ async fn register(
                     &uuid,
                     now,
                     NODE_ACTOR,
-                    "firmware_mismatch",
+                    Action::FirmwareMismatch,
                     mismatch,
                 ));
             }
@@ -482,26 +473,10 @@ async fn detail(
     UuidPath(uuid): UuidPath,
 ) -> Result<Json<NetworkDetail>, ApiError> {
     let node = known_node(&state, &uuid).await?;
-    if node.state == LifecycleState::Retired {
-        return Err(ApiError::new(
-            StatusCode::GONE,
-            "retired",
-            format!("node {uuid} is retired"),
-        ));
+    if !serves_boot(node.state) {
+        return Err(AppError::NodeRetired { uuid }.into());
     }
-    Ok(Json(NetworkDetail {
-        hostname: node.hostname.clone(),
-        vlan: node.network.vlan,
-        bond0_addresses: node.network.bond0_addresses.clone(),
-        bond0_slaves: node.mac_set(),
-        gateway: node.network.gateway.clone(),
-        dns: node.network.dns.clone(),
-        mtu: if node.network.mtu == 0 {
-            1500
-        } else {
-            node.network.mtu
-        },
-    }))
+    Ok(Json(crate::core::boot::network_detail(&node)))
 }
 
 #[derive(serde::Serialize)]
@@ -515,26 +490,10 @@ async fn installed(
     UuidPath(uuid): UuidPath,
     OptionalJson(report): OptionalJson<InstalledReport>,
 ) -> Result<Json<StateReply>, ApiError> {
-    let now = state.clock.now_ms();
-    let reason = match &report.os_release {
-        Some(release) => format!(
-            "stage 2 up: {}",
-            release.chars().take(120).collect::<String>()
-        ),
-        None => "stage 2 up".to_string(),
-    };
-    let node = mutate_node(&state, &uuid, |node| {
-        let events: Vec<NewEvent> =
-            apply_event(node, LifecycleEvent::Installed, now, NODE_ACTOR, &reason)?
-                .into_iter()
-                .collect();
-        if !events.is_empty() {
-            node.installed_at_ms = Some(now);
-            node.last_heartbeat_at_ms = Some(now);
-        }
-        Ok(events)
-    })
-    .await?;
+    let node = state
+        .app
+        .node_installed(&uuid, report.os_release.as_deref())
+        .await?;
     Ok(Json(StateReply {
         uuid: uuid.to_string(),
         state: node.state.as_str().to_string(),
@@ -546,49 +505,7 @@ async fn heartbeat(
     UuidPath(uuid): UuidPath,
     OptionalJson(_beat): OptionalJson<Heartbeat>,
 ) -> Result<Json<StateReply>, ApiError> {
-    let now = state.clock.now_ms();
-    let node = known_node(&state, &uuid).await?;
-    let next = crate::core::lifecycle::transition(node.state, LifecycleEvent::Heartbeat);
-    let node = match next {
-        Ok(next) if next == node.state => {
-            // The hot path: no state change, no generation bump.
-            state.store.node_record_heartbeat(&uuid, now).await?;
-            node
-        }
-        _ => {
-            let node = mutate_node(&state, &uuid, |node| {
-                let events = apply_event(node, LifecycleEvent::Heartbeat, now, NODE_ACTOR, "heartbeat resumed");
-                let events = match events {
-                    Ok(events) => events,
-                    Err(error) => {
-                        // A node we believe fenced (or never installed) must not be alive:
-                        // record it loudly; the caller gets a 409.
-                        tracing::warn!(%uuid, state = %node.state, "heartbeat from a node that should be silent");
-                        return Err(error);
-                    }
-                };
-                node.last_heartbeat_at_ms = Some(now);
-                Ok(events.into_iter().collect())
-            })
-            .await;
-            match node {
-                Ok(node) => node,
-                Err(error) => {
-                    if error.code == "illegal_transition" {
-                        let event = NewEvent::for_node(
-                            &uuid,
-                            now,
-                            NODE_ACTOR,
-                            "unexpected_heartbeat",
-                            error.message.clone(),
-                        );
-                        state.store.event_append(&[event]).await?;
-                    }
-                    return Err(error);
-                }
-            }
-        }
-    };
+    let node = state.app.node_heartbeat(&uuid).await?;
     Ok(Json(StateReply {
         uuid: uuid.to_string(),
         state: node.state.as_str().to_string(),

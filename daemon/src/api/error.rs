@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bearman_proto::ErrorBody;
 
+use crate::app::AppError;
 use crate::core::lifecycle::IllegalTransition;
 use crate::core::validate::FieldError;
 use crate::store::StoreError;
@@ -106,5 +107,34 @@ impl From<IllegalTransition> for ApiError {
 impl From<FieldError> for ApiError {
     fn from(error: FieldError) -> Self {
         ApiError::unprocessable(error.to_string())
+    }
+}
+
+impl From<AppError> for ApiError {
+    fn from(error: AppError) -> Self {
+        let message = error.to_string();
+        match error {
+            AppError::NodeNotFound { .. }
+            | AppError::NodeNotRegistered { .. }
+            | AppError::RemediationNotFound { .. } => ApiError::not_found(message),
+            AppError::NodeRetired { .. } => ApiError::new(StatusCode::GONE, "retired", message),
+            AppError::InvalidField(error) => error.into(),
+            AppError::IllegalTransition(error) => error.into(),
+            AppError::GenerationMismatch { .. } => {
+                ApiError::conflict("generation_mismatch", message)
+            }
+            AppError::Busy { .. } => ApiError::conflict("busy", message),
+            AppError::RemediationRefused { .. } => ApiError::conflict("illegal_state", message),
+            AppError::RemediationActive { .. } => ApiError::conflict("remediation_active", message),
+            AppError::RemediationNotActive { .. } => ApiError::conflict("not_active", message),
+            AppError::RemediationNotCancellable { .. } => {
+                ApiError::conflict("not_cancellable", message)
+            }
+            AppError::IdentityMismatch { .. } => ApiError::conflict("identity_mismatch", message),
+            AppError::FlavorMissing { .. } => ApiError::conflict("flavor_missing", message),
+            AppError::NoFlavor { .. } => ApiError::conflict("no_flavor", message),
+            AppError::RandomSource(_) => ApiError::internal(message),
+            AppError::Store(error) => error.into(),
+        }
     }
 }

@@ -1,8 +1,9 @@
 //! HTTP surface: the unauthenticated network-boot endpoints (`/ipxe…`, `/images/…`), the
 //! token-authenticated admin API (`/api/v1/…`), and the shared state and middleware.
 //!
-//! Architecture invariant: handlers hold no business rules of their own; they parse, call
-//! the pure core for decisions, and persist through the `Store` trait.
+//! Architecture invariant: handlers are HTTP only. They parse and validate the request's
+//! shape, call the application layer (`crate::app`) for every state change and the store
+//! for reads, and map `AppError` to a status in `error.rs`. No business rule lives here.
 
 pub mod admin;
 pub mod auth;
@@ -18,17 +19,17 @@ use axum::response::Response;
 use axum::Router;
 
 use crate::core::boot::Stage1Config;
-use crate::core::model::{NewEvent, Node, TimestampMs};
+use crate::core::model::TimestampMs;
 use crate::core::registration::RegistrationDefaults;
 use crate::images::ImageStore;
 use crate::runtime::Clock;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use error::ApiError;
 
 /// Default request body limit: a registration with 64 NICs and 256 disks is ~60 KiB.
 pub const BODY_LIMIT_BYTES_DEFAULT: usize = 256 * 1024;
 
-/// Settings the handlers need, fixed at start-up.
+/// Settings the daemon's HTTP side and its operations need, fixed at start-up.
 #[derive(Clone, Debug)]
 pub struct ServiceConfig {
     /// Base URL nodes use to reach this daemon, e.g. `http://10.0.0.1:8080`.
@@ -42,6 +43,9 @@ pub struct ServiceConfig {
 
 #[derive(Clone)]
 pub struct AppState {
+    /// Every state change goes through here.
+    pub app: crate::app::App,
+    /// For reads (the same store the application writes to).
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub images: Arc<dyn ImageStore>,
@@ -50,9 +54,6 @@ pub struct AppState {
     pub scripts: Arc<boot::ScriptCache>,
     /// `GET /ipxe`'s script, which depends on configuration only.
     pub stage1_script: axum::body::Bytes,
-    /// What the remediation guards said at the controller's last tick (none when no
-    /// controller runs).
-    pub guards: Arc<std::sync::Mutex<Option<crate::controller::GuardStatus>>>,
 }
 
 impl AppState {
@@ -67,22 +68,30 @@ impl AppState {
             &config.public_url,
             None,
         ));
+        let app = crate::app::App::new(
+            store.clone(),
+            clock.clone(),
+            crate::app::Settings {
+                defaults: config.defaults.clone(),
+                heartbeat_fresh_ms: config.heartbeat_fresh_ms,
+            },
+        );
         AppState {
+            app,
             store,
             clock,
             images,
             stage1_script,
             config: Arc::new(config),
             scripts: Arc::default(),
-            guards: Arc::default(),
         }
     }
 }
 
 /// The whole HTTP application as one service: the request span, the boot fast path and
 /// the router.
-pub fn app(state: AppState) -> App<Router> {
-    App {
+pub fn service(state: AppState) -> HttpService<Router> {
+    HttpService {
         state: Arc::new(state.clone()),
         router: router(state),
     }
@@ -90,16 +99,39 @@ pub fn app(state: AppState) -> App<Router> {
 
 /// Every route. The request span is not a router layer: `Router::layer` wraps each route
 /// in another boxed service, cloned on every request, and `middleware::from_fn` boxes
-/// both the inner service and the future; [`App`] around the whole does neither.
+/// both the inner service and the future; [`HttpService`] around the whole does neither.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.body_limit_bytes;
     Router::new()
         .merge(boot::router())
         .nest("/api/v1", admin::router(state.clone()))
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/healthz", axum::routing::get(healthz))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such endpoint") })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+}
+
+/// `ok` while the daemon can do its job; 503 naming why when its controller is down
+/// (panicked), so a load balancer or an operator's probe sees it.
+async fn healthz(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
+    use axum::response::IntoResponse;
+    match state.app.guards.liveness() {
+        crate::app::guards::ControllerLiveness::Down {
+            reason, restarting, ..
+        } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "controller down: {reason}{}\n",
+                if restarting {
+                    "; restarting"
+                } else {
+                    "; not restarting"
+                }
+            ),
+        )
+            .into_response(),
+        _ => "ok\n".into_response(),
+    }
 }
 
 /// The application around `router` (the [`router`] in production): one span per request
@@ -111,18 +143,18 @@ pub fn router(state: AppState) -> Router {
 /// something may be logged in it: always before routing, since handlers log; for a
 /// cached answer, only when the completion line is enabled.
 #[derive(Clone)]
-pub struct App<S> {
+pub struct HttpService<S> {
     state: Arc<AppState>,
     router: S,
 }
 
-impl<S> tower::Service<Request> for App<S>
+impl<S> tower::Service<Request> for HttpService<S>
 where
     S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>,
 {
     type Response = Response;
     type Error = std::convert::Infallible;
-    type Future = AppFuture<S::Future>;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(
         &mut self,
@@ -160,7 +192,7 @@ where
                 (Answer::Routed { inner }, span)
             }
         };
-        AppFuture {
+        ResponseFuture {
             answer,
             span,
             started,
@@ -170,7 +202,7 @@ where
 
 pin_project_lite::pin_project! {
     /// The answer, polled inside the request's span, then the completion line.
-    pub struct AppFuture<F> {
+    pub struct ResponseFuture<F> {
         #[pin]
         answer: Answer<F>,
         span: tracing::Span,
@@ -187,7 +219,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F> std::future::Future for AppFuture<F>
+impl<F> std::future::Future for ResponseFuture<F>
 where
     F: std::future::Future<Output = Result<Response, std::convert::Infallible>>,
 {
@@ -202,7 +234,7 @@ where
         let response = match this.answer.project() {
             AnswerProjection::Cached { response } => response
                 .take()
-                .expect("an AppFuture is not polled after it completed"),
+                .expect("an ResponseFuture is not polled after it completed"),
             AnswerProjection::Routed { inner } => {
                 let Ok(response) = std::task::ready!(inner.poll(cx));
                 response
@@ -217,61 +249,4 @@ where
         }
         std::task::Poll::Ready(Ok(response))
     }
-}
-
-/// Attempts at a read-modify-write of one node before reporting the conflict.
-const NODE_WRITE_ATTEMPTS_MAX: usize = 4;
-
-/// Reads a node, lets `decide` change it (purely), and writes it back under optimistic
-/// concurrency, retrying when another writer got there first. `decide` returning no
-/// events and an unchanged node means nothing to write.
-pub async fn mutate_node<F>(
-    state: &AppState,
-    uuid: &bearman_proto::uuid::NodeUuid,
-    mut decide: F,
-) -> Result<Node, ApiError>
-where
-    F: FnMut(&mut Node) -> Result<Vec<NewEvent>, ApiError>,
-{
-    for _ in 0..NODE_WRITE_ATTEMPTS_MAX {
-        let original = state
-            .store
-            .node_get(uuid)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("node {uuid} is not known")))?;
-        let mut node = original.clone();
-        let events = decide(&mut node)?;
-        if events.is_empty() && node == original {
-            return Ok(original);
-        }
-        node.updated_at_ms = state.clock.now_ms();
-        match state.store.node_update(&node, &events).await {
-            Ok(updated) => return Ok(updated),
-            Err(StoreError::GenerationMismatch { .. }) => continue,
-            Err(error) => return Err(error.into()),
-        }
-    }
-    Err(ApiError::conflict(
-        "busy",
-        format!("node {uuid} is being changed by others; retry"),
-    ))
-}
-
-/// Applies a lifecycle event to `node`, returning the audit event when the state moved.
-pub fn apply_event(
-    node: &mut Node,
-    event: crate::core::LifecycleEvent,
-    now_ms: TimestampMs,
-    actor: &str,
-    reason: &str,
-) -> Result<Option<NewEvent>, ApiError> {
-    let from = node.state;
-    let to = crate::core::lifecycle::transition(from, event)?;
-    if from == to {
-        return Ok(None);
-    }
-    node.state = to;
-    Ok(Some(
-        NewEvent::for_node(&node.uuid, now_ms, actor, event.name(), reason).with_states(from, to),
-    ))
 }

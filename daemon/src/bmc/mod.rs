@@ -24,6 +24,12 @@ pub enum PowerState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BmcError {
+    /// The node's BMC settings name no driver this daemon can use.
+    #[error(transparent)]
+    Connect(#[from] provider::ConnectError),
+    /// Another provider (the simulator's) has no BMC for this node.
+    #[error("node {node}: no BMC: {detail}")]
+    NoDriver { node: String, detail: String },
     #[error("bmc {bmc}: {operation} timed out")]
     Timeout {
         bmc: String,
@@ -35,6 +41,13 @@ pub enum BmcError {
         operation: &'static str,
         detail: String,
     },
+}
+
+/// Finds the driver for a node's BMC: the production one from its settings
+/// (`provider::DriverBmcs`), the simulator's over its fabric.
+pub trait BmcProvider: Send + Sync + 'static {
+    fn bmc_for(&self, node: &crate::core::model::Node)
+        -> Result<std::sync::Arc<dyn Bmc>, BmcError>;
 }
 
 #[async_trait]

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use super::guard::{await_power, power_off_verified, power_word};
 use super::provider::{driver_name, node_label, ConnectError, DriverBmcs};
 use super::{Bmc, BmcError, PowerState};
-use crate::controller::BmcProvider;
+use crate::bmc::BmcProvider;
 use crate::core::model::Node;
 
 /// What `bearman bmc` can do to one BMC.
@@ -258,7 +258,7 @@ pub async fn check_all(
     for (index, node) in nodes.iter().enumerate() {
         match bmcs.bmc_for(node) {
             Ok(bmc) => pending.push((index, bmc)),
-            Err(error) => rows[index].error = Some(error),
+            Err(error) => rows[index].error = Some(error.to_string()),
         }
     }
     let mut running = JoinSet::new();

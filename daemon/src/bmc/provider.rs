@@ -19,8 +19,7 @@ use super::guard::{GuardLimits, GuardedBmc, Guards};
 use super::ipmi::{BmcAddress, IpmiBmc, IpmiSettings, IPMI_PORT_DEFAULT};
 use super::qmp::QmpBmc;
 use super::redfish::{RedfishAuth, RedfishBmc, RedfishConfig};
-use super::Bmc;
-use crate::controller::BmcProvider;
+use super::{Bmc, BmcError, BmcProvider};
 use crate::core::model::{BmcConfig, BmcDriver, Node};
 
 /// BMC settings (the `[bmc]` table of the daemon's configuration file).
@@ -404,10 +403,8 @@ fn unavailable(node: &str, driver: BmcDriver) -> ConnectError {
 }
 
 impl BmcProvider for DriverBmcs {
-    fn bmc_for(&self, node: &Node) -> Result<Arc<dyn Bmc>, String> {
-        self.connect(&node_label(node), &node.bmc)
-            .map(|bmc| bmc as Arc<dyn Bmc>)
-            .map_err(|error| error.to_string())
+    fn bmc_for(&self, node: &Node) -> Result<Arc<dyn Bmc>, BmcError> {
+        Ok(self.connect(&node_label(node), &node.bmc)? as Arc<dyn Bmc>)
     }
 }
 

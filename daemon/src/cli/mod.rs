@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use bearman::api::admin::{NewToken, PoolDetail, Summary};
-use bearman::api::{AppState, ServiceConfig};
+use bearman::api::ServiceConfig;
 use bearman::core::model::{ApiToken, Event, Flavor, IpPool, Node, PoolPurpose, TokenRole};
 use bearman::core::registration::RegistrationDefaults;
 use bearman::core::remediation::Remediation;
@@ -440,7 +440,7 @@ enum PoolCommand {
         dns: Vec<String>,
         #[arg(long)]
         vlan: Option<u16>,
-        #[arg(long, default_value_t = 1500)]
+        #[arg(long, default_value_t = bearman::core::model::MTU_DEFAULT)]
         mtu: u32,
     },
     Delete {
@@ -556,21 +556,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
              `bearman token create --name admin --role admin` (same --data-dir / --database-url)"
         );
     }
-    let state = AppState::new(
-        store,
-        Arc::new(SystemClock),
-        Arc::new(DirImages::new(config.data_dir.join("images"))),
-        ServiceConfig {
-            public_url: config.public_url.clone(),
-            stage1: config.stage1.clone(),
-            defaults: RegistrationDefaults {
-                role: config.default_role,
-                flavor: config.default_flavor.clone(),
-            },
-            body_limit_bytes: config.body_limit_bytes,
-            heartbeat_fresh_ms: config.heartbeat_fresh_s as i64 * 1000,
-        },
-    );
     let listener = bearman::runtime::system::bind_tcp(&config.listen.to_string())
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -578,7 +563,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(
         listen = %bound,
         public_url = %config.public_url,
-        store = state.store.backend_name(),
+        store = store.backend_name(),
         database = %bearman::store::sql::redact_url(&config.database_url),
         "bearman serving; DHCP should point iPXE at {}/ipxe",
         config.public_url
@@ -601,15 +586,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let bmcs = bearman::bmc::provider::DriverBmcs::new(config.bmc.clone())
         .map_err(|e| anyhow!("bmc configuration: {e}"))?;
-    let bmcs: Arc<dyn bearman::controller::BmcProvider> = Arc::new(bmcs);
-    let controller = bearman::controller::Controller::new(
-        state.clone(),
-        bmcs,
+    let parts = bearman::server::DaemonParts {
+        store,
+        clock: Arc::new(SystemClock),
+        images: Arc::new(DirImages::new(config.data_dir.join("images"))),
+        service: ServiceConfig {
+            public_url: config.public_url.clone(),
+            stage1: config.stage1.clone(),
+            defaults: RegistrationDefaults {
+                role: config.default_role,
+                flavor: config.default_flavor.clone(),
+            },
+            body_limit_bytes: config.body_limit_bytes,
+            heartbeat_fresh_ms: config.heartbeat_fresh_s as i64 * 1000,
+        },
+        bmcs: Arc::new(bmcs),
         cloud,
-        config.remediation.clone(),
-    );
-    tokio::spawn(controller.run());
-    bearman::server::serve(listener, state, shutdown_signal()).await?;
+        remediation: config.remediation.clone(),
+    };
+    bearman::server::run_daemon(listener, parts, shutdown_signal()).await?;
     tracing::info!("bearman stopped");
     Ok(())
 }
@@ -766,7 +761,7 @@ fn print_events(events: &[Event], output: Output) -> anyhow::Result<()> {
                 table::timestamp(e.at_ms),
                 e.node_uuid.as_ref().map_or("-".into(), |u| u.to_string()),
                 e.actor.clone(),
-                e.action.clone(),
+                e.action.to_string(),
                 change,
                 e.reason.clone(),
             ]

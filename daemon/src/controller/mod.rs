@@ -16,18 +16,18 @@ use std::time::Duration;
 use bearman_proto::uuid::NodeUuid;
 use serde::{Deserialize, Serialize};
 
-use crate::api::AppState;
-use crate::bmc::Bmc;
+use crate::app::guards::{ControllerLiveness, GuardStatus, PowerOffNode};
+use crate::app::App;
+use crate::bmc::BmcProvider;
 use crate::cloud::Cloud;
 use crate::core::health::{self, HealthConfig, Judgement};
-use crate::core::lifecycle::{LifecycleEvent, LifecycleState};
-use crate::core::model::{NewEvent, Node, TimestampMs};
+use crate::core::lifecycle::LifecycleState;
+use crate::core::model::{Action, NewEvent, TimestampMs};
 use crate::core::power_sync::PowerReadingState;
 use crate::core::remediation::{Limits, Remediation, RemediationKind};
 use crate::store::{StoreError, LIST_LIMIT_MAX};
 
-/// Who the audit trail names for the controller's own actions.
-pub const SYSTEM_ACTOR: &str = "system";
+pub use crate::app::SYSTEM_ACTOR;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -94,61 +94,8 @@ impl ControllerConfig {
     }
 }
 
-/// Finds the driver for a node's BMC.
-pub trait BmcProvider: Send + Sync + 'static {
-    fn bmc_for(&self, node: &Node) -> Result<Arc<dyn Bmc>, String>;
-}
-
-/// Production until the IPMI, Redfish and QMP drivers land: every BMC is unreachable, so
-/// no fence can be verified and nothing is ever evacuated on a guess.
-pub struct NoBmcDrivers;
-
-impl BmcProvider for NoBmcDrivers {
-    fn bmc_for(&self, node: &Node) -> Result<Arc<dyn Bmc>, String> {
-        Err(format!(
-            "no BMC driver available for node {} (driver {:?}); IPMI/Redfish/QMP drivers are not built yet",
-            node.uuid, node.bmc.driver
-        ))
-    }
-}
-
-/// What the guards currently say, for the API and the CLI.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct GuardStatus {
-    pub automatic: bool,
-    pub evaluated_at_ms: TimestampMs,
-    pub monitored: usize,
-    pub silent: usize,
-    pub fleet_fencing_stopped: bool,
-    pub racks_paused: Vec<String>,
-    pub automatic_starts_last_minute: usize,
-    pub fences_per_minute_max: u32,
-    pub remediations_active: usize,
-    pub remediations_active_max: usize,
-    pub heartbeat_grace_ms: i64,
-    pub rack_silent_fraction_max: f64,
-    pub fleet_silent_fraction_max: f64,
-    /// Power sync: 0 when off.
-    pub power_poll_interval_ms: i64,
-    pub power_polls_in_flight: usize,
-    /// Monitored nodes by their last power reading (`on`, `off`, `unknown`, `none`).
-    pub power_readings: BTreeMap<String, usize>,
-    /// Monitored nodes whose BMC last read Off, with when.
-    pub power_off: Vec<PowerOffNode>,
-    /// Silent nodes confirmed dead by their BMC (fenceable without the confirm period).
-    pub power_confirmed: Vec<NodeUuid>,
-}
-
-/// A node that should be running whose BMC last read Off.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PowerOffNode {
-    pub uuid: NodeUuid,
-    pub read_at_ms: TimestampMs,
-    pub last_heard_at_ms: TimestampMs,
-}
-
 pub struct Controller {
-    pub state: AppState,
+    pub app: App,
     pub bmcs: Arc<dyn BmcProvider>,
     pub cloud: Option<Arc<dyn Cloud>>,
     pub config: ControllerConfig,
@@ -165,15 +112,15 @@ pub struct Controller {
 
 impl Controller {
     pub fn new(
-        state: AppState,
+        app: App,
         bmcs: Arc<dyn BmcProvider>,
         cloud: Option<Arc<dyn Cloud>>,
         config: ControllerConfig,
     ) -> Arc<Controller> {
-        let started_at_ms = state.clock.now_ms();
+        let started_at_ms = app.clock.now_ms();
         Arc::new(Controller {
             started_at_ms,
-            state,
+            app,
             bmcs,
             cloud,
             config,
@@ -199,8 +146,8 @@ impl Controller {
 
     /// One look at the fleet: judge health, suspect the silent, start and drive sagas.
     pub async fn tick(self: Arc<Self>) -> Result<(), StoreError> {
-        let now = self.state.clock.now_ms();
-        let nodes = self.state.store.node_health_list().await?;
+        let now = self.app.clock.now_ms();
+        let nodes = self.app.store.node_health_list().await?;
         let mut judgement = {
             let mut history = self.guard_history.lock().unwrap_or_else(|p| p.into_inner());
             let judgement = health::judge(&nodes, now, &self.config.health, &history);
@@ -213,10 +160,10 @@ impl Controller {
             judgement.fenceable.clear();
             judgement.power_confirmed.clear();
         }
-        self.suspect_silent(&judgement, now).await;
+        self.suspect_silent(&judgement).await;
         self.record_guard_changes(&judgement, now).await?;
         let active = self
-            .state
+            .app
             .store
             .remediation_list(true, None, LIST_LIMIT_MAX)
             .await?;
@@ -227,7 +174,7 @@ impl Controller {
         self.start_power_polls(&nodes, &active, now);
         self.publish_guards(&judgement, &nodes, now).await?;
         for remediation in self
-            .state
+            .app
             .store
             .remediation_list(true, None, LIST_LIMIT_MAX)
             .await?
@@ -256,26 +203,11 @@ impl Controller {
         Ok(())
     }
 
-    async fn suspect_silent(&self, judgement: &Judgement, now: TimestampMs) {
+    async fn suspect_silent(&self, judgement: &Judgement) {
         let grace_s = self.config.health.heartbeat_grace_ms / 1000;
         for uuid in &judgement.newly_silent {
-            let result = crate::api::mutate_node(&self.state, uuid, |node| {
-                if node.state != LifecycleState::Ready {
-                    return Ok(vec![]);
-                }
-                Ok(crate::api::apply_event(
-                    node,
-                    LifecycleEvent::HeartbeatsMissed,
-                    now,
-                    SYSTEM_ACTOR,
-                    &format!("no heartbeat for more than {grace_s} s"),
-                )?
-                .into_iter()
-                .collect())
-            })
-            .await;
-            if let Err(error) = result {
-                tracing::warn!(%uuid, error = %error.message, "could not mark node suspect");
+            if let Err(error) = self.app.node_mark_suspect(uuid, grace_s).await {
+                tracing::warn!(%uuid, %error, "could not mark node suspect");
             }
         }
     }
@@ -295,20 +227,14 @@ impl Controller {
         let mut events = Vec::new();
         {
             let mut before = self.paused_before.lock().unwrap_or_else(|p| p.into_inner());
-            let system_event = |action: &str, reason: String| NewEvent {
-                at_ms: now,
-                node_uuid: None,
-                actor: SYSTEM_ACTOR.into(),
-                action: action.into(),
-                from_state: None,
-                to_state: None,
-                reason,
+            let system_event = |action: Action, reason: String| {
+                NewEvent::global(now, SYSTEM_ACTOR, action, reason)
             };
             for rack in paused.difference(&before.1) {
                 let health = &judgement.racks[rack];
                 tracing::warn!(rack = %rack, silent = health.silent, monitored = health.monitored, "rack silent: automatic fencing paused");
                 events.push(system_event(
-                    "rack_fencing_paused",
+                    Action::RackFencingPaused,
                     format!(
                         "{} of {} nodes in rack {rack:?} silent: suspecting the switch, not the nodes",
                         health.silent, health.monitored
@@ -317,7 +243,7 @@ impl Controller {
             }
             for rack in before.1.difference(&paused) {
                 events.push(system_event(
-                    "rack_fencing_resumed",
+                    Action::RackFencingResumed,
                     format!("rack {rack:?} heard again"),
                 ));
             }
@@ -329,21 +255,21 @@ impl Controller {
                         "most of the fleet is silent: all automatic fencing stopped"
                     );
                     (
-                        "fleet_fencing_stopped",
+                        Action::FleetFencingStopped,
                         format!(
                             "{} of {} nodes silent: suspecting our own network, fencing nobody",
                             judgement.silent, judgement.monitored
                         ),
                     )
                 } else {
-                    ("fleet_fencing_resumed", "fleet heard again".to_string())
+                    (Action::FleetFencingResumed, "fleet heard again".to_string())
                 };
                 events.push(system_event(action, reason));
             }
             *before = (judgement.fleet_fencing_stopped, paused);
         }
         if !events.is_empty() {
-            self.state.store.event_append(&events).await?;
+            self.app.store.event_append(&events).await?;
         }
         Ok(())
     }
@@ -398,7 +324,7 @@ impl Controller {
                 uuid,
                 now,
                 SYSTEM_ACTOR,
-                "remediation_started",
+                Action::RemediationStarted,
                 if power_off {
                     "automatic: node silent, BMC reads power off"
                 } else {
@@ -406,7 +332,7 @@ impl Controller {
                 },
             );
             match self
-                .state
+                .app
                 .store
                 .remediation_create(&remediation, &[event])
                 .await
@@ -446,7 +372,7 @@ impl Controller {
             }
         }
         let active = self
-            .state
+            .app
             .store
             .remediation_list(true, None, LIST_LIMIT_MAX)
             .await?
@@ -481,7 +407,69 @@ impl Controller {
             power_off,
             power_confirmed: judgement.power_confirmed.clone(),
         };
-        *self.state.guards.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+        self.app.guards.publish(status);
         Ok(())
+    }
+}
+
+/// Restarts after a panic before the supervisor gives up and leaves the controller down.
+pub const CONTROLLER_RESTARTS_MAX: u32 = 5;
+/// Wait before restarting a panicked controller, doubled per restart.
+const CONTROLLER_RESTART_DELAY: Duration = Duration::from_secs(1);
+
+/// Runs `controller` as a supervised task: a panic is logged with its message, shown on
+/// the guard board as down (so `/healthz` and `bearman remediation guards` say so), and
+/// the controller restarted after a growing delay, at most [`CONTROLLER_RESTARTS_MAX`]
+/// times. Aborting the returned handle stops both.
+pub fn spawn_supervised(controller: Arc<Controller>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let board = controller.app.guards.clone();
+        let mut restarts = 0;
+        loop {
+            board.set_liveness(ControllerLiveness::Running {
+                since_ms: controller.app.clock.now_ms(),
+                restarts,
+            });
+            let task = tokio::spawn(controller.clone().run());
+            let abort = task.abort_handle();
+            // Aborting the supervisor must stop the controller too.
+            let _stop_with_supervisor = AbortOnDrop(abort);
+            let reason = match task.await {
+                Ok(()) => "the controller loop returned".to_string(),
+                Err(error) if error.is_panic() => panic_message(error.into_panic()),
+                Err(_) => return,
+            };
+            let restarting = restarts < CONTROLLER_RESTARTS_MAX;
+            tracing::error!(%reason, restarts, restarting, "controller task died");
+            board.set_liveness(ControllerLiveness::Down {
+                since_ms: controller.app.clock.now_ms(),
+                reason,
+                restarts,
+                restarting,
+            });
+            if !restarting {
+                return;
+            }
+            tokio::time::sleep(CONTROLLER_RESTART_DELAY * 2u32.pow(restarts)).await;
+            restarts += 1;
+        }
+    })
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(text) => format!("panicked: {text}"),
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(text) => format!("panicked: {text}"),
+            Err(_) => "panicked".to_string(),
+        },
     }
 }

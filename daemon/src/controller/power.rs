@@ -13,7 +13,7 @@ use bearman_proto::uuid::NodeUuid;
 
 use crate::bmc::PowerState;
 use crate::core::health::NodeHealth;
-use crate::core::model::{NewEvent, TimestampMs};
+use crate::core::model::{Action, NewEvent, TimestampMs};
 use crate::core::power_sync::{self, PowerReading, PowerReadingState};
 use crate::core::remediation::Remediation;
 
@@ -81,7 +81,7 @@ impl Controller {
     /// Asks `uuid`'s BMC for its power state once and records the answer (or why there
     /// is none) as its last reading.
     async fn poll_power(&self, uuid: &NodeUuid, before: Option<PowerReading>) {
-        let store = &self.state.store;
+        let store = &self.app.store;
         let node = match store.node_get(uuid).await {
             Ok(Some(node)) => node,
             Ok(None) => return,
@@ -92,9 +92,9 @@ impl Controller {
         };
         let answer = match self.bmcs.bmc_for(&node) {
             Ok(bmc) => bmc.power_state().await.map_err(|error| error.to_string()),
-            Err(error) => Err(error),
+            Err(error) => Err(error.to_string()),
         };
-        let now = self.state.clock.now_ms();
+        let now = self.app.clock.now_ms();
         let reading = match answer {
             Ok(PowerState::On) => PowerReading::known(PowerReadingState::On, now),
             Ok(PowerState::Off) => PowerReading::known(PowerReadingState::Off, now),
@@ -116,7 +116,7 @@ impl Controller {
                 uuid,
                 now,
                 SYSTEM_ACTOR,
-                "power_state_changed",
+                Action::PowerStateChanged,
                 reason,
             ));
         }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use crate::bmc::PowerState;
 use crate::cloud::CloudError;
-use crate::core::lifecycle::{transition, LifecycleEvent, LifecycleState};
-use crate::core::model::{NewEvent, Node, NodeRole};
+use crate::core::lifecycle::{LifecycleEvent, LifecycleState};
+use crate::core::model::{Action, NewEvent, Node, NodeRole};
 use crate::core::remediation::{self, Outcome, Remediation, RemediationKind, Status, Step};
 use crate::store::StoreError;
 
@@ -19,20 +19,9 @@ fn apply_events(
     events: &[LifecycleEvent],
     now: i64,
     why: &str,
-) -> Result<(Node, Vec<NewEvent>), String> {
-    let mut next = node.clone();
-    let mut audit = Vec::new();
-    for event in events {
-        let from = next.state;
-        let to = transition(from, *event).map_err(|e| e.to_string())?;
-        if from != to {
-            next.state = to;
-            audit.push(
-                NewEvent::for_node(&node.uuid, now, SYSTEM_ACTOR, event.name(), why)
-                    .with_states(from, to),
-            );
-        }
-    }
+) -> Result<(Node, Vec<NewEvent>), crate::core::lifecycle::IllegalTransition> {
+    let (mut next, audit) =
+        crate::core::lifecycle::apply_events(node, events, now, SYSTEM_ACTOR, why)?;
     next.updated_at_ms = now;
     Ok((next, audit))
 }
@@ -57,14 +46,14 @@ impl Controller {
     }
 
     async fn try_step(&self, id: i64) -> Result<(), StoreError> {
-        let store = &self.state.store;
+        let store = &self.app.store;
         let Some(remediation) = store.remediation_get(id).await? else {
             return Ok(());
         };
         let Some(step) = remediation.step() else {
             return Ok(());
         };
-        let now = self.state.clock.now_ms();
+        let now = self.app.clock.now_ms();
         if remediation.next_attempt_at_ms > now {
             return Ok(());
         }
@@ -87,7 +76,7 @@ impl Controller {
                 &node.uuid,
                 now,
                 SYSTEM_ACTOR,
-                "remediation_cancelled",
+                Action::RemediationCancelled,
                 "node heartbeating again before the fence",
             );
             store.remediation_update(&cancelled, None, &[event]).await?;
@@ -117,7 +106,7 @@ impl Controller {
                 &node.uuid,
                 now,
                 SYSTEM_ACTOR,
-                "remediation_step",
+                Action::RemediationStep,
                 why.clone(),
             ));
         }
@@ -130,7 +119,7 @@ impl Controller {
 
         // Record the outcome and what it means for the node.
         for _ in 0..4 {
-            let now = self.state.clock.now_ms();
+            let now = self.app.clock.now_ms();
             let advance = remediation::advance(&attempt, &outcome, now, &self.config.limits);
             let current = store
                 .node_get(&attempt.node_uuid)
@@ -153,10 +142,10 @@ impl Controller {
             let noteworthy = matches!(outcome, Outcome::Done) || done;
             if noteworthy {
                 let action = match advance.remediation.status {
-                    Status::Active => "remediation_progress",
-                    Status::Done => "remediation_done",
-                    Status::Failed => "remediation_failed",
-                    Status::Cancelled => "remediation_cancelled",
+                    Status::Active => Action::RemediationProgress,
+                    Status::Done => Action::RemediationDone,
+                    Status::Failed => Action::RemediationFailed,
+                    Status::Cancelled => Action::RemediationCancelled,
                 };
                 audit.push(NewEvent::for_node(
                     &current.uuid,
@@ -205,14 +194,14 @@ impl Controller {
                 }
             }
             Step::PowerOff => match bmc() {
-                Err(error) => Outcome::Failed(error),
+                Err(error) => Outcome::Failed(error.to_string()),
                 Ok(bmc) => match bmc.power_off().await {
                     Ok(()) => Outcome::Done,
                     Err(error) => Outcome::Failed(error.to_string()),
                 },
             },
             Step::VerifyOff => match bmc() {
-                Err(error) => Outcome::Failed(error),
+                Err(error) => Outcome::Failed(error.to_string()),
                 Ok(bmc) => {
                     // A power-off can be lost (metal3 #290): ask again now and then.
                     if remediation.attempts.is_multiple_of(3) {
@@ -240,7 +229,7 @@ impl Controller {
                 _ => Outcome::Done,
             },
             Step::Rebuild => match bmc() {
-                Err(error) => Outcome::Failed(error),
+                Err(error) => Outcome::Failed(error.to_string()),
                 Ok(bmc) => {
                     if let Err(error) = bmc.set_next_boot_pxe().await {
                         return Outcome::Failed(error.to_string());

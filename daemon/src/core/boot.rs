@@ -241,3 +241,20 @@ mod tests {
         )));
     }
 }
+
+/// What stage 2 needs to set up the node's network (`GET /ipxe/{uuid}/detail`).
+pub fn network_detail(node: &Node) -> bearman_proto::NetworkDetail {
+    bearman_proto::NetworkDetail {
+        hostname: node.hostname.clone(),
+        vlan: node.network.vlan,
+        bond0_addresses: node.network.bond0_addresses.clone(),
+        bond0_slaves: node.mac_set(),
+        gateway: node.network.gateway.clone(),
+        dns: node.network.dns.clone(),
+        mtu: if node.network.mtu == 0 {
+            super::model::MTU_DEFAULT
+        } else {
+            node.network.mtu
+        },
+    }
+}

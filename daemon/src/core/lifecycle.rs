@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::model::{Action, NewEvent, Node, TimestampMs};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LifecycleState {
@@ -126,22 +128,64 @@ impl LifecycleEvent {
     ];
 
     pub fn name(self) -> &'static str {
+        self.action().as_str()
+    }
+
+    /// What the audit trail records when this event moves a node.
+    pub fn action(self) -> Action {
         match self {
-            LifecycleEvent::Register => "register",
-            LifecycleEvent::BootStarted => "boot_started",
-            LifecycleEvent::Installed => "installed",
-            LifecycleEvent::Heartbeat => "heartbeat",
-            LifecycleEvent::HeartbeatsMissed => "heartbeats_missed",
-            LifecycleEvent::FenceStarted => "fence_started",
-            LifecycleEvent::FenceVerified => "fence_verified",
-            LifecycleEvent::FenceFailed => "fence_failed",
-            LifecycleEvent::RebuildStarted => "rebuild_started",
-            LifecycleEvent::RebuildFailed => "rebuild_failed",
-            LifecycleEvent::MaintenanceOn => "maintenance_on",
-            LifecycleEvent::MaintenanceOff { .. } => "maintenance_off",
-            LifecycleEvent::Retire => "retire",
+            LifecycleEvent::Register => Action::Register,
+            LifecycleEvent::BootStarted => Action::BootStarted,
+            LifecycleEvent::Installed => Action::Installed,
+            LifecycleEvent::Heartbeat => Action::Heartbeat,
+            LifecycleEvent::HeartbeatsMissed => Action::HeartbeatsMissed,
+            LifecycleEvent::FenceStarted => Action::FenceStarted,
+            LifecycleEvent::FenceVerified => Action::FenceVerified,
+            LifecycleEvent::FenceFailed => Action::FenceFailed,
+            LifecycleEvent::RebuildStarted => Action::RebuildStarted,
+            LifecycleEvent::RebuildFailed => Action::RebuildFailed,
+            LifecycleEvent::MaintenanceOn => Action::MaintenanceOn,
+            LifecycleEvent::MaintenanceOff { .. } => Action::MaintenanceOff,
+            LifecycleEvent::Retire => Action::Retire,
         }
     }
+}
+
+/// Applies `event` to `node` (its state only), returning the audit event when the state
+/// moved. The one way every writer changes a node's state.
+pub fn apply_event(
+    node: &mut Node,
+    event: LifecycleEvent,
+    now_ms: TimestampMs,
+    actor: &str,
+    reason: &str,
+) -> Result<Option<NewEvent>, IllegalTransition> {
+    let from = node.state;
+    let to = transition(from, event)?;
+    if from == to {
+        return Ok(None);
+    }
+    node.state = to;
+    Ok(Some(
+        NewEvent::for_node(&node.uuid, now_ms, actor, event.action(), reason).with_states(from, to),
+    ))
+}
+
+/// Applies `events` in order to a copy of `node`: all of them or, at the first illegal
+/// one, none (the error names it).
+pub fn apply_events(
+    node: &Node,
+    events: &[LifecycleEvent],
+    now_ms: TimestampMs,
+    actor: &str,
+    reason: &str,
+) -> Result<(Node, Vec<NewEvent>), IllegalTransition> {
+    let mut next = node.clone();
+    let mut audit = Vec::new();
+    for event in events {
+        audit.extend(apply_event(&mut next, *event, now_ms, actor, reason)?);
+    }
+    Ok((next, audit))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -184,7 +228,12 @@ pub fn transition(
         (S::Ready, E::HeartbeatsMissed) => Some(S::Suspect),
         (S::Suspect, E::HeartbeatsMissed) => Some(S::Suspect),
 
-        (S::Ready | S::Suspect, E::FenceStarted) => Some(S::Fencing),
+        // Automatic fencing starts from Ready/Suspect; an operator may also fence a node
+        // stuck mid-boot (Registered, Provisioning) or fence an already fenced one again
+        // (its power state is in doubt until verified anew).
+        (S::Registered | S::Provisioning | S::Ready | S::Suspect | S::Fenced, E::FenceStarted) => {
+            Some(S::Fencing)
+        }
         (S::Fencing, E::FenceVerified) => Some(S::Fenced),
         (S::Fencing, E::FenceFailed) => Some(S::Suspect),
 
@@ -253,7 +302,7 @@ mod tests {
                 None,
                 None,
                 None,
-                None,
+                Some(Fencing),
                 None,
                 None,
                 Some(Rebuilding),
@@ -272,7 +321,7 @@ mod tests {
                 Some(Ready),
                 None,
                 None,
-                None,
+                Some(Fencing),
                 None,
                 None,
                 Some(Rebuilding),
@@ -348,7 +397,7 @@ mod tests {
                 None,
                 None,
                 None,
-                None,
+                Some(Fencing),
                 None,
                 None,
                 Some(Rebuilding),

@@ -220,8 +220,11 @@ pub struct IpPool {
     pub mtu: u32,
 }
 
+/// The MTU of a pool that names none, and of a node whose pool gave it none.
+pub const MTU_DEFAULT: u32 = 1500;
+
 fn default_mtu() -> u32 {
-    1500
+    MTU_DEFAULT
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,6 +236,103 @@ pub struct IpAllocation {
     pub allocated_at_ms: TimestampMs,
 }
 
+/// Declares [`Action`] with the name each variant is stored and serialized as, once.
+macro_rules! actions {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal,)*) => {
+        /// What an audit event records. Stored as its name (the same strings the audit
+        /// trail always had), so callers match on variants, never on text: renaming one
+        /// is a compile error everywhere it is used, not a silently empty figure.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum Action {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl Action {
+            pub const ALL: &'static [Action] = &[$(Action::$variant,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Action::$variant => $name,)*
+                }
+            }
+
+            pub fn parse(text: &str) -> Option<Action> {
+                match text {
+                    $($name => Some(Action::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+actions! {
+    // Lifecycle events (`LifecycleEvent::action`).
+    Register = "register",
+    BootStarted = "boot_started",
+    Installed = "installed",
+    Heartbeat = "heartbeat",
+    HeartbeatsMissed = "heartbeats_missed",
+    FenceStarted = "fence_started",
+    FenceVerified = "fence_verified",
+    FenceFailed = "fence_failed",
+    RebuildStarted = "rebuild_started",
+    RebuildFailed = "rebuild_failed",
+    MaintenanceOn = "maintenance_on",
+    MaintenanceOff = "maintenance_off",
+    Retire = "retire",
+    // Inventory edits.
+    Enroll = "enroll",
+    Update = "update",
+    AcceptIdentity = "accept_identity",
+    FlavorCreate = "flavor_create",
+    FlavorReplace = "flavor_replace",
+    FlavorDelete = "flavor_delete",
+    PoolCreate = "pool_create",
+    PoolDelete = "pool_delete",
+    TokenCreate = "token_create",
+    TokenDelete = "token_delete",
+    // What nodes said that was refused or noteworthy.
+    IdentityRefused = "identity_refused",
+    FirmwareMismatch = "firmware_mismatch",
+    UnexpectedHeartbeat = "unexpected_heartbeat",
+    // Remediation.
+    RemediationStarted = "remediation_started",
+    RemediationStep = "remediation_step",
+    RemediationProgress = "remediation_progress",
+    RemediationDone = "remediation_done",
+    RemediationFailed = "remediation_failed",
+    RemediationCancelled = "remediation_cancelled",
+    // Guards and power sync.
+    RackFencingPaused = "rack_fencing_paused",
+    RackFencingResumed = "rack_fencing_resumed",
+    FleetFencingStopped = "fleet_fencing_stopped",
+    FleetFencingResumed = "fleet_fencing_resumed",
+    PowerStateChanged = "power_state_changed",
+    /// Allocations a start-up check found without a node that holds them.
+    OrphanAddresses = "orphan_addresses",
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Action {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Action {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Action::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown audit action {text:?}")))
+    }
+}
+
 /// One row of the audit trail.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
@@ -241,8 +341,8 @@ pub struct Event {
     pub node_uuid: Option<NodeUuid>,
     /// Who: `node` (the machine itself), `system`, or `token:<name>`.
     pub actor: String,
-    /// What: `register`, `transition`, `maintenance_on`, `spoof_refused`, …
-    pub action: String,
+    /// What happened; stored and serialized as its snake_case name.
+    pub action: Action,
     pub from_state: Option<String>,
     pub to_state: Option<String>,
     /// Why, in words.
@@ -255,7 +355,7 @@ pub struct NewEvent {
     pub at_ms: TimestampMs,
     pub node_uuid: Option<NodeUuid>,
     pub actor: String,
-    pub action: String,
+    pub action: Action,
     pub from_state: Option<LifecycleState>,
     pub to_state: Option<LifecycleState>,
     pub reason: String,
@@ -266,14 +366,32 @@ impl NewEvent {
         node: &NodeUuid,
         at_ms: TimestampMs,
         actor: &str,
-        action: &str,
+        action: Action,
         reason: impl Into<String>,
     ) -> Self {
         NewEvent {
             at_ms,
             node_uuid: Some(node.clone()),
             actor: actor.to_string(),
-            action: action.to_string(),
+            action,
+            from_state: None,
+            to_state: None,
+            reason: reason.into(),
+        }
+    }
+
+    /// An event about the fleet or the inventory rather than one node.
+    pub fn global(
+        at_ms: TimestampMs,
+        actor: &str,
+        action: Action,
+        reason: impl Into<String>,
+    ) -> Self {
+        NewEvent {
+            at_ms,
+            node_uuid: None,
+            actor: actor.to_string(),
+            action,
             from_state: None,
             to_state: None,
             reason: reason.into(),

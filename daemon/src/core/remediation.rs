@@ -308,12 +308,57 @@ fn backoff_ms(attempts: u32, limits: &Limits) -> i64 {
 pub fn entering(step: Step, state: LifecycleState) -> Vec<LifecycleEvent> {
     match step {
         Step::SoftOff | Step::PowerOff
-            if matches!(state, LifecycleState::Ready | LifecycleState::Suspect) =>
+            if matches!(
+                state,
+                LifecycleState::Registered
+                    | LifecycleState::Provisioning
+                    | LifecycleState::Ready
+                    | LifecycleState::Suspect
+                    | LifecycleState::Fenced
+            ) =>
         {
             vec![LifecycleEvent::FenceStarted]
         }
         Step::Rebuild if state == LifecycleState::Fenced => vec![LifecycleEvent::RebuildStarted],
         _ => vec![],
+    }
+}
+
+/// Why a remediation may not start on a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("node is {state}; a {} remediation needs a node that is {}", kind.as_str(), startable_states(*kind))]
+pub struct NotStartable {
+    pub kind: RemediationKind,
+    pub state: LifecycleState,
+}
+
+/// Whether a remediation of `kind` may start on a node in `state`. Automatic ones only
+/// take nodes the health judgement watches (Ready, Suspect); an operator may also take a
+/// node stuck mid-boot (Registered, Provisioning) or one already fenced. Never a node in
+/// maintenance (a human holds it), being fenced or rebuilt (a saga holds it), never
+/// registered (no BMC known) or retired. Every lifecycle event the plan can emit from an
+/// admitted state is legal (`every_admitted_plan_emits_only_legal_events`).
+pub fn may_start(kind: RemediationKind, state: LifecycleState) -> Result<(), NotStartable> {
+    use LifecycleState as S;
+    let admitted = match kind {
+        RemediationKind::Automatic => matches!(state, S::Ready | S::Suspect),
+        _ => matches!(
+            state,
+            S::Registered | S::Provisioning | S::Ready | S::Suspect | S::Fenced
+        ),
+    };
+    if admitted {
+        Ok(())
+    } else {
+        Err(NotStartable { kind, state })
+    }
+}
+
+/// The states [`may_start`] admits for `kind`, in words, for error messages.
+fn startable_states(kind: RemediationKind) -> &'static str {
+    match kind {
+        RemediationKind::Automatic => "ready or suspect",
+        _ => "registered, provisioning, ready, suspect or fenced",
     }
 }
 
@@ -386,7 +431,7 @@ pub fn advance(
             } else if exhausted {
                 next.status = Status::Failed;
                 next.finished_at_ms = Some(now_ms);
-                if matches!(step, Step::PowerOff | Step::VerifyOff) {
+                if matches!(step, Step::SoftOff | Step::PowerOff | Step::VerifyOff) {
                     // A fence we cannot verify is reported and handed to a human; it is
                     // never treated as done and never retried silently forever.
                     node_events.push(LifecycleEvent::FenceFailed);
@@ -449,6 +494,133 @@ mod tests {
             now = remediation.next_attempt_at_ms.max(now + 1);
         }
         panic!("remediation never ended");
+    }
+
+    /// Every way a saga can end from `state`: each step either completes or exhausts its
+    /// budget, and a rebuild may time out (and be retried) before the node comes back.
+    /// Walks the lifecycle with exactly the events the controller applies (`entering` on
+    /// a step's first attempt, then the advance's), and returns the first illegal one.
+    fn first_illegal_event(kind: RemediationKind, state: LifecycleState) -> Option<String> {
+        let limits = Limits::default();
+        // (remediation, node state, path so far), explored depth-first.
+        let mut pending = vec![(fresh(kind), state, String::new())];
+        let mut explored = 0;
+        while let Some((remediation, state, path)) = pending.pop() {
+            explored += 1;
+            assert!(explored < 100_000, "saga exploration does not end");
+            let Some(step) = remediation.step() else {
+                continue;
+            };
+            let mut state = state;
+            if remediation.attempts == 0 {
+                for event in entering(step, state) {
+                    match crate::core::lifecycle::transition(state, event) {
+                        Ok(next) => state = next,
+                        Err(error) => {
+                            return Some(format!("{path} enter {}: {error}", step.as_str()))
+                        }
+                    }
+                }
+            }
+            let mut attempt = remediation.clone();
+            attempt.attempts += 1;
+            let outcomes: Vec<(Outcome, i64)> = if step == Step::AwaitReady {
+                // The node came back, or did not within the timeout.
+                vec![
+                    (Outcome::Done, 0),
+                    (Outcome::NotYet("booting".into()), limits.ready_timeout_ms),
+                ]
+            } else {
+                let exhaust = (Outcome::Failed("refused".into()), 0);
+                if attempt.attempts >= step.attempts_max(&limits) {
+                    vec![(Outcome::Done, 0), exhaust]
+                } else {
+                    // Failing short of the budget changes no state; skip to the last try.
+                    attempt.attempts = step.attempts_max(&limits) - 1;
+                    vec![(Outcome::Done, 0), (Outcome::Failed("refused".into()), 0)]
+                }
+            };
+            for (outcome, elapsed) in outcomes {
+                let mut node_state = state;
+                if step == Step::AwaitReady && outcome == Outcome::Done {
+                    // Coming back means stage 2 reported installed.
+                    match crate::core::lifecycle::transition(node_state, LifecycleEvent::Installed)
+                    {
+                        Ok(next) => node_state = next,
+                        Err(_) => continue,
+                    }
+                }
+                let advance = advance(
+                    &attempt,
+                    &outcome,
+                    attempt.step_started_at_ms + elapsed,
+                    &limits,
+                );
+                let path = format!("{path} {}:{:?}", step.as_str(), outcome);
+                for event in &advance.node_events {
+                    match crate::core::lifecycle::transition(node_state, *event) {
+                        Ok(next) => node_state = next,
+                        Err(error) => return Some(format!("{path}: {error}")),
+                    }
+                }
+                pending.push((advance.remediation, node_state, path));
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn every_admitted_plan_emits_only_legal_events() {
+        let kinds = [
+            RemediationKind::Automatic,
+            RemediationKind::Fence,
+            RemediationKind::Evacuate,
+            RemediationKind::Rebuild,
+            RemediationKind::Drain,
+        ];
+        let mut admitted = 0;
+        for kind in kinds {
+            for state in LifecycleState::ALL {
+                if may_start(kind, state).is_err() {
+                    continue;
+                }
+                admitted += 1;
+                if let Some(illegal) = first_illegal_event(kind, state) {
+                    panic!("{kind:?} from {state}: {illegal}");
+                }
+            }
+        }
+        // Automatic: 2 states; each operator kind: 5.
+        assert_eq!(admitted, 2 + 4 * 5);
+    }
+
+    #[test]
+    fn the_explorer_finds_an_illegal_event() {
+        // Proves the property test can fail: from Maintenance (never admitted) a fence's
+        // verification is illegal, because entering it moves nothing.
+        assert!(first_illegal_event(RemediationKind::Fence, LifecycleState::Maintenance).is_some());
+    }
+
+    #[test]
+    fn operators_may_fence_nodes_stuck_mid_boot_but_not_held_ones() {
+        use LifecycleState::*;
+        for state in [Registered, Provisioning, Ready, Suspect, Fenced] {
+            assert_eq!(may_start(RemediationKind::Fence, state), Ok(()), "{state}");
+        }
+        for state in [Discovered, Fencing, Rebuilding, Maintenance, Retired] {
+            assert!(may_start(RemediationKind::Fence, state).is_err(), "{state}");
+        }
+        for state in [Registered, Provisioning, Fenced, Maintenance] {
+            assert!(
+                may_start(RemediationKind::Automatic, state).is_err(),
+                "{state}"
+            );
+        }
+        let refused = may_start(RemediationKind::Drain, Maintenance).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "node is maintenance; a drain remediation needs a node that is registered, provisioning, ready, suspect or fenced"
+        );
     }
 
     #[test]

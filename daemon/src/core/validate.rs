@@ -4,7 +4,7 @@
 use bearman_proto::RegisterRequest;
 
 use super::boot::check_template;
-use super::model::Flavor;
+use super::model::{BmcConfig, Flavor};
 
 pub const NICS_MAX: usize = 64;
 pub const DISKS_MAX: usize = 256;
@@ -45,6 +45,64 @@ pub fn is_mac(text: &str) -> bool {
         && parts
             .iter()
             .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A rack name: 1-63 characters of `[A-Za-z0-9-_.:]`.
+pub fn check_rack(rack: &str) -> Result<(), FieldError> {
+    if rack.is_empty()
+        || rack.len() > 63
+        || !rack
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return Err(field_error(
+            "rack",
+            "must be 1-63 characters of [A-Za-z0-9-_.:]",
+        ));
+    }
+    Ok(())
+}
+
+/// An operator's BMC settings for a node.
+pub fn check_bmc(bmc: &BmcConfig) -> Result<(), FieldError> {
+    if let Some(address) = &bmc.address {
+        if address.is_empty() || address.len() > 253 || address.contains(char::is_whitespace) {
+            return Err(field_error("bmc.address", "must be a host name or address"));
+        }
+    }
+    if let Some(mac) = &bmc.mac {
+        if !is_mac(mac) {
+            return Err(field_error(
+                "bmc.mac",
+                format!("{mac:?} is not a MAC address"),
+            ));
+        }
+    }
+    if let Some(reference) = &bmc.credentials_ref {
+        // A reference names where the secret lives (`env:VAR`, `file:KEY`); refusing
+        // anything else keeps operators from pasting a password here.
+        let valid = reference.len() <= 128
+            && (reference.starts_with("env:") || reference.starts_with("file:"))
+            && reference.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'/')
+            });
+        if !valid {
+            return Err(field_error(
+                "bmc.credentials_ref",
+                "must be env:VARIABLE or file:KEY naming where the secret is kept, never the secret itself",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An operator's free-text reason: at most 1024 bytes; blank means `default`.
+pub fn reason_or(reason: Option<&str>, default: &str) -> Result<String, FieldError> {
+    match reason {
+        Some(reason) if reason.len() > 1024 => Err(field_error("reason", "longer than 1024 bytes")),
+        Some(reason) if !reason.trim().is_empty() => Ok(reason.trim().to_string()),
+        _ => Ok(default.to_string()),
+    }
 }
 
 /// RFC 1123 hostname: dot-separated labels of [a-z0-9-], 1-63 each, 253 in all.

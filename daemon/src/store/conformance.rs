@@ -12,7 +12,8 @@ use bearman_proto::{Artifact, NicFacts};
 use super::{Store, StoreError};
 use crate::core::lifecycle::LifecycleState;
 use crate::core::model::{
-    EventFilter, Flavor, IpPool, NewEvent, Node, NodeFilter, NodeRole, PoolPurpose, TokenRole,
+    Action, EventFilter, Flavor, IpPool, NewEvent, Node, NodeFilter, NodeRole, PoolPurpose,
+    TokenRole,
 };
 use crate::core::power_sync::{PowerReading, PowerReadingState};
 use crate::core::remediation::{Remediation, RemediationKind, Status};
@@ -176,7 +177,7 @@ async fn node_updates_are_optimistic(store: &dyn Store) {
     store.node_create(&n, &[]).await.unwrap();
     let mut changed = n.clone();
     changed.state = LifecycleState::Registered;
-    let event = NewEvent::for_node(&n.uuid, 2_000, "test", "transition", "conformance")
+    let event = NewEvent::for_node(&n.uuid, 2_000, "test", Action::Update, "conformance")
         .with_states(LifecycleState::Discovered, LifecycleState::Registered);
     let updated = store
         .node_update(&changed, &[event])
@@ -490,7 +491,7 @@ async fn concurrent_allocations_never_collide(store: Arc<dyn Store>) {
 async fn events_page_newest_first(store: &dyn Store) {
     let uuid = NodeUuid::from_index(108, 1);
     let events: Vec<NewEvent> = (0..5)
-        .map(|i| NewEvent::for_node(&uuid, 10 + i, "test", "note", format!("event {i}")))
+        .map(|i| NewEvent::for_node(&uuid, 10 + i, "test", Action::Update, format!("event {i}")))
         .collect();
     store.event_append(&events).await.unwrap();
     store
@@ -498,7 +499,7 @@ async fn events_page_newest_first(store: &dyn Store) {
             &NodeUuid::from_index(108, 2),
             99,
             "test",
-            "note",
+            Action::Update,
             "other",
         )])
         .await
@@ -562,7 +563,7 @@ async fn remediations_are_one_active_per_node_and_optimistic(store: &dyn Store) 
         "silent",
         10,
     );
-    let event = NewEvent::for_node(&n.uuid, 10, "system", "remediation_start", "silent");
+    let event = NewEvent::for_node(&n.uuid, 10, "system", Action::RemediationStarted, "silent");
     let created = store
         .remediation_create(&fresh, &[event])
         .await
@@ -659,7 +660,13 @@ async fn power_readings_are_kept_per_node_without_touching_it(store: &dyn Store)
     let on = PowerReading::known(PowerReadingState::On, 5_000);
     assert!(store.node_power_record(&n.uuid, &on, &[]).await.unwrap());
     let off = PowerReading::known(PowerReadingState::Off, 6_000);
-    let event = NewEvent::for_node(&n.uuid, 6_000, "system", "power_state_changed", "on -> off");
+    let event = NewEvent::for_node(
+        &n.uuid,
+        6_000,
+        "system",
+        Action::PowerStateChanged,
+        "on -> off",
+    );
     assert!(store
         .node_power_record(&n.uuid, &off, std::slice::from_ref(&event))
         .await
@@ -671,7 +678,8 @@ async fn power_readings_are_kept_per_node_without_touching_it(store: &dyn Store)
 
     // An answer that comes back late never replaces a newer reading, nor writes its events.
     let late = PowerReading::unknown("bmc power_state timed out", 5_500);
-    let late_event = NewEvent::for_node(&n.uuid, 5_500, "system", "power_state_changed", "late");
+    let late_event =
+        NewEvent::for_node(&n.uuid, 5_500, "system", Action::PowerStateChanged, "late");
     assert!(!store
         .node_power_record(&n.uuid, &late, &[late_event])
         .await

@@ -63,7 +63,7 @@ fn append_events(state: &mut State, events: &[NewEvent]) {
             at_ms: event.at_ms,
             node_uuid: event.node_uuid.clone(),
             actor: event.actor.clone(),
-            action: event.action.clone(),
+            action: event.action,
             from_state: event.from_state.map(|s| s.as_str().to_string()),
             to_state: event.to_state.map(|s| s.as_str().to_string()),
             reason: event.reason.clone(),

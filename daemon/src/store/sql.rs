@@ -20,7 +20,7 @@ use super::{clamp_limit, Store, StoreError};
 use crate::core::ipam::{self, validate_pool};
 use crate::core::lifecycle::LifecycleState;
 use crate::core::model::{
-    ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
+    Action, ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
 };
 use crate::core::power_sync::{PowerReading, PowerReadingState};
@@ -184,7 +184,12 @@ fn event_from_row(row: &AnyRow) -> Result<Event, StoreError> {
             .map(|u| NodeUuid::parse(&u).map_err(|e| corrupt("event uuid", e)))
             .transpose()?,
         actor: row.try_get("actor").map_err(backend_error)?,
-        action: row.try_get("action").map_err(backend_error)?,
+        action: {
+            let action: String = row.try_get("action").map_err(backend_error)?;
+            Action::parse(&action).ok_or_else(|| {
+                StoreError::Corrupt(format!("event with unknown action {action:?}"))
+            })?
+        },
         from_state: row.try_get("from_state").map_err(backend_error)?,
         to_state: row.try_get("to_state").map_err(backend_error)?,
         reason: row.try_get("reason").map_err(backend_error)?,
@@ -307,7 +312,7 @@ async fn insert_events(
         .bind(event.at_ms)
         .bind(event.node_uuid.as_ref().map(|u| u.to_string()))
         .bind(&event.actor)
-        .bind(&event.action)
+        .bind(event.action.as_str())
         .bind(event.from_state.map(|s| s.as_str().to_string()))
         .bind(event.to_state.map(|s| s.as_str().to_string()))
         .bind(&event.reason)

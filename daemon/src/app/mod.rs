@@ -1,0 +1,152 @@
+//! The application layer: every operation that changes state, for every caller — the
+//! HTTP handlers (`api`), the controller and the CLI. Each operation reads what it needs,
+//! lets the pure core decide, and writes the result with its audit events in one store
+//! transaction, returning a typed [`AppError`] that only `api::error` turns into HTTP.
+//!
+//! Architecture invariant: this module knows nothing of HTTP (no axum, no status codes)
+//! and nothing of tokio tasks; it is called, it never runs on its own. Rules live in
+//! `core`; this layer only sequences reads, decisions and writes.
+
+pub mod guards;
+pub mod nodes;
+pub mod remediation;
+
+use std::sync::Arc;
+
+use bearman_proto::uuid::NodeUuid;
+
+use crate::core::lifecycle::IllegalTransition;
+use crate::core::model::{NewEvent, Node, TimestampMs};
+use crate::core::registration::RegistrationDefaults;
+use crate::core::remediation::NotStartable;
+use crate::core::validate::FieldError;
+use crate::runtime::Clock;
+use crate::store::{Store, StoreError};
+
+/// Who the audit trail names for requests a node makes about itself.
+pub const NODE_ACTOR: &str = "node";
+/// Who the audit trail names for the daemon's own actions.
+pub const SYSTEM_ACTOR: &str = "system";
+
+/// Settings the operations need, fixed at start-up.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub defaults: RegistrationDefaults,
+    /// A heartbeat younger than this counts as "the node is up" (leaving maintenance).
+    pub heartbeat_fresh_ms: TimestampMs,
+}
+
+/// The application: the store and clock every operation uses, and what the controller
+/// publishes for readers. Cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub settings: Arc<Settings>,
+    pub guards: Arc<guards::GuardBoard>,
+}
+
+impl App {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, settings: Settings) -> Self {
+        App {
+            store,
+            clock,
+            settings: Arc::new(settings),
+            guards: Arc::default(),
+        }
+    }
+}
+
+/// Why an operation was refused or failed. Context lives in the variants; the HTTP layer
+/// maps each to a status and an error code.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("node {uuid} is not known")]
+    NodeNotFound { uuid: NodeUuid },
+    #[error("node {uuid} is not known; register it first")]
+    NodeNotRegistered { uuid: NodeUuid },
+    #[error("node {uuid} is retired")]
+    NodeRetired { uuid: NodeUuid },
+    #[error("remediation {id} does not exist")]
+    RemediationNotFound { id: i64 },
+    #[error(transparent)]
+    InvalidField(#[from] FieldError),
+    #[error(transparent)]
+    IllegalTransition(#[from] IllegalTransition),
+    #[error("node {uuid} is at generation {found}, not {expected}")]
+    GenerationMismatch {
+        uuid: NodeUuid,
+        expected: i64,
+        found: i64,
+    },
+    /// Optimistic concurrency gave up after its bounded retries.
+    #[error("{what} is being changed by others; retry")]
+    Busy { what: String },
+    #[error("node {uuid}: {refused}")]
+    RemediationRefused {
+        uuid: NodeUuid,
+        refused: NotStartable,
+    },
+    #[error("node {uuid} already has an active remediation; cancel it first")]
+    RemediationActive { uuid: NodeUuid },
+    #[error("remediation {id} is already {status}")]
+    RemediationNotActive { id: i64, status: &'static str },
+    #[error(
+        "remediation {id} is in step {step}; a power-off must finish before it can be cancelled"
+    )]
+    RemediationNotCancellable { id: i64, step: &'static str },
+    #[error("{detail}; an operator must run `bearman node accept-identity {uuid}`")]
+    IdentityMismatch { uuid: NodeUuid, detail: String },
+    #[error("node {uuid} is assigned flavor {flavor}, which does not exist")]
+    FlavorMissing { uuid: NodeUuid, flavor: String },
+    #[error("node {uuid} has no flavor assigned; set one with `bearman node update`")]
+    NoFlavor { uuid: NodeUuid },
+    #[error("the operating system's random generator failed: {0}")]
+    RandomSource(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Attempts at a read-modify-write of one node before reporting it busy.
+pub const NODE_WRITE_ATTEMPTS_MAX: usize = 4;
+
+impl App {
+    pub fn now_ms(&self) -> TimestampMs {
+        self.clock.now_ms()
+    }
+
+    /// The node, or `NodeNotFound`.
+    pub async fn node(&self, uuid: &NodeUuid) -> Result<Node, AppError> {
+        self.store
+            .node_get(uuid)
+            .await?
+            .ok_or_else(|| AppError::NodeNotFound { uuid: uuid.clone() })
+    }
+
+    /// Reads a node, lets `decide` change it (purely), and writes it back with the events
+    /// it returns under optimistic concurrency, deciding again with a fresh copy when
+    /// another writer got there first (at most [`NODE_WRITE_ATTEMPTS_MAX`] times).
+    /// `decide` returning no events and an unchanged node writes nothing.
+    pub async fn mutate_node<F>(&self, uuid: &NodeUuid, mut decide: F) -> Result<Node, AppError>
+    where
+        F: FnMut(&mut Node) -> Result<Vec<NewEvent>, AppError>,
+    {
+        for _ in 0..NODE_WRITE_ATTEMPTS_MAX {
+            let original = self.node(uuid).await?;
+            let mut node = original.clone();
+            let events = decide(&mut node)?;
+            if events.is_empty() && node == original {
+                return Ok(original);
+            }
+            node.updated_at_ms = self.clock.now_ms();
+            match self.store.node_update(&node, &events).await {
+                Ok(updated) => return Ok(updated),
+                Err(StoreError::GenerationMismatch { .. }) => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(AppError::Busy {
+            what: format!("node {uuid}"),
+        })
+    }
+}

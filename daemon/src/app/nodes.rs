@@ -1,0 +1,344 @@
+//! Node records: enrolment and edits by operators, lifecycle actions, and what a node
+//! says about itself after registering (boot started, installed, heartbeats).
+
+use bearman_proto::uuid::NodeUuid;
+
+use super::{App, AppError, NODE_ACTOR, SYSTEM_ACTOR};
+use crate::core::lifecycle::{apply_event, transition, LifecycleEvent};
+use crate::core::model::{Action, BmcConfig, NewEvent, Node, NodeRole};
+use crate::core::validate::{check_bmc, check_hostname, check_rack, FieldError};
+
+/// An operator's new node, before it ever booted.
+#[derive(Clone, Debug)]
+pub struct Enrollment {
+    pub uuid: NodeUuid,
+    pub hostname: Option<String>,
+    pub role: Option<NodeRole>,
+    pub rack: Option<String>,
+    pub flavor: Option<String>,
+    pub bmc: Option<BmcConfig>,
+}
+
+/// An operator's edit of a node; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct NodeChanges {
+    pub hostname: Option<String>,
+    pub role: Option<NodeRole>,
+    pub rack: Option<String>,
+    /// An empty string clears the flavor.
+    pub flavor: Option<String>,
+    pub bmc: Option<BmcConfig>,
+    /// If given, the edit applies only while the node is still at this generation.
+    pub generation: Option<i64>,
+}
+
+impl App {
+    async fn check_flavor_exists(&self, flavor: &str) -> Result<(), AppError> {
+        if self.store.flavor_get(flavor).await?.is_none() {
+            return Err(FieldError {
+                field: "flavor".into(),
+                problem: format!("flavor {flavor} does not exist"),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    pub async fn node_enroll(&self, actor: &str, enrollment: Enrollment) -> Result<Node, AppError> {
+        let Enrollment {
+            uuid,
+            hostname,
+            role,
+            rack,
+            flavor,
+            bmc,
+        } = enrollment;
+        let hostname =
+            hostname.unwrap_or_else(|| crate::core::registration::default_hostname(&uuid));
+        check_hostname(&hostname)?;
+        if let Some(rack) = &rack {
+            check_rack(rack)?;
+        }
+        if let Some(flavor) = &flavor {
+            self.check_flavor_exists(flavor).await?;
+        }
+        if let Some(bmc) = &bmc {
+            check_bmc(bmc)?;
+        }
+        let now = self.now_ms();
+        let defaults = &self.settings.defaults;
+        let mut node = Node::new(uuid.clone(), hostname, role.unwrap_or(defaults.role), now);
+        node.rack = rack;
+        node.flavor = flavor.or_else(|| defaults.flavor.clone());
+        if let Some(bmc) = bmc {
+            node.bmc = bmc;
+        }
+        let event = NewEvent::for_node(&uuid, now, actor, Action::Enroll, "enrolled by operator");
+        Ok(self.store.node_create(&node, &[event]).await?)
+    }
+
+    pub async fn node_update(
+        &self,
+        actor: &str,
+        uuid: &NodeUuid,
+        changes: NodeChanges,
+    ) -> Result<Node, AppError> {
+        if let Some(hostname) = &changes.hostname {
+            check_hostname(hostname)?;
+        }
+        if let Some(rack) = &changes.rack {
+            check_rack(rack)?;
+        }
+        if let Some(bmc) = &changes.bmc {
+            check_bmc(bmc)?;
+        }
+        if let Some(flavor) = changes.flavor.as_deref().filter(|f| !f.is_empty()) {
+            self.check_flavor_exists(flavor).await?;
+        }
+        let now = self.now_ms();
+        self.mutate_node(uuid, |node| {
+            if let Some(expected) = changes.generation {
+                if node.generation != expected {
+                    return Err(AppError::GenerationMismatch {
+                        uuid: uuid.clone(),
+                        expected,
+                        found: node.generation,
+                    });
+                }
+            }
+            let described = apply_changes(node, &changes);
+            if described.is_empty() {
+                return Ok(vec![]);
+            }
+            Ok(vec![NewEvent::for_node(
+                uuid,
+                now,
+                actor,
+                Action::Update,
+                described.join(", "),
+            )])
+        })
+        .await
+    }
+
+    /// An operator's lifecycle action (maintenance on, retire): who asked and why are
+    /// recorded with the change.
+    pub async fn node_lifecycle(
+        &self,
+        actor: &str,
+        uuid: &NodeUuid,
+        event: LifecycleEvent,
+        reason: &str,
+    ) -> Result<Node, AppError> {
+        let now = self.now_ms();
+        let node = self
+            .mutate_node(uuid, |node| {
+                Ok(apply_event(node, event, now, actor, reason)?
+                    .into_iter()
+                    .collect())
+            })
+            .await?;
+        tracing::info!(%uuid, action = event.name(), actor = %actor, state = %node.state, "operator action");
+        Ok(node)
+    }
+
+    /// Leaves maintenance: to Ready when the node is heartbeating, else to Registered (it
+    /// must boot again before it is trusted).
+    pub async fn node_maintenance_off(
+        &self,
+        actor: &str,
+        uuid: &NodeUuid,
+        reason: &str,
+    ) -> Result<Node, AppError> {
+        let now = self.now_ms();
+        let fresh_ms = self.settings.heartbeat_fresh_ms;
+        let node = self
+            .mutate_node(uuid, |node| {
+                let heartbeat_fresh = node
+                    .last_heartbeat_at_ms
+                    .is_some_and(|at| now - at <= fresh_ms);
+                let event = LifecycleEvent::MaintenanceOff { heartbeat_fresh };
+                Ok(apply_event(node, event, now, actor, reason)?
+                    .into_iter()
+                    .collect())
+            })
+            .await?;
+        tracing::info!(%uuid, action = "maintenance_off", actor = %actor, state = %node.state, "operator action");
+        Ok(node)
+    }
+
+    /// Forgets the recorded serial and MACs so the next registration binds the node to
+    /// the hardware that answers to its uuid (after a board swap or NIC replacement).
+    pub async fn node_accept_identity(
+        &self,
+        actor: &str,
+        uuid: &NodeUuid,
+        reason: &str,
+    ) -> Result<Node, AppError> {
+        let now = self.now_ms();
+        self.mutate_node(uuid, |node| {
+            node.serial.clear();
+            node.hardware.nics.clear();
+            Ok(vec![NewEvent::for_node(
+                uuid,
+                now,
+                actor,
+                Action::AcceptIdentity,
+                reason,
+            )])
+        })
+        .await
+    }
+
+    /// The node fetched its target OS (`GET /ipxe/{uuid}`). Writes only when the state
+    /// moves, so a boot storm's repeated fetches cost a read.
+    pub async fn node_boot_started(&self, node: &Node) -> Result<Node, AppError> {
+        if transition(node.state, LifecycleEvent::BootStarted).is_ok_and(|next| next == node.state)
+        {
+            return Ok(node.clone());
+        }
+        let now = self.now_ms();
+        self.mutate_node(&node.uuid, |node| {
+            Ok(apply_event(
+                node,
+                LifecycleEvent::BootStarted,
+                now,
+                NODE_ACTOR,
+                "fetched its target OS",
+            )?
+            .into_iter()
+            .collect())
+        })
+        .await
+    }
+
+    /// Stage 2 is up (`POST …/installed`).
+    pub async fn node_installed(
+        &self,
+        uuid: &NodeUuid,
+        os_release: Option<&str>,
+    ) -> Result<Node, AppError> {
+        let now = self.now_ms();
+        let reason = match os_release {
+            Some(release) => format!(
+                "stage 2 up: {}",
+                release.chars().take(120).collect::<String>()
+            ),
+            None => "stage 2 up".to_string(),
+        };
+        self.mutate_node(uuid, |node| {
+            let events: Vec<NewEvent> =
+                apply_event(node, LifecycleEvent::Installed, now, NODE_ACTOR, &reason)?
+                    .into_iter()
+                    .collect();
+            if !events.is_empty() {
+                node.installed_at_ms = Some(now);
+                node.last_heartbeat_at_ms = Some(now);
+            }
+            Ok(events)
+        })
+        .await
+    }
+
+    /// A heartbeat. The hot path (a Ready node) records liveness without a generation
+    /// bump; one that moves the state (a Suspect node heard again) is a full write; one
+    /// from a node that should be silent (fenced, never installed) is refused and
+    /// recorded loudly.
+    pub async fn node_heartbeat(&self, uuid: &NodeUuid) -> Result<Node, AppError> {
+        let now = self.now_ms();
+        let node = self
+            .store
+            .node_get(uuid)
+            .await?
+            .ok_or_else(|| AppError::NodeNotRegistered { uuid: uuid.clone() })?;
+        if transition(node.state, LifecycleEvent::Heartbeat).is_ok_and(|next| next == node.state) {
+            self.store.node_record_heartbeat(uuid, now).await?;
+            return Ok(node);
+        }
+        let result = self
+            .mutate_node(uuid, |node| {
+                let events = apply_event(
+                    node,
+                    LifecycleEvent::Heartbeat,
+                    now,
+                    NODE_ACTOR,
+                    "heartbeat resumed",
+                )
+                .inspect_err(|_| {
+                    tracing::warn!(%uuid, state = %node.state, "heartbeat from a node that should be silent");
+                })?;
+                node.last_heartbeat_at_ms = Some(now);
+                Ok(events.into_iter().collect())
+            })
+            .await;
+        if let Err(AppError::IllegalTransition(illegal)) = &result {
+            let event = NewEvent::for_node(
+                uuid,
+                now,
+                NODE_ACTOR,
+                Action::UnexpectedHeartbeat,
+                illegal.to_string(),
+            );
+            self.store.event_append(&[event]).await?;
+        }
+        result
+    }
+
+    /// The controller's verdict on a Ready node that stopped heartbeating. A node that
+    /// is no longer Ready (heard again, taken by an operator) is left alone.
+    pub async fn node_mark_suspect(&self, uuid: &NodeUuid, grace_s: i64) -> Result<Node, AppError> {
+        let now = self.now_ms();
+        self.mutate_node(uuid, |node| {
+            if node.state != crate::core::lifecycle::LifecycleState::Ready {
+                return Ok(vec![]);
+            }
+            Ok(apply_event(
+                node,
+                LifecycleEvent::HeartbeatsMissed,
+                now,
+                SYSTEM_ACTOR,
+                &format!("no heartbeat for more than {grace_s} s"),
+            )?
+            .into_iter()
+            .collect())
+        })
+        .await
+    }
+}
+
+/// Applies an operator's edit to `node`, describing each change for the audit trail.
+fn apply_changes(node: &mut Node, changes: &NodeChanges) -> Vec<String> {
+    let mut described = Vec::new();
+    if let Some(hostname) = &changes.hostname {
+        if &node.hostname != hostname {
+            described.push(format!("hostname {} -> {hostname}", node.hostname));
+            node.hostname = hostname.clone();
+        }
+    }
+    if let Some(role) = changes.role {
+        if node.role != role {
+            described.push(format!("role {} -> {}", node.role.as_str(), role.as_str()));
+            node.role = role;
+        }
+    }
+    if let Some(rack) = &changes.rack {
+        if node.rack.as_ref() != Some(rack) {
+            described.push(format!("rack -> {rack}"));
+            node.rack = Some(rack.clone());
+        }
+    }
+    if let Some(flavor) = &changes.flavor {
+        let new = (!flavor.is_empty()).then(|| flavor.clone());
+        if node.flavor != new {
+            described.push(format!("flavor -> {}", new.as_deref().unwrap_or("(none)")));
+            node.flavor = new;
+        }
+    }
+    if let Some(bmc) = &changes.bmc {
+        if &node.bmc != bmc {
+            described.push("bmc settings".to_string());
+            node.bmc = bmc.clone();
+        }
+    }
+    described
+}

@@ -1,0 +1,103 @@
+//! Remediations an operator starts or cancels.
+
+use bearman_proto::uuid::NodeUuid;
+
+use super::{App, AppError};
+use crate::core::model::{Action, NewEvent};
+use crate::core::remediation::{may_start, Remediation, RemediationKind, Status};
+use crate::store::StoreError;
+
+/// Attempts at cancelling a remediation that keeps changing under us.
+const CANCEL_ATTEMPTS_MAX: usize = 4;
+
+impl App {
+    /// Starts an operator-requested remediation. Operator requests bypass the automatic
+    /// guards (rack pause, fleet stop, rate limit): a human decided. Whether the node's
+    /// state allows it is the core's [`may_start`].
+    pub async fn remediation_start(
+        &self,
+        actor: &str,
+        uuid: &NodeUuid,
+        kind: RemediationKind,
+        reason: &str,
+    ) -> Result<Remediation, AppError> {
+        let node = self.node(uuid).await?;
+        may_start(kind, node.state).map_err(|refused| AppError::RemediationRefused {
+            uuid: uuid.clone(),
+            refused,
+        })?;
+        let now = self.now_ms();
+        let remediation = Remediation::new(uuid.clone(), kind, actor, reason, now);
+        let event = NewEvent::for_node(
+            uuid,
+            now,
+            actor,
+            Action::RemediationStarted,
+            format!("{}: {reason}", kind.as_str()),
+        );
+        let created = self
+            .store
+            .remediation_create(&remediation, &[event])
+            .await
+            .map_err(|error| match error {
+                StoreError::AlreadyExists { .. } => {
+                    AppError::RemediationActive { uuid: uuid.clone() }
+                }
+                other => other.into(),
+            })?;
+        tracing::info!(%uuid, id = created.id, kind = kind.as_str(), actor = %actor, "operator remediation");
+        Ok(created)
+    }
+
+    /// Cancels an active remediation, unless it is mid power-off.
+    pub async fn remediation_cancel(
+        &self,
+        actor: &str,
+        id: i64,
+        reason: &str,
+    ) -> Result<Remediation, AppError> {
+        for _ in 0..CANCEL_ATTEMPTS_MAX {
+            let remediation = self
+                .store
+                .remediation_get(id)
+                .await?
+                .ok_or(AppError::RemediationNotFound { id })?;
+            let Some(step) = remediation.step() else {
+                return Err(AppError::RemediationNotActive {
+                    id,
+                    status: remediation.status.as_str(),
+                });
+            };
+            if !step.cancellable() {
+                return Err(AppError::RemediationNotCancellable {
+                    id,
+                    step: step.as_str(),
+                });
+            }
+            let now = self.now_ms();
+            let mut cancelled = remediation.clone();
+            cancelled.status = Status::Cancelled;
+            cancelled.finished_at_ms = Some(now);
+            cancelled.updated_at_ms = now;
+            let event = NewEvent::for_node(
+                &remediation.node_uuid,
+                now,
+                actor,
+                Action::RemediationCancelled,
+                format!("remediation {id}: {reason}"),
+            );
+            match self
+                .store
+                .remediation_update(&cancelled, None, &[event])
+                .await
+            {
+                Ok((stored, _)) => return Ok(stored),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(AppError::Busy {
+            what: format!("remediation {id}"),
+        })
+    }
+}
