@@ -6,7 +6,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::api::{self, AppState, ServiceConfig};
+use crate::api::{self, AppState};
+pub use crate::api::{ServiceConfig, BODY_LIMIT_BYTES_DEFAULT};
 use crate::bmc::BmcProvider;
 use crate::cloud::Cloud;
 use crate::controller::{Controller, ControllerConfig};

@@ -82,7 +82,9 @@ impl TestDaemon {
         );
         let mut tokens = Vec::new();
         for role in [TokenRole::Admin, TokenRole::Operator, TokenRole::Viewer] {
-            let token = bearman::api::admin::create_token(&*store, role.as_str(), role, "test", 0)
+            let token = state
+                .app
+                .token_create("test", role.as_str(), role)
                 .await
                 .expect("create token");
             tokens.push(token.secret);

@@ -1023,7 +1023,7 @@ async fn tokens_created_over_the_api_work_until_deleted() {
         "the secret is shown once only: {text}"
     );
     assert!(
-        !text.contains(&bearman::api::auth::hash_secret(&secret)),
+        !text.contains(&bearman::app::tokens::hash_secret(&secret)),
         "nor its hash: {text}"
     );
     assert!(

@@ -15,16 +15,17 @@ use super::auth::{self, Caller};
 use super::error::ApiError;
 use super::extract::{JsonBody, NamePath, OptionalJson, QueryParams, UuidPath};
 use super::AppState;
-use crate::app::nodes::{Enrollment, NodeChanges};
-use crate::core::ipam::{self, validate_pool};
+use crate::app::nodes::{Enrollment, NodeChanges, Summary};
+use crate::app::pools::PoolDetail;
+use crate::app::tokens::NewToken;
+
 use crate::core::lifecycle::{LifecycleEvent, LifecycleState};
 use crate::core::model::{
-    Action, ApiToken, BmcConfig, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node,
-    NodeFilter, NodeRole, TokenRole,
+    ApiToken, BmcConfig, Event, EventFilter, Flavor, IpPool, Node, NodeFilter, NodeRole, TokenRole,
 };
 use crate::core::power_sync::PowerReading;
 use crate::core::remediation::{Remediation, RemediationKind};
-use crate::core::validate::{self, FieldError};
+use crate::core::validate;
 use bearman_proto::uuid::NodeUuid;
 
 /// One admin route: method, path under `/api/v1`, and the least role that may call it.
@@ -172,12 +173,6 @@ impl Serialize for Caller {
         s.serialize_field("role", &self.role)?;
         s.end()
     }
-}
-
-#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
-pub struct Summary {
-    pub total: usize,
-    pub by_state: std::collections::BTreeMap<String, usize>,
 }
 
 async fn summary(State(state): State<AppState>) -> Result<Json<Summary>, ApiError> {
@@ -552,17 +547,7 @@ async fn flavor_create(
     Extension(caller): Extension<Caller>,
     JsonBody(flavor): JsonBody<Flavor>,
 ) -> Result<(StatusCode, Json<Flavor>), ApiError> {
-    validate::check_flavor(&flavor)?;
-    if state.store.flavor_get(&flavor.name).await?.is_some() {
-        return Err(ApiError::conflict(
-            "already_exists",
-            format!(
-                "flavor {} already exists; use PUT to replace it",
-                flavor.name
-            ),
-        ));
-    }
-    save_flavor(&state, &caller, &flavor, Action::FlavorCreate).await?;
+    let flavor = state.app.flavor_create(&caller.actor(), flavor).await?;
     Ok((StatusCode::CREATED, Json(flavor)))
 }
 
@@ -572,36 +557,12 @@ async fn flavor_replace(
     NamePath(name): NamePath,
     JsonBody(flavor): JsonBody<Flavor>,
 ) -> Result<Json<Flavor>, ApiError> {
-    if flavor.name != name {
-        return Err(field_error(
-            "name",
-            format!("{:?} does not match the path's {name:?}", flavor.name),
-        ));
-    }
-    validate::check_flavor(&flavor)?;
-    save_flavor(&state, &caller, &flavor, Action::FlavorReplace).await?;
-    Ok(Json(flavor))
-}
-
-async fn save_flavor(
-    state: &AppState,
-    caller: &Caller,
-    flavor: &Flavor,
-    action: Action,
-) -> Result<(), ApiError> {
-    let now = state.clock.now_ms();
-    state.store.flavor_put(flavor, now).await?;
-    let event = NewEvent {
-        at_ms: now,
-        node_uuid: None,
-        actor: caller.actor(),
-        action,
-        from_state: None,
-        to_state: None,
-        reason: format!("flavor {}", flavor.name),
-    };
-    state.store.event_append(&[event]).await?;
-    Ok(())
+    Ok(Json(
+        state
+            .app
+            .flavor_replace(&caller.actor(), &name, flavor)
+            .await?,
+    ))
 }
 
 async fn flavor_delete(
@@ -609,69 +570,24 @@ async fn flavor_delete(
     Extension(caller): Extension<Caller>,
     NamePath(name): NamePath,
 ) -> Result<StatusCode, ApiError> {
-    state.store.flavor_delete(&name).await?;
-    audit(
-        &state,
-        &caller,
-        Action::FlavorDelete,
-        format!("flavor {name}"),
-    )
-    .await?;
+    state.app.flavor_delete(&caller.actor(), &name).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-async fn audit(
-    state: &AppState,
-    caller: &Caller,
-    action: Action,
-    reason: String,
-) -> Result<(), ApiError> {
-    let event = NewEvent {
-        at_ms: state.clock.now_ms(),
-        node_uuid: None,
-        actor: caller.actor(),
-        action,
-        from_state: None,
-        to_state: None,
-        reason,
-    };
-    Ok(state.store.event_append(&[event]).await?)
 }
 
 async fn pool_list(State(state): State<AppState>) -> Result<Json<Vec<IpPool>>, ApiError> {
     Ok(Json(state.store.pool_list().await?))
 }
 
-#[derive(Serialize, Deserialize, Debug)]
-pub struct PoolDetail {
-    pub pool: IpPool,
-    pub size: u32,
-    pub allocations: Vec<IpAllocation>,
-}
-
 async fn pool_show(
     State(state): State<AppState>,
     NamePath(name): NamePath,
 ) -> Result<Json<PoolDetail>, ApiError> {
-    let pool = state
-        .store
-        .pool_get(&name)
+    state
+        .app
+        .pool_detail(&name)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("ip pool {name} does not exist")))?;
-    let range =
-        validate_pool(&pool).map_err(|e| ApiError::internal(format!("stored pool {name}: {e}")))?;
-    let size = range.end - range.start + 1
-        - u32::from(
-            range
-                .gateway
-                .is_some_and(|g| g >= range.start && g <= range.end),
-        );
-    let allocations = state.store.ip_list(Some(&name), None).await?;
-    Ok(Json(PoolDetail {
-        pool,
-        size,
-        allocations,
-    }))
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("ip pool {name} does not exist")))
 }
 
 async fn pool_create(
@@ -679,18 +595,7 @@ async fn pool_create(
     Extension(caller): Extension<Caller>,
     JsonBody(pool): JsonBody<IpPool>,
 ) -> Result<(StatusCode, Json<IpPool>), ApiError> {
-    validate_pool(&pool).map_err(|e| ApiError::unprocessable(e.to_string()))?;
-    state.store.pool_create(&pool).await?;
-    audit(
-        &state,
-        &caller,
-        Action::PoolCreate,
-        format!(
-            "pool {} {} {}-{}",
-            pool.name, pool.cidr, pool.range_start, pool.range_end
-        ),
-    )
-    .await?;
+    let pool = state.app.pool_create(&caller.actor(), pool).await?;
     Ok((StatusCode::CREATED, Json(pool)))
 }
 
@@ -699,8 +604,7 @@ async fn pool_delete(
     Extension(caller): Extension<Caller>,
     NamePath(name): NamePath,
 ) -> Result<StatusCode, ApiError> {
-    state.store.pool_delete(&name).await?;
-    audit(&state, &caller, Action::PoolDelete, format!("pool {name}")).await?;
+    state.app.pool_delete(&caller.actor(), &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -736,63 +640,15 @@ struct TokenRequest {
     role: TokenRole,
 }
 
-/// A freshly created token: the only time its secret is ever shown.
-#[derive(Serialize, Deserialize, Debug)]
-pub struct NewToken {
-    pub name: String,
-    pub role: TokenRole,
-    pub secret: String,
-}
-
-/// Creates a token; shared by the API and `bearman token create`.
-pub async fn create_token(
-    store: &dyn crate::store::Store,
-    name: &str,
-    role: TokenRole,
-    actor: &str,
-    now_ms: i64,
-) -> Result<NewToken, ApiError> {
-    if !ipam::is_valid_name(name) {
-        return Err(ApiError::from(FieldError {
-            field: "name".into(),
-            problem: "must be 1-63 characters of [a-z0-9-_.]".into(),
-        }));
-    }
-    let secret = auth::generate_secret()
-        .map_err(|e| ApiError::internal(format!("operating system random generator: {e}")))?;
-    store
-        .token_create(name, role, &auth::hash_secret(&secret), now_ms)
-        .await?;
-    let event = NewEvent {
-        at_ms: now_ms,
-        node_uuid: None,
-        actor: actor.to_string(),
-        action: Action::TokenCreate,
-        from_state: None,
-        to_state: None,
-        reason: format!("token {name} with role {}", role.as_str()),
-    };
-    store.event_append(&[event]).await?;
-    Ok(NewToken {
-        name: name.to_string(),
-        role,
-        secret,
-    })
-}
-
 async fn token_create(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     JsonBody(request): JsonBody<TokenRequest>,
 ) -> Result<(StatusCode, Json<NewToken>), ApiError> {
-    let token = create_token(
-        &*state.store,
-        &request.name,
-        request.role,
-        &caller.actor(),
-        state.clock.now_ms(),
-    )
-    .await?;
+    let token = state
+        .app
+        .token_create(&caller.actor(), &request.name, request.role)
+        .await?;
     Ok((StatusCode::CREATED, Json(token)))
 }
 
@@ -801,13 +657,6 @@ async fn token_delete(
     Extension(caller): Extension<Caller>,
     NamePath(name): NamePath,
 ) -> Result<StatusCode, ApiError> {
-    state.store.token_delete(&name).await?;
-    audit(
-        &state,
-        &caller,
-        Action::TokenDelete,
-        format!("token {name}"),
-    )
-    .await?;
+    state.app.token_delete(&caller.actor(), &name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

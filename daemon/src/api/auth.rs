@@ -4,18 +4,15 @@
 //! declares the least role it needs, and the check runs before any extractor, so an
 //! anonymous caller learns nothing about the request it sent.
 
+use crate::app::tokens::hash_secret;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
 use super::AppState;
 use crate::core::model::TokenRole;
-
-/// Prefix that makes a Bearman token recognisable in a secret scanner.
-pub const TOKEN_PREFIX: &str = "bm_";
 
 /// The authenticated caller, available to handlers as an extension.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,17 +26,6 @@ impl Caller {
     pub fn actor(&self) -> String {
         format!("token:{}", self.token_name)
     }
-}
-
-pub fn hash_secret(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
-}
-
-/// A new token secret from 32 random bytes of the operating system's generator.
-pub fn generate_secret() -> Result<String, getrandom::Error> {
-    let mut bytes = [0u8; 32];
-    getrandom::getrandom(&mut bytes)?;
-    Ok(format!("{TOKEN_PREFIX}{}", hex::encode(bytes)))
 }
 
 fn unauthorized(message: &str) -> Response {

@@ -119,6 +119,7 @@ impl From<AppError> for ApiError {
             | AppError::RemediationNotFound { .. } => ApiError::not_found(message),
             AppError::NodeRetired { .. } => ApiError::new(StatusCode::GONE, "retired", message),
             AppError::InvalidField(error) => error.into(),
+            AppError::InvalidPool(_) => ApiError::unprocessable(message),
             AppError::IllegalTransition(error) => error.into(),
             AppError::GenerationMismatch { .. } => {
                 ApiError::conflict("generation_mismatch", message)
@@ -131,6 +132,7 @@ impl From<AppError> for ApiError {
                 ApiError::conflict("not_cancellable", message)
             }
             AppError::IdentityMismatch { .. } => ApiError::conflict("identity_mismatch", message),
+            AppError::FlavorExists { .. } => ApiError::conflict("already_exists", message),
             AppError::FlavorMissing { .. } => ApiError::conflict("flavor_missing", message),
             AppError::NoFlavor { .. } => ApiError::conflict("no_flavor", message),
             AppError::RandomSource(_) => ApiError::internal(message),

@@ -7,9 +7,12 @@
 //! and nothing of tokio tasks; it is called, it never runs on its own. Rules live in
 //! `core`; this layer only sequences reads, decisions and writes.
 
+pub mod flavors;
 pub mod guards;
 pub mod nodes;
+pub mod pools;
 pub mod remediation;
+pub mod tokens;
 
 use std::sync::Arc;
 
@@ -72,6 +75,8 @@ pub enum AppError {
     #[error(transparent)]
     InvalidField(#[from] FieldError),
     #[error(transparent)]
+    InvalidPool(#[from] crate::core::ipam::PoolError),
+    #[error(transparent)]
     IllegalTransition(#[from] IllegalTransition),
     #[error("node {uuid} is at generation {found}, not {expected}")]
     GenerationMismatch {
@@ -97,6 +102,8 @@ pub enum AppError {
     RemediationNotCancellable { id: i64, step: &'static str },
     #[error("{detail}; an operator must run `bearman node accept-identity {uuid}`")]
     IdentityMismatch { uuid: NodeUuid, detail: String },
+    #[error("flavor {name} already exists; use PUT to replace it")]
+    FlavorExists { name: String },
     #[error("node {uuid} is assigned flavor {flavor}, which does not exist")]
     FlavorMissing { uuid: NodeUuid, flavor: String },
     #[error("node {uuid} has no flavor assigned; set one with `bearman node update`")]

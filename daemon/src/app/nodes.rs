@@ -8,6 +8,13 @@ use crate::core::lifecycle::{apply_event, transition, LifecycleEvent};
 use crate::core::model::{Action, BmcConfig, NewEvent, Node, NodeRole};
 use crate::core::validate::{check_bmc, check_hostname, check_rack, FieldError};
 
+/// How many nodes are in each state (`GET /api/v1/summary`).
+#[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq, Eq)]
+pub struct Summary {
+    pub total: usize,
+    pub by_state: std::collections::BTreeMap<String, usize>,
+}
+
 /// An operator's new node, before it ever booted.
 #[derive(Clone, Debug)]
 pub struct Enrollment {

@@ -130,7 +130,7 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
     };
     let body_limit_bytes = file
         .body_limit_bytes
-        .unwrap_or(bearman::api::BODY_LIMIT_BYTES_DEFAULT);
+        .unwrap_or(bearman::server::BODY_LIMIT_BYTES_DEFAULT);
     if !(1024..=16 * 1024 * 1024).contains(&body_limit_bytes) {
         bail!("body_limit_bytes {body_limit_bytes} is outside 1 KiB-16 MiB");
     }

@@ -10,14 +10,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
-use bearman::api::admin::{NewToken, PoolDetail, Summary};
-use bearman::api::ServiceConfig;
+use bearman::app::nodes::Summary;
+use bearman::app::pools::PoolDetail;
+use bearman::app::tokens::NewToken;
+use bearman::app::{App, Settings};
 use bearman::core::model::{ApiToken, Event, Flavor, IpPool, Node, PoolPurpose, TokenRole};
 use bearman::core::registration::RegistrationDefaults;
 use bearman::core::remediation::Remediation;
 use bearman::images::DirImages;
 use bearman::runtime::system::SystemClock;
-use bearman::runtime::Clock;
+use bearman::server::ServiceConfig;
 use bearman_proto::Artifact;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
@@ -662,15 +664,22 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
         } => {
             let store = open_store_for_cli(&store).await?;
             let role = TokenRole::parse(&role).ok_or_else(|| anyhow!("unknown role {role}"))?;
-            let token: NewToken = bearman::api::admin::create_token(
-                &*store,
-                &name,
-                role,
-                "cli",
-                SystemClock.now_ms(),
-            )
-            .await
-            .map_err(|e| anyhow!("{}", e.message))?;
+            // The first admin token is made here, on the store, before any daemon runs.
+            let app = App::new(
+                store,
+                Arc::new(SystemClock),
+                Settings {
+                    defaults: RegistrationDefaults {
+                        role: bearman::core::model::NodeRole::Compute,
+                        flavor: None,
+                    },
+                    heartbeat_fresh_ms: 0,
+                },
+            );
+            let token: NewToken = app
+                .token_create("cli", &name, role)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
             if output == Output::Json {
                 return print_json(&token);
             }

@@ -141,6 +141,15 @@ pub fn validate_pool(pool: &IpPool) -> Result<PoolRange, PoolError> {
 }
 
 impl PoolRange {
+    /// How many addresses the pool hands out: its range, less the gateway if inside it.
+    pub fn size(&self) -> u32 {
+        self.end - self.start + 1
+            - u32::from(
+                self.gateway
+                    .is_some_and(|g| g >= self.start && g <= self.end),
+            )
+    }
+
     fn assignable(&self, address: u32) -> bool {
         address >= self.start && address <= self.end && Some(address) != self.gateway
     }
