@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use bearman_proto::uuid::{InvalidUuid, NodeUuid};
-use bearman_proto::{Artifact, FirmwareVersions};
+use bearman_proto::Artifact;
 
 use crate::client::BootPlan;
 
@@ -350,68 +350,14 @@ pub fn jittered(period: Duration, rng: &mut SplitMix64) -> Duration {
     period - Duration::from_millis(tenth_ms) + Duration::from_millis(offset)
 }
 
-/// One firmware component that is not at the version the node's flavor expects.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FirmwareDifference {
-    /// `bios`, `bmc` or `nic <name>`.
-    pub component: String,
-    pub expected: String,
-    /// `None` when the agent could not read the version.
-    pub reported: Option<String>,
-}
-
-impl std::fmt::Display for FirmwareDifference {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.reported {
-            Some(reported) => write!(
-                f,
-                "{} firmware {reported}, expected {}",
-                self.component, self.expected
-            ),
-            None => write!(
-                f,
-                "{} firmware unknown, expected {}",
-                self.component, self.expected
-            ),
-        }
-    }
-}
-
-/// Components whose reported version differs from the expected one. A component with no
-/// expectation is never a difference; one expected but not reported is.
-pub fn firmware_differences(
-    expected: &FirmwareVersions,
-    reported: &FirmwareVersions,
-) -> Vec<FirmwareDifference> {
-    let mut differences = Vec::new();
-    let mut compare = |component: String, expected: &Option<String>, reported: Option<&String>| {
-        if let Some(expected) = expected {
-            if reported != Some(expected) {
-                differences.push(FirmwareDifference {
-                    component,
-                    expected: expected.clone(),
-                    reported: reported.cloned(),
-                });
-            }
-        }
-    };
-    compare("bios".into(), &expected.bios, reported.bios.as_ref());
-    compare("bmc".into(), &expected.bmc, reported.bmc.as_ref());
-    for (nic, version) in &expected.nics {
-        compare(
-            format!("nic {nic}"),
-            &Some(version.clone()),
-            reported.nics.get(nic),
-        );
-    }
-    differences
-}
+// The comparison is the protocol's, so daemon and agent judge firmware alike.
+pub use bearman_proto::firmware::{differences as firmware_differences, FirmwareDifference};
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use bearman_proto::ipxe::{BootScript, KernelLine};
-    use bearman_proto::{BootProfile, NetworkDetail, RegisterResponse};
+    use bearman_proto::{BootProfile, FirmwareVersions, NetworkDetail, RegisterResponse};
 
     const UUID: &str = "4c4c4544-0042-3510-8052-b4c04f333232";
 

@@ -436,27 +436,11 @@ async fn assign_addresses(
 
 /// Describes how reported firmware differs from what the flavor expects, if it does.
 fn firmware_mismatch(expected: &FirmwareVersions, reported: &FirmwareVersions) -> Option<String> {
-    let mut differences = Vec::new();
-    let mut compare = |what: &str, want: &Option<String>, have: Option<&String>| {
-        if let Some(want) = want {
-            if have != Some(want) {
-                differences.push(format!(
-                    "{what} {} (expected {want})",
-                    have.map_or("unknown", |v| v.as_str())
-                ));
-            }
-        }
-    };
-    compare("bios", &expected.bios, reported.bios.as_ref());
-    compare("bmc", &expected.bmc, reported.bmc.as_ref());
-    for (nic, want) in &expected.nics {
-        compare(
-            &format!("nic {nic}"),
-            &Some(want.clone()),
-            reported.nics.get(nic),
-        );
-    }
-    (!differences.is_empty()).then(|| format!("firmware behind: {}", differences.join(", ")))
+    let differences = bearman_proto::firmware::differences(expected, reported);
+    (!differences.is_empty()).then(|| {
+        let listed: Vec<String> = differences.iter().map(ToString::to_string).collect();
+        format!("firmware behind: {}", listed.join("; "))
+    })
 }
 
 async fn profile(
