@@ -6,48 +6,11 @@
 //! file (a TOML parse error would quote the line, so only its position is reported).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// A secret string (a BMC password). Printing it, in any format, prints `***`.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-
-    /// The secret itself: only for handing to the BMC (an environment variable of the
-    /// child process, an HTTP authorization header), never for a message.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// `text` with every occurrence of the secret replaced by `***`: a last line of
-    /// defence for text that came from outside (a tool's error output).
-    pub fn redact(&self, text: &str) -> String {
-        if self.0.is_empty() {
-            return text.to_string();
-        }
-        text.replace(&self.0, "***")
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
+pub use crate::core::secret::Secret;
 
 /// What a BMC is logged into with.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]

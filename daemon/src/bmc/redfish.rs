@@ -26,7 +26,6 @@
 //! Architecture invariant: this driver knows nothing of fencing or remediation. It
 //! reports what the BMC says; callers verify a power change with `power_state`.
 
-use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -56,38 +55,7 @@ const AUTH_TOKEN_HEADER: &str = "X-Auth-Token";
 const USER_AGENT: &str = "bearman-redfish";
 const REDACTED: &str = "[redacted]";
 
-/// A password (or token) that prints as `***` in `Debug` and has no `Display`.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The secret itself, for the one place that sends it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str("***")
-    }
-}
-
-impl From<&str> for Secret {
-    fn from(value: &str) -> Self {
-        Secret::new(value)
-    }
-}
-
-impl From<String> for Secret {
-    fn from(value: String) -> Self {
-        Secret(value)
-    }
-}
+pub use crate::core::secret::Secret;
 
 /// How the driver authenticates to one BMC.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

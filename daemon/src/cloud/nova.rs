@@ -173,15 +173,7 @@ pub enum NovaConfigError {
     PasswordEnv(String),
 }
 
-/// A password or token: `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-struct Secret(String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(REDACTED)
-    }
-}
+use crate::core::secret::Secret;
 
 /// A Keystone token and the compute endpoint it goes with.
 #[derive(Debug)]
@@ -279,7 +271,7 @@ impl NovaCloud {
             tokens_url,
             username: config.username,
             user_domain: config.user_domain,
-            password: Secret(password),
+            password: Secret::new(password),
             project: config.project,
             project_domain: config.project_domain,
             region: config.region.filter(|region| !region.is_empty()),
@@ -300,13 +292,13 @@ impl NovaCloud {
 
     /// Replaces the password and the tokens we were issued lately in `text`.
     fn redact(&self, text: &str) -> String {
-        let mut text = text.replace(&self.password.0, REDACTED);
+        let mut text = text.replace(self.password.expose(), REDACTED);
         let tokens = self
             .issued
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         for token in tokens.iter() {
-            text = text.replace(&token.0, REDACTED);
+            text = text.replace(token.expose(), REDACTED);
         }
         text
     }
@@ -354,7 +346,7 @@ impl NovaCloud {
                         "user": {
                             "name": self.username,
                             "domain": { "name": self.user_domain },
-                            "password": self.password.0,
+                            "password": self.password.expose(),
                         }
                     }
                 },
@@ -402,7 +394,7 @@ impl NovaCloud {
                 .map_err(|error| format!("{who}: {error}"))?,
         };
         Ok(Session {
-            token: Secret(token),
+            token: Secret::new(token),
             compute,
         })
     }
@@ -540,7 +532,7 @@ impl NovaCloud {
         let path = format!("{}{suffix}", session.compute.path.trim_end_matches('/'));
         let version = format!("compute {MICROVERSION}");
         let mut headers = vec![
-            ("X-Auth-Token", session.token.0.as_str()),
+            ("X-Auth-Token", session.token.expose()),
             ("Accept", "application/json"),
             ("OpenStack-API-Version", version.as_str()),
             ("X-OpenStack-Nova-API-Version", MICROVERSION),

@@ -12,6 +12,7 @@ pub mod model;
 pub mod power_sync;
 pub mod registration;
 pub mod remediation;
+pub mod secret;
 pub mod validate;
 
 pub use lifecycle::{LifecycleEvent, LifecycleState};
