@@ -824,17 +824,25 @@ async fn flavor_create(
     JsonBody(flavor): JsonBody<Flavor>,
 ) -> Result<(StatusCode, Json<Flavor>), ApiError> {
     validate::check_flavor(&flavor)?;
-    if state.store.flavor_get(&flavor.name).await?.is_some() {
-        return Err(ApiError::conflict(
+    let now = state.clock.now_ms();
+    let event = admin_event(
+        &caller,
+        now,
+        "flavor_create",
+        format!("flavor {}", flavor.name),
+    );
+    // The database decides: of two concurrent creates of one name exactly one wins.
+    match state.store.flavor_create(&flavor, now, &[event]).await {
+        Ok(()) => Ok((StatusCode::CREATED, Json(flavor))),
+        Err(crate::store::StoreError::AlreadyExists { .. }) => Err(ApiError::conflict(
             "already_exists",
             format!(
                 "flavor {} already exists; use PUT to replace it",
                 flavor.name
             ),
-        ));
+        )),
+        Err(error) => Err(error.into()),
     }
-    save_flavor(&state, &caller, &flavor, "flavor_create").await?;
-    Ok((StatusCode::CREATED, Json(flavor)))
 }
 
 async fn flavor_replace(
@@ -850,29 +858,15 @@ async fn flavor_replace(
         ));
     }
     validate::check_flavor(&flavor)?;
-    save_flavor(&state, &caller, &flavor, "flavor_replace").await?;
-    Ok(Json(flavor))
-}
-
-async fn save_flavor(
-    state: &AppState,
-    caller: &Caller,
-    flavor: &Flavor,
-    action: &str,
-) -> Result<(), ApiError> {
     let now = state.clock.now_ms();
-    state.store.flavor_put(flavor, now).await?;
-    let event = NewEvent {
-        at_ms: now,
-        node_uuid: None,
-        actor: caller.actor(),
-        action: action.to_string(),
-        from_state: None,
-        to_state: None,
-        reason: format!("flavor {}", flavor.name),
-    };
-    state.store.event_append(&[event]).await?;
-    Ok(())
+    let event = admin_event(
+        &caller,
+        now,
+        "flavor_replace",
+        format!("flavor {}", flavor.name),
+    );
+    state.store.flavor_put(&flavor, now, &[event]).await?;
+    Ok(Json(flavor))
 }
 
 async fn flavor_delete(
@@ -880,27 +874,28 @@ async fn flavor_delete(
     Extension(caller): Extension<Caller>,
     NamePath(name): NamePath,
 ) -> Result<StatusCode, ApiError> {
-    state.store.flavor_delete(&name).await?;
-    audit(&state, &caller, "flavor_delete", format!("flavor {name}")).await?;
+    let event = admin_event(
+        &caller,
+        state.clock.now_ms(),
+        "flavor_delete",
+        format!("flavor {name}"),
+    );
+    state.store.flavor_delete(&name, &[event]).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn audit(
-    state: &AppState,
-    caller: &Caller,
-    action: &str,
-    reason: String,
-) -> Result<(), ApiError> {
-    let event = NewEvent {
-        at_ms: state.clock.now_ms(),
+/// The audit event of an admin write that concerns no node, written by the store in the
+/// write's own transaction.
+fn admin_event(caller: &Caller, at_ms: i64, action: &str, reason: String) -> NewEvent {
+    NewEvent {
+        at_ms,
         node_uuid: None,
         actor: caller.actor(),
         action: action.to_string(),
         from_state: None,
         to_state: None,
         reason,
-    };
-    Ok(state.store.event_append(&[event]).await?)
+    }
 }
 
 async fn pool_list(State(state): State<AppState>) -> Result<Json<Vec<IpPool>>, ApiError> {
@@ -945,17 +940,16 @@ async fn pool_create(
     JsonBody(pool): JsonBody<IpPool>,
 ) -> Result<(StatusCode, Json<IpPool>), ApiError> {
     validate_pool(&pool).map_err(|e| ApiError::unprocessable(e.to_string()))?;
-    state.store.pool_create(&pool).await?;
-    audit(
-        &state,
+    let event = admin_event(
         &caller,
+        state.clock.now_ms(),
         "pool_create",
         format!(
             "pool {} {} {}-{}",
             pool.name, pool.cidr, pool.range_start, pool.range_end
         ),
-    )
-    .await?;
+    );
+    state.store.pool_create(&pool, &[event]).await?;
     Ok((StatusCode::CREATED, Json(pool)))
 }
 
@@ -964,8 +958,13 @@ async fn pool_delete(
     Extension(caller): Extension<Caller>,
     NamePath(name): NamePath,
 ) -> Result<StatusCode, ApiError> {
-    state.store.pool_delete(&name).await?;
-    audit(&state, &caller, "pool_delete", format!("pool {name}")).await?;
+    let event = admin_event(
+        &caller,
+        state.clock.now_ms(),
+        "pool_delete",
+        format!("pool {name}"),
+    );
+    state.store.pool_delete(&name, &[event]).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1025,9 +1024,6 @@ pub async fn create_token(
     }
     let secret = auth::generate_secret()
         .map_err(|e| ApiError::internal(format!("operating system random generator: {e}")))?;
-    store
-        .token_create(name, role, &auth::hash_secret(&secret), now_ms)
-        .await?;
     let event = NewEvent {
         at_ms: now_ms,
         node_uuid: None,
@@ -1037,7 +1033,9 @@ pub async fn create_token(
         to_state: None,
         reason: format!("token {name} with role {}", role.as_str()),
     };
-    store.event_append(&[event]).await?;
+    store
+        .token_create(name, role, &auth::hash_secret(&secret), now_ms, &[event])
+        .await?;
     Ok(NewToken {
         name: name.to_string(),
         role,
@@ -1066,7 +1064,12 @@ async fn token_delete(
     Extension(caller): Extension<Caller>,
     NamePath(name): NamePath,
 ) -> Result<StatusCode, ApiError> {
-    state.store.token_delete(&name).await?;
-    audit(&state, &caller, "token_delete", format!("token {name}")).await?;
+    let event = admin_event(
+        &caller,
+        state.clock.now_ms(),
+        "token_delete",
+        format!("token {name}"),
+    );
+    state.store.token_delete(&name, &[event]).await?;
     Ok(StatusCode::NO_CONTENT)
 }

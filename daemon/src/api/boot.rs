@@ -13,20 +13,20 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bearman_proto::uuid::NodeUuid;
 use bearman_proto::{
-    BmcSettings, BootProfile, FirmwareVersions, Heartbeat, InstalledReport, NetworkDetail,
-    RegisterRequest, RegisterResponse,
+    BootProfile, FirmwareVersions, Heartbeat, InstalledReport, NetworkDetail, RegisterRequest,
+    RegisterResponse,
 };
 
 use super::error::ApiError;
 use super::extract::{JsonBody, OptionalJson, UuidPath};
 use super::{apply_event, mutate_node, AppState};
 use crate::core::boot::{render_profile, render_stage1, render_target_script};
-use crate::core::ipam::{self, select_pool};
+use crate::core::ipam;
 use crate::core::lifecycle::{LifecycleEvent, LifecycleState};
-use crate::core::model::{BmcDriver, Flavor, NewEvent, Node, PoolPurpose};
+use crate::core::model::{Flavor, NewEvent, Node, PoolPurpose};
 use crate::core::registration::{plan_registration, RegistrationRefused};
 use crate::core::validate;
-use crate::store::StoreError;
+use crate::store::{RegistrationWrite, StoreError};
 
 /// Who the audit trail names for requests a node makes about itself.
 const NODE_ACTOR: &str = "node";
@@ -281,7 +281,7 @@ async fn register(
     let mut last_conflict = None;
     for _ in 0..super::NODE_WRITE_ATTEMPTS_MAX {
         let existing = state.store.node_get(&uuid).await?;
-        let mut node = match plan_registration(
+        let node = match plan_registration(
             existing.as_ref(),
             &uuid,
             &request,
@@ -301,18 +301,8 @@ async fn register(
             }
             Err(RegistrationRefused::Illegal(error)) => return Err(error.into()),
         };
-        let bmc_settings =
-            match assign_addresses(&state, &uuid, &mut node, request.bmc.is_some(), now).await {
-                Ok(settings) => settings,
-                Err(error) => {
-                    if existing.is_none() {
-                        // Addresses of a node that does not exist are orphans: nothing of a
-                        // refused request may stay behind.
-                        state.store.ip_release_node(&uuid).await?;
-                    }
-                    return Err(error);
-                }
-            };
+        let pools = state.store.pool_list().await?;
+        let addresses = ipam::address_requests(&pools, &node, request.bmc.is_some());
         let flavor = match &node.flavor {
             Some(name) => state.store.flavor_get(name).await?,
             None => None,
@@ -346,12 +336,23 @@ async fn register(
                 ));
             }
         }
-        let result = match &existing {
-            Some(_) => state.store.node_update(&node, &events).await,
-            None => state.store.node_create(&node, &events).await,
+        // Addresses, node and events in one transaction: a registration that loses a
+        // race or runs out of addresses leaves nothing behind and frees nothing of anyone.
+        let write = RegistrationWrite {
+            expected_generation: existing.as_ref().map(|n| n.generation),
+            node,
+            addresses,
+            events,
+            at_ms: now,
         };
-        match result {
-            Ok(node) => {
+        match state.store.node_register(&write).await {
+            Ok(registered) => {
+                let bmc_settings = registered
+                    .address(PoolPurpose::Bmc)
+                    .map(|held| ipam::bmc_settings(&held.pool, &held.allocation))
+                    .transpose()
+                    .map_err(|error| ApiError::internal(error.to_string()))?;
+                let node = registered.node;
                 tracing::info!(%uuid, hostname = %node.hostname, state = %node.state, "registered");
                 return Ok(Json(RegisterResponse {
                     uuid: uuid.to_string(),
@@ -367,18 +368,8 @@ async fn register(
                 // Lost a race with a concurrent registration of the same node (or its
                 // default hostname is taken): look again from the top.
                 last_conflict = Some(error);
-                if existing.is_none() {
-                    // Addresses of a node that does not exist are orphans: nothing of a
-                    // refused request may stay behind.
-                    state.store.ip_release_node(&uuid).await?;
-                }
             }
-            Err(error) => {
-                if existing.is_none() {
-                    state.store.ip_release_node(&uuid).await?;
-                }
-                return Err(error.into());
-            }
+            Err(error) => return Err(error.into()),
         }
     }
     Err(last_conflict.map(ApiError::from).unwrap_or_else(|| {
@@ -387,60 +378,6 @@ async fn register(
             format!("node {uuid} is being changed by others; retry"),
         )
     }))
-}
-
-/// Gives `node` its bond0 address (and its BMC one when the machine has a BMC reached over
-/// its LAN) from the matching pools, writing them into the record. No pool configured means the node keeps
-/// DHCP. Returns the BMC settings for the agent to apply.
-async fn assign_addresses(
-    state: &AppState,
-    uuid: &NodeUuid,
-    node: &mut Node,
-    has_bmc: bool,
-    now: i64,
-) -> Result<Option<BmcSettings>, ApiError> {
-    let pools = state.store.pool_list().await?;
-    if let Some(pool) = select_pool(&pools, PoolPurpose::Node, node.network.vlan) {
-        let allocation = state
-            .store
-            .ip_allocate(&pool.name, uuid, PoolPurpose::Node, now)
-            .await?;
-        let range = ipam::validate_pool(pool)
-            .map_err(|error| ApiError::internal(format!("pool {}: {error}", pool.name)))?;
-        let address = ipam::address_from_string(&allocation.address).ok_or_else(|| {
-            ApiError::internal(format!("stored address {:?}", allocation.address))
-        })?;
-        node.network.bond0_addresses = vec![range.with_prefix(address)];
-        node.network.gateway = pool.gateway.clone();
-        node.network.dns = pool.dns.clone();
-        node.network.mtu = pool.mtu;
-        if node.network.vlan.is_none() {
-            node.network.vlan = pool.vlan;
-        }
-    }
-    let mut bmc_settings = None;
-    // A BMC Bearman reaches some other way than its LAN (a VM's QMP socket, the
-    // simulator's fabric) keeps its address: an OOB address would replace the only way
-    // to fence it.
-    let reached_over_lan = !matches!(node.bmc.driver, Some(BmcDriver::Qmp | BmcDriver::Sim));
-    if has_bmc && reached_over_lan {
-        if let Some(pool) = select_pool(&pools, PoolPurpose::Bmc, None) {
-            let allocation = state
-                .store
-                .ip_allocate(&pool.name, uuid, PoolPurpose::Bmc, now)
-                .await?;
-            let range = ipam::validate_pool(pool)
-                .map_err(|error| ApiError::internal(format!("pool {}: {error}", pool.name)))?;
-            node.bmc.address = Some(allocation.address.clone());
-            bmc_settings = Some(BmcSettings {
-                address: allocation.address,
-                prefix_len: range.prefix_len,
-                gateway: pool.gateway.clone(),
-                vlan: pool.vlan,
-            });
-        }
-    }
-    Ok(bmc_settings)
 }
 
 /// Describes how reported firmware differs from what the flavor expects, if it does.

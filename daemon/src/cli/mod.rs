@@ -708,8 +708,18 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
         }
         TokenCommand::Revoke { name, store } => {
             let store = open_store_for_cli(&store).await?;
+            // Audited like a revocation over the API, as `token create` here is.
+            let event = bearman::core::model::NewEvent {
+                at_ms: SystemClock.now_ms(),
+                node_uuid: None,
+                actor: "cli".into(),
+                action: "token_delete".into(),
+                from_state: None,
+                to_state: None,
+                reason: format!("token {name}"),
+            };
             store
-                .token_delete(&name)
+                .token_delete(&name, &[event])
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
             eprintln!("token {name} revoked");

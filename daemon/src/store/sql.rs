@@ -16,7 +16,10 @@ use bearman_proto::uuid::NodeUuid;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use super::{clamp_limit, Store, StoreError};
+use super::{
+    apply_held, check_pool_purpose, clamp_limit, orphans_of, AddressRequest, HeldAddress,
+    OrphanAllocation, Registered, RegistrationWrite, Store, StoreError,
+};
 use crate::core::ipam::{self, validate_pool};
 use crate::core::lifecycle::LifecycleState;
 use crate::core::model::{
@@ -466,49 +469,8 @@ impl Store for SqlStore {
 
     async fn node_create(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError> {
         let mut tx = self.pool.begin().await.map_err(backend_error)?;
-        let existing = sqlx::query("SELECT uuid FROM nodes WHERE uuid = $1 OR hostname = $2")
-            .bind(node.uuid.as_str())
-            .bind(&node.hostname)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(backend_error)?;
-        if let Some(row) = existing {
-            let uuid: String = row.try_get("uuid").map_err(backend_error)?;
-            return Err(StoreError::AlreadyExists {
-                what: if uuid == node.uuid.as_str() {
-                    format!("node {}", node.uuid)
-                } else {
-                    format!("hostname {}", node.hostname)
-                },
-            });
-        }
-        let result = sqlx::query(
-            "INSERT INTO nodes (uuid, hostname, serial, rack, role, state, flavor, generation, \
-             created_at_ms, updated_at_ms, last_heartbeat_at_ms, doc) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
-        .bind(node.uuid.as_str())
-        .bind(&node.hostname)
-        .bind(&node.serial)
-        .bind(node.rack.clone())
-        .bind(node.role.as_str())
-        .bind(node.state.as_str())
-        .bind(node.flavor.clone())
-        .bind(node.generation)
-        .bind(node.created_at_ms)
-        .bind(node.updated_at_ms)
-        .bind(node.last_heartbeat_at_ms)
-        .bind(node_doc(node)?)
-        .execute(&mut *tx)
-        .await;
-        match result {
-            Err(error) if is_unique_violation(&error) => {
-                return Err(StoreError::AlreadyExists {
-                    what: format!("node {} or hostname {}", node.uuid, node.hostname),
-                })
-            }
-            other => other.map_err(backend_error)?,
-        };
+        check_create(&mut tx, node).await?;
+        insert_node(&mut tx, node).await?;
         insert_events(&mut tx, events).await?;
         tx.commit().await.map_err(backend_error)?;
         Ok(node.clone())
@@ -520,6 +482,22 @@ impl Store for SqlStore {
         insert_events(&mut tx, events).await?;
         tx.commit().await.map_err(backend_error)?;
         Ok(updated)
+    }
+
+    async fn node_register(&self, write: &RegistrationWrite) -> Result<Registered, StoreError> {
+        write.check_requests()?;
+        for attempt in 0..CONFLICT_RETRIES_MAX {
+            // After a lost race, scan for gaps: the fast path's candidate may be held by
+            // an overlapping pool for good.
+            let gap_scan = attempt > 0;
+            if let Some(registered) = self.try_register(write, gap_scan).await? {
+                return Ok(registered);
+            }
+        }
+        Err(StoreError::Backend(format!(
+            "could not register node {}: {CONFLICT_RETRIES_MAX} attempts lost races for an address",
+            write.node.uuid
+        )))
     }
 
     async fn node_record_heartbeat(
@@ -542,8 +520,42 @@ impl Store for SqlStore {
         Ok(())
     }
 
-    async fn flavor_put(&self, flavor: &Flavor, at_ms: TimestampMs) -> Result<(), StoreError> {
+    async fn flavor_create(
+        &self,
+        flavor: &Flavor,
+        at_ms: TimestampMs,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError> {
         let doc = serde_json::to_string(flavor).map_err(|e| corrupt("flavor document", e))?;
+        let mut tx = self.pool.begin().await.map_err(backend_error)?;
+        // No upsert: the primary key decides which of two concurrent creates wins.
+        let inserted =
+            sqlx::query("INSERT INTO flavors (name, doc, updated_at_ms) VALUES ($1, $2, $3)")
+                .bind(&flavor.name)
+                .bind(doc)
+                .bind(at_ms)
+                .execute(&mut *tx)
+                .await;
+        match inserted {
+            Err(error) if is_unique_violation(&error) => {
+                return Err(StoreError::AlreadyExists {
+                    what: format!("flavor {}", flavor.name),
+                })
+            }
+            other => other.map_err(backend_error)?,
+        };
+        insert_events(&mut tx, events).await?;
+        tx.commit().await.map_err(backend_error)
+    }
+
+    async fn flavor_put(
+        &self,
+        flavor: &Flavor,
+        at_ms: TimestampMs,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(flavor).map_err(|e| corrupt("flavor document", e))?;
+        let mut tx = self.pool.begin().await.map_err(backend_error)?;
         sqlx::query(
             "INSERT INTO flavors (name, doc, updated_at_ms) VALUES ($1, $2, $3) \
              ON CONFLICT (name) DO UPDATE SET doc = excluded.doc, updated_at_ms = excluded.updated_at_ms",
@@ -551,10 +563,11 @@ impl Store for SqlStore {
         .bind(&flavor.name)
         .bind(doc)
         .bind(at_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(backend_error)?;
-        Ok(())
+        insert_events(&mut tx, events).await?;
+        tx.commit().await.map_err(backend_error)
     }
 
     async fn flavor_get(&self, name: &str) -> Result<Option<Flavor>, StoreError> {
@@ -583,7 +596,7 @@ impl Store for SqlStore {
             .collect()
     }
 
-    async fn flavor_delete(&self, name: &str) -> Result<(), StoreError> {
+    async fn flavor_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(backend_error)?;
         let users: i64 = sqlx::query("SELECT COUNT(*) AS n FROM nodes WHERE flavor = $1")
             .bind(name)
@@ -606,24 +619,30 @@ impl Store for SqlStore {
         if deleted == 0 {
             return Err(StoreError::not_found(format!("flavor {name}")));
         }
+        insert_events(&mut tx, events).await?;
         tx.commit().await.map_err(backend_error)?;
         Ok(())
     }
 
-    async fn pool_create(&self, pool: &IpPool) -> Result<(), StoreError> {
+    async fn pool_create(&self, pool: &IpPool, events: &[NewEvent]) -> Result<(), StoreError> {
         let doc = serde_json::to_string(pool).map_err(|e| corrupt("pool document", e))?;
+        let mut tx = self.pool.begin().await.map_err(backend_error)?;
         let result = sqlx::query("INSERT INTO ip_pools (name, purpose, doc) VALUES ($1, $2, $3)")
             .bind(&pool.name)
             .bind(pool.purpose.as_str())
             .bind(doc)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await;
         match result {
-            Err(error) if is_unique_violation(&error) => Err(StoreError::AlreadyExists {
-                what: format!("ip pool {}", pool.name),
-            }),
-            other => other.map(|_| ()).map_err(backend_error),
-        }
+            Err(error) if is_unique_violation(&error) => {
+                return Err(StoreError::AlreadyExists {
+                    what: format!("ip pool {}", pool.name),
+                })
+            }
+            other => other.map_err(backend_error)?,
+        };
+        insert_events(&mut tx, events).await?;
+        tx.commit().await.map_err(backend_error)
     }
 
     async fn pool_get(&self, name: &str) -> Result<Option<IpPool>, StoreError> {
@@ -652,7 +671,7 @@ impl Store for SqlStore {
             .collect()
     }
 
-    async fn pool_delete(&self, name: &str) -> Result<(), StoreError> {
+    async fn pool_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(backend_error)?;
         let used: i64 = sqlx::query("SELECT COUNT(*) AS n FROM ip_allocations WHERE pool = $1")
             .bind(name)
@@ -675,6 +694,7 @@ impl Store for SqlStore {
         if deleted == 0 {
             return Err(StoreError::not_found(format!("ip pool {name}")));
         }
+        insert_events(&mut tx, events).await?;
         tx.commit().await.map_err(backend_error)?;
         Ok(())
     }
@@ -686,16 +706,23 @@ impl Store for SqlStore {
         purpose: PoolPurpose,
         at_ms: TimestampMs,
     ) -> Result<IpAllocation, StoreError> {
+        let request = AddressRequest {
+            pool: pool_name.to_string(),
+            purpose,
+        };
         for attempt in 0..CONFLICT_RETRIES_MAX {
-            // After a lost race, scan for gaps: the fast path's candidate may be held by
-            // an overlapping pool for good.
+            let mut tx = self.pool.begin().await.map_err(backend_error)?;
             let gap_scan = attempt > 0;
             match self
-                .try_allocate(pool_name, node_uuid, purpose, at_ms, gap_scan)
+                .allocate_in(&mut tx, &request, node_uuid, at_ms, gap_scan)
                 .await?
             {
-                Some(allocation) => return Ok(allocation),
-                // Lost a race for the address (or for this node's slot): look again.
+                Some(held) => {
+                    tx.commit().await.map_err(backend_error)?;
+                    return Ok(held.allocation);
+                }
+                // Lost a race for the address (or for this node's slot): the transaction
+                // is aborted (PostgreSQL); dropping it rolls back. Look again.
                 None => continue,
             }
         }
@@ -730,6 +757,34 @@ impl Store for SqlStore {
             .map_err(backend_error)?
             .rows_affected();
         Ok(released as usize)
+    }
+
+    async fn ip_orphans(&self) -> Result<Vec<OrphanAllocation>, StoreError> {
+        // One statement, so the allocations and the records are read at one moment.
+        let rows = sqlx::query(
+            "SELECT a.pool AS pool, a.address AS address, a.node_uuid AS node_uuid, \
+             a.purpose AS purpose, a.allocated_at_ms AS allocated_at_ms, \
+             n.doc AS doc, n.generation AS generation, \
+             n.last_heartbeat_at_ms AS last_heartbeat_at_ms \
+             FROM ip_allocations a LEFT JOIN nodes n ON n.uuid = a.node_uuid \
+             ORDER BY a.address_num, a.pool",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend_error)?;
+        let mut pairs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let allocation = allocation_from_row(row)?;
+            let doc: Option<String> = row.try_get("doc").map_err(backend_error)?;
+            let node = match doc {
+                Some(_) => Some(node_from_row(row)?),
+                None => None,
+            };
+            pairs.push((allocation, node));
+        }
+        Ok(orphans_of(pairs.iter().map(|(allocation, node)| {
+            (allocation.clone(), node.as_ref())
+        })))
     }
 
     async fn event_append(&self, events: &[NewEvent]) -> Result<(), StoreError> {
@@ -874,7 +929,9 @@ impl Store for SqlStore {
         role: TokenRole,
         secret_sha256: &str,
         at_ms: TimestampMs,
+        events: &[NewEvent],
     ) -> Result<ApiToken, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(backend_error)?;
         let result = sqlx::query(
             "INSERT INTO api_tokens (name, role, secret_sha256, created_at_ms) VALUES ($1, $2, $3, $4)",
         )
@@ -882,7 +939,7 @@ impl Store for SqlStore {
         .bind(role.as_str())
         .bind(secret_sha256)
         .bind(at_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await;
         match result {
             Err(error) if is_unique_violation(&error) => {
@@ -896,10 +953,13 @@ impl Store for SqlStore {
             "SELECT id, name, role, secret_sha256, created_at_ms FROM api_tokens WHERE name = $1",
         )
         .bind(name)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await
         .map_err(backend_error)?;
-        token_from_row(&row)
+        let token = token_from_row(&row)?;
+        insert_events(&mut tx, events).await?;
+        tx.commit().await.map_err(backend_error)?;
+        Ok(token)
     }
 
     async fn token_find(&self, secret_sha256: &str) -> Result<Option<ApiToken>, StoreError> {
@@ -923,69 +983,129 @@ impl Store for SqlStore {
         rows.iter().map(token_from_row).collect()
     }
 
-    async fn token_delete(&self, name: &str) -> Result<(), StoreError> {
+    async fn token_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(backend_error)?;
         let deleted = sqlx::query("DELETE FROM api_tokens WHERE name = $1")
             .bind(name)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(backend_error)?
             .rows_affected();
         if deleted == 0 {
             return Err(StoreError::not_found(format!("token {name}")));
         }
-        Ok(())
+        insert_events(&mut tx, events).await?;
+        tx.commit().await.map_err(backend_error)
     }
 }
 
 impl SqlStore {
-    /// One allocation attempt in one transaction; `None` when a unique constraint said
-    /// someone else won a race and the caller should try again.
-    async fn try_allocate(
+    /// One attempt at [`Store::node_register`] in one transaction; `None` when a unique
+    /// constraint said someone else won a race for an address and the caller should try
+    /// again. Every other outcome is final, and a refusal has written nothing.
+    async fn try_register(
         &self,
-        pool_name: &str,
+        write: &RegistrationWrite,
+        gap_scan: bool,
+    ) -> Result<Option<Registered>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(backend_error)?;
+        let mut node = write.node.clone();
+        // Refuse early what is already decided; the node's own INSERT or UPDATE below
+        // decides again, atomically, for whatever changes meanwhile.
+        match write.expected_generation {
+            None => check_create(&mut tx, &node).await?,
+            Some(generation) => {
+                node.generation = generation;
+                check_generation(&mut tx, &node).await?;
+            }
+        }
+        // Pool rows are locked in name order, so two registrations never wait for each
+        // other's pools crosswise (a deadlock on PostgreSQL).
+        let mut order: Vec<usize> = (0..write.addresses.len()).collect();
+        order.sort_by(|&a, &b| write.addresses[a].pool.cmp(&write.addresses[b].pool));
+        let mut held: Vec<Option<HeldAddress>> = vec![None; write.addresses.len()];
+        for index in order {
+            match self
+                .allocate_in(
+                    &mut tx,
+                    &write.addresses[index],
+                    &node.uuid,
+                    write.at_ms,
+                    gap_scan,
+                )
+                .await?
+            {
+                Some(address) => held[index] = Some(address),
+                // The transaction is aborted (PostgreSQL); dropping it rolls back.
+                None => return Ok(None),
+            }
+        }
+        let held: Vec<HeldAddress> = held.into_iter().flatten().collect();
+        for address in &held {
+            apply_held(&mut node, address)?;
+        }
+        let stored = match write.expected_generation {
+            None => {
+                insert_node(&mut tx, &node).await?;
+                node
+            }
+            Some(_) => write_node(&mut tx, &node).await?,
+        };
+        insert_events(&mut tx, &write.events).await?;
+        tx.commit().await.map_err(backend_error)?;
+        Ok(Some(Registered {
+            node: stored,
+            addresses: held,
+        }))
+    }
+
+    /// Gives `node_uuid` its `request.purpose` address inside `tx`, or the one it already
+    /// holds for that purpose. `None` when a unique constraint said someone else won a
+    /// race (the transaction is then aborted on PostgreSQL and must be dropped).
+    async fn allocate_in(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        request: &AddressRequest,
         node_uuid: &NodeUuid,
-        purpose: PoolPurpose,
         at_ms: TimestampMs,
         gap_scan: bool,
-    ) -> Result<Option<IpAllocation>, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(backend_error)?;
+    ) -> Result<Option<HeldAddress>, StoreError> {
+        // PostgreSQL: lock the pool row first, so allocations from one pool queue up
+        // instead of racing for the same address, and so the slot check below sees what
+        // the previous holder of the lock committed (SQLite's single connection
+        // serializes them anyway).
+        let lock_clause = match self.backend {
+            Backend::Postgres => " FOR UPDATE",
+            Backend::Sqlite => "",
+        };
+        let pool = read_pool(tx, &request.pool, lock_clause).await?;
         let existing = sqlx::query(
             "SELECT pool, address, node_uuid, purpose, allocated_at_ms FROM ip_allocations \
              WHERE node_uuid = $1 AND purpose = $2",
         )
         .bind(node_uuid.as_str())
-        .bind(purpose.as_str())
+        .bind(request.purpose.as_str())
         .fetch_optional(&mut *tx)
         .await
         .map_err(backend_error)?;
         if let Some(row) = existing {
-            return allocation_from_row(&row).map(Some);
+            let allocation = allocation_from_row(&row)?;
+            // The node keeps what it holds, even from another pool than today's choice.
+            let pool = if allocation.pool == pool.name {
+                pool
+            } else {
+                read_pool(tx, &allocation.pool, "").await?
+            };
+            return Ok(Some(HeldAddress { pool, allocation }));
         }
-        // PostgreSQL: lock the pool row so allocations from one pool queue up instead of
-        // racing for the same address (SQLite's single connection serializes them anyway).
-        let lock_clause = match self.backend {
-            Backend::Postgres => " FOR UPDATE",
-            Backend::Sqlite => "",
-        };
-        let doc: Option<String> = sqlx::query(&format!(
-            "SELECT doc FROM ip_pools WHERE name = $1{lock_clause}"
-        ))
-        .bind(pool_name)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(backend_error)?
-        .map(|row| row.try_get("doc"))
-        .transpose()
-        .map_err(backend_error)?;
-        let doc = doc.ok_or_else(|| StoreError::not_found(format!("ip pool {pool_name}")))?;
-        let pool: IpPool = serde_json::from_str(&doc).map_err(|e| corrupt("pool document", e))?;
+        check_pool_purpose(&pool, request.purpose)?;
         let range = validate_pool(&pool).map_err(|error| StoreError::InvalidPool {
-            pool: pool_name.to_string(),
+            pool: pool.name.clone(),
             detail: error.to_string(),
         })?;
         let highest: Option<i64> =
             sqlx::query("SELECT MAX(address_num) AS highest FROM ip_allocations WHERE pool = $1")
-                .bind(pool_name)
+                .bind(&pool.name)
                 .fetch_one(&mut *tx)
                 .await
                 .and_then(|row| row.try_get("highest"))
@@ -1013,38 +1133,125 @@ impl SqlStore {
             candidate = range.first_gap(&used);
         }
         let address = candidate.ok_or_else(|| StoreError::PoolExhausted {
-            pool: pool_name.to_string(),
+            pool: pool.name.clone(),
         })?;
         let allocation = IpAllocation {
-            pool: pool_name.to_string(),
+            pool: pool.name.clone(),
             address: ipam::address_to_string(address),
             node_uuid: node_uuid.clone(),
-            purpose,
+            purpose: request.purpose,
             allocated_at_ms: at_ms,
         };
         let inserted = sqlx::query(
             "INSERT INTO ip_allocations (pool, address, address_num, node_uuid, purpose, allocated_at_ms) \
              VALUES ($1, $2, $3, $4, $5, $6)",
         )
-        .bind(pool_name)
+        .bind(&pool.name)
         .bind(&allocation.address)
         .bind(address as i64)
         .bind(node_uuid.as_str())
-        .bind(purpose.as_str())
+        .bind(request.purpose.as_str())
         .bind(at_ms)
         .execute(&mut *tx)
         .await;
         match inserted {
-            Err(error) if is_unique_violation(&error) => {
-                // The transaction is aborted (PostgreSQL); dropping it rolls back.
-                drop(tx);
-                Ok(None)
-            }
+            Err(error) if is_unique_violation(&error) => Ok(None),
             Err(error) => Err(backend_error(error)),
-            Ok(_) => {
-                tx.commit().await.map_err(backend_error)?;
-                Ok(Some(allocation))
-            }
+            Ok(_) => Ok(Some(HeldAddress { pool, allocation })),
         }
+    }
+}
+
+/// The pool named `name` as stored, read inside `tx` (`lock_clause` may lock its row).
+async fn read_pool(
+    tx: &mut sqlx::AnyConnection,
+    name: &str,
+    lock_clause: &str,
+) -> Result<IpPool, StoreError> {
+    let doc: Option<String> = sqlx::query(&format!(
+        "SELECT doc FROM ip_pools WHERE name = $1{lock_clause}"
+    ))
+    .bind(name)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(backend_error)?
+    .map(|row| row.try_get("doc"))
+    .transpose()
+    .map_err(backend_error)?;
+    let doc = doc.ok_or_else(|| StoreError::not_found(format!("ip pool {name}")))?;
+    serde_json::from_str(&doc).map_err(|e| corrupt("pool document", e))
+}
+
+/// `AlreadyExists` when `node`'s uuid or hostname is taken.
+async fn check_create(tx: &mut sqlx::AnyConnection, node: &Node) -> Result<(), StoreError> {
+    let existing = sqlx::query("SELECT uuid FROM nodes WHERE uuid = $1 OR hostname = $2")
+        .bind(node.uuid.as_str())
+        .bind(&node.hostname)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend_error)?;
+    match existing {
+        None => Ok(()),
+        Some(row) => {
+            let uuid: String = row.try_get("uuid").map_err(backend_error)?;
+            Err(StoreError::AlreadyExists {
+                what: if uuid == node.uuid.as_str() {
+                    format!("node {}", node.uuid)
+                } else {
+                    format!("hostname {}", node.hostname)
+                },
+            })
+        }
+    }
+}
+
+/// `NotFound` or `GenerationMismatch` unless the stored node is at `node.generation`.
+async fn check_generation(tx: &mut sqlx::AnyConnection, node: &Node) -> Result<(), StoreError> {
+    let found = sqlx::query("SELECT generation FROM nodes WHERE uuid = $1")
+        .bind(node.uuid.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend_error)?;
+    let found: i64 = match found {
+        None => return Err(StoreError::not_found(format!("node {}", node.uuid))),
+        Some(row) => row.try_get("generation").map_err(backend_error)?,
+    };
+    if found != node.generation {
+        return Err(StoreError::GenerationMismatch {
+            uuid: node.uuid.clone(),
+            expected: node.generation,
+            found,
+        });
+    }
+    Ok(())
+}
+
+/// Inserts `node` as given; the primary key and the hostname's unique constraint decide
+/// a create race (`AlreadyExists` for the loser).
+async fn insert_node(tx: &mut sqlx::AnyConnection, node: &Node) -> Result<(), StoreError> {
+    let result = sqlx::query(
+        "INSERT INTO nodes (uuid, hostname, serial, rack, role, state, flavor, generation, \
+         created_at_ms, updated_at_ms, last_heartbeat_at_ms, doc) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    )
+    .bind(node.uuid.as_str())
+    .bind(&node.hostname)
+    .bind(&node.serial)
+    .bind(node.rack.clone())
+    .bind(node.role.as_str())
+    .bind(node.state.as_str())
+    .bind(node.flavor.clone())
+    .bind(node.generation)
+    .bind(node.created_at_ms)
+    .bind(node.updated_at_ms)
+    .bind(node.last_heartbeat_at_ms)
+    .bind(node_doc(node)?)
+    .execute(&mut *tx)
+    .await;
+    match result {
+        Err(error) if is_unique_violation(&error) => Err(StoreError::AlreadyExists {
+            what: format!("node {} or hostname {}", node.uuid, node.hostname),
+        }),
+        other => other.map(|_| ()).map_err(backend_error),
     }
 }
