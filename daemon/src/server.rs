@@ -48,6 +48,10 @@ where
     L::Addr: std::fmt::Debug,
 {
     let state = AppState::new(parts.store, parts.clock, parts.images, parts.service);
+    // Reported, never fatal: the daemon serves with them, an operator decides.
+    if let Err(error) = state.app.report_orphan_addresses().await {
+        tracing::warn!(%error, "start-up check for orphan address allocations failed");
+    }
     let controller = Controller::new(
         state.app.clone(),
         parts.bmcs,

@@ -120,9 +120,9 @@ fn seed_store(store: &MemoryStore) {
             mtu: 1500,
         },
     ];
-    MemoryStore::now_or_never(store.flavor_put(&flavor, EPOCH_MS)).expect("seed flavor");
+    MemoryStore::now_or_never(store.flavor_put(&flavor, EPOCH_MS, &[])).expect("seed flavor");
     for pool in &pools {
-        MemoryStore::now_or_never(store.pool_create(pool)).expect("seed pool");
+        MemoryStore::now_or_never(store.pool_create(pool, &[])).expect("seed pool");
     }
 }
 

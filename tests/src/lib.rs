@@ -27,7 +27,9 @@ pub struct TestDaemon {
     pub operator_token: String,
     pub viewer_token: String,
     _dir: Option<tempfile::TempDir>,
+    /// Dropped after the server is told to stop (fields drop in declaration order).
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    _schema: Option<PostgresSchema>,
 }
 
 /// What a test daemon is built with.
@@ -57,6 +59,18 @@ impl TestDaemon {
             .await
             .expect("open sqlite store");
         Self::start(store, Some(dir), options).await
+    }
+
+    /// A daemon over the real PostgreSQL server (`DATABASE_URL`, or this machine's local
+    /// one), in a schema of its own that is dropped with the daemon.
+    pub async fn postgres(options: Options) -> TestDaemon {
+        let schema = PostgresSchema::create().await;
+        let store = bearman::server::open_sql_store(&schema.url)
+            .await
+            .expect("open postgres store");
+        let mut daemon = Self::start(store, None, options).await;
+        daemon._schema = Some(schema);
+        daemon
     }
 
     pub async fn start(
@@ -111,6 +125,7 @@ impl TestDaemon {
             viewer_token: tokens[2].clone(),
             _dir: dir,
             shutdown: Some(shutdown),
+            _schema: None,
         }
     }
 
@@ -162,6 +177,76 @@ impl Drop for TestDaemon {
     fn drop(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
+        }
+    }
+}
+
+/// PostgreSQL to test against: `DATABASE_URL`, or this machine's local server.
+pub fn postgres_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// A schema of its own on the test PostgreSQL server, so parallel and earlier runs stay
+/// out of each other's way; dropped (with everything in it) when this is dropped.
+pub struct PostgresSchema {
+    /// The database URL with `search_path` set to this schema.
+    pub url: String,
+    base: String,
+    name: String,
+}
+
+impl PostgresSchema {
+    pub async fn create() -> PostgresSchema {
+        let base = postgres_url();
+        let name = format!(
+            "bearman_e2e_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        );
+        sqlx::any::install_default_drivers();
+        let admin = sqlx::AnyPool::connect(&base).await.unwrap_or_else(|error| {
+            panic!(
+                "PostgreSQL is required for this test and was not reachable at {base}: {error}. \
+                 Start it, or point DATABASE_URL at one."
+            )
+        });
+        sqlx::query(&format!("CREATE SCHEMA {name}"))
+            .execute(&admin)
+            .await
+            .expect("create schema");
+        admin.close().await;
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{separator}options=-c%20search_path%3D{name}");
+        PostgresSchema { url, base, name }
+    }
+}
+
+impl Drop for PostgresSchema {
+    fn drop(&mut self) {
+        // Drop may run inside a runtime (which cannot block on another future) or during
+        // a panic; a thread with a runtime of its own works in both.
+        let (base, name) = (self.base.clone(), self.name.clone());
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let admin = sqlx::AnyPool::connect(&base).await?;
+                sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                    .execute(&admin)
+                    .await?;
+                admin.close().await;
+                Ok::<_, sqlx::Error>(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test schema {}: {dropped:?}", self.name);
         }
     }
 }

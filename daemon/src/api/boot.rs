@@ -13,8 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bearman_proto::uuid::NodeUuid;
 use bearman_proto::{
-    BmcSettings, BootProfile, FirmwareVersions, Heartbeat, InstalledReport, NetworkDetail,
-    RegisterRequest, RegisterResponse,
+    BootProfile, Heartbeat, InstalledReport, NetworkDetail, RegisterRequest, RegisterResponse,
 };
 
 use super::error::ApiError;
@@ -22,14 +21,9 @@ use super::extract::{JsonBody, OptionalJson, UuidPath};
 use super::AppState;
 use crate::app::AppError;
 use crate::core::boot::{render_profile, render_stage1, render_target_script};
-use crate::core::ipam::{self, select_pool};
 use crate::core::lifecycle::{LifecycleEvent, LifecycleState};
-use crate::core::model::{Action, BmcDriver, Flavor, NewEvent, Node, PoolPurpose};
-use crate::core::registration::{plan_registration, serves_boot, RegistrationRefused};
-use crate::core::validate;
-use crate::store::StoreError;
-
-use crate::app::NODE_ACTOR;
+use crate::core::model::{Flavor, Node};
+use crate::core::registration::serves_boot;
 
 /// Entries kept before the script cache starts over; bounds memory on huge fleets.
 const CACHED_SCRIPTS_MAX: usize = 200_000;
@@ -262,185 +256,14 @@ async fn register(
     UuidPath(uuid): UuidPath,
     JsonBody(request): JsonBody<RegisterRequest>,
 ) -> Result<Json<RegisterResponse>, ApiError> {
-    validate::check_register(&request)?;
-    let now = state.clock.now_ms();
-    let mut last_conflict = None;
-    for _ in 0..crate::app::NODE_WRITE_ATTEMPTS_MAX {
-        let existing = state.store.node_get(&uuid).await?;
-        let mut node = match plan_registration(
-            existing.as_ref(),
-            &uuid,
-            &request,
-            &state.config.defaults,
-            now,
-        ) {
-            Ok(node) => node,
-            Err(RegistrationRefused::IdentityMismatch { detail, .. }) => {
-                let event = NewEvent::for_node(
-                    &uuid,
-                    now,
-                    NODE_ACTOR,
-                    Action::IdentityRefused,
-                    detail.clone(),
-                );
-                state.store.event_append(&[event]).await?;
-                tracing::warn!(%uuid, %detail, "registration refused: identity mismatch");
-                return Err(ApiError::conflict(
-                    "identity_mismatch",
-                    format!("{detail}; an operator must run `bearman node accept-identity {uuid}`"),
-                ));
-            }
-            Err(RegistrationRefused::Illegal(error)) => return Err(error.into()),
-        };
-        let bmc_settings =
-            match assign_addresses(&state, &uuid, &mut node, request.bmc.is_some(), now).await {
-                Ok(settings) => settings,
-                Err(error) => {
-                    if existing.is_none() {
-                        // Addresses of a node that does not exist are orphans: nothing of a
-                        // refused request may stay behind.
-                        state.store.ip_release_node(&uuid).await?;
-                    }
-                    return Err(error);
-                }
-            };
-        let flavor = match &node.flavor {
-            Some(name) => state.store.flavor_get(name).await?,
-            None => None,
-        };
-        let mut events = vec![NewEvent::for_node(
-            &uuid,
-            now,
-            NODE_ACTOR,
-            Action::Register,
-            format!(
-                "serial {}, {} NIC(s), rack {}",
-                node.serial,
-                node.hardware.nics.len(),
-                node.rack.as_deref().unwrap_or("unknown")
-            ),
-        )
-        .with_states(
-            existing
-                .as_ref()
-                .map_or(LifecycleState::Discovered, |n| n.state),
-            node.state,
-        )];
-        if let Some(flavor) = &flavor {
-            if let Some(mismatch) = firmware_mismatch(&flavor.firmware_expected, &node.firmware) {
-                events.push(NewEvent::for_node(
-                    &uuid,
-                    now,
-                    NODE_ACTOR,
-                    Action::FirmwareMismatch,
-                    mismatch,
-                ));
-            }
-        }
-        let result = match &existing {
-            Some(_) => state.store.node_update(&node, &events).await,
-            None => state.store.node_create(&node, &events).await,
-        };
-        match result {
-            Ok(node) => {
-                tracing::info!(%uuid, hostname = %node.hostname, state = %node.state, "registered");
-                return Ok(Json(RegisterResponse {
-                    uuid: uuid.to_string(),
-                    hostname: node.hostname,
-                    state: node.state.as_str().to_string(),
-                    bmc: bmc_settings,
-                    firmware_expected: flavor.map(|f| f.firmware_expected).unwrap_or_default(),
-                }));
-            }
-            Err(
-                error @ (StoreError::GenerationMismatch { .. } | StoreError::AlreadyExists { .. }),
-            ) => {
-                // Lost a race with a concurrent registration of the same node (or its
-                // default hostname is taken): look again from the top.
-                last_conflict = Some(error);
-                if existing.is_none() {
-                    // Addresses of a node that does not exist are orphans: nothing of a
-                    // refused request may stay behind.
-                    state.store.ip_release_node(&uuid).await?;
-                }
-            }
-            Err(error) => {
-                if existing.is_none() {
-                    state.store.ip_release_node(&uuid).await?;
-                }
-                return Err(error.into());
-            }
-        }
-    }
-    Err(last_conflict.map(ApiError::from).unwrap_or_else(|| {
-        ApiError::conflict(
-            "busy",
-            format!("node {uuid} is being changed by others; retry"),
-        )
+    let registered = state.app.node_register_hardware(&uuid, &request).await?;
+    Ok(Json(RegisterResponse {
+        uuid: uuid.to_string(),
+        hostname: registered.node.hostname,
+        state: registered.node.state.as_str().to_string(),
+        bmc: registered.bmc,
+        firmware_expected: registered.firmware_expected,
     }))
-}
-
-/// Gives `node` its bond0 address (and its BMC one when the machine has a BMC reached over
-/// its LAN) from the matching pools, writing them into the record. No pool configured means the node keeps
-/// DHCP. Returns the BMC settings for the agent to apply.
-async fn assign_addresses(
-    state: &AppState,
-    uuid: &NodeUuid,
-    node: &mut Node,
-    has_bmc: bool,
-    now: i64,
-) -> Result<Option<BmcSettings>, ApiError> {
-    let pools = state.store.pool_list().await?;
-    if let Some(pool) = select_pool(&pools, PoolPurpose::Node, node.network.vlan) {
-        let allocation = state
-            .store
-            .ip_allocate(&pool.name, uuid, PoolPurpose::Node, now)
-            .await?;
-        let range = ipam::validate_pool(pool)
-            .map_err(|error| ApiError::internal(format!("pool {}: {error}", pool.name)))?;
-        let address = ipam::address_from_string(&allocation.address).ok_or_else(|| {
-            ApiError::internal(format!("stored address {:?}", allocation.address))
-        })?;
-        node.network.bond0_addresses = vec![range.with_prefix(address)];
-        node.network.gateway = pool.gateway.clone();
-        node.network.dns = pool.dns.clone();
-        node.network.mtu = pool.mtu;
-        if node.network.vlan.is_none() {
-            node.network.vlan = pool.vlan;
-        }
-    }
-    let mut bmc_settings = None;
-    // A BMC Bearman reaches some other way than its LAN (a VM's QMP socket, the
-    // simulator's fabric) keeps its address: an OOB address would replace the only way
-    // to fence it.
-    let reached_over_lan = !matches!(node.bmc.driver, Some(BmcDriver::Qmp | BmcDriver::Sim));
-    if has_bmc && reached_over_lan {
-        if let Some(pool) = select_pool(&pools, PoolPurpose::Bmc, None) {
-            let allocation = state
-                .store
-                .ip_allocate(&pool.name, uuid, PoolPurpose::Bmc, now)
-                .await?;
-            let range = ipam::validate_pool(pool)
-                .map_err(|error| ApiError::internal(format!("pool {}: {error}", pool.name)))?;
-            node.bmc.address = Some(allocation.address.clone());
-            bmc_settings = Some(BmcSettings {
-                address: allocation.address,
-                prefix_len: range.prefix_len,
-                gateway: pool.gateway.clone(),
-                vlan: pool.vlan,
-            });
-        }
-    }
-    Ok(bmc_settings)
-}
-
-/// Describes how reported firmware differs from what the flavor expects, if it does.
-fn firmware_mismatch(expected: &FirmwareVersions, reported: &FirmwareVersions) -> Option<String> {
-    let differences = bearman_proto::firmware::differences(expected, reported);
-    (!differences.is_empty()).then(|| {
-        let listed: Vec<String> = differences.iter().map(ToString::to_string).collect();
-        format!("firmware behind: {}", listed.join("; "))
-    })
 }
 
 async fn profile(

@@ -1,20 +1,30 @@
 //! Flavors: what a node boots. Created once by name, replaced whole, deleted when no
-//! node uses them.
+//! node uses them. Each write carries its audit event in the same transaction.
 
 use super::{App, AppError};
 use crate::core::model::{Action, Flavor, NewEvent};
 use crate::core::validate;
+use crate::store::StoreError;
 
 impl App {
-    /// Creates a flavor; `AlreadyExists` when the name is taken.
+    /// Creates a flavor; `FlavorExists` when the name is taken — decided by the
+    /// database, so of two concurrent creates exactly one succeeds.
     pub async fn flavor_create(&self, actor: &str, flavor: Flavor) -> Result<Flavor, AppError> {
         validate::check_flavor(&flavor)?;
-        if self.store.flavor_get(&flavor.name).await?.is_some() {
-            return Err(AppError::FlavorExists { name: flavor.name });
+        let now = self.now_ms();
+        let event = NewEvent::global(
+            now,
+            actor,
+            Action::FlavorCreate,
+            format!("flavor {}", flavor.name),
+        );
+        match self.store.flavor_create(&flavor, now, &[event]).await {
+            Ok(()) => Ok(flavor),
+            Err(StoreError::AlreadyExists { .. }) => {
+                Err(AppError::FlavorExists { name: flavor.name })
+            }
+            Err(error) => Err(error.into()),
         }
-        self.flavor_save(actor, &flavor, Action::FlavorCreate)
-            .await?;
-        Ok(flavor)
     }
 
     /// Replaces (or creates) the flavor `name`; the body's name must match.
@@ -32,33 +42,20 @@ impl App {
             .into());
         }
         validate::check_flavor(&flavor)?;
-        self.flavor_save(actor, &flavor, Action::FlavorReplace)
-            .await?;
+        let now = self.now_ms();
+        let event = NewEvent::global(now, actor, Action::FlavorReplace, format!("flavor {name}"));
+        self.store.flavor_put(&flavor, now, &[event]).await?;
         Ok(flavor)
     }
 
-    async fn flavor_save(
-        &self,
-        actor: &str,
-        flavor: &Flavor,
-        action: Action,
-    ) -> Result<(), AppError> {
-        let now = self.now_ms();
-        self.store.flavor_put(flavor, now).await?;
-        let event = NewEvent::global(now, actor, action, format!("flavor {}", flavor.name));
-        self.store.event_append(&[event]).await?;
-        Ok(())
-    }
-
+    /// Deletes a flavor no node uses.
     pub async fn flavor_delete(&self, actor: &str, name: &str) -> Result<(), AppError> {
-        self.store.flavor_delete(name).await?;
         let event = NewEvent::global(
             self.now_ms(),
             actor,
             Action::FlavorDelete,
             format!("flavor {name}"),
         );
-        self.store.event_append(&[event]).await?;
-        Ok(())
+        Ok(self.store.flavor_delete(name, &[event]).await?)
     }
 }

@@ -11,6 +11,7 @@ pub mod flavors;
 pub mod guards;
 pub mod nodes;
 pub mod pools;
+pub mod registration;
 pub mod remediation;
 pub mod tokens;
 

@@ -18,7 +18,6 @@ pub struct PoolDetail {
 impl App {
     pub async fn pool_create(&self, actor: &str, pool: IpPool) -> Result<IpPool, AppError> {
         validate_pool(&pool)?;
-        self.store.pool_create(&pool).await?;
         let event = NewEvent::global(
             self.now_ms(),
             actor,
@@ -28,20 +27,19 @@ impl App {
                 pool.name, pool.cidr, pool.range_start, pool.range_end
             ),
         );
-        self.store.event_append(&[event]).await?;
+        self.store.pool_create(&pool, &[event]).await?;
         Ok(pool)
     }
 
+    /// Deletes a pool nothing is allocated from.
     pub async fn pool_delete(&self, actor: &str, name: &str) -> Result<(), AppError> {
-        self.store.pool_delete(name).await?;
         let event = NewEvent::global(
             self.now_ms(),
             actor,
             Action::PoolDelete,
             format!("pool {name}"),
         );
-        self.store.event_append(&[event]).await?;
-        Ok(())
+        Ok(self.store.pool_delete(name, &[event]).await?)
     }
 
     /// The pool, how many addresses it hands out, and who holds which.

@@ -51,16 +51,15 @@ impl App {
         }
         let secret = generate_secret()?;
         let now = self.now_ms();
-        self.store
-            .token_create(name, role, &hash_secret(&secret), now)
-            .await?;
         let event = NewEvent::global(
             now,
             actor,
             Action::TokenCreate,
             format!("token {name} with role {}", role.as_str()),
         );
-        self.store.event_append(&[event]).await?;
+        self.store
+            .token_create(name, role, &hash_secret(&secret), now, &[event])
+            .await?;
         Ok(NewToken {
             name: name.to_string(),
             role,
@@ -69,14 +68,12 @@ impl App {
     }
 
     pub async fn token_delete(&self, actor: &str, name: &str) -> Result<(), AppError> {
-        self.store.token_delete(name).await?;
         let event = NewEvent::global(
             self.now_ms(),
             actor,
             Action::TokenDelete,
             format!("token {name}"),
         );
-        self.store.event_append(&[event]).await?;
-        Ok(())
+        Ok(self.store.token_delete(name, &[event]).await?)
     }
 }

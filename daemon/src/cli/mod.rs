@@ -665,18 +665,7 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
             let store = open_store_for_cli(&store).await?;
             let role = TokenRole::parse(&role).ok_or_else(|| anyhow!("unknown role {role}"))?;
             // The first admin token is made here, on the store, before any daemon runs.
-            let app = App::new(
-                store,
-                Arc::new(SystemClock),
-                Settings {
-                    defaults: RegistrationDefaults {
-                        role: bearman::core::model::NodeRole::Compute,
-                        flavor: None,
-                    },
-                    heartbeat_fresh_ms: 0,
-                },
-            );
-            let token: NewToken = app
+            let token: NewToken = offline_app(store)
                 .token_create("cli", &name, role)
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
@@ -712,14 +701,31 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
         }
         TokenCommand::Revoke { name, store } => {
             let store = open_store_for_cli(&store).await?;
-            store
-                .token_delete(&name)
+            // Audited like a revocation over the API, as `token create` here is.
+            offline_app(store)
+                .token_delete("cli", &name)
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
             eprintln!("token {name} revoked");
             Ok(())
         }
     }
+}
+
+/// The application on a store opened by the CLI itself (token commands, run on the
+/// database before or beside a daemon), so those writes are audited like the API's.
+fn offline_app(store: Arc<dyn bearman::store::Store>) -> App {
+    App::new(
+        store,
+        Arc::new(SystemClock),
+        Settings {
+            defaults: RegistrationDefaults {
+                role: bearman::core::model::NodeRole::Compute,
+                flavor: None,
+            },
+            heartbeat_fresh_ms: 0,
+        },
+    )
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {

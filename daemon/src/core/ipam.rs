@@ -1,4 +1,6 @@
-//! IP address management decisions: pool validation, pool selection, next free address.
+//! IP address management decisions: pool validation, pool selection, next free address,
+//! which addresses a registering node asks for, how an allocation is written into a node
+//! record, and which allocations no record accounts for.
 //!
 //! The store runs these inside a transaction and a unique constraint backs them up, so an
 //! address is never handed out twice even if two registrations race.
@@ -6,7 +8,9 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use super::model::{IpPool, PoolPurpose};
+use bearman_proto::BmcSettings;
+
+use super::model::{BmcDriver, IpAllocation, IpPool, Node, PoolPurpose};
 
 /// The largest range a pool may span: keeps gap scans and listings bounded.
 pub const POOL_ADDRESSES_MAX: u32 = 1 << 20;
@@ -194,6 +198,153 @@ pub fn select_pool(pools: &[IpPool], purpose: PoolPurpose, vlan: Option<u16>) ->
     candidates.into_iter().find(|p| p.vlan.is_none())
 }
 
+/// One address a registration asks the store for: the node's slot for `purpose`, from
+/// `pool` unless the node already holds an address for that purpose (it keeps that one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddressRequest {
+    pub pool: String,
+    pub purpose: PoolPurpose,
+}
+
+/// The addresses a registering `node` needs, in the order the store should take them:
+/// a bond0 address from the pool [`select_pool`] picks for its VLAN, and a BMC address
+/// when the machine reported a BMC that Bearman reaches over its LAN. No pool of a
+/// purpose means no request for it (the node keeps DHCP, the BMC its own address).
+pub fn address_requests(pools: &[IpPool], node: &Node, has_bmc: bool) -> Vec<AddressRequest> {
+    let mut requests = Vec::new();
+    if let Some(pool) = select_pool(pools, PoolPurpose::Node, node.network.vlan) {
+        requests.push(AddressRequest {
+            pool: pool.name.clone(),
+            purpose: PoolPurpose::Node,
+        });
+    }
+    // A BMC Bearman reaches some other way than its LAN (a VM's QMP socket, the
+    // simulator's fabric) keeps its address: an OOB address would replace the only way
+    // to fence it.
+    let reached_over_lan = !matches!(node.bmc.driver, Some(BmcDriver::Qmp | BmcDriver::Sim));
+    if has_bmc && reached_over_lan {
+        if let Some(pool) = select_pool(pools, PoolPurpose::Bmc, None) {
+            requests.push(AddressRequest {
+                pool: pool.name.clone(),
+                purpose: PoolPurpose::Bmc,
+            });
+        }
+    }
+    requests
+}
+
+/// Why an allocation cannot be written into a node record. Each is a store or caller
+/// bug, never a client's mistake.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyAllocationError {
+    #[error("allocation of {address} comes from pool {allocation_pool}, not {pool}")]
+    WrongPool {
+        address: String,
+        allocation_pool: String,
+        pool: String,
+    },
+    #[error("allocation of {address} is for {allocation_purpose} addresses, pool {pool} for {pool_purpose}")]
+    WrongPurpose {
+        address: String,
+        allocation_purpose: &'static str,
+        pool: String,
+        pool_purpose: &'static str,
+    },
+    #[error("allocated address {0:?} is not an IPv4 address")]
+    BadAddress(String),
+    #[error("pool {pool}: {source}")]
+    InvalidPool {
+        pool: String,
+        #[source]
+        source: PoolError,
+    },
+}
+
+/// Checks that `allocation` came from `pool` and returns the pool's range and the
+/// allocated address as a number.
+fn checked_allocation(
+    pool: &IpPool,
+    allocation: &IpAllocation,
+) -> Result<(PoolRange, u32), ApplyAllocationError> {
+    if allocation.pool != pool.name {
+        return Err(ApplyAllocationError::WrongPool {
+            address: allocation.address.clone(),
+            allocation_pool: allocation.pool.clone(),
+            pool: pool.name.clone(),
+        });
+    }
+    if allocation.purpose != pool.purpose {
+        return Err(ApplyAllocationError::WrongPurpose {
+            address: allocation.address.clone(),
+            allocation_purpose: allocation.purpose.as_str(),
+            pool: pool.name.clone(),
+            pool_purpose: pool.purpose.as_str(),
+        });
+    }
+    let range = validate_pool(pool).map_err(|source| ApplyAllocationError::InvalidPool {
+        pool: pool.name.clone(),
+        source,
+    })?;
+    let address = address_from_string(&allocation.address)
+        .ok_or_else(|| ApplyAllocationError::BadAddress(allocation.address.clone()))?;
+    Ok((range, address))
+}
+
+/// Writes `allocation` (from `pool`) into `node`: a node address becomes its bond0
+/// address with the pool's prefix, gateway, DNS and MTU (and the pool's VLAN when the
+/// node has none); a BMC address becomes `bmc.address`.
+pub fn apply_allocation(
+    node: &mut Node,
+    pool: &IpPool,
+    allocation: &IpAllocation,
+) -> Result<(), ApplyAllocationError> {
+    let (range, address) = checked_allocation(pool, allocation)?;
+    match allocation.purpose {
+        PoolPurpose::Node => {
+            node.network.bond0_addresses = vec![range.with_prefix(address)];
+            node.network.gateway = pool.gateway.clone();
+            node.network.dns = pool.dns.clone();
+            node.network.mtu = pool.mtu;
+            if node.network.vlan.is_none() {
+                node.network.vlan = pool.vlan;
+            }
+        }
+        PoolPurpose::Bmc => node.bmc.address = Some(allocation.address.clone()),
+    }
+    Ok(())
+}
+
+/// What the stage-1 agent configures on the BMC for its `allocation` from `pool`.
+pub fn bmc_settings(
+    pool: &IpPool,
+    allocation: &IpAllocation,
+) -> Result<BmcSettings, ApplyAllocationError> {
+    let (range, _) = checked_allocation(pool, allocation)?;
+    Ok(BmcSettings {
+        address: allocation.address.clone(),
+        prefix_len: range.prefix_len,
+        gateway: pool.gateway.clone(),
+        vlan: pool.vlan,
+    })
+}
+
+/// Whether `node`'s record names the address of `allocation` where an allocation of its
+/// purpose goes (bond0 for node addresses, the BMC for BMC ones). An allocation whose
+/// node does not record it is an orphan: nothing uses it and nothing will release it.
+pub fn node_records_allocation(node: &Node, allocation: &IpAllocation) -> bool {
+    if node.uuid != allocation.node_uuid {
+        return false;
+    }
+    match allocation.purpose {
+        PoolPurpose::Node => node
+            .network
+            .bond0_addresses
+            .iter()
+            .any(|recorded| recorded.split('/').next() == Some(allocation.address.as_str())),
+        PoolPurpose::Bmc => node.bmc.address.as_deref() == Some(allocation.address.as_str()),
+    }
+}
+
 pub fn address_to_string(address: u32) -> String {
     Ipv4Addr::from(address).to_string()
 }
@@ -272,6 +423,110 @@ mod tests {
             },
             "more than",
         );
+    }
+
+    fn allocation(pool: &str, purpose: PoolPurpose, address: &str) -> IpAllocation {
+        IpAllocation {
+            pool: pool.into(),
+            address: address.into(),
+            node_uuid: bearman_proto::uuid::NodeUuid::from_index(1, 1),
+            purpose,
+            allocated_at_ms: 1,
+        }
+    }
+
+    fn test_node() -> Node {
+        Node::new(
+            bearman_proto::uuid::NodeUuid::from_index(1, 1),
+            "n1".into(),
+            crate::core::model::NodeRole::Compute,
+            1,
+        )
+    }
+
+    #[test]
+    fn allocations_are_written_into_the_record_and_recognised_there() {
+        let mut node = test_node();
+        let mut node_pool = pool("rack", PoolPurpose::Node, Some(300));
+        node_pool.mtu = 9000;
+        let bond = allocation("rack", PoolPurpose::Node, "10.1.0.3");
+        apply_allocation(&mut node, &node_pool, &bond).unwrap();
+        assert_eq!(node.network.bond0_addresses, vec!["10.1.0.3/24"]);
+        assert_eq!(node.network.gateway.as_deref(), Some("10.1.0.2"));
+        assert_eq!(node.network.dns, vec!["10.0.0.53"]);
+        assert_eq!(node.network.mtu, 9000);
+        assert_eq!(node.network.vlan, Some(300), "the pool's VLAN when none");
+        assert!(node_records_allocation(&node, &bond));
+
+        // A VLAN the node already has (from LLDP) is kept.
+        let mut tagged = test_node();
+        tagged.network.vlan = Some(100);
+        apply_allocation(&mut tagged, &node_pool, &bond).unwrap();
+        assert_eq!(tagged.network.vlan, Some(100));
+
+        let bmc_pool = pool("oob", PoolPurpose::Bmc, Some(7));
+        let bmc = allocation("oob", PoolPurpose::Bmc, "10.1.0.4");
+        assert!(!node_records_allocation(&node, &bmc));
+        apply_allocation(&mut node, &bmc_pool, &bmc).unwrap();
+        assert_eq!(node.bmc.address.as_deref(), Some("10.1.0.4"));
+        assert!(node_records_allocation(&node, &bmc));
+        assert_eq!(
+            bmc_settings(&bmc_pool, &bmc).unwrap(),
+            BmcSettings {
+                address: "10.1.0.4".into(),
+                prefix_len: 24,
+                gateway: Some("10.1.0.2".into()),
+                vlan: Some(7),
+            }
+        );
+
+        // Another node's allocation is never this node's.
+        let mut other = bmc.clone();
+        other.node_uuid = bearman_proto::uuid::NodeUuid::from_index(1, 2);
+        assert!(!node_records_allocation(&node, &other));
+    }
+
+    #[test]
+    fn mismatched_allocations_are_refused_and_change_nothing() {
+        let node_pool = pool("rack", PoolPurpose::Node, None);
+        let check = |allocation: IpAllocation, expected: &str| {
+            let mut node = test_node();
+            let error = apply_allocation(&mut node, &node_pool, &allocation).unwrap_err();
+            assert!(error.to_string().contains(expected), "{error}");
+            assert_eq!(node, test_node(), "a refused allocation changed the record");
+        };
+        check(
+            allocation("other", PoolPurpose::Node, "10.1.0.3"),
+            "not rack",
+        );
+        check(allocation("rack", PoolPurpose::Bmc, "10.1.0.3"), "for bmc");
+        check(allocation("rack", PoolPurpose::Node, "nope"), "not an IPv4");
+    }
+
+    #[test]
+    fn registrations_ask_for_a_bmc_address_only_for_a_bmc_on_the_lan() {
+        let pools = vec![
+            pool("bmc", PoolPurpose::Bmc, None),
+            pool("default", PoolPurpose::Node, None),
+        ];
+        let wanted = |driver: Option<BmcDriver>, has_bmc: bool| {
+            let mut node = test_node();
+            node.bmc.driver = driver;
+            address_requests(&pools, &node, has_bmc)
+                .into_iter()
+                .map(|r| (r.pool, r.purpose))
+                .collect::<Vec<_>>()
+        };
+        let both = vec![
+            ("default".to_string(), PoolPurpose::Node),
+            ("bmc".to_string(), PoolPurpose::Bmc),
+        ];
+        assert_eq!(wanted(None, true), both);
+        assert_eq!(wanted(Some(BmcDriver::Ipmi), true), both);
+        assert_eq!(wanted(None, false), both[..1]);
+        assert_eq!(wanted(Some(BmcDriver::Qmp), true), both[..1]);
+        assert_eq!(wanted(Some(BmcDriver::Sim), true), both[..1]);
+        assert!(address_requests(&[], &test_node(), true).is_empty());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bearman_proto::uuid::NodeUuid;
 
-use super::{Store, StoreError};
+use super::{OrphanAllocation, Registered, RegistrationWrite, Store, StoreError};
 use crate::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
@@ -157,6 +157,22 @@ impl Store for CachedStore {
         }
     }
 
+    async fn node_register(&self, write: &RegistrationWrite) -> Result<Registered, StoreError> {
+        match self.inner.node_register(write).await {
+            Ok(registered) => {
+                self.remember(&registered.node);
+                self.bump();
+                Ok(registered)
+            }
+            Err(error) => {
+                // As for a failed update: the cached copy may be the stale one that lost.
+                self.nodes().remove(&write.node.uuid);
+                self.bump();
+                Err(error)
+            }
+        }
+    }
+
     async fn node_record_heartbeat(
         &self,
         uuid: &NodeUuid,
@@ -172,9 +188,29 @@ impl Store for CachedStore {
         Ok(())
     }
 
-    async fn flavor_put(&self, flavor: &Flavor, at_ms: TimestampMs) -> Result<(), StoreError> {
+    async fn flavor_create(
+        &self,
+        flavor: &Flavor,
+        at_ms: TimestampMs,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError> {
+        let written = self.inner.flavor_create(flavor, at_ms, events).await;
+        if written.is_ok() {
+            self.flavors()
+                .insert(flavor.name.clone(), Arc::new(flavor.clone()));
+            self.bump();
+        }
+        written
+    }
+
+    async fn flavor_put(
+        &self,
+        flavor: &Flavor,
+        at_ms: TimestampMs,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError> {
         self.flavors().remove(&flavor.name);
-        let written = self.inner.flavor_put(flavor, at_ms).await;
+        let written = self.inner.flavor_put(flavor, at_ms, events).await;
         if written.is_ok() {
             self.flavors()
                 .insert(flavor.name.clone(), Arc::new(flavor.clone()));
@@ -205,15 +241,15 @@ impl Store for CachedStore {
         self.inner.flavor_list().await
     }
 
-    async fn flavor_delete(&self, name: &str) -> Result<(), StoreError> {
+    async fn flavor_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError> {
         self.flavors().remove(name);
-        let deleted = self.inner.flavor_delete(name).await;
+        let deleted = self.inner.flavor_delete(name, events).await;
         self.bump();
         deleted
     }
 
-    async fn pool_create(&self, pool: &IpPool) -> Result<(), StoreError> {
-        self.inner.pool_create(pool).await
+    async fn pool_create(&self, pool: &IpPool, events: &[NewEvent]) -> Result<(), StoreError> {
+        self.inner.pool_create(pool, events).await
     }
 
     async fn pool_get(&self, name: &str) -> Result<Option<IpPool>, StoreError> {
@@ -224,8 +260,8 @@ impl Store for CachedStore {
         self.inner.pool_list().await
     }
 
-    async fn pool_delete(&self, name: &str) -> Result<(), StoreError> {
-        self.inner.pool_delete(name).await
+    async fn pool_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError> {
+        self.inner.pool_delete(name, events).await
     }
 
     async fn ip_allocate(
@@ -250,6 +286,10 @@ impl Store for CachedStore {
 
     async fn ip_release_node(&self, node_uuid: &NodeUuid) -> Result<usize, StoreError> {
         self.inner.ip_release_node(node_uuid).await
+    }
+
+    async fn ip_orphans(&self) -> Result<Vec<OrphanAllocation>, StoreError> {
+        self.inner.ip_orphans().await
     }
 
     async fn event_append(&self, events: &[NewEvent]) -> Result<(), StoreError> {
@@ -317,9 +357,10 @@ impl Store for CachedStore {
         role: TokenRole,
         secret_sha256: &str,
         at_ms: TimestampMs,
+        events: &[NewEvent],
     ) -> Result<ApiToken, StoreError> {
         self.inner
-            .token_create(name, role, secret_sha256, at_ms)
+            .token_create(name, role, secret_sha256, at_ms, events)
             .await
     }
 
@@ -331,7 +372,7 @@ impl Store for CachedStore {
         self.inner.token_list().await
     }
 
-    async fn token_delete(&self, name: &str) -> Result<(), StoreError> {
-        self.inner.token_delete(name).await
+    async fn token_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError> {
+        self.inner.token_delete(name, events).await
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bearman_proto::uuid::NodeUuid;
 use bearman_proto::{Artifact, NicFacts};
 
-use super::{Store, StoreError};
+use super::{AddressRequest, OrphanReason, RegistrationWrite, Store, StoreError};
 use crate::core::lifecycle::LifecycleState;
 use crate::core::model::{
     Action, EventFilter, Flavor, IpPool, NewEvent, Node, NodeFilter, NodeRole, PoolPurpose,
@@ -78,6 +78,12 @@ pub async fn run_all(store: Arc<dyn Store>) {
     tokens_are_found_by_hash_only(&*store).await;
     remediations_are_one_active_per_node_and_optimistic(&*store).await;
     power_readings_are_kept_per_node_without_touching_it(&*store).await;
+    registration_writes_addresses_and_node_together(&*store).await;
+    failed_registrations_write_nothing(&*store).await;
+    concurrent_registrations_of_one_uuid_have_one_winner(store.clone()).await;
+    orphaned_allocations_are_reported(&*store).await;
+    admin_writes_carry_their_events(&*store).await;
+    concurrent_flavor_creates_have_one_winner(store.clone()).await;
 }
 
 async fn nodes_round_trip_and_filter(store: &dyn Store) {
@@ -276,13 +282,16 @@ async fn heartbeats_do_not_bump_generation(store: &dyn Store) {
 
 async fn retiring_releases_addresses(store: &dyn Store) {
     store
-        .pool_create(&pool(
-            "conf-retire",
-            PoolPurpose::Node,
-            "10.104.0.0/24",
-            "10.104.0.10",
-            "10.104.0.20",
-        ))
+        .pool_create(
+            &pool(
+                "conf-retire",
+                PoolPurpose::Node,
+                "10.104.0.0/24",
+                "10.104.0.10",
+                "10.104.0.20",
+            ),
+            &[],
+        )
         .await
         .unwrap();
     let n = node(104, 1, "conf-rack-d");
@@ -299,15 +308,15 @@ async fn retiring_releases_addresses(store: &dyn Store) {
         store.ip_list(None, Some(&n.uuid)).await.unwrap().is_empty(),
         "retired node keeps no address"
     );
-    let deleted = store.pool_delete("conf-retire").await;
+    let deleted = store.pool_delete("conf-retire", &[]).await;
     assert!(deleted.is_ok(), "pool is free again: {deleted:?}");
 }
 
 async fn flavors_cannot_be_deleted_while_used(store: &dyn Store) {
-    store.flavor_put(&flavor("conf-hv"), 1).await.unwrap();
+    store.flavor_put(&flavor("conf-hv"), 1, &[]).await.unwrap();
     let mut replaced = flavor("conf-hv");
     replaced.cmdline_template = "quiet".into();
-    store.flavor_put(&replaced, 2).await.unwrap();
+    store.flavor_put(&replaced, 2, &[]).await.unwrap();
     assert_eq!(store.flavor_get("conf-hv").await.unwrap(), Some(replaced));
     assert!(store
         .flavor_list()
@@ -319,7 +328,7 @@ async fn flavors_cannot_be_deleted_while_used(store: &dyn Store) {
     let mut n = node(105, 1, "conf-rack-e");
     n.flavor = Some("conf-hv".into());
     store.node_create(&n, &[]).await.unwrap();
-    let in_use = store.flavor_delete("conf-hv").await;
+    let in_use = store.flavor_delete("conf-hv", &[]).await;
     assert!(
         matches!(in_use, Err(StoreError::InUse { .. })),
         "{in_use:?}"
@@ -331,9 +340,9 @@ async fn flavors_cannot_be_deleted_while_used(store: &dyn Store) {
     let mut unassigned = n.clone();
     unassigned.flavor = None;
     store.node_update(&unassigned, &[]).await.unwrap();
-    store.flavor_delete("conf-hv").await.unwrap();
+    store.flavor_delete("conf-hv", &[]).await.unwrap();
     assert!(store.flavor_get("conf-hv").await.unwrap().is_none());
-    let missing = store.flavor_delete("conf-hv").await;
+    let missing = store.flavor_delete("conf-hv", &[]).await;
     assert!(matches!(missing, Err(StoreError::NotFound { .. })));
 }
 
@@ -346,18 +355,21 @@ async fn addresses_are_unique_sequential_and_reused(store: &dyn Store) {
         "10.106.0.4",
     );
     p.gateway = Some("10.106.0.2".into());
-    store.pool_create(&p).await.unwrap();
-    let duplicate = store.pool_create(&p).await;
+    store.pool_create(&p, &[]).await.unwrap();
+    let duplicate = store.pool_create(&p, &[]).await;
     assert!(matches!(duplicate, Err(StoreError::AlreadyExists { .. })));
     // An overlapping pool must never hand out an address the first one holds.
     store
-        .pool_create(&pool(
-            "conf-seq-overlap",
-            PoolPurpose::Bmc,
-            "10.106.0.0/24",
-            "10.106.0.1",
-            "10.106.0.8",
-        ))
+        .pool_create(
+            &pool(
+                "conf-seq-overlap",
+                PoolPurpose::Bmc,
+                "10.106.0.0/24",
+                "10.106.0.1",
+                "10.106.0.8",
+            ),
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(store.pool_get("conf-seq").await.unwrap(), Some(p.clone()));
@@ -422,7 +434,7 @@ async fn addresses_are_unique_sequential_and_reused(store: &dyn Store) {
     let listed = store.ip_list(Some("conf-seq"), None).await.unwrap();
     let addresses: Vec<&str> = listed.iter().map(|a| a.address.as_str()).collect();
     assert_eq!(addresses, vec!["10.106.0.1", "10.106.0.3", "10.106.0.4"]);
-    let in_use = store.pool_delete("conf-seq").await;
+    let in_use = store.pool_delete("conf-seq", &[]).await;
     assert!(
         matches!(in_use, Err(StoreError::InUse { .. })),
         "{in_use:?}"
@@ -454,13 +466,16 @@ async fn addresses_are_unique_sequential_and_reused(store: &dyn Store) {
 
 async fn concurrent_allocations_never_collide(store: Arc<dyn Store>) {
     store
-        .pool_create(&pool(
-            "conf-race",
-            PoolPurpose::Node,
-            "10.107.0.0/24",
-            "10.107.0.1",
-            "10.107.0.250",
-        ))
+        .pool_create(
+            &pool(
+                "conf-race",
+                PoolPurpose::Node,
+                "10.107.0.0/24",
+                "10.107.0.1",
+                "10.107.0.250",
+            ),
+            &[],
+        )
         .await
         .unwrap();
     let mut tasks = Vec::new();
@@ -527,7 +542,7 @@ async fn events_page_newest_first(store: &dyn Store) {
 
 async fn tokens_are_found_by_hash_only(store: &dyn Store) {
     let created = store
-        .token_create("conf-ops", TokenRole::Operator, &"b".repeat(64), 7)
+        .token_create("conf-ops", TokenRole::Operator, &"b".repeat(64), 7, &[])
         .await
         .unwrap();
     assert_eq!(
@@ -535,7 +550,7 @@ async fn tokens_are_found_by_hash_only(store: &dyn Store) {
         ("conf-ops", TokenRole::Operator)
     );
     let duplicate = store
-        .token_create("conf-ops", TokenRole::Admin, &"c".repeat(64), 7)
+        .token_create("conf-ops", TokenRole::Admin, &"c".repeat(64), 7, &[])
         .await;
     assert!(matches!(duplicate, Err(StoreError::AlreadyExists { .. })));
     assert_eq!(
@@ -544,10 +559,10 @@ async fn tokens_are_found_by_hash_only(store: &dyn Store) {
     );
     assert!(store.token_find(&"d".repeat(64)).await.unwrap().is_none());
     assert!(store.token_list().await.unwrap().contains(&created));
-    store.token_delete("conf-ops").await.unwrap();
+    store.token_delete("conf-ops", &[]).await.unwrap();
     assert!(store.token_find(&"b".repeat(64)).await.unwrap().is_none());
     assert!(matches!(
-        store.token_delete("conf-ops").await,
+        store.token_delete("conf-ops", &[]).await,
         Err(StoreError::NotFound { .. })
     ));
 }
@@ -729,4 +744,667 @@ async fn power_readings_are_kept_per_node_without_touching_it(store: &dyn Store)
         matches!(missing, Err(StoreError::NotFound { .. })),
         "reading for an unknown node: {missing:?}"
     );
+}
+
+/// A registration of `node` asking for a node address from `node_pool` and, when given,
+/// a BMC address from `bmc_pool`.
+fn registration(
+    node: &Node,
+    expected_generation: Option<i64>,
+    node_pool: &str,
+    bmc_pool: Option<&str>,
+    reason: &str,
+) -> RegistrationWrite {
+    let mut addresses = vec![AddressRequest {
+        pool: node_pool.into(),
+        purpose: PoolPurpose::Node,
+    }];
+    if let Some(bmc_pool) = bmc_pool {
+        addresses.push(AddressRequest {
+            pool: bmc_pool.into(),
+            purpose: PoolPurpose::Bmc,
+        });
+    }
+    RegistrationWrite {
+        node: node.clone(),
+        expected_generation,
+        addresses,
+        events: vec![NewEvent::for_node(
+            &node.uuid,
+            5_000,
+            "node",
+            Action::Register,
+            reason,
+        )],
+        at_ms: 5_000,
+    }
+}
+
+async fn node_events(store: &dyn Store, uuid: &NodeUuid) -> Vec<String> {
+    store
+        .event_list(&EventFilter {
+            node_uuid: Some(uuid.clone()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.reason)
+        .collect()
+}
+
+/// Addresses held by `uuid`, as (purpose, address).
+async fn held(store: &dyn Store, uuid: &NodeUuid) -> Vec<(PoolPurpose, String)> {
+    store
+        .ip_list(None, Some(uuid))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.purpose, a.address))
+        .collect()
+}
+
+async fn registration_writes_addresses_and_node_together(store: &dyn Store) {
+    let mut node_pool = pool(
+        "conf-reg-node",
+        PoolPurpose::Node,
+        "10.140.0.0/24",
+        "10.140.0.10",
+        "10.140.0.20",
+    );
+    node_pool.gateway = Some("10.140.0.1".into());
+    node_pool.dns = vec!["10.140.0.2".into()];
+    node_pool.mtu = 9000;
+    node_pool.vlan = Some(140);
+    store.pool_create(&node_pool, &[]).await.unwrap();
+    let mut bmc_pool = pool(
+        "conf-reg-bmc",
+        PoolPurpose::Bmc,
+        "10.141.0.0/24",
+        "10.141.0.10",
+        "10.141.0.20",
+    );
+    bmc_pool.gateway = Some("10.141.0.1".into());
+    store.pool_create(&bmc_pool, &[]).await.unwrap();
+
+    let n = node(140, 1, "conf-rack-reg");
+    let registered = store
+        .node_register(&registration(
+            &n,
+            None,
+            "conf-reg-node",
+            Some("conf-reg-bmc"),
+            "first",
+        ))
+        .await
+        .expect("register a new node");
+    assert_eq!(
+        registered.node.network.bond0_addresses,
+        vec!["10.140.0.10/24"]
+    );
+    assert_eq!(
+        registered.node.network.gateway.as_deref(),
+        Some("10.140.0.1")
+    );
+    assert_eq!(registered.node.network.dns, vec!["10.140.0.2"]);
+    assert_eq!(registered.node.network.mtu, 9000);
+    assert_eq!(registered.node.network.vlan, Some(140));
+    assert_eq!(registered.node.bmc.address.as_deref(), Some("10.141.0.10"));
+    assert_eq!(registered.node.generation, n.generation, "created as given");
+    assert_eq!(
+        store.node_get(&n.uuid).await.unwrap().as_ref(),
+        Some(&registered.node),
+        "the node is stored with its addresses"
+    );
+    let bmc = registered.address(PoolPurpose::Bmc).expect("bmc address");
+    assert_eq!(
+        bmc.pool, bmc_pool,
+        "the pool comes back with the allocation"
+    );
+    assert_eq!(bmc.allocation.address, "10.141.0.10");
+    assert_eq!(
+        held(store, &n.uuid).await,
+        vec![
+            (PoolPurpose::Node, "10.140.0.10".to_string()),
+            (PoolPurpose::Bmc, "10.141.0.10".to_string()),
+        ]
+    );
+    assert_eq!(node_events(store, &n.uuid).await, vec!["first"]);
+
+    // Registering again, from the stored record, keeps both addresses.
+    let mut again = registered.node.clone();
+    again.network = Default::default();
+    again.bmc.address = None;
+    let second = store
+        .node_register(&registration(
+            &again,
+            Some(registered.node.generation),
+            "conf-reg-node",
+            Some("conf-reg-bmc"),
+            "second",
+        ))
+        .await
+        .expect("re-register at the current generation");
+    assert_eq!(second.node.generation, registered.node.generation + 1);
+    assert_eq!(second.node.network, registered.node.network);
+    assert_eq!(second.node.bmc.address, registered.node.bmc.address);
+    assert_eq!(second.addresses, registered.addresses, "same allocations");
+    assert_eq!(held(store, &n.uuid).await.len(), 2, "nothing new allocated");
+    assert_eq!(node_events(store, &n.uuid).await, vec!["second", "first"]);
+    assert!(store
+        .ip_orphans()
+        .await
+        .unwrap()
+        .iter()
+        .all(|o| o.allocation.node_uuid != n.uuid));
+}
+
+async fn failed_registrations_write_nothing(store: &dyn Store) {
+    store
+        .pool_create(
+            &pool(
+                "conf-fail-node",
+                PoolPurpose::Node,
+                "10.142.0.0/24",
+                "10.142.0.10",
+                "10.142.0.20",
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    // One BMC address only.
+    store
+        .pool_create(
+            &pool(
+                "conf-fail-bmc",
+                PoolPurpose::Bmc,
+                "10.143.0.0/24",
+                "10.143.0.10",
+                "10.143.0.10",
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let first = node(142, 1, "conf-rack-fail");
+    let winner = store
+        .node_register(&registration(
+            &first,
+            None,
+            "conf-fail-node",
+            Some("conf-fail-bmc"),
+            "winner",
+        ))
+        .await
+        .expect("first registration");
+
+    // The BMC pool is exhausted after the node address was chosen: neither stays.
+    let second = node(142, 2, "conf-rack-fail");
+    let exhausted = store
+        .node_register(&registration(
+            &second,
+            None,
+            "conf-fail-node",
+            Some("conf-fail-bmc"),
+            "exhausted",
+        ))
+        .await;
+    assert!(
+        matches!(exhausted, Err(StoreError::PoolExhausted { .. })),
+        "{exhausted:?}"
+    );
+    assert!(
+        store.node_get(&second.uuid).await.unwrap().is_none(),
+        "no node"
+    );
+    assert!(held(store, &second.uuid).await.is_empty(), "no allocation");
+    assert!(
+        node_events(store, &second.uuid).await.is_empty(),
+        "no event"
+    );
+    // The node address it would have had is still free.
+    let next = store
+        .node_register(&registration(
+            &second,
+            None,
+            "conf-fail-node",
+            None,
+            "no bmc",
+        ))
+        .await
+        .expect("registration without a BMC address");
+    assert_eq!(next.node.network.bond0_addresses, vec!["10.142.0.11/24"]);
+
+    // A lost create race (the uuid appeared meanwhile) takes nothing from the winner.
+    let lost = store
+        .node_register(&registration(
+            &first,
+            None,
+            "conf-fail-node",
+            Some("conf-fail-bmc"),
+            "loser",
+        ))
+        .await;
+    assert!(
+        matches!(lost, Err(StoreError::AlreadyExists { .. })),
+        "{lost:?}"
+    );
+    assert_eq!(
+        store.node_get(&first.uuid).await.unwrap().as_ref(),
+        Some(&winner.node)
+    );
+    assert_eq!(
+        held(store, &first.uuid).await,
+        vec![
+            (PoolPurpose::Node, "10.142.0.10".to_string()),
+            (PoolPurpose::Bmc, "10.143.0.10".to_string()),
+        ],
+        "the winner keeps its allocations"
+    );
+    assert_eq!(node_events(store, &first.uuid).await, vec!["winner"]);
+
+    // A stale generation writes nothing: no allocation, no node change, no event.
+    let mut plain = node(142, 3, "conf-rack-fail");
+    plain.hostname = "cn-142-3".into();
+    let plain = store.node_create(&plain, &[]).await.unwrap();
+    let stale = store
+        .node_register(&registration(
+            &plain,
+            Some(plain.generation - 1),
+            "conf-fail-node",
+            None,
+            "stale",
+        ))
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::GenerationMismatch { .. })),
+        "{stale:?}"
+    );
+    assert_eq!(
+        store.node_get(&plain.uuid).await.unwrap(),
+        Some(plain.clone())
+    );
+    assert!(held(store, &plain.uuid).await.is_empty());
+    assert!(node_events(store, &plain.uuid).await.is_empty());
+
+    // A hostname taken by another node: refused, nothing allocated.
+    let mut clash = node(142, 4, "conf-rack-fail");
+    clash.hostname = first.hostname.clone();
+    let taken = store
+        .node_register(&registration(&clash, None, "conf-fail-node", None, "clash"))
+        .await;
+    assert!(
+        matches!(taken, Err(StoreError::AlreadyExists { .. })),
+        "{taken:?}"
+    );
+    assert!(held(store, &clash.uuid).await.is_empty());
+
+    // Bad requests are refused whole: an unknown pool, a pool of the other purpose, one
+    // purpose asked twice.
+    let fifth = node(142, 5, "conf-rack-fail");
+    let unknown = store
+        .node_register(&registration(
+            &fifth,
+            None,
+            "conf-fail-none",
+            None,
+            "unknown",
+        ))
+        .await;
+    assert!(
+        matches!(unknown, Err(StoreError::NotFound { .. })),
+        "{unknown:?}"
+    );
+    let wrong = store
+        .node_register(&registration(&fifth, None, "conf-fail-bmc", None, "wrong"))
+        .await;
+    assert!(
+        matches!(wrong, Err(StoreError::InvalidPool { .. })),
+        "{wrong:?}"
+    );
+    let mut twice = registration(&fifth, None, "conf-fail-node", None, "twice");
+    twice.addresses.push(twice.addresses[0].clone());
+    let twice = store.node_register(&twice).await;
+    assert!(
+        matches!(twice, Err(StoreError::Conflict { .. })),
+        "{twice:?}"
+    );
+    assert!(store.node_get(&fifth.uuid).await.unwrap().is_none());
+    assert!(held(store, &fifth.uuid).await.is_empty());
+    assert!(node_events(store, &fifth.uuid).await.is_empty());
+}
+
+async fn concurrent_registrations_of_one_uuid_have_one_winner(store: Arc<dyn Store>) {
+    store
+        .pool_create(
+            &pool(
+                "conf-crowd-node",
+                PoolPurpose::Node,
+                "10.144.0.0/24",
+                "10.144.0.10",
+                "10.144.0.200",
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    store
+        .pool_create(
+            &pool(
+                "conf-crowd-bmc",
+                PoolPurpose::Bmc,
+                "10.145.0.0/24",
+                "10.145.0.10",
+                "10.145.0.200",
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let shared = node(144, 0, "conf-rack-crowd");
+    let mut tasks = Vec::new();
+    for index in 0..32u64 {
+        let store = store.clone();
+        // Every other one is a different node, competing for the same pools.
+        let n = if index % 2 == 0 {
+            shared.clone()
+        } else {
+            node(144, index, "conf-rack-crowd")
+        };
+        tasks.push(tokio::spawn(async move {
+            let write = registration(
+                &n,
+                None,
+                "conf-crowd-node",
+                Some("conf-crowd-bmc"),
+                &format!("attempt {index}"),
+            );
+            (n.uuid.clone(), store.node_register(&write).await)
+        }));
+    }
+    let mut shared_wins = Vec::new();
+    for task in tasks {
+        let (uuid, result) = task.await.expect("task");
+        match result {
+            Ok(registered) if uuid == shared.uuid => shared_wins.push(registered),
+            Ok(_) => {}
+            Err(StoreError::AlreadyExists { .. }) if uuid == shared.uuid => {}
+            Err(error) => panic!("registration of {uuid} under contention: {error}"),
+        }
+    }
+    assert_eq!(shared_wins.len(), 1, "exactly one create of one uuid wins");
+    let winner = &shared_wins[0];
+    let allocations = store.ip_list(None, Some(&shared.uuid)).await.unwrap();
+    assert_eq!(
+        allocations,
+        winner
+            .addresses
+            .iter()
+            .map(|h| h.allocation.clone())
+            .collect::<Vec<_>>(),
+        "the node holds exactly the winner's addresses"
+    );
+    assert_eq!(
+        store.node_get(&shared.uuid).await.unwrap().as_ref(),
+        Some(&winner.node)
+    );
+    let mut seen = BTreeSet::new();
+    for pool_name in ["conf-crowd-node", "conf-crowd-bmc"] {
+        for allocation in store.ip_list(Some(pool_name), None).await.unwrap() {
+            assert!(
+                seen.insert(allocation.address.clone()),
+                "{allocation:?} twice"
+            );
+        }
+    }
+    assert_eq!(seen.len(), 2 * 17, "17 nodes, two addresses each");
+    let orphans = store.ip_orphans().await.unwrap();
+    assert!(
+        orphans
+            .iter()
+            .all(|o| !o.allocation.pool.starts_with("conf-crowd")),
+        "{orphans:?}"
+    );
+}
+
+async fn orphaned_allocations_are_reported(store: &dyn Store) {
+    store
+        .pool_create(
+            &pool(
+                "conf-orphan",
+                PoolPurpose::Node,
+                "10.146.0.0/24",
+                "10.146.0.10",
+                "10.146.0.20",
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    // No node at all (what a registration killed between its old two transactions left).
+    let ghost = NodeUuid::from_index(146, 1);
+    store
+        .ip_allocate("conf-orphan", &ghost, PoolPurpose::Node, 1)
+        .await
+        .unwrap();
+    // A node whose record does not name its address.
+    let forgetful = store
+        .node_create(&node(146, 2, "conf-rack-orphan"), &[])
+        .await
+        .unwrap();
+    store
+        .ip_allocate("conf-orphan", &forgetful.uuid, PoolPurpose::Node, 1)
+        .await
+        .unwrap();
+    // A registered node accounts for its address.
+    let registered = node(146, 3, "conf-rack-orphan");
+    store
+        .node_register(&registration(&registered, None, "conf-orphan", None, "ok"))
+        .await
+        .unwrap();
+    let orphans: Vec<_> = store
+        .ip_orphans()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.allocation.pool == "conf-orphan")
+        .map(|o| (o.allocation.address, o.allocation.node_uuid, o.reason))
+        .collect();
+    assert_eq!(
+        orphans,
+        vec![
+            (
+                "10.146.0.10".to_string(),
+                ghost.clone(),
+                OrphanReason::NodeMissing
+            ),
+            (
+                "10.146.0.11".to_string(),
+                forgetful.uuid.clone(),
+                OrphanReason::NotInRecord
+            ),
+        ]
+    );
+    // Retiring releases, so nothing is left to report for that node.
+    let mut retired = forgetful.clone();
+    retired.state = LifecycleState::Retired;
+    store.node_update(&retired, &[]).await.unwrap();
+    store.ip_release_node(&ghost).await.unwrap();
+    assert!(store
+        .ip_orphans()
+        .await
+        .unwrap()
+        .iter()
+        .all(|o| o.allocation.pool != "conf-orphan"));
+}
+
+/// Reasons of the node-less events among the newest `limit`.
+async fn admin_event_reasons(store: &dyn Store) -> Vec<String> {
+    store
+        .event_list(&EventFilter {
+            limit: 200,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.node_uuid.is_none())
+        .map(|e| format!("{} {}", e.action, e.reason))
+        .collect()
+}
+
+fn admin_event(action: &str, reason: &str) -> NewEvent {
+    NewEvent {
+        at_ms: 7_000,
+        node_uuid: None,
+        actor: "token:conf".into(),
+        action: Action::parse(action).expect("a known audit action"),
+        from_state: None,
+        to_state: None,
+        reason: reason.into(),
+    }
+}
+
+async fn admin_writes_carry_their_events(store: &dyn Store) {
+    let audited = |action: &str, reason: &str| vec![admin_event(action, reason)];
+    store
+        .flavor_create(
+            &flavor("conf-audit"),
+            1,
+            &audited("flavor_create", "conf-audit a"),
+        )
+        .await
+        .unwrap();
+    let duplicate = store
+        .flavor_create(
+            &flavor("conf-audit"),
+            1,
+            &audited("flavor_create", "conf-audit dup"),
+        )
+        .await;
+    assert!(
+        matches!(duplicate, Err(StoreError::AlreadyExists { .. })),
+        "{duplicate:?}"
+    );
+    store
+        .flavor_put(
+            &flavor("conf-audit"),
+            2,
+            &audited("flavor_replace", "conf-audit b"),
+        )
+        .await
+        .unwrap();
+    store
+        .flavor_delete("conf-audit", &audited("flavor_delete", "conf-audit c"))
+        .await
+        .unwrap();
+    let missing = store
+        .flavor_delete(
+            "conf-audit",
+            &audited("flavor_delete", "conf-audit missing"),
+        )
+        .await;
+    assert!(matches!(missing, Err(StoreError::NotFound { .. })));
+    let p = pool(
+        "conf-audit-pool",
+        PoolPurpose::Node,
+        "10.147.0.0/24",
+        "10.147.0.10",
+        "10.147.0.20",
+    );
+    store
+        .pool_create(&p, &audited("pool_create", "conf-audit d"))
+        .await
+        .unwrap();
+    let duplicate = store
+        .pool_create(&p, &audited("pool_create", "conf-audit dup pool"))
+        .await;
+    assert!(matches!(duplicate, Err(StoreError::AlreadyExists { .. })));
+    store
+        .pool_delete("conf-audit-pool", &audited("pool_delete", "conf-audit e"))
+        .await
+        .unwrap();
+    store
+        .token_create(
+            "conf-audit",
+            TokenRole::Viewer,
+            &"e".repeat(64),
+            7,
+            &audited("token_create", "conf-audit f"),
+        )
+        .await
+        .unwrap();
+    let duplicate = store
+        .token_create(
+            "conf-audit",
+            TokenRole::Viewer,
+            &"f".repeat(64),
+            7,
+            &audited("token_create", "conf-audit dup token"),
+        )
+        .await;
+    assert!(matches!(duplicate, Err(StoreError::AlreadyExists { .. })));
+    store
+        .token_delete("conf-audit", &audited("token_delete", "conf-audit g"))
+        .await
+        .unwrap();
+    let reasons: Vec<String> = admin_event_reasons(store)
+        .await
+        .into_iter()
+        .filter(|r| r.contains("conf-audit"))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            "token_delete conf-audit g",
+            "token_create conf-audit f",
+            "pool_delete conf-audit e",
+            "pool_create conf-audit d",
+            "flavor_delete conf-audit c",
+            "flavor_replace conf-audit b",
+            "flavor_create conf-audit a",
+        ],
+        "each write's event, and none of a refused write"
+    );
+}
+
+async fn concurrent_flavor_creates_have_one_winner(store: Arc<dyn Store>) {
+    let mut tasks = Vec::new();
+    for index in 0..16 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut f = flavor("conf-crowd-flavor");
+            f.cmdline_template = format!("console=ttyS0 attempt={index}");
+            let event = admin_event("flavor_create", &format!("conf-crowd-flavor {index}"));
+            let result = store.flavor_create(&f, 1, &[event]).await;
+            (f, result)
+        }));
+    }
+    let mut winners = Vec::new();
+    for task in tasks {
+        let (f, result) = task.await.expect("task");
+        match result {
+            Ok(()) => winners.push(f),
+            Err(StoreError::AlreadyExists { .. }) => {}
+            Err(error) => panic!("concurrent flavor create: {error}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one create of one name wins");
+    assert_eq!(
+        store
+            .flavor_get("conf-crowd-flavor")
+            .await
+            .unwrap()
+            .as_ref(),
+        Some(&winners[0]),
+        "the stored flavor is the winner's"
+    );
+    let events: Vec<String> = admin_event_reasons(&*store)
+        .await
+        .into_iter()
+        .filter(|r| r.contains("conf-crowd-flavor"))
+        .collect();
+    assert_eq!(events.len(), 1, "only the winner's event: {events:?}");
 }

@@ -7,7 +7,10 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use bearman_proto::uuid::NodeUuid;
 
-use super::{clamp_limit, Store, StoreError};
+use super::{
+    clamp_limit, orphans_of, HeldAddress, OrphanAllocation, Registered, RegistrationWrite, Store,
+    StoreError,
+};
 use crate::core::ipam::{self, validate_pool};
 use crate::core::lifecycle::LifecycleState;
 use crate::core::model::{
@@ -78,6 +81,112 @@ fn release_node_addresses(state: &mut State, uuid: &NodeUuid) {
             state.allocations.remove(&key);
         }
     }
+}
+
+/// Checks that `node` may be created: neither its uuid nor its hostname is taken.
+fn check_create(state: &State, node: &Node) -> Result<(), StoreError> {
+    if state.nodes.contains_key(&node.uuid) {
+        return Err(StoreError::AlreadyExists {
+            what: format!("node {}", node.uuid),
+        });
+    }
+    if state.hostnames.contains_key(&node.hostname) {
+        return Err(StoreError::AlreadyExists {
+            what: format!("hostname {}", node.hostname),
+        });
+    }
+    Ok(())
+}
+
+fn insert_created(state: &mut State, node: &Node) {
+    state
+        .hostnames
+        .insert(node.hostname.clone(), node.uuid.clone());
+    state.nodes.insert(node.uuid.clone(), node.clone());
+}
+
+/// Checks that `node` may be written over the stored record: it exists, is still at
+/// `node.generation`, and a new hostname is free.
+fn check_update(state: &State, node: &Node) -> Result<(), StoreError> {
+    let stored = state
+        .nodes
+        .get(&node.uuid)
+        .ok_or_else(|| StoreError::not_found(format!("node {}", node.uuid)))?;
+    if stored.generation != node.generation {
+        return Err(StoreError::GenerationMismatch {
+            uuid: node.uuid.clone(),
+            expected: node.generation,
+            found: stored.generation,
+        });
+    }
+    if stored.hostname != node.hostname && state.hostnames.contains_key(&node.hostname) {
+        return Err(StoreError::AlreadyExists {
+            what: format!("hostname {}", node.hostname),
+        });
+    }
+    Ok(())
+}
+
+/// Writes `node` (already checked by [`check_update`]) at its generation + 1 and returns
+/// it as stored.
+fn write_updated(state: &mut State, node: &Node) -> Node {
+    let stored = &state.nodes[&node.uuid];
+    let old_hostname = stored.hostname.clone();
+    let last_heartbeat = stored.last_heartbeat_at_ms;
+    if old_hostname != node.hostname {
+        state.hostnames.remove(&old_hostname);
+        state
+            .hostnames
+            .insert(node.hostname.clone(), node.uuid.clone());
+    }
+    let mut updated = node.clone();
+    updated.generation += 1;
+    // Heartbeats are written out of band; a stale copy must not roll them back.
+    updated.last_heartbeat_at_ms = updated.last_heartbeat_at_ms.max(last_heartbeat);
+    if updated.state == LifecycleState::Retired {
+        release_node_addresses(state, &node.uuid);
+    }
+    state.nodes.insert(node.uuid.clone(), updated.clone());
+    updated
+}
+
+/// The address `pool` would hand out next, skipping `also_taken` (addresses the same
+/// write already chose). Reads only, so a caller can plan several and write none.
+fn choose_address(
+    state: &State,
+    pool: &IpPool,
+    also_taken: &BTreeSet<u32>,
+) -> Result<u32, StoreError> {
+    let range = validate_pool(pool).map_err(|error| StoreError::InvalidPool {
+        pool: pool.name.clone(),
+        detail: error.to_string(),
+    })?;
+    let highest_in_pool = state
+        .allocations
+        .range((pool.name.clone(), 0)..=(pool.name.clone(), u32::MAX))
+        .next_back()
+        .map(|((_, address), _)| *address);
+    let taken =
+        |address: u32| state.used_addresses.contains(&address) || also_taken.contains(&address);
+    // Overlapping pools must not hand out one address twice: skip addresses used by
+    // any pool, as the SQL stores' UNIQUE(address) constraint does.
+    let mut candidate = range.next_after_highest(highest_in_pool);
+    if candidate.is_none_or(taken) {
+        let used: BTreeSet<u32> = state.used_addresses.union(also_taken).copied().collect();
+        candidate = range.first_gap(&used);
+    }
+    candidate.ok_or_else(|| StoreError::PoolExhausted {
+        pool: pool.name.clone(),
+    })
+}
+
+fn insert_allocation(state: &mut State, allocation: &IpAllocation, address: u32) {
+    let key = (allocation.pool.clone(), address);
+    state.allocations.insert(key.clone(), allocation.clone());
+    state.used_addresses.insert(address);
+    state
+        .node_slots
+        .insert((allocation.node_uuid.clone(), allocation.purpose), key);
 }
 
 /// A consistent copy of the store's contents, for the simulator's invariant checker
@@ -212,60 +321,87 @@ impl Store for MemoryStore {
 
     async fn node_create(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError> {
         let mut state = self.lock();
-        if state.nodes.contains_key(&node.uuid) {
-            return Err(StoreError::AlreadyExists {
-                what: format!("node {}", node.uuid),
-            });
-        }
-        if state.hostnames.contains_key(&node.hostname) {
-            return Err(StoreError::AlreadyExists {
-                what: format!("hostname {}", node.hostname),
-            });
-        }
-        state
-            .hostnames
-            .insert(node.hostname.clone(), node.uuid.clone());
-        state.nodes.insert(node.uuid.clone(), node.clone());
+        check_create(&state, node)?;
+        insert_created(&mut state, node);
         append_events(&mut state, events);
         Ok(node.clone())
     }
 
     async fn node_update(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError> {
         let mut state = self.lock();
-        let stored = state
-            .nodes
-            .get(&node.uuid)
-            .ok_or_else(|| StoreError::not_found(format!("node {}", node.uuid)))?;
-        if stored.generation != node.generation {
-            return Err(StoreError::GenerationMismatch {
-                uuid: node.uuid.clone(),
-                expected: node.generation,
-                found: stored.generation,
-            });
-        }
-        let old_hostname = stored.hostname.clone();
-        let last_heartbeat = stored.last_heartbeat_at_ms;
-        if old_hostname != node.hostname {
-            if state.hostnames.contains_key(&node.hostname) {
-                return Err(StoreError::AlreadyExists {
-                    what: format!("hostname {}", node.hostname),
-                });
-            }
-            state.hostnames.remove(&old_hostname);
-            state
-                .hostnames
-                .insert(node.hostname.clone(), node.uuid.clone());
-        }
-        let mut updated = node.clone();
-        updated.generation += 1;
-        // Heartbeats are written out of band; a stale copy must not roll them back.
-        updated.last_heartbeat_at_ms = updated.last_heartbeat_at_ms.max(last_heartbeat);
-        if updated.state == LifecycleState::Retired {
-            release_node_addresses(&mut state, &node.uuid);
-        }
-        state.nodes.insert(node.uuid.clone(), updated.clone());
+        check_update(&state, node)?;
+        let updated = write_updated(&mut state, node);
         append_events(&mut state, events);
         Ok(updated)
+    }
+
+    async fn node_register(&self, write: &RegistrationWrite) -> Result<Registered, StoreError> {
+        // One lock for the whole registration: every check and choice is made before the
+        // first change, so a refusal leaves the state exactly as it was.
+        let mut state = self.lock();
+        write.check_requests()?;
+        let mut node = write.node.clone();
+        match write.expected_generation {
+            None => check_create(&state, &node)?,
+            Some(generation) => {
+                node.generation = generation;
+                check_update(&state, &node)?;
+            }
+        }
+        let mut held = Vec::new();
+        let mut new_allocations = Vec::new();
+        let mut chosen = BTreeSet::new();
+        for request in &write.addresses {
+            // The requested pool must exist even when the node keeps an address from
+            // another one, as on the SQL stores (which lock it first).
+            let pool = state
+                .pools
+                .get(&request.pool)
+                .cloned()
+                .ok_or_else(|| StoreError::not_found(format!("ip pool {}", request.pool)))?;
+            if let Some(key) = state.node_slots.get(&(node.uuid.clone(), request.purpose)) {
+                let allocation = state.allocations[key].clone();
+                let pool = state.pools.get(&key.0).cloned().ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "allocation {} names missing pool {}",
+                        allocation.address, key.0
+                    ))
+                })?;
+                held.push(HeldAddress { pool, allocation });
+                continue;
+            }
+            super::check_pool_purpose(&pool, request.purpose)?;
+            let address = choose_address(&state, &pool, &chosen)?;
+            chosen.insert(address);
+            let allocation = IpAllocation {
+                pool: pool.name.clone(),
+                address: ipam::address_to_string(address),
+                node_uuid: node.uuid.clone(),
+                purpose: request.purpose,
+                allocated_at_ms: write.at_ms,
+            };
+            new_allocations.push((allocation.clone(), address));
+            held.push(HeldAddress { pool, allocation });
+        }
+        for address in &held {
+            super::apply_held(&mut node, address)?;
+        }
+        // Nothing has changed so far; from here on nothing can fail.
+        let stored = match write.expected_generation {
+            None => {
+                insert_created(&mut state, &node);
+                node
+            }
+            Some(_) => write_updated(&mut state, &node),
+        };
+        for (allocation, address) in &new_allocations {
+            insert_allocation(&mut state, allocation, *address);
+        }
+        append_events(&mut state, &write.events);
+        Ok(Registered {
+            node: stored,
+            addresses: held,
+        })
     }
 
     async fn node_record_heartbeat(
@@ -282,10 +418,32 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn flavor_put(&self, flavor: &Flavor, _at_ms: TimestampMs) -> Result<(), StoreError> {
-        self.lock()
-            .flavors
-            .insert(flavor.name.clone(), flavor.clone());
+    async fn flavor_create(
+        &self,
+        flavor: &Flavor,
+        _at_ms: TimestampMs,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if state.flavors.contains_key(&flavor.name) {
+            return Err(StoreError::AlreadyExists {
+                what: format!("flavor {}", flavor.name),
+            });
+        }
+        state.flavors.insert(flavor.name.clone(), flavor.clone());
+        append_events(&mut state, events);
+        Ok(())
+    }
+
+    async fn flavor_put(
+        &self,
+        flavor: &Flavor,
+        _at_ms: TimestampMs,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        state.flavors.insert(flavor.name.clone(), flavor.clone());
+        append_events(&mut state, events);
         Ok(())
     }
 
@@ -297,7 +455,7 @@ impl Store for MemoryStore {
         Ok(self.lock().flavors.values().cloned().collect())
     }
 
-    async fn flavor_delete(&self, name: &str) -> Result<(), StoreError> {
+    async fn flavor_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError> {
         let mut state = self.lock();
         if !state.flavors.contains_key(name) {
             return Err(StoreError::not_found(format!("flavor {name}")));
@@ -314,10 +472,11 @@ impl Store for MemoryStore {
             });
         }
         state.flavors.remove(name);
+        append_events(&mut state, events);
         Ok(())
     }
 
-    async fn pool_create(&self, pool: &IpPool) -> Result<(), StoreError> {
+    async fn pool_create(&self, pool: &IpPool, events: &[NewEvent]) -> Result<(), StoreError> {
         let mut state = self.lock();
         if state.pools.contains_key(&pool.name) {
             return Err(StoreError::AlreadyExists {
@@ -325,6 +484,7 @@ impl Store for MemoryStore {
             });
         }
         state.pools.insert(pool.name.clone(), pool.clone());
+        append_events(&mut state, events);
         Ok(())
     }
 
@@ -336,7 +496,7 @@ impl Store for MemoryStore {
         Ok(self.lock().pools.values().cloned().collect())
     }
 
-    async fn pool_delete(&self, name: &str) -> Result<(), StoreError> {
+    async fn pool_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError> {
         let mut state = self.lock();
         if !state.pools.contains_key(name) {
             return Err(StoreError::not_found(format!("ip pool {name}")));
@@ -352,6 +512,7 @@ impl Store for MemoryStore {
             });
         }
         state.pools.remove(name);
+        append_events(&mut state, events);
         Ok(())
     }
 
@@ -370,24 +531,7 @@ impl Store for MemoryStore {
             .pools
             .get(pool_name)
             .ok_or_else(|| StoreError::not_found(format!("ip pool {pool_name}")))?;
-        let range = validate_pool(pool).map_err(|error| StoreError::InvalidPool {
-            pool: pool_name.to_string(),
-            detail: error.to_string(),
-        })?;
-        let highest_in_pool = state
-            .allocations
-            .range((pool_name.to_string(), 0)..=(pool_name.to_string(), u32::MAX))
-            .next_back()
-            .map(|((_, address), _)| *address);
-        // Overlapping pools must not hand out one address twice: skip addresses used by
-        // any pool, as the SQL stores' UNIQUE(address) constraint does.
-        let mut candidate = range.next_after_highest(highest_in_pool);
-        if candidate.is_none_or(|c| state.used_addresses.contains(&c)) {
-            candidate = range.first_gap(&state.used_addresses);
-        }
-        let address = candidate.ok_or_else(|| StoreError::PoolExhausted {
-            pool: pool_name.to_string(),
-        })?;
+        let address = choose_address(&state, pool, &BTreeSet::new())?;
         let allocation = IpAllocation {
             pool: pool_name.to_string(),
             address: ipam::address_to_string(address),
@@ -395,10 +539,7 @@ impl Store for MemoryStore {
             purpose,
             allocated_at_ms: at_ms,
         };
-        let key = (pool_name.to_string(), address);
-        state.allocations.insert(key.clone(), allocation.clone());
-        state.used_addresses.insert(address);
-        state.node_slots.insert((node_uuid.clone(), purpose), key);
+        insert_allocation(&mut state, &allocation, address);
         Ok(allocation)
     }
 
@@ -424,6 +565,19 @@ impl Store for MemoryStore {
         let before = state.allocations.len();
         release_node_addresses(&mut state, node_uuid);
         Ok(before - state.allocations.len())
+    }
+
+    async fn ip_orphans(&self) -> Result<Vec<OrphanAllocation>, StoreError> {
+        let state = self.lock();
+        let mut allocations: Vec<(u32, &IpAllocation)> = state
+            .allocations
+            .iter()
+            .map(|((_, address), allocation)| (*address, allocation))
+            .collect();
+        allocations.sort_by(|(a, x), (b, y)| (a, &x.pool).cmp(&(b, &y.pool)));
+        Ok(orphans_of(allocations.into_iter().map(
+            |(_, allocation)| (allocation.clone(), state.nodes.get(&allocation.node_uuid)),
+        )))
     }
 
     async fn event_append(&self, events: &[NewEvent]) -> Result<(), StoreError> {
@@ -547,6 +701,7 @@ impl Store for MemoryStore {
         role: TokenRole,
         secret_sha256: &str,
         at_ms: TimestampMs,
+        events: &[NewEvent],
     ) -> Result<ApiToken, StoreError> {
         let mut state = self.lock();
         if state.tokens.contains_key(name) {
@@ -563,6 +718,7 @@ impl Store for MemoryStore {
             created_at_ms: at_ms,
         };
         state.tokens.insert(name.to_string(), token.clone());
+        append_events(&mut state, events);
         Ok(token)
     }
 
@@ -579,11 +735,13 @@ impl Store for MemoryStore {
         Ok(self.lock().tokens.values().cloned().collect())
     }
 
-    async fn token_delete(&self, name: &str) -> Result<(), StoreError> {
-        self.lock()
+    async fn token_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        state
             .tokens
             .remove(name)
-            .map(|_| ())
-            .ok_or_else(|| StoreError::not_found(format!("token {name}")))
+            .ok_or_else(|| StoreError::not_found(format!("token {name}")))?;
+        append_events(&mut state, events);
+        Ok(())
     }
 }

@@ -9,8 +9,9 @@
 //! One conformance suite ([`conformance`]) runs against every implementation.
 //!
 //! Architecture invariant: the store enforces the data invariants itself (unique addresses,
-//! unique hostnames, node generations, addresses released on retire) so no caller can
-//! break them, however it interleaves.
+//! unique hostnames, node generations, addresses released on retire, a registration's
+//! addresses and node record written in one transaction) so no caller can break them,
+//! however it interleaves.
 
 pub mod cached;
 pub mod conformance;
@@ -28,6 +29,147 @@ use crate::core::model::{
 };
 use crate::core::power_sync::PowerReading;
 use crate::core::remediation::Remediation;
+
+pub use crate::core::ipam::AddressRequest;
+
+/// Everything one registration writes, for [`Store::node_register`]: one transaction, so
+/// a registration that fails at any point (pool exhausted, lost race, stale generation,
+/// hostname taken) leaves nothing behind and takes nothing from anyone.
+#[derive(Clone, Debug)]
+pub struct RegistrationWrite {
+    /// The node as planned by `core::registration::plan_registration`, before addresses;
+    /// the store writes the allocated ones into it (`core::ipam::apply_allocation`).
+    pub node: Node,
+    /// `Some(generation)` when planned from an existing record: written only if the
+    /// stored node is still at that generation (`GenerationMismatch` otherwise, `NotFound`
+    /// if it vanished), and stored one higher. `None` to create: `AlreadyExists` if the
+    /// uuid (or the hostname) appeared meanwhile; stored at `node.generation`.
+    pub expected_generation: Option<i64>,
+    /// The slots the node needs (`core::ipam::address_requests`). A node keeps an address
+    /// it already holds for a purpose, whichever pool it came from.
+    pub addresses: Vec<AddressRequest>,
+    pub events: Vec<NewEvent>,
+    pub at_ms: TimestampMs,
+}
+
+impl RegistrationWrite {
+    /// Refuses a write that asks twice for one purpose: a node has one slot per purpose,
+    /// so the second request could only be a caller's bug.
+    pub(crate) fn check_requests(&self) -> Result<(), StoreError> {
+        for (index, request) in self.addresses.iter().enumerate() {
+            if self.addresses[..index]
+                .iter()
+                .any(|earlier| earlier.purpose == request.purpose)
+            {
+                return Err(StoreError::Conflict {
+                    what: format!("registration of node {}", self.node.uuid),
+                    detail: format!(
+                        "{} addresses requested twice; a node holds one per purpose",
+                        request.purpose.as_str()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Refuses to allocate a `purpose` address from a pool meant for the other purpose.
+pub(crate) fn check_pool_purpose(pool: &IpPool, purpose: PoolPurpose) -> Result<(), StoreError> {
+    if pool.purpose == purpose {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidPool {
+            pool: pool.name.clone(),
+            detail: format!(
+                "it holds {} addresses, not {} addresses",
+                pool.purpose.as_str(),
+                purpose.as_str()
+            ),
+        })
+    }
+}
+
+/// Writes a held address into the node record (`core::ipam::apply_allocation`).
+pub(crate) fn apply_held(node: &mut Node, held: &HeldAddress) -> Result<(), StoreError> {
+    crate::core::ipam::apply_allocation(node, &held.pool, &held.allocation).map_err(|error| {
+        StoreError::InvalidPool {
+            pool: held.pool.name.clone(),
+            detail: error.to_string(),
+        }
+    })
+}
+
+/// One address a node holds, with the pool it came from (for its prefix and gateway).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeldAddress {
+    pub pool: IpPool,
+    pub allocation: IpAllocation,
+}
+
+/// What [`Store::node_register`] wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Registered {
+    /// The node as stored, its addresses included.
+    pub node: Node,
+    /// The allocations it holds for the requested purposes, in request order.
+    pub addresses: Vec<HeldAddress>,
+}
+
+impl Registered {
+    /// The held address of `purpose`, if one was requested.
+    pub fn address(&self, purpose: PoolPurpose) -> Option<&HeldAddress> {
+        self.addresses
+            .iter()
+            .find(|held| held.allocation.purpose == purpose)
+    }
+}
+
+/// Why [`Store::ip_orphans`] reports an allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrphanReason {
+    /// No node with the allocation's uuid exists.
+    NodeMissing,
+    /// The node exists but its record does not name the address where an address of that
+    /// purpose goes (bond0 for node addresses, the BMC for BMC ones).
+    NotInRecord,
+}
+
+impl OrphanReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrphanReason::NodeMissing => "node_missing",
+            OrphanReason::NotInRecord => "not_in_record",
+        }
+    }
+}
+
+/// An allocation nothing accounts for (see [`Store::ip_orphans`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OrphanAllocation {
+    pub allocation: IpAllocation,
+    pub reason: OrphanReason,
+}
+
+/// The orphans among `allocations`, given a lookup of nodes by uuid: the one rule every
+/// store's [`Store::ip_orphans`] applies.
+pub(crate) fn orphans_of<'a>(
+    allocations: impl IntoIterator<Item = (IpAllocation, Option<&'a Node>)>,
+) -> Vec<OrphanAllocation> {
+    allocations
+        .into_iter()
+        .filter_map(|(allocation, node)| {
+            let reason = match node {
+                None => OrphanReason::NodeMissing,
+                Some(node) if !crate::core::ipam::node_records_allocation(node, &allocation) => {
+                    OrphanReason::NotInRecord
+                }
+                Some(_) => return None,
+            };
+            Some(OrphanAllocation { allocation, reason })
+        })
+        .collect()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -130,6 +272,11 @@ pub trait Store: Send + Sync + 'static {
     /// and returned generation is one higher. Events are written in the same transaction.
     /// A node whose new state is `retired` has its addresses released in that transaction.
     async fn node_update(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError>;
+    /// Registers a node in one transaction: checks the create or the generation, allocates
+    /// each requested address (idempotently: a slot the node already holds is kept),
+    /// writes the addresses into the node record, writes the node and the events. Any
+    /// failure rolls everything back.
+    async fn node_register(&self, write: &RegistrationWrite) -> Result<Registered, StoreError>;
     /// Records liveness without bumping the generation (the hot path: every node, every
     /// few seconds, must not conflict with operator edits).
     async fn node_record_heartbeat(
@@ -138,22 +285,36 @@ pub trait Store: Send + Sync + 'static {
         at_ms: TimestampMs,
     ) -> Result<(), StoreError>;
 
-    /// Creates or replaces a flavor.
-    async fn flavor_put(&self, flavor: &Flavor, at_ms: TimestampMs) -> Result<(), StoreError>;
+    /// Creates a flavor with its audit events; `AlreadyExists` when one of that name exists
+    /// (decided by the database's key, so of two concurrent creates exactly one wins).
+    async fn flavor_create(
+        &self,
+        flavor: &Flavor,
+        at_ms: TimestampMs,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError>;
+    /// Creates or replaces a flavor, with its audit events.
+    async fn flavor_put(
+        &self,
+        flavor: &Flavor,
+        at_ms: TimestampMs,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError>;
     async fn flavor_get(&self, name: &str) -> Result<Option<Flavor>, StoreError>;
     /// Like [`Store::node_get_shared`], for flavors.
     async fn flavor_get_shared(&self, name: &str) -> Result<Option<Arc<Flavor>>, StoreError> {
         Ok(self.flavor_get(name).await?.map(Arc::new))
     }
     async fn flavor_list(&self) -> Result<Vec<Flavor>, StoreError>;
-    /// Deletes a flavor no node uses; `InUse` otherwise.
-    async fn flavor_delete(&self, name: &str) -> Result<(), StoreError>;
+    /// Deletes a flavor no node uses, with its audit events; `InUse` otherwise.
+    async fn flavor_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError>;
 
-    async fn pool_create(&self, pool: &IpPool) -> Result<(), StoreError>;
+    /// Creates a pool with its audit events; `AlreadyExists` when the name is taken.
+    async fn pool_create(&self, pool: &IpPool, events: &[NewEvent]) -> Result<(), StoreError>;
     async fn pool_get(&self, name: &str) -> Result<Option<IpPool>, StoreError>;
     async fn pool_list(&self) -> Result<Vec<IpPool>, StoreError>;
-    /// Deletes a pool with no allocations; `InUse` otherwise.
-    async fn pool_delete(&self, name: &str) -> Result<(), StoreError>;
+    /// Deletes a pool with no allocations, with its audit events; `InUse` otherwise.
+    async fn pool_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError>;
 
     /// Gives `node_uuid` an address of `purpose` from `pool`, or returns the one it already
     /// has for that purpose (idempotent: a retried registration gets the same address).
@@ -173,6 +334,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Releases every address held by `node_uuid`; returns how many were released.
     async fn ip_release_node(&self, node_uuid: &NodeUuid) -> Result<usize, StoreError>;
+
+    /// Allocations nothing accounts for, in address order: those whose node does not
+    /// exist, and those whose node's record does not name the address (leftovers of an
+    /// older version that allocated and wrote the node in separate transactions). A
+    /// consistent store has none; this only reads.
+    async fn ip_orphans(&self) -> Result<Vec<OrphanAllocation>, StoreError>;
 
     async fn event_append(&self, events: &[NewEvent]) -> Result<(), StoreError>;
     /// Newest first.
@@ -202,16 +369,19 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<Remediation>, StoreError>;
 
+    /// Creates a token with its audit events; `AlreadyExists` when the name is taken.
     async fn token_create(
         &self,
         name: &str,
         role: TokenRole,
         secret_sha256: &str,
         at_ms: TimestampMs,
+        events: &[NewEvent],
     ) -> Result<ApiToken, StoreError>;
     async fn token_find(&self, secret_sha256: &str) -> Result<Option<ApiToken>, StoreError>;
     async fn token_list(&self) -> Result<Vec<ApiToken>, StoreError>;
-    async fn token_delete(&self, name: &str) -> Result<(), StoreError>;
+    /// Deletes a token with its audit events; `NotFound` when there is none of that name.
+    async fn token_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError>;
 }
 
 /// Upper bound on any listing, whatever the caller asks for.

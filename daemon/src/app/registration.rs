@@ -1,0 +1,271 @@
+//! Registration: a machine in stage 1 reports its hardware; Bearman records it, gives it
+//! its addresses and tells it how to set up its BMC — addresses, node and audit events in
+//! one store transaction (`Store::node_register`), so a lost race or a crash can neither
+//! free another node's addresses nor leave any behind.
+
+use bearman_proto::uuid::NodeUuid;
+use bearman_proto::{BmcSettings, FirmwareVersions, RegisterRequest};
+
+use super::{App, AppError, NODE_ACTOR, NODE_WRITE_ATTEMPTS_MAX};
+use crate::core::ipam;
+use crate::core::lifecycle::LifecycleState;
+use crate::core::model::{Action, NewEvent, Node, PoolPurpose};
+use crate::core::registration::{plan_registration, RegistrationRefused};
+use crate::core::validate;
+use crate::store::{RegistrationWrite, StoreError};
+
+/// What a registration answers the machine.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    pub node: Node,
+    /// How to configure its BMC's LAN, when Bearman gave it an address.
+    pub bmc: Option<BmcSettings>,
+    /// What its flavor expects, for the agent's firmware check.
+    pub firmware_expected: FirmwareVersions,
+}
+
+impl App {
+    /// Records the hardware a machine reports about itself. A uuid whose recorded
+    /// hardware differs is refused (and the refusal audited) until an operator accepts
+    /// the new identity.
+    pub async fn node_register_hardware(
+        &self,
+        uuid: &NodeUuid,
+        request: &RegisterRequest,
+    ) -> Result<Registration, AppError> {
+        validate::check_register(request)?;
+        let now = self.now_ms();
+        let mut last_conflict = None;
+        for _ in 0..NODE_WRITE_ATTEMPTS_MAX {
+            let existing = self.store.node_get(uuid).await?;
+            let node = match plan_registration(
+                existing.as_ref(),
+                uuid,
+                request,
+                &self.settings.defaults,
+                now,
+            ) {
+                Ok(node) => node,
+                Err(RegistrationRefused::IdentityMismatch { detail, .. }) => {
+                    let event = NewEvent::for_node(
+                        uuid,
+                        now,
+                        NODE_ACTOR,
+                        Action::IdentityRefused,
+                        detail.clone(),
+                    );
+                    self.store.event_append(&[event]).await?;
+                    tracing::warn!(%uuid, %detail, "registration refused: identity mismatch");
+                    return Err(AppError::IdentityMismatch {
+                        uuid: uuid.clone(),
+                        detail,
+                    });
+                }
+                Err(RegistrationRefused::Illegal(error)) => return Err(error.into()),
+            };
+            let pools = self.store.pool_list().await?;
+            let addresses = ipam::address_requests(&pools, &node, request.bmc.is_some());
+            let flavor = match &node.flavor {
+                Some(name) => self.store.flavor_get(name).await?,
+                None => None,
+            };
+            let mut events = vec![NewEvent::for_node(
+                uuid,
+                now,
+                NODE_ACTOR,
+                Action::Register,
+                format!(
+                    "serial {}, {} NIC(s), rack {}",
+                    node.serial,
+                    node.hardware.nics.len(),
+                    node.rack.as_deref().unwrap_or("unknown")
+                ),
+            )
+            .with_states(
+                existing
+                    .as_ref()
+                    .map_or(LifecycleState::Discovered, |n| n.state),
+                node.state,
+            )];
+            if let Some(flavor) = &flavor {
+                if let Some(mismatch) = firmware_mismatch(&flavor.firmware_expected, &node.firmware)
+                {
+                    events.push(NewEvent::for_node(
+                        uuid,
+                        now,
+                        NODE_ACTOR,
+                        Action::FirmwareMismatch,
+                        mismatch,
+                    ));
+                }
+            }
+            let write = RegistrationWrite {
+                expected_generation: existing.as_ref().map(|n| n.generation),
+                node,
+                addresses,
+                events,
+                at_ms: now,
+            };
+            match self.store.node_register(&write).await {
+                Ok(registered) => {
+                    let bmc = registered
+                        .address(PoolPurpose::Bmc)
+                        .map(|held| ipam::bmc_settings(&held.pool, &held.allocation))
+                        .transpose()
+                        .map_err(|error| {
+                            StoreError::Corrupt(format!("stored bmc pool: {error}"))
+                        })?;
+                    let node = registered.node;
+                    tracing::info!(%uuid, hostname = %node.hostname, state = %node.state, "registered");
+                    return Ok(Registration {
+                        node,
+                        bmc,
+                        firmware_expected: flavor.map(|f| f.firmware_expected).unwrap_or_default(),
+                    });
+                }
+                Err(
+                    error @ (StoreError::GenerationMismatch { .. }
+                    | StoreError::AlreadyExists { .. }),
+                ) => {
+                    // Lost a race with a concurrent registration of the same node (or its
+                    // default hostname is taken): look again from the top. The lost
+                    // transaction left nothing behind.
+                    last_conflict = Some(error);
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(match last_conflict {
+            Some(error) => error.into(),
+            None => AppError::Busy {
+                what: format!("node {uuid}"),
+            },
+        })
+    }
+}
+
+/// Orphans named in the start-up report's log line and event, at most.
+const ORPHANS_LISTED_MAX: usize = 10;
+
+impl App {
+    /// The start-up check: addresses allocated to nobody (left by a version that wrote
+    /// registrations in two transactions). They are reported — a warning and one audit
+    /// event — not freed: an operator decides. Returns how many there are.
+    pub async fn report_orphan_addresses(&self) -> Result<usize, AppError> {
+        let orphans = self.store.ip_orphans().await?;
+        if orphans.is_empty() {
+            return Ok(0);
+        }
+        let listed: Vec<String> = orphans
+            .iter()
+            .take(ORPHANS_LISTED_MAX)
+            .map(|orphan| {
+                format!(
+                    "{} {} held by {} ({})",
+                    orphan.allocation.pool,
+                    orphan.allocation.address,
+                    orphan.allocation.node_uuid,
+                    orphan.reason.as_str()
+                )
+            })
+            .collect();
+        let more = orphans.len().saturating_sub(ORPHANS_LISTED_MAX);
+        let reason = format!(
+            "{} address allocation(s) held by no node record: {}{}",
+            orphans.len(),
+            listed.join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+        tracing::warn!(orphans = orphans.len(), %reason, "orphan address allocations found");
+        let event = NewEvent::global(
+            self.now_ms(),
+            super::SYSTEM_ACTOR,
+            Action::OrphanAddresses,
+            reason,
+        );
+        self.store.event_append(&[event]).await?;
+        Ok(orphans.len())
+    }
+}
+
+/// Describes how reported firmware differs from what the flavor expects, if it does.
+fn firmware_mismatch(expected: &FirmwareVersions, reported: &FirmwareVersions) -> Option<String> {
+    let differences = bearman_proto::firmware::differences(expected, reported);
+    (!differences.is_empty()).then(|| {
+        let listed: Vec<String> = differences.iter().map(ToString::to_string).collect();
+        format!("firmware behind: {}", listed.join("; "))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::core::model::{EventFilter, IpPool, NodeRole};
+    use crate::core::registration::RegistrationDefaults;
+    use crate::store::memory::MemoryStore;
+    use crate::store::Store;
+
+    struct FixedClock;
+    impl crate::runtime::Clock for FixedClock {
+        fn now_ms(&self) -> i64 {
+            42
+        }
+    }
+
+    #[tokio::test]
+    async fn orphan_addresses_an_older_version_left_are_reported_once_at_start() {
+        let store = Arc::new(MemoryStore::new());
+        let app = App::new(
+            store.clone(),
+            Arc::new(FixedClock),
+            super::super::Settings {
+                defaults: RegistrationDefaults {
+                    role: NodeRole::Compute,
+                    flavor: None,
+                },
+                heartbeat_fresh_ms: 0,
+            },
+        );
+        assert_eq!(app.report_orphan_addresses().await.unwrap(), 0);
+        let pool = IpPool {
+            name: "fleet".into(),
+            purpose: PoolPurpose::Node,
+            vlan: None,
+            cidr: "10.0.0.0/24".into(),
+            range_start: "10.0.0.10".into(),
+            range_end: "10.0.0.20".into(),
+            gateway: None,
+            dns: vec![],
+            mtu: 1500,
+        };
+        store.pool_create(&pool, &[]).await.unwrap();
+        // What the two-transaction registration left behind after a crash: an address
+        // allocated to a uuid that never got a node record.
+        let ghost = NodeUuid::from_index(9, 9);
+        store
+            .ip_allocate("fleet", &ghost, PoolPurpose::Node, 1)
+            .await
+            .unwrap();
+        assert_eq!(app.report_orphan_addresses().await.unwrap(), 1);
+        let events = store.event_list(&EventFilter::default()).await.unwrap();
+        let reported: Vec<&str> = events
+            .iter()
+            .filter(|e| e.action == Action::OrphanAddresses)
+            .map(|e| e.reason.as_str())
+            .collect();
+        assert_eq!(
+            reported,
+            vec![format!(
+                "1 address allocation(s) held by no node record: fleet 10.0.0.10 held by {ghost} (node_missing)"
+            )]
+        );
+        // Reported, not freed: an operator decides.
+        assert_eq!(store.ip_list(None, None).await.unwrap().len(), 1);
+    }
+}

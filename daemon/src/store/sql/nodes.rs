@@ -1,0 +1,351 @@
+//! Node records: read, list, create, update (optimistic on the generation), heartbeats,
+//! and registration (addresses, node and events in one transaction).
+
+use bearman_proto::uuid::NodeUuid;
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{addresses, events::insert_events};
+use super::{backend_error, corrupt, is_unique_violation, SqlStore, CONFLICT_RETRIES_MAX};
+use crate::core::lifecycle::LifecycleState;
+use crate::core::model::{NewEvent, Node, NodeFilter, StateCounts, TimestampMs};
+use crate::store::{
+    apply_held, clamp_limit, HeldAddress, Registered, RegistrationWrite, StoreError,
+};
+
+/// What [`node_from_row`] reads: the document, and the columns written apart from it.
+pub(super) const NODE_COLUMNS: &str = "doc, generation, last_heartbeat_at_ms";
+
+pub(super) fn node_from_row(row: &AnyRow) -> Result<Node, StoreError> {
+    let doc: String = row.try_get("doc").map_err(backend_error)?;
+    let mut node: Node = serde_json::from_str(&doc).map_err(|e| corrupt("node document", e))?;
+    node.generation = row.try_get("generation").map_err(backend_error)?;
+    node.last_heartbeat_at_ms = row.try_get("last_heartbeat_at_ms").map_err(backend_error)?;
+    Ok(node)
+}
+
+fn node_doc(node: &Node) -> Result<String, StoreError> {
+    serde_json::to_string(node).map_err(|e| corrupt("node document", e))
+}
+
+/// Writes `node` at its generation + 1 inside `tx` (optimistic concurrency), releasing its
+/// addresses when it is retired, and returns it as stored.
+pub(super) async fn write_node(
+    tx: &mut sqlx::AnyConnection,
+    node: &Node,
+) -> Result<Node, StoreError> {
+    let mut updated = node.clone();
+    updated.generation = node.generation + 1;
+    let result = sqlx::query(
+        "UPDATE nodes SET hostname = $1, serial = $2, rack = $3, role = $4, state = $5, \
+         flavor = $6, generation = $7, updated_at_ms = $8, doc = $9, \
+         last_heartbeat_at_ms = CASE WHEN last_heartbeat_at_ms IS NULL OR last_heartbeat_at_ms < $12 \
+         THEN $12 ELSE last_heartbeat_at_ms END \
+         WHERE uuid = $10 AND generation = $11",
+    )
+    .bind(&updated.hostname)
+    .bind(&updated.serial)
+    .bind(updated.rack.clone())
+    .bind(updated.role.as_str())
+    .bind(updated.state.as_str())
+    .bind(updated.flavor.clone())
+    .bind(updated.generation)
+    .bind(updated.updated_at_ms)
+    .bind(node_doc(&updated)?)
+    .bind(node.uuid.as_str())
+    .bind(node.generation)
+    .bind(updated.last_heartbeat_at_ms)
+    .execute(&mut *tx)
+    .await;
+    let rows = match result {
+        Err(error) if is_unique_violation(&error) => {
+            return Err(StoreError::AlreadyExists {
+                what: format!("hostname {}", node.hostname),
+            })
+        }
+        other => other.map_err(backend_error)?.rows_affected(),
+    };
+    if rows == 0 {
+        let found = sqlx::query("SELECT generation FROM nodes WHERE uuid = $1")
+            .bind(node.uuid.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend_error)?;
+        return Err(match found {
+            None => StoreError::not_found(format!("node {}", node.uuid)),
+            Some(row) => StoreError::GenerationMismatch {
+                uuid: node.uuid.clone(),
+                expected: node.generation,
+                found: row.try_get("generation").map_err(backend_error)?,
+            },
+        });
+    }
+    if updated.state == LifecycleState::Retired {
+        sqlx::query("DELETE FROM ip_allocations WHERE node_uuid = $1")
+            .bind(node.uuid.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(backend_error)?;
+    }
+    let heartbeat = sqlx::query("SELECT last_heartbeat_at_ms FROM nodes WHERE uuid = $1")
+        .bind(node.uuid.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(backend_error)?;
+    updated.last_heartbeat_at_ms = heartbeat
+        .try_get("last_heartbeat_at_ms")
+        .map_err(backend_error)?;
+    Ok(updated)
+}
+
+pub(super) async fn get(store: &SqlStore, uuid: &NodeUuid) -> Result<Option<Node>, StoreError> {
+    let row = sqlx::query(&format!("SELECT {NODE_COLUMNS} FROM nodes WHERE uuid = $1"))
+        .bind(uuid.as_str())
+        .fetch_optional(&store.pool)
+        .await
+        .map_err(backend_error)?;
+    row.as_ref().map(node_from_row).transpose()
+}
+
+pub(super) async fn list(store: &SqlStore, filter: &NodeFilter) -> Result<Vec<Node>, StoreError> {
+    let mut sql = format!("SELECT {NODE_COLUMNS} FROM nodes WHERE 1 = 1");
+    let mut params: Vec<String> = Vec::new();
+    let mut add = |sql: &mut String, column: &str, op: &str, value: String| {
+        params.push(value);
+        sql.push_str(&format!(" AND {column} {op} ${}", params.len()));
+    };
+    if let Some(after) = &filter.after {
+        add(&mut sql, "uuid", ">", after.to_string());
+    }
+    if let Some(state) = filter.state {
+        add(&mut sql, "state", "=", state.as_str().to_string());
+    }
+    if let Some(rack) = &filter.rack {
+        add(&mut sql, "rack", "=", rack.clone());
+    }
+    if let Some(role) = filter.role {
+        add(&mut sql, "role", "=", role.as_str().to_string());
+    }
+    sql.push_str(&format!(
+        " ORDER BY uuid LIMIT {}",
+        clamp_limit(filter.limit)
+    ));
+    let mut query = sqlx::query(&sql);
+    for param in &params {
+        query = query.bind(param.as_str());
+    }
+    let rows = query.fetch_all(&store.pool).await.map_err(backend_error)?;
+    rows.iter().map(node_from_row).collect()
+}
+
+pub(super) async fn count_by_state(store: &SqlStore) -> Result<StateCounts, StoreError> {
+    let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM nodes GROUP BY state")
+        .fetch_all(&store.pool)
+        .await
+        .map_err(backend_error)?;
+    let mut counts = StateCounts::new();
+    for row in rows {
+        let state: String = row.try_get("state").map_err(backend_error)?;
+        let count: i64 = row.try_get("n").map_err(backend_error)?;
+        let state = LifecycleState::parse(&state).ok_or_else(|| corrupt("node state", &state))?;
+        counts.insert(state, count as usize);
+    }
+    Ok(counts)
+}
+
+pub(super) async fn create(
+    store: &SqlStore,
+    node: &Node,
+    events: &[NewEvent],
+) -> Result<Node, StoreError> {
+    let mut tx = store.pool.begin().await.map_err(backend_error)?;
+    check_create(&mut tx, node).await?;
+    insert_node(&mut tx, node).await?;
+    insert_events(&mut tx, events).await?;
+    tx.commit().await.map_err(backend_error)?;
+    Ok(node.clone())
+}
+
+pub(super) async fn update(
+    store: &SqlStore,
+    node: &Node,
+    events: &[NewEvent],
+) -> Result<Node, StoreError> {
+    let mut tx = store.pool.begin().await.map_err(backend_error)?;
+    let updated = write_node(&mut tx, node).await?;
+    insert_events(&mut tx, events).await?;
+    tx.commit().await.map_err(backend_error)?;
+    Ok(updated)
+}
+
+pub(super) async fn register(
+    store: &SqlStore,
+    write: &RegistrationWrite,
+) -> Result<Registered, StoreError> {
+    write.check_requests()?;
+    for attempt in 0..CONFLICT_RETRIES_MAX {
+        // After a lost race, scan for gaps: the fast path's candidate may be held by
+        // an overlapping pool for good.
+        let gap_scan = attempt > 0;
+        if let Some(registered) = try_register(store, write, gap_scan).await? {
+            return Ok(registered);
+        }
+    }
+    Err(StoreError::Backend(format!(
+        "could not register node {}: {CONFLICT_RETRIES_MAX} attempts lost races for an address",
+        write.node.uuid
+    )))
+}
+
+pub(super) async fn record_heartbeat(
+    store: &SqlStore,
+    uuid: &NodeUuid,
+    at_ms: TimestampMs,
+) -> Result<(), StoreError> {
+    let result = sqlx::query(
+        "UPDATE nodes SET last_heartbeat_at_ms = $1 WHERE uuid = $2 \
+         AND (last_heartbeat_at_ms IS NULL OR last_heartbeat_at_ms < $1)",
+    )
+    .bind(at_ms)
+    .bind(uuid.as_str())
+    .execute(&store.pool)
+    .await
+    .map_err(backend_error)?;
+    if result.rows_affected() == 0 && get(store, uuid).await?.is_none() {
+        return Err(StoreError::not_found(format!("node {uuid}")));
+    }
+    Ok(())
+}
+
+/// One attempt at [`crate::store::Store::node_register`] in one transaction; `None` when a unique
+/// constraint said someone else won a race for an address and the caller should try
+/// again. Every other outcome is final, and a refusal has written nothing.
+async fn try_register(
+    store: &SqlStore,
+    write: &RegistrationWrite,
+    gap_scan: bool,
+) -> Result<Option<Registered>, StoreError> {
+    let mut tx = store.pool.begin().await.map_err(backend_error)?;
+    let mut node = write.node.clone();
+    // Refuse early what is already decided; the node's own INSERT or UPDATE below
+    // decides again, atomically, for whatever changes meanwhile.
+    match write.expected_generation {
+        None => check_create(&mut tx, &node).await?,
+        Some(generation) => {
+            node.generation = generation;
+            check_generation(&mut tx, &node).await?;
+        }
+    }
+    // Pool rows are locked in name order, so two registrations never wait for each
+    // other's pools crosswise (a deadlock on PostgreSQL).
+    let mut order: Vec<usize> = (0..write.addresses.len()).collect();
+    order.sort_by(|&a, &b| write.addresses[a].pool.cmp(&write.addresses[b].pool));
+    let mut held: Vec<Option<HeldAddress>> = vec![None; write.addresses.len()];
+    for index in order {
+        match addresses::allocate_in(
+            store,
+            &mut tx,
+            &write.addresses[index],
+            &node.uuid,
+            write.at_ms,
+            gap_scan,
+        )
+        .await?
+        {
+            Some(address) => held[index] = Some(address),
+            // The transaction is aborted (PostgreSQL); dropping it rolls back.
+            None => return Ok(None),
+        }
+    }
+    let held: Vec<HeldAddress> = held.into_iter().flatten().collect();
+    for address in &held {
+        apply_held(&mut node, address)?;
+    }
+    let stored = match write.expected_generation {
+        None => {
+            insert_node(&mut tx, &node).await?;
+            node
+        }
+        Some(_) => write_node(&mut tx, &node).await?,
+    };
+    insert_events(&mut tx, &write.events).await?;
+    tx.commit().await.map_err(backend_error)?;
+    Ok(Some(Registered {
+        node: stored,
+        addresses: held,
+    }))
+}
+
+/// `AlreadyExists` when `node`'s uuid or hostname is taken.
+async fn check_create(tx: &mut sqlx::AnyConnection, node: &Node) -> Result<(), StoreError> {
+    let existing = sqlx::query("SELECT uuid FROM nodes WHERE uuid = $1 OR hostname = $2")
+        .bind(node.uuid.as_str())
+        .bind(&node.hostname)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend_error)?;
+    match existing {
+        None => Ok(()),
+        Some(row) => {
+            let uuid: String = row.try_get("uuid").map_err(backend_error)?;
+            Err(StoreError::AlreadyExists {
+                what: if uuid == node.uuid.as_str() {
+                    format!("node {}", node.uuid)
+                } else {
+                    format!("hostname {}", node.hostname)
+                },
+            })
+        }
+    }
+}
+
+/// `NotFound` or `GenerationMismatch` unless the stored node is at `node.generation`.
+async fn check_generation(tx: &mut sqlx::AnyConnection, node: &Node) -> Result<(), StoreError> {
+    let found = sqlx::query("SELECT generation FROM nodes WHERE uuid = $1")
+        .bind(node.uuid.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend_error)?;
+    let found: i64 = match found {
+        None => return Err(StoreError::not_found(format!("node {}", node.uuid))),
+        Some(row) => row.try_get("generation").map_err(backend_error)?,
+    };
+    if found != node.generation {
+        return Err(StoreError::GenerationMismatch {
+            uuid: node.uuid.clone(),
+            expected: node.generation,
+            found,
+        });
+    }
+    Ok(())
+}
+
+/// Inserts `node` as given; the primary key and the hostname's unique constraint decide
+/// a create race (`AlreadyExists` for the loser).
+async fn insert_node(tx: &mut sqlx::AnyConnection, node: &Node) -> Result<(), StoreError> {
+    let result = sqlx::query(
+        "INSERT INTO nodes (uuid, hostname, serial, rack, role, state, flavor, generation, \
+         created_at_ms, updated_at_ms, last_heartbeat_at_ms, doc) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    )
+    .bind(node.uuid.as_str())
+    .bind(&node.hostname)
+    .bind(&node.serial)
+    .bind(node.rack.clone())
+    .bind(node.role.as_str())
+    .bind(node.state.as_str())
+    .bind(node.flavor.clone())
+    .bind(node.generation)
+    .bind(node.created_at_ms)
+    .bind(node.updated_at_ms)
+    .bind(node.last_heartbeat_at_ms)
+    .bind(node_doc(node)?)
+    .execute(&mut *tx)
+    .await;
+    match result {
+        Err(error) if is_unique_violation(&error) => Err(StoreError::AlreadyExists {
+            what: format!("node {} or hostname {}", node.uuid, node.hostname),
+        }),
+        other => other.map(|_| ()).map_err(backend_error),
+    }
+}

@@ -1,0 +1,105 @@
+//! API tokens, stored as the sha256 of their secret.
+
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::events::insert_events;
+use super::{backend_error, corrupt, is_unique_violation, SqlStore};
+use crate::core::model::{ApiToken, NewEvent, TimestampMs, TokenRole};
+use crate::store::StoreError;
+
+/// What [`token_from_row`] reads.
+const TOKEN_COLUMNS: &str = "id, name, role, secret_sha256, created_at_ms";
+
+fn token_from_row(row: &AnyRow) -> Result<ApiToken, StoreError> {
+    let role: String = row.try_get("role").map_err(backend_error)?;
+    Ok(ApiToken {
+        id: row.try_get("id").map_err(backend_error)?,
+        name: row.try_get("name").map_err(backend_error)?,
+        role: TokenRole::parse(&role).ok_or_else(|| corrupt("token role", &role))?,
+        secret_sha256: row.try_get("secret_sha256").map_err(backend_error)?,
+        created_at_ms: row.try_get("created_at_ms").map_err(backend_error)?,
+    })
+}
+
+pub(super) async fn create(
+    store: &SqlStore,
+    name: &str,
+    role: TokenRole,
+    secret_sha256: &str,
+    at_ms: TimestampMs,
+    events: &[NewEvent],
+) -> Result<ApiToken, StoreError> {
+    let mut tx = store.pool.begin().await.map_err(backend_error)?;
+    let result = sqlx::query(
+        "INSERT INTO api_tokens (name, role, secret_sha256, created_at_ms) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(name)
+    .bind(role.as_str())
+    .bind(secret_sha256)
+    .bind(at_ms)
+    .execute(&mut *tx)
+    .await;
+    match result {
+        Err(error) if is_unique_violation(&error) => {
+            return Err(StoreError::AlreadyExists {
+                what: format!("token {name}"),
+            })
+        }
+        other => other.map_err(backend_error)?,
+    };
+    let row = sqlx::query(&format!(
+        "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE name = $1"
+    ))
+    .bind(name)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(backend_error)?;
+    let token = token_from_row(&row)?;
+    insert_events(&mut tx, events).await?;
+    tx.commit().await.map_err(backend_error)?;
+    Ok(token)
+}
+
+pub(super) async fn find(
+    store: &SqlStore,
+    secret_sha256: &str,
+) -> Result<Option<ApiToken>, StoreError> {
+    let row = sqlx::query(&format!(
+        "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE secret_sha256 = $1"
+    ))
+    .bind(secret_sha256)
+    .fetch_optional(&store.pool)
+    .await
+    .map_err(backend_error)?;
+    row.as_ref().map(token_from_row).transpose()
+}
+
+pub(super) async fn list(store: &SqlStore) -> Result<Vec<ApiToken>, StoreError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY name"
+    ))
+    .fetch_all(&store.pool)
+    .await
+    .map_err(backend_error)?;
+    rows.iter().map(token_from_row).collect()
+}
+
+pub(super) async fn delete(
+    store: &SqlStore,
+    name: &str,
+    events: &[NewEvent],
+) -> Result<(), StoreError> {
+    let mut tx = store.pool.begin().await.map_err(backend_error)?;
+    let deleted = sqlx::query("DELETE FROM api_tokens WHERE name = $1")
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend_error)?
+        .rows_affected();
+    if deleted == 0 {
+        return Err(StoreError::not_found(format!("token {name}")));
+    }
+    insert_events(&mut tx, events).await?;
+    tx.commit().await.map_err(backend_error)
+}
