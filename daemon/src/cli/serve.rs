@@ -1,0 +1,109 @@
+//! `bearman serve`: configuration, logging, the daemon assembly, shutdown on a signal.
+
+use super::*;
+
+pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let file = FileConfig::load(args.store.config.as_deref())?;
+    let config = config::resolve(
+        Overrides {
+            listen: args.listen,
+            public_url: args.public_url,
+            data_dir: args.store.data_dir,
+            database_url: args.store.database_url,
+            log_format: args.log_format,
+            default_flavor: args.default_flavor,
+        },
+        file,
+    )?;
+    init_logging(config.log_json);
+    std::fs::create_dir_all(config.data_dir.join("images"))
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let store = bearman::server::open_sql_store(&config.database_url)
+        .await
+        .map_err(|e| anyhow!("opening the database: {e}"))?;
+    if store
+        .token_list()
+        .await
+        .map_err(|e| anyhow!("{e}"))?
+        .is_empty()
+    {
+        tracing::warn!(
+            "no API tokens exist yet; create the first admin token with \
+             `bearman token create --name admin --role admin` (same --data-dir / --database-url)"
+        );
+    }
+    let listener = bearman::runtime::system::bind_tcp(&config.listen.to_string())
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(
+        listen = %bound,
+        public_url = %config.public_url,
+        store = store.backend_name(),
+        database = %bearman::store::sql::redact_url(&config.database_url),
+        "bearman serving; DHCP should point iPXE at {}/ipxe",
+        config.public_url
+    );
+    // Without BMC drivers remediation detects and guards but cannot fence: every fence
+    // fails (reported) and nothing is ever evacuated on a guess. Without a cloud, fenced
+    // nodes are rebuilt but no VM is moved.
+    let cloud: Option<Arc<dyn bearman::cloud::Cloud>> = match config.nova.clone() {
+        Some(nova) => {
+            let cloud =
+                bearman::cloud::nova::NovaCloud::new(nova, bearman::cloud::nova::TcpConnector)
+                    .map_err(|e| anyhow!("nova configuration: {e}"))?;
+            tracing::info!("evacuation through OpenStack Nova enabled");
+            Some(Arc::new(cloud))
+        }
+        None => {
+            tracing::warn!("no [nova] section: remediation will not evacuate VMs");
+            None
+        }
+    };
+    let bmcs = bearman::bmc::provider::DriverBmcs::new(config.bmc.clone())
+        .map_err(|e| anyhow!("bmc configuration: {e}"))?;
+    let parts = bearman::server::DaemonParts {
+        store,
+        clock: Arc::new(SystemClock),
+        images: Arc::new(DirImages::new(config.data_dir.join("images"))),
+        service: ServiceConfig {
+            public_url: config.public_url.clone(),
+            stage1: config.stage1.clone(),
+            defaults: RegistrationDefaults {
+                role: config.default_role,
+                flavor: config.default_flavor.clone(),
+            },
+            body_limit_bytes: config.body_limit_bytes,
+            heartbeat_fresh_ms: config.heartbeat_fresh_s as i64 * 1000,
+        },
+        bmcs: Arc::new(bmcs),
+        cloud,
+        remediation: config.remediation.clone(),
+    };
+    bearman::server::run_daemon(listener, parts, shutdown_signal()).await?;
+    tracing::info!("bearman stopped");
+    Ok(())
+}
+
+pub(super) async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            biased;
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("shutdown requested; finishing in-flight requests");
+}
