@@ -512,6 +512,45 @@ mod tests {
     }
 
     #[test]
+    fn each_refused_setting_is_named_by_its_key() {
+        let check = |change: fn(&mut BmcSettings), expect: &str| {
+            let mut settings = BmcSettings::default();
+            change(&mut settings);
+            assert_eq!(settings.validate().unwrap_err().to_string(), expect);
+        };
+        check(
+            |s| s.concurrent_max = 0,
+            "bmc.concurrent_max 0 is outside 1-4096",
+        );
+        check(
+            |s| s.readbacks_max = 101,
+            "bmc.readbacks_max 101 is outside 1-100",
+        );
+        check(
+            |s| s.redfish.timeout_ms = 0,
+            "bmc.redfish.timeout_ms 0 must be above 0 and at most bmc.call_timeout_ms (60000)",
+        );
+        check(
+            |s| {
+                s.ipmi_cipher_suites.insert("bmc7".into(), 18);
+            },
+            "bmc.ipmi_cipher_suites: 18 for bmc7 is not an IPMI v2 cipher suite (0-17)",
+        );
+        check(
+            |s| s.ipmi.cipher_suite = 18,
+            "ipmi.cipher_suite 18 is not an IPMI v2 cipher suite (0-17)",
+        );
+        check(
+            |s| s.ipmi.session_retries = 11,
+            "ipmi.session_retries 11 is more than 10",
+        );
+        check(
+            |s| s.ipmi.attempts_max = 0,
+            "ipmi.attempts_max 0 is outside 1-10",
+        );
+    }
+
+    #[test]
     fn redfish_addresses_share_a_lock_however_written() {
         assert_eq!(redfish_key("bmc1"), "bmc1:443");
         assert_eq!(redfish_key("https://BMC1/"), "bmc1:443");
