@@ -262,6 +262,7 @@ async fn the_provider_drives_a_vm_whose_socket_is_in_the_allowed_directory() {
         ..BmcSettings::default()
     }
     .validate()
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(error.contains("absolute"), "{error}");
 }

@@ -226,19 +226,30 @@ async fn read_until(
     want: PowerState,
     readbacks: u32,
     backoff: Duration,
-) -> Result<u32, String> {
+) -> Result<u32, LastReadback> {
     let mut delay = backoff;
-    let mut last = String::from("no readback was made");
+    let mut last = LastReadback::NoneMade;
     for readback in 1..=readbacks {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(backoff * 8);
         match bmc.power_state().await {
             Ok(state) if state == want => return Ok(readback),
-            Ok(state) => last = format!("the BMC still reported power {}", power_word(state)),
-            Err(error) => last = format!("the last readback failed: {error}"),
+            Ok(state) => last = LastReadback::StillReported(state),
+            Err(error) => last = LastReadback::Failed(error),
         }
     }
     Err(last)
+}
+
+/// What the last readback of a power command said, when it was not what was wanted.
+#[derive(Debug, thiserror::Error)]
+enum LastReadback {
+    #[error("no readback was made")]
+    NoneMade,
+    #[error("the BMC still reported power {}", power_word(*.0))]
+    StillReported(PowerState),
+    #[error("the last readback failed: {0}")]
+    Failed(BmcError),
 }
 
 fn not_verified(
@@ -247,7 +258,7 @@ fn not_verified(
     want: PowerState,
     readbacks: u32,
     note: &str,
-    last: &str,
+    last: &LastReadback,
 ) -> BmcError {
     BmcError::Failed {
         bmc: bmc_name.to_string(),

@@ -66,45 +66,68 @@ impl Default for IpmiSettings {
     }
 }
 
+/// Why `[bmc.ipmi]` settings were refused; each message names the key.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IpmiSettingsError {
+    #[error("ipmi.cipher_suite {suite} is not an IPMI v2 cipher suite (0-17)")]
+    CipherSuite { suite: u8 },
+    #[error("{key} {value} is outside {min}-{max}")]
+    OutOfRange {
+        key: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
+    #[error("{key} {value} is more than {max}")]
+    TooLarge {
+        key: &'static str,
+        value: u64,
+        max: u64,
+    },
+}
+
 impl IpmiSettings {
     /// Refuses settings that would make calls unbounded or pointless.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), IpmiSettingsError> {
         if self.cipher_suite > 17 {
-            return Err(format!(
-                "ipmi.cipher_suite {} is not an IPMI v2 cipher suite (0-17)",
-                self.cipher_suite
-            ));
+            return Err(IpmiSettingsError::CipherSuite {
+                suite: self.cipher_suite,
+            });
         }
-        if !(1..=60).contains(&self.session_timeout_s) {
-            return Err(format!(
-                "ipmi.session_timeout_s {} is outside 1-60",
-                self.session_timeout_s
-            ));
-        }
-        if self.session_retries > 10 {
-            return Err(format!(
-                "ipmi.session_retries {} is more than 10",
-                self.session_retries
-            ));
-        }
-        if !(100..=600_000).contains(&self.command_timeout_ms) {
-            return Err(format!(
-                "ipmi.command_timeout_ms {} is outside 100-600000",
-                self.command_timeout_ms
-            ));
-        }
-        if !(1..=10).contains(&self.attempts_max) {
-            return Err(format!(
-                "ipmi.attempts_max {} is outside 1-10",
-                self.attempts_max
-            ));
-        }
-        if self.retry_backoff_ms > 60_000 {
-            return Err(format!(
-                "ipmi.retry_backoff_ms {} is more than 60000",
-                self.retry_backoff_ms
-            ));
-        }
+        let within = |key, value: u64, min, max| {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(IpmiSettingsError::OutOfRange {
+                    key,
+                    value,
+                    min,
+                    max,
+                })
+            }
+        };
+        let at_most = |key, value: u64, max| {
+            if value <= max {
+                Ok(())
+            } else {
+                Err(IpmiSettingsError::TooLarge { key, value, max })
+            }
+        };
+        within(
+            "ipmi.session_timeout_s",
+            self.session_timeout_s.into(),
+            1,
+            60,
+        )?;
+        at_most("ipmi.session_retries", self.session_retries.into(), 10)?;
+        within(
+            "ipmi.command_timeout_ms",
+            self.command_timeout_ms,
+            100,
+            600_000,
+        )?;
+        within("ipmi.attempts_max", self.attempts_max.into(), 1, 10)?;
+        at_most("ipmi.retry_backoff_ms", self.retry_backoff_ms, 60_000)?;
         Ok(())
     }
 
@@ -125,22 +148,47 @@ pub struct BmcAddress {
     pub port: u16,
 }
 
+/// Why a BMC address was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("bmc address {address:?} {problem}")]
+pub struct BmcAddressError {
+    pub address: String,
+    pub problem: AddressProblem,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AddressProblem {
+    #[error("has an unclosed [")]
+    UnclosedBracket,
+    #[error("has text after ]")]
+    TextAfterBracket,
+    #[error("has no host")]
+    NoHost,
+    #[error("is not a host name or IP address")]
+    NotAHost,
+    #[error("has an invalid port")]
+    InvalidPort,
+}
+
 impl BmcAddress {
     /// Parses `address`, taking `default_port` when it names none.
-    pub fn parse(address: &str, default_port: u16) -> Result<BmcAddress, String> {
+    pub fn parse(address: &str, default_port: u16) -> Result<BmcAddress, BmcAddressError> {
         let address = address.trim();
-        let invalid = |why: &str| format!("bmc address {address:?} {why}");
+        let invalid = |problem| BmcAddressError {
+            address: address.to_string(),
+            problem,
+        };
         let (host, port) = if let Some(rest) = address.strip_prefix('[') {
             let (host, rest) = rest
                 .split_once(']')
-                .ok_or_else(|| invalid("has an unclosed ["))?;
+                .ok_or_else(|| invalid(AddressProblem::UnclosedBracket))?;
             match rest {
                 "" => (host, None),
                 _ => (
                     host,
                     Some(
                         rest.strip_prefix(':')
-                            .ok_or_else(|| invalid("has text after ]"))?,
+                            .ok_or_else(|| invalid(AddressProblem::TextAfterBracket))?,
                     ),
                 ),
             }
@@ -156,17 +204,17 @@ impl BmcAddress {
             }
         };
         if host.is_empty() {
-            return Err(invalid("has no host"));
+            return Err(invalid(AddressProblem::NoHost));
         }
         // The host becomes one argv element; still, refuse what no host name contains.
         if host.starts_with('-') || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(invalid("is not a host name or IP address"));
+            return Err(invalid(AddressProblem::NotAHost));
         }
         let port = match port {
             None => default_port,
             Some(text) => match text.parse::<u16>() {
                 Ok(port) if port != 0 => port,
-                _ => return Err(invalid("has an invalid port")),
+                _ => return Err(invalid(AddressProblem::InvalidPort)),
             },
         };
         Ok(BmcAddress {

@@ -14,11 +14,14 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
+use super::credentials::CredentialError;
 use super::credentials::{CredentialSource, Credentials};
 use super::guard::{GuardLimits, GuardedBmc, Guards};
-use super::ipmi::{BmcAddress, IpmiBmc, IpmiSettings, IPMI_PORT_DEFAULT};
+use super::ipmi::{
+    BmcAddress, BmcAddressError, IpmiBmc, IpmiSettings, IpmiSettingsError, IPMI_PORT_DEFAULT,
+};
 use super::qmp::QmpBmc;
-use super::redfish::{RedfishAuth, RedfishBmc, RedfishConfig};
+use super::redfish::{RedfishAuth, RedfishBmc, RedfishConfig, RedfishConfigError};
 use super::{Bmc, BmcError, BmcProvider};
 use crate::core::model::{BmcConfig, BmcDriver, Node};
 
@@ -93,61 +96,88 @@ impl Default for BmcSettings {
     }
 }
 
+/// Why `[bmc]` settings were refused; each message names the key.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BmcSettingsError {
+    #[error(transparent)]
+    Ipmi(#[from] IpmiSettingsError),
+    #[error("{key} {value} is outside {min}-{max}")]
+    OutOfRange {
+        key: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
+    #[error("bmc.call_timeout_ms {call_timeout_ms} must be at least what one IPMI call may take with its retries ({ipmi_bound_ms} ms) and at most 3600000")]
+    CallTimeout {
+        call_timeout_ms: u64,
+        ipmi_bound_ms: u128,
+    },
+    #[error("bmc.redfish.timeout_ms {timeout_ms} must be above 0 and at most bmc.call_timeout_ms ({call_timeout_ms})")]
+    RedfishTimeout {
+        timeout_ms: u64,
+        call_timeout_ms: u64,
+    },
+    #[error("bmc.qmp_socket_dir {} must be an absolute path", dir.display())]
+    QmpSocketDirRelative { dir: PathBuf },
+    #[error("bmc.ipmi_cipher_suites: {suite} for {address} is not an IPMI v2 cipher suite (0-17)")]
+    CipherSuite { address: String, suite: u8 },
+}
+
 impl BmcSettings {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), BmcSettingsError> {
         self.ipmi.validate()?;
-        if !(1..=4096).contains(&self.concurrent_max) {
-            return Err(format!(
-                "bmc.concurrent_max {} is outside 1-4096",
-                self.concurrent_max
-            ));
-        }
-        if !(1_000..=3_600_000).contains(&self.queue_timeout_ms) {
-            return Err(format!(
-                "bmc.queue_timeout_ms {} is outside 1000-3600000",
-                self.queue_timeout_ms
-            ));
-        }
+        let within = |key, value: u64, min, max| {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(BmcSettingsError::OutOfRange {
+                    key,
+                    value,
+                    min,
+                    max,
+                })
+            }
+        };
+        within("bmc.concurrent_max", self.concurrent_max as u64, 1, 4096)?;
+        within(
+            "bmc.queue_timeout_ms",
+            self.queue_timeout_ms,
+            1_000,
+            3_600_000,
+        )?;
         let ipmi_bound = self.ipmi.call_bound();
         if Duration::from_millis(self.call_timeout_ms) < ipmi_bound
             || self.call_timeout_ms > 3_600_000
         {
-            return Err(format!(
-                "bmc.call_timeout_ms {} must be at least what one IPMI call may take with its retries ({} ms) and at most 3600000",
-                self.call_timeout_ms,
-                ipmi_bound.as_millis()
-            ));
+            return Err(BmcSettingsError::CallTimeout {
+                call_timeout_ms: self.call_timeout_ms,
+                ipmi_bound_ms: ipmi_bound.as_millis(),
+            });
         }
-        if !(1..=100).contains(&self.readbacks_max) {
-            return Err(format!(
-                "bmc.readbacks_max {} is outside 1-100",
-                self.readbacks_max
-            ));
-        }
-        if !(10..=60_000).contains(&self.readback_backoff_ms) {
-            return Err(format!(
-                "bmc.readback_backoff_ms {} is outside 10-60000",
-                self.readback_backoff_ms
-            ));
-        }
+        within("bmc.readbacks_max", self.readbacks_max.into(), 1, 100)?;
+        within(
+            "bmc.readback_backoff_ms",
+            self.readback_backoff_ms,
+            10,
+            60_000,
+        )?;
         if self.redfish.timeout_ms == 0 || self.redfish.timeout_ms > self.call_timeout_ms {
-            return Err(format!(
-                "bmc.redfish.timeout_ms {} must be above 0 and at most bmc.call_timeout_ms ({})",
-                self.redfish.timeout_ms, self.call_timeout_ms
-            ));
+            return Err(BmcSettingsError::RedfishTimeout {
+                timeout_ms: self.redfish.timeout_ms,
+                call_timeout_ms: self.call_timeout_ms,
+            });
         }
         if let Some(dir) = &self.qmp_socket_dir {
             if !dir.is_absolute() {
-                return Err(format!(
-                    "bmc.qmp_socket_dir {} must be an absolute path",
-                    dir.display()
-                ));
+                return Err(BmcSettingsError::QmpSocketDirRelative { dir: dir.clone() });
             }
         }
         if let Some((address, suite)) = self.ipmi_cipher_suites.iter().find(|(_, s)| **s > 17) {
-            return Err(format!(
-                "bmc.ipmi_cipher_suites: {suite} for {address} is not an IPMI v2 cipher suite (0-17)"
-            ));
+            return Err(BmcSettingsError::CipherSuite {
+                address: address.clone(),
+                suite: *suite,
+            });
         }
         Ok(())
     }
@@ -171,15 +201,42 @@ pub enum ConnectError {
     #[error("node {node} has no BMC driver set (ipmi or redfish)")]
     NoDriver { node: String },
     #[error("node {node}: {reason}")]
-    Address { node: String, reason: String },
+    Address { node: String, reason: AddressError },
     #[error("node {node}: bmc credentials: {reason}")]
-    Credentials { node: String, reason: String },
+    Credentials {
+        node: String,
+        reason: CredentialError,
+    },
     #[error("node {node}: the {driver} BMC driver is not available in production: {why}")]
     NotAvailable {
         node: String,
         driver: &'static str,
         why: &'static str,
     },
+}
+
+/// Why a node's BMC address cannot be used by its driver.
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    #[error(transparent)]
+    Ipmi(#[from] BmcAddressError),
+    #[error(transparent)]
+    Redfish(#[from] RedfishConfigError),
+    #[error(transparent)]
+    Qmp(#[from] QmpSocketError),
+}
+
+/// Why a `qmp` address names no socket the daemon may use.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum QmpSocketError {
+    #[error("bmc.qmp_socket_dir is not set")]
+    DirUnset,
+    #[error("qmp socket {address} is not directly in bmc.qmp_socket_dir {}", dir.display())]
+    OutsideDir { address: String, dir: PathBuf },
+    #[error(
+        "qmp socket name {address:?}: use a file name of [A-Za-z0-9._-] inside bmc.qmp_socket_dir"
+    )]
+    BadName { address: String },
 }
 
 /// How errors and logs name a node: its hostname, else its uuid.
@@ -210,7 +267,7 @@ pub struct DriverBmcs {
 
 impl DriverBmcs {
     /// Checks `settings` and sets up the guards (a fleet-wide limit of its own).
-    pub fn new(settings: BmcSettings) -> Result<DriverBmcs, String> {
+    pub fn new(settings: BmcSettings) -> Result<DriverBmcs, BmcSettingsError> {
         let permits = Arc::new(Semaphore::new(settings.concurrent_max.max(1)));
         DriverBmcs::with_permits(settings, permits)
     }
@@ -219,7 +276,7 @@ impl DriverBmcs {
     pub fn with_permits(
         settings: BmcSettings,
         permits: Arc<Semaphore>,
-    ) -> Result<DriverBmcs, String> {
+    ) -> Result<DriverBmcs, BmcSettingsError> {
         settings.validate()?;
         Ok(DriverBmcs {
             credentials: CredentialSource::new(settings.secrets_file.clone()),
@@ -249,7 +306,7 @@ impl DriverBmcs {
             .resolve(config.credentials_ref.as_deref())
             .map_err(|error| ConnectError::Credentials {
                 node: node.to_string(),
-                reason: error.to_string(),
+                reason: error,
             })?;
         self.connect_with(node, config, credentials)
     }
@@ -263,13 +320,14 @@ impl DriverBmcs {
     ) -> Result<Arc<GuardedBmc>, ConnectError> {
         let driver = self.driver_checks(node, config)?;
         let text = config.address.as_deref().unwrap_or("").trim();
-        let address_error = |reason: String| ConnectError::Address {
+        let address_error = |reason: AddressError| ConnectError::Address {
             node: node.to_string(),
             reason,
         };
         match driver {
             BmcDriver::Ipmi => {
-                let address = BmcAddress::parse(text, IPMI_PORT_DEFAULT).map_err(address_error)?;
+                let address = BmcAddress::parse(text, IPMI_PORT_DEFAULT)
+                    .map_err(|error| address_error(error.into()))?;
                 let key = address.key();
                 let name = format!("{node} at {key}");
                 let mut settings = self.settings.ipmi.clone();
@@ -297,15 +355,16 @@ impl DriverBmcs {
                     RedfishAuth::Basic
                 };
                 config.timeout = Duration::from_millis(settings.timeout_ms);
-                let inner: Arc<dyn Bmc> = Arc::new(
-                    RedfishBmc::new(config).map_err(|error| address_error(error.to_string()))?,
-                );
+                let inner: Arc<dyn Bmc> =
+                    Arc::new(RedfishBmc::new(config).map_err(|error| address_error(error.into()))?);
                 let key = redfish_key(text);
                 let name = format!("{node} at {key}");
                 Ok(Arc::new(self.guards.guard(&key, &name, inner)))
             }
             BmcDriver::Qmp => {
-                let socket = self.qmp_socket(text).map_err(address_error)?;
+                let socket = self
+                    .qmp_socket(text)
+                    .map_err(|error| address_error(error.into()))?;
                 let key = format!("qmp:{}", socket.display());
                 let name = format!("{node} at {key}");
                 let timeout = Duration::from_millis(self.settings.call_timeout_ms)
@@ -320,17 +379,17 @@ impl DriverBmcs {
     /// The socket a `qmp` address names: a plain file name inside `bmc.qmp_socket_dir`, or
     /// an absolute path that lies directly in it. Nothing else, so a node record cannot
     /// point the daemon at an arbitrary unix socket.
-    fn qmp_socket(&self, address: &str) -> Result<PathBuf, String> {
+    fn qmp_socket(&self, address: &str) -> Result<PathBuf, QmpSocketError> {
         let Some(dir) = &self.settings.qmp_socket_dir else {
-            return Err("bmc.qmp_socket_dir is not set".into());
+            return Err(QmpSocketError::DirUnset);
         };
         let path = Path::new(address);
         let name = if path.is_absolute() {
             if path.parent() != Some(dir.as_path()) {
-                return Err(format!(
-                    "qmp socket {address} is not directly in bmc.qmp_socket_dir {}",
-                    dir.display()
-                ));
+                return Err(QmpSocketError::OutsideDir {
+                    address: address.to_string(),
+                    dir: dir.clone(),
+                });
             }
             path.file_name()
                 .and_then(|name| name.to_str())
@@ -344,9 +403,9 @@ impl DriverBmcs {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
         if !plain {
-            return Err(format!(
-                "qmp socket name {address:?}: use a file name of [A-Za-z0-9._-] inside bmc.qmp_socket_dir"
-            ));
+            return Err(QmpSocketError::BadName {
+                address: address.to_string(),
+            });
         }
         Ok(dir.join(name))
     }
@@ -444,11 +503,50 @@ mod tests {
             call_timeout_ms: 10_000,
             ..BmcSettings::default()
         };
-        let error = settings.validate().unwrap_err();
+        let error = settings.validate().unwrap_err().to_string();
         assert!(error.contains("bmc.call_timeout_ms 10000"), "{error}");
         assert!(
             toml::from_str::<BmcSettings>("concurrent = 3").is_err(),
             "unknown keys are refused"
+        );
+    }
+
+    #[test]
+    fn each_refused_setting_is_named_by_its_key() {
+        let check = |change: fn(&mut BmcSettings), expect: &str| {
+            let mut settings = BmcSettings::default();
+            change(&mut settings);
+            assert_eq!(settings.validate().unwrap_err().to_string(), expect);
+        };
+        check(
+            |s| s.concurrent_max = 0,
+            "bmc.concurrent_max 0 is outside 1-4096",
+        );
+        check(
+            |s| s.readbacks_max = 101,
+            "bmc.readbacks_max 101 is outside 1-100",
+        );
+        check(
+            |s| s.redfish.timeout_ms = 0,
+            "bmc.redfish.timeout_ms 0 must be above 0 and at most bmc.call_timeout_ms (60000)",
+        );
+        check(
+            |s| {
+                s.ipmi_cipher_suites.insert("bmc7".into(), 18);
+            },
+            "bmc.ipmi_cipher_suites: 18 for bmc7 is not an IPMI v2 cipher suite (0-17)",
+        );
+        check(
+            |s| s.ipmi.cipher_suite = 18,
+            "ipmi.cipher_suite 18 is not an IPMI v2 cipher suite (0-17)",
+        );
+        check(
+            |s| s.ipmi.session_retries = 11,
+            "ipmi.session_retries 11 is more than 10",
+        );
+        check(
+            |s| s.ipmi.attempts_max = 0,
+            "ipmi.attempts_max 0 is outside 1-10",
         );
     }
 

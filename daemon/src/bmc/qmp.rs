@@ -38,6 +38,54 @@ const LINE_BYTES_MAX: u64 = 64 * 1024;
 /// Asynchronous events skipped while waiting for one reply before giving up.
 const EVENTS_PER_REPLY_MAX: usize = 256;
 
+/// Why one QMP exchange failed; the text becomes the `detail` of a `BmcError::Failed`.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("receive: {0}")]
+    Receive(std::io::Error),
+    #[error("QEMU closed the connection")]
+    Closed,
+    #[error("QEMU closed the connection mid-reply")]
+    ClosedMidReply,
+    #[error("reply longer than {LINE_BYTES_MAX} bytes")]
+    LineTooLong,
+    #[error("not QMP JSON ({reason}): {line}")]
+    NotJson { reason: String, line: String },
+    #[error("not a QMP object: {line}")]
+    NotObject { line: String },
+    #[error("unexpected QMP message: {line}")]
+    UnexpectedMessage { line: String },
+    #[error("expected the QMP greeting, got {got}")]
+    NoGreeting { got: String },
+    #[error("query-status: no status in {reply}")]
+    NoStatus { reply: String },
+    #[error("{command}: {reason}")]
+    Encode { command: String, reason: String },
+    #[error("{command}: send: {error}")]
+    Send {
+        command: String,
+        error: std::io::Error,
+    },
+    #[error("{command}: QEMU refused ({class}): {desc}")]
+    Refused {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("{command}: unexpected second greeting")]
+    SecondGreeting { command: String },
+    #[error("{command}: no reply among {EVENTS_PER_REPLY_MAX} events")]
+    NoReply { command: String },
+    /// Reading the reply to `command` failed.
+    #[error("{command}: {error}")]
+    Reply {
+        command: String,
+        error: Box<QmpError>,
+    },
+}
+
 /// A QEMU VM's power, driven over its QMP socket.
 pub struct QmpBmc {
     socket: PathBuf,
@@ -65,14 +113,14 @@ impl QmpBmc {
     async fn run<T>(
         &self,
         operation: &'static str,
-        work: impl std::future::Future<Output = Result<T, String>>,
+        work: impl std::future::Future<Output = Result<T, QmpError>>,
     ) -> Result<T, BmcError> {
         let error = match tokio::time::timeout(self.timeout, work).await {
             Ok(Ok(value)) => return Ok(value),
-            Ok(Err(detail)) => BmcError::Failed {
+            Ok(Err(error)) => BmcError::Failed {
                 bmc: self.bmc.clone(),
                 operation,
-                detail,
+                detail: error.to_string(),
             },
             Err(_elapsed) => BmcError::Timeout {
                 bmc: self.bmc.clone(),
@@ -84,10 +132,10 @@ impl QmpBmc {
     }
 
     /// Connects and negotiates capabilities: a session ready for commands.
-    async fn session(&self) -> Result<Session<impl AsyncRead + AsyncWrite + Unpin>, String> {
+    async fn session(&self) -> Result<Session<impl AsyncRead + AsyncWrite + Unpin>, QmpError> {
         let stream = crate::runtime::system::connect_unix(&self.socket)
             .await
-            .map_err(|error| format!("connect: {error}"))?;
+            .map_err(QmpError::Connect)?;
         Session::open(stream).await
     }
 }
@@ -151,15 +199,12 @@ impl Bmc for QmpBmc {
 ///
 /// `suspended` (guest ACPI S3) counts as On: the guest can wake itself up without us, so
 /// fencing must not believe it is off.
-pub fn power_state_of(status: &Value) -> Result<PowerState, String> {
+pub fn power_state_of(status: &Value) -> Result<PowerState, QmpError> {
     let state = status
         .get("status")
         .and_then(Value::as_str)
-        .ok_or_else(|| {
-            format!(
-                "query-status: no status in {}",
-                truncate(&status.to_string())
-            )
+        .ok_or_else(|| QmpError::NoStatus {
+            reply: truncate(&status.to_string()),
         })?;
     Ok(match state {
         "running" | "suspended" => PowerState::On,
@@ -177,12 +222,14 @@ pub enum Message {
 }
 
 /// Classifies one QMP line (without its newline).
-pub fn parse_message(line: &[u8]) -> Result<Message, String> {
-    let value: Value = serde_json::from_slice(line)
-        .map_err(|error| format!("not QMP JSON ({error}): {}", truncate_bytes(line)))?;
-    let object = value
-        .as_object()
-        .ok_or_else(|| format!("not a QMP object: {}", truncate_bytes(line)))?;
+pub fn parse_message(line: &[u8]) -> Result<Message, QmpError> {
+    let value: Value = serde_json::from_slice(line).map_err(|error| QmpError::NotJson {
+        reason: error.to_string(),
+        line: truncate_bytes(line),
+    })?;
+    let object = value.as_object().ok_or_else(|| QmpError::NotObject {
+        line: truncate_bytes(line),
+    })?;
     if let Some(returned) = object.get("return") {
         return Ok(Message::Return(returned.clone()));
     }
@@ -205,7 +252,9 @@ pub fn parse_message(line: &[u8]) -> Result<Message, String> {
     if object.contains_key("QMP") {
         return Ok(Message::Greeting);
     }
-    Err(format!("unexpected QMP message: {}", truncate_bytes(line)))
+    Err(QmpError::UnexpectedMessage {
+        line: truncate_bytes(line),
+    })
 }
 
 /// A negotiated QMP connection.
@@ -214,13 +263,17 @@ struct Session<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    async fn open(stream: S) -> Result<Session<S>, String> {
+    async fn open(stream: S) -> Result<Session<S>, QmpError> {
         let mut session = Session {
             stream: BufReader::new(stream),
         };
         match session.read_message().await? {
             Message::Greeting => {}
-            other => return Err(format!("expected the QMP greeting, got {other:?}")),
+            other => {
+                return Err(QmpError::NoGreeting {
+                    got: format!("{other:?}"),
+                })
+            }
         }
         session.execute("qmp_capabilities").await?;
         Ok(session)
@@ -228,54 +281,64 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Sends `command` and returns its `return` value; a QMP error names the command and
     /// carries QEMU's `desc`.
-    async fn execute(&mut self, command: &str) -> Result<Value, String> {
-        let mut line = serde_json::to_vec(&serde_json::json!({ "execute": command }))
-            .map_err(|error| format!("{command}: {error}"))?;
+    async fn execute(&mut self, command: &str) -> Result<Value, QmpError> {
+        let mut line =
+            serde_json::to_vec(&serde_json::json!({ "execute": command })).map_err(|error| {
+                QmpError::Encode {
+                    command: command.to_string(),
+                    reason: error.to_string(),
+                }
+            })?;
         line.push(b'\n');
+        let send_error = |error| QmpError::Send {
+            command: command.to_string(),
+            error,
+        };
         let stream = self.stream.get_mut();
-        stream
-            .write_all(&line)
-            .await
-            .map_err(|error| format!("{command}: send: {error}"))?;
-        stream
-            .flush()
-            .await
-            .map_err(|error| format!("{command}: send: {error}"))?;
+        stream.write_all(&line).await.map_err(send_error)?;
+        stream.flush().await.map_err(send_error)?;
         for _ in 0..EVENTS_PER_REPLY_MAX {
-            match self
-                .read_message()
-                .await
-                .map_err(|error| format!("{command}: {error}"))?
-            {
+            match self.read_message().await.map_err(|error| QmpError::Reply {
+                command: command.to_string(),
+                error: Box::new(error),
+            })? {
                 Message::Return(value) => return Ok(value),
                 Message::Error { class, desc } => {
-                    return Err(format!("{command}: QEMU refused ({class}): {desc}"))
+                    return Err(QmpError::Refused {
+                        command: command.to_string(),
+                        class,
+                        desc,
+                    })
                 }
                 Message::Event(_) => continue,
-                Message::Greeting => return Err(format!("{command}: unexpected second greeting")),
+                Message::Greeting => {
+                    return Err(QmpError::SecondGreeting {
+                        command: command.to_string(),
+                    })
+                }
             }
         }
-        Err(format!(
-            "{command}: no reply among {EVENTS_PER_REPLY_MAX} events"
-        ))
+        Err(QmpError::NoReply {
+            command: command.to_string(),
+        })
     }
 
     /// Reads one line (at most `LINE_BYTES_MAX`) and classifies it.
-    async fn read_message(&mut self) -> Result<Message, String> {
+    async fn read_message(&mut self) -> Result<Message, QmpError> {
         let mut line = Vec::new();
         let read = (&mut self.stream)
             .take(LINE_BYTES_MAX)
             .read_until(b'\n', &mut line)
             .await
-            .map_err(|error| format!("receive: {error}"))?;
+            .map_err(QmpError::Receive)?;
         if read == 0 {
-            return Err("QEMU closed the connection".into());
+            return Err(QmpError::Closed);
         }
         if line.last() != Some(&b'\n') {
             return Err(if read as u64 >= LINE_BYTES_MAX {
-                format!("reply longer than {LINE_BYTES_MAX} bytes")
+                QmpError::LineTooLong
             } else {
-                "QEMU closed the connection mid-reply".into()
+                QmpError::ClosedMidReply
             });
         }
         let text = line.trim_ascii();
@@ -317,6 +380,7 @@ mod tests {
         }
         assert!(power_state_of(&json!({}))
             .unwrap_err()
+            .to_string()
             .contains("no status"));
     }
 
@@ -341,12 +405,15 @@ mod tests {
         );
         assert!(parse_message(b"garbage")
             .unwrap_err()
+            .to_string()
             .contains("not QMP JSON"));
         assert!(parse_message(b"[1]")
             .unwrap_err()
+            .to_string()
             .contains("not a QMP object"));
         assert!(parse_message(b"{}")
             .unwrap_err()
+            .to_string()
             .contains("unexpected QMP message"));
     }
 
@@ -378,7 +445,7 @@ mod tests {
         };
         let client = async move {
             let mut session = Session::open(client).await.unwrap();
-            session.execute("cont").await.unwrap_err()
+            session.execute("cont").await.unwrap_err().to_string()
         };
         let ((), error) = tokio::join!(peer, client);
         assert_eq!(

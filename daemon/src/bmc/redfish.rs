@@ -857,16 +857,28 @@ fn same_origin_redirects() -> reqwest::redirect::Policy {
     })
 }
 
+/// Why a system resource's `PowerState` says nothing usable.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+enum PowerStateError {
+    #[error("unknown PowerState {0:?}")]
+    Unknown(String),
+    #[error("the system reports no PowerState")]
+    Missing,
+    /// The JSON value as it was sent.
+    #[error("PowerState is not a string: {0}")]
+    NotAString(String),
+}
+
 /// Only `Off` is off: a system powering off (or paused) is not fenced yet.
-fn power_state_of(resource: &Value) -> Result<PowerState, String> {
+fn power_state_of(resource: &Value) -> Result<PowerState, PowerStateError> {
     match resource.get("PowerState") {
         Some(Value::String(state)) => match state.as_str() {
             "Off" => Ok(PowerState::Off),
             "On" | "PoweringOn" | "PoweringOff" | "Paused" => Ok(PowerState::On),
-            other => Err(format!("unknown PowerState {other:?}")),
+            other => Err(PowerStateError::Unknown(other.to_string())),
         },
-        Some(Value::Null) | None => Err("the system reports no PowerState".into()),
-        Some(other) => Err(format!("PowerState is not a string: {other}")),
+        Some(Value::Null) | None => Err(PowerStateError::Missing),
+        Some(other) => Err(PowerStateError::NotAString(other.to_string())),
     }
 }
 
@@ -1091,7 +1103,7 @@ mod tests {
             let got = power_state_of(&json!({ "PowerState": state }));
             match expected {
                 Ok(want) => assert_eq!(got, Ok(want)),
-                Err(want) => assert!(got.unwrap_err().contains(want)),
+                Err(want) => assert!(got.unwrap_err().to_string().contains(want)),
             }
         };
         check(json!("Off"), Ok(PowerState::Off));

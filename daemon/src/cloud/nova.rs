@@ -175,6 +175,95 @@ pub enum NovaConfigError {
 
 use crate::core::secret::Secret;
 
+/// Why a Nova or Keystone exchange failed. Its text may quote what the server sent (and so
+/// a token it echoed): it reaches a [`CloudError`] only through `NovaCloud::api_error`,
+/// which redacts the password and the issued tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum NovaError {
+    #[error("cannot reach {authority}: {error}")]
+    Unreachable { authority: String, error: io::Error },
+    #[error("{method} {path}: {error}")]
+    Exchange {
+        method: &'static str,
+        path: String,
+        error: http::HttpError,
+    },
+    #[error("{method} {path}: no answer within {timeout:?}")]
+    NoAnswer {
+        method: &'static str,
+        path: String,
+        timeout: Duration,
+    },
+    #[error("keystone authentication as {username} in project {project}: {error}")]
+    Authentication {
+        username: String,
+        project: String,
+        error: Box<NovaError>,
+    },
+    /// An HTTP failure status, described by `describe_failure`.
+    #[error("{failure}")]
+    Refused { failure: String },
+    /// A request (`GET /os-services`) answered with a failure status.
+    #[error("{request}: {failure}")]
+    Status { request: String, failure: String },
+    #[error("the answer carried no X-Subject-Token header")]
+    NoToken,
+    #[error("unreadable {what}: {error}")]
+    Unreadable {
+        what: &'static str,
+        error: serde_json::Error,
+    },
+    #[error("the token's catalog has no compute endpoint with interface {interface}{}; set compute_url, region or interface", in_region(.region))]
+    NoComputeEndpoint {
+        interface: String,
+        region: Option<String>,
+    },
+    #[error("the token's catalog has {} compute endpoints with interface {interface}{} (regions {}); set region or compute_url", .regions.len(), in_region(.region), .regions.join(", "))]
+    SeveralComputeEndpoints {
+        interface: String,
+        region: Option<String>,
+        /// The region of each endpoint found (`-` for none).
+        regions: Vec<String>,
+    },
+    #[error("compute endpoint {url:?} from the catalog uses https, which the nova driver does not support yet; set compute_url to a plain http endpoint")]
+    CatalogHttps { url: String },
+    #[error("compute endpoint {url:?} from the catalog is not an http url")]
+    CatalogUrl { url: String },
+    #[error("{method} {path}: nova refused a freshly issued token too ({failure}); does the user have a role in the project?")]
+    TokenRefused {
+        method: &'static str,
+        path: String,
+        failure: String,
+    },
+    #[error("nova listed server {server} on host {host}; the host filter was not applied (does the user have the admin role?)")]
+    HostFilterIgnored { server: String, host: String },
+    #[error("next link {href:?} carries no marker")]
+    NoMarker { href: String },
+    #[error("pagination did not advance past marker {marker}")]
+    MarkerStuck { marker: String },
+    #[error("more than {PAGES_MAX} pages of {page_limit} servers; refusing a truncated list")]
+    TooManyPages { page_limit: usize },
+    #[error(
+        "nova knows no nova-compute service on host {host:?}; is that the host name nova uses?"
+    )]
+    NoComputeService { host: String },
+    #[error("service id {id} is not a uuid; does nova support microversion {MICROVERSION}?")]
+    ServiceIdNotUuid { id: String },
+    #[error("PUT /os-services/{id} answered but the service is not forced down")]
+    NotForcedDown { id: String },
+    #[error("host must not be empty")]
+    EmptyHost,
+    #[error("server id must not be empty")]
+    EmptyServerId,
+}
+
+fn in_region(region: &Option<String>) -> String {
+    match region {
+        Some(region) => format!(" in region {region}"),
+        None => String::new(),
+    }
+}
+
 /// A Keystone token and the compute endpoint it goes with.
 #[derive(Debug)]
 struct Session {
@@ -303,8 +392,8 @@ impl NovaCloud {
         text
     }
 
-    fn api_error(&self, operation: &str, subject: &str, detail: &str) -> CloudError {
-        CloudError::Api(self.redact(&format!("nova {operation} {subject}: {detail}")))
+    fn api_error(&self, operation: &str, subject: &str, error: &NovaError) -> CloudError {
+        CloudError::Api(self.redact(&format!("nova {operation} {subject}: {error}")))
     }
 
     /// One HTTP exchange, connect included, bounded by the timeout.
@@ -315,29 +404,35 @@ impl NovaCloud {
         path: &str,
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
-    ) -> Result<Response, String> {
+    ) -> Result<Response, NovaError> {
         let authority = url.authority();
         let attempt = async {
-            let mut stream = self
-                .connector
-                .connect(&authority)
-                .await
-                .map_err(|error| format!("cannot reach {authority}: {error}"))?;
+            let mut stream = self.connector.connect(&authority).await.map_err(|error| {
+                NovaError::Unreachable {
+                    authority: authority.clone(),
+                    error,
+                }
+            })?;
             http::send(&mut stream, method, &authority, path, headers, body)
                 .await
-                .map_err(|error| format!("{method} {path}: {error}"))
+                .map_err(|error| NovaError::Exchange {
+                    method,
+                    path: path.to_string(),
+                    error,
+                })
         };
         match tokio::time::timeout(self.timeout, attempt).await {
             Ok(result) => result,
-            Err(_) => Err(format!(
-                "{method} {path}: no answer within {:?}",
-                self.timeout
-            )),
+            Err(_) => Err(NovaError::NoAnswer {
+                method,
+                path: path.to_string(),
+                timeout: self.timeout,
+            }),
         }
     }
 
     /// Keystone v3 password authentication scoped to the project.
-    async fn authenticate(&self) -> Result<Session, String> {
+    async fn authenticate(&self) -> Result<Session, NovaError> {
         let request = json!({
             "auth": {
                 "identity": {
@@ -364,10 +459,11 @@ impl NovaCloud {
             ("Accept", "application/json"),
             ("User-Agent", USER_AGENT),
         ];
-        let who = format!(
-            "keystone authentication as {} in project {}",
-            self.username, self.project
-        );
+        let who = |error| NovaError::Authentication {
+            username: self.username.clone(),
+            project: self.project.clone(),
+            error: Box::new(error),
+        };
         let response = self
             .exchange(
                 &self.tokens_url,
@@ -377,21 +473,21 @@ impl NovaCloud {
                 Some(&body),
             )
             .await
-            .map_err(|error| format!("{who}: {error}"))?;
+            .map_err(who)?;
         if !response.is_success() {
-            return Err(format!("{who}: {}", describe_failure(&response)));
+            return Err(who(NovaError::Refused {
+                failure: describe_failure(&response),
+            }));
         }
         let token = response
             .header("X-Subject-Token")
             .map(str::trim)
             .filter(|token| !token.is_empty())
-            .ok_or_else(|| format!("{who}: the answer carried no X-Subject-Token header"))?
+            .ok_or_else(|| who(NovaError::NoToken))?
             .to_string();
         let compute = match &self.compute_url {
             Some(url) => url.clone(),
-            None => self
-                .compute_from_catalog(&response.body)
-                .map_err(|error| format!("{who}: {error}"))?,
+            None => self.compute_from_catalog(&response.body).map_err(who)?,
         };
         Ok(Session {
             token: Secret::new(token),
@@ -400,9 +496,12 @@ impl NovaCloud {
     }
 
     /// The compute endpoint of the configured interface (and region) in a token's catalog.
-    fn compute_from_catalog(&self, body: &[u8]) -> Result<HttpUrl, String> {
-        let token: TokenBody = serde_json::from_slice(body)
-            .map_err(|error| format!("unreadable token body: {error}"))?;
+    fn compute_from_catalog(&self, body: &[u8]) -> Result<HttpUrl, NovaError> {
+        let token: TokenBody =
+            serde_json::from_slice(body).map_err(|error| NovaError::Unreadable {
+                what: "token body",
+                error,
+            })?;
         let mut urls: Vec<(&str, &str)> = Vec::new();
         for endpoint in token
             .token
@@ -428,39 +527,38 @@ impl NovaCloud {
                 urls.push((endpoint.url.as_str(), region));
             }
         }
-        let in_region = match &self.region {
-            Some(region) => format!(" in region {region}"),
-            None => String::new(),
-        };
         match urls.as_slice() {
-            [] => Err(format!(
-                "the token's catalog has no compute endpoint with interface {}{in_region}; set compute_url, region or interface",
-                self.interface
-            )),
+            [] => Err(NovaError::NoComputeEndpoint {
+                interface: self.interface.clone(),
+                region: self.region.clone(),
+            }),
             [(url, _)] => {
-                if url.get(..8).is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://")) {
-                    return Err(format!(
-                        "compute endpoint {url:?} from the catalog uses https, which the nova driver does not support yet; set compute_url to a plain http endpoint"
-                    ));
+                if url
+                    .get(..8)
+                    .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+                {
+                    return Err(NovaError::CatalogHttps {
+                        url: url.to_string(),
+                    });
                 }
-                HttpUrl::parse(url)
-                    .map_err(|_| format!("compute endpoint {url:?} from the catalog is not an http url"))
+                HttpUrl::parse(url).map_err(|_| NovaError::CatalogUrl {
+                    url: url.to_string(),
+                })
             }
-            several => {
-                let regions: Vec<&str> = several.iter().map(|(_, region)| *region).collect();
-                Err(format!(
-                    "the token's catalog has {} compute endpoints with interface {}{in_region} (regions {}); set region or compute_url",
-                    several.len(),
-                    self.interface,
-                    regions.join(", ")
-                ))
-            }
+            several => Err(NovaError::SeveralComputeEndpoints {
+                interface: self.interface.clone(),
+                region: self.region.clone(),
+                regions: several
+                    .iter()
+                    .map(|(_, region)| region.to_string())
+                    .collect(),
+            }),
         }
     }
 
     /// The current session, or a new one when there is none or the caller's `stale` one is
     /// still current (Nova just refused its token).
-    async fn session(&self, stale: Option<&Arc<Session>>) -> Result<Arc<Session>, String> {
+    async fn session(&self, stale: Option<&Arc<Session>>) -> Result<Arc<Session>, NovaError> {
         let mut current = self.session.lock().await;
         if let Some(session) = current.as_ref() {
             let replaced = match stale {
@@ -494,7 +592,7 @@ impl NovaCloud {
         method: &'static str,
         suffix: &str,
         body: Option<&Value>,
-    ) -> Result<Response, String> {
+    ) -> Result<Response, NovaError> {
         let body = body.map(|body| body.to_string().into_bytes());
         let first = self.session(None).await?;
         let response = self
@@ -514,10 +612,11 @@ impl NovaCloud {
             .await?;
         if response.status == 401 {
             let path = format!("{}{suffix}", second.compute.path.trim_end_matches('/'));
-            return Err(format!(
-                "{method} {path}: nova refused a freshly issued token too ({}); does the user have a role in the project?",
-                describe_failure(&response)
-            ));
+            return Err(NovaError::TokenRefused {
+                method,
+                path,
+                failure: describe_failure(&response),
+            });
         }
         Ok(response)
     }
@@ -528,7 +627,7 @@ impl NovaCloud {
         method: &'static str,
         suffix: &str,
         body: Option<&[u8]>,
-    ) -> Result<Response, String> {
+    ) -> Result<Response, NovaError> {
         let path = format!("{}{suffix}", session.compute.path.trim_end_matches('/'));
         let version = format!("compute {MICROVERSION}");
         let mut headers = vec![
@@ -545,7 +644,7 @@ impl NovaCloud {
             .await
     }
 
-    async fn servers_on_host(&self, host: &str) -> Result<Vec<String>, String> {
+    async fn servers_on_host(&self, host: &str) -> Result<Vec<String>, NovaError> {
         let mut ids: Vec<String> = Vec::new();
         let mut marker: Option<String> = None;
         for _ in 0..PAGES_MAX {
@@ -560,22 +659,25 @@ impl NovaCloud {
             }
             let response = self.nova("GET", &suffix, None).await?;
             if !response.is_success() {
-                return Err(format!(
-                    "GET /servers/detail: {}",
-                    describe_failure(&response)
-                ));
+                return Err(NovaError::Status {
+                    request: "GET /servers/detail".into(),
+                    failure: describe_failure(&response),
+                });
             }
-            let page: ServersPage = serde_json::from_slice(&response.body)
-                .map_err(|error| format!("unreadable servers page: {error}"))?;
+            let page: ServersPage =
+                serde_json::from_slice(&response.body).map_err(|error| NovaError::Unreadable {
+                    what: "servers page",
+                    error,
+                })?;
             for server in page.servers {
                 // Nova drops admin-only filters such as `host` for callers without the
                 // admin role instead of refusing them; a list of someone else's servers
                 // must never reach evacuation.
                 if let Some(other) = server.host.as_deref().filter(|other| *other != host) {
-                    return Err(format!(
-                        "nova listed server {} on host {other}; the host filter was not applied (does the user have the admin role?)",
-                        server.id
-                    ));
+                    return Err(NovaError::HostFilterIgnored {
+                        server: server.id,
+                        host: other.to_string(),
+                    });
                 }
                 if !ids.contains(&server.id) {
                     ids.push(server.id);
@@ -584,29 +686,36 @@ impl NovaCloud {
             let Some(next) = page.servers_links.iter().find(|link| link.rel == "next") else {
                 return Ok(ids);
             };
-            let next_marker = query_value(&next.href, "marker")
-                .ok_or_else(|| format!("next link {:?} carries no marker", next.href))?;
+            let next_marker =
+                query_value(&next.href, "marker").ok_or_else(|| NovaError::NoMarker {
+                    href: next.href.clone(),
+                })?;
             if marker.as_deref() == Some(next_marker.as_str()) {
-                return Err(format!(
-                    "pagination did not advance past marker {next_marker}"
-                ));
+                return Err(NovaError::MarkerStuck {
+                    marker: next_marker,
+                });
             }
             marker = Some(next_marker);
         }
-        Err(format!(
-            "more than {PAGES_MAX} pages of {} servers; refusing a truncated list",
-            self.page_limit
-        ))
+        Err(NovaError::TooManyPages {
+            page_limit: self.page_limit,
+        })
     }
 
-    async fn force_down_services(&self, host: &str) -> Result<(), String> {
+    async fn force_down_services(&self, host: &str) -> Result<(), NovaError> {
         let suffix = format!("/os-services?binary=nova-compute&host={}", encode(host));
         let response = self.nova("GET", &suffix, None).await?;
         if !response.is_success() {
-            return Err(format!("GET /os-services: {}", describe_failure(&response)));
+            return Err(NovaError::Status {
+                request: "GET /os-services".into(),
+                failure: describe_failure(&response),
+            });
         }
-        let list: ServiceList = serde_json::from_slice(&response.body)
-            .map_err(|error| format!("unreadable services list: {error}"))?;
+        let list: ServiceList =
+            serde_json::from_slice(&response.body).map_err(|error| NovaError::Unreadable {
+                what: "services list",
+                error,
+            })?;
         // Nova filters by exact host already; checking again costs nothing and guards
         // against a server that ignored the filter forcing down the whole cloud.
         let services: Vec<&Service> = list
@@ -615,16 +724,15 @@ impl NovaCloud {
             .filter(|service| service.host == host && service.binary == "nova-compute")
             .collect();
         if services.is_empty() {
-            return Err(format!(
-                "nova knows no nova-compute service on host {host:?}; is that the host name nova uses?"
-            ));
+            return Err(NovaError::NoComputeService {
+                host: host.to_string(),
+            });
         }
         for service in services {
             let Some(id) = service.id.as_str() else {
-                return Err(format!(
-                    "service id {} is not a uuid; does nova support microversion {MICROVERSION}?",
-                    service.id
-                ));
+                return Err(NovaError::ServiceIdNotUuid {
+                    id: service.id.to_string(),
+                });
             };
             if service.forced_down {
                 tracing::debug!(host, service = id, "nova-compute already forced down");
@@ -639,17 +747,18 @@ impl NovaCloud {
                 )
                 .await?;
             if !response.is_success() {
-                return Err(format!(
-                    "PUT /os-services/{id}: {}",
-                    describe_failure(&response)
-                ));
+                return Err(NovaError::Status {
+                    request: format!("PUT /os-services/{id}"),
+                    failure: describe_failure(&response),
+                });
             }
-            let updated: ServiceBody = serde_json::from_slice(&response.body)
-                .map_err(|error| format!("unreadable service update answer: {error}"))?;
+            let updated: ServiceBody =
+                serde_json::from_slice(&response.body).map_err(|error| NovaError::Unreadable {
+                    what: "service update answer",
+                    error,
+                })?;
             if !updated.service.forced_down {
-                return Err(format!(
-                    "PUT /os-services/{id} answered but the service is not forced down"
-                ));
+                return Err(NovaError::NotForcedDown { id: id.to_string() });
             }
         }
         Ok(())
@@ -661,32 +770,32 @@ impl Cloud for NovaCloud {
     async fn vms_on_host(&self, host: &str) -> Result<Vec<String>, CloudError> {
         if host.is_empty() {
             // An empty filter would list every server in the cloud.
-            return Err(self.api_error("vms_on_host", host, "host must not be empty"));
+            return Err(self.api_error("vms_on_host", host, &NovaError::EmptyHost));
         }
         self.servers_on_host(host)
             .await
-            .map_err(|detail| self.api_error("vms_on_host", host, &detail))
+            .map_err(|error| self.api_error("vms_on_host", host, &error))
     }
 
     async fn force_down(&self, host: &str) -> Result<(), CloudError> {
         if host.is_empty() {
             // An empty filter would match every compute service in the cloud.
-            return Err(self.api_error("force_down", host, "host must not be empty"));
+            return Err(self.api_error("force_down", host, &NovaError::EmptyHost));
         }
         self.force_down_services(host)
             .await
-            .map_err(|detail| self.api_error("force_down", host, &detail))
+            .map_err(|error| self.api_error("force_down", host, &error))
     }
 
     async fn evacuate(&self, vm: &str) -> Result<(), CloudError> {
         if vm.is_empty() {
-            return Err(self.api_error("evacuate", vm, "server id must not be empty"));
+            return Err(self.api_error("evacuate", vm, &NovaError::EmptyServerId));
         }
         let suffix = format!("/servers/{}/action", encode(vm));
         let response = self
             .nova("POST", &suffix, Some(&json!({ "evacuate": {} })))
             .await
-            .map_err(|detail| self.api_error("evacuate", vm, &detail))?;
+            .map_err(|error| self.api_error("evacuate", vm, &error))?;
         if response.is_success() {
             tracing::info!(server = vm, "nova accepted the evacuation");
             return Ok(());
@@ -697,7 +806,10 @@ impl Cloud for NovaCloud {
         Err(self.api_error(
             "evacuate",
             vm,
-            &format!("POST /servers/{vm}/action: {}", describe_failure(&response)),
+            &NovaError::Status {
+                request: format!("POST /servers/{vm}/action"),
+                failure: describe_failure(&response),
+            },
         ))
     }
 }
