@@ -10,6 +10,7 @@
 pub mod guards;
 pub mod nodes;
 pub mod remediation;
+pub mod saga;
 
 use std::sync::Arc;
 

@@ -190,6 +190,23 @@ pub fn render_target_script(profile: &BootProfile, node: &Node) -> String {
     )
 }
 
+/// What stage 2 needs to set up the node's network (`GET /ipxe/{uuid}/detail`).
+pub fn network_detail(node: &Node) -> bearman_proto::NetworkDetail {
+    bearman_proto::NetworkDetail {
+        hostname: node.hostname.clone(),
+        vlan: node.network.vlan,
+        bond0_addresses: node.network.bond0_addresses.clone(),
+        bond0_slaves: node.mac_set(),
+        gateway: node.network.gateway.clone(),
+        dns: node.network.dns.clone(),
+        mtu: if node.network.mtu == 0 {
+            super::model::MTU_DEFAULT
+        } else {
+            node.network.mtu
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,22 +256,5 @@ mod tests {
         assert!(cmdline_for("bearman.urlx=1").ends_with(&format!(
             "bearman.urlx=1 bearman.url=http://bearman:8080 bearman.uuid={uuid}"
         )));
-    }
-}
-
-/// What stage 2 needs to set up the node's network (`GET /ipxe/{uuid}/detail`).
-pub fn network_detail(node: &Node) -> bearman_proto::NetworkDetail {
-    bearman_proto::NetworkDetail {
-        hostname: node.hostname.clone(),
-        vlan: node.network.vlan,
-        bond0_addresses: node.network.bond0_addresses.clone(),
-        bond0_slaves: node.mac_set(),
-        gateway: node.network.gateway.clone(),
-        dns: node.network.dns.clone(),
-        mtu: if node.network.mtu == 0 {
-            super::model::MTU_DEFAULT
-        } else {
-            node.network.mtu
-        },
     }
 }
