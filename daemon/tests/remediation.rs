@@ -9,26 +9,54 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use bearman::app::guards::ControllerLiveness;
 use bearman::app::{App, Settings};
 use bearman::bmc::BmcProvider;
 use bearman::bmc::{Bmc, BmcError, PowerState};
 use bearman::cloud::{Cloud, CloudError};
-use bearman::controller::{Controller, ControllerConfig};
+use bearman::controller::{spawn_supervised_with, Controller, ControllerConfig, RestartPolicy};
 use bearman::core::lifecycle::LifecycleState;
 use bearman::core::model::{Action, EventFilter, Node, NodeRole};
 use bearman::core::power_sync::PowerReadingState;
 use bearman::core::registration::RegistrationDefaults;
-use bearman::core::remediation::{Status, Step};
+use bearman::core::remediation::{Limits, Remediation, RemediationKind, Status, Step};
 use bearman::runtime::Clock;
 use bearman::store::memory::MemoryStore;
 use bearman::store::Store;
 use bearman_proto::uuid::NodeUuid;
 
-struct ManualClock(AtomicI64);
+/// A clock the test sets, which can also misbehave on purpose: panic in any task but
+/// one (a bug in the controller), or write the victim node whenever it is read (another
+/// writer racing every write).
+#[derive(Default)]
+struct ManualClock {
+    ms: AtomicI64,
+    /// Panics this many more times in any task but the given one.
+    panics: Mutex<Option<(tokio::task::Id, u32)>>,
+    /// Bumps this node's generation on every read of the clock.
+    meddle: Mutex<Option<(Arc<MemoryStore>, NodeUuid)>>,
+}
 
 impl Clock for ManualClock {
     fn now_ms(&self) -> i64 {
-        self.0.load(Ordering::SeqCst)
+        let explode = match self.panics.lock().unwrap().as_mut() {
+            Some((spared, left)) if *left > 0 && tokio::task::try_id() != Some(*spared) => {
+                *left -= 1;
+                true
+            }
+            _ => false,
+        };
+        // Outside the lock, so the clock keeps working for the spared task.
+        if explode {
+            panic!("clock exploded");
+        }
+        if let Some((store, uuid)) = self.meddle.lock().unwrap().as_ref() {
+            let node = MemoryStore::now_or_never(store.node_get(uuid))
+                .unwrap()
+                .unwrap();
+            MemoryStore::now_or_never(store.node_update(&node, &[])).unwrap();
+        }
+        self.ms.load(Ordering::SeqCst)
     }
 }
 
@@ -40,6 +68,10 @@ struct FakeBmc {
     always_reports_on: bool,
     status_fails: bool,
     status_hangs: bool,
+    /// A driver bug: every hard power-off panics.
+    power_off_panics: bool,
+    /// Gets a permit per status read that hung (tests wait for them).
+    hung: Option<Arc<tokio::sync::Semaphore>>,
     calls: Mutex<Vec<&'static str>>,
 }
 
@@ -48,6 +80,9 @@ impl Bmc for FakeBmc {
     async fn power_state(&self) -> Result<PowerState, BmcError> {
         self.calls.lock().unwrap().push("status");
         if self.status_hangs {
+            if let Some(hung) = &self.hung {
+                hung.add_permits(1);
+            }
             std::future::pending::<()>().await;
         }
         if self.status_fails {
@@ -66,6 +101,9 @@ impl Bmc for FakeBmc {
     }
     async fn power_off(&self) -> Result<(), BmcError> {
         self.calls.lock().unwrap().push("off");
+        if self.power_off_panics {
+            panic!("bmc driver bug");
+        }
         *self.power_on.lock().unwrap() = false;
         Ok(())
     }
@@ -158,7 +196,10 @@ async fn harness_with(
     nodes: u64,
 ) -> Harness {
     let store = Arc::new(MemoryStore::new());
-    let clock = Arc::new(ManualClock(AtomicI64::new(START_MS)));
+    let clock = Arc::new(ManualClock {
+        ms: AtomicI64::new(START_MS),
+        ..Default::default()
+    });
     let bmc = Arc::new(bmc);
     *bmc.power_on.lock().unwrap() = true;
     let others = Arc::new(others);
@@ -232,18 +273,28 @@ impl Harness {
     }
 
     async fn advance_heard_from(&self, ms: i64, first: u64) {
-        let now = self.clock.0.fetch_add(ms, Ordering::SeqCst) + ms;
+        let now = self.clock.ms.fetch_add(ms, Ordering::SeqCst) + ms;
         for index in first..self.nodes {
             self.store
                 .node_record_heartbeat(&NodeUuid::from_index(77, index), now)
                 .await
                 .unwrap();
         }
-        self.controller.clone().tick().await.unwrap();
-        // Let spawned steps finish; they only touch in-process fakes.
-        for _ in 0..50 {
-            tokio::task::yield_now().await;
+        // One tick, and every step and power poll it started, to the end.
+        self.controller.clone().tick_and_wait().await.unwrap();
+    }
+
+    /// Advances time by `ms` with every node heartbeating and ticks without waiting for
+    /// what the tick started (power polls that hang never end).
+    async fn advance_no_wait(&self, ms: i64) {
+        let now = self.clock.ms.fetch_add(ms, Ordering::SeqCst) + ms;
+        for index in 0..self.nodes {
+            self.store
+                .node_record_heartbeat(&NodeUuid::from_index(77, index), now)
+                .await
+                .unwrap();
         }
+        drop(self.controller.clone().tick().await.unwrap());
     }
 
     async fn node_state(&self) -> LifecycleState {
@@ -596,24 +647,32 @@ async fn power_polls_are_bounded_per_tick_and_in_flight() {
         ..Default::default()
     };
     // Every BMC hangs on a status read: polls pile up to the bound and no further.
+    let hung = Arc::new(tokio::sync::Semaphore::new(0));
     let hangs = || FakeBmc {
         status_hangs: true,
+        hung: Some(hung.clone()),
         ..Default::default()
     };
     let h = harness_with(hangs(), hangs(), config, 40).await;
     // Late in the interval, so (nearly) every node's first poll is due.
-    h.advance_all_alive(59_000).await;
+    h.advance_no_wait(59_000).await;
     assert_eq!(h.controller.power_polls_in_flight(), 8, "one tick starts 8");
-    h.advance_all_alive(100).await;
+    h.advance_no_wait(100).await;
     assert_eq!(h.controller.power_polls_in_flight(), 16);
     for _ in 0..5 {
-        h.advance_all_alive(100).await;
+        h.advance_no_wait(100).await;
     }
     assert_eq!(
         h.controller.power_polls_in_flight(),
         16,
         "never more than 16 in flight"
     );
+    // Every poll reached its BMC and hangs there.
+    tokio::time::timeout(std::time::Duration::from_secs(10), hung.acquire_many(16))
+        .await
+        .expect("16 polls hanging at their BMCs")
+        .unwrap()
+        .forget();
     let calls = h.others.calls.lock().unwrap().len() + h.bmc.calls.lock().unwrap().len();
     assert_eq!(calls, 16, "hung polls are not repeated");
 }
@@ -634,4 +693,349 @@ async fn power_sync_is_off_at_zero() {
     );
     assert!(h.others.calls.lock().unwrap().is_empty(), "nobody polled");
     assert_eq!(h.store.node_power_get(&h.uuid).await.unwrap(), None);
+}
+
+impl Harness {
+    /// Puts the victim in `state` with a `kind` remediation at `step` after `attempts`,
+    /// as if the saga had got that far (and someone had moved the node meanwhile).
+    async fn remediation_at(
+        &self,
+        kind: RemediationKind,
+        step: Step,
+        attempts: u32,
+        state: LifecycleState,
+    ) -> Remediation {
+        let mut node = self.store.node_get(&self.uuid).await.unwrap().unwrap();
+        node.state = state;
+        self.store.node_update(&node, &[]).await.unwrap();
+        let now = self.clock.now_ms();
+        let created = self
+            .store
+            .remediation_create(
+                &Remediation::new(self.uuid.clone(), kind, "test", "test", now),
+                &[],
+            )
+            .await
+            .unwrap();
+        let mut at = created.clone();
+        at.step_index = at.plan.iter().position(|s| *s == step).unwrap();
+        at.attempts = attempts;
+        self.store
+            .remediation_update(&at, None, &[])
+            .await
+            .unwrap()
+            .0
+    }
+
+    async fn remediation(&self) -> Remediation {
+        self.store
+            .remediation_list(false, Some(&self.uuid), 1)
+            .await
+            .unwrap()
+            .remove(0)
+    }
+}
+
+#[tokio::test]
+async fn an_outcome_the_nodes_state_does_not_allow_fails_the_saga_loudly() {
+    let h = harness(FakeBmc {
+        always_reports_on: true,
+        ..Default::default()
+    })
+    .await;
+    // The last readback of a fence whose node someone moved back to Ready: giving up
+    // implies FenceFailed, which Ready does not allow.
+    let readbacks_max = Limits::default().readbacks_max;
+    h.remediation_at(
+        RemediationKind::Fence,
+        Step::VerifyOff,
+        readbacks_max - 1,
+        LifecycleState::Ready,
+    )
+    .await;
+    h.advance_all_alive(1_000).await;
+    let remediation = h.remediation().await;
+    assert_eq!(remediation.status, Status::Failed);
+    assert_eq!(remediation.attempts, readbacks_max);
+    let illegal = "illegal transition: fence_failed is not allowed while the node is ready";
+    assert!(
+        remediation
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains(illegal),
+        "{remediation:?}"
+    );
+    // Not dropped: the node goes to a human, and the trail says why.
+    assert_eq!(h.node_state().await, LifecycleState::Maintenance);
+    let events = h.victim_events().await;
+    let failed = events
+        .iter()
+        .find(|e| e.action == Action::RemediationFailed)
+        .expect("remediation_failed");
+    assert!(failed.reason.contains(illegal), "{failed:?}");
+    let maintenance = events
+        .iter()
+        .find(|e| e.action == Action::MaintenanceOn)
+        .expect("maintenance_on");
+    assert!(maintenance.reason.contains(illegal), "{maintenance:?}");
+    assert_eq!(maintenance.from_state.as_deref(), Some("ready"));
+}
+
+#[tokio::test]
+async fn an_illegal_event_mid_fence_records_the_fence_failed_first() {
+    let h = harness(FakeBmc::default()).await;
+    // A drain's maintenance step on a node still Fencing (Maintenance is not allowed
+    // there): the fence is recorded failed, then the node goes to maintenance.
+    h.remediation_at(
+        RemediationKind::Drain,
+        Step::Maintenance,
+        0,
+        LifecycleState::Fencing,
+    )
+    .await;
+    h.advance_all_alive(1_000).await;
+    assert_eq!(h.remediation().await.status, Status::Failed);
+    assert_eq!(h.node_state().await, LifecycleState::Maintenance);
+    let actions: Vec<Action> = h.victim_events().await.iter().map(|e| e.action).collect();
+    let tail = &actions[actions.len() - 3..];
+    assert_eq!(
+        tail,
+        [
+            Action::FenceFailed,
+            Action::MaintenanceOn,
+            Action::RemediationFailed
+        ]
+    );
+}
+
+#[tokio::test]
+async fn exhausted_outcome_writes_are_an_error_with_an_audit_event() {
+    let h = harness(FakeBmc::default()).await;
+    *h.bmc.power_on.lock().unwrap() = false;
+    h.remediation_at(
+        RemediationKind::Fence,
+        Step::VerifyOff,
+        1,
+        LifecycleState::Fencing,
+    )
+    .await;
+    // Someone writes the node between every read and write of ours.
+    *h.clock.meddle.lock().unwrap() = Some((h.store.clone(), h.uuid.clone()));
+    h.advance_all_alive(1_000).await;
+    *h.clock.meddle.lock().unwrap() = None;
+    let remediation = h.remediation().await;
+    assert_eq!(remediation.status, Status::Active, "{remediation:?}");
+    assert_eq!(remediation.attempts, 2, "the attempt is recorded");
+    assert_eq!(h.node_state().await, LifecycleState::Fencing);
+    let abandoned: Vec<String> = h
+        .victim_events()
+        .await
+        .into_iter()
+        .filter(|e| e.action == Action::RemediationWriteAbandoned)
+        .map(|e| e.reason)
+        .collect();
+    assert_eq!(abandoned.len(), 1, "{abandoned:?}");
+    assert!(
+        abandoned[0].contains(
+            "step outcome of step verify_off attempt 2 not recorded after 4 write conflicts"
+        ),
+        "{abandoned:?}"
+    );
+    // Left alone, the step runs again and the fence is verified.
+    h.advance_all_alive(1_000).await;
+    h.advance_all_alive(1_000).await;
+    assert_eq!(h.node_state().await, LifecycleState::Fenced);
+    assert!(h.remediation().await.fenced_at_ms.is_some());
+}
+
+#[tokio::test]
+async fn a_panicking_bmc_driver_fails_its_attempts_and_the_saga_never_sticks() {
+    let h = harness(FakeBmc {
+        power_off_panics: true,
+        ..Default::default()
+    })
+    .await;
+    h.run_until("given up", |s| s == LifecycleState::Maintenance)
+        .await;
+    let remediation = h.remediation().await;
+    assert_eq!(remediation.status, Status::Failed);
+    assert_eq!(remediation.plan[remediation.step_index], Step::PowerOff);
+    assert_eq!(remediation.attempts, Limits::default().power_attempts_max);
+    assert!(
+        remediation
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("power_off panicked: bmc driver bug"),
+        "{remediation:?}"
+    );
+    assert_eq!(h.controller.steps_running(), 0, "no step left in flight");
+    let events = h.victim_events().await;
+    assert!(events.iter().any(|e| e.action == Action::RemediationFailed));
+    assert!(h.cloud.evacuations.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_panicking_controller_shows_down_on_the_guard_board_and_restarts() {
+    let h = harness(FakeBmc::default()).await;
+    let board = h.controller.app.guards.clone();
+    assert_eq!(board.liveness(), ControllerLiveness::NotRunning);
+    let supervisor = spawn_supervised_with(
+        h.controller.clone(),
+        RestartPolicy {
+            restarts_max: 1,
+            delay_initial: std::time::Duration::from_millis(1),
+        },
+    );
+    // The controller's first tick panics, and so does the first after its restart; the
+    // supervisor itself is spared. Nothing has run yet (one thread, no await so far).
+    *h.clock.panics.lock().unwrap() = Some((supervisor.id(), 2));
+    tokio::time::timeout(std::time::Duration::from_secs(10), supervisor)
+        .await
+        .expect("the supervisor gives up after one restart")
+        .unwrap();
+    match board.liveness() {
+        ControllerLiveness::Down {
+            reason,
+            restarts,
+            restarting,
+            ..
+        } => {
+            assert_eq!(reason, "panicked: clock exploded");
+            assert_eq!(restarts, 1, "restarted once before giving up");
+            assert!(!restarting);
+        }
+        other => panic!("controller not shown down: {other:?}"),
+    }
+    assert!(!board.liveness().is_running());
+}
+
+/// Puts the victim mid-boot: registered, fetched its target OS, stage 2 never came up.
+async fn victim_stuck_provisioning(h: &Harness) {
+    let mut node = h.store.node_get(&h.uuid).await.unwrap().unwrap();
+    node.state = LifecycleState::Provisioning;
+    h.store.node_update(&node, &[]).await.unwrap();
+}
+
+/// The victim's state changes, oldest first, as (action, from, to).
+async fn victim_transitions(h: &Harness) -> Vec<(String, String, String)> {
+    let mut events = h
+        .store
+        .event_list(&EventFilter {
+            node_uuid: Some(h.uuid.clone()),
+            limit: 500,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    events.reverse();
+    events
+        .into_iter()
+        .filter_map(|e| Some((e.action.to_string(), e.from_state?, e.to_state?)))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_operator_fence_of_a_provisioning_node_records_it_fencing_then_fenced() {
+    // Before `may_start`/`entering` agreed, this node was powered off and stayed recorded
+    // as `provisioning`: the saga's fence_verified was illegal there and dropped.
+    let h = harness(FakeBmc::default()).await;
+    victim_stuck_provisioning(&h).await;
+    h.controller
+        .app
+        .remediation_start(
+            "token:ops",
+            &h.uuid,
+            RemediationKind::Fence,
+            "stuck in boot",
+        )
+        .await
+        .unwrap();
+    h.run_until("fenced", |s| s == LifecycleState::Fenced).await;
+    assert!(!*h.bmc.power_on.lock().unwrap(), "powered off");
+    let remediation = &h
+        .store
+        .remediation_list(false, Some(&h.uuid), 10)
+        .await
+        .unwrap()[0];
+    assert_eq!(remediation.status, Status::Done);
+    assert_eq!(
+        victim_transitions(&h).await,
+        vec![
+            (
+                "fence_started".into(),
+                "provisioning".into(),
+                "fencing".into()
+            ),
+            ("fence_verified".into(), "fencing".into(), "fenced".into()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_unverifiable_operator_fence_of_a_provisioning_node_goes_to_maintenance() {
+    // Before: FenceFailed was illegal from `provisioning`, so the MaintenanceOn after it
+    // was dropped too and the node never reached a human.
+    let h = harness(FakeBmc {
+        always_reports_on: true,
+        ..Default::default()
+    })
+    .await;
+    victim_stuck_provisioning(&h).await;
+    h.controller
+        .app
+        .remediation_start(
+            "token:ops",
+            &h.uuid,
+            RemediationKind::Fence,
+            "stuck in boot",
+        )
+        .await
+        .unwrap();
+    h.run_until("given up", |s| s == LifecycleState::Maintenance)
+        .await;
+    let remediation = &h
+        .store
+        .remediation_list(false, Some(&h.uuid), 10)
+        .await
+        .unwrap()[0];
+    assert_eq!(remediation.status, Status::Failed);
+    let transitions: Vec<String> = victim_transitions(&h)
+        .await
+        .into_iter()
+        .map(|(action, from, to)| format!("{action} {from}->{to}"))
+        .collect();
+    assert_eq!(
+        transitions,
+        vec![
+            "fence_started provisioning->fencing",
+            "fence_failed fencing->suspect",
+            "maintenance_on suspect->maintenance",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn operators_cannot_remediate_a_node_in_maintenance() {
+    let h = harness(FakeBmc::default()).await;
+    let mut node = h.store.node_get(&h.uuid).await.unwrap().unwrap();
+    node.state = LifecycleState::Maintenance;
+    h.store.node_update(&node, &[]).await.unwrap();
+    let refused = h
+        .controller
+        .app
+        .remediation_start("token:ops", &h.uuid, RemediationKind::Rebuild, "why not")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, bearman::app::AppError::RemediationRefused { .. }),
+        "{refused}"
+    );
+    assert!(h
+        .store
+        .remediation_list(false, Some(&h.uuid), 10)
+        .await
+        .unwrap()
+        .is_empty());
 }

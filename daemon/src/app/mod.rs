@@ -13,6 +13,7 @@ pub mod nodes;
 pub mod pools;
 pub mod registration;
 pub mod remediation;
+pub mod saga;
 pub mod tokens;
 
 use std::sync::Arc;

@@ -1,81 +1,43 @@
-//! Power sync in the controller: each tick, start the BMC power polls `core::power_sync`
-//! says are due (bounded per tick and in flight), record each reading, and write an audit
-//! event when a node's reading changes.
+//! Power sync in the controller's driver: run the BMC power polls the core says are due
+//! (`core::controller` picks them with `core::power_sync`, bounded per tick and in
+//! flight), record each reading, and write an audit event when a node's reading changes
+//! (`power_sync::reading_changed`).
 //!
 //! Polls run as their own tasks, never inside the tick: a slow or hung BMC delays only
 //! its own poll, for at most what the BMC guards allow (`bmc.queue_timeout_ms` +
-//! `bmc.call_timeout_ms`), and the node is not polled again until that poll ends.
+//! `bmc.call_timeout_ms`), and the node is not polled again until that poll ends (or
+//! panics: the in-flight slot is freed either way).
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use bearman_proto::uuid::NodeUuid;
 
 use crate::bmc::PowerState;
-use crate::core::health::NodeHealth;
-use crate::core::model::{Action, NewEvent, TimestampMs};
+use crate::core::model::{Action, NewEvent};
 use crate::core::power_sync::{self, PowerReading, PowerReadingState};
-use crate::core::remediation::Remediation;
 
-use super::{Controller, SYSTEM_ACTOR};
+use super::{panic_message, CatchUnwind, Controller, InFlight, SYSTEM_ACTOR};
 
 impl Controller {
-    /// Starts the power polls due now: not for nodes with a poll in flight or an active
-    /// remediation (the saga reads the BMC itself, and a BMC takes one call at a time).
-    pub(super) fn start_power_polls(
+    /// Starts a poll of `uuid`'s power state in its own task, unless one is in flight.
+    pub(super) fn spawn_power_poll(
         self: &Arc<Self>,
-        nodes: &[NodeHealth],
-        active: &[Remediation],
-        now: TimestampMs,
-    ) {
-        if self.config.health.power_poll_interval_ms <= 0 {
-            return;
-        }
-        let busy: BTreeSet<&str> = active.iter().map(|r| r.node_uuid.as_str()).collect();
-        let due = {
-            let in_flight = self
-                .polls_in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let room = self
-                .config
-                .power_polls_in_flight_max
-                .saturating_sub(in_flight.len())
-                .min(self.config.power_polls_per_tick_max);
-            if room == 0 {
-                return;
+        uuid: NodeUuid,
+        before: Option<PowerReading>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let in_flight = InFlight::claim(&self.polls_in_flight, uuid.clone())?;
+        let controller = self.clone();
+        Some(tokio::spawn(async move {
+            let _in_flight = in_flight;
+            if let Err(panic) = CatchUnwind::new(controller.poll_power(&uuid, before)).await {
+                tracing::error!(%uuid, reason = %panic_message(panic), "power poll panicked");
             }
-            power_sync::due_polls(nodes, now, &self.config.health, room, |uuid| {
-                in_flight.contains(uuid) || busy.contains(uuid.as_str())
-            })
-        };
-        for uuid in due {
-            let before = nodes
-                .iter()
-                .find(|n| n.uuid == uuid)
-                .and_then(|n| n.power.clone());
-            self.polls_in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(uuid.clone());
-            let controller = self.clone();
-            tokio::spawn(async move {
-                controller.poll_power(&uuid, before).await;
-                controller
-                    .polls_in_flight
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&uuid);
-            });
-        }
+        }))
     }
 
     /// Polls in flight right now (for the guards view and tests).
     pub fn power_polls_in_flight(&self) -> usize {
-        self.polls_in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.lock_polls().len()
     }
 
     /// Asks `uuid`'s BMC for its power state once and records the answer (or why there

@@ -1,10 +1,12 @@
 //! The pure core: domain model, lifecycle state machine, IP address management, boot
-//! rendering, registration planning, health judgement, power sync and remediation sagas.
+//! rendering, registration planning, health judgement, power sync, remediation sagas and
+//! the controller's decisions (`controller`: what each tick and each saga step does).
 //!
 //! Architecture invariant: nothing in here does I/O or reads a clock. Time comes in as
 //! `now_ms`; the daemon, the simulator and the tests all drive these same functions.
 
 pub mod boot;
+pub mod controller;
 pub mod health;
 pub mod ipam;
 pub mod lifecycle;

@@ -303,6 +303,7 @@ actions! {
     RemediationDone = "remediation_done",
     RemediationFailed = "remediation_failed",
     RemediationCancelled = "remediation_cancelled",
+    RemediationWriteAbandoned = "remediation_write_abandoned",
     // Guards and power sync.
     RackFencingPaused = "rack_fencing_paused",
     RackFencingResumed = "rack_fencing_resumed",

@@ -4,8 +4,9 @@
 //! A remediation is persisted before every step it runs and after every outcome, and each
 //! step is idempotent (power off when off, force-down when down, evacuate what is still on
 //! the host, PXE + power on), so a daemon that dies at any point resumes the saga after a
-//! restart without doing anything twice that matters. Executing steps is the controller's
-//! job (`controller::remediation`); deciding what comes next is this module's.
+//! restart without doing anything twice that matters. Which calls a step makes is
+//! `core::controller::StepProgram`'s decision, making them is the driver's
+//! (`controller::remediation`); deciding what comes next is this module's.
 
 use bearman_proto::uuid::NodeUuid;
 use serde::{Deserialize, Serialize};
@@ -104,8 +105,7 @@ impl Step {
     /// Attempts before the step, and so the remediation, fails.
     pub fn attempts_max(self, limits: &Limits) -> u32 {
         match self {
-            // One ask, one wait.
-            Step::SoftOff => 2,
+            Step::SoftOff => SOFT_OFF_ATTEMPTS_MAX,
             Step::PowerOff => limits.power_attempts_max,
             Step::VerifyOff => limits.readbacks_max,
             Step::ForceDown | Step::Evacuate => limits.cloud_attempts_max,
@@ -113,7 +113,7 @@ impl Step {
             Step::Rebuild => limits.readbacks_max,
             // Waiting is bounded by time, not attempts (see `Limits::ready_timeout_ms`).
             Step::AwaitReady => u32::MAX,
-            Step::Maintenance => 3,
+            Step::Maintenance => MAINTENANCE_ATTEMPTS_MAX,
         }
     }
 
@@ -155,6 +155,11 @@ impl Status {
     }
 }
 
+/// Attempts at the soft power-off step: one ask, one wait (a retry goes straight on).
+pub const SOFT_OFF_ATTEMPTS_MAX: u32 = 2;
+/// Attempts at recording a drain's maintenance step.
+pub const MAINTENANCE_ATTEMPTS_MAX: u32 = 3;
+
 /// Retry budgets and backoff; every loop in remediation is bounded by these.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -193,6 +198,40 @@ impl Default for Limits {
 
 impl Limits {
     pub fn validate(&self) -> Result<(), String> {
+        for (key, value) in [
+            ("power_attempts_max", self.power_attempts_max),
+            ("readbacks_max", self.readbacks_max),
+            ("cloud_attempts_max", self.cloud_attempts_max),
+            ("rebuilds_max", self.rebuilds_max),
+        ] {
+            if !(1..=10_000).contains(&value) {
+                return Err(format!("limits.{key} {value} is outside 1-10000"));
+            }
+        }
+        if !(1..=3_600_000).contains(&self.backoff_initial_ms) {
+            return Err(format!(
+                "limits.backoff_initial_ms {} is outside 1-3600000",
+                self.backoff_initial_ms
+            ));
+        }
+        if !(self.backoff_initial_ms..=3_600_000).contains(&self.backoff_max_ms) {
+            return Err(format!(
+                "limits.backoff_max_ms {} must be at least limits.backoff_initial_ms ({}) and at most 3600000",
+                self.backoff_max_ms, self.backoff_initial_ms
+            ));
+        }
+        if !(0..=600_000).contains(&self.soft_off_grace_ms) {
+            return Err(format!(
+                "limits.soft_off_grace_ms {} is outside 0-600000",
+                self.soft_off_grace_ms
+            ));
+        }
+        if !(1..=86_400_000).contains(&self.ready_timeout_ms) {
+            return Err(format!(
+                "limits.ready_timeout_ms {} is outside 1-86400000",
+                self.ready_timeout_ms
+            ));
+        }
         if !(100..=600_000).contains(&self.ready_poll_ms) {
             return Err(format!(
                 "limits.ready_poll_ms {} is outside 100-600000",
@@ -687,6 +726,36 @@ mod tests {
         assert_eq!(again.remediation.status, Status::Done);
         assert_eq!(again.remediation.step_index, done.step_index);
         assert!(again.node_events.is_empty());
+    }
+
+    #[test]
+    fn limits_are_validated_naming_the_key() {
+        assert_eq!(Limits::default().validate(), Ok(()));
+        let check = |limits: Limits, expect: &str| {
+            let error = limits.validate().unwrap_err();
+            assert!(error.contains(expect), "{error}");
+        };
+        check(
+            Limits {
+                readbacks_max: 0,
+                ..Default::default()
+            },
+            "limits.readbacks_max 0",
+        );
+        check(
+            Limits {
+                backoff_max_ms: 10,
+                ..Default::default()
+            },
+            "limits.backoff_max_ms 10",
+        );
+        check(
+            Limits {
+                soft_off_grace_ms: -1,
+                ..Default::default()
+            },
+            "limits.soft_off_grace_ms -1",
+        );
     }
 
     #[test]

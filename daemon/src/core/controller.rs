@@ -1,0 +1,1937 @@
+//! The controller's decisions, pure and sans-IO (after quinn-proto): every choice the
+//! daemon's loop makes, with the fleet as data and `now` passed in.
+//!
+//! - [`ControllerCore::poll`]: given a [`FleetView`] (what the store says, what is in
+//!   flight), which Ready nodes become Suspect, which guard changes to alert on (rack
+//!   paused/resumed, fleet stopped/resumed), which automatic remediations to start
+//!   (eligibility by [`may_start`], the startup quiet period, the rate limit per rolling
+//!   minute, the active cap), which BMC power polls are due (`core::power_sync`), which
+//!   saga steps are due, and what the guard board shows. The core remembers, as plain
+//!   data, what it needs between ticks: recent automatic starts, the guards' history
+//!   and what was paused before.
+//! - [`begin_step`]: for one due remediation, whether it stands down (an automatic one
+//!   whose node spoke again before anything was done), or the attempt to persist before
+//!   acting, with the lifecycle change entering the step implies.
+//! - [`StepProgram`]: which BMC and cloud calls the step makes on this attempt (the
+//!   soft-off skip, re-sending the hard power-off every
+//!   [`POWER_OFF_RESEND_EVERY_ATTEMPTS`]th readback, off before on in a rebuild), fed
+//!   each call's result, ending in an [`Outcome`].
+//! - [`handle_outcome`]: what an outcome writes — the advanced remediation, the node's
+//!   lifecycle change and the audit events — and, when the outcome implies an event the
+//!   node's state does not allow, a failed saga naming the illegal transition with the
+//!   node handed to a human (never a dropped event).
+//!
+//! Architecture invariant: no I/O, no tokio, no clock. `controller/` reads the store into
+//! a view, carries out the [`Command`]s and [`Call`]s through the seams and the `App`, and
+//! feeds the results back; it decides nothing.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bearman_proto::uuid::NodeUuid;
+use serde::{Deserialize, Serialize};
+
+use super::health::{self, GuardHistory, HealthConfig, Judgement, NodeHealth};
+use super::lifecycle::{self, IllegalTransition, LifecycleEvent, LifecycleState};
+use super::model::{Action, NewEvent, Node, NodeRole, TimestampMs};
+use super::power_sync::{self, PowerReading, PowerReadingState};
+use super::remediation::{
+    self, may_start, Limits, Outcome, Remediation, RemediationKind, Status, Step,
+};
+
+/// Who the audit trail names for the controller's actions (equal to `app::SYSTEM_ACTOR`).
+pub const SYSTEM_ACTOR: &str = "system";
+
+/// The window of the automatic-start rate limit (`fences_per_minute_max`).
+pub const START_RATE_WINDOW_MS: i64 = 60_000;
+
+/// A verify-off readback re-sends the hard power-off on every attempt divisible by this
+/// (3rd, 6th, …): a power-off can be lost (metal3 #290), and asking on every readback
+/// would hammer a BMC that is merely slow.
+pub const POWER_OFF_RESEND_EVERY_ATTEMPTS: u32 = 3;
+
+/// VMs one evacuate attempt asks the cloud to move, at most; the rest (reported as still
+/// on the host) are taken by the next attempt.
+pub const EVACUATIONS_PER_ATTEMPT_MAX: usize = 256;
+
+/// Calls one step attempt makes, at most: the largest program (an evacuation: list, each
+/// VM, list again) plus room. The driver stops a program that asks for more.
+pub const STEP_CALLS_MAX: usize = EVACUATIONS_PER_ATTEMPT_MAX + 4;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    /// Whether silent nodes are remediated automatically (operators can always act).
+    pub automatic: bool,
+    /// How often the controller looks at the fleet.
+    pub tick_ms: u64,
+    pub health: HealthConfig,
+    pub limits: Limits,
+    /// Automatic remediations started per rolling minute, at most.
+    pub fences_per_minute_max: u32,
+    /// Remediations active at once (automatic ones wait beyond this).
+    pub remediations_active_max: usize,
+    /// After the controller starts, it judges no one for this long: heartbeats missed
+    /// while the daemon itself was down say nothing about the nodes.
+    pub startup_quiet_ms: i64,
+    /// Power sync: BMC power polls started per tick, at most. With the defaults (8 per
+    /// 1 s tick, every 60 s) that covers 480 nodes per interval; a larger fleet is
+    /// polled less often, longest overdue first, unless this is raised.
+    pub power_polls_per_tick_max: usize,
+    /// Power polls in flight at once, at most. Keep it below `bmc.concurrent_max` so
+    /// polls stuck on hung BMCs never hold every permit fencing needs.
+    pub power_polls_in_flight_max: usize,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            automatic: true,
+            tick_ms: 1_000,
+            health: HealthConfig::default(),
+            limits: Limits::default(),
+            fences_per_minute_max: 10,
+            remediations_active_max: 20,
+            startup_quiet_ms: 45_000,
+            power_polls_per_tick_max: 8,
+            power_polls_in_flight_max: 16,
+        }
+    }
+}
+
+impl ControllerConfig {
+    /// Rejects impossible settings; the message names the key under `[remediation]`.
+    pub fn validate(&self) -> Result<(), String> {
+        self.health.validate()?;
+        self.limits.validate()?;
+        if !(10..=3_600_000).contains(&self.tick_ms) {
+            return Err(format!("tick_ms {} is outside 10-3600000", self.tick_ms));
+        }
+        if !(1..=10_000).contains(&self.fences_per_minute_max) {
+            return Err(format!(
+                "fences_per_minute_max {} is outside 1-10000 (set automatic = false to start none)",
+                self.fences_per_minute_max
+            ));
+        }
+        if !(1..=100_000).contains(&self.remediations_active_max) {
+            return Err(format!(
+                "remediations_active_max {} is outside 1-100000",
+                self.remediations_active_max
+            ));
+        }
+        if !(0..=86_400_000).contains(&self.startup_quiet_ms) {
+            return Err(format!(
+                "startup_quiet_ms {} is outside 0-86400000",
+                self.startup_quiet_ms
+            ));
+        }
+        if !(1..=10_000).contains(&self.power_polls_per_tick_max) {
+            return Err(format!(
+                "power_polls_per_tick_max {} is outside 1-10000",
+                self.power_polls_per_tick_max
+            ));
+        }
+        if !(1..=10_000).contains(&self.power_polls_in_flight_max) {
+            return Err(format!(
+                "power_polls_in_flight_max {} is outside 1-10000",
+                self.power_polls_in_flight_max
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the driver read for one tick: the store's view of the fleet and what this
+/// process has in flight.
+#[derive(Clone, Debug, Default)]
+pub struct FleetView {
+    /// Health records of the monitored nodes (`Store::node_health_list`).
+    pub nodes: Vec<NodeHealth>,
+    /// Every active remediation.
+    pub active: Vec<Remediation>,
+    /// Nodes with a power poll in flight.
+    pub polls_in_flight: BTreeSet<NodeUuid>,
+    /// Remediations with a step in flight.
+    pub steps_running: BTreeSet<i64>,
+}
+
+/// What the core asks the driver to do, in order.
+// A handful per tick, each moved once: boxing the large ones buys nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    /// Mark a Ready node that went silent Suspect (`App::node_mark_suspect`).
+    MarkSuspect { uuid: NodeUuid, grace_s: i64 },
+    /// Record a guard change in the audit trail (and log it).
+    Alert(GuardAlert),
+    /// Create this automatic remediation with its event; then tell the core
+    /// ([`ControllerCore::handle_started`]).
+    StartAutomatic {
+        remediation: Remediation,
+        event: NewEvent,
+    },
+    /// Ask the node's BMC for its power state and record the reading; `before` is the
+    /// reading it replaces.
+    PollPower {
+        uuid: NodeUuid,
+        before: Option<PowerReading>,
+    },
+    /// Run the current step of this remediation once.
+    RunStep { id: i64 },
+    /// Show this on the guard board.
+    Publish(GuardReport),
+}
+
+/// A guard that began or ended holding automatic fencing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuardAlert {
+    RackPaused {
+        rack: String,
+        silent: usize,
+        monitored: usize,
+    },
+    RackResumed {
+        rack: String,
+    },
+    FleetStopped {
+        silent: usize,
+        monitored: usize,
+    },
+    FleetResumed,
+}
+
+impl GuardAlert {
+    /// The audit event for this alert.
+    pub fn event(&self, now_ms: TimestampMs) -> NewEvent {
+        let (action, reason) = match self {
+            GuardAlert::RackPaused {
+                rack,
+                silent,
+                monitored,
+            } => (
+                Action::RackFencingPaused,
+                format!(
+                    "{silent} of {monitored} nodes in rack {rack:?} silent: suspecting the switch, not the nodes"
+                ),
+            ),
+            GuardAlert::RackResumed { rack } => (
+                Action::RackFencingResumed,
+                format!("rack {rack:?} heard again"),
+            ),
+            GuardAlert::FleetStopped { silent, monitored } => (
+                Action::FleetFencingStopped,
+                format!(
+                    "{silent} of {monitored} nodes silent: suspecting our own network, fencing nobody"
+                ),
+            ),
+            GuardAlert::FleetResumed => {
+                (Action::FleetFencingResumed, "fleet heard again".to_string())
+            }
+        };
+        NewEvent::global(now_ms, SYSTEM_ACTOR, action, reason)
+    }
+}
+
+/// What the guard board shows after a tick (the driver adds the configured limits).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GuardReport {
+    pub evaluated_at_ms: TimestampMs,
+    pub monitored: usize,
+    pub silent: usize,
+    pub fleet_fencing_stopped: bool,
+    pub racks_paused: Vec<String>,
+    pub automatic_starts_last_minute: usize,
+    /// Active remediations, counting those this tick starts.
+    pub remediations_active: usize,
+    /// Power polls in flight, counting those this tick starts.
+    pub power_polls_in_flight: usize,
+    /// Monitored nodes by their last power reading (`on`, `off`, `unknown`, `none`).
+    pub power_readings: BTreeMap<String, usize>,
+    /// Monitored nodes whose BMC last read Off: (uuid, read at, last heard at).
+    pub power_off: Vec<(NodeUuid, TimestampMs, TimestampMs)>,
+    pub power_confirmed: Vec<NodeUuid>,
+}
+
+/// The rack pauses and fleet stop as of the last tick, for noticing changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct GuardsSeen {
+    fleet_stopped: bool,
+    racks_paused: BTreeSet<String>,
+}
+
+/// The controller's memory between ticks and the decisions made with it.
+#[derive(Clone, Debug)]
+pub struct ControllerCore {
+    config: ControllerConfig,
+    started_at_ms: TimestampMs,
+    /// When automatic remediations were started, within the rate window.
+    recent_starts: VecDeque<TimestampMs>,
+    guard_history: GuardHistory,
+    guards_seen: GuardsSeen,
+}
+
+impl ControllerCore {
+    /// A core for a controller started at `started_at_ms` (the quiet period runs from it).
+    pub fn new(config: ControllerConfig, started_at_ms: TimestampMs) -> Self {
+        ControllerCore {
+            config,
+            started_at_ms,
+            recent_starts: VecDeque::new(),
+            guard_history: GuardHistory::default(),
+            guards_seen: GuardsSeen::default(),
+        }
+    }
+
+    pub fn config(&self) -> &ControllerConfig {
+        &self.config
+    }
+
+    /// One look at the fleet at `now_ms`: everything the driver should do this tick, in
+    /// the order to do it (suspects, alerts, starts, power polls, the guard board, steps).
+    pub fn poll(&mut self, now_ms: TimestampMs, view: &FleetView) -> Vec<Command> {
+        let mut commands = Vec::new();
+        let mut judgement = health::judge(
+            &view.nodes,
+            now_ms,
+            &self.config.health,
+            &self.guard_history,
+        );
+        self.guard_history.record(&judgement, now_ms);
+        if now_ms - self.started_at_ms < self.config.startup_quiet_ms {
+            // Just (re)started: silence measured across our own downtime proves nothing.
+            judgement.newly_silent.clear();
+            judgement.fenceable.clear();
+            judgement.power_confirmed.clear();
+        }
+        let grace_s = self.config.health.heartbeat_grace_ms / 1000;
+        commands.extend(
+            judgement
+                .newly_silent
+                .iter()
+                .map(|uuid| Command::MarkSuspect {
+                    uuid: uuid.clone(),
+                    grace_s,
+                }),
+        );
+        commands.extend(
+            self.guard_alerts(&judgement)
+                .into_iter()
+                .map(Command::Alert),
+        );
+        self.prune_starts(now_ms);
+        let started = if self.config.automatic {
+            self.automatic_starts(now_ms, &judgement, view)
+        } else {
+            Vec::new()
+        };
+        let busy: BTreeSet<NodeUuid> = view
+            .active
+            .iter()
+            .chain(&started)
+            .map(|r| r.node_uuid.clone())
+            .collect();
+        let started_count = started.len();
+        for remediation in started {
+            let event = NewEvent::for_node(
+                &remediation.node_uuid,
+                now_ms,
+                SYSTEM_ACTOR,
+                Action::RemediationStarted,
+                if judgement.power_confirmed.contains(&remediation.node_uuid) {
+                    "automatic: node silent, BMC reads power off"
+                } else {
+                    "automatic: node silent"
+                },
+            );
+            commands.push(Command::StartAutomatic { remediation, event });
+        }
+        let polls = self.due_polls(now_ms, view, &busy);
+        let polls_count = polls.len();
+        commands.extend(polls);
+        commands.push(Command::Publish(self.report(
+            now_ms,
+            &judgement,
+            view,
+            view.active.len() + started_count,
+            view.polls_in_flight.len() + polls_count,
+        )));
+        commands.extend(
+            view.active
+                .iter()
+                .filter(|r| is_due(r, now_ms) && !view.steps_running.contains(&r.id))
+                .map(|r| Command::RunStep { id: r.id }),
+        );
+        commands
+    }
+
+    /// The driver created `created` (from a [`Command::StartAutomatic`]): its first step
+    /// runs this tick when it is due.
+    pub fn handle_started(&self, now_ms: TimestampMs, created: &Remediation) -> Option<Command> {
+        is_due(created, now_ms).then_some(Command::RunStep { id: created.id })
+    }
+
+    /// Automatic starts in the last [`START_RATE_WINDOW_MS`] as of the last poll.
+    pub fn starts_last_minute(&self) -> usize {
+        self.recent_starts.len()
+    }
+
+    fn prune_starts(&mut self, now_ms: TimestampMs) {
+        while self
+            .recent_starts
+            .front()
+            .is_some_and(|at| now_ms - at >= START_RATE_WINDOW_MS)
+        {
+            self.recent_starts.pop_front();
+        }
+    }
+
+    fn guard_alerts(&mut self, judgement: &Judgement) -> Vec<GuardAlert> {
+        let now = GuardsSeen {
+            fleet_stopped: judgement.fleet_fencing_stopped,
+            racks_paused: judgement
+                .racks
+                .iter()
+                .filter(|(_, r)| r.fencing_paused)
+                .map(|(name, _)| name.clone())
+                .collect(),
+        };
+        let before = &self.guards_seen;
+        let mut alerts = Vec::new();
+        for rack in now.racks_paused.difference(&before.racks_paused) {
+            let health = &judgement.racks[rack];
+            alerts.push(GuardAlert::RackPaused {
+                rack: rack.clone(),
+                silent: health.silent,
+                monitored: health.monitored,
+            });
+        }
+        for rack in before.racks_paused.difference(&now.racks_paused) {
+            alerts.push(GuardAlert::RackResumed { rack: rack.clone() });
+        }
+        if now.fleet_stopped != before.fleet_stopped {
+            alerts.push(if now.fleet_stopped {
+                GuardAlert::FleetStopped {
+                    silent: judgement.silent,
+                    monitored: judgement.monitored,
+                }
+            } else {
+                GuardAlert::FleetResumed
+            });
+        }
+        self.guards_seen = now;
+        alerts
+    }
+
+    /// The automatic remediations to start now, recording each start for the rate limit.
+    fn automatic_starts(
+        &mut self,
+        now_ms: TimestampMs,
+        judgement: &Judgement,
+        view: &FleetView,
+    ) -> Vec<Remediation> {
+        let busy: BTreeSet<&NodeUuid> = view.active.iter().map(|r| &r.node_uuid).collect();
+        let states: BTreeMap<&NodeUuid, LifecycleState> =
+            view.nodes.iter().map(|n| (&n.uuid, n.state)).collect();
+        let mut active = view.active.len();
+        let mut started = Vec::new();
+        for uuid in &judgement.fenceable {
+            if busy.contains(uuid) {
+                continue;
+            }
+            // Only nodes the judgement watches and we may take automatically; a node in
+            // maintenance (a human holds it) or mid-saga is never touched.
+            let Some(state) = states.get(uuid) else {
+                continue;
+            };
+            if may_start(RemediationKind::Automatic, *state).is_err() {
+                continue;
+            }
+            if active >= self.config.remediations_active_max {
+                break;
+            }
+            if self.recent_starts.len() >= self.config.fences_per_minute_max as usize {
+                break;
+            }
+            self.recent_starts.push_back(now_ms);
+            active += 1;
+            let reason = if judgement.power_confirmed.contains(uuid) {
+                "node silent and its BMC reads power off; BMC fence, evacuate, rebuild"
+            } else {
+                "node silent; BMC fence, evacuate, rebuild"
+            };
+            started.push(Remediation::new(
+                uuid.clone(),
+                RemediationKind::Automatic,
+                SYSTEM_ACTOR,
+                reason,
+                now_ms,
+            ));
+        }
+        started
+    }
+
+    /// Power polls due now: not for nodes with a poll in flight or an active remediation
+    /// (the saga reads the BMC itself, and a BMC takes one call at a time), bounded per
+    /// tick and in flight.
+    fn due_polls(
+        &self,
+        now_ms: TimestampMs,
+        view: &FleetView,
+        busy: &BTreeSet<NodeUuid>,
+    ) -> Vec<Command> {
+        if self.config.health.power_poll_interval_ms <= 0 {
+            return Vec::new();
+        }
+        let room = self
+            .config
+            .power_polls_in_flight_max
+            .saturating_sub(view.polls_in_flight.len())
+            .min(self.config.power_polls_per_tick_max);
+        if room == 0 {
+            return Vec::new();
+        }
+        let before: BTreeMap<&NodeUuid, &Option<PowerReading>> =
+            view.nodes.iter().map(|n| (&n.uuid, &n.power)).collect();
+        power_sync::due_polls(&view.nodes, now_ms, &self.config.health, room, |uuid| {
+            view.polls_in_flight.contains(uuid) || busy.contains(uuid)
+        })
+        .into_iter()
+        .map(|uuid| Command::PollPower {
+            before: before.get(&uuid).and_then(|p| (*p).clone()),
+            uuid,
+        })
+        .collect()
+    }
+
+    fn report(
+        &self,
+        now_ms: TimestampMs,
+        judgement: &Judgement,
+        view: &FleetView,
+        remediations_active: usize,
+        power_polls_in_flight: usize,
+    ) -> GuardReport {
+        let mut power_readings = BTreeMap::new();
+        let mut power_off = Vec::new();
+        for node in &view.nodes {
+            let state = node.power.as_ref().map_or("none", |p| p.state.as_str());
+            *power_readings.entry(state.to_string()).or_default() += 1;
+            if let Some(reading) = node
+                .power
+                .as_ref()
+                .filter(|p| p.state == PowerReadingState::Off)
+            {
+                power_off.push((node.uuid.clone(), reading.read_at_ms, node.last_heard_at_ms));
+            }
+        }
+        GuardReport {
+            evaluated_at_ms: now_ms,
+            monitored: judgement.monitored,
+            silent: judgement.silent,
+            fleet_fencing_stopped: judgement.fleet_fencing_stopped,
+            racks_paused: self.guards_seen.racks_paused.iter().cloned().collect(),
+            automatic_starts_last_minute: self.recent_starts.len(),
+            remediations_active,
+            power_polls_in_flight,
+            power_readings,
+            power_off,
+            power_confirmed: judgement.power_confirmed.clone(),
+        }
+    }
+}
+
+/// Whether `remediation` has a step to run at `now_ms`.
+fn is_due(remediation: &Remediation, now_ms: TimestampMs) -> bool {
+    remediation.step().is_some() && remediation.next_attempt_at_ms <= now_ms
+}
+
+/// What to do about a due remediation before acting.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StepStart {
+    /// Not active, or not due yet: nothing to do.
+    Idle,
+    /// An automatic remediation whose node spoke again before anything was done stands
+    /// down: it was a blip, not a death. Write the cancelled record with its event.
+    StandDown {
+        cancelled: Remediation,
+        event: NewEvent,
+    },
+    /// Persist this attempt (and the node, when entering the step moved it) before
+    /// acting, so a crash mid-step resumes here and the attempt budget holds.
+    Attempt {
+        attempt: Remediation,
+        node: Option<Node>,
+        audit: Vec<NewEvent>,
+    },
+    /// Entering the step implies a lifecycle event the node's state does not allow: the
+    /// saga fails before acting (see [`handle_outcome`]).
+    Refused(OutcomeWrite),
+}
+
+/// Decides what to do about `remediation` (its node as read now) before acting.
+pub fn begin_step(now_ms: TimestampMs, remediation: &Remediation, node: &Node) -> StepStart {
+    let Some(step) = remediation.step() else {
+        return StepStart::Idle;
+    };
+    if remediation.next_attempt_at_ms > now_ms {
+        return StepStart::Idle;
+    }
+    let id = remediation.id;
+    if remediation.kind == RemediationKind::Automatic
+        && remediation.step_index == 0
+        && remediation.attempts == 0
+        && node.state == LifecycleState::Ready
+    {
+        let mut cancelled = remediation.clone();
+        cancelled.status = Status::Cancelled;
+        cancelled.finished_at_ms = Some(now_ms);
+        let event = NewEvent::for_node(
+            &node.uuid,
+            now_ms,
+            SYSTEM_ACTOR,
+            Action::RemediationCancelled,
+            "node heartbeating again before the fence",
+        );
+        return StepStart::StandDown { cancelled, event };
+    }
+    let mut attempt = remediation.clone();
+    attempt.attempts += 1;
+    attempt.updated_at_ms = now_ms;
+    let entering = if remediation.attempts == 0 {
+        remediation::entering(step, node.state)
+    } else {
+        vec![]
+    };
+    let why = format!(
+        "remediation {id} ({}) step {}",
+        remediation.kind.as_str(),
+        step.as_str()
+    );
+    match apply_saga_events(node, &entering, now_ms, &why) {
+        Ok((mut after, mut audit)) => {
+            after.updated_at_ms = now_ms;
+            let node = (!audit.is_empty()).then_some(after);
+            if remediation.attempts == 0 {
+                audit.push(NewEvent::for_node(
+                    &remediation.node_uuid,
+                    now_ms,
+                    SYSTEM_ACTOR,
+                    Action::RemediationStep,
+                    why,
+                ));
+            }
+            StepStart::Attempt {
+                attempt,
+                node,
+                audit,
+            }
+        }
+        Err(illegal) => StepStart::Refused(fail_illegal(
+            now_ms,
+            remediation,
+            node,
+            illegal,
+            &format!("entering {}", step.as_str()),
+        )),
+    }
+}
+
+/// One call a step makes through a seam.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// BMC: ask the OS to shut down cleanly (ACPI).
+    PowerOffSoft,
+    /// BMC: hard power-off.
+    PowerOff,
+    PowerOn,
+    /// BMC: read the power state.
+    PowerState,
+    SetNextBootPxe,
+    /// Cloud: mark the host's compute service forced-down.
+    ForceDown {
+        host: String,
+    },
+    /// Cloud: the VMs on a host.
+    VmsOnHost {
+        host: String,
+    },
+    /// Cloud: move one VM away.
+    Evacuate {
+        vm: String,
+    },
+}
+
+/// What a [`Call`] returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallResult {
+    /// Accepted.
+    Done,
+    /// The BMC's power reading.
+    Power {
+        on: bool,
+    },
+    Vms(Vec<String>),
+    /// The cloud still considers the host's compute service up (Nova's
+    /// `ComputeServiceInUse`); the text is the error.
+    ServiceInUse(String),
+    /// Refused, timed out, unreachable, or no BMC/cloud to ask: the error.
+    Failed(String),
+}
+
+/// What a [`StepProgram`] wants next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Next {
+    Call(Call),
+    Finish(Outcome),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Stage {
+    Start,
+    SoftOffAsked,
+    PowerOffAsked,
+    OffResent,
+    ReadBack,
+    ForceDownAsked,
+    VmsListed,
+    Evacuating {
+        vms: Vec<String>,
+        next: usize,
+        problems: Vec<String>,
+    },
+    VmsRelisted {
+        problems: Vec<String>,
+    },
+    PxeSet,
+    RebuildRead,
+    RebuildOnAsked,
+    RebuildOffAsked,
+    Finished,
+}
+
+/// The calls one attempt at one step makes, decided call by call from the results: the
+/// driver calls [`StepProgram::next`] with `None` first, then with each call's result,
+/// until it says [`Next::Finish`]. Every step is idempotent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepProgram {
+    step: Step,
+    /// This attempt's number (1 for the first), as persisted before acting.
+    attempt: u32,
+    host: String,
+    /// Whether the step has a cloud to call: one is configured and the node runs VMs.
+    cloud: bool,
+    node_state: LifecycleState,
+    soft_off_grace_ms: i64,
+    stage: Stage,
+}
+
+impl StepProgram {
+    /// The program for `attempt`'s current step on `node` (as written with the attempt);
+    /// `cloud_configured` says whether a hypervisor API is there to call.
+    pub fn new(
+        attempt: &Remediation,
+        node: &Node,
+        cloud_configured: bool,
+        limits: &Limits,
+    ) -> Option<StepProgram> {
+        Some(StepProgram {
+            step: attempt.step()?,
+            attempt: attempt.attempts,
+            host: node.hostname.clone(),
+            // No hypervisor API, or no VMs by role: nothing to force down or move.
+            cloud: cloud_configured && node.role == NodeRole::Compute,
+            node_state: node.state,
+            soft_off_grace_ms: limits.soft_off_grace_ms,
+            stage: Stage::Start,
+        })
+    }
+
+    pub fn step(&self) -> Step {
+        self.step
+    }
+
+    /// The next call, given the last one's result (`None` to begin).
+    pub fn next(&mut self, last: Option<CallResult>) -> Next {
+        use CallResult as R;
+        use Next::{Call as Do, Finish};
+        let done = || Finish(Outcome::Done);
+        let stage = std::mem::replace(&mut self.stage, Stage::Finished);
+        let (stage, next) = match (stage, last) {
+            (Stage::Start, None) => self.first(),
+            // Best effort: a BMC that fails here gets the hard power-off next anyway.
+            (Stage::SoftOffAsked, Some(R::Done)) => (
+                Stage::Finished,
+                Finish(Outcome::NotYet(
+                    "clean shutdown requested; waiting before the hard power-off".into(),
+                )),
+            ),
+            (Stage::SoftOffAsked, Some(_)) => (Stage::Finished, done()),
+            (Stage::PowerOffAsked | Stage::ForceDownAsked | Stage::RebuildOnAsked, Some(R::Done)) => {
+                (Stage::Finished, done())
+            }
+            // The re-sent power-off is a nudge; only the readback counts.
+            (Stage::OffResent, Some(_)) => (Stage::ReadBack, Do(Call::PowerState)),
+            (Stage::ReadBack, Some(R::Power { on: false })) => (Stage::Finished, done()),
+            (Stage::ReadBack, Some(R::Power { on: true })) => (
+                Stage::Finished,
+                Finish(Outcome::NotYet("BMC still reports power on".into())),
+            ),
+            (Stage::VmsListed, Some(R::Vms(vms))) if vms.is_empty() => (Stage::Finished, done()),
+            (Stage::VmsListed, Some(R::Vms(mut vms))) => {
+                vms.truncate(EVACUATIONS_PER_ATTEMPT_MAX);
+                let first = vms[0].clone();
+                (
+                    Stage::Evacuating {
+                        vms,
+                        next: 1,
+                        problems: Vec::new(),
+                    },
+                    Do(Call::Evacuate { vm: first }),
+                )
+            }
+            (
+                Stage::Evacuating {
+                    vms,
+                    next,
+                    mut problems,
+                },
+                Some(result),
+            ) => match result {
+                R::ServiceInUse(_) => (
+                    Stage::Finished,
+                    Finish(Outcome::NotYet(format!(
+                        "cloud still considers {}'s compute service up",
+                        self.host
+                    ))),
+                ),
+                R::Done | R::Failed(_) => {
+                    if let R::Failed(error) = result {
+                        problems.push(format!("{}: {error}", vms[next - 1]));
+                    }
+                    match vms.get(next).cloned() {
+                        Some(vm) => (
+                            Stage::Evacuating {
+                                vms,
+                                next: next + 1,
+                                problems,
+                            },
+                            Do(Call::Evacuate { vm }),
+                        ),
+                        None => (
+                            Stage::VmsRelisted { problems },
+                            Do(Call::VmsOnHost {
+                                host: self.host.clone(),
+                            }),
+                        ),
+                    }
+                }
+                other => (
+                    Stage::Finished,
+                    Finish(Outcome::Failed(format!(
+                        "step evacuate got {other:?} for an evacuation: the driver does not follow the program"
+                    ))),
+                ),
+            },
+            (Stage::VmsRelisted { .. }, Some(R::Vms(left))) if left.is_empty() => {
+                (Stage::Finished, done())
+            }
+            (Stage::VmsRelisted { problems }, Some(R::Vms(left))) => (
+                Stage::Finished,
+                Finish(Outcome::NotYet(format!(
+                    "{} VM(s) still on {}{}",
+                    left.len(),
+                    self.host,
+                    if problems.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", problems.join("; "))
+                    }
+                ))),
+            ),
+            (Stage::PxeSet, Some(R::Done)) => (Stage::RebuildRead, Do(Call::PowerState)),
+            (Stage::RebuildRead, Some(R::Power { on: false })) => {
+                (Stage::RebuildOnAsked, Do(Call::PowerOn))
+            }
+            // A rebuild retry finds the machine on but stuck (it never came back):
+            // power-on alone would do nothing, so make sure it is off first.
+            (Stage::RebuildRead, Some(R::Power { on: true })) => {
+                (Stage::RebuildOffAsked, Do(Call::PowerOff))
+            }
+            (Stage::RebuildOffAsked, Some(R::Done)) => (
+                Stage::Finished,
+                Finish(Outcome::NotYet(
+                    "powering off before the rebuild power-on".into(),
+                )),
+            ),
+            (_, Some(R::Failed(error) | R::ServiceInUse(error))) => {
+                (Stage::Finished, Finish(Outcome::Failed(error)))
+            }
+            (stage, last) => (
+                Stage::Finished,
+                Finish(Outcome::Failed(format!(
+                    "step {} got {last:?} in {stage:?}: the driver does not follow the program",
+                    self.step.as_str()
+                ))),
+            ),
+        };
+        self.stage = stage;
+        next
+    }
+
+    fn first(&self) -> (Stage, Next) {
+        use Next::{Call as Do, Finish};
+        match self.step {
+            Step::SoftOff => {
+                // One ask per saga: a retry (after a crash, say) goes straight on.
+                if self.soft_off_grace_ms <= 0 || self.attempt > 1 {
+                    (Stage::Finished, Finish(Outcome::Done))
+                } else {
+                    (Stage::SoftOffAsked, Do(Call::PowerOffSoft))
+                }
+            }
+            Step::PowerOff => (Stage::PowerOffAsked, Do(Call::PowerOff)),
+            Step::VerifyOff => {
+                if self.attempt.is_multiple_of(POWER_OFF_RESEND_EVERY_ATTEMPTS) {
+                    (Stage::OffResent, Do(Call::PowerOff))
+                } else {
+                    (Stage::ReadBack, Do(Call::PowerState))
+                }
+            }
+            Step::ForceDown if self.cloud => (
+                Stage::ForceDownAsked,
+                Do(Call::ForceDown {
+                    host: self.host.clone(),
+                }),
+            ),
+            Step::Evacuate if self.cloud => (
+                Stage::VmsListed,
+                Do(Call::VmsOnHost {
+                    host: self.host.clone(),
+                }),
+            ),
+            Step::ForceDown | Step::Evacuate | Step::Maintenance => {
+                (Stage::Finished, Finish(Outcome::Done))
+            }
+            Step::Rebuild => (Stage::PxeSet, Do(Call::SetNextBootPxe)),
+            Step::AwaitReady => (
+                Stage::Finished,
+                Finish(if self.node_state == LifecycleState::Ready {
+                    Outcome::Done
+                } else {
+                    Outcome::NotYet(format!("node is {}", self.node_state))
+                }),
+            ),
+        }
+    }
+}
+
+/// What recording an outcome writes, in one transaction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutcomeWrite {
+    pub remediation: Remediation,
+    /// The node, when its lifecycle state moves.
+    pub node: Option<Node>,
+    pub audit: Vec<NewEvent>,
+    /// A line for the log.
+    pub note: String,
+    /// The lifecycle event the outcome implied but the node's state did not allow; the
+    /// saga then fails (see [`handle_outcome`]).
+    pub illegal: Option<IllegalTransition>,
+}
+
+/// What `outcome` of `attempt` (as persisted before acting) writes, for `node` as read
+/// now: the advanced remediation with the lifecycle events it implies and its audit
+/// events. When those events do not fit the node's state, the saga fails loudly instead:
+/// see [`fail_illegal`].
+pub fn handle_outcome(
+    now_ms: TimestampMs,
+    attempt: &Remediation,
+    outcome: &Outcome,
+    node: &Node,
+    limits: &Limits,
+) -> OutcomeWrite {
+    let advance = remediation::advance(attempt, outcome, now_ms, limits);
+    let (mut next, mut audit) =
+        match apply_saga_events(node, &advance.node_events, now_ms, &advance.note) {
+            Ok(applied) => applied,
+            Err(illegal) => return fail_illegal(now_ms, attempt, node, illegal, &advance.note),
+        };
+    next.updated_at_ms = now_ms;
+    let node_write = (!audit.is_empty()).then_some(next);
+    let status = advance.remediation.status;
+    if matches!(outcome, Outcome::Done) || status != Status::Active {
+        let action = match status {
+            Status::Active => Action::RemediationProgress,
+            Status::Done => Action::RemediationDone,
+            Status::Failed => Action::RemediationFailed,
+            Status::Cancelled => Action::RemediationCancelled,
+        };
+        audit.push(NewEvent::for_node(
+            &node.uuid,
+            now_ms,
+            SYSTEM_ACTOR,
+            action,
+            format!("remediation {}: {}", attempt.id, advance.note),
+        ));
+    }
+    OutcomeWrite {
+        remediation: advance.remediation,
+        node: node_write,
+        audit,
+        note: advance.note,
+        illegal: None,
+    }
+}
+
+/// Applies a saga's lifecycle `events` to a copy of `node`, in order: all of them or, at
+/// the first illegal one, none. An event whose result the node already shows (it is in
+/// the state the event leads to, from a state the event leaves) counts as applied: a
+/// step run twice (a replay after a crash between acting and recording) finds its first
+/// run's events there, e.g. FenceVerified on a Fenced node.
+fn apply_saga_events(
+    node: &Node,
+    events: &[LifecycleEvent],
+    now_ms: TimestampMs,
+    reason: &str,
+) -> Result<(Node, Vec<NewEvent>), IllegalTransition> {
+    let mut next = node.clone();
+    let mut audit = Vec::new();
+    for event in events {
+        match lifecycle::apply_event(&mut next, *event, now_ms, SYSTEM_ACTOR, reason) {
+            Ok(moved) => audit.extend(moved),
+            Err(_) if already_applied(next.state, *event) => {}
+            Err(illegal) => return Err(illegal),
+        }
+    }
+    Ok((next, audit))
+}
+
+/// Whether `state` is where `event` leads from some other state.
+fn already_applied(state: LifecycleState, event: LifecycleEvent) -> bool {
+    LifecycleState::ALL
+        .into_iter()
+        .any(|from| from != state && lifecycle::transition(from, event) == Ok(state))
+}
+
+/// The saga `remediation` met a lifecycle event its node's state does not allow
+/// (`illegal`, while doing `what`): it ends Failed with an event naming the transition,
+/// and the node goes to Maintenance with the reason. A node mid-fence first records
+/// FenceFailed (Maintenance is not allowed during a fence); a retired node is left as it
+/// is; either way the event says where the node was left.
+pub fn fail_illegal(
+    now_ms: TimestampMs,
+    remediation: &Remediation,
+    node: &Node,
+    illegal: IllegalTransition,
+    what: &str,
+) -> OutcomeWrite {
+    let id = remediation.id;
+    let reason = format!("remediation {id} failed: {what}: {illegal}");
+    let mut events = Vec::new();
+    let mut state = node.state;
+    if state == LifecycleState::Fencing {
+        if let Ok(next) = lifecycle::transition(state, LifecycleEvent::FenceFailed) {
+            events.push(LifecycleEvent::FenceFailed);
+            state = next;
+        }
+    }
+    if let Ok(next) = lifecycle::transition(state, LifecycleEvent::MaintenanceOn) {
+        events.push(LifecycleEvent::MaintenanceOn);
+        state = next;
+    }
+    let (mut next, mut audit) =
+        lifecycle::apply_events(node, &events, now_ms, SYSTEM_ACTOR, &reason)
+            .expect("every event was checked against the state it applies to");
+    let left = if state == LifecycleState::Maintenance {
+        "node to maintenance".to_string()
+    } else {
+        format!("node left {state}: no lifecycle event takes it to maintenance")
+    };
+    next.updated_at_ms = now_ms;
+    let mut failed = remediation.clone();
+    failed.status = Status::Failed;
+    failed.finished_at_ms = Some(now_ms);
+    failed.updated_at_ms = now_ms;
+    failed.last_error = Some(format!("{what}: {illegal}"));
+    let note = format!("{reason}; {left}");
+    audit.push(NewEvent::for_node(
+        &node.uuid,
+        now_ms,
+        SYSTEM_ACTOR,
+        Action::RemediationFailed,
+        note.clone(),
+    ));
+    OutcomeWrite {
+        remediation: failed,
+        node: (next.state != node.state).then_some(next),
+        audit,
+        note,
+        illegal: Some(illegal),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::power_sync::PowerReading;
+
+    fn uuid(index: u64) -> NodeUuid {
+        NodeUuid::from_index(4, index)
+    }
+
+    fn health(index: u64, rack: &str, heard_ms: i64) -> NodeHealth {
+        NodeHealth {
+            uuid: uuid(index),
+            rack: Some(rack.into()),
+            state: LifecycleState::Ready,
+            last_heard_at_ms: heard_ms,
+            power: None,
+        }
+    }
+
+    /// A fleet of `racks` racks of `per_rack` Ready nodes, all heard at `heard_ms`.
+    fn fleet(racks: u64, per_rack: u64, heard_ms: i64) -> Vec<NodeHealth> {
+        (0..racks * per_rack)
+            .map(|i| health(i, &format!("r{}", i / per_rack), heard_ms))
+            .collect()
+    }
+
+    fn config() -> ControllerConfig {
+        ControllerConfig {
+            startup_quiet_ms: 0,
+            ..Default::default()
+        }
+    }
+
+    /// A command in words, for tables: `suspect 3`, `alert rack_fencing_paused`,
+    /// `start 3`, `poll 3`, `step 7` (the guard board is left out).
+    fn describe(command: &Command) -> Option<String> {
+        let index = |uuid: &NodeUuid| {
+            (0..1_000)
+                .find(|i| uuid == &self::uuid(*i))
+                .map_or(uuid.to_string(), |i| i.to_string())
+        };
+        Some(match command {
+            Command::MarkSuspect { uuid, .. } => format!("suspect {}", index(uuid)),
+            Command::Alert(alert) => format!("alert {}", alert.event(0).action),
+            Command::StartAutomatic { remediation, .. } => {
+                format!("start {}", index(&remediation.node_uuid))
+            }
+            Command::PollPower { uuid, .. } => format!("poll {}", index(uuid)),
+            Command::RunStep { id } => format!("step {id}"),
+            Command::Publish(_) => return None,
+        })
+    }
+
+    /// One poll of `core` at `now` over `view`: the commands, in words, must be `expect`.
+    fn check(core: &mut ControllerCore, now: i64, view: &FleetView, expect: &[&str]) {
+        let got: Vec<String> = core.poll(now, view).iter().filter_map(describe).collect();
+        assert_eq!(got, expect, "at {now}");
+    }
+
+    fn no_polls(mut config: ControllerConfig) -> ControllerConfig {
+        config.health.power_poll_interval_ms = 0;
+        config
+    }
+
+    fn active(id: i64, node: u64, due_ms: i64) -> Remediation {
+        let mut remediation = Remediation::new(
+            uuid(node),
+            RemediationKind::Automatic,
+            SYSTEM_ACTOR,
+            "test",
+            due_ms,
+        );
+        remediation.id = id;
+        remediation
+    }
+
+    const T: i64 = 10_000_000;
+
+    #[test]
+    fn poll_table() {
+        let health = HealthConfig::default();
+        let dead = T - health.heartbeat_grace_ms - health.fence_confirm_ms - 1;
+        let late = T - health.heartbeat_grace_ms - 1;
+        // Everyone heard: nothing to do.
+        let view = FleetView {
+            nodes: fleet(2, 10, T),
+            ..Default::default()
+        };
+        check(
+            &mut ControllerCore::new(no_polls(config()), 0),
+            T,
+            &view,
+            &[],
+        );
+
+        // A freshly silent node is suspected, not yet fenced.
+        let mut view = FleetView {
+            nodes: fleet(2, 10, T),
+            ..Default::default()
+        };
+        view.nodes[3].last_heard_at_ms = late;
+        check(
+            &mut ControllerCore::new(no_polls(config()), 0),
+            T,
+            &view,
+            &["suspect 3"],
+        );
+
+        // Silent past the confirmation: suspected and started.
+        view.nodes[3].last_heard_at_ms = dead;
+        check(
+            &mut ControllerCore::new(no_polls(config()), 0),
+            T,
+            &view,
+            &["suspect 3", "start 3"],
+        );
+        // ... unless automatic remediation is off.
+        let off = ControllerConfig {
+            automatic: false,
+            ..no_polls(config())
+        };
+        check(&mut ControllerCore::new(off, 0), T, &view, &["suspect 3"]);
+        // ... or the controller just started (quiet period).
+        let quiet = ControllerConfig {
+            startup_quiet_ms: 45_000,
+            ..no_polls(config())
+        };
+        check(&mut ControllerCore::new(quiet, T - 44_999), T, &view, &[]);
+        check(
+            &mut ControllerCore::new(
+                ControllerConfig {
+                    startup_quiet_ms: 45_000,
+                    ..no_polls(config())
+                },
+                T - 45_000,
+            ),
+            T,
+            &view,
+            &["suspect 3", "start 3"],
+        );
+
+        // Already Suspect: started, not suspected again.
+        view.nodes[3].state = LifecycleState::Suspect;
+        check(
+            &mut ControllerCore::new(no_polls(config()), 0),
+            T,
+            &view,
+            &["start 3"],
+        );
+        // An active remediation on the node: not started again; its step runs when due,
+        // unless one is already running.
+        view.active = vec![active(7, 3, T)];
+        check(
+            &mut ControllerCore::new(no_polls(config()), 0),
+            T,
+            &view,
+            &["step 7"],
+        );
+        view.active = vec![active(7, 3, T + 1)];
+        check(
+            &mut ControllerCore::new(no_polls(config()), 0),
+            T,
+            &view,
+            &[],
+        );
+        view.active = vec![active(7, 3, T)];
+        view.steps_running.insert(7);
+        check(
+            &mut ControllerCore::new(no_polls(config()), 0),
+            T,
+            &view,
+            &[],
+        );
+    }
+
+    #[test]
+    fn automatic_starts_respect_eligibility_the_cap_and_the_rate_limit() {
+        let health = HealthConfig::default();
+        let dead = T - health.heartbeat_grace_ms - health.fence_confirm_ms - 1;
+        // Three lone deaths in three big racks.
+        let mut view = FleetView {
+            nodes: fleet(3, 10, T),
+            ..Default::default()
+        };
+        for index in [0, 10, 20] {
+            view.nodes[index as usize].last_heard_at_ms = dead;
+            view.nodes[index as usize].state = LifecycleState::Suspect;
+        }
+        // Maintenance is never taken automatically (may_start), even when silent.
+        let mut held = view.clone();
+        held.nodes[10].state = LifecycleState::Maintenance;
+        check(
+            &mut ControllerCore::new(no_polls(config()), 0),
+            T,
+            &held,
+            &["start 0", "start 20"],
+        );
+        // The active cap counts what is already active.
+        let capped = ControllerConfig {
+            remediations_active_max: 2,
+            ..no_polls(config())
+        };
+        let mut busy = view.clone();
+        busy.active = vec![active(1, 5, T + 1_000)];
+        check(&mut ControllerCore::new(capped, 0), T, &busy, &["start 0"]);
+        // The rate limit holds for a rolling minute, then lets the rest go.
+        let rated = ControllerConfig {
+            fences_per_minute_max: 2,
+            ..no_polls(config())
+        };
+        let mut core = ControllerCore::new(rated, 0);
+        check(&mut core, T, &view, &["start 0", "start 10"]);
+        assert_eq!(core.starts_last_minute(), 2);
+        let mut later = view.clone();
+        later.active = vec![active(1, 0, T + 100_000), active(2, 10, T + 100_000)];
+        for node in later
+            .nodes
+            .iter_mut()
+            .filter(|n| n.state == LifecycleState::Ready)
+        {
+            node.last_heard_at_ms = T + START_RATE_WINDOW_MS;
+        }
+        check(&mut core, T + START_RATE_WINDOW_MS - 1, &later, &[]);
+        check(&mut core, T + START_RATE_WINDOW_MS, &later, &["start 20"]);
+        assert_eq!(core.starts_last_minute(), 1);
+    }
+
+    #[test]
+    fn guard_changes_are_alerted_once_each_way() {
+        let health = HealthConfig::default();
+        let silent = T - health.heartbeat_grace_ms - 1;
+        let mut core = ControllerCore::new(no_polls(config()), 0);
+        let mut view = FleetView {
+            nodes: fleet(3, 10, T),
+            ..Default::default()
+        };
+        // Rack r1's switch dies: every r1 node is suspected, the rack paused, no start.
+        for node in view
+            .nodes
+            .iter_mut()
+            .filter(|n| n.rack.as_deref() == Some("r1"))
+        {
+            node.last_heard_at_ms = silent - health.fence_confirm_ms;
+        }
+        let suspects: Vec<String> = (10..20).map(|i| format!("suspect {i}")).collect();
+        let mut expect: Vec<&str> = suspects.iter().map(String::as_str).collect();
+        expect.push("alert rack_fencing_paused");
+        check(&mut core, T, &view, &expect);
+        // Still paused: no second alert (the nodes are Suspect by now).
+        for node in view
+            .nodes
+            .iter_mut()
+            .filter(|n| n.rack.as_deref() == Some("r1"))
+        {
+            node.state = LifecycleState::Suspect;
+        }
+        check(&mut core, T + 1_000, &view, &[]);
+        // Heard again: the pause holds for pause_hold_ms, then resumes once.
+        for node in view.nodes.iter_mut() {
+            node.last_heard_at_ms = T + 2_000;
+            node.state = LifecycleState::Ready;
+        }
+        check(&mut core, T + 2_000, &view, &[]);
+        let resumed = T + 1_000 + health.pause_hold_ms;
+        for node in view.nodes.iter_mut() {
+            node.last_heard_at_ms = resumed;
+        }
+        check(&mut core, resumed, &view, &["alert rack_fencing_resumed"]);
+        check(&mut core, resumed + 1_000, &view, &[]);
+
+        // Most of the fleet silent (racks too small for the rack guard): the fleet stops,
+        // then resumes.
+        let mut core = ControllerCore::new(no_polls(config()), 0);
+        let mut view = FleetView {
+            nodes: fleet(2, 3, T),
+            ..Default::default()
+        };
+        for node in view.nodes.iter_mut().take(4) {
+            node.last_heard_at_ms = silent;
+            node.state = LifecycleState::Suspect;
+        }
+        check(&mut core, T, &view, &["alert fleet_fencing_stopped"]);
+        let healed = T + health.pause_hold_ms;
+        for node in view.nodes.iter_mut() {
+            node.last_heard_at_ms = healed;
+            node.state = LifecycleState::Ready;
+        }
+        check(&mut core, healed, &view, &["alert fleet_fencing_resumed"]);
+    }
+
+    #[test]
+    fn power_polls_are_bounded_and_skip_busy_nodes() {
+        let interval = HealthConfig::default().power_poll_interval_ms;
+        let last_read = Some(PowerReading::known(PowerReadingState::On, T - interval));
+        let mut view = FleetView {
+            nodes: fleet(1, 12, T),
+            ..Default::default()
+        };
+        for node in &mut view.nodes {
+            node.power = last_read.clone();
+        }
+        let polls = |commands: &[Command]| -> Vec<NodeUuid> {
+            commands
+                .iter()
+                .filter_map(|c| match c {
+                    Command::PollPower { uuid, .. } => Some(uuid.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let config = ControllerConfig {
+            power_polls_per_tick_max: 8,
+            power_polls_in_flight_max: 10,
+            ..config()
+        };
+        let mut core = ControllerCore::new(config, 0);
+        assert_eq!(polls(&core.poll(T, &view)).len(), 8, "per tick");
+        view.polls_in_flight = (0..8).map(uuid).collect();
+        view.active = vec![active(1, 9, T + 1_000)];
+        let second = polls(&core.poll(T, &view));
+        assert_eq!(second.len(), 2, "in flight: {second:?}");
+        assert!(second
+            .iter()
+            .all(|u| !view.polls_in_flight.contains(u) && *u != uuid(9)));
+        // The reading a poll replaces goes with it; the board counts the new polls.
+        let commands = core.poll(
+            T,
+            &FleetView {
+                polls_in_flight: BTreeSet::new(),
+                ..view.clone()
+            },
+        );
+        assert!(commands.iter().any(|c| matches!(c,
+            Command::PollPower { before, .. } if *before == last_read)));
+        let Some(Command::Publish(report)) =
+            commands.iter().find(|c| matches!(c, Command::Publish(_)))
+        else {
+            panic!("no guard report")
+        };
+        assert_eq!(report.power_polls_in_flight, 8);
+        assert_eq!(report.power_readings["on"], 12);
+        assert_eq!(report.remediations_active, 1);
+    }
+
+    #[test]
+    fn a_started_remediation_runs_its_first_step_at_once() {
+        let core = ControllerCore::new(config(), 0);
+        let mut created = active(5, 1, T);
+        assert_eq!(
+            core.handle_started(T, &created),
+            Some(Command::RunStep { id: 5 })
+        );
+        created.next_attempt_at_ms = T + 1;
+        assert_eq!(core.handle_started(T, &created), None);
+    }
+
+    fn node(state: LifecycleState) -> Node {
+        let mut node = Node::new(uuid(1), "cn1".into(), NodeRole::Compute, 0);
+        node.state = state;
+        node
+    }
+
+    fn at_step(kind: RemediationKind, step: Step, attempts: u32) -> Remediation {
+        let mut remediation = Remediation::new(uuid(1), kind, SYSTEM_ACTOR, "test", T);
+        remediation.id = 9;
+        remediation.step_index = remediation.plan.iter().position(|s| *s == step).unwrap();
+        remediation.attempts = attempts;
+        remediation
+    }
+
+    /// One row of the begin table: a remediation of `kind` at `step` after `attempts`,
+    /// its node in `state`. `expect`: `idle`, `stand down`, `refused`, or `attempt` with
+    /// the node's state after entering the step.
+    fn check_begin(
+        kind: RemediationKind,
+        step: Step,
+        attempts: u32,
+        state: LifecycleState,
+        expect: &str,
+    ) {
+        let remediation = at_step(kind, step, attempts);
+        let got = match begin_step(T, &remediation, &node(state)) {
+            StepStart::Idle => "idle".to_string(),
+            StepStart::StandDown { cancelled, .. } => {
+                assert_eq!(cancelled.status, Status::Cancelled);
+                "stand down".to_string()
+            }
+            StepStart::Attempt { attempt, node, .. } => {
+                assert_eq!(attempt.attempts, attempts + 1);
+                format!("attempt {}", node.map_or(state, |n| n.state))
+            }
+            StepStart::Refused(_) => "refused".to_string(),
+        };
+        assert_eq!(got, expect, "{kind:?} {step:?} after {attempts} in {state}");
+    }
+
+    #[test]
+    fn begin_table() {
+        use LifecycleState::*;
+        use RemediationKind::*;
+        // An automatic fence whose node spoke again before anything was done stands down.
+        check_begin(Automatic, Step::SoftOff, 0, Ready, "stand down");
+        // ... not once it acted, not an operator's, not a node still silent.
+        check_begin(Automatic, Step::SoftOff, 1, Ready, "attempt ready");
+        check_begin(Fence, Step::SoftOff, 0, Ready, "attempt fencing");
+        check_begin(Automatic, Step::SoftOff, 0, Suspect, "attempt fencing");
+        check_begin(Automatic, Step::Rebuild, 0, Fenced, "attempt rebuilding");
+        check_begin(Automatic, Step::VerifyOff, 4, Fencing, "attempt fencing");
+        let mut later = at_step(Fence, Step::PowerOff, 1);
+        later.next_attempt_at_ms = T + 1;
+        assert_eq!(begin_step(T, &later, &node(Fencing)), StepStart::Idle);
+    }
+
+    /// Runs `program` against `answers` (one per call, in order) and checks the calls it
+    /// made and how it ended.
+    fn check_program(
+        step: Step,
+        attempt: u32,
+        cloud: bool,
+        answers: &[CallResult],
+        expect_calls: &[Call],
+        expect: Outcome,
+    ) {
+        let remediation = at_step(RemediationKind::Automatic, step, attempt);
+        let node = node(LifecycleState::Fencing);
+        let mut program = StepProgram::new(&remediation, &node, cloud, &Limits::default()).unwrap();
+        let mut answers = answers.iter().cloned();
+        let mut calls = Vec::new();
+        let mut last = None;
+        let outcome = loop {
+            match program.next(last.take()) {
+                Next::Call(call) => {
+                    calls.push(call);
+                    last = Some(answers.next().expect("an answer for every call"));
+                }
+                Next::Finish(outcome) => break outcome,
+            }
+        };
+        assert_eq!(calls, expect_calls, "{step:?} attempt {attempt}");
+        assert_eq!(outcome, expect, "{step:?} attempt {attempt}");
+        assert_eq!(answers.next(), None, "answers left over");
+    }
+
+    #[test]
+    fn step_program_table() {
+        use Call::*;
+        use CallResult as R;
+        let on = R::Power { on: true };
+        let off = R::Power { on: false };
+        let failed = || R::Failed("bmc timed out".into());
+        let not_yet = |s: &str| Outcome::NotYet(s.into());
+        let fail = || Outcome::Failed("bmc timed out".into());
+        // Soft off: asked once per saga; a failure is no reason to wait.
+        let asked = "clean shutdown requested; waiting before the hard power-off";
+        check_program(
+            Step::SoftOff,
+            1,
+            true,
+            &[R::Done],
+            &[PowerOffSoft],
+            not_yet(asked),
+        );
+        check_program(
+            Step::SoftOff,
+            1,
+            true,
+            &[failed()],
+            &[PowerOffSoft],
+            Outcome::Done,
+        );
+        check_program(Step::SoftOff, 2, true, &[], &[], Outcome::Done);
+        // Power off.
+        check_program(
+            Step::PowerOff,
+            1,
+            true,
+            &[R::Done],
+            &[PowerOff],
+            Outcome::Done,
+        );
+        check_program(Step::PowerOff, 2, true, &[failed()], &[PowerOff], fail());
+        // Verify off: a readback; every third attempt re-sends the power-off first,
+        // whatever it answers.
+        check_program(
+            Step::VerifyOff,
+            1,
+            true,
+            std::slice::from_ref(&off),
+            &[PowerState],
+            Outcome::Done,
+        );
+        let still_on = "BMC still reports power on";
+        check_program(
+            Step::VerifyOff,
+            2,
+            true,
+            std::slice::from_ref(&on),
+            &[PowerState],
+            not_yet(still_on),
+        );
+        check_program(
+            Step::VerifyOff,
+            3,
+            true,
+            &[failed(), off.clone()],
+            &[PowerOff, PowerState],
+            Outcome::Done,
+        );
+        check_program(Step::VerifyOff, 4, true, &[failed()], &[PowerState], fail());
+        check_program(
+            Step::VerifyOff,
+            6,
+            true,
+            &[R::Done, on.clone()],
+            &[PowerOff, PowerState],
+            not_yet(still_on),
+        );
+        // Cloud steps: nothing to do without a cloud (or VMs).
+        let host = || "cn1".to_string();
+        check_program(Step::ForceDown, 1, false, &[], &[], Outcome::Done);
+        check_program(
+            Step::ForceDown,
+            1,
+            true,
+            &[R::Done],
+            &[ForceDown { host: host() }],
+            Outcome::Done,
+        );
+        check_program(Step::Evacuate, 1, false, &[], &[], Outcome::Done);
+        check_program(
+            Step::Evacuate,
+            1,
+            true,
+            &[R::Vms(vec![])],
+            &[VmsOnHost { host: host() }],
+            Outcome::Done,
+        );
+        let two = || R::Vms(vec!["a".into(), "b".into()]);
+        check_program(
+            Step::Evacuate,
+            1,
+            true,
+            &[two(), R::Done, R::Done, R::Vms(vec![])],
+            &[
+                VmsOnHost { host: host() },
+                Evacuate { vm: "a".into() },
+                Evacuate { vm: "b".into() },
+                VmsOnHost { host: host() },
+            ],
+            Outcome::Done,
+        );
+        check_program(
+            Step::Evacuate,
+            1,
+            true,
+            &[two(), R::ServiceInUse("in use".into())],
+            &[VmsOnHost { host: host() }, Evacuate { vm: "a".into() }],
+            not_yet("cloud still considers cn1's compute service up"),
+        );
+        check_program(
+            Step::Evacuate,
+            1,
+            true,
+            &[
+                two(),
+                R::Failed("no room".into()),
+                R::Done,
+                R::Vms(vec!["a".into()]),
+            ],
+            &[
+                VmsOnHost { host: host() },
+                Evacuate { vm: "a".into() },
+                Evacuate { vm: "b".into() },
+                VmsOnHost { host: host() },
+            ],
+            not_yet("1 VM(s) still on cn1: a: no room"),
+        );
+        // Rebuild: PXE, then off before on.
+        check_program(
+            Step::Rebuild,
+            1,
+            true,
+            &[R::Done, off.clone(), R::Done],
+            &[SetNextBootPxe, PowerState, PowerOn],
+            Outcome::Done,
+        );
+        check_program(
+            Step::Rebuild,
+            2,
+            true,
+            &[R::Done, on.clone(), R::Done],
+            &[SetNextBootPxe, PowerState, PowerOff],
+            not_yet("powering off before the rebuild power-on"),
+        );
+        check_program(
+            Step::Rebuild,
+            1,
+            true,
+            &[failed()],
+            &[SetNextBootPxe],
+            fail(),
+        );
+        check_program(
+            Step::Rebuild,
+            1,
+            true,
+            &[R::Done, failed()],
+            &[SetNextBootPxe, PowerState],
+            fail(),
+        );
+        // Waiting for Ready reads the node only.
+        check_program(
+            Step::AwaitReady,
+            1,
+            true,
+            &[],
+            &[],
+            not_yet("node is fencing"),
+        );
+        // A driver that answers out of turn gets a failed attempt, not a panic.
+        check_program(
+            Step::PowerOff,
+            1,
+            true,
+            &[R::Vms(vec![])],
+            &[PowerOff],
+            Outcome::Failed(
+                "step power_off got Some(Vms([])) in PowerOffAsked: the driver does not follow the program".into(),
+            ),
+        );
+    }
+
+    #[test]
+    fn evacuations_per_attempt_are_bounded() {
+        let remediation = at_step(RemediationKind::Automatic, Step::Evacuate, 1);
+        let mut program = StepProgram::new(
+            &remediation,
+            &node(LifecycleState::Fenced),
+            true,
+            &Limits::default(),
+        )
+        .unwrap();
+        let many: Vec<String> = (0..EVACUATIONS_PER_ATTEMPT_MAX + 10)
+            .map(|i| format!("vm{i}"))
+            .collect();
+        let mut last = None;
+        let mut calls = 0;
+        let mut answer = Some(CallResult::Vms(many));
+        loop {
+            match program.next(last.take()) {
+                Next::Call(Call::VmsOnHost { .. }) if calls > 0 => {
+                    last = Some(CallResult::Vms(vec!["vm0".into(); 10]));
+                }
+                Next::Call(_) => last = Some(answer.take().unwrap_or(CallResult::Done)),
+                Next::Finish(outcome) => {
+                    assert_eq!(outcome, Outcome::NotYet("10 VM(s) still on cn1".into()));
+                    break;
+                }
+            }
+            calls += 1;
+            assert!(calls <= STEP_CALLS_MAX, "unbounded program");
+        }
+        assert_eq!(calls, EVACUATIONS_PER_ATTEMPT_MAX + 2);
+    }
+
+    /// One row of the outcome table: `outcome` of the last attempt a step's budget
+    /// allows (or of a first attempt when `last` is false), with the node in `state`.
+    /// `expect`: the remediation's status, the node's state after, and whether an
+    /// illegal transition was met.
+    #[allow(clippy::too_many_arguments)]
+    fn check_outcome(
+        kind: RemediationKind,
+        step: Step,
+        last: bool,
+        outcome: Outcome,
+        state: LifecycleState,
+        expect: (Status, LifecycleState, bool),
+    ) {
+        let limits = Limits::default();
+        let attempts = if last { step.attempts_max(&limits) } else { 1 };
+        let attempt = at_step(kind, step, attempts);
+        let write = handle_outcome(T, &attempt, &outcome, &node(state), &limits);
+        let after = write.node.as_ref().map_or(state, |n| n.state);
+        let got = (write.remediation.status, after, write.illegal.is_some());
+        assert_eq!(
+            got, expect,
+            "{kind:?} {step:?} {outcome:?} in {state}: {}",
+            write.note
+        );
+        if let Some(illegal) = write.illegal {
+            let failed = write
+                .audit
+                .iter()
+                .find(|e| e.action == Action::RemediationFailed)
+                .expect("a remediation_failed event");
+            assert!(
+                failed.reason.contains(&illegal.to_string()),
+                "{}",
+                failed.reason
+            );
+            assert!(write
+                .remediation
+                .last_error
+                .unwrap()
+                .contains(&illegal.to_string()));
+        }
+    }
+
+    #[test]
+    fn outcome_table() {
+        use LifecycleState::*;
+        use RemediationKind::*;
+        use Status::{Active, Done as Finished, Failed};
+        let done = || Outcome::Done;
+        let refused = || Outcome::Failed("refused".into());
+        // The ordinary course.
+        check_outcome(
+            Automatic,
+            Step::VerifyOff,
+            false,
+            done(),
+            Fencing,
+            (Active, Fenced, false),
+        );
+        check_outcome(
+            Automatic,
+            Step::PowerOff,
+            false,
+            refused(),
+            Fencing,
+            (Active, Fencing, false),
+        );
+        check_outcome(
+            Automatic,
+            Step::VerifyOff,
+            true,
+            refused(),
+            Fencing,
+            (Failed, Maintenance, false),
+        );
+        check_outcome(
+            Drain,
+            Step::Maintenance,
+            false,
+            done(),
+            Fenced,
+            (Finished, Maintenance, false),
+        );
+        check_outcome(
+            Automatic,
+            Step::Rebuild,
+            true,
+            refused(),
+            Rebuilding,
+            (Failed, Maintenance, false),
+        );
+        // Events the node's state does not allow fail the saga and hand the node over.
+        // A verified fence of a node someone moved to Ready: power is off, the record
+        // says running; a human must look.
+        check_outcome(
+            Automatic,
+            Step::VerifyOff,
+            false,
+            done(),
+            Ready,
+            (Failed, Maintenance, true),
+        );
+        // A fence given up on a node no longer Fencing.
+        check_outcome(
+            Fence,
+            Step::VerifyOff,
+            true,
+            refused(),
+            Ready,
+            (Failed, Maintenance, true),
+        );
+        check_outcome(
+            Fence,
+            Step::VerifyOff,
+            true,
+            refused(),
+            Fenced,
+            (Failed, Maintenance, true),
+        );
+        // Mid-fence, Maintenance is not allowed until FenceFailed is recorded.
+        check_outcome(
+            Automatic,
+            Step::Rebuild,
+            true,
+            refused(),
+            Fencing,
+            (Failed, Maintenance, true),
+        );
+        check_outcome(
+            Drain,
+            Step::Maintenance,
+            false,
+            done(),
+            Fencing,
+            (Failed, Maintenance, true),
+        );
+        // A step run twice finds its events applied: a replayed readback of a Fenced
+        // node, a given-up rebuild whose node is already in maintenance.
+        check_outcome(
+            Automatic,
+            Step::VerifyOff,
+            false,
+            done(),
+            Fenced,
+            (Active, Fenced, false),
+        );
+        check_outcome(
+            Automatic,
+            Step::Rebuild,
+            true,
+            refused(),
+            Maintenance,
+            (Failed, Maintenance, false),
+        );
+        // A retired node is left as it is.
+        check_outcome(
+            Automatic,
+            Step::VerifyOff,
+            false,
+            done(),
+            Retired,
+            (Failed, Retired, true),
+        );
+    }
+
+    #[test]
+    fn an_illegal_event_names_the_transition_and_where_the_node_was_left() {
+        let attempt = at_step(RemediationKind::Fence, Step::VerifyOff, 1);
+        let write = handle_outcome(
+            T,
+            &attempt,
+            &Outcome::Done,
+            &node(LifecycleState::Retired),
+            &Limits::default(),
+        );
+        assert_eq!(
+            write.note,
+            "remediation 9 failed: verify_off done: illegal transition: fence_verified is not allowed while the node is retired; node left retired: no lifecycle event takes it to maintenance"
+        );
+        assert!(write.node.is_none());
+        let mid_fence = handle_outcome(
+            T,
+            &at_step(RemediationKind::Drain, Step::Maintenance, 1),
+            &Outcome::Done,
+            &node(LifecycleState::Fencing),
+            &Limits::default(),
+        );
+        let actions: Vec<Action> = mid_fence.audit.iter().map(|e| e.action).collect();
+        assert_eq!(
+            actions,
+            vec![
+                Action::FenceFailed,
+                Action::MaintenanceOn,
+                Action::RemediationFailed
+            ]
+        );
+        assert!(mid_fence.audit[1]
+            .reason
+            .contains("maintenance_on is not allowed while the node is fencing"));
+    }
+}
