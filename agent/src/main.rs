@@ -96,9 +96,11 @@ fn main() -> ExitCode {
                 once,
                 no_dhcp,
             } => {
-                let mut options = Options::default();
-                options.once = once;
-                options.dhcp = !no_dhcp;
+                let options = Options {
+                    once,
+                    dhcp: !no_dhcp,
+                    ..Options::default()
+                };
                 let mut host = SystemHost::new(cmdline, root, work_dir);
                 stages::run_stage1(&options, &TcpConnector, &mut host)
                     .await

@@ -348,11 +348,12 @@ impl Node {
     }
 
     fn options(&self) -> Options {
-        let mut options = Options::default();
-        options.backoff_start = Duration::from_millis(1);
-        options.backoff_cap = Duration::from_millis(4);
-        options.attempts_max = Some(5);
-        options
+        Options {
+            backoff_start: Duration::from_millis(1),
+            backoff_cap: Duration::from_millis(4),
+            attempts_max: Some(5),
+            ..Options::default()
+        }
     }
 
     fn console(&self) -> Console {
@@ -767,12 +768,13 @@ impl HostNetwork for FakeHost {
 }
 
 fn stage2_options() -> Stage2Options {
-    let mut options = Stage2Options::default();
-    options.heartbeat_period = Duration::from_millis(2);
-    options.backoff_start = Duration::from_millis(1);
-    options.backoff_cap = Duration::from_millis(1);
-    options.beats_max = Some(1);
-    options
+    Stage2Options {
+        heartbeat_period: Duration::from_millis(2),
+        backoff_start: Duration::from_millis(1),
+        backoff_cap: Duration::from_millis(1),
+        beats_max: Some(1),
+        ..Stage2Options::default()
+    }
 }
 
 #[tokio::test]
