@@ -3,9 +3,12 @@
 //!
 //! Architecture invariant: a pure parser over bytes; hearing frames is someone else's job
 //! (a raw socket in stage 1). Every length is checked before it is used, so any input
-//! gives a neighbour or an error saying what was wrong, never a panic.
+//! gives a neighbour or an error saying what was wrong, never a panic. What listening on
+//! a NIC gave ([`NicLldp`]) and its console line live here too, so every host reports the
+//! same way.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
 
 use bearman_proto::LldpNeighbor;
 
@@ -256,4 +259,124 @@ fn trim_nul(bytes: &[u8]) -> &[u8] {
 fn read_u16(bytes: &[u8], offset: usize) -> Option<u16> {
     let pair = bytes.get(offset..offset.checked_add(2)?)?;
     Some(u16::from_be_bytes([pair[0], pair[1]]))
+}
+
+/// What listening on one NIC gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Heard(LldpNeighbor),
+    /// Nothing usable within the wait; `refused` is why the last frame heard (if any) did
+    /// not parse.
+    Silent {
+        wait: Duration,
+        refused: Option<String>,
+    },
+    Failed(String),
+}
+
+/// One NIC's outcome, with the console line that reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NicLldp {
+    pub nic: String,
+    pub outcome: Outcome,
+}
+
+impl NicLldp {
+    pub fn neighbor(&self) -> Option<&LldpNeighbor> {
+        match &self.outcome {
+            Outcome::Heard(neighbor) => Some(neighbor),
+            _ => None,
+        }
+    }
+
+    /// `lldp: eth0: chassis …, port …, vlan …`, or why there is no neighbour.
+    pub fn console_line(&self) -> String {
+        let nic = &self.nic;
+        match &self.outcome {
+            Outcome::Heard(neighbor) => {
+                let vlan = neighbor
+                    .vlan
+                    .map_or_else(|| "none".to_string(), |vlan| vlan.to_string());
+                let name = neighbor
+                    .system_name
+                    .as_deref()
+                    .map_or_else(String::new, |name| format!(" ({name})"));
+                format!(
+                    "lldp: {nic}: chassis {}, port {}, vlan {vlan}{name}",
+                    neighbor.chassis_id, neighbor.port_id
+                )
+            }
+            Outcome::Silent { wait, refused } => {
+                let mut line = format!("lldp: no LLDP frame on {nic} within {}", seconds(*wait));
+                if let Some(refused) = refused {
+                    line.push_str(&format!(" (a frame was heard but refused: {refused})"));
+                }
+                line
+            }
+            Outcome::Failed(error) => {
+                format!("lldp: {error}; registering {nic} without its neighbour")
+            }
+        }
+    }
+}
+
+fn seconds(wait: Duration) -> String {
+    if wait.subsec_millis() == 0 {
+        format!("{} s", wait.as_secs())
+    } else {
+        format!("{:.1} s", wait.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(outcome: Outcome) -> String {
+        NicLldp {
+            nic: "eth0".into(),
+            outcome,
+        }
+        .console_line()
+    }
+
+    #[test]
+    fn console_lines_say_what_was_heard() {
+        assert_eq!(
+            line(Outcome::Heard(LldpNeighbor {
+                chassis_id: "2c:6b:f5:9a:3b:c0".into(),
+                port_id: "517".into(),
+                vlan: Some(100),
+                system_name: Some("tor-a12".into()),
+            })),
+            "lldp: eth0: chassis 2c:6b:f5:9a:3b:c0, port 517, vlan 100 (tor-a12)"
+        );
+        assert_eq!(
+            line(Outcome::Heard(LldpNeighbor {
+                chassis_id: "c".into(),
+                port_id: "p".into(),
+                vlan: None,
+                system_name: None,
+            })),
+            "lldp: eth0: chassis c, port p, vlan none"
+        );
+        assert_eq!(
+            line(Outcome::Silent {
+                wait: Duration::from_secs(31),
+                refused: None
+            }),
+            "lldp: no LLDP frame on eth0 within 31 s"
+        );
+        assert_eq!(
+            line(Outcome::Silent {
+                wait: Duration::from_millis(1500),
+                refused: Some("no port id tlv".into())
+            }),
+            "lldp: no LLDP frame on eth0 within 1.5 s (a frame was heard but refused: no port id tlv)"
+        );
+        assert_eq!(
+            line(Outcome::Failed("no such interface eth0".into())),
+            "lldp: no such interface eth0; registering eth0 without its neighbour"
+        );
+    }
 }

@@ -9,8 +9,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bearman_agent::net::TcpConnector;
-use bearman_agent::stage1::{self, kexec::SystemKexec, netconf::SystemHost};
+use bearman_agent::stage1::SystemHost;
+use bearman_agent::stages::{self, Options, Stage2Options};
 use clap::{Parser, Subcommand};
+
+/// Stage 1's download directory (a tmpfs).
+const WORK_DIR: &str = "/run/bearman";
 
 #[derive(Parser)]
 #[command(
@@ -48,7 +52,7 @@ enum Command {
         #[arg(long, default_value = "/")]
         root: PathBuf,
         /// Directory (a tmpfs) the kernel and initrds are downloaded to.
-        #[arg(long, default_value = "/run/bearman")]
+        #[arg(long, default_value = WORK_DIR)]
         work_dir: PathBuf,
         /// Stop after one failed attempt (exit 1) instead of retrying.
         #[arg(long)]
@@ -92,18 +96,19 @@ fn main() -> ExitCode {
                 once,
                 no_dhcp,
             } => {
-                let mut options = stage1::Options::new(cmdline, root, work_dir.clone());
-                options.once = once;
-                options.dhcp = !no_dhcp;
-                let mut kexec = SystemKexec { work_dir };
-                stage1::run_stage1(&options, &TcpConnector, &mut kexec)
+                let options = Options {
+                    once,
+                    dhcp: !no_dhcp,
+                    ..Options::default()
+                };
+                let mut host = SystemHost::new(cmdline, root, work_dir);
+                stages::run_stage1(&options, &TcpConnector, &mut host)
                     .await
                     .map(|_| ())
             }
             Command::Stage2 { cmdline, root } => {
-                let options = stage1::Stage2Options::new(cmdline, root.clone());
-                let mut host = SystemHost::new(root);
-                stage1::run_stage2(&options, &TcpConnector, &mut host).await
+                let mut host = SystemHost::new(cmdline, root, PathBuf::from(WORK_DIR));
+                stages::run_stage2(&Stage2Options::default(), &TcpConnector, &mut host).await
             }
         }
     });

@@ -15,7 +15,8 @@ use bearman_agent::stage1::bmc::Ipmitool;
 use bearman_agent::stage1::download::{self, DownloadError, Limits};
 use bearman_agent::stage1::kexec::{Kexec, KexecError, KexecFiles};
 use bearman_agent::stage1::netconf::HostNetwork;
-use bearman_agent::stage1::{self, Options, Stage2Options};
+use bearman_agent::stage1::{Console, SystemHost};
+use bearman_agent::stages::{self, Options, Stage2Options};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -347,18 +348,36 @@ impl Node {
     }
 
     fn options(&self) -> Options {
-        let mut options = Options::new(
+        Options {
+            backoff_start: Duration::from_millis(1),
+            backoff_cap: Duration::from_millis(4),
+            attempts_max: Some(5),
+            ..Options::default()
+        }
+    }
+
+    fn console(&self) -> Console {
+        let lines = self.lines.clone();
+        Arc::new(move |line: &str| lines.lock().unwrap().push(line.to_string()))
+    }
+
+    /// The machine as stage 1 sees it: real files under the temporary root, the fake
+    /// ipmitool, kexec recorded instead of performed.
+    fn host(&self) -> SystemHost<RecordingKexec> {
+        let mut host = SystemHost::new(
             self.dir.path().join("cmdline"),
             self.dir.path().join("root"),
             self.work_dir(),
-        );
-        options.backoff_start = Duration::from_millis(1);
-        options.backoff_cap = Duration::from_millis(4);
-        options.attempts_max = Some(5);
-        options.ipmitool = Arc::new(self.ipmitool.clone());
-        let lines = self.lines.clone();
-        options.console = Arc::new(move |line: &str| lines.lock().unwrap().push(line.to_string()));
-        options
+        )
+        .with_kexec(RecordingKexec::default());
+        host.ipmitool = Arc::new(self.ipmitool.clone());
+        host.console = self.console();
+        host
+    }
+
+    /// The booted OS as stage 2 sees it, its network a value.
+    fn stage2_host(&self, network: FakeHost) -> SystemHost<RecordingKexec, FakeHost> {
+        self.host().with_network(network)
     }
 
     fn lines(&self) -> Vec<String> {
@@ -370,9 +389,9 @@ impl Node {
 async fn stage1_registers_verifies_downloads_and_stops_at_kexec() {
     let boot = FakeBoot::start().await;
     let node = Node::for_server(&boot);
-    let mut kexec = RecordingKexec::default();
+    let mut host = node.host();
 
-    let files = stage1::run_stage1(&node.options(), &TcpConnector, &mut kexec)
+    let files = stages::run_stage1(&node.options(), &TcpConnector, &mut host)
         .await
         .unwrap();
 
@@ -388,8 +407,8 @@ async fn stage1_registers_verifies_downloads_and_stops_at_kexec() {
             "GET /images/initrd.img".to_string(),
         ]
     );
-    assert_eq!(kexec.calls.len(), 1);
-    let (planned, kernel, initrds) = &kexec.calls[0];
+    assert_eq!(host.kexec.calls.len(), 1);
+    let (planned, kernel, initrds) = &host.kexec.calls[0];
     assert_eq!(planned, &files);
     assert_eq!(planned.cmdline, CMDLINE);
     assert_eq!(planned.kernel, node.work_dir().join("kernel"));
@@ -426,9 +445,9 @@ async fn profile_404_is_reported_then_retried() {
         ),
     );
     let node = Node::for_server(&boot);
-    let mut kexec = RecordingKexec::default();
+    let mut host = node.host();
 
-    stage1::run_stage1(&node.options(), &TcpConnector, &mut kexec)
+    stages::run_stage1(&node.options(), &TcpConnector, &mut host)
         .await
         .unwrap();
 
@@ -440,7 +459,7 @@ async fn profile_404_is_reported_then_retried() {
     );
     assert!(failures[0].starts_with(&expected_prefix), "{}", failures[0]);
     assert!(failures[0].ends_with(" s"), "{}", failures[0]);
-    assert_eq!(kexec.calls.len(), 1);
+    assert_eq!(host.kexec.calls.len(), 1);
 }
 
 #[tokio::test]
@@ -453,9 +472,9 @@ async fn bad_checksum_is_refused_and_nothing_is_kexeced() {
     let node = Node::for_server(&boot);
     let mut options = node.options();
     options.once = true;
-    let mut kexec = RecordingKexec::default();
+    let mut host = node.host();
 
-    let error = stage1::run_stage1(&options, &TcpConnector, &mut kexec)
+    let error = stages::run_stage1(&options, &TcpConnector, &mut host)
         .await
         .unwrap_err();
 
@@ -469,7 +488,7 @@ async fn bad_checksum_is_refused_and_nothing_is_kexeced() {
             sha256(KERNEL)
         )
     );
-    assert!(kexec.calls.is_empty());
+    assert!(host.kexec.calls.is_empty());
     assert!(!node.work_dir().join("kernel").exists());
     assert!(!node.work_dir().join("kernel.part").exists());
     let lines = node.lines();
@@ -486,7 +505,7 @@ async fn unexpanded_uuid_on_the_cmdline_is_named() {
     let node = Node::new("bearman.url=http://127.0.0.1:9 bearman.uuid=${uuid}");
     let mut options = node.options();
     options.once = true;
-    let error = stage1::run_stage1(&options, &TcpConnector, &mut RecordingKexec::default())
+    let error = stages::run_stage1(&options, &TcpConnector, &mut node.host())
         .await
         .unwrap_err();
     assert!(
@@ -611,19 +630,11 @@ async fn stage2_reports_installed_then_heartbeats_through_failures() {
     );
     boot.fail("POST /ipxe/{uuid}/heartbeat", 1, Reply::status(500, "oops"));
     let node = Node::for_server(&boot);
-    let mut options = Stage2Options::new(
-        node.dir.path().join("cmdline"),
-        node.dir.path().join("root"),
-    );
-    options.heartbeat_period = Duration::from_millis(2);
-    options.backoff_start = Duration::from_millis(1);
-    options.backoff_cap = Duration::from_millis(1);
+    let mut options = stage2_options();
     options.beats_max = Some(3);
-    let lines = node.lines.clone();
-    options.console = Arc::new(move |line: &str| lines.lock().unwrap().push(line.to_string()));
-    let mut host = FakeHost::qemu();
+    let mut host = node.stage2_host(FakeHost::qemu());
 
-    stage1::run_stage2(&options, &TcpConnector, &mut host)
+    stages::run_stage2(&options, &TcpConnector, &mut host)
         .await
         .unwrap();
 
@@ -642,7 +653,10 @@ async fn stage2_reports_installed_then_heartbeats_through_failures() {
         ]
     );
     // The detail only names the hostname; the fake host had another one.
-    assert_eq!(host.applied, vec![NetAction::SetHostname("hv-001".into())]);
+    assert_eq!(
+        host.network.applied,
+        vec![NetAction::SetHostname("hv-001".into())]
+    );
     let lines = node.lines();
     assert_eq!(lines[0], "bearman-agent: network: applied hostname hv-001");
     assert!(
@@ -753,18 +767,14 @@ impl HostNetwork for FakeHost {
     }
 }
 
-fn stage2_options(node: &Node) -> Stage2Options {
-    let mut options = Stage2Options::new(
-        node.dir.path().join("cmdline"),
-        node.dir.path().join("root"),
-    );
-    options.heartbeat_period = Duration::from_millis(2);
-    options.backoff_start = Duration::from_millis(1);
-    options.backoff_cap = Duration::from_millis(1);
-    options.beats_max = Some(1);
-    let lines = node.lines.clone();
-    options.console = Arc::new(move |line: &str| lines.lock().unwrap().push(line.to_string()));
-    options
+fn stage2_options() -> Stage2Options {
+    Stage2Options {
+        heartbeat_period: Duration::from_millis(2),
+        backoff_start: Duration::from_millis(1),
+        backoff_cap: Duration::from_millis(1),
+        beats_max: Some(1),
+        ..Stage2Options::default()
+    }
 }
 
 #[tokio::test]
@@ -789,17 +799,18 @@ async fn stage2_adds_the_pool_address_beside_the_lease_and_reports_installed_des
         Reply::ok(r#"{"state":"active"}"#),
     );
     let node = Node::for_server(&boot);
-    let mut host = FakeHost::qemu();
-    host.fail_on = Some("mtu".into());
+    let mut network = FakeHost::qemu();
+    network.fail_on = Some("mtu".into());
+    let mut host = node.stage2_host(network);
 
-    stage1::run_stage2(&stage2_options(&node), &TcpConnector, &mut host)
+    stages::run_stage2(&stage2_options(), &TcpConnector, &mut host)
         .await
         .unwrap();
 
     // Only additions; the lease's address and default route are never touched, so no
     // route is added either.
     assert_eq!(
-        host.applied,
+        host.network.applied,
         vec![
             NetAction::SetHostname("hv-001".into()),
             NetAction::WriteResolvConf {
@@ -855,13 +866,13 @@ async fn stage2_without_a_detail_still_reports_installed() {
         Reply::ok(r#"{"state":"active"}"#),
     );
     let node = Node::for_server(&boot);
-    let mut host = FakeHost::qemu();
+    let mut host = node.stage2_host(FakeHost::qemu());
 
-    stage1::run_stage2(&stage2_options(&node), &TcpConnector, &mut host)
+    stages::run_stage2(&stage2_options(), &TcpConnector, &mut host)
         .await
         .unwrap();
 
-    assert!(host.applied.is_empty());
+    assert!(host.network.applied.is_empty());
     let detail = format!("GET /ipxe/{UUID}/detail");
     assert_eq!(
         boot.requests(),
@@ -902,9 +913,9 @@ async fn stage1_registers_the_bmc_mac_and_sets_bearmans_address_on_the_chosen_ch
         boot.base
     ))
     .with_bmc_device();
-    let mut kexec = RecordingKexec::default();
+    let mut host = node.host();
 
-    stage1::run_stage1(&node.options(), &TcpConnector, &mut kexec)
+    stages::run_stage1(&node.options(), &TcpConnector, &mut host)
         .await
         .unwrap();
 
@@ -931,7 +942,7 @@ async fn stage1_registers_the_bmc_mac_and_sets_bearmans_address_on_the_chosen_ch
     ] {
         assert!(lines.contains(&expected.to_string()), "{lines:#?}");
     }
-    assert_eq!(kexec.calls.len(), 1);
+    assert_eq!(host.kexec.calls.len(), 1);
 }
 
 #[tokio::test]
@@ -943,9 +954,9 @@ async fn a_bmc_that_refuses_a_setting_is_reported_and_the_boot_goes_on() {
     );
     let mut node = Node::for_server(&boot).with_bmc_device();
     node.ipmitool.fail_on = Some("ipaddr".into());
-    let mut kexec = RecordingKexec::default();
+    let mut host = node.host();
 
-    stage1::run_stage1(&node.options(), &TcpConnector, &mut kexec)
+    stages::run_stage1(&node.options(), &TcpConnector, &mut host)
         .await
         .unwrap();
 
@@ -966,16 +977,16 @@ async fn a_bmc_that_refuses_a_setting_is_reported_and_the_boot_goes_on() {
         ),
         "{lines:#?}"
     );
-    assert_eq!(kexec.calls.len(), 1);
+    assert_eq!(host.kexec.calls.len(), 1);
 }
 
 #[tokio::test]
 async fn a_bmc_without_settings_from_bearman_is_left_alone() {
     let boot = FakeBoot::start().await;
     let node = Node::for_server(&boot).with_bmc_device();
-    let mut kexec = RecordingKexec::default();
+    let mut host = node.host();
 
-    stage1::run_stage1(&node.options(), &TcpConnector, &mut kexec)
+    stages::run_stage1(&node.options(), &TcpConnector, &mut host)
         .await
         .unwrap();
 
@@ -988,7 +999,7 @@ async fn a_bmc_without_settings_from_bearman_is_left_alone() {
         ),
         "{lines:#?}"
     );
-    assert_eq!(kexec.calls.len(), 1);
+    assert_eq!(host.kexec.calls.len(), 1);
 }
 
 #[tokio::test]
@@ -996,9 +1007,9 @@ async fn a_bmc_device_without_ipmitool_is_named_and_skipped() {
     let boot = FakeBoot::start().await;
     let mut node = Node::for_server(&boot).with_bmc_device();
     node.ipmitool.available = false;
-    let mut kexec = RecordingKexec::default();
+    let mut host = node.host();
 
-    stage1::run_stage1(&node.options(), &TcpConnector, &mut kexec)
+    stages::run_stage1(&node.options(), &TcpConnector, &mut host)
         .await
         .unwrap();
 
@@ -1028,9 +1039,9 @@ async fn an_lldp_socket_error_is_a_line_and_registration_goes_on() {
     let nic = node.dir.path().join("root/sys/class/net/bmnosuch0");
     std::fs::create_dir_all(nic.join("device")).unwrap();
     std::fs::write(nic.join("address"), "52:54:00:12:34:56\n").unwrap();
-    let mut kexec = RecordingKexec::default();
+    let mut host = node.host();
 
-    stage1::run_stage1(&node.options(), &TcpConnector, &mut kexec)
+    stages::run_stage1(&node.options(), &TcpConnector, &mut host)
         .await
         .unwrap();
 
@@ -1044,5 +1055,5 @@ async fn an_lldp_socket_error_is_a_line_and_registration_goes_on() {
     let register = boot.body("POST /ipxe/{uuid}/register");
     assert_eq!(register["nics"][0]["name"], "bmnosuch0");
     assert_eq!(register["nics"][0]["lldp"], serde_json::Value::Null);
-    assert_eq!(kexec.calls.len(), 1);
+    assert_eq!(host.kexec.calls.len(), 1);
 }

@@ -10,6 +10,7 @@ pub mod bmc;
 pub mod check;
 pub mod cloud;
 pub mod fleet;
+pub mod host;
 pub mod net;
 pub mod node;
 pub mod ops;

@@ -1,7 +1,16 @@
 //! turmoil's sockets behind the seams the real code is written against: the daemon's
-//! listener (axum's `Listener`) and the agent's `Connector`.
+//! listener (axum's `Listener`) and the agent's `Connector`, plus [`TapConnector`], which
+//! counts a node's requests for the world's statistics the way a network tap would.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bearman_agent::Connector;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::fleet::{lock, SharedWorld};
 
 /// Connects through turmoil's simulated network.
 #[derive(Clone, Copy, Debug, Default)]
@@ -12,6 +21,160 @@ impl Connector for TurmoilConnector {
 
     async fn connect(&self, authority: &str) -> std::io::Result<Self::Stream> {
         turmoil::net::TcpStream::connect(authority).await
+    }
+}
+
+/// A node's connections, counted into the world's statistics from what crosses the wire:
+/// each connection carries one request (the agent's client sends `Connection: close`),
+/// which failed unless a `2xx` status line came back (refused or partitioned connects,
+/// timeouts, cut connections and 4xx/5xx answers all fail). Heartbeats are counted apart
+/// (`heartbeats_sent`, `heartbeats_failed`); every other request that fails, the
+/// firmware's and the downloads included, counts in `requests_failed`. A connection that
+/// fails before its request line is written is a heartbeat once this connector has seen
+/// a `POST …/installed` succeed (stage 2 sends nothing but heartbeats after that).
+#[derive(Clone)]
+pub struct TapConnector {
+    world: SharedWorld,
+    installed: Arc<AtomicBool>,
+}
+
+impl TapConnector {
+    /// A tap for one boot of one node.
+    pub fn new(world: SharedWorld) -> Self {
+        TapConnector {
+            world,
+            installed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn record(&self, kind: Request, answered: bool) {
+        let heartbeat = match kind {
+            Request::Heartbeat => true,
+            Request::Unknown => self.installed.load(Ordering::Relaxed),
+            Request::Installed => {
+                if answered {
+                    self.installed.store(true, Ordering::Relaxed);
+                }
+                false
+            }
+            Request::Other => false,
+        };
+        if heartbeat {
+            let mut world = lock(&self.world);
+            world.heartbeats_sent += 1;
+            if !answered {
+                world.heartbeats_failed += 1;
+            }
+        } else if !answered {
+            lock(&self.world).requests_failed += 1;
+        }
+    }
+}
+
+impl Connector for TapConnector {
+    type Stream = TapStream;
+
+    async fn connect(&self, authority: &str) -> std::io::Result<TapStream> {
+        match turmoil::net::TcpStream::connect(authority).await {
+            Ok(inner) => Ok(TapStream {
+                inner,
+                tap: self.clone(),
+                kind: Request::Unknown,
+                status: [0; STATUS_BYTES],
+                status_len: 0,
+            }),
+            Err(error) => {
+                self.record(Request::Unknown, false);
+                Err(error)
+            }
+        }
+    }
+}
+
+/// What a tapped connection's request was, from its request line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Request {
+    Unknown,
+    Heartbeat,
+    Installed,
+    Other,
+}
+
+/// `HTTP/1.1 200`: enough of the status line to tell success.
+const STATUS_BYTES: usize = 12;
+
+/// One tapped connection; counted when dropped.
+pub struct TapStream {
+    inner: turmoil::net::TcpStream,
+    tap: TapConnector,
+    kind: Request,
+    status: [u8; STATUS_BYTES],
+    status_len: usize,
+}
+
+impl TapStream {
+    fn answered(&self) -> bool {
+        self.status_len == STATUS_BYTES
+            && self.status.starts_with(b"HTTP/1.")
+            && self.status[9] == b'2'
+    }
+}
+
+impl Drop for TapStream {
+    fn drop(&mut self) {
+        self.tap.record(self.kind, self.answered());
+    }
+}
+
+impl AsyncWrite for TapStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.kind == Request::Unknown {
+            let line_end = buf
+                .iter()
+                .position(|byte| *byte == b'\r')
+                .unwrap_or(buf.len());
+            let line = &buf[..line_end];
+            this.kind = if line.ends_with(b"/heartbeat HTTP/1.1") {
+                Request::Heartbeat
+            } else if line.ends_with(b"/installed HTTP/1.1") {
+                Request::Installed
+            } else {
+                Request::Other
+            };
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl AsyncRead for TapStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.status_len < STATUS_BYTES {
+            let fresh = &buf.filled()[before..];
+            let take = fresh.len().min(STATUS_BYTES - this.status_len);
+            this.status[this.status_len..this.status_len + take].copy_from_slice(&fresh[..take]);
+            this.status_len += take;
+        }
+        polled
     }
 }
 

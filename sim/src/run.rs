@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bearman::api::ServiceConfig;
+use bearman::server::ServiceConfig;
 use bearman::core::boot::Stage1Config;
 use bearman::core::lifecycle::LifecycleState;
 use bearman::core::model::{Flavor, IpPool, NodeRole, PoolPurpose};
@@ -82,18 +82,39 @@ fn rack_host(rack: u32) -> String {
     format!("rack{rack}")
 }
 
+/// The flavor's stage-2 artifacts: a few bytes each, so a boot storm pays for requests,
+/// not for bulk bytes. The agent downloads them and checks their sha256 as it would a
+/// real kernel's.
+const ARTIFACTS: [(&str, &[u8]); 2] = [
+    ("hv/vmlinuz", b"bearman-sim stage-2 kernel"),
+    ("hv/initrd.img", b"bearman-sim stage-2 initrd"),
+];
+
+fn artifact(index: usize) -> Artifact {
+    let (path, bytes) = ARTIFACTS[index];
+    Artifact {
+        url: format!("/images/{path}"),
+        sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes)),
+    }
+}
+
+/// The image store the daemon serves `/images/…` from.
+fn images() -> MemoryImages {
+    let images = MemoryImages::default();
+    for (path, bytes) in ARTIFACTS {
+        images.insert(path, bytes.to_vec());
+    }
+    images
+}
+
 fn seed_store(store: &MemoryStore) {
     let flavor = Flavor {
         name: "hv".into(),
-        kernel: Artifact {
-            url: "/images/hv/vmlinuz".into(),
-            sha256: "5".repeat(64),
-        },
-        initrds: vec![Artifact {
-            url: "/images/hv/initrd.img".into(),
-            sha256: "6".repeat(64),
-        }],
-        cmdline_template: "console=ttyS0 hostname={hostname} ip={ip}".into(),
+        kernel: artifact(0),
+        initrds: vec![artifact(1)],
+        // Stage 2 finds Bearman on its command line, as a real flavor's must say.
+        cmdline_template:
+            "console=ttyS0 hostname={hostname} ip={ip} bearman.url={url} bearman.uuid={uuid}".into(),
         firmware_expected: Default::default(),
     };
     let pools = [
@@ -343,15 +364,17 @@ pub fn run(
     {
         let store = store.clone();
         let remediation = scenario.remediation.clone();
+        let images = Arc::new(images());
         sim.host("daemon", move || {
             let store: Arc<dyn Store> = store.clone();
             let remediation = remediation.clone();
+            let images = images.clone();
             async move {
                 let listener = turmoil::net::TcpListener::bind(("0.0.0.0", DAEMON_PORT)).await?;
                 let parts = bearman::server::DaemonParts {
                     store: Arc::new(CachedStore::new(store)),
                     clock: Arc::new(SimClock),
-                    images: Arc::new(MemoryImages::default()),
+                    images,
                     service: ServiceConfig {
                         public_url: node::DAEMON_URL.into(),
                         stage1: Stage1Config::default(),
@@ -359,7 +382,7 @@ pub fn run(
                             role: NodeRole::Compute,
                             flavor: Some("hv".into()),
                         },
-                        body_limit_bytes: bearman::api::BODY_LIMIT_BYTES_DEFAULT,
+                        body_limit_bytes: bearman::server::BODY_LIMIT_BYTES_DEFAULT,
                         heartbeat_fresh_ms: 30_000,
                     },
                     bmcs: Arc::new(bmc::SimBmcs::new(Duration::from_secs(10))),

@@ -71,10 +71,11 @@ pub struct Timing {
     pub firmware_s: [u64; 2],
     pub stage1_s: [u64; 2],
     pub kexec_s: [u64; 2],
+    /// Stage 2's heartbeat period; the agent jitters each beat by ± a tenth of it.
     pub heartbeat_interval_s: u64,
-    /// Each heartbeat is delayed by up to this much, so a fleet does not beat in lockstep.
-    pub heartbeat_jitter_ms: u64,
-    /// Agent retry backoff after a failed request: starts here, doubles, capped.
+    /// The agent's retry backoff (stage 1's attempts, stage 2's detail and installed
+    /// reports, the firmware's `GET /ipxe`): starts here, doubles, capped; each delay is
+    /// up to a quarter shorter (the agent's jitter).
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
     /// Per-request timeout of the agent's client.
@@ -88,7 +89,6 @@ impl Default for Timing {
             stage1_s: [5, 15],
             kexec_s: [5, 15],
             heartbeat_interval_s: 10,
-            heartbeat_jitter_ms: 2000,
             retry_initial_ms: 1000,
             retry_max_ms: 30_000,
             request_timeout_s: 10,

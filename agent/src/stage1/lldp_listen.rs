@@ -15,6 +15,8 @@ use std::time::Duration;
 use bearman_proto::LldpNeighbor;
 use tokio::io::unix::AsyncFd;
 
+pub use crate::lldp::{NicLldp, Outcome};
+
 use crate::lldp::{self, LldpError, ETHERTYPE_LLDP, FRAME_BYTES_MAX};
 
 /// The nearest-bridge LLDP group address switches send to (IEEE 802.1AB).
@@ -40,73 +42,6 @@ pub enum ListenError {
     LinkUp { nic: String, source: io::Error },
     #[error("receiving on {nic}: {source}")]
     Receive { nic: String, source: io::Error },
-}
-
-/// What listening on one NIC gave.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    Heard(LldpNeighbor),
-    /// Nothing usable within the wait; `refused` is why the last frame heard (if any) did
-    /// not parse.
-    Silent {
-        wait: Duration,
-        refused: Option<String>,
-    },
-    Failed(String),
-}
-
-/// One NIC's outcome, with the console line that reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NicLldp {
-    pub nic: String,
-    pub outcome: Outcome,
-}
-
-impl NicLldp {
-    pub fn neighbor(&self) -> Option<&LldpNeighbor> {
-        match &self.outcome {
-            Outcome::Heard(neighbor) => Some(neighbor),
-            _ => None,
-        }
-    }
-
-    /// `lldp: eth0: chassis …, port …, vlan …`, or why there is no neighbour.
-    pub fn console_line(&self) -> String {
-        let nic = &self.nic;
-        match &self.outcome {
-            Outcome::Heard(neighbor) => {
-                let vlan = neighbor
-                    .vlan
-                    .map_or_else(|| "none".to_string(), |vlan| vlan.to_string());
-                let name = neighbor
-                    .system_name
-                    .as_deref()
-                    .map_or_else(String::new, |name| format!(" ({name})"));
-                format!(
-                    "lldp: {nic}: chassis {}, port {}, vlan {vlan}{name}",
-                    neighbor.chassis_id, neighbor.port_id
-                )
-            }
-            Outcome::Silent { wait, refused } => {
-                let mut line = format!("lldp: no LLDP frame on {nic} within {}", seconds(*wait));
-                if let Some(refused) = refused {
-                    line.push_str(&format!(" (a frame was heard but refused: {refused})"));
-                }
-                line
-            }
-            Outcome::Failed(error) => {
-                format!("lldp: {error}; registering {nic} without its neighbour")
-            }
-        }
-    }
-}
-
-fn seconds(wait: Duration) -> String {
-    if wait.subsec_millis() == 0 {
-        format!("{} s", wait.as_secs())
-    } else {
-        format!("{:.1} s", wait.as_secs_f64())
-    }
 }
 
 /// Listens on every NIC in `nics` at once for at most `wait`; outcomes in `nics`' order.
@@ -343,54 +278,6 @@ fn bring_up(fd: RawFd, name: &CString) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn line(outcome: Outcome) -> String {
-        NicLldp {
-            nic: "eth0".into(),
-            outcome,
-        }
-        .console_line()
-    }
-
-    #[test]
-    fn console_lines_say_what_was_heard() {
-        assert_eq!(
-            line(Outcome::Heard(LldpNeighbor {
-                chassis_id: "2c:6b:f5:9a:3b:c0".into(),
-                port_id: "517".into(),
-                vlan: Some(100),
-                system_name: Some("tor-a12".into()),
-            })),
-            "lldp: eth0: chassis 2c:6b:f5:9a:3b:c0, port 517, vlan 100 (tor-a12)"
-        );
-        assert_eq!(
-            line(Outcome::Heard(LldpNeighbor {
-                chassis_id: "c".into(),
-                port_id: "p".into(),
-                vlan: None,
-                system_name: None,
-            })),
-            "lldp: eth0: chassis c, port p, vlan none"
-        );
-        assert_eq!(
-            line(Outcome::Silent {
-                wait: Duration::from_secs(31),
-                refused: None
-            }),
-            "lldp: no LLDP frame on eth0 within 31 s"
-        );
-        assert_eq!(
-            line(Outcome::Silent {
-                wait: Duration::from_millis(1500),
-                refused: Some("no port id tlv".into())
-            }),
-            "lldp: no LLDP frame on eth0 within 1.5 s (a frame was heard but refused: no port id tlv)"
-        );
-        assert_eq!(
-            line(Outcome::Failed("no such interface eth0".into())),
-            "lldp: no such interface eth0; registering eth0 without its neighbour"
-        );
-    }
 
     #[tokio::test]
     async fn a_missing_interface_is_an_outcome_not_a_panic() {

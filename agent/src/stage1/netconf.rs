@@ -4,7 +4,7 @@
 //! `ip` (busybox or iproute2), each command bounded in time.
 //!
 //! Behind the [`HostNetwork`] trait so stage 2 can be tested without changing the test
-//! machine's network; only [`SystemHost`] touches the OS.
+//! machine's network; only [`SystemNetwork`] touches the OS.
 
 use std::ffi::CStr;
 use std::future::Future;
@@ -30,14 +30,14 @@ pub trait HostNetwork {
 /// The real host: `/sys`, `/proc` and `/etc` under `root` (`/` in production), addresses
 /// from `getifaddrs(3)`, changes through `sethostname(2)` and `ip`.
 #[derive(Clone, Debug)]
-pub struct SystemHost {
+pub struct SystemNetwork {
     pub root: PathBuf,
     pub timeout: Duration,
 }
 
-impl SystemHost {
+impl SystemNetwork {
     pub fn new(root: PathBuf) -> Self {
-        SystemHost {
+        SystemNetwork {
             root,
             timeout: IP_TIMEOUT,
         }
@@ -88,7 +88,7 @@ pub fn ip_args(action: &NetAction) -> Option<Vec<String>> {
     Some(words.into_iter().map(String::from).collect())
 }
 
-impl HostNetwork for SystemHost {
+impl HostNetwork for SystemNetwork {
     fn state(&self) -> Result<HostState, String> {
         let read = |relative: &str| std::fs::read_to_string(self.root.join(relative));
         let hostname = read("proc/sys/kernel/hostname")
@@ -270,7 +270,7 @@ mod tests {
     #[test]
     fn the_real_host_state_has_loopback() {
         // Reads, never writes: the test machine's state with its loopback address.
-        let state = SystemHost::new("/".into()).state().unwrap();
+        let state = SystemNetwork::new("/".into()).state().unwrap();
         let lo = state
             .interfaces
             .iter()
