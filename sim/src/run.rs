@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bearman::server::ServiceConfig;
 use bearman::core::boot::Stage1Config;
 use bearman::core::lifecycle::LifecycleState;
 use bearman::core::model::{Flavor, IpPool, NodeRole, PoolPurpose};
 use bearman::core::registration::RegistrationDefaults;
 use bearman::images::MemoryImages;
 use bearman::runtime::Clock;
+use bearman::server::ServiceConfig;
 use bearman::store::cached::CachedStore;
 use bearman::store::memory::MemoryStore;
 use bearman::store::Store;
