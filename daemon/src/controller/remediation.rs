@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use crate::bmc::{Bmc, PowerState};
+use crate::bmc::{Bmc, BmcError, PowerState};
 use crate::cloud::CloudError;
 use crate::core::controller::{Call, CallResult, Next, StepProgram, STEP_CALLS_MAX};
 use crate::core::model::Node;
@@ -79,7 +79,7 @@ impl Controller {
     /// result, at most [`STEP_CALLS_MAX`] calls.
     async fn execute(&self, mut program: StepProgram, node: &Node) -> Outcome {
         // One driver per step: a BMC is found once (and serialised by its guard).
-        let mut bmc: Option<Result<Arc<dyn Bmc>, String>> = None;
+        let mut bmc: Option<Result<Arc<dyn Bmc>, Arc<BmcError>>> = None;
         let mut last = None;
         for _ in 0..STEP_CALLS_MAX {
             let call = match program.next(last.take()) {
@@ -99,12 +99,8 @@ impl Controller {
         &self,
         call: Call,
         node: &Node,
-        bmc: &mut Option<Result<Arc<dyn Bmc>, String>>,
+        bmc: &mut Option<Result<Arc<dyn Bmc>, Arc<BmcError>>>,
     ) -> CallResult {
-        let accepted = |result: Result<(), String>| match result {
-            Ok(()) => CallResult::Done,
-            Err(error) => CallResult::Failed(error),
-        };
         let cloud_result = |result: Result<(), CloudError>| match result {
             Ok(()) => CallResult::Done,
             Err(error @ CloudError::ServiceInUse { .. }) => {
@@ -129,14 +125,16 @@ impl Controller {
                 None => CallResult::Failed("no cloud configured".into()),
             },
             bmc_call => {
-                let bmc = match bmc.get_or_insert_with(|| {
-                    self.bmcs.bmc_for(node).map_err(|error| error.to_string())
-                }) {
+                // Found once per step; the error is kept (shared) for the step's later calls.
+                let bmc = match bmc.get_or_insert_with(|| self.bmcs.bmc_for(node).map_err(Arc::new))
+                {
                     Ok(bmc) => bmc.clone(),
-                    Err(error) => return CallResult::Failed(error.clone()),
+                    Err(error) => return CallResult::Failed(error.to_string()),
                 };
-                let text = |result: Result<(), crate::bmc::BmcError>| {
-                    accepted(result.map_err(|error| error.to_string()))
+                // The core records what failed as text in the saga (`last_error`).
+                let text = |result: Result<(), BmcError>| match result {
+                    Ok(()) => CallResult::Done,
+                    Err(error) => CallResult::Failed(error.to_string()),
                 };
                 match bmc_call {
                     Call::PowerOffSoft => text(bmc.power_off_soft().await),

@@ -37,6 +37,7 @@ use super::power_sync::{self, PowerReading, PowerReadingState};
 use super::remediation::{
     self, may_start, Limits, Outcome, Remediation, RemediationKind, Status, Step,
 };
+use super::validate::InvalidSetting;
 
 /// Who the audit trail names for the controller's actions (equal to `app::SYSTEM_ACTOR`).
 pub const SYSTEM_ACTOR: &str = "system";
@@ -100,40 +101,46 @@ impl Default for ControllerConfig {
 
 impl ControllerConfig {
     /// Rejects impossible settings; the message names the key under `[remediation]`.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         self.health.validate()?;
         self.limits.validate()?;
         if !(10..=3_600_000).contains(&self.tick_ms) {
-            return Err(format!("tick_ms {} is outside 10-3600000", self.tick_ms));
+            return Err(InvalidSetting::new(
+                "tick_ms",
+                format!("{} is outside 10-3600000", self.tick_ms),
+            ));
         }
         if !(1..=10_000).contains(&self.fences_per_minute_max) {
-            return Err(format!(
-                "fences_per_minute_max {} is outside 1-10000 (set automatic = false to start none)",
-                self.fences_per_minute_max
+            return Err(InvalidSetting::new(
+                "fences_per_minute_max",
+                format!(
+                    "{} is outside 1-10000 (set automatic = false to start none)",
+                    self.fences_per_minute_max
+                ),
             ));
         }
         if !(1..=100_000).contains(&self.remediations_active_max) {
-            return Err(format!(
-                "remediations_active_max {} is outside 1-100000",
-                self.remediations_active_max
+            return Err(InvalidSetting::new(
+                "remediations_active_max",
+                format!("{} is outside 1-100000", self.remediations_active_max),
             ));
         }
         if !(0..=86_400_000).contains(&self.startup_quiet_ms) {
-            return Err(format!(
-                "startup_quiet_ms {} is outside 0-86400000",
-                self.startup_quiet_ms
+            return Err(InvalidSetting::new(
+                "startup_quiet_ms",
+                format!("{} is outside 0-86400000", self.startup_quiet_ms),
             ));
         }
         if !(1..=10_000).contains(&self.power_polls_per_tick_max) {
-            return Err(format!(
-                "power_polls_per_tick_max {} is outside 1-10000",
-                self.power_polls_per_tick_max
+            return Err(InvalidSetting::new(
+                "power_polls_per_tick_max",
+                format!("{} is outside 1-10000", self.power_polls_per_tick_max),
             ));
         }
         if !(1..=10_000).contains(&self.power_polls_in_flight_max) {
-            return Err(format!(
-                "power_polls_in_flight_max {} is outside 1-10000",
-                self.power_polls_in_flight_max
+            return Err(InvalidSetting::new(
+                "power_polls_in_flight_max",
+                format!("{} is outside 1-10000", self.power_polls_in_flight_max),
             ));
         }
         Ok(())

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::lifecycle::LifecycleState;
 use super::model::{Node, TimestampMs};
 use super::power_sync::{self, PowerReading};
+use super::validate::InvalidSetting;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -91,19 +92,22 @@ impl Default for HealthConfig {
 impl HealthConfig {
     /// Rejects settings that would disable a guard by accident or make the judgement
     /// meaningless; the message names the key (under `[remediation.health]`).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         let positive = |key: &str, value: i64, max: i64| {
             if value <= 0 || value > max {
-                Err(format!("health.{key} {value} is outside 1-{max}"))
+                Err(InvalidSetting::new(
+                    format!("health.{key}"),
+                    format!("{value} is outside 1-{max}"),
+                ))
             } else {
                 Ok(())
             }
         };
         positive("heartbeat_grace_ms", self.heartbeat_grace_ms, 3_600_000)?;
         if !(0..=3_600_000).contains(&self.fence_confirm_ms) {
-            return Err(format!(
-                "health.fence_confirm_ms {} is outside 0-3600000",
-                self.fence_confirm_ms
+            return Err(InvalidSetting::new(
+                "health.fence_confirm_ms",
+                format!("{} is outside 0-3600000", self.fence_confirm_ms),
             ));
         }
         positive("pause_hold_ms", self.pause_hold_ms, 86_400_000)?;
@@ -112,23 +116,29 @@ impl HealthConfig {
             ("fleet_silent_fraction_max", self.fleet_silent_fraction_max),
         ] {
             if !(fraction > 0.0 && fraction <= 1.0) {
-                return Err(format!("health.{key} {fraction} is outside (0, 1]"));
+                return Err(InvalidSetting::new(
+                    format!("health.{key}"),
+                    format!("{fraction} is outside (0, 1]"),
+                ));
             }
         }
         if self.power_poll_interval_ms != 0
             && !(1_000..=86_400_000).contains(&self.power_poll_interval_ms)
         {
-            return Err(format!(
-                "health.power_poll_interval_ms {} must be 0 (power sync off) or 1000-86400000",
-                self.power_poll_interval_ms
+            return Err(InvalidSetting::new(
+                "health.power_poll_interval_ms",
+                format!(
+                    "{} must be 0 (power sync off) or 1000-86400000",
+                    self.power_poll_interval_ms
+                ),
             ));
         }
         if self.power_check_silence_ms <= 0 || self.power_check_silence_ms > self.heartbeat_grace_ms
         {
-            return Err(format!(
-                "health.power_check_silence_ms {} must be above 0 and at most health.heartbeat_grace_ms ({}): the reading must be in before the grace runs out",
+            return Err(InvalidSetting::new(
+                "health.power_check_silence_ms", format!("{} must be above 0 and at most health.heartbeat_grace_ms ({}): the reading must be in before the grace runs out",
                 self.power_check_silence_ms, self.heartbeat_grace_ms
-            ));
+            )));
         }
         Ok(())
     }

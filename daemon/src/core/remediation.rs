@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::lifecycle::{LifecycleEvent, LifecycleState};
 use super::model::TimestampMs;
+use super::validate::InvalidSetting;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -197,7 +198,7 @@ impl Default for Limits {
 }
 
 impl Limits {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         for (key, value) in [
             ("power_attempts_max", self.power_attempts_max),
             ("readbacks_max", self.readbacks_max),
@@ -205,43 +206,52 @@ impl Limits {
             ("rebuilds_max", self.rebuilds_max),
         ] {
             if !(1..=10_000).contains(&value) {
-                return Err(format!("limits.{key} {value} is outside 1-10000"));
+                return Err(InvalidSetting::new(
+                    format!("limits.{key}"),
+                    format!("{value} is outside 1-10000"),
+                ));
             }
         }
         if !(1..=3_600_000).contains(&self.backoff_initial_ms) {
-            return Err(format!(
-                "limits.backoff_initial_ms {} is outside 1-3600000",
-                self.backoff_initial_ms
+            return Err(InvalidSetting::new(
+                "limits.backoff_initial_ms",
+                format!("{} is outside 1-3600000", self.backoff_initial_ms),
             ));
         }
         if !(self.backoff_initial_ms..=3_600_000).contains(&self.backoff_max_ms) {
-            return Err(format!(
-                "limits.backoff_max_ms {} must be at least limits.backoff_initial_ms ({}) and at most 3600000",
-                self.backoff_max_ms, self.backoff_initial_ms
+            return Err(InvalidSetting::new(
+                "limits.backoff_max_ms",
+                format!(
+                    "{} must be at least limits.backoff_initial_ms ({}) and at most 3600000",
+                    self.backoff_max_ms, self.backoff_initial_ms
+                ),
             ));
         }
         if !(0..=600_000).contains(&self.soft_off_grace_ms) {
-            return Err(format!(
-                "limits.soft_off_grace_ms {} is outside 0-600000",
-                self.soft_off_grace_ms
+            return Err(InvalidSetting::new(
+                "limits.soft_off_grace_ms",
+                format!("{} is outside 0-600000", self.soft_off_grace_ms),
             ));
         }
         if !(1..=86_400_000).contains(&self.ready_timeout_ms) {
-            return Err(format!(
-                "limits.ready_timeout_ms {} is outside 1-86400000",
-                self.ready_timeout_ms
+            return Err(InvalidSetting::new(
+                "limits.ready_timeout_ms",
+                format!("{} is outside 1-86400000", self.ready_timeout_ms),
             ));
         }
         if !(100..=600_000).contains(&self.ready_poll_ms) {
-            return Err(format!(
-                "limits.ready_poll_ms {} is outside 100-600000",
-                self.ready_poll_ms
+            return Err(InvalidSetting::new(
+                "limits.ready_poll_ms",
+                format!("{} is outside 100-600000", self.ready_poll_ms),
             ));
         }
         if self.ready_poll_ms > self.ready_timeout_ms {
-            return Err(format!(
-                "limits.ready_poll_ms {} is longer than limits.ready_timeout_ms {}",
-                self.ready_poll_ms, self.ready_timeout_ms
+            return Err(InvalidSetting::new(
+                "limits.ready_poll_ms",
+                format!(
+                    "{} is longer than limits.ready_timeout_ms {}",
+                    self.ready_poll_ms, self.ready_timeout_ms
+                ),
             ));
         }
         Ok(())
@@ -732,7 +742,7 @@ mod tests {
     fn limits_are_validated_naming_the_key() {
         assert_eq!(Limits::default().validate(), Ok(()));
         let check = |limits: Limits, expect: &str| {
-            let error = limits.validate().unwrap_err();
+            let error = limits.validate().unwrap_err().to_string();
             assert!(error.contains(expect), "{error}");
         };
         check(

@@ -18,6 +18,24 @@ pub struct FieldError {
     pub problem: String,
 }
 
+/// A configuration value refused at start-up; `key` is the setting as written in the
+/// config file (`health.heartbeat_grace_ms`, `tick_ms`), so the message says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key} {problem}")]
+pub struct InvalidSetting {
+    pub key: String,
+    pub problem: String,
+}
+
+impl InvalidSetting {
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        InvalidSetting {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
 fn field_error(field: impl Into<String>, problem: impl Into<String>) -> FieldError {
     FieldError {
         field: field.into(),
