@@ -235,6 +235,18 @@ impl<C: Connector> BootClient<C> {
         Ok(reply["state"].as_str().unwrap_or_default().to_string())
     }
 
+    /// `POST /ipxe/{uuid}/progress`: a boot milestone only the node sees (`stage1`).
+    pub async fn progress(&self, phase: &str) -> Result<String, ClientError> {
+        let body = serde_json::to_vec(&bearman_proto::BootProgressReport {
+            phase: phase.to_string(),
+        })
+        .unwrap_or_default();
+        let reply: serde_json::Value = self
+            .json("POST", &format!("/ipxe/{}/progress", self.uuid), Some(body))
+            .await?;
+        Ok(reply["state"].as_str().unwrap_or_default().to_string())
+    }
+
     /// `POST /ipxe/{uuid}/heartbeat`; returns the node's state as the daemon sees it.
     pub async fn heartbeat(&self, beat: &Heartbeat) -> Result<String, ClientError> {
         let body = serde_json::to_vec(beat).unwrap_or_default();

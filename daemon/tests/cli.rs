@@ -41,9 +41,35 @@ fn run(mut command: Command) -> Output {
     match finished.recv_timeout(BOUND) {
         Ok(output) => output.expect("wait for bearman"),
         Err(_) => {
+            // A hang seen once in CI and never reproduced: leave where every thread was.
+            let stacks = thread_stacks(pid);
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("bearman (pid {pid}) did not exit within {BOUND:?}");
+            let printed = finished
+                .recv_timeout(Duration::from_secs(5))
+                .ok()
+                .and_then(Result::ok)
+                .map(|o| format!("stdout:\n{}\nstderr:\n{}", stdout(&o), stderr(&o)))
+                .unwrap_or_default();
+            panic!("bearman (pid {pid}) did not exit within {BOUND:?}\n{printed}\n{stacks}");
         }
+    }
+}
+
+/// Every thread's backtrace of process `pid`, by gdb when it is installed.
+fn thread_stacks(pid: u32) -> String {
+    match Command::new("gdb")
+        .args([
+            "-batch",
+            "-p",
+            &pid.to_string(),
+            "-ex",
+            "thread apply all bt",
+        ])
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(output) => format!("backtraces:\n{}", String::from_utf8_lossy(&output.stdout)),
+        Err(error) => format!("no backtraces (gdb: {error})"),
     }
 }
 

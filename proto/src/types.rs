@@ -153,6 +153,17 @@ pub struct InstalledReport {
     pub os_release: Option<String>,
 }
 
+/// Body of `POST /ipxe/{uuid}/progress`: a boot milestone only the node can see.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootProgressReport {
+    /// `stage1`: the stage-1 agent is running.
+    pub phase: String,
+}
+
+/// What the stage-1 agent reports when it starts.
+pub const BOOT_PHASE_STAGE1: &str = "stage1";
+
 /// Optional body of `POST /ipxe/{uuid}/heartbeat`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

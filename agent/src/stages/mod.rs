@@ -127,6 +127,8 @@ pub async fn run_stage1<C: Connector + Clone, H: Host>(
 struct RunState {
     discovered: Option<Discovered>,
     bmc_configured: bool,
+    /// Whether stage 1 told Bearman it started (tried once per run, whatever came of it).
+    announced: bool,
 }
 
 struct Discovered {
@@ -201,6 +203,19 @@ async fn attempt<C: Connector + Clone, H: Host>(
     if options.dhcp {
         host.ensure_network(&facts.register.nics).await?;
     }
+    let client = BootClient::new(connector.clone(), &args.url, args.uuid.clone())
+        .map_err(step(format!("{}={}", plan::URL_KEY, args.url)))?
+        .with_timeout(options.request_timeout);
+    if !run.announced {
+        // Once per run, before the slow parts (LLDP, the BMC): Bearman's boot watchdog
+        // then knows this boot got past the firmware. Never stops the boot.
+        run.announced = true;
+        if let Err(error) = client.progress(bearman_proto::BOOT_PHASE_STAGE1).await {
+            host.say(&format!(
+                "telling bearman stage 1 started: {error}; going on"
+            ));
+        }
+    }
     if run.discovered.is_none() {
         run.discovered = Some(discover(host, &facts.register.nics).await);
     }
@@ -212,9 +227,6 @@ async fn attempt<C: Connector + Clone, H: Host>(
         nic.lldp = discovered.neighbor(&nic.name);
     }
     register.bmc = discovered.bmc.facts().cloned();
-    let client = BootClient::new(connector.clone(), &args.url, args.uuid.clone())
-        .map_err(step(format!("{}={}", plan::URL_KEY, args.url)))?
-        .with_timeout(options.request_timeout);
     let boot_plan = client
         .prepare_boot(&register)
         .await

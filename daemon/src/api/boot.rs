@@ -21,9 +21,10 @@ use super::extract::{JsonBody, OptionalJson, UuidPath};
 use super::AppState;
 use crate::app::AppError;
 use crate::core::boot::{render_profile, render_stage1, render_target_script};
-use crate::core::lifecycle::{LifecycleEvent, LifecycleState};
-use crate::core::model::{Flavor, Node};
+use crate::core::lifecycle::LifecycleState;
+use crate::core::model::{BootPhase, Flavor, Node};
 use crate::core::registration::serves_boot;
+use crate::core::validate::FieldError;
 
 /// Entries kept before the script cache starts over; bounds memory on huge fleets.
 const CACHED_SCRIPTS_MAX: usize = 200_000;
@@ -99,6 +100,7 @@ pub fn router() -> Router<AppState> {
         .route("/ipxe/{uuid}/profile", get(profile))
         .route("/ipxe/{uuid}/detail", get(detail))
         .route("/ipxe/{uuid}/installed", post(installed))
+        .route("/ipxe/{uuid}/progress", post(progress))
         .route("/ipxe/{uuid}/heartbeat", post(heartbeat))
         .route("/images/{*path}", get(image))
 }
@@ -193,8 +195,7 @@ async fn target_script(
     let flavor = node_flavor(&state, &node).await?;
     // The hot path during a boot storm: a node already provisioning asks again (iPXE
     // retries, a second stage-1 attempt). Nothing is written then.
-    let unchanged = crate::core::lifecycle::transition(node.state, LifecycleEvent::BootStarted)
-        .is_ok_and(|next| next == node.state);
+    let unchanged = crate::app::App::boot_started_is_noop(&node);
     let node = if unchanged {
         node
     } else {
@@ -304,6 +305,29 @@ async fn installed(
     Ok(Json(StateReply {
         uuid: uuid.to_string(),
         state: node.state.as_str().to_string(),
+    }))
+}
+
+/// `POST /ipxe/{uuid}/progress`: the stage-1 agent says its boot reached a milestone
+/// only it can see (`{"phase": "stage1"}`), for the boot watchdog.
+async fn progress(
+    State(state): State<AppState>,
+    UuidPath(uuid): UuidPath,
+    JsonBody(report): JsonBody<bearman_proto::BootProgressReport>,
+) -> Result<Json<StateReply>, ApiError> {
+    let phase = BootPhase::parse(&report.phase).ok_or_else(|| {
+        ApiError::from(AppError::InvalidField(FieldError {
+            field: "phase".into(),
+            problem: format!("unknown boot phase {:?}; expected stage1", report.phase),
+        }))
+    })?;
+    let node = state.app.node_boot_progress(&uuid, phase).await?;
+    Ok(Json(StateReply {
+        uuid: uuid.to_string(),
+        // A machine's first boot: it is not known until it registers, next.
+        state: node
+            .map_or("unknown", |node| node.state.as_str())
+            .to_string(),
     }))
 }
 

@@ -34,6 +34,9 @@ pub struct GuardStatus {
     pub power_off: Vec<PowerOffNode>,
     /// Silent nodes confirmed dead by their BMC (fenceable without the confirm period).
     pub power_confirmed: Vec<NodeUuid>,
+    /// Automatic fences not verified yet and being retried: each an alert.
+    #[serde(default)]
+    pub fences_unverified: Vec<crate::core::controller::FenceUnverified>,
 }
 
 /// A node that should be running whose BMC last read Off.

@@ -31,7 +31,7 @@ use crate::store::{Store, StoreError};
 /// Who the audit trail names for requests a node makes about itself.
 pub const NODE_ACTOR: &str = "node";
 /// Who the audit trail names for the daemon's own actions.
-pub const SYSTEM_ACTOR: &str = "system";
+pub use crate::core::model::SYSTEM_ACTOR;
 
 /// Settings the operations need, fixed at start-up.
 #[derive(Clone, Debug)]

@@ -4,8 +4,8 @@
 use bearman_proto::uuid::NodeUuid;
 
 use super::{App, AppError, NODE_ACTOR, SYSTEM_ACTOR};
-use crate::core::lifecycle::{apply_event, transition, LifecycleEvent};
-use crate::core::model::{Action, BmcConfig, NewEvent, Node, NodeRole};
+use crate::core::lifecycle::{apply_event, transition, LifecycleEvent, LifecycleState};
+use crate::core::model::{Action, BmcConfig, BootPhase, NewEvent, Node, NodeRole};
 use crate::core::validate::{check_bmc, check_hostname, check_rack, FieldError};
 
 /// How many nodes are in each state (`GET /api/v1/summary`).
@@ -197,26 +197,77 @@ impl App {
         .await
     }
 
-    /// The node fetched its target OS (`GET /ipxe/{uuid}`). Writes only when the state
-    /// moves, so a boot storm's repeated fetches cost a read.
+    /// Whether a `GET /ipxe/{uuid}` from `node` would write nothing: its state stays and
+    /// the fetch is already its boot milestone. A boot storm's repeated fetches then cost
+    /// a read (and may be served from the script cache).
+    pub fn boot_started_is_noop(node: &Node) -> bool {
+        transition(node.state, LifecycleEvent::BootStarted).is_ok_and(|next| next == node.state)
+            && node
+                .boot
+                .is_some_and(|boot| boot.phase == BootPhase::OsFetched)
+    }
+
+    /// The node fetched its target OS (`GET /ipxe/{uuid}`): the lifecycle moves and the
+    /// boot milestone is recorded, only when either changes.
     pub async fn node_boot_started(&self, node: &Node) -> Result<Node, AppError> {
-        if transition(node.state, LifecycleEvent::BootStarted).is_ok_and(|next| next == node.state)
-        {
+        if Self::boot_started_is_noop(node) {
             return Ok(node.clone());
         }
         let now = self.now_ms();
         self.mutate_node(&node.uuid, |node| {
-            Ok(apply_event(
+            let events = apply_event(
                 node,
                 LifecycleEvent::BootStarted,
                 now,
                 NODE_ACTOR,
                 "fetched its target OS",
-            )?
-            .into_iter()
-            .collect())
+            )?;
+            node.reach_boot_phase(BootPhase::OsFetched, now);
+            Ok(events.into_iter().collect())
         })
         .await
+    }
+
+    /// The stage-1 agent announced itself (`POST /ipxe/{uuid}/progress`): a boot
+    /// milestone no other request shows. Recorded (with an audit event) once per boot,
+    /// and only for a node that is booting; anything else changes nothing. `None` for a
+    /// machine not known yet (its first boot: it registers next).
+    pub async fn node_boot_progress(
+        &self,
+        uuid: &NodeUuid,
+        phase: BootPhase,
+    ) -> Result<Option<Node>, AppError> {
+        if phase != BootPhase::Stage1 {
+            return Err(FieldError {
+                field: "phase".into(),
+                problem: format!(
+                    "{} is witnessed by the daemon itself; only stage1 is reported",
+                    phase.as_str()
+                ),
+            }
+            .into());
+        }
+        let Some(node) = self.store.node_get(uuid).await? else {
+            return Ok(None);
+        };
+        if node.boot.is_some_and(|boot| boot.phase == phase) || !booting(node.state) {
+            return Ok(Some(node));
+        }
+        let now = self.now_ms();
+        self.mutate_node(uuid, |node| {
+            if !booting(node.state) || !node.reach_boot_phase(phase, now) {
+                return Ok(vec![]);
+            }
+            Ok(vec![NewEvent::for_node(
+                uuid,
+                now,
+                NODE_ACTOR,
+                Action::BootProgress,
+                "stage 1 started",
+            )])
+        })
+        .await
+        .map(Some)
     }
 
     /// Stage 2 is up (`POST …/installed`).
@@ -241,6 +292,7 @@ impl App {
             if !events.is_empty() {
                 node.installed_at_ms = Some(now);
                 node.last_heartbeat_at_ms = Some(now);
+                node.reach_boot_phase(BootPhase::Installed, now);
             }
             Ok(events)
         })
@@ -348,4 +400,13 @@ fn apply_changes(node: &mut Node, changes: &NodeChanges) -> Vec<String> {
         }
     }
     described
+}
+
+/// Whether a node in `state` may be on its way through a boot: not one being fenced or
+/// fenced (it must stay off; its own heartbeat is refused the same way) or retired.
+fn booting(state: LifecycleState) -> bool {
+    !matches!(
+        state,
+        LifecycleState::Fencing | LifecycleState::Fenced | LifecycleState::Retired
+    )
 }

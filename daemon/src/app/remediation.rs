@@ -3,6 +3,7 @@
 use bearman_proto::uuid::NodeUuid;
 
 use super::{App, AppError};
+use crate::core::lifecycle::{apply_event, LifecycleEvent};
 use crate::core::model::{Action, NewEvent};
 use crate::core::remediation::{may_start, Remediation, RemediationKind, Status};
 use crate::store::StoreError;
@@ -49,7 +50,8 @@ impl App {
         Ok(created)
     }
 
-    /// Cancels an active remediation, unless it is mid power-off.
+    /// Cancels an active remediation, unless it is mid power-off. Cancelling between
+    /// fence retry rounds puts the node in maintenance (see below).
     pub async fn remediation_cancel(
         &self,
         actor: &str,
@@ -68,7 +70,7 @@ impl App {
                     status: remediation.status.as_str(),
                 });
             };
-            if !step.cancellable() {
+            if !remediation.cancellable() {
                 return Err(AppError::RemediationNotCancellable {
                     id,
                     step: step.as_str(),
@@ -79,20 +81,40 @@ impl App {
             cancelled.status = Status::Cancelled;
             cancelled.finished_at_ms = Some(now);
             cancelled.updated_at_ms = now;
-            let event = NewEvent::for_node(
+            let mut events = vec![NewEvent::for_node(
                 &remediation.node_uuid,
                 now,
                 actor,
                 Action::RemediationCancelled,
                 format!("remediation {id}: {reason}"),
-            );
+            )];
+            // Stopping fence retries leaves a silent node whose power is in doubt: it
+            // goes to maintenance, held by whoever stopped them, or the controller would
+            // start fencing it again at its next look.
+            let node = if remediation.awaiting_fence_retry() {
+                let mut node = self.node(&remediation.node_uuid).await?;
+                let why = format!("fence retries of remediation {id} cancelled: {reason}");
+                events.extend(apply_event(
+                    &mut node,
+                    LifecycleEvent::MaintenanceOn,
+                    now,
+                    actor,
+                    &why,
+                )?);
+                node.updated_at_ms = now;
+                Some(node)
+            } else {
+                None
+            };
             match self
                 .store
-                .remediation_update(&cancelled, None, &[event])
+                .remediation_update(&cancelled, node.as_ref(), &events)
                 .await
             {
                 Ok((stored, _)) => return Ok(stored),
-                Err(StoreError::Conflict { .. }) => continue,
+                Err(StoreError::Conflict { .. } | StoreError::GenerationMismatch { .. }) => {
+                    continue
+                }
                 Err(error) => return Err(error.into()),
             }
         }

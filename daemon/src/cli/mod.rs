@@ -55,7 +55,11 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Dropping a runtime waits for every blocking task it started, however long; a
+    // command that has done its work must exit, so give them a bounded moment instead.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_GRACE);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -63,6 +67,9 @@ pub fn main() -> ExitCode {
         }
     }
 }
+
+/// How long a finished command waits for the runtime's blocking tasks before exiting.
+const RUNTIME_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {

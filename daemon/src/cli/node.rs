@@ -1,6 +1,39 @@
 //! `bearman node`: listing, enrolment, edits, events and lifecycle actions over the API.
 
 use super::*;
+use bearman::core::lifecycle::LifecycleState;
+use bearman::runtime::Clock;
+
+fn now_ms() -> i64 {
+    SystemClock.now_ms()
+}
+
+/// The node's state, and for one in maintenance who holds it: an operator (by name) or
+/// the controller, which parked it.
+fn state_text(node: &Node) -> String {
+    match &node.maintenance {
+        Some(hold) if node.state == LifecycleState::Maintenance => {
+            if hold.parked_by_controller() {
+                "maintenance (parked by controller)".to_string()
+            } else {
+                format!("maintenance (held by {})", hold.by)
+            }
+        }
+        _ => node.state.as_str().to_string(),
+    }
+}
+
+/// "stage1 for 2m 13s" (boot milestone and how long the node has been at it).
+fn boot_phase_text(node: &Node, now_ms: i64) -> Option<String> {
+    let boot = node.boot?;
+    let seconds = (now_ms - boot.at_ms).max(0) / 1000;
+    Some(format!(
+        "{} for {}m {:02}s",
+        boot.phase.as_str(),
+        seconds / 60,
+        seconds % 60
+    ))
+}
 
 pub(super) fn print_nodes(nodes: &[Node], output: Output) -> anyhow::Result<()> {
     if output == Output::Json {
@@ -12,7 +45,7 @@ pub(super) fn print_nodes(nodes: &[Node], output: Output) -> anyhow::Result<()> 
             vec![
                 n.uuid.to_string(),
                 n.hostname.clone(),
-                n.state.as_str().to_string(),
+                state_text(n),
                 n.role.as_str().to_string(),
                 table::or_dash(n.rack.as_deref()),
                 table::or_dash(n.flavor.as_deref()),
@@ -91,8 +124,12 @@ pub(super) async fn node(command: NodeCommand) -> anyhow::Result<()> {
             let power: Value = client
                 .call("GET", &format!("/nodes/{uuid}/power"), None::<&()>)
                 .await?;
+            let phase = serde_json::from_value::<Node>(node.clone())
+                .ok()
+                .and_then(|n| boot_phase_text(&n, now_ms()));
             if let Some(fields) = node.as_object_mut() {
                 fields.insert("last_power_reading".into(), power["power"].clone());
+                fields.insert("boot_phase".into(), phase.into());
             }
             // A node has nested hardware facts; JSON is the readable form either way.
             print_json(&node)

@@ -15,7 +15,15 @@ pub(super) fn print_remediations(items: &[Remediation], output: Output) -> anyho
                 r.kind.as_str().to_string(),
                 r.status.as_str().to_string(),
                 r.step().map_or("-".to_string(), |s| {
-                    format!("{} (attempt {})", s.as_str(), r.attempts)
+                    if r.awaiting_fence_retry() {
+                        format!(
+                            "fence unverified: retry {} at {}",
+                            r.fence_retries,
+                            table::timestamp(r.next_attempt_at_ms)
+                        )
+                    } else {
+                        format!("{} (attempt {})", s.as_str(), r.attempts)
+                    }
                 }),
                 table::timestamp(r.created_at_ms),
                 r.requested_by.clone(),

@@ -268,6 +268,7 @@ impl Controller {
                 })
                 .collect(),
             power_confirmed: report.power_confirmed,
+            fences_unverified: report.fences_unverified,
         });
     }
 }

@@ -34,7 +34,7 @@ impl Controller {
         let (attempt, node) = match begun {
             Begun::Idle => return,
             Begun::StoodDown => {
-                tracing::info!(id, "automatic remediation stood down: node heard again");
+                tracing::info!(id, "automatic remediation stood down (see its event)");
                 return;
             }
             Begun::Refused(write) => {
@@ -44,7 +44,9 @@ impl Controller {
             Begun::Attempt { attempt, node } => (attempt, node),
         };
         let limits = &self.config.limits;
-        let Some(program) = StepProgram::new(&attempt, &node, self.cloud.is_some(), limits) else {
+        let now_ms = self.app.now_ms();
+        let Some(program) = StepProgram::new(now_ms, &attempt, &node, self.cloud.is_some(), limits)
+        else {
             return;
         };
         let step = program.step();

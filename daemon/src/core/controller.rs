@@ -32,15 +32,15 @@ use serde::{Deserialize, Serialize};
 
 use super::health::{self, GuardHistory, HealthConfig, Judgement, NodeHealth};
 use super::lifecycle::{self, IllegalTransition, LifecycleEvent, LifecycleState};
-use super::model::{Action, NewEvent, Node, NodeRole, TimestampMs};
+use super::model::{Action, BootPhase, BootProgress, NewEvent, Node, NodeRole, TimestampMs};
 use super::power_sync::{self, PowerReading, PowerReadingState};
 use super::remediation::{
     self, may_start, Limits, Outcome, Remediation, RemediationKind, Status, Step,
 };
 use super::validate::InvalidSetting;
 
-/// Who the audit trail names for the controller's actions (equal to `app::SYSTEM_ACTOR`).
-pub const SYSTEM_ACTOR: &str = "system";
+/// Who the audit trail names for the controller's actions.
+pub use super::model::SYSTEM_ACTOR;
 
 /// The window of the automatic-start rate limit (`fences_per_minute_max`).
 pub const START_RATE_WINDOW_MS: i64 = 60_000;
@@ -256,6 +256,19 @@ pub struct GuardReport {
     /// Monitored nodes whose BMC last read Off: (uuid, read at, last heard at).
     pub power_off: Vec<(NodeUuid, TimestampMs, TimestampMs)>,
     pub power_confirmed: Vec<NodeUuid>,
+    /// Automatic fences that could not be verified and are being retried (the alert).
+    pub fences_unverified: Vec<FenceUnverified>,
+}
+
+/// A fence being retried: whose, since when, how many rounds, and the next one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceUnverified {
+    pub uuid: NodeUuid,
+    pub remediation_id: i64,
+    pub since_ms: TimestampMs,
+    pub retries: u32,
+    pub next_attempt_at_ms: TimestampMs,
+    pub last_error: Option<String>,
 }
 
 /// The rack pauses and fleet stop as of the last tick, for noticing changes.
@@ -542,6 +555,25 @@ impl ControllerCore {
             power_readings,
             power_off,
             power_confirmed: judgement.power_confirmed.clone(),
+            fences_unverified: view
+                .active
+                .iter()
+                .filter_map(|r| {
+                    Some(FenceUnverified {
+                        uuid: r.node_uuid.clone(),
+                        remediation_id: r.id,
+                        since_ms: r.fence_unverified_at_ms?,
+                        retries: r.fence_retries,
+                        next_attempt_at_ms: r.next_attempt_at_ms,
+                        last_error: r.last_error.clone(),
+                    })
+                })
+                .filter(|f| {
+                    view.active
+                        .iter()
+                        .any(|r| r.id == f.remediation_id && r.fenced_at_ms.is_none())
+                })
+                .collect(),
         }
     }
 }
@@ -583,20 +615,17 @@ pub fn begin_step(now_ms: TimestampMs, remediation: &Remediation, node: &Node) -
         return StepStart::Idle;
     }
     let id = remediation.id;
-    if remediation.kind == RemediationKind::Automatic
-        && remediation.step_index == 0
-        && remediation.attempts == 0
-        && node.state == LifecycleState::Ready
-    {
+    if let Some(why) = stand_down_reason(remediation, node) {
         let mut cancelled = remediation.clone();
         cancelled.status = Status::Cancelled;
         cancelled.finished_at_ms = Some(now_ms);
+        cancelled.updated_at_ms = now_ms;
         let event = NewEvent::for_node(
             &node.uuid,
             now_ms,
             SYSTEM_ACTOR,
             Action::RemediationCancelled,
-            "node heartbeating again before the fence",
+            format!("remediation {id}: {why}"),
         );
         return StepStart::StandDown { cancelled, event };
     }
@@ -639,6 +668,38 @@ pub fn begin_step(now_ms: TimestampMs, remediation: &Remediation, node: &Node) -
             illegal,
             &format!("entering {}", step.as_str()),
         )),
+    }
+}
+
+/// Why an automatic remediation stands down before its next attempt, if it does:
+/// - before anything was done, its node spoke again (a blip, not a death);
+/// - between fence retry rounds (nothing evacuated, the fence never verified), its node
+///   came back by itself (heartbeating, or booting: registered or provisioning), or an
+///   operator took it into maintenance, which stops the retries.
+fn stand_down_reason(remediation: &Remediation, node: &Node) -> Option<String> {
+    use LifecycleState as S;
+    if remediation.kind != RemediationKind::Automatic || remediation.attempts != 0 {
+        return None;
+    }
+    if remediation.step_index == 0 && node.state == S::Ready {
+        return Some("node heartbeating again before the fence".into());
+    }
+    if !remediation.awaiting_fence_retry() {
+        return None;
+    }
+    match node.state {
+        S::Ready | S::Registered | S::Provisioning => Some(format!(
+            "node {} again while its fence retry was pending (nothing was evacuated): fence retries stopped",
+            if node.state == S::Ready { "heartbeating" } else { "booting" }
+        )),
+        S::Maintenance => Some(format!(
+            "node put in maintenance{}: fence retries stopped",
+            node.maintenance
+                .as_ref()
+                .map(|hold| format!(" by {}", hold.by))
+                .unwrap_or_default()
+        )),
+        _ => None,
     }
 }
 
@@ -728,6 +789,8 @@ pub struct StepProgram {
     cloud: bool,
     node_state: LifecycleState,
     soft_off_grace_ms: i64,
+    /// AwaitReady: the boot milestone the node is stuck at past its deadline, if it is.
+    boot_stall: Option<String>,
     stage: Stage,
 }
 
@@ -735,12 +798,14 @@ impl StepProgram {
     /// The program for `attempt`'s current step on `node` (as written with the attempt);
     /// `cloud_configured` says whether a hypervisor API is there to call.
     pub fn new(
+        now_ms: TimestampMs,
         attempt: &Remediation,
         node: &Node,
         cloud_configured: bool,
         limits: &Limits,
     ) -> Option<StepProgram> {
         Some(StepProgram {
+            boot_stall: boot_stall(now_ms, attempt, node, limits),
             step: attempt.step()?,
             attempt: attempt.attempts,
             host: node.hostname.clone(),
@@ -923,12 +988,43 @@ impl StepProgram {
                 Stage::Finished,
                 Finish(if self.node_state == LifecycleState::Ready {
                     Outcome::Done
+                } else if let Some(stall) = &self.boot_stall {
+                    Outcome::Stalled(stall.clone())
                 } else {
                     Outcome::NotYet(format!("node is {}", self.node_state))
                 }),
             ),
         }
     }
+}
+
+/// The boot watchdog: for a rebuild awaiting its node, the milestone the node has been
+/// stuck at for longer than that milestone's deadline (`Limits::boot_phase_timeout_ms`),
+/// in words. Only milestones reached since this rebuild's power-on count (an older one
+/// belongs to a boot before it).
+fn boot_stall(
+    now_ms: TimestampMs,
+    attempt: &Remediation,
+    node: &Node,
+    limits: &Limits,
+) -> Option<String> {
+    if attempt.step() != Some(Step::AwaitReady) || node.state == LifecycleState::Ready {
+        return None;
+    }
+    let boot = node.boot?;
+    if boot.at_ms < attempt.step_started_at_ms {
+        return None;
+    }
+    let deadline = limits.boot_phase_timeout_ms(boot.phase)?;
+    let stuck_ms = now_ms - boot.at_ms;
+    (stuck_ms >= deadline).then(|| {
+        format!(
+            "boot stalled: {} for {} s (deadline {} s)",
+            boot.phase.as_str(),
+            stuck_ms / 1000,
+            deadline / 1000
+        )
+    })
 }
 
 /// What recording an outcome writes, in one transaction.
@@ -963,7 +1059,31 @@ pub fn handle_outcome(
             Err(illegal) => return fail_illegal(now_ms, attempt, node, illegal, &advance.note),
         };
     next.updated_at_ms = now_ms;
-    let node_write = (!audit.is_empty()).then_some(next);
+    // The rebuild's power-on starts the boot watchdog's clock.
+    let powered_on = attempt.step() == Some(Step::Rebuild) && matches!(outcome, Outcome::Done);
+    if powered_on {
+        next.boot = Some(BootProgress {
+            phase: BootPhase::PoweredOn,
+            at_ms: now_ms,
+        });
+    }
+    let node_write = (!audit.is_empty() || powered_on).then_some(next);
+    let alert = if advance.remediation.fence_retries > attempt.fence_retries {
+        Some(Action::FenceRetryScheduled)
+    } else if matches!(outcome, Outcome::Stalled(_)) {
+        Some(Action::BootStalled)
+    } else {
+        None
+    };
+    if let Some(action) = alert {
+        audit.push(NewEvent::for_node(
+            &node.uuid,
+            now_ms,
+            SYSTEM_ACTOR,
+            action,
+            format!("remediation {}: {}", attempt.id, advance.note),
+        ));
+    }
     let status = advance.remediation.status;
     if matches!(outcome, Outcome::Done) || status != Status::Active {
         let action = match status {
@@ -1501,7 +1621,8 @@ mod tests {
     ) {
         let remediation = at_step(RemediationKind::Automatic, step, attempt);
         let node = node(LifecycleState::Fencing);
-        let mut program = StepProgram::new(&remediation, &node, cloud, &Limits::default()).unwrap();
+        let mut program =
+            StepProgram::new(0, &remediation, &node, cloud, &Limits::default()).unwrap();
         let mut answers = answers.iter().cloned();
         let mut calls = Vec::new();
         let mut last = None;
@@ -1712,6 +1833,7 @@ mod tests {
     fn evacuations_per_attempt_are_bounded() {
         let remediation = at_step(RemediationKind::Automatic, Step::Evacuate, 1);
         let mut program = StepProgram::new(
+            0,
             &remediation,
             &node(LifecycleState::Fenced),
             true,
@@ -1808,8 +1930,19 @@ mod tests {
             Fencing,
             (Active, Fencing, false),
         );
+        // An automatic fence that cannot be verified is retried: the node is back to
+        // Suspect (silent, not fenced) and the saga waits for its next round; an
+        // operator's fails at once and the node goes to a human.
         check_outcome(
             Automatic,
+            Step::VerifyOff,
+            true,
+            refused(),
+            Fencing,
+            (Active, Suspect, false),
+        );
+        check_outcome(
+            Fence,
             Step::VerifyOff,
             true,
             refused(),
@@ -1940,5 +2073,116 @@ mod tests {
         assert!(mid_fence.audit[1]
             .reason
             .contains("maintenance_on is not allowed while the node is fencing"));
+    }
+
+    #[test]
+    fn a_fence_retry_writes_its_alert_and_a_rebuild_power_on_starts_the_watchdog() {
+        let limits = Limits::default();
+        let attempt = at_step(
+            RemediationKind::Automatic,
+            Step::VerifyOff,
+            limits.readbacks_max,
+        );
+        let write = handle_outcome(
+            T,
+            &attempt,
+            &Outcome::NotYet("on".into()),
+            &node(LifecycleState::Fencing),
+            &limits,
+        );
+        assert_eq!(write.remediation.fence_retries, 1);
+        let actions: Vec<Action> = write.audit.iter().map(|e| e.action).collect();
+        assert_eq!(
+            actions,
+            vec![Action::FenceFailed, Action::FenceRetryScheduled]
+        );
+        assert_eq!(write.node.map(|n| n.state), Some(LifecycleState::Suspect));
+
+        let attempt = at_step(RemediationKind::Automatic, Step::Rebuild, 1);
+        let write = handle_outcome(
+            T,
+            &attempt,
+            &Outcome::Done,
+            &node(LifecycleState::Rebuilding),
+            &limits,
+        );
+        let boot = write
+            .node
+            .and_then(|n| n.boot)
+            .expect("the power-on is recorded");
+        assert_eq!((boot.phase, boot.at_ms), (BootPhase::PoweredOn, T));
+    }
+
+    #[test]
+    fn between_fence_retries_a_node_that_came_back_or_was_taken_stands_the_saga_down() {
+        use LifecycleState::*;
+        let mut waiting = at_step(RemediationKind::Automatic, Step::PowerOff, 0);
+        waiting.fence_unverified_at_ms = Some(T - 60_000);
+        waiting.fence_retries = 1;
+        for (state, expect) in [
+            (Suspect, "attempt fencing"),
+            (Ready, "stand down"),
+            (Registered, "stand down"),
+            (Provisioning, "stand down"),
+            (Maintenance, "stand down"),
+        ] {
+            let got = match begin_step(T, &waiting, &node(state)) {
+                StepStart::StandDown { cancelled, event } => {
+                    assert_eq!(cancelled.status, Status::Cancelled);
+                    assert!(
+                        event.reason.contains("fence retries stopped"),
+                        "{}",
+                        event.reason
+                    );
+                    "stand down".to_string()
+                }
+                StepStart::Attempt { node, .. } => {
+                    format!("attempt {}", node.map_or(state, |n| n.state))
+                }
+                other => format!("{other:?}"),
+            };
+            assert_eq!(got, expect, "{state}");
+        }
+        // Mid-round (an attempt made), nothing stands down.
+        let mut mid = waiting.clone();
+        mid.attempts = 1;
+        assert!(matches!(
+            begin_step(T, &mid, &node(Ready)),
+            StepStart::Attempt { .. }
+        ));
+    }
+
+    #[test]
+    fn the_boot_watchdog_calls_a_rebuild_stalled_past_its_milestone_deadline() {
+        let limits = Limits::default();
+        let mut waiting = at_step(RemediationKind::Automatic, Step::AwaitReady, 1);
+        waiting.step_started_at_ms = T - 200_000;
+        let outcome = |phase: BootPhase, at_ms: i64| {
+            let mut booting = node(LifecycleState::Rebuilding);
+            booting.boot = Some(BootProgress { phase, at_ms });
+            let mut program = StepProgram::new(T, &waiting, &booting, false, &limits).unwrap();
+            match program.next(None) {
+                Next::Finish(outcome) => outcome,
+                other => panic!("{other:?}"),
+            }
+        };
+        let stage1 = limits.boot_stage1_timeout_ms;
+        assert!(
+            matches!(outcome(BootPhase::Stage1, T - stage1), Outcome::Stalled(ref why) if why.contains("stage1 for 120 s"))
+        );
+        assert!(matches!(
+            outcome(BootPhase::Stage1, T - stage1 + 1_000),
+            Outcome::NotYet(_)
+        ));
+        // Firmware gets far longer.
+        assert!(matches!(
+            outcome(BootPhase::PoweredOn, T - 150_000),
+            Outcome::NotYet(_)
+        ));
+        // A milestone from before this rebuild's power-on says nothing about this boot.
+        assert!(matches!(
+            outcome(BootPhase::Stage1, T - 300_000),
+            Outcome::NotYet(_)
+        ));
     }
 }

@@ -6,7 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{Action, NewEvent, Node, TimestampMs};
+use super::model::{Action, MaintenanceHold, NewEvent, Node, TimestampMs};
+
+/// Characters of the reason kept with a maintenance hold (the audit event has it whole).
+const MAINTENANCE_REASON_MAX: usize = 200;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -166,6 +169,15 @@ pub fn apply_event(
         return Ok(None);
     }
     node.state = to;
+    if to == LifecycleState::Maintenance {
+        node.maintenance = Some(MaintenanceHold {
+            by: actor.to_string(),
+            at_ms: now_ms,
+            reason: reason.chars().take(MAINTENANCE_REASON_MAX).collect(),
+        });
+    } else {
+        node.maintenance = None;
+    }
     Ok(Some(
         NewEvent::for_node(&node.uuid, now_ms, actor, event.action(), reason).with_states(from, to),
     ))

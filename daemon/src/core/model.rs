@@ -113,7 +113,81 @@ pub struct Node {
     pub registered_at_ms: Option<TimestampMs>,
     pub installed_at_ms: Option<TimestampMs>,
     pub last_heartbeat_at_ms: Option<TimestampMs>,
+    /// The last boot milestone the daemon witnessed, and when (the boot watchdog's clock).
+    #[serde(default)]
+    pub boot: Option<BootProgress>,
+    /// Who put the node in maintenance and why, while it is there: an operator's hold
+    /// and a node the controller parked look the same to the lifecycle, not to a human.
+    #[serde(default)]
+    pub maintenance: Option<MaintenanceHold>,
 }
+
+/// A boot milestone the daemon witnessed, in the order a boot passes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BootPhase {
+    /// A remediation powered the node on (for a rebuild): firmware POST, iPXE and the
+    /// stage-1 kernel come next, none of which can speak to us.
+    PoweredOn,
+    /// The stage-1 agent announced itself (`POST /ipxe/{uuid}/progress`).
+    Stage1,
+    /// Stage 1 registered the hardware.
+    Registered,
+    /// Stage 1 fetched the target OS script (`GET /ipxe/{uuid}`): download, kexec and
+    /// stage 2 come next.
+    OsFetched,
+    /// Stage 2 reported installed.
+    Installed,
+}
+
+impl BootPhase {
+    pub const ALL: [BootPhase; 5] = [
+        BootPhase::PoweredOn,
+        BootPhase::Stage1,
+        BootPhase::Registered,
+        BootPhase::OsFetched,
+        BootPhase::Installed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BootPhase::PoweredOn => "powered_on",
+            BootPhase::Stage1 => "stage1",
+            BootPhase::Registered => "registered",
+            BootPhase::OsFetched => "os_fetched",
+            BootPhase::Installed => "installed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<BootPhase> {
+        Self::ALL.into_iter().find(|phase| phase.as_str() == text)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootProgress {
+    pub phase: BootPhase,
+    pub at_ms: TimestampMs,
+}
+
+/// Why a node is in maintenance: who put it there (an operator's name, or the controller
+/// as `system`), when, and the reason they gave.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceHold {
+    pub by: String,
+    pub at_ms: TimestampMs,
+    pub reason: String,
+}
+
+impl MaintenanceHold {
+    /// Whether the controller parked the node (rather than a human holding it).
+    pub fn parked_by_controller(&self) -> bool {
+        self.by == SYSTEM_ACTOR
+    }
+}
+
+/// Who the audit trail names for the controller's own actions.
+pub const SYSTEM_ACTOR: &str = "system";
 
 impl Node {
     /// A node known by uuid only (operator enrolment, or first registration).
@@ -138,7 +212,21 @@ impl Node {
             registered_at_ms: None,
             installed_at_ms: None,
             last_heartbeat_at_ms: None,
+            boot: None,
+            maintenance: None,
         }
+    }
+
+    /// Records that the node reached `phase` at `now_ms`; whether that changed anything.
+    pub fn reach_boot_phase(&mut self, phase: BootPhase, now_ms: TimestampMs) -> bool {
+        if self.boot.is_some_and(|boot| boot.phase == phase) {
+            return false;
+        }
+        self.boot = Some(BootProgress {
+            phase,
+            at_ms: now_ms,
+        });
+        true
     }
 
     /// Lowercase MACs of every NIC, sorted: the identity the anti-spoofing check compares.
@@ -304,6 +392,12 @@ actions! {
     RemediationFailed = "remediation_failed",
     RemediationCancelled = "remediation_cancelled",
     RemediationWriteAbandoned = "remediation_write_abandoned",
+    /// A fence could not be verified; it will be tried again (the alert).
+    FenceRetryScheduled = "fence_retry_scheduled",
+    /// A rebuilding node stopped short of its next boot milestone: power-cycled.
+    BootStalled = "boot_stalled",
+    /// A node's boot reached a milestone only it can report (stage 1 started).
+    BootProgress = "boot_progress",
     // Guards and power sync.
     RackFencingPaused = "rack_fencing_paused",
     RackFencingResumed = "rack_fencing_resumed",

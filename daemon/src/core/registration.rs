@@ -5,7 +5,7 @@ use bearman_proto::uuid::NodeUuid;
 use bearman_proto::RegisterRequest;
 
 use super::lifecycle::{transition, IllegalTransition, LifecycleEvent, LifecycleState};
-use super::model::{mac_set, Hardware, Node, NodeRole, TimestampMs};
+use super::model::{mac_set, BootPhase, Hardware, Node, NodeRole, TimestampMs};
 
 /// Defaults applied to nodes that register for the first time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,6 +106,7 @@ pub fn plan_registration(
         node.flavor = defaults.flavor.clone();
     }
     node.registered_at_ms = Some(now_ms);
+    node.reach_boot_phase(BootPhase::Registered, now_ms);
     node.updated_at_ms = now_ms;
     Ok(node)
 }

@@ -12,7 +12,7 @@ use bearman_proto::uuid::NodeUuid;
 use serde::{Deserialize, Serialize};
 
 use super::lifecycle::{LifecycleEvent, LifecycleState};
-use super::model::TimestampMs;
+use super::model::{BootPhase, TimestampMs};
 use super::validate::InvalidSetting;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -179,6 +179,26 @@ pub struct Limits {
     pub rebuilds_max: u32,
     /// How long a clean (ACPI) shutdown is given before the hard power-off; 0 skips it.
     pub soft_off_grace_ms: i64,
+    /// How long an automatic remediation keeps retrying a fence it could not verify
+    /// (a BMC that does not answer), counted from the first failure; 0 gives up at once.
+    /// While it retries, the node stays silent and unfenced and its VMs stay down: giving
+    /// up hands them to a human, so the default is a day, not minutes.
+    pub fence_retry_window_ms: i64,
+    /// The wait between fence retry rounds doubles from `backoff_max_ms` up to this. It
+    /// bounds how long VMs stay down after the BMC answers again.
+    pub fence_retry_backoff_max_ms: i64,
+    /// Boot watchdog: how long a rebuilding node may stay at each boot milestone before
+    /// it is power-cycled (counted against `rebuilds_max`). Powered on → the stage-1
+    /// agent announces itself: POST, iPXE, the stage-1 download and kernel; servers with
+    /// a lot of memory take 5-8 minutes to POST, so 10.
+    pub boot_powered_on_timeout_ms: i64,
+    /// Stage 1 started → registered: network up, LLDP (31 s by default), the BMC read;
+    /// about a minute on real hardware, so 2.
+    pub boot_stage1_timeout_ms: i64,
+    /// Registered → fetched the target OS script: the BMC set-up, seconds; 3 minutes.
+    pub boot_registered_timeout_ms: i64,
+    /// Fetched the target OS → installed: its download, kexec and stage 2 coming up; 10.
+    pub boot_os_fetched_timeout_ms: i64,
 }
 
 impl Default for Limits {
@@ -193,12 +213,72 @@ impl Default for Limits {
             ready_poll_ms: 2_000,
             rebuilds_max: 3,
             soft_off_grace_ms: 5_000,
+            fence_retry_window_ms: 24 * 3600 * 1000,
+            fence_retry_backoff_max_ms: 60_000,
+            boot_powered_on_timeout_ms: 10 * 60 * 1000,
+            boot_stage1_timeout_ms: 2 * 60 * 1000,
+            boot_registered_timeout_ms: 3 * 60 * 1000,
+            boot_os_fetched_timeout_ms: 10 * 60 * 1000,
         }
     }
 }
 
+/// `value` of `limits.{key}` within `range`, or the error naming both.
+fn within(
+    key: &str,
+    value: i64,
+    range: std::ops::RangeInclusive<i64>,
+) -> Result<(), InvalidSetting> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(InvalidSetting::new(
+            format!("limits.{key}"),
+            format!("{value} is outside {}-{}", range.start(), range.end()),
+        ))
+    }
+}
+
 impl Limits {
+    /// How long a rebuilding node may stay at `phase` before the watchdog power-cycles it.
+    pub fn boot_phase_timeout_ms(&self, phase: BootPhase) -> Option<i64> {
+        match phase {
+            BootPhase::PoweredOn => Some(self.boot_powered_on_timeout_ms),
+            BootPhase::Stage1 => Some(self.boot_stage1_timeout_ms),
+            BootPhase::Registered => Some(self.boot_registered_timeout_ms),
+            BootPhase::OsFetched => Some(self.boot_os_fetched_timeout_ms),
+            BootPhase::Installed => None,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), InvalidSetting> {
+        within(
+            "fence_retry_window_ms",
+            self.fence_retry_window_ms,
+            0..=7 * 86_400_000,
+        )?;
+        within(
+            "fence_retry_backoff_max_ms",
+            self.fence_retry_backoff_max_ms,
+            1_000..=3_600_000,
+        )?;
+        for (key, value) in [
+            (
+                "boot_powered_on_timeout_ms",
+                self.boot_powered_on_timeout_ms,
+            ),
+            ("boot_stage1_timeout_ms", self.boot_stage1_timeout_ms),
+            (
+                "boot_registered_timeout_ms",
+                self.boot_registered_timeout_ms,
+            ),
+            (
+                "boot_os_fetched_timeout_ms",
+                self.boot_os_fetched_timeout_ms,
+            ),
+        ] {
+            within(key, value, 1_000..=86_400_000)?;
+        }
         for (key, value) in [
             ("power_attempts_max", self.power_attempts_max),
             ("readbacks_max", self.readbacks_max),
@@ -282,6 +362,12 @@ pub struct Remediation {
     pub fenced_at_ms: Option<TimestampMs>,
     pub evacuated_at_ms: Option<TimestampMs>,
     pub finished_at_ms: Option<TimestampMs>,
+    /// When a fence of this remediation first failed to verify; set while it retries.
+    #[serde(default)]
+    pub fence_unverified_at_ms: Option<TimestampMs>,
+    /// Fence retry rounds scheduled so far.
+    #[serde(default)]
+    pub fence_retries: u32,
     /// Bumped on every write; writers present the one they read.
     pub generation: i64,
 }
@@ -314,6 +400,8 @@ impl Remediation {
             fenced_at_ms: None,
             evacuated_at_ms: None,
             finished_at_ms: None,
+            fence_unverified_at_ms: None,
+            fence_retries: 0,
             generation: 1,
         }
     }
@@ -324,6 +412,21 @@ impl Remediation {
         } else {
             None
         }
+    }
+
+    /// Whether the remediation is between fence retry rounds: its fence could not be
+    /// verified, nothing is half done, and the next round has not begun.
+    pub fn awaiting_fence_retry(&self) -> bool {
+        self.fence_unverified_at_ms.is_some()
+            && self.attempts == 0
+            && self.step() == Some(Step::PowerOff)
+    }
+
+    /// Whether an operator may cancel now: not while a power-off is half done, so nobody
+    /// is left guessing the node's power state; between fence retry rounds, yes.
+    pub fn cancellable(&self) -> bool {
+        self.step()
+            .is_some_and(|step| step.cancellable() || self.awaiting_fence_retry())
     }
 }
 
@@ -336,6 +439,9 @@ pub enum Outcome {
     NotYet(String),
     /// The attempt failed (timeout, refused, unreachable): try again with backoff.
     Failed(String),
+    /// Waiting is pointless: the node stopped short of its next boot milestone past its
+    /// deadline (the boot watchdog). A rebuild power-cycles it now.
+    Stalled(String),
 }
 
 /// What the controller must do to the node's lifecycle along with an advance.
@@ -346,6 +452,30 @@ pub struct Advance {
     pub node_events: Vec<LifecycleEvent>,
     /// A line for the audit trail.
     pub note: String,
+}
+
+/// Whether a fence step that exhausted its budget is retried rather than given up: only
+/// an automatic remediation (its node went silent; an operator who asked is told at once
+/// and decides), only before anything was evacuated, and within the retry window.
+fn fence_retry_allowed(
+    remediation: &Remediation,
+    step: Step,
+    now_ms: TimestampMs,
+    limits: &Limits,
+) -> bool {
+    let first_failure = remediation.fence_unverified_at_ms.unwrap_or(now_ms);
+    remediation.kind == RemediationKind::Automatic
+        && matches!(step, Step::SoftOff | Step::PowerOff | Step::VerifyOff)
+        && remediation.plan.contains(&Step::PowerOff)
+        && limits.fence_retry_window_ms > 0
+        && now_ms - first_failure < limits.fence_retry_window_ms
+}
+
+/// The wait before fence retry round `round` (1 for the first): `backoff_max_ms`,
+/// doubling, capped at `fence_retry_backoff_max_ms`.
+pub fn fence_retry_wait_ms(round: u32, limits: &Limits) -> i64 {
+    let doublings = round.saturating_sub(1).min(16);
+    (limits.backoff_max_ms << doublings).min(limits.fence_retry_backoff_max_ms)
 }
 
 fn backoff_ms(attempts: u32, limits: &Limits) -> i64 {
@@ -451,10 +581,11 @@ pub fn advance(
                 next.finished_at_ms = Some(now_ms);
             }
         }
-        Outcome::NotYet(detail) | Outcome::Failed(detail) => {
+        Outcome::NotYet(detail) | Outcome::Failed(detail) | Outcome::Stalled(detail) => {
             next.last_error = Some(detail.clone());
             let timed_out = step == Step::AwaitReady
-                && now_ms - remediation.step_started_at_ms >= limits.ready_timeout_ms;
+                && (matches!(outcome, Outcome::Stalled(_))
+                    || now_ms - remediation.step_started_at_ms >= limits.ready_timeout_ms);
             let exhausted = remediation.attempts >= step.attempts_max(limits);
             if step == Step::AwaitReady && timed_out {
                 if next.rebuilds + 1 >= limits.rebuilds_max {
@@ -473,10 +604,34 @@ pub fn advance(
                     next.step_started_at_ms = now_ms;
                     next.next_attempt_at_ms = now_ms;
                     note = format!(
-                        "node not Ready in time; rebuild attempt {}",
+                        "node not Ready in time ({detail}); rebuild attempt {}",
                         next.rebuilds + 1
                     );
                 }
+            } else if exhausted && fence_retry_allowed(remediation, step, now_ms, limits) {
+                // Nothing was evacuated and the node is still silent: its VMs are down
+                // until the fence is verified, so keep trying (the BMC may answer again),
+                // loudly, with a capped backoff, back from the hard power-off.
+                let first_failure = remediation.fence_unverified_at_ms.unwrap_or(now_ms);
+                next.fence_unverified_at_ms = Some(first_failure);
+                next.fence_retries += 1;
+                next.step_index = remediation
+                    .plan
+                    .iter()
+                    .position(|s| *s == Step::PowerOff)
+                    .expect("fence_retry_allowed checked the plan has a power-off");
+                next.attempts = 0;
+                next.step_started_at_ms = now_ms;
+                let wait = fence_retry_wait_ms(next.fence_retries, limits);
+                next.next_attempt_at_ms = now_ms + wait;
+                node_events.push(LifecycleEvent::FenceFailed);
+                note = format!(
+                    "fence unverified: {} failed after {} attempt(s): {detail}; fence retry {} in {} s",
+                    step.as_str(),
+                    remediation.attempts,
+                    next.fence_retries,
+                    wait / 1000
+                );
             } else if exhausted {
                 next.status = Status::Failed;
                 next.finished_at_ms = Some(now_ms);
@@ -525,10 +680,18 @@ mod tests {
 
     /// Runs `remediation` to its end, giving each step the outcomes `script` returns.
     fn drive(
+        remediation: Remediation,
+        script: impl FnMut(Step, u32) -> Outcome,
+    ) -> (Remediation, Vec<LifecycleEvent>) {
+        drive_with(&Limits::default(), remediation, script)
+    }
+
+    fn drive_with(
+        limits: &Limits,
         mut remediation: Remediation,
         mut script: impl FnMut(Step, u32) -> Outcome,
     ) -> (Remediation, Vec<LifecycleEvent>) {
-        let limits = Limits::default();
+        let limits = limits.clone();
         let mut events = Vec::new();
         let mut now = 1_000;
         for _ in 0..10_000 {
@@ -580,13 +743,23 @@ mod tests {
                     (Outcome::NotYet("booting".into()), limits.ready_timeout_ms),
                 ]
             } else {
-                let exhaust = (Outcome::Failed("refused".into()), 0);
+                // A fence that fails again after a retry fails past the retry window,
+                // so the exploration ends; the first failure schedules a retry.
+                let elapsed = if attempt.fence_retries > 0 {
+                    limits.fence_retry_window_ms
+                } else {
+                    0
+                };
+                let exhaust = (Outcome::Failed("refused".into()), elapsed);
                 if attempt.attempts >= step.attempts_max(&limits) {
                     vec![(Outcome::Done, 0), exhaust]
                 } else {
                     // Failing short of the budget changes no state; skip to the last try.
                     attempt.attempts = step.attempts_max(&limits) - 1;
-                    vec![(Outcome::Done, 0), (Outcome::Failed("refused".into()), 0)]
+                    vec![
+                        (Outcome::Done, 0),
+                        (Outcome::Failed("refused".into()), elapsed),
+                    ]
                 }
             };
             for (outcome, elapsed) in outcomes {
@@ -699,8 +872,8 @@ mod tests {
     }
 
     #[test]
-    fn an_unverifiable_fence_fails_and_hands_the_node_to_a_human() {
-        let (failed, events) = drive(fresh(RemediationKind::Automatic), |step, _| match step {
+    fn an_unverifiable_operator_fence_fails_and_hands_the_node_to_a_human() {
+        let (failed, events) = drive(fresh(RemediationKind::Fence), |step, _| match step {
             Step::SoftOff | Step::PowerOff => Outcome::Done,
             _ => Outcome::NotYet("bmc still reports on".into()),
         });
@@ -716,6 +889,126 @@ mod tests {
             vec![LifecycleEvent::FenceFailed, LifecycleEvent::MaintenanceOn]
         );
         assert!(failed.fenced_at_ms.is_none());
+    }
+
+    #[test]
+    fn an_unverifiable_automatic_fence_is_retried_until_the_bmc_answers() {
+        // The BMC stays dark for two rounds, then answers.
+        let mut rounds = 0;
+        let (done, events) = drive(
+            fresh(RemediationKind::Automatic),
+            |step, attempt| match step {
+                Step::VerifyOff if rounds < 2 => {
+                    if attempt == Limits::default().readbacks_max {
+                        rounds += 1;
+                    }
+                    Outcome::NotYet("no answer".into())
+                }
+                _ => Outcome::Done,
+            },
+        );
+        assert_eq!(done.status, Status::Done);
+        assert_eq!(done.fence_retries, 2);
+        assert!(done.fence_unverified_at_ms.is_some() && done.fenced_at_ms.is_some());
+        assert_eq!(
+            events,
+            vec![
+                LifecycleEvent::FenceFailed,
+                LifecycleEvent::FenceFailed,
+                LifecycleEvent::FenceVerified
+            ]
+        );
+    }
+
+    #[test]
+    fn a_fence_retry_restarts_at_the_hard_power_off_after_a_capped_wait() {
+        let limits = Limits::default();
+        let mut at_verify = fresh(RemediationKind::Automatic);
+        at_verify.step_index = 2;
+        at_verify.attempts = limits.readbacks_max;
+        let advance = advance(&at_verify, &Outcome::NotYet("on".into()), 50_000, &limits);
+        let retry = advance.remediation;
+        assert_eq!(retry.status, Status::Active);
+        assert_eq!(retry.step(), Some(Step::PowerOff));
+        assert!(retry.awaiting_fence_retry() && retry.cancellable());
+        assert_eq!(retry.next_attempt_at_ms, 50_000 + limits.backoff_max_ms);
+        assert_eq!(advance.node_events, vec![LifecycleEvent::FenceFailed]);
+        assert!(
+            advance.note.contains("fence retry 1 in 30 s"),
+            "{}",
+            advance.note
+        );
+        assert_eq!(fence_retry_wait_ms(2, &limits), 60_000);
+        assert_eq!(
+            fence_retry_wait_ms(40, &limits),
+            limits.fence_retry_backoff_max_ms
+        );
+        // Mid power-off it is not cancellable.
+        let mut mid = retry.clone();
+        mid.attempts = 1;
+        assert!(!mid.cancellable());
+    }
+
+    #[test]
+    fn fence_retries_end_at_the_window_and_hand_the_node_to_a_human() {
+        let limits = Limits {
+            fence_retry_window_ms: 10 * 60 * 1000,
+            ..Limits::default()
+        };
+        let (failed, events) =
+            drive_with(
+                &limits,
+                fresh(RemediationKind::Automatic),
+                |step, _| match step {
+                    Step::SoftOff => Outcome::Done,
+                    _ => Outcome::Failed("unreachable".into()),
+                },
+            );
+        assert_eq!(failed.status, Status::Failed);
+        assert!(failed.fence_retries >= 1, "retried before giving up");
+        assert_eq!(
+            &events[events.len() - 2..],
+            &[LifecycleEvent::FenceFailed, LifecycleEvent::MaintenanceOn]
+        );
+        let retried = events.len() - 2;
+        assert_eq!(retried as u32, failed.fence_retries);
+        // A zero window never retries.
+        let never = Limits {
+            fence_retry_window_ms: 0,
+            ..Limits::default()
+        };
+        let (failed, _) = drive_with(
+            &never,
+            fresh(RemediationKind::Automatic),
+            |step, _| match step {
+                Step::SoftOff => Outcome::Done,
+                _ => Outcome::Failed("unreachable".into()),
+            },
+        );
+        assert_eq!((failed.status, failed.fence_retries), (Status::Failed, 0));
+    }
+
+    #[test]
+    fn a_stalled_boot_is_power_cycled_at_once_and_counts_as_a_rebuild() {
+        let limits = Limits::default();
+        let mut waiting = fresh(RemediationKind::Automatic);
+        waiting.step_index = waiting.plan.len() - 1;
+        waiting.attempts = 1;
+        waiting.step_started_at_ms = 10_000;
+        let stalled = Outcome::Stalled("stage1 for 130 s".into());
+        let advance = advance(&waiting, &stalled, 140_000, &limits);
+        assert_eq!(advance.remediation.step(), Some(Step::Rebuild));
+        assert_eq!(advance.remediation.rebuilds, 1);
+        assert!(
+            advance.note.contains("stage1 for 130 s"),
+            "{}",
+            advance.note
+        );
+        // On the last allowed rebuild it gives up to a human.
+        waiting.rebuilds = limits.rebuilds_max - 1;
+        let advance = super::advance(&waiting, &stalled, 140_000, &limits);
+        assert_eq!(advance.remediation.status, Status::Failed);
+        assert_eq!(advance.node_events, vec![LifecycleEvent::RebuildFailed]);
     }
 
     #[test]
