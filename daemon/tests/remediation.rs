@@ -72,6 +72,8 @@ struct FakeBmc {
     power_off_panics: bool,
     /// Gets a permit per status read that hung (tests wait for them).
     hung: Option<Arc<tokio::sync::Semaphore>>,
+    /// The out-of-band network is cut: every call times out, until cleared.
+    dark: std::sync::atomic::AtomicBool,
     calls: Mutex<Vec<&'static str>>,
 }
 
@@ -79,6 +81,7 @@ struct FakeBmc {
 impl Bmc for FakeBmc {
     async fn power_state(&self) -> Result<PowerState, BmcError> {
         self.calls.lock().unwrap().push("status");
+        self.reachable("power_state")?;
         if self.status_hangs {
             if let Some(hung) = &self.hung {
                 hung.add_permits(1);
@@ -96,11 +99,13 @@ impl Bmc for FakeBmc {
     }
     async fn power_on(&self) -> Result<(), BmcError> {
         self.calls.lock().unwrap().push("on");
+        self.reachable("power_on")?;
         *self.power_on.lock().unwrap() = true;
         Ok(())
     }
     async fn power_off(&self) -> Result<(), BmcError> {
         self.calls.lock().unwrap().push("off");
+        self.reachable("power_off")?;
         if self.power_off_panics {
             panic!("bmc driver bug");
         }
@@ -109,6 +114,18 @@ impl Bmc for FakeBmc {
     }
     async fn set_next_boot_pxe(&self) -> Result<(), BmcError> {
         self.calls.lock().unwrap().push("pxe");
+        Ok(())
+    }
+}
+
+impl FakeBmc {
+    fn reachable(&self, operation: &'static str) -> Result<(), BmcError> {
+        if self.dark.load(Ordering::SeqCst) {
+            return Err(BmcError::Timeout {
+                bmc: "fake".into(),
+                operation,
+            });
+        }
         Ok(())
     }
 }
@@ -392,12 +409,24 @@ async fn silent_node_is_fenced_verified_evacuated_and_rebuilt() {
     }
 }
 
+/// Default settings but no fence retries: a fence that cannot be verified is given up.
+fn no_fence_retries() -> ControllerConfig {
+    let mut config = ControllerConfig::default();
+    config.limits.fence_retry_window_ms = 0;
+    config
+}
+
 #[tokio::test]
 async fn an_unverifiable_fence_never_evacuates_and_goes_to_a_human() {
-    let h = harness(FakeBmc {
-        always_reports_on: true,
-        ..Default::default()
-    })
+    let h = harness_with(
+        FakeBmc {
+            always_reports_on: true,
+            ..Default::default()
+        },
+        FakeBmc::default(),
+        no_fence_retries(),
+        6,
+    )
     .await;
     h.run_until("given up", |s| s == LifecycleState::Maintenance)
         .await;
@@ -429,6 +458,136 @@ async fn an_unverifiable_fence_never_evacuates_and_goes_to_a_human() {
             .len(),
         1
     );
+}
+
+impl Harness {
+    /// Runs until the victim's remediation has scheduled `rounds` fence retries.
+    async fn run_until_fence_retries(&self, rounds: u32) {
+        for _ in 0..5_000 {
+            let list = self
+                .store
+                .remediation_list(false, Some(&self.uuid), 1)
+                .await
+                .unwrap();
+            if list.first().is_some_and(|r| r.fence_retries >= rounds) {
+                return;
+            }
+            self.advance(1_000).await;
+        }
+        panic!("never retried the fence {rounds} time(s)");
+    }
+}
+
+#[tokio::test]
+async fn a_fence_the_dark_bmc_cannot_verify_is_retried_and_completes_when_it_answers() {
+    let h = harness(FakeBmc::default()).await;
+    h.bmc.dark.store(true, Ordering::SeqCst);
+    h.run_until_fence_retries(2).await;
+    // Silent, unfenced, nothing evacuated; the alert is on the board and in the trail.
+    assert_eq!(h.node_state().await, LifecycleState::Suspect);
+    assert!(h.cloud.evacuations.lock().unwrap().is_empty());
+    let board = h.controller.app.guards.status().expect("published");
+    assert_eq!(board.fences_unverified.len(), 1, "{board:?}");
+    assert_eq!(board.fences_unverified[0].uuid, h.uuid);
+    let events = h
+        .store
+        .event_list(&EventFilter {
+            node_uuid: Some(h.uuid.clone()),
+            limit: 500,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(events
+        .iter()
+        .any(|e| e.action == Action::FenceRetryScheduled && e.reason.contains("fence retry 2")));
+    // The BMC answers: the next round verifies the fence and the VMs move.
+    h.bmc.dark.store(false, Ordering::SeqCst);
+    h.run_until("fenced after the BMC answered", |s| {
+        matches!(s, LifecycleState::Fenced | LifecycleState::Rebuilding)
+    })
+    .await;
+    for _ in 0..30 {
+        h.advance(1_000).await;
+    }
+    assert_eq!(h.cloud.evacuations.lock().unwrap().len(), 3);
+    let remediation = h.remediation().await;
+    assert_eq!(remediation.status, Status::Active);
+    assert!(remediation.fenced_at_ms.is_some());
+    assert!(h
+        .controller
+        .app
+        .guards
+        .status()
+        .unwrap()
+        .fences_unverified
+        .is_empty());
+}
+
+#[tokio::test]
+async fn cancelling_fence_retries_hands_the_node_to_the_operator_who_did() {
+    let h = harness(FakeBmc::default()).await;
+    h.bmc.dark.store(true, Ordering::SeqCst);
+    h.run_until_fence_retries(1).await;
+    // Mid-round the power-off is half done: refused. Between rounds: cancelled.
+    let id = h.remediation().await.id;
+    let mut cancelled = None;
+    for _ in 0..500 {
+        match h
+            .controller
+            .app
+            .remediation_cancel("alice", id, "checking by hand")
+            .await
+        {
+            Ok(done) => {
+                cancelled = Some(done);
+                break;
+            }
+            Err(bearman::app::AppError::RemediationNotCancellable { .. }) => h.advance(1_000).await,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert_eq!(
+        cancelled.expect("cancellable between rounds").status,
+        Status::Cancelled
+    );
+    let node = h.store.node_get(&h.uuid).await.unwrap().unwrap();
+    assert_eq!(node.state, LifecycleState::Maintenance);
+    let hold = node.maintenance.expect("a hold");
+    assert_eq!(hold.by, "alice");
+    assert!(!hold.parked_by_controller());
+    // Held by a human: never taken again automatically.
+    for _ in 0..120 {
+        h.advance(1_000).await;
+    }
+    assert_eq!(
+        h.store
+            .remediation_list(false, Some(&h.uuid), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_node_that_comes_back_while_its_fence_retry_waits_stands_the_saga_down() {
+    let h = harness(FakeBmc::default()).await;
+    h.bmc.dark.store(true, Ordering::SeqCst);
+    h.run_until_fence_retries(1).await;
+    // It rebooted by itself and heartbeats again: nothing was evacuated, so it keeps its
+    // VMs and the retries stop.
+    for _ in 0..200 {
+        if h.remediation().await.status != Status::Active {
+            break;
+        }
+        h.controller.app.node_heartbeat(&h.uuid).await.ok();
+        h.advance_all_alive(1_000).await;
+    }
+    let remediation = h.remediation().await;
+    assert_eq!(remediation.status, Status::Cancelled);
+    assert_eq!(h.node_state().await, LifecycleState::Ready);
+    assert!(h.cloud.evacuations.lock().unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -851,10 +1010,17 @@ async fn exhausted_outcome_writes_are_an_error_with_an_audit_event() {
 
 #[tokio::test]
 async fn a_panicking_bmc_driver_fails_its_attempts_and_the_saga_never_sticks() {
-    let h = harness(FakeBmc {
-        power_off_panics: true,
-        ..Default::default()
-    })
+    // Without fence retries the budget's end is reached (with them, the same attempts
+    // repeat round after round; see the dark-BMC test).
+    let h = harness_with(
+        FakeBmc {
+            power_off_panics: true,
+            ..Default::default()
+        },
+        FakeBmc::default(),
+        no_fence_retries(),
+        6,
+    )
     .await;
     h.run_until("given up", |s| s == LifecycleState::Maintenance)
         .await;

@@ -50,6 +50,10 @@ async fn node_goes_from_register_to_ready_over_http() {
     );
     assert!(kernel.args.contains("bearman.url=http://bearman.test:8080"));
 
+    // The stage-1 agent announces itself first; a machine not known yet changes nothing.
+    assert_eq!(client.progress("stage1").await.unwrap(), "unknown");
+    assert_eq!(daemon.admin("GET", &format!("/nodes/{uuid}"), None).await.0, 404);
+
     let plan = client
         .prepare_boot(&register_body(1))
         .await
@@ -95,6 +99,16 @@ async fn node_goes_from_register_to_ready_over_http() {
     let (_, node) = daemon.admin("GET", &format!("/nodes/{uuid}"), None).await;
     assert_eq!(node["state"], "provisioning");
     assert_eq!(node["rack"], "tor-a01", "rack comes from LLDP");
+    // Each milestone the daemon witnessed is on the record, for the boot watchdog.
+    assert_eq!(node["boot"]["phase"], "os_fetched", "{node}");
+    assert_eq!(client.progress("stage1").await.unwrap(), "provisioning");
+    let (_, node) = daemon.admin("GET", &format!("/nodes/{uuid}"), None).await;
+    assert_eq!(node["boot"]["phase"], "stage1");
+    // Only stage 1 is the node's to report; the rest the daemon sees for itself.
+    let refused = client.progress("installed").await.unwrap_err().to_string();
+    assert!(refused.contains("422") || refused.contains("phase"), "{refused}");
+    let refused = client.progress("warp-drive").await.unwrap_err().to_string();
+    assert!(refused.contains("unknown boot phase"), "{refused}");
 
     let state = client
         .installed(&InstalledReport {
@@ -111,6 +125,7 @@ async fn node_goes_from_register_to_ready_over_http() {
     let (_, node) = daemon.admin("GET", &format!("/nodes/{uuid}"), None).await;
     assert_eq!(node["state"], "ready");
     assert!(node["last_heartbeat_at_ms"].as_i64().is_some());
+    assert_eq!(node["boot"]["phase"], "installed");
 
     // The audit trail tells the story in order.
     let (_, events) = daemon
