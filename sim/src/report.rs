@@ -89,18 +89,17 @@ pub fn render(report: &Report, wall: Duration) -> String {
         if let Some(heal) = report.last_heal {
             for r in &report.recoveries {
                 let line = match r.vms_elsewhere_after.map(|after| r.crashed_at + after) {
-                    None => "never ran elsewhere".to_string(),
-                    Some(at) if at >= heal => {
-                        format!("{:.1} s after the last heal", (at - heal).as_secs_f64())
-                    }
-                    Some(at) => format!("{:.1} s before the last heal", (heal - at).as_secs_f64()),
+                    None => "VMs never ran elsewhere after the last heal".to_string(),
+                    Some(at) if at >= heal => format!(
+                        "VMs elsewhere {:.1} s after the last heal",
+                        (at - heal).as_secs_f64()
+                    ),
+                    Some(at) => format!(
+                        "VMs elsewhere {:.1} s before the last heal",
+                        (heal - at).as_secs_f64()
+                    ),
                 };
-                let _ = writeln!(
-                    out,
-                    "  {}: VMs elsewhere {line} (t={})",
-                    r.node,
-                    heal.as_secs()
-                );
+                let _ = writeln!(out, "  {}: {line} (t={})", r.node, heal.as_secs());
             }
         }
         let collect = |f: fn(&crate::recovery::Recovery) -> Option<Duration>| -> Vec<Duration> {
