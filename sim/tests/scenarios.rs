@@ -125,6 +125,11 @@ fn cloud_outage_during_evacuation() {
 }
 
 #[test]
+fn crash_during_evacuation() {
+    check_scenario("crash-during-evacuation");
+}
+
+#[test]
 fn every_scenario_file_has_a_test() {
     let source = include_str!("scenarios.rs");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
