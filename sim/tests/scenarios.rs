@@ -130,6 +130,11 @@ fn crash_during_evacuation() {
 }
 
 #[test]
+fn self_recovery_during_fence_retry() {
+    check_scenario("self-recovery-during-fence-retry");
+}
+
+#[test]
 fn every_scenario_file_has_a_test() {
     let source = include_str!("scenarios.rs");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
