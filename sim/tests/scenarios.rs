@@ -134,6 +134,15 @@ fn self_recovery_during_fence_retry() {
     check_scenario("self-recovery-during-fence-retry");
 }
 
+// Scenarios written ahead of the daemon behaviour they describe (issue 11): they fail on
+// a daemon that abandons a fence it cannot verify, or that waits out the whole Ready
+// timeout when a rebuild goes silent, until that behaviour lands.
+
+#[test]
+fn bmc_dark_then_crash() {
+    check_scenario("bmc-dark-then-crash");
+}
+
 #[test]
 fn every_scenario_file_has_a_test() {
     let source = include_str!("scenarios.rs");
