@@ -144,6 +144,11 @@ fn bmc_dark_then_crash() {
 }
 
 #[test]
+fn bmc_recovers_mid_retry() {
+    check_scenario("bmc-recovers-mid-retry");
+}
+
+#[test]
 fn every_scenario_file_has_a_test() {
     let source = include_str!("scenarios.rs");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
