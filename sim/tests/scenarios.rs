@@ -149,6 +149,11 @@ fn bmc_recovers_mid_retry() {
 }
 
 #[test]
+fn crash_during_rebuild() {
+    check_scenario("crash-during-rebuild");
+}
+
+#[test]
 fn every_scenario_file_has_a_test() {
     let source = include_str!("scenarios.rs");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
