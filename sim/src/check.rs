@@ -1,5 +1,5 @@
 //! Invariants. Safety properties must hold at every check; liveness properties must hold
-//! by the scenario's deadline, after its faults have healed.
+//! by the scenario's deadlines, after its faults have healed, and at the end of every run.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -41,6 +41,7 @@ impl Verdict {
 pub struct Checker {
     pub no_vm_twice: Verdict,
     pub no_vm_lost: Verdict,
+    pub vms_placed_at_end: Verdict,
     pub unique_addresses: Verdict,
     pub legal_states: Verdict,
     pub fence_before_evacuate: Verdict,
@@ -56,7 +57,11 @@ impl Default for Checker {
     fn default() -> Self {
         Checker {
             no_vm_twice: Verdict::new("no VM runs on two hosts", "safety"),
-            no_vm_lost: Verdict::new("no VM is lost", "liveness"),
+            no_vm_lost: Verdict::new("every VM runs somewhere at each deadline", "liveness"),
+            vms_placed_at_end: Verdict::new(
+                "every VM runs on exactly one powered host at the end",
+                "liveness",
+            ),
             unique_addresses: Verdict::new("no address is allocated twice", "safety"),
             legal_states: Verdict::new("every node moves only by legal transitions", "safety"),
             fence_before_evacuate: Verdict::new(
@@ -64,7 +69,10 @@ impl Default for Checker {
                 "safety",
             ),
             ready_after_heal: Verdict::new("every powered node Ready by the deadline", "liveness"),
-            expectations: Verdict::new("scenario expectations (fences, recovery times)", "expect"),
+            expectations: Verdict::new(
+                "scenario expectations (faults struck, fences, recovery)",
+                "expect",
+            ),
             reported_doubled: BTreeSet::new(),
             events_seen: 0,
             violations_seen: 0,
@@ -81,7 +89,7 @@ fn reachable(from: LifecycleState, to: LifecycleState) -> bool {
 }
 
 impl Checker {
-    pub fn verdicts(&self) -> [&Verdict; 7] {
+    pub fn verdicts(&self) -> [&Verdict; 8] {
         [
             &self.expectations,
             &self.no_vm_twice,
@@ -90,6 +98,7 @@ impl Checker {
             &self.legal_states,
             &self.ready_after_heal,
             &self.no_vm_lost,
+            &self.vms_placed_at_end,
         ]
     }
 
@@ -222,14 +231,81 @@ impl Checker {
 }
 
 impl Checker {
-    /// The scenario's own expectations about fences and recovery, judged at the end.
+    /// Liveness at the end of every run, whatever the deadlines: each VM runs on exactly
+    /// one host, and that host is powered on with its OS running. At most `down_allowed`
+    /// VMs may run nowhere (`expect.vms_down_allowed`); a VM on two hosts always fails.
+    pub fn check_end(&mut self, world: &World, down_allowed: u64, now: Duration) {
+        self.vms_placed_at_end.checks += 1;
+        let mut down = Vec::new();
+        let mut doubled = Vec::new();
+        for vm in world.vms.values() {
+            let live: Vec<u32> = vm
+                .instances
+                .iter()
+                .copied()
+                .filter(|host| {
+                    let node = &world.nodes[*host as usize];
+                    node.power == Power::On && node.os == Os::Running
+                })
+                .collect();
+            let assigned = world.node_name(vm.assigned);
+            if vm.instances.len() > 1 {
+                let hosts: Vec<String> = vm.instances.iter().map(|h| world.node_name(*h)).collect();
+                doubled.push(format!("vm{} on {}", vm.id, hosts.join(" and ")));
+            } else if live.len() != 1 {
+                let node = &world.nodes[vm.assigned as usize];
+                down.push(format!(
+                    "vm{} (assigned {assigned}: power {:?}, os {:?})",
+                    vm.id, node.power, node.os
+                ));
+            }
+        }
+        if down.len() as u64 > down_allowed {
+            let shown: Vec<String> = down.iter().take(5).cloned().collect();
+            self.vms_placed_at_end.fail(format!(
+                "t={} {} VM(s) run on no powered, running host ({} allowed): {}{}",
+                seconds(now),
+                down.len(),
+                down_allowed,
+                shown.join(", "),
+                if down.len() > shown.len() {
+                    ", …"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if !doubled.is_empty() {
+            let shown: Vec<String> = doubled.iter().take(5).cloned().collect();
+            self.vms_placed_at_end.fail(format!(
+                "t={} {} VM(s) run on more than one host: {}{}",
+                seconds(now),
+                doubled.len(),
+                shown.join(", "),
+                if doubled.len() > shown.len() {
+                    ", …"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+
+    /// The scenario's own expectations about its faults, fences and recovery, judged at
+    /// the end. `fault_problems` are faults that did not strike as written (a
+    /// `when_event` that never matched, a strike that hit no node).
     pub fn check_expectations(
         &mut self,
-        expect: &crate::scenario::Expect,
+        scenario: &crate::scenario::Scenario,
         recoveries: &[crate::recovery::Recovery],
         fences: usize,
+        fault_problems: &[String],
     ) {
+        let expect = &scenario.expect;
         self.expectations.checks += 1;
+        for problem in fault_problems {
+            self.expectations.fail(problem.clone());
+        }
         if let Some(max) = expect.fences_max {
             if fences as u64 > max {
                 self.expectations
@@ -251,19 +327,94 @@ impl Checker {
                     )),
                 }
             }
+            if let Some(within) = expect.vms_elsewhere_after_heal_within_s {
+                let heal = Duration::from_secs(scenario.last_heal_s().unwrap_or(0));
+                let deadline = heal + Duration::from_secs(within);
+                match recovery.vms_elsewhere_after {
+                    Some(after) if recovery.crashed_at + after <= deadline => {}
+                    Some(after) => self.expectations.fail(format!(
+                        "{}: VMs running elsewhere {:.1} s after the last heal (t={}); expected within {within} s",
+                        recovery.node,
+                        (recovery.crashed_at + after).saturating_sub(heal).as_secs_f64(),
+                        heal.as_secs()
+                    )),
+                    None => self.expectations.fail(format!(
+                        "{}: some of its {} VM(s) never ran elsewhere; expected within {within} s of the last heal (t={})",
+                        recovery.node,
+                        recovery.vms,
+                        heal.as_secs()
+                    )),
+                }
+            }
+            // A recovery cut short by the node's next crash is judged by that crash's.
+            if recovery.interrupted() {
+                continue;
+            }
             if let Some(within) = expect.crashed_ready_within_s {
                 match recovery.ready_after {
                     Some(after) if after <= Duration::from_secs(within) => {}
                     other => self.expectations.fail(format!(
-                        "{}: Ready again {}; expected within {within} s of the crash",
+                        "{}: Ready again {}; expected within {within} s of the crash at t={:.1}",
                         recovery.node,
                         other.map_or("never".to_string(), |a| format!(
                             "after {:.1} s",
                             a.as_secs_f64()
-                        ))
+                        )),
+                        recovery.crashed_at.as_secs_f64(),
                     )),
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three compute nodes, two VMs each, all running.
+    fn running_world() -> World {
+        let mut world = World::new(1, 3, 0, 8);
+        world.place_vms(2);
+        for index in 0..3 {
+            world.power_on(index, Duration::ZERO, "test");
+            let epoch = world.nodes[index as usize].epoch;
+            assert!(world.os_running(index, epoch, Duration::from_secs(60)));
+        }
+        world
+    }
+
+    #[test]
+    fn the_end_check_counts_vms_on_a_dead_host_against_the_allowance() {
+        let mut world = running_world();
+        let mut checker = Checker::default();
+        checker.check_end(&world, 0, Duration::from_secs(900));
+        assert!(checker.vms_placed_at_end.passed());
+
+        world.crash(1, Duration::from_secs(300));
+        let mut checker = Checker::default();
+        checker.check_end(&world, 0, Duration::from_secs(900));
+        assert_eq!(
+            checker.vms_placed_at_end.failures,
+            [
+                "t=900.000 2 VM(s) run on no powered, running host (0 allowed): \
+              vm2 (assigned r0n1: power On, os Crashed), vm3 (assigned r0n1: power On, os Crashed)"
+            ]
+        );
+        let mut checker = Checker::default();
+        checker.check_end(&world, 2, Duration::from_secs(900));
+        assert!(checker.vms_placed_at_end.passed(), "two down are allowed");
+    }
+
+    #[test]
+    fn the_end_check_fails_a_vm_on_two_hosts_whatever_the_allowance() {
+        let mut world = running_world();
+        world.vms.get_mut(&0).unwrap().instances.insert(2);
+        let mut checker = Checker::default();
+        checker.check_end(&world, 6, Duration::from_secs(900));
+        assert_eq!(
+            checker.vms_placed_at_end.failures,
+            ["t=900.000 1 VM(s) run on more than one host: vm0 on r0n0 and r0n2"]
+        );
     }
 }

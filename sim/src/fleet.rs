@@ -108,8 +108,9 @@ pub struct World {
     pub double_runs: Vec<String>,
     /// Racks without power: their BMCs are dark too.
     pub racks_without_power: BTreeSet<u32>,
-    /// Crashes, for the recovery metrics: node → (crash time, VMs it was running).
-    pub crashes: BTreeMap<u32, (Duration, Vec<u32>)>,
+    /// Crashes, for the recovery metrics: node → every crash of it in time order, each
+    /// (crash time, VMs it was running).
+    pub crashes: BTreeMap<u32, Vec<(Duration, Vec<u32>)>>,
     /// When each VM was last evacuated.
     pub evacuated_at: BTreeMap<u32, Duration>,
 }
@@ -229,7 +230,7 @@ impl World {
             .filter(|vm| vm.instances.contains(&index))
             .map(|vm| vm.id)
             .collect();
-        self.crashes.insert(index, (now, running));
+        self.crashes.entry(index).or_default().push((now, running));
     }
 
     /// Kernel panic: the OS and every VM instance on it stop; power stays on.

@@ -228,6 +228,8 @@ fn print_aggregate(
     show("crash -> fence verified", v, m);
     let (v, m) = split(|r| r.vms_elsewhere_after);
     show("crash -> VMs running elsewhere", v, m);
+    // A recovery cut short by the node's next crash has no Ready time of its own.
     let (v, m) = split(|r| r.ready_after);
-    show("crash -> node Ready again", v, m);
+    let interrupted = recoveries.iter().filter(|r| r.interrupted()).count();
+    show("crash -> node Ready again", v, m - interrupted);
 }

@@ -73,8 +73,34 @@ pub fn render(report: &Report, wall: Duration) -> String {
                 secs(r.detected_after),
                 secs(r.fenced_after),
                 secs(r.vms_elsewhere_after),
-                secs(r.ready_after)
+                if r.interrupted() {
+                    "re-crash".to_string()
+                } else {
+                    secs(r.ready_after)
+                }
             );
+        }
+        if report.recoveries.iter().any(|r| r.interrupted()) {
+            let _ = writeln!(
+                out,
+                "  re-crash: the node crashed again before it was Ready; see its next row"
+            );
+        }
+        if let Some(heal) = report.last_heal {
+            for r in &report.recoveries {
+                let line = match r.vms_elsewhere_after.map(|after| r.crashed_at + after) {
+                    None => "VMs never ran elsewhere after the last heal".to_string(),
+                    Some(at) if at >= heal => format!(
+                        "VMs elsewhere {:.1} s after the last heal",
+                        (at - heal).as_secs_f64()
+                    ),
+                    Some(at) => format!(
+                        "VMs elsewhere {:.1} s before the last heal",
+                        (heal - at).as_secs_f64()
+                    ),
+                };
+                let _ = writeln!(out, "  {}: {line} (t={})", r.node, heal.as_secs());
+            }
         }
         let collect = |f: fn(&crate::recovery::Recovery) -> Option<Duration>| -> Vec<Duration> {
             report.recoveries.iter().filter_map(f).collect()
@@ -99,7 +125,7 @@ pub fn render(report: &Report, wall: Duration) -> String {
     for verdict in report.checker.verdicts() {
         let _ = writeln!(
             out,
-            "  {:<9} {:<48} {} ({} checks)",
+            "  {:<9} {:<52} {} ({} checks)",
             verdict.kind,
             verdict.name,
             if verdict.passed() { "ok" } else { "FAILED" },

@@ -20,7 +20,7 @@ use bearman_proto::{Artifact, RegisterRequest};
 
 use crate::check::Checker;
 use crate::fleet::{lock, seconds, Os, Power, SharedWorld, World};
-use crate::scenario::{Fault, FaultKind, Scenario};
+use crate::scenario::{Fault, FaultKind, FaultTarget, Scenario};
 use crate::{bmc, cloud, net, node};
 
 /// The simulated calendar starts here (2026-01-01T00:00:00Z), so event timestamps in the
@@ -70,6 +70,8 @@ pub struct Report {
     pub steps: u64,
     pub recoveries: Vec<crate::recovery::Recovery>,
     pub fences: usize,
+    /// The scenario's last heal (`Scenario::last_heal_s`), when some fault heals.
+    pub last_heal: Option<Duration>,
 }
 
 impl Report {
@@ -173,14 +175,50 @@ fn pick_nodes(
 struct FaultState {
     /// Nodes each fault picked, by fault index.
     affected: BTreeMap<usize, Vec<u32>>,
+    /// The node of the event that triggered a `target = "event_node"` fault, by index.
+    event_nodes: BTreeMap<usize, u32>,
+    /// Faults that did not strike as written, for the expectations verdict.
+    problems: Vec<String>,
     rng: crate::rng::SimRng,
 }
 
 impl FaultState {
-    /// Picks the nodes fault `fault_index` strikes (`count`, default 1, in its rack or
-    /// anywhere) and remembers them for its heal.
-    fn pick(&mut self, world: &World, fault_index: usize, fault: &Fault) -> Vec<u32> {
-        let nodes = pick_nodes(world, fault.rack, fault.count.unwrap_or(1), &mut self.rng);
+    /// Picks the nodes fault `fault_index` strikes and remembers them for its heal: the
+    /// triggering event's node (`target = "event_node"`), the nodes an earlier fault
+    /// struck (`same_nodes_as`), or `count` (default 1) from the seed, in its rack or
+    /// anywhere.
+    fn pick(
+        &mut self,
+        world: &mut World,
+        fault_index: usize,
+        fault: &Fault,
+        now: Duration,
+    ) -> Vec<u32> {
+        let nodes = if fault.target == Some(FaultTarget::EventNode) {
+            self.event_nodes
+                .get(&fault_index)
+                .copied()
+                .into_iter()
+                .collect()
+        } else if let Some(other) = fault.same_nodes_as {
+            self.affected.get(&other).cloned().unwrap_or_default()
+        } else {
+            pick_nodes(world, fault.rack, fault.count.unwrap_or(1), &mut self.rng)
+        };
+        if fault.target.is_some() || fault.same_nodes_as.is_some() {
+            let names: Vec<String> = nodes.iter().map(|n| world.node_name(*n)).collect();
+            world.trace.record(
+                now,
+                format!("strike {:?} nodes=[{}]", fault.kind, names.join(",")),
+            );
+        }
+        if let (Some(other), true) = (fault.same_nodes_as, nodes.is_empty()) {
+            self.problems.push(format!(
+                "fault[{fault_index}] ({:?}) struck no node: fault[{other}] had struck none by t={}",
+                fault.kind,
+                seconds(now)
+            ));
+        }
         self.affected.insert(fault_index, nodes.clone());
         nodes
     }
@@ -207,7 +245,7 @@ fn apply_fault(
     match (&fault.kind, heal) {
         (FaultKind::CrashNodes, false) => {
             let mut world = lock(world);
-            let nodes = faults.pick(&world, fault_index, fault);
+            let nodes = faults.pick(&mut world, fault_index, fault, now);
             for index in &nodes {
                 world.crash(*index, now);
             }
@@ -228,14 +266,14 @@ fn apply_fault(
         }
         (FaultKind::PowerCycleNodes, false) => {
             let mut world = lock(world);
-            let nodes = faults.pick(&world, fault_index, fault);
+            let nodes = faults.pick(&mut world, fault_index, fault, now);
             for index in &nodes {
                 world.power_off(*index, now, "power cycle");
             }
         }
         (FaultKind::PowerLossNodes, false) => {
             let mut world = lock(world);
-            let nodes = faults.pick(&world, fault_index, fault);
+            let nodes = faults.pick(&mut world, fault_index, fault, now);
             for index in &nodes {
                 world.lose_power(*index, now);
             }
@@ -244,7 +282,7 @@ fn apply_fault(
         (FaultKind::PowerLossNodes, true) => {}
         (FaultKind::BmcPowerCycleNodes, false) => {
             let mut world = lock(world);
-            let nodes = faults.pick(&world, fault_index, fault);
+            let nodes = faults.pick(&mut world, fault_index, fault, now);
             world.ops_power_cycles.extend(nodes.iter().copied());
         }
         (FaultKind::BmcPowerCycleNodes, true) => {}
@@ -492,6 +530,8 @@ pub fn run(
     let mut checker = Checker::default();
     let mut fault_state = FaultState {
         affected: BTreeMap::new(),
+        event_nodes: BTreeMap::new(),
+        problems: Vec::new(),
         rng: crate::rng::SimRng::derive(options.seed, 0xfa17),
     };
     let mut samples = Vec::new();
@@ -521,6 +561,12 @@ pub fn run(
             }
             for event in &new_events {
                 let text = format!("{} {}", event.action, event.reason);
+                // The fleet node the event is about, if any.
+                let event_node = event
+                    .node_uuid
+                    .as_ref()
+                    .and_then(crate::fleet::index_of)
+                    .filter(|index| (*index as usize) < lock(&world).nodes.len());
                 let fired: Vec<usize> = armed
                     .iter()
                     .copied()
@@ -531,20 +577,27 @@ pub fn run(
                                 .when_event
                                 .as_deref()
                                 .is_some_and(|pattern| text.contains(pattern))
+                            && (fault.target != Some(FaultTarget::EventNode)
+                                || event_node.is_some())
                     })
                     .collect();
                 for index in fired {
                     armed.retain(|i| *i != index);
-                    lock(&world).trace.record(
-                        now,
-                        format!(
-                            "trigger {:?} on event {}",
-                            scenario.faults[index].kind, event.id
-                        ),
-                    );
-                    schedule.push((now, index, false));
-                    if let Some(after) = scenario.faults[index].heal_after_s {
-                        schedule.push((now + Duration::from_secs(after), index, true));
+                    let fault = &scenario.faults[index];
+                    let strike = now + Duration::from_secs(fault.delay_s.unwrap_or(0));
+                    let mut line = format!("trigger {:?} on event {}", fault.kind, event.id);
+                    if fault.target == Some(FaultTarget::EventNode) {
+                        let node = event_node.expect("filtered above");
+                        fault_state.event_nodes.insert(index, node);
+                        line.push_str(&format!(" node={}", lock(&world).node_name(node)));
+                    }
+                    if strike != now {
+                        line.push_str(&format!(" strikes at t={}", seconds(strike)));
+                    }
+                    lock(&world).trace.record(now, line);
+                    schedule.push((strike, index, false));
+                    if let Some(after) = fault.heal_after_s {
+                        schedule.push((strike + Duration::from_secs(after), index, true));
                     }
                 }
             }
@@ -605,14 +658,43 @@ pub fn run(
     for _ in deadlines {
         checker.check_deadline(&lock(&world), &store, end);
     }
+    checker.check_end(
+        &lock(&world),
+        scenario.expect.vms_down_allowed.unwrap_or(0),
+        end,
+    );
     samples.push(sample(&lock(&world), &store, end));
+    // Faults that never struck make a scenario meaningless, not green.
+    for index in &armed {
+        let fault = &scenario.faults[*index];
+        fault_state.problems.push(format!(
+            "fault[{index}] ({:?}) never struck: no daemon event matching {:?}{} at or after {} s",
+            fault.kind,
+            fault.when_event.as_deref().unwrap_or_default(),
+            if fault.target == Some(FaultTarget::EventNode) {
+                " naming a node"
+            } else {
+                ""
+            },
+            fault.at_s
+        ));
+    }
+    for (at, index, heal) in &schedule {
+        if !heal {
+            fault_state.problems.push(format!(
+                "fault[{index}] ({:?}) never struck: due at t={}, after the end",
+                scenario.faults[*index].kind,
+                seconds(*at)
+            ));
+        }
+    }
 
     // The trace: what the world saw, then the daemon's whole audit trail, then verdicts.
     let mut world = lock(&world);
     let events = store.events_after(0);
     let recoveries = crate::recovery::recoveries(&world, &events);
     let fences = crate::recovery::fences_started(&events);
-    checker.check_expectations(&scenario.expect, &recoveries, fences);
+    checker.check_expectations(scenario, &recoveries, fences, &fault_state.problems);
     let mut trace = std::mem::take(&mut world.trace);
     trace.extend(events.iter().map(|e| {
         format!(
@@ -659,5 +741,8 @@ pub fn run(
         steps,
         recoveries,
         fences,
+        last_heal: scenario
+            .has_heals()
+            .then(|| Duration::from_secs(scenario.last_heal_s().unwrap_or(0))),
     })
 }

@@ -159,6 +159,18 @@ pub enum FaultKind {
     PowerCycleAll,
 }
 
+/// Which nodes a node-striking fault (`crash_nodes`, `power_loss_nodes`,
+/// `power_cycle_nodes`, `bmc_power_cycle_nodes`) applies to, when not `count` nodes picked
+/// from the seed.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultTarget {
+    /// The node named by the daemon audit event that triggered the fault (`when_event`):
+    /// e.g. the very node whose rebuild just reached stage 1. An event that names no node
+    /// of the fleet does not trigger the fault.
+    EventNode,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fault {
@@ -174,12 +186,27 @@ pub struct Fault {
     /// With `when_event`: heal this many seconds after striking.
     #[serde(default)]
     pub heal_after_s: Option<u64>,
+    /// With `when_event`: strike this many seconds after the event instead of at once
+    /// (`heal_after_s` still counts from the strike).
+    #[serde(default)]
+    pub delay_s: Option<u64>,
     /// Rack index the fault applies to (where it applies to one rack).
     #[serde(default)]
     pub rack: Option<u32>,
     /// How many nodes (crash/power-cycle faults), chosen from the seed.
     #[serde(default)]
     pub count: Option<u32>,
+    /// Node-striking faults: `"event_node"` strikes the node of the triggering event
+    /// (needs `when_event`; `count` and `rack` must be absent). Absent: `count` nodes
+    /// picked from the seed, as before.
+    #[serde(default)]
+    pub target: Option<FaultTarget>,
+    /// Node-striking faults: strike exactly the nodes that fault number N (0-based, in
+    /// file order, an earlier node-striking fault) struck, e.g. power-cycle at the PDU the
+    /// node that crashed earlier. `count`, `rack` and `target` must be absent. If fault N
+    /// has not struck yet, this one strikes nobody (the trace says so).
+    #[serde(default)]
+    pub same_nodes_as: Option<usize>,
     /// Extra latency for `latency_spike`.
     #[serde(default)]
     pub latency_ms: Option<u64>,
@@ -201,9 +228,24 @@ pub struct Expect {
     /// of the crash.
     #[serde(default)]
     pub vms_elsewhere_within_s: Option<u64>,
-    /// Every crashed node must be Ready again within this many seconds of its crash.
+    /// Every crashed node must be Ready again within this many seconds of its crash. A
+    /// node that crashes again before it was Ready is judged from its latest crash (each
+    /// crash is its own recovery; one cut short by the next crash is not judged on Ready).
     #[serde(default)]
     pub crashed_ready_within_s: Option<u64>,
+    /// Every VM of every crashed node must run elsewhere within this many seconds of the
+    /// scenario's last heal (`last_heal_s`: the latest `heal_at_s`, or `at_s` +
+    /// `delay_s` + `heal_after_s` of a `when_event` fault, or the strike of a fault that
+    /// never heals). For faults that keep the daemon from fencing (a dark BMC network):
+    /// once it is back, how fast are the VMs moved. Needs a fault that heals.
+    #[serde(default)]
+    pub vms_elsewhere_after_heal_within_s: Option<u64>,
+    /// At the end of every run each VM must run on exactly one host that is powered on
+    /// with its OS running; at most this many VMs may run nowhere (default 0). Only for
+    /// scenarios whose fault legitimately leaves VMs down at the end (say why in the
+    /// file). A VM running on two hosts always fails.
+    #[serde(default)]
+    pub vms_down_allowed: Option<u64>,
 }
 
 impl Scenario {
@@ -237,6 +279,17 @@ impl Scenario {
 
     pub fn node_count(&self) -> u32 {
         self.fleet.racks * self.fleet.nodes_per_rack
+    }
+
+    /// VMs placed at the start: `vms_per_node` on every compute node.
+    pub fn vm_count(&self) -> u64 {
+        u64::from(self.fleet.racks)
+            * u64::from(
+                self.fleet
+                    .nodes_per_rack
+                    .saturating_sub(self.fleet.storage_per_rack),
+            )
+            * u64::from(self.fleet.vms_per_node)
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -321,8 +374,67 @@ impl Scenario {
                     | FaultKind::PowerLossNodes
                     | FaultKind::BmcPowerCycleNodes
             );
-            if needs_count && fault.count.unwrap_or(0) == 0 {
+            let strikes_nodes = needs_count;
+            let chosen_otherwise = fault.target.is_some() || fault.same_nodes_as.is_some();
+            if fault.target.is_some() && fault.same_nodes_as.is_some() {
+                bail!("{field}: target and same_nodes_as exclude each other");
+            }
+            if chosen_otherwise {
+                let key = if fault.target.is_some() {
+                    "target"
+                } else {
+                    "same_nodes_as"
+                };
+                if !strikes_nodes {
+                    bail!(
+                        "{field}: {key} only applies to crash_nodes, power_loss_nodes, \
+                         power_cycle_nodes and bmc_power_cycle_nodes"
+                    );
+                }
+                if fault.count.is_some() || fault.rack.is_some() {
+                    bail!("{field}: {key} names the nodes; count and rack must be absent");
+                }
+            } else if needs_count && fault.count.unwrap_or(0) == 0 {
                 bail!("{field}: needs count >= 1");
+            }
+            if fault.target == Some(FaultTarget::EventNode) && fault.when_event.is_none() {
+                bail!(
+                    "{field}: target = \"event_node\" needs when_event (the event names the node)"
+                );
+            }
+            if let Some(other) = fault.same_nodes_as {
+                if other >= index {
+                    bail!(
+                        "{field}: same_nodes_as {other} must name an earlier fault (below {index})"
+                    );
+                }
+                let earlier = &self.faults[other];
+                let earlier_strikes_nodes = matches!(
+                    earlier.kind,
+                    FaultKind::CrashNodes
+                        | FaultKind::PowerCycleNodes
+                        | FaultKind::PowerLossNodes
+                        | FaultKind::BmcPowerCycleNodes
+                );
+                if !earlier_strikes_nodes {
+                    bail!(
+                        "{field}: same_nodes_as {other} is a {:?} fault, which strikes no nodes",
+                        earlier.kind
+                    );
+                }
+                if earlier.when_event.is_none()
+                    && fault.when_event.is_none()
+                    && earlier.at_s > fault.at_s
+                {
+                    bail!(
+                        "{field}: same_nodes_as {other} strikes at {} s, after this fault ({} s)",
+                        earlier.at_s,
+                        fault.at_s
+                    );
+                }
+            }
+            if fault.delay_s.is_some() && fault.when_event.is_none() {
+                bail!("{field}: delay_s goes with when_event; use at_s otherwise");
             }
             if fault.kind == FaultKind::LatencySpike && fault.latency_ms.is_none() {
                 bail!("{field}: needs latency_ms");
@@ -341,14 +453,185 @@ impl Scenario {
                 bail!("{field}: needs heal_at_s (when power returns / the daemon restarts)");
             }
         }
+        if let Some(allowed) = self.expect.vms_down_allowed {
+            if allowed > self.vm_count() {
+                bail!(
+                    "expect.vms_down_allowed: {allowed} is more than the fleet's {} VM(s)",
+                    self.vm_count()
+                );
+            }
+        }
+        if self.expect.vms_elsewhere_after_heal_within_s.is_some() && !self.has_heals() {
+            bail!(
+                "expect.vms_elsewhere_after_heal_within_s: no fault heals (needs heal_at_s or heal_after_s)"
+            );
+        }
         Ok(())
     }
 
-    /// When the last fault was healed (or, for faults that do not heal, struck).
+    /// Whether some fault is undone during the run (`heal_at_s` or `heal_after_s`).
+    pub fn has_heals(&self) -> bool {
+        self.faults
+            .iter()
+            .any(|f| f.heal_at_s.is_some() || f.heal_after_s.is_some())
+    }
+
+    /// When the last fault was healed (or, for faults that do not heal, struck). A
+    /// `when_event` fault counts from its `at_s`, the earliest it can strike.
     pub fn last_heal_s(&self) -> Option<u64> {
         self.faults
             .iter()
-            .map(|f| f.heal_at_s.unwrap_or(f.at_s + f.heal_after_s.unwrap_or(0)))
+            .map(|f| {
+                f.heal_at_s
+                    .unwrap_or(f.at_s + f.delay_s.unwrap_or(0) + f.heal_after_s.unwrap_or(0))
+            })
             .max()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small valid scenario; `extra` is appended (faults, expectations).
+    fn scenario(extra: &str) -> String {
+        format!(
+            "name = \"t\"\nduration_s = 1000\n[fleet]\nracks = 2\nnodes_per_rack = 4\n\
+             storage_per_rack = 1\nvms_per_node = 2\n{extra}"
+        )
+    }
+
+    /// Parses and validates `extra` on top of [`scenario`]; `expect` is `Ok(())` or a
+    /// piece of the error's text.
+    fn check(extra: &str, expect: Result<(), &str>) {
+        let parsed = toml::from_str::<Scenario>(&scenario(extra))
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.validate().map_err(|e| e.to_string()));
+        match (parsed, expect) {
+            (Ok(()), Ok(())) => {}
+            (Err(error), Err(part)) => {
+                assert!(
+                    error.contains(part),
+                    "{extra}\nerror {error:?} lacks {part:?}"
+                )
+            }
+            (got, want) => panic!("{extra}\ngot {got:?}, want {want:?}"),
+        }
+    }
+
+    const CRASH: &str = "[[fault]]\nat_s = 100\nkind = \"crash_nodes\"\nrack = 0\ncount = 1\n";
+
+    #[test]
+    fn event_node_target_needs_when_event_and_no_count_or_rack() {
+        let on_event = "[[fault]]\nat_s = 100\nkind = \"crash_nodes\"\n\
+                        when_event = \"stage 1 started\"\ntarget = \"event_node\"\n";
+        check(on_event, Ok(()));
+        check(&format!("{on_event}delay_s = 5\n"), Ok(()));
+        check(
+            &format!("{on_event}delay_s = 5\nheal_after_s = 60\n"),
+            Ok(()),
+        );
+        check(
+            &format!("{on_event}count = 1\n"),
+            Err("fault[0] (CrashNodes): target names the nodes; count and rack must be absent"),
+        );
+        check(
+            &format!("{on_event}rack = 1\n"),
+            Err("count and rack must be absent"),
+        );
+        check(
+            "[[fault]]\nat_s = 100\nkind = \"power_loss_nodes\"\ntarget = \"event_node\"\n",
+            Err("fault[0] (PowerLossNodes): target = \"event_node\" needs when_event"),
+        );
+        check(
+            "[[fault]]\nat_s = 100\nkind = \"partition_bmc\"\nwhen_event = \"x\"\n\
+             target = \"event_node\"\n",
+            Err("target only applies to crash_nodes"),
+        );
+        check(
+            "[[fault]]\nat_s = 100\nkind = \"crash_nodes\"\nwhen_event = \"x\"\n\
+             target = \"the_other_node\"\n",
+            Err("unknown variant `the_other_node`"),
+        );
+        check(
+            "[[fault]]\nat_s = 100\nkind = \"crash_nodes\"\nwhen_event = \"x\"\n",
+            Err("fault[0] (CrashNodes): needs count >= 1"),
+        );
+    }
+
+    #[test]
+    fn delay_s_goes_with_when_event() {
+        check(
+            &format!("{CRASH}delay_s = 5\n"),
+            Err("fault[0] (CrashNodes): delay_s goes with when_event"),
+        );
+    }
+
+    #[test]
+    fn same_nodes_as_names_an_earlier_node_fault() {
+        let cycle = "[[fault]]\nat_s = 300\nkind = \"power_cycle_nodes\"\nheal_at_s = 301\n";
+        check(&format!("{CRASH}{cycle}same_nodes_as = 0\n"), Ok(()));
+        check(
+            &format!("{CRASH}{cycle}same_nodes_as = 0\ncount = 1\n"),
+            Err("fault[1] (PowerCycleNodes): same_nodes_as names the nodes; count and rack must be absent"),
+        );
+        check(
+            &format!("{cycle}same_nodes_as = 1\n{CRASH}"),
+            Err("fault[0] (PowerCycleNodes): same_nodes_as 1 must name an earlier fault"),
+        );
+        check(
+            &format!("[[fault]]\nat_s = 50\nkind = \"partition_bmc\"\n{cycle}same_nodes_as = 0\n"),
+            Err("same_nodes_as 0 is a PartitionBmc fault, which strikes no nodes"),
+        );
+        check(
+            &format!("[[fault]]\nat_s = 400\nkind = \"crash_nodes\"\ncount = 1\n{cycle}same_nodes_as = 0\n"),
+            Err("same_nodes_as 0 strikes at 400 s, after this fault (300 s)"),
+        );
+        check(
+            &format!(
+                "{CRASH}[[fault]]\nat_s = 300\nkind = \"crash_nodes\"\nwhen_event = \"x\"\n\
+                 target = \"event_node\"\nsame_nodes_as = 0\n"
+            ),
+            Err("target and same_nodes_as exclude each other"),
+        );
+    }
+
+    #[test]
+    fn vms_down_allowed_cannot_exceed_the_fleets_vms() {
+        // 2 racks x (4 - 1 storage) nodes x 2 VMs = 12 VMs.
+        check("[expect]\nvms_down_allowed = 12\n", Ok(()));
+        check(
+            "[expect]\nvms_down_allowed = 13\n",
+            Err("expect.vms_down_allowed: 13 is more than the fleet's 12 VM(s)"),
+        );
+    }
+
+    #[test]
+    fn vms_elsewhere_after_heal_needs_a_heal() {
+        let expect = "[expect]\nvms_elsewhere_after_heal_within_s = 90\n";
+        check(
+            &format!("{CRASH}{expect}"),
+            Err("expect.vms_elsewhere_after_heal_within_s: no fault heals"),
+        );
+        check(
+            &format!(
+                "[[fault]]\nat_s = 50\nkind = \"partition_bmc\"\nheal_at_s = 500\n{CRASH}{expect}"
+            ),
+            Ok(()),
+        );
+    }
+
+    #[test]
+    fn last_heal_counts_a_when_event_faults_delay() {
+        let text = scenario(
+            "[[fault]]\nat_s = 50\nkind = \"partition_bmc\"\nheal_at_s = 500\n\
+             [[fault]]\nat_s = 480\nkind = \"crash_nodes\"\nwhen_event = \"x\"\n\
+             target = \"event_node\"\ndelay_s = 5\nheal_after_s = 30\n",
+        );
+        let scenario: Scenario = toml::from_str(&text).unwrap();
+        scenario.validate().unwrap();
+        assert_eq!(scenario.last_heal_s(), Some(515));
+        assert!(scenario.has_heals());
+        assert_eq!(scenario.vm_count(), 12);
     }
 }
