@@ -96,11 +96,32 @@ pub fn percentile(values: &[Duration], p: u32) -> Option<Duration> {
     Some(sorted[rank - 1])
 }
 
+/// Fences started: one per remediation that began fencing its node, however many retry
+/// rounds an unverifiable fence took (each round records `fence_started` again, with the
+/// remediation's id at the head of its reason: "remediation 7 (automatic) step …"). A
+/// `fence_started` whose reason names no remediation counts on its own.
 pub fn fences_started(events: &[Event]) -> usize {
-    events
-        .iter()
-        .filter(|e| e.action == Action::FenceStarted)
-        .count()
+    let mut remediations = std::collections::BTreeSet::new();
+    let mut unnamed = 0;
+    for event in events.iter().filter(|e| e.action == Action::FenceStarted) {
+        match remediation_id(&event.reason) {
+            Some(id) => {
+                remediations.insert(id);
+            }
+            None => unnamed += 1,
+        }
+    }
+    remediations.len() + unnamed
+}
+
+/// The remediation id a saga's audit reason starts with.
+fn remediation_id(reason: &str) -> Option<i64> {
+    reason
+        .strip_prefix("remediation ")?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -166,6 +187,27 @@ mod tests {
         );
         assert_eq!((got[1].vms, got[1].crashed_again_after), (0, None));
         assert!(!got[1].interrupted());
+    }
+
+    #[test]
+    fn fence_retry_rounds_count_as_one_fence() {
+        let event = |reason: &str| Event {
+            id: 0,
+            at_ms: 0,
+            node_uuid: None,
+            actor: "system".into(),
+            action: Action::FenceStarted,
+            from_state: None,
+            to_state: None,
+            reason: reason.into(),
+        };
+        let events = [
+            event("remediation 3 (automatic) step power_off"),
+            event("remediation 3 (automatic) step power_off"),
+            event("remediation 4 (fence) step soft_off"),
+            event("by hand"),
+        ];
+        assert_eq!(fences_started(&events), 3);
     }
 
     #[test]

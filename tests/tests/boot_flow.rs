@@ -52,7 +52,10 @@ async fn node_goes_from_register_to_ready_over_http() {
 
     // The stage-1 agent announces itself first; a machine not known yet changes nothing.
     assert_eq!(client.progress("stage1").await.unwrap(), "unknown");
-    assert_eq!(daemon.admin("GET", &format!("/nodes/{uuid}"), None).await.0, 404);
+    assert_eq!(
+        daemon.admin("GET", &format!("/nodes/{uuid}"), None).await.0,
+        404
+    );
 
     let plan = client
         .prepare_boot(&register_body(1))
@@ -106,7 +109,10 @@ async fn node_goes_from_register_to_ready_over_http() {
     assert_eq!(node["boot"]["phase"], "stage1");
     // Only stage 1 is the node's to report; the rest the daemon sees for itself.
     let refused = client.progress("installed").await.unwrap_err().to_string();
-    assert!(refused.contains("422") || refused.contains("phase"), "{refused}");
+    assert!(
+        refused.contains("422") || refused.contains("phase"),
+        "{refused}"
+    );
     let refused = client.progress("warp-drive").await.unwrap_err().to_string();
     assert!(refused.contains("unknown boot phase"), "{refused}");
 
