@@ -486,6 +486,20 @@ async fn evacuate_accepted_by_nova_succeeds() {
 }
 
 #[tokio::test]
+async fn vm_status_reads_the_host_and_status_nova_reports() {
+    let replay = Replay::start("server_status_rebuilding").await;
+    let cloud = nova(config(&replay));
+    let status = bounded(cloud.vm_status("764e369e-a874-4401-b7ce-43e4760888da"))
+        .await
+        .unwrap();
+    replay.verify();
+    assert_eq!(status.host.as_deref(), Some("compute-2"));
+    assert_eq!(status.status, "REBUILD");
+    let error = bounded(cloud.vm_status("")).await.unwrap_err().to_string();
+    assert!(error.contains("vm_status"), "{error}");
+}
+
+#[tokio::test]
 async fn evacuate_refused_with_409_compute_service_in_use_is_service_in_use() {
     let replay = Replay::start("evacuate_service_in_use_409").await;
     let cloud = nova(config(&replay));

@@ -13,7 +13,7 @@ use bearman::app::guards::ControllerLiveness;
 use bearman::app::{App, Settings};
 use bearman::bmc::BmcProvider;
 use bearman::bmc::{Bmc, BmcError, PowerState};
-use bearman::cloud::{Cloud, CloudError};
+use bearman::cloud::{Cloud, CloudError, VmStatus};
 use bearman::controller::{spawn_supervised_with, Controller, ControllerConfig, RestartPolicy};
 use bearman::core::lifecycle::LifecycleState;
 use bearman::core::model::{Action, EventFilter, Node, NodeRole};
@@ -153,6 +153,8 @@ struct FakeCloud {
     vms: Mutex<Vec<(String, String)>>,
     forced_down: Mutex<BTreeSet<String>>,
     evacuations: Mutex<Vec<String>>,
+    /// Evacuated VMs never come up where they went (Nova keeps them in REBUILD).
+    vms_stuck_building: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -170,6 +172,22 @@ impl Cloud for FakeCloud {
     async fn force_down(&self, host: &str) -> Result<(), CloudError> {
         self.forced_down.lock().unwrap().insert(host.to_string());
         Ok(())
+    }
+    async fn vm_status(&self, vm: &str) -> Result<VmStatus, CloudError> {
+        let vms = self.vms.lock().unwrap();
+        let (_, host) = vms
+            .iter()
+            .find(|(id, _)| id == vm)
+            .ok_or_else(|| CloudError::Api(format!("no vm {vm}")))?;
+        let status = if self.vms_stuck_building.load(Ordering::SeqCst) {
+            "REBUILD"
+        } else {
+            "ACTIVE"
+        };
+        Ok(VmStatus {
+            host: Some(host.clone()),
+            status: status.into(),
+        })
     }
     async fn evacuate(&self, vm: &str) -> Result<(), CloudError> {
         let mut vms = self.vms.lock().unwrap();
@@ -588,6 +606,41 @@ async fn a_node_that_comes_back_while_its_fence_retry_waits_stands_the_saga_down
     assert_eq!(remediation.status, Status::Cancelled);
     assert_eq!(h.node_state().await, LifecycleState::Ready);
     assert!(h.cloud.evacuations.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn evacuated_vms_that_never_come_up_elsewhere_are_reported_and_the_rebuild_goes_on() {
+    let h = harness(FakeBmc::default()).await;
+    h.cloud.vms_stuck_building.store(true, Ordering::SeqCst);
+    h.run_until("rebuilding after the bound", |s| {
+        s == LifecycleState::Rebuilding
+    })
+    .await;
+    let remediation = h.remediation().await;
+    assert_eq!(remediation.vms_evacuated.len(), 3, "{remediation:?}");
+    assert_eq!(remediation.vms_unverified.len(), 1);
+    assert!(remediation.vms_unverified[0].contains("3 evacuated VM(s) not running elsewhere yet"));
+    let events = h.victim_events().await;
+    let reported = events
+        .iter()
+        .find(|e| e.action == Action::EvacuationUnverified)
+        .expect("an evacuation_unverified alert");
+    assert!(
+        reported.reason.contains("vm0 REBUILD on elsewhere"),
+        "{}",
+        reported.reason
+    );
+    // Verified VMs are checked, not assumed: with them running, no alert.
+    let h = harness(FakeBmc::default()).await;
+    h.run_until("rebuilding", |s| s == LifecycleState::Rebuilding)
+        .await;
+    let events = h.victim_events().await;
+    assert!(!events
+        .iter()
+        .any(|e| e.action == Action::EvacuationUnverified));
+    assert!(events
+        .iter()
+        .any(|e| e.reason.contains("verify_evacuated done")));
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bearman::cloud::{Cloud, CloudError};
+use bearman::cloud::{Cloud, CloudError, VmStatus};
 use bearman::core::registration::default_hostname;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -86,6 +86,26 @@ fn answer(world: &mut World, op: &str, argument: &str) -> String {
             },
             Err(_) => "ERR 400 bad vm id".into(),
         },
+        // Like Nova's `GET /servers/{id}`: the host the cloud has it on, and ACTIVE only
+        // when an instance really runs there (BUILD while that host boots, ERROR else).
+        "STATUS" => match argument
+            .parse::<u32>()
+            .ok()
+            .and_then(|id| world.vms.get(&id))
+        {
+            Some(vm) => {
+                let host = &world.nodes[vm.assigned as usize];
+                let status = if vm.instances.contains(&vm.assigned) {
+                    "ACTIVE"
+                } else if host.os == crate::fleet::Os::Booting {
+                    "BUILD"
+                } else {
+                    "ERROR"
+                };
+                format!("OK {} {status}", default_hostname(&host.uuid))
+            }
+            None => "ERR 404 no such vm".into(),
+        },
         _ => "ERR 400 unknown operation".into(),
     }
 }
@@ -146,5 +166,14 @@ impl Cloud for SimCloud {
 
     async fn evacuate(&self, vm: &str) -> Result<(), CloudError> {
         self.call("EVACUATE", vm).await.map(|_| ())
+    }
+
+    async fn vm_status(&self, vm: &str) -> Result<VmStatus, CloudError> {
+        let reply = self.call("STATUS", vm).await?;
+        let mut words = reply.split_whitespace();
+        Ok(VmStatus {
+            host: words.next().map(str::to_string),
+            status: words.next().unwrap_or_default().to_string(),
+        })
     }
 }

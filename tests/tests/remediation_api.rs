@@ -63,7 +63,8 @@ async fn operator_remediation_is_recorded_and_guarded() {
             "power_off",
             "verify_off",
             "force_down",
-            "evacuate"
+            "evacuate",
+            "verify_evacuated"
         ])
     );
     let id = created["id"].as_i64().unwrap();

@@ -33,7 +33,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Cloud, CloudError};
+use super::{Cloud, CloudError, VmStatus};
 
 /// The compute API microversion every request asks for: the first with service UUIDs.
 pub const MICROVERSION: &str = "2.53";
@@ -812,6 +812,38 @@ impl Cloud for NovaCloud {
             },
         ))
     }
+
+    async fn vm_status(&self, vm: &str) -> Result<VmStatus, CloudError> {
+        if vm.is_empty() {
+            return Err(self.api_error("vm_status", vm, &NovaError::EmptyServerId));
+        }
+        self.server_status(vm)
+            .await
+            .map_err(|error| self.api_error("vm_status", vm, &error))
+    }
+}
+
+impl NovaCloud {
+    async fn server_status(&self, vm: &str) -> Result<VmStatus, NovaError> {
+        let response = self
+            .nova("GET", &format!("/servers/{}", encode(vm)), None)
+            .await?;
+        if !response.is_success() {
+            return Err(NovaError::Status {
+                request: format!("GET /servers/{vm}"),
+                failure: describe_failure(&response),
+            });
+        }
+        let body: ServerBody =
+            serde_json::from_slice(&response.body).map_err(|error| NovaError::Unreadable {
+                what: "server",
+                error,
+            })?;
+        Ok(VmStatus {
+            host: body.server.host,
+            status: body.server.status,
+        })
+    }
 }
 
 fn parse_http_url(field: &'static str, url: &str) -> Result<HttpUrl, NovaConfigError> {
@@ -977,6 +1009,19 @@ struct CatalogEndpoint {
     region: Option<String>,
     #[serde(default)]
     region_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ServerBody {
+    server: ServerDetail,
+}
+
+#[derive(Deserialize)]
+struct ServerDetail {
+    #[serde(default)]
+    status: String,
+    #[serde(rename = "OS-EXT-SRV-ATTR:host", default)]
+    host: Option<String>,
 }
 
 #[derive(Deserialize)]

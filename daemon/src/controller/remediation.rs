@@ -13,7 +13,7 @@ use crate::bmc::{Bmc, BmcError, PowerState};
 use crate::cloud::CloudError;
 use crate::core::controller::{Call, CallResult, Next, StepProgram, STEP_CALLS_MAX};
 use crate::core::model::Node;
-use crate::core::remediation::{Outcome, Status};
+use crate::core::remediation::{Outcome, Remediation, Status};
 
 use crate::app::saga::{Begun, Recorded};
 
@@ -50,7 +50,8 @@ impl Controller {
             return;
         };
         let step = program.step();
-        let outcome = match CatchUnwind::new(self.execute(program, &node)).await {
+        let mut attempt = attempt;
+        let outcome = match CatchUnwind::new(self.execute(program, &node, &mut attempt)).await {
             Ok(outcome) => outcome,
             Err(panic) => {
                 let reason = panic_message(panic);
@@ -79,17 +80,26 @@ impl Controller {
 
     /// Runs `program` to its outcome: makes each call it asks for and feeds it the
     /// result, at most [`STEP_CALLS_MAX`] calls.
-    async fn execute(&self, mut program: StepProgram, node: &Node) -> Outcome {
+    async fn execute(
+        &self,
+        mut program: StepProgram,
+        node: &Node,
+        attempt: &mut Remediation,
+    ) -> Outcome {
         // One driver per step: a BMC is found once (and serialised by its guard).
         let mut bmc: Option<Result<Arc<dyn Bmc>, Arc<BmcError>>> = None;
         let mut last = None;
         for _ in 0..STEP_CALLS_MAX {
             let call = match program.next(last.take()) {
-                Next::Finish(outcome) => return outcome,
+                Next::Finish(outcome) => {
+                    program.record_evacuated(attempt);
+                    return outcome;
+                }
                 Next::Call(call) => call,
             };
             last = Some(self.call(call, node, &mut bmc).await);
         }
+        program.record_evacuated(attempt);
         Outcome::Failed(format!(
             "step {} asked for more than {STEP_CALLS_MAX} calls",
             program.step().as_str()
@@ -126,6 +136,16 @@ impl Controller {
                 Some(cloud) => cloud_result(cloud.evacuate(&vm).await),
                 None => CallResult::Failed("no cloud configured".into()),
             },
+            Call::VmStatus { vm } => match &self.cloud {
+                Some(cloud) => match cloud.vm_status(&vm).await {
+                    Ok(status) => CallResult::VmStatus {
+                        host: status.host,
+                        status: status.status,
+                    },
+                    Err(error) => CallResult::Failed(error.to_string()),
+                },
+                None => CallResult::Failed("no cloud configured".into()),
+            },
             bmc_call => {
                 // Found once per step; the error is kept (shared) for the step's later calls.
                 let bmc = match bmc.get_or_insert_with(|| self.bmcs.bmc_for(node).map_err(Arc::new))
@@ -148,7 +168,10 @@ impl Controller {
                         Ok(PowerState::Off) => CallResult::Power { on: false },
                         Err(error) => CallResult::Failed(error.to_string()),
                     },
-                    Call::ForceDown { .. } | Call::VmsOnHost { .. } | Call::Evacuate { .. } => {
+                    Call::ForceDown { .. }
+                    | Call::VmsOnHost { .. }
+                    | Call::Evacuate { .. }
+                    | Call::VmStatus { .. } => {
                         unreachable!("cloud calls are matched above")
                     }
                 }

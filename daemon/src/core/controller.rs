@@ -58,6 +58,11 @@ pub const EVACUATIONS_PER_ATTEMPT_MAX: usize = 256;
 /// VM, list again) plus room. The driver stops a program that asks for more.
 pub const STEP_CALLS_MAX: usize = EVACUATIONS_PER_ATTEMPT_MAX + 4;
 
+/// Evacuated VMs one `verify_evacuated` attempt checks, at most (each a status and maybe
+/// one more evacuation, within [`STEP_CALLS_MAX`]); a host with more has the rest
+/// reported unverified.
+pub const VERIFICATIONS_PER_ATTEMPT_MAX: usize = EVACUATIONS_PER_ATTEMPT_MAX / 2;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControllerConfig {
@@ -726,6 +731,10 @@ pub enum Call {
     Evacuate {
         vm: String,
     },
+    /// Cloud: where one VM is and what it is doing.
+    VmStatus {
+        vm: String,
+    },
 }
 
 /// What a [`Call`] returned.
@@ -738,6 +747,11 @@ pub enum CallResult {
         on: bool,
     },
     Vms(Vec<String>),
+    /// Where the cloud has a VM (`None`: nowhere) and its status (Nova's `ACTIVE`, …).
+    VmStatus {
+        host: Option<String>,
+        status: String,
+    },
     /// The cloud still considers the host's compute service up (Nova's
     /// `ComputeServiceInUse`); the text is the error.
     ServiceInUse(String),
@@ -769,6 +783,16 @@ enum Stage {
     VmsRelisted {
         problems: Vec<String>,
     },
+    /// Verifying evacuated VMs: the status of `to_verify[next - 1]` was asked for.
+    VerifyStatus {
+        next: usize,
+        pending: Vec<String>,
+    },
+    /// A VM found still on the node was evacuated again.
+    VerifyReEvacuated {
+        next: usize,
+        pending: Vec<String>,
+    },
     PxeSet,
     RebuildRead,
     RebuildOnAsked,
@@ -791,6 +815,10 @@ pub struct StepProgram {
     soft_off_grace_ms: i64,
     /// AwaitReady: the boot milestone the node is stuck at past its deadline, if it is.
     boot_stall: Option<String>,
+    /// VerifyEvacuated: the VMs this remediation evacuated, to check.
+    to_verify: Vec<String>,
+    /// VMs the cloud accepted to evacuate during this attempt.
+    evacuated: Vec<String>,
     stage: Stage,
 }
 
@@ -804,8 +832,12 @@ impl StepProgram {
         cloud_configured: bool,
         limits: &Limits,
     ) -> Option<StepProgram> {
+        let mut to_verify = attempt.vms_evacuated.clone();
+        to_verify.truncate(VERIFICATIONS_PER_ATTEMPT_MAX);
         Some(StepProgram {
             boot_stall: boot_stall(now_ms, attempt, node, limits),
+            to_verify,
+            evacuated: Vec::new(),
             step: attempt.step()?,
             attempt: attempt.attempts,
             host: node.hostname.clone(),
@@ -819,6 +851,46 @@ impl StepProgram {
 
     pub fn step(&self) -> Step {
         self.step
+    }
+
+    /// Adds the VMs the cloud accepted to evacuate during this attempt to `attempt`'s
+    /// record (once each), for `verify_evacuated`; call before recording the outcome.
+    pub fn record_evacuated(&self, attempt: &mut Remediation) {
+        for vm in &self.evacuated {
+            if !attempt.vms_evacuated.contains(vm) {
+                attempt.vms_evacuated.push(vm.clone());
+            }
+        }
+    }
+
+    /// The next VM to verify after `next - 1`, or the outcome when all were asked.
+    fn verify_next(&mut self, next: usize, pending: Vec<String>) -> (Stage, Next) {
+        match self.to_verify.get(next).cloned() {
+            Some(vm) => (
+                Stage::VerifyStatus {
+                    next: next + 1,
+                    pending,
+                },
+                Next::Call(Call::VmStatus { vm }),
+            ),
+            None if pending.is_empty() => (Stage::Finished, Next::Finish(Outcome::Done)),
+            None => {
+                let shown: Vec<&str> = pending.iter().take(10).map(String::as_str).collect();
+                (
+                    Stage::Finished,
+                    Next::Finish(Outcome::NotYet(format!(
+                        "{} evacuated VM(s) not running elsewhere yet: {}{}",
+                        pending.len(),
+                        shown.join("; "),
+                        if pending.len() > shown.len() {
+                            "; …"
+                        } else {
+                            ""
+                        }
+                    ))),
+                )
+            }
+        }
     }
 
     /// The next call, given the last one's result (`None` to begin).
@@ -876,8 +948,9 @@ impl StepProgram {
                     ))),
                 ),
                 R::Done | R::Failed(_) => {
-                    if let R::Failed(error) = result {
-                        problems.push(format!("{}: {error}", vms[next - 1]));
+                    match result {
+                        R::Failed(error) => problems.push(format!("{}: {error}", vms[next - 1])),
+                        _ => self.evacuated.push(vms[next - 1].clone()),
                     }
                     match vms.get(next).cloned() {
                         Some(vm) => (
@@ -919,6 +992,53 @@ impl StepProgram {
                     }
                 ))),
             ),
+            (Stage::VerifyStatus { next, mut pending }, Some(result)) => {
+                let vm = self.to_verify[next - 1].clone();
+                match result {
+                    R::VmStatus { host, status }
+                        if status.eq_ignore_ascii_case("ACTIVE")
+                            && host.as_deref().is_some_and(|h| h != self.host) =>
+                    {
+                        self.verify_next(next, pending)
+                    }
+                    // Still on the node: the evacuation was lost; ask again.
+                    R::VmStatus { host, status } if host.as_deref() == Some(&self.host) => {
+                        pending.push(format!("{vm} {status} still on {}: evacuated again", self.host));
+                        (
+                            Stage::VerifyReEvacuated { next, pending },
+                            Do(Call::Evacuate { vm }),
+                        )
+                    }
+                    R::VmStatus { host, status } => {
+                        pending.push(format!(
+                            "{vm} {status} on {}",
+                            host.as_deref().unwrap_or("no host")
+                        ));
+                        self.verify_next(next, pending)
+                    }
+                    R::Failed(error) => {
+                        pending.push(format!("{vm}: {error}"));
+                        self.verify_next(next, pending)
+                    }
+                    other => (
+                        Stage::Finished,
+                        Finish(Outcome::Failed(format!(
+                            "step verify_evacuated got {other:?} for a status: the driver does not follow the program"
+                        ))),
+                    ),
+                }
+            }
+            (Stage::VerifyReEvacuated { next, mut pending }, Some(result)) => {
+                let vm = &self.to_verify[next - 1];
+                match result {
+                    R::Done => {}
+                    R::Failed(error) | R::ServiceInUse(error) => {
+                        pending.push(format!("{vm}: evacuating again: {error}"))
+                    }
+                    other => pending.push(format!("{vm}: evacuating again: {other:?}")),
+                }
+                self.verify_next(next, pending)
+            }
             (Stage::PxeSet, Some(R::Done)) => (Stage::RebuildRead, Do(Call::PowerState)),
             (Stage::RebuildRead, Some(R::Power { on: false })) => {
                 (Stage::RebuildOnAsked, Do(Call::PowerOn))
@@ -980,7 +1100,17 @@ impl StepProgram {
                     host: self.host.clone(),
                 }),
             ),
-            Step::ForceDown | Step::Evacuate | Step::Maintenance => {
+            Step::VerifyEvacuated if self.cloud && !self.to_verify.is_empty() => {
+                let vm = self.to_verify[0].clone();
+                (
+                    Stage::VerifyStatus {
+                        next: 1,
+                        pending: Vec::new(),
+                    },
+                    Do(Call::VmStatus { vm }),
+                )
+            }
+            Step::ForceDown | Step::Evacuate | Step::VerifyEvacuated | Step::Maintenance => {
                 (Stage::Finished, Finish(Outcome::Done))
             }
             Step::Rebuild => (Stage::PxeSet, Do(Call::SetNextBootPxe)),
@@ -1068,8 +1198,13 @@ pub fn handle_outcome(
         });
     }
     let node_write = (!audit.is_empty() || powered_on).then_some(next);
+    let gave_up_verifying = attempt.step() == Some(Step::VerifyEvacuated)
+        && !matches!(outcome, Outcome::Done)
+        && advance.remediation.step_index > attempt.step_index;
     let alert = if advance.remediation.fence_retries > attempt.fence_retries {
         Some(Action::FenceRetryScheduled)
+    } else if gave_up_verifying {
+        Some(Action::EvacuationUnverified)
     } else if matches!(outcome, Outcome::Stalled(_)) {
         Some(Action::BootStalled)
     } else {
@@ -2184,5 +2319,108 @@ mod tests {
             outcome(BootPhase::Stage1, T - 300_000),
             Outcome::NotYet(_)
         ));
+    }
+
+    #[test]
+    fn verifying_an_evacuation_checks_each_vm_and_evacuates_again_one_left_behind() {
+        let mut attempt = at_step(RemediationKind::Automatic, Step::VerifyEvacuated, 1);
+        attempt.vms_evacuated = vec!["vm1".into(), "vm2".into(), "vm3".into()];
+        let status = |host: &str, status: &str| CallResult::VmStatus {
+            host: Some(host.into()),
+            status: status.into(),
+        };
+        let run = |answers: Vec<CallResult>| {
+            let mut program = StepProgram::new(
+                T,
+                &attempt,
+                &node(LifecycleState::Fenced),
+                true,
+                &Limits::default(),
+            )
+            .unwrap();
+            let mut answers = answers.into_iter();
+            let mut calls = Vec::new();
+            let mut last = None;
+            loop {
+                match program.next(last.take()) {
+                    Next::Call(call) => {
+                        calls.push(call);
+                        last = Some(answers.next().expect("an answer for every call"));
+                    }
+                    Next::Finish(outcome) => return (calls, outcome),
+                }
+            }
+        };
+        // All running elsewhere: done.
+        let (calls, outcome) = run(vec![
+            status("cn2", "ACTIVE"),
+            status("cn3", "ACTIVE"),
+            status("cn4", "active"),
+        ]);
+        assert_eq!(calls.len(), 3);
+        assert_eq!(outcome, Outcome::Done);
+        // One still rebuilding, one left on the node (evacuated again), one unreadable.
+        let (calls, outcome) = run(vec![
+            status("cn2", "REBUILD"),
+            status("cn1", "ACTIVE"),
+            CallResult::Done,
+            CallResult::Failed("timed out".into()),
+        ]);
+        assert_eq!(calls[2], Call::Evacuate { vm: "vm2".into() });
+        let Outcome::NotYet(why) = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert!(
+            why.starts_with("3 evacuated VM(s) not running elsewhere yet"),
+            "{why}"
+        );
+        assert!(
+            why.contains("vm1 REBUILD on cn2")
+                && why.contains("vm2 ACTIVE still on cn1")
+                && why.contains("vm3: timed out"),
+            "{why}"
+        );
+        // Nothing evacuated (or no cloud): nothing to verify.
+        let mut none = attempt.clone();
+        none.vms_evacuated.clear();
+        let mut program = StepProgram::new(
+            T,
+            &none,
+            &node(LifecycleState::Fenced),
+            true,
+            &Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(program.next(None), Next::Finish(Outcome::Done));
+    }
+
+    #[test]
+    fn an_evacuation_records_the_vms_the_cloud_accepted() {
+        let mut attempt = at_step(RemediationKind::Automatic, Step::Evacuate, 1);
+        attempt.vms_evacuated = vec!["vm0".into()];
+        let mut program = StepProgram::new(
+            T,
+            &attempt,
+            &node(LifecycleState::Fenced),
+            true,
+            &Limits::default(),
+        )
+        .unwrap();
+        let mut answers = vec![
+            CallResult::Vms(vec!["vm1".into(), "vm2".into()]),
+            CallResult::Done,
+            CallResult::Failed("nova 500".into()),
+            CallResult::Vms(vec!["vm2".into()]),
+        ]
+        .into_iter();
+        let mut last = None;
+        while let Next::Call(_) = program.next(last.take()) {
+            last = answers.next();
+        }
+        program.record_evacuated(&mut attempt);
+        assert_eq!(
+            attempt.vms_evacuated,
+            vec!["vm0".to_string(), "vm1".to_string()]
+        );
     }
 }

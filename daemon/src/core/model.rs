@@ -394,6 +394,8 @@ actions! {
     RemediationWriteAbandoned = "remediation_write_abandoned",
     /// A fence could not be verified; it will be tried again (the alert).
     FenceRetryScheduled = "fence_retry_scheduled",
+    /// Evacuated VMs were not running elsewhere in time: reported, the saga goes on.
+    EvacuationUnverified = "evacuation_unverified",
     /// A rebuilding node stopped short of its next boot milestone: power-cycled.
     BootStalled = "boot_stalled",
     /// A node's boot reached a milestone only it can report (stage 1 started).

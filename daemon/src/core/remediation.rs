@@ -46,11 +46,25 @@ impl RemediationKind {
         match self {
             RemediationKind::Automatic | RemediationKind::Rebuild => {
                 vec![
-                    SoftOff, PowerOff, VerifyOff, ForceDown, Evacuate, Rebuild, AwaitReady,
+                    SoftOff,
+                    PowerOff,
+                    VerifyOff,
+                    ForceDown,
+                    Evacuate,
+                    VerifyEvacuated,
+                    Rebuild,
+                    AwaitReady,
                 ]
             }
             RemediationKind::Fence => vec![SoftOff, PowerOff, VerifyOff],
-            RemediationKind::Evacuate => vec![SoftOff, PowerOff, VerifyOff, ForceDown, Evacuate],
+            RemediationKind::Evacuate => vec![
+                SoftOff,
+                PowerOff,
+                VerifyOff,
+                ForceDown,
+                Evacuate,
+                VerifyEvacuated,
+            ],
             RemediationKind::Drain => {
                 vec![
                     SoftOff,
@@ -58,6 +72,7 @@ impl RemediationKind {
                     VerifyOff,
                     ForceDown,
                     Evacuate,
+                    VerifyEvacuated,
                     Maintenance,
                 ]
             }
@@ -81,6 +96,12 @@ pub enum Step {
     ForceDown,
     /// Evacuate every VM still on the node.
     Evacuate,
+    /// Check that every VM the evacuation moved runs on another host (the cloud accepting
+    /// an evacuation is not the VM running); evacuate again any still on the node.
+    /// Bounded by `evacuation_verify_timeout_ms`, after which the VMs not running are
+    /// reported (an alert event) and the saga goes on: the node's rebuild does not wait
+    /// on another host's trouble.
+    VerifyEvacuated,
     /// Next boot from the network, power on.
     Rebuild,
     /// Wait for the node to come back through stage 1 and report installed.
@@ -97,6 +118,7 @@ impl Step {
             Step::VerifyOff => "verify_off",
             Step::ForceDown => "force_down",
             Step::Evacuate => "evacuate",
+            Step::VerifyEvacuated => "verify_evacuated",
             Step::Rebuild => "rebuild",
             Step::AwaitReady => "await_ready",
             Step::Maintenance => "maintenance",
@@ -112,8 +134,9 @@ impl Step {
             Step::ForceDown | Step::Evacuate => limits.cloud_attempts_max,
             // Rebuild reads the power state back (off before on), like a fence.
             Step::Rebuild => limits.readbacks_max,
-            // Waiting is bounded by time, not attempts (see `Limits::ready_timeout_ms`).
-            Step::AwaitReady => u32::MAX,
+            // Waiting is bounded by time, not attempts (see `Limits::ready_timeout_ms`,
+            // `Limits::evacuation_verify_timeout_ms`).
+            Step::AwaitReady | Step::VerifyEvacuated => u32::MAX,
             Step::Maintenance => MAINTENANCE_ATTEMPTS_MAX,
         }
     }
@@ -199,6 +222,9 @@ pub struct Limits {
     pub boot_registered_timeout_ms: i64,
     /// Fetched the target OS → installed: its download, kexec and stage 2 coming up; 10.
     pub boot_os_fetched_timeout_ms: i64,
+    /// How long evacuated VMs have to be running on other hosts before the ones that are
+    /// not are reported (Nova rebuilds an evacuated VM in seconds to a few minutes).
+    pub evacuation_verify_timeout_ms: i64,
 }
 
 impl Default for Limits {
@@ -219,6 +245,7 @@ impl Default for Limits {
             boot_stage1_timeout_ms: 2 * 60 * 1000,
             boot_registered_timeout_ms: 3 * 60 * 1000,
             boot_os_fetched_timeout_ms: 10 * 60 * 1000,
+            evacuation_verify_timeout_ms: 10 * 60 * 1000,
         }
     }
 }
@@ -275,6 +302,10 @@ impl Limits {
             (
                 "boot_os_fetched_timeout_ms",
                 self.boot_os_fetched_timeout_ms,
+            ),
+            (
+                "evacuation_verify_timeout_ms",
+                self.evacuation_verify_timeout_ms,
             ),
         ] {
             within(key, value, 1_000..=86_400_000)?;
@@ -368,6 +399,10 @@ pub struct Remediation {
     /// Fence retry rounds scheduled so far.
     #[serde(default)]
     pub fence_retries: u32,
+    /// Evacuated VMs not running elsewhere when `verify_evacuated` gave up waiting, with
+    /// what the cloud said (reported, never assumed done).
+    #[serde(default)]
+    pub vms_unverified: Vec<String>,
     /// Bumped on every write; writers present the one they read.
     pub generation: i64,
 }
@@ -402,6 +437,7 @@ impl Remediation {
             finished_at_ms: None,
             fence_unverified_at_ms: None,
             fence_retries: 0,
+            vms_unverified: Vec::new(),
             generation: 1,
         }
     }
@@ -608,6 +644,23 @@ pub fn advance(
                         next.rebuilds + 1
                     );
                 }
+            } else if step == Step::VerifyEvacuated
+                && now_ms - remediation.step_started_at_ms >= limits.evacuation_verify_timeout_ms
+            {
+                // Reported, not assumed done; the node's own recovery goes on.
+                next.vms_unverified = vec![detail.clone()];
+                next.step_index += 1;
+                next.attempts = 0;
+                next.step_started_at_ms = now_ms;
+                next.next_attempt_at_ms = now_ms;
+                note = format!(
+                    "evacuation unverified after {} s: {detail}; going on",
+                    limits.evacuation_verify_timeout_ms / 1000
+                );
+                if next.step_index >= next.plan.len() {
+                    next.status = Status::Done;
+                    next.finished_at_ms = Some(now_ms);
+                }
             } else if exhausted && fence_retry_allowed(remediation, step, now_ms, limits) {
                 // Nothing was evacuated and the node is still silent: its VMs are down
                 // until the fence is verified, so keep trying (the BMC may answer again),
@@ -741,6 +794,15 @@ mod tests {
                 vec![
                     (Outcome::Done, 0),
                     (Outcome::NotYet("booting".into()), limits.ready_timeout_ms),
+                ]
+            } else if step == Step::VerifyEvacuated {
+                // The VMs run elsewhere, or not within the bound (reported, going on).
+                vec![
+                    (Outcome::Done, 0),
+                    (
+                        Outcome::NotYet("vm1 REBUILD".into()),
+                        limits.evacuation_verify_timeout_ms,
+                    ),
                 ]
             } else {
                 // A fence that fails again after a retry fails past the retry window,
@@ -1009,6 +1071,54 @@ mod tests {
         let advance = super::advance(&waiting, &stalled, 140_000, &limits);
         assert_eq!(advance.remediation.status, Status::Failed);
         assert_eq!(advance.node_events, vec![LifecycleEvent::RebuildFailed]);
+    }
+
+    #[test]
+    fn an_evacuation_not_verified_in_time_is_reported_and_the_saga_goes_on() {
+        let limits = Limits::default();
+        let mut verifying = fresh(RemediationKind::Automatic);
+        verifying.step_index = verifying
+            .plan
+            .iter()
+            .position(|s| *s == Step::VerifyEvacuated)
+            .unwrap();
+        verifying.attempts = 3;
+        verifying.step_started_at_ms = 0;
+        let waiting = advance(
+            &verifying,
+            &Outcome::NotYet("vm1 REBUILD on cn2".into()),
+            60_000,
+            &limits,
+        );
+        assert_eq!(waiting.remediation.step(), Some(Step::VerifyEvacuated));
+        assert!(waiting.remediation.next_attempt_at_ms > 60_000);
+        let late = limits.evacuation_verify_timeout_ms;
+        let reported = advance(
+            &verifying,
+            &Outcome::NotYet("vm1 REBUILD on cn2".into()),
+            late,
+            &limits,
+        );
+        assert_eq!(reported.remediation.step(), Some(Step::Rebuild));
+        assert_eq!(
+            reported.remediation.vms_unverified,
+            vec!["vm1 REBUILD on cn2".to_string()]
+        );
+        assert!(
+            reported.note.contains("evacuation unverified"),
+            "{}",
+            reported.note
+        );
+        // Every plan that evacuates verifies right after.
+        for kind in [
+            RemediationKind::Automatic,
+            RemediationKind::Evacuate,
+            RemediationKind::Drain,
+        ] {
+            let plan = kind.plan();
+            let at = plan.iter().position(|s| *s == Step::Evacuate).unwrap();
+            assert_eq!(plan[at + 1], Step::VerifyEvacuated, "{kind:?}");
+        }
     }
 
     #[test]
