@@ -85,6 +85,10 @@ impl FakeBoot {
             }
         });
         let boot = FakeBoot { base, state };
+        boot.route(
+            "POST /ipxe/{uuid}/progress",
+            Reply::ok(format!(r#"{{"uuid":"{UUID}","state":"unknown"}}"#)),
+        );
         boot.route("POST /ipxe/{uuid}/register", Reply::ok(boot.registration()));
         boot.route("GET /ipxe/{uuid}", Reply::ok(boot.script()));
         boot.route("GET /ipxe/{uuid}/profile", Reply::ok(boot.profile(KERNEL)));
@@ -399,6 +403,8 @@ async fn stage1_registers_verifies_downloads_and_stops_at_kexec() {
     assert_eq!(
         boot.requests(),
         vec![
+            // Stage 1 says it started before its slow parts (for the boot watchdog).
+            format!("POST {uuid_path}/progress"),
             format!("POST {uuid_path}/register"),
             format!("GET {uuid_path}"),
             format!("GET {uuid_path}/profile"),
@@ -407,6 +413,7 @@ async fn stage1_registers_verifies_downloads_and_stops_at_kexec() {
             "GET /images/initrd.img".to_string(),
         ]
     );
+    assert_eq!(boot.body("POST /ipxe/{uuid}/progress")["phase"], "stage1");
     assert_eq!(host.kexec.calls.len(), 1);
     let (planned, kernel, initrds) = &host.kexec.calls[0];
     assert_eq!(planned, &files);
@@ -614,6 +621,29 @@ async fn downloads_verify_checksums_and_refuse_bad_answers() {
         .map(|entry| entry.unwrap().file_name())
         .collect();
     assert_eq!(leftovers, vec!["artifact"]);
+}
+
+#[tokio::test]
+async fn a_failed_progress_report_is_a_line_and_the_boot_goes_on() {
+    let boot = FakeBoot::start().await;
+    boot.fail("POST /ipxe/{uuid}/progress", 5, Reply::status(500, "oops"));
+    let node = Node::for_server(&boot);
+    let mut host = node.host();
+    stages::run_stage1(&node.options(), &TcpConnector, &mut host)
+        .await
+        .unwrap();
+    let lines = node.lines();
+    let said: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("stage 1 started"))
+        .collect();
+    assert_eq!(said.len(), 1, "tried once per run: {lines:#?}");
+    assert!(
+        said[0].contains("HTTP 500") && said[0].ends_with("going on"),
+        "{}",
+        said[0]
+    );
+    assert_eq!(host.kexec.calls.len(), 1, "booted anyway");
 }
 
 #[tokio::test]
