@@ -507,15 +507,7 @@ async fn a_fence_the_dark_bmc_cannot_verify_is_retried_and_completes_when_it_ans
     let board = h.controller.app.guards.status().expect("published");
     assert_eq!(board.fences_unverified.len(), 1, "{board:?}");
     assert_eq!(board.fences_unverified[0].uuid, h.uuid);
-    let events = h
-        .store
-        .event_list(&EventFilter {
-            node_uuid: Some(h.uuid.clone()),
-            limit: 500,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let events = h.victim_events().await;
     assert!(events
         .iter()
         .any(|e| e.action == Action::FenceRetryScheduled && e.reason.contains("fence retry 2")));

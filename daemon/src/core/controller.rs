@@ -1756,8 +1756,15 @@ mod tests {
     ) {
         let remediation = at_step(RemediationKind::Automatic, step, attempt);
         let node = node(LifecycleState::Fencing);
-        let mut program =
-            StepProgram::new(0, &remediation, &node, cloud, &Limits::default()).unwrap();
+        let program = StepProgram::new(0, &remediation, &node, cloud, &Limits::default()).unwrap();
+        let (calls, outcome) = run_program(program, answers);
+        assert_eq!(calls, expect_calls, "{step:?} attempt {attempt}");
+        assert_eq!(outcome, expect, "{step:?} attempt {attempt}");
+    }
+
+    /// Runs `program` to its outcome, answering its calls with `answers` in order (all of
+    /// them must be used); the calls it made and the outcome.
+    fn run_program(mut program: StepProgram, answers: &[CallResult]) -> (Vec<Call>, Outcome) {
         let mut answers = answers.iter().cloned();
         let mut calls = Vec::new();
         let mut last = None;
@@ -1770,9 +1777,8 @@ mod tests {
                 Next::Finish(outcome) => break outcome,
             }
         };
-        assert_eq!(calls, expect_calls, "{step:?} attempt {attempt}");
-        assert_eq!(outcome, expect, "{step:?} attempt {attempt}");
         assert_eq!(answers.next(), None, "answers left over");
+        (calls, outcome)
     }
 
     #[test]
@@ -2330,7 +2336,7 @@ mod tests {
             status: status.into(),
         };
         let run = |answers: Vec<CallResult>| {
-            let mut program = StepProgram::new(
+            let program = StepProgram::new(
                 T,
                 &attempt,
                 &node(LifecycleState::Fenced),
@@ -2338,18 +2344,7 @@ mod tests {
                 &Limits::default(),
             )
             .unwrap();
-            let mut answers = answers.into_iter();
-            let mut calls = Vec::new();
-            let mut last = None;
-            loop {
-                match program.next(last.take()) {
-                    Next::Call(call) => {
-                        calls.push(call);
-                        last = Some(answers.next().expect("an answer for every call"));
-                    }
-                    Next::Finish(outcome) => return (calls, outcome),
-                }
-            }
+            run_program(program, &answers)
         };
         // All running elsewhere: done.
         let (calls, outcome) = run(vec![

@@ -43,39 +43,16 @@ impl RemediationKind {
 
     pub fn plan(self) -> Vec<Step> {
         use Step::*;
+        // Every plan fences first; evacuating is always followed by verifying it.
+        let fence = [SoftOff, PowerOff, VerifyOff];
+        let evacuate = [ForceDown, Evacuate, VerifyEvacuated];
         match self {
             RemediationKind::Automatic | RemediationKind::Rebuild => {
-                vec![
-                    SoftOff,
-                    PowerOff,
-                    VerifyOff,
-                    ForceDown,
-                    Evacuate,
-                    VerifyEvacuated,
-                    Rebuild,
-                    AwaitReady,
-                ]
+                [&fence[..], &evacuate, &[Rebuild, AwaitReady]].concat()
             }
-            RemediationKind::Fence => vec![SoftOff, PowerOff, VerifyOff],
-            RemediationKind::Evacuate => vec![
-                SoftOff,
-                PowerOff,
-                VerifyOff,
-                ForceDown,
-                Evacuate,
-                VerifyEvacuated,
-            ],
-            RemediationKind::Drain => {
-                vec![
-                    SoftOff,
-                    PowerOff,
-                    VerifyOff,
-                    ForceDown,
-                    Evacuate,
-                    VerifyEvacuated,
-                    Maintenance,
-                ]
-            }
+            RemediationKind::Fence => fence.to_vec(),
+            RemediationKind::Evacuate => [fence, evacuate].concat(),
+            RemediationKind::Drain => [&fence[..], &evacuate, &[Maintenance]].concat(),
         }
     }
 }
