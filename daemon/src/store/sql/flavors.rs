@@ -1,11 +1,17 @@
 //! Flavors (boot profiles): create once, create or replace, read, list, delete while unused.
 
-use sqlx::Row;
-
 use super::events::insert_events;
+use super::named_docs::NamedDocs;
 use super::{backend_error, corrupt, is_unique_violation, SqlStore};
 use crate::core::model::{Flavor, NewEvent, TimestampMs};
 use crate::store::StoreError;
+
+const FLAVORS: NamedDocs = NamedDocs {
+    table: "flavors",
+    what: "flavor",
+    uses_query: "SELECT COUNT(*) AS n FROM nodes WHERE flavor = $1",
+    uses_are: "node(s) use it",
+};
 
 pub(super) async fn create(
     store: &SqlStore,
@@ -58,29 +64,11 @@ pub(super) async fn put(
 }
 
 pub(super) async fn get(store: &SqlStore, name: &str) -> Result<Option<Flavor>, StoreError> {
-    let row = sqlx::query("SELECT doc FROM flavors WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&store.pool)
-        .await
-        .map_err(backend_error)?;
-    row.map(|row| {
-        let doc: String = row.try_get("doc").map_err(backend_error)?;
-        serde_json::from_str(&doc).map_err(|e| corrupt("flavor document", e))
-    })
-    .transpose()
+    FLAVORS.get(store, name).await
 }
 
 pub(super) async fn list(store: &SqlStore) -> Result<Vec<Flavor>, StoreError> {
-    let rows = sqlx::query("SELECT doc FROM flavors ORDER BY name")
-        .fetch_all(&store.pool)
-        .await
-        .map_err(backend_error)?;
-    rows.iter()
-        .map(|row| {
-            let doc: String = row.try_get("doc").map_err(backend_error)?;
-            serde_json::from_str(&doc).map_err(|e| corrupt("flavor document", e))
-        })
-        .collect()
+    FLAVORS.list(store).await
 }
 
 pub(super) async fn delete(
@@ -88,29 +76,5 @@ pub(super) async fn delete(
     name: &str,
     events: &[NewEvent],
 ) -> Result<(), StoreError> {
-    let mut tx = store.pool.begin().await.map_err(backend_error)?;
-    let users: i64 = sqlx::query("SELECT COUNT(*) AS n FROM nodes WHERE flavor = $1")
-        .bind(name)
-        .fetch_one(&mut *tx)
-        .await
-        .and_then(|row| row.try_get("n"))
-        .map_err(backend_error)?;
-    if users > 0 {
-        return Err(StoreError::InUse {
-            what: format!("flavor {name}"),
-            detail: format!("{users} node(s) use it"),
-        });
-    }
-    let deleted = sqlx::query("DELETE FROM flavors WHERE name = $1")
-        .bind(name)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend_error)?
-        .rows_affected();
-    if deleted == 0 {
-        return Err(StoreError::not_found(format!("flavor {name}")));
-    }
-    insert_events(&mut tx, events).await?;
-    tx.commit().await.map_err(backend_error)?;
-    Ok(())
+    FLAVORS.delete_unused(store, name, events).await
 }

@@ -147,6 +147,7 @@ pub fn redact_url(url: &str) -> String {
 mod addresses;
 mod events;
 mod flavors;
+mod named_docs;
 mod nodes;
 mod pools;
 mod power;

@@ -3,9 +3,17 @@
 use sqlx::Row;
 
 use super::events::insert_events;
+use super::named_docs::NamedDocs;
 use super::{backend_error, corrupt, is_unique_violation, SqlStore};
 use crate::core::model::{IpPool, NewEvent};
 use crate::store::StoreError;
+
+const POOLS: NamedDocs = NamedDocs {
+    table: "ip_pools",
+    what: "ip pool",
+    uses_query: "SELECT COUNT(*) AS n FROM ip_allocations WHERE pool = $1",
+    uses_are: "address(es) allocated",
+};
 
 /// The pool named `name` as stored, read inside `tx` (`lock_clause` may lock its row).
 pub(super) async fn read_pool(
@@ -53,29 +61,11 @@ pub(super) async fn create(
 }
 
 pub(super) async fn get(store: &SqlStore, name: &str) -> Result<Option<IpPool>, StoreError> {
-    let row = sqlx::query("SELECT doc FROM ip_pools WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&store.pool)
-        .await
-        .map_err(backend_error)?;
-    row.map(|row| {
-        let doc: String = row.try_get("doc").map_err(backend_error)?;
-        serde_json::from_str(&doc).map_err(|e| corrupt("pool document", e))
-    })
-    .transpose()
+    POOLS.get(store, name).await
 }
 
 pub(super) async fn list(store: &SqlStore) -> Result<Vec<IpPool>, StoreError> {
-    let rows = sqlx::query("SELECT doc FROM ip_pools ORDER BY name")
-        .fetch_all(&store.pool)
-        .await
-        .map_err(backend_error)?;
-    rows.iter()
-        .map(|row| {
-            let doc: String = row.try_get("doc").map_err(backend_error)?;
-            serde_json::from_str(&doc).map_err(|e| corrupt("pool document", e))
-        })
-        .collect()
+    POOLS.list(store).await
 }
 
 pub(super) async fn delete(
@@ -83,29 +73,5 @@ pub(super) async fn delete(
     name: &str,
     events: &[NewEvent],
 ) -> Result<(), StoreError> {
-    let mut tx = store.pool.begin().await.map_err(backend_error)?;
-    let used: i64 = sqlx::query("SELECT COUNT(*) AS n FROM ip_allocations WHERE pool = $1")
-        .bind(name)
-        .fetch_one(&mut *tx)
-        .await
-        .and_then(|row| row.try_get("n"))
-        .map_err(backend_error)?;
-    if used > 0 {
-        return Err(StoreError::InUse {
-            what: format!("ip pool {name}"),
-            detail: format!("{used} address(es) allocated"),
-        });
-    }
-    let deleted = sqlx::query("DELETE FROM ip_pools WHERE name = $1")
-        .bind(name)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend_error)?
-        .rows_affected();
-    if deleted == 0 {
-        return Err(StoreError::not_found(format!("ip pool {name}")));
-    }
-    insert_events(&mut tx, events).await?;
-    tx.commit().await.map_err(backend_error)?;
-    Ok(())
+    POOLS.delete_unused(store, name, events).await
 }
