@@ -16,6 +16,7 @@ packages=(
   dnsmasq             # the site's plain DHCP server (addresses only) on the `cargo xtask qemu-smoke` L2 bridge
   ipxe                # undionly.kpxe, ipxe.efi, snponly.efi: what Bearman's TFTP server hands BIOS and UEFI PXE ROMs in the smoke
   ovmf                # UEFI firmware (OVMF_CODE.fd/OVMF_VARS.fd) for the smoke's UEFI VM
+  curl                # an independent TFTP client: pxe/tests/services.rs downloads a boot file with it
   cpio                # cpio -t checks the initramfs archives `cargo xtask images` writes (xtask tests)
 )
 

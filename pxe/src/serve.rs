@@ -243,7 +243,13 @@ async fn dhcp_loop(
             PxeStats::add(&stats.dhcp_rate_limited, 1);
             continue;
         }
-        match proxy.handle(packet, from_v4, port) {
+        // The parsers are not ours: a panic inside one must cost one packet, not the
+        // service (the task would end and every later client go unanswered).
+        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            proxy.handle(packet, from_v4, port)
+        }))
+        .unwrap_or_else(|_| Err(dhcp::Dropped::Malformed("the decoder panicked".into())));
+        match handled {
             Ok(reply) => {
                 let to = match reply.to {
                     Destination::Broadcast => SocketAddr::from((Ipv4Addr::BROADCAST, 68)),
