@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use bearman::core::boot::Stage1Config;
 use bearman::core::model::NodeRole;
 use serde::Deserialize;
@@ -32,6 +32,8 @@ pub struct FileConfig {
     pub nova: Option<bearman::cloud::nova::NovaConfig>,
     /// BMC drivers: secrets file, timeouts, fleet-wide limit, IPMI and Redfish settings.
     pub bmc: Option<bearman::bmc::provider::BmcSettings>,
+    /// proxyDHCP and TFTP for PXE firmware; absent (the default) means none is served.
+    pub pxe: Option<bearman_pxe::PxeFileConfig>,
 }
 
 impl FileConfig {
@@ -61,6 +63,7 @@ pub struct ServeConfig {
     pub remediation: bearman::controller::ControllerConfig,
     pub nova: Option<bearman::cloud::nova::NovaConfig>,
     pub bmc: bearman::bmc::provider::BmcSettings,
+    pub pxe: Option<bearman_pxe::PxeConfig>,
 }
 
 /// Values given on the command line or in the environment (clap merges those two).
@@ -146,9 +149,17 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
             bmc.concurrent_max
         );
     }
+    let public_url = public_url.trim_end_matches('/').to_string();
+    let pxe = match file.pxe {
+        Some(pxe) => Some(
+            pxe.resolve(&public_url)
+                .map_err(|problem| anyhow!("[pxe] {problem}"))?,
+        ),
+        None => None,
+    };
     Ok(ServeConfig {
         listen,
-        public_url: public_url.trim_end_matches('/').to_string(),
+        public_url,
         data_dir,
         database_url,
         log_json,
@@ -160,6 +171,7 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
         remediation,
         nova: file.nova,
         bmc,
+        pxe,
     })
 }
 
@@ -205,6 +217,24 @@ mod tests {
         assert!(
             toml::from_str::<FileConfig>("lisen = \"x\"").is_err(),
             "typos in keys are errors"
+        );
+    }
+
+    #[test]
+    fn pxe_is_off_by_default_and_its_keys_are_checked() {
+        let config = resolve(Overrides::default(), FileConfig::default()).unwrap();
+        assert!(config.pxe.is_none(), "no [pxe] section, no DHCP or TFTP");
+        let file: FileConfig = toml::from_str(
+            "public_url = \"http://10.77.0.1:8080/\"\n[pxe]\nserver_address = \"10.77.0.1\"\n",
+        )
+        .unwrap();
+        let pxe = resolve(Overrides::default(), file).unwrap().pxe.unwrap();
+        assert_eq!(pxe.targets.ipxe_url, "http://10.77.0.1:8080/ipxe");
+        let file: FileConfig = toml::from_str("[pxe]\ntftp_root = \"/srv/tftp\"\n").unwrap();
+        let error = resolve(Overrides::default(), file).unwrap_err().to_string();
+        assert!(
+            error.contains("[pxe] pxe.server_address is required"),
+            "{error}"
         );
     }
 

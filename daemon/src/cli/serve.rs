@@ -36,6 +36,16 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let bound = listener.local_addr()?;
+    // Bound before serving, so a wrong address or a busy port fails start-up; dropped
+    // (stopped) when the daemon stops.
+    let _pxe = match config.pxe.clone() {
+        Some(pxe) => Some(
+            bearman_pxe::start(pxe)
+                .await
+                .map_err(|error| anyhow!("starting the PXE services: {error}"))?,
+        ),
+        None => None,
+    };
     tracing::info!(
         listen = %bound,
         public_url = %config.public_url,
