@@ -13,10 +13,11 @@ packages=(
   qemu-system-x86     # qemu-system-x86_64: a real QMP peer (a VM driven like a server) for daemon/tests/qmp.rs
   ipxe-qemu           # iPXE option ROMs (pxe-e1000.rom) the `cargo xtask qemu-smoke` VMs network-boot with
   seabios             # the VMs' BIOS (qemu-system-x86 depends on it; named so the smoke's needs are listed)
-  dnsmasq             # the site's plain DHCP server (addresses only) on the `cargo xtask qemu-smoke` L2 bridge
+  dnsmasq-base        # dnsmasq, the site's plain DHCP server (addresses only) on the `cargo xtask qemu-smoke` L2 bridge; -base: the binary without a system service
   ipxe                # undionly.kpxe, ipxe.efi, snponly.efi: what Bearman's TFTP server hands BIOS and UEFI PXE ROMs in the smoke
   ovmf                # UEFI firmware (OVMF_CODE.fd/OVMF_VARS.fd) for the smoke's UEFI VM
   curl                # an independent TFTP client: pxe/tests/services.rs downloads a boot file with it
+  iputils-ping        # ping: the L2 smoke checks each Ready node answers at its Bearman pool address
   cpio                # cpio -t checks the initramfs archives `cargo xtask images` writes (xtask tests)
 )
 

@@ -5,6 +5,7 @@
 mod bench_ipxe;
 mod elf;
 mod images;
+mod l2;
 mod process;
 mod qemu_smoke;
 

@@ -1,9 +1,16 @@
 //! `cargo xtask qemu-smoke`: real network boots of QEMU VMs through a real `bearman serve`.
 //!
-//! Each VM is a diskless "server": SeaBIOS, iPXE from ipxe-qemu's `pxe-e1000.rom`, a DHCP
-//! lease from QEMU's user network whose boot file is the daemon's `/ipxe`, the stage-1 image
-//! from `cargo xtask images`, the agent registering and kexecing into stage 2, and stage 2
-//! reporting itself installed and heartbeating. The daemon runs on a fresh SQLite data
+//! Each VM is a diskless "server" on a real layer-2 network (`l2.rs`: a bridge in a
+//! network namespace, one tap per VM, dnsmasq as the site's DHCP server handing out
+//! addresses only, and Bearman's own proxyDHCP + TFTP from its `[pxe]` section). Legacy
+//! BIOS VMs boot SeaBIOS and the NIC's ROM — ipxe-qemu's `pxe-e1000.rom`, which is iPXE
+//! itself, so Bearman's proxyDHCP sends it straight to `/ipxe` by its user class; UEFI VMs
+//! boot OVMF, whose own PXE client gets `ipxe.efi` over Bearman's TFTP, which then asks
+//! again as iPXE and is sent to `/ipxe`. Then the stage-1 image from `cargo xtask images`,
+//! the agent registering and kexecing into stage 2, and stage 2 applying its pool address
+//! (checked with ping across the bridge), reporting itself installed and heartbeating.
+//! `--network user` keeps the older variant: QEMU's user network, whose built-in DHCP
+//! hands iPXE the `/ipxe` URL (BIOS only, no root needed). The daemon runs on a fresh SQLite data
 //! directory with the QMP BMC driver allowed for this run's sockets, so it powers the VMs
 //! as it would servers. After every node is Ready, one VM's power is cut (QMP `stop`, which
 //! the driver reads as Off) and the smoke waits for Bearman to notice, fence it (verified
@@ -31,6 +38,7 @@ use anyhow::{anyhow, bail, ensure, Context};
 use serde_json::{json, Value};
 
 use crate::images;
+use crate::l2::{self, L2};
 use crate::process::{
     cargo_build, create_token, daemon_command, find_on_path, free_local_addr, log_tail, request_ok,
     wait_until_serving, ChildGuard,
@@ -40,8 +48,18 @@ const INSTALL_HINT: &str = "run scripts/install-deps.sh";
 const QEMU: &str = "qemu-system-x86_64";
 /// iPXE for QEMU's e1000, legacy BIOS build, from Debian's ipxe-qemu.
 const PXE_ROM: &str = "/usr/lib/ipxe/qemu/pxe-e1000.rom";
+/// iPXE for QEMU's e1000 as a UEFI driver (SNP), from ipxe-qemu: OVMF has no e1000
+/// driver of its own; its PXE client runs on top of this one's network interface.
+const EFI_ROM: &str = "/usr/lib/ipxe/qemu/efi-e1000.rom";
+/// UEFI firmware for QEMU, Debian's ovmf (code and variables in one image, variables
+/// kept in memory: every boot starts from the firmware defaults, as a smoke should).
+const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+/// Debian's ipxe: undionly.kpxe, ipxe.efi, snponly.efi — the TFTP root of the L2 smoke.
+const IPXE_DIR: &str = "/usr/lib/ipxe";
 /// QEMU user networking makes the host's loopback reachable at this address.
 const HOST_FROM_GUEST: &str = "10.0.2.2";
+/// Where the daemon listens on the L2 bridge.
+const L2_PORT: u16 = 8080;
 const FLAVOR: &str = "smoke";
 const BMC_POOL: &str = "smoke-bmc";
 const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
@@ -72,9 +90,61 @@ pub struct Args {
     /// passes the one its workspace build made, saving a second build with other features.
     #[arg(long)]
     daemon: Option<PathBuf>,
+    /// The network the VMs boot on: l2 (a bridge, dnsmasq, Bearman's proxyDHCP and TFTP;
+    /// needs root) or user (QEMU's user network; BIOS only)
+    #[arg(long, value_enum, default_value_t = Network::L2)]
+    network: Network,
+    /// VM firmware: mixed (odd VMs legacy BIOS, even VMs UEFI), bios or uefi (uefi needs
+    /// --network l2)
+    #[arg(long, value_enum, default_value_t = FirmwareChoice::Mixed)]
+    firmware: FirmwareChoice,
+    /// The UEFI iPXE binary Bearman's TFTP hands OVMF: ipxe.efi (iPXE's own NIC drivers)
+    /// or snponly.efi (the firmware's network interface)
+    #[arg(long, default_value = "ipxe.efi", value_parser = ["ipxe.efi", "snponly.efi"])]
+    uefi_file: String,
     /// Directory for logs and the daemon's data (default: <target dir>/qemu-smoke). Emptied first, but a directory given here only if it is empty or an earlier run made it
     #[arg(long)]
     work_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum Network {
+    L2,
+    User,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum FirmwareChoice {
+    Mixed,
+    Bios,
+    Uefi,
+}
+
+/// One VM's firmware.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Firmware {
+    Bios,
+    Uefi,
+}
+
+impl Firmware {
+    fn name(self) -> &'static str {
+        match self {
+            Firmware::Bios => "BIOS",
+            Firmware::Uefi => "UEFI",
+        }
+    }
+}
+
+/// VM `index`'s firmware: in a mixed run vm1 is BIOS, vm2 UEFI, and so on, so two VMs
+/// (what CI runs) are one of each and the power-cut victim (the last VM) is UEFI.
+fn firmware_of(choice: FirmwareChoice, index: u32) -> Firmware {
+    match choice {
+        FirmwareChoice::Bios => Firmware::Bios,
+        FirmwareChoice::Uefi => Firmware::Uefi,
+        FirmwareChoice::Mixed if index.is_multiple_of(2) => Firmware::Bios,
+        FirmwareChoice::Mixed => Firmware::Uefi,
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -103,6 +173,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Path::new(PXE_ROM).is_file(),
         "{PXE_ROM} is missing (Debian package ipxe-qemu): {INSTALL_HINT}"
     );
+    let uefi_vms = (0..args.nodes)
+        .filter(|index| firmware_of(args.firmware, *index) == Firmware::Uefi)
+        .count();
+    match args.network {
+        Network::User => ensure!(
+            uefi_vms == 0,
+            "--network user boots BIOS VMs only (QEMU's DHCP has no proxy for OVMF's PXE): pass --firmware bios"
+        ),
+        Network::L2 => {
+            for (path, package) in [
+                (EFI_ROM, "ipxe-qemu"),
+                (OVMF, "ovmf"),
+                ("/usr/lib/ipxe/undionly.kpxe", "ipxe"),
+                ("/usr/lib/ipxe/ipxe.efi", "ipxe"),
+            ] {
+                ensure!(
+                    Path::new(path).is_file(),
+                    "{path} is missing (Debian package {package}): {INSTALL_HINT}"
+                );
+            }
+            for tool in ["dnsmasq", "ip", "ping"] {
+                ensure!(
+                    find_on_path(tool).is_some(),
+                    "{tool} is not on PATH: {INSTALL_HINT}"
+                );
+            }
+        }
+    }
     if args.accel == Accel::Kvm {
         fs::OpenOptions::new()
             .read(true)
@@ -157,6 +255,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .prefix("bearman-qmp-")
         .tempdir()
         .context("creating the QMP socket directory")?;
+    // Before the runtime: its threads, and every child, are made inside the namespace.
+    let mut network = match args.network {
+        Network::L2 => {
+            progress(format!(
+                "L2: namespace with bridge {} ({}/{}), {} tap(s), dnsmasq at {} (addresses {}-{}, no boot options)",
+                l2::BRIDGE,
+                l2::SERVER_ADDRESS,
+                l2::PREFIX_LEN,
+                args.nodes,
+                l2::DHCP_SERVER_ADDRESS,
+                l2::DHCP_RANGE.0,
+                l2::DHCP_RANGE.1
+            ));
+            let mut network = L2::enter(args.nodes)?;
+            network.start_dhcp_server(&work, &work.join("dnsmasq.log"))?;
+            Some(network)
+        }
+        Network::User => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -174,7 +291,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .context("listening for SIGTERM")?;
         tokio::select! {
-            result = smoke(&args, &setup) => result,
+            result = smoke(&args, &setup, network.as_mut()) => result,
             // Returning drops the VMs and the daemon (their guards stop them).
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
             _ = terminate.recv() => Err(anyhow!("terminated")),
@@ -233,6 +350,8 @@ struct Setup {
 struct Vm {
     name: String,
     uuid: String,
+    firmware: Firmware,
+    mac: String,
     serial_log: PathBuf,
     qmp: PathBuf,
     guard: ChildGuard,
@@ -254,17 +373,31 @@ fn serial_tail(vm: &Vm) -> String {
     )
 }
 
-async fn smoke(args: &Args, setup: &Setup) -> anyhow::Result<()> {
+async fn smoke(args: &Args, setup: &Setup, mut network: Option<&mut L2>) -> anyhow::Result<()> {
     let data_dir = setup.work.join("data");
     let manifest = stage_images(&setup.images, &data_dir)?;
-    let addr = free_local_addr()?;
+    let (addr, public_url) = match args.network {
+        Network::User => {
+            let addr = free_local_addr()?;
+            (addr, format!("http://{HOST_FROM_GUEST}:{}", addr.port()))
+        }
+        Network::L2 => {
+            let addr = SocketAddr::new(l2::SERVER_ADDRESS.parse()?, L2_PORT);
+            (addr, format!("http://{addr}"))
+        }
+    };
     let config = setup.work.join("bearman.toml");
-    write_config(&config, addr, &setup.sockets)?;
+    let pxe = (args.network == Network::L2).then_some(args.uefi_file.as_str());
+    write_config(&config, addr, &public_url, &setup.sockets, pxe)?;
     let token = create_token(&setup.daemon, &data_dir, "smoke")?;
     let daemon_log = setup.work.join("bearman.log");
     progress(format!(
-        "starting bearman serve on {addr} (nodes reach it as http://{HOST_FROM_GUEST}:{}; log {})",
-        addr.port(),
+        "starting bearman serve on {addr} (nodes reach it as {public_url}{}; log {})",
+        if pxe.is_some() {
+            ", proxyDHCP on 67/4011 and TFTP on 69 of br0"
+        } else {
+            ""
+        },
         daemon_log.display()
     ));
     let log = File::create(&daemon_log).context("creating the daemon log")?;
@@ -287,12 +420,24 @@ async fn smoke(args: &Args, setup: &Setup) -> anyhow::Result<()> {
     for index in 0..args.nodes {
         vms.push(start_vm(args, setup, addr, index)?);
     }
-    let outcome = boots_and_rebuild(args, &api, &mut bearman, &mut vms, &daemon_log).await;
+    let outcome = boots_and_rebuild(
+        args,
+        setup,
+        &api,
+        &mut bearman,
+        network.as_deref_mut(),
+        &mut vms,
+        &daemon_log,
+    )
+    .await;
     if outcome.is_err() {
         for vm in &vms {
             eprintln!("{}", serial_tail(vm));
         }
         eprintln!("--- bearman: {}", log_tail(&daemon_log));
+        if network.is_some() {
+            eprintln!("--- dnsmasq: {}", log_tail(&setup.work.join("dnsmasq.log")));
+        }
     }
     outcome
 }
@@ -322,22 +467,42 @@ fn stage_images(images: &Path, data_dir: &Path) -> anyhow::Result<Value> {
 
 /// The daemon's configuration: defaults everywhere except where a smoke boot differs
 /// from a data centre (the address nodes reach it at, the QMP sockets it may drive).
-fn write_config(path: &Path, addr: SocketAddr, sockets: &Path) -> anyhow::Result<()> {
+fn write_config(
+    path: &Path,
+    addr: SocketAddr,
+    public_url: &str,
+    sockets: &Path,
+    pxe_uefi_file: Option<&str>,
+) -> anyhow::Result<()> {
+    let pxe = match pxe_uefi_file {
+        // Defaults but for where this host is on the boot network and which UEFI binary.
+        Some(uefi_file) => format!(
+            r#"
+[pxe]
+server_address = "{server}"
+interface = "{bridge}"
+tftp_root = "{IPXE_DIR}"
+uefi_file = "{uefi_file}"
+"#,
+            server = l2::SERVER_ADDRESS,
+            bridge = l2::BRIDGE
+        ),
+        None => String::new(),
+    };
     let text = format!(
         r#"# Written by cargo xtask qemu-smoke.
 listen = "{addr}"
-public_url = "http://{HOST_FROM_GUEST}:{port}"
+public_url = "{public_url}"
 
 [stage1]
 kernel = "/images/stage1/vmlinuz"
 initrds = ["/images/stage1/initrd.img"]
-# No switch sends LLDP on QEMU's user network: do not wait for one.
+# No switch sends LLDP on QEMU's user network or the smoke's bridge: do not wait for one.
 cmdline = "console=ttyS0 bearman.lldp_wait_s=0"
 
 [bmc]
 qmp_socket_dir = "{sockets}"
-"#,
-        port = addr.port(),
+{pxe}"#,
         sockets = sockets.display()
     );
     fs::write(path, text).with_context(|| format!("writing {}", path.display()))
@@ -391,7 +556,9 @@ async fn configure(api: &Api, manifest: &Value, nodes: u32) -> anyhow::Result<()
             "purpose": "node",
             "cidr": "10.77.0.0/24",
             "range_start": "10.77.0.10",
-            "range_end": "10.77.0.250",
+            // Below dnsmasq's range (l2::DHCP_RANGE): the site's leases and Bearman's
+            // pool addresses must never collide on the L2 smoke's one subnet.
+            "range_end": "10.77.0.99",
             "gateway": "10.77.0.1",
             "dns": ["10.77.0.1"],
             "mtu": 1500,
@@ -435,6 +602,23 @@ async fn configure(api: &Api, manifest: &Value, nodes: u32) -> anyhow::Result<()
 fn start_vm(args: &Args, setup: &Setup, addr: SocketAddr, index: u32) -> anyhow::Result<Vm> {
     let name = format!("vm{}", index + 1);
     let uuid = node_uuid(index);
+    let firmware = firmware_of(args.firmware, index);
+    let mac = format!("52:54:00:be:a0:{:02x}", index + 1);
+    let netdev = match args.network {
+        Network::User => format!(
+            "user,id=net0,bootfile=http://{HOST_FROM_GUEST}:{}/ipxe",
+            addr.port()
+        ),
+        // The tap exists in the namespace this process (and so QEMU) runs in.
+        Network::L2 => format!(
+            "tap,id=net0,ifname={},script=no,downscript=no",
+            l2::tap_name(index)
+        ),
+    };
+    let rom = match firmware {
+        Firmware::Bios => PXE_ROM,
+        Firmware::Uefi => EFI_ROM,
+    };
     let serial_log = setup.work.join(format!("{name}.serial.log"));
     let qmp = setup.sockets.join(format!("{name}.qmp"));
     let qemu_log = setup.work.join(format!("{name}.qemu.log"));
@@ -456,29 +640,24 @@ fn start_vm(args: &Args, setup: &Setup, addr: SocketAddr, index: u32) -> anyhow:
                 index + 1
             ),
         ])
-        .args([
-            "-netdev",
-            &format!(
-                "user,id=net0,bootfile=http://{HOST_FROM_GUEST}:{}/ipxe",
-                addr.port()
-            ),
-        ])
+        .args(["-netdev", &netdev])
         .args([
             "-device",
-            &format!(
-                "e1000,netdev=net0,mac=52:54:00:be:a0:{:02x},romfile={PXE_ROM}",
-                index + 1
-            ),
+            &format!("e1000,netdev=net0,mac={mac},romfile={rom},bootindex=1"),
         ])
         // An emulated BMC on the in-band KCS interface, found by ipmi_si through ACPI/SMBIOS:
         // stage 1 reads and configures it as it would a server's.
         .args(["-device", "ipmi-bmc-sim,id=bmc0"])
         .args(["-device", "isa-ipmi-kcs,bmc=bmc0"])
-        .args(["-boot", "order=n"])
+        .args(match firmware {
+            Firmware::Bios => ["-boot", "order=n"],
+            Firmware::Uefi => ["-bios", OVMF],
+        })
         .stdout(qemu_output.try_clone()?)
         .stderr(qemu_output);
     progress(format!(
-        "powering on {name} (uuid {uuid}, {} MiB, {}; serial log {})",
+        "powering on {name} ({}, mac {mac}, uuid {uuid}, {} MiB, {}; serial log {})",
+        firmware.name(),
         args.memory_mib,
         args.accel.name(),
         serial_log.display()
@@ -487,6 +666,8 @@ fn start_vm(args: &Args, setup: &Setup, addr: SocketAddr, index: u32) -> anyhow:
     Ok(Vm {
         name,
         uuid,
+        firmware,
+        mac,
         serial_log,
         qmp,
         guard,
@@ -763,10 +944,158 @@ fn now_ms() -> i64 {
         .map_or(0, |elapsed| elapsed.as_millis() as i64)
 }
 
+/// Byte offsets into the daemon's and dnsmasq's logs where a boot cycle began.
+#[derive(Clone, Copy, Default)]
+struct LogOffsets {
+    daemon: usize,
+    dnsmasq: usize,
+}
+
+fn file_len(path: &Path) -> usize {
+    fs::metadata(path).map_or(0, |metadata| metadata.len() as usize)
+}
+
+fn read_from(path: &Path, offset: usize) -> String {
+    let bytes = fs::read(path).unwrap_or_default();
+    strip_ansi(&String::from_utf8_lossy(
+        bytes.get(offset..).unwrap_or_default(),
+    ))
+}
+
+/// Log text without terminal colour sequences (ESC [ … letter).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for next in chars.by_ref() {
+                if next.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// What the witnesses of one L2 network boot must show, from the logs since the cycle
+/// began: dnsmasq leased the VM an address (DHCPACK to its MAC) — the site's server, not
+/// Bearman, owns addresses; Bearman's proxyDHCP answered it — a UEFI VM first with the
+/// UEFI binary over TFTP (then served by the TFTP server to that leased address) and then,
+/// as iPXE, with the `/ipxe` URL; a BIOS VM's ROM, being iPXE, with the URL only. Returns
+/// the leased address.
+fn check_netboot_logs(
+    firmware: Firmware,
+    mac: &str,
+    uefi_file: &str,
+    daemon_log: &str,
+    dnsmasq_log: &str,
+) -> Result<String, String> {
+    let leased = dnsmasq_log
+        .lines()
+        .filter(|line| line.contains("DHCPACK(") && line.contains(mac))
+        .find_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let at = words.iter().position(|word| *word == mac)?;
+            at.checked_sub(1).map(|before| words[before].to_string())
+        })
+        .ok_or_else(|| format!("dnsmasq never acknowledged a lease for {mac}"))?;
+    let client = format!("client={mac}");
+    let answers: Vec<&str> = daemon_log
+        .lines()
+        .filter(|line| line.contains("proxyDHCP") && line.contains(&client))
+        .collect();
+    let tftp_answer = format!("Tftp(\"{uefi_file}\")");
+    let first_tftp = answers.iter().position(|line| line.contains(&tftp_answer));
+    let first_ipxe = answers.iter().position(|line| line.contains("IpxeScript("));
+    let served = daemon_log.lines().any(|line| {
+        line.contains("tftp: sent")
+            && line.contains(&format!("from={leased}:"))
+            && line.contains(uefi_file)
+    });
+    match (firmware, first_tftp, first_ipxe) {
+        (_, _, None) => Err(format!(
+            "Bearman's proxyDHCP never sent {mac} the /ipxe URL; its answers to it: {answers:?}"
+        )),
+        (Firmware::Bios, Some(_), _) => Err(format!(
+            "the BIOS VM's ROM is iPXE, yet proxyDHCP sent {mac} a TFTP file: {answers:?}"
+        )),
+        (Firmware::Bios, None, Some(_)) => Ok(leased),
+        (Firmware::Uefi, None, _) => Err(format!(
+            "proxyDHCP never sent the UEFI VM {mac} {tftp_answer}; its answers: {answers:?}"
+        )),
+        (Firmware::Uefi, Some(tftp), Some(ipxe)) if tftp > ipxe => Err(format!(
+            "{mac} got the /ipxe URL before {uefi_file}: {answers:?}"
+        )),
+        (Firmware::Uefi, Some(_), Some(_)) if !served => Err(format!(
+            "no \"tftp: sent\" line for {uefi_file} to {leased}, the address dnsmasq leased {mac}"
+        )),
+        (Firmware::Uefi, Some(_), Some(_)) => Ok(leased),
+    }
+}
+
+/// After a Ready in the L2 smoke: the network boot's witnesses (see
+/// [`check_netboot_logs`]) and the node's Bearman pool address answering ping across the
+/// bridge — the address stage 2 applied is routable on the boot network.
+async fn check_l2_boot(
+    api: &Api,
+    setup: &Setup,
+    network: &mut L2,
+    vm: &Vm,
+    uefi_file: &str,
+    since: LogOffsets,
+) -> anyhow::Result<()> {
+    if let Some(dnsmasq) = network.dnsmasq() {
+        if let Some(status) = dnsmasq.exit_status()? {
+            bail!("dnsmasq exited ({status})");
+        }
+    }
+    let daemon_log = read_from(&setup.work.join("bearman.log"), since.daemon);
+    let dnsmasq_log = read_from(&setup.work.join("dnsmasq.log"), since.dnsmasq);
+    let leased = check_netboot_logs(vm.firmware, &vm.mac, uefi_file, &daemon_log, &dnsmasq_log)
+        .map_err(|error| anyhow!("{} ({}): {error}", vm.name, vm.firmware.name()))?;
+    let node = api.get(&format!("/api/v1/nodes/{}", vm.uuid)).await?;
+    let cidr = node["network"]["bond0_addresses"][0]
+        .as_str()
+        .with_context(|| {
+            format!(
+                "{}: no pool address in its record: {}",
+                vm.name, node["network"]
+            )
+        })?
+        .to_string();
+    let address = cidr.split('/').next().unwrap_or_default().to_string();
+    let output = Command::new("ping")
+        .args(["-c", "3", "-W", "2", "-I", l2::BRIDGE, &address])
+        .output()
+        .context("running ping")?;
+    ensure!(
+        output.status.success(),
+        "{}: its pool address {address} does not answer ping on {}: {}",
+        vm.name,
+        l2::BRIDGE,
+        String::from_utf8_lossy(&output.stdout).trim()
+    );
+    progress(format!(
+        "{}: {} network boot on the L2: dnsmasq leased {leased}; proxyDHCP sent {}; stage 2's pool address {cidr} answers ping",
+        vm.name,
+        vm.firmware.name(),
+        match vm.firmware {
+            Firmware::Bios => "its iPXE ROM the /ipxe URL".to_string(),
+            Firmware::Uefi => format!("OVMF's PXE {uefi_file} (TFTP, served), then iPXE the /ipxe URL"),
+        }
+    ));
+    Ok(())
+}
+
 async fn boots_and_rebuild(
     args: &Args,
+    setup: &Setup,
     api: &Api,
     bearman: &mut ChildGuard,
+    mut network: Option<&mut L2>,
     vms: &mut [Vm],
     daemon_log: &Path,
 ) -> anyhow::Result<()> {
@@ -778,6 +1107,17 @@ async fn boots_and_rebuild(
         states_in_order(&events, &["registered", "provisioning", "ready"])
             .map_err(|error| anyhow!("{}: {error}", vm.name))?;
         check_bmc(api, vm, 0).await?;
+        if let Some(network) = network.as_deref_mut() {
+            check_l2_boot(
+                api,
+                setup,
+                network,
+                vm,
+                &args.uefi_file,
+                LogOffsets::default(),
+            )
+            .await?;
+        }
     }
     let first: Vec<Cycle> = cycles.into_iter().flatten().collect();
     print_cycles("first boot", "power-on", vms, &first);
@@ -788,6 +1128,10 @@ async fn boots_and_rebuild(
 
     let victim = vms.len() - 1;
     let offset = fs::read(&vms[victim].serial_log).map_or(0, |log| log.len());
+    let logs_at_kill = LogOffsets {
+        daemon: file_len(daemon_log),
+        dnsmasq: file_len(&setup.work.join("dnsmasq.log")),
+    };
     let killed_at_ms = now_ms();
     let killed = Instant::now();
     progress(format!(
@@ -802,6 +1146,9 @@ async fn boots_and_rebuild(
 
     let vm = &vms[victim];
     check_bmc(api, vm, offset).await?;
+    if let Some(network) = network {
+        check_l2_boot(api, setup, network, vm, &args.uefi_file, logs_at_kill).await?;
+    }
     let events = events(api, &vm.uuid).await?;
     let after: Vec<Value> = events
         .into_iter()
@@ -1067,6 +1414,88 @@ mod tests {
             "an earlier run's files go"
         );
         assert!(work.join(WORK_MARKER).is_file());
+    }
+
+    /// Log lines as the daemon (colours on, as on a terminal) and dnsmasq write them.
+    const MAC: &str = "52:54:00:be:a0:02";
+    const DNSMASQ: &str = "dnsmasq-dhcp[9]: 1 DHCPOFFER(eth0) 10.77.0.150 52:54:00:be:a0:02\ndnsmasq-dhcp[9]: 1 DHCPACK(eth0) 10.77.0.150 52:54:00:be:a0:02\n";
+    const UEFI_TFTP: &str = "INFO bearman_pxe::serve: proxyDHCP: Offer sent \u{1b}[3mclient\u{1b}[0m\u{1b}[2m=\u{1b}[0m52:54:00:be:a0:02 to=255.255.255.255:68 answer=Tftp(\"ipxe.efi\")\n";
+    const SENT: &str =
+        "INFO bearman_pxe::serve: tftp: sent from=10.77.0.150:1234 file=\"ipxe.efi\" bytes=1000\n";
+    const IPXE: &str = "INFO bearman_pxe::serve: proxyDHCP (4011): Ack sent client=52:54:00:be:a0:02 to=10.77.0.150:68 answer=IpxeScript(\"http://10.77.0.1:8080/ipxe\")\n";
+
+    #[test]
+    fn an_l2_boot_needs_every_witness_in_order() {
+        let check = |firmware, daemon: &str, dnsmasq: &str| {
+            check_netboot_logs(firmware, MAC, "ipxe.efi", &strip_ansi(daemon), dnsmasq)
+        };
+        let uefi = format!("{UEFI_TFTP}{SENT}{IPXE}");
+        assert_eq!(
+            check(Firmware::Uefi, &uefi, DNSMASQ),
+            Ok("10.77.0.150".into())
+        );
+        assert_eq!(
+            check(Firmware::Bios, IPXE, DNSMASQ),
+            Ok("10.77.0.150".into())
+        );
+        let fails = |result: Result<String, String>, expect: &str| {
+            let error = result.unwrap_err();
+            assert!(error.contains(expect), "{expect:?} not in {error:?}");
+        };
+        fails(
+            check(Firmware::Uefi, &uefi, ""),
+            "dnsmasq never acknowledged",
+        );
+        fails(
+            check(
+                Firmware::Uefi,
+                &uefi,
+                &DNSMASQ.replace("DHCPACK", "DHCPNAK"),
+            ),
+            "dnsmasq never acknowledged",
+        );
+        fails(
+            check(Firmware::Uefi, &format!("{UEFI_TFTP}{SENT}"), DNSMASQ),
+            "never sent",
+        );
+        fails(
+            check(Firmware::Uefi, &format!("{SENT}{IPXE}"), DNSMASQ),
+            "never sent the UEFI VM",
+        );
+        fails(
+            check(Firmware::Uefi, &format!("{IPXE}{UEFI_TFTP}{SENT}"), DNSMASQ),
+            "before ipxe.efi",
+        );
+        fails(
+            check(Firmware::Uefi, &format!("{UEFI_TFTP}{IPXE}"), DNSMASQ),
+            "no \"tftp: sent\"",
+        );
+        fails(
+            check(
+                Firmware::Uefi,
+                &uefi.replace("10.77.0.150:1234", "10.77.0.151:1234"),
+                DNSMASQ,
+            ),
+            "no \"tftp: sent\"",
+        );
+        fails(check(Firmware::Bios, &uefi, DNSMASQ), "ROM is iPXE");
+        fails(
+            check(
+                Firmware::Bios,
+                &IPXE.replace(MAC, "52:54:00:be:a0:09"),
+                DNSMASQ,
+            ),
+            "never sent",
+        );
+    }
+
+    #[test]
+    fn mixed_runs_alternate_bios_and_uefi() {
+        let firmwares: Vec<Firmware> = (0..3)
+            .map(|i| firmware_of(FirmwareChoice::Mixed, i))
+            .collect();
+        assert_eq!(firmwares, [Firmware::Bios, Firmware::Uefi, Firmware::Bios]);
+        assert_eq!(firmware_of(FirmwareChoice::Uefi, 0), Firmware::Uefi);
     }
 
     #[test]
