@@ -13,8 +13,6 @@ use crate::tftp::{TransferLimits, BLKSIZE_MIN, BLKSIZE_RFC_MAX};
 pub const DHCP_PORT: u16 = 67;
 pub const PXE_PORT: u16 = 4011;
 pub const TFTP_PORT: u16 = 69;
-/// Debian's `ipxe` package puts undionly.kpxe, ipxe.efi and snponly.efi here.
-pub const TFTP_ROOT_DEFAULT: &str = "/usr/lib/ipxe";
 pub const BIOS_FILE_DEFAULT: &str = "undionly.kpxe";
 pub const UEFI_FILE_DEFAULT: &str = "ipxe.efi";
 pub const TFTP_TRANSFERS_MAX_DEFAULT: usize = 64;
@@ -79,8 +77,13 @@ pub struct PxeConfig {
 
 impl PxeFileConfig {
     /// Resolves defaults against the daemon's public URL (`http://host:port`, no trailing
-    /// slash) and validates; errors name the key.
-    pub fn resolve(self, public_url: &str) -> Result<PxeConfig, String> {
+    /// slash) and its default TFTP root (`<data-dir>/tftp`), and validates; errors name
+    /// the key.
+    pub fn resolve(
+        self,
+        public_url: &str,
+        tftp_root_default: &std::path::Path,
+    ) -> Result<PxeConfig, String> {
         let server_address = self.server_address.ok_or(
             "pxe.server_address is required: this host's IPv4 address on the boot network",
         )?;
@@ -208,7 +211,7 @@ impl PxeFileConfig {
                 .into(),
             tftp_root: self
                 .tftp_root
-                .unwrap_or_else(|| PathBuf::from(TFTP_ROOT_DEFAULT)),
+                .unwrap_or_else(|| tftp_root_default.to_path_buf()),
             targets,
             tftp_transfers_max,
             tftp_file_bytes_max,
@@ -232,7 +235,10 @@ mod tests {
     fn parse(text: &str) -> Result<PxeConfig, String> {
         toml::from_str::<PxeFileConfig>(text)
             .map_err(|error| error.to_string())?
-            .resolve("http://10.77.0.1:8080")
+            .resolve(
+                "http://10.77.0.1:8080",
+                std::path::Path::new("/var/lib/bearman/tftp"),
+            )
     }
 
     #[test]
@@ -241,7 +247,7 @@ mod tests {
         assert_eq!(config.dhcp_listen.to_string(), "0.0.0.0:67");
         assert_eq!(config.pxe_listen.to_string(), "0.0.0.0:4011");
         assert_eq!(config.tftp_listen.to_string(), "10.77.0.1:69");
-        assert_eq!(config.tftp_root, PathBuf::from("/usr/lib/ipxe"));
+        assert_eq!(config.tftp_root, PathBuf::from("/var/lib/bearman/tftp"));
         assert_eq!(config.targets.bios_file, "undionly.kpxe");
         assert_eq!(config.targets.uefi_file, "ipxe.efi");
         assert_eq!(config.targets.ipxe_url, "http://10.77.0.1:8080/ipxe");

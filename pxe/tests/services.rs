@@ -62,7 +62,7 @@ tftp_file_bytes_max = 1000000
     );
     toml::from_str::<PxeFileConfig>(&text)
         .unwrap()
-        .resolve("http://127.0.0.1:8080")
+        .resolve("http://127.0.0.1:8080", root)
         .unwrap()
 }
 

@@ -48,14 +48,13 @@ const INSTALL_HINT: &str = "run scripts/install-deps.sh";
 const QEMU: &str = "qemu-system-x86_64";
 /// iPXE for QEMU's e1000, legacy BIOS build, from Debian's ipxe-qemu.
 const PXE_ROM: &str = "/usr/lib/ipxe/qemu/pxe-e1000.rom";
-/// iPXE for QEMU's e1000 as a UEFI driver (SNP), from ipxe-qemu: OVMF has no e1000
-/// driver of its own; its PXE client runs on top of this one's network interface.
-const EFI_ROM: &str = "/usr/lib/ipxe/qemu/efi-e1000.rom";
 /// UEFI firmware for QEMU, Debian's ovmf (code and variables in one image, variables
 /// kept in memory: every boot starts from the firmware defaults, as a smoke should).
 const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
-/// Debian's ipxe: undionly.kpxe, ipxe.efi, snponly.efi — the TFTP root of the L2 smoke.
+/// Debian's ipxe: undionly.kpxe, ipxe.efi, snponly.efi (the last two are links into
+/// /boot), copied into the daemon's default TFTP root, `<data-dir>/tftp`.
 const IPXE_DIR: &str = "/usr/lib/ipxe";
+const IPXE_FILES: [&str; 3] = ["undionly.kpxe", "ipxe.efi", "snponly.efi"];
 /// QEMU user networking makes the host's loopback reachable at this address.
 const HOST_FROM_GUEST: &str = "10.0.2.2";
 /// Where the daemon listens on the L2 bridge.
@@ -183,10 +182,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ),
         Network::L2 => {
             for (path, package) in [
-                (EFI_ROM, "ipxe-qemu"),
                 (OVMF, "ovmf"),
                 ("/usr/lib/ipxe/undionly.kpxe", "ipxe"),
                 ("/usr/lib/ipxe/ipxe.efi", "ipxe"),
+                ("/usr/lib/ipxe/snponly.efi", "ipxe"),
             ] {
                 ensure!(
                     Path::new(path).is_file(),
@@ -388,6 +387,9 @@ async fn smoke(args: &Args, setup: &Setup, mut network: Option<&mut L2>) -> anyh
     };
     let config = setup.work.join("bearman.toml");
     let pxe = (args.network == Network::L2).then_some(args.uefi_file.as_str());
+    if pxe.is_some() {
+        stage_boot_loaders(&data_dir)?;
+    }
     write_config(&config, addr, &public_url, &setup.sockets, pxe)?;
     let token = create_token(&setup.daemon, &data_dir, "smoke")?;
     let daemon_log = setup.work.join("bearman.log");
@@ -465,6 +467,22 @@ fn stage_images(images: &Path, data_dir: &Path) -> anyhow::Result<Value> {
     Ok(manifest)
 }
 
+/// Copies Debian's iPXE binaries (following its links) into the daemon's default TFTP
+/// root, and ipxe.efi into its images for UEFI HTTP Boot (`/images/ipxe.efi`, the
+/// default `pxe.http_boot_url`).
+fn stage_boot_loaders(data_dir: &Path) -> anyhow::Result<()> {
+    let tftp = data_dir.join("tftp");
+    fs::create_dir_all(&tftp).with_context(|| format!("creating {}", tftp.display()))?;
+    for file in IPXE_FILES {
+        let from = Path::new(IPXE_DIR).join(file);
+        fs::copy(&from, tftp.join(file)).with_context(|| format!("copying {}", from.display()))?;
+    }
+    let from = Path::new(IPXE_DIR).join("ipxe.efi");
+    fs::copy(&from, data_dir.join("images/ipxe.efi"))
+        .with_context(|| format!("copying {}", from.display()))?;
+    Ok(())
+}
+
 /// The daemon's configuration: defaults everywhere except where a smoke boot differs
 /// from a data centre (the address nodes reach it at, the QMP sockets it may drive).
 fn write_config(
@@ -481,7 +499,6 @@ fn write_config(
 [pxe]
 server_address = "{server}"
 interface = "{bridge}"
-tftp_root = "{IPXE_DIR}"
 uefi_file = "{uefi_file}"
 "#,
             server = l2::SERVER_ADDRESS,
@@ -498,7 +515,9 @@ public_url = "{public_url}"
 kernel = "/images/stage1/vmlinuz"
 initrds = ["/images/stage1/initrd.img"]
 # No switch sends LLDP on QEMU's user network or the smoke's bridge: do not wait for one.
-cmdline = "console=ttyS0 bearman.lldp_wait_s=0"
+# initrd=initrd.img: Debian 12's iPXE (2019) gives an EFI-stub kernel its initrd only as
+# a file the stub loads by this name; BIOS kernels ignore it.
+cmdline = "console=ttyS0 bearman.lldp_wait_s=0 initrd=initrd.img"
 
 [bmc]
 qmp_socket_dir = "{sockets}"
@@ -615,9 +634,13 @@ fn start_vm(args: &Args, setup: &Setup, addr: SocketAddr, index: u32) -> anyhow:
             l2::tap_name(index)
         ),
     };
-    let rom = match firmware {
-        Firmware::Bios => PXE_ROM,
-        Firmware::Uefi => EFI_ROM,
+    let nic = match firmware {
+        Firmware::Bios => format!("e1000,netdev=net0,mac={mac},romfile={PXE_ROM},bootindex=1"),
+        // No option ROM: QEMU's default EFI ROMs are iPXE, which would boot itself and
+        // hide the firmware's PXE. OVMF drives virtio-net itself (VirtioNetDxe), so its
+        // own PXE client (EDK2's PxeBcDxe, "PXEClient:Arch:00007", no iPXE user class)
+        // does the DHCP and TFTP, as a server's UEFI firmware would.
+        Firmware::Uefi => format!("virtio-net-pci,netdev=net0,mac={mac},romfile=,bootindex=1"),
     };
     let serial_log = setup.work.join(format!("{name}.serial.log"));
     let qmp = setup.sockets.join(format!("{name}.qmp"));
@@ -641,10 +664,7 @@ fn start_vm(args: &Args, setup: &Setup, addr: SocketAddr, index: u32) -> anyhow:
             ),
         ])
         .args(["-netdev", &netdev])
-        .args([
-            "-device",
-            &format!("e1000,netdev=net0,mac={mac},romfile={rom},bootindex=1"),
-        ])
+        .args(["-device", &nic])
         // An emulated BMC on the in-band KCS interface, found by ipmi_si through ACPI/SMBIOS:
         // stage 1 reads and configures it as it would a server's.
         .args(["-device", "ipmi-bmc-sim,id=bmc0"])

@@ -152,7 +152,7 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
     let public_url = public_url.trim_end_matches('/').to_string();
     let pxe = match file.pxe {
         Some(pxe) => Some(
-            pxe.resolve(&public_url)
+            pxe.resolve(&public_url, &data_dir.join("tftp"))
                 .map_err(|problem| anyhow!("[pxe] {problem}"))?,
         ),
         None => None,
