@@ -969,6 +969,8 @@ fn now_ms() -> i64 {
 struct LogOffsets {
     daemon: usize,
     dnsmasq: usize,
+    /// Into the VM's own serial log.
+    serial: usize,
 }
 
 fn file_len(path: &Path) -> usize {
@@ -1056,6 +1058,32 @@ fn check_netboot_logs(
     }
 }
 
+/// On a UEFI VM, the stage-2 kernel (after stage 1's plan line) must have found the EFI
+/// system table and the ACPI RSDP: `kexec_file_load` passes them (a kernel without the
+/// RSDP cannot power off, and the BMC-less power-off path is ACPI). Stage 1 adds no
+/// `acpi_rsdp=`: this check is what shows it needs none.
+fn check_stage2_firmware_tables(console: &str) -> Result<(), String> {
+    let after_plan = console
+        .find("bearman-agent: booting ")
+        .map(|at| &console[at..])
+        .ok_or("stage 1 never reached its plan line")?;
+    let stage2 = after_plan
+        .find("Linux version ")
+        .map(|at| &after_plan[at..])
+        .ok_or("no stage-2 kernel banner after the plan line")?;
+    for (needle, what) in [
+        ("efi: EFI v", "the EFI system table"),
+        ("ACPI: RSDP", "the ACPI RSDP"),
+    ] {
+        if !stage2.contains(needle) {
+            return Err(format!(
+                "the kexec'd stage-2 kernel did not find {what} (no {needle:?} line)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// After a Ready in the L2 smoke: the network boot's witnesses (see
 /// [`check_netboot_logs`]) and the node's Bearman pool address answering ping across the
 /// bridge — the address stage 2 applied is routable on the boot network.
@@ -1076,6 +1104,10 @@ async fn check_l2_boot(
     let dnsmasq_log = read_from(&setup.work.join("dnsmasq.log"), since.dnsmasq);
     let leased = check_netboot_logs(vm.firmware, &vm.mac, uefi_file, &daemon_log, &dnsmasq_log)
         .map_err(|error| anyhow!("{} ({}): {error}", vm.name, vm.firmware.name()))?;
+    if vm.firmware == Firmware::Uefi {
+        let console = read_from(&vm.serial_log, since.serial);
+        check_stage2_firmware_tables(&console).map_err(|error| anyhow!("{}: {error}", vm.name))?;
+    }
     let node = api.get(&format!("/api/v1/nodes/{}", vm.uuid)).await?;
     let cidr = node["network"]["bond0_addresses"][0]
         .as_str()
@@ -1099,12 +1131,16 @@ async fn check_l2_boot(
         String::from_utf8_lossy(&output.stdout).trim()
     );
     progress(format!(
-        "{}: {} network boot on the L2: dnsmasq leased {leased}; proxyDHCP sent {}; stage 2's pool address {cidr} answers ping",
+        "{}: {} network boot on the L2: dnsmasq leased {leased}; proxyDHCP sent {}; stage 2's pool address {cidr} answers ping{}",
         vm.name,
         vm.firmware.name(),
         match vm.firmware {
             Firmware::Bios => "its iPXE ROM the /ipxe URL".to_string(),
             Firmware::Uefi => format!("OVMF's PXE {uefi_file} (TFTP, served), then iPXE the /ipxe URL"),
+        },
+        match vm.firmware {
+            Firmware::Bios => "",
+            Firmware::Uefi => "; the kexec'd stage 2 found the EFI system table and the ACPI RSDP",
         }
     ));
     Ok(())
@@ -1151,6 +1187,7 @@ async fn boots_and_rebuild(
     let logs_at_kill = LogOffsets {
         daemon: file_len(daemon_log),
         dnsmasq: file_len(&setup.work.join("dnsmasq.log")),
+        serial: offset,
     };
     let killed_at_ms = now_ms();
     let killed = Instant::now();
@@ -1507,6 +1544,25 @@ mod tests {
             ),
             "never sent",
         );
+    }
+
+    #[test]
+    fn a_uefi_stage2_must_see_efi_and_acpi_after_kexec() {
+        let stage1 = "Linux version 6.1\nefi: EFI v2.70 by EDK II\nACPI: RSDP 0x1F77E014\nbearman-agent: booting http://x\n";
+        let good =
+            format!("{stage1}Linux version 6.1\nefi: EFI v2.70 by EDK II\nACPI: RSDP 0x1F77E014\n");
+        assert_eq!(check_stage2_firmware_tables(&good), Ok(()));
+        let no_acpi = format!("{stage1}Linux version 6.1\nefi: EFI v2.70 by EDK II\n");
+        assert!(check_stage2_firmware_tables(&no_acpi)
+            .unwrap_err()
+            .contains("ACPI RSDP"));
+        let no_efi = format!("{stage1}Linux version 6.1\nACPI: RSDP 0x1\n");
+        assert!(check_stage2_firmware_tables(&no_efi)
+            .unwrap_err()
+            .contains("EFI system table"));
+        assert!(check_stage2_firmware_tables(stage1)
+            .unwrap_err()
+            .contains("no stage-2 kernel"));
     }
 
     #[test]
