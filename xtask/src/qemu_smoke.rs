@@ -93,8 +93,9 @@ pub struct Args {
     /// needs root) or user (QEMU's user network; BIOS only)
     #[arg(long, value_enum, default_value_t = Network::L2)]
     network: Network,
-    /// VM firmware: mixed (odd VMs legacy BIOS, even VMs UEFI), bios or uefi (uefi needs
-    /// --network l2)
+    /// VM firmware: mixed (odd VMs legacy BIOS, even VMs UEFI PXE), bios, uefi (PXE),
+    /// uefi-http (UEFI HTTP Boot, OVMF's PXE switched off), or all (BIOS, UEFI PXE, UEFI
+    /// HTTP in turn); every UEFI kind needs --network l2
     #[arg(long, value_enum, default_value_t = FirmwareChoice::Mixed)]
     firmware: FirmwareChoice,
     /// The UEFI iPXE binary Bearman's TFTP hands OVMF: ipxe.efi (iPXE's own NIC drivers)
@@ -117,13 +118,18 @@ enum FirmwareChoice {
     Mixed,
     Bios,
     Uefi,
+    UefiHttp,
+    All,
 }
 
 /// One VM's firmware.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Firmware {
     Bios,
+    /// OVMF's PXE: TFTP.
     Uefi,
+    /// OVMF's HTTP Boot: the EFI binary over HTTP, no TFTP.
+    UefiHttp,
 }
 
 impl Firmware {
@@ -131,6 +137,7 @@ impl Firmware {
         match self {
             Firmware::Bios => "BIOS",
             Firmware::Uefi => "UEFI",
+            Firmware::UefiHttp => "UEFI HTTP Boot",
         }
     }
 }
@@ -141,8 +148,12 @@ fn firmware_of(choice: FirmwareChoice, index: u32) -> Firmware {
     match choice {
         FirmwareChoice::Bios => Firmware::Bios,
         FirmwareChoice::Uefi => Firmware::Uefi,
+        FirmwareChoice::UefiHttp => Firmware::UefiHttp,
         FirmwareChoice::Mixed if index.is_multiple_of(2) => Firmware::Bios,
         FirmwareChoice::Mixed => Firmware::Uefi,
+        FirmwareChoice::All => {
+            [Firmware::Bios, Firmware::Uefi, Firmware::UefiHttp][index as usize % 3]
+        }
     }
 }
 
@@ -173,7 +184,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "{PXE_ROM} is missing (Debian package ipxe-qemu): {INSTALL_HINT}"
     );
     let uefi_vms = (0..args.nodes)
-        .filter(|index| firmware_of(args.firmware, *index) == Firmware::Uefi)
+        .filter(|index| firmware_of(args.firmware, *index) != Firmware::Bios)
         .count();
     match args.network {
         Network::User => ensure!(
@@ -640,7 +651,9 @@ fn start_vm(args: &Args, setup: &Setup, addr: SocketAddr, index: u32) -> anyhow:
         // hide the firmware's PXE. OVMF drives virtio-net itself (VirtioNetDxe), so its
         // own PXE client (EDK2's PxeBcDxe, "PXEClient:Arch:00007", no iPXE user class)
         // does the DHCP and TFTP, as a server's UEFI firmware would.
-        Firmware::Uefi => format!("virtio-net-pci,netdev=net0,mac={mac},romfile=,bootindex=1"),
+        Firmware::Uefi | Firmware::UefiHttp => {
+            format!("virtio-net-pci,netdev=net0,mac={mac},romfile=,bootindex=1")
+        }
     };
     let serial_log = setup.work.join(format!("{name}.serial.log"));
     let qmp = setup.sockets.join(format!("{name}.qmp"));
@@ -671,7 +684,19 @@ fn start_vm(args: &Args, setup: &Setup, addr: SocketAddr, index: u32) -> anyhow:
         .args(["-device", "isa-ipmi-kcs,bmc=bmc0"])
         .args(match firmware {
             Firmware::Bios => ["-boot", "order=n"],
-            Firmware::Uefi => ["-bios", OVMF],
+            Firmware::Uefi | Firmware::UefiHttp => ["-bios", OVMF],
+        })
+        // OVMF reads these fw_cfg knobs at boot: with PXE off on both IP versions, its
+        // boot manager goes straight to the NIC's HTTP Boot entry.
+        .args(if firmware == Firmware::UefiHttp {
+            vec![
+                "-fw_cfg",
+                "name=opt/org.tianocore/IPv4PXESupport,string=n",
+                "-fw_cfg",
+                "name=opt/org.tianocore/IPv6PXESupport,string=n",
+            ]
+        } else {
+            vec![]
         })
         .stdout(qemu_output.try_clone()?)
         .stderr(qemu_output);
@@ -1031,13 +1056,32 @@ fn check_netboot_logs(
         .collect();
     let tftp_answer = format!("Tftp(\"{uefi_file}\")");
     let first_tftp = answers.iter().position(|line| line.contains(&tftp_answer));
+    let first_http = answers.iter().position(|line| line.contains("HttpBoot("));
     let first_ipxe = answers.iter().position(|line| line.contains("IpxeScript("));
     let served = daemon_log.lines().any(|line| {
         line.contains("tftp: sent")
             && line.contains(&format!("from={leased}:"))
             && line.contains(uefi_file)
     });
+    if firmware == Firmware::UefiHttp {
+        return match (first_http, first_tftp, first_ipxe) {
+            (_, _, None) => Err(format!(
+                "Bearman's proxyDHCP never sent {mac} the /ipxe URL; its answers to it: {answers:?}"
+            )),
+            (None, _, _) => Err(format!(
+                "proxyDHCP never sent the HTTP-boot VM {mac} an HttpBoot URL: {answers:?}"
+            )),
+            (_, Some(_), _) => Err(format!(
+                "the HTTP-boot VM {mac} was sent a TFTP file (its PXE should be off): {answers:?}"
+            )),
+            (Some(http), None, Some(ipxe)) if http > ipxe => Err(format!(
+                "{mac} got the /ipxe URL before its HTTP Boot URL: {answers:?}"
+            )),
+            (Some(_), None, Some(_)) => Ok(leased),
+        };
+    }
     match (firmware, first_tftp, first_ipxe) {
+        (Firmware::UefiHttp, _, _) => unreachable!("handled above"),
         (_, _, None) => Err(format!(
             "Bearman's proxyDHCP never sent {mac} the /ipxe URL; its answers to it: {answers:?}"
         )),
@@ -1104,7 +1148,7 @@ async fn check_l2_boot(
     let dnsmasq_log = read_from(&setup.work.join("dnsmasq.log"), since.dnsmasq);
     let leased = check_netboot_logs(vm.firmware, &vm.mac, uefi_file, &daemon_log, &dnsmasq_log)
         .map_err(|error| anyhow!("{} ({}): {error}", vm.name, vm.firmware.name()))?;
-    if vm.firmware == Firmware::Uefi {
+    if vm.firmware != Firmware::Bios {
         let console = read_from(&vm.serial_log, since.serial);
         check_stage2_firmware_tables(&console).map_err(|error| anyhow!("{}: {error}", vm.name))?;
     }
@@ -1137,10 +1181,13 @@ async fn check_l2_boot(
         match vm.firmware {
             Firmware::Bios => "its iPXE ROM the /ipxe URL".to_string(),
             Firmware::Uefi => format!("OVMF's PXE {uefi_file} (TFTP, served), then iPXE the /ipxe URL"),
+            Firmware::UefiHttp => "OVMF's HTTP Boot the ipxe.efi URL, then iPXE the /ipxe URL".to_string(),
         },
         match vm.firmware {
             Firmware::Bios => "",
-            Firmware::Uefi => "; the kexec'd stage 2 found the EFI system table and the ACPI RSDP",
+            Firmware::Uefi | Firmware::UefiHttp => {
+                "; the kexec'd stage 2 found the EFI system table and the ACPI RSDP"
+            }
         }
     ));
     Ok(())
@@ -1536,6 +1583,32 @@ mod tests {
             "no \"tftp: sent\"",
         );
         fails(check(Firmware::Bios, &uefi, DNSMASQ), "ROM is iPXE");
+        let http = IPXE.replace(
+            "IpxeScript(\"http://10.77.0.1:8080/ipxe\")",
+            "HttpBoot(\"http://10.77.0.1:8080/images/ipxe.efi\")",
+        );
+        let http_boot = format!("{http}{IPXE}");
+        assert_eq!(
+            check(Firmware::UefiHttp, &http_boot, DNSMASQ),
+            Ok("10.77.0.150".into())
+        );
+        fails(
+            check(Firmware::UefiHttp, IPXE, DNSMASQ),
+            "never sent the HTTP-boot VM",
+        );
+        fails(check(Firmware::UefiHttp, &http, DNSMASQ), "never sent");
+        fails(
+            check(Firmware::UefiHttp, &format!("{IPXE}{http}"), DNSMASQ),
+            "before its HTTP Boot URL",
+        );
+        fails(
+            check(
+                Firmware::UefiHttp,
+                &format!("{UEFI_TFTP}{http_boot}"),
+                DNSMASQ,
+            ),
+            "was sent a TFTP file",
+        );
         fails(
             check(
                 Firmware::Bios,
@@ -1572,6 +1645,18 @@ mod tests {
             .collect();
         assert_eq!(firmwares, [Firmware::Bios, Firmware::Uefi, Firmware::Bios]);
         assert_eq!(firmware_of(FirmwareChoice::Uefi, 0), Firmware::Uefi);
+        let all: Vec<Firmware> = (0..4)
+            .map(|i| firmware_of(FirmwareChoice::All, i))
+            .collect();
+        assert_eq!(
+            all,
+            [
+                Firmware::Bios,
+                Firmware::Uefi,
+                Firmware::UefiHttp,
+                Firmware::Bios
+            ]
+        );
     }
 
     #[test]
