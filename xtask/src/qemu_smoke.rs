@@ -1193,6 +1193,87 @@ async fn check_l2_boot(
     Ok(())
 }
 
+/// What the boot network carried during the whole run, counted from the witnesses' logs:
+/// dnsmasq's leases, Bearman's proxyDHCP answers and TFTP transfers. HTTP is not logged
+/// per request at the daemon's default level, so its bytes are computed (artifact sizes
+/// from the image manifest × the boots that reached each download), and said to be.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Traffic {
+    dhcp_acks: usize,
+    proxy_offers: usize,
+    proxy_acks: usize,
+    tftp_sent: usize,
+    tftp_bytes: u64,
+    tftp_ended_early: usize,
+}
+
+fn count_traffic(daemon_log: &str, dnsmasq_log: &str) -> Traffic {
+    let mut traffic = Traffic {
+        dhcp_acks: dnsmasq_log
+            .lines()
+            .filter(|line| line.contains("DHCPACK("))
+            .count(),
+        ..Traffic::default()
+    };
+    for line in daemon_log.lines() {
+        if line.contains("proxyDHCP") && line.contains("Offer sent") {
+            traffic.proxy_offers += 1;
+        } else if line.contains("proxyDHCP") && line.contains("Ack sent") {
+            traffic.proxy_acks += 1;
+        } else if line.contains("tftp: sent") {
+            traffic.tftp_sent += 1;
+            traffic.tftp_bytes += line
+                .split_whitespace()
+                .find_map(|word| word.strip_prefix("bytes="))
+                .and_then(|bytes| bytes.parse::<u64>().ok())
+                .unwrap_or(0);
+        } else if line.contains("tftp: transfer ended") {
+            traffic.tftp_ended_early += 1;
+        }
+    }
+    traffic
+}
+
+fn print_traffic(setup: &Setup, vms: &[Vm], boots: usize) {
+    let traffic = count_traffic(
+        &read_from(&setup.work.join("bearman.log"), 0),
+        &read_from(&setup.work.join("dnsmasq.log"), 0),
+    );
+    let manifest: Value = fs::read_to_string(setup.images.join("manifest.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    let size = |artifact: &str| {
+        manifest["artifacts"][artifact]["size"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let per_boot = size("stage1/vmlinuz")
+        + size("stage1/initrd.img")
+        + size("stage2/vmlinuz")
+        + size("stage2/initrd.img");
+    let http_boot_vms = vms
+        .iter()
+        .filter(|vm| vm.firmware == Firmware::UefiHttp)
+        .count();
+    let ipxe_efi = fs::metadata(Path::new(IPXE_DIR).join("ipxe.efi")).map_or(0, |m| m.len());
+    println!(
+        "boot network, whole run ({boots} boot(s) to Ready): dnsmasq DHCPACKs {}; proxyDHCP offers {} + 4011 acks {}; TFTP transfers {} ({} bytes), {} ended early (EDK2's tsize probe aborts one per PXE boot); HTTP computed from the manifest: {} bytes per boot{}",
+        traffic.dhcp_acks,
+        traffic.proxy_offers,
+        traffic.proxy_acks,
+        traffic.tftp_sent,
+        traffic.tftp_bytes,
+        traffic.tftp_ended_early,
+        per_boot,
+        if http_boot_vms > 0 {
+            format!(" + ipxe.efi {ipxe_efi} bytes per UEFI HTTP boot")
+        } else {
+            String::new()
+        }
+    );
+}
+
 async fn boots_and_rebuild(
     args: &Args,
     setup: &Setup,
@@ -1225,6 +1306,9 @@ async fn boots_and_rebuild(
     let first: Vec<Cycle> = cycles.into_iter().flatten().collect();
     print_cycles("first boot", "power-on", vms, &first);
     if args.no_power_kill {
+        if network.is_some() {
+            print_traffic(setup, vms, vms.len());
+        }
         progress("--no-power-kill: skipping the power-kill → fence → rebuild step");
         return Ok(());
     }
@@ -1250,7 +1334,7 @@ async fn boots_and_rebuild(
 
     let vm = &vms[victim];
     check_bmc(api, vm, offset).await?;
-    if let Some(network) = network {
+    if let Some(network) = network.as_deref_mut() {
         check_l2_boot(api, setup, network, vm, &args.uefi_file, logs_at_kill).await?;
     }
     let events = events(api, &vm.uuid).await?;
@@ -1321,6 +1405,9 @@ async fn boots_and_rebuild(
         &vms[victim..],
         &rebuild,
     );
+    if network.is_some() {
+        print_traffic(setup, vms, vms.len() + 1);
+    }
     let since_kill = |at_ms: i64| (at_ms - killed_at_ms) as f64 / 1000.0;
     println!(
         "power cut → suspect {:.1} s, → fencing {:.1} s, → fenced (verified off) {:.1} s, → rebuilding {:.1} s, → Ready {:.1} s (daemon event times)",
@@ -1636,6 +1723,22 @@ mod tests {
         assert!(check_stage2_firmware_tables(stage1)
             .unwrap_err()
             .contains("no stage-2 kernel"));
+    }
+
+    #[test]
+    fn traffic_is_counted_from_the_logs() {
+        let daemon = format!("{UEFI_TFTP}{SENT}{SENT}{IPXE}INFO bearman_pxe::serve: tftp: transfer ended: the client ended the transfer\n");
+        assert_eq!(
+            count_traffic(&strip_ansi(&daemon), DNSMASQ),
+            Traffic {
+                dhcp_acks: 1,
+                proxy_offers: 1,
+                proxy_acks: 1,
+                tftp_sent: 2,
+                tftp_bytes: 2000,
+                tftp_ended_early: 1,
+            }
+        );
     }
 
     #[test]
