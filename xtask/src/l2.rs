@@ -64,6 +64,31 @@ fn set_netns(file: &File, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The pid in a namespace name this module made (`bearman-smoke-PID[-dhcp]`).
+fn smoke_namespace_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("bearman-smoke-")?;
+    rest.strip_suffix("-dhcp").unwrap_or(rest).parse().ok()
+}
+
+/// Deletes namespaces an earlier smoke left behind when it was killed outright (SIGKILL
+/// runs no destructor): those whose process is gone. A live smoke's are left alone.
+fn remove_stale_namespaces() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = smoke_namespace_pid(&name) {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                eprintln!(
+                    "qemu-smoke: removing namespace {name}, left by a smoke that no longer runs"
+                );
+                let _ = ip(&["netns", "del", &name]);
+            }
+        }
+    }
+}
+
 impl L2 {
     /// Creates the namespaces and links for `taps` VMs and moves this thread into the
     /// boot namespace. Call it on the main thread before the async runtime starts, so
@@ -74,6 +99,7 @@ impl L2 {
             unsafe { libc::getuid() } == 0,
             "the L2 smoke needs root (network namespaces, a bridge and taps); run as root or pass --network user"
         );
+        remove_stale_namespaces();
         let original = File::open("/proc/thread-self/ns/net")
             .context("opening this thread's network namespace")?;
         let id = std::process::id();
@@ -185,6 +211,25 @@ impl Drop for L2 {
             if let Err(error) = ip(&["netns", "del", ns]) {
                 eprintln!("qemu-smoke: removing namespace {ns}: {error:#}");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_modules_namespace_names_yield_a_pid() {
+        assert_eq!(smoke_namespace_pid("bearman-smoke-1234"), Some(1234));
+        assert_eq!(smoke_namespace_pid("bearman-smoke-1234-dhcp"), Some(1234));
+        for other in [
+            "bearman-smoke-",
+            "bearman-smoke-x",
+            "prod-ns",
+            "bearman-smoke-12-other",
+        ] {
+            assert_eq!(smoke_namespace_pid(other), None, "{other}");
         }
     }
 }
