@@ -189,7 +189,7 @@ fn warn_limited(
     what: &dyn std::fmt::Display,
 ) {
     if let LogDecision::Log { suppressed_before } = logs.check(origin.elapsed()) {
-        tracing::warn!(%from, suppressed_before, "{service}: dropped a bad packet: {what}");
+        tracing::warn!(%from, suppressed_before, "{service}: dropped a packet: {what}");
     }
 }
 
@@ -241,6 +241,13 @@ async fn dhcp_loop(
             .unwrap_or(true);
         if !allowed {
             PxeStats::add(&stats.dhcp_rate_limited, 1);
+            warn_limited(
+                &mut logs,
+                origin,
+                service,
+                from,
+                &"over pxe.client_requests_per_s / client_burst",
+            );
             continue;
         }
         // The parsers are not ours: a panic inside one must cost one packet, not the
@@ -318,6 +325,13 @@ async fn tftp_loop(socket: UdpSocket, shared: Arc<TftpShared>) {
         let packet = &buffer[..len];
         if !limiter.allow(&from.ip(), shared.origin.elapsed()) {
             PxeStats::add(&shared.stats.tftp_refused, 1);
+            warn_limited(
+                &mut logs,
+                shared.origin,
+                "tftp",
+                from,
+                &"over pxe.client_requests_per_s / client_burst",
+            );
             continue;
         }
         PxeStats::add(&shared.stats.tftp_requests, 1);

@@ -1205,6 +1205,8 @@ struct Traffic {
     tftp_sent: usize,
     tftp_bytes: u64,
     tftp_ended_early: usize,
+    /// The PXE services' bounded warnings: bad packets, rate limits, busy TFTP.
+    pxe_warnings: usize,
 }
 
 fn count_traffic(daemon_log: &str, dnsmasq_log: &str) -> Traffic {
@@ -1229,6 +1231,9 @@ fn count_traffic(daemon_log: &str, dnsmasq_log: &str) -> Traffic {
                 .unwrap_or(0);
         } else if line.contains("tftp: transfer ended") {
             traffic.tftp_ended_early += 1;
+        }
+        if line.contains("bearman_pxe") && line.contains("WARN") {
+            traffic.pxe_warnings += 1;
         }
     }
     traffic
@@ -1258,13 +1263,14 @@ fn print_traffic(setup: &Setup, vms: &[Vm], boots: usize) {
         .count();
     let ipxe_efi = fs::metadata(Path::new(IPXE_DIR).join("ipxe.efi")).map_or(0, |m| m.len());
     println!(
-        "boot network, whole run ({boots} boot(s) to Ready): dnsmasq DHCPACKs {}; proxyDHCP offers {} + 4011 acks {}; TFTP transfers {} ({} bytes), {} ended early (EDK2's tsize probe aborts one per PXE boot); HTTP computed from the manifest: {} bytes per boot{}",
+        "boot network, whole run ({boots} boot(s) to Ready): dnsmasq DHCPACKs {}; proxyDHCP offers {} + 4011 acks {}; TFTP transfers {} ({} bytes), {} ended early (EDK2's tsize probe aborts one per PXE boot); PXE-service warnings (dropped packets, rate limits) {}; HTTP computed from the manifest: {} bytes per boot{}",
         traffic.dhcp_acks,
         traffic.proxy_offers,
         traffic.proxy_acks,
         traffic.tftp_sent,
         traffic.tftp_bytes,
         traffic.tftp_ended_early,
+        traffic.pxe_warnings,
         per_boot,
         if http_boot_vms > 0 {
             format!(" + ipxe.efi {ipxe_efi} bytes per UEFI HTTP boot")
@@ -1727,7 +1733,7 @@ mod tests {
 
     #[test]
     fn traffic_is_counted_from_the_logs() {
-        let daemon = format!("{UEFI_TFTP}{SENT}{SENT}{IPXE}INFO bearman_pxe::serve: tftp: transfer ended: the client ended the transfer\n");
+        let daemon = format!("{UEFI_TFTP}{SENT}{SENT}{IPXE}INFO bearman_pxe::serve: tftp: transfer ended: the client ended the transfer\n WARN bearman_pxe::serve: proxyDHCP: dropped a packet: over pxe.client_requests_per_s / client_burst\n");
         assert_eq!(
             count_traffic(&strip_ansi(&daemon), DNSMASQ),
             Traffic {
@@ -1737,6 +1743,7 @@ mod tests {
                 tftp_sent: 2,
                 tftp_bytes: 2000,
                 tftp_ended_early: 1,
+                pxe_warnings: 1,
             }
         );
     }
