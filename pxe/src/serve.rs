@@ -133,6 +133,14 @@ pub async fn start(config: PxeConfig) -> Result<PxeServices, PxeError> {
     let dhcp_addr = local(&dhcp_socket, "dhcp_listen", config.dhcp_listen)?;
     let pxe_addr = local(&pxe_socket, "pxe_listen", config.pxe_listen)?;
     let tftp_addr = local(&tftp_socket, "tftp_listen", config.tftp_listen)?;
+    if !config.dhcp_listen.ip().is_unspecified() {
+        // Bound to a unicast address, the socket never sees a broadcast DISCOVER: only
+        // relayed (unicast) requests and tests reach it.
+        tracing::warn!(
+            dhcp = %config.dhcp_listen,
+            "pxe.dhcp_listen is not 0.0.0.0: broadcast DHCPDISCOVERs from this L2 will not be heard"
+        );
+    }
     let stats = Arc::new(PxeStats::default());
     let proxy = Arc::new(ProxyDhcp {
         targets: config.targets.clone(),
@@ -170,6 +178,7 @@ pub async fn start(config: PxeConfig) -> Result<PxeServices, PxeError> {
             config,
             stats: stats.clone(),
             origin,
+            cache: Mutex::new(FileCache::default()),
         }),
     )));
     Ok(PxeServices {
@@ -296,6 +305,25 @@ struct TftpShared {
     config: PxeConfig,
     stats: Arc<PxeStats>,
     origin: Instant,
+    cache: Mutex<FileCache>,
+}
+
+/// Files cached at once; a boot network serves two or three.
+const FILE_CACHE_ENTRIES_MAX: usize = 16;
+
+/// Boot files read once and shared by every transfer of them: a boot storm fetches the
+/// same few files thousands of times, and `tftp_transfers_max` copies of a large file
+/// would otherwise each sit in memory. An entry is used only while the file's size and
+/// modification time are unchanged, so a replaced binary is read again.
+#[derive(Default)]
+struct FileCache {
+    entries: std::collections::BTreeMap<PathBuf, CachedFile>,
+}
+
+struct CachedFile {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    data: Arc<[u8]>,
 }
 
 async fn tftp_loop(socket: UdpSocket, shared: Arc<TftpShared>) {
@@ -389,8 +417,13 @@ async fn tftp_loop(socket: UdpSocket, shared: Arc<TftpShared>) {
 }
 
 /// Reads `path` if it is a regular file under `root` (after resolving links) no larger
-/// than `bytes_max`.
-async fn read_boot_file(root: &Path, path: &Path, bytes_max: u64) -> Result<Vec<u8>, String> {
+/// than `bytes_max`, from the cache when it has not changed.
+async fn read_boot_file(
+    root: &Path,
+    cache: &Mutex<FileCache>,
+    path: &Path,
+    bytes_max: u64,
+) -> Result<Arc<[u8]>, String> {
     let real = tokio::fs::canonicalize(path)
         .await
         .map_err(|error| format!("{}: {error}", path.display()))?;
@@ -414,6 +447,14 @@ async fn read_boot_file(root: &Path, path: &Path, bytes_max: u64) -> Result<Vec<
             metadata.len()
         ));
     }
+    let modified = metadata.modified().ok();
+    if let Ok(cache) = cache.lock() {
+        if let Some(hit) = cache.entries.get(&real) {
+            if hit.len == metadata.len() && hit.modified == modified {
+                return Ok(hit.data.clone());
+            }
+        }
+    }
     let mut data = Vec::with_capacity(metadata.len() as usize);
     // take(): a file that grows after the size check is still bounded.
     file.take(bytes_max + 1)
@@ -425,6 +466,20 @@ async fn read_boot_file(root: &Path, path: &Path, bytes_max: u64) -> Result<Vec<
             "{} grew over pxe.tftp_file_bytes_max",
             real.display()
         ));
+    }
+    let data: Arc<[u8]> = data.into();
+    if let Ok(mut cache) = cache.lock() {
+        if cache.entries.len() >= FILE_CACHE_ENTRIES_MAX && !cache.entries.contains_key(&real) {
+            cache.entries.pop_first();
+        }
+        cache.entries.insert(
+            real,
+            CachedFile {
+                len: data.len() as u64,
+                modified,
+                data: data.clone(),
+            },
+        );
     }
     Ok(data)
 }
@@ -443,7 +498,15 @@ async fn transfer(
         .await
         .map_err(|error| format!("binding a transfer socket on {local_ip}: {error}"))?;
     let data = match tftp::resolve_path(&shared.root, &request.filename) {
-        Ok(path) => read_boot_file(&shared.root, &path, shared.config.tftp_file_bytes_max).await,
+        Ok(path) => {
+            read_boot_file(
+                &shared.root,
+                &shared.cache,
+                &path,
+                shared.config.tftp_file_bytes_max,
+            )
+            .await
+        }
         Err(error) => Err(error.to_string()),
     };
     let data = match data {
@@ -459,7 +522,7 @@ async fn transfer(
         }
     };
     let now = || shared.origin.elapsed();
-    let (mut transfer, first) = Transfer::start(data.into(), request, &shared.config.tftp, now());
+    let (mut transfer, first) = Transfer::start(data, request, &shared.config.tftp, now());
     socket
         .send_to(&first, client)
         .await

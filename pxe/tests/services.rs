@@ -42,7 +42,7 @@ fn boot_file(len: usize) -> Vec<u8> {
 }
 
 struct Fixture {
-    _root: tempfile::TempDir,
+    root: tempfile::TempDir,
     services: PxeServices,
     file: Vec<u8>,
 }
@@ -79,7 +79,7 @@ async fn start(extra: &str) -> Fixture {
         .await
         .unwrap();
     Fixture {
-        _root: root,
+        root,
         services,
         file,
     }
@@ -255,6 +255,19 @@ async fn a_boot_file_arrives_whole_with_options_and_without() {
     }
     assert_eq!(PxeStats::get(&stats.tftp_transfers_done), 3);
     assert_eq!(PxeStats::get(&stats.tftp_bytes_sent), 2 * 300_000 + 3);
+}
+
+/// Transfers share one cached copy of a file, but a replaced file is read again.
+#[tokio::test]
+async fn a_replaced_boot_file_is_served_as_it_is_now() {
+    let fixture = start("").await;
+    let tftp = fixture.services.tftp_addr;
+    assert_eq!(tftp_get(tftp, "ipxe.efi", &[]).await.unwrap(), b"efi");
+    std::fs::write(fixture.root.path().join("ipxe.efi"), b"a newer ipxe.efi").unwrap();
+    assert_eq!(
+        tftp_get(tftp, "ipxe.efi", &[]).await.unwrap(),
+        b"a newer ipxe.efi"
+    );
 }
 
 /// curl is an independent TFTP client (RFC 2347/2348/2349 options included): what it
