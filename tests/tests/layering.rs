@@ -178,3 +178,57 @@ fn a_line_naming_a_forbidden_layer_is_found() {
         BTreeSet::from(["api".to_string(), "store".to_string()])
     );
 }
+
+/// The PXE services are their own crate (`pxe/`, see ARCHITECTURE.md): the daemon's CLI
+/// starts them, and they know nothing of the daemon — no dependency on any Bearman
+/// crate, so the proxyDHCP and TFTP code cannot reach the store, the app or the core.
+/// And only the CLI (`bearman serve`) starts them: no daemon module but `cli` names them.
+#[test]
+fn the_pxe_services_know_nothing_of_the_daemon_and_only_the_cli_starts_them() {
+    let root = daemon_src()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let manifest = std::fs::read_to_string(root.join("pxe/Cargo.toml")).unwrap();
+    let dependencies: Vec<&str> = manifest
+        .lines()
+        .skip_while(|line| !line.starts_with("[dependencies]"))
+        .skip(1)
+        .take_while(|line| !line.starts_with('['))
+        .filter_map(|line| line.split(['=', '.', ' ']).next())
+        .filter(|name| !name.is_empty() && !name.starts_with('#'))
+        .collect();
+    assert!(
+        !dependencies.is_empty(),
+        "no [dependencies] read from pxe/Cargo.toml"
+    );
+    for name in &dependencies {
+        assert!(
+            !name.starts_with("bearman"),
+            "pxe/ depends on {name}: the PXE services must not depend on a Bearman crate"
+        );
+    }
+    let src = daemon_src();
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let starters: Vec<String> = files
+        .iter()
+        .filter(|file| {
+            std::fs::read_to_string(file)
+                .unwrap()
+                .lines()
+                .any(|line| !line.trim_start().starts_with("//") && line.contains("bearman_pxe::"))
+        })
+        .map(|file| module_of(&src, file))
+        .collect();
+    assert!(
+        starters.iter().all(|module| module == "cli"),
+        "only the CLI may name bearman_pxe; named in: {starters:?}"
+    );
+    assert!(
+        !starters.is_empty(),
+        "bearman serve no longer starts the PXE services"
+    );
+}
