@@ -151,7 +151,14 @@ impl Controller {
     /// Returns the tasks it started (steps, power polls).
     pub async fn tick(self: Arc<Self>) -> Result<Started, StoreError> {
         let now = self.app.clock.now_ms();
+        let boot_scan_due = self.lock_core().boot_scan_due(now);
+        let booting = if boot_scan_due {
+            Some(self.app.store.node_booting_list().await?)
+        } else {
+            None
+        };
         let view = FleetView {
+            booting,
             nodes: self.app.store.node_health_list().await?,
             active: self
                 .app
@@ -269,6 +276,9 @@ impl Controller {
                 .collect(),
             power_confirmed: report.power_confirmed,
             fences_unverified: report.fences_unverified,
+            boots_stalled: report.boots_stalled,
+            boot_retries_held: report.boot_retries_held,
+            boot_retry_automatic: config.automatic && config.boot_retry_automatic,
         });
     }
 }
@@ -293,6 +303,18 @@ fn log_alert(alert: &GuardAlert) {
         GuardAlert::FleetResumed => {
             tracing::info!("fleet heard again: automatic fencing resumed")
         }
+        GuardAlert::BootStalled { stall, stuck_ms } => tracing::warn!(
+            uuid = %stall.uuid,
+            phase = stall.phase.as_str(),
+            stuck_s = stuck_ms / 1000,
+            held = stall.held.as_deref().unwrap_or("no: power-cycling (boot retry)"),
+            "boot stalled"
+        ),
+        GuardAlert::BootRetriesHeld { stalled } => tracing::error!(
+            stalled,
+            "many boots stalled at once: boot retries held, power-cycling none"
+        ),
+        GuardAlert::BootRetriesResumed => tracing::info!("boot retries resumed"),
     }
 }
 

@@ -228,31 +228,30 @@ pub trait Store: Send + Sync + 'static {
     /// Light health records of every node expected to heartbeat (Ready or Suspect), with
     /// their last power reading, for the controller's every-second judgement.
     async fn node_health_list(&self) -> Result<Vec<crate::core::health::NodeHealth>, StoreError> {
-        let mut out = Vec::new();
-        for state in [
-            crate::core::lifecycle::LifecycleState::Ready,
-            crate::core::lifecycle::LifecycleState::Suspect,
-        ] {
-            let mut filter = NodeFilter {
-                state: Some(state),
-                limit: LIST_LIMIT_MAX,
-                ..Default::default()
-            };
-            // Bounded: a million nodes is a hundred pages.
-            for _ in 0..100 {
-                let page = self.node_list(&filter).await?;
-                let full = page.len() == LIST_LIMIT_MAX;
-                filter.after = page.last().map(|n| n.uuid.clone());
-                out.extend(page.iter().map(crate::core::health::NodeHealth::of));
-                if !full {
-                    break;
-                }
-            }
-        }
+        use crate::core::lifecycle::LifecycleState as S;
+        let mut out = nodes_in_states(
+            self,
+            &[S::Ready, S::Suspect],
+            crate::core::health::NodeHealth::of,
+        )
+        .await?;
         for health in &mut out {
             health.power = self.node_power_get(&health.uuid).await?;
         }
         Ok(out)
+    }
+    /// What the boot watchdog needs of every node that is booting (Registered or
+    /// Provisioning), read every `boot_scan_ms`.
+    async fn node_booting_list(
+        &self,
+    ) -> Result<Vec<crate::core::controller::BootingNode>, StoreError> {
+        use crate::core::lifecycle::LifecycleState as S;
+        nodes_in_states(
+            self,
+            &[S::Registered, S::Provisioning],
+            crate::core::controller::BootingNode::of,
+        )
+        .await
     }
     /// Records `reading` as the last BMC power reading of `uuid` (power sync), with its
     /// audit events, in one transaction — unless a newer reading is already stored, in
@@ -386,6 +385,38 @@ pub trait Store: Send + Sync + 'static {
 
 /// Upper bound on any listing, whatever the caller asks for.
 pub const LIST_LIMIT_MAX: usize = 10_000;
+
+/// Every node in `states` (page by page, in uuid order within each state), as `view`
+/// makes of it. Bounded: a million nodes per state is a hundred pages.
+async fn nodes_in_states<S, T, F>(
+    store: &S,
+    states: &[crate::core::lifecycle::LifecycleState],
+    view: F,
+) -> Result<Vec<T>, StoreError>
+where
+    S: Store + ?Sized,
+    T: Send,
+    F: Fn(&Node) -> T + Send + Sync,
+{
+    let mut out = Vec::new();
+    for state in states {
+        let mut filter = NodeFilter {
+            state: Some(*state),
+            limit: LIST_LIMIT_MAX,
+            ..Default::default()
+        };
+        for _ in 0..100 {
+            let page = store.node_list(&filter).await?;
+            let full = page.len() == LIST_LIMIT_MAX;
+            filter.after = page.last().map(|n| n.uuid.clone());
+            out.extend(page.iter().map(&view));
+            if !full {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
 
 pub(crate) fn clamp_limit(limit: usize) -> usize {
     if limit == 0 {
