@@ -666,7 +666,7 @@ async fn every_step_can_run_twice_without_harm() {
             rewound.step_index -= 1;
             rewound.attempts = 0;
             h.store
-                .remediation_update(&rewound, None, &[])
+                .remediation_update(&rewound, None, &[], None)
                 .await
                 .unwrap();
         }
@@ -918,6 +918,7 @@ impl Harness {
             .remediation_create(
                 &Remediation::new(self.uuid.clone(), kind, "test", "test", now),
                 &[],
+                None,
             )
             .await
             .unwrap();
@@ -925,7 +926,7 @@ impl Harness {
         at.step_index = at.plan.iter().position(|s| *s == step).unwrap();
         at.attempts = attempts;
         self.store
-            .remediation_update(&at, None, &[])
+            .remediation_update(&at, None, &[], None)
             .await
             .unwrap()
             .0

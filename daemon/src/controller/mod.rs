@@ -14,6 +14,7 @@
 //! the outside world, and persists before and after acting. A task it spawns that panics
 //! frees its slot (a drop guard), so nothing stays "in flight" forever.
 
+pub mod elector;
 mod power;
 pub mod remediation;
 
@@ -47,6 +48,8 @@ pub struct Controller {
     running: Arc<Mutex<BTreeSet<i64>>>,
     /// Nodes with a power poll in flight.
     polls_in_flight: Arc<Mutex<BTreeSet<NodeUuid>>>,
+    /// The leader epoch the core's memory belongs to (clustered replicas).
+    epoch: Mutex<Option<i64>>,
 }
 
 /// The tasks one tick started (saga steps and power polls); dropping it lets them run on
@@ -125,6 +128,7 @@ impl Controller {
             config,
             running: Arc::default(),
             polls_in_flight: Arc::default(),
+            epoch: Mutex::default(),
         })
     }
 
@@ -151,6 +155,10 @@ impl Controller {
     /// Returns the tasks it started (steps, power polls).
     pub async fn tick(self: Arc<Self>) -> Result<Started, StoreError> {
         let now = self.app.clock.now_ms();
+        let acting = self.app.leader.acting(now);
+        if !self.follow_leadership(acting, now) {
+            return Ok(Started { tasks: Vec::new() });
+        }
         let boot_scan_due = self.lock_core().boot_scan_due(now);
         let booting = if boot_scan_due {
             Some(self.app.store.node_booting_list().await?)
@@ -189,8 +197,10 @@ impl Controller {
                 }
                 Command::StartAutomatic { remediation, event } => {
                     let uuid = remediation.node_uuid.clone();
-                    if let Some(created) =
-                        self.app.saga_start_automatic(&remediation, event).await?
+                    if let Some(created) = self
+                        .app
+                        .saga_start_automatic(&remediation, event, acting.fence())
+                        .await?
                     {
                         tracing::warn!(%uuid, id = created.id, "automatic remediation started");
                         let next = self.lock_core().handle_started(now, &created);
@@ -208,6 +218,29 @@ impl Controller {
         }
         self.app.saga_alerts_record(&alerts).await?;
         Ok(started)
+    }
+
+    /// Follows the leader board: whether this tick may act. A replica that is not
+    /// leading acts on nothing; one that (again) leads under a new epoch starts with a
+    /// fresh core — its quiet period runs from the takeover, and nothing it remembered
+    /// from an earlier term (rate window, guard history) is trusted.
+    fn follow_leadership(&self, acting: crate::app::cluster::Acting, now: i64) -> bool {
+        use crate::app::cluster::Acting;
+        let mut epoch = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
+        match acting {
+            Acting::Alone => true,
+            Acting::Standby => {
+                *epoch = None;
+                false
+            }
+            Acting::Leader { epoch: current } => {
+                if *epoch != Some(current) {
+                    *self.lock_core() = ControllerCore::new(self.config.clone(), now);
+                    *epoch = Some(current);
+                }
+                true
+            }
+        }
     }
 
     /// Steps with a task in flight right now (for tests: never one left after a panic).

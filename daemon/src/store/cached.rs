@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use bearman_proto::uuid::NodeUuid;
 
 use super::{OrphanAllocation, Registered, RegistrationWrite, Store, StoreError};
+use crate::core::cluster::{ClusterStatus, Lease, Replica};
 use crate::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
@@ -304,8 +305,11 @@ impl Store for CachedStore {
         &self,
         remediation: &Remediation,
         events: &[NewEvent],
+        fence: Option<i64>,
     ) -> Result<Remediation, StoreError> {
-        self.inner.remediation_create(remediation, events).await
+        self.inner
+            .remediation_create(remediation, events, fence)
+            .await
     }
 
     async fn remediation_update(
@@ -313,10 +317,11 @@ impl Store for CachedStore {
         remediation: &Remediation,
         node: Option<&Node>,
         events: &[NewEvent],
+        fence: Option<i64>,
     ) -> Result<(Remediation, Option<Node>), StoreError> {
         match self
             .inner
-            .remediation_update(remediation, node, events)
+            .remediation_update(remediation, node, events, fence)
             .await
         {
             Ok((remediation, node)) => {
@@ -338,6 +343,36 @@ impl Store for CachedStore {
 
     async fn remediation_get(&self, id: i64) -> Result<Option<Remediation>, StoreError> {
         self.inner.remediation_get(id).await
+    }
+
+    async fn lease_acquire(
+        &self,
+        holder: &str,
+        ttl_ms: i64,
+        now_ms: TimestampMs,
+    ) -> Result<Lease, StoreError> {
+        self.inner.lease_acquire(holder, ttl_ms, now_ms).await
+    }
+
+    async fn lease_release(
+        &self,
+        holder: &str,
+        epoch: i64,
+        now_ms: TimestampMs,
+    ) -> Result<(), StoreError> {
+        self.inner.lease_release(holder, epoch, now_ms).await
+    }
+
+    async fn replica_report(
+        &self,
+        replica: &Replica,
+        now_ms: TimestampMs,
+    ) -> Result<(), StoreError> {
+        self.inner.replica_report(replica, now_ms).await
+    }
+
+    async fn cluster_read(&self, now_ms: TimestampMs) -> Result<ClusterStatus, StoreError> {
+        self.inner.cluster_read(now_ms).await
     }
 
     async fn remediation_list(

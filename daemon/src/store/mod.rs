@@ -23,6 +23,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bearman_proto::uuid::NodeUuid;
 
+use crate::core::cluster::{ClusterStatus, Lease, Replica};
 use crate::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
@@ -197,6 +198,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database error: {0}")]
     Backend(String),
+    /// A saga write carried a leader epoch that is no longer the lease's: another replica
+    /// leads now (or the lease lapsed), and this one must not act.
+    #[error("fenced: written under leader epoch {written}, the lease is at {}", current.map_or("none".to_string(), |e| e.to_string()))]
+    Fenced { written: i64, current: Option<i64> },
 }
 
 impl StoreError {
@@ -345,20 +350,53 @@ pub trait Store: Send + Sync + 'static {
     async fn event_list(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError>;
 
     /// Inserts a new remediation (the store assigns its id) with its audit events.
-    /// `AlreadyExists` when the node already has an active one.
+    /// `AlreadyExists` when the node already has an active one. With `fence` (a leader's
+    /// epoch), only while the controller's lease is still at that epoch, checked in the
+    /// same transaction (`Fenced` otherwise).
     async fn remediation_create(
         &self,
         remediation: &Remediation,
         events: &[NewEvent],
+        fence: Option<i64>,
     ) -> Result<Remediation, StoreError>;
     /// Writes `remediation` (and `node`, when given) if their stored generations still
     /// equal the given ones, with the events, in one transaction. Returns both as stored.
+    /// `fence` as for [`Store::remediation_create`].
     async fn remediation_update(
         &self,
         remediation: &Remediation,
         node: Option<&Node>,
         events: &[NewEvent],
+        fence: Option<i64>,
     ) -> Result<(Remediation, Option<Node>), StoreError>;
+
+    /// Takes the controller's lease for `holder` when it is free or lapsed (the epoch
+    /// grows by one), or renews it when `holder` holds it, for `ttl_ms` on the store's
+    /// own clock; returns the lease as it stands after (another's, when another holds it).
+    /// `now_ms` is the caller's clock, for a store without one of its own (in memory).
+    async fn lease_acquire(
+        &self,
+        holder: &str,
+        ttl_ms: i64,
+        now_ms: TimestampMs,
+    ) -> Result<Lease, StoreError>;
+    /// Ends `holder`'s lease of `epoch` now (a clean shutdown: the next replica need not
+    /// wait out the TTL). Nothing when it is not theirs any more.
+    async fn lease_release(
+        &self,
+        holder: &str,
+        epoch: i64,
+        now_ms: TimestampMs,
+    ) -> Result<(), StoreError>;
+    /// Records that `replica` is alive (its last-seen time is the store's clock).
+    async fn replica_report(
+        &self,
+        replica: &Replica,
+        now_ms: TimestampMs,
+    ) -> Result<(), StoreError>;
+    /// The lease and every replica that ever reported, with the store's clock
+    /// (`enabled` is the caller's to set).
+    async fn cluster_read(&self, now_ms: TimestampMs) -> Result<ClusterStatus, StoreError>;
     async fn remediation_get(&self, id: i64) -> Result<Option<Remediation>, StoreError>;
     /// Newest first; only active ones when `active_only`; only one node's when given.
     async fn remediation_list(

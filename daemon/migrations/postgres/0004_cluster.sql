@@ -1,0 +1,20 @@
+-- Several daemons on one database (PostgreSQL in production; SQLite holds the same
+-- tables so both backends run one set of queries). Keep in step with
+-- ../sqlite/0004_cluster.sql.
+-- The controller's lease: one row, its expiry on the database's clock; `epoch` grows with
+-- every new term and is the fencing token saga writes are checked against.
+CREATE TABLE leader_lease (
+    name TEXT PRIMARY KEY NOT NULL,
+    holder TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    acquired_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT NOT NULL
+);
+-- Replicas that reported in, for `bearman cluster status`.
+CREATE TABLE replicas (
+    name TEXT PRIMARY KEY NOT NULL,
+    address TEXT NOT NULL,
+    version TEXT NOT NULL,
+    started_at_ms BIGINT NOT NULL,
+    last_seen_at_ms BIGINT NOT NULL
+);
