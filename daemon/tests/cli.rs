@@ -195,12 +195,21 @@ struct Serve {
 
 impl Serve {
     fn start(dir: &Path, data_dir: &Path) -> Serve {
+        Serve::start_with(
+            dir,
+            "serve.log",
+            &["--data-dir".as_ref(), data_dir.as_os_str()],
+        )
+    }
+
+    /// `bearman serve --listen <a free port>` with `args`, logging to `dir/log_name`.
+    fn start_with(dir: &Path, log_name: &str, args: &[&std::ffi::OsStr]) -> Serve {
         let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log = dir.join("serve.log");
+        let log = dir.join(log_name);
         let mut command = bearman(dir);
         command
-            .args(["serve", "--listen", &address.to_string(), "--data-dir"])
-            .arg(data_dir)
+            .args(["serve", "--listen", &address.to_string()])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap());
         let child = command.spawn().expect("spawn bearman serve");
@@ -229,7 +238,8 @@ impl Serve {
             }
             if let Ok(response) = request(self.address, "GET", "/healthz", None) {
                 assert_eq!(response.status, 200, "{}", response.text());
-                assert_eq!(response.text(), "ok\n");
+                // A replica of several says whether it leads.
+                assert!(response.text().starts_with("ok"), "{}", response.text());
                 return;
             }
             assert!(
@@ -534,4 +544,168 @@ fn serve_on_a_busy_port_names_the_address() {
         .arg(dir.path().join("data"));
     assert_refused("serve on a busy port", &run(command), &address);
     drop(taken);
+}
+
+#[test]
+fn a_second_serve_on_the_same_sqlite_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let first = Serve::start(dir.path(), &data_dir);
+    let mut command = bearman(dir.path());
+    command
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--data-dir",
+        ])
+        .arg(&data_dir);
+    assert_refused(
+        "a second serve on one SQLite file",
+        &run(command),
+        "another bearman serve already serves the SQLite database",
+    );
+    // The first one serves on, alone; `bearman cluster status` says it is not clustered.
+    let token = create_admin_token(dir.path(), &data_dir);
+    let output = first.client(dir.path(), Some(&token), &["cluster", "status"]);
+    assert_success("cluster status", &output);
+    assert!(
+        stdout(&output).contains("not clustered"),
+        "{}",
+        stdout(&output)
+    );
+}
+
+/// PostgreSQL for the cluster test: `DATABASE_URL`, or this machine's local server, in a
+/// schema of its own.
+fn postgres_schema_url(schema: &str) -> String {
+    let base = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let status = Command::new("psql")
+        .args([base.as_str(), "-qc", &format!("CREATE SCHEMA {schema}")])
+        .status()
+        .expect("psql (postgresql-client) is needed for this test");
+    assert!(
+        status.success(),
+        "could not create schema {schema} at {base}"
+    );
+    let separator = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{separator}options=-c%20search_path%3D{schema}")
+}
+
+fn drop_postgres_schema(schema: &str) {
+    let base = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let _ = Command::new("psql")
+        .args([
+            base.as_str(),
+            "-qc",
+            &format!("DROP SCHEMA {schema} CASCADE"),
+        ])
+        .status();
+}
+
+/// The `/healthz` text of `serve`, or the error.
+fn health(serve: &Serve) -> String {
+    match request(serve.address, "GET", "/healthz", None) {
+        Ok(response) => response.text(),
+        Err(error) => format!("unreachable: {error}"),
+    }
+}
+
+#[test]
+fn two_replicas_on_postgres_elect_one_leader_and_the_other_takes_over_after_kill_9() {
+    let schema = format!("bearman_cli_ha_{}", std::process::id());
+    let url = postgres_schema_url(&schema);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cluster.toml"),
+        "[cluster]\nenabled = true\nlease_ttl_ms = 3000\nrenew_every_ms = 500\nrenew_deadline_ms = 2000\n",
+    )
+    .unwrap();
+    let config = dir.path().join("cluster.toml");
+    let args = |name: &str| -> Vec<std::ffi::OsString> {
+        vec![
+            "--database-url".into(),
+            url.clone().into(),
+            "--config".into(),
+            config.clone().into(),
+            "--data-dir".into(),
+            dir.path().join(name).into(),
+        ]
+    };
+    let start = |name: &str| {
+        let args = args(name);
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        Serve::start_with(dir.path(), &format!("{name}.log"), &args)
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut replicas = [start("a"), start("b")];
+        // Within a couple of renewals exactly one leads.
+        let deadline = std::time::Instant::now() + BOUND;
+        let leader = loop {
+            let texts: Vec<String> = replicas.iter().map(health).collect();
+            let leading: Vec<usize> = (0..2)
+                .filter(|i| texts[*i].starts_with("ok: leading"))
+                .collect();
+            if leading.len() == 1 && texts.iter().all(|t| t.starts_with("ok")) {
+                break leading[0];
+            }
+            assert!(leading.len() <= 1, "two leaders: {texts:?}");
+            assert!(std::time::Instant::now() < deadline, "no leader: {texts:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let other = 1 - leader;
+        assert!(health(&replicas[other]).starts_with("ok: standby"));
+        let mut token_command = bearman(dir.path());
+        token_command
+            .args([
+                "token",
+                "create",
+                "--name",
+                "admin",
+                "--role",
+                "admin",
+                "--database-url",
+            ])
+            .arg(&url);
+        let token = stdout(&run(token_command)).trim().to_string();
+        let status = replicas[other].client(dir.path(), Some(&token), &["cluster", "status"]);
+        assert_success("cluster status", &status);
+        let text = stdout(&status);
+        assert!(
+            text.contains("(standby)") && text.contains("epoch 1"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches(" *").count(),
+            1,
+            "one replica marked leading: {text}"
+        );
+
+        // kill -9 the leader: no resignation, the lease must expire.
+        let killed_at = std::time::Instant::now();
+        replicas[leader].child.kill().unwrap();
+        replicas[leader].child.wait().unwrap();
+        let failover = loop {
+            let text = health(&replicas[other]);
+            if text.starts_with("ok: leading (epoch 2)") {
+                break killed_at.elapsed();
+            }
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(15),
+                "no takeover after kill -9: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        eprintln!("failover after kill -9 of the leader: {failover:?} (lease_ttl_ms 3000, renew_every_ms 500)");
+        assert!(
+            failover < Duration::from_millis(3000 + 2 * 500 + 1000),
+            "{failover:?}"
+        );
+    }));
+    drop_postgres_schema(&schema);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
 }
