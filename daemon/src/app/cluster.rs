@@ -41,6 +41,11 @@ struct Board {
     /// This replica's name and settings, once clustered.
     clustered: Option<(String, ClusterConfig)>,
     leadership: Option<Leadership>,
+    /// What this replica's controller remembers (JSON), saved with each renewal.
+    memory: Option<String>,
+    /// What the previous holder's controller remembered, when this replica took the lease
+    /// under this epoch: the controller starts its term from it.
+    handed_over: Option<(i64, String)>,
 }
 
 /// What the elector last won, for the controller (may I act?) and the API (who am I?).
@@ -62,6 +67,21 @@ impl LeaderBoard {
     /// This replica's name, when clustered.
     pub fn replica_name(&self) -> Option<String> {
         self.lock().clustered.as_ref().map(|(name, _)| name.clone())
+    }
+
+    /// The controller's memory, to save with the next renewal.
+    pub fn save_memory(&self, memory: String) {
+        self.lock().memory = Some(memory);
+    }
+
+    /// What the previous holder's controller remembered, if this replica took the lease
+    /// under `epoch` with some (taken once).
+    pub fn take_handed_over(&self, epoch: i64) -> Option<String> {
+        let mut board = self.lock();
+        match board.handed_over.take() {
+            Some((at, memory)) if at == epoch => Some(memory),
+            _ => None,
+        }
     }
 
     /// Whether (and how) this replica may act at `local_now_ms`.
@@ -89,9 +109,10 @@ impl App {
         if let Err(error) = self.store.replica_report(replica, sent_at).await {
             tracing::warn!(%error, "could not report this replica alive");
         }
+        let memory = self.leader.lock().memory.clone();
         let lease = match self
             .store
-            .lease_acquire(&name, config.lease_ttl_ms, sent_at)
+            .lease_acquire(&name, config.lease_ttl_ms, sent_at, memory.as_deref())
             .await
         {
             Ok(lease) => Some(lease),
@@ -118,6 +139,16 @@ impl App {
                 "no longer leading: the controller stops acting"
             ),
             _ => {}
+        }
+        if let (Some(lease), Some(now)) = (&lease, after) {
+            if before.map(|l| l.epoch) != Some(now.epoch) {
+                // A new term: its controller starts from what the last holder's knew.
+                board.handed_over = lease
+                    .controller_memory
+                    .clone()
+                    .map(|memory| (now.epoch, memory));
+                board.memory = None;
+            }
         }
         board.leadership = after;
         after

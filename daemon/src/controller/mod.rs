@@ -50,6 +50,10 @@ pub struct Controller {
     polls_in_flight: Arc<Mutex<BTreeSet<NodeUuid>>>,
     /// The leader epoch the core's memory belongs to (clustered replicas).
     epoch: Mutex<Option<i64>>,
+    /// When this process started: heartbeats have been recorded since then (by it, or by
+    /// the other replicas), so a replica that takes the lease later does not wait out
+    /// the startup quiet period again.
+    started_at_ms: i64,
 }
 
 /// The tasks one tick started (saga steps and power polls); dropping it lets them run on
@@ -129,6 +133,7 @@ impl Controller {
             running: Arc::default(),
             polls_in_flight: Arc::default(),
             epoch: Mutex::default(),
+            started_at_ms,
         })
     }
 
@@ -176,7 +181,17 @@ impl Controller {
             polls_in_flight: self.lock_polls().clone(),
             steps_running: self.lock_running().clone(),
         };
-        let commands = self.lock_core().poll(now, &view);
+        let commands = {
+            let mut core = self.lock_core();
+            let commands = core.poll(now, &view);
+            if let crate::app::cluster::Acting::Leader { .. } = acting {
+                match serde_json::to_string(&core.memory()) {
+                    Ok(memory) => self.app.leader.save_memory(memory),
+                    Err(error) => tracing::warn!(%error, "controller memory not saved"),
+                }
+            }
+            commands
+        };
         let mut started = Started { tasks: Vec::new() };
         let mut alerts = Vec::new();
         for command in commands {
@@ -235,7 +250,18 @@ impl Controller {
             }
             Acting::Leader { epoch: current } => {
                 if *epoch != Some(current) {
-                    *self.lock_core() = ControllerCore::new(self.config.clone(), now);
+                    let mut core = ControllerCore::new(self.config.clone(), self.started_at_ms);
+                    let handed_over = self.app.leader.take_handed_over(current);
+                    match handed_over.as_deref().map(serde_json::from_str) {
+                        Some(Ok(memory)) => core.restore(memory),
+                        Some(Err(error)) => tracing::warn!(
+                            %error,
+                            "the previous leader's controller memory is unreadable: starting without it"
+                        ),
+                        None => {}
+                    }
+                    tracing::info!(epoch = current, now, "controller starting its term");
+                    *self.lock_core() = core;
                     *epoch = Some(current);
                 }
                 true

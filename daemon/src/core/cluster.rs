@@ -105,6 +105,10 @@ pub struct Lease {
     pub expires_at_ms: TimestampMs,
     /// The database's clock when this was read.
     pub db_now_ms: TimestampMs,
+    /// What the holder's controller remembers between ticks (JSON), saved with each
+    /// renewal: a new holder starts from it, not from nothing. Internal; never shown.
+    #[serde(skip)]
+    pub controller_memory: Option<String>,
 }
 
 impl Lease {
@@ -114,7 +118,8 @@ impl Lease {
 }
 
 /// What `holder` asking for the lease for `ttl_ms` at `now_ms` (the store's clock) makes
-/// of `current`: renewed when it is theirs and unexpired, taken (a new term, epoch + 1)
+/// of `current`: renewed when it is theirs and unexpired (saving `memory`, its
+/// controller's), taken (a new term, epoch + 1, the previous holder's memory handed over)
 /// when it lapsed, whoever held it, or created at epoch 1; `None` when another holds it
 /// unexpired (nothing to write). One rule for every store.
 pub fn claim(
@@ -122,6 +127,7 @@ pub fn claim(
     holder: &str,
     ttl_ms: i64,
     now_ms: TimestampMs,
+    memory: Option<&str>,
 ) -> Option<Lease> {
     let expires_at_ms = now_ms + ttl_ms;
     match current {
@@ -131,11 +137,15 @@ pub fn claim(
             acquired_at_ms: now_ms,
             expires_at_ms,
             db_now_ms: now_ms,
+            controller_memory: None,
         }),
         Some(lease) if lease.expires_at_ms > now_ms && lease.holder != holder => None,
         Some(lease) if lease.expires_at_ms > now_ms => Some(Lease {
             expires_at_ms,
             db_now_ms: now_ms,
+            controller_memory: memory
+                .map(str::to_string)
+                .or_else(|| lease.controller_memory.clone()),
             ..lease.clone()
         }),
         Some(lease) => Some(Lease {
@@ -144,6 +154,7 @@ pub fn claim(
             acquired_at_ms: now_ms,
             expires_at_ms,
             db_now_ms: now_ms,
+            controller_memory: lease.controller_memory.clone(),
         }),
     }
 }
@@ -215,6 +226,7 @@ mod tests {
             acquired_at_ms: 0,
             expires_at_ms,
             db_now_ms,
+            controller_memory: None,
         }
     }
 
@@ -255,23 +267,38 @@ mod tests {
 
     #[test]
     fn a_lease_is_renewed_by_its_holder_taken_when_lapsed_and_never_stolen() {
-        let first = claim(None, "a", 15_000, 1_000).unwrap();
+        let first = claim(None, "a", 15_000, 1_000, Some("m0")).unwrap();
+        assert_eq!(
+            first.controller_memory, None,
+            "a first holder has nothing handed over"
+        );
         assert_eq!((first.holder.as_str(), first.epoch), ("a", 1));
         assert_eq!(first.expires_at_ms, 16_000);
         // Held by a: b gets nothing; a renews within its term, same epoch.
-        assert_eq!(claim(Some(&first), "b", 15_000, 10_000), None);
-        let renewed = claim(Some(&first), "a", 15_000, 10_000).unwrap();
+        assert_eq!(claim(Some(&first), "b", 15_000, 10_000, None), None);
+        let renewed = claim(Some(&first), "a", 15_000, 10_000, Some("m1")).unwrap();
+        assert_eq!(renewed.controller_memory.as_deref(), Some("m1"));
         assert_eq!(
             (renewed.epoch, renewed.acquired_at_ms, renewed.expires_at_ms),
             (1, 1_000, 25_000)
         );
         // Lapsed: b takes it under a new epoch; so would a itself (a new term).
-        let taken = claim(Some(&renewed), "b", 15_000, 25_000).unwrap();
+        let taken = claim(Some(&renewed), "b", 15_000, 25_000, Some("b's")).unwrap();
         assert_eq!(
             (taken.holder.as_str(), taken.epoch, taken.acquired_at_ms),
             ("b", 2, 25_000)
         );
-        assert_eq!(claim(Some(&renewed), "a", 15_000, 25_000).unwrap().epoch, 2);
+        assert_eq!(
+            taken.controller_memory.as_deref(),
+            Some("m1"),
+            "the new holder starts from the old one's memory"
+        );
+        assert_eq!(
+            claim(Some(&renewed), "a", 15_000, 25_000, None)
+                .unwrap()
+                .epoch,
+            2
+        );
     }
 
     #[test]

@@ -393,6 +393,18 @@ pub struct FenceUnverified {
     pub last_error: Option<String>,
 }
 
+/// What a controller remembers between ticks that its successor (another replica taking
+/// the lease) must not start without: the guards' hold, which guards were tripped (so
+/// they are not alerted again), and the rate limit's window. Saved with each lease
+/// renewal.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerMemory {
+    pub guard_history: GuardHistory,
+    pub racks_paused: BTreeSet<String>,
+    pub fleet_stopped: bool,
+    pub recent_starts: Vec<TimestampMs>,
+}
+
 /// The rack pauses and fleet stop as of the last tick, for noticing changes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct GuardsSeen {
@@ -434,6 +446,27 @@ impl ControllerCore {
             guards_seen: GuardsSeen::default(),
             boot_watch: BootWatch::default(),
         }
+    }
+
+    /// What a successor must start from (see [`ControllerMemory`]).
+    pub fn memory(&self) -> ControllerMemory {
+        ControllerMemory {
+            guard_history: self.guard_history.clone(),
+            racks_paused: self.guards_seen.racks_paused.clone(),
+            fleet_stopped: self.guards_seen.fleet_stopped,
+            recent_starts: self.recent_starts.iter().copied().collect(),
+        }
+    }
+
+    /// Starts from a predecessor's memory: a rack it held paused stays held for the rest
+    /// of its hold, and its automatic starts still count against the rate limit.
+    pub fn restore(&mut self, memory: ControllerMemory) {
+        self.guard_history = memory.guard_history;
+        self.guards_seen = GuardsSeen {
+            fleet_stopped: memory.fleet_stopped,
+            racks_paused: memory.racks_paused,
+        };
+        self.recent_starts = memory.recent_starts.into_iter().collect();
     }
 
     /// Whether this tick should read the booting nodes (`FleetView::booting`).
@@ -2831,6 +2864,47 @@ mod tests {
             alerts[0].1.as_deref().unwrap().contains("rack"),
             "{alerts:?}"
         );
+    }
+
+    #[test]
+    fn a_successor_keeps_its_predecessors_rack_pause_and_rate_window() {
+        let health = HealthConfig::default();
+        let late = T - health.heartbeat_grace_ms - health.fence_confirm_ms - 1;
+        // Rack r0 goes quiet: 6 of 10 silent. The first leader pauses it.
+        let mut nodes = fleet(4, 10, T);
+        for node in &mut nodes[..6] {
+            node.last_heard_at_ms = late;
+        }
+        let mut first = ControllerCore::new(no_polls(config()), 0);
+        let view = FleetView {
+            nodes: nodes.clone(),
+            ..Default::default()
+        };
+        let commands: Vec<String> = first.poll(T, &view).iter().filter_map(describe).collect();
+        assert!(
+            commands.contains(&"alert rack_fencing_paused".to_string()),
+            "{commands:?}"
+        );
+        // The rack comes back but for one node, and a new leader takes over 10 s later:
+        // within the hold, that straggler is not picked off, and the pause is not alerted
+        // again.
+        for node in &mut nodes[1..6] {
+            node.last_heard_at_ms = T + 10_000;
+        }
+        // The first leader marked the straggler suspect.
+        nodes[0].state = LifecycleState::Suspect;
+        let view = FleetView {
+            nodes,
+            ..Default::default()
+        };
+        let memory: ControllerMemory =
+            serde_json::from_str(&serde_json::to_string(&first.memory()).unwrap()).unwrap();
+        let mut successor = ControllerCore::new(no_polls(config()), 0);
+        successor.restore(memory);
+        check(&mut successor, T + 10_000, &view, &[]);
+        // Without the memory the same view fences the straggler at once.
+        let mut forgetful = ControllerCore::new(no_polls(config()), 0);
+        check(&mut forgetful, T + 10_000, &view, &["start 0"]);
     }
 
     #[test]

@@ -350,8 +350,11 @@ impl Store for CachedStore {
         holder: &str,
         ttl_ms: i64,
         now_ms: TimestampMs,
+        memory: Option<&str>,
     ) -> Result<Lease, StoreError> {
-        self.inner.lease_acquire(holder, ttl_ms, now_ms).await
+        self.inner
+            .lease_acquire(holder, ttl_ms, now_ms, memory)
+            .await
     }
 
     async fn lease_release(

@@ -1421,17 +1421,26 @@ fn wall_ms() -> i64 {
 async fn leases_pass_on_only_when_lapsed_and_fence_stale_writers(store: &dyn Store) {
     use crate::core::cluster::Replica;
     let ttl = 400;
-    let first = store.lease_acquire("conf-a", ttl, wall_ms()).await.unwrap();
+    let first = store
+        .lease_acquire("conf-a", ttl, wall_ms(), None)
+        .await
+        .unwrap();
     assert_eq!(first.holder, "conf-a", "a free lease is taken: {first:?}");
     let epoch = first.epoch;
     assert!(first.expires_at_ms > first.db_now_ms);
-    let other = store.lease_acquire("conf-b", ttl, wall_ms()).await.unwrap();
+    let other = store
+        .lease_acquire("conf-b", ttl, wall_ms(), None)
+        .await
+        .unwrap();
     assert_eq!(
         (other.holder.as_str(), other.epoch),
         ("conf-a", epoch),
         "a held lease is not stolen"
     );
-    let renewed = store.lease_acquire("conf-a", ttl, wall_ms()).await.unwrap();
+    let renewed = store
+        .lease_acquire("conf-a", ttl, wall_ms(), Some("memory of a"))
+        .await
+        .unwrap();
     assert_eq!((renewed.holder.as_str(), renewed.epoch), ("conf-a", epoch));
     assert!(
         renewed.expires_at_ms >= first.expires_at_ms,
@@ -1463,11 +1472,19 @@ async fn leases_pass_on_only_when_lapsed_and_fence_stale_writers(store: &dyn Sto
     // The lease lapses and another takes it: a new epoch; the old one's writes are
     // refused in their transaction and change nothing.
     tokio::time::sleep(std::time::Duration::from_millis(ttl as u64 + 200)).await;
-    let taken = store.lease_acquire("conf-b", ttl, wall_ms()).await.unwrap();
+    let taken = store
+        .lease_acquire("conf-b", ttl, wall_ms(), None)
+        .await
+        .unwrap();
     assert_eq!(
         (taken.holder.as_str(), taken.epoch),
         ("conf-b", epoch + 1),
         "a lapsed lease passes on under a new epoch"
+    );
+    assert_eq!(
+        taken.controller_memory.as_deref(),
+        Some("memory of a"),
+        "the new holder gets the old one's controller memory"
     );
     let mut stale = advanced.clone();
     stale.step_index = 2;
@@ -1529,7 +1546,7 @@ async fn leases_pass_on_only_when_lapsed_and_fence_stale_writers(store: &dyn Sto
         .unwrap();
     assert_eq!(
         store
-            .lease_acquire("conf-a", ttl, wall_ms())
+            .lease_acquire("conf-a", ttl, wall_ms(), None)
             .await
             .unwrap()
             .holder,
@@ -1540,7 +1557,10 @@ async fn leases_pass_on_only_when_lapsed_and_fence_stale_writers(store: &dyn Sto
         .lease_release("conf-b", epoch + 1, wall_ms())
         .await
         .unwrap();
-    let after = store.lease_acquire("conf-a", ttl, wall_ms()).await.unwrap();
+    let after = store
+        .lease_acquire("conf-a", ttl, wall_ms(), None)
+        .await
+        .unwrap();
     assert_eq!((after.holder.as_str(), after.epoch), ("conf-a", epoch + 2));
 
     // Replicas report in and are listed with the store's clock.

@@ -689,9 +689,10 @@ impl Store for MemoryStore {
         holder: &str,
         ttl_ms: i64,
         now_ms: TimestampMs,
+        memory: Option<&str>,
     ) -> Result<Lease, StoreError> {
         let mut state = self.lock();
-        match claim(state.lease.as_ref(), holder, ttl_ms, now_ms) {
+        match claim(state.lease.as_ref(), holder, ttl_ms, now_ms, memory) {
             Some(next) => {
                 state.lease = Some(next.clone());
                 Ok(next)

@@ -372,13 +372,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Takes the controller's lease for `holder` when it is free or lapsed (the epoch
     /// grows by one), or renews it when `holder` holds it, for `ttl_ms` on the store's
-    /// own clock; returns the lease as it stands after (another's, when another holds it).
+    /// own clock, saving `memory` (its controller's) on a renewal; returns the lease as it
+    /// stands after (another's, when another holds it), with the memory it carries.
     /// `now_ms` is the caller's clock, for a store without one of its own (in memory).
     async fn lease_acquire(
         &self,
         holder: &str,
         ttl_ms: i64,
         now_ms: TimestampMs,
+        memory: Option<&str>,
     ) -> Result<Lease, StoreError>;
     /// Ends `holder`'s lease of `epoch` now (a clean shutdown: the next replica need not
     /// wait out the TTL). Nothing when it is not theirs any more.

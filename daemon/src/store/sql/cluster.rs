@@ -48,6 +48,7 @@ struct LeaseRow {
     epoch: i64,
     acquired_at_ms: i64,
     expires_at_ms: i64,
+    controller_memory: Option<String>,
 }
 
 impl LeaseRow {
@@ -58,6 +59,7 @@ impl LeaseRow {
             acquired_at_ms: self.acquired_at_ms,
             expires_at_ms: self.expires_at_ms,
             db_now_ms,
+            controller_memory: self.controller_memory,
         }
     }
 }
@@ -68,6 +70,7 @@ fn lease_row(row: &AnyRow) -> Result<LeaseRow, StoreError> {
         epoch: row.try_get("epoch").map_err(backend_error)?,
         acquired_at_ms: row.try_get("acquired_at_ms").map_err(backend_error)?,
         expires_at_ms: row.try_get("expires_at_ms").map_err(backend_error)?,
+        controller_memory: row.try_get("controller_memory").map_err(backend_error)?,
     })
 }
 
@@ -77,7 +80,8 @@ async fn read_lease(
     lock: Option<&str>,
 ) -> Result<Option<LeaseRow>, StoreError> {
     sqlx::query(&format!(
-        "SELECT holder, epoch, acquired_at_ms, expires_at_ms FROM leader_lease WHERE name = $1{}",
+        "SELECT holder, epoch, acquired_at_ms, expires_at_ms, controller_memory \
+         FROM leader_lease WHERE name = $1{}",
         lock_clause(backend, lock)
     ))
     .bind(LEASE)
@@ -93,6 +97,7 @@ pub(super) async fn acquire(
     store: &SqlStore,
     holder: &str,
     ttl_ms: i64,
+    memory: Option<&str>,
 ) -> Result<Lease, StoreError> {
     // Two replicas inserting the first row at once: the loser reads the winner's.
     for _ in 0..2 {
@@ -101,25 +106,26 @@ pub(super) async fn acquire(
         let current = read_lease(store.backend, &mut tx, Some("UPDATE"))
             .await?
             .map(|row| row.at(now));
-        let Some(next) = claim(current.as_ref(), holder, ttl_ms, now) else {
+        let Some(next) = claim(current.as_ref(), holder, ttl_ms, now, memory) else {
             tx.commit().await.map_err(backend_error)?;
             return Ok(current.expect("claim refuses only a held lease"));
         };
         let written = if current.is_none() {
             sqlx::query(
-                "INSERT INTO leader_lease (holder, epoch, acquired_at_ms, expires_at_ms, name) \
-                 VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO leader_lease (holder, epoch, acquired_at_ms, expires_at_ms, \
+                 controller_memory, name) VALUES ($1, $2, $3, $4, $5, $6)",
             )
         } else {
             sqlx::query(
                 "UPDATE leader_lease SET holder = $1, epoch = $2, acquired_at_ms = $3, \
-                 expires_at_ms = $4 WHERE name = $5",
+                 expires_at_ms = $4, controller_memory = $5 WHERE name = $6",
             )
         }
         .bind(&next.holder)
         .bind(next.epoch)
         .bind(next.acquired_at_ms)
         .bind(next.expires_at_ms)
+        .bind(next.controller_memory.clone())
         .bind(LEASE)
         .execute(&mut *tx)
         .await;

@@ -318,8 +318,9 @@ impl Store for SqlStore {
         holder: &str,
         ttl_ms: i64,
         _now_ms: TimestampMs,
+        memory: Option<&str>,
     ) -> Result<Lease, StoreError> {
-        cluster::acquire(self, holder, ttl_ms).await
+        cluster::acquire(self, holder, ttl_ms, memory).await
     }
 
     async fn lease_release(
