@@ -291,6 +291,7 @@ async fn takeover(url: String) {
         .unwrap()
         .unwrap();
     assert_eq!(done.status, Status::Done, "{done:?}");
+    assert_eq!(done.epoch, Some(2), "its last write was the new leader's");
     let node = b.app.store.node_get(&uuid).await.unwrap().unwrap();
     assert_eq!(node.state, LifecycleState::Fenced);
     let calls = machine.calls.lock().unwrap().clone();

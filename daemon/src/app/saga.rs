@@ -63,6 +63,14 @@ pub enum Recorded {
     Superseded { now: Option<Remediation> },
 }
 
+/// `remediation` marked with the leader epoch it is written under.
+fn stamped(remediation: Remediation, fence: Option<i64>) -> Remediation {
+    Remediation {
+        epoch: fence.or(remediation.epoch),
+        ..remediation
+    }
+}
+
 fn conflict(error: &StoreError) -> bool {
     matches!(
         error,
@@ -81,9 +89,13 @@ impl App {
         event: NewEvent,
         fence: Option<i64>,
     ) -> Result<Option<Remediation>, StoreError> {
+        let remediation = Remediation {
+            epoch: fence,
+            ..remediation.clone()
+        };
         match self
             .store
-            .remediation_create(remediation, &[event], fence)
+            .remediation_create(&remediation, &[event], fence)
             .await
         {
             Ok(created) => Ok(Some(created)),
@@ -128,7 +140,7 @@ impl App {
                 StepStart::Idle => return Ok(Begun::Idle),
                 StepStart::StandDown { cancelled, event } => self
                     .store
-                    .remediation_update(&cancelled, None, &[event], fence)
+                    .remediation_update(&stamped(cancelled, fence), None, &[event], fence)
                     .await
                     .map(|_| Begun::StoodDown),
                 StepStart::Attempt {
@@ -137,7 +149,7 @@ impl App {
                     audit,
                 } => self
                     .store
-                    .remediation_update(&attempt, moved.as_ref(), &audit, fence)
+                    .remediation_update(&stamped(attempt, fence), moved.as_ref(), &audit, fence)
                     .await
                     .map(|(attempt, written)| Begun::Attempt {
                         attempt,
@@ -190,7 +202,12 @@ impl App {
             let write = handle_outcome(now, &attempt, outcome, &node, limits);
             match self
                 .store
-                .remediation_update(&write.remediation, write.node.as_ref(), &write.audit, fence)
+                .remediation_update(
+                    &stamped(write.remediation.clone(), fence),
+                    write.node.as_ref(),
+                    &write.audit,
+                    fence,
+                )
                 .await
             {
                 Ok((stored, _)) => {

@@ -388,6 +388,10 @@ pub struct Remediation {
     /// what the cloud said (reported, never assumed done).
     #[serde(default)]
     pub vms_unverified: Vec<String>,
+    /// The leader epoch the controller's last write of this record was made under (with
+    /// several replicas; `None` for a daemon alone, or an operator's write).
+    #[serde(default)]
+    pub epoch: Option<i64>,
     /// Bumped on every write; writers present the one they read.
     pub generation: i64,
 }
@@ -423,6 +427,7 @@ impl Remediation {
             fence_unverified_at_ms: None,
             fence_retries: 0,
             vms_unverified: Vec::new(),
+            epoch: None,
             generation: 1,
         }
     }
