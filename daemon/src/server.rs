@@ -24,10 +24,23 @@ pub async fn open_sql_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     Ok(Arc::new(CachedStore::new(sql)))
 }
 
-/// Opens the SQL store for one replica of several: without the read cache, which assumes
-/// its daemon is the database's only writer (every boot-path read goes to PostgreSQL).
-pub async fn open_sql_store_for_replica(url: &str) -> Result<Arc<dyn Store>, StoreError> {
-    Ok(Arc::new(SqlStore::connect(url).await?))
+/// Opens the SQL store for one replica of several: its read cache empties itself every
+/// `cache_max_age_ms` (what other replicas write is served at most that late), or is
+/// left out at 0.
+pub async fn open_sql_store_for_replica(
+    url: &str,
+    cache_max_age_ms: i64,
+    clock: Arc<dyn Clock>,
+) -> Result<Arc<dyn Store>, StoreError> {
+    let sql: Arc<dyn Store> = Arc::new(SqlStore::connect(url).await?);
+    if cache_max_age_ms == 0 {
+        return Ok(sql);
+    }
+    Ok(Arc::new(CachedStore::with_max_age(
+        sql,
+        cache_max_age_ms,
+        Arc::new(move || clock.now_ms()),
+    )))
 }
 
 /// Takes the lock that makes a daemon the only one serving an SQLite database (the file

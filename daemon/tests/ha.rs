@@ -96,6 +96,7 @@ const LEASE: ClusterConfig = ClusterConfig {
     lease_ttl_ms: 1_500,
     renew_every_ms: 200,
     renew_deadline_ms: 1_000,
+    cache_max_age_ms: 1_000,
 };
 
 async fn replica(url: &str, name: &str, machine: &Arc<Machine>) -> TestReplica {

@@ -15,15 +15,23 @@ fn postgres_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
 }
 
+/// The wall clock: the SQL stores' leases expire on the database's clock, which follows it.
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 #[tokio::test]
 async fn memory_store_conforms() {
-    conformance::run_all(Arc::new(MemoryStore::new())).await;
+    conformance::run_all(Arc::new(MemoryStore::new()), wall_ms).await;
 }
 
 #[tokio::test]
 async fn cached_store_conforms() {
     let inner: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    conformance::run_all(Arc::new(CachedStore::new(inner))).await;
+    conformance::run_all(Arc::new(CachedStore::new(inner)), wall_ms).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -34,7 +42,7 @@ async fn sqlite_store_conforms_and_survives_reopen() {
         dir.path().join("bearman.db").display()
     );
     let store = Arc::new(SqlStore::connect(&url).await.expect("open sqlite"));
-    conformance::run_all(store.clone()).await;
+    conformance::run_all(store.clone(), wall_ms).await;
     let before = store.node_count_by_state().await.unwrap();
     store.close().await;
     drop(store);
@@ -71,7 +79,7 @@ async fn postgres_store_conforms() {
     let result = async move {
         let store = Arc::new(SqlStore::connect(&url).await.expect("open postgres"));
         assert_eq!(store.backend_name(), "postgres");
-        conformance::run_all(store.clone()).await;
+        conformance::run_all(store.clone(), wall_ms).await;
         store.close().await;
     };
     // Always drop the schema, even when a check panics.

@@ -22,7 +22,12 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _serving_lock =
         bearman::server::lock_sqlite_for_serving(&config.database_url).map_err(|e| anyhow!(e))?;
     let store = if config.cluster.enabled {
-        bearman::server::open_sql_store_for_replica(&config.database_url).await
+        bearman::server::open_sql_store_for_replica(
+            &config.database_url,
+            config.cluster.cache_max_age_ms,
+            Arc::new(SystemClock),
+        )
+        .await
     } else {
         bearman::server::open_sql_store(&config.database_url).await
     }

@@ -35,6 +35,10 @@ pub struct ClusterConfig {
     /// A holder acts only this long after it sent its last successful renewal: below the
     /// TTL, so it stops before its lease can expire and pass to someone else.
     pub renew_deadline_ms: i64,
+    /// The boot path's read cache on a replica: what other replicas wrote is served at
+    /// most this late (its own writes at once). 0: no cache, every read goes to the
+    /// database.
+    pub cache_max_age_ms: i64,
 }
 
 impl Default for ClusterConfig {
@@ -46,6 +50,7 @@ impl Default for ClusterConfig {
             lease_ttl_ms: 15_000,
             renew_every_ms: 5_000,
             renew_deadline_ms: 10_000,
+            cache_max_age_ms: 1_000,
         }
     }
 }
@@ -78,6 +83,12 @@ impl ClusterConfig {
                     "{} must be below lease_ttl_ms ({}): a holder must stop acting before its lease can pass to another",
                     self.renew_deadline_ms, self.lease_ttl_ms
                 ),
+            ));
+        }
+        if !(0..=60_000).contains(&self.cache_max_age_ms) {
+            return Err(InvalidSetting::new(
+                "cache_max_age_ms",
+                format!("{} is outside 0-60000", self.cache_max_age_ms),
             ));
         }
         if let Some(name) = &self.replica_name {

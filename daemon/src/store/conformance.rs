@@ -64,9 +64,14 @@ fn flavor(name: &str) -> Flavor {
     }
 }
 
+/// The wall clock in milliseconds, from the caller: the SQL stores' leases expire on the
+/// database's clock, which follows it (this suite is built into the daemon, which reads
+/// no wall clock of its own).
+pub type WallClock = fn() -> i64;
+
 /// Runs every check against `store`. The store may already hold data from earlier runs
 /// of other checks, but not from an earlier run of this suite.
-pub async fn run_all(store: Arc<dyn Store>) {
+pub async fn run_all(store: Arc<dyn Store>, wall_ms: WallClock) {
     nodes_round_trip_and_filter(&*store).await;
     node_updates_are_optimistic(&*store).await;
     heartbeats_do_not_bump_generation(&*store).await;
@@ -84,7 +89,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     orphaned_allocations_are_reported(&*store).await;
     admin_writes_carry_their_events(&*store).await;
     concurrent_flavor_creates_have_one_winner(store.clone()).await;
-    leases_pass_on_only_when_lapsed_and_fence_stale_writers(&*store).await;
+    leases_pass_on_only_when_lapsed_and_fence_stale_writers(&*store, wall_ms).await;
 }
 
 async fn nodes_round_trip_and_filter(store: &dyn Store) {
@@ -1410,15 +1415,10 @@ async fn concurrent_flavor_creates_have_one_winner(store: Arc<dyn Store>) {
     assert_eq!(events.len(), 1, "only the winner's event: {events:?}");
 }
 
-/// The wall clock, which the SQL stores' lease expiry (the database's clock) also follows.
-fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-async fn leases_pass_on_only_when_lapsed_and_fence_stale_writers(store: &dyn Store) {
+async fn leases_pass_on_only_when_lapsed_and_fence_stale_writers(
+    store: &dyn Store,
+    wall_ms: WallClock,
+) {
     use crate::core::cluster::Replica;
     let ttl = 400;
     let first = store
