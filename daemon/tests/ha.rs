@@ -4,6 +4,10 @@
 //! from its persisted step, and the old leader's saga writes are refused (fenced) and
 //! make no BMC call.
 
+#[allow(dead_code)]
+#[path = "support/postgres.rs"]
+mod postgres;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,11 +25,6 @@ use bearman::runtime::system::SystemClock;
 use bearman::store::sql::SqlStore;
 use bearman::store::{Store, StoreError};
 use bearman_proto::uuid::NodeUuid;
-
-fn postgres_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
-}
 
 /// One machine, its power state, and which replica sent each command.
 #[derive(Default)]
@@ -155,33 +154,7 @@ impl TestReplica {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_a_silent_leader_and_finishes_its_fence_and_the_old_leader_is_fenced()
 {
-    let base = postgres_url();
-    let schema = format!(
-        "bearman_ha_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
-    sqlx::any::install_default_drivers();
-    let admin = sqlx::AnyPool::connect(&base).await.unwrap_or_else(|error| {
-        panic!("PostgreSQL is required for this test and was not reachable at {base}: {error}")
-    });
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let separator = if base.contains('?') { '&' } else { '?' };
-    let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
-    let outcome = tokio::spawn(takeover(url)).await;
-    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic.into_panic());
-    }
+    postgres::with_schema("ha", takeover).await;
 }
 
 async fn takeover(url: String) {
