@@ -173,18 +173,16 @@ fn request_as(
 
 /// Creates an admin token in `data_dir` with the CLI and returns its secret.
 fn create_admin_token(dir: &Path, data_dir: &Path) -> String {
+    create_admin_token_in(dir, &["--data-dir".as_ref(), data_dir.as_os_str()])
+}
+
+/// Creates an admin token in the database `store` names (`--data-dir D` or
+/// `--database-url U`) with the CLI and returns its secret.
+fn create_admin_token_in(dir: &Path, store: &[&std::ffi::OsStr]) -> String {
     let mut command = bearman(dir);
     command
-        .args([
-            "token",
-            "create",
-            "--name",
-            "admin",
-            "--role",
-            "admin",
-            "--data-dir",
-        ])
-        .arg(data_dir);
+        .args(["token", "create", "--name", "admin", "--role", "admin"])
+        .args(store);
     let output = run(command);
     assert_success("token create", &output);
     let secret = stdout(&output).trim().to_string();
@@ -707,19 +705,7 @@ fn two_replicas_on_postgres_elect_one_leader_and_the_other_finishes_its_fence_af
         };
         let other = 1 - leader;
         assert!(health(&replicas[other]).starts_with("ok: standby"));
-        let mut token_command = bearman(dir.path());
-        token_command
-            .args([
-                "token",
-                "create",
-                "--name",
-                "admin",
-                "--role",
-                "admin",
-                "--database-url",
-            ])
-            .arg(&url);
-        let token = stdout(&run(token_command)).trim().to_string();
+        let token = create_admin_token_in(dir.path(), &["--database-url".as_ref(), url.as_ref()]);
         let status = replicas[other].client(dir.path(), Some(&token), &["cluster", "status"]);
         assert_success("cluster status", &status);
         let text = stdout(&status);

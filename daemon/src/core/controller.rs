@@ -123,60 +123,46 @@ impl ControllerConfig {
     pub fn validate(&self) -> Result<(), InvalidSetting> {
         self.health.validate()?;
         self.limits.validate()?;
-        if !(10..=3_600_000).contains(&self.tick_ms) {
-            return Err(InvalidSetting::new(
-                "tick_ms",
-                format!("{} is outside 10-3600000", self.tick_ms),
-            ));
-        }
-        if !(1..=10_000).contains(&self.fences_per_minute_max) {
-            return Err(InvalidSetting::new(
-                "fences_per_minute_max",
-                format!(
-                    "{} is outside 1-10000 (set automatic = false to start none)",
-                    self.fences_per_minute_max
-                ),
-            ));
-        }
-        if !(1..=100_000).contains(&self.remediations_active_max) {
-            return Err(InvalidSetting::new(
-                "remediations_active_max",
-                format!("{} is outside 1-100000", self.remediations_active_max),
-            ));
-        }
-        if !(0..=86_400_000).contains(&self.startup_quiet_ms) {
-            return Err(InvalidSetting::new(
-                "startup_quiet_ms",
-                format!("{} is outside 0-86400000", self.startup_quiet_ms),
-            ));
-        }
-        if !(1..=10_000).contains(&self.power_polls_per_tick_max) {
-            return Err(InvalidSetting::new(
-                "power_polls_per_tick_max",
-                format!("{} is outside 1-10000", self.power_polls_per_tick_max),
-            ));
-        }
-        if !(1..=10_000).contains(&self.power_polls_in_flight_max) {
-            return Err(InvalidSetting::new(
-                "power_polls_in_flight_max",
-                format!("{} is outside 1-10000", self.power_polls_in_flight_max),
-            ));
-        }
-        if !(1..=100_000).contains(&self.boot_stalls_systemic_min) {
-            return Err(InvalidSetting::new(
-                "boot_stalls_systemic_min",
-                format!(
-                    "{} is outside 1-100000 (set boot_retry_automatic = false to power-cycle none)",
-                    self.boot_stalls_systemic_min
-                ),
-            ));
-        }
-        if !(1_000..=3_600_000).contains(&self.boot_scan_ms) {
-            return Err(InvalidSetting::new(
-                "boot_scan_ms",
-                format!("{} is outside 1000-3600000", self.boot_scan_ms),
-            ));
-        }
+        let check = InvalidSetting::check_range::<i64>;
+        let count = InvalidSetting::check_range::<usize>;
+        check("tick_ms", self.tick_ms as i64, 10..=3_600_000, "")?;
+        InvalidSetting::check_range(
+            "fences_per_minute_max",
+            self.fences_per_minute_max,
+            1..=10_000,
+            "set automatic = false to start none",
+        )?;
+        count(
+            "remediations_active_max",
+            self.remediations_active_max,
+            1..=100_000,
+            "",
+        )?;
+        check(
+            "startup_quiet_ms",
+            self.startup_quiet_ms,
+            0..=86_400_000,
+            "",
+        )?;
+        count(
+            "power_polls_per_tick_max",
+            self.power_polls_per_tick_max,
+            1..=10_000,
+            "",
+        )?;
+        count(
+            "power_polls_in_flight_max",
+            self.power_polls_in_flight_max,
+            1..=10_000,
+            "",
+        )?;
+        count(
+            "boot_stalls_systemic_min",
+            self.boot_stalls_systemic_min,
+            1..=100_000,
+            "set boot_retry_automatic = false to power-cycle none",
+        )?;
+        check("boot_scan_ms", self.boot_scan_ms, 1_000..=3_600_000, "")?;
         Ok(())
     }
 }
