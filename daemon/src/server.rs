@@ -11,6 +11,7 @@ pub use crate::api::{ServiceConfig, BODY_LIMIT_BYTES_DEFAULT};
 use crate::bmc::BmcProvider;
 use crate::cloud::Cloud;
 use crate::controller::{Controller, ControllerConfig};
+use crate::core::cluster::{ClusterConfig, Replica};
 use crate::images::ImageStore;
 use crate::runtime::Clock;
 use crate::store::cached::CachedStore;
@@ -21,6 +22,57 @@ use crate::store::{Store, StoreError};
 pub async fn open_sql_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     let sql: Arc<dyn Store> = Arc::new(SqlStore::connect(url).await?);
     Ok(Arc::new(CachedStore::new(sql)))
+}
+
+/// Opens the SQL store for one replica of several: its read cache empties itself every
+/// `cache_max_age_ms` (what other replicas write is served at most that late), or is
+/// left out at 0.
+pub async fn open_sql_store_for_replica(
+    url: &str,
+    cache_max_age_ms: i64,
+    clock: Arc<dyn Clock>,
+) -> Result<Arc<dyn Store>, StoreError> {
+    let sql: Arc<dyn Store> = Arc::new(SqlStore::connect(url).await?);
+    if cache_max_age_ms == 0 {
+        return Ok(sql);
+    }
+    Ok(Arc::new(CachedStore::with_max_age(
+        sql,
+        cache_max_age_ms,
+        Arc::new(move || clock.now_ms()),
+    )))
+}
+
+/// Takes the lock that makes a daemon the only one serving an SQLite database (the file
+/// `<database>.serve-lock` beside it), held for as long as the returned file lives.
+/// `None` for other databases. A second `bearman serve` on the same file is refused with
+/// the reason: SQLite is one daemon's embedded store (its read cache and its controller
+/// assume no other writer); several daemons need PostgreSQL and `[cluster]`.
+pub fn lock_sqlite_for_serving(url: &str) -> Result<Option<std::fs::File>, String> {
+    let Some(rest) = url.strip_prefix("sqlite://") else {
+        return Ok(None);
+    };
+    let path = rest.split('?').next().unwrap_or(rest);
+    if path.is_empty() || path == ":memory:" {
+        return Ok(None);
+    }
+    let lock_path = format!("{path}.serve-lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|error| format!("cannot open {lock_path}: {error}"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "another bearman serve already serves the SQLite database {path} (it holds {lock_path}): \
+             SQLite is one daemon's embedded store; run several daemons on PostgreSQL with [cluster] enabled = true"
+        )),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(format!("cannot lock {lock_path}: {error}"))
+        }
+    }
 }
 
 /// Everything one daemon is made of: its seams and its settings.
@@ -34,6 +86,16 @@ pub struct DaemonParts {
     /// are rebuilt but no VM is moved.
     pub cloud: Option<Arc<dyn Cloud>>,
     pub remediation: ControllerConfig,
+    /// One replica of several on one PostgreSQL database: this one runs the controller
+    /// only while it holds the lease. `None`: the database's only daemon.
+    pub cluster: Option<ClusterMembership>,
+}
+
+/// Who this replica is in the cluster, and the lease settings.
+#[derive(Clone, Debug)]
+pub struct ClusterMembership {
+    pub replica: Replica,
+    pub config: ClusterConfig,
 }
 
 /// Runs the daemon — its controller (supervised: a panic is logged, shown as down, and
@@ -52,6 +114,15 @@ where
     if let Err(error) = state.app.report_orphan_addresses().await {
         tracing::warn!(%error, "start-up check for orphan address allocations failed");
     }
+    // A replica joins before its controller's first tick, so that tick already waits
+    // for the lease instead of acting alone.
+    let elector = parts.cluster.map(|membership| {
+        crate::controller::elector::spawn_elector(
+            state.app.clone(),
+            membership.replica,
+            membership.config,
+        )
+    });
     let controller = Controller::new(
         state.app.clone(),
         parts.bmcs,
@@ -59,8 +130,16 @@ where
         parts.remediation,
     );
     let supervisor = crate::controller::spawn_supervised(controller);
+    let app = state.app.clone();
     let served = serve(listener, state, shutdown).await;
     supervisor.abort();
+    if let Some(elector) = elector {
+        elector.abort();
+        // Hand the lease over now rather than after its TTL.
+        if let Err(error) = app.cluster_resign().await {
+            tracing::warn!(%error, "could not release the controller lease on shutdown");
+        }
+    }
     served
 }
 

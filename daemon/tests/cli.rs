@@ -12,6 +12,10 @@ use std::time::Duration;
 use bearman_proto::http;
 use serde_json::Value;
 
+#[allow(dead_code)]
+#[path = "support/sushy.rs"]
+mod sushy;
+
 const BIN: &str = env!("CARGO_BIN_EXE_bearman");
 /// How long any one command, and the daemon's start-up, may take.
 const BOUND: Duration = Duration::from_secs(30);
@@ -125,6 +129,18 @@ fn request(
     path: &str,
     body: Option<&[u8]>,
 ) -> Result<http::Response, String> {
+    request_as(address, method, path, None, body)
+}
+
+/// [`request`] with an API token.
+fn request_as(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&[u8]>,
+) -> Result<http::Response, String> {
+    let authorization = token.map(|token| format!("Bearer {token}"));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -134,7 +150,10 @@ fn request(
             let mut stream = tokio::net::TcpStream::connect(address)
                 .await
                 .map_err(|e| e.to_string())?;
-            let headers = [("Content-Type", "application/json")];
+            let mut headers = vec![("Content-Type", "application/json")];
+            if let Some(authorization) = &authorization {
+                headers.push(("Authorization", authorization.as_str()));
+            }
             http::send(
                 &mut stream,
                 method,
@@ -154,18 +173,16 @@ fn request(
 
 /// Creates an admin token in `data_dir` with the CLI and returns its secret.
 fn create_admin_token(dir: &Path, data_dir: &Path) -> String {
+    create_admin_token_in(dir, &["--data-dir".as_ref(), data_dir.as_os_str()])
+}
+
+/// Creates an admin token in the database `store` names (`--data-dir D` or
+/// `--database-url U`) with the CLI and returns its secret.
+fn create_admin_token_in(dir: &Path, store: &[&std::ffi::OsStr]) -> String {
     let mut command = bearman(dir);
     command
-        .args([
-            "token",
-            "create",
-            "--name",
-            "admin",
-            "--role",
-            "admin",
-            "--data-dir",
-        ])
-        .arg(data_dir);
+        .args(["token", "create", "--name", "admin", "--role", "admin"])
+        .args(store);
     let output = run(command);
     assert_success("token create", &output);
     let secret = stdout(&output).trim().to_string();
@@ -195,12 +212,29 @@ struct Serve {
 
 impl Serve {
     fn start(dir: &Path, data_dir: &Path) -> Serve {
+        Serve::start_with(
+            dir,
+            "serve.log",
+            &["--data-dir".as_ref(), data_dir.as_os_str()],
+            &[],
+        )
+    }
+
+    /// `bearman serve --listen <a free port>` with `args` and `envs`, logging to
+    /// `dir/log_name`.
+    fn start_with(
+        dir: &Path,
+        log_name: &str,
+        args: &[&std::ffi::OsStr],
+        envs: &[(&str, &str)],
+    ) -> Serve {
         let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log = dir.join("serve.log");
+        let log = dir.join(log_name);
         let mut command = bearman(dir);
         command
-            .args(["serve", "--listen", &address.to_string(), "--data-dir"])
-            .arg(data_dir)
+            .args(["serve", "--listen", &address.to_string()])
+            .args(args)
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap());
         let child = command.spawn().expect("spawn bearman serve");
@@ -229,7 +263,8 @@ impl Serve {
             }
             if let Ok(response) = request(self.address, "GET", "/healthz", None) {
                 assert_eq!(response.status, 200, "{}", response.text());
-                assert_eq!(response.text(), "ok\n");
+                // A replica of several says whether it leads.
+                assert!(response.text().starts_with("ok"), "{}", response.text());
                 return;
             }
             assert!(
@@ -534,4 +569,251 @@ fn serve_on_a_busy_port_names_the_address() {
         .arg(dir.path().join("data"));
     assert_refused("serve on a busy port", &run(command), &address);
     drop(taken);
+}
+
+#[test]
+fn a_second_serve_on_the_same_sqlite_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let first = Serve::start(dir.path(), &data_dir);
+    let mut command = bearman(dir.path());
+    command
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--data-dir",
+        ])
+        .arg(&data_dir);
+    assert_refused(
+        "a second serve on one SQLite file",
+        &run(command),
+        "another bearman serve already serves the SQLite database",
+    );
+    // The first one serves on, alone; `bearman cluster status` says it is not clustered.
+    let token = create_admin_token(dir.path(), &data_dir);
+    let output = first.client(dir.path(), Some(&token), &["cluster", "status"]);
+    assert_success("cluster status", &output);
+    assert!(
+        stdout(&output).contains("not clustered"),
+        "{}",
+        stdout(&output)
+    );
+}
+
+/// PostgreSQL for the cluster test: `DATABASE_URL`, or this machine's local server, in a
+/// schema of its own.
+fn postgres_schema_url(schema: &str) -> String {
+    let base = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let status = Command::new("psql")
+        .args([base.as_str(), "-qc", &format!("CREATE SCHEMA {schema}")])
+        .status()
+        .expect("psql (postgresql-client) is needed for this test");
+    assert!(
+        status.success(),
+        "could not create schema {schema} at {base}"
+    );
+    let separator = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{separator}options=-c%20search_path%3D{schema}")
+}
+
+fn drop_postgres_schema(schema: &str) {
+    let base = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let _ = Command::new("psql")
+        .args([
+            base.as_str(),
+            "-qc",
+            &format!("DROP SCHEMA {schema} CASCADE"),
+        ])
+        .status();
+}
+
+/// The `/healthz` text of `serve`, or the error.
+fn health(serve: &Serve) -> String {
+    match request(serve.address, "GET", "/healthz", None) {
+        Ok(response) => response.text(),
+        Err(error) => format!("unreachable: {error}"),
+    }
+}
+
+/// The remediation of node `uuid` as `serve` reports it.
+fn remediation_of(serve: &Serve, dir: &Path, token: &str, uuid: &str) -> Value {
+    let output = serve.client(
+        dir,
+        Some(token),
+        &["remediation", "list", "--node", uuid, "--output", "json"],
+    );
+    assert_success("remediation list", &output);
+    let list: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    list[0].clone()
+}
+
+#[test]
+fn two_replicas_on_postgres_elect_one_leader_and_the_other_finishes_its_fence_after_kill_9() {
+    let schema = format!("bearman_cli_ha_{}", std::process::id());
+    let url = postgres_schema_url(&schema);
+    let dir = tempfile::tempdir().unwrap();
+    // A real Redfish BMC (sushy-tools), its machine on.
+    let bmc = sushy::Emulator::start(sushy::Options {
+        power: "On",
+        ..Default::default()
+    });
+    let credentials = format!("{}:{}", sushy::USERNAME, sushy::PASSWORD);
+    std::fs::write(
+        dir.path().join("cluster.toml"),
+        // A long clean-shutdown wait keeps the fence in flight while the leader is killed.
+        "[cluster]\nenabled = true\nlease_ttl_ms = 3000\nrenew_every_ms = 500\nrenew_deadline_ms = 2000\n\
+         [remediation.limits]\nsoft_off_grace_ms = 10000\nbackoff_initial_ms = 500\nbackoff_max_ms = 1000\n\
+         [remediation.health]\npower_poll_interval_ms = 0\n",
+    )
+    .unwrap();
+    let config = dir.path().join("cluster.toml");
+    let start = |name: &str| {
+        let args: Vec<std::ffi::OsString> = vec![
+            "--database-url".into(),
+            url.clone().into(),
+            "--config".into(),
+            config.clone().into(),
+            "--data-dir".into(),
+            dir.path().join(name).into(),
+        ];
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        Serve::start_with(
+            dir.path(),
+            &format!("{name}.log"),
+            &args,
+            &[("BM_TEST_REDFISH", credentials.as_str())],
+        )
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut replicas = [start("a"), start("b")];
+        // Within a couple of renewals exactly one leads.
+        let deadline = std::time::Instant::now() + BOUND;
+        let leader = loop {
+            let texts: Vec<String> = replicas.iter().map(health).collect();
+            let leading: Vec<usize> = (0..2)
+                .filter(|i| texts[*i].starts_with("ok: leading"))
+                .collect();
+            if leading.len() == 1 && texts.iter().all(|t| t.starts_with("ok")) {
+                break leading[0];
+            }
+            assert!(leading.len() <= 1, "two leaders: {texts:?}");
+            assert!(std::time::Instant::now() < deadline, "no leader: {texts:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let other = 1 - leader;
+        assert!(health(&replicas[other]).starts_with("ok: standby"));
+        let token = create_admin_token_in(dir.path(), &["--database-url".as_ref(), url.as_ref()]);
+        let status = replicas[other].client(dir.path(), Some(&token), &["cluster", "status"]);
+        assert_success("cluster status", &status);
+        let text = stdout(&status);
+        assert!(
+            text.contains("(standby)") && text.contains("epoch 1"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches(" *").count(),
+            1,
+            "one replica marked leading: {text}"
+        );
+
+        // A node with that BMC registers (through the standby: every replica serves) and
+        // an operator fences it.
+        let standby = &replicas[other];
+        let enrolment = serde_json::to_vec(&serde_json::json!({
+            "uuid": UUID,
+            "bmc": {"driver": "redfish", "address": bmc.address(), "credentials_ref": "env:BM_TEST_REDFISH"},
+        }))
+        .unwrap();
+        let enrolled = request_as(
+            standby.address,
+            "POST",
+            "/api/v1/nodes",
+            Some(&token),
+            Some(&enrolment),
+        )
+        .unwrap();
+        assert_eq!(enrolled.status, 201, "{}", enrolled.text());
+        let registered = request(
+            standby.address,
+            "POST",
+            &format!("/ipxe/{UUID}/register"),
+            Some(&registration_body()),
+        )
+        .unwrap();
+        assert!(registered.status < 300, "{}", registered.text());
+        let fence = standby.client(dir.path(), Some(&token), &["node", "fence", UUID]);
+        assert_success("node fence", &fence);
+        // The leader asks for the clean shutdown and waits: the fence is in flight.
+        let deadline = std::time::Instant::now() + BOUND;
+        loop {
+            let remediation = remediation_of(standby, dir.path(), &token, UUID);
+            if remediation["attempts"].as_u64() >= Some(1) {
+                assert_eq!(remediation["status"], "active");
+                assert_eq!(remediation["epoch"], 1, "{remediation}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fence never started: {remediation}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+
+        // kill -9 the leader: no resignation, the lease must expire.
+        let killed_at = std::time::Instant::now();
+        replicas[leader].child.kill().unwrap();
+        replicas[leader].child.wait().unwrap();
+        let failover = loop {
+            let text = health(&replicas[other]);
+            if text.starts_with("ok: leading (epoch 2)") {
+                break killed_at.elapsed();
+            }
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(15),
+                "no takeover after kill -9: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            failover < Duration::from_millis(3000 + 2 * 500 + 1000),
+            "{failover:?}"
+        );
+        // The new leader finishes the fence from its persisted step: verified off.
+        let finished = loop {
+            let remediation = remediation_of(&replicas[other], dir.path(), &token, UUID);
+            if remediation["status"] != "active" {
+                break remediation;
+            }
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(90),
+                "the new leader did not finish the fence: {remediation}\n{}",
+                replicas[other].log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let done_after = killed_at.elapsed();
+        assert_eq!(finished["status"], "done", "{finished}");
+        assert_eq!(
+            finished["epoch"], 2,
+            "finished under the new epoch: {finished}"
+        );
+        let node = replicas[other].client(
+            dir.path(),
+            Some(&token),
+            &["node", "show", UUID, "--output", "json"],
+        );
+        assert_success("node show", &node);
+        let node: Value = serde_json::from_str(&stdout(&node)).unwrap();
+        assert_eq!(node["state"], "fenced", "{node}");
+        eprintln!(
+            "kill -9 of the leader: the other led after {failover:?} (lease_ttl_ms 3000, renew_every_ms 500) and finished the fence {done_after:?} after the kill"
+        );
+    }));
+    drop_postgres_schema(&schema);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
 }

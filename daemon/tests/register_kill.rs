@@ -3,6 +3,11 @@
 //! database it leaves behind has no allocation that no node accounts for, and every
 //! address a node records is allocated to it.
 
+#[allow(dead_code)]
+#[path = "support/postgres.rs"]
+mod postgres;
+use postgres::PostgresSchema;
+
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
@@ -52,7 +57,7 @@ fn killed_registrations_leave_no_orphan_allocation_on_sqlite() {
 fn killed_registrations_leave_no_orphan_allocation_on_postgres() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = runtime();
-    let schema = runtime.block_on(PostgresSchema::create());
+    let schema = runtime.block_on(PostgresSchema::create("kill"));
     let database = Database {
         url: schema.url.clone(),
         serve_args: vec![
@@ -385,51 +390,5 @@ impl Drop for Serve {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A schema of its own on the test PostgreSQL server (`DATABASE_URL`, or this machine's).
-struct PostgresSchema {
-    url: String,
-    base: String,
-    name: String,
-}
-
-impl PostgresSchema {
-    async fn create() -> PostgresSchema {
-        let base = std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
-        let name = format!(
-            "bearman_kill_{}_{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        );
-        sqlx::any::install_default_drivers();
-        let admin = sqlx::AnyPool::connect(&base).await.unwrap_or_else(|error| {
-            panic!(
-                "PostgreSQL is required for this test and was not reachable at {base}: {error}. \
-                 Start it, or point DATABASE_URL at one."
-            )
-        });
-        sqlx::query(&format!("CREATE SCHEMA {name}"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        admin.close().await;
-        let separator = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{separator}options=-c%20search_path%3D{name}");
-        PostgresSchema { url, base, name }
-    }
-
-    async fn drop_it(self) {
-        let admin = sqlx::AnyPool::connect(&self.base).await.unwrap();
-        sqlx::query(&format!("DROP SCHEMA {} CASCADE", self.name))
-            .execute(&admin)
-            .await
-            .unwrap();
-        admin.close().await;
     }
 }

@@ -16,7 +16,7 @@ use bearman::bmc::{Bmc, BmcError, PowerState};
 use bearman::cloud::{Cloud, CloudError, VmStatus};
 use bearman::controller::{spawn_supervised_with, Controller, ControllerConfig, RestartPolicy};
 use bearman::core::lifecycle::LifecycleState;
-use bearman::core::model::{Action, EventFilter, Node, NodeRole};
+use bearman::core::model::{Action, BootPhase, BootProgress, EventFilter, Node, NodeRole};
 use bearman::core::power_sync::PowerReadingState;
 use bearman::core::registration::RegistrationDefaults;
 use bearman::core::remediation::{Limits, Remediation, RemediationKind, Status, Step};
@@ -666,7 +666,7 @@ async fn every_step_can_run_twice_without_harm() {
             rewound.step_index -= 1;
             rewound.attempts = 0;
             h.store
-                .remediation_update(&rewound, None, &[])
+                .remediation_update(&rewound, None, &[], None)
                 .await
                 .unwrap();
         }
@@ -918,6 +918,7 @@ impl Harness {
             .remediation_create(
                 &Remediation::new(self.uuid.clone(), kind, "test", "test", now),
                 &[],
+                None,
             )
             .await
             .unwrap();
@@ -925,7 +926,7 @@ impl Harness {
         at.step_index = at.plan.iter().position(|s| *s == step).unwrap();
         at.attempts = attempts;
         self.store
-            .remediation_update(&at, None, &[])
+            .remediation_update(&at, None, &[], None)
             .await
             .unwrap()
             .0
@@ -1249,4 +1250,129 @@ async fn operators_cannot_remediate_a_node_in_maintenance() {
         .await
         .unwrap()
         .is_empty());
+}
+
+/// Puts the victim mid-first-boot, with a BMC address: it fetched its target OS at
+/// `at_ms` and stage 2 never came up. No remediation on it.
+async fn victim_first_boot_stalled_since(h: &Harness, at_ms: i64) {
+    let mut node = h.store.node_get(&h.uuid).await.unwrap().unwrap();
+    node.state = LifecycleState::Provisioning;
+    node.bmc.address = Some("10.0.0.1".into());
+    node.boot = Some(BootProgress {
+        phase: BootPhase::OsFetched,
+        at_ms,
+    });
+    h.store.node_update(&node, &[]).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_first_boot_stalled_past_its_deadline_is_reported_and_power_cycled_into_pxe() {
+    let h = harness(FakeBmc::default()).await;
+    victim_first_boot_stalled_since(&h, START_MS).await;
+    let deadline = Limits::default().boot_os_fetched_timeout_ms;
+    // Within its deadline nothing happens; once past it (seen at the next boot scan)
+    // a boot retry power-cycles it: PXE, off (verified), on.
+    h.run_until("power-cycled", |s| s == LifecycleState::Rebuilding)
+        .await;
+    let waited = h.clock.now_ms() - START_MS;
+    let scan = ControllerConfig::default().boot_scan_ms;
+    assert!(
+        (deadline..=deadline + scan + 5_000).contains(&waited),
+        "power-cycled {waited} ms after the stall began (deadline {deadline} ms)"
+    );
+    let remediation = &h
+        .store
+        .remediation_list(true, Some(&h.uuid), 10)
+        .await
+        .unwrap()[0];
+    assert_eq!(remediation.kind, RemediationKind::BootRetry);
+    assert_eq!(remediation.requested_by, "system");
+    for _ in 0..5 {
+        h.advance(1_000).await;
+    }
+    let calls = h.bmc.calls.lock().unwrap().clone();
+    let pxe = calls.iter().position(|c| *c == "pxe").expect("pxe set");
+    let off = calls.iter().position(|c| *c == "off").expect("powered off");
+    let on = calls.iter().rposition(|c| *c == "on").expect("powered on");
+    assert!(pxe < off && off < on, "PXE, off, then on: {calls:?}");
+    let node = h.store.node_get(&h.uuid).await.unwrap().unwrap();
+    assert_eq!(
+        node.boot.map(|b| b.phase),
+        Some(BootPhase::PoweredOn),
+        "the boot watchdog's clock restarts at the power-on"
+    );
+    // The reboot comes up: the retry is done.
+    let mut node = node;
+    node.state = LifecycleState::Ready;
+    node.last_heartbeat_at_ms = Some(h.clock.now_ms());
+    h.store.node_update(&node, &[]).await.unwrap();
+    h.advance_all_alive(1_000).await;
+    h.advance_all_alive(1_000).await;
+    let remediation = &h
+        .store
+        .remediation_list(false, Some(&h.uuid), 10)
+        .await
+        .unwrap()[0];
+    assert_eq!(remediation.status, Status::Done);
+    let stalled: Vec<String> = h
+        .store
+        .event_list(&EventFilter {
+            node_uuid: Some(h.uuid.clone()),
+            limit: 500,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == Action::BootStalled)
+        .map(|e| e.reason)
+        .collect();
+    assert_eq!(stalled.len(), 1, "reported once: {stalled:?}");
+    assert!(
+        stalled[0].contains("os_fetched") && stalled[0].contains("power-cycling"),
+        "{}",
+        stalled[0]
+    );
+    assert_eq!(
+        victim_transitions(&h).await.first().map(|t| t.0.as_str()),
+        Some("rebuild_started")
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_first_boot_that_never_comes_up_ends_with_a_human_not_a_loop() {
+    let h = harness(FakeBmc::default()).await;
+    victim_first_boot_stalled_since(&h, START_MS).await;
+    // Each power-cycle boots nowhere: the watchdog calls each rebuild stalled in turn,
+    // `rebuilds_max` in all, then the node goes to maintenance, parked by the controller.
+    // (Each waits out the powered_on deadline, 10 minutes: 5 s steps.)
+    for _ in 0..2_000 {
+        if h.node_state().await == LifecycleState::Maintenance {
+            break;
+        }
+        h.advance(5_000).await;
+    }
+    assert_eq!(h.node_state().await, LifecycleState::Maintenance);
+    let remediations = h
+        .store
+        .remediation_list(false, Some(&h.uuid), 10)
+        .await
+        .unwrap();
+    assert_eq!(remediations.len(), 1, "one boot retry, not one per stall");
+    assert_eq!(remediations[0].status, Status::Failed);
+    assert_eq!(remediations[0].rebuilds + 1, Limits::default().rebuilds_max);
+    let node = h.store.node_get(&h.uuid).await.unwrap().unwrap();
+    assert!(node.maintenance.unwrap().parked_by_controller());
+    // Parked: no further boot retries however long it stays there.
+    for _ in 0..60 {
+        h.advance(15_000).await;
+    }
+    assert_eq!(
+        h.store
+            .remediation_list(false, Some(&h.uuid), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }

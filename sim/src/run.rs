@@ -428,6 +428,7 @@ pub fn run(
                         timeout: Duration::from_secs(10),
                     })),
                     remediation,
+                    cluster: None,
                 };
                 bearman::server::run_daemon(
                     net::TurmoilListener(listener),

@@ -134,9 +134,9 @@ fn self_recovery_during_fence_retry() {
     check_scenario("self-recovery-during-fence-retry");
 }
 
-// Scenarios written ahead of the daemon behaviour they describe (issue 11): they fail on
-// a daemon that abandons a fence it cannot verify, or that waits out the whole Ready
-// timeout when a rebuild goes silent, until that behaviour lands.
+// Liveness scenarios (issue 11): each fails on a daemon that abandons a fence it cannot
+// verify, waits out the whole Ready timeout when a rebuild goes silent, or never looks at
+// a node whose first boot stalled with no remediation on it.
 
 #[test]
 fn bmc_dark_then_crash() {
@@ -151,6 +151,11 @@ fn bmc_recovers_mid_retry() {
 #[test]
 fn crash_during_rebuild() {
     check_scenario("crash-during-rebuild");
+}
+
+#[test]
+fn crash_during_first_boot() {
+    check_scenario("crash-during-first-boot");
 }
 
 #[test]

@@ -83,6 +83,7 @@ impl From<StoreError> for ApiError {
             StoreError::GenerationMismatch { .. } => {
                 ApiError::conflict("generation_mismatch", error.to_string())
             }
+            StoreError::Fenced { .. } => ApiError::conflict("fenced", error.to_string()),
             StoreError::PoolExhausted { .. } | StoreError::InvalidPool { .. } => {
                 tracing::warn!(error = %error, "address allocation failed");
                 ApiError::new(

@@ -130,7 +130,15 @@ async fn healthz(axum::extract::State(state): axum::extract::State<AppState>) ->
             ),
         )
             .into_response(),
-        _ => "ok\n".into_response(),
+        _ => match state.app.leader.acting(state.app.now_ms()) {
+            crate::app::cluster::Acting::Alone => "ok\n".into_response(),
+            crate::app::cluster::Acting::Leader { epoch } => {
+                format!("ok: leading (epoch {epoch})\n").into_response()
+            }
+            crate::app::cluster::Acting::Standby => {
+                "ok: standby (another replica runs the controller)\n".into_response()
+            }
+        },
     }
 }
 

@@ -37,6 +37,14 @@ pub struct GuardStatus {
     /// Automatic fences not verified yet and being retried: each an alert.
     #[serde(default)]
     pub fences_unverified: Vec<crate::core::controller::FenceUnverified>,
+    /// Nodes booting on their own whose boot stalled and is not being power-cycled (why
+    /// not is in each): each an alert.
+    #[serde(default)]
+    pub boots_stalled: Vec<crate::core::controller::StalledBoot>,
+    /// So many boots stalled at once that none is power-cycled.
+    #[serde(default)]
+    pub boot_retries_held: bool,
+    pub boot_retry_automatic: bool,
 }
 
 /// A node that should be running whose BMC last read Off.

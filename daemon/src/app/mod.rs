@@ -7,6 +7,7 @@
 //! and nothing of tokio tasks; it is called, it never runs on its own. Rules live in
 //! `core`; this layer only sequences reads, decisions and writes.
 
+pub mod cluster;
 pub mod flavors;
 pub mod guards;
 pub mod nodes;
@@ -49,6 +50,7 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     pub settings: Arc<Settings>,
     pub guards: Arc<guards::GuardBoard>,
+    pub leader: Arc<cluster::LeaderBoard>,
 }
 
 impl App {
@@ -58,6 +60,7 @@ impl App {
             clock,
             settings: Arc::new(settings),
             guards: Arc::default(),
+            leader: Arc::default(),
         }
     }
 }

@@ -38,7 +38,7 @@ impl App {
         );
         let created = self
             .store
-            .remediation_create(&remediation, &[event])
+            .remediation_create(&remediation, &[event], None)
             .await
             .map_err(|error| match error {
                 StoreError::AlreadyExists { .. } => {
@@ -108,7 +108,7 @@ impl App {
             };
             match self
                 .store
-                .remediation_update(&cancelled, node.as_ref(), &events)
+                .remediation_update(&cancelled, node.as_ref(), &events, None)
                 .await
             {
                 Ok((stored, _)) => return Ok(stored),

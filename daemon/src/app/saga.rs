@@ -63,6 +63,14 @@ pub enum Recorded {
     Superseded { now: Option<Remediation> },
 }
 
+/// `remediation` marked with the leader epoch it is written under.
+fn stamped(remediation: Remediation, fence: Option<i64>) -> Remediation {
+    Remediation {
+        epoch: fence.or(remediation.epoch),
+        ..remediation
+    }
+}
+
 fn conflict(error: &StoreError) -> bool {
     matches!(
         error,
@@ -72,13 +80,24 @@ fn conflict(error: &StoreError) -> bool {
 
 impl App {
     /// Creates an automatic remediation with its event; `None` when the node already has
-    /// an active one (an operator got there first).
+    /// an active one (an operator got there first). Every saga write takes `fence`: the
+    /// leader epoch it is made under (`None` for a daemon alone on its database); the
+    /// store refuses it (`StoreError::Fenced`) once the lease moved on.
     pub async fn saga_start_automatic(
         &self,
         remediation: &Remediation,
         event: NewEvent,
+        fence: Option<i64>,
     ) -> Result<Option<Remediation>, StoreError> {
-        match self.store.remediation_create(remediation, &[event]).await {
+        let remediation = Remediation {
+            epoch: fence,
+            ..remediation.clone()
+        };
+        match self
+            .store
+            .remediation_create(&remediation, &[event], fence)
+            .await
+        {
             Ok(created) => Ok(Some(created)),
             Err(StoreError::AlreadyExists { .. }) => Ok(None),
             Err(error) => Err(error),
@@ -107,7 +126,7 @@ impl App {
     /// acting ([`begin_step`]), and records it: a stand-down, the attempt (with the
     /// lifecycle change entering the step implies), or a refusal. Deciding again with
     /// fresh copies when someone else wrote first, at most [`ATTEMPT_WRITES_MAX`] times.
-    pub async fn saga_begin_step(&self, id: i64) -> Result<Begun, SagaError> {
+    pub async fn saga_begin_step(&self, id: i64, fence: Option<i64>) -> Result<Begun, SagaError> {
         for _ in 0..ATTEMPT_WRITES_MAX {
             let Some(remediation) = self.store.remediation_get(id).await? else {
                 return Ok(Begun::Idle);
@@ -121,7 +140,7 @@ impl App {
                 StepStart::Idle => return Ok(Begun::Idle),
                 StepStart::StandDown { cancelled, event } => self
                     .store
-                    .remediation_update(&cancelled, None, &[event])
+                    .remediation_update(&stamped(cancelled, fence), None, &[event], fence)
                     .await
                     .map(|_| Begun::StoodDown),
                 StepStart::Attempt {
@@ -130,7 +149,7 @@ impl App {
                     audit,
                 } => self
                     .store
-                    .remediation_update(&attempt, moved.as_ref(), &audit)
+                    .remediation_update(&stamped(attempt, fence), moved.as_ref(), &audit, fence)
                     .await
                     .map(|(attempt, written)| Begun::Attempt {
                         attempt,
@@ -138,7 +157,12 @@ impl App {
                     }),
                 StepStart::Refused(write) => self
                     .store
-                    .remediation_update(&write.remediation, write.node.as_ref(), &write.audit)
+                    .remediation_update(
+                        &write.remediation,
+                        write.node.as_ref(),
+                        &write.audit,
+                        fence,
+                    )
                     .await
                     .map(|_| Begun::Refused(write)),
             };
@@ -168,6 +192,7 @@ impl App {
         attempt: &Remediation,
         outcome: &Outcome,
         limits: &Limits,
+        fence: Option<i64>,
     ) -> Result<Recorded, SagaError> {
         let id = attempt.id;
         let mut attempt = attempt.clone();
@@ -177,7 +202,12 @@ impl App {
             let write = handle_outcome(now, &attempt, outcome, &node, limits);
             match self
                 .store
-                .remediation_update(&write.remediation, write.node.as_ref(), &write.audit)
+                .remediation_update(
+                    &stamped(write.remediation.clone(), fence),
+                    write.node.as_ref(),
+                    &write.audit,
+                    fence,
+                )
                 .await
             {
                 Ok((stored, _)) => {

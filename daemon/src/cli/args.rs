@@ -53,6 +53,19 @@ pub(super) enum Command {
     /// Talk to nodes' BMCs directly from this machine (IPMI, Redfish): power, PXE, checks
     #[command(subcommand)]
     Bmc(BmcCommand),
+    /// Several replicas on one PostgreSQL database: who leads, who is alive
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand)]
+pub(super) enum ClusterCommand {
+    /// Each replica (name, address, version, last seen), which one holds the controller's
+    /// lease, its epoch and expiry, and what the replica answering does
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(Args, Clone)]

@@ -34,6 +34,8 @@ pub struct FileConfig {
     pub bmc: Option<bearman::bmc::provider::BmcSettings>,
     /// proxyDHCP and TFTP for PXE firmware; absent (the default) means none is served.
     pub pxe: Option<bearman_pxe::PxeFileConfig>,
+    /// Several replicas on one PostgreSQL database (off by default).
+    pub cluster: Option<bearman::core::cluster::ClusterConfig>,
 }
 
 impl FileConfig {
@@ -64,6 +66,7 @@ pub struct ServeConfig {
     pub nova: Option<bearman::cloud::nova::NovaConfig>,
     pub bmc: bearman::bmc::provider::BmcSettings,
     pub pxe: Option<bearman_pxe::PxeConfig>,
+    pub cluster: bearman::core::cluster::ClusterConfig,
 }
 
 /// Values given on the command line or in the environment (clap merges those two).
@@ -157,6 +160,18 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
         ),
         None => None,
     };
+    let cluster = file.cluster.unwrap_or_default();
+    if let Err(problem) = cluster.validate() {
+        bail!("[cluster] {problem}");
+    }
+    if cluster.enabled
+        && bearman::store::sql::Backend::from_url(&database_url)
+            != Some(bearman::store::sql::Backend::Postgres)
+    {
+        bail!(
+            "[cluster] enabled = true needs a PostgreSQL database_url (postgres://…): SQLite is one daemon's embedded store"
+        );
+    }
     Ok(ServeConfig {
         listen,
         public_url,
@@ -172,12 +187,32 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
         nova: file.nova,
         bmc,
         pxe,
+        cluster,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_needs_postgres_and_valid_lease_timings() {
+        let file: FileConfig = toml::from_str("[cluster]\nenabled = true\n").unwrap();
+        let error = resolve(Overrides::default(), file).unwrap_err().to_string();
+        assert!(error.contains("needs a PostgreSQL database_url"), "{error}");
+        let file: FileConfig = toml::from_str(
+            "database_url = \"postgres://db/bearman\"\n[cluster]\nenabled = true\nrenew_deadline_ms = 20000\n",
+        )
+        .unwrap();
+        let error = resolve(Overrides::default(), file).unwrap_err().to_string();
+        assert!(error.contains("[cluster] renew_deadline_ms"), "{error}");
+        let file: FileConfig =
+            toml::from_str("database_url = \"postgres://db/bearman\"\n[cluster]\nenabled = true\n")
+                .unwrap();
+        let config = resolve(Overrides::default(), file).unwrap();
+        assert!(config.cluster.enabled);
+        assert_eq!(config.cluster.lease_ttl_ms, 15_000);
+    }
 
     #[test]
     fn defaults_run_on_sqlite_in_the_working_directory() {

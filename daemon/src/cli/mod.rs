@@ -4,6 +4,7 @@
 mod args;
 mod bmc;
 mod client;
+mod cluster;
 mod config;
 mod flavor;
 mod node;
@@ -35,6 +36,7 @@ use serde_json::{json, Value};
 use args::*;
 use bmc::*;
 use client::ApiClient;
+use cluster::*;
 use config::{FileConfig, Overrides};
 use flavor::*;
 use node::*;
@@ -80,6 +82,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pool(command) => pool(command).await,
         Command::Remediation(command) => remediation(command).await,
         Command::Bmc(command) => bmc(command).await,
+        Command::Cluster(ClusterCommand::Status { api }) => cluster_status(&api).await,
         Command::Events { api, node, limit } => {
             let client = ApiClient::new(&api.url, api.token.clone())?;
             let mut path = format!("/events?limit={limit}");

@@ -18,9 +18,20 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(config.log_json);
     std::fs::create_dir_all(config.data_dir.join("images"))
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-    let store = bearman::server::open_sql_store(&config.database_url)
+    // Held until the process exits: the one daemon on this SQLite file.
+    let _serving_lock =
+        bearman::server::lock_sqlite_for_serving(&config.database_url).map_err(|e| anyhow!(e))?;
+    let store = if config.cluster.enabled {
+        bearman::server::open_sql_store_for_replica(
+            &config.database_url,
+            config.cluster.cache_max_age_ms,
+            Arc::new(SystemClock),
+        )
         .await
-        .map_err(|e| anyhow!("opening the database: {e}"))?;
+    } else {
+        bearman::server::open_sql_store(&config.database_url).await
+    }
+    .map_err(|e| anyhow!("opening the database: {e}"))?;
     if store
         .token_list()
         .await
@@ -89,10 +100,43 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         bmcs: Arc::new(bmcs),
         cloud,
         remediation: config.remediation.clone(),
+        cluster: config
+            .cluster
+            .enabled
+            .then(|| bearman::server::ClusterMembership {
+                replica: bearman::core::cluster::Replica {
+                    name: config
+                        .cluster
+                        .replica_name
+                        .clone()
+                        .unwrap_or_else(|| format!("{}@{bound}", host_name())),
+                    address: config.public_url.clone(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    started_at_ms: bearman::runtime::Clock::now_ms(&SystemClock),
+                    last_seen_at_ms: 0,
+                },
+                config: config.cluster.clone(),
+            }),
     };
+    if let Some(membership) = &parts.cluster {
+        tracing::info!(
+            replica = %membership.replica.name,
+            lease_ttl_ms = membership.config.lease_ttl_ms,
+            "clustered: this replica serves, and runs the controller only while it holds the lease"
+        );
+    }
     bearman::server::run_daemon(listener, parts, shutdown_signal()).await?;
     tracing::info!("bearman stopped");
     Ok(())
+}
+
+/// This machine's host name, for the default replica name.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "bearman".to_string())
 }
 
 pub(super) async fn shutdown_signal() {

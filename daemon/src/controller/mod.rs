@@ -14,6 +14,7 @@
 //! the outside world, and persists before and after acting. A task it spawns that panics
 //! frees its slot (a drop guard), so nothing stays "in flight" forever.
 
+pub mod elector;
 mod power;
 pub mod remediation;
 
@@ -47,6 +48,12 @@ pub struct Controller {
     running: Arc<Mutex<BTreeSet<i64>>>,
     /// Nodes with a power poll in flight.
     polls_in_flight: Arc<Mutex<BTreeSet<NodeUuid>>>,
+    /// The leader epoch the core's memory belongs to (clustered replicas).
+    epoch: Mutex<Option<i64>>,
+    /// When this process started: heartbeats have been recorded since then (by it, or by
+    /// the other replicas), so a replica that takes the lease later does not wait out
+    /// the startup quiet period again.
+    started_at_ms: i64,
 }
 
 /// The tasks one tick started (saga steps and power polls); dropping it lets them run on
@@ -125,6 +132,8 @@ impl Controller {
             config,
             running: Arc::default(),
             polls_in_flight: Arc::default(),
+            epoch: Mutex::default(),
+            started_at_ms,
         })
     }
 
@@ -151,7 +160,18 @@ impl Controller {
     /// Returns the tasks it started (steps, power polls).
     pub async fn tick(self: Arc<Self>) -> Result<Started, StoreError> {
         let now = self.app.clock.now_ms();
+        let acting = self.app.leader.acting(now);
+        if !self.follow_leadership(acting, now) {
+            return Ok(Started { tasks: Vec::new() });
+        }
+        let boot_scan_due = self.lock_core().boot_scan_due(now);
+        let booting = if boot_scan_due {
+            Some(self.app.store.node_booting_list().await?)
+        } else {
+            None
+        };
         let view = FleetView {
+            booting,
             nodes: self.app.store.node_health_list().await?,
             active: self
                 .app
@@ -161,7 +181,17 @@ impl Controller {
             polls_in_flight: self.lock_polls().clone(),
             steps_running: self.lock_running().clone(),
         };
-        let commands = self.lock_core().poll(now, &view);
+        let commands = {
+            let mut core = self.lock_core();
+            let commands = core.poll(now, &view);
+            if let crate::app::cluster::Acting::Leader { .. } = acting {
+                match serde_json::to_string(&core.memory()) {
+                    Ok(memory) => self.app.leader.save_memory(memory),
+                    Err(error) => tracing::warn!(%error, "controller memory not saved"),
+                }
+            }
+            commands
+        };
         let mut started = Started { tasks: Vec::new() };
         let mut alerts = Vec::new();
         for command in commands {
@@ -182,8 +212,10 @@ impl Controller {
                 }
                 Command::StartAutomatic { remediation, event } => {
                     let uuid = remediation.node_uuid.clone();
-                    if let Some(created) =
-                        self.app.saga_start_automatic(&remediation, event).await?
+                    if let Some(created) = self
+                        .app
+                        .saga_start_automatic(&remediation, event, acting.fence())
+                        .await?
                     {
                         tracing::warn!(%uuid, id = created.id, "automatic remediation started");
                         let next = self.lock_core().handle_started(now, &created);
@@ -201,6 +233,40 @@ impl Controller {
         }
         self.app.saga_alerts_record(&alerts).await?;
         Ok(started)
+    }
+
+    /// Follows the leader board: whether this tick may act. A replica that is not
+    /// leading acts on nothing; one that (again) leads under a new epoch starts with a
+    /// fresh core — its quiet period runs from the takeover, and nothing it remembered
+    /// from an earlier term (rate window, guard history) is trusted.
+    fn follow_leadership(&self, acting: crate::app::cluster::Acting, now: i64) -> bool {
+        use crate::app::cluster::Acting;
+        let mut epoch = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
+        match acting {
+            Acting::Alone => true,
+            Acting::Standby => {
+                *epoch = None;
+                false
+            }
+            Acting::Leader { epoch: current } => {
+                if *epoch != Some(current) {
+                    let mut core = ControllerCore::new(self.config.clone(), self.started_at_ms);
+                    let handed_over = self.app.leader.take_handed_over(current);
+                    match handed_over.as_deref().map(serde_json::from_str) {
+                        Some(Ok(memory)) => core.restore(memory),
+                        Some(Err(error)) => tracing::warn!(
+                            %error,
+                            "the previous leader's controller memory is unreadable: starting without it"
+                        ),
+                        None => {}
+                    }
+                    tracing::info!(epoch = current, now, "controller starting its term");
+                    *self.lock_core() = core;
+                    *epoch = Some(current);
+                }
+                true
+            }
+        }
     }
 
     /// Steps with a task in flight right now (for tests: never one left after a panic).
@@ -269,6 +335,9 @@ impl Controller {
                 .collect(),
             power_confirmed: report.power_confirmed,
             fences_unverified: report.fences_unverified,
+            boots_stalled: report.boots_stalled,
+            boot_retries_held: report.boot_retries_held,
+            boot_retry_automatic: config.automatic && config.boot_retry_automatic,
         });
     }
 }
@@ -293,6 +362,18 @@ fn log_alert(alert: &GuardAlert) {
         GuardAlert::FleetResumed => {
             tracing::info!("fleet heard again: automatic fencing resumed")
         }
+        GuardAlert::BootStalled { stall, stuck_ms } => tracing::warn!(
+            uuid = %stall.uuid,
+            phase = stall.phase.as_str(),
+            stuck_s = stuck_ms / 1000,
+            held = stall.held.as_deref().unwrap_or("no: power-cycling (boot retry)"),
+            "boot stalled"
+        ),
+        GuardAlert::BootRetriesHeld { stalled } => tracing::error!(
+            stalled,
+            "many boots stalled at once: boot retries held, power-cycling none"
+        ),
+        GuardAlert::BootRetriesResumed => tracing::info!("boot retries resumed"),
     }
 }
 

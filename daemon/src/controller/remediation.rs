@@ -24,7 +24,12 @@ impl Controller {
     /// Whatever goes wrong is logged here (and, when a write gave up, in the audit trail
     /// by `app::saga`); the saga stays consistent and runs again when due.
     pub async fn run_step(self: Arc<Self>, id: i64) {
-        let begun = match self.app.saga_begin_step(id).await {
+        let acting = self.app.leader.acting(self.app.now_ms());
+        if !acting.may_act() {
+            return;
+        }
+        let fence = acting.fence();
+        let begun = match self.app.saga_begin_step(id, fence).await {
             Ok(begun) => begun,
             Err(error) => {
                 tracing::warn!(id, %error, "remediation step not started");
@@ -61,7 +66,7 @@ impl Controller {
         };
         match self
             .app
-            .saga_record_outcome(&attempt, &outcome, limits)
+            .saga_record_outcome(&attempt, &outcome, limits, fence)
             .await
         {
             Ok(Recorded::Written(write)) => {
@@ -97,6 +102,12 @@ impl Controller {
                 }
                 Next::Call(call) => call,
             };
+            // The attempt was recorded under our epoch; a leader whose lease may be about
+            // to pass to another makes no further call.
+            if !self.app.leader.acting(self.app.now_ms()).may_act() {
+                program.record_evacuated(attempt);
+                return Outcome::NotYet("this replica stopped leading mid-step".into());
+            }
             last = Some(self.call(call, node, &mut bmc).await);
         }
         program.record_evacuated(attempt);

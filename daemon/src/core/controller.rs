@@ -86,6 +86,17 @@ pub struct ControllerConfig {
     /// Power polls in flight at once, at most. Keep it below `bmc.concurrent_max` so
     /// polls stuck on hung BMCs never hold every permit fencing needs.
     pub power_polls_in_flight_max: usize,
+    /// Boot watchdog for nodes booting on their own (first provisioning, or back by
+    /// themselves): whether one stalled past its milestone's deadline is power-cycled
+    /// into PXE again (a `boot_retry` remediation). Off: stalls are only reported.
+    pub boot_retry_automatic: bool,
+    /// When this many such boots are stalled at once, the cause is shared (the image,
+    /// DHCP, TFTP, the network) and power-cycling would only repeat it: the stalls are
+    /// reported and none is power-cycled until fewer are stalled.
+    pub boot_stalls_systemic_min: usize,
+    /// How often nodes booting on their own are looked at. Their deadlines are minutes
+    /// (`[remediation.limits] boot_*_timeout_ms`); this bounds how late a stall is seen.
+    pub boot_scan_ms: i64,
 }
 
 impl Default for ControllerConfig {
@@ -100,6 +111,9 @@ impl Default for ControllerConfig {
             startup_quiet_ms: 45_000,
             power_polls_per_tick_max: 8,
             power_polls_in_flight_max: 16,
+            boot_retry_automatic: true,
+            boot_stalls_systemic_min: 5,
+            boot_scan_ms: 15_000,
         }
     }
 }
@@ -109,45 +123,46 @@ impl ControllerConfig {
     pub fn validate(&self) -> Result<(), InvalidSetting> {
         self.health.validate()?;
         self.limits.validate()?;
-        if !(10..=3_600_000).contains(&self.tick_ms) {
-            return Err(InvalidSetting::new(
-                "tick_ms",
-                format!("{} is outside 10-3600000", self.tick_ms),
-            ));
-        }
-        if !(1..=10_000).contains(&self.fences_per_minute_max) {
-            return Err(InvalidSetting::new(
-                "fences_per_minute_max",
-                format!(
-                    "{} is outside 1-10000 (set automatic = false to start none)",
-                    self.fences_per_minute_max
-                ),
-            ));
-        }
-        if !(1..=100_000).contains(&self.remediations_active_max) {
-            return Err(InvalidSetting::new(
-                "remediations_active_max",
-                format!("{} is outside 1-100000", self.remediations_active_max),
-            ));
-        }
-        if !(0..=86_400_000).contains(&self.startup_quiet_ms) {
-            return Err(InvalidSetting::new(
-                "startup_quiet_ms",
-                format!("{} is outside 0-86400000", self.startup_quiet_ms),
-            ));
-        }
-        if !(1..=10_000).contains(&self.power_polls_per_tick_max) {
-            return Err(InvalidSetting::new(
-                "power_polls_per_tick_max",
-                format!("{} is outside 1-10000", self.power_polls_per_tick_max),
-            ));
-        }
-        if !(1..=10_000).contains(&self.power_polls_in_flight_max) {
-            return Err(InvalidSetting::new(
-                "power_polls_in_flight_max",
-                format!("{} is outside 1-10000", self.power_polls_in_flight_max),
-            ));
-        }
+        let check = InvalidSetting::check_range::<i64>;
+        let count = InvalidSetting::check_range::<usize>;
+        check("tick_ms", self.tick_ms as i64, 10..=3_600_000, "")?;
+        InvalidSetting::check_range(
+            "fences_per_minute_max",
+            self.fences_per_minute_max,
+            1..=10_000,
+            "set automatic = false to start none",
+        )?;
+        count(
+            "remediations_active_max",
+            self.remediations_active_max,
+            1..=100_000,
+            "",
+        )?;
+        check(
+            "startup_quiet_ms",
+            self.startup_quiet_ms,
+            0..=86_400_000,
+            "",
+        )?;
+        count(
+            "power_polls_per_tick_max",
+            self.power_polls_per_tick_max,
+            1..=10_000,
+            "",
+        )?;
+        count(
+            "power_polls_in_flight_max",
+            self.power_polls_in_flight_max,
+            1..=10_000,
+            "",
+        )?;
+        count(
+            "boot_stalls_systemic_min",
+            self.boot_stalls_systemic_min,
+            1..=100_000,
+            "set boot_retry_automatic = false to power-cycle none",
+        )?;
+        check("boot_scan_ms", self.boot_scan_ms, 1_000..=3_600_000, "")?;
         Ok(())
     }
 }
@@ -164,6 +179,50 @@ pub struct FleetView {
     pub polls_in_flight: BTreeSet<NodeUuid>,
     /// Remediations with a step in flight.
     pub steps_running: BTreeSet<i64>,
+    /// Nodes booting (Registered or Provisioning; `Store::node_booting_list`), read only
+    /// on the ticks [`ControllerCore::boot_scan_due`] asks for; `None` on the others.
+    pub booting: Option<Vec<BootingNode>>,
+}
+
+/// What the boot watchdog needs of a node that is booting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootingNode {
+    pub uuid: NodeUuid,
+    pub rack: Option<String>,
+    pub state: LifecycleState,
+    pub boot: Option<BootProgress>,
+    /// Whether the node has a BMC address to power-cycle it through.
+    pub bmc_configured: bool,
+}
+
+impl BootingNode {
+    pub fn of(node: &Node) -> Self {
+        BootingNode {
+            uuid: node.uuid.clone(),
+            rack: node.rack.clone(),
+            state: node.state,
+            boot: node.boot,
+            bmc_configured: node
+                .bmc
+                .address
+                .as_deref()
+                .is_some_and(|a| !a.trim().is_empty()),
+        }
+    }
+}
+
+/// A node booting on its own, with no remediation on it, stuck at a boot milestone past
+/// that milestone's deadline (the guard board's alert list).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StalledBoot {
+    pub uuid: NodeUuid,
+    pub state: LifecycleState,
+    pub phase: BootPhase,
+    /// When the node reached `phase`.
+    pub since_ms: TimestampMs,
+    pub deadline_ms: i64,
+    /// Why it is not being power-cycled, while something holds that.
+    pub held: Option<String>,
 }
 
 /// What the core asks the driver to do, in order.
@@ -209,6 +268,17 @@ pub enum GuardAlert {
         monitored: usize,
     },
     FleetResumed,
+    /// The boot watchdog found a node booting on its own stalled (once per milestone it
+    /// stalls at); `held` says why it is not power-cycled, `None` if it is.
+    BootStalled {
+        stall: StalledBoot,
+        stuck_ms: i64,
+    },
+    /// So many boots stalled at once that none is power-cycled.
+    BootRetriesHeld {
+        stalled: usize,
+    },
+    BootRetriesResumed,
 }
 
 impl GuardAlert {
@@ -238,6 +308,35 @@ impl GuardAlert {
             GuardAlert::FleetResumed => {
                 (Action::FleetFencingResumed, "fleet heard again".to_string())
             }
+            GuardAlert::BootStalled { stall, stuck_ms } => {
+                let action = match &stall.held {
+                    None => "power-cycling it into PXE (boot retry)".to_string(),
+                    Some(why) => format!("not power-cycled: {why}"),
+                };
+                return NewEvent::for_node(
+                    &stall.uuid,
+                    now_ms,
+                    SYSTEM_ACTOR,
+                    Action::BootStalled,
+                    format!(
+                        "boot stalled: {} for {} s (deadline {} s) while {}, no remediation on it; {action}",
+                        stall.phase.as_str(),
+                        stuck_ms / 1000,
+                        stall.deadline_ms / 1000,
+                        stall.state
+                    ),
+                );
+            }
+            GuardAlert::BootRetriesHeld { stalled } => (
+                Action::BootRetriesHeld,
+                format!(
+                    "{stalled} boots stalled at once: suspecting the image, DHCP or the network, power-cycling none"
+                ),
+            ),
+            GuardAlert::BootRetriesResumed => (
+                Action::BootRetriesResumed,
+                "fewer boots stalled: boot retries resumed".to_string(),
+            ),
         };
         NewEvent::global(now_ms, SYSTEM_ACTOR, action, reason)
     }
@@ -263,6 +362,10 @@ pub struct GuardReport {
     pub power_confirmed: Vec<NodeUuid>,
     /// Automatic fences that could not be verified and are being retried (the alert).
     pub fences_unverified: Vec<FenceUnverified>,
+    /// Nodes booting on their own whose boot stalled, as of the last boot scan.
+    pub boots_stalled: Vec<StalledBoot>,
+    /// Too many boots stalled at once: none is power-cycled.
+    pub boot_retries_held: bool,
 }
 
 /// A fence being retried: whose, since when, how many rounds, and the next one.
@@ -274,6 +377,18 @@ pub struct FenceUnverified {
     pub retries: u32,
     pub next_attempt_at_ms: TimestampMs,
     pub last_error: Option<String>,
+}
+
+/// What a controller remembers between ticks that its successor (another replica taking
+/// the lease) must not start without: the guards' hold, which guards were tripped (so
+/// they are not alerted again), and the rate limit's window. Saved with each lease
+/// renewal.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerMemory {
+    pub guard_history: GuardHistory,
+    pub racks_paused: BTreeSet<String>,
+    pub fleet_stopped: bool,
+    pub recent_starts: Vec<TimestampMs>,
 }
 
 /// The rack pauses and fleet stop as of the last tick, for noticing changes.
@@ -292,6 +407,18 @@ pub struct ControllerCore {
     recent_starts: VecDeque<TimestampMs>,
     guard_history: GuardHistory,
     guards_seen: GuardsSeen,
+    boot_watch: BootWatch,
+}
+
+/// The boot watchdog's memory: when it last looked, what it found, what it reported.
+#[derive(Clone, Debug, Default)]
+struct BootWatch {
+    last_scan_ms: Option<TimestampMs>,
+    stalled: Vec<StalledBoot>,
+    /// The milestone (phase, reached at) each stalled node was reported at: one event
+    /// per stall, not one per scan.
+    reported: BTreeMap<NodeUuid, (BootPhase, TimestampMs)>,
+    retries_held: bool,
 }
 
 impl ControllerCore {
@@ -303,7 +430,36 @@ impl ControllerCore {
             recent_starts: VecDeque::new(),
             guard_history: GuardHistory::default(),
             guards_seen: GuardsSeen::default(),
+            boot_watch: BootWatch::default(),
         }
+    }
+
+    /// What a successor must start from (see [`ControllerMemory`]).
+    pub fn memory(&self) -> ControllerMemory {
+        ControllerMemory {
+            guard_history: self.guard_history.clone(),
+            racks_paused: self.guards_seen.racks_paused.clone(),
+            fleet_stopped: self.guards_seen.fleet_stopped,
+            recent_starts: self.recent_starts.iter().copied().collect(),
+        }
+    }
+
+    /// Starts from a predecessor's memory: a rack it held paused stays held for the rest
+    /// of its hold, and its automatic starts still count against the rate limit.
+    pub fn restore(&mut self, memory: ControllerMemory) {
+        self.guard_history = memory.guard_history;
+        self.guards_seen = GuardsSeen {
+            fleet_stopped: memory.fleet_stopped,
+            racks_paused: memory.racks_paused,
+        };
+        self.recent_starts = memory.recent_starts.into_iter().collect();
+    }
+
+    /// Whether this tick should read the booting nodes (`FleetView::booting`).
+    pub fn boot_scan_due(&self, now_ms: TimestampMs) -> bool {
+        self.boot_watch
+            .last_scan_ms
+            .is_none_or(|at| now_ms - at >= self.config.boot_scan_ms)
     }
 
     pub fn config(&self) -> &ControllerConfig {
@@ -343,29 +499,47 @@ impl ControllerCore {
                 .map(Command::Alert),
         );
         self.prune_starts(now_ms);
-        let started = if self.config.automatic {
+        let mut started: Vec<(Remediation, String)> = if self.config.automatic {
             self.automatic_starts(now_ms, &judgement, view)
+                .into_iter()
+                .map(|remediation| {
+                    let reason = if judgement.power_confirmed.contains(&remediation.node_uuid) {
+                        "automatic: node silent, BMC reads power off"
+                    } else {
+                        "automatic: node silent"
+                    };
+                    (remediation, reason.to_string())
+                })
+                .collect()
         } else {
             Vec::new()
         };
+        if let Some(booting) = &view.booting {
+            let busy: BTreeSet<NodeUuid> = view
+                .active
+                .iter()
+                .chain(started.iter().map(|(r, _)| r))
+                .map(|r| r.node_uuid.clone())
+                .collect();
+            let active = view.active.len() + started.len();
+            let (alerts, retries) = self.watch_boots(now_ms, booting, &judgement, &busy, active);
+            commands.extend(alerts.into_iter().map(Command::Alert));
+            started.extend(retries);
+        }
         let busy: BTreeSet<NodeUuid> = view
             .active
             .iter()
-            .chain(&started)
+            .chain(started.iter().map(|(r, _)| r))
             .map(|r| r.node_uuid.clone())
             .collect();
         let started_count = started.len();
-        for remediation in started {
+        for (remediation, reason) in started {
             let event = NewEvent::for_node(
                 &remediation.node_uuid,
                 now_ms,
                 SYSTEM_ACTOR,
                 Action::RemediationStarted,
-                if judgement.power_confirmed.contains(&remediation.node_uuid) {
-                    "automatic: node silent, BMC reads power off"
-                } else {
-                    "automatic: node silent"
-                },
+                reason,
             );
             commands.push(Command::StartAutomatic { remediation, event });
         }
@@ -494,6 +668,128 @@ impl ControllerCore {
         started
     }
 
+    /// The boot watchdog for nodes booting on their own (no remediation on them, not
+    /// `busy`): which are stalled past their milestone's deadline, the alerts that
+    /// implies (each stall once, the systemic hold's changes), and the boot retries to
+    /// start, counted against the same active cap and rate limit as fences. A stall is
+    /// measured from the later of the milestone and this controller's start: time the
+    /// daemon itself was down (when the node could not fetch anything) proves nothing.
+    fn watch_boots(
+        &mut self,
+        now_ms: TimestampMs,
+        booting: &[BootingNode],
+        judgement: &Judgement,
+        busy: &BTreeSet<NodeUuid>,
+        mut active: usize,
+    ) -> (Vec<GuardAlert>, Vec<(Remediation, String)>) {
+        use LifecycleState as S;
+        let config = &self.config;
+        let stalled: Vec<(&BootingNode, BootProgress, i64, i64)> = booting
+            .iter()
+            .filter(|node| matches!(node.state, S::Registered | S::Provisioning))
+            .filter(|node| !busy.contains(&node.uuid))
+            .filter_map(|node| {
+                let boot = node.boot?;
+                let since_ms = boot.at_ms.max(self.started_at_ms);
+                let (stuck_ms, deadline_ms) =
+                    past_deadline(now_ms, boot.phase, since_ms, &config.limits)?;
+                Some((node, boot, stuck_ms, deadline_ms))
+            })
+            .collect();
+        let stalled_count = stalled.len();
+        let systemic = stalled_count >= config.boot_stalls_systemic_min;
+        let mut alerts = Vec::new();
+        if systemic != self.boot_watch.retries_held {
+            alerts.push(if systemic {
+                GuardAlert::BootRetriesHeld {
+                    stalled: stalled_count,
+                }
+            } else {
+                GuardAlert::BootRetriesResumed
+            });
+        }
+        let mut retries = Vec::new();
+        let mut board = Vec::new();
+        let mut reported = BTreeMap::new();
+        for (node, boot, stuck_ms, deadline_ms) in stalled {
+            let rack_paused = node.rack.as_ref().filter(|rack| {
+                judgement
+                    .racks
+                    .get(*rack)
+                    .is_some_and(|health| health.fencing_paused)
+            });
+            let held = if !config.automatic || !config.boot_retry_automatic {
+                Some("automatic boot retries are off".to_string())
+            } else if systemic {
+                Some(format!(
+                    "{} boots stalled at once (boot_stalls_systemic_min {}): suspecting what they share",
+                    stalled_count, config.boot_stalls_systemic_min
+                ))
+            } else if judgement.fleet_fencing_stopped {
+                Some("most of the fleet is silent: suspecting our own network".to_string())
+            } else if let Some(rack) = rack_paused {
+                Some(format!("rack {rack:?} is silent: suspecting its switch"))
+            } else if !node.bmc_configured {
+                Some("it has no BMC address to power-cycle it through".to_string())
+            } else if active >= config.remediations_active_max
+                || self.recent_starts.len() >= config.fences_per_minute_max as usize
+            {
+                Some(
+                    "waiting for room under remediations_active_max / fences_per_minute_max"
+                        .to_string(),
+                )
+            } else {
+                None
+            };
+            if held.is_none() {
+                self.recent_starts.push_back(now_ms);
+                active += 1;
+                let reason = format!(
+                    "automatic: boot stalled at {} for {} s; power-cycle into PXE",
+                    boot.phase.as_str(),
+                    stuck_ms / 1000
+                );
+                retries.push((
+                    Remediation::new(
+                        node.uuid.clone(),
+                        RemediationKind::BootRetry,
+                        SYSTEM_ACTOR,
+                        &reason,
+                        now_ms,
+                    ),
+                    reason,
+                ));
+            }
+            let stall = StalledBoot {
+                uuid: node.uuid.clone(),
+                state: node.state,
+                phase: boot.phase,
+                since_ms: boot.at_ms,
+                deadline_ms,
+                held,
+            };
+            let milestone = (boot.phase, boot.at_ms);
+            if self.boot_watch.reported.get(&node.uuid) != Some(&milestone) {
+                alerts.push(GuardAlert::BootStalled {
+                    stall: stall.clone(),
+                    stuck_ms,
+                });
+            }
+            reported.insert(node.uuid.clone(), milestone);
+            // One being power-cycled shows as its remediation from now on.
+            if stall.held.is_some() {
+                board.push(stall);
+            }
+        }
+        self.boot_watch = BootWatch {
+            last_scan_ms: Some(now_ms),
+            stalled: board,
+            reported,
+            retries_held: systemic,
+        };
+        (alerts, retries)
+    }
+
     /// Power polls due now: not for nodes with a poll in flight or an active remediation
     /// (the saga reads the BMC itself, and a BMC takes one call at a time), bounded per
     /// tick and in flight.
@@ -579,6 +875,8 @@ impl ControllerCore {
                         .any(|r| r.id == f.remediation_id && r.fenced_at_ms.is_none())
                 })
                 .collect(),
+            boots_stalled: self.boot_watch.stalled.clone(),
+            boot_retries_held: self.boot_watch.retries_held,
         }
     }
 }
@@ -680,9 +978,31 @@ pub fn begin_step(now_ms: TimestampMs, remediation: &Remediation, node: &Node) -
 /// - before anything was done, its node spoke again (a blip, not a death);
 /// - between fence retry rounds (nothing evacuated, the fence never verified), its node
 ///   came back by itself (heartbeating, or booting: registered or provisioning), or an
-///   operator took it into maintenance, which stops the retries.
+///   operator took it into maintenance, which stops the retries;
+/// - a boot retry, before its power-cycle, finds its node no longer booting or its boot
+///   past the milestone it stalled at (the watchdog reads booting nodes every
+///   `boot_scan_ms`, so its view may be that old).
 fn stand_down_reason(remediation: &Remediation, node: &Node) -> Option<String> {
     use LifecycleState as S;
+    if remediation.kind == RemediationKind::BootRetry
+        && remediation.step_index == 0
+        && remediation.attempts == 0
+        && remediation.rebuilds == 0
+    {
+        if !matches!(node.state, S::Registered | S::Provisioning) {
+            return Some(format!(
+                "node is {} now, no longer booting: no power-cycle",
+                node.state
+            ));
+        }
+        if let Some(boot) = node.boot.filter(|b| b.at_ms > remediation.created_at_ms) {
+            return Some(format!(
+                "node's boot moved on ({}) before the power-cycle",
+                boot.phase.as_str()
+            ));
+        }
+        return None;
+    }
     if remediation.kind != RemediationKind::Automatic || remediation.attempts != 0 {
         return None;
     }
@@ -1145,16 +1465,26 @@ fn boot_stall(
     if boot.at_ms < attempt.step_started_at_ms {
         return None;
     }
-    let deadline = limits.boot_phase_timeout_ms(boot.phase)?;
-    let stuck_ms = now_ms - boot.at_ms;
-    (stuck_ms >= deadline).then(|| {
-        format!(
-            "boot stalled: {} for {} s (deadline {} s)",
-            boot.phase.as_str(),
-            stuck_ms / 1000,
-            deadline / 1000
-        )
-    })
+    let (stuck_ms, deadline) = past_deadline(now_ms, boot.phase, boot.at_ms, limits)?;
+    Some(format!(
+        "boot stalled: {} for {} s (deadline {} s)",
+        boot.phase.as_str(),
+        stuck_ms / 1000,
+        deadline / 1000
+    ))
+}
+
+/// How long a boot has been at `phase` (counted from `since_ms`) and that milestone's
+/// deadline, when it is past it; `None` while within it, or for a milestone without one.
+fn past_deadline(
+    now_ms: TimestampMs,
+    phase: BootPhase,
+    since_ms: TimestampMs,
+    limits: &Limits,
+) -> Option<(i64, i64)> {
+    let deadline = limits.boot_phase_timeout_ms(phase)?;
+    let stuck_ms = now_ms - since_ms;
+    (stuck_ms >= deadline).then_some((stuck_ms, deadline))
 }
 
 /// What recording an outcome writes, in one transaction.
@@ -1375,6 +1705,11 @@ mod tests {
         Some(match command {
             Command::MarkSuspect { uuid, .. } => format!("suspect {}", index(uuid)),
             Command::Alert(alert) => format!("alert {}", alert.event(0).action),
+            Command::StartAutomatic { remediation, .. }
+                if remediation.kind == RemediationKind::BootRetry =>
+            {
+                format!("boot_retry {}", index(&remediation.node_uuid))
+            }
             Command::StartAutomatic { remediation, .. } => {
                 format!("start {}", index(&remediation.node_uuid))
             }
@@ -2324,6 +2659,283 @@ mod tests {
         assert!(matches!(
             outcome(BootPhase::Stage1, T - 300_000),
             Outcome::NotYet(_)
+        ));
+    }
+
+    /// A node booting on its own, at `phase` since `at_ms`, with a BMC address.
+    fn booting(index: u64, phase: BootPhase, at_ms: i64) -> BootingNode {
+        BootingNode {
+            uuid: uuid(index),
+            rack: Some("r0".into()),
+            state: if phase >= BootPhase::OsFetched {
+                LifecycleState::Provisioning
+            } else {
+                LifecycleState::Registered
+            },
+            boot: Some(BootProgress { phase, at_ms }),
+            bmc_configured: true,
+        }
+    }
+
+    /// The boot stall alerts of one poll, as (node index, why held) in command order.
+    fn stall_alerts(commands: &[Command]) -> Vec<(u64, Option<String>)> {
+        commands
+            .iter()
+            .filter_map(|c| match c {
+                Command::Alert(GuardAlert::BootStalled { stall, .. }) => Some((
+                    (0..1_000).find(|i| stall.uuid == uuid(*i)).unwrap(),
+                    stall.held.clone(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn board(commands: &[Command]) -> GuardReport {
+        commands
+            .iter()
+            .find_map(|c| match c {
+                Command::Publish(report) => Some(report.clone()),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_first_boot_stalled_past_its_deadline_is_reported_once_and_power_cycled() {
+        let limits = Limits::default();
+        let registered = limits.boot_registered_timeout_ms;
+        let mut core = ControllerCore::new(no_polls(config()), 0);
+        // Stalled at `registered` just past its deadline; another well within its own.
+        let view = FleetView {
+            booting: Some(vec![
+                booting(1, BootPhase::Registered, T - registered),
+                booting(2, BootPhase::OsFetched, T - registered),
+            ]),
+            ..Default::default()
+        };
+        check(&mut core, T, &view, &["alert boot_stalled", "boot_retry 1"]);
+        let commands = core.poll(T + 1_000, &FleetView::default());
+        assert!(
+            !commands
+                .iter()
+                .any(|c| matches!(c, Command::StartAutomatic { .. })),
+            "a tick without a scan judges no boot"
+        );
+        // The next scan: its remediation is active, so the node is busy, not stalled again.
+        let scan = T + core.config().boot_scan_ms;
+        let mut view = view.clone();
+        let mut retry = Remediation::new(uuid(1), RemediationKind::BootRetry, SYSTEM_ACTOR, "t", T);
+        retry.id = 7;
+        retry.next_attempt_at_ms = scan + 1;
+        view.active = vec![retry];
+        check(&mut core, scan, &view, &[]);
+        assert!(board(&core.poll(scan, &FleetView::default()))
+            .boots_stalled
+            .is_empty());
+    }
+
+    #[test]
+    fn a_stall_that_is_held_is_on_the_board_and_reported_once() {
+        let stalled_at = T - Limits::default().boot_os_fetched_timeout_ms;
+        // No BMC to power-cycle it with.
+        let mut core = ControllerCore::new(no_polls(config()), 0);
+        let mut node = booting(3, BootPhase::OsFetched, stalled_at);
+        node.bmc_configured = false;
+        let view = FleetView {
+            booting: Some(vec![node]),
+            ..Default::default()
+        };
+        let commands = core.poll(T, &view);
+        let alerts = stall_alerts(&commands);
+        assert_eq!(alerts.len(), 1);
+        assert!(alerts[0].1.as_deref().unwrap().contains("no BMC address"));
+        assert!(!commands
+            .iter()
+            .any(|c| matches!(c, Command::StartAutomatic { .. })));
+        let shown = board(&commands).boots_stalled;
+        assert_eq!((shown.len(), shown[0].phase), (1, BootPhase::OsFetched));
+        // Still stalled at the same milestone on the next scan: on the board, no new alert.
+        let scan = T + core.config().boot_scan_ms;
+        let commands = core.poll(scan, &view);
+        assert!(stall_alerts(&commands).is_empty());
+        assert_eq!(board(&commands).boots_stalled.len(), 1);
+        // Automatic boot retries off: reported, never power-cycled.
+        let off = ControllerConfig {
+            boot_retry_automatic: false,
+            ..no_polls(config())
+        };
+        let view = FleetView {
+            booting: Some(vec![booting(3, BootPhase::OsFetched, stalled_at)]),
+            ..Default::default()
+        };
+        let commands = ControllerCore::new(off, 0).poll(T, &view);
+        assert_eq!(
+            stall_alerts(&commands),
+            vec![(3, Some("automatic boot retries are off".to_string()))]
+        );
+    }
+
+    #[test]
+    fn many_boots_stalled_at_once_hold_every_retry_until_fewer_are() {
+        let stalled_at = T - Limits::default().boot_os_fetched_timeout_ms;
+        let mut core = ControllerCore::new(no_polls(config()), 0);
+        let min = core.config().boot_stalls_systemic_min as u64;
+        // A broken image: every node booting stalls after fetching it.
+        let view = FleetView {
+            booting: Some(
+                (0..min)
+                    .map(|i| booting(i, BootPhase::OsFetched, stalled_at))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let commands = core.poll(T, &view);
+        let described: Vec<String> = commands.iter().filter_map(describe).collect();
+        assert_eq!(described[0], "alert boot_retries_held");
+        assert_eq!(described.len(), 1 + min as usize, "{described:?}");
+        assert!(stall_alerts(&commands).iter().all(|(_, held)| held
+            .as_deref()
+            .is_some_and(|h| h.contains("stalled at once"))));
+        assert!(board(&commands).boot_retries_held);
+        // One fewer than the threshold: the hold ends and the stalled are power-cycled
+        // (already reported: no new stall alerts).
+        let scan = T + core.config().boot_scan_ms;
+        let mut view = view.clone();
+        view.booting.as_mut().unwrap().pop();
+        let expect: Vec<String> = std::iter::once("alert boot_retries_resumed".to_string())
+            .chain((0..min - 1).map(|i| format!("boot_retry {i}")))
+            .collect();
+        let expect: Vec<&str> = expect.iter().map(String::as_str).collect();
+        check(&mut core, scan, &view, &expect);
+    }
+
+    #[test]
+    fn a_boot_stall_is_measured_from_the_controllers_start_and_respects_the_guards() {
+        let deadline = Limits::default().boot_registered_timeout_ms;
+        // The milestone is old, but the controller started at T: its own downtime
+        // (when the node could fetch nothing) does not count.
+        let mut core = ControllerCore::new(no_polls(config()), T);
+        let view = FleetView {
+            booting: Some(vec![booting(1, BootPhase::Registered, 0)]),
+            ..Default::default()
+        };
+        check(&mut core, T + 1_000, &view, &[]);
+        check(
+            &mut core,
+            T + deadline,
+            &view,
+            &["alert boot_stalled", "boot_retry 1"],
+        );
+        // A node whose rack went silent is not power-cycled: suspect the switch.
+        let health = HealthConfig::default();
+        let late = T - health.heartbeat_grace_ms - 1;
+        let mut core = ControllerCore::new(no_polls(config()), 0);
+        let mut nodes = fleet(4, 10, T);
+        for node in &mut nodes[..6] {
+            node.last_heard_at_ms = late;
+        }
+        let view = FleetView {
+            nodes,
+            booting: Some(vec![booting(20, BootPhase::Registered, T - deadline)]),
+            ..Default::default()
+        };
+        let commands = core.poll(T, &view);
+        assert!(!commands
+            .iter()
+            .any(|c| matches!(c, Command::StartAutomatic { remediation, .. } if remediation.kind == RemediationKind::BootRetry)));
+        let alerts = stall_alerts(&commands);
+        assert_eq!(alerts.len(), 1);
+        assert!(
+            alerts[0].1.as_deref().unwrap().contains("rack"),
+            "{alerts:?}"
+        );
+    }
+
+    #[test]
+    fn a_successor_keeps_its_predecessors_rack_pause_and_rate_window() {
+        let health = HealthConfig::default();
+        let late = T - health.heartbeat_grace_ms - health.fence_confirm_ms - 1;
+        // Rack r0 goes quiet: 6 of 10 silent. The first leader pauses it.
+        let mut nodes = fleet(4, 10, T);
+        for node in &mut nodes[..6] {
+            node.last_heard_at_ms = late;
+        }
+        let mut first = ControllerCore::new(no_polls(config()), 0);
+        let view = FleetView {
+            nodes: nodes.clone(),
+            ..Default::default()
+        };
+        let commands: Vec<String> = first.poll(T, &view).iter().filter_map(describe).collect();
+        assert!(
+            commands.contains(&"alert rack_fencing_paused".to_string()),
+            "{commands:?}"
+        );
+        // The rack comes back but for one node, and a new leader takes over 10 s later:
+        // within the hold, that straggler is not picked off, and the pause is not alerted
+        // again.
+        for node in &mut nodes[1..6] {
+            node.last_heard_at_ms = T + 10_000;
+        }
+        // The first leader marked the straggler suspect.
+        nodes[0].state = LifecycleState::Suspect;
+        let view = FleetView {
+            nodes,
+            ..Default::default()
+        };
+        let memory: ControllerMemory =
+            serde_json::from_str(&serde_json::to_string(&first.memory()).unwrap()).unwrap();
+        let mut successor = ControllerCore::new(no_polls(config()), 0);
+        successor.restore(memory);
+        check(&mut successor, T + 10_000, &view, &[]);
+        // Without the memory the same view fences the straggler at once.
+        let mut forgetful = ControllerCore::new(no_polls(config()), 0);
+        check(&mut forgetful, T + 10_000, &view, &["start 0"]);
+    }
+
+    #[test]
+    fn a_boot_retry_stands_down_when_its_node_is_no_longer_stalled() {
+        use LifecycleState::*;
+        let retry = at_step(RemediationKind::BootRetry, Step::Rebuild, 0);
+        let stalled = |state: LifecycleState, boot_at: i64| {
+            let mut n = node(state);
+            n.boot = Some(BootProgress {
+                phase: BootPhase::Registered,
+                at_ms: boot_at,
+            });
+            n
+        };
+        // Still stalled (the milestone predates the start): power-cycle, Rebuilding.
+        match begin_step(T, &retry, &stalled(Registered, T - 300_000)) {
+            StepStart::Attempt { node, .. } => assert_eq!(node.unwrap().state, Rebuilding),
+            other => panic!("{other:?}"),
+        }
+        // The boot moved on since the watchdog looked, or the node is Ready: stand down.
+        for node in [
+            stalled(Provisioning, T + 5_000),
+            stalled(Ready, T - 300_000),
+        ] {
+            assert!(
+                matches!(
+                    begin_step(T + 10_000, &retry, &node),
+                    StepStart::StandDown { .. }
+                ),
+                "{:?}",
+                node.state
+            );
+        }
+        // Mid-saga (after its power-cycle) nothing stands it down, nor the next round's
+        // power-cycle (the node is Rebuilding by then).
+        let awaiting = at_step(RemediationKind::BootRetry, Step::AwaitReady, 1);
+        assert!(matches!(
+            begin_step(T, &awaiting, &stalled(Rebuilding, T + 5_000)),
+            StepStart::Attempt { .. }
+        ));
+        let mut again = retry.clone();
+        again.rebuilds = 1;
+        assert!(matches!(
+            begin_step(T, &again, &stalled(Rebuilding, T + 5_000)),
+            StepStart::Attempt { .. }
         ));
     }
 

@@ -396,7 +396,9 @@ actions! {
     FenceRetryScheduled = "fence_retry_scheduled",
     /// Evacuated VMs were not running elsewhere in time: reported, the saga goes on.
     EvacuationUnverified = "evacuation_unverified",
-    /// A rebuilding node stopped short of its next boot milestone: power-cycled.
+    /// A booting node stopped short of its next boot milestone: a rebuild power-cycles
+    /// it; one booting on its own is reported, then power-cycled by a boot retry unless
+    /// something holds that (the event says what).
     BootStalled = "boot_stalled",
     /// A node's boot reached a milestone only it can report (stage 1 started).
     BootProgress = "boot_progress",
@@ -405,6 +407,9 @@ actions! {
     RackFencingResumed = "rack_fencing_resumed",
     FleetFencingStopped = "fleet_fencing_stopped",
     FleetFencingResumed = "fleet_fencing_resumed",
+    /// So many boots stalled at once that the cause is shared: none is power-cycled.
+    BootRetriesHeld = "boot_retries_held",
+    BootRetriesResumed = "boot_retries_resumed",
     PowerStateChanged = "power_state_changed",
     /// Allocations a start-up check found without a node that holds them.
     OrphanAddresses = "orphan_addresses",

@@ -28,6 +28,12 @@ pub enum RemediationKind {
     Rebuild,
     /// Operator: fence, evacuate, then leave the node in maintenance.
     Drain,
+    /// Started by the boot watchdog for a node booting on its own (first provisioning,
+    /// or back by itself after a crash) whose boot stalled past its milestone's deadline:
+    /// power-cycle it into PXE again (off, verified, on) and wait for Ready, at most
+    /// `rebuilds_max` times. Nothing to fence or evacuate: a node that never reached Ready
+    /// since its boot runs no VMs.
+    BootRetry,
 }
 
 impl RemediationKind {
@@ -38,6 +44,7 @@ impl RemediationKind {
             RemediationKind::Evacuate => "evacuate",
             RemediationKind::Rebuild => "rebuild",
             RemediationKind::Drain => "drain",
+            RemediationKind::BootRetry => "boot_retry",
         }
     }
 
@@ -53,6 +60,7 @@ impl RemediationKind {
             RemediationKind::Fence => fence.to_vec(),
             RemediationKind::Evacuate => [fence, evacuate].concat(),
             RemediationKind::Drain => [&fence[..], &evacuate, &[Maintenance]].concat(),
+            RemediationKind::BootRetry => vec![Rebuild, AwaitReady],
         }
     }
 }
@@ -380,6 +388,10 @@ pub struct Remediation {
     /// what the cloud said (reported, never assumed done).
     #[serde(default)]
     pub vms_unverified: Vec<String>,
+    /// The leader epoch the controller's last write of this record was made under (with
+    /// several replicas; `None` for a daemon alone, or an operator's write).
+    #[serde(default)]
+    pub epoch: Option<i64>,
     /// Bumped on every write; writers present the one they read.
     pub generation: i64,
 }
@@ -415,6 +427,7 @@ impl Remediation {
             fence_unverified_at_ms: None,
             fence_retries: 0,
             vms_unverified: Vec::new(),
+            epoch: None,
             generation: 1,
         }
     }
@@ -511,7 +524,15 @@ pub fn entering(step: Step, state: LifecycleState) -> Vec<LifecycleEvent> {
         {
             vec![LifecycleEvent::FenceStarted]
         }
-        Step::Rebuild if state == LifecycleState::Fenced => vec![LifecycleEvent::RebuildStarted],
+        // After a fence, or (a boot retry) straight from a stalled boot.
+        Step::Rebuild
+            if matches!(
+                state,
+                LifecycleState::Fenced | LifecycleState::Registered | LifecycleState::Provisioning
+            ) =>
+        {
+            vec![LifecycleEvent::RebuildStarted]
+        }
         _ => vec![],
     }
 }
@@ -534,6 +555,7 @@ pub fn may_start(kind: RemediationKind, state: LifecycleState) -> Result<(), Not
     use LifecycleState as S;
     let admitted = match kind {
         RemediationKind::Automatic => matches!(state, S::Ready | S::Suspect),
+        RemediationKind::BootRetry => matches!(state, S::Registered | S::Provisioning),
         _ => matches!(
             state,
             S::Registered | S::Provisioning | S::Ready | S::Suspect | S::Fenced
@@ -550,6 +572,7 @@ pub fn may_start(kind: RemediationKind, state: LifecycleState) -> Result<(), Not
 fn startable_states(kind: RemediationKind) -> &'static str {
     match kind {
         RemediationKind::Automatic => "ready or suspect",
+        RemediationKind::BootRetry => "registered or provisioning",
         _ => "registered, provisioning, ready, suspect or fenced",
     }
 }
@@ -838,6 +861,7 @@ mod tests {
             RemediationKind::Evacuate,
             RemediationKind::Rebuild,
             RemediationKind::Drain,
+            RemediationKind::BootRetry,
         ];
         let mut admitted = 0;
         for kind in kinds {
@@ -851,8 +875,8 @@ mod tests {
                 }
             }
         }
-        // Automatic: 2 states; each operator kind: 5.
-        assert_eq!(admitted, 2 + 4 * 5);
+        // Automatic: 2 states; each operator kind: 5; a boot retry: 2.
+        assert_eq!(admitted, 2 + 4 * 5 + 2);
     }
 
     #[test]

@@ -34,6 +34,30 @@ impl InvalidSetting {
             problem: problem.into(),
         }
     }
+
+    /// `key`'s `value` must lie in `range`; `hint` (may be empty) says what to do instead.
+    pub fn check_range<T>(
+        key: &str,
+        value: T,
+        range: std::ops::RangeInclusive<T>,
+        hint: &str,
+    ) -> Result<(), InvalidSetting>
+    where
+        T: PartialOrd + std::fmt::Display,
+    {
+        if range.contains(&value) {
+            return Ok(());
+        }
+        let hint = if hint.is_empty() {
+            String::new()
+        } else {
+            format!(" ({hint})")
+        };
+        Err(InvalidSetting::new(
+            key,
+            format!("{value} is outside {}-{}{hint}", range.start(), range.end()),
+        ))
+    }
 }
 
 fn field_error(field: impl Into<String>, problem: impl Into<String>) -> FieldError {

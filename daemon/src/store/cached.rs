@@ -4,10 +4,14 @@
 //! that is thousands of reads a second for records that rarely change. Writes go through
 //! this wrapper, which refreshes its copy from what the store returns.
 //!
-//! Architecture invariant: this is correct only while this daemon is the sole writer of
-//! its database (one active daemon per database, as documented in ARCHITECTURE.md). A
+//! Architecture invariant: without a maximum age this is correct only while this daemon
+//! is the sole writer of its database (one daemon per database, as documented in
+//! ARCHITECTURE.md). A replica of several uses [`CachedStore::with_max_age`]: everything
+//! cached is dropped once it is that old, so what another replica wrote is served at most
+//! that late (the stated staleness bound), and this replica's own writes at once. A
 //! cached entry is replaced only by a copy of a higher generation, so a slow reader can
-//! never reinstall a stale record over a fresh one.
+//! never reinstall a stale record over a fresh one; a write refused as stale evicts the
+//! entry, so the next read fetches the record another replica wrote.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -16,6 +20,7 @@ use async_trait::async_trait;
 use bearman_proto::uuid::NodeUuid;
 
 use super::{OrphanAllocation, Registered, RegistrationWrite, Store, StoreError};
+use crate::core::cluster::{ClusterStatus, Lease, Replica};
 use crate::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
@@ -25,12 +30,25 @@ use crate::core::remediation::Remediation;
 /// Entries kept before the cache starts over; bounds memory on huge fleets.
 pub const CACHED_NODES_MAX: usize = 200_000;
 
+/// The clock a cache with a maximum age reads (the store layer names no clock of its own).
+pub type CacheClock = Arc<dyn Fn() -> TimestampMs + Send + Sync>;
+
+/// How old a cached copy may get: one of several writers of the database.
+struct MaxAge {
+    max_age_ms: i64,
+    now: CacheClock,
+    /// When the cache was last emptied.
+    emptied_at_ms: std::sync::atomic::AtomicI64,
+}
+
 pub struct CachedStore {
     inner: Arc<dyn Store>,
-    /// Bumped after every node or flavor write (see `Store::content_epoch`).
+    /// Bumped after every node or flavor write (see `Store::content_epoch`), and when
+    /// the cache is emptied for its age.
     epoch: std::sync::atomic::AtomicU64,
     nodes: Mutex<BTreeMap<NodeUuid, Arc<Node>>>,
     flavors: Mutex<BTreeMap<String, Arc<Flavor>>>,
+    max_age: Option<MaxAge>,
 }
 
 impl CachedStore {
@@ -40,6 +58,50 @@ impl CachedStore {
             epoch: std::sync::atomic::AtomicU64::new(1),
             nodes: Mutex::new(BTreeMap::new()),
             flavors: Mutex::new(BTreeMap::new()),
+            max_age: None,
+        }
+    }
+
+    /// A cache for one of several writers: nothing it serves is older than
+    /// `max_age_ms` by `now`.
+    pub fn with_max_age(inner: Arc<dyn Store>, max_age_ms: i64, now: CacheClock) -> Self {
+        let emptied_at_ms = std::sync::atomic::AtomicI64::new(now());
+        CachedStore {
+            max_age: Some(MaxAge {
+                max_age_ms: max_age_ms.max(1),
+                now,
+                emptied_at_ms,
+            }),
+            ..CachedStore::new(inner)
+        }
+    }
+
+    /// Empties the cache when it is `max_age_ms` old (other replicas may have written).
+    fn expire(&self) {
+        let Some(max_age) = &self.max_age else {
+            return;
+        };
+        let now = (max_age.now)();
+        let emptied = max_age
+            .emptied_at_ms
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if now - emptied < max_age.max_age_ms {
+            return;
+        }
+        // One reader empties it; the others see the new time and go on.
+        if max_age
+            .emptied_at_ms
+            .compare_exchange(
+                emptied,
+                now,
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+            )
+            .is_ok()
+        {
+            self.nodes().clear();
+            self.flavors().clear();
+            self.bump();
         }
     }
 
@@ -84,6 +146,7 @@ impl Store for CachedStore {
     }
 
     fn content_epoch(&self) -> Option<u64> {
+        self.expire();
         Some(self.epoch.load(std::sync::atomic::Ordering::SeqCst))
     }
 
@@ -95,6 +158,7 @@ impl Store for CachedStore {
     }
 
     async fn node_get_shared(&self, uuid: &NodeUuid) -> Result<Option<Arc<Node>>, StoreError> {
+        self.expire();
         if let Some(node) = self.nodes().get(uuid) {
             return Ok(Some(node.clone()));
         }
@@ -227,6 +291,7 @@ impl Store for CachedStore {
     }
 
     async fn flavor_get_shared(&self, name: &str) -> Result<Option<Arc<Flavor>>, StoreError> {
+        self.expire();
         if let Some(flavor) = self.flavors().get(name) {
             return Ok(Some(flavor.clone()));
         }
@@ -304,8 +369,11 @@ impl Store for CachedStore {
         &self,
         remediation: &Remediation,
         events: &[NewEvent],
+        fence: Option<i64>,
     ) -> Result<Remediation, StoreError> {
-        self.inner.remediation_create(remediation, events).await
+        self.inner
+            .remediation_create(remediation, events, fence)
+            .await
     }
 
     async fn remediation_update(
@@ -313,10 +381,11 @@ impl Store for CachedStore {
         remediation: &Remediation,
         node: Option<&Node>,
         events: &[NewEvent],
+        fence: Option<i64>,
     ) -> Result<(Remediation, Option<Node>), StoreError> {
         match self
             .inner
-            .remediation_update(remediation, node, events)
+            .remediation_update(remediation, node, events, fence)
             .await
         {
             Ok((remediation, node)) => {
@@ -338,6 +407,39 @@ impl Store for CachedStore {
 
     async fn remediation_get(&self, id: i64) -> Result<Option<Remediation>, StoreError> {
         self.inner.remediation_get(id).await
+    }
+
+    async fn lease_acquire(
+        &self,
+        holder: &str,
+        ttl_ms: i64,
+        now_ms: TimestampMs,
+        memory: Option<&str>,
+    ) -> Result<Lease, StoreError> {
+        self.inner
+            .lease_acquire(holder, ttl_ms, now_ms, memory)
+            .await
+    }
+
+    async fn lease_release(
+        &self,
+        holder: &str,
+        epoch: i64,
+        now_ms: TimestampMs,
+    ) -> Result<(), StoreError> {
+        self.inner.lease_release(holder, epoch, now_ms).await
+    }
+
+    async fn replica_report(
+        &self,
+        replica: &Replica,
+        now_ms: TimestampMs,
+    ) -> Result<(), StoreError> {
+        self.inner.replica_report(replica, now_ms).await
+    }
+
+    async fn cluster_read(&self, now_ms: TimestampMs) -> Result<ClusterStatus, StoreError> {
+        self.inner.cluster_read(now_ms).await
     }
 
     async fn remediation_list(
@@ -374,5 +476,75 @@ impl Store for CachedStore {
 
     async fn token_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError> {
         self.inner.token_delete(name, events).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use super::*;
+    use crate::core::model::NodeRole;
+    use crate::store::memory::MemoryStore;
+
+    /// Two replicas' caches over one database, on a clock the test moves.
+    fn replicas(max_age_ms: i64) -> (CachedStore, CachedStore, Arc<AtomicI64>) {
+        let database: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let clock = Arc::new(AtomicI64::new(1_000));
+        let now: CacheClock = {
+            let clock = clock.clone();
+            Arc::new(move || clock.load(Ordering::SeqCst))
+        };
+        (
+            CachedStore::with_max_age(database.clone(), max_age_ms, now.clone()),
+            CachedStore::with_max_age(database, max_age_ms, now),
+            clock,
+        )
+    }
+
+    #[tokio::test]
+    async fn another_replicas_write_is_served_at_most_max_age_late() {
+        let (a, b, clock) = replicas(1_000);
+        let uuid = NodeUuid::from_index(3, 1);
+        let node = Node::new(uuid.clone(), "cn1".into(), NodeRole::Compute, 0);
+        a.node_create(&node, &[]).await.unwrap();
+        let epoch_before = a.content_epoch();
+        // B changes the node; A still serves its copy, within the bound ...
+        let mut changed = b.node_get(&uuid).await.unwrap().unwrap();
+        changed.flavor = Some("hv".into());
+        b.node_update(&changed, &[]).await.unwrap();
+        clock.fetch_add(999, Ordering::SeqCst);
+        assert_eq!(a.node_get(&uuid).await.unwrap().unwrap().flavor, None);
+        assert_eq!(a.content_epoch(), epoch_before);
+        // ... and B's write once the bound has passed; the content epoch moves with it
+        // (the boot path's script cache follows it).
+        clock.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(
+            a.node_get(&uuid).await.unwrap().unwrap().flavor.as_deref(),
+            Some("hv")
+        );
+        assert_ne!(a.content_epoch(), epoch_before);
+    }
+
+    #[tokio::test]
+    async fn a_write_from_a_stale_copy_is_refused_and_the_next_read_is_fresh() {
+        let (a, b, _clock) = replicas(60_000);
+        let uuid = NodeUuid::from_index(3, 2);
+        let node = Node::new(uuid.clone(), "cn2".into(), NodeRole::Compute, 0);
+        a.node_create(&node, &[]).await.unwrap();
+        let stale = a.node_get(&uuid).await.unwrap().unwrap();
+        let mut fresh = b.node_get(&uuid).await.unwrap().unwrap();
+        fresh.rack = Some("r9".into());
+        b.node_update(&fresh, &[]).await.unwrap();
+        let refused = a.node_update(&stale, &[]).await;
+        assert!(
+            matches!(refused, Err(StoreError::GenerationMismatch { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(
+            a.node_get(&uuid).await.unwrap().unwrap().rack.as_deref(),
+            Some("r9"),
+            "the refused write evicted the stale copy"
+        );
     }
 }

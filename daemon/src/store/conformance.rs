@@ -64,9 +64,14 @@ fn flavor(name: &str) -> Flavor {
     }
 }
 
+/// The wall clock in milliseconds, from the caller: the SQL stores' leases expire on the
+/// database's clock, which follows it (this suite is built into the daemon, which reads
+/// no wall clock of its own).
+pub type WallClock = fn() -> i64;
+
 /// Runs every check against `store`. The store may already hold data from earlier runs
 /// of other checks, but not from an earlier run of this suite.
-pub async fn run_all(store: Arc<dyn Store>) {
+pub async fn run_all(store: Arc<dyn Store>, wall_ms: WallClock) {
     nodes_round_trip_and_filter(&*store).await;
     node_updates_are_optimistic(&*store).await;
     heartbeats_do_not_bump_generation(&*store).await;
@@ -84,6 +89,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     orphaned_allocations_are_reported(&*store).await;
     admin_writes_carry_their_events(&*store).await;
     concurrent_flavor_creates_have_one_winner(store.clone()).await;
+    leases_pass_on_only_when_lapsed_and_fence_stale_writers(&*store, wall_ms).await;
 }
 
 async fn nodes_round_trip_and_filter(store: &dyn Store) {
@@ -580,7 +586,7 @@ async fn remediations_are_one_active_per_node_and_optimistic(store: &dyn Store) 
     );
     let event = NewEvent::for_node(&n.uuid, 10, "system", Action::RemediationStarted, "silent");
     let created = store
-        .remediation_create(&fresh, &[event])
+        .remediation_create(&fresh, &[event], None)
         .await
         .expect("create remediation");
     assert!(created.id > 0, "the store assigns an id");
@@ -588,7 +594,7 @@ async fn remediations_are_one_active_per_node_and_optimistic(store: &dyn Store) 
         store.remediation_get(created.id).await.unwrap(),
         Some(created.clone())
     );
-    let second = store.remediation_create(&fresh, &[]).await;
+    let second = store.remediation_create(&fresh, &[], None).await;
     assert!(
         matches!(second, Err(StoreError::AlreadyExists { .. })),
         "one active per node: {second:?}"
@@ -600,7 +606,7 @@ async fn remediations_are_one_active_per_node_and_optimistic(store: &dyn Store) 
     let mut fencing = n.clone();
     fencing.state = LifecycleState::Fencing;
     let (stored, node_written) = store
-        .remediation_update(&advanced, Some(&fencing), &[])
+        .remediation_update(&advanced, Some(&fencing), &[], None)
         .await
         .expect("update at current generations");
     assert_eq!(stored.generation, created.generation + 1);
@@ -611,7 +617,7 @@ async fn remediations_are_one_active_per_node_and_optimistic(store: &dyn Store) 
     );
 
     // A stale writer loses and changes nothing, node included.
-    let stale = store.remediation_update(&advanced, None, &[]).await;
+    let stale = store.remediation_update(&advanced, None, &[], None).await;
     assert!(
         matches!(stale, Err(StoreError::Conflict { .. })),
         "{stale:?}"
@@ -619,7 +625,7 @@ async fn remediations_are_one_active_per_node_and_optimistic(store: &dyn Store) 
     let mut stale_node = stored.clone();
     stale_node.step_index = 2;
     let node_conflict = store
-        .remediation_update(&stale_node, Some(&fencing), &[])
+        .remediation_update(&stale_node, Some(&fencing), &[], None)
         .await;
     assert!(
         matches!(node_conflict, Err(StoreError::GenerationMismatch { .. })),
@@ -639,7 +645,7 @@ async fn remediations_are_one_active_per_node_and_optimistic(store: &dyn Store) 
     let mut finished = stored.clone();
     finished.status = Status::Done;
     store
-        .remediation_update(&finished, None, &[])
+        .remediation_update(&finished, None, &[], None)
         .await
         .unwrap();
     let active = store
@@ -654,7 +660,7 @@ async fn remediations_are_one_active_per_node_and_optimistic(store: &dyn Store) 
     assert_eq!(all.len(), 1);
     // A finished one does not block the next.
     let next = store
-        .remediation_create(&fresh, &[])
+        .remediation_create(&fresh, &[], None)
         .await
         .expect("new remediation after the first ended");
     assert!(next.id > created.id);
@@ -1407,4 +1413,177 @@ async fn concurrent_flavor_creates_have_one_winner(store: Arc<dyn Store>) {
         .filter(|r| r.contains("conf-crowd-flavor"))
         .collect();
     assert_eq!(events.len(), 1, "only the winner's event: {events:?}");
+}
+
+async fn leases_pass_on_only_when_lapsed_and_fence_stale_writers(
+    store: &dyn Store,
+    wall_ms: WallClock,
+) {
+    use crate::core::cluster::Replica;
+    let ttl = 400;
+    let first = store
+        .lease_acquire("conf-a", ttl, wall_ms(), None)
+        .await
+        .unwrap();
+    assert_eq!(first.holder, "conf-a", "a free lease is taken: {first:?}");
+    let epoch = first.epoch;
+    assert!(first.expires_at_ms > first.db_now_ms);
+    let other = store
+        .lease_acquire("conf-b", ttl, wall_ms(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (other.holder.as_str(), other.epoch),
+        ("conf-a", epoch),
+        "a held lease is not stolen"
+    );
+    let renewed = store
+        .lease_acquire("conf-a", ttl, wall_ms(), Some("memory of a"))
+        .await
+        .unwrap();
+    assert_eq!((renewed.holder.as_str(), renewed.epoch), ("conf-a", epoch));
+    assert!(
+        renewed.expires_at_ms >= first.expires_at_ms,
+        "renewing extends it"
+    );
+
+    // Saga writes under the current epoch pass.
+    let mut n = node(121, 1, "conf-rack-l");
+    n.state = LifecycleState::Suspect;
+    let n = store.node_create(&n, &[]).await.unwrap();
+    let fresh = Remediation::new(
+        n.uuid.clone(),
+        RemediationKind::Automatic,
+        "system",
+        "t",
+        10,
+    );
+    let created = store
+        .remediation_create(&fresh, &[], Some(epoch))
+        .await
+        .expect("a write under the current epoch");
+    let mut advanced = created.clone();
+    advanced.step_index = 1;
+    let (advanced, _) = store
+        .remediation_update(&advanced, None, &[], Some(epoch))
+        .await
+        .expect("an update under the current epoch");
+
+    // The lease lapses and another takes it: a new epoch; the old one's writes are
+    // refused in their transaction and change nothing.
+    tokio::time::sleep(std::time::Duration::from_millis(ttl as u64 + 200)).await;
+    let taken = store
+        .lease_acquire("conf-b", ttl, wall_ms(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (taken.holder.as_str(), taken.epoch),
+        ("conf-b", epoch + 1),
+        "a lapsed lease passes on under a new epoch"
+    );
+    assert_eq!(
+        taken.controller_memory.as_deref(),
+        Some("memory of a"),
+        "the new holder gets the old one's controller memory"
+    );
+    let mut stale = advanced.clone();
+    stale.step_index = 2;
+    let event = NewEvent::for_node(&n.uuid, 20, "system", Action::RemediationStep, "stale");
+    let refused = store
+        .remediation_update(&stale, None, &[event], Some(epoch))
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(StoreError::Fenced { written, current: Some(current) })
+                if written == epoch && current == epoch + 1
+        ),
+        "a stale leader's saga write is fenced: {refused:?}"
+    );
+    assert_eq!(
+        store.remediation_get(created.id).await.unwrap(),
+        Some(advanced.clone()),
+        "the fenced write changed nothing"
+    );
+    assert!(
+        !node_events(store, &n.uuid)
+            .await
+            .iter()
+            .any(|e| e.contains("stale")),
+        "nor wrote its events"
+    );
+    let other_node = store
+        .node_create(&node(121, 2, "conf-rack-l"), &[])
+        .await
+        .unwrap();
+    let refused = store
+        .remediation_create(
+            &Remediation::new(
+                other_node.uuid.clone(),
+                RemediationKind::Fence,
+                "system",
+                "t",
+                10,
+            ),
+            &[],
+            Some(epoch),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Fenced { .. })),
+        "{refused:?}"
+    );
+    // Unfenced writes (an operator's) are not the lease's business.
+    store
+        .remediation_update(&advanced, None, &[], None)
+        .await
+        .expect("an unfenced write");
+
+    // Releasing ends the term at once; only the holder can.
+    store
+        .lease_release("conf-a", epoch + 1, wall_ms())
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .lease_acquire("conf-a", ttl, wall_ms(), None)
+            .await
+            .unwrap()
+            .holder,
+        "conf-b",
+        "only the holder releases"
+    );
+    store
+        .lease_release("conf-b", epoch + 1, wall_ms())
+        .await
+        .unwrap();
+    let after = store
+        .lease_acquire("conf-a", ttl, wall_ms(), None)
+        .await
+        .unwrap();
+    assert_eq!((after.holder.as_str(), after.epoch), ("conf-a", epoch + 2));
+
+    // Replicas report in and are listed with the store's clock.
+    for name in ["conf-r1", "conf-r2"] {
+        let replica = Replica {
+            name: name.into(),
+            address: "127.0.0.1:8080".into(),
+            version: "test".into(),
+            started_at_ms: 5,
+            last_seen_at_ms: 0,
+        };
+        store.replica_report(&replica, wall_ms()).await.unwrap();
+        store.replica_report(&replica, wall_ms()).await.unwrap();
+    }
+    let status = store.cluster_read(wall_ms()).await.unwrap();
+    let names: BTreeSet<&str> = status.replicas.iter().map(|r| r.name.as_str()).collect();
+    assert!(
+        names.contains("conf-r1") && names.contains("conf-r2"),
+        "{status:?}"
+    );
+    assert!(status
+        .replicas
+        .iter()
+        .all(|r| r.last_seen_at_ms > 0 && r.last_seen_at_ms <= status.db_now_ms + 1_000));
+    assert_eq!(status.lease.map(|l| l.holder), Some("conf-a".to_string()));
 }

@@ -11,6 +11,7 @@ use super::{
     clamp_limit, orphans_of, HeldAddress, OrphanAllocation, Registered, RegistrationWrite, Store,
     StoreError,
 };
+use crate::core::cluster::{claim, ClusterStatus, Lease, Replica};
 use crate::core::ipam::{self, validate_pool};
 use crate::core::lifecycle::LifecycleState;
 use crate::core::model::{
@@ -37,6 +38,8 @@ struct State {
     next_token_id: i64,
     remediations: BTreeMap<i64, Remediation>,
     power: BTreeMap<NodeUuid, PowerReading>,
+    lease: Option<Lease>,
+    replicas: BTreeMap<String, Replica>,
 }
 
 #[derive(Default)]
@@ -607,8 +610,10 @@ impl Store for MemoryStore {
         &self,
         remediation: &Remediation,
         events: &[NewEvent],
+        fence: Option<i64>,
     ) -> Result<Remediation, StoreError> {
         let mut state = self.lock();
+        check_fence(&state, fence)?;
         let active = state
             .remediations
             .values()
@@ -630,8 +635,10 @@ impl Store for MemoryStore {
         remediation: &Remediation,
         node: Option<&Node>,
         events: &[NewEvent],
+        fence: Option<i64>,
     ) -> Result<(Remediation, Option<Node>), StoreError> {
         let mut state = self.lock();
+        check_fence(&state, fence)?;
         let stored = state
             .remediations
             .get(&remediation.id)
@@ -675,6 +682,80 @@ impl Store for MemoryStore {
 
     async fn remediation_get(&self, id: i64) -> Result<Option<Remediation>, StoreError> {
         Ok(self.lock().remediations.get(&id).cloned())
+    }
+
+    async fn lease_acquire(
+        &self,
+        holder: &str,
+        ttl_ms: i64,
+        now_ms: TimestampMs,
+        memory: Option<&str>,
+    ) -> Result<Lease, StoreError> {
+        let mut state = self.lock();
+        match claim(state.lease.as_ref(), holder, ttl_ms, now_ms, memory) {
+            Some(next) => {
+                state.lease = Some(next.clone());
+                Ok(next)
+            }
+            None => Ok(Lease {
+                db_now_ms: now_ms,
+                ..state
+                    .lease
+                    .clone()
+                    .expect("claim refuses only a held lease")
+            }),
+        }
+    }
+
+    async fn lease_release(
+        &self,
+        holder: &str,
+        epoch: i64,
+        now_ms: TimestampMs,
+    ) -> Result<(), StoreError> {
+        if let Some(lease) = self
+            .lock()
+            .lease
+            .as_mut()
+            .filter(|l| l.holder == holder && l.epoch == epoch)
+        {
+            lease.expires_at_ms = now_ms;
+        }
+        Ok(())
+    }
+
+    async fn replica_report(
+        &self,
+        replica: &Replica,
+        now_ms: TimestampMs,
+    ) -> Result<(), StoreError> {
+        self.lock().replicas.insert(
+            replica.name.clone(),
+            Replica {
+                last_seen_at_ms: now_ms,
+                ..replica.clone()
+            },
+        );
+        Ok(())
+    }
+
+    async fn cluster_read(&self, now_ms: TimestampMs) -> Result<ClusterStatus, StoreError> {
+        let state = self.lock();
+        let mut replicas: Vec<Replica> = state.replicas.values().cloned().collect();
+        replicas.sort_by(|a, b| {
+            b.last_seen_at_ms
+                .cmp(&a.last_seen_at_ms)
+                .then(a.name.cmp(&b.name))
+        });
+        Ok(ClusterStatus {
+            enabled: false,
+            db_now_ms: now_ms,
+            lease: state.lease.clone().map(|lease| Lease {
+                db_now_ms: now_ms,
+                ..lease
+            }),
+            replicas,
+        })
     }
 
     async fn remediation_list(
@@ -743,5 +824,18 @@ impl Store for MemoryStore {
             .ok_or_else(|| StoreError::not_found(format!("token {name}")))?;
         append_events(&mut state, events);
         Ok(())
+    }
+}
+
+/// A saga write's fencing check: with `fence`, the lease must still be at that epoch.
+fn check_fence(state: &State, fence: Option<i64>) -> Result<(), StoreError> {
+    let Some(written) = fence else {
+        return Ok(());
+    };
+    let current = state.lease.as_ref().map(|lease| lease.epoch);
+    if current == Some(written) {
+        Ok(())
+    } else {
+        Err(StoreError::Fenced { written, current })
     }
 }

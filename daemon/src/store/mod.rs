@@ -23,6 +23,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bearman_proto::uuid::NodeUuid;
 
+use crate::core::cluster::{ClusterStatus, Lease, Replica};
 use crate::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
@@ -197,6 +198,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database error: {0}")]
     Backend(String),
+    /// A saga write carried a leader epoch that is no longer the lease's: another replica
+    /// leads now (or the lease lapsed), and this one must not act.
+    #[error("fenced: written under leader epoch {written}, the lease is at {}", current.map_or("none".to_string(), |e| e.to_string()))]
+    Fenced { written: i64, current: Option<i64> },
 }
 
 impl StoreError {
@@ -228,31 +233,30 @@ pub trait Store: Send + Sync + 'static {
     /// Light health records of every node expected to heartbeat (Ready or Suspect), with
     /// their last power reading, for the controller's every-second judgement.
     async fn node_health_list(&self) -> Result<Vec<crate::core::health::NodeHealth>, StoreError> {
-        let mut out = Vec::new();
-        for state in [
-            crate::core::lifecycle::LifecycleState::Ready,
-            crate::core::lifecycle::LifecycleState::Suspect,
-        ] {
-            let mut filter = NodeFilter {
-                state: Some(state),
-                limit: LIST_LIMIT_MAX,
-                ..Default::default()
-            };
-            // Bounded: a million nodes is a hundred pages.
-            for _ in 0..100 {
-                let page = self.node_list(&filter).await?;
-                let full = page.len() == LIST_LIMIT_MAX;
-                filter.after = page.last().map(|n| n.uuid.clone());
-                out.extend(page.iter().map(crate::core::health::NodeHealth::of));
-                if !full {
-                    break;
-                }
-            }
-        }
+        use crate::core::lifecycle::LifecycleState as S;
+        let mut out = nodes_in_states(
+            self,
+            &[S::Ready, S::Suspect],
+            crate::core::health::NodeHealth::of,
+        )
+        .await?;
         for health in &mut out {
             health.power = self.node_power_get(&health.uuid).await?;
         }
         Ok(out)
+    }
+    /// What the boot watchdog needs of every node that is booting (Registered or
+    /// Provisioning), read every `boot_scan_ms`.
+    async fn node_booting_list(
+        &self,
+    ) -> Result<Vec<crate::core::controller::BootingNode>, StoreError> {
+        use crate::core::lifecycle::LifecycleState as S;
+        nodes_in_states(
+            self,
+            &[S::Registered, S::Provisioning],
+            crate::core::controller::BootingNode::of,
+        )
+        .await
     }
     /// Records `reading` as the last BMC power reading of `uuid` (power sync), with its
     /// audit events, in one transaction — unless a newer reading is already stored, in
@@ -346,20 +350,55 @@ pub trait Store: Send + Sync + 'static {
     async fn event_list(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError>;
 
     /// Inserts a new remediation (the store assigns its id) with its audit events.
-    /// `AlreadyExists` when the node already has an active one.
+    /// `AlreadyExists` when the node already has an active one. With `fence` (a leader's
+    /// epoch), only while the controller's lease is still at that epoch, checked in the
+    /// same transaction (`Fenced` otherwise).
     async fn remediation_create(
         &self,
         remediation: &Remediation,
         events: &[NewEvent],
+        fence: Option<i64>,
     ) -> Result<Remediation, StoreError>;
     /// Writes `remediation` (and `node`, when given) if their stored generations still
     /// equal the given ones, with the events, in one transaction. Returns both as stored.
+    /// `fence` as for [`Store::remediation_create`].
     async fn remediation_update(
         &self,
         remediation: &Remediation,
         node: Option<&Node>,
         events: &[NewEvent],
+        fence: Option<i64>,
     ) -> Result<(Remediation, Option<Node>), StoreError>;
+
+    /// Takes the controller's lease for `holder` when it is free or lapsed (the epoch
+    /// grows by one), or renews it when `holder` holds it, for `ttl_ms` on the store's
+    /// own clock, saving `memory` (its controller's) on a renewal; returns the lease as it
+    /// stands after (another's, when another holds it), with the memory it carries.
+    /// `now_ms` is the caller's clock, for a store without one of its own (in memory).
+    async fn lease_acquire(
+        &self,
+        holder: &str,
+        ttl_ms: i64,
+        now_ms: TimestampMs,
+        memory: Option<&str>,
+    ) -> Result<Lease, StoreError>;
+    /// Ends `holder`'s lease of `epoch` now (a clean shutdown: the next replica need not
+    /// wait out the TTL). Nothing when it is not theirs any more.
+    async fn lease_release(
+        &self,
+        holder: &str,
+        epoch: i64,
+        now_ms: TimestampMs,
+    ) -> Result<(), StoreError>;
+    /// Records that `replica` is alive (its last-seen time is the store's clock).
+    async fn replica_report(
+        &self,
+        replica: &Replica,
+        now_ms: TimestampMs,
+    ) -> Result<(), StoreError>;
+    /// The lease and every replica that ever reported, with the store's clock
+    /// (`enabled` is the caller's to set).
+    async fn cluster_read(&self, now_ms: TimestampMs) -> Result<ClusterStatus, StoreError>;
     async fn remediation_get(&self, id: i64) -> Result<Option<Remediation>, StoreError>;
     /// Newest first; only active ones when `active_only`; only one node's when given.
     async fn remediation_list(
@@ -386,6 +425,38 @@ pub trait Store: Send + Sync + 'static {
 
 /// Upper bound on any listing, whatever the caller asks for.
 pub const LIST_LIMIT_MAX: usize = 10_000;
+
+/// Every node in `states` (page by page, in uuid order within each state), as `view`
+/// makes of it. Bounded: a million nodes per state is a hundred pages.
+async fn nodes_in_states<S, T, F>(
+    store: &S,
+    states: &[crate::core::lifecycle::LifecycleState],
+    view: F,
+) -> Result<Vec<T>, StoreError>
+where
+    S: Store + ?Sized,
+    T: Send,
+    F: Fn(&Node) -> T + Send + Sync,
+{
+    let mut out = Vec::new();
+    for state in states {
+        let mut filter = NodeFilter {
+            state: Some(*state),
+            limit: LIST_LIMIT_MAX,
+            ..Default::default()
+        };
+        for _ in 0..100 {
+            let page = store.node_list(&filter).await?;
+            let full = page.len() == LIST_LIMIT_MAX;
+            filter.after = page.last().map(|n| n.uuid.clone());
+            out.extend(page.iter().map(&view));
+            if !full {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
 
 pub(crate) fn clamp_limit(limit: usize) -> usize {
     if limit == 0 {

@@ -1,11 +1,12 @@
 //! The admin API under `/api/v1`, one file per resource: nodes (and their lifecycle
-//! actions), remediations, flavors, IP pools, events, tokens.
+//! actions), remediations, flavors, IP pools, events, tokens, the cluster.
 //!
 //! Every route is declared once in [`routes`] together with the least role it needs; the
 //! router is built from that table, so no route can exist without an authorization check,
 //! and the tests walk the same table. Handlers are HTTP only: they parse, call the
 //! application layer for every change, and read through the store.
 
+mod cluster;
 mod events;
 mod flavors;
 mod nodes;
@@ -24,6 +25,7 @@ use super::error::ApiError;
 use super::AppState;
 use crate::core::model::TokenRole;
 use crate::core::validate;
+use cluster::*;
 use events::*;
 use flavors::*;
 use nodes::*;
@@ -103,6 +105,7 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             spec(Method::GET, "/remediation/guards", Viewer),
             get(remediation_guards),
         ),
+        (spec(Method::GET, "/cluster", Viewer), get(cluster_status)),
         (
             spec(Method::POST, "/nodes/{uuid}/retire", Admin),
             post(retire),

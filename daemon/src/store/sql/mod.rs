@@ -20,6 +20,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 
 use super::{OrphanAllocation, Registered, RegistrationWrite, Store, StoreError};
+use crate::core::cluster::{ClusterStatus, Lease, Replica};
 use crate::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
@@ -145,6 +146,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 mod addresses;
+mod cluster;
 mod events;
 mod flavors;
 mod named_docs;
@@ -296,8 +298,9 @@ impl Store for SqlStore {
         &self,
         remediation: &Remediation,
         events: &[NewEvent],
+        fence: Option<i64>,
     ) -> Result<Remediation, StoreError> {
-        remediations::create(self, remediation, events).await
+        remediations::create(self, remediation, events, fence).await
     }
 
     async fn remediation_update(
@@ -305,8 +308,40 @@ impl Store for SqlStore {
         remediation: &Remediation,
         node: Option<&Node>,
         events: &[NewEvent],
+        fence: Option<i64>,
     ) -> Result<(Remediation, Option<Node>), StoreError> {
-        remediations::update(self, remediation, node, events).await
+        remediations::update(self, remediation, node, events, fence).await
+    }
+
+    async fn lease_acquire(
+        &self,
+        holder: &str,
+        ttl_ms: i64,
+        _now_ms: TimestampMs,
+        memory: Option<&str>,
+    ) -> Result<Lease, StoreError> {
+        cluster::acquire(self, holder, ttl_ms, memory).await
+    }
+
+    async fn lease_release(
+        &self,
+        holder: &str,
+        epoch: i64,
+        _now_ms: TimestampMs,
+    ) -> Result<(), StoreError> {
+        cluster::release(self, holder, epoch).await
+    }
+
+    async fn replica_report(
+        &self,
+        replica: &Replica,
+        _now_ms: TimestampMs,
+    ) -> Result<(), StoreError> {
+        cluster::replica_report(self, replica).await
+    }
+
+    async fn cluster_read(&self, _now_ms: TimestampMs) -> Result<ClusterStatus, StoreError> {
+        cluster::read(self).await
     }
 
     async fn remediation_get(&self, id: i64) -> Result<Option<Remediation>, StoreError> {

@@ -4,6 +4,7 @@ use bearman_proto::uuid::NodeUuid;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
+use super::cluster::check_fence;
 use super::{backend_error, corrupt, is_unique_violation, SqlStore};
 use super::{events::insert_events, nodes};
 use crate::core::model::{NewEvent, Node};
@@ -30,8 +31,12 @@ pub(super) async fn create(
     store: &SqlStore,
     remediation: &Remediation,
     events: &[NewEvent],
+    fence: Option<i64>,
 ) -> Result<Remediation, StoreError> {
     let mut tx = store.pool.begin().await.map_err(backend_error)?;
+    if let Some(epoch) = fence {
+        check_fence(store.backend, &mut tx, epoch).await?;
+    }
     let inserted = sqlx::query(
         "INSERT INTO remediations (node_uuid, status, generation, created_at_ms, doc) \
          VALUES ($1, $2, $3, $4, $5) RETURNING id",
@@ -63,10 +68,14 @@ pub(super) async fn update(
     remediation: &Remediation,
     node: Option<&Node>,
     events: &[NewEvent],
+    fence: Option<i64>,
 ) -> Result<(Remediation, Option<Node>), StoreError> {
     let mut updated = remediation.clone();
     updated.generation += 1;
     let mut tx = store.pool.begin().await.map_err(backend_error)?;
+    if let Some(epoch) = fence {
+        check_fence(store.backend, &mut tx, epoch).await?;
+    }
     let rows = sqlx::query(
         "UPDATE remediations SET status = $1, generation = $2, doc = $3 \
          WHERE id = $4 AND generation = $5",
