@@ -514,24 +514,19 @@ impl ControllerCore {
         } else {
             Vec::new()
         };
-        if let Some(booting) = &view.booting {
-            let busy: BTreeSet<NodeUuid> = view
-                .active
-                .iter()
-                .chain(started.iter().map(|(r, _)| r))
-                .map(|r| r.node_uuid.clone())
-                .collect();
-            let active = view.active.len() + started.len();
-            let (alerts, retries) = self.watch_boots(now_ms, booting, &judgement, &busy, active);
-            commands.extend(alerts.into_iter().map(Command::Alert));
-            started.extend(retries);
-        }
-        let busy: BTreeSet<NodeUuid> = view
+        let mut busy: BTreeSet<NodeUuid> = view
             .active
             .iter()
             .chain(started.iter().map(|(r, _)| r))
             .map(|r| r.node_uuid.clone())
             .collect();
+        if let Some(booting) = &view.booting {
+            let active = view.active.len() + started.len();
+            let (alerts, retries) = self.watch_boots(now_ms, booting, &judgement, &busy, active);
+            commands.extend(alerts.into_iter().map(Command::Alert));
+            busy.extend(retries.iter().map(|(r, _)| r.node_uuid.clone()));
+            started.extend(retries);
+        }
         let started_count = started.len();
         for (remediation, reason) in started {
             let event = NewEvent::for_node(
