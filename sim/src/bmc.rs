@@ -29,19 +29,21 @@ pub async fn serve(world: SharedWorld, behaviour: BmcBehaviour, seed: u64) -> tu
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", BMC_PORT)).await?;
     let mut connection_index: u64 = 0;
     loop {
-        let (stream, _) = listener.accept().await?;
+        let (stream, peer) = listener.accept().await?;
         connection_index += 1;
         let world = world.clone();
         let behaviour = behaviour.clone();
         let rng = SimRng::derive(seed, 0x626d_6300_0000_0000 ^ connection_index);
+        let sender = turmoil::reverse_lookup(peer.ip());
         tokio::task::spawn_local(async move {
-            let _ = handle(stream, world, behaviour, rng).await;
+            let _ = handle(stream, sender, world, behaviour, rng).await;
         });
     }
 }
 
 async fn handle(
     stream: turmoil::net::TcpStream,
+    sender: Option<String>,
     world: SharedWorld,
     behaviour: BmcBehaviour,
     mut rng: SimRng,
@@ -58,6 +60,10 @@ async fn handle(
     };
     let answer = {
         let mut world = lock(&world);
+        if matches!(op, "ON" | "OFF" | "SOFT" | "PXE") {
+            // A power command is an action the moment it reaches the BMC, answered or not.
+            world.judge_action(sender, &format!("bmc {op} {target}"), now());
+        }
         if index as usize >= world.nodes.len() {
             Some("ERR no such bmc".to_string())
         } else {

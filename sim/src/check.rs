@@ -47,6 +47,8 @@ pub struct Checker {
     pub fence_before_evacuate: Verdict,
     pub ready_after_heal: Verdict,
     pub expectations: Verdict,
+    /// Clustered runs only: their verdicts (absent, not vacuously passed, otherwise).
+    pub cluster: Option<ClusterVerdicts>,
     reported_doubled: BTreeSet<u32>,
     events_seen: i64,
     violations_seen: usize,
@@ -69,6 +71,7 @@ impl Default for Checker {
                 "safety",
             ),
             ready_after_heal: Verdict::new("every powered node Ready by the deadline", "liveness"),
+            cluster: None,
             expectations: Verdict::new(
                 "scenario expectations (faults struck, fences, recovery)",
                 "expect",
@@ -89,8 +92,8 @@ fn reachable(from: LifecycleState, to: LifecycleState) -> bool {
 }
 
 impl Checker {
-    pub fn verdicts(&self) -> [&Verdict; 8] {
-        [
+    pub fn verdicts(&self) -> Vec<&Verdict> {
+        let mut verdicts = vec![
             &self.expectations,
             &self.no_vm_twice,
             &self.fence_before_evacuate,
@@ -99,7 +102,96 @@ impl Checker {
             &self.ready_after_heal,
             &self.no_vm_lost,
             &self.vms_placed_at_end,
-        ]
+        ];
+        if let Some(cluster) = &self.cluster {
+            verdicts.extend([
+                &cluster.one_leader_per_epoch,
+                &cluster.no_stale_action,
+                &cluster.no_lost_saga,
+                &cluster.takeover,
+            ]);
+        }
+        verdicts
+    }
+
+    /// Clustered runs, at the end: every lease term had one holder; no replica acted
+    /// (a BMC power command, a cloud evacuation or force-down reaching its target)
+    /// without holding the lease; no remediation was left active with nobody to finish
+    /// it; and after each fault that struck the leader another term began within
+    /// `takeover_within_s`.
+    pub fn check_cluster(&mut self, input: ClusterEnd<'_>) {
+        let mut verdicts = ClusterVerdicts::default();
+        verdicts.one_leader_per_epoch.checks = input.grants.len() as u64;
+        let mut holders: BTreeMap<i64, &str> = BTreeMap::new();
+        let mut last_epoch = 0;
+        for grant in input.grants {
+            if grant.epoch <= last_epoch {
+                verdicts.one_leader_per_epoch.fail(format!(
+                    "t={} epoch {} granted to {} after epoch {last_epoch}: epochs must only grow",
+                    seconds(grant.at),
+                    grant.epoch,
+                    grant.holder
+                ));
+            }
+            last_epoch = last_epoch.max(grant.epoch);
+            if let Some(other) = holders.insert(grant.epoch, &grant.holder) {
+                if other != grant.holder {
+                    verdicts.one_leader_per_epoch.fail(format!(
+                        "epoch {} granted to both {other} and {}",
+                        grant.epoch, grant.holder
+                    ));
+                }
+            }
+        }
+        verdicts.no_stale_action.checks = input.actions_judged;
+        for action in input.stale_actions {
+            verdicts.no_stale_action.fail(action.clone());
+        }
+        verdicts.no_lost_saga.checks = 1;
+        for remediation in input.active_at_end {
+            verdicts.no_lost_saga.fail(format!(
+                "t={} remediation {} of {} still active at step {} (last written under epoch {:?})",
+                seconds(input.end),
+                remediation.id,
+                remediation.node_uuid,
+                remediation.step().map_or("none", |step| step.as_str()),
+                remediation.epoch
+            ));
+        }
+        for strike in input.strikes {
+            // A node-side partition leaves the leader leading: nothing to take over.
+            if strike.kind == crate::scenario::FaultKind::PartitionLeaderNodes {
+                continue;
+            }
+            verdicts.takeover.checks += 1;
+            let next = input
+                .grants
+                .iter()
+                .find(|g| g.epoch > strike.epoch && g.at >= strike.at);
+            let Some(within) = input.takeover_within else {
+                continue;
+            };
+            match next {
+                Some(grant) if grant.at - strike.at <= within => {}
+                Some(grant) => verdicts.takeover.fail(format!(
+                    "{:?} of {} at t={}: epoch {} began {:.1} s later ({}); expected within {} s",
+                    strike.kind,
+                    strike.victim,
+                    seconds(strike.at),
+                    grant.epoch,
+                    (grant.at - strike.at).as_secs_f64(),
+                    grant.holder,
+                    within.as_secs()
+                )),
+                None => verdicts.takeover.fail(format!(
+                    "{:?} of {} at t={}: no newer lease term began",
+                    strike.kind,
+                    strike.victim,
+                    seconds(strike.at)
+                )),
+            }
+        }
+        self.cluster = Some(verdicts);
     }
 
     pub fn all_passed(&self) -> bool {
@@ -366,6 +458,43 @@ impl Checker {
             }
         }
     }
+}
+
+/// The clustered-run verdicts.
+#[derive(Clone, Debug)]
+pub struct ClusterVerdicts {
+    pub one_leader_per_epoch: Verdict,
+    pub no_stale_action: Verdict,
+    pub no_lost_saga: Verdict,
+    pub takeover: Verdict,
+}
+
+impl Default for ClusterVerdicts {
+    fn default() -> Self {
+        ClusterVerdicts {
+            one_leader_per_epoch: Verdict::new("at most one leader per epoch", "safety"),
+            no_stale_action: Verdict::new(
+                "no BMC power action or evacuation without the lease",
+                "safety",
+            ),
+            no_lost_saga: Verdict::new("no remediation left active at the end", "liveness"),
+            takeover: Verdict::new(
+                "a new leader after each fault that struck the leader",
+                "liveness",
+            ),
+        }
+    }
+}
+
+/// What the cluster verdicts judge at the end of a clustered run.
+pub struct ClusterEnd<'a> {
+    pub grants: &'a [crate::db::Grant],
+    pub stale_actions: &'a [String],
+    pub actions_judged: u64,
+    pub active_at_end: &'a [bearman::core::remediation::Remediation],
+    pub strikes: &'a [crate::run::LeaderStrike],
+    pub takeover_within: Option<Duration>,
+    pub end: Duration,
 }
 
 #[cfg(test)]

@@ -35,10 +35,11 @@ fn host_index(world: &World, hostname: &str) -> Option<u32> {
 pub async fn serve(world: SharedWorld) -> turmoil::Result {
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", CLOUD_PORT)).await?;
     loop {
-        let (stream, _) = listener.accept().await?;
+        let (stream, peer) = listener.accept().await?;
         let world = world.clone();
+        let sender = turmoil::reverse_lookup(peer.ip());
         tokio::task::spawn_local(async move {
-            let _ = handle(stream, world).await;
+            let _ = handle(stream, sender, world).await;
         });
     }
 }
@@ -110,7 +111,11 @@ fn answer(world: &mut World, op: &str, argument: &str) -> String {
     }
 }
 
-async fn handle(stream: turmoil::net::TcpStream, world: SharedWorld) -> std::io::Result<()> {
+async fn handle(
+    stream: turmoil::net::TcpStream,
+    sender: Option<String>,
+    world: SharedWorld,
+) -> std::io::Result<()> {
     let (read, mut write) = tokio::io::split(stream);
     let mut line = String::new();
     BufReader::new(read)
@@ -119,7 +124,13 @@ async fn handle(stream: turmoil::net::TcpStream, world: SharedWorld) -> std::io:
         .await?;
     let mut words = line.split_whitespace();
     let (op, argument) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let reply = answer(&mut lock(&world), op, argument);
+    let reply = {
+        let mut world = lock(&world);
+        if matches!(op, "EVACUATE" | "FORCE_DOWN") {
+            world.judge_action(sender, &format!("cloud {op} {argument}"), now());
+        }
+        answer(&mut world, op, argument)
+    };
     write.write_all(format!("{reply}\n").as_bytes()).await
 }
 

@@ -113,6 +113,15 @@ pub struct World {
     pub crashes: BTreeMap<u32, Vec<(Duration, Vec<u32>)>>,
     /// When each VM was last evacuated.
     pub evacuated_at: BTreeMap<u32, Duration>,
+    /// The daemon hosts the nodes reach: `daemon`, or a clustered run's replicas.
+    pub daemons: Vec<String>,
+    /// Clustered runs: the database, to judge every action against its lease.
+    pub cluster: Option<Arc<crate::db::Database>>,
+    /// Actions (BMC power commands, cloud evacuations and force-downs) a replica sent
+    /// while it did not hold an unexpired lease, as they reached the BMC or the cloud.
+    pub stale_actions: Vec<String>,
+    /// Actions judged against the lease (so a pass says how much it rests on).
+    pub actions_judged: u64,
 }
 
 pub type SharedWorld = Arc<Mutex<World>>;
@@ -172,7 +181,54 @@ impl World {
             racks_without_power: BTreeSet::new(),
             crashes: BTreeMap::new(),
             evacuated_at: BTreeMap::new(),
+            daemons: vec!["daemon".to_string()],
+            cluster: None,
+            stale_actions: Vec::new(),
+            actions_judged: 0,
         }
+    }
+
+    /// Clustered runs: an action (`what`) reached the BMC fabric or the cloud at `at` from
+    /// host `sender`. A replica may act only while it holds the lease, unexpired, on the
+    /// database's clock; anything else is a stale-epoch action. Senders that are not
+    /// replicas (the operator's console) are not the controller and are not judged.
+    pub fn judge_action(&mut self, sender: Option<String>, what: &str, at: Duration) {
+        let Some(db) = &self.cluster else {
+            return;
+        };
+        let Some(sender) = sender.filter(|s| self.daemons.contains(s)) else {
+            return;
+        };
+        self.actions_judged += 1;
+        let lease = db.lease_at(at);
+        let now_ms = crate::run::EPOCH_MS + at.as_millis() as i64;
+        let holds = lease
+            .as_ref()
+            .is_some_and(|l| l.holder == sender && l.expires_at_ms > now_ms);
+        if !holds {
+            let lease = match lease {
+                Some(l) => format!(
+                    "{} at epoch {} expiring t={}",
+                    l.holder,
+                    l.epoch,
+                    seconds(Duration::from_millis(
+                        (l.expires_at_ms - crate::run::EPOCH_MS).max(0) as u64
+                    ))
+                ),
+                None => "nobody".to_string(),
+            };
+            let line = format!(
+                "t={} {sender} sent {what} while the lease was {lease}",
+                seconds(at)
+            );
+            self.trace.record(at, format!("stale_action {line}"));
+            self.stale_actions.push(line);
+        }
+    }
+
+    /// How many racks the fleet has.
+    pub fn racks(&self) -> u32 {
+        self.nodes.last().map_or(0, |node| node.rack + 1)
     }
 
     pub fn node_name(&self, index: u32) -> String {

@@ -9,6 +9,7 @@
 pub mod bmc;
 pub mod check;
 pub mod cloud;
+pub mod db;
 pub mod fleet;
 pub mod host;
 pub mod net;

@@ -107,6 +107,9 @@ fn real_main() -> anyhow::Result<bool> {
     let mut all_passed = true;
     let mut all_recoveries: Vec<bearman_sim::recovery::Recovery> = Vec::new();
     let mut fences_total = 0usize;
+    let mut all_takeovers: Vec<std::time::Duration> = Vec::new();
+    let mut clustered = false;
+    let mut actions_judged = 0u64;
     for seed in &seeds {
         eprintln!(
             "bearman-sim: {} seed {seed}: {} nodes ({} racks x {}), {} s virtual, tick {} ms",
@@ -162,6 +165,9 @@ fn real_main() -> anyhow::Result<bool> {
         }
         all_recoveries.extend(report.recoveries.iter().cloned());
         fences_total += report.fences;
+        all_takeovers.extend(report.takeovers.iter().copied());
+        clustered |= report.lease_terms > 0;
+        actions_judged += report.actions_judged;
         if !report.passed() {
             all_passed = false;
             let mut replay = format!("bearman-sim run {} --seed {seed}", path.display());
@@ -182,6 +188,19 @@ fn real_main() -> anyhow::Result<bool> {
     }
     if seeds.len() > 1 {
         print_aggregate(&scenario.name, seeds.len(), &all_recoveries, fences_total);
+        if clustered {
+            use bearman_sim::recovery::percentile;
+            let fmt = |d: Option<std::time::Duration>| {
+                d.map_or("-".to_string(), |d| format!("{:.1} s", d.as_secs_f64()))
+            };
+            println!(
+                "  leader lost -> new lease term p50 {}  p99 {}  max {}  ({} takeover(s)); {actions_judged} action(s) judged against the lease",
+                fmt(percentile(&all_takeovers, 50)),
+                fmt(percentile(&all_takeovers, 99)),
+                fmt(all_takeovers.iter().max().copied()),
+                all_takeovers.len()
+            );
+        }
     }
     Ok(all_passed)
 }

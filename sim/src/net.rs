@@ -3,7 +3,7 @@
 //! counts a node's requests for the world's statistics the way a network tap would.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -32,19 +32,52 @@ impl Connector for TurmoilConnector {
 /// firmware's and the downloads included, counts in `requests_failed`. A connection that
 /// fails before its request line is written is a heartbeat once this connector has seen
 /// a `POST …/installed` succeed (stage 2 sends nothing but heartbeats after that).
+///
+/// In a clustered run the daemon's name stands for every replica, as a Kubernetes Service
+/// or a DNS name with several addresses does: each connection goes to the next replica in
+/// turn, and a refused one (crashed, or cut from this rack) to the one after.
 #[derive(Clone)]
 pub struct TapConnector {
     world: SharedWorld,
     installed: Arc<AtomicBool>,
+    /// The hosts behind the daemon's name, and which one the next connection tries first.
+    daemons: Arc<[String]>,
+    next: Arc<AtomicUsize>,
 }
 
 impl TapConnector {
-    /// A tap for one boot of one node.
-    pub fn new(world: SharedWorld) -> Self {
+    /// A tap for one boot of node `index`.
+    pub fn new(world: SharedWorld, index: u32) -> Self {
+        let daemons: Arc<[String]> = lock(&world).daemons.clone().into();
+        let first = index as usize % daemons.len().max(1);
         TapConnector {
             world,
             installed: Arc::new(AtomicBool::new(false)),
+            daemons,
+            next: Arc::new(AtomicUsize::new(first)),
         }
+    }
+
+    /// Connects to `authority`; the daemon's name to one of its replicas.
+    async fn connect_any(&self, authority: &str) -> std::io::Result<turmoil::net::TcpStream> {
+        let port = match authority.split_once(':') {
+            Some((host, port)) if host == crate::node::DAEMON_HOST && self.daemons.len() > 1 => {
+                port
+            }
+            _ => return turmoil::net::TcpStream::connect(authority).await,
+        };
+        // Every connection takes the next replica in turn, so one that hangs (paused)
+        // costs this request its timeout and not the ones after it.
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last_error = None;
+        for offset in 0..self.daemons.len() {
+            let replica = format!("{}:{port}", self.daemons[(first + offset) % self.daemons.len()]);
+            match turmoil::net::TcpStream::connect(replica.as_str()).await {
+                Ok(stream) => return Ok(stream),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.expect("at least one replica"))
     }
 
     fn record(&self, kind: Request, answered: bool) {
@@ -75,7 +108,7 @@ impl Connector for TapConnector {
     type Stream = TapStream;
 
     async fn connect(&self, authority: &str) -> std::io::Result<TapStream> {
-        match turmoil::net::TcpStream::connect(authority).await {
+        match self.connect_any(authority).await {
             Ok(inner) => Ok(TapStream {
                 inner,
                 tap: self.clone(),

@@ -19,6 +19,8 @@ use crate::rng::SimRng;
 use crate::scenario::Timing;
 
 /// Where nodes reach the daemon inside the simulation.
+/// The name the nodes reach the daemon by (every replica, in a clustered run).
+pub const DAEMON_HOST: &str = "daemon";
 pub const DAEMON_URL: &str = "http://daemon:8080";
 
 /// Plausible hardware for node `index` in `rack`, from the canned fixture, with unique
@@ -185,7 +187,7 @@ async fn life(
     host: &mut SimHost,
 ) {
     host.power_on();
-    let connector = TapConnector::new(world.clone());
+    let connector = TapConnector::new(world.clone(), index);
     // Firmware POST, then iPXE fetches the stage-1 script DHCP pointed it at.
     let post_s = host.rng().range(timing.firmware_s[0], timing.firmware_s[1]);
     sleep_s(post_s).await;
@@ -208,5 +210,5 @@ async fn life(
     }
     host.boot_stage2(&files);
     // Stage 2 runs until the epoch ends (it returns only if its command line is unusable).
-    let _ = stages::run_stage2(&boot.stage2, &TapConnector::new(world.clone()), host).await;
+    let _ = stages::run_stage2(&boot.stage2, &TapConnector::new(world.clone(), index), host).await;
 }

@@ -121,6 +121,23 @@ pub fn render(report: &Report, wall: Duration) -> String {
             }
         }
     }
+    if report.lease_terms > 0 {
+        let takeovers: Vec<String> = report
+            .takeovers
+            .iter()
+            .map(|d| format!("{:.1} s", d.as_secs_f64()))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\ncluster: {} lease term(s); new term after each leader fault: {}",
+            report.lease_terms,
+            if takeovers.is_empty() {
+                "-".to_string()
+            } else {
+                takeovers.join(", ")
+            }
+        );
+    }
     let _ = writeln!(out, "\ninvariants");
     for verdict in report.checker.verdicts() {
         let _ = writeln!(

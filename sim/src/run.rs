@@ -72,6 +72,11 @@ pub struct Report {
     pub fences: usize,
     /// The scenario's last heal (`Scenario::last_heal_s`), when some fault heals.
     pub last_heal: Option<Duration>,
+    /// Clustered runs: lease terms granted, and how long after each fault that struck
+    /// the leader the next term began.
+    pub lease_terms: usize,
+    pub takeovers: Vec<Duration>,
+    pub actions_judged: u64,
 }
 
 impl Report {
@@ -179,6 +184,9 @@ struct FaultState {
     event_nodes: BTreeMap<usize, u32>,
     /// Faults that did not strike as written, for the expectations verdict.
     problems: Vec<String>,
+    /// The replica each leader-striking fault struck, by fault index (for its heal).
+    leader_victims: BTreeMap<usize, String>,
+    leader_strikes: Vec<LeaderStrike>,
     rng: crate::rng::SimRng,
 }
 
@@ -225,9 +233,11 @@ impl FaultState {
 }
 
 /// Applies (or, with `heal`, undoes) one fault.
+#[allow(clippy::too_many_arguments)]
 fn apply_fault(
     sim: &mut turmoil::Sim<'_>,
     world: &SharedWorld,
+    daemons: &[String],
     fault: &Fault,
     heal: bool,
     fault_index: usize,
@@ -315,13 +325,25 @@ fn apply_fault(
             }
         }
         (FaultKind::PartitionRack, false) => {
-            sim.partition(rack_host(fault.rack.expect("validated")), "daemon")
+            for daemon in daemons {
+                sim.partition(rack_host(fault.rack.expect("validated")), daemon.as_str())
+            }
         }
         (FaultKind::PartitionRack, true) => {
-            sim.repair(rack_host(fault.rack.expect("validated")), "daemon")
+            for daemon in daemons {
+                sim.repair(rack_host(fault.rack.expect("validated")), daemon.as_str())
+            }
         }
-        (FaultKind::PartitionBmc, false) => sim.partition(bmc::BMC_HOST, "daemon"),
-        (FaultKind::PartitionBmc, true) => sim.repair(bmc::BMC_HOST, "daemon"),
+        (FaultKind::PartitionBmc, false) => {
+            for daemon in daemons {
+                sim.partition(bmc::BMC_HOST, daemon.as_str())
+            }
+        }
+        (FaultKind::PartitionBmc, true) => {
+            for daemon in daemons {
+                sim.repair(bmc::BMC_HOST, daemon.as_str())
+            }
+        }
         (FaultKind::BmcLockup, false) => {
             let mut world = lock(world);
             let until = now + Duration::from_secs(365 * 24 * 3600);
@@ -348,10 +370,26 @@ fn apply_fault(
             }
         }
         (FaultKind::BmcTimeouts, heal) => lock(world).bmc_faults.timeouts = !heal,
-        (FaultKind::DaemonRestart, false) => sim.crash("daemon"),
-        (FaultKind::DaemonRestart, true) => sim.bounce("daemon"),
-        (FaultKind::CloudOutage, false) => sim.partition(cloud::CLOUD_HOST, "daemon"),
-        (FaultKind::CloudOutage, true) => sim.repair(cloud::CLOUD_HOST, "daemon"),
+        (FaultKind::DaemonRestart, false) => {
+            for daemon in daemons {
+                sim.crash(daemon.as_str())
+            }
+        }
+        (FaultKind::DaemonRestart, true) => {
+            for daemon in daemons {
+                sim.bounce(daemon.as_str())
+            }
+        }
+        (FaultKind::CloudOutage, false) => {
+            for daemon in daemons {
+                sim.partition(cloud::CLOUD_HOST, daemon.as_str())
+            }
+        }
+        (FaultKind::CloudOutage, true) => {
+            for daemon in daemons {
+                sim.repair(cloud::CLOUD_HOST, daemon.as_str())
+            }
+        }
         (FaultKind::LatencySpike, false) => {
             sim.set_max_message_latency(Duration::from_millis(100 + fault.latency_ms.unwrap_or(0)))
         }
@@ -364,7 +402,81 @@ fn apply_fault(
             }
         }
         (FaultKind::PowerCycleAll, true) => {}
+        (kind, false) if kind.strikes_leader() => {
+            let lease = lock(world)
+                .cluster
+                .as_ref()
+                .and_then(|db| db.lease_at(now));
+            let Some(lease) = lease.filter(|l| daemons.contains(&l.holder)) else {
+                faults.problems.push(format!(
+                    "fault[{fault_index}] ({kind:?}) struck no leader: nobody held the lease at t={}",
+                    seconds(now)
+                ));
+                return;
+            };
+            let victim = lease.holder.clone();
+            lock(world).trace.record(
+                now,
+                format!("strike {kind:?} leader={victim} epoch={}", lease.epoch),
+            );
+            match kind {
+                FaultKind::KillLeader => sim.crash(victim.as_str()),
+                FaultKind::PartitionLeaderDatabase => {
+                    sim.partition(victim.as_str(), crate::db::DB_HOST)
+                }
+                FaultKind::PartitionLeaderNodes => {
+                    for rack in 0..lock(world).racks() {
+                        sim.partition(victim.as_str(), rack_host(rack))
+                    }
+                }
+                FaultKind::PauseLeader => sim.pause(victim.as_str()),
+                _ => unreachable!("strikes_leader"),
+            }
+            faults.leader_strikes.push(LeaderStrike {
+                fault_index,
+                kind: kind.clone(),
+                at: now,
+                victim: victim.clone(),
+                epoch: lease.epoch,
+            });
+            faults.leader_victims.insert(fault_index, victim);
+        }
+        (kind, true) if kind.strikes_leader() => {
+            let Some(victim) = faults.leader_victims.get(&fault_index).cloned() else {
+                return;
+            };
+            lock(world)
+                .trace
+                .record(now, format!("heal {kind:?} leader={victim}"));
+            match kind {
+                FaultKind::KillLeader => sim.bounce(victim.as_str()),
+                FaultKind::PartitionLeaderDatabase => {
+                    sim.repair(victim.as_str(), crate::db::DB_HOST)
+                }
+                FaultKind::PartitionLeaderNodes => {
+                    for rack in 0..lock(world).racks() {
+                        sim.repair(victim.as_str(), rack_host(rack))
+                    }
+                }
+                FaultKind::PauseLeader => sim.resume(victim.as_str()),
+                _ => unreachable!("strikes_leader"),
+            }
+        }
+        (FaultKind::RestartDatabase, false) => sim.crash(crate::db::DB_HOST),
+        (FaultKind::RestartDatabase, true) => sim.bounce(crate::db::DB_HOST),
+        (_, _) => unreachable!("every fault kind is matched above"),
     }
+}
+
+/// A fault that struck the leader: when, whom, and the epoch it led under (a takeover is
+/// the first lease term granted after it at a newer epoch).
+#[derive(Clone, Debug)]
+pub struct LeaderStrike {
+    pub fault_index: usize,
+    pub kind: FaultKind,
+    pub at: Duration,
+    pub victim: String,
+    pub epoch: i64,
 }
 
 /// Runs `scenario` with `options`, calling `progress` about every tenth of the run.
@@ -398,19 +510,62 @@ pub fn run(
 
     // The daemon: the real router, lifecycle and store trait. Its data lives outside the
     // host factory, so a crash and restart keeps it (the cache inside does not survive,
-    // as in production).
+    // as in production). A clustered run has several replicas, each reaching the data
+    // through the database host.
+    let database = scenario
+        .cluster
+        .as_ref()
+        .map(|_| crate::db::Database::new(store.clone()));
+    let daemons: Vec<String> = match &scenario.cluster {
+        Some(cluster) => (0..cluster.replicas).map(|i| format!("daemon{i}")).collect(),
+        None => vec![node::DAEMON_HOST.to_string()],
+    };
     {
-        let store = store.clone();
+        let mut world = lock(&world);
+        world.daemons = daemons.clone();
+        world.cluster = database.clone();
+    }
+    let images = Arc::new(images());
+    for name in &daemons {
+        let data: Arc<dyn Store> = match &database {
+            Some(db) => Arc::new(crate::db::RemoteStore { db: db.clone() }),
+            None => store.clone(),
+        };
+        let membership = scenario.cluster.as_ref().map(|cluster| {
+            bearman::server::ClusterMembership {
+                replica: bearman::core::cluster::Replica {
+                    name: name.clone(),
+                    address: format!("{name}:{DAEMON_PORT}"),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    started_at_ms: 0,
+                    last_seen_at_ms: 0,
+                },
+                config: cluster.config(),
+            }
+        });
         let remediation = scenario.remediation.clone();
-        let images = Arc::new(images());
-        sim.host("daemon", move || {
-            let store: Arc<dyn Store> = store.clone();
+        let images = images.clone();
+        sim.host(name.as_str(), move || {
+            let data = data.clone();
+            let membership = membership.clone();
             let remediation = remediation.clone();
             let images = images.clone();
             async move {
                 let listener = turmoil::net::TcpListener::bind(("0.0.0.0", DAEMON_PORT)).await?;
+                let store: Arc<dyn Store> = match &membership {
+                    Some(membership) => Arc::new(CachedStore::with_max_age(
+                        data,
+                        membership.config.cache_max_age_ms,
+                        Arc::new(|| SimClock.now_ms()),
+                    )),
+                    None => Arc::new(CachedStore::new(data)),
+                };
+                let membership = membership.map(|mut membership| {
+                    membership.replica.started_at_ms = SimClock.now_ms();
+                    membership
+                });
                 let parts = bearman::server::DaemonParts {
-                    store: Arc::new(CachedStore::new(store)),
+                    store,
                     clock: Arc::new(SimClock),
                     images,
                     service: ServiceConfig {
@@ -428,7 +583,7 @@ pub fn run(
                         timeout: Duration::from_secs(10),
                     })),
                     remediation,
-                    cluster: None,
+                    cluster: membership,
                 };
                 bearman::server::run_daemon(
                     net::TurmoilListener(listener),
@@ -439,6 +594,18 @@ pub fn run(
                 Ok(())
             }
         });
+    }
+    if let Some(db) = &database {
+        let db = db.clone();
+        sim.host(crate::db::DB_HOST, move || crate::db::serve(db.clone()));
+        // One data centre: the database answers its replicas within milliseconds.
+        for name in &daemons {
+            sim.set_link_max_message_latency(
+                name.as_str(),
+                crate::db::DB_HOST,
+                Duration::from_millis(5),
+            );
+        }
     }
     {
         let world = world.clone();
@@ -533,6 +700,8 @@ pub fn run(
         affected: BTreeMap::new(),
         event_nodes: BTreeMap::new(),
         problems: Vec::new(),
+        leader_victims: BTreeMap::new(),
+        leader_strikes: Vec::new(),
         rng: crate::rng::SimRng::derive(options.seed, 0xfa17),
     };
     let mut samples = Vec::new();
@@ -612,6 +781,7 @@ pub fn run(
             apply_fault(
                 &mut sim,
                 &world,
+                &daemons,
                 &scenario.faults[index],
                 heal,
                 index,
@@ -696,7 +866,44 @@ pub fn run(
     let recoveries = crate::recovery::recoveries(&world, &events);
     let fences = crate::recovery::fences_started(&events);
     checker.check_expectations(scenario, &recoveries, fences, &fault_state.problems);
+    let grants = database.as_ref().map(|db| db.grants()).unwrap_or_default();
+    let takeovers: Vec<Duration> = fault_state
+        .leader_strikes
+        .iter()
+        .filter(|strike| strike.kind != FaultKind::PartitionLeaderNodes)
+        .filter_map(|strike| {
+            grants
+                .iter()
+                .find(|g| g.epoch > strike.epoch && g.at >= strike.at)
+                .map(|g| g.at - strike.at)
+        })
+        .collect();
+    if database.is_some() {
+        let active = MemoryStore::now_or_never(store.remediation_list(
+            true,
+            None,
+            bearman::store::LIST_LIMIT_MAX,
+        ))
+        .unwrap_or_default();
+        checker.check_cluster(crate::check::ClusterEnd {
+            grants: &grants,
+            stale_actions: &world.stale_actions,
+            actions_judged: world.actions_judged,
+            active_at_end: &active,
+            strikes: &fault_state.leader_strikes,
+            takeover_within: scenario.expect.takeover_within_s.map(Duration::from_secs),
+            end,
+        });
+    }
     let mut trace = std::mem::take(&mut world.trace);
+    trace.extend(grants.iter().map(|g| {
+        format!(
+            "lease_term epoch={} holder={} at={}",
+            g.epoch,
+            g.holder,
+            seconds(g.at)
+        )
+    }));
     trace.extend(events.iter().map(|e| {
         format!(
             "event {} at={} node={} actor={} action={} {}->{} {}",
@@ -745,5 +952,8 @@ pub fn run(
         last_heal: scenario
             .has_heals()
             .then(|| Duration::from_secs(scenario.last_heal_s().unwrap_or(0))),
+        lease_terms: grants.len(),
+        takeovers,
+        actions_judged: world.actions_judged,
     })
 }

@@ -31,6 +31,53 @@ pub struct Scenario {
     /// The daemon's remediation settings (defaults are the production defaults).
     #[serde(default)]
     pub remediation: bearman::controller::ControllerConfig,
+    /// Several daemon replicas on one database host (the HA deployment); absent: one
+    /// daemon calling its own in-memory store.
+    #[serde(default)]
+    pub cluster: Option<SimCluster>,
+}
+
+/// `[cluster]`: the replicas and their lease settings (production defaults unless set).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimCluster {
+    /// Daemon replicas (`daemon0`, `daemon1`, …), 2-5.
+    pub replicas: u32,
+    #[serde(default = "lease_ttl_ms_default")]
+    pub lease_ttl_ms: i64,
+    #[serde(default = "renew_every_ms_default")]
+    pub renew_every_ms: i64,
+    #[serde(default = "renew_deadline_ms_default")]
+    pub renew_deadline_ms: i64,
+    #[serde(default = "cache_max_age_ms_default")]
+    pub cache_max_age_ms: i64,
+}
+
+fn lease_ttl_ms_default() -> i64 {
+    bearman::core::cluster::ClusterConfig::default().lease_ttl_ms
+}
+fn renew_every_ms_default() -> i64 {
+    bearman::core::cluster::ClusterConfig::default().renew_every_ms
+}
+fn renew_deadline_ms_default() -> i64 {
+    bearman::core::cluster::ClusterConfig::default().renew_deadline_ms
+}
+fn cache_max_age_ms_default() -> i64 {
+    bearman::core::cluster::ClusterConfig::default().cache_max_age_ms
+}
+
+impl SimCluster {
+    /// The daemon's `[cluster]` section these settings make.
+    pub fn config(&self) -> bearman::core::cluster::ClusterConfig {
+        bearman::core::cluster::ClusterConfig {
+            enabled: true,
+            replica_name: None,
+            lease_ttl_ms: self.lease_ttl_ms,
+            renew_every_ms: self.renew_every_ms,
+            renew_deadline_ms: self.renew_deadline_ms,
+            cache_max_age_ms: self.cache_max_age_ms,
+        }
+    }
 }
 
 fn default_tick_ms() -> u64 {
@@ -157,6 +204,40 @@ pub enum FaultKind {
     LatencySpike,
     /// Every node is powered off and on again at once.
     PowerCycleAll,
+    /// Clustered runs: the replica holding the controller's lease when the fault strikes
+    /// dies (`kill -9`); at heal it restarts.
+    KillLeader,
+    /// Clustered runs: the leader is cut from the database but still reaches the nodes,
+    /// BMCs and cloud; heal repairs it.
+    PartitionLeaderDatabase,
+    /// Clustered runs: the leader is cut from every rack (the nodes fail over to the
+    /// other replicas) but still reaches the database, BMCs and cloud; heal repairs it.
+    PartitionLeaderNodes,
+    /// Clustered runs: the leader stops the world (a long GC or VM pause): it runs
+    /// nothing and hears nothing while time goes on; at heal it wakes up, believing
+    /// what it believed.
+    PauseLeader,
+    /// Clustered runs: the database host restarts (connections cut, calls refused until
+    /// heal; committed data kept).
+    RestartDatabase,
+}
+
+impl FaultKind {
+    /// Faults that strike the current leader (and need `[cluster]`).
+    pub fn strikes_leader(&self) -> bool {
+        matches!(
+            self,
+            FaultKind::KillLeader
+                | FaultKind::PartitionLeaderDatabase
+                | FaultKind::PartitionLeaderNodes
+                | FaultKind::PauseLeader
+        )
+    }
+
+    /// Faults only a clustered run has.
+    pub fn needs_cluster(&self) -> bool {
+        self.strikes_leader() || *self == FaultKind::RestartDatabase
+    }
 }
 
 /// Which nodes a node-striking fault (`crash_nodes`, `power_loss_nodes`,
@@ -246,6 +327,11 @@ pub struct Expect {
     /// file). A VM running on two hosts always fails.
     #[serde(default)]
     pub vms_down_allowed: Option<u64>,
+    /// Clustered runs: after each fault that strikes the leader (killed, cut from the
+    /// database, paused), another replica is granted the lease under a newer epoch
+    /// within this many seconds (virtual).
+    #[serde(default)]
+    pub takeover_within_s: Option<u64>,
 }
 
 impl Scenario {
@@ -452,6 +538,31 @@ impl Scenario {
             if needs_heal && fault.heal_at_s.is_none() && fault.heal_after_s.is_none() {
                 bail!("{field}: needs heal_at_s (when power returns / the daemon restarts)");
             }
+        }
+        if let Some(cluster) = &self.cluster {
+            if !(2..=5).contains(&cluster.replicas) {
+                bail!("cluster.replicas: {} is outside 2-5", cluster.replicas);
+            }
+            if let Err(problem) = cluster.config().validate() {
+                bail!("cluster: {problem}");
+            }
+        }
+        for (index, fault) in self.faults.iter().enumerate() {
+            if fault.kind.needs_cluster() && self.cluster.is_none() {
+                bail!(
+                    "fault[{index}] ({:?}): needs [cluster] (several replicas on a database host)",
+                    fault.kind
+                );
+            }
+        }
+        if self.expect.takeover_within_s.is_some()
+            && !self.faults.iter().any(|f| {
+                f.kind.strikes_leader() && f.kind != FaultKind::PartitionLeaderNodes
+            })
+        {
+            bail!(
+                "expect.takeover_within_s: no fault kills, cuts from the database or pauses the leader"
+            );
         }
         if let Some(allowed) = self.expect.vms_down_allowed {
             if allowed > self.vm_count() {
