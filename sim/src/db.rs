@@ -104,10 +104,7 @@ impl Database {
         let Some(job) = job else {
             return false;
         };
-        let answer = job(
-            &self.store,
-            crate::run::EPOCH_MS + now().as_millis() as i64,
-        );
+        let answer = job(&self.store, crate::run::EPOCH_MS + now().as_millis() as i64);
         lock(&self.calls).answered.insert(id, answer);
         true
     }
@@ -250,7 +247,8 @@ impl Store for RemoteStore {
         events: &[NewEvent],
     ) -> Result<bool, StoreError> {
         let (uuid, reading, events) = (uuid.clone(), reading.clone(), events.to_vec());
-        remote!(self, |store| store.node_power_record(&uuid, &reading, &events))
+        remote!(self, |store| store
+            .node_power_record(&uuid, &reading, &events))
     }
 
     async fn node_power_get(
@@ -346,7 +344,8 @@ impl Store for RemoteStore {
         at_ms: TimestampMs,
     ) -> Result<IpAllocation, StoreError> {
         let (pool, node_uuid) = (pool.to_string(), node_uuid.clone());
-        remote!(self, |store| store.ip_allocate(&pool, &node_uuid, purpose, at_ms))
+        remote!(self, |store| store
+            .ip_allocate(&pool, &node_uuid, purpose, at_ms))
     }
 
     async fn ip_list(
@@ -355,7 +354,8 @@ impl Store for RemoteStore {
         node_uuid: Option<&NodeUuid>,
     ) -> Result<Vec<IpAllocation>, StoreError> {
         let (pool, node_uuid) = (pool.map(str::to_string), node_uuid.cloned());
-        remote!(self, |store| store.ip_list(pool.as_deref(), node_uuid.as_ref()))
+        remote!(self, |store| store
+            .ip_list(pool.as_deref(), node_uuid.as_ref()))
     }
 
     async fn ip_release_node(&self, node_uuid: &NodeUuid) -> Result<usize, StoreError> {
@@ -488,9 +488,8 @@ impl Store for RemoteStore {
         events: &[NewEvent],
     ) -> Result<ApiToken, StoreError> {
         let (name, secret, events) = (name.to_string(), secret_sha256.to_string(), events.to_vec());
-        remote!(self, |store| store.token_create(
-            &name, role, &secret, at_ms, &events
-        ))
+        remote!(self, |store| store
+            .token_create(&name, role, &secret, at_ms, &events))
     }
 
     async fn token_find(&self, secret_sha256: &str) -> Result<Option<ApiToken>, StoreError> {

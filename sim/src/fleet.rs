@@ -122,6 +122,9 @@ pub struct World {
     pub stale_actions: Vec<String>,
     /// Actions judged against the lease (so a pass says how much it rests on).
     pub actions_judged: u64,
+    /// Those actions as "replica target operation argument", for `when_action` faults
+    /// (drained by the run loop).
+    pub actions_new: Vec<String>,
 }
 
 pub type SharedWorld = Arc<Mutex<World>>;
@@ -185,6 +188,7 @@ impl World {
             cluster: None,
             stale_actions: Vec::new(),
             actions_judged: 0,
+            actions_new: Vec::new(),
         }
     }
 
@@ -200,6 +204,8 @@ impl World {
             return;
         };
         self.actions_judged += 1;
+        self.trace.record(at, format!("action {sender} {what}"));
+        self.actions_new.push(format!("{sender} {what}"));
         let lease = db.lease_at(at);
         let now_ms = crate::run::EPOCH_MS + at.as_millis() as i64;
         let holds = lease

@@ -71,7 +71,10 @@ impl TapConnector {
         let first = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last_error = None;
         for offset in 0..self.daemons.len() {
-            let replica = format!("{}:{port}", self.daemons[(first + offset) % self.daemons.len()]);
+            let replica = format!(
+                "{}:{port}",
+                self.daemons[(first + offset) % self.daemons.len()]
+            );
             match turmoil::net::TcpStream::connect(replica.as_str()).await {
                 Ok(stream) => return Ok(stream),
                 Err(error) => last_error = Some(error),

@@ -403,10 +403,7 @@ fn apply_fault(
         }
         (FaultKind::PowerCycleAll, true) => {}
         (kind, false) if kind.strikes_leader() => {
-            let lease = lock(world)
-                .cluster
-                .as_ref()
-                .and_then(|db| db.lease_at(now));
+            let lease = lock(world).cluster.as_ref().and_then(|db| db.lease_at(now));
             let Some(lease) = lease.filter(|l| daemons.contains(&l.holder)) else {
                 faults.problems.push(format!(
                     "fault[{fault_index}] ({kind:?}) struck no leader: nobody held the lease at t={}",
@@ -517,7 +514,9 @@ pub fn run(
         .as_ref()
         .map(|_| crate::db::Database::new(store.clone()));
     let daemons: Vec<String> = match &scenario.cluster {
-        Some(cluster) => (0..cluster.replicas).map(|i| format!("daemon{i}")).collect(),
+        Some(cluster) => (0..cluster.replicas)
+            .map(|i| format!("daemon{i}"))
+            .collect(),
         None => vec![node::DAEMON_HOST.to_string()],
     };
     {
@@ -531,18 +530,20 @@ pub fn run(
             Some(db) => Arc::new(crate::db::RemoteStore { db: db.clone() }),
             None => store.clone(),
         };
-        let membership = scenario.cluster.as_ref().map(|cluster| {
-            bearman::server::ClusterMembership {
-                replica: bearman::core::cluster::Replica {
-                    name: name.clone(),
-                    address: format!("{name}:{DAEMON_PORT}"),
-                    version: env!("CARGO_PKG_VERSION").to_string(),
-                    started_at_ms: 0,
-                    last_seen_at_ms: 0,
-                },
-                config: cluster.config(),
-            }
-        });
+        let membership =
+            scenario
+                .cluster
+                .as_ref()
+                .map(|cluster| bearman::server::ClusterMembership {
+                    replica: bearman::core::cluster::Replica {
+                        name: name.clone(),
+                        address: format!("{name}:{DAEMON_PORT}"),
+                        version: env!("CARGO_PKG_VERSION").to_string(),
+                        started_at_ms: 0,
+                        last_seen_at_ms: 0,
+                    },
+                    config: cluster.config(),
+                });
         let remediation = scenario.remediation.clone();
         let images = images.clone();
         sim.host(name.as_str(), move || {
@@ -661,11 +662,11 @@ pub fn run(
 
     // The fault schedule as (time, fault index, heal?), in time order; heals after faults
     // at the same instant.
-    // Faults with `when_event` wait, armed, for their event instead.
+    // Faults with `when_event` (`when_action`) wait, armed, for their event (action).
     let mut schedule: Vec<(Duration, usize, bool)> = Vec::new();
     let mut armed: Vec<usize> = Vec::new();
     for (index, fault) in scenario.faults.iter().enumerate() {
-        if fault.when_event.is_some() {
+        if fault.triggered() {
             armed.push(index);
             continue;
         }
@@ -771,6 +772,33 @@ pub fn run(
                     }
                 }
             }
+            let new_actions = std::mem::take(&mut lock(&world).actions_new);
+            for action in &new_actions {
+                let fired: Vec<usize> = armed
+                    .iter()
+                    .copied()
+                    .filter(|index| {
+                        let fault = &scenario.faults[*index];
+                        now >= Duration::from_secs(fault.at_s)
+                            && fault
+                                .when_action
+                                .as_deref()
+                                .is_some_and(|pattern| action.contains(pattern))
+                    })
+                    .collect();
+                for index in fired {
+                    armed.retain(|i| *i != index);
+                    let fault = &scenario.faults[index];
+                    let strike = now + Duration::from_secs(fault.delay_s.unwrap_or(0));
+                    lock(&world)
+                        .trace
+                        .record(now, format!("trigger {:?} on action {action}", fault.kind));
+                    schedule.push((strike, index, false));
+                    if let Some(after) = fault.heal_after_s {
+                        schedule.push((strike + Duration::from_secs(after), index, true));
+                    }
+                }
+            }
             schedule.sort_by_key(|(at, index, heal)| (*at, *heal, *index));
         }
         while let Some((at, index, heal)) = schedule.first().copied() {
@@ -839,9 +867,18 @@ pub fn run(
     for index in &armed {
         let fault = &scenario.faults[*index];
         fault_state.problems.push(format!(
-            "fault[{index}] ({:?}) never struck: no daemon event matching {:?}{} at or after {} s",
+            "fault[{index}] ({:?}) never struck: no {} matching {:?}{} at or after {} s",
             fault.kind,
-            fault.when_event.as_deref().unwrap_or_default(),
+            if fault.when_action.is_some() {
+                "replica action"
+            } else {
+                "daemon event"
+            },
+            fault
+                .when_event
+                .as_deref()
+                .or(fault.when_action.as_deref())
+                .unwrap_or_default(),
             if fault.target == Some(FaultTarget::EventNode) {
                 " naming a node"
             } else {

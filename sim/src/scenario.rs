@@ -222,6 +222,13 @@ pub enum FaultKind {
     RestartDatabase,
 }
 
+impl Fault {
+    /// Whether the fault waits for an event or an action instead of striking at `at_s`.
+    pub fn triggered(&self) -> bool {
+        self.when_event.is_some() || self.when_action.is_some()
+    }
+}
+
 impl FaultKind {
     /// Faults that strike the current leader (and need `[cluster]`).
     pub fn strikes_leader(&self) -> bool {
@@ -264,6 +271,12 @@ pub struct Fault {
     /// contains this text, e.g. "step evacuate": lands a fault inside a remediation.
     #[serde(default)]
     pub when_event: Option<String>,
+    /// Clustered runs, instead of `when_event`: strike at the first action a replica sends
+    /// (at or after `at_s`) whose "replica target operation argument" text contains this,
+    /// as it reaches its target, e.g. "cloud EVACUATE": lands a fault between two calls
+    /// of one step. `delay_s`/`heal_after_s` as for `when_event`.
+    #[serde(default)]
+    pub when_action: Option<String>,
     /// With `when_event`: heal this many seconds after striking.
     #[serde(default)]
     pub heal_after_s: Option<u64>,
@@ -508,10 +521,7 @@ impl Scenario {
                         earlier.kind
                     );
                 }
-                if earlier.when_event.is_none()
-                    && fault.when_event.is_none()
-                    && earlier.at_s > fault.at_s
-                {
+                if !earlier.triggered() && !fault.triggered() && earlier.at_s > fault.at_s {
                     bail!(
                         "{field}: same_nodes_as {other} strikes at {} s, after this fault ({} s)",
                         earlier.at_s,
@@ -519,7 +529,18 @@ impl Scenario {
                     );
                 }
             }
-            if fault.delay_s.is_some() && fault.when_event.is_none() {
+            if fault.when_action.is_some() {
+                if fault.when_event.is_some() {
+                    bail!("{field}: when_event and when_action exclude each other");
+                }
+                if self.cluster.is_none() {
+                    bail!("{field}: when_action needs [cluster] (actions are judged against the lease)");
+                }
+                if fault.target.is_some() {
+                    bail!("{field}: target = \"event_node\" needs when_event");
+                }
+            }
+            if fault.delay_s.is_some() && !fault.triggered() {
                 bail!("{field}: delay_s goes with when_event; use at_s otherwise");
             }
             if fault.kind == FaultKind::LatencySpike && fault.latency_ms.is_none() {
@@ -529,10 +550,10 @@ impl Scenario {
                 fault.kind,
                 FaultKind::DaemonRestart | FaultKind::PowerCycleNodes | FaultKind::RackPowerLoss
             );
-            if fault.heal_after_s.is_some() && fault.when_event.is_none() {
+            if fault.heal_after_s.is_some() && !fault.triggered() {
                 bail!("{field}: heal_after_s goes with when_event; use heal_at_s otherwise");
             }
-            if fault.when_event.is_some() && fault.heal_at_s.is_some() {
+            if fault.triggered() && fault.heal_at_s.is_some() {
                 bail!("{field}: a when_event fault heals with heal_after_s, not heal_at_s");
             }
             if needs_heal && fault.heal_at_s.is_none() && fault.heal_after_s.is_none() {
@@ -556,9 +577,10 @@ impl Scenario {
             }
         }
         if self.expect.takeover_within_s.is_some()
-            && !self.faults.iter().any(|f| {
-                f.kind.strikes_leader() && f.kind != FaultKind::PartitionLeaderNodes
-            })
+            && !self
+                .faults
+                .iter()
+                .any(|f| f.kind.strikes_leader() && f.kind != FaultKind::PartitionLeaderNodes)
         {
             bail!(
                 "expect.takeover_within_s: no fault kills, cuts from the database or pauses the leader"

@@ -81,7 +81,11 @@ fn a_paused_host_runs_nothing_then_wakes_with_its_clock_jumped() {
     assert!(during.is_empty(), "ticks while paused: {during:?}");
     assert!(seen.ticks.contains(&4), "ticks before: {:?}", seen.ticks);
     let after: Vec<u64> = seen.ticks.iter().copied().filter(|t| *t >= 20).collect();
-    assert_eq!(after.first(), Some(&20), "the overdue timer fires at the wake-up");
+    assert_eq!(
+        after.first(),
+        Some(&20),
+        "the overdue timer fires at the wake-up"
+    );
     assert!(after.len() >= 8, "ticks after the wake-up: {after:?}");
     // The message sent at 8 s waited on the network and arrived once the host woke.
     assert_eq!(seen.messages, vec![(20, 7)]);
@@ -121,4 +125,55 @@ fn a_crashed_host_refuses_connections_at_once() {
     sim.run().unwrap();
     let after = refused_after.lock().unwrap().expect("the client ran");
     assert!(after < Duration::from_secs(1), "refused after {after:?}");
+}
+
+#[test]
+fn an_answer_sent_to_a_paused_host_is_read_when_it_wakes() {
+    let got = Arc::new(Mutex::new(None));
+    let mut sim = turmoil::Builder::new()
+        .simulation_duration(Duration::from_secs(120))
+        .tick_duration(Duration::from_millis(10))
+        .build();
+    sim.host("responder", || async {
+        let listener = turmoil::net::TcpListener::bind(("0.0.0.0", 9)).await?;
+        loop {
+            let (mut stream, _) = listener.accept().await?;
+            tokio::task::spawn_local(async move {
+                let mut byte = [0u8];
+                stream.read_exact(&mut byte).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                stream.write_all(&[byte[0] + 1]).await.unwrap();
+            });
+        }
+    });
+    {
+        let got = got.clone();
+        sim.host("asker", move || {
+            let got = got.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let mut stream = turmoil::net::TcpStream::connect(("responder", 9)).await?;
+                stream.write_all(&[41]).await?;
+                let mut byte = [0u8];
+                let read =
+                    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut byte))
+                        .await;
+                *got.lock().unwrap() = Some((at(), read.is_ok(), byte[0]));
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        });
+    }
+    let mut paused = false;
+    while sim.elapsed() < Duration::from_secs(60) {
+        if !paused && sim.elapsed() >= Duration::from_millis(2300) {
+            sim.pause("asker");
+            paused = true;
+        }
+        if sim.elapsed() == Duration::from_secs(30) {
+            sim.resume("asker");
+        }
+        sim.step().unwrap();
+    }
+    assert_eq!(*got.lock().unwrap(), Some((30, true, 42)));
 }

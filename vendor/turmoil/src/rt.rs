@@ -188,10 +188,20 @@ impl<'a> Rt<'a> {
         }
     }
 
-    /// Moves this runtime's clock forward by `duration` in one jump: timers due
-    /// meanwhile complete together on the next tick. (Bearman patch, for `Sim::resume`.)
-    pub(crate) fn advance(&mut self, duration: Duration) {
-        self.tokio.block_on(tokio::time::advance(duration));
+    /// [`Rt::tick`] after moving this runtime's clock forward by `jump` in one jump, so
+    /// every timer due meanwhile completes at once (a host waking from a pause).
+    /// (Bearman patch, for `Sim::resume`.)
+    pub(crate) fn tick_after(&mut self, jump: Duration, duration: Duration) -> Result<bool> {
+        if !jump.is_zero() {
+            self.tokio.block_on(async {
+                self.local
+                    .run_until(async {
+                        tokio::time::advance(jump).await;
+                    })
+                    .await
+            });
+        }
+        self.tick(duration)
     }
 
     pub(crate) fn crash(&mut self) {

@@ -174,9 +174,13 @@ impl<'a> Sim<'a> {
         let hosts = self.world.borrow_mut().lookup_many(addrs);
         for h in hosts {
             let rt = self.rts.get_mut(&h).expect("missing host");
-            // A crashed host is no longer stopped: it is gone. (Bearman patch.)
-            self.paused.swap_remove(&h);
-            self.waking.swap_remove(&h);
+            // A crashed host is no longer stopped: it is gone, and its clock catches up
+            // with the time it was paused. (Bearman patch.)
+            let paused = self.paused.swap_remove(&h);
+            let waking = self.waking.swap_remove(&h);
+            if let Some(missed) = paused.or(waking) {
+                self.world.borrow_mut().tick(h, missed);
+            }
 
             self.world.borrow_mut().current = Some(h);
 
@@ -498,19 +502,16 @@ impl<'a> Sim<'a> {
                 } = world.deref_mut();
                 topology.deliver_messages(rng, hosts.get_mut(&addr).expect("missing host"));
 
-                // A host waking from a pause: its clock jumps over what it missed.
-                // (Bearman patch.)
-                if let Some(missed) = self.waking.swap_remove(&addr) {
-                    rt.advance(missed);
-                }
-
                 // Set the current host (see method docs)
                 world.current = Some(addr);
 
                 world.current_host_mut().timer.now(rt.now());
             }
 
-            let is_software_finished = World::enter(&self.world, || rt.tick(tick))?;
+            // A host waking from a pause: its clock jumps over what it missed, at the
+            // start of this tick. (Bearman patch.)
+            let missed = self.waking.swap_remove(&addr).unwrap_or_default();
+            let is_software_finished = World::enter(&self.world, || rt.tick_after(missed, tick))?;
 
             if rt.is_client() {
                 is_finished = is_finished && is_software_finished;
@@ -520,26 +521,28 @@ impl<'a> Sim<'a> {
             let mut world = self.world.borrow_mut();
             world.current = None;
 
-            world.tick(addr, tick);
+            world.tick(addr, tick + missed);
         }
 
         // Tick the nodes that are not actively running (i.e., crashed) to ensure their clock keeps up
         // with the rest of the simulation when they are restarted (bounced).
         for (&addr, _rt) in stopped {
             let mut world = self.world.borrow_mut();
+            // A paused host hears nothing, and its clock catches up when it wakes
+            // (`tick_after`). (Bearman patch.)
+            if self.paused.contains_key(&addr) {
+                continue;
+            }
             // A crashed host's operating system still answers: connections to its
             // closed ports are refused, as after `kill -9` of the process, instead of
-            // waiting on the network until it restarts. A paused host hears nothing.
-            // (Bearman patch.)
-            if !self.paused.contains_key(&addr) {
-                let World {
-                    rng,
-                    topology,
-                    hosts,
-                    ..
-                } = world.deref_mut();
-                topology.deliver_messages(rng, hosts.get_mut(&addr).expect("missing host"));
-            }
+            // waiting on the network until it restarts. (Bearman patch.)
+            let World {
+                rng,
+                topology,
+                hosts,
+                ..
+            } = world.deref_mut();
+            topology.deliver_messages(rng, hosts.get_mut(&addr).expect("missing host"));
             world.tick(addr, tick);
         }
 
