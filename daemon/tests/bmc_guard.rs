@@ -200,6 +200,59 @@ async fn a_call_queued_too_long_gives_up_without_running() {
     assert_eq!(fake.offs.load(Ordering::SeqCst), 1);
 }
 
+/// A clustered leader may lose its lease while its call waits behind another call to the
+/// same BMC: once the call has its turn the guard asks again, and a call no longer
+/// permitted never reaches the driver. A permitted one does.
+#[tokio::test]
+async fn a_call_that_waited_its_turn_is_sent_only_if_still_permitted() {
+    use bearman::bmc::guard::{with_send_permission, SendPermission};
+    use std::sync::atomic::AtomicBool;
+    let guards = Guards::new(4, limits(Duration::from_secs(10)));
+    let fake = Arc::new(FakeBmc::new(
+        Duration::from_millis(200),
+        Arc::default(),
+        Arc::default(),
+    ));
+    let busy = Arc::new(guards.guard("10.0.0.8:623", "cn0008", fake.clone()));
+    let waiting = guards.guard("10.0.0.8:623", "cn0008", fake.clone());
+    let leading = Arc::new(AtomicBool::new(true));
+    let permission: SendPermission = {
+        let leading = leading.clone();
+        Arc::new(move || leading.load(Ordering::SeqCst))
+    };
+    let running = tokio::spawn({
+        let busy = busy.clone();
+        async move { busy.power_state().await }
+    });
+    for _ in 0..100 {
+        if fake.in_flight.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(leading.load(Ordering::SeqCst), "permitted when it queued");
+    let queued = tokio::spawn({
+        let permission = permission.clone();
+        async move { with_send_permission(permission, waiting.power_off()).await }
+    });
+    // The lease passes on while the call waits behind the first one.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    leading.store(false, Ordering::SeqCst);
+    let error = queued.await.unwrap().unwrap_err().to_string();
+    assert!(
+        error.contains("cn0008: power_off failed: not sent: this replica stopped leading"),
+        "{error}"
+    );
+    running.await.unwrap().unwrap();
+    assert_eq!(fake.offs.load(Ordering::SeqCst), 0, "the power-off never reached the BMC");
+    // Still permitted: sent.
+    leading.store(true, Ordering::SeqCst);
+    with_send_permission(permission, busy.power_off())
+        .await
+        .unwrap();
+    assert_eq!(fake.offs.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn power_off_is_verified_by_readback() {
     let fake = FakeBmc {

@@ -5,7 +5,9 @@
 
 use std::sync::Mutex;
 
-use crate::core::cluster::{after_attempt, ClusterConfig, ClusterStatus, Leadership, Replica};
+use crate::core::cluster::{
+    after_attempt, next_round_in_ms, ClusterConfig, ClusterStatus, Leadership, Replica,
+};
 use crate::core::model::TimestampMs;
 use crate::store::StoreError;
 
@@ -34,6 +36,13 @@ impl Acting {
     pub fn may_act(self) -> bool {
         !matches!(self, Acting::Standby)
     }
+}
+
+/// What one election round left: this replica's leadership, and when to run the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ElectionRound {
+    pub leadership: Option<Leadership>,
+    pub next_in_ms: i64,
 }
 
 #[derive(Debug, Default)]
@@ -104,7 +113,18 @@ impl App {
     /// controller's lease, and publish what that means on the leader board. A store that
     /// does not answer leaves the earlier leadership standing until its own deadline.
     pub async fn cluster_elect(&self, replica: &Replica) -> Option<Leadership> {
-        let (name, config) = self.leader.lock().clustered.clone()?;
+        self.cluster_round(replica).await.leadership
+    }
+
+    /// [`App::cluster_elect`], also saying when the next round is due
+    /// ([`next_round_in_ms`]).
+    pub async fn cluster_round(&self, replica: &Replica) -> ElectionRound {
+        let Some((name, config)) = self.leader.lock().clustered.clone() else {
+            return ElectionRound {
+                leadership: None,
+                next_in_ms: ClusterConfig::default().renew_every_ms,
+            };
+        };
         let sent_at = self.clock.now_ms();
         if let Err(error) = self.store.replica_report(replica, sent_at).await {
             tracing::warn!(%error, "could not report this replica alive");
@@ -151,7 +171,10 @@ impl App {
             }
         }
         board.leadership = after;
-        after
+        ElectionRound {
+            leadership: after,
+            next_in_ms: next_round_in_ms(&name, lease.as_ref(), &config),
+        }
     }
 
     /// Gives the lease up at once (a clean shutdown), so another replica need not wait

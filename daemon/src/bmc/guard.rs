@@ -19,6 +19,23 @@ use tokio::sync::Semaphore;
 
 use super::{Bmc, BmcError, PowerState};
 
+/// Whether the caller may still send, asked at the last moment the guard controls: after
+/// a call got its turn, before the driver is called. `false`: not sent.
+pub type SendPermission = Arc<dyn Fn() -> bool + Send + Sync>;
+
+tokio::task_local! {
+    static MAY_SEND: SendPermission;
+}
+
+/// Runs `call` (BMC calls through [`GuardedBmc`]) under `permission`: a call that waited
+/// its turn behind others is sent only if `permission` still says yes once it has it.
+/// Why: a clustered leader checks its lease before each call, but a call may then wait
+/// up to the queue timeout behind earlier calls to the same BMC — long enough for the
+/// lease to pass to another replica. Calls made outside such a scope are not checked.
+pub async fn with_send_permission<F: Future>(permission: SendPermission, call: F) -> F::Output {
+    MAY_SEND.scope(permission, call).await
+}
+
 /// Time bounds a [`GuardedBmc`] puts on each call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GuardLimits {
@@ -171,6 +188,14 @@ impl GuardedBmc {
             operation,
             detail: "not started: BMC calls are shutting down".into(),
         })?;
+        if !MAY_SEND.try_with(|may_send| may_send()).unwrap_or(true) {
+            return Err(BmcError::Failed {
+                bmc: self.name.clone(),
+                operation,
+                detail: "not sent: this replica stopped leading while the call waited its turn"
+                    .into(),
+            });
+        }
         match tokio::time::timeout(self.limits.call_timeout, call).await {
             Ok(result) => {
                 if let Err(error) = &result {

@@ -108,7 +108,17 @@ impl Controller {
                 program.record_evacuated(attempt);
                 return Outcome::NotYet("this replica stopped leading mid-step".into());
             }
-            last = Some(self.call(call, node, &mut bmc).await);
+            // Asked again once a BMC call has its turn (it may wait behind others).
+            let (leader, clock) = (self.app.leader.clone(), self.app.clock.clone());
+            let permission: crate::bmc::guard::SendPermission =
+                Arc::new(move || leader.acting(clock.now_ms()).may_act());
+            last = Some(
+                crate::bmc::guard::with_send_permission(
+                    permission,
+                    self.call(call, node, &mut bmc),
+                )
+                .await,
+            );
         }
         program.record_evacuated(attempt);
         Outcome::Failed(format!(

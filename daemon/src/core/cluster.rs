@@ -204,6 +204,28 @@ pub fn after_attempt(
     }
 }
 
+/// A replica that failed to renew retries this soon (Kubernetes' retry period), so a
+/// blip of the database does not cost it its deadline.
+pub const RENEW_RETRY_MS: i64 = 2_000;
+/// A standby tries this long after the lease's expiry (database clock), not a whole
+/// `renew_every_ms` later.
+pub const TAKEOVER_MARGIN_MS: i64 = 100;
+
+/// When the next election round is due, in milliseconds from this one: a holder renews
+/// every `renew_every_ms`; a replica whose attempt got no answer retries within
+/// [`RENEW_RETRY_MS`]; a standby tries again just after the lease it saw expires (by the
+/// database's own reading of its clock, so clock offsets do not matter), at the latest
+/// after `renew_every_ms`. A dead leader's lease is thus taken within about
+/// `lease_ttl_ms` of its last renewal, not `lease_ttl_ms + renew_every_ms`.
+pub fn next_round_in_ms(me: &str, lease: Option<&Lease>, config: &ClusterConfig) -> i64 {
+    let every = config.renew_every_ms.max(100);
+    match lease {
+        None => every.min(RENEW_RETRY_MS),
+        Some(lease) if lease.holder == me && !lease.expired() => every,
+        Some(lease) => (lease.expires_at_ms - lease.db_now_ms + TAKEOVER_MARGIN_MS).clamp(100, every),
+    }
+}
+
 /// A replica as `bearman cluster status` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Replica {
@@ -229,6 +251,24 @@ pub struct ClusterStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_standby_tries_just_after_the_lease_it_saw_expires() {
+        let config = ClusterConfig::default();
+        // Held by another, 3.2 s left on the database's clock: try at expiry + margin.
+        let other = lease("b", 4, 10_000 + 3_200, 10_000);
+        assert_eq!(next_round_in_ms("a", Some(&other), &config), 3_300);
+        // Far from expiry: the usual cadence, never longer.
+        let fresh = lease("b", 4, 10_000 + 15_000, 10_000);
+        assert_eq!(next_round_in_ms("a", Some(&fresh), &config), 5_000);
+        // Already expired (another was faster): soon, but not in a busy loop.
+        let lapsed = lease("b", 4, 9_000, 10_000);
+        assert_eq!(next_round_in_ms("a", Some(&lapsed), &config), 100);
+        // The holder renews on its cadence; no answer: retry soon.
+        let mine = lease("a", 4, 25_000, 10_000);
+        assert_eq!(next_round_in_ms("a", Some(&mine), &config), 5_000);
+        assert_eq!(next_round_in_ms("a", None, &config), RENEW_RETRY_MS);
+    }
 
     fn lease(holder: &str, epoch: i64, expires_at_ms: i64, db_now_ms: i64) -> Lease {
         Lease {
