@@ -244,7 +244,11 @@ async fn a_call_that_waited_its_turn_is_sent_only_if_still_permitted() {
         "{error}"
     );
     running.await.unwrap().unwrap();
-    assert_eq!(fake.offs.load(Ordering::SeqCst), 0, "the power-off never reached the BMC");
+    assert_eq!(
+        fake.offs.load(Ordering::SeqCst),
+        0,
+        "the power-off never reached the BMC"
+    );
     // Still permitted: sent.
     leading.store(true, Ordering::SeqCst);
     with_send_permission(permission, busy.power_off())

@@ -222,7 +222,9 @@ pub fn next_round_in_ms(me: &str, lease: Option<&Lease>, config: &ClusterConfig)
     match lease {
         None => every.min(RENEW_RETRY_MS),
         Some(lease) if lease.holder == me && !lease.expired() => every,
-        Some(lease) => (lease.expires_at_ms - lease.db_now_ms + TAKEOVER_MARGIN_MS).clamp(100, every),
+        Some(lease) => {
+            (lease.expires_at_ms - lease.db_now_ms + TAKEOVER_MARGIN_MS).clamp(100, every)
+        }
     }
 }
 
