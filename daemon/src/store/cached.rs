@@ -712,6 +712,40 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_read_that_raced_an_eviction_does_not_cache_what_it_read() {
+        let (a, b, _clock) = replicas(60_000);
+        let uuid = NodeUuid::from_index(3, 5);
+        let node = Node::new(uuid.clone(), "cn5".into(), NodeRole::Compute, 0);
+        b.node_create(&node, &[]).await.unwrap();
+        // A misses and reads the record through ...
+        let before = a.evictions(uuid.as_str());
+        let read = a.inner.node_get(&uuid).await.unwrap().unwrap();
+        // ... B's write commits and its notification is applied before A caches ...
+        let mut changed = read.clone();
+        changed.rack = Some("r5".into());
+        b.node_update(&changed, &[]).await.unwrap();
+        a.evict_node(&uuid);
+        // ... so the copy A read is not kept, and the next read is B's.
+        a.remember(&read, before);
+        assert_eq!(
+            a.node_get(&uuid).await.unwrap().unwrap().rack.as_deref(),
+            Some("r5")
+        );
+        // Without an eviction in between, what was read is kept.
+        let before = a.evictions(uuid.as_str());
+        let stale = a.inner.node_get(&uuid).await.unwrap().unwrap();
+        a.remember(&stale, before);
+        changed.generation += 1;
+        changed.rack = Some("r6".into());
+        b.node_update(&changed, &[]).await.unwrap();
+        assert_eq!(
+            a.node_get(&uuid).await.unwrap().unwrap().rack.as_deref(),
+            Some("r5"),
+            "cached, so only a notification or the age refreshes it"
+        );
+    }
+
     fn flavor(name: &str, cmdline: &str) -> Flavor {
         Flavor {
             name: name.into(),
