@@ -131,10 +131,9 @@ impl CachedStore {
         self.bump();
     }
 
-    /// Another replica recorded a heartbeat of `uuid` at `at_ms`: moves the cached copy's
-    /// last heartbeat forward in place (heartbeats bump no generation and are too
-    /// frequent to evict for).
-    pub fn note_heartbeat(&self, uuid: &NodeUuid, at_ms: TimestampMs) {
+    /// Moves the cached copy's last heartbeat forward to `at_ms` in place (a heartbeat
+    /// bumps no generation).
+    fn note_heartbeat(&self, uuid: &NodeUuid, at_ms: TimestampMs) {
         if let Some(node) = self.nodes().get_mut(uuid) {
             let newer = node.last_heartbeat_at_ms.unwrap_or(at_ms).max(at_ms);
             if node.last_heartbeat_at_ms != Some(newer) {

@@ -206,32 +206,18 @@ pub(super) async fn record_heartbeat(
     uuid: &NodeUuid,
     at_ms: TimestampMs,
 ) -> Result<(), StoreError> {
-    const BEAT: &str = "UPDATE nodes SET last_heartbeat_at_ms = $1 WHERE uuid = $2 \
-         AND (last_heartbeat_at_ms IS NULL OR last_heartbeat_at_ms < $1)";
-    let moved = match store.backend {
-        Backend::Sqlite => sqlx::query(BEAT)
-            .bind(at_ms)
-            .bind(uuid.as_str())
-            .execute(&store.pool)
-            .await
-            .map_err(backend_error)?
-            .rows_affected(),
-        // One statement, so still no transaction on the hot path: the notification
-        // goes out only when the heartbeat moved, and is applied in place.
-        Backend::Postgres => sqlx::query(&format!(
-            "WITH beat AS ({BEAT} RETURNING uuid) \
-             SELECT pg_notify($3, COALESCE(current_schema()::text, '') || ' ' || $4) FROM beat"
-        ))
-        .bind(at_ms)
-        .bind(uuid.as_str())
-        .bind(notify::CACHE_CHANNEL)
-        .bind(CacheChange::Heartbeat(uuid.clone(), at_ms).encode())
-        .fetch_all(&store.pool)
-        .await
-        .map_err(backend_error)?
-        .len() as u64,
-    };
-    if moved == 0 && get(store, uuid).await?.is_none() {
+    // Not announced to other replicas' caches (see `notify`): a NOTIFY serialises
+    // commits, and this is the write every node makes every few seconds.
+    let result = sqlx::query(
+        "UPDATE nodes SET last_heartbeat_at_ms = $1 WHERE uuid = $2 \
+         AND (last_heartbeat_at_ms IS NULL OR last_heartbeat_at_ms < $1)",
+    )
+    .bind(at_ms)
+    .bind(uuid.as_str())
+    .execute(&store.pool)
+    .await
+    .map_err(backend_error)?;
+    if result.rows_affected() == 0 && get(store, uuid).await?.is_none() {
         return Err(StoreError::not_found(format!("node {uuid}")));
     }
     Ok(())

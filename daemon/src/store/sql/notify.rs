@@ -3,8 +3,14 @@
 //! only if the write commits), and each replica's listener applies what it hears to its
 //! [`CachedStore`]. SQLite sends nothing: one daemon per file.
 //!
-//! Architecture invariant: a notification only ever makes a cache forget (or, for a
-//! heartbeat, move a timestamp forward); it never carries a record to serve. So a lost,
+//! Heartbeats are not announced: PostgreSQL serialises the commits of notifying
+//! transactions, which measured halved heartbeat writes per second, and a heartbeat only
+//! moves `last_heartbeat_at_ms`, which the boot path does not serve; another replica's
+//! cached copy of it is at most the cache's maximum age old (and a node write never moves
+//! it backwards).
+//!
+//! Architecture invariant: a notification only ever makes a cache forget; it never
+//! carries a record to serve. So a lost,
 //! duplicated, reordered or garbled notification can make a cache colder, never wrong;
 //! the cache's maximum age bounds how long a lost one can leave a stale copy.
 
@@ -15,7 +21,6 @@ use bearman_proto::uuid::NodeUuid;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 
 use super::{backend_error, Backend};
-use crate::core::model::TimestampMs;
 use crate::store::cached::CachedStore;
 use crate::store::StoreError;
 
@@ -35,8 +40,6 @@ const LISTENER_RETRY_MS_MAX: u64 = 5_000;
 pub enum CacheChange {
     /// The node record changed (created, updated, registered, a saga step).
     Node(NodeUuid),
-    /// Only the node's last heartbeat moved (no generation bump): updated in place.
-    Heartbeat(NodeUuid, TimestampMs),
     /// The flavor was created, replaced or deleted.
     Flavor(String),
     /// Anything may have changed: empty the cache.
@@ -52,12 +55,10 @@ pub enum Heard {
 }
 
 impl CacheChange {
-    /// The payload after the schema prefix: `node:<uuid>`, `beat:<uuid>:<ms>`,
-    /// `flavor:<name>`, `all`.
+    /// The payload after the schema prefix: `node:<uuid>`, `flavor:<name>`, `all`.
     pub fn encode(&self) -> String {
         let encoded = match self {
             CacheChange::Node(uuid) => format!("node:{uuid}"),
-            CacheChange::Heartbeat(uuid, at_ms) => format!("beat:{uuid}:{at_ms}"),
             CacheChange::Flavor(name) => format!("flavor:{name}"),
             CacheChange::All => "all".to_string(),
         };
@@ -72,12 +73,6 @@ impl CacheChange {
     pub fn decode(encoded: &str) -> CacheChange {
         let decoded = match encoded.split_once(':') {
             Some(("node", uuid)) => NodeUuid::parse(uuid).ok().map(CacheChange::Node),
-            Some(("beat", rest)) => rest.rsplit_once(':').and_then(|(uuid, at_ms)| {
-                Some(CacheChange::Heartbeat(
-                    NodeUuid::parse(uuid).ok()?,
-                    at_ms.parse().ok()?,
-                ))
-            }),
             Some(("flavor", name)) if !name.is_empty() => {
                 Some(CacheChange::Flavor(name.to_string()))
             }
@@ -126,7 +121,6 @@ fn apply(cache: &CachedStore, heard: Heard) {
     match heard {
         Heard::Elsewhere => {}
         Heard::Change(CacheChange::Node(uuid)) => cache.evict_node(&uuid),
-        Heard::Change(CacheChange::Heartbeat(uuid, at_ms)) => cache.note_heartbeat(&uuid, at_ms),
         Heard::Change(CacheChange::Flavor(name)) => cache.evict_flavor(&name),
         Heard::Change(CacheChange::All) => cache.clear(),
     }
@@ -217,7 +211,6 @@ mod tests {
     fn every_change_survives_its_payload() {
         for change in [
             CacheChange::Node(uuid()),
-            CacheChange::Heartbeat(uuid(), 1_700_000_000_123),
             CacheChange::Flavor("hv gpu:2".into()),
             CacheChange::All,
         ] {
@@ -236,10 +229,8 @@ mod tests {
             "public ",
             "public node:",
             "public node:not-a-uuid",
-            "public beat:",
-            &format!("public beat:{u}"),
-            &format!("public beat:{u}:soon"),
-            &format!("public beat:{u}:99999999999999999999999"),
+            &format!("public node:{u}:1"),
+            &format!("public node: {u}"),
             "public flavor:",
             "public pool:x",
             "public NODE:x",
