@@ -10,9 +10,9 @@
 //! it backwards).
 //!
 //! Architecture invariant: a notification only ever makes a cache forget; it never
-//! carries a record to serve. So a lost,
-//! duplicated, reordered or garbled notification can make a cache colder, never wrong;
-//! the cache's maximum age bounds how long a lost one can leave a stale copy.
+//! carries a record to serve. So a lost, duplicated, reordered or garbled notification
+//! can make a cache colder, never wrong; the cache's maximum age bounds how long a lost
+//! one can leave a stale copy.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -148,10 +148,11 @@ async fn connect(url: &str) -> Result<(PgListener, String), sqlx::Error> {
 }
 
 /// Keeps `cache` told of other replicas' writes until the cache is dropped. Never gives
-/// up: a failed connection is logged at warn (without the URL) and retried with
-/// backoff while the cache's maximum age bounds staleness. Each time the listener is
-/// (re)connected the cache is emptied, since notifications sent while it was away are
-/// lost.
+/// up: a failed or lost connection is logged at warn (without the URL) and retried with
+/// backoff (reset once a notification arrives, so a connection that keeps failing at
+/// once is not retried in a tight loop) while the cache's maximum age bounds staleness.
+/// Each time the listener is (re)connected the cache is emptied, since notifications
+/// sent while it was away are lost.
 pub async fn listen_for_cache_changes(url: String, cache: Weak<CachedStore>) {
     let mut retry_ms = LISTENER_RETRY_MS_MIN;
     loop {
@@ -159,12 +160,10 @@ pub async fn listen_for_cache_changes(url: String, cache: Weak<CachedStore>) {
             Ok(connected) => connected,
             Err(error) => {
                 tracing::warn!(%error, retry_ms, "cache listener cannot connect; the cache falls back to its maximum age");
-                tokio::time::sleep(Duration::from_millis(retry_ms)).await;
-                retry_ms = (retry_ms * 2).min(LISTENER_RETRY_MS_MAX);
+                backoff(&mut retry_ms).await;
                 continue;
             }
         };
-        retry_ms = LISTENER_RETRY_MS_MIN;
         let Some(live) = cache.upgrade() else { return };
         // Whatever was cached before LISTEN took effect may have missed a notification.
         live.clear();
@@ -174,20 +173,35 @@ pub async fn listen_for_cache_changes(url: String, cache: Weak<CachedStore>) {
             let received = listener.try_recv().await;
             let Some(live) = cache.upgrade() else { return };
             match received {
-                Ok(Some(notification)) => apply(&live, hear(&schema, notification.payload())),
+                Ok(Some(notification)) => {
+                    apply(&live, hear(&schema, notification.payload()));
+                    retry_ms = LISTENER_RETRY_MS_MIN;
+                }
                 // sqlx reconnected and listens again; what was sent meanwhile is lost.
+                // (What arrives during the backoff waits in the socket, in order.)
                 Ok(None) => {
-                    tracing::warn!("cache listener reconnected after losing its connection; emptying the cache");
+                    tracing::warn!(retry_ms, "cache listener reconnected after losing its connection; emptying the cache");
                     live.clear();
+                    drop(live);
+                    backoff(&mut retry_ms).await;
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "cache listener failed; emptying the cache and reconnecting");
+                    tracing::warn!(%error, retry_ms, "cache listener failed; emptying the cache and reconnecting");
                     live.clear();
+                    drop(live);
+                    backoff(&mut retry_ms).await;
                     break;
                 }
             }
         }
     }
+}
+
+/// Waits `retry_ms`, and doubles it up to the maximum for the next time.
+fn backoff(retry_ms: &mut u64) -> tokio::time::Sleep {
+    let wait = Duration::from_millis(*retry_ms);
+    *retry_ms = (*retry_ms * 2).min(LISTENER_RETRY_MS_MAX);
+    tokio::time::sleep(wait)
 }
 
 /// Starts [`listen_for_cache_changes`] for `cache`; the task ends when the cache is dropped.
