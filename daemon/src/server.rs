@@ -15,7 +15,7 @@ use crate::core::cluster::{ClusterConfig, Replica};
 use crate::images::ImageStore;
 use crate::runtime::Clock;
 use crate::store::cached::CachedStore;
-use crate::store::sql::SqlStore;
+use crate::store::sql::{Backend, SqlStore};
 use crate::store::{Store, StoreError};
 
 /// Opens the SQL store at `url` (running migrations) behind the read cache.
@@ -24,23 +24,32 @@ pub async fn open_sql_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     Ok(Arc::new(CachedStore::new(sql)))
 }
 
-/// Opens the SQL store for one replica of several: its read cache empties itself every
-/// `cache_max_age_ms` (what other replicas write is served at most that late), or is
-/// left out at 0.
+/// Opens the SQL store for one replica of several, or leaves the read cache out at
+/// `cache_max_age_ms` 0. On PostgreSQL the cache listens for other replicas' writes
+/// (`store::sql::notify`) and forgets what they changed once their notification
+/// arrives; it also empties itself every `cache_max_age_ms`, so what another replica
+/// wrote is served at most that late even when notifications are lost. The listener
+/// connects in the background: a database that refuses it delays nothing here.
 pub async fn open_sql_store_for_replica(
     url: &str,
     cache_max_age_ms: i64,
     clock: Arc<dyn Clock>,
 ) -> Result<Arc<dyn Store>, StoreError> {
-    let sql: Arc<dyn Store> = Arc::new(SqlStore::connect(url).await?);
+    let sql = SqlStore::connect(url).await?;
+    let backend = sql.backend();
+    let sql: Arc<dyn Store> = Arc::new(sql);
     if cache_max_age_ms == 0 {
         return Ok(sql);
     }
-    Ok(Arc::new(CachedStore::with_max_age(
+    let cache = Arc::new(CachedStore::with_max_age(
         sql,
         cache_max_age_ms,
         Arc::new(move || clock.now_ms()),
-    )))
+    ));
+    if backend == Backend::Postgres {
+        crate::store::sql::notify::spawn_cache_listener(url, &cache);
+    }
+    Ok(cache)
 }
 
 /// Takes the lock that makes a daemon the only one serving an SQLite database (the file

@@ -6,12 +6,17 @@
 //!
 //! Architecture invariant: without a maximum age this is correct only while this daemon
 //! is the sole writer of its database (one daemon per database, as documented in
-//! ARCHITECTURE.md). A replica of several uses [`CachedStore::with_max_age`]: everything
-//! cached is dropped once it is that old, so what another replica wrote is served at most
-//! that late (the stated staleness bound), and this replica's own writes at once. A
-//! cached entry is replaced only by a copy of a higher generation, so a slow reader can
-//! never reinstall a stale record over a fresh one; a write refused as stale evicts the
-//! entry, so the next read fetches the record another replica wrote.
+//! ARCHITECTURE.md). A replica of several uses [`CachedStore::with_max_age`] and, on
+//! PostgreSQL, a listener (`store::sql::notify`) that calls [`CachedStore::evict_node`],
+//! [`CachedStore::evict_flavor`] or [`CachedStore::clear`] when another replica's write
+//! commits: what another replica wrote is then served once its notification arrives
+//! (milliseconds), and at most `max_age` late when notifications are lost (the stated
+//! staleness bound: everything cached is dropped once it is that old); this replica's
+//! own writes at once. A read that raced an eviction does not cache what it read, so a
+//! notification can never be undone by a read that started before it. A cached entry is
+//! replaced only by a copy of a higher generation, so a slow reader can never reinstall
+//! a stale record over a fresh one; a write refused as stale evicts the entry, so the
+//! next read fetches the record another replica wrote.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -29,6 +34,17 @@ use crate::core::remediation::Remediation;
 
 /// Entries kept before the cache starts over; bounds memory on huge fleets.
 pub const CACHED_NODES_MAX: usize = 200_000;
+
+/// Shards of [`CachedStore`]'s eviction count.
+const EVICTION_SHARDS: usize = 64;
+
+/// The shard of `key` (FNV-1a: deterministic, no per-process seed).
+fn eviction_shard(key: &str) -> usize {
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % EVICTION_SHARDS as u64) as usize
+}
 
 /// The clock a cache with a maximum age reads (the store layer names no clock of its own).
 pub type CacheClock = Arc<dyn Fn() -> TimestampMs + Send + Sync>;
@@ -49,6 +65,22 @@ pub struct CachedStore {
     nodes: Mutex<BTreeMap<NodeUuid, Arc<Node>>>,
     flavors: Mutex<BTreeMap<String, Arc<Flavor>>>,
     max_age: Option<MaxAge>,
+    /// Evictions from outside (a notification, the age), counted per shard of keys and
+    /// bumped under the lock of the map evicted from: a copy read or written is cached
+    /// only if its shard's count did not move meanwhile, so it cannot reinstall what an
+    /// eviction just dropped. Sharded so that other nodes' notifications during a boot
+    /// storm rarely keep a read from being cached.
+    evictions: [std::sync::atomic::AtomicU64; EVICTION_SHARDS],
+    /// The task that feeds the evictions, stopped with the cache.
+    listener: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for CachedStore {
+    fn drop(&mut self) {
+        if let Some(listener) = self.listener.get_mut().ok().and_then(|l| l.take()) {
+            listener.abort();
+        }
+    }
 }
 
 impl CachedStore {
@@ -59,6 +91,86 @@ impl CachedStore {
             nodes: Mutex::new(BTreeMap::new()),
             flavors: Mutex::new(BTreeMap::new()),
             max_age: None,
+            evictions: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
+            listener: Mutex::new(None),
+        }
+    }
+
+    /// Forgets node `uuid` (another replica changed it); the next read fetches it.
+    pub fn evict_node(&self, uuid: &NodeUuid) {
+        {
+            let mut nodes = self.nodes();
+            nodes.remove(uuid);
+            self.evicted(uuid.as_str());
+        }
+        self.bump();
+    }
+
+    /// Forgets flavor `name` (another replica changed or deleted it).
+    pub fn evict_flavor(&self, name: &str) {
+        {
+            let mut flavors = self.flavors();
+            flavors.remove(name);
+            self.evicted(name);
+        }
+        self.bump();
+    }
+
+    /// Forgets everything (notifications may have been missed).
+    pub fn clear(&self) {
+        {
+            let mut nodes = self.nodes();
+            nodes.clear();
+            self.evicted_all();
+        }
+        {
+            let mut flavors = self.flavors();
+            flavors.clear();
+            self.evicted_all();
+        }
+        self.bump();
+    }
+
+    /// Moves the cached copy's last heartbeat forward to `at_ms` in place (a heartbeat
+    /// bumps no generation).
+    fn note_heartbeat(&self, uuid: &NodeUuid, at_ms: TimestampMs) {
+        if let Some(node) = self.nodes().get_mut(uuid) {
+            let newer = node.last_heartbeat_at_ms.unwrap_or(at_ms).max(at_ms);
+            if node.last_heartbeat_at_ms != Some(newer) {
+                Arc::make_mut(node).last_heartbeat_at_ms = Some(newer);
+            }
+        }
+    }
+
+    /// Stops `listener` (the task feeding this cache its evictions) when the cache is dropped.
+    pub fn stop_on_drop(&self, listener: tokio::task::AbortHandle) {
+        let mut slot = self.listener.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(previous) = slot.replace(listener) {
+            previous.abort();
+        }
+    }
+
+    /// As [`CachedStore::remember`], for a flavor.
+    fn remember_flavor(&self, flavor: &Flavor, before: u64) {
+        let mut flavors = self.flavors();
+        if before != self.evictions(&flavor.name) {
+            flavors.remove(&flavor.name);
+            return;
+        }
+        flavors.insert(flavor.name.clone(), Arc::new(flavor.clone()));
+    }
+
+    fn evictions(&self, key: &str) -> u64 {
+        self.evictions[eviction_shard(key)].load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn evicted(&self, key: &str) {
+        self.evictions[eviction_shard(key)].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn evicted_all(&self) {
+        for shard in &self.evictions {
+            shard.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -66,14 +178,13 @@ impl CachedStore {
     /// `max_age_ms` by `now`.
     pub fn with_max_age(inner: Arc<dyn Store>, max_age_ms: i64, now: CacheClock) -> Self {
         let emptied_at_ms = std::sync::atomic::AtomicI64::new(now());
-        CachedStore {
-            max_age: Some(MaxAge {
-                max_age_ms: max_age_ms.max(1),
-                now,
-                emptied_at_ms,
-            }),
-            ..CachedStore::new(inner)
-        }
+        let mut cache = CachedStore::new(inner);
+        cache.max_age = Some(MaxAge {
+            max_age_ms: max_age_ms.max(1),
+            now,
+            emptied_at_ms,
+        });
+        cache
     }
 
     /// Empties the cache when it is `max_age_ms` old (other replicas may have written).
@@ -99,9 +210,7 @@ impl CachedStore {
             )
             .is_ok()
         {
-            self.nodes().clear();
-            self.flavors().clear();
-            self.bump();
+            self.clear();
         }
     }
 
@@ -119,8 +228,15 @@ impl CachedStore {
         self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
-    fn remember(&self, node: &Node) {
+    /// Caches `node` as read or written when the eviction count was `before`, unless
+    /// something was evicted since: that eviction may be for a write newer than `node`
+    /// (a notification that overtook this read or write), and the next read refetches.
+    fn remember(&self, node: &Node, before: u64) {
         let mut nodes = self.nodes();
+        if before != self.evictions(node.uuid.as_str()) {
+            nodes.remove(&node.uuid);
+            return;
+        }
         if nodes.len() >= CACHED_NODES_MAX && !nodes.contains_key(&node.uuid) {
             nodes.clear();
         }
@@ -162,9 +278,10 @@ impl Store for CachedStore {
         if let Some(node) = self.nodes().get(uuid) {
             return Ok(Some(node.clone()));
         }
+        let before = self.evictions(uuid.as_str());
         let node = self.inner.node_get(uuid).await?;
         if let Some(node) = &node {
-            self.remember(node);
+            self.remember(node, before);
         }
         Ok(self.nodes().get(uuid).cloned().or(node.map(Arc::new)))
     }
@@ -200,16 +317,18 @@ impl Store for CachedStore {
     }
 
     async fn node_create(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError> {
+        let before = self.evictions(node.uuid.as_str());
         let created = self.inner.node_create(node, events).await?;
-        self.remember(&created);
+        self.remember(&created, before);
         self.bump();
         Ok(created)
     }
 
     async fn node_update(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError> {
+        let before = self.evictions(node.uuid.as_str());
         match self.inner.node_update(node, events).await {
             Ok(updated) => {
-                self.remember(&updated);
+                self.remember(&updated, before);
                 self.bump();
                 Ok(updated)
             }
@@ -222,9 +341,10 @@ impl Store for CachedStore {
     }
 
     async fn node_register(&self, write: &RegistrationWrite) -> Result<Registered, StoreError> {
+        let before = self.evictions(write.node.uuid.as_str());
         match self.inner.node_register(write).await {
             Ok(registered) => {
-                self.remember(&registered.node);
+                self.remember(&registered.node, before);
                 self.bump();
                 Ok(registered)
             }
@@ -243,12 +363,7 @@ impl Store for CachedStore {
         at_ms: TimestampMs,
     ) -> Result<(), StoreError> {
         self.inner.node_record_heartbeat(uuid, at_ms).await?;
-        if let Some(node) = self.nodes().get_mut(uuid) {
-            let newer = node.last_heartbeat_at_ms.unwrap_or(at_ms).max(at_ms);
-            if node.last_heartbeat_at_ms != Some(newer) {
-                Arc::make_mut(node).last_heartbeat_at_ms = Some(newer);
-            }
-        }
+        self.note_heartbeat(uuid, at_ms);
         Ok(())
     }
 
@@ -258,10 +373,10 @@ impl Store for CachedStore {
         at_ms: TimestampMs,
         events: &[NewEvent],
     ) -> Result<(), StoreError> {
+        let before = self.evictions(&flavor.name);
         let written = self.inner.flavor_create(flavor, at_ms, events).await;
         if written.is_ok() {
-            self.flavors()
-                .insert(flavor.name.clone(), Arc::new(flavor.clone()));
+            self.remember_flavor(flavor, before);
             self.bump();
         }
         written
@@ -274,10 +389,10 @@ impl Store for CachedStore {
         events: &[NewEvent],
     ) -> Result<(), StoreError> {
         self.flavors().remove(&flavor.name);
+        let before = self.evictions(&flavor.name);
         let written = self.inner.flavor_put(flavor, at_ms, events).await;
         if written.is_ok() {
-            self.flavors()
-                .insert(flavor.name.clone(), Arc::new(flavor.clone()));
+            self.remember_flavor(flavor, before);
         }
         self.bump();
         written
@@ -295,9 +410,10 @@ impl Store for CachedStore {
         if let Some(flavor) = self.flavors().get(name) {
             return Ok(Some(flavor.clone()));
         }
+        let before = self.evictions(name);
         let flavor = self.inner.flavor_get(name).await?.map(Arc::new);
         if let Some(flavor) = &flavor {
-            self.flavors().insert(flavor.name.clone(), flavor.clone());
+            self.remember_flavor(flavor, before);
         }
         Ok(flavor)
     }
@@ -383,14 +499,15 @@ impl Store for CachedStore {
         events: &[NewEvent],
         fence: Option<i64>,
     ) -> Result<(Remediation, Option<Node>), StoreError> {
+        let before = node.map(|node| self.evictions(node.uuid.as_str()));
         match self
             .inner
             .remediation_update(remediation, node, events, fence)
             .await
         {
             Ok((remediation, node)) => {
-                if let Some(node) = &node {
-                    self.remember(node);
+                if let (Some(node), Some(before)) = (&node, before) {
+                    self.remember(node, before);
                     self.bump();
                 }
                 Ok((remediation, node))
@@ -524,6 +641,121 @@ mod tests {
             Some("hv")
         );
         assert_ne!(a.content_epoch(), epoch_before);
+    }
+
+    #[tokio::test]
+    async fn an_evicted_entry_is_read_afresh_at_once_and_moves_the_epoch() {
+        let (a, b, _clock) = replicas(60_000);
+        let uuid = NodeUuid::from_index(3, 3);
+        let node = Node::new(uuid.clone(), "cn3".into(), NodeRole::Compute, 0);
+        a.node_create(&node, &[]).await.unwrap();
+        a.flavor_put(&flavor("hv", "v1"), 0, &[]).await.unwrap();
+        let mut changed = b.node_get(&uuid).await.unwrap().unwrap();
+        changed.rack = Some("r2".into());
+        b.node_update(&changed, &[]).await.unwrap();
+        b.flavor_put(&flavor("hv", "v2"), 1, &[]).await.unwrap();
+        assert_eq!(a.node_get(&uuid).await.unwrap().unwrap().rack, None);
+        let epoch = a.content_epoch();
+        a.evict_node(&uuid);
+        assert_ne!(
+            a.content_epoch(),
+            epoch,
+            "the boot scripts cached on it are stale"
+        );
+        assert_eq!(
+            a.node_get(&uuid).await.unwrap().unwrap().rack.as_deref(),
+            Some("r2")
+        );
+        assert_eq!(
+            a.flavor_get("hv").await.unwrap().unwrap().cmdline_template,
+            "v1"
+        );
+        a.evict_flavor("hv");
+        assert_eq!(
+            a.flavor_get("hv").await.unwrap().unwrap().cmdline_template,
+            "v2"
+        );
+        // Evicting what is not cached, twice, is harmless.
+        a.evict_node(&NodeUuid::from_index(3, 99));
+        a.evict_flavor("none");
+        a.evict_flavor("none");
+    }
+
+    #[tokio::test]
+    async fn clear_forgets_everything_and_a_heartbeat_only_moves_forward() {
+        let (a, b, _clock) = replicas(60_000);
+        let uuid = NodeUuid::from_index(3, 4);
+        let node = Node::new(uuid.clone(), "cn4".into(), NodeRole::Compute, 0);
+        a.node_create(&node, &[]).await.unwrap();
+        a.flavor_put(&flavor("hv", "v1"), 0, &[]).await.unwrap();
+        a.note_heartbeat(&uuid, 5_000);
+        a.note_heartbeat(&uuid, 4_000);
+        let cached = a.node_get(&uuid).await.unwrap().unwrap();
+        assert_eq!(cached.last_heartbeat_at_ms, Some(5_000));
+        assert_eq!(
+            cached.generation, node.generation,
+            "no write, no generation"
+        );
+        let mut changed = b.node_get(&uuid).await.unwrap().unwrap();
+        changed.rack = Some("r3".into());
+        b.node_update(&changed, &[]).await.unwrap();
+        b.flavor_put(&flavor("hv", "v2"), 1, &[]).await.unwrap();
+        a.clear();
+        assert_eq!(
+            a.node_get(&uuid).await.unwrap().unwrap().rack.as_deref(),
+            Some("r3")
+        );
+        assert_eq!(
+            a.flavor_get("hv").await.unwrap().unwrap().cmdline_template,
+            "v2"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_that_raced_an_eviction_does_not_cache_what_it_read() {
+        let (a, b, _clock) = replicas(60_000);
+        let uuid = NodeUuid::from_index(3, 5);
+        let node = Node::new(uuid.clone(), "cn5".into(), NodeRole::Compute, 0);
+        b.node_create(&node, &[]).await.unwrap();
+        // A misses and reads the record through ...
+        let before = a.evictions(uuid.as_str());
+        let read = a.inner.node_get(&uuid).await.unwrap().unwrap();
+        // ... B's write commits and its notification is applied before A caches ...
+        let mut changed = read.clone();
+        changed.rack = Some("r5".into());
+        b.node_update(&changed, &[]).await.unwrap();
+        a.evict_node(&uuid);
+        // ... so the copy A read is not kept, and the next read is B's.
+        a.remember(&read, before);
+        assert_eq!(
+            a.node_get(&uuid).await.unwrap().unwrap().rack.as_deref(),
+            Some("r5")
+        );
+        // Without an eviction in between, what was read is kept.
+        let before = a.evictions(uuid.as_str());
+        let stale = a.inner.node_get(&uuid).await.unwrap().unwrap();
+        a.remember(&stale, before);
+        changed.generation += 1;
+        changed.rack = Some("r6".into());
+        b.node_update(&changed, &[]).await.unwrap();
+        assert_eq!(
+            a.node_get(&uuid).await.unwrap().unwrap().rack.as_deref(),
+            Some("r5"),
+            "cached, so only a notification or the age refreshes it"
+        );
+    }
+
+    fn flavor(name: &str, cmdline: &str) -> Flavor {
+        Flavor {
+            name: name.into(),
+            kernel: bearman_proto::Artifact {
+                url: "http://images/vmlinuz".into(),
+                sha256: "a".repeat(64),
+            },
+            initrds: vec![],
+            cmdline_template: cmdline.into(),
+            firmware_expected: Default::default(),
+        }
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 
 use super::events::insert_events;
 use super::named_docs::NamedDocs;
+use super::notify::{self, CacheChange};
 use super::{backend_error, corrupt, is_unique_violation, SqlStore};
 use crate::core::model::{Flavor, NewEvent, TimestampMs};
 use crate::store::StoreError;
@@ -38,6 +39,12 @@ pub(super) async fn create(
         other => other.map_err(backend_error)?,
     };
     insert_events(&mut tx, events).await?;
+    notify::send(
+        store.backend,
+        &mut tx,
+        &CacheChange::Flavor(flavor.name.clone()),
+    )
+    .await?;
     tx.commit().await.map_err(backend_error)
 }
 
@@ -60,6 +67,12 @@ pub(super) async fn put(
     .await
     .map_err(backend_error)?;
     insert_events(&mut tx, events).await?;
+    notify::send(
+        store.backend,
+        &mut tx,
+        &CacheChange::Flavor(flavor.name.clone()),
+    )
+    .await?;
     tx.commit().await.map_err(backend_error)
 }
 
@@ -76,5 +89,7 @@ pub(super) async fn delete(
     name: &str,
     events: &[NewEvent],
 ) -> Result<(), StoreError> {
-    FLAVORS.delete_unused(store, name, events).await
+    FLAVORS
+        .delete_unused(store, name, events, Some(&CacheChange::Flavor(name.into())))
+        .await
 }

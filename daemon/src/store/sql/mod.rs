@@ -9,8 +9,9 @@
 //! by [`super::cached::CachedStore`] in front of this store.
 //!
 //! One file per resource (`nodes`, `addresses`, `pools`, `flavors`, `events`,
-//! `remediations`, `tokens`, `power`), each naming its read column list once; this file
-//! holds the connection, the shared error helpers and the `Store` impl that delegates.
+//! `remediations`, `tokens`, `power`), each naming its read column list once; `notify`
+//! tells other replicas' caches of node and flavor writes (PostgreSQL); this file holds
+//! the connection, the shared error helpers and the `Store` impl that delegates.
 
 use std::time::Duration;
 
@@ -151,6 +152,7 @@ mod events;
 mod flavors;
 mod named_docs;
 mod nodes;
+pub mod notify;
 mod pools;
 mod power;
 mod remediations;

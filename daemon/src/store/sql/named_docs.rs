@@ -7,6 +7,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::events::insert_events;
+use super::notify::{self, CacheChange};
 use super::{backend_error, corrupt, SqlStore};
 use crate::core::model::NewEvent;
 use crate::store::StoreError;
@@ -49,12 +50,14 @@ impl NamedDocs {
         rows.iter().map(|row| self.decode(row)).collect()
     }
 
-    /// Deletes `name` with `events`, in one transaction, unless something uses it.
+    /// Deletes `name` with `events`, in one transaction, unless something uses it;
+    /// announces `change` to other replicas' caches (for what they cache).
     pub async fn delete_unused(
         &self,
         store: &SqlStore,
         name: &str,
         events: &[NewEvent],
+        change: Option<&CacheChange>,
     ) -> Result<(), StoreError> {
         let mut tx = store.pool.begin().await.map_err(backend_error)?;
         let uses: i64 = sqlx::query(self.uses_query)
@@ -79,6 +82,9 @@ impl NamedDocs {
             return Err(StoreError::not_found(format!("{} {name}", self.what)));
         }
         insert_events(&mut tx, events).await?;
+        if let Some(change) = change {
+            notify::send(store.backend, &mut tx, change).await?;
+        }
         tx.commit().await.map_err(backend_error)?;
         Ok(())
     }

@@ -5,8 +5,9 @@ use bearman_proto::uuid::NodeUuid;
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
+use super::notify::{self, CacheChange};
 use super::{addresses, events::insert_events};
-use super::{backend_error, corrupt, is_unique_violation, SqlStore, CONFLICT_RETRIES_MAX};
+use super::{backend_error, corrupt, is_unique_violation, Backend, SqlStore, CONFLICT_RETRIES_MAX};
 use crate::core::lifecycle::LifecycleState;
 use crate::core::model::{NewEvent, Node, NodeFilter, StateCounts, TimestampMs};
 use crate::store::{
@@ -29,8 +30,10 @@ fn node_doc(node: &Node) -> Result<String, StoreError> {
 }
 
 /// Writes `node` at its generation + 1 inside `tx` (optimistic concurrency), releasing its
-/// addresses when it is retired, and returns it as stored.
+/// addresses when it is retired, and returns it as stored; other replicas' caches hear
+/// of it when `tx` commits.
 pub(super) async fn write_node(
+    backend: Backend,
     tx: &mut sqlx::AnyConnection,
     node: &Node,
 ) -> Result<Node, StoreError> {
@@ -95,6 +98,7 @@ pub(super) async fn write_node(
     updated.last_heartbeat_at_ms = heartbeat
         .try_get("last_heartbeat_at_ms")
         .map_err(backend_error)?;
+    notify::send(backend, tx, &CacheChange::Node(node.uuid.clone())).await?;
     Ok(updated)
 }
 
@@ -160,7 +164,7 @@ pub(super) async fn create(
 ) -> Result<Node, StoreError> {
     let mut tx = store.pool.begin().await.map_err(backend_error)?;
     check_create(&mut tx, node).await?;
-    insert_node(&mut tx, node).await?;
+    insert_node(store.backend, &mut tx, node).await?;
     insert_events(&mut tx, events).await?;
     tx.commit().await.map_err(backend_error)?;
     Ok(node.clone())
@@ -172,7 +176,7 @@ pub(super) async fn update(
     events: &[NewEvent],
 ) -> Result<Node, StoreError> {
     let mut tx = store.pool.begin().await.map_err(backend_error)?;
-    let updated = write_node(&mut tx, node).await?;
+    let updated = write_node(store.backend, &mut tx, node).await?;
     insert_events(&mut tx, events).await?;
     tx.commit().await.map_err(backend_error)?;
     Ok(updated)
@@ -202,6 +206,8 @@ pub(super) async fn record_heartbeat(
     uuid: &NodeUuid,
     at_ms: TimestampMs,
 ) -> Result<(), StoreError> {
+    // Not announced to other replicas' caches (see `notify`): a NOTIFY serialises
+    // commits, and this is the write every node makes every few seconds.
     let result = sqlx::query(
         "UPDATE nodes SET last_heartbeat_at_ms = $1 WHERE uuid = $2 \
          AND (last_heartbeat_at_ms IS NULL OR last_heartbeat_at_ms < $1)",
@@ -263,10 +269,10 @@ async fn try_register(
     }
     let stored = match write.expected_generation {
         None => {
-            insert_node(&mut tx, &node).await?;
+            insert_node(store.backend, &mut tx, &node).await?;
             node
         }
-        Some(_) => write_node(&mut tx, &node).await?,
+        Some(_) => write_node(store.backend, &mut tx, &node).await?,
     };
     insert_events(&mut tx, &write.events).await?;
     tx.commit().await.map_err(backend_error)?;
@@ -321,8 +327,13 @@ async fn check_generation(tx: &mut sqlx::AnyConnection, node: &Node) -> Result<(
 }
 
 /// Inserts `node` as given; the primary key and the hostname's unique constraint decide
-/// a create race (`AlreadyExists` for the loser).
-async fn insert_node(tx: &mut sqlx::AnyConnection, node: &Node) -> Result<(), StoreError> {
+/// a create race (`AlreadyExists` for the loser). Announced like [`write_node`] (no
+/// cache holds an absent node, but one rule for every node write is easier to keep).
+async fn insert_node(
+    backend: Backend,
+    tx: &mut sqlx::AnyConnection,
+    node: &Node,
+) -> Result<(), StoreError> {
     let result = sqlx::query(
         "INSERT INTO nodes (uuid, hostname, serial, rack, role, state, flavor, generation, \
          created_at_ms, updated_at_ms, last_heartbeat_at_ms, doc) \
@@ -347,5 +358,6 @@ async fn insert_node(tx: &mut sqlx::AnyConnection, node: &Node) -> Result<(), St
             what: format!("node {} or hostname {}", node.uuid, node.hostname),
         }),
         other => other.map(|_| ()).map_err(backend_error),
-    }
+    }?;
+    notify::send(backend, tx, &CacheChange::Node(node.uuid.clone())).await
 }

@@ -73,5 +73,5 @@ pub(super) async fn delete(
     name: &str,
     events: &[NewEvent],
 ) -> Result<(), StoreError> {
-    POOLS.delete_unused(store, name, events).await
+    POOLS.delete_unused(store, name, events, None).await
 }

@@ -108,7 +108,7 @@ pub(super) async fn update(
         });
     }
     let node = match node {
-        Some(node) => Some(nodes::write_node(&mut tx, node).await?),
+        Some(node) => Some(nodes::write_node(store.backend, &mut tx, node).await?),
         None => None,
     };
     insert_events(&mut tx, events).await?;
