@@ -189,20 +189,28 @@ fn real_main() -> anyhow::Result<bool> {
     if seeds.len() > 1 {
         print_aggregate(&scenario.name, seeds.len(), &all_recoveries, fences_total);
         if clustered {
-            use bearman_sim::recovery::percentile;
-            let fmt = |d: Option<std::time::Duration>| {
-                d.map_or("-".to_string(), |d| format!("{:.1} s", d.as_secs_f64()))
-            };
             println!(
-                "  leader lost -> new lease term p50 {}  p99 {}  max {}  ({} takeover(s)); {actions_judged} action(s) judged against the lease",
-                fmt(percentile(&all_takeovers, 50)),
-                fmt(percentile(&all_takeovers, 99)),
-                fmt(all_takeovers.iter().max().copied()),
+                "  leader lost -> new lease term {}  ({} takeover(s)); {actions_judged} action(s) judged against the lease",
+                distribution(&all_takeovers),
                 all_takeovers.len()
             );
         }
     }
     Ok(all_passed)
+}
+
+/// "p50 … p99 … max …" of `values` (seconds, one decimal; "-" when empty).
+fn distribution(values: &[std::time::Duration]) -> String {
+    use bearman_sim::recovery::percentile;
+    let fmt = |d: Option<std::time::Duration>| {
+        d.map_or("-".to_string(), |d| format!("{:.1} s", d.as_secs_f64()))
+    };
+    format!(
+        "p50 {}  p99 {}  max {}",
+        fmt(percentile(values, 50)),
+        fmt(percentile(values, 99)),
+        fmt(values.iter().max().copied())
+    )
 }
 
 /// Recovery figures over every crashed node of every seed.
@@ -212,7 +220,6 @@ fn print_aggregate(
     recoveries: &[bearman_sim::recovery::Recovery],
     fences: usize,
 ) {
-    use bearman_sim::recovery::percentile;
     println!(
         "{name}: {runs} seeds, {} crashed node(s), {fences} fence(s) started",
         recoveries.len()
@@ -221,14 +228,9 @@ fn print_aggregate(
         if values.is_empty() && missing == 0 {
             return;
         }
-        let fmt = |d: Option<std::time::Duration>| {
-            d.map_or("-".to_string(), |d| format!("{:.1} s", d.as_secs_f64()))
-        };
         println!(
-            "  {label:<28} p50 {}  p99 {}  max {}{}",
-            fmt(percentile(&values, 50)),
-            fmt(percentile(&values, 99)),
-            fmt(values.iter().max().copied()),
+            "  {label:<28} {}{}",
+            distribution(&values),
             if missing > 0 {
                 format!("  ({missing} never)")
             } else {
