@@ -492,6 +492,202 @@ fn serve_answers_boot_requests_and_client_commands() {
     assert_refused("pool create with a bad --range", &backwards, "--range");
 }
 
+/// What a hostile machine could have stored before input validation: an ANSI colour, an
+/// OSC title change with BEL, a newline that fakes a table row, and 70,000 characters.
+const HOSTILE_RACK_PREFIX: &str = "\u{1b}[31mrack\u{1b}[0m\nfake-row  ready";
+const HOSTILE_HOSTNAME: &str = "evil\u{1b}]0;pwned\u{7}";
+const HOSTILE_REASON: &str = "\u{1b}[2J\u{1b}[Hscreen cleared\r\n";
+const LONG_CHARS: usize = 70_000;
+
+/// Registers a node through the boot API, then (daemon stopped) writes hostile strings
+/// straight into the stored record and one event, as a daemon without validation of
+/// machine-supplied text would have; returns the daemon started again and the token.
+fn serve_with_a_hostile_node(dir: &Path, data_dir: &Path) -> (Serve, String) {
+    let token = create_admin_token(dir, data_dir);
+    let serve = Serve::start(dir, data_dir);
+    let pool = serve.client(
+        dir,
+        Some(&token),
+        &[
+            "pool",
+            "create",
+            "rack-a",
+            "--purpose",
+            "node",
+            "--cidr",
+            "10.10.0.0/24",
+            "--range",
+            "10.10.0.10-10.10.0.200",
+        ],
+    );
+    assert_success("pool create", &pool);
+    let registered = request(
+        serve.address,
+        "POST",
+        &format!("/ipxe/{UUID}/register"),
+        Some(&registration_body()),
+    )
+    .unwrap();
+    assert_eq!(registered.status, 200, "{}", registered.text());
+    drop(serve);
+
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        std::path::absolute(data_dir.join("bearman.db"))
+            .unwrap()
+            .display()
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use bearman::core::model::{Action, NewEvent};
+        use bearman::store::Store;
+        let store = bearman::store::sql::SqlStore::connect(&url).await.unwrap();
+        let uuid = bearman_proto::uuid::NodeUuid::parse(UUID).unwrap();
+        let mut node = store.node_get(&uuid).await.unwrap().expect("registered");
+        node.rack = Some(format!("{HOSTILE_RACK_PREFIX}{}", "r".repeat(LONG_CHARS)));
+        node.hostname = format!("{HOSTILE_HOSTNAME}{}", "h".repeat(LONG_CHARS));
+        let event = NewEvent::for_node(
+            &uuid,
+            node.updated_at_ms,
+            "test",
+            Action::Update,
+            HOSTILE_REASON,
+        );
+        store.node_update(&node, &[event]).await.unwrap();
+    });
+    (Serve::start(dir, data_dir), token)
+}
+
+#[test]
+fn node_list_and_events_escape_control_characters_and_cut_long_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let (serve, token) = serve_with_a_hostile_node(dir.path(), &data_dir);
+    for args in [
+        &["node", "list"][..],
+        &["events"],
+        &["events", "--node", UUID],
+    ] {
+        let output = serve.client(dir.path(), Some(&token), args);
+        let what = args.join(" ");
+        assert_success(&what, &output);
+        assert!(
+            !stderr(&output).contains("panicked"),
+            "{what}: {}",
+            stderr(&output)
+        );
+        let text = stdout(&output);
+        assert!(
+            !output.stdout.contains(&0x1b) && !output.stdout.contains(&0x07),
+            "{what}: raw control characters in stdout: {text:?}"
+        );
+        assert!(text.contains("\\x1b"), "{what}: {text}");
+        assert!(
+            text.lines().all(|line| line.chars().count() < 2_000),
+            "{what}: a line is not cut: {} characters",
+            text.lines()
+                .map(|line| line.chars().count())
+                .max()
+                .unwrap_or(0)
+        );
+        if args[0] == "node" {
+            assert!(text.contains("\\x1b[31mrack\\x1b[0m\\nfake-row"), "{text}");
+            assert!(text.contains("evil\\x1b]0;pwned\\x07hhh"), "{text}");
+            assert!(text.contains('…'), "{text}");
+            assert_eq!(text.lines().count(), 2, "one header, one node: {text}");
+        } else {
+            assert!(
+                text.contains("\\x1b[2J\\x1b[Hscreen cleared\\r\\n"),
+                "{text}"
+            );
+        }
+    }
+    // JSON stays exact: the whole value, control characters escaped by JSON itself.
+    let output = serve.client(
+        dir.path(),
+        Some(&token),
+        &["node", "list", "--output", "json"],
+    );
+    assert_success("node list --output json", &output);
+    assert!(!output.stdout.contains(&0x1b));
+    let nodes: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        nodes[0]["rack"].as_str().unwrap(),
+        format!("{HOSTILE_RACK_PREFIX}{}", "r".repeat(LONG_CHARS))
+    );
+}
+
+/// Spawns a client command with stdout a pipe, reads `read` bytes of it, closes the pipe,
+/// and waits (bounded) for the command to end.
+fn run_into_closed_pipe(
+    serve: &Serve,
+    dir: &Path,
+    token: &str,
+    args: &[&str],
+    read: usize,
+) -> Output {
+    use std::io::Read;
+    let mut command = bearman(dir);
+    command
+        .args(args)
+        .env("BEARMAN_URL", serve.url())
+        .env("BEARMAN_TOKEN", token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("spawn bearman");
+    let mut pipe = child.stdout.take().unwrap();
+    let mut first = vec![0u8; read];
+    pipe.read_exact(&mut first).expect("the command prints");
+    drop(pipe);
+    let pid = child.id();
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match finished.recv_timeout(BOUND) {
+        Ok(output) => output.expect("wait for bearman"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!(
+                "bearman {} did not exit within {BOUND:?} after its stdout closed",
+                args.join(" ")
+            );
+        }
+    }
+}
+
+#[test]
+fn a_closed_stdout_pipe_ends_the_command_quietly_with_status_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let (serve, token) = serve_with_a_hostile_node(dir.path(), &data_dir);
+    // More than a pipe holds (the JSON carries 140,000 characters), so the command is
+    // still writing when the reader goes away and its next write meets a closed pipe.
+    for (args, read) in [
+        (&["node", "list", "--output", "json"][..], 16),
+        // The reader leaves before the command has printed anything.
+        (&["events"], 0),
+    ] {
+        let output = run_into_closed_pipe(&serve, dir.path(), &token, args, read);
+        let what = args.join(" ");
+        let text = stderr(&output);
+        assert!(!text.contains("panicked"), "{what}: {text}");
+        assert!(
+            !text.contains("Broken pipe") && !text.contains("error"),
+            "{what}: {text}"
+        );
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{what}: {}; stderr: {text}",
+            output.status
+        );
+    }
+}
+
 #[test]
 fn client_without_token_is_told_about_bearman_token() {
     let dir = tempfile::tempdir().unwrap();

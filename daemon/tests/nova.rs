@@ -1,17 +1,22 @@
 //! The Nova driver against recorded Keystone and Nova exchanges (`fixtures/nova/*.json`),
 //! replayed by a loopback server that checks every request the driver makes, in order.
+//! Every recorded-exchange test runs twice: over plain HTTP and over HTTPS with a CA made
+//! for the test (`over_http::…`, `over_https::…`); the TLS tests below check that a
+//! certificate the configured CA did not sign is refused.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bearman::cloud::nova::{NovaCloud, NovaConfig, NovaConfigError, TcpConnector, TIMEOUT_DEFAULT};
+use bearman::cloud::nova::{NovaCloud, NovaConfig, NovaConfigError, TIMEOUT_DEFAULT};
 use bearman::cloud::{Cloud, CloudError};
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::rustls;
+use tokio_rustls::TlsAcceptor;
 
 /// The password the fixtures' Keystone requests carry.
 const PASSWORD: &str = "correct-horse-battery-staple";
@@ -23,6 +28,61 @@ const REQUEST_BYTES_MAX: usize = 1 << 20;
 /// Bound on any one test's conversation, so a driver that ignores its timeout fails
 /// rather than hangs.
 const TEST_BOUND: Duration = Duration::from_secs(20);
+/// Bound on the replay server's side of one TLS handshake.
+const HANDSHAKE_BOUND: Duration = Duration::from_secs(5);
+
+/// How the replay server is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    Http,
+    Https,
+}
+
+/// A CA made for one test, its PEM file, and the server side of TLS with a certificate
+/// for 127.0.0.1 it signed.
+struct TestCa {
+    _dir: tempfile::TempDir,
+    ca_file: PathBuf,
+    server: Arc<rustls::ServerConfig>,
+}
+
+impl TestCa {
+    /// `name` is the CA's common name: two CAs with one name would fail verification as
+    /// a bad signature, not as the unknown issuer a real wrong CA is.
+    fn new(name: &str) -> TestCa {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        };
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, name);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let server_key = KeyPair::generate().unwrap();
+        let server_params =
+            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+        let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into());
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![server_cert.der().clone()], key)
+            .unwrap();
+        TestCa {
+            _dir: dir,
+            ca_file,
+            server: Arc::new(server),
+        }
+    }
+}
+
+/// A byte stream from the driver: TCP, or TLS over it.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +143,8 @@ struct Replay {
     base: String,
     state: Arc<Mutex<State>>,
     server: tokio::task::JoinHandle<()>,
+    /// The CA that signed the server's certificate, over HTTPS.
+    ca: Option<TestCa>,
 }
 
 impl Drop for Replay {
@@ -98,9 +160,13 @@ fn fixture_path(name: &str) -> PathBuf {
 }
 
 impl Replay {
-    async fn start(name: &str) -> Replay {
+    async fn start(name: &str, transport: Transport) -> Replay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (scheme, ca) = match transport {
+            Transport::Http => ("http", None),
+            Transport::Https => ("https", Some(TestCa::new("bearman nova replay ca"))),
+        };
+        let base = format!("{scheme}://{}", listener.local_addr().unwrap());
         let text = std::fs::read_to_string(fixture_path(name))
             .unwrap_or_else(|error| panic!("fixture {name}: {error}"));
         let fixture: Fixture = serde_json::from_str(&text.replace("{{base}}", &base))
@@ -111,12 +177,19 @@ impl Replay {
             next: 0,
             mismatches: Vec::new(),
         }));
-        let server = tokio::spawn(serve(listener, state.clone()));
+        let acceptor = ca.as_ref().map(|ca| TlsAcceptor::from(ca.server.clone()));
+        let server = tokio::spawn(serve(listener, acceptor, state.clone()));
         Replay {
             base,
             state,
             server,
+            ca,
         }
+    }
+
+    /// The test CA's PEM file, over HTTPS.
+    fn ca_file(&self) -> Option<PathBuf> {
+        self.ca.as_ref().map(|ca| ca.ca_file.clone())
     }
 
     /// Panics with every mismatch, or when the driver stopped before the fixture's end.
@@ -155,10 +228,20 @@ impl Replay {
     }
 }
 
-async fn serve(listener: TcpListener, state: Arc<Mutex<State>>) {
+async fn serve(listener: TcpListener, acceptor: Option<TlsAcceptor>, state: Arc<Mutex<State>>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Ok((tcp, _)) = listener.accept().await else {
             return;
+        };
+        let mut stream: Box<dyn Stream> = match &acceptor {
+            None => Box::new(tcp),
+            Some(acceptor) => {
+                match tokio::time::timeout(HANDSHAKE_BOUND, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => Box::new(tls),
+                    // The driver refused the certificate, or hung up.
+                    _ => continue,
+                }
+            }
         };
         let request = read_request(&mut stream).await;
         let answer = state.lock().unwrap().answer(request);
@@ -304,7 +387,7 @@ fn render(response: &RecordedResponse) -> Vec<u8> {
     bytes
 }
 
-async fn read_request(stream: &mut TcpStream) -> Result<ActualRequest, String> {
+async fn read_request(stream: &mut (impl AsyncRead + Unpin)) -> Result<ActualRequest, String> {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 4096];
     let header_end = loop {
@@ -368,11 +451,13 @@ fn config(replay: &Replay) -> NovaConfig {
         interface: "public".into(),
         compute_url: None,
         timeout: Duration::from_secs(5),
+        verify_tls: true,
+        ca_file: replay.ca_file(),
     }
 }
 
 fn nova(config: NovaConfig) -> NovaCloud {
-    NovaCloud::new(config, TcpConnector).unwrap()
+    NovaCloud::new(config).unwrap()
 }
 
 async fn bounded<T>(call: impl std::future::Future<Output = T>) -> T {
@@ -396,9 +481,8 @@ fn assert_no_secrets(text: &str) {
     }
 }
 
-#[tokio::test]
-async fn vms_on_host_follows_pagination_links_to_the_last_page() {
-    let replay = Replay::start("servers_paginated").await;
+async fn vms_on_host_follows_pagination_links_to_the_last_page(transport: Transport) {
+    let replay = Replay::start("servers_paginated", transport).await;
     let cloud = nova(config(&replay)).with_page_limit(2);
     let vms = bounded(cloud.vms_on_host("compute-1")).await;
     replay.verify();
@@ -412,9 +496,8 @@ async fn vms_on_host_follows_pagination_links_to_the_last_page() {
     );
 }
 
-#[tokio::test]
-async fn vms_on_host_stops_when_a_next_link_repeats_its_marker() {
-    let replay = Replay::start("servers_pagination_loop").await;
+async fn vms_on_host_stops_when_a_next_link_repeats_its_marker(transport: Transport) {
+    let replay = Replay::start("servers_pagination_loop", transport).await;
     let cloud = nova(config(&replay)).with_page_limit(2);
     let error = bounded(cloud.vms_on_host("compute-1")).await.unwrap_err();
     replay.verify();
@@ -423,9 +506,8 @@ async fn vms_on_host_stops_when_a_next_link_repeats_its_marker() {
     assert!(message.contains("did not advance"), "{message}");
 }
 
-#[tokio::test]
-async fn vms_on_host_refuses_a_list_where_nova_ignored_the_host_filter() {
-    let replay = Replay::start("servers_host_filter_ignored").await;
+async fn vms_on_host_refuses_a_list_where_nova_ignored_the_host_filter(transport: Transport) {
+    let replay = Replay::start("servers_host_filter_ignored", transport).await;
     let cloud = nova(config(&replay));
     let error = bounded(cloud.vms_on_host("compute-1")).await.unwrap_err();
     replay.verify();
@@ -434,27 +516,26 @@ async fn vms_on_host_refuses_a_list_where_nova_ignored_the_host_filter() {
     assert!(message.contains("admin role"), "{message}");
 }
 
-#[tokio::test]
-async fn force_down_finds_the_compute_service_and_puts_forced_down_by_uuid() {
-    let replay = Replay::start("force_down").await;
+async fn force_down_finds_the_compute_service_and_puts_forced_down_by_uuid(transport: Transport) {
+    let replay = Replay::start("force_down", transport).await;
     let cloud = nova(config(&replay));
     let result = bounded(cloud.force_down("compute-1")).await;
     replay.verify();
     result.unwrap();
 }
 
-#[tokio::test]
-async fn force_down_of_an_already_forced_down_service_succeeds_without_a_write() {
-    let replay = Replay::start("force_down_already_forced").await;
+async fn force_down_of_an_already_forced_down_service_succeeds_without_a_write(
+    transport: Transport,
+) {
+    let replay = Replay::start("force_down_already_forced", transport).await;
     let cloud = nova(config(&replay));
     let result = bounded(cloud.force_down("compute-1")).await;
     replay.verify();
     result.unwrap();
 }
 
-#[tokio::test]
-async fn force_down_of_a_host_nova_does_not_know_is_a_clear_error() {
-    let replay = Replay::start("force_down_unknown_host").await;
+async fn force_down_of_a_host_nova_does_not_know_is_a_clear_error(transport: Transport) {
+    let replay = Replay::start("force_down_unknown_host", transport).await;
     let cloud = nova(config(&replay));
     let error = bounded(cloud.force_down("compute-404")).await.unwrap_err();
     replay.verify();
@@ -465,9 +546,8 @@ async fn force_down_of_a_host_nova_does_not_know_is_a_clear_error() {
     );
 }
 
-#[tokio::test]
-async fn empty_host_is_refused_before_anything_is_sent() {
-    let replay = Replay::start("force_down").await;
+async fn empty_host_is_refused_before_anything_is_sent(transport: Transport) {
+    let replay = Replay::start("force_down", transport).await;
     let cloud = nova(config(&replay));
     let message = api_message(bounded(cloud.force_down("")).await.unwrap_err());
     assert!(message.contains("host must not be empty"), "{message}");
@@ -476,18 +556,16 @@ async fn empty_host_is_refused_before_anything_is_sent() {
     replay.verify_consumed(0);
 }
 
-#[tokio::test]
-async fn evacuate_accepted_by_nova_succeeds() {
-    let replay = Replay::start("evacuate_accepted").await;
+async fn evacuate_accepted_by_nova_succeeds(transport: Transport) {
+    let replay = Replay::start("evacuate_accepted", transport).await;
     let cloud = nova(config(&replay));
     let result = bounded(cloud.evacuate("764e369e-a874-4401-b7ce-43e4760888da")).await;
     replay.verify();
     result.unwrap();
 }
 
-#[tokio::test]
-async fn vm_status_reads_the_host_and_status_nova_reports() {
-    let replay = Replay::start("server_status_rebuilding").await;
+async fn vm_status_reads_the_host_and_status_nova_reports(transport: Transport) {
+    let replay = Replay::start("server_status_rebuilding", transport).await;
     let cloud = nova(config(&replay));
     let status = bounded(cloud.vm_status("764e369e-a874-4401-b7ce-43e4760888da"))
         .await
@@ -499,9 +577,8 @@ async fn vm_status_reads_the_host_and_status_nova_reports() {
     assert!(error.contains("vm_status"), "{error}");
 }
 
-#[tokio::test]
-async fn evacuate_refused_with_409_compute_service_in_use_is_service_in_use() {
-    let replay = Replay::start("evacuate_service_in_use_409").await;
+async fn evacuate_refused_with_409_compute_service_in_use_is_service_in_use(transport: Transport) {
+    let replay = Replay::start("evacuate_service_in_use_409", transport).await;
     let cloud = nova(config(&replay));
     let error = bounded(cloud.evacuate("764e369e-a874-4401-b7ce-43e4760888da"))
         .await
@@ -513,9 +590,8 @@ async fn evacuate_refused_with_409_compute_service_in_use_is_service_in_use() {
     }
 }
 
-#[tokio::test]
-async fn evacuate_refused_with_400_compute_service_in_use_is_service_in_use() {
-    let replay = Replay::start("evacuate_service_in_use_400").await;
+async fn evacuate_refused_with_400_compute_service_in_use_is_service_in_use(transport: Transport) {
+    let replay = Replay::start("evacuate_service_in_use_400", transport).await;
     let cloud = nova(config(&replay));
     let error = bounded(cloud.evacuate("764e369e-a874-4401-b7ce-43e4760888da"))
         .await
@@ -527,9 +603,8 @@ async fn evacuate_refused_with_400_compute_service_in_use_is_service_in_use() {
     }
 }
 
-#[tokio::test]
-async fn evacuate_failure_names_operation_status_and_nova_message() {
-    let replay = Replay::start("evacuate_unknown_server").await;
+async fn evacuate_failure_names_operation_status_and_nova_message(transport: Transport) {
+    let replay = Replay::start("evacuate_unknown_server", transport).await;
     let cloud = nova(config(&replay));
     let server = "9f2c4e6a-0b1d-4f3a-8c5e-7d9b1a3c5e7f";
     let error = bounded(cloud.evacuate(server)).await.unwrap_err();
@@ -543,21 +618,21 @@ async fn evacuate_failure_names_operation_status_and_nova_message() {
     );
 }
 
-#[tokio::test]
-async fn expired_token_triggers_exactly_one_reauthentication_and_the_retry_succeeds() {
+async fn expired_token_triggers_exactly_one_reauthentication_and_the_retry_succeeds(
+    transport: Transport,
+) {
     // The fixture holds two authentications, the second only after Nova's 401, and the
     // retried PUT must carry the new token: an extra or missing authentication, or a retry
     // with the old token, is a mismatch.
-    let replay = Replay::start("token_expired").await;
+    let replay = Replay::start("token_expired", transport).await;
     let cloud = nova(config(&replay));
     let result = bounded(cloud.force_down("compute-1")).await;
     replay.verify();
     result.unwrap();
 }
 
-#[tokio::test]
-async fn token_refused_again_after_reauthentication_is_an_error_not_a_loop() {
-    let replay = Replay::start("token_rejected_twice").await;
+async fn token_refused_again_after_reauthentication_is_an_error_not_a_loop(transport: Transport) {
+    let replay = Replay::start("token_rejected_twice", transport).await;
     let cloud = nova(config(&replay));
     let error = bounded(cloud.evacuate("764e369e-a874-4401-b7ce-43e4760888da"))
         .await
@@ -569,9 +644,8 @@ async fn token_refused_again_after_reauthentication_is_an_error_not_a_loop() {
     assert_no_secrets(&message);
 }
 
-#[tokio::test]
-async fn keystone_refusing_the_credentials_is_a_clear_error() {
-    let replay = Replay::start("keystone_rejects_password").await;
+async fn keystone_refusing_the_credentials_is_a_clear_error(transport: Transport) {
+    let replay = Replay::start("keystone_rejects_password", transport).await;
     let cloud = nova(config(&replay));
     let error = bounded(cloud.vms_on_host("compute-1")).await.unwrap_err();
     replay.verify();
@@ -582,9 +656,8 @@ async fn keystone_refusing_the_credentials_is_a_clear_error() {
     );
 }
 
-#[tokio::test]
-async fn hung_nova_hits_the_timeout() {
-    let replay = Replay::start("compute_hangs").await;
+async fn hung_nova_hits_the_timeout(transport: Transport) {
+    let replay = Replay::start("compute_hangs", transport).await;
     let timeout = Duration::from_millis(300);
     let cloud = nova(NovaConfig {
         timeout,
@@ -602,12 +675,11 @@ async fn hung_nova_hits_the_timeout() {
     );
 }
 
-#[tokio::test]
-async fn password_and_tokens_never_appear_in_errors_or_debug_output() {
+async fn password_and_tokens_never_appear_in_errors_or_debug_output(transport: Transport) {
     let mut messages = Vec::new();
 
     // Keystone quotes the submitted password back in its message.
-    let replay = Replay::start("keystone_echoes_password").await;
+    let replay = Replay::start("keystone_echoes_password", transport).await;
     let cloud = nova(config(&replay));
     let error = bounded(cloud.force_down("compute-1")).await.unwrap_err();
     replay.verify();
@@ -624,7 +696,7 @@ async fn password_and_tokens_never_appear_in_errors_or_debug_output() {
         ("evacuate_unknown_server", None),
         ("keystone_rejects_password", Some("compute-1")),
     ] {
-        let replay = Replay::start(fixture).await;
+        let replay = Replay::start(fixture, transport).await;
         let cloud = nova(config(&replay));
         let error = match host {
             Some(host) => bounded(cloud.force_down(host)).await.unwrap_err(),
@@ -646,9 +718,8 @@ async fn password_and_tokens_never_appear_in_errors_or_debug_output() {
     }
 }
 
-#[tokio::test]
-async fn compute_endpoint_is_chosen_from_the_catalog_by_interface_and_region() {
-    let replay = Replay::start("catalog_two_regions").await;
+async fn compute_endpoint_is_chosen_from_the_catalog_by_interface_and_region(transport: Transport) {
+    let replay = Replay::start("catalog_two_regions", transport).await;
     let cloud = nova(NovaConfig {
         region: Some("RegionTwo".into()),
         interface: "internal".into(),
@@ -659,9 +730,10 @@ async fn compute_endpoint_is_chosen_from_the_catalog_by_interface_and_region() {
     result.unwrap();
 }
 
-#[tokio::test]
-async fn catalog_with_several_compute_endpoints_and_no_region_is_a_clear_error() {
-    let replay = Replay::start("catalog_two_regions").await;
+async fn catalog_with_several_compute_endpoints_and_no_region_is_a_clear_error(
+    transport: Transport,
+) {
+    let replay = Replay::start("catalog_two_regions", transport).await;
     let cloud = nova(NovaConfig {
         region: None,
         interface: "internal".into(),
@@ -676,24 +748,8 @@ async fn catalog_with_several_compute_endpoints_and_no_region_is_a_clear_error()
     );
 }
 
-#[tokio::test]
-async fn https_compute_endpoint_in_the_catalog_is_refused_clearly() {
-    let replay = Replay::start("catalog_two_regions").await;
-    let cloud = nova(NovaConfig {
-        region: Some("RegionTwo".into()),
-        interface: "public".into(),
-        ..config(&replay)
-    });
-    let error = bounded(cloud.force_down("compute-1")).await.unwrap_err();
-    replay.verify_consumed(1);
-    let message = api_message(error);
-    assert!(message.contains("uses https"), "{message}");
-    assert!(message.contains("does not support yet"), "{message}");
-}
-
-#[tokio::test]
-async fn configured_compute_url_is_used_instead_of_the_catalog() {
-    let replay = Replay::start("compute_url_configured").await;
+async fn configured_compute_url_is_used_instead_of_the_catalog(transport: Transport) {
+    let replay = Replay::start("compute_url_configured", transport).await;
     let cloud = nova(NovaConfig {
         compute_url: Some(format!("{}/nova-direct/v2.1/", replay.base)),
         ..config(&replay)
@@ -703,9 +759,8 @@ async fn configured_compute_url_is_used_instead_of_the_catalog() {
     result.unwrap();
 }
 
-#[tokio::test]
-async fn auth_url_may_carry_the_v3_suffix() {
-    let replay = Replay::start("force_down_already_forced").await;
+async fn auth_url_may_carry_the_v3_suffix(transport: Transport) {
+    let replay = Replay::start("force_down_already_forced", transport).await;
     let cloud = nova(NovaConfig {
         auth_url: format!("{}/identity/v3/", replay.base),
         ..config(&replay)
@@ -715,21 +770,20 @@ async fn auth_url_may_carry_the_v3_suffix() {
     result.unwrap();
 }
 
-#[tokio::test]
-async fn password_env_reference_is_resolved_at_construction() {
-    let replay = Replay::start("force_down_already_forced").await;
+async fn password_env_reference_is_resolved_at_construction(transport: Transport) {
+    let replay = Replay::start("force_down_already_forced", transport).await;
     let env = |name: &str| (name == "BEARMAN_NOVA_PASSWORD").then(|| PASSWORD.to_string());
     let referenced = NovaConfig {
         password: "env:BEARMAN_NOVA_PASSWORD".into(),
         ..config(&replay)
     };
     assert!(format!("{referenced:?}").contains("env:BEARMAN_NOVA_PASSWORD"));
-    let cloud = NovaCloud::with_env(referenced.clone(), TcpConnector, env).unwrap();
+    let cloud = NovaCloud::with_env(referenced.clone(), env).unwrap();
     let result = bounded(cloud.force_down("compute-1")).await;
     replay.verify();
     result.unwrap();
 
-    let missing = NovaCloud::with_env(referenced, TcpConnector, |_| None).unwrap_err();
+    let missing = NovaCloud::with_env(referenced, |_| None).unwrap_err();
     assert_eq!(
         missing,
         NovaConfigError::PasswordEnv("BEARMAN_NOVA_PASSWORD".into())
@@ -740,10 +794,9 @@ async fn password_env_reference_is_resolved_at_construction() {
     );
 }
 
-#[test]
-fn https_and_malformed_urls_are_refused_at_construction() {
-    let base = NovaConfig {
-        auth_url: "http://keystone:5000".into(),
+fn base_config() -> NovaConfig {
+    NovaConfig {
+        auth_url: "https://keystone:5000".into(),
         username: "bearman".into(),
         user_domain: "Default".into(),
         password: PASSWORD.into(),
@@ -753,67 +806,230 @@ fn https_and_malformed_urls_are_refused_at_construction() {
         interface: "public".into(),
         compute_url: None,
         timeout: TIMEOUT_DEFAULT,
-    };
-    let error = NovaCloud::new(
-        NovaConfig {
-            auth_url: "https://keystone:5000/v3".into(),
+        verify_tls: true,
+        ca_file: None,
+    }
+}
+
+#[test]
+fn https_and_http_urls_are_accepted_and_malformed_ones_refused_at_construction() {
+    let base = base_config();
+    NovaCloud::new(NovaConfig {
+        auth_url: "https://keystone:5000/v3".into(),
+        compute_url: Some("HTTPS://nova:8774/v2.1".into()),
+        ..base.clone()
+    })
+    .unwrap();
+    NovaCloud::new(NovaConfig {
+        auth_url: "http://keystone:5000".into(),
+        ..base.clone()
+    })
+    .unwrap();
+    for (auth_url, compute_url, field) in [
+        ("keystone:5000", None, "auth_url"),
+        ("ftp://keystone/v3", None, "auth_url"),
+        ("https://keystone:5000/v3?x=1", None, "auth_url"),
+        ("https://keystone:5000", Some("nova:8774"), "compute_url"),
+    ] {
+        let error = NovaCloud::new(NovaConfig {
+            auth_url: auth_url.into(),
+            compute_url: compute_url.map(str::to_string),
             ..base.clone()
-        },
-        TcpConnector,
-    )
+        })
+        .unwrap_err();
+        assert!(
+            matches!(error, NovaConfigError::InvalidUrl { field: f, .. } if f == field),
+            "{auth_url} {compute_url:?}: {error:?}"
+        );
+    }
+    let error = NovaCloud::new(NovaConfig {
+        auth_url: format!("https://bearman:{PASSWORD}@keystone:5000"),
+        ..base.clone()
+    })
     .unwrap_err();
-    assert_eq!(
-        error.to_string(),
-        "nova config: auth_url \"https://keystone:5000/v3\" uses https, which the nova driver does not support yet (plain http only)"
-    );
-    let error = NovaCloud::new(
-        NovaConfig {
-            compute_url: Some("HTTPS://nova:8774/v2.1".into()),
-            ..base.clone()
-        },
-        TcpConnector,
-    )
-    .unwrap_err();
-    assert!(matches!(
-        error,
-        NovaConfigError::TlsUnsupported {
-            field: "compute_url",
-            ..
-        }
-    ));
-    let error = NovaCloud::new(
-        NovaConfig {
-            auth_url: "keystone:5000".into(),
-            ..base.clone()
-        },
-        TcpConnector,
-    )
-    .unwrap_err();
-    assert!(matches!(
-        error,
-        NovaConfigError::InvalidUrl {
-            field: "auth_url",
-            ..
-        }
-    ));
-    let error = NovaCloud::new(
-        NovaConfig {
-            interface: "private".into(),
-            ..base.clone()
-        },
-        TcpConnector,
-    )
+    assert_eq!(error, NovaConfigError::UrlCredentials { field: "auth_url" });
+    assert!(!error.to_string().contains(PASSWORD), "{error}");
+    let error = NovaCloud::new(NovaConfig {
+        interface: "private".into(),
+        ..base.clone()
+    })
     .unwrap_err();
     assert_eq!(error, NovaConfigError::Interface("private".into()));
-    let error = NovaCloud::new(
-        NovaConfig {
-            password: String::new(),
-            ..base
-        },
-        TcpConnector,
-    )
+    let error = NovaCloud::new(NovaConfig {
+        password: String::new(),
+        ..base
+    })
     .unwrap_err();
     assert_eq!(error, NovaConfigError::Empty { field: "password" });
+}
+
+#[test]
+fn an_unreadable_or_empty_ca_file_is_refused_at_construction() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.pem");
+    let error = NovaCloud::new(NovaConfig {
+        ca_file: Some(missing.clone()),
+        ..base_config()
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&error, NovaConfigError::CaFile { path, .. } if *path == missing),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("cannot read ca_file"), "{error}");
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let error = NovaCloud::new(NovaConfig {
+        ca_file: Some(empty),
+        ..base_config()
+    })
+    .unwrap_err();
+    assert!(error.to_string().contains("no pem certificate"), "{error}");
+}
+
+/// Log lines written while a [`capture_logs`] guard is held (this thread only).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
+/// Every event at every level, the HTTP and TLS libraries' included, into `Logs`.
+fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
+    let logs = Logs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(logs.clone())
+        .finish();
+    (logs, tracing::subscriber::set_default(subscriber))
+}
+
+#[tokio::test]
+async fn a_certificate_another_ca_signed_is_refused_naming_the_endpoint() {
+    let replay = Replay::start("force_down", Transport::Https).await;
+    let other = TestCa::new("some other ca");
+    let cloud = nova(NovaConfig {
+        ca_file: Some(other.ca_file.clone()),
+        ..config(&replay)
+    });
+    let error = bounded(cloud.force_down("compute-1")).await.unwrap_err();
+    replay.verify_consumed(0);
+    let message = api_message(error);
+    assert!(
+        message.contains(&format!("tls certificate problem with {}", replay.base)),
+        "{message}"
+    );
+    assert!(
+        message.contains("POST /identity/v3/auth/tokens"),
+        "{message}"
+    );
+    assert!(message.contains("ca_file"), "{message}");
+    assert_no_secrets(&message);
+}
+
+#[tokio::test]
+async fn without_a_ca_file_a_private_ca_is_not_trusted() {
+    let replay = Replay::start("force_down", Transport::Https).await;
+    let cloud = nova(NovaConfig {
+        ca_file: None,
+        ..config(&replay)
+    });
+    let error = bounded(cloud.force_down("compute-1")).await.unwrap_err();
+    replay.verify_consumed(0);
+    let message = api_message(error);
+    assert!(
+        message.contains(&format!("tls certificate problem with {}", replay.base)),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn verify_tls_false_accepts_any_certificate_and_warns_at_start() {
+    let replay = Replay::start("force_down", Transport::Https).await;
+    let (logs, guard) = capture_logs();
+    let cloud = nova(NovaConfig {
+        ca_file: None,
+        verify_tls: false,
+        ..config(&replay)
+    });
+    drop(guard);
+    let warning = logs.text();
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(
+        warning.contains("tls certificate verification is off"),
+        "{warning}"
+    );
+    let result = bounded(cloud.force_down("compute-1")).await;
+    replay.verify();
+    result.unwrap();
+}
+
+#[tokio::test]
+async fn plain_http_auth_url_warns_that_the_password_travels_in_clear_text() {
+    let replay = Replay::start("force_down", Transport::Http).await;
+    let (logs, guard) = capture_logs();
+    let _cloud = nova(config(&replay));
+    drop(guard);
+    assert!(logs.text().contains("clear text"), "{}", logs.text());
+    let replay = Replay::start("force_down", Transport::Https).await;
+    let (logs, guard) = capture_logs();
+    let _cloud = nova(config(&replay));
+    drop(guard);
+    assert!(!logs.text().contains("WARN"), "{}", logs.text());
+}
+
+#[tokio::test]
+async fn password_and_tokens_never_appear_in_logs_over_https() {
+    // Every level of every library, through a whole conversation with a re-authentication,
+    // a Keystone that quotes the password back, and a refused certificate.
+    let (logs, _guard) = capture_logs();
+    let replay = Replay::start("token_expired", Transport::Https).await;
+    bounded(nova(config(&replay)).force_down("compute-1"))
+        .await
+        .unwrap();
+    replay.verify();
+    let replay = Replay::start("keystone_echoes_password", Transport::Https).await;
+    let error = bounded(nova(config(&replay)).force_down("compute-1"))
+        .await
+        .unwrap_err();
+    tracing::warn!("force_down failed: {error}");
+    let replay = Replay::start("force_down", Transport::Https).await;
+    let error = bounded(
+        nova(NovaConfig {
+            ca_file: Some(TestCa::new("some other ca").ca_file),
+            ..config(&replay)
+        })
+        .force_down("compute-1"),
+    )
+    .await
+    .unwrap_err();
+    tracing::warn!("force_down failed: {error}");
+    let text = logs.text();
+    assert!(text.contains("authenticating again"), "{text}");
+    assert_no_secrets(&text);
 }
 
 #[test]
@@ -834,6 +1050,11 @@ fn config_file_form_takes_defaults_and_rejects_unknown_fields() {
     assert_eq!(config.compute_url, None);
     assert_eq!(config.timeout, TIMEOUT_DEFAULT);
     assert_eq!(TIMEOUT_DEFAULT, Duration::from_secs(30));
+    assert!(
+        config.verify_tls,
+        "certificates are verified unless said otherwise"
+    );
+    assert_eq!(config.ca_file, None);
 
     let config: NovaConfig = toml::from_str(
         r#"
@@ -847,10 +1068,17 @@ fn config_file_form_takes_defaults_and_rejects_unknown_fields() {
         interface = "internal"
         compute_url = "http://nova:8774/v2.1"
         timeout_s = 2.5
+        verify_tls = false
+        ca_file = "/etc/bearman/openstack-ca.pem"
         "#,
     )
     .unwrap();
     assert_eq!(config.timeout, Duration::from_millis(2500));
+    assert!(!config.verify_tls);
+    assert_eq!(
+        config.ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/bearman/openstack-ca.pem"))
+    );
     assert!(!format!("{config:?}").contains("hunter2"));
 
     let error = toml::from_str::<NovaConfig>(
@@ -880,3 +1108,46 @@ fn config_file_form_takes_defaults_and_rejects_unknown_fields() {
     .unwrap_err();
     assert!(error.to_string().contains("positive"), "{error}");
 }
+
+/// Each recorded-exchange test over plain HTTP and over HTTPS with the test's own CA.
+macro_rules! over_http_and_https {
+    ($($name:ident),* $(,)?) => {
+        mod over_http {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Transport::Http).await
+            })*
+        }
+        mod over_https {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Transport::Https).await
+            })*
+        }
+    };
+}
+
+over_http_and_https!(
+    vms_on_host_follows_pagination_links_to_the_last_page,
+    vms_on_host_stops_when_a_next_link_repeats_its_marker,
+    vms_on_host_refuses_a_list_where_nova_ignored_the_host_filter,
+    force_down_finds_the_compute_service_and_puts_forced_down_by_uuid,
+    force_down_of_an_already_forced_down_service_succeeds_without_a_write,
+    force_down_of_a_host_nova_does_not_know_is_a_clear_error,
+    empty_host_is_refused_before_anything_is_sent,
+    evacuate_accepted_by_nova_succeeds,
+    vm_status_reads_the_host_and_status_nova_reports,
+    evacuate_refused_with_409_compute_service_in_use_is_service_in_use,
+    evacuate_refused_with_400_compute_service_in_use_is_service_in_use,
+    evacuate_failure_names_operation_status_and_nova_message,
+    expired_token_triggers_exactly_one_reauthentication_and_the_retry_succeeds,
+    token_refused_again_after_reauthentication_is_an_error_not_a_loop,
+    keystone_refusing_the_credentials_is_a_clear_error,
+    hung_nova_hits_the_timeout,
+    password_and_tokens_never_appear_in_errors_or_debug_output,
+    compute_endpoint_is_chosen_from_the_catalog_by_interface_and_region,
+    catalog_with_several_compute_endpoints_and_no_region_is_a_clear_error,
+    configured_compute_url_is_used_instead_of_the_catalog,
+    auth_url_may_carry_the_v3_suffix,
+    password_env_reference_is_resolved_at_construction,
+);

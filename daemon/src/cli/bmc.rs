@@ -47,7 +47,7 @@ pub(super) async fn bmc(command: BmcCommand) -> anyhow::Result<()> {
             if args.api.output == Output::Json {
                 print_json(&rows)?;
             } else {
-                table::print(&ops::CHECK_HEADERS, &ops::check_rows_table(&rows));
+                table::print(&ops::CHECK_HEADERS, &ops::check_rows_table(&rows))?;
             }
             let failed = rows.iter().filter(|row| row.error.is_some()).count();
             if failed > 0 {
@@ -75,6 +75,6 @@ pub(super) async fn bmc(command: BmcCommand) -> anyhow::Result<()> {
     if args.api.output == Output::Json {
         return print_json(&report);
     }
-    println!("{}", report.summary());
+    table::out(&table::escape(&report.summary()))?;
     Ok(())
 }

@@ -12,11 +12,11 @@ pub(super) async fn cluster_status(api: &ApiArgs) -> anyhow::Result<()> {
     let cluster = &answer["cluster"];
     let db_now = cluster["db_now_ms"].as_i64().unwrap_or(0);
     if cluster["enabled"].as_bool() != Some(true) {
-        println!(
-            "not clustered: this daemon is its database's only one (set [cluster] enabled = true on PostgreSQL for replicas)"
-        );
+        table::out(
+            "not clustered: this daemon is its database's only one (set [cluster] enabled = true on PostgreSQL for replicas)",
+        )?;
     } else {
-        println!(
+        table::out(&table::escape(&format!(
             "this replica: {} ({}{})",
             this["name"].as_str().unwrap_or("?"),
             this["acting"].as_str().unwrap_or("?"),
@@ -24,14 +24,14 @@ pub(super) async fn cluster_status(api: &ApiArgs) -> anyhow::Result<()> {
                 .as_i64()
                 .map(|e| format!(", epoch {e}"))
                 .unwrap_or_default()
-        );
+        )))?;
     }
     let lease = &cluster["lease"];
     let holder = lease["holder"].as_str();
     match holder {
         Some(holder) => {
             let expires = lease["expires_at_ms"].as_i64().unwrap_or(0);
-            println!(
+            table::out(&table::escape(&format!(
                 "leader: {holder}, epoch {}, since {}, lease {} ({})",
                 lease["epoch"].as_i64().unwrap_or(0),
                 table::timestamp(lease["acquired_at_ms"].as_i64().unwrap_or(0)),
@@ -41,9 +41,9 @@ pub(super) async fn cluster_status(api: &ApiArgs) -> anyhow::Result<()> {
                     format!("lapsed {:.1} s ago", (db_now - expires) as f64 / 1000.0)
                 },
                 table::timestamp(expires)
-            );
+            )))?;
         }
-        None => println!("leader: none yet"),
+        None => table::out("leader: none yet")?,
     }
     let rows: Vec<Vec<String>> = cluster["replicas"]
         .as_array()
@@ -76,7 +76,7 @@ pub(super) async fn cluster_status(api: &ApiArgs) -> anyhow::Result<()> {
                 "LAST SEEN",
             ],
             &rows,
-        );
+        )?;
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ pub(super) fn print_flavors(flavors: &[Flavor], output: Output) -> anyhow::Resul
             ]
         })
         .collect::<Vec<_>>();
-    table::print(&["NAME", "KERNEL", "INITRDS", "CMDLINE"], &rows);
+    table::print(&["NAME", "KERNEL", "INITRDS", "CMDLINE"], &rows)?;
     Ok(())
 }
 

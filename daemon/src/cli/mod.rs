@@ -14,6 +14,7 @@ mod serve;
 mod table;
 mod token;
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -63,8 +64,19 @@ pub fn main() -> ExitCode {
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_GRACE);
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`bearman events | head`): it has what it wanted, so this
+        // is not a failure. Exit 0 rather than the shell's 141 (death by SIGPIPE) so that
+        // `set -o pipefail` scripts do not fail on a pipe they closed on purpose; and
+        // quietly, since there is nobody to tell on stdout and nothing went wrong.
+        Err(error) if table::is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            // The error may quote what the daemon or a BMC said; escape it like any output.
+            // Writing to stderr can fail too (`2>&1 | head`): never panic over it.
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: {}",
+                table::escape(&format!("{error:#}"))
+            );
             ExitCode::FAILURE
         }
     }
@@ -104,7 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|(state, n)| vec![state.clone(), n.to_string()])
                 .collect();
             rows.push(vec!["total".into(), summary.total.to_string()]);
-            table::print(&["STATE", "NODES"], &rows);
+            table::print(&["STATE", "NODES"], &rows)?;
             Ok(())
         }
     }
@@ -130,6 +142,7 @@ fn init_logging(json: bool) {
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    // Exact JSON: serde escapes control characters in strings itself.
+    table::out(&serde_json::to_string_pretty(value)?)?;
     Ok(())
 }

@@ -58,7 +58,7 @@ pub(super) fn print_nodes(nodes: &[Node], output: Output) -> anyhow::Result<()> 
             "UUID", "HOSTNAME", "STATE", "ROLE", "RACK", "FLAVOR", "ADDRESS",
         ],
         &rows,
-    );
+    )?;
     Ok(())
 }
 
@@ -87,7 +87,7 @@ pub(super) fn print_events(events: &[Event], output: Output) -> anyhow::Result<(
     table::print(
         &["ID", "AT", "NODE", "ACTOR", "ACTION", "STATE", "WHY"],
         &rows,
-    );
+    )?;
     Ok(())
 }
 

@@ -22,7 +22,7 @@ pub(super) fn print_pools(pools: &[IpPool], output: Output) -> anyhow::Result<()
     table::print(
         &["NAME", "PURPOSE", "VLAN", "CIDR", "RANGE", "GATEWAY"],
         &rows,
-    );
+    )?;
     Ok(())
 }
 
@@ -42,11 +42,11 @@ pub(super) async fn pool(command: PoolCommand) -> anyhow::Result<()> {
                 return print_json(&detail);
             }
             print_pools(std::slice::from_ref(&detail.pool), Output::Table)?;
-            println!(
+            table::out(&format!(
                 "\n{} of {} addresses allocated",
                 detail.allocations.len(),
                 detail.size
-            );
+            ))?;
             let rows = detail
                 .allocations
                 .iter()
@@ -58,7 +58,7 @@ pub(super) async fn pool(command: PoolCommand) -> anyhow::Result<()> {
                     ]
                 })
                 .collect::<Vec<_>>();
-            table::print(&["ADDRESS", "NODE", "PURPOSE"], &rows);
+            table::print(&["ADDRESS", "NODE", "PURPOSE"], &rows)?;
             Ok(())
         }
         PoolCommand::Create {

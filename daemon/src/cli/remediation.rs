@@ -43,7 +43,7 @@ pub(super) fn print_remediations(items: &[Remediation], output: Output) -> anyho
             "LAST ERROR",
         ],
         &rows,
-    );
+    )?;
     Ok(())
 }
 

@@ -70,9 +70,8 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // nodes are rebuilt but no VM is moved.
     let cloud: Option<Arc<dyn bearman::cloud::Cloud>> = match config.nova.clone() {
         Some(nova) => {
-            let cloud =
-                bearman::cloud::nova::NovaCloud::new(nova, bearman::cloud::nova::TcpConnector)
-                    .map_err(|e| anyhow!("nova configuration: {e}"))?;
+            let cloud = bearman::cloud::nova::NovaCloud::new(nova)
+                .map_err(|e| anyhow!("nova configuration: {e}"))?;
             tracing::info!("evacuation through OpenStack Nova enabled");
             Some(Arc::new(cloud))
         }

@@ -42,7 +42,7 @@ pub(super) async fn token(command: TokenCommand) -> anyhow::Result<()> {
             if output == Output::Json {
                 return print_json(&token);
             }
-            println!("{}", token.secret);
+            table::out(&token.secret)?;
             eprintln!(
                 "token {} (role {}) created; the secret above is shown only once. Use it as BEARMAN_TOKEN.",
                 token.name,
@@ -66,7 +66,7 @@ pub(super) async fn token(command: TokenCommand) -> anyhow::Result<()> {
                     ]
                 })
                 .collect::<Vec<_>>();
-            table::print(&["NAME", "ROLE", "CREATED"], &rows);
+            table::print(&["NAME", "ROLE", "CREATED"], &rows)?;
             Ok(())
         }
         TokenCommand::Revoke { name, store } => {

@@ -7,13 +7,19 @@
 //! password authentication scoped to a project. The compute endpoint is configured or
 //! taken from the token's service catalog.
 //!
-//! Transport: plain `http://` through a [`Connector`], one request per connection
-//! (`bearman_proto::http`), every exchange (connect included) bounded by
-//! [`NovaConfig::timeout`]; one `Cloud` call makes at most two authentications and two
-//! attempts per request (one retry after a 401), and follows at most [`PAGES_MAX`] pages.
-//! TLS is out of scope for now: an `https://` URL, configured or found in the catalog, is
-//! refused with an error saying so. Until TLS lands, reach Keystone and Nova over the
-//! management network or through a local TLS-terminating proxy.
+//! Transport: reqwest with rustls, as the Redfish driver, HTTP/1.1; `https://` or
+//! `http://` as each URL (configured or from the catalog) says. Every exchange (connect
+//! and the whole answer included) is bounded by [`NovaConfig::timeout`], answers larger
+//! than [`RESPONSE_BYTES_MAX`] are refused, redirects are not followed (a token header
+//! would follow them) and no proxy from the environment is used; one `Cloud` call makes at
+//! most two authentications and two attempts per request (one retry after a 401), and
+//! follows at most [`PAGES_MAX`] pages.
+//!
+//! TLS: certificates are verified by default against the built-in web roots, or against
+//! the configured `ca_file` alone when one is given (a private cloud's CA);
+//! `verify_tls = false` accepts any certificate, for a lab, and logs a warning at start.
+//! A plain `http://` auth_url works but logs a warning: the password would cross the
+//! network in clear text. A refused certificate is an error naming the endpoint.
 //!
 //! Secrets: the password and tokens never appear in errors, `Debug` output or logs; a
 //! server message that echoes one has it replaced by `[redacted]`.
@@ -23,20 +29,22 @@
 //! default) unless the service is forced down, and a fenced host cannot report itself down.
 
 use std::fmt;
-use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bearman_proto::http::{self, HttpUrl, Response};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
+use reqwest::{Method, Url};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Cloud, CloudError, VmStatus};
 
 /// The compute API microversion every request asks for: the first with service UUIDs.
 pub const MICROVERSION: &str = "2.53";
+/// `OpenStack-API-Version` for [`MICROVERSION`].
+const COMPUTE_API_VERSION: &str = "compute 2.53";
 /// Default bound on one HTTP exchange, connect included.
 pub const TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 /// Bound on `servers/detail` pages followed for one host; more is an error, never a
@@ -44,6 +52,10 @@ pub const TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 pub const PAGES_MAX: usize = 100;
 /// Servers asked for per page (`limit`); Nova caps it at its `max_limit`, 1000 by default.
 pub const PAGE_LIMIT_DEFAULT: usize = 1000;
+/// Answers larger than this are refused: a page of 1000 servers' details is a few MiB.
+pub const RESPONSE_BYTES_MAX: usize = 64 << 20;
+/// Idle connections are dropped well before typical load balancers close them.
+const POOL_IDLE: Duration = Duration::from_secs(10);
 /// Nova and Keystone messages quoted in errors are cut to this many characters.
 const MESSAGE_CHARS_MAX: usize = 512;
 const REDACTED: &str = "[redacted]";
@@ -54,34 +66,12 @@ const PASSWORD_ENV_PREFIX: &str = "env:";
 /// Keystone's endpoint interfaces.
 const INTERFACES: [&str; 3] = ["public", "internal", "admin"];
 
-/// A byte stream to Keystone or Nova.
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
-
-/// Opens streams to `host:port`: TCP in production, loopback in tests.
-#[async_trait]
-pub trait Connector: Send + Sync {
-    async fn connect(&self, authority: &str) -> io::Result<Box<dyn Stream>>;
-}
-
-/// The production connector: the operating system's TCP through `runtime::system`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TcpConnector;
-
-#[async_trait]
-impl Connector for TcpConnector {
-    async fn connect(&self, authority: &str) -> io::Result<Box<dyn Stream>> {
-        let stream = crate::runtime::system::connect_tcp(authority).await?;
-        Ok(Box::new(stream))
-    }
-}
-
 /// Where Keystone and Nova are and who Bearman is to them. Deserializable so the daemon's
 /// configuration file can hold it (`timeout_s` in the file, seconds).
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NovaConfig {
-    /// Keystone's URL, with or without the trailing `/v3` (`http://keystone:5000`).
+    /// Keystone's URL, with or without the trailing `/v3` (`https://keystone:5000`).
     pub auth_url: String,
     pub username: String,
     /// Name of the user's domain.
@@ -100,7 +90,7 @@ pub struct NovaConfig {
     /// Catalog interface of the compute endpoint: `public`, `internal` or `admin`.
     #[serde(default = "default_interface")]
     pub interface: String,
-    /// Compute endpoint (`http://nova:8774/v2.1`); when set, the catalog is not consulted.
+    /// Compute endpoint (`https://nova:8774/v2.1`); when set, the catalog is not consulted.
     #[serde(default)]
     pub compute_url: Option<String>,
     /// Bound on one HTTP exchange, connect included.
@@ -110,6 +100,18 @@ pub struct NovaConfig {
         deserialize_with = "deserialize_seconds"
     )]
     pub timeout: Duration,
+    /// Verify Keystone's and Nova's TLS certificates (the default); `false` accepts any
+    /// certificate, for a lab only, and logs a warning at start.
+    #[serde(default = "default_verify_tls")]
+    pub verify_tls: bool,
+    /// PEM file of the CA(s) that sign Keystone's and Nova's certificates; when set, only
+    /// these are trusted (otherwise the built-in web roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_verify_tls() -> bool {
+    true
 }
 
 fn default_domain() -> String {
@@ -153,16 +155,22 @@ impl fmt::Debug for NovaConfig {
             .field("interface", &self.interface)
             .field("compute_url", &self.compute_url)
             .field("timeout", &self.timeout)
+            .field("verify_tls", &self.verify_tls)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NovaConfigError {
-    #[error("nova config: {field} {url:?} uses https, which the nova driver does not support yet (plain http only)")]
-    TlsUnsupported { field: &'static str, url: String },
-    #[error("nova config: {field} {url:?} is not an http://host[:port]/path url")]
+    #[error("nova config: {field} {url:?} is not an https://host[:port]/path (or http://…) url")]
     InvalidUrl { field: &'static str, url: String },
+    #[error("nova config: {field} carries credentials; they belong in username and password")]
+    UrlCredentials { field: &'static str },
+    #[error("nova config: cannot read ca_file {path}: {reason}")]
+    CaFile { path: PathBuf, reason: String },
+    #[error("nova config: cannot build the http client: {reason}")]
+    Client { reason: String },
     #[error("nova config: {field} must not be empty")]
     Empty { field: &'static str },
     #[error("nova config: interface {0:?} is not one of public, internal, admin")]
@@ -180,20 +188,30 @@ use crate::core::secret::Secret;
 /// which redacts the password and the issued tokens.
 #[derive(Debug, thiserror::Error)]
 pub enum NovaError {
-    #[error("cannot reach {authority}: {error}")]
-    Unreachable { authority: String, error: io::Error },
-    #[error("{method} {path}: {error}")]
+    /// Connecting, sending or reading failed (`error` is reqwest's chain, without the URL).
+    #[error("{method} {path}: {endpoint}: {error}")]
     Exchange {
-        method: &'static str,
+        method: Method,
         path: String,
-        error: http::HttpError,
+        endpoint: String,
+        error: String,
+    },
+    /// The TLS handshake refused the server's certificate.
+    #[error("{method} {path}: tls certificate problem with {endpoint}: {error}; give the CA that signs it as ca_file (or, for a lab only, set verify_tls = false)")]
+    Certificate {
+        method: Method,
+        path: String,
+        endpoint: String,
+        error: String,
     },
     #[error("{method} {path}: no answer within {timeout:?}")]
     NoAnswer {
-        method: &'static str,
+        method: Method,
         path: String,
         timeout: Duration,
     },
+    #[error("{method} {path}: answer exceeds {RESPONSE_BYTES_MAX} bytes")]
+    TooLarge { method: Method, path: String },
     #[error("keystone authentication as {username} in project {project}: {error}")]
     Authentication {
         username: String,
@@ -225,13 +243,11 @@ pub enum NovaError {
         /// The region of each endpoint found (`-` for none).
         regions: Vec<String>,
     },
-    #[error("compute endpoint {url:?} from the catalog uses https, which the nova driver does not support yet; set compute_url to a plain http endpoint")]
-    CatalogHttps { url: String },
-    #[error("compute endpoint {url:?} from the catalog is not an http url")]
+    #[error("compute endpoint {url:?} from the catalog is not an http(s) url")]
     CatalogUrl { url: String },
     #[error("{method} {path}: nova refused a freshly issued token too ({failure}); does the user have a role in the project?")]
     TokenRefused {
-        method: &'static str,
+        method: Method,
         path: String,
         failure: String,
     },
@@ -268,13 +284,13 @@ fn in_region(region: &Option<String>) -> String {
 #[derive(Debug)]
 struct Session {
     token: Secret,
-    compute: HttpUrl,
+    compute: Url,
 }
 
 /// [`Cloud`] over OpenStack Nova.
 pub struct NovaCloud {
-    connector: Arc<dyn Connector>,
-    tokens_url: HttpUrl,
+    client: reqwest::Client,
+    tokens_url: Url,
     username: String,
     user_domain: String,
     password: Secret,
@@ -282,7 +298,8 @@ pub struct NovaCloud {
     project_domain: String,
     region: Option<String>,
     interface: String,
-    compute_url: Option<HttpUrl>,
+    compute_url: Option<Url>,
+    verify_tls: bool,
     timeout: Duration,
     page_limit: usize,
     /// The current token; the lock is held while authenticating so concurrent callers
@@ -303,6 +320,7 @@ impl fmt::Debug for NovaCloud {
             .field("interface", &self.interface)
             .field("compute_url", &self.compute_url)
             .field("timeout", &self.timeout)
+            .field("verify_tls", &self.verify_tls)
             .finish_non_exhaustive()
     }
 }
@@ -310,17 +328,15 @@ impl fmt::Debug for NovaCloud {
 impl NovaCloud {
     /// Validates `config` and resolves an `env:VAR` password from the process environment.
     /// Nothing is sent until the first call.
-    pub fn new(
-        config: NovaConfig,
-        connector: impl Connector + 'static,
-    ) -> Result<Self, NovaConfigError> {
-        Self::with_env(config, connector, |name| std::env::var(name).ok())
+    /// Logs a warning when certificates are not verified or the password would travel
+    /// over plain http.
+    pub fn new(config: NovaConfig) -> Result<Self, NovaConfigError> {
+        Self::with_env(config, |name| std::env::var(name).ok())
     }
 
     /// [`NovaCloud::new`] with `env` standing in for the process environment.
     pub fn with_env(
         config: NovaConfig,
-        connector: impl Connector + 'static,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, NovaConfigError> {
         for (field, value) in [
@@ -341,6 +357,7 @@ impl NovaCloud {
         if config.timeout.is_zero() {
             return Err(NovaConfigError::Timeout);
         }
+        let client = build_client(&config)?;
         let password = match config.password.strip_prefix(PASSWORD_ENV_PREFIX) {
             Some(var) => env(var)
                 .filter(|value| !value.is_empty())
@@ -348,15 +365,30 @@ impl NovaCloud {
             None => config.password,
         };
         let mut tokens_url = parse_http_url("auth_url", &config.auth_url)?;
-        let base = tokens_url.path.trim_end_matches('/');
+        let base = tokens_url.path().trim_end_matches('/');
         let base = base.strip_suffix("/v3").unwrap_or(base);
-        tokens_url.path = format!("{base}/v3/auth/tokens");
+        let path = format!("{base}/v3/auth/tokens");
+        tokens_url.set_path(&path);
         let compute_url = match &config.compute_url {
             Some(url) => Some(parse_http_url("compute_url", url)?),
             None => None,
         };
+        if !config.verify_tls {
+            tracing::warn!(
+                auth_url = %config.auth_url,
+                "nova: tls certificate verification is off (verify_tls = false); whoever can \
+                 intercept the connection gets the keystone password"
+            );
+        }
+        if tokens_url.scheme() == "http" {
+            tracing::warn!(
+                auth_url = %config.auth_url,
+                "nova: auth_url is plain http; the keystone password crosses the network in \
+                 clear text (use https)"
+            );
+        }
         Ok(NovaCloud {
-            connector: Arc::new(connector),
+            client,
             tokens_url,
             username: config.username,
             user_domain: config.user_domain,
@@ -366,6 +398,7 @@ impl NovaCloud {
             region: config.region.filter(|region| !region.is_empty()),
             interface: config.interface,
             compute_url,
+            verify_tls: config.verify_tls,
             timeout: config.timeout,
             page_limit: PAGE_LIMIT_DEFAULT,
             session: tokio::sync::Mutex::new(None),
@@ -396,38 +429,83 @@ impl NovaCloud {
         CloudError::Api(self.redact(&format!("nova {operation} {subject}: {error}")))
     }
 
-    /// One HTTP exchange, connect included, bounded by the timeout.
+    /// One HTTP exchange, connect and the whole answer included, bounded by the timeout.
     async fn exchange(
         &self,
-        url: &HttpUrl,
-        method: &'static str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: Option<&[u8]>,
-    ) -> Result<Response, NovaError> {
-        let authority = url.authority();
+        method: Method,
+        url: Url,
+        headers: HeaderMap,
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, NovaError> {
+        let path = path_and_query(&url);
         let attempt = async {
-            let mut stream = self.connector.connect(&authority).await.map_err(|error| {
-                NovaError::Unreachable {
-                    authority: authority.clone(),
-                    error,
+            let mut request = self
+                .client
+                .request(method.clone(), url.clone())
+                .headers(headers);
+            if let Some(body) = body {
+                request = request.header(CONTENT_TYPE, "application/json").body(body);
+            }
+            let transport = |error| self.transport_error(&method, &path, &url, error);
+            let mut response = request.send().await.map_err(transport)?;
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(transport)? {
+                if body.len() + chunk.len() > RESPONSE_BYTES_MAX {
+                    return Err(NovaError::TooLarge {
+                        method: method.clone(),
+                        path: path.clone(),
+                    });
                 }
-            })?;
-            http::send(&mut stream, method, &authority, path, headers, body)
-                .await
-                .map_err(|error| NovaError::Exchange {
-                    method,
-                    path: path.to_string(),
-                    error,
-                })
+                body.extend_from_slice(&chunk);
+            }
+            Ok(Reply {
+                status,
+                headers,
+                body,
+            })
         };
         match tokio::time::timeout(self.timeout, attempt).await {
             Ok(result) => result,
             Err(_) => Err(NovaError::NoAnswer {
-                method,
-                path: path.to_string(),
+                method: method.clone(),
+                path: path.clone(),
                 timeout: self.timeout,
             }),
+        }
+    }
+
+    fn transport_error(
+        &self,
+        method: &Method,
+        path: &str,
+        url: &Url,
+        error: reqwest::Error,
+    ) -> NovaError {
+        let (method, path) = (method.clone(), path.to_string());
+        if error.is_timeout() {
+            return NovaError::NoAnswer {
+                method,
+                path,
+                timeout: self.timeout,
+            };
+        }
+        let endpoint = url.origin().ascii_serialization();
+        let error = error_chain(&error.without_url());
+        if self.verify_tls && url.scheme() == "https" && error.contains("certificate") {
+            return NovaError::Certificate {
+                method,
+                path,
+                endpoint,
+                error,
+            };
+        }
+        NovaError::Exchange {
+            method,
+            path,
+            endpoint,
+            error,
         }
     }
 
@@ -454,24 +532,15 @@ impl NovaCloud {
             }
         });
         let body = request.to_string().into_bytes();
-        let headers = [
-            ("Content-Type", "application/json"),
-            ("Accept", "application/json"),
-            ("User-Agent", USER_AGENT),
-        ];
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
         let who = |error| NovaError::Authentication {
             username: self.username.clone(),
             project: self.project.clone(),
             error: Box::new(error),
         };
         let response = self
-            .exchange(
-                &self.tokens_url,
-                "POST",
-                &self.tokens_url.path,
-                &headers,
-                Some(&body),
-            )
+            .exchange(Method::POST, self.tokens_url.clone(), headers, Some(body))
             .await
             .map_err(who)?;
         if !response.is_success() {
@@ -496,7 +565,7 @@ impl NovaCloud {
     }
 
     /// The compute endpoint of the configured interface (and region) in a token's catalog.
-    fn compute_from_catalog(&self, body: &[u8]) -> Result<HttpUrl, NovaError> {
+    fn compute_from_catalog(&self, body: &[u8]) -> Result<Url, NovaError> {
         let token: TokenBody =
             serde_json::from_slice(body).map_err(|error| NovaError::Unreadable {
                 what: "token body",
@@ -533,15 +602,7 @@ impl NovaCloud {
                 region: self.region.clone(),
             }),
             [(url, _)] => {
-                if url
-                    .get(..8)
-                    .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
-                {
-                    return Err(NovaError::CatalogHttps {
-                        url: url.to_string(),
-                    });
-                }
-                HttpUrl::parse(url).map_err(|_| NovaError::CatalogUrl {
+                parse_http_url("compute endpoint", url).map_err(|_| NovaError::CatalogUrl {
                     url: url.to_string(),
                 })
             }
@@ -585,36 +646,37 @@ impl NovaCloud {
         Ok(session)
     }
 
-    /// A compute API request; on 401 authenticates again once and retries. Any other
-    /// status is the caller's to judge.
+    /// A compute API request to the session's endpoint plus `segments` (each percent-
+    /// encoded as one path segment) and `query`; on 401 authenticates again once and
+    /// retries. Any other status is the caller's to judge.
     async fn nova(
         &self,
-        method: &'static str,
-        suffix: &str,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
         body: Option<&Value>,
-    ) -> Result<Response, NovaError> {
+    ) -> Result<Reply, NovaError> {
         let body = body.map(|body| body.to_string().into_bytes());
         let first = self.session(None).await?;
         let response = self
-            .nova_once(&first, method, suffix, body.as_deref())
+            .nova_once(&first, &method, segments, query, body.clone())
             .await?;
         if response.status != 401 {
             return Ok(response);
         }
         tracing::info!(
-            method,
-            suffix,
+            %method,
+            path = %path_and_query(&compute_url(&first.compute, segments, query)),
             "nova refused the token (expired or revoked); authenticating again"
         );
         let second = self.session(Some(&first)).await?;
         let response = self
-            .nova_once(&second, method, suffix, body.as_deref())
+            .nova_once(&second, &method, segments, query, body)
             .await?;
         if response.status == 401 {
-            let path = format!("{}{suffix}", second.compute.path.trim_end_matches('/'));
             return Err(NovaError::TokenRefused {
                 method,
-                path,
+                path: path_and_query(&compute_url(&second.compute, segments, query)),
                 failure: describe_failure(&response),
             });
         }
@@ -624,40 +686,45 @@ impl NovaCloud {
     async fn nova_once(
         &self,
         session: &Session,
-        method: &'static str,
-        suffix: &str,
-        body: Option<&[u8]>,
-    ) -> Result<Response, NovaError> {
-        let path = format!("{}{suffix}", session.compute.path.trim_end_matches('/'));
-        let version = format!("compute {MICROVERSION}");
-        let mut headers = vec![
-            ("X-Auth-Token", session.token.expose()),
-            ("Accept", "application/json"),
-            ("OpenStack-API-Version", version.as_str()),
-            ("X-OpenStack-Nova-API-Version", MICROVERSION),
-            ("User-Agent", USER_AGENT),
-        ];
-        if body.is_some() {
-            headers.push(("Content-Type", "application/json"));
-        }
-        self.exchange(&session.compute, method, &path, &headers, body)
-            .await
+        method: &Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, NovaError> {
+        let mut token =
+            HeaderValue::from_str(session.token.expose()).map_err(|_| NovaError::NoToken)?;
+        token.set_sensitive(true);
+        let mut headers = HeaderMap::new();
+        headers.insert("X-Auth-Token", token);
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        headers.insert(
+            "OpenStack-API-Version",
+            HeaderValue::from_static(COMPUTE_API_VERSION),
+        );
+        headers.insert(
+            "X-OpenStack-Nova-API-Version",
+            HeaderValue::from_static(MICROVERSION),
+        );
+        let url = compute_url(&session.compute, segments, query);
+        self.exchange(method.clone(), url, headers, body).await
     }
 
     async fn servers_on_host(&self, host: &str) -> Result<Vec<String>, NovaError> {
         let mut ids: Vec<String> = Vec::new();
         let mut marker: Option<String> = None;
+        let limit = self.page_limit.to_string();
         for _ in 0..PAGES_MAX {
-            let mut suffix = format!(
-                "/servers/detail?all_tenants=1&host={}&limit={}",
-                encode(host),
-                self.page_limit
-            );
+            let mut query = vec![
+                ("all_tenants", "1"),
+                ("host", host),
+                ("limit", limit.as_str()),
+            ];
             if let Some(marker) = &marker {
-                suffix.push_str("&marker=");
-                suffix.push_str(&encode(marker));
+                query.push(("marker", marker.as_str()));
             }
-            let response = self.nova("GET", &suffix, None).await?;
+            let response = self
+                .nova(Method::GET, &["servers", "detail"], &query, None)
+                .await?;
             if !response.is_success() {
                 return Err(NovaError::Status {
                     request: "GET /servers/detail".into(),
@@ -703,8 +770,10 @@ impl NovaCloud {
     }
 
     async fn force_down_services(&self, host: &str) -> Result<(), NovaError> {
-        let suffix = format!("/os-services?binary=nova-compute&host={}", encode(host));
-        let response = self.nova("GET", &suffix, None).await?;
+        let query = [("binary", "nova-compute"), ("host", host)];
+        let response = self
+            .nova(Method::GET, &["os-services"], &query, None)
+            .await?;
         if !response.is_success() {
             return Err(NovaError::Status {
                 request: "GET /os-services".into(),
@@ -741,8 +810,9 @@ impl NovaCloud {
             tracing::info!(host, service = id, "forcing nova-compute down");
             let response = self
                 .nova(
-                    "PUT",
-                    &format!("/os-services/{}", encode(id)),
+                    Method::PUT,
+                    &["os-services", id],
+                    &[],
                     Some(&json!({ "forced_down": true })),
                 )
                 .await?;
@@ -791,9 +861,13 @@ impl Cloud for NovaCloud {
         if vm.is_empty() {
             return Err(self.api_error("evacuate", vm, &NovaError::EmptyServerId));
         }
-        let suffix = format!("/servers/{}/action", encode(vm));
         let response = self
-            .nova("POST", &suffix, Some(&json!({ "evacuate": {} })))
+            .nova(
+                Method::POST,
+                &["servers", vm, "action"],
+                &[],
+                Some(&json!({ "evacuate": {} })),
+            )
             .await
             .map_err(|error| self.api_error("evacuate", vm, &error))?;
         if response.is_success() {
@@ -825,9 +899,7 @@ impl Cloud for NovaCloud {
 
 impl NovaCloud {
     async fn server_status(&self, vm: &str) -> Result<VmStatus, NovaError> {
-        let response = self
-            .nova("GET", &format!("/servers/{}", encode(vm)), None)
-            .await?;
+        let response = self.nova(Method::GET, &["servers", vm], &[], None).await?;
         if !response.is_success() {
             return Err(NovaError::Status {
                 request: format!("GET /servers/{vm}"),
@@ -846,26 +918,125 @@ impl NovaCloud {
     }
 }
 
-fn parse_http_url(field: &'static str, url: &str) -> Result<HttpUrl, NovaConfigError> {
-    if url
-        .get(..8)
-        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
-    {
-        return Err(NovaConfigError::TlsUnsupported {
-            field,
-            url: url.to_string(),
-        });
-    }
-    HttpUrl::parse(url).map_err(|_| NovaConfigError::InvalidUrl {
+/// An `https://` or `http://` URL with a host, without credentials, query or fragment.
+fn parse_http_url(field: &'static str, text: &str) -> Result<Url, NovaConfigError> {
+    let invalid = || NovaConfigError::InvalidUrl {
         field,
-        url: url.to_string(),
+        url: text.to_string(),
+    };
+    let url = Url::parse(text.trim()).map_err(|_| invalid())?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(NovaConfigError::UrlCredentials { field });
+    }
+    let usable = matches!(url.scheme(), "https" | "http")
+        && url.host_str().is_some_and(|host| !host.is_empty())
+        && !url.cannot_be_a_base()
+        && url.query().is_none()
+        && url.fragment().is_none();
+    if !usable {
+        return Err(invalid());
+    }
+    Ok(url)
+}
+
+/// The TLS and pooling settings of [`NovaConfig`] as a client.
+fn build_client(config: &NovaConfig) -> Result<reqwest::Client, NovaConfigError> {
+    let mut builder = reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .connect_timeout(config.timeout)
+        .timeout(config.timeout)
+        .pool_idle_timeout(POOL_IDLE)
+        .pool_max_idle_per_host(1)
+        // A redirect would carry X-Auth-Token along; Keystone and Nova do not redirect
+        // API calls, so one is reported as the failure status it is.
+        .redirect(reqwest::redirect::Policy::none())
+        // Direct connections, as before TLS: an HTTP_PROXY meant for other software must
+        // not receive a plain-http password.
+        .no_proxy();
+    if !config.verify_tls {
+        builder = builder.danger_accept_invalid_certs(true);
+    }
+    if let Some(path) = &config.ca_file {
+        let ca_error = |reason: String| NovaConfigError::CaFile {
+            path: path.clone(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|error| ca_error(error.to_string()))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|error| ca_error(error_chain(&error)))?;
+        if certificates.is_empty() {
+            return Err(ca_error("no pem certificate in the file".into()));
+        }
+        builder = builder.tls_built_in_root_certs(false);
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder.build().map_err(|error| NovaConfigError::Client {
+        reason: error_chain(&error),
     })
+}
+
+/// `base` (the compute endpoint) with `segments` appended, each percent-encoded as one
+/// path segment, and `query` form-encoded.
+fn compute_url(base: &Url, segments: &[&str], query: &[(&str, &str)]) -> Url {
+    let mut url = base.clone();
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(segments);
+    }
+    if !query.is_empty() {
+        url.query_pairs_mut().extend_pairs(query);
+    }
+    url
+}
+
+/// What errors name of a request: `/compute/v2.1/servers/detail?all_tenants=1&…`.
+fn path_and_query(url: &Url) -> String {
+    match url.query() {
+        Some(query) => format!("{}?{query}", url.path()),
+        None => url.path().to_string(),
+    }
+}
+
+/// An error and its sources on one line, each said once.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !parts.iter().any(|part| part.contains(&text)) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    parts.join(": ")
+}
+
+/// One answer, read whole.
+struct Reply {
+    status: u16,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name)?.to_str().ok()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
 }
 
 /// `ComputeServiceInUse`, which Nova raises as 400 (`badRequest`) in its evacuate handler;
 /// 409 is accepted too. The host comes from the message
 /// "Compute service of {host} is still in use.".
-fn service_in_use_host(response: &Response) -> Option<String> {
+fn service_in_use_host(response: &Reply) -> Option<String> {
     if !matches!(response.status, 400 | 409) {
         return None;
     }
@@ -900,7 +1071,7 @@ fn fault(body: &[u8]) -> Option<(String, String)> {
 }
 
 /// `HTTP 404 itemNotFound: Instance … could not be found. (request req-…)`.
-fn describe_failure(response: &Response) -> String {
+fn describe_failure(response: &Reply) -> String {
     let mut text = format!("HTTP {}", response.status);
     match fault(&response.body) {
         Some((name, message)) => {
@@ -934,52 +1105,12 @@ fn clip(text: &str) -> String {
     clipped
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-fn encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
-fn decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        let escaped = (bytes[index] == b'%')
-            .then(|| text.get(index + 1..index + 3))
-            .flatten()
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match escaped {
-            Some(byte) => {
-                out.push(byte);
-                index += 3;
-            }
-            None => {
-                out.push(bytes[index]);
-                index += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The decoded value of `key` in `url`'s query string.
-fn query_value(url: &str, key: &str) -> Option<String> {
-    let (_, query) = url.split_once('?')?;
-    let query = query.split('#').next().unwrap_or_default();
-    query.split('&').find_map(|pair| {
-        let (name, value) = pair.split_once('=')?;
-        (name == key)
-            .then(|| decode(value))
-            .filter(|v| !v.is_empty())
-    })
+/// The value of `key` in `href`'s query string, decoded.
+fn query_value(href: &str, key: &str) -> Option<String> {
+    let url = Url::parse(href).ok()?;
+    url.query_pairs()
+        .find(|(name, value)| name == key && !value.is_empty())
+        .map(|(_, value)| value.into_owned())
 }
 
 #[derive(Deserialize)]
@@ -1067,12 +1198,17 @@ struct Service {
 mod tests {
     use super::*;
 
-    fn response(status: u16, body: &str) -> Response {
-        Response {
+    fn response(status: u16, body: &str) -> Reply {
+        Reply {
             status,
-            headers: vec![],
+            headers: HeaderMap::new(),
             body: body.as_bytes().to_vec(),
         }
+    }
+
+    #[test]
+    fn the_two_version_headers_ask_for_the_same_microversion() {
+        assert_eq!(COMPUTE_API_VERSION, format!("compute {MICROVERSION}"));
     }
 
     #[test]
@@ -1095,12 +1231,25 @@ mod tests {
     }
 
     #[test]
-    fn query_values_are_decoded_and_encoding_round_trips() {
+    fn query_values_are_decoded_and_path_segments_and_queries_encoded() {
         let href = "http://nova/v2.1/servers/detail?all_tenants=1&limit=2&marker=a%2Fb-1";
         assert_eq!(query_value(href, "marker").as_deref(), Some("a/b-1"));
         assert_eq!(query_value(href, "absent"), None);
-        assert_eq!(encode("cn 01/é"), "cn%2001%2F%C3%A9");
-        assert_eq!(decode(&encode("cn 01/é&x=y")), "cn 01/é&x=y");
+        let base = Url::parse("https://nova:8774/v2.1/").unwrap();
+        let url = compute_url(&base, &["servers", "a/b ?#", "action"], &[]);
+        assert_eq!(
+            url.as_str(),
+            "https://nova:8774/v2.1/servers/a%2Fb%20%3F%23/action"
+        );
+        let url = compute_url(&base, &["os-services"], &[("host", "cn 01&x=é")]);
+        assert_eq!(
+            path_and_query(&url),
+            "/v2.1/os-services?host=cn+01%26x%3D%C3%A9"
+        );
+        assert_eq!(
+            query_value(url.as_str(), "host").as_deref(),
+            Some("cn 01&x=é")
+        );
     }
 
     #[test]
@@ -1111,7 +1260,7 @@ mod tests {
         );
         answer
             .headers
-            .push(("x-openstack-request-id".into(), "req-1".into()));
+            .insert("x-openstack-request-id", HeaderValue::from_static("req-1"));
         assert_eq!(
             describe_failure(&answer),
             "HTTP 404 itemNotFound: Instance x could not be found. (request req-1)"
