@@ -63,6 +63,9 @@ pub enum ClientError {
     },
     #[error("boot script and profile disagree: {0}")]
     Inconsistent(String),
+    /// Bearman recorded this machine but nobody accepted it into the fleet yet.
+    #[error("bearman recorded this machine ({uuid}) but it is not accepted yet: an operator runs `bearman node accept {uuid}` (or lists it in [enrollment]); waiting")]
+    AwaitingAcceptance { uuid: String },
 }
 
 impl ClientError {
@@ -264,6 +267,11 @@ impl<C: Connector> BootClient<C> {
     /// script, profile and detail. The script and profile must name the same kernel.
     pub async fn prepare_boot(&self, request: &RegisterRequest) -> Result<BootPlan, ClientError> {
         let registration = self.register(request).await?;
+        if registration.awaiting_acceptance {
+            return Err(ClientError::AwaitingAcceptance {
+                uuid: registration.uuid,
+            });
+        }
         let script = self.target_script().await?;
         let profile = self.profile().await?;
         let detail = self.detail().await?;

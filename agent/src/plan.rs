@@ -490,6 +490,7 @@ mod tests {
                 state: "ready".into(),
                 bmc: None,
                 firmware_expected: FirmwareVersions::default(),
+                awaiting_acceptance: false,
             },
             script: BootScript {
                 kernel: Some(KernelLine {

@@ -405,6 +405,44 @@ fn serve_answers_boot_requests_and_client_commands() {
         serde_json::from_str(&stdout(&empty)).expect("node list --output json is JSON");
     assert_eq!(nodes, Value::Array(vec![]));
 
+    // The production default: a machine nobody enrolled waits for acceptance, with its
+    // hardware recorded and no address, and is served no boot files.
+    let waiting = request(
+        serve.address,
+        "POST",
+        &format!("/ipxe/{UUID}/register"),
+        Some(&registration_body()),
+    )
+    .unwrap();
+    assert_eq!(waiting.status, 202, "{}", waiting.text());
+    let answer: Value = serde_json::from_str(&waiting.text()).unwrap();
+    assert_eq!(answer["awaiting_acceptance"], true, "{answer}");
+    assert_eq!(answer["state"], "discovered", "{answer}");
+    assert_eq!(answer["bmc"], Value::Null, "{answer}");
+    let shown = client(&["node", "show", UUID, "--output", "json"]);
+    assert_success("node show", &shown);
+    let record: Value = serde_json::from_str(&stdout(&shown)).unwrap();
+    assert_eq!(record["network"]["bond0_addresses"], serde_json::json!([]));
+    assert!(record["pending_acceptance"].is_object(), "{record}");
+    let detail = request(serve.address, "GET", &format!("/ipxe/{UUID}/detail"), None).unwrap();
+    assert_eq!(detail.status, 409, "{}", detail.text());
+    assert!(
+        detail.text().contains("awaiting_acceptance"),
+        "{}",
+        detail.text()
+    );
+    let pool_view = client(&["pool", "show", "rack-a", "--output", "json"]);
+    assert_success("pool show", &pool_view);
+    assert!(
+        !stdout(&pool_view).contains(UUID),
+        "a waiting machine holds no address: {}",
+        stdout(&pool_view)
+    );
+    let accepted = client(&["node", "accept", UUID, "--reason", "rack a01 delivery"]);
+    assert_success("node accept", &accepted);
+    let twice = client(&["node", "accept", UUID]);
+    assert!(!twice.status.success(), "accepting twice is refused");
+
     let registered = request(
         serve.address,
         "POST",
@@ -528,7 +566,8 @@ fn serve_with_a_hostile_node(dir: &Path, data_dir: &Path) -> (Serve, String) {
         Some(&registration_body()),
     )
     .unwrap();
-    assert_eq!(registered.status, 200, "{}", registered.text());
+    // Waits for acceptance (the default policy); its hardware strings are stored.
+    assert_eq!(registered.status, 202, "{}", registered.text());
     drop(serve);
 
     let url = format!(

@@ -108,6 +108,7 @@ async fn replica(url: &str, name: &str, machine: &Arc<Machine>) -> TestReplica {
                 role: NodeRole::Compute,
                 flavor: None,
             },
+            enrollment: bearman::core::enrollment::EnrollmentPolicy::accept_all(),
             heartbeat_fresh_ms: 30_000,
         },
     );

@@ -341,8 +341,14 @@ impl Serve {
                 command.env_remove(key);
             }
         }
+        // The storm's machines are let in as they come: what is under test is the
+        // registration transaction, not the enrollment policy.
+        let config = dir.join("serve.toml");
+        std::fs::write(&config, "[enrollment]\nauto_accept = true\n").unwrap();
         command
             .args(["serve", "--listen", &address.to_string()])
+            .arg("--config")
+            .arg(&config)
             .args(&database.serve_args)
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap());

@@ -267,6 +267,7 @@ async fn harness_with(
                 role: NodeRole::Compute,
                 flavor: None,
             },
+            enrollment: bearman::core::enrollment::EnrollmentPolicy::accept_all(),
             heartbeat_fresh_ms: 30_000,
         },
     );

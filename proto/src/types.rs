@@ -105,6 +105,11 @@ pub struct RegisterResponse {
     pub bmc: Option<BmcSettings>,
     /// Firmware versions the node's flavor expects, for the agent to compare.
     pub firmware_expected: FirmwareVersions,
+    /// The machine is recorded but not accepted into the fleet yet (the daemon's
+    /// enrollment policy): no address, no boot files. The agent waits and registers
+    /// again. Absent (false) from daemons without enrollment policies.
+    #[serde(default)]
+    pub awaiting_acceptance: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -576,6 +576,9 @@ pub fn run(
                             role: NodeRole::Compute,
                             flavor: Some("hv".into()),
                         },
+                        // The simulated racks are the operator's own machines, as if
+                        // every one were on an allow-list.
+                        enrollment: bearman::core::enrollment::EnrollmentPolicy::accept_all(),
                         body_limit_bytes: bearman::server::BODY_LIMIT_BYTES_DEFAULT,
                         heartbeat_fresh_ms: 30_000,
                     },

@@ -36,6 +36,9 @@ pub struct TestDaemon {
 pub struct Options {
     pub default_flavor: Option<String>,
     pub body_limit_bytes: usize,
+    /// Accept everyone by default: most tests are about what happens after a machine
+    /// is let in; the enrollment tests set the production default (closed).
+    pub enrollment: bearman::core::enrollment::EnrollmentPolicy,
 }
 
 impl Default for Options {
@@ -43,6 +46,7 @@ impl Default for Options {
         Options {
             default_flavor: None,
             body_limit_bytes: bearman::api::BODY_LIMIT_BYTES_DEFAULT,
+            enrollment: bearman::core::enrollment::EnrollmentPolicy::accept_all(),
         }
     }
 }
@@ -90,6 +94,7 @@ impl TestDaemon {
                     role: NodeRole::Compute,
                     flavor: options.default_flavor,
                 },
+                enrollment: options.enrollment,
                 body_limit_bytes: options.body_limit_bytes,
                 heartbeat_fresh_ms: 30_000,
             },

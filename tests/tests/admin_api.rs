@@ -143,7 +143,7 @@ async fn enrolled_node_is_discovered_until_it_registers() {
     assert_eq!(status, 201, "{enrolled}");
     assert_eq!(enrolled["uuid"], NODE_A, "stored in canonical lowercase");
     assert_eq!(enrolled["state"], "discovered");
-    assert_eq!(enrolled["hostname"], "node-b4c04f4e4a32");
+    assert_eq!(enrolled["hostname"], format!("node-{NODE_A}"));
     assert_eq!(
         enrolled["flavor"], "hv",
         "the default flavor applies to enrolled nodes too"
@@ -232,15 +232,16 @@ async fn enrolled_node_is_discovered_until_it_registers() {
         "field hostname",
     )
     .await;
-    let taken_hostname = json!({"uuid": NODE_B, "hostname": "node-b4c04f4e4a32"});
+    // Another node's default hostname is reserved for it, taken or not.
+    let reserved_hostname = json!({"uuid": NODE_B, "hostname": format!("node-{NODE_A}")});
     check(
         &daemon,
         "POST",
         "/nodes",
-        Some(taken_hostname),
-        409,
-        "already_exists",
-        "hostname",
+        Some(reserved_hostname),
+        422,
+        "invalid_field",
+        "default hostname of another node",
     )
     .await;
     let unknown_field = json!({"uuid": NODE_B, "colour": "red"});
@@ -441,10 +442,15 @@ async fn patch_hostname_clash_is_refused() {
     let daemon = daemon().await;
     register(&daemon, NODE_A, 1).await;
     register(&daemon, NODE_B, 2).await;
-    let taken = node(&daemon, NODE_A).await["hostname"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let taken = "hv-a01-01".to_string();
+    let (status, body) = daemon
+        .admin(
+            "PATCH",
+            &format!("/nodes/{NODE_A}"),
+            Some(json!({"hostname": taken})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
     let clash = json!({"hostname": taken});
     check(
         &daemon,
@@ -456,6 +462,17 @@ async fn patch_hostname_clash_is_refused() {
         &taken,
     )
     .await;
+    // Nor may a node take another's default hostname, even one no node uses now.
+    check(
+        &daemon,
+        "PATCH",
+        &format!("/nodes/{NODE_B}"),
+        Some(json!({"hostname": format!("node-{NODE_A}")})),
+        422,
+        "invalid_field",
+        "default hostname of another node",
+    )
+    .await;
     // The node that holds the name still boots with it.
     assert_eq!(
         boot(&daemon, "GET", NODE_A, "/detail", None).await["hostname"],
@@ -463,7 +480,7 @@ async fn patch_hostname_clash_is_refused() {
     );
     assert_eq!(
         boot(&daemon, "GET", NODE_B, "/detail", None).await["hostname"],
-        "node-b4c04f4e4a33"
+        format!("node-{NODE_B}")
     );
 }
 

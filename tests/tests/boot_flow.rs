@@ -62,7 +62,10 @@ async fn node_goes_from_register_to_ready_over_http() {
         .await
         .expect("stage 1 conversation");
     assert_eq!(plan.registration.state, "registered");
-    assert_eq!(plan.registration.hostname, "node-b4c04f4e4a32");
+    assert_eq!(
+        plan.registration.hostname,
+        "node-4c4c4544-0042-3510-8052-b4c04f4e4a32"
+    );
     let bmc = plan
         .registration
         .bmc
@@ -82,7 +85,7 @@ async fn node_goes_from_register_to_ready_over_http() {
     assert!(
         plan.profile
             .cmdline
-            .contains("hostname=node-b4c04f4e4a32 ip=10.10.0.10"),
+            .contains("hostname=node-4c4c4544-0042-3510-8052-b4c04f4e4a32 ip=10.10.0.10"),
         "{}",
         plan.profile.cmdline
     );
@@ -244,7 +247,7 @@ async fn target_script_follows_flavor_and_node_changes() {
     assert_eq!(status, 200);
     let after_flavor = daemon.request("GET", &path, None, None).await.text();
     assert!(
-        after_flavor.contains("quiet hostname=node-b4c04f4e4a32"),
+        after_flavor.contains("quiet hostname=node-4c4c4544-0042-3510-8052-b4c04f4e4a32"),
         "{after_flavor}"
     );
 

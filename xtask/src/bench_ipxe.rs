@@ -284,6 +284,11 @@ async fn start_bearman(
         log_path.display()
     ));
     let log = File::create(log_path).context("creating the daemon log")?;
+    // The benchmark's made-up machines are let in as they register (a lab's policy).
+    std::fs::create_dir_all(data_dir).context("creating the data directory")?;
+    let config = data_dir.join("bench.toml");
+    std::fs::write(&config, "[enrollment]\nauto_accept = true\n")
+        .context("writing the daemon config")?;
     // Registration assigns the default flavor, so no per-node update is needed.
     let mut bearman = ChildGuard::spawn(
         "bearman",
@@ -294,8 +299,10 @@ async fn start_bearman(
                 &addr.to_string(),
                 "--default-flavor",
                 FLAVOR,
-                "--data-dir",
+                "--config",
             ])
+            .arg(&config)
+            .arg("--data-dir")
             .arg(data_dir)
             .stdout(log.try_clone()?)
             .stderr(log),

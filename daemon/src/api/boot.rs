@@ -7,7 +7,7 @@
 //! registration which does not match the hardware on record is refused and audited.
 
 use axum::extract::{Path, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -118,6 +118,23 @@ async fn stage1_script(State(state): State<AppState>) -> Response {
     ipxe_bytes(state.stage1_script.clone())
 }
 
+/// A retired node, or one waiting for acceptance, is served no boot files.
+fn refuse_unservable(node: &Node) -> Result<(), ApiError> {
+    if !serves_boot(node.state) {
+        return Err(AppError::NodeRetired {
+            uuid: node.uuid.clone(),
+        }
+        .into());
+    }
+    if node.pending_acceptance.is_some() {
+        return Err(AppError::AwaitingAcceptance {
+            uuid: node.uuid.clone(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 async fn known_node(state: &AppState, uuid: &NodeUuid) -> Result<Node, ApiError> {
     state
         .store
@@ -128,12 +145,7 @@ async fn known_node(state: &AppState, uuid: &NodeUuid) -> Result<Node, ApiError>
 
 /// The node's flavor, or a 409 saying why it has none to boot.
 async fn node_flavor(state: &AppState, node: &Node) -> Result<std::sync::Arc<Flavor>, ApiError> {
-    if !serves_boot(node.state) {
-        return Err(AppError::NodeRetired {
-            uuid: node.uuid.clone(),
-        }
-        .into());
-    }
+    refuse_unservable(node)?;
     let name = node.flavor.as_deref().ok_or_else(|| {
         ApiError::conflict(
             "no_flavor",
@@ -256,15 +268,25 @@ async fn register(
     State(state): State<AppState>,
     UuidPath(uuid): UuidPath,
     JsonBody(request): JsonBody<RegisterRequest>,
-) -> Result<Json<RegisterResponse>, ApiError> {
+) -> Result<(StatusCode, Json<RegisterResponse>), ApiError> {
     let registered = state.app.node_register_hardware(&uuid, &request).await?;
-    Ok(Json(RegisterResponse {
-        uuid: uuid.to_string(),
-        hostname: registered.node.hostname,
-        state: registered.node.state.as_str().to_string(),
-        bmc: registered.bmc,
-        firmware_expected: registered.firmware_expected,
-    }))
+    // 202: recorded, not accepted yet (the body says so too, for the agent).
+    let status = if registered.awaiting_acceptance {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(RegisterResponse {
+            uuid: uuid.to_string(),
+            hostname: registered.node.hostname,
+            state: registered.node.state.as_str().to_string(),
+            bmc: registered.bmc,
+            firmware_expected: registered.firmware_expected,
+            awaiting_acceptance: registered.awaiting_acceptance,
+        }),
+    ))
 }
 
 async fn profile(
@@ -281,9 +303,7 @@ async fn detail(
     UuidPath(uuid): UuidPath,
 ) -> Result<Json<NetworkDetail>, ApiError> {
     let node = known_node(&state, &uuid).await?;
-    if !serves_boot(node.state) {
-        return Err(AppError::NodeRetired { uuid }.into());
-    }
+    refuse_unservable(&node)?;
     Ok(Json(crate::core::boot::network_detail(&node)))
 }
 
@@ -318,7 +338,10 @@ async fn progress(
     let phase = BootPhase::parse(&report.phase).ok_or_else(|| {
         ApiError::from(AppError::InvalidField(FieldError {
             field: "phase".into(),
-            problem: format!("unknown boot phase {:?}; expected stage1", report.phase),
+            problem: format!(
+                "unknown boot phase {:?}; expected stage1",
+                report.phase.chars().take(40).collect::<String>()
+            ),
         }))
     })?;
     let node = state.app.node_boot_progress(&uuid, phase).await?;

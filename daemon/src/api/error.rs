@@ -133,6 +133,13 @@ impl From<AppError> for ApiError {
                 ApiError::conflict("not_cancellable", message)
             }
             AppError::IdentityMismatch { .. } => ApiError::conflict("identity_mismatch", message),
+            AppError::AwaitingAcceptance { .. } => {
+                ApiError::conflict("awaiting_acceptance", message)
+            }
+            AppError::NotAwaitingAcceptance { .. } => ApiError::conflict("not_pending", message),
+            AppError::EnlistmentFull { .. } => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "enlistment_full", message)
+            }
             AppError::FlavorExists { .. } => ApiError::conflict("already_exists", message),
             AppError::FlavorMissing { .. } => ApiError::conflict("flavor_missing", message),
             AppError::NoFlavor { .. } => ApiError::conflict("no_flavor", message),

@@ -36,6 +36,8 @@ pub struct ServiceConfig {
     pub public_url: String,
     pub stage1: Stage1Config,
     pub defaults: RegistrationDefaults,
+    /// Which self-registering machines are accepted (`[enrollment]`).
+    pub enrollment: crate::core::enrollment::EnrollmentPolicy,
     pub body_limit_bytes: usize,
     /// A heartbeat younger than this counts as "the node is up" (leaving maintenance).
     pub heartbeat_fresh_ms: TimestampMs,
@@ -73,6 +75,7 @@ impl AppState {
             clock.clone(),
             crate::app::Settings {
                 defaults: config.defaults.clone(),
+                enrollment: config.enrollment.clone(),
                 heartbeat_fresh_ms: config.heartbeat_fresh_ms,
             },
         );

@@ -38,6 +38,8 @@ pub use crate::core::model::SYSTEM_ACTOR;
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub defaults: RegistrationDefaults,
+    /// Which machines that register by themselves are accepted (`core::enrollment`).
+    pub enrollment: crate::core::enrollment::EnrollmentPolicy,
     /// A heartbeat younger than this counts as "the node is up" (leaving maintenance).
     pub heartbeat_fresh_ms: TimestampMs,
 }
@@ -51,6 +53,8 @@ pub struct App {
     pub settings: Arc<Settings>,
     pub guards: Arc<guards::GuardBoard>,
     pub leader: Arc<cluster::LeaderBoard>,
+    /// How often unauthenticated requests may write the same audit event.
+    throttle: Arc<std::sync::Mutex<crate::core::event_throttle::EventThrottle>>,
 }
 
 impl App {
@@ -61,7 +65,48 @@ impl App {
             settings: Arc::new(settings),
             guards: Arc::default(),
             leader: Arc::default(),
+            throttle: Arc::default(),
         }
+    }
+
+    /// Appends `event` unless the same `key` (a node and what it did) already wrote one
+    /// within the throttle's window; repeats are counted and summarised by an
+    /// `events_suppressed` event beside the next one written. For events unauthenticated
+    /// requests cause, so they cannot flood the audit trail.
+    pub(crate) async fn append_throttled(
+        &self,
+        key: &str,
+        event: NewEvent,
+    ) -> Result<(), AppError> {
+        use crate::core::event_throttle::Verdict;
+        let verdict = self
+            .throttle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .admit(key, event.at_ms);
+        let Verdict::Write {
+            suppressed,
+            since_ms,
+        } = verdict
+        else {
+            return Ok(());
+        };
+        let mut events = Vec::with_capacity(2);
+        if suppressed > 0 {
+            let mut summary = event.clone();
+            summary.action = crate::core::model::Action::EventsSuppressed;
+            summary.from_state = None;
+            summary.to_state = None;
+            summary.reason = format!(
+                "{suppressed} more {} event(s) not written one by one since {since_ms} (at most one per {} s)",
+                event.action,
+                crate::core::event_throttle::WINDOW_MS_DEFAULT / 1000
+            );
+            events.push(summary);
+        }
+        events.push(event);
+        self.store.event_append(&events).await?;
+        Ok(())
     }
 }
 
@@ -107,6 +152,12 @@ pub enum AppError {
     RemediationNotCancellable { id: i64, step: &'static str },
     #[error("{detail}; an operator must run `bearman node accept-identity {uuid}`")]
     IdentityMismatch { uuid: NodeUuid, detail: String },
+    #[error("node {uuid} waits for acceptance: it gets no addresses or boot files until an operator runs `bearman node accept {uuid}` (or an enrollment allow-list names it)")]
+    AwaitingAcceptance { uuid: NodeUuid },
+    #[error("node {uuid} is not waiting for acceptance")]
+    NotAwaitingAcceptance { uuid: NodeUuid },
+    #[error("{limit} machines already wait for acceptance (enrollment.pending_max); accept or retire some, or raise the limit")]
+    EnlistmentFull { limit: usize },
     #[error("flavor {name} already exists; use PUT to replace it")]
     FlavorExists { name: String },
     #[error("node {uuid} is assigned flavor {flavor}, which does not exist")]

@@ -8,6 +8,19 @@ use crate::core::lifecycle::{apply_event, transition, LifecycleEvent, LifecycleS
 use crate::core::model::{Action, BmcConfig, BootPhase, NewEvent, Node, NodeRole};
 use crate::core::validate::{check_bmc, check_hostname, check_rack, FieldError};
 
+/// Refuses a hostname that is another node's default (`node-<its uuid>`).
+fn check_hostname_not_reserved(hostname: &str, uuid: &NodeUuid) -> Result<(), FieldError> {
+    if crate::core::registration::hostname_reserved_for_other(hostname, uuid) {
+        return Err(FieldError {
+            field: "hostname".into(),
+            problem: format!(
+                "{hostname:?} is the default hostname of another node; default hostnames are reserved for the node whose uuid they name"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// How many nodes are in each state (`GET /api/v1/summary`).
 #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq, Eq)]
 pub struct Summary {
@@ -63,6 +76,7 @@ impl App {
         let hostname =
             hostname.unwrap_or_else(|| crate::core::registration::default_hostname(&uuid));
         check_hostname(&hostname)?;
+        check_hostname_not_reserved(&hostname, &uuid)?;
         if let Some(rack) = &rack {
             check_rack(rack)?;
         }
@@ -92,6 +106,7 @@ impl App {
     ) -> Result<Node, AppError> {
         if let Some(hostname) = &changes.hostname {
             check_hostname(hostname)?;
+            check_hostname_not_reserved(hostname, uuid)?;
         }
         if let Some(rack) = &changes.rack {
             check_rack(rack)?;
@@ -276,6 +291,9 @@ impl App {
         uuid: &NodeUuid,
         os_release: Option<&str>,
     ) -> Result<Node, AppError> {
+        if let Some(release) = os_release {
+            crate::core::validate::check_reported_text("os_release", release)?;
+        }
         let now = self.now_ms();
         let reason = match os_release {
             Some(release) => format!(
@@ -338,7 +356,9 @@ impl App {
                 Action::UnexpectedHeartbeat,
                 illegal.to_string(),
             );
-            self.store.event_append(&[event]).await?;
+            // A silent node's agent heartbeats every few seconds: one event a window.
+            self.append_throttled(&format!("{uuid} unexpected_heartbeat"), event)
+                .await?;
         }
         result
     }

@@ -9,8 +9,8 @@ use bearman_proto::{BmcSettings, FirmwareVersions, RegisterRequest};
 use super::{App, AppError, NODE_ACTOR, NODE_WRITE_ATTEMPTS_MAX};
 use crate::core::ipam;
 use crate::core::lifecycle::LifecycleState;
-use crate::core::model::{Action, NewEvent, Node, PoolPurpose};
-use crate::core::registration::{plan_registration, RegistrationRefused};
+use crate::core::model::{Action, NewEvent, Node, NodeFilter, PoolPurpose, TimestampMs};
+use crate::core::registration::{plan_registration, RegistrationPlan, RegistrationRefused};
 use crate::core::validate;
 use crate::store::{RegistrationWrite, StoreError};
 
@@ -22,12 +22,15 @@ pub struct Registration {
     pub bmc: Option<BmcSettings>,
     /// What its flavor expects, for the agent's firmware check.
     pub firmware_expected: FirmwareVersions,
+    /// The machine is recorded but not accepted: no address, no boot files yet.
+    pub awaiting_acceptance: bool,
 }
 
 impl App {
     /// Records the hardware a machine reports about itself. A uuid whose recorded
     /// hardware differs is refused (and the refusal audited) until an operator accepts
-    /// the new identity.
+    /// the new identity. A machine the enrollment policy does not admit is recorded,
+    /// Discovered, and waits for acceptance with no address (`awaiting_acceptance`).
     pub async fn node_register_hardware(
         &self,
         uuid: &NodeUuid,
@@ -38,14 +41,15 @@ impl App {
         let mut last_conflict = None;
         for _ in 0..NODE_WRITE_ATTEMPTS_MAX {
             let existing = self.store.node_get(uuid).await?;
-            let node = match plan_registration(
+            let plan = match plan_registration(
                 existing.as_ref(),
                 uuid,
                 request,
                 &self.settings.defaults,
+                &self.settings.enrollment,
                 now,
             ) {
-                Ok(node) => node,
+                Ok(plan) => plan,
                 Err(RegistrationRefused::IdentityMismatch { detail, .. }) => {
                     let event = NewEvent::for_node(
                         uuid,
@@ -54,7 +58,8 @@ impl App {
                         Action::IdentityRefused,
                         detail.clone(),
                     );
-                    self.store.event_append(&[event]).await?;
+                    self.append_throttled(&format!("{uuid} identity_refused"), event)
+                        .await?;
                     tracing::warn!(%uuid, %detail, "registration refused: identity mismatch");
                     return Err(AppError::IdentityMismatch {
                         uuid: uuid.clone(),
@@ -63,30 +68,66 @@ impl App {
                 }
                 Err(RegistrationRefused::Illegal(error)) => return Err(error.into()),
             };
+            let (node, newly_accepted) = match plan {
+                RegistrationPlan::Register {
+                    node,
+                    newly_accepted,
+                } => (node, newly_accepted),
+                RegistrationPlan::Wait {
+                    node,
+                    first,
+                    changed,
+                } => match self
+                    .enlist(existing.as_ref(), node, first, changed, now)
+                    .await
+                {
+                    Ok(registration) => return Ok(registration),
+                    Err(AppError::Store(
+                        error @ (StoreError::GenerationMismatch { .. }
+                        | StoreError::AlreadyExists { .. }),
+                    )) => {
+                        last_conflict = Some(error);
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                },
+            };
             let pools = self.store.pool_list().await?;
             let addresses = ipam::address_requests(&pools, &node, request.bmc.is_some());
             let flavor = match &node.flavor {
                 Some(name) => self.store.flavor_get(name).await?,
                 None => None,
             };
-            let mut events = vec![NewEvent::for_node(
-                uuid,
-                now,
-                NODE_ACTOR,
-                Action::Register,
-                format!(
-                    "serial {}, {} NIC(s), rack {}",
-                    node.serial,
-                    node.hardware.nics.len(),
-                    node.rack.as_deref().unwrap_or("unknown")
+            let mut events = Vec::new();
+            if let Some(by) = &newly_accepted {
+                events.push(NewEvent::for_node(
+                    uuid,
+                    now,
+                    NODE_ACTOR,
+                    Action::Accepted,
+                    format!("accepted by {by}"),
+                ));
+            }
+            events.push(
+                NewEvent::for_node(
+                    uuid,
+                    now,
+                    NODE_ACTOR,
+                    Action::Register,
+                    format!(
+                        "serial {}, {} NIC(s), rack {}",
+                        node.serial,
+                        node.hardware.nics.len(),
+                        node.rack.as_deref().unwrap_or("unknown")
+                    ),
+                )
+                .with_states(
+                    existing
+                        .as_ref()
+                        .map_or(LifecycleState::Discovered, |n| n.state),
+                    node.state,
                 ),
-            )
-            .with_states(
-                existing
-                    .as_ref()
-                    .map_or(LifecycleState::Discovered, |n| n.state),
-                node.state,
-            )];
+            );
             if let Some(flavor) = &flavor {
                 if let Some(mismatch) = firmware_mismatch(&flavor.firmware_expected, &node.firmware)
                 {
@@ -115,12 +156,31 @@ impl App {
                         .map_err(|error| {
                             StoreError::Corrupt(format!("stored bmc pool: {error}"))
                         })?;
+                    for unfilled in &registered.unfilled {
+                        let reason = format!(
+                            "every {} pool is full ({}); registered without a {} address",
+                            unfilled.purpose.as_str(),
+                            unfilled.pools.join(", "),
+                            unfilled.purpose.as_str()
+                        );
+                        tracing::warn!(%uuid, %reason, "address pools full");
+                        let event = NewEvent::for_node(
+                            uuid,
+                            now,
+                            NODE_ACTOR,
+                            Action::BmcPoolExhausted,
+                            reason,
+                        );
+                        self.append_throttled(&format!("{uuid} bmc_pool_exhausted"), event)
+                            .await?;
+                    }
                     let node = registered.node;
                     tracing::info!(%uuid, hostname = %node.hostname, state = %node.state, "registered");
                     return Ok(Registration {
                         node,
                         bmc,
                         firmware_expected: flavor.map(|f| f.firmware_expected).unwrap_or_default(),
+                        awaiting_acceptance: false,
                     });
                 }
                 Err(
@@ -141,6 +201,127 @@ impl App {
                 what: format!("node {uuid}"),
             },
         })
+    }
+
+    /// Records a machine that waits for acceptance: nothing is written when the record
+    /// already says it all (a machine retrying), and a new one is refused once
+    /// `enrollment.pending_max` machines wait.
+    async fn enlist(
+        &self,
+        existing: Option<&Node>,
+        node: Node,
+        first: bool,
+        changed: bool,
+        now: TimestampMs,
+    ) -> Result<Registration, AppError> {
+        let uuid = node.uuid.clone();
+        let waiting = |node: Node| Registration {
+            node,
+            bmc: None,
+            firmware_expected: FirmwareVersions::default(),
+            awaiting_acceptance: true,
+        };
+        if !changed {
+            return Ok(waiting(node));
+        }
+        let limit = self.settings.enrollment.pending_max;
+        if first && self.pending_count(limit).await? >= limit {
+            let reason = format!(
+                "{limit} machines already wait for acceptance (enrollment.pending_max);                  accept or retire some, or raise the limit"
+            );
+            let event = NewEvent::for_node(
+                &uuid,
+                now,
+                NODE_ACTOR,
+                Action::EnlistmentRefused,
+                reason.clone(),
+            );
+            // One key for all of them: a flood of made-up uuids is one story.
+            self.append_throttled("enlistment_refused", event).await?;
+            tracing::warn!(%uuid, "enlistment refused: too many machines wait for acceptance");
+            return Err(AppError::EnlistmentFull { limit });
+        }
+        let reason = if first {
+            format!(
+                "serial {}, NIC(s) {}: waits for acceptance (bearman node accept {uuid})",
+                node.serial,
+                node.mac_set().join(", ")
+            )
+        } else {
+            format!(
+                "registered again as serial {}, NIC(s) {}; still waits for acceptance",
+                node.serial,
+                node.mac_set().join(", ")
+            )
+        };
+        let event = NewEvent::for_node(&uuid, now, NODE_ACTOR, Action::Enlisted, reason);
+        let write = RegistrationWrite {
+            expected_generation: existing.map(|n| n.generation),
+            node,
+            addresses: Vec::new(),
+            events: vec![event],
+            at_ms: now,
+        };
+        let registered = self.store.node_register(&write).await?;
+        tracing::info!(%uuid, "enlisted; waits for acceptance");
+        Ok(waiting(registered.node))
+    }
+
+    /// How many machines wait for acceptance, counted up to `limit`.
+    async fn pending_count(&self, limit: usize) -> Result<usize, AppError> {
+        const PAGE: usize = 500;
+        let mut count = 0;
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .node_list(&NodeFilter {
+                    state: Some(LifecycleState::Discovered),
+                    after: after.clone(),
+                    limit: PAGE,
+                    ..NodeFilter::default()
+                })
+                .await?;
+            count += page
+                .iter()
+                .filter(|node| node.pending_acceptance.is_some())
+                .count();
+            if count >= limit || page.len() < PAGE {
+                return Ok(count);
+            }
+            after = page.last().map(|node| node.uuid.clone());
+        }
+    }
+
+    /// An operator accepts a machine that waits: its next registration gets its
+    /// addresses and boot files, and binds the identity it then reports.
+    pub async fn node_accept(
+        &self,
+        actor: &str,
+        uuid: &NodeUuid,
+        reason: Option<&str>,
+    ) -> Result<Node, AppError> {
+        let reason = validate::reason_or(reason, "accepted by an operator")?;
+        let now = self.now_ms();
+        self.mutate_node(uuid, |node| {
+            if node.pending_acceptance.is_none() {
+                return Err(AppError::NotAwaitingAcceptance { uuid: uuid.clone() });
+            }
+            node.pending_acceptance = None;
+            node.updated_at_ms = now;
+            Ok(vec![NewEvent::for_node(
+                uuid,
+                now,
+                actor,
+                Action::Accepted,
+                format!(
+                    "{reason} (serial {}, NIC(s) {})",
+                    node.serial,
+                    node.mac_set().join(", ")
+                ),
+            )])
+        })
+        .await
     }
 }
 
@@ -229,6 +410,7 @@ mod tests {
                     role: NodeRole::Compute,
                     flavor: None,
                 },
+                enrollment: crate::core::enrollment::EnrollmentPolicy::default(),
                 heartbeat_fresh_ms: 0,
             },
         );

@@ -301,6 +301,17 @@ pub(super) enum NodeCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Accept a machine that registered by itself and waits (state discovered,
+    /// awaiting acceptance): its next registration gets addresses and boot files.
+    /// Check its serial and MACs first (`bearman node show UUID`): the identity it
+    /// reports next is the one bound.
+    Accept {
+        uuid: String,
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Accept new hardware (serial/MACs) for a uuid at its next registration
     AcceptIdentity {
         uuid: String,

@@ -36,6 +36,25 @@ pub struct FileConfig {
     pub pxe: Option<bearman_pxe::PxeFileConfig>,
     /// Several replicas on one PostgreSQL database (off by default).
     pub cluster: Option<bearman::core::cluster::ClusterConfig>,
+    /// Which machines that register by themselves are accepted into the fleet.
+    pub enrollment: Option<EnrollmentFile>,
+}
+
+/// `[enrollment]` as written. Without it (or with every list empty and `auto_accept`
+/// false) a machine nobody enrolled waits, Discovered, for `bearman node accept`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollmentFile {
+    #[serde(default)]
+    pub auto_accept: bool,
+    #[serde(default)]
+    pub allow_serials: Vec<String>,
+    #[serde(default)]
+    pub allow_macs: Vec<String>,
+    /// `SWITCH/PORT`: the LLDP chassis id or system name of a switch and a port id.
+    #[serde(default)]
+    pub allow_switch_ports: Vec<String>,
+    pub pending_max: Option<usize>,
 }
 
 impl FileConfig {
@@ -67,6 +86,7 @@ pub struct ServeConfig {
     pub bmc: bearman::bmc::provider::BmcSettings,
     pub pxe: Option<bearman_pxe::PxeConfig>,
     pub cluster: bearman::core::cluster::ClusterConfig,
+    pub enrollment: bearman::core::enrollment::EnrollmentPolicy,
 }
 
 /// Values given on the command line or in the environment (clap merges those two).
@@ -172,6 +192,17 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
             "[cluster] enabled = true needs a PostgreSQL database_url (postgres://…): SQLite is one daemon's embedded store"
         );
     }
+    let enrollment_file = file.enrollment.unwrap_or_default();
+    let enrollment = bearman::core::enrollment::EnrollmentPolicy::from_settings(
+        enrollment_file.auto_accept,
+        &enrollment_file.allow_serials,
+        &enrollment_file.allow_macs,
+        &enrollment_file.allow_switch_ports,
+        enrollment_file
+            .pending_max
+            .unwrap_or(bearman::core::enrollment::PENDING_MAX_DEFAULT),
+    )
+    .map_err(|problem| anyhow!("[enrollment] {problem}"))?;
     Ok(ServeConfig {
         listen,
         public_url,
@@ -188,12 +219,34 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
         bmc,
         pxe,
         cluster,
+        enrollment,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn enrollment_is_closed_by_default_and_its_lists_are_checked() {
+        let config = resolve(Overrides::default(), FileConfig::default()).unwrap();
+        assert!(!config.enrollment.auto_accept);
+        assert!(config.enrollment.allow_serials.is_empty());
+        let file: FileConfig = toml::from_str(
+            "[enrollment]\nallow_serials = [\"SN1\"]\nallow_switch_ports = [\"tor-a01/Ethernet1/1\"]\n",
+        )
+        .unwrap();
+        let config = resolve(Overrides::default(), file).unwrap();
+        assert!(config.enrollment.allow_serials.contains("SN1"));
+        assert_eq!(config.enrollment.allow_switch_ports.len(), 1);
+        let file: FileConfig =
+            toml::from_str("[enrollment]\nallow_macs = [\"not-a-mac\"]\n").unwrap();
+        let error = resolve(Overrides::default(), file).unwrap_err().to_string();
+        assert!(
+            error.contains("[enrollment] enrollment.allow_macs"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn a_cluster_needs_postgres_and_valid_lease_timings() {

@@ -209,6 +209,7 @@ pub(super) async fn node(command: NodeCommand) -> anyhow::Result<()> {
         }
         NodeCommand::Drain { uuid, api, reason } => remediate(&api, &uuid, "drain", reason).await,
         NodeCommand::Retire { uuid, api, reason } => node_post(&api, &uuid, "retire", reason).await,
+        NodeCommand::Accept { uuid, api, reason } => node_post(&api, &uuid, "accept", reason).await,
         NodeCommand::AcceptIdentity { uuid, api, reason } => {
             node_post(&api, &uuid, "accept-identity", reason).await
         }

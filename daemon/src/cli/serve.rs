@@ -57,6 +57,11 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    if config.enrollment.auto_accept {
+        tracing::warn!(
+            "[enrollment] auto_accept = true: any machine on the provisioning network that registers gets addresses and boot files"
+        );
+    }
     tracing::info!(
         listen = %bound,
         public_url = %config.public_url,
@@ -93,6 +98,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 role: config.default_role,
                 flavor: config.default_flavor.clone(),
             },
+            enrollment: config.enrollment.clone(),
             body_limit_bytes: config.body_limit_bytes,
             heartbeat_fresh_ms: config.heartbeat_fresh_s as i64 * 1000,
         },

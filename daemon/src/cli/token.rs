@@ -93,6 +93,7 @@ pub(super) fn offline_app(store: Arc<dyn bearman::store::Store>) -> App {
                 role: bearman::core::model::NodeRole::Compute,
                 flavor: None,
             },
+            enrollment: bearman::core::enrollment::EnrollmentPolicy::default(),
             heartbeat_fresh_ms: 0,
         },
     )

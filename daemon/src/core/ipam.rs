@@ -185,37 +185,74 @@ impl PoolRange {
     }
 }
 
-/// Picks the pool for a node: same purpose and the node's VLAN if one matches, else the
-/// purpose's pool without a VLAN. Pools are scanned in name order, so the choice is stable.
-pub fn select_pool(pools: &[IpPool], purpose: PoolPurpose, vlan: Option<u16>) -> Option<&IpPool> {
+/// The pools a node's `purpose` address may come from, in the order to try them: the
+/// purpose's pools on the node's VLAN when any exists, else its pools without a VLAN;
+/// name order within each, so the choice is stable. Every pool that fits is listed, so
+/// a full one is not the end of it. A node on a VLAN with pools of its own never falls
+/// back to a VLAN-less pool: that address would be on another network.
+pub fn candidate_pools(pools: &[IpPool], purpose: PoolPurpose, vlan: Option<u16>) -> Vec<&IpPool> {
     let mut candidates: Vec<&IpPool> = pools.iter().filter(|p| p.purpose == purpose).collect();
     candidates.sort_by(|a, b| a.name.cmp(&b.name));
     if let Some(vlan) = vlan {
-        if let Some(pool) = candidates.iter().find(|p| p.vlan == Some(vlan)) {
-            return Some(pool);
+        let on_vlan: Vec<&IpPool> = candidates
+            .iter()
+            .copied()
+            .filter(|p| p.vlan == Some(vlan))
+            .collect();
+        if !on_vlan.is_empty() {
+            return on_vlan;
         }
     }
-    candidates.into_iter().find(|p| p.vlan.is_none())
+    candidates.retain(|p| p.vlan.is_none());
+    candidates
 }
 
-/// One address a registration asks the store for: the node's slot for `purpose`, from
-/// `pool` unless the node already holds an address for that purpose (it keeps that one).
+/// The first pool [`candidate_pools`] lists: where a node's address comes from while
+/// that pool has room.
+pub fn select_pool(pools: &[IpPool], purpose: PoolPurpose, vlan: Option<u16>) -> Option<&IpPool> {
+    candidate_pools(pools, purpose, vlan).into_iter().next()
+}
+
+/// One address taken from one pool (an operator's `ip_allocate`), unless the node
+/// already holds an address for that purpose (it keeps that one).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AddressRequest {
     pub pool: String,
     pub purpose: PoolPurpose,
 }
 
+/// One address a registration asks the store for: the node's slot for `purpose`, from
+/// the first of `pools` with room, unless the node already holds an address for that
+/// purpose (it keeps that one, whichever pool it came from).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddressWant {
+    pub purpose: PoolPurpose,
+    /// Never empty; in the order to try.
+    pub pools: Vec<String>,
+    /// When every pool is full: `true` registers the node without this address (a BMC
+    /// keeps the address it has), `false` refuses the registration (`PoolExhausted`).
+    pub optional: bool,
+}
+
 /// The addresses a registering `node` needs, in the order the store should take them:
-/// a bond0 address from the pool [`select_pool`] picks for its VLAN, and a BMC address
-/// when the machine reported a BMC that Bearman reaches over its LAN. No pool of a
-/// purpose means no request for it (the node keeps DHCP, the BMC its own address).
-pub fn address_requests(pools: &[IpPool], node: &Node, has_bmc: bool) -> Vec<AddressRequest> {
+/// a bond0 address from the pools [`candidate_pools`] lists for its VLAN, and a BMC
+/// address when the machine reported a BMC that Bearman reaches over its LAN. No pool
+/// of a purpose means no request for it (the node keeps DHCP, the BMC its own address).
+/// The BMC address is optional: full BMC pools must not keep a node from booting.
+pub fn address_requests(pools: &[IpPool], node: &Node, has_bmc: bool) -> Vec<AddressWant> {
+    let names = |purpose, vlan| -> Vec<String> {
+        candidate_pools(pools, purpose, vlan)
+            .into_iter()
+            .map(|pool| pool.name.clone())
+            .collect()
+    };
     let mut requests = Vec::new();
-    if let Some(pool) = select_pool(pools, PoolPurpose::Node, node.network.vlan) {
-        requests.push(AddressRequest {
-            pool: pool.name.clone(),
+    let node_pools = names(PoolPurpose::Node, node.network.vlan);
+    if !node_pools.is_empty() {
+        requests.push(AddressWant {
             purpose: PoolPurpose::Node,
+            pools: node_pools,
+            optional: false,
         });
     }
     // A BMC Bearman reaches some other way than its LAN (a VM's QMP socket, the
@@ -223,10 +260,12 @@ pub fn address_requests(pools: &[IpPool], node: &Node, has_bmc: bool) -> Vec<Add
     // to fence it.
     let reached_over_lan = !matches!(node.bmc.driver, Some(BmcDriver::Qmp | BmcDriver::Sim));
     if has_bmc && reached_over_lan {
-        if let Some(pool) = select_pool(pools, PoolPurpose::Bmc, None) {
-            requests.push(AddressRequest {
-                pool: pool.name.clone(),
+        let bmc_pools = names(PoolPurpose::Bmc, None);
+        if !bmc_pools.is_empty() {
+            requests.push(AddressWant {
                 purpose: PoolPurpose::Bmc,
+                pools: bmc_pools,
+                optional: true,
             });
         }
     }
@@ -312,6 +351,16 @@ pub fn apply_allocation(
         PoolPurpose::Bmc => node.bmc.address = Some(allocation.address.clone()),
     }
     Ok(())
+}
+
+/// Undoes [`apply_allocation`] for every purpose: the record of a retired node, whose
+/// allocations the store releases. The VLAN stays (LLDP's, not a pool's) and so does the
+/// MTU, which names no address.
+pub fn forget_addresses(node: &mut Node) {
+    node.network.bond0_addresses.clear();
+    node.network.gateway = None;
+    node.network.dns.clear();
+    node.bmc.address = None;
 }
 
 /// What the stage-1 agent configures on the BMC for its `allocation` from `pool`.
@@ -514,12 +563,12 @@ mod tests {
             node.bmc.driver = driver;
             address_requests(&pools, &node, has_bmc)
                 .into_iter()
-                .map(|r| (r.pool, r.purpose))
+                .map(|r| (r.pools.join(","), r.purpose, r.optional))
                 .collect::<Vec<_>>()
         };
         let both = vec![
-            ("default".to_string(), PoolPurpose::Node),
-            ("bmc".to_string(), PoolPurpose::Bmc),
+            ("default".to_string(), PoolPurpose::Node, false),
+            ("bmc".to_string(), PoolPurpose::Bmc, true),
         ];
         assert_eq!(wanted(None, true), both);
         assert_eq!(wanted(Some(BmcDriver::Ipmi), true), both);
@@ -559,5 +608,31 @@ mod tests {
             "bmc"
         );
         assert!(select_pool(&pools[1..2], PoolPurpose::Node, None).is_none());
+    }
+
+    #[test]
+    fn every_pool_that_fits_is_a_candidate_in_name_order() {
+        let pools = vec![
+            pool("v200-b", PoolPurpose::Node, Some(200)),
+            pool("v200-a", PoolPurpose::Node, Some(200)),
+            pool("default-2", PoolPurpose::Node, None),
+            pool("default-1", PoolPurpose::Node, None),
+            pool("bmc-b", PoolPurpose::Bmc, None),
+            pool("bmc-a", PoolPurpose::Bmc, None),
+        ];
+        let names = |purpose, vlan| {
+            candidate_pools(&pools, purpose, vlan)
+                .into_iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+        };
+        // A VLAN with pools of its own never falls back to the untagged ones.
+        assert_eq!(names(PoolPurpose::Node, Some(200)), ["v200-a", "v200-b"]);
+        assert_eq!(
+            names(PoolPurpose::Node, Some(300)),
+            ["default-1", "default-2"]
+        );
+        assert_eq!(names(PoolPurpose::Node, None), ["default-1", "default-2"]);
+        assert_eq!(names(PoolPurpose::Bmc, None), ["bmc-a", "bmc-b"]);
     }
 }

@@ -178,6 +178,12 @@ pub fn apply_event(
     } else {
         node.maintenance = None;
     }
+    if to == LifecycleState::Retired {
+        // The store releases the node's allocations in the same write; the record must
+        // not go on naming addresses another node may now hold.
+        super::ipam::forget_addresses(node);
+        node.pending_acceptance = None;
+    }
     Ok(Some(
         NewEvent::for_node(&node.uuid, now_ms, actor, event.action(), reason).with_states(from, to),
     ))

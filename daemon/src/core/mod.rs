@@ -8,6 +8,8 @@
 pub mod boot;
 pub mod cluster;
 pub mod controller;
+pub mod enrollment;
+pub mod event_throttle;
 pub mod health;
 pub mod ipam;
 pub mod lifecycle;

@@ -120,6 +120,19 @@ pub struct Node {
     /// and a node the controller parked look the same to the lifecycle, not to a human.
     #[serde(default)]
     pub maintenance: Option<MaintenanceHold>,
+    /// Set while a machine that registered by itself waits for an operator (or an
+    /// allow-list) to accept it (`core::enrollment`): it stays Discovered, holds no
+    /// address and is served no boot files. `None` for every accepted node, and for
+    /// records written before enrollment policies existed.
+    #[serde(default)]
+    pub pending_acceptance: Option<PendingAcceptance>,
+}
+
+/// A machine that enlisted itself and is not accepted yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingAcceptance {
+    /// When it first registered.
+    pub since_ms: TimestampMs,
 }
 
 /// A boot milestone the daemon witnessed, in the order a boot passes them.
@@ -214,6 +227,7 @@ impl Node {
             last_heartbeat_at_ms: None,
             boot: None,
             maintenance: None,
+            pending_acceptance: None,
         }
     }
 
@@ -384,6 +398,18 @@ actions! {
     IdentityRefused = "identity_refused",
     FirmwareMismatch = "firmware_mismatch",
     UnexpectedHeartbeat = "unexpected_heartbeat",
+    /// A machine no one accepted registered by itself; it waits, Discovered, for
+    /// `bearman node accept` or an allow-list.
+    Enlisted = "enlisted",
+    /// A waiting machine was accepted (by an operator, or an allow-list it now matches).
+    Accepted = "accepted",
+    /// A new machine was turned away: `enrollment.pending_max` machines already wait.
+    EnlistmentRefused = "enlistment_refused",
+    /// Repeats of a refused request's event that were not written one by one (a machine
+    /// retrying, or someone flooding the provisioning network): how many, since when.
+    EventsSuppressed = "events_suppressed",
+    /// Every BMC pool that fits is full: the node registered without a BMC address.
+    BmcPoolExhausted = "bmc_pool_exhausted",
     // Remediation.
     RemediationStarted = "remediation_started",
     RemediationStep = "remediation_step",

@@ -10,6 +10,10 @@ pub const NICS_MAX: usize = 64;
 pub const DISKS_MAX: usize = 256;
 pub const TEXT_LEN_MAX: usize = 256;
 pub const INITRDS_MAX: usize = 16;
+/// NIC firmware entries a registration may report (one per NIC, and a few spare).
+pub const FIRMWARE_NICS_MAX: usize = NICS_MAX;
+/// What a machine may call its BMC's address: a host name or an IP literal.
+pub const ADDRESS_LEN_MAX: usize = 253;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("field {field}: {problem}")]
@@ -67,6 +71,9 @@ fn field_error(field: impl Into<String>, problem: impl Into<String>) -> FieldErr
     }
 }
 
+/// Text from outside (a machine, an operator): at most [`TEXT_LEN_MAX`] bytes and no
+/// control character of any kind (C0, DEL, C1 — which covers ANSI escape sequences), so
+/// it can be printed to a terminal or a log line as it is.
 fn check_text(field: &str, value: &str) -> Result<(), FieldError> {
     if value.len() > TEXT_LEN_MAX {
         return Err(field_error(
@@ -74,10 +81,20 @@ fn check_text(field: &str, value: &str) -> Result<(), FieldError> {
             format!("longer than {TEXT_LEN_MAX} bytes"),
         ));
     }
-    if value.chars().any(|c| c.is_control()) {
+    if value
+        .chars()
+        .any(|c| c.is_control() || is_display_override(c))
+    {
         return Err(field_error(field, "contains control characters"));
     }
     Ok(())
+}
+
+/// Invisible characters that reorder or hide what a terminal shows (bidirectional
+/// overrides and isolates, zero-width marks): text with them can display as something
+/// other than what it is.
+fn is_display_override(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// `aa:bb:cc:dd:ee:ff`, either case.
@@ -207,6 +224,9 @@ pub fn check_register(request: &RegisterRequest) -> Result<(), FieldError> {
         if let Some(lldp) = &nic.lldp {
             check_text(&format!("nics[{index}].lldp.chassis_id"), &lldp.chassis_id)?;
             check_text(&format!("nics[{index}].lldp.port_id"), &lldp.port_id)?;
+            if let Some(name) = &lldp.system_name {
+                check_text(&format!("nics[{index}].lldp.system_name"), name)?;
+            }
             if let Some(vlan) = lldp.vlan {
                 if !(1..=4094).contains(&vlan) {
                     return Err(field_error(
@@ -228,12 +248,36 @@ pub fn check_register(request: &RegisterRequest) -> Result<(), FieldError> {
                 format!("{:?} is not a MAC address", truncate(&bmc.mac)),
             ));
         }
+        if let Some(address) = &bmc.address {
+            check_text("bmc.address", address)?;
+            if address.len() > ADDRESS_LEN_MAX || address.contains(char::is_whitespace) {
+                return Err(field_error("bmc.address", "must be a host name or address"));
+            }
+        }
+    }
+    if let Some(bios) = &request.firmware.bios {
+        check_text("firmware.bios", bios)?;
+    }
+    if let Some(bmc) = &request.firmware.bmc {
+        check_text("firmware.bmc", bmc)?;
+    }
+    if request.firmware.nics.len() > FIRMWARE_NICS_MAX {
+        return Err(field_error(
+            "firmware.nics",
+            format!("more than {FIRMWARE_NICS_MAX} entries"),
+        ));
     }
     for (name, version) in &request.firmware.nics {
         check_text("firmware.nics", name)?;
-        check_text("firmware.nics", version)?;
+        check_text(&format!("firmware.nics[{}]", truncate(name)), version)?;
     }
     Ok(())
+}
+
+/// Free text a booting machine reports about itself (`os-release`'s pretty name, a
+/// boot phase): bounded, printable, so it can reach an operator's terminal as it is.
+pub fn check_reported_text(field: &str, value: &str) -> Result<(), FieldError> {
+    check_text(field, value)
 }
 
 fn is_sha256_hex(text: &str) -> bool {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bearman_proto::uuid::NodeUuid;
 use bearman_proto::{Artifact, NicFacts};
 
-use super::{AddressRequest, OrphanReason, RegistrationWrite, Store, StoreError};
+use super::{AddressWant, OrphanReason, RegistrationWrite, Store, StoreError};
 use crate::core::lifecycle::LifecycleState;
 use crate::core::model::{
     Action, EventFilter, Flavor, IpPool, NewEvent, Node, NodeFilter, NodeRole, PoolPurpose,
@@ -761,14 +761,16 @@ fn registration(
     bmc_pool: Option<&str>,
     reason: &str,
 ) -> RegistrationWrite {
-    let mut addresses = vec![AddressRequest {
-        pool: node_pool.into(),
+    let mut addresses = vec![AddressWant {
+        pools: vec![node_pool.into()],
         purpose: PoolPurpose::Node,
+        optional: false,
     }];
     if let Some(bmc_pool) = bmc_pool {
-        addresses.push(AddressRequest {
-            pool: bmc_pool.into(),
+        addresses.push(AddressWant {
+            pools: vec![bmc_pool.into()],
             purpose: PoolPurpose::Bmc,
+            optional: false,
         });
     }
     RegistrationWrite {

@@ -352,16 +352,22 @@ impl Store for MemoryStore {
             }
         }
         let mut held = Vec::new();
+        let mut unfilled = Vec::new();
         let mut new_allocations = Vec::new();
         let mut chosen = BTreeSet::new();
         for request in &write.addresses {
-            // The requested pool must exist even when the node keeps an address from
-            // another one, as on the SQL stores (which lock it first).
-            let pool = state
-                .pools
-                .get(&request.pool)
-                .cloned()
-                .ok_or_else(|| StoreError::not_found(format!("ip pool {}", request.pool)))?;
+            // Every requested pool must exist even when the node keeps an address from
+            // another one, as on the SQL stores (which lock them first).
+            let mut pools = Vec::with_capacity(request.pools.len());
+            for name in &request.pools {
+                let pool = state
+                    .pools
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| StoreError::not_found(format!("ip pool {name}")))?;
+                super::check_pool_purpose(&pool, request.purpose)?;
+                pools.push(pool);
+            }
             if let Some(key) = state.node_slots.get(&(node.uuid.clone(), request.purpose)) {
                 let allocation = state.allocations[key].clone();
                 let pool = state.pools.get(&key.0).cloned().ok_or_else(|| {
@@ -373,8 +379,27 @@ impl Store for MemoryStore {
                 held.push(HeldAddress { pool, allocation });
                 continue;
             }
-            super::check_pool_purpose(&pool, request.purpose)?;
-            let address = choose_address(&state, &pool, &chosen)?;
+            let mut exhausted = None;
+            let mut taken = None;
+            for pool in pools {
+                match choose_address(&state, &pool, &chosen) {
+                    Ok(address) => {
+                        taken = Some((pool, address));
+                        break;
+                    }
+                    Err(error @ StoreError::PoolExhausted { .. }) => exhausted = Some(error),
+                    Err(error) => return Err(error),
+                }
+            }
+            let Some((pool, address)) = taken else {
+                if request.optional {
+                    unfilled.push(request.clone());
+                    continue;
+                }
+                return Err(exhausted.unwrap_or_else(|| StoreError::PoolExhausted {
+                    pool: request.pools.join(", "),
+                }));
+            };
             chosen.insert(address);
             let allocation = IpAllocation {
                 pool: pool.name.clone(),
@@ -404,6 +429,7 @@ impl Store for MemoryStore {
         Ok(Registered {
             node: stored,
             addresses: held,
+            unfilled,
         })
     }
 

@@ -31,7 +31,7 @@ use crate::core::model::{
 use crate::core::power_sync::PowerReading;
 use crate::core::remediation::Remediation;
 
-pub use crate::core::ipam::AddressRequest;
+pub use crate::core::ipam::{AddressRequest, AddressWant};
 
 /// Everything one registration writes, for [`Store::node_register`]: one transaction, so
 /// a registration that fails at any point (pool exhausted, lost race, stale generation,
@@ -48,7 +48,7 @@ pub struct RegistrationWrite {
     pub expected_generation: Option<i64>,
     /// The slots the node needs (`core::ipam::address_requests`). A node keeps an address
     /// it already holds for a purpose, whichever pool it came from.
-    pub addresses: Vec<AddressRequest>,
+    pub addresses: Vec<AddressWant>,
     pub events: Vec<NewEvent>,
     pub at_ms: TimestampMs,
 }
@@ -58,6 +58,15 @@ impl RegistrationWrite {
     /// so the second request could only be a caller's bug.
     pub(crate) fn check_requests(&self) -> Result<(), StoreError> {
         for (index, request) in self.addresses.iter().enumerate() {
+            if request.pools.is_empty() {
+                return Err(StoreError::Conflict {
+                    what: format!("registration of node {}", self.node.uuid),
+                    detail: format!(
+                        "{} address requested from no pool",
+                        request.purpose.as_str()
+                    ),
+                });
+            }
             if self.addresses[..index]
                 .iter()
                 .any(|earlier| earlier.purpose == request.purpose)
@@ -115,6 +124,8 @@ pub struct Registered {
     pub node: Node,
     /// The allocations it holds for the requested purposes, in request order.
     pub addresses: Vec<HeldAddress>,
+    /// Optional addresses it did not get because every pool listed was full.
+    pub unfilled: Vec<AddressWant>,
 }
 
 impl Registered {

@@ -114,6 +114,10 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             spec(Method::POST, "/nodes/{uuid}/accept-identity", Admin),
             post(accept_identity),
         ),
+        (
+            spec(Method::POST, "/nodes/{uuid}/accept", Admin),
+            post(accept),
+        ),
         (spec(Method::GET, "/flavors", Viewer), get(flavor_list)),
         (spec(Method::POST, "/flavors", Admin), post(flavor_create)),
         (

@@ -256,3 +256,20 @@ pub(super) async fn accept_identity(
             .await?,
     ))
 }
+
+/// Accepts a machine that registered by itself and waits (enrollment policy): its next
+/// registration gets addresses and boot files.
+pub(super) async fn accept(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    UuidPath(uuid): UuidPath,
+    OptionalJson(body): OptionalJson<ReasonBody>,
+) -> Result<Json<Node>, ApiError> {
+    let reason = body.text("accepted by operator")?;
+    Ok(Json(
+        state
+            .app
+            .node_accept(&caller.actor(), &uuid, Some(&reason))
+            .await?,
+    ))
+}

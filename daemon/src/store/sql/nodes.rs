@@ -6,12 +6,14 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::notify::{self, CacheChange};
-use super::{addresses, events::insert_events};
+use std::collections::BTreeSet;
+
+use super::{addresses, events::insert_events, pools};
 use super::{backend_error, corrupt, is_unique_violation, Backend, SqlStore, CONFLICT_RETRIES_MAX};
 use crate::core::lifecycle::LifecycleState;
 use crate::core::model::{NewEvent, Node, NodeFilter, StateCounts, TimestampMs};
 use crate::store::{
-    apply_held, clamp_limit, HeldAddress, Registered, RegistrationWrite, StoreError,
+    apply_held, clamp_limit, AddressRequest, HeldAddress, Registered, RegistrationWrite, StoreError,
 };
 
 /// What [`node_from_row`] reads: the document, and the columns written apart from it.
@@ -242,25 +244,49 @@ async fn try_register(
             check_generation(&mut tx, &node).await?;
         }
     }
-    // Pool rows are locked in name order, so two registrations never wait for each
-    // other's pools crosswise (a deadlock on PostgreSQL).
-    let mut order: Vec<usize> = (0..write.addresses.len()).collect();
-    order.sort_by(|&a, &b| write.addresses[a].pool.cmp(&write.addresses[b].pool));
+    // Every candidate pool row is locked first, in name order, so two registrations
+    // never wait for each other's pools crosswise (a deadlock on PostgreSQL); a pool
+    // that is not there refuses the registration before anything is taken.
+    let lock_clause = match store.backend {
+        Backend::Postgres => " FOR UPDATE",
+        Backend::Sqlite => "",
+    };
+    let names: BTreeSet<&String> = write.addresses.iter().flat_map(|r| &r.pools).collect();
+    for name in names {
+        pools::read_pool(&mut tx, name, lock_clause).await?;
+    }
     let mut held: Vec<Option<HeldAddress>> = vec![None; write.addresses.len()];
-    for index in order {
-        match addresses::allocate_in(
-            store,
-            &mut tx,
-            &write.addresses[index],
-            &node.uuid,
-            write.at_ms,
-            gap_scan,
-        )
-        .await?
-        {
-            Some(address) => held[index] = Some(address),
-            // The transaction is aborted (PostgreSQL); dropping it rolls back.
-            None => return Ok(None),
+    let mut unfilled = Vec::new();
+    for (index, request) in write.addresses.iter().enumerate() {
+        let mut exhausted = None;
+        for pool in &request.pools {
+            let one = AddressRequest {
+                pool: pool.clone(),
+                purpose: request.purpose,
+            };
+            match addresses::allocate_in(store, &mut tx, &one, &node.uuid, write.at_ms, gap_scan)
+                .await
+            {
+                Ok(Some(address)) => {
+                    held[index] = Some(address);
+                    break;
+                }
+                // Lost a race: the transaction is aborted (PostgreSQL); dropping it
+                // rolls back, and the caller tries again.
+                Ok(None) => return Ok(None),
+                // Full: the next pool that fits may have room. Nothing was written.
+                Err(error @ StoreError::PoolExhausted { .. }) => exhausted = Some(error),
+                Err(error) => return Err(error),
+            }
+        }
+        if held[index].is_none() {
+            if request.optional {
+                unfilled.push(request.clone());
+            } else {
+                return Err(exhausted.unwrap_or_else(|| StoreError::PoolExhausted {
+                    pool: request.pools.join(", "),
+                }));
+            }
         }
     }
     let held: Vec<HeldAddress> = held.into_iter().flatten().collect();
@@ -279,6 +305,7 @@ async fn try_register(
     Ok(Some(Registered {
         node: stored,
         addresses: held,
+        unfilled,
     }))
 }
 
