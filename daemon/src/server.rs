@@ -118,7 +118,18 @@ where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
-    let state = AppState::new(parts.store, parts.clock, parts.images, parts.service);
+    let mut state = AppState::new(parts.store, parts.clock, parts.images, parts.service);
+    // Operator power actions go through the controller's own BMC provider, so the
+    // per-BMC guard serialises them with fencing and power polls. Verified within the
+    // remediation's readback bounds.
+    let limits = &parts.remediation.limits;
+    let readback = crate::bmc::ops::Readback {
+        readbacks_max: limits.readbacks_max.max(1),
+        backoff: std::time::Duration::from_millis(limits.backoff_initial_ms.max(10) as u64),
+    };
+    state.app = state.app.with_power_switch(Arc::new(
+        crate::controller::operator_power::OperatorPower::new(parts.bmcs.clone(), readback),
+    ));
     // Reported, never fatal: the daemon serves with them, an operator decides.
     if let Err(error) = state.app.report_orphan_addresses().await {
         tracing::warn!(%error, "start-up check for orphan address allocations failed");

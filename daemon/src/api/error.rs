@@ -143,6 +143,17 @@ impl From<AppError> for ApiError {
             AppError::FlavorExists { .. } => ApiError::conflict("already_exists", message),
             AppError::FlavorMissing { .. } => ApiError::conflict("flavor_missing", message),
             AppError::NoFlavor { .. } => ApiError::conflict("no_flavor", message),
+            AppError::PowerRefused { .. } => ApiError::conflict("power_refused", message),
+            AppError::NoBmc { .. } => ApiError::conflict("no_bmc", message),
+            // The BMC (another system) failed or did not read back what was asked.
+            AppError::PowerFailed { .. } => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "power_failed", message)
+            }
+            AppError::PowerUnavailable => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "power_unavailable",
+                message,
+            ),
             AppError::RandomSource(_) => ApiError::internal(message),
             AppError::Store(error) => error.into(),
         }

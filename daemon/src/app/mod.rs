@@ -12,6 +12,7 @@ pub mod flavors;
 pub mod guards;
 pub mod nodes;
 pub mod pools;
+pub mod power;
 pub mod registration;
 pub mod remediation;
 pub mod saga;
@@ -55,6 +56,9 @@ pub struct App {
     pub leader: Arc<cluster::LeaderBoard>,
     /// How often unauthenticated requests may write the same audit event.
     throttle: Arc<std::sync::Mutex<crate::core::event_throttle::EventThrottle>>,
+    /// The way to nodes' BMCs for operator power actions; `None` in a daemon assembled
+    /// without one (power actions then answer that they are unavailable).
+    pub power: Option<Arc<dyn power::PowerSwitch>>,
 }
 
 impl App {
@@ -66,6 +70,7 @@ impl App {
             guards: Arc::default(),
             leader: Arc::default(),
             throttle: Arc::default(),
+            power: None,
         }
     }
 
@@ -164,6 +169,18 @@ pub enum AppError {
     FlavorMissing { uuid: NodeUuid, flavor: String },
     #[error("node {uuid} has no flavor assigned; set one with `bearman node update`")]
     NoFlavor { uuid: NodeUuid },
+    #[error("node {uuid}: power action refused: {why}")]
+    PowerRefused { uuid: NodeUuid, why: String },
+    #[error("node {uuid} has no BMC configured; set one with `bearman node update --bmc-address`")]
+    NoBmc { uuid: NodeUuid },
+    #[error("node {uuid}: power {action} failed: {detail}; the node stays as it is now")]
+    PowerFailed {
+        uuid: NodeUuid,
+        action: &'static str,
+        detail: String,
+    },
+    #[error("this daemon was assembled without BMC access; power actions are unavailable")]
+    PowerUnavailable,
     #[error("the operating system's random generator failed: {0}")]
     RandomSource(std::io::Error),
     #[error(transparent)]

@@ -1,6 +1,8 @@
-//! Operator actions on BMCs for `bearman bmc …`: status, power on/off/cycle and PXE of one
-//! BMC, each verified by readback, and `check_all`, which probes many BMCs with bounded
-//! parallelism for a table.
+//! Power actions on one BMC, each verified by readback ([`act`]): what the daemon runs for
+//! `POST /api/v1/nodes/{uuid}/power` (`controller::operator_power`, through the node's
+//! guarded driver) and what `bearman bmc …` runs straight from an operator's machine when
+//! the daemon is down (only with `--direct-bypassing-audit`); and `check_all`, which
+//! probes many BMCs with bounded parallelism for a table.
 //!
 //! Architecture invariant: nothing here prints or parses arguments; the CLI wires clap to
 //! these functions and prints what they return. Power changes are reported done only
@@ -32,6 +34,12 @@ pub enum PowerAction {
     Cycle,
     /// Network boot (PXE) at the next boot only; the power is left as it is.
     Pxe,
+    /// Clean (ACPI) power off, then read back until off. A hung OS never shuts down: the
+    /// readback then fails and a hard `Off` is the next step.
+    SoftOff,
+    /// Network boot (PXE) now: next boot from the network, then powered on (from off) or
+    /// cycled (verified off, then on), read back until on.
+    PxeBoot,
 }
 
 impl PowerAction {
@@ -42,6 +50,8 @@ impl PowerAction {
             PowerAction::Off => "off",
             PowerAction::Cycle => "cycle",
             PowerAction::Pxe => "pxe",
+            PowerAction::SoftOff => "soft_off",
+            PowerAction::PxeBoot => "pxe_boot",
         }
     }
 }
@@ -168,6 +178,41 @@ pub async fn act(
             }
             .into();
             (power, 0)
+        }
+        PowerAction::SoftOff => {
+            bmc.power_off_soft().await?;
+            let readbacks = await_power(
+                bmc,
+                name,
+                PowerState::Off,
+                "power_off_soft",
+                readback.readbacks_max,
+                readback.backoff,
+            )
+            .await?;
+            (PowerState::Off, readbacks)
+        }
+        PowerAction::PxeBoot => {
+            bmc.set_next_boot_pxe().await?;
+            let mut readbacks = 0;
+            if bmc.power_state().await? == PowerState::On {
+                readbacks +=
+                    power_off_verified(bmc, name, readback.readbacks_max, readback.backoff).await?;
+                note = "set to boot from the network, powered off (verified) and on again".into();
+            } else {
+                note = "set to boot from the network and powered on".into();
+            }
+            bmc.power_on().await?;
+            readbacks += await_power(
+                bmc,
+                name,
+                PowerState::On,
+                "pxe_boot",
+                readback.readbacks_max,
+                readback.backoff,
+            )
+            .await?;
+            (PowerState::On, readbacks)
         }
     };
     Ok(ActionReport {

@@ -88,19 +88,30 @@ pub(super) enum BmcCommand {
         #[command(flatten)]
         bmc: BmcArgs,
     },
-    /// Power a node on, off (hard) or cycle it; done only when read back from the BMC
+    /// Power a node on, off (hard) or cycle it straight from this machine, bypassing the
+    /// daemon's audit and BMC guard: only for a daemon that is down, and only with
+    /// --direct-bypassing-audit (use `bearman node power` otherwise)
     Power {
         #[arg(value_parser = ["on", "off", "cycle"])]
         action: String,
         uuid: String,
         #[command(flatten)]
         bmc: BmcArgs,
+        /// Talk to the BMC directly although nothing is audited and the daemon's per-BMC
+        /// guard is bypassed (the daemon is down)
+        #[arg(long)]
+        direct_bypassing_audit: bool,
     },
-    /// Network-boot (PXE) a node at its next boot only
+    /// Network-boot (PXE) a node at its next boot only, straight from this machine (as
+    /// `bmc power`: needs --direct-bypassing-audit)
     Pxe {
         uuid: String,
         #[command(flatten)]
         bmc: BmcArgs,
+        /// Talk to the BMC directly although nothing is audited and the daemon's per-BMC
+        /// guard is bypassed (the daemon is down)
+        #[arg(long)]
+        direct_bypassing_audit: bool,
     },
     /// Probe every node's BMC: power state or error, and latency
     Check {
@@ -260,6 +271,18 @@ pub(super) enum NodeCommand {
         api: ApiArgs,
         #[arg(long)]
         reason: Option<String>,
+    },
+    /// Power a node on, off, soft-off, cycle or PXE-boot through the daemon (its BMC
+    /// guard, verified by readback, audited); all but `on` put the node in maintenance first
+    Power {
+        uuid: String,
+        #[arg(value_parser = ["on", "off", "soft-off", "cycle", "pxe"])]
+        action: String,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Why (required; recorded in the audit trail and the maintenance hold)
+        #[arg(long)]
+        reason: String,
     },
     /// Power a node off through its BMC and verify it is off (STONITH)
     Fence {

@@ -1,4 +1,6 @@
-//! `bearman bmc`: power control and checks straight through the BMC drivers.
+//! `bearman bmc`: checks straight through the BMC drivers, and power control straight
+//! through them for a daemon that is down — refused without `--direct-bypassing-audit`,
+//! since it skips the daemon's audit, its maintenance hold and its per-BMC guard.
 
 use super::*;
 
@@ -56,8 +58,26 @@ pub(super) async fn bmc(command: BmcCommand) -> anyhow::Result<()> {
             return Ok(());
         }
         BmcCommand::Status { uuid, bmc } => (uuid, PowerAction::Status, bmc),
-        BmcCommand::Pxe { uuid, bmc } => (uuid, PowerAction::Pxe, bmc),
-        BmcCommand::Power { action, uuid, bmc } => {
+        BmcCommand::Pxe {
+            uuid,
+            bmc,
+            direct_bypassing_audit,
+        } => {
+            direct_bypass(direct_bypassing_audit, "pxe", "pxe", &uuid)?;
+            (uuid, PowerAction::Pxe, bmc)
+        }
+        BmcCommand::Power {
+            action,
+            uuid,
+            bmc,
+            direct_bypassing_audit,
+        } => {
+            direct_bypass(
+                direct_bypassing_audit,
+                &format!("power {action}"),
+                &action,
+                &uuid,
+            )?;
             let action = match action.as_str() {
                 "on" => PowerAction::On,
                 "off" => PowerAction::Off,
@@ -76,5 +96,22 @@ pub(super) async fn bmc(command: BmcCommand) -> anyhow::Result<()> {
         return print_json(&report);
     }
     table::out(&table::escape(&report.summary()))?;
+    Ok(())
+}
+
+/// Refuses a direct power change unless the operator said they mean to bypass the
+/// daemon, and says loudly what that skips when they did.
+fn direct_bypass(allowed: bool, command: &str, action: &str, uuid: &str) -> anyhow::Result<()> {
+    if !allowed {
+        bail!(
+            "`bearman bmc {command}` talks to the BMC directly, bypassing the daemon's audit trail, \
+             maintenance hold and BMC guard; use `bearman node power {uuid} {action} --reason TEXT` \
+             (or, only while the daemon is down, add --direct-bypassing-audit)"
+        );
+    }
+    eprintln!(
+        "warning: bypassing the daemon: this power change is not audited, does not put the node \
+         in maintenance (the controller may fence it) and skips the daemon's per-BMC guard"
+    );
     Ok(())
 }

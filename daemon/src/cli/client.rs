@@ -10,6 +10,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A power action is answered once the BMC read it back, behind the daemon's BMC guard
+/// (queue and call bounds) and readbacks: minutes at worst.
+pub const POWER_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub struct ApiClient {
     base: HttpUrl,
@@ -27,6 +30,7 @@ impl ApiClient {
         method: &str,
         path: &str,
         body: Option<Vec<u8>>,
+        timeout: Duration,
     ) -> anyhow::Result<http::Response> {
         let full_path = format!("{}/api/v1{path}", self.base.path.trim_end_matches('/'));
         let authority = self.base.authority();
@@ -53,14 +57,12 @@ impl ApiClient {
             .await
             .with_context(|| format!("{method} {full_path}"))
         };
-        tokio::time::timeout(REQUEST_TIMEOUT, attempt)
-            .await
-            .map_err(|_| {
-                anyhow!(
-                    "{method} {full_path}: no answer within {}s",
-                    REQUEST_TIMEOUT.as_secs()
-                )
-            })?
+        tokio::time::timeout(timeout, attempt).await.map_err(|_| {
+            anyhow!(
+                "{method} {full_path}: no answer within {}s",
+                timeout.as_secs()
+            )
+        })?
     }
 
     pub async fn call<T: DeserializeOwned>(
@@ -69,8 +71,19 @@ impl ApiClient {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> anyhow::Result<T> {
+        self.call_within(REQUEST_TIMEOUT, method, path, body).await
+    }
+
+    /// [`ApiClient::call`] with its own bound on the whole exchange.
+    pub async fn call_within<T: DeserializeOwned>(
+        &self,
+        timeout: Duration,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> anyhow::Result<T> {
         let body = body.map(serde_json::to_vec).transpose()?;
-        let response = self.send(method, path, body).await?;
+        let response = self.send(method, path, body, timeout).await?;
         if !response.is_success() {
             let detail = match serde_json::from_slice::<ErrorBody>(&response.body) {
                 Ok(error) => format!("{} ({})", error.message, error.error),

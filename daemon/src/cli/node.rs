@@ -200,6 +200,42 @@ pub(super) async fn node(command: NodeCommand) -> anyhow::Result<()> {
                 .await?;
             print_nodes(&[node], api.output)
         }
+        NodeCommand::Power {
+            uuid,
+            action,
+            api,
+            reason,
+        } => {
+            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let body = json!({ "action": action.replace('-', "_"), "reason": reason });
+            let outcome: Value = client
+                .call_within(
+                    super::client::POWER_REQUEST_TIMEOUT,
+                    "POST",
+                    &format!("/nodes/{uuid}/power"),
+                    Some(&body),
+                )
+                .await?;
+            if api.output == Output::Json {
+                return print_json(&outcome);
+            }
+            let mut line = format!(
+                "{uuid}: power {action} done; power reads {} (verified after {} readbacks, {} ms); node is {}",
+                outcome["power"].as_str().unwrap_or("?"),
+                outcome["readbacks"],
+                outcome["elapsed_ms"],
+                outcome["state"].as_str().unwrap_or("?"),
+            );
+            if let Some(note) = outcome["note"].as_str().filter(|n| !n.is_empty()) {
+                line.push_str("; ");
+                line.push_str(note);
+            }
+            if outcome["state"] == "maintenance" {
+                line.push_str("; release it with `bearman node maintenance UUID off` when done");
+            }
+            table::out(&table::escape(&line))?;
+            Ok(())
+        }
         NodeCommand::Rebuild { uuid, api, reason } => {
             remediate(&api, &uuid, "rebuild", reason).await
         }

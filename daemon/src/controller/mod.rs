@@ -15,6 +15,7 @@
 //! frees its slot (a drop guard), so nothing stays "in flight" forever.
 
 pub mod elector;
+pub mod operator_power;
 mod power;
 pub mod remediation;
 

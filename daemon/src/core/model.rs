@@ -439,6 +439,11 @@ actions! {
     PowerStateChanged = "power_state_changed",
     /// Allocations a start-up check found without a node that holds them.
     OrphanAddresses = "orphan_addresses",
+    // Operator power actions (`POST /api/v1/nodes/{uuid}/power`): who asked and why,
+    // written with the maintenance hold before any BMC call; then what the BMC read back.
+    PowerRequested = "power_requested",
+    PowerDone = "power_done",
+    PowerFailed = "power_failed",
 }
 
 impl std::fmt::Display for Action {

@@ -66,6 +66,10 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             get(node_power),
         ),
         (
+            spec(Method::POST, "/nodes/{uuid}/power", Operator),
+            post(power_action),
+        ),
+        (
             spec(Method::POST, "/nodes/{uuid}/maintenance", Operator),
             post(maintenance_on),
         ),

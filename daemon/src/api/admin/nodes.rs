@@ -273,3 +273,33 @@ pub(super) async fn accept(
             .await?,
     ))
 }
+
+/// `POST /nodes/{uuid}/power`: `{"action": "on"|"off"|"soft_off"|"cycle"|"pxe",
+/// "reason": "…"}` (reason required).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PowerRequest {
+    action: crate::app::power::PowerAction,
+    reason: String,
+}
+
+/// Runs an operator's power action and answers with what the BMC read back. The action
+/// runs in a task of its own: a client that hangs up does not cut a cycle in half or
+/// leave the outcome unrecorded.
+pub(super) async fn power_action(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    UuidPath(uuid): UuidPath,
+    JsonBody(request): JsonBody<PowerRequest>,
+) -> Result<Json<crate::app::power::PowerOutcome>, ApiError> {
+    let app = state.app.clone();
+    let actor = caller.actor();
+    let task = tokio::spawn(async move {
+        app.power_action(&actor, &uuid, request.action, &request.reason)
+            .await
+    });
+    match task.await {
+        Ok(outcome) => Ok(Json(outcome?)),
+        Err(error) => Err(ApiError::internal(format!("power action task: {error}"))),
+    }
+}
