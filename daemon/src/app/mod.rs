@@ -113,6 +113,10 @@ pub enum AppError {
     FlavorMissing { uuid: NodeUuid, flavor: String },
     #[error("node {uuid} has no flavor assigned; set one with `bearman node update`")]
     NoFlavor { uuid: NodeUuid },
+    #[error("invalid or revoked token")]
+    TokenInvalid,
+    #[error("token {name} expired at {expired_at_ms} ms since the epoch; create a new one")]
+    TokenExpired { name: String, expired_at_ms: i64 },
     #[error("the operating system's random generator failed: {0}")]
     RandomSource(std::io::Error),
     #[error(transparent)]
