@@ -66,6 +66,7 @@ pub async fn require_role(
         )
         .into_response();
     }
+    state.app.token_record_use(&token).await;
     request.extensions_mut().insert(Caller {
         token_name: token.name,
         role: token.role,

@@ -105,32 +105,37 @@ impl App {
         })
     }
 
-    /// The token whose secret this is, if it is known and not expired; records its use
-    /// at most once per [`TOKEN_USE_RECORD_INTERVAL_MS`] (a failure to record it is
-    /// logged, never a refusal).
+    /// The token whose secret this is, if it is known and not expired. Its use is
+    /// recorded separately ([`App::token_record_use`]), once the request is allowed.
     pub async fn token_authenticate(&self, secret: &str) -> Result<ApiToken, AppError> {
         let token = self
             .store
             .token_find(&hash_secret(secret))
             .await?
             .ok_or(AppError::TokenInvalid)?;
-        let now = self.now_ms();
-        if token.is_expired(now) {
+        if token.is_expired(self.now_ms()) {
             return Err(AppError::TokenExpired {
                 name: token.name,
                 expired_at_ms: token.expires_at_ms.unwrap_or_default(),
             });
         }
-        if token.use_record_due(now) {
-            if let Err(error) = self
-                .store
-                .token_record_use(token.id, now, TOKEN_USE_RECORD_INTERVAL_MS)
-                .await
-            {
-                tracing::warn!(token = %token.name, error = %error, "cannot record the token's use");
-            }
-        }
         Ok(token)
+    }
+
+    /// Records that `token` made an allowed request now, at most once per
+    /// [`TOKEN_USE_RECORD_INTERVAL_MS`]; a failure to record it is logged, never a refusal.
+    pub async fn token_record_use(&self, token: &ApiToken) {
+        let now = self.now_ms();
+        if !token.use_record_due(now) {
+            return;
+        }
+        if let Err(error) = self
+            .store
+            .token_record_use(token.id, now, TOKEN_USE_RECORD_INTERVAL_MS)
+            .await
+        {
+            tracing::warn!(token = %token.name, error = %error, "cannot record the token's use");
+        }
     }
 
     pub async fn token_delete(&self, actor: &str, name: &str) -> Result<(), AppError> {
