@@ -155,7 +155,7 @@ pub struct RemoteStore {
 }
 
 fn unreachable(detail: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(format!("database {DB_HOST}: {detail}"))
+    StoreError::Unavailable(format!("database {DB_HOST}: {detail}"))
 }
 
 async fn exchange(id: u64) -> std::io::Result<bool> {
@@ -214,6 +214,10 @@ macro_rules! remote {
 impl Store for RemoteStore {
     fn backend_name(&self) -> &'static str {
         "remote-memory"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        remote!(self, |store| store.ping())
     }
 
     async fn node_get(&self, uuid: &NodeUuid) -> Result<Option<Node>, StoreError> {
@@ -485,16 +489,32 @@ impl Store for RemoteStore {
         role: TokenRole,
         secret_sha256: &str,
         at_ms: TimestampMs,
+        expires_at_ms: Option<TimestampMs>,
         events: &[NewEvent],
     ) -> Result<ApiToken, StoreError> {
         let (name, secret, events) = (name.to_string(), secret_sha256.to_string(), events.to_vec());
-        remote!(self, |store| store
-            .token_create(&name, role, &secret, at_ms, &events))
+        remote!(self, |store| store.token_create(
+            &name,
+            role,
+            &secret,
+            at_ms,
+            expires_at_ms,
+            &events
+        ))
     }
 
     async fn token_find(&self, secret_sha256: &str) -> Result<Option<ApiToken>, StoreError> {
         let secret = secret_sha256.to_string();
         remote!(self, |store| store.token_find(&secret))
+    }
+
+    async fn token_record_use(
+        &self,
+        id: i64,
+        at_ms: TimestampMs,
+        interval_ms: TimestampMs,
+    ) -> Result<bool, StoreError> {
+        remote!(self, |store| store.token_record_use(id, at_ms, interval_ms))
     }
 
     async fn token_list(&self) -> Result<Vec<ApiToken>, StoreError> {

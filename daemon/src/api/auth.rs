@@ -4,7 +4,6 @@
 //! declares the least role it needs, and the check runs before any extractor, so an
 //! anonymous caller learns nothing about the request it sent.
 
-use crate::app::tokens::hash_secret;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
@@ -50,9 +49,8 @@ pub async fn require_role(
     else {
         return unauthorized("Authorization header must be Bearer <token>");
     };
-    let token = match state.store.token_find(&hash_secret(secret)).await {
-        Ok(Some(token)) => token,
-        Ok(None) => return unauthorized("invalid or revoked token"),
+    let token = match state.app.token_authenticate(secret).await {
+        Ok(token) => token,
         Err(error) => return ApiError::from(error).into_response(),
     };
     if token.role < required {
@@ -68,6 +66,7 @@ pub async fn require_role(
         )
         .into_response();
     }
+    state.app.token_record_use(&token).await;
     request.extensions_mut().insert(Caller {
         token_name: token.name,
         role: token.role,

@@ -16,7 +16,12 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Sent as `Retry-After` (seconds): the failure is temporary.
+    pub retry_after_s: Option<u32>,
 }
+
+/// What a 503 for an unreachable database tells the client to wait before retrying.
+pub const UNAVAILABLE_RETRY_AFTER_S: u32 = 5;
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
@@ -24,6 +29,21 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after_s: None,
+        }
+    }
+
+    /// 503 with `Retry-After`: the database did not answer (logged as a warning).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        let message = message.into();
+        tracing::warn!(error = %message, "database unavailable");
+        ApiError {
+            retry_after_s: Some(UNAVAILABLE_RETRY_AFTER_S),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the database is unavailable; retry later",
+            )
         }
     }
 
@@ -61,6 +81,11 @@ impl IntoResponse for ApiError {
             message: self.message,
         };
         let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after_s {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -92,6 +117,7 @@ impl From<StoreError> for ApiError {
                     error.to_string(),
                 )
             }
+            StoreError::Unavailable(_) => ApiError::unavailable(error.to_string()),
             StoreError::Corrupt(_) | StoreError::Backend(_) => {
                 ApiError::internal(error.to_string())
             }
@@ -154,6 +180,9 @@ impl From<AppError> for ApiError {
                 "power_unavailable",
                 message,
             ),
+            AppError::TokenInvalid | AppError::TokenExpired { .. } => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+            }
             AppError::RandomSource(_) => ApiError::internal(message),
             AppError::Store(error) => error.into(),
         }

@@ -109,6 +109,7 @@ pub fn router(state: AppState) -> Router {
         .merge(boot::router())
         .nest("/api/v1", admin::router(state.clone()))
         .route("/healthz", axum::routing::get(healthz))
+        .route("/readyz", axum::routing::get(readyz))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such endpoint") })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
@@ -142,6 +143,55 @@ async fn healthz(axum::extract::State(state): axum::extract::State<AppState>) ->
                 "ok: standby (another replica runs the controller)\n".into_response()
             }
         },
+    }
+}
+
+/// How long `/readyz` waits for the store's trivial query before answering 503.
+pub const READY_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Readiness, unlike liveness (`/healthz`): whether this replica can serve requests now —
+/// its controller runs and the store answers a trivial query within
+/// [`READY_STORE_TIMEOUT`]. A standby replica is ready (it serves the APIs); the body says
+/// whether this one leads. 503 with `Retry-After` otherwise, never a hang.
+async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
+    use axum::response::IntoResponse;
+    let not_ready = |why: String| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(
+                axum::http::header::RETRY_AFTER,
+                error::UNAVAILABLE_RETRY_AFTER_S.to_string(),
+            )],
+            format!("not ready: {why}\n"),
+        )
+            .into_response()
+    };
+    if let crate::app::guards::ControllerLiveness::Down { reason, .. } = state.app.guards.liveness()
+    {
+        return not_ready(format!("controller down: {reason}"));
+    }
+    match tokio::time::timeout(READY_STORE_TIMEOUT, state.store.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(error = %error, "readiness: the store did not answer");
+            return not_ready("database unavailable; see the daemon log".to_string());
+        }
+        Err(_) => {
+            tracing::warn!("readiness: the store did not answer in time");
+            return not_ready(format!(
+                "database: no answer within {} ms",
+                READY_STORE_TIMEOUT.as_millis()
+            ));
+        }
+    }
+    match state.app.leader.acting(state.app.now_ms()) {
+        crate::app::cluster::Acting::Alone => "ready\n".into_response(),
+        crate::app::cluster::Acting::Leader { epoch } => {
+            format!("ready: leading (epoch {epoch})\n").into_response()
+        }
+        crate::app::cluster::Acting::Standby => {
+            "ready: standby (another replica runs the controller)\n".into_response()
+        }
     }
 }
 

@@ -181,6 +181,10 @@ pub enum AppError {
     },
     #[error("this daemon was assembled without BMC access; power actions are unavailable")]
     PowerUnavailable,
+    #[error("invalid or revoked token")]
+    TokenInvalid,
+    #[error("token {name} expired at {expired_at_ms} ms since the epoch; create a new one")]
+    TokenExpired { name: String, expired_at_ms: i64 },
     #[error("the operating system's random generator failed: {0}")]
     RandomSource(std::io::Error),
     #[error(transparent)]

@@ -123,17 +123,119 @@ pub(super) enum BmcCommand {
     },
 }
 
+/// Where the database lives, as given (see [`StoreArgs`]).
 #[derive(Args, Clone)]
-pub(super) struct StoreArgs {
+pub(super) struct StoreArgsRaw {
     /// Directory for the embedded SQLite database and boot images
     #[arg(long, env = "BEARMAN_DATA_DIR")]
-    pub(super) data_dir: Option<PathBuf>,
-    /// Database URL: postgres://user@host/db (production) or sqlite://PATH
-    #[arg(long, env = "BEARMAN_DATABASE_URL")]
-    pub(super) database_url: Option<String>,
+    data_dir: Option<PathBuf>,
+    /// Database URL: postgres://user@host/db (production) or sqlite://PATH. A password
+    /// here is visible in `ps`: use --database-url-file or BEARMAN_DATABASE_URL instead
+    #[arg(long, env = "BEARMAN_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// File holding the database URL (trimmed), so its password stays off the command line
+    #[arg(long, env = "BEARMAN_DATABASE_URL_FILE")]
+    database_url_file: Option<PathBuf>,
     /// TOML configuration file (flags and BEARMAN_* variables override it)
     #[arg(long, env = "BEARMAN_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// Where the database lives, resolved: `--database-url-file` read into `database_url`.
+#[derive(Clone)]
+pub(super) struct StoreArgs {
+    pub(super) data_dir: Option<PathBuf>,
+    pub(super) database_url: Option<String>,
     pub(super) config: Option<PathBuf>,
+}
+
+impl clap::FromArgMatches for StoreArgs {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let raw = StoreArgsRaw::from_arg_matches(matches)?;
+        if raw
+            .database_url
+            .as_deref()
+            .is_some_and(|url| bearman::store::sql::redact_url(url) != url)
+            && matches.value_source("database_url") == Some(clap::parser::ValueSource::CommandLine)
+        {
+            warn_secret_on_argv(
+                "--database-url with a password",
+                "--database-url-file PATH or BEARMAN_DATABASE_URL",
+            );
+        }
+        let database_url = match (raw.database_url, raw.database_url_file) {
+            (Some(_), Some(_)) => {
+                return Err(usage_error(
+                    "give --database-url (BEARMAN_DATABASE_URL) or --database-url-file \
+                     (BEARMAN_DATABASE_URL_FILE), not both",
+                ))
+            }
+            (Some(url), None) => Some(url),
+            (None, Some(path)) => {
+                Some(read_secret_file(&path, "database URL").map_err(|e| usage_error(&e))?)
+            }
+            (None, None) => None,
+        };
+        Ok(StoreArgs {
+            data_dir: raw.data_dir,
+            database_url,
+            config: raw.config,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for StoreArgs {
+    fn augment_args(command: clap::Command) -> clap::Command {
+        StoreArgsRaw::augment_args(command)
+    }
+    fn augment_args_for_update(command: clap::Command) -> clap::Command {
+        StoreArgsRaw::augment_args_for_update(command)
+    }
+}
+
+/// A clap error that prints as `error: MESSAGE` and exits 2.
+fn usage_error(message: &str) -> clap::Error {
+    clap::Error::raw(
+        clap::error::ErrorKind::ValueValidation,
+        format!("{message}\n"),
+    )
+}
+
+/// Tells the user a secret on the command line is visible to every local user.
+fn warn_secret_on_argv(what: &str, instead: &str) {
+    eprintln!(
+        "warning: {what} on the command line is visible to every user of this machine \
+         (`ps`, /proc/PID/cmdline); use {instead} instead"
+    );
+}
+
+/// The trimmed content of a secret file: an error naming the file when it is missing,
+/// unreadable or empty; a warning when other users may read it.
+pub(super) fn read_secret_file(path: &std::path::Path, what: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| format!("cannot read the {what} file {}: {error}", path.display()))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(format!("the {what} file {} is empty", path.display()));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(metadata) = std::fs::metadata(path) {
+            if metadata.permissions().mode() & 0o004 != 0 {
+                eprintln!(
+                    "warning: the {what} file {} is readable by every user; `chmod o-r` it",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(secret.to_string())
 }
 
 #[derive(Args)]
@@ -158,17 +260,71 @@ pub(super) struct ServeArgs {
     pub(super) default_flavor: Option<String>,
 }
 
+/// How to reach the admin API, as given (see [`ApiArgs`]).
 #[derive(Args, Clone)]
-pub(super) struct ApiArgs {
+pub(super) struct ApiArgsRaw {
     /// Daemon URL
     #[arg(long, env = "BEARMAN_URL", default_value = "http://127.0.0.1:8080")]
-    pub(super) url: String,
-    /// API token (see `bearman token create`)
+    url: String,
+    /// API token (see `bearman token create`). On the command line it is visible in
+    /// `ps`: prefer BEARMAN_TOKEN or --token-file
     #[arg(long, env = "BEARMAN_TOKEN", hide_env_values = true)]
-    pub(super) token: Option<String>,
+    token: Option<String>,
+    /// File holding the API token (trimmed)
+    #[arg(long, env = "BEARMAN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Output format
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+/// How to reach the admin API, resolved: `--token-file` read into `token`.
+#[derive(Clone)]
+pub(super) struct ApiArgs {
+    pub(super) url: String,
+    pub(super) token: Option<String>,
     pub(super) output: Output,
+}
+
+impl clap::FromArgMatches for ApiArgs {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let raw = ApiArgsRaw::from_arg_matches(matches)?;
+        if raw.token.is_some()
+            && matches.value_source("token") == Some(clap::parser::ValueSource::CommandLine)
+        {
+            warn_secret_on_argv("--token", "--token-file PATH or BEARMAN_TOKEN");
+        }
+        let token =
+            match (raw.token, raw.token_file) {
+                (Some(_), Some(_)) => return Err(usage_error(
+                    "give --token (BEARMAN_TOKEN) or --token-file (BEARMAN_TOKEN_FILE), not both",
+                )),
+                (Some(token), None) => Some(token),
+                (None, Some(path)) => {
+                    Some(read_secret_file(&path, "token").map_err(|e| usage_error(&e))?)
+                }
+                (None, None) => None,
+            };
+        Ok(ApiArgs {
+            url: raw.url,
+            token,
+            output: raw.output,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for ApiArgs {
+    fn augment_args(command: clap::Command) -> clap::Command {
+        ApiArgsRaw::augment_args(command)
+    }
+    fn augment_args_for_update(command: clap::Command) -> clap::Command {
+        ApiArgsRaw::augment_args_for_update(command)
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -185,12 +341,18 @@ pub(super) enum TokenCommand {
         name: String,
         #[arg(long, value_parser = ["admin", "operator", "viewer"])]
         role: String,
+        /// Refuse the token after this long: 90s, 30m, 12h, 30d, 2w
+        #[arg(long, conflicts_with = "expires_at")]
+        expires_in: Option<String>,
+        /// Refuse the token from this instant: RFC 3339, e.g. 2027-01-31T00:00:00Z
+        #[arg(long)]
+        expires_at: Option<String>,
         #[command(flatten)]
         store: StoreArgs,
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// List tokens (names and roles; secrets are never stored)
+    /// List tokens (names, roles, expiry, last use; secrets are never stored)
     List {
         #[command(flatten)]
         store: StoreArgs,

@@ -20,6 +20,8 @@ pub struct FileConfig {
     pub public_url: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub database_url: Option<String>,
+    /// A file holding the database URL (trimmed), so its password is not in this file.
+    pub database_url_file: Option<PathBuf>,
     pub log_format: Option<String>,
     pub default_flavor: Option<String>,
     pub default_role: Option<String>,
@@ -68,6 +70,20 @@ impl FileConfig {
     }
 }
 
+impl FileConfig {
+    /// `database_url`, or the content of `database_url_file` (not both).
+    pub fn database_url(&self) -> anyhow::Result<Option<String>> {
+        match (&self.database_url, &self.database_url_file) {
+            (Some(_), Some(_)) => bail!("give database_url or database_url_file, not both"),
+            (Some(url), None) => Ok(Some(url.clone())),
+            (None, Some(path)) => super::args::read_secret_file(path, "database URL")
+                .map(Some)
+                .map_err(|e| anyhow!("database_url_file: {e}")),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
 /// Everything `serve` needs, resolved.
 #[derive(Debug)]
 pub struct ServeConfig {
@@ -110,6 +126,10 @@ pub fn sqlite_url(data_dir: &Path) -> anyhow::Result<String> {
 }
 
 pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeConfig> {
+    let file_database_url = match overrides.database_url {
+        Some(_) => None,
+        None => file.database_url()?,
+    };
     let listen_text = overrides
         .listen
         .or(file.listen)
@@ -131,9 +151,9 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
     }
     let data_dir = overrides
         .data_dir
-        .or(file.data_dir)
+        .or(file.data_dir.clone())
         .unwrap_or_else(|| PathBuf::from(DATA_DIR_DEFAULT));
-    let database_url = match overrides.database_url.or(file.database_url) {
+    let database_url = match overrides.database_url.or(file_database_url) {
         Some(url) => url,
         None => sqlite_url(&data_dir)?,
     };

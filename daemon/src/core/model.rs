@@ -574,6 +574,32 @@ pub struct ApiToken {
     #[serde(skip_serializing)]
     pub secret_sha256: String,
     pub created_at_ms: TimestampMs,
+    /// After this the token is refused; `None`: it never expires.
+    #[serde(default)]
+    pub expires_at_ms: Option<TimestampMs>,
+    /// When it last authenticated a request, to [`TOKEN_USE_RECORD_INTERVAL_MS`]'s
+    /// precision; `None` until first used.
+    #[serde(default)]
+    pub last_used_at_ms: Option<TimestampMs>,
+}
+
+/// A token's last-used time is written at most this often (per token), so the
+/// authentication hot path reads but does not write on every request.
+pub const TOKEN_USE_RECORD_INTERVAL_MS: TimestampMs = 60_000;
+
+impl ApiToken {
+    /// Whether the token is past its expiry at `now_ms` (an expiry instant is already
+    /// expired).
+    pub fn is_expired(&self, now_ms: TimestampMs) -> bool {
+        self.expires_at_ms.is_some_and(|at| now_ms >= at)
+    }
+
+    /// Whether a use at `now_ms` should be recorded: never recorded, or last recorded at
+    /// least [`TOKEN_USE_RECORD_INTERVAL_MS`] ago.
+    pub fn use_record_due(&self, now_ms: TimestampMs) -> bool {
+        self.last_used_at_ms
+            .is_none_or(|last| now_ms - last >= TOKEN_USE_RECORD_INTERVAL_MS)
+    }
 }
 
 /// Filters for listing nodes; `None` means any.

@@ -261,6 +261,10 @@ impl Store for CachedStore {
         self.inner.backend_name()
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+
     fn content_epoch(&self) -> Option<u64> {
         self.expire();
         Some(self.epoch.load(std::sync::atomic::Ordering::SeqCst))
@@ -576,15 +580,25 @@ impl Store for CachedStore {
         role: TokenRole,
         secret_sha256: &str,
         at_ms: TimestampMs,
+        expires_at_ms: Option<TimestampMs>,
         events: &[NewEvent],
     ) -> Result<ApiToken, StoreError> {
         self.inner
-            .token_create(name, role, secret_sha256, at_ms, events)
+            .token_create(name, role, secret_sha256, at_ms, expires_at_ms, events)
             .await
     }
 
     async fn token_find(&self, secret_sha256: &str) -> Result<Option<ApiToken>, StoreError> {
         self.inner.token_find(secret_sha256).await
+    }
+
+    async fn token_record_use(
+        &self,
+        id: i64,
+        at_ms: TimestampMs,
+        interval_ms: TimestampMs,
+    ) -> Result<bool, StoreError> {
+        self.inner.token_record_use(id, at_ms, interval_ms).await
     }
 
     async fn token_list(&self) -> Result<Vec<ApiToken>, StoreError> {

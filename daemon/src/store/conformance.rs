@@ -81,6 +81,7 @@ pub async fn run_all(store: Arc<dyn Store>, wall_ms: WallClock) {
     concurrent_allocations_never_collide(store.clone()).await;
     events_page_newest_first(&*store).await;
     tokens_are_found_by_hash_only(&*store).await;
+    token_expiry_and_last_use_are_kept(&*store).await;
     remediations_are_one_active_per_node_and_optimistic(&*store).await;
     power_readings_are_kept_per_node_without_touching_it(&*store).await;
     registration_writes_addresses_and_node_together(&*store).await;
@@ -546,9 +547,65 @@ async fn events_page_newest_first(store: &dyn Store) {
     assert_eq!(second[0].node_uuid.as_ref(), Some(&uuid));
 }
 
+async fn token_expiry_and_last_use_are_kept(store: &dyn Store) {
+    let created = store
+        .token_create(
+            "conf-expiring",
+            TokenRole::Viewer,
+            &"9".repeat(64),
+            1_000,
+            Some(5_000),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.expires_at_ms, Some(5_000));
+    assert_eq!(created.last_used_at_ms, None, "never used yet");
+    let found = store.token_find(&"9".repeat(64)).await.unwrap().unwrap();
+    assert_eq!(found.expires_at_ms, Some(5_000));
+    let interval = crate::core::model::TOKEN_USE_RECORD_INTERVAL_MS;
+    assert!(store
+        .token_record_use(created.id, 10_000, interval)
+        .await
+        .unwrap());
+    assert!(
+        !store
+            .token_record_use(created.id, 10_000 + interval - 1, interval)
+            .await
+            .unwrap(),
+        "a second use within the interval writes nothing"
+    );
+    let found = store.token_find(&"9".repeat(64)).await.unwrap().unwrap();
+    assert_eq!(found.last_used_at_ms, Some(10_000));
+    assert!(store
+        .token_record_use(created.id, 10_000 + interval, interval)
+        .await
+        .unwrap());
+    let listed = store.token_list().await.unwrap();
+    let listed = listed.iter().find(|t| t.name == "conf-expiring").unwrap();
+    assert_eq!(listed.last_used_at_ms, Some(10_000 + interval));
+    assert_eq!(listed.expires_at_ms, Some(5_000));
+    store.token_delete("conf-expiring", &[]).await.unwrap();
+    assert!(
+        !store
+            .token_record_use(created.id, 1_000_000, interval)
+            .await
+            .unwrap(),
+        "a deleted token's use is not an error"
+    );
+    store.ping().await.unwrap();
+}
+
 async fn tokens_are_found_by_hash_only(store: &dyn Store) {
     let created = store
-        .token_create("conf-ops", TokenRole::Operator, &"b".repeat(64), 7, &[])
+        .token_create(
+            "conf-ops",
+            TokenRole::Operator,
+            &"b".repeat(64),
+            7,
+            None,
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -556,7 +613,7 @@ async fn tokens_are_found_by_hash_only(store: &dyn Store) {
         ("conf-ops", TokenRole::Operator)
     );
     let duplicate = store
-        .token_create("conf-ops", TokenRole::Admin, &"c".repeat(64), 7, &[])
+        .token_create("conf-ops", TokenRole::Admin, &"c".repeat(64), 7, None, &[])
         .await;
     assert!(matches!(duplicate, Err(StoreError::AlreadyExists { .. })));
     assert_eq!(
@@ -1340,6 +1397,7 @@ async fn admin_writes_carry_their_events(store: &dyn Store) {
             TokenRole::Viewer,
             &"e".repeat(64),
             7,
+            None,
             &audited("token_create", "conf-audit f"),
         )
         .await
@@ -1350,6 +1408,7 @@ async fn admin_writes_carry_their_events(store: &dyn Store) {
             TokenRole::Viewer,
             &"f".repeat(64),
             7,
+            None,
             &audited("token_create", "conf-audit dup token"),
         )
         .await;

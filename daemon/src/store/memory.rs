@@ -808,6 +808,7 @@ impl Store for MemoryStore {
         role: TokenRole,
         secret_sha256: &str,
         at_ms: TimestampMs,
+        expires_at_ms: Option<TimestampMs>,
         events: &[NewEvent],
     ) -> Result<ApiToken, StoreError> {
         let mut state = self.lock();
@@ -823,6 +824,8 @@ impl Store for MemoryStore {
             role,
             secret_sha256: secret_sha256.to_string(),
             created_at_ms: at_ms,
+            expires_at_ms,
+            last_used_at_ms: None,
         };
         state.tokens.insert(name.to_string(), token.clone());
         append_events(&mut state, events);
@@ -836,6 +839,26 @@ impl Store for MemoryStore {
             .values()
             .find(|t| t.secret_sha256 == secret_sha256)
             .cloned())
+    }
+
+    async fn token_record_use(
+        &self,
+        id: i64,
+        at_ms: TimestampMs,
+        interval_ms: TimestampMs,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.lock();
+        let Some(token) = state.tokens.values_mut().find(|t| t.id == id) else {
+            return Ok(false);
+        };
+        if token
+            .last_used_at_ms
+            .is_some_and(|last| last > at_ms - interval_ms)
+        {
+            return Ok(false);
+        }
+        token.last_used_at_ms = Some(at_ms);
+        Ok(true)
     }
 
     async fn token_list(&self) -> Result<Vec<ApiToken>, StoreError> {

@@ -209,6 +209,11 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database error: {0}")]
     Backend(String),
+    /// The database could not be reached or did not answer in time (connection refused
+    /// or lost, pool acquire or operation timeout): nothing is wrong with the request,
+    /// and retrying later may succeed. A write that timed out may still have committed.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
     /// A saga write carried a leader epoch that is no longer the lease's: another replica
     /// leads now (or the lease lapsed), and this one must not act.
     #[error("fenced: written under leader epoch {written}, the lease is at {}", current.map_or("none".to_string(), |e| e.to_string()))]
@@ -225,6 +230,12 @@ impl StoreError {
 pub trait Store: Send + Sync + 'static {
     /// Which implementation this is, for logs (`sqlite`, `postgres`, `memory`).
     fn backend_name(&self) -> &'static str;
+
+    /// A trivial round trip to the database (readiness: `GET /readyz`), never answered
+    /// from a cache; `Unavailable` when it does not answer.
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// A number that changes whenever any node or flavor is written through this store,
     /// for caches of derived data; `None` when the store does not keep one.
@@ -420,15 +431,27 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Remediation>, StoreError>;
 
     /// Creates a token with its audit events; `AlreadyExists` when the name is taken.
+    /// `expires_at_ms`: when it stops being accepted (`None`: never).
     async fn token_create(
         &self,
         name: &str,
         role: TokenRole,
         secret_sha256: &str,
         at_ms: TimestampMs,
+        expires_at_ms: Option<TimestampMs>,
         events: &[NewEvent],
     ) -> Result<ApiToken, StoreError>;
     async fn token_find(&self, secret_sha256: &str) -> Result<Option<ApiToken>, StoreError>;
+    /// Records that token `id` was used at `at_ms`, unless a use at or after
+    /// `at_ms - interval_ms` is already recorded (so replicas and concurrent requests
+    /// write it at most once per interval); `true` when written. No audit event (it
+    /// would be one per interval per token) and no error for a token deleted meanwhile.
+    async fn token_record_use(
+        &self,
+        id: i64,
+        at_ms: TimestampMs,
+        interval_ms: TimestampMs,
+    ) -> Result<bool, StoreError>;
     async fn token_list(&self) -> Result<Vec<ApiToken>, StoreError>;
     /// Deletes a token with its audit events; `NotFound` when there is none of that name.
     async fn token_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError>;

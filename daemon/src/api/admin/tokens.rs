@@ -23,6 +23,9 @@ pub(super) async fn token_list(
 pub(super) struct TokenRequest {
     name: String,
     role: TokenRole,
+    /// When the token stops being accepted (ms since the epoch); absent: never.
+    #[serde(default)]
+    expires_at_ms: Option<i64>,
 }
 
 pub(super) async fn token_create(
@@ -32,7 +35,12 @@ pub(super) async fn token_create(
 ) -> Result<(StatusCode, Json<NewToken>), ApiError> {
     let token = state
         .app
-        .token_create(&caller.actor(), &request.name, request.role)
+        .token_create_expiring(
+            &caller.actor(),
+            &request.name,
+            request.role,
+            request.expires_at_ms,
+        )
         .await?;
     Ok((StatusCode::CREATED, Json(token)))
 }

@@ -56,10 +56,48 @@ impl Backend {
 pub struct SqlStore {
     pool: AnyPool,
     backend: Backend,
+    /// Bound on one store operation (PostgreSQL only).
+    operation_timeout: Option<Duration>,
 }
 
+/// Waiting for a PostgreSQL connection longer than this answers `Unavailable` (a 503
+/// with `Retry-After`), instead of holding the request for sqlx's default 30 s.
+pub const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A whole PostgreSQL store operation (acquire, queries, commit) longer than this is
+/// abandoned as `Unavailable`: a database host cut off by the network leaves established
+/// connections hanging for minutes, which the acquire timeout alone does not bound. As
+/// with any lost answer, an abandoned write may have committed.
+pub const POSTGRES_OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
+/// SQLite is a local file: one connection that requests queue for, so a short acquire
+/// timeout would only shed load under a boot storm.
+const SQLITE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts at the first connection at start-up, each bounded by the acquire timeout (the
+/// database may still be starting).
+const CONNECT_ATTEMPTS_MAX: usize = 10;
+
 fn backend_error(error: sqlx::Error) -> StoreError {
-    StoreError::Backend(error.to_string())
+    if is_unavailable(&error) {
+        StoreError::Unavailable(error.to_string())
+    } else {
+        StoreError::Backend(error.to_string())
+    }
+}
+
+/// Whether `error` says the database could not be reached rather than that the query
+/// failed: connection errors, pool timeouts, PostgreSQL's connection-exception class
+/// (08…), shutdown and start-up (57P01-57P03) and too many connections (53300).
+fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
+    }
 }
 
 fn is_unique_violation(error: &sqlx::Error) -> bool {
@@ -83,28 +121,55 @@ impl SqlStore {
                 redact_url(url)
             ))
         })?;
-        let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(30));
-        let pool = match backend {
-            Backend::Sqlite => {
-                options
-                    .max_connections(1)
-                    .after_connect(|connection, _| {
-                        Box::pin(async move {
-                            use sqlx::Executor;
-                            connection.execute("PRAGMA foreign_keys = ON").await?;
-                            connection.execute("PRAGMA synchronous = NORMAL").await?;
-                            connection.execute("PRAGMA busy_timeout = 10000").await?;
-                            Ok(())
+        let options = AnyPoolOptions::new();
+        let mut attempt = 0;
+        let pool = loop {
+            attempt += 1;
+            let connected = match backend {
+                Backend::Sqlite => {
+                    options
+                        .clone()
+                        .acquire_timeout(SQLITE_ACQUIRE_TIMEOUT)
+                        .max_connections(1)
+                        .after_connect(|connection, _| {
+                            Box::pin(async move {
+                                use sqlx::Executor;
+                                connection.execute("PRAGMA foreign_keys = ON").await?;
+                                connection.execute("PRAGMA synchronous = NORMAL").await?;
+                                connection.execute("PRAGMA busy_timeout = 10000").await?;
+                                Ok(())
+                            })
                         })
-                    })
-                    .connect(url)
-                    .await
+                        .connect(url)
+                        .await
+                }
+                Backend::Postgres => {
+                    options
+                        .clone()
+                        .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
+                        .max_connections(16)
+                        .connect(url)
+                        .await
+                }
+            };
+            match connected {
+                Ok(pool) => break pool,
+                Err(error) if is_unavailable(&error) && attempt < CONNECT_ATTEMPTS_MAX => {
+                    tracing::warn!(
+                        database = %redact_url(url),
+                        attempt,
+                        error = %error,
+                        "database not reachable yet; retrying"
+                    );
+                }
+                Err(error) => {
+                    return Err(StoreError::Backend(format!(
+                        "cannot connect to {}: {error}",
+                        redact_url(url)
+                    )))
+                }
             }
-            Backend::Postgres => options.max_connections(16).connect(url).await,
-        }
-        .map_err(|error| {
-            StoreError::Backend(format!("cannot connect to {}: {error}", redact_url(url)))
-        })?;
+        };
         if backend == Backend::Sqlite {
             // WAL survives in the file; readers then never block the writer.
             sqlx::query("PRAGMA journal_mode = WAL")
@@ -120,7 +185,29 @@ impl SqlStore {
             .run(&pool)
             .await
             .map_err(|error| StoreError::Backend(format!("migration failed: {error}")))?;
-        Ok(SqlStore { pool, backend })
+        Ok(SqlStore {
+            pool,
+            backend,
+            operation_timeout: (backend == Backend::Postgres).then_some(POSTGRES_OPERATION_TIMEOUT),
+        })
+    }
+
+    /// Runs one store operation within the operation timeout (`Unavailable` past it).
+    async fn bounded<T>(
+        &self,
+        operation: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match self.operation_timeout {
+            None => operation.await,
+            Some(timeout) => tokio::time::timeout(timeout, operation)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable(format!(
+                        "no answer within {} ms",
+                        timeout.as_millis()
+                    )))
+                }),
+        }
     }
 
     pub fn backend(&self) -> Backend {
@@ -167,28 +254,39 @@ impl Store for SqlStore {
         }
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.bounded(async {
+            sqlx::query("SELECT 1")
+                .execute(&self.pool)
+                .await
+                .map(|_| ())
+                .map_err(backend_error)
+        })
+        .await
+    }
+
     async fn node_get(&self, uuid: &NodeUuid) -> Result<Option<Node>, StoreError> {
-        nodes::get(self, uuid).await
+        self.bounded(nodes::get(self, uuid)).await
     }
 
     async fn node_list(&self, filter: &NodeFilter) -> Result<Vec<Node>, StoreError> {
-        nodes::list(self, filter).await
+        self.bounded(nodes::list(self, filter)).await
     }
 
     async fn node_count_by_state(&self) -> Result<StateCounts, StoreError> {
-        nodes::count_by_state(self).await
+        self.bounded(nodes::count_by_state(self)).await
     }
 
     async fn node_create(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError> {
-        nodes::create(self, node, events).await
+        self.bounded(nodes::create(self, node, events)).await
     }
 
     async fn node_update(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError> {
-        nodes::update(self, node, events).await
+        self.bounded(nodes::update(self, node, events)).await
     }
 
     async fn node_register(&self, write: &RegistrationWrite) -> Result<Registered, StoreError> {
-        nodes::register(self, write).await
+        self.bounded(nodes::register(self, write)).await
     }
 
     async fn node_record_heartbeat(
@@ -196,11 +294,12 @@ impl Store for SqlStore {
         uuid: &NodeUuid,
         at_ms: TimestampMs,
     ) -> Result<(), StoreError> {
-        nodes::record_heartbeat(self, uuid, at_ms).await
+        self.bounded(nodes::record_heartbeat(self, uuid, at_ms))
+            .await
     }
 
     async fn node_health_list(&self) -> Result<Vec<crate::core::health::NodeHealth>, StoreError> {
-        power::health_list(self).await
+        self.bounded(power::health_list(self)).await
     }
 
     async fn node_power_record(
@@ -209,11 +308,12 @@ impl Store for SqlStore {
         reading: &PowerReading,
         events: &[NewEvent],
     ) -> Result<bool, StoreError> {
-        power::record(self, uuid, reading, events).await
+        self.bounded(power::record(self, uuid, reading, events))
+            .await
     }
 
     async fn node_power_get(&self, uuid: &NodeUuid) -> Result<Option<PowerReading>, StoreError> {
-        power::get(self, uuid).await
+        self.bounded(power::get(self, uuid)).await
     }
 
     async fn flavor_create(
@@ -222,7 +322,8 @@ impl Store for SqlStore {
         at_ms: TimestampMs,
         events: &[NewEvent],
     ) -> Result<(), StoreError> {
-        flavors::create(self, flavor, at_ms, events).await
+        self.bounded(flavors::create(self, flavor, at_ms, events))
+            .await
     }
 
     async fn flavor_put(
@@ -231,35 +332,36 @@ impl Store for SqlStore {
         at_ms: TimestampMs,
         events: &[NewEvent],
     ) -> Result<(), StoreError> {
-        flavors::put(self, flavor, at_ms, events).await
+        self.bounded(flavors::put(self, flavor, at_ms, events))
+            .await
     }
 
     async fn flavor_get(&self, name: &str) -> Result<Option<Flavor>, StoreError> {
-        flavors::get(self, name).await
+        self.bounded(flavors::get(self, name)).await
     }
 
     async fn flavor_list(&self) -> Result<Vec<Flavor>, StoreError> {
-        flavors::list(self).await
+        self.bounded(flavors::list(self)).await
     }
 
     async fn flavor_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError> {
-        flavors::delete(self, name, events).await
+        self.bounded(flavors::delete(self, name, events)).await
     }
 
     async fn pool_create(&self, pool: &IpPool, events: &[NewEvent]) -> Result<(), StoreError> {
-        pools::create(self, pool, events).await
+        self.bounded(pools::create(self, pool, events)).await
     }
 
     async fn pool_get(&self, name: &str) -> Result<Option<IpPool>, StoreError> {
-        pools::get(self, name).await
+        self.bounded(pools::get(self, name)).await
     }
 
     async fn pool_list(&self) -> Result<Vec<IpPool>, StoreError> {
-        pools::list(self).await
+        self.bounded(pools::list(self)).await
     }
 
     async fn pool_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError> {
-        pools::delete(self, name, events).await
+        self.bounded(pools::delete(self, name, events)).await
     }
 
     async fn ip_allocate(
@@ -269,7 +371,10 @@ impl Store for SqlStore {
         purpose: PoolPurpose,
         at_ms: TimestampMs,
     ) -> Result<IpAllocation, StoreError> {
-        addresses::allocate(self, pool_name, node_uuid, purpose, at_ms).await
+        self.bounded(addresses::allocate(
+            self, pool_name, node_uuid, purpose, at_ms,
+        ))
+        .await
     }
 
     async fn ip_list(
@@ -277,23 +382,23 @@ impl Store for SqlStore {
         pool: Option<&str>,
         node_uuid: Option<&NodeUuid>,
     ) -> Result<Vec<IpAllocation>, StoreError> {
-        addresses::list(self, pool, node_uuid).await
+        self.bounded(addresses::list(self, pool, node_uuid)).await
     }
 
     async fn ip_release_node(&self, node_uuid: &NodeUuid) -> Result<usize, StoreError> {
-        addresses::release_node(self, node_uuid).await
+        self.bounded(addresses::release_node(self, node_uuid)).await
     }
 
     async fn ip_orphans(&self) -> Result<Vec<OrphanAllocation>, StoreError> {
-        addresses::orphans(self).await
+        self.bounded(addresses::orphans(self)).await
     }
 
     async fn event_append(&self, events: &[NewEvent]) -> Result<(), StoreError> {
-        events::append(self, events).await
+        self.bounded(events::append(self, events)).await
     }
 
     async fn event_list(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
-        events::list(self, filter).await
+        self.bounded(events::list(self, filter)).await
     }
 
     async fn remediation_create(
@@ -302,7 +407,8 @@ impl Store for SqlStore {
         events: &[NewEvent],
         fence: Option<i64>,
     ) -> Result<Remediation, StoreError> {
-        remediations::create(self, remediation, events, fence).await
+        self.bounded(remediations::create(self, remediation, events, fence))
+            .await
     }
 
     async fn remediation_update(
@@ -312,7 +418,8 @@ impl Store for SqlStore {
         events: &[NewEvent],
         fence: Option<i64>,
     ) -> Result<(Remediation, Option<Node>), StoreError> {
-        remediations::update(self, remediation, node, events, fence).await
+        self.bounded(remediations::update(self, remediation, node, events, fence))
+            .await
     }
 
     async fn lease_acquire(
@@ -322,7 +429,8 @@ impl Store for SqlStore {
         _now_ms: TimestampMs,
         memory: Option<&str>,
     ) -> Result<Lease, StoreError> {
-        cluster::acquire(self, holder, ttl_ms, memory).await
+        self.bounded(cluster::acquire(self, holder, ttl_ms, memory))
+            .await
     }
 
     async fn lease_release(
@@ -331,7 +439,7 @@ impl Store for SqlStore {
         epoch: i64,
         _now_ms: TimestampMs,
     ) -> Result<(), StoreError> {
-        cluster::release(self, holder, epoch).await
+        self.bounded(cluster::release(self, holder, epoch)).await
     }
 
     async fn replica_report(
@@ -339,15 +447,15 @@ impl Store for SqlStore {
         replica: &Replica,
         _now_ms: TimestampMs,
     ) -> Result<(), StoreError> {
-        cluster::replica_report(self, replica).await
+        self.bounded(cluster::replica_report(self, replica)).await
     }
 
     async fn cluster_read(&self, _now_ms: TimestampMs) -> Result<ClusterStatus, StoreError> {
-        cluster::read(self).await
+        self.bounded(cluster::read(self)).await
     }
 
     async fn remediation_get(&self, id: i64) -> Result<Option<Remediation>, StoreError> {
-        remediations::get(self, id).await
+        self.bounded(remediations::get(self, id)).await
     }
 
     async fn remediation_list(
@@ -356,7 +464,8 @@ impl Store for SqlStore {
         node_uuid: Option<&NodeUuid>,
         limit: usize,
     ) -> Result<Vec<Remediation>, StoreError> {
-        remediations::list(self, active_only, node_uuid, limit).await
+        self.bounded(remediations::list(self, active_only, node_uuid, limit))
+            .await
     }
 
     async fn token_create(
@@ -365,20 +474,40 @@ impl Store for SqlStore {
         role: TokenRole,
         secret_sha256: &str,
         at_ms: TimestampMs,
+        expires_at_ms: Option<TimestampMs>,
         events: &[NewEvent],
     ) -> Result<ApiToken, StoreError> {
-        tokens::create(self, name, role, secret_sha256, at_ms, events).await
+        self.bounded(tokens::create(
+            self,
+            name,
+            role,
+            secret_sha256,
+            at_ms,
+            expires_at_ms,
+            events,
+        ))
+        .await
+    }
+
+    async fn token_record_use(
+        &self,
+        id: i64,
+        at_ms: TimestampMs,
+        interval_ms: TimestampMs,
+    ) -> Result<bool, StoreError> {
+        self.bounded(tokens::record_use(self, id, at_ms, interval_ms))
+            .await
     }
 
     async fn token_find(&self, secret_sha256: &str) -> Result<Option<ApiToken>, StoreError> {
-        tokens::find(self, secret_sha256).await
+        self.bounded(tokens::find(self, secret_sha256)).await
     }
 
     async fn token_list(&self) -> Result<Vec<ApiToken>, StoreError> {
-        tokens::list(self).await
+        self.bounded(tokens::list(self)).await
     }
 
     async fn token_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError> {
-        tokens::delete(self, name, events).await
+        self.bounded(tokens::delete(self, name, events)).await
     }
 }
