@@ -202,6 +202,7 @@ async fn an_expired_token_is_refused_saying_so_and_use_is_recorded() {
                 role: NodeRole::Compute,
                 flavor: None,
             },
+            enrollment: bearman::core::enrollment::EnrollmentPolicy::default(),
             body_limit_bytes: bearman::api::BODY_LIMIT_BYTES_DEFAULT,
             heartbeat_fresh_ms: 30_000,
         },

@@ -125,8 +125,10 @@ async fn made_up_uuids_cannot_drain_the_pool() {
 /// the refusals are summarised, not written one per request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_machines_are_bounded_and_their_refusals_summarised() {
-    let mut policy = bearman::core::enrollment::EnrollmentPolicy::default();
-    policy.pending_max = 5;
+    let policy = bearman::core::enrollment::EnrollmentPolicy {
+        pending_max: 5,
+        ..Default::default()
+    };
     let daemon = TestDaemon::sqlite(Options {
         default_flavor: Some("hv".into()),
         enrollment: policy,
