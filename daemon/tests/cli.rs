@@ -438,6 +438,13 @@ fn serve_answers_boot_requests_and_client_commands() {
         "a waiting machine holds no address: {}",
         stdout(&pool_view)
     );
+    let table = client(&["node", "list"]);
+    assert_success("node list", &table);
+    assert!(
+        stdout(&table).contains("discovered (awaiting acceptance)"),
+        "{}",
+        stdout(&table)
+    );
     let accepted = client(&["node", "accept", UUID, "--reason", "rack a01 delivery"]);
     assert_success("node accept", &accepted);
     let twice = client(&["node", "accept", UUID]);

@@ -19,6 +19,9 @@ fn state_text(node: &Node) -> String {
                 format!("maintenance (held by {})", hold.by)
             }
         }
+        _ if node.pending_acceptance.is_some() => {
+            format!("{} (awaiting acceptance)", node.state.as_str())
+        }
         _ => node.state.as_str().to_string(),
     }
 }
