@@ -11,6 +11,7 @@ pub mod bmc;
 pub mod cloud;
 pub mod controller;
 pub mod core;
+pub mod edge;
 pub mod images;
 pub mod runtime;
 pub mod server;

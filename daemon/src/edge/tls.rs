@@ -1,0 +1,1 @@
+//! TLS for the admin listener: certificate and key from files, reloaded on SIGHUP.
