@@ -115,8 +115,7 @@ pub async fn run_daemon<L>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()>
 where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
 {
     let mut state = AppState::new(parts.store, parts.clock, parts.images, parts.service);
     // Operator power actions go through the controller's own BMC provider, so the
@@ -163,18 +162,21 @@ where
     served
 }
 
-/// Serves the whole HTTP application on `listener` until `shutdown` resolves.
+/// Serves the whole HTTP application on `listener` until `shutdown` resolves, within
+/// the connection bounds of `state.config.edge` (see [`crate::edge`]).
 pub async fn serve<L>(
     listener: L,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()>
 where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
 {
-    let app = axum::ServiceExt::<axum::extract::Request>::into_make_service(api::service(state));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = state.config.edge.connections;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    crate::edge::serve_listener(listener, api::service(state), limits, None, stopped).await
 }

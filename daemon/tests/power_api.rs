@@ -145,6 +145,7 @@ async fn start(bmc: Arc<FakeBmc>) -> Daemon {
             defaults: settings().defaults,
             enrollment: settings().enrollment,
             body_limit_bytes: bearman::server::BODY_LIMIT_BYTES_DEFAULT,
+            edge: bearman::edge::EdgeLimits::default(),
             heartbeat_fresh_ms: 30_000,
         },
         bmcs: Arc::new(OneBmc(bmc)),

@@ -170,6 +170,7 @@ async fn a_database_outage_answers_503_quickly_and_recovers() {
                 },
                 enrollment: bearman::core::enrollment::EnrollmentPolicy::default(),
                 body_limit_bytes: bearman::api::BODY_LIMIT_BYTES_DEFAULT,
+                edge: bearman::edge::EdgeLimits::default(),
                 heartbeat_fresh_ms: 30_000,
             },
         );

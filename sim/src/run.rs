@@ -580,6 +580,7 @@ pub fn run(
                         // every one were on an allow-list.
                         enrollment: bearman::core::enrollment::EnrollmentPolicy::accept_all(),
                         body_limit_bytes: bearman::server::BODY_LIMIT_BYTES_DEFAULT,
+                        edge: bearman::edge::EdgeLimits::default(),
                         heartbeat_fresh_ms: 30_000,
                     },
                     bmcs: Arc::new(bmc::SimBmcs::new(Duration::from_secs(10))),

@@ -39,6 +39,9 @@ pub struct Options {
     /// Accept everyone by default: most tests are about what happens after a machine
     /// is let in; the enrollment tests set the production default (closed).
     pub enrollment: bearman::core::enrollment::EnrollmentPolicy,
+    /// Connection bounds and rate limits: the production defaults unless a test is
+    /// about them.
+    pub edge: bearman::edge::EdgeLimits,
 }
 
 impl Default for Options {
@@ -47,6 +50,7 @@ impl Default for Options {
             default_flavor: None,
             body_limit_bytes: bearman::api::BODY_LIMIT_BYTES_DEFAULT,
             enrollment: bearman::core::enrollment::EnrollmentPolicy::accept_all(),
+            edge: bearman::edge::EdgeLimits::default(),
         }
     }
 }
@@ -96,6 +100,7 @@ impl TestDaemon {
                 },
                 enrollment: options.enrollment,
                 body_limit_bytes: options.body_limit_bytes,
+                edge: options.edge,
                 heartbeat_fresh_ms: 30_000,
             },
         );

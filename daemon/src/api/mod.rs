@@ -39,6 +39,8 @@ pub struct ServiceConfig {
     /// Which self-registering machines are accepted (`[enrollment]`).
     pub enrollment: crate::core::enrollment::EnrollmentPolicy,
     pub body_limit_bytes: usize,
+    /// Connection bounds and the unauthenticated endpoints' per-source rate limit.
+    pub edge: crate::edge::EdgeLimits,
     /// A heartbeat younger than this counts as "the node is up" (leaving maintenance).
     pub heartbeat_fresh_ms: TimestampMs,
 }
@@ -56,6 +58,8 @@ pub struct AppState {
     pub scripts: Arc<boot::ScriptCache>,
     /// `GET /ipxe`'s script, which depends on configuration only.
     pub stage1_script: axum::body::Bytes,
+    /// Per-source request budget of the unauthenticated endpoints.
+    pub rate_limiter: Arc<std::sync::Mutex<crate::core::rate_limit::SourceRateLimiter>>,
 }
 
 impl AppState {
@@ -79,12 +83,16 @@ impl AppState {
                 heartbeat_fresh_ms: config.heartbeat_fresh_ms,
             },
         );
+        let rate_limiter = Arc::new(std::sync::Mutex::new(
+            crate::core::rate_limit::SourceRateLimiter::new(config.edge.rate),
+        ));
         AppState {
             app,
             store,
             clock,
             images,
             stage1_script,
+            rate_limiter,
             config: Arc::new(config),
             scripts: Arc::default(),
         }
@@ -227,7 +235,9 @@ where
     fn call(&mut self, request: Request) -> Self::Future {
         let started = tokio::time::Instant::now();
         // The lookup logs nothing, so it may run before the span exists.
-        let (answer, span) = match boot::cached_target_script(&self.state, &request) {
+        let ready = rate_limited(&self.state, &request)
+            .or_else(|| boot::cached_target_script(&self.state, &request));
+        let (answer, span) = match ready {
             Some(response) => {
                 let span = tracing::info_span!(
                     "request",
@@ -257,6 +267,58 @@ where
             answer,
             span,
             started,
+        }
+    }
+}
+
+/// The unauthenticated endpoints: anyone on the provisioning network may call them.
+fn is_unauthenticated_path(path: &str) -> bool {
+    path.starts_with("/ipxe") || path.starts_with("/images/")
+}
+
+/// 429 with `Retry-After` when the request is to an unauthenticated endpoint and its
+/// source has used its budget ([`crate::core::rate_limit`]); `None` to go on. Requests
+/// without a peer address (only in-process tests call the router that way) pass.
+fn rate_limited(state: &AppState, request: &Request) -> Option<Response> {
+    use crate::core::rate_limit::RateVerdict;
+    use axum::response::IntoResponse;
+    if !is_unauthenticated_path(request.uri().path()) {
+        return None;
+    }
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()?
+        .0;
+    let verdict = state
+        .rate_limiter
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .check(peer.ip(), state.clock.now_ms());
+    match verdict {
+        RateVerdict::Allow => None,
+        RateVerdict::Refuse {
+            retry_after_s,
+            first_in_window,
+        } => {
+            if first_in_window {
+                let limit = state.config.edge.rate;
+                tracing::warn!(
+                    source = %peer.ip(),
+                    per_s = limit.per_s,
+                    burst = limit.burst,
+                    "rate limit: refusing this source's boot-protocol requests (429) until it slows down; logged once per flood"
+                );
+            }
+            let mut error = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "too many requests from {}; retry in {retry_after_s} s",
+                    peer.ip()
+                ),
+            );
+            error.retry_after_s = Some(retry_after_s.min(u64::from(u32::MAX)) as u32);
+            Some(error.into_response())
         }
     }
 }

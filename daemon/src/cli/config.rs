@@ -40,6 +40,99 @@ pub struct FileConfig {
     pub cluster: Option<bearman::core::cluster::ClusterConfig>,
     /// Which machines that register by themselves are accepted into the fleet.
     pub enrollment: Option<EnrollmentFile>,
+    /// Connection timeouts, the connection cap and per-source rate limits.
+    pub http: Option<HttpFile>,
+}
+
+/// `[http]` as written; every key optional (defaults in `bearman::edge` and
+/// `bearman::core::rate_limit`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpFile {
+    pub header_read_timeout_s: Option<u64>,
+    pub idle_timeout_s: Option<u64>,
+    pub body_read_timeout_s: Option<u64>,
+    pub send_stall_timeout_s: Option<u64>,
+    pub connections_max: Option<usize>,
+    /// Requests per second per source address on the unauthenticated endpoints; 0 = no limit.
+    pub rate_per_s: Option<u32>,
+    pub rate_burst: Option<u32>,
+    pub rate_sources_max: Option<usize>,
+}
+
+impl HttpFile {
+    fn resolve(self) -> anyhow::Result<bearman::edge::EdgeLimits> {
+        use std::time::Duration;
+        let defaults = bearman::edge::EdgeLimits::default();
+        fn seconds(
+            name: &str,
+            given: Option<u64>,
+            default: Duration,
+            max_s: u64,
+        ) -> anyhow::Result<Duration> {
+            match given {
+                None => Ok(default),
+                Some(s) if (1..=max_s).contains(&s) => Ok(Duration::from_secs(s)),
+                Some(s) => bail!("[http] {name} {s} is outside 1-{max_s}"),
+            }
+        }
+        fn count<T: PartialOrd + std::fmt::Display + Copy>(
+            name: &str,
+            given: Option<T>,
+            default: T,
+            min: T,
+            max: T,
+        ) -> anyhow::Result<T> {
+            let value = given.unwrap_or(default);
+            if value < min || value > max {
+                bail!("[http] {name} {value} is outside {min}-{max}");
+            }
+            Ok(value)
+        }
+        let c = defaults.connections;
+        let r = defaults.rate;
+        Ok(bearman::edge::EdgeLimits {
+            connections: bearman::edge::ConnectionLimits {
+                header_read_timeout: seconds(
+                    "header_read_timeout_s",
+                    self.header_read_timeout_s,
+                    c.header_read_timeout,
+                    300,
+                )?,
+                idle_timeout: seconds("idle_timeout_s", self.idle_timeout_s, c.idle_timeout, 3600)?,
+                body_read_timeout: seconds(
+                    "body_read_timeout_s",
+                    self.body_read_timeout_s,
+                    c.body_read_timeout,
+                    600,
+                )?,
+                send_stall_timeout: seconds(
+                    "send_stall_timeout_s",
+                    self.send_stall_timeout_s,
+                    c.send_stall_timeout,
+                    3600,
+                )?,
+                connections_max: count(
+                    "connections_max",
+                    self.connections_max,
+                    c.connections_max,
+                    16,
+                    1_000_000,
+                )?,
+            },
+            rate: bearman::core::rate_limit::RateLimitConfig {
+                per_s: count("rate_per_s", self.rate_per_s, r.per_s, 0, 1_000_000)?,
+                burst: count("rate_burst", self.rate_burst, r.burst, 1, 10_000_000)?,
+                sources_max: count(
+                    "rate_sources_max",
+                    self.rate_sources_max,
+                    r.sources_max,
+                    16,
+                    1_000_000,
+                )?,
+            },
+        })
+    }
 }
 
 /// `[enrollment]` as written. Without it (or with every list empty and `auto_accept`
@@ -103,6 +196,7 @@ pub struct ServeConfig {
     pub pxe: Option<bearman_pxe::PxeConfig>,
     pub cluster: bearman::core::cluster::ClusterConfig,
     pub enrollment: bearman::core::enrollment::EnrollmentPolicy,
+    pub edge: bearman::edge::EdgeLimits,
 }
 
 /// Values given on the command line or in the environment (clap merges those two).
@@ -223,6 +317,7 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
             .unwrap_or(bearman::core::enrollment::PENDING_MAX_DEFAULT),
     )
     .map_err(|problem| anyhow!("[enrollment] {problem}"))?;
+    let edge = file.http.unwrap_or_default().resolve()?;
     Ok(ServeConfig {
         listen,
         public_url,
@@ -240,12 +335,41 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
         pxe,
         cluster,
         enrollment,
+        edge,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_limits_default_and_are_bounded() {
+        let config = resolve(Overrides::default(), FileConfig::default()).unwrap();
+        assert_eq!(config.edge, bearman::edge::EdgeLimits::default());
+        let file: FileConfig = toml::from_str(
+            "[http]\nheader_read_timeout_s = 5\nconnections_max = 100\nrate_per_s = 0\n",
+        )
+        .unwrap();
+        let config = resolve(Overrides::default(), file).unwrap();
+        assert_eq!(
+            config.edge.connections.header_read_timeout,
+            std::time::Duration::from_secs(5)
+        );
+        assert_eq!(config.edge.connections.connections_max, 100);
+        assert_eq!(config.edge.rate.per_s, 0);
+        for bad in [
+            "[http]\nheader_read_timeout_s = 0\n",
+            "[http]\nidle_timeout_s = 100000\n",
+            "[http]\nconnections_max = 1\n",
+            "[http]\nrate_burst = 0\n",
+        ] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            let error = resolve(Overrides::default(), file).unwrap_err().to_string();
+            assert!(error.starts_with("[http] "), "{bad}: {error}");
+        }
+        assert!(toml::from_str::<FileConfig>("[http]\nheader_timeout = 5\n").is_err());
+    }
 
     #[test]
     fn enrollment_is_closed_by_default_and_its_lists_are_checked() {

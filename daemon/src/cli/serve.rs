@@ -100,6 +100,15 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             },
             enrollment: config.enrollment.clone(),
             body_limit_bytes: config.body_limit_bytes,
+            edge: bearman::edge::EdgeLimits {
+                connections: bearman::edge::ConnectionLimits {
+                    connections_max: connections_max_within_open_files(
+                        config.edge.connections.connections_max,
+                    ),
+                    ..config.edge.connections
+                },
+                ..config.edge
+            },
             heartbeat_fresh_ms: config.heartbeat_fresh_s as i64 * 1000,
         },
         bmcs: Arc::new(bmcs),
@@ -133,6 +142,35 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     bearman::server::run_daemon(listener, parts, shutdown_signal()).await?;
     tracing::info!("bearman stopped");
     Ok(())
+}
+
+/// File descriptors the daemon keeps for itself beyond client connections: the database
+/// pool, BMC and cloud connections, image files, the log.
+const RESERVED_FILES: u64 = 256;
+
+/// Raises the open-file limit to its hard maximum and returns the connection cap that
+/// fits in it: `configured`, or lower (with a warning) when the limit is too small for
+/// it, so the daemon never runs out of descriptors for its own work.
+fn connections_max_within_open_files(configured: usize) -> usize {
+    let limit = match bearman::runtime::system::raise_open_files_limit() {
+        Ok(limit) => limit,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read or raise the open-file limit (RLIMIT_NOFILE)");
+            return configured;
+        }
+    };
+    let fits = limit.saturating_sub(RESERVED_FILES).max(16) as usize;
+    if fits < configured {
+        tracing::warn!(
+            open_files = limit,
+            configured,
+            connections_max = fits,
+            "[http] connections_max lowered to fit the open-file limit; raise it (LimitNOFILE=, ulimit -n) for more"
+        );
+        fits
+    } else {
+        configured
+    }
 }
 
 /// This machine's host name, for the default replica name.

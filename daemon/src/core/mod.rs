@@ -15,6 +15,7 @@ pub mod ipam;
 pub mod lifecycle;
 pub mod model;
 pub mod power_sync;
+pub mod rate_limit;
 pub mod registration;
 pub mod remediation;
 pub mod secret;
