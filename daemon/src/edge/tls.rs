@@ -344,7 +344,7 @@ mod der {
     }
 
     /// One element: (tag, contents, what follows).
-    fn next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    pub(super) fn next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         let (&tag, rest) = input.split_first()?;
         let (&first, mut rest) = rest.split_first()?;
         let length = if first < 0x80 {
@@ -761,6 +761,76 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         task.abort();
+    }
+
+    fn base64(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    fn pem(label: &str, der: &[u8]) -> String {
+        let body = base64(der);
+        let lines: Vec<&str> = body
+            .as_bytes()
+            .chunks(64)
+            .map(|line| std::str::from_utf8(line).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    }
+
+    /// The SEC1 `EC PRIVATE KEY` inside a PKCS#8 EC key (its privateKey OCTET STRING).
+    fn sec1_of(pkcs8_pem: &str) -> String {
+        let pkcs8 = PrivateKeyDer::from_pem_slice(pkcs8_pem.as_bytes()).unwrap();
+        let (_, info, _) = der::next(pkcs8.secret_der()).unwrap();
+        let (_, _version, rest) = der::next(info).unwrap();
+        let (_, _algorithm, rest) = der::next(rest).unwrap();
+        let (tag, sec1, _) = der::next(rest).unwrap();
+        assert_eq!(tag, 0x04);
+        pem("EC PRIVATE KEY", sec1)
+    }
+
+    #[tokio::test]
+    async fn takes_sec1_ec_keys_and_recognises_pkcs1_rsa_keys() {
+        let ca = Ca::new("Test CA one");
+        let (cert, key) = ca.issue("bearman one");
+        let (_, other_key) = ca.issue("bearman two");
+        let files = Files::new(&cert, &sec1_of(&key));
+        let tls = ReloadableTls::load(files.tls_files()).unwrap();
+        let connector = client(&ca, &[&rustls::version::TLS13]);
+        assert_eq!(
+            handshake(tls.acceptor(), &connector).await.0,
+            pem_der(&cert)
+        );
+
+        let files = Files::new(&cert, &sec1_of(&other_key));
+        let error = ReloadableTls::load(files.tls_files()).unwrap_err();
+        assert!(matches!(error, TlsError::KeyMismatch { .. }), "{error:?}");
+
+        // rcgen makes no RSA keys with ring; a PKCS#1 section that is not a valid key
+        // shows the section is read as an RSA key (and refused as unusable, not absent).
+        let files = Files::new(&cert, &pem("RSA PRIVATE KEY", b"\x30\x03\x02\x01\x00"));
+        let error = ReloadableTls::load(files.tls_files()).unwrap_err();
+        assert!(matches!(error, TlsError::UnusableKey { .. }), "{error:?}");
+        assert!(error
+            .to_string()
+            .contains("key.pem holds a private key that cannot be used"));
     }
 
     #[test]
