@@ -45,6 +45,8 @@ pub enum HttpError {
     TooLarge,
     #[error("invalid url {0:?}: expected http://host[:port]/path")]
     InvalidUrl(String),
+    #[error("invalid url {0:?}: expected http://host[:port]/path or https://host[:port]/path")]
+    InvalidAdminUrl(String),
 }
 
 /// `http://host:port/path` split into its parts; only plain `http` is supported.
@@ -59,20 +61,25 @@ impl HttpUrl {
     pub fn parse(url: &str) -> Result<Self, HttpError> {
         let invalid = || HttpError::InvalidUrl(url.to_string());
         let rest = url.strip_prefix("http://").ok_or_else(invalid)?;
+        Self::parse_after_scheme(rest, 80).ok_or_else(invalid)
+    }
+
+    /// `host[:port][/path]`, `default_port` when no port is given.
+    fn parse_after_scheme(rest: &str, default_port: u16) -> Option<Self> {
         let (authority, path) = match rest.find('/') {
             Some(index) => (&rest[..index], &rest[index..]),
             None => (rest, "/"),
         };
         let (host, port) = match authority.rsplit_once(':') {
             Some((host, port)) if !host.ends_with(']') || authority.starts_with('[') => {
-                (host, port.parse::<u16>().map_err(|_| invalid())?)
+                (host, port.parse::<u16>().ok()?)
             }
-            _ => (authority, 80),
+            _ => (authority, default_port),
         };
         if host.is_empty() {
-            return Err(invalid());
+            return None;
         }
-        Ok(HttpUrl {
+        Some(HttpUrl {
             host: host
                 .trim_start_matches('[')
                 .trim_end_matches(']')
@@ -90,6 +97,40 @@ impl HttpUrl {
             format!("{}:{}", self.host, self.port)
         }
     }
+}
+
+/// How the admin API is reached: the CLI may use TLS; the boot protocol never does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+/// An admin API URL, `http://` (port 80 by default) or `https://` (port 443). The
+/// scheme is returned for the caller to set up TLS; [`HttpUrl::parse`], used by the boot
+/// protocol, still takes `http://` only.
+pub fn parse_admin_url(url: &str) -> Result<(Scheme, HttpUrl), HttpError> {
+    let invalid = || HttpError::InvalidAdminUrl(url.to_string());
+    let (scheme, rest, default_port) = if let Some(rest) = url.strip_prefix("https://") {
+        (Scheme::Https, rest, 443)
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        (Scheme::Http, rest, 80)
+    } else {
+        return Err(invalid());
+    };
+    // `[v6]` without a port: the shared parser (whose boot-protocol behaviour stays as
+    // it is) would read the address's last group as the port.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let with_port;
+    let rest = if authority.starts_with('[') && authority.ends_with(']') {
+        with_port = format!("{authority}:{default_port}{path}");
+        with_port.as_str()
+    } else {
+        rest
+    };
+    let parsed = HttpUrl::parse_after_scheme(rest, default_port).ok_or_else(invalid)?;
+    Ok((scheme, parsed))
 }
 
 /// Sends one request on `stream` and reads the whole response.
@@ -242,6 +283,50 @@ mod tests {
         assert_eq!((url.port, url.path.as_str()), (80, "/"));
         assert!(HttpUrl::parse("https://bearman/").is_err());
         assert!(HttpUrl::parse("http://h:notaport/").is_err());
+    }
+
+    #[test]
+    fn admin_url_takes_http_and_https_with_their_default_ports() {
+        let (scheme, url) = parse_admin_url("https://bearman.example:8443/x").unwrap();
+        assert_eq!(scheme, Scheme::Https);
+        assert_eq!(
+            (url.host.as_str(), url.port, url.path.as_str()),
+            ("bearman.example", 8443, "/x")
+        );
+        let (scheme, url) = parse_admin_url("https://10.0.0.1").unwrap();
+        assert_eq!(
+            (scheme, url.port, url.path.as_str()),
+            (Scheme::Https, 443, "/")
+        );
+        let (scheme, url) = parse_admin_url("https://[fd00::1]").unwrap();
+        assert_eq!(
+            (scheme, url.host.as_str(), url.port),
+            (Scheme::Https, "fd00::1", 443)
+        );
+        assert_eq!(url.authority(), "[fd00::1]:443");
+        let (scheme, url) = parse_admin_url("http://127.0.0.1:8080").unwrap();
+        assert_eq!((scheme, url.port), (Scheme::Http, 8080));
+        assert_eq!(parse_admin_url("http://h").unwrap().1.port, 80);
+        for bad in [
+            "ftp://h/",
+            "https://",
+            "https://h:notaport/",
+            "HTTPS://h",
+            "h:80",
+        ] {
+            let error = parse_admin_url(bad).unwrap_err();
+            assert!(
+                matches!(error, HttpError::InvalidAdminUrl(_)),
+                "{bad}: {error}"
+            );
+        }
+        // The boot protocol's parser is unchanged.
+        assert!(HttpUrl::parse("https://bearman/").is_err());
+        let (_, url) = parse_admin_url("https://[fd00::1]:8443/p").unwrap();
+        assert_eq!(
+            (url.host.as_str(), url.port, url.path.as_str()),
+            ("fd00::1", 8443, "/p")
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -263,7 +263,7 @@ pub(super) struct ServeArgs {
 /// How to reach the admin API, as given (see [`ApiArgs`]).
 #[derive(Args, Clone)]
 pub(super) struct ApiArgsRaw {
-    /// Daemon URL
+    /// Daemon URL: http://HOST[:PORT] or https://HOST[:PORT] (see --ca-file)
     #[arg(long, env = "BEARMAN_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
     /// API token (see `bearman token create`). On the command line it is visible in
@@ -273,6 +273,10 @@ pub(super) struct ApiArgsRaw {
     /// File holding the API token (trimmed)
     #[arg(long, env = "BEARMAN_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM file of the CA(s) that signed the daemon's certificate, trusted instead of the
+    /// public CAs for an https:// --url
+    #[arg(long, env = "BEARMAN_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Output format
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -283,6 +287,8 @@ pub(super) struct ApiArgsRaw {
 pub(super) struct ApiArgs {
     pub(super) url: String,
     pub(super) token: Option<String>,
+    /// The CA bundle for an https:// `url` (read by the client, which names it in errors).
+    pub(super) ca_file: Option<PathBuf>,
     pub(super) output: Output,
 }
 
@@ -308,6 +314,7 @@ impl clap::FromArgMatches for ApiArgs {
         Ok(ApiArgs {
             url: raw.url,
             token,
+            ca_file: raw.ca_file,
             output: raw.output,
         })
     }

@@ -43,7 +43,11 @@ pub(super) async fn bmc(command: BmcCommand) -> anyhow::Result<()> {
             parallelism,
         } => {
             let drivers = bmc_drivers(&args)?;
-            let client = ApiClient::new(&args.api.url, args.api.token.clone())?;
+            let client = ApiClient::new(
+                &args.api.url,
+                args.api.token.clone(),
+                args.api.ca_file.as_deref(),
+            )?;
             let nodes = all_nodes(&client).await?;
             let rows = ops::check_all(&drivers, &nodes, parallelism).await;
             if args.api.output == Output::Json {
@@ -87,7 +91,11 @@ pub(super) async fn bmc(command: BmcCommand) -> anyhow::Result<()> {
         }
     };
     let drivers = bmc_drivers(&args)?;
-    let client = ApiClient::new(&args.api.url, args.api.token.clone())?;
+    let client = ApiClient::new(
+        &args.api.url,
+        args.api.token.clone(),
+        args.api.ca_file.as_deref(),
+    )?;
     let node: Node = client
         .call("GET", &format!("/nodes/{uuid}"), None::<&()>)
         .await?;

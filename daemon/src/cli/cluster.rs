@@ -3,7 +3,7 @@
 use super::*;
 
 pub(super) async fn cluster_status(api: &ApiArgs) -> anyhow::Result<()> {
-    let client = ApiClient::new(&api.url, api.token.clone())?;
+    let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
     let answer: Value = client.call("GET", "/cluster", None::<&()>).await?;
     if api.output == Output::Json {
         return print_json(&answer);

@@ -35,12 +35,12 @@ pub(super) fn load_flavor_file(path: &std::path::Path) -> anyhow::Result<Flavor>
 pub(super) async fn flavor(command: FlavorCommand) -> anyhow::Result<()> {
     match command {
         FlavorCommand::List { api } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let flavors: Vec<Flavor> = client.call("GET", "/flavors", None::<&()>).await?;
             print_flavors(&flavors, api.output)
         }
         FlavorCommand::Show { name, api } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let flavor: Flavor = client
                 .call("GET", &format!("/flavors/{name}"), None::<&()>)
                 .await?;
@@ -57,7 +57,7 @@ pub(super) async fn flavor(command: FlavorCommand) -> anyhow::Result<()> {
             cmdline,
             replace,
         } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let flavor = match file {
                 Some(path) => load_flavor_file(&path)?,
                 None => {
@@ -94,7 +94,7 @@ pub(super) async fn flavor(command: FlavorCommand) -> anyhow::Result<()> {
             print_flavors(&[created], api.output)
         }
         FlavorCommand::Delete { name, api } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let _: Value = client
                 .call("DELETE", &format!("/flavors/{name}"), None::<&()>)
                 .await?;

@@ -96,7 +96,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bmc(command) => bmc(command).await,
         Command::Cluster(ClusterCommand::Status { api }) => cluster_status(&api).await,
         Command::Events { api, node, limit } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let mut path = format!("/events?limit={limit}");
             if let Some(node) = node {
                 path.push_str(&format!("&node={node}"));
@@ -105,7 +105,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_events(&events, api.output)
         }
         Command::Summary { api } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let summary: Summary = client.call("GET", "/summary", None::<&()>).await?;
             if api.output == Output::Json {
                 return print_json(&summary);

@@ -107,7 +107,7 @@ pub(super) async fn node(command: NodeCommand) -> anyhow::Result<()> {
             role,
             limit,
         } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let mut path = format!("/nodes?limit={limit}");
             for (key, value) in [("state", state), ("rack", rack), ("role", role)] {
                 if let Some(value) = value {
@@ -118,7 +118,7 @@ pub(super) async fn node(command: NodeCommand) -> anyhow::Result<()> {
             print_nodes(&nodes, api.output)
         }
         NodeCommand::Show { uuid, api } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let mut node: Value = client
                 .call("GET", &format!("/nodes/{uuid}"), None::<&()>)
                 .await?;
@@ -145,7 +145,7 @@ pub(super) async fn node(command: NodeCommand) -> anyhow::Result<()> {
             rack,
             flavor,
         } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let body = json!({ "uuid": uuid, "hostname": hostname, "role": role, "rack": rack, "flavor": flavor });
             let node: Node = client.call("POST", "/nodes", Some(&body)).await?;
             print_nodes(&[node], api.output)
@@ -161,7 +161,7 @@ pub(super) async fn node(command: NodeCommand) -> anyhow::Result<()> {
             bmc_driver,
             bmc_credentials_ref,
         } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let mut body =
                 json!({ "hostname": hostname, "role": role, "rack": rack, "flavor": flavor });
             if bmc_address.is_some() || bmc_driver.is_some() || bmc_credentials_ref.is_some() {
@@ -192,7 +192,7 @@ pub(super) async fn node(command: NodeCommand) -> anyhow::Result<()> {
             api,
             reason,
         } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let method = if mode == "on" { "POST" } else { "DELETE" };
             let node: Node = client
                 .call(
@@ -209,7 +209,7 @@ pub(super) async fn node(command: NodeCommand) -> anyhow::Result<()> {
             api,
             reason,
         } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let body = json!({ "action": action.replace('-', "_"), "reason": reason });
             let outcome: Value = client
                 .call_within(
@@ -253,7 +253,7 @@ pub(super) async fn node(command: NodeCommand) -> anyhow::Result<()> {
             node_post(&api, &uuid, "accept-identity", reason).await
         }
         NodeCommand::Events { uuid, api, limit } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let events: Vec<Event> = client
                 .call(
                     "GET",
@@ -272,7 +272,7 @@ pub(super) async fn node_post(
     action: &str,
     reason: Option<String>,
 ) -> anyhow::Result<()> {
-    let client = ApiClient::new(&api.url, api.token.clone())?;
+    let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
     let node: Node = client
         .call(
             "POST",

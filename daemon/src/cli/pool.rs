@@ -29,12 +29,12 @@ pub(super) fn print_pools(pools: &[IpPool], output: Output) -> anyhow::Result<()
 pub(super) async fn pool(command: PoolCommand) -> anyhow::Result<()> {
     match command {
         PoolCommand::List { api } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let pools: Vec<IpPool> = client.call("GET", "/pools", None::<&()>).await?;
             print_pools(&pools, api.output)
         }
         PoolCommand::Show { name, api } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let detail: PoolDetail = client
                 .call("GET", &format!("/pools/{name}"), None::<&()>)
                 .await?;
@@ -72,7 +72,7 @@ pub(super) async fn pool(command: PoolCommand) -> anyhow::Result<()> {
             vlan,
             mtu,
         } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let (start, end) = range.split_once('-').ok_or_else(|| {
                 anyhow!("--range {range:?}: expected START-END, e.g. 10.1.0.10-10.1.0.250")
             })?;
@@ -92,7 +92,7 @@ pub(super) async fn pool(command: PoolCommand) -> anyhow::Result<()> {
             print_pools(&[created], api.output)
         }
         PoolCommand::Delete { name, api } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let _: Value = client
                 .call("DELETE", &format!("/pools/{name}"), None::<&()>)
                 .await?;

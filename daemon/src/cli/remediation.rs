@@ -53,7 +53,7 @@ pub(super) async fn remediate(
     action: &str,
     reason: Option<String>,
 ) -> anyhow::Result<()> {
-    let client = ApiClient::new(&api.url, api.token.clone())?;
+    let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
     let created: Remediation = client
         .call(
             "POST",
@@ -72,7 +72,7 @@ pub(super) async fn remediation(command: RemediationCommand) -> anyhow::Result<(
             node,
             limit,
         } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let mut path = format!("/remediations?limit={limit}&active={active}");
             if let Some(node) = node {
                 path.push_str(&format!("&node={node}"));
@@ -81,14 +81,14 @@ pub(super) async fn remediation(command: RemediationCommand) -> anyhow::Result<(
             print_remediations(&items, api.output)
         }
         RemediationCommand::Show { id, api } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let item: Value = client
                 .call("GET", &format!("/remediations/{id}"), None::<&()>)
                 .await?;
             print_json(&item)
         }
         RemediationCommand::Cancel { id, api, reason } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let item: Remediation = client
                 .call(
                     "POST",
@@ -99,7 +99,7 @@ pub(super) async fn remediation(command: RemediationCommand) -> anyhow::Result<(
             print_remediations(&[item], api.output)
         }
         RemediationCommand::Guards { api } => {
-            let client = ApiClient::new(&api.url, api.token.clone())?;
+            let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let guards: Value = client
                 .call("GET", "/remediation/guards", None::<&()>)
                 .await?;
