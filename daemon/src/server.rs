@@ -107,10 +107,42 @@ pub struct ClusterMembership {
     pub config: ClusterConfig,
 }
 
+/// Where a daemon serves: `main` carries everything (the admin API, the boot protocol,
+/// the probes), over TLS when `main_tls` is given; `boot` (used with TLS) serves the
+/// boot protocol and the probes over plain HTTP for firmware and agents.
+pub struct Listeners<L> {
+    pub main: L,
+    pub main_tls: Option<crate::edge::TlsAcceptorSource>,
+    pub boot: Option<L>,
+}
+
+impl<L> Listeners<L> {
+    /// One plain-HTTP listener for everything (the default, and the simulator's).
+    pub fn plain(main: L) -> Self {
+        Listeners {
+            main,
+            main_tls: None,
+            boot: None,
+        }
+    }
+}
+
 /// Runs the daemon — its controller (supervised: a panic is logged, shown as down, and
 /// the task restarted) and its HTTP service on `listener` — until `shutdown` resolves.
 pub async fn run_daemon<L>(
     listener: L,
+    parts: DaemonParts,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
+    run_daemon_on(Listeners::plain(listener), parts, shutdown).await
+}
+
+/// [`run_daemon`] on [`Listeners`].
+pub async fn run_daemon_on<L>(
+    listeners: Listeners<L>,
     parts: DaemonParts,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()>
@@ -150,7 +182,7 @@ where
     );
     let supervisor = crate::controller::spawn_supervised(controller);
     let app = state.app.clone();
-    let served = serve(listener, state, shutdown).await;
+    let served = serve_on(listeners, state, shutdown).await;
     supervisor.abort();
     if let Some(elector) = elector {
         elector.abort();
@@ -172,11 +204,46 @@ pub async fn serve<L>(
 where
     L: axum::serve::Listener<Addr = std::net::SocketAddr>,
 {
+    serve_on(Listeners::plain(listener), state, shutdown).await
+}
+
+/// [`serve`] on [`Listeners`]: each listener has its own connection cap.
+pub async fn serve_on<L>(
+    listeners: Listeners<L>,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
     let limits = state.config.edge.connections;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop.send(true);
     });
-    crate::edge::serve_listener(listener, api::service(state), limits, None, stopped).await
+    let boot = listeners.boot.map(|listener| {
+        tokio::spawn(crate::edge::serve_listener(
+            listener,
+            api::boot_service(state.clone()),
+            limits,
+            None,
+            stopped.clone(),
+        ))
+    });
+    let served = crate::edge::serve_listener(
+        listeners.main,
+        api::service(state),
+        limits,
+        listeners.main_tls,
+        stopped,
+    )
+    .await;
+    if let Some(boot) = boot {
+        match boot.await {
+            Ok(result) => result?,
+            Err(error) => return Err(std::io::Error::other(error)),
+        }
+    }
+    served
 }

@@ -20,7 +20,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "controller",
         &["app", "core", "store", "bmc", "cloud", "runtime"],
     ),
-    ("api", &["app", "core", "store", "runtime", "images"]),
+    // The network edge: connections, timeouts, rate limits, TLS; below the HTTP
+    // application, above nothing but the pure core.
+    ("edge", &["core"]),
+    (
+        "api",
+        &["app", "core", "store", "runtime", "images", "edge"],
+    ),
     (
         "server",
         &[
@@ -33,6 +39,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "controller",
             "runtime",
             "images",
+            "edge",
         ],
     ),
     // The CLI is a client of the HTTP API and the server's launcher: it names the server
@@ -49,6 +56,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "controller",
             "runtime",
             "images",
+            "edge",
         ],
     ),
 ];

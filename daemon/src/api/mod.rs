@@ -112,10 +112,26 @@ pub fn service(state: AppState) -> HttpService<Router> {
 /// in another boxed service, cloned on every request, and `middleware::from_fn` boxes
 /// both the inner service and the future; [`HttpService`] around the whole does neither.
 pub fn router(state: AppState) -> Router {
+    routes(state, true)
+}
+
+/// The boot protocol and the probes only, for the plain-HTTP listener beside a TLS
+/// admin listener: the admin API is not there (404), so no token is ever sent to it
+/// in clear text by mistake and answered.
+pub fn boot_service(state: AppState) -> HttpService<Router> {
+    HttpService {
+        state: Arc::new(state.clone()),
+        router: routes(state, false),
+    }
+}
+
+fn routes(state: AppState, with_admin: bool) -> Router {
     let body_limit = state.config.body_limit_bytes;
-    Router::new()
-        .merge(boot::router())
-        .nest("/api/v1", admin::router(state.clone()))
+    let mut router = Router::new().merge(boot::router());
+    if with_admin {
+        router = router.nest("/api/v1", admin::router(state.clone()));
+    }
+    router
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such endpoint") })

@@ -42,6 +42,31 @@ pub struct FileConfig {
     pub enrollment: Option<EnrollmentFile>,
     /// Connection timeouts, the connection cap and per-source rate limits.
     pub http: Option<HttpFile>,
+    /// TLS on the admin listener, and the plain-HTTP listener the boot protocol moves to.
+    pub tls: Option<TlsFile>,
+}
+
+/// `[tls]` as written: with it, `listen` speaks HTTPS (the admin API, the boot
+/// protocol and the probes), and `boot_listen` serves the boot protocol and the probes
+/// over plain HTTP for iPXE firmware and agents, which do not trust a private CA.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// PEM: the server certificate, then its chain.
+    pub cert_file: PathBuf,
+    /// PEM: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// Plain-HTTP address of the boot protocol (`/ipxe…`, `/images/…`, `/healthz`,
+    /// `/readyz`), e.g. `0.0.0.0:8081`.
+    pub boot_listen: String,
+}
+
+/// `[tls]` resolved.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub boot_listen: SocketAddr,
 }
 
 /// `[http]` as written; every key optional (defaults in `bearman::edge` and
@@ -197,6 +222,7 @@ pub struct ServeConfig {
     pub cluster: bearman::core::cluster::ClusterConfig,
     pub enrollment: bearman::core::enrollment::EnrollmentPolicy,
     pub edge: bearman::edge::EdgeLimits,
+    pub tls: Option<TlsConfig>,
 }
 
 /// Values given on the command line or in the environment (clap merges those two).
@@ -231,17 +257,43 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
     let listen: SocketAddr = listen_text.parse().with_context(|| {
         format!("--listen {listen_text:?} is not an address such as 0.0.0.0:8080")
     })?;
+    let tls = match file.tls {
+        None => None,
+        Some(tls) => {
+            let boot_listen: SocketAddr = tls.boot_listen.parse().with_context(|| {
+                format!(
+                    "[tls] boot_listen {:?} is not an address such as 0.0.0.0:8081",
+                    tls.boot_listen
+                )
+            })?;
+            if boot_listen == listen {
+                bail!("[tls] boot_listen {boot_listen} is the admin listener's address: give the boot protocol its own port");
+            }
+            Some(TlsConfig {
+                cert_file: tls.cert_file,
+                key_file: tls.key_file,
+                boot_listen,
+            })
+        }
+    };
+    // Nodes reach the boot protocol: on the boot listener when the admin one is TLS.
+    let boot_address = tls.as_ref().map_or(listen, |tls| tls.boot_listen);
     let public_url = match overrides.public_url.or(file.public_url) {
         Some(url) => url,
-        None if listen.ip().is_unspecified() => bail!(
-            "--public-url is required when listening on {listen}: nodes need an address they can reach, \
+        None if boot_address.ip().is_unspecified() => bail!(
+            "--public-url is required when the boot protocol listens on {boot_address}: nodes need an address they can reach, \
              e.g. --public-url http://10.0.0.1:{}",
-            listen.port()
+            boot_address.port()
         ),
-        None => format!("http://{listen}"),
+        None => format!("http://{boot_address}"),
     };
     if !(public_url.starts_with("http://") || public_url.starts_with("https://")) {
         bail!("--public-url {public_url:?} must start with http:// or https://");
+    }
+    if tls.is_some() && !public_url.starts_with("http://") {
+        bail!(
+            "--public-url {public_url:?}: with [tls] the boot protocol is plain HTTP on boot_listen (iPXE and the agent do not trust a private CA); give its http:// URL"
+        );
     }
     let data_dir = overrides
         .data_dir
@@ -336,12 +388,35 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
         cluster,
         enrollment,
         edge,
+        tls,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_moves_the_boot_protocol_to_its_own_plain_listener() {
+        let file: FileConfig = toml::from_str(
+            "listen = \"127.0.0.1:8443\"\n[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nboot_listen = \"127.0.0.1:8081\"\n",
+        )
+        .unwrap();
+        let config = resolve(Overrides::default(), file).unwrap();
+        assert_eq!(config.public_url, "http://127.0.0.1:8081");
+        assert_eq!(config.tls.unwrap().boot_listen.port(), 8081);
+        for (bad, says) in [
+            ("listen = \"127.0.0.1:8443\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\nboot_listen = \"127.0.0.1:8443\"\n", "own port"),
+            ("[tls]\ncert_file = \"c\"\nkey_file = \"k\"\nboot_listen = \"0.0.0.0:8081\"\n", "--public-url is required"),
+            ("public_url = \"https://x\"\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\nboot_listen = \"127.0.0.1:8081\"\n", "plain HTTP"),
+            ("[tls]\ncert_file = \"c\"\nkey_file = \"k\"\nboot_listen = \"nowhere\"\n", "boot_listen"),
+        ] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            let error = format!("{:#}", resolve(Overrides::default(), file).unwrap_err());
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+        assert!(toml::from_str::<FileConfig>("[tls]\ncert_file = \"c\"\n").is_err());
+    }
 
     #[test]
     fn http_limits_default_and_are_bounded() {

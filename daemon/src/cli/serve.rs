@@ -43,10 +43,32 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
              `bearman token create --name admin --role admin` (same --data-dir / --database-url)"
         );
     }
+    // Loaded before binding, so a wrong certificate fails start-up with the reason.
+    let tls = match &config.tls {
+        Some(tls) => {
+            let loaded = bearman::edge::tls::ReloadableTls::load(bearman::edge::tls::TlsFiles {
+                cert_file: tls.cert_file.clone(),
+                key_file: tls.key_file.clone(),
+            })
+            .map_err(|error| anyhow!("[tls] {error}"))?;
+            Some(Arc::new(loaded))
+        }
+        None => None,
+    };
     let listener = bearman::runtime::system::bind_tcp(&config.listen.to_string())
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let bound = listener.local_addr()?;
+    let boot_listener = match &config.tls {
+        Some(tls) => Some(
+            bearman::runtime::system::bind_tcp(&tls.boot_listen.to_string())
+                .await
+                .with_context(|| {
+                    format!("[tls] cannot listen on boot_listen {}", tls.boot_listen)
+                })?,
+        ),
+        None => None,
+    };
     // Bound before serving, so a wrong address or a busy port fails start-up; dropped
     // (stopped) when the daemon stops.
     let _pxe = match config.pxe.clone() {
@@ -60,6 +82,14 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if config.enrollment.auto_accept {
         tracing::warn!(
             "[enrollment] auto_accept = true: any machine on the provisioning network that registers gets addresses and boot files"
+        );
+    }
+    if let Some(tls) = &tls {
+        tracing::info!(
+            admin = %bound,
+            boot = %boot_listener.as_ref().and_then(|l| l.local_addr().ok()).map_or_else(String::new, |a| a.to_string()),
+            certificate = %tls.describe(),
+            "TLS on the admin listener (reloaded on SIGHUP); the boot protocol is plain HTTP on the boot listener"
         );
     }
     tracing::info!(
@@ -139,7 +169,16 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "clustered: this replica serves, and runs the controller only while it holds the lease"
         );
     }
-    bearman::server::run_daemon(listener, parts, shutdown_signal()).await?;
+    let listeners = bearman::server::Listeners {
+        main: listener,
+        main_tls: tls.clone().map(|tls| {
+            let source: bearman::edge::TlsAcceptorSource = Arc::new(move || tls.acceptor());
+            source
+        }),
+        boot: boot_listener,
+    };
+    let _reloader = tls.map(bearman::edge::tls::spawn_reload_on_sighup);
+    bearman::server::run_daemon_on(listeners, parts, shutdown_signal()).await?;
     tracing::info!("bearman stopped");
     Ok(())
 }

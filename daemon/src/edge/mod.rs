@@ -182,14 +182,14 @@ impl Activity {
     fn read_some(&self) {
         let mut state = self.lock();
         if state.in_flight == 0 && state.head_started.is_none() {
-            state.head_started = Some(Instant::now());
+            state.head_started = Some(tokio::time::Instant::now());
         }
     }
 
     fn write_blocked(&self) {
         let mut state = self.lock();
         if state.in_flight > 0 && state.send_stalled_since.is_none() {
-            state.send_stalled_since = Some(Instant::now());
+            state.send_stalled_since = Some(tokio::time::Instant::now());
             drop(state);
             self.wake.notify_one();
         }
@@ -217,7 +217,7 @@ impl Drop for InFlight {
         let mut state = self.0.lock();
         state.in_flight = state.in_flight.saturating_sub(1);
         state.served += 1;
-        state.idle_since = Instant::now();
+        state.idle_since = tokio::time::Instant::now();
         state.send_stalled_since = None;
         drop(state);
         self.0.wake.notify_one();
@@ -511,7 +511,7 @@ where
     'accepting: loop {
         while registry.len() >= connections_max {
             let evicted = registry.evict_oldest_idle();
-            let now = Instant::now();
+            let now = tokio::time::Instant::now();
             if last_saturated_log.is_none_or(|at| now.duration_since(at) >= SATURATED_LOG_EVERY) {
                 last_saturated_log = Some(now);
                 tracing::warn!(
@@ -526,16 +526,18 @@ where
             }
             let closed = registry.closed.notified();
             tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => break 'accepting,
                 _ = closed => {}
                 _ = tokio::time::sleep(SATURATED_RECHECK) => {}
-                _ = shutdown.wait_for(|stop| *stop) => break 'accepting,
             }
         }
         let (io, peer) = tokio::select! {
-            accepted = listener.accept() => accepted,
+            biased;
             _ = shutdown.wait_for(|stop| *stop) => break,
+            accepted = listener.accept() => accepted,
         };
-        let activity = Activity::new(Instant::now());
+        let activity = Activity::new(tokio::time::Instant::now());
         let registered = registry.add(activity.clone());
         let io = WatchedIo {
             inner: io,
@@ -578,6 +580,7 @@ where
             return Ok(());
         }
         tokio::select! {
+            biased;
             _ = closed => {}
             _ = tokio::time::sleep(SATURATED_RECHECK) => {}
         }
@@ -611,6 +614,7 @@ async fn drive<I, S>(
         let deadline = activity.deadline(&limits);
         let woken = activity.wake.notified();
         tokio::select! {
+            biased;
             served = connection.as_mut() => {
                 if let Err(error) = served {
                     tracing::debug!(%peer, %error, "connection ended with an error");
@@ -624,7 +628,7 @@ async fn drive<I, S>(
             _ = woken => {}
             _ = sleep_until(deadline.map(|(at, _)| at)) => {
                 if let Some((at, why)) = activity.deadline(&limits) {
-                    if at <= Instant::now() {
+                    if at <= tokio::time::Instant::now() {
                         tracing::debug!(%peer, reason = ?why, "closing connection");
                         return;
                     }
