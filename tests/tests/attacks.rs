@@ -3,7 +3,8 @@
 //! provisioning network who can reach `/ipxe` and claim any uuid. Secrets on argv are
 //! replayed in `daemon/tests/secrets_argv.rs`, a viewer's power-off in
 //! `daemon/tests/power_api.rs`, the database outage in `daemon/tests/readiness.rs`.
-//! Idle connections are not fixed yet (issue 15, connection limits).
+//! Idle, slow and partial connections and a boot-protocol flood are replayed in
+//! `tests/tests/connection_limits.rs`; TLS on the admin listener in `daemon/tests/tls_serve.rs`.
 
 use bearman_e2e::{flavor_json, json_of, node_pool_json, register_body, Options, TestDaemon};
 use serde_json::{json, Value};
