@@ -21,7 +21,7 @@ use crate::core::model::{Action, MaintenanceHold, NewEvent, Node};
 use crate::core::validate::FieldError;
 
 /// Longest reason an operator may give for a power action, in bytes.
-pub const POWER_REASON_BYTES_MAX: usize = 1024;
+pub const POWER_REASON_BYTES_MAX: usize = crate::core::validate::REASON_BYTES_MAX;
 
 /// What an operator may ask of a node's power.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,23 +106,7 @@ pub struct PowerOutcome {
 /// An operator's reason for a power action: required, at most
 /// [`POWER_REASON_BYTES_MAX`] bytes, no control characters.
 pub fn check_power_reason(reason: &str) -> Result<String, FieldError> {
-    let problem = |problem: &str| FieldError {
-        field: "reason".into(),
-        problem: problem.into(),
-    };
-    let reason = reason.trim();
-    if reason.is_empty() {
-        return Err(problem("required: say why the power is changed"));
-    }
-    if reason.len() > POWER_REASON_BYTES_MAX {
-        return Err(problem(&format!(
-            "longer than {POWER_REASON_BYTES_MAX} bytes"
-        )));
-    }
-    if reason.chars().any(char::is_control) {
-        return Err(problem("contains control characters"));
-    }
-    Ok(reason.to_string())
+    crate::core::validate::required_reason(reason, "say why the power is changed")
 }
 
 /// Whether `action` may run on a node in `state`, and the lifecycle event it implies

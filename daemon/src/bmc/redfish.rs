@@ -26,6 +26,7 @@
 //! Architecture invariant: this driver knows nothing of fencing or remediation. It
 //! reports what the BMC says; callers verify a power change with `power_state`.
 
+use crate::runtime::http_client::error_chain;
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -248,20 +249,12 @@ impl RedfishBmc {
             builder = builder.danger_accept_invalid_certs(true);
         }
         if let Some(path) = &config.ca_file {
-            let ca_error = |reason: String| RedfishConfigError::CaFile {
-                path: path.clone(),
-                reason,
-            };
-            let pem = std::fs::read(path).map_err(|error| ca_error(error.to_string()))?;
-            let certificates = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|error| ca_error(error_chain(&error)))?;
-            if certificates.is_empty() {
-                return Err(ca_error("no pem certificate in the file".into()));
-            }
-            builder = builder.tls_built_in_root_certs(false);
-            for certificate in certificates {
-                builder = builder.add_root_certificate(certificate);
-            }
+            builder = crate::runtime::http_client::trust_only_ca_file(builder, path).map_err(
+                |reason| RedfishConfigError::CaFile {
+                    path: path.clone(),
+                    reason,
+                },
+            )?;
         }
         let client = builder
             .build()
@@ -982,20 +975,6 @@ fn redact(text: &str, secrets: &[&str]) -> String {
         .fold(text.to_string(), |text, secret| {
             text.replace(secret, REDACTED)
         })
-}
-
-/// An error and its sources, `: `-joined, repeats dropped (hyper repeats itself).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut parts: Vec<String> = vec![error.to_string()];
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !parts.iter().any(|part| part.contains(&text)) {
-            parts.push(text);
-        }
-        source = cause.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@
 //! the source host's service has missed heartbeats for `service_down_time` (60 s by
 //! default) unless the service is forced down, and a fenced host cannot report itself down.
 
+use crate::runtime::http_client::error_chain;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -957,20 +958,13 @@ fn build_client(config: &NovaConfig) -> Result<reqwest::Client, NovaConfigError>
         builder = builder.danger_accept_invalid_certs(true);
     }
     if let Some(path) = &config.ca_file {
-        let ca_error = |reason: String| NovaConfigError::CaFile {
-            path: path.clone(),
-            reason,
-        };
-        let pem = std::fs::read(path).map_err(|error| ca_error(error.to_string()))?;
-        let certificates = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|error| ca_error(error_chain(&error)))?;
-        if certificates.is_empty() {
-            return Err(ca_error("no pem certificate in the file".into()));
-        }
-        builder = builder.tls_built_in_root_certs(false);
-        for certificate in certificates {
-            builder = builder.add_root_certificate(certificate);
-        }
+        builder =
+            crate::runtime::http_client::trust_only_ca_file(builder, path).map_err(|reason| {
+                NovaConfigError::CaFile {
+                    path: path.clone(),
+                    reason,
+                }
+            })?;
     }
     builder.build().map_err(|error| NovaConfigError::Client {
         reason: error_chain(&error),
@@ -996,20 +990,6 @@ fn path_and_query(url: &Url) -> String {
         Some(query) => format!("{}?{query}", url.path()),
         None => url.path().to_string(),
     }
-}
-
-/// An error and its sources on one line, each said once.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut parts: Vec<String> = vec![error.to_string()];
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !parts.iter().any(|part| part.contains(&text)) {
-            parts.push(text);
-        }
-        source = cause.source();
-    }
-    parts.join(": ")
 }
 
 /// One answer, read whole.

@@ -158,10 +158,31 @@ pub fn check_bmc(bmc: &BmcConfig) -> Result<(), FieldError> {
 /// An operator's free-text reason: at most 1024 bytes; blank means `default`.
 pub fn reason_or(reason: Option<&str>, default: &str) -> Result<String, FieldError> {
     match reason {
-        Some(reason) if reason.len() > 1024 => Err(field_error("reason", "longer than 1024 bytes")),
-        Some(reason) if !reason.trim().is_empty() => Ok(reason.trim().to_string()),
+        Some(reason) if !reason.trim().is_empty() => required_reason(reason, ""),
         _ => Ok(default.to_string()),
     }
+}
+
+/// Longest operator reason kept in an event.
+pub const REASON_BYTES_MAX: usize = 1024;
+
+/// An operator's reason that must be given (`missing` says why, for the error): trimmed,
+/// at most [`REASON_BYTES_MAX`] bytes, no control characters (it is shown in terminals).
+pub fn required_reason(reason: &str, missing: &str) -> Result<String, FieldError> {
+    let reason = reason.trim();
+    if reason.is_empty() {
+        return Err(field_error("reason", &format!("required: {missing}")));
+    }
+    if reason.len() > REASON_BYTES_MAX {
+        return Err(field_error(
+            "reason",
+            &format!("longer than {REASON_BYTES_MAX} bytes"),
+        ));
+    }
+    if reason.chars().any(char::is_control) {
+        return Err(field_error("reason", "contains control characters"));
+    }
+    Ok(reason.to_string())
 }
 
 /// RFC 1123 hostname: dot-separated labels of [a-z0-9-], 1-63 each, 253 in all.
@@ -336,4 +357,21 @@ pub fn check_flavor(flavor: &Flavor) -> Result<(), FieldError> {
 
 fn truncate(text: &str) -> String {
     text.chars().take(40).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_trimmed_bounded_and_free_of_control_characters() {
+        assert_eq!(reason_or(None, "default").unwrap(), "default");
+        assert_eq!(reason_or(Some("  "), "default").unwrap(), "default");
+        assert_eq!(reason_or(Some(" dimm swap "), "d").unwrap(), "dimm swap");
+        assert!(reason_or(Some("a\u{1b}[2Jb"), "d").is_err());
+        assert!(reason_or(Some(&"x".repeat(REASON_BYTES_MAX + 1)), "d").is_err());
+        let missing = required_reason(" ", "say why").unwrap_err();
+        assert_eq!(missing.field, "reason");
+        assert_eq!(missing.problem, "required: say why");
+    }
 }

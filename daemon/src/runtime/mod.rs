@@ -5,6 +5,7 @@
 //! Architecture invariant: code outside `runtime::system`, `main.rs` and `cli` never reads
 //! the system clock or opens an OS socket; the tidy test enforces it.
 
+pub mod http_client;
 pub mod system;
 
 use crate::core::model::TimestampMs;
