@@ -39,30 +39,41 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 echo "install-deps: ok"
 
-# sushy-tools: its Redfish emulator (fake, in-memory systems) is the BMC that
-# daemon/tests/redfish.rs drives the Redfish driver against. It is a Python program, so it
-# lives in a virtualenv in the repo (.venv-sushy/, git-ignored; the tests find it there or
-# through BEARMAN_SUSHY_VENV) and touches no system Python. Pinned: the version the tests
-# were written and checked against.
-SUSHY_TOOLS_VERSION=2.2.0
-sushy_venv="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv-sushy"
-sushy_installed() {
-  "$sushy_venv/bin/python" - "$SUSHY_TOOLS_VERSION" 2>/dev/null <<'PY'
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# Installs Python package $2 at version $3 into the virtualenv $1 (in the repo,
+# git-ignored), touching no system Python; nothing when it is already there.
+venv_tool() {
+  local venv="$1" package="$2" version="$3"
+  installed() {
+    "$venv/bin/python" - "$package" "$version" 2>/dev/null <<'PY'
 import importlib.metadata, sys
-sys.exit(importlib.metadata.version("sushy-tools") != sys.argv[1])
+sys.exit(importlib.metadata.version(sys.argv[1]) != sys.argv[2])
 PY
-}
-if ! sushy_installed; then
-  echo "install-deps: installing sushy-tools $SUSHY_TOOLS_VERSION into $sushy_venv"
-  # `python3 -m venv` needs ensurepip, which Debian's python3 ships separately.
-  if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
-    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv
+  }
+  if ! installed; then
+    echo "install-deps: installing $package $version into $venv"
+    # `python3 -m venv` needs ensurepip, which Debian's python3 ships separately.
+    if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+      if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+      $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv
+    fi
+    # --clear: a venv left by another Python (or half-made) is rebuilt, not patched.
+    "$venv/bin/python" -c '' 2>/dev/null || python3 -m venv --clear "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$package==$version"
+    installed || { echo "install-deps: $package $version did not install" >&2; exit 1; }
   fi
-  # --clear: a venv left by another Python (or half-made) is rebuilt, not patched.
-  "$sushy_venv/bin/python" -c '' 2>/dev/null || python3 -m venv --clear "$sushy_venv"
-  "$sushy_venv/bin/python" -m pip install --quiet --disable-pip-version-check "sushy-tools==$SUSHY_TOOLS_VERSION"
-  sushy_installed || { echo "install-deps: sushy-tools $SUSHY_TOOLS_VERSION did not install" >&2; exit 1; }
-fi
-echo "install-deps: sushy-tools ok"
+  echo "install-deps: $package ok"
+}
+
+# sushy-tools: its Redfish emulator (fake, in-memory systems) is the BMC that
+# daemon/tests/redfish.rs drives the Redfish driver against (.venv-sushy/; the tests find
+# it there or through BEARMAN_SUSHY_VENV). Pinned: the version the tests were written and
+# checked against.
+venv_tool "$repo/.venv-sushy" sushy-tools 2.2.0
+
+# kubernetes-validate: the Kubernetes API's JSON schemas, bundled (no cluster, no
+# download at check time), which tests/tests/deploy_kubernetes.rs checks
+# deploy/kubernetes/ against (.venv-k8s/).
+venv_tool "$repo/.venv-k8s" kubernetes-validate 1.37.0
