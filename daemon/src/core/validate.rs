@@ -171,12 +171,12 @@ pub const REASON_BYTES_MAX: usize = 1024;
 pub fn required_reason(reason: &str, missing: &str) -> Result<String, FieldError> {
     let reason = reason.trim();
     if reason.is_empty() {
-        return Err(field_error("reason", &format!("required: {missing}")));
+        return Err(field_error("reason", format!("required: {missing}")));
     }
     if reason.len() > REASON_BYTES_MAX {
         return Err(field_error(
             "reason",
-            &format!("longer than {REASON_BYTES_MAX} bytes"),
+            format!("longer than {REASON_BYTES_MAX} bytes"),
         ));
     }
     if reason.chars().any(char::is_control) {
