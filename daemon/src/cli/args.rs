@@ -70,7 +70,8 @@ README, \"Upgrades\"), so replicas of the previous release keep running on the m
     #[command(
         long_about = "Copy the SQLite database to FILE, consistently, while `bearman serve` \
 keeps running on it (SQLite's VACUUM INTO: the database as of one instant, compacted). \
-Restore it with `bearman restore --from FILE`.\n\n\
+Restore it with `bearman restore --from FILE`. Run it as the daemon's user \
+(`sudo -u bearman …`): files SQLite creates beside the database must stay the daemon's.\n\n\
 PostgreSQL databases are refused: back them up with `pg_dump -Fc` and restore with `pg_restore` \
 (see the README, \"Backups\")."
     )]
@@ -91,7 +92,8 @@ Refused while a `bearman serve` runs on the database (stop it first: `systemctl 
 The file must be an SQLite database with Bearman's migrations table that passes SQLite's \
 integrity check, and must not carry migrations newer than this binary. The database is \
 replaced atomically (a copy written and synced beside it, then renamed over it); the \
-database it replaces is kept as <database>.before-restore."
+database it replaces is kept as <database>.before-restore. Run it as the daemon's user \
+(`sudo -u bearman …`), so the restored file is the daemon's."
     )]
     Restore {
         /// The backup file to restore
