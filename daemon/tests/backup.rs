@@ -292,7 +292,20 @@ async fn restore_refuses_files_that_are_not_a_sound_bearman_database() {
     let truncated = dir.path().join("truncated.db");
     std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
 
+    // Another program's sqlx database (or a doctored one): the migrations differ.
+    let doctored = dir.path().join("doctored.db");
+    std::fs::copy(&backup, &doctored).unwrap();
+    let pool = sqlx::AnyPool::connect(&sqlite_url(&doctored))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = x'00' WHERE version = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+
     for (file, mentions) in [
+        (&doctored, "checksum differs"),
         (&junk, "not an SQLite database"),
         (&foreign, "not Bearman's"),
         (&truncated, "truncated.db"),

@@ -50,14 +50,23 @@ pub(super) async fn migrate(command: MigrateCommand) -> anyhow::Result<()> {
         MigrateCommand::Run { store } => {
             let url = database_url_for_cli(&store)?;
             let sql = connect_as_is(&url).await?;
-            let applied = sql.migrate(&url).await;
-            sql.close().await;
-            let applied = applied.map_err(|e| match e {
-                bearman::store::StoreError::Backend(text) if text.contains("newer release") => {
-                    anyhow::Error::new(NewerSchema(text))
+            // Looked at first, so a newer schema exits 2 as `status` does.
+            let newer = match sql.migration_status().await {
+                Ok(status) => status.unknown().last().cloned(),
+                Err(error) => {
+                    sql.close().await;
+                    bail!("reading the migrations of {}: {error}", redact_url(&url));
                 }
-                other => anyhow!("{other}"),
-            })?;
+            };
+            let applied = match newer {
+                Some(_) => sql
+                    .migrate(&url)
+                    .await
+                    .map_err(|e| NewerSchema(e.to_string()).into()),
+                None => sql.migrate(&url).await.map_err(|e| anyhow!("{e}")),
+            };
+            sql.close().await;
+            let applied: Vec<_> = applied?;
             if applied.is_empty() {
                 eprintln!("{} is up to date: nothing to apply", redact_url(&url));
             }
@@ -94,8 +103,11 @@ fn print_status(status: &MigrationStatus, output: Output) -> anyhow::Result<()> 
         .iter()
         .map(|known| {
             let state = match status.applied.iter().find(|a| a.version == known.version) {
-                Some(applied) if applied.success => "applied",
-                Some(_) => "FAILED (dirty: repair by hand)",
+                Some(applied) if !applied.success => "FAILED (dirty: repair by hand)",
+                Some(applied) if applied.checksum_matches == Some(false) => {
+                    "applied, CHECKSUM DIFFERS from this binary's"
+                }
+                Some(_) => "applied",
                 None => "pending",
             };
             vec![

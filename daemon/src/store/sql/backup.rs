@@ -84,8 +84,17 @@ pub async fn check_sqlite_backup(file: &Path) -> Result<MigrationStatus, String>
             .map_err(|error| format!("reading {}: {error}", file.display()))?;
         if status.applied.is_empty() {
             return Err(format!(
-                "{} is an SQLite database but not Bearman's (it has no {MIGRATIONS_TABLE} table)",
+                "{} is an SQLite database but not Bearman's (it records no migrations in {MIGRATIONS_TABLE})",
                 file.display()
+            ));
+        }
+        if let Some(foreign) = status.mismatched().first() {
+            return Err(format!(
+                "{} is not Bearman's database: its migration {} ({}) is not this binary's \
+                 (checksum differs)",
+                file.display(),
+                foreign.version,
+                foreign.description
             ));
         }
         Ok(status)

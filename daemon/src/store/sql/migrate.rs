@@ -39,6 +39,10 @@ pub struct AppliedMigration {
     pub description: String,
     /// False when the migration failed half-way (sqlx calls the database dirty).
     pub success: bool,
+    /// Whether its recorded checksum is the one this binary's migration of that version
+    /// has (`None` for a version this binary does not know). A difference means the
+    /// database was not migrated by Bearman's files (or a released file was edited).
+    pub checksum_matches: Option<bool>,
 }
 
 impl MigrationStatus {
@@ -47,6 +51,15 @@ impl MigrationStatus {
         self.known
             .iter()
             .filter(|known| !self.applied.iter().any(|a| a.version == known.version))
+            .cloned()
+            .collect()
+    }
+
+    /// Applied migrations whose checksum differs from this binary's.
+    pub fn mismatched(&self) -> Vec<AppliedMigration> {
+        self.applied
+            .iter()
+            .filter(|applied| applied.checksum_matches == Some(false))
             .cloned()
             .collect()
     }
@@ -100,17 +113,25 @@ pub async fn status_of(pool: &AnyPool, backend: Backend) -> Result<MigrationStat
     if exists > 0 {
         // The casts make both backends answer the Any driver with BIGINT.
         let rows = sqlx::query(
-            "SELECT version, description, CAST(CASE WHEN success THEN 1 ELSE 0 END AS BIGINT) AS ok \
+            "SELECT version, description, checksum, \
+             CAST(CASE WHEN success THEN 1 ELSE 0 END AS BIGINT) AS ok \
              FROM _sqlx_migrations ORDER BY version",
         )
         .fetch_all(pool)
         .await
         .map_err(backend_error)?;
         for row in rows {
+            let version: i64 = row.try_get("version").map_err(backend_error)?;
+            let checksum: Vec<u8> = row.try_get("checksum").map_err(backend_error)?;
+            let checksum_matches = migrator(backend)
+                .iter()
+                .find(|m| m.version == version && !m.migration_type.is_down_migration())
+                .map(|m| *m.checksum == *checksum);
             applied.push(AppliedMigration {
-                version: row.try_get("version").map_err(backend_error)?,
+                version,
                 description: row.try_get("description").map_err(backend_error)?,
                 success: row.try_get::<i64, _>("ok").map_err(backend_error)? != 0,
+                checksum_matches,
             });
         }
     }
