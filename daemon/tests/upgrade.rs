@@ -317,3 +317,20 @@ async fn a_newer_schema_is_refused_by_this_binary() {
         .to_string();
     assert!(error.contains("migration 9999"), "{error}");
 }
+
+/// `migrate status` only looks: on a data directory without a database it lists every
+/// migration as pending and creates no database file.
+#[test]
+fn migrate_status_creates_no_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let mut command = bearman(dir.path());
+    command
+        .args(["migrate", "status", "--data-dir"])
+        .arg(&data_dir);
+    let status = run(command);
+    assert_success("migrate status", &status);
+    assert!(text(&status.stdout).contains("0001     initial       pending"));
+    assert!(text(&status.stderr).contains("no database at"));
+    assert!(!data_dir.join("bearman.db").exists());
+}

@@ -26,6 +26,21 @@ pub(super) async fn migrate(command: MigrateCommand) -> anyhow::Result<()> {
     match command {
         MigrateCommand::Status { store, output } => {
             let url = database_url_for_cli(&store)?;
+            // Looking must not create: a missing SQLite file is reported, not made.
+            if let Ok(file) = sqlite_file(&url, "migrate status") {
+                if !file.exists() {
+                    eprintln!(
+                        "no database at {} yet: `bearman migrate run` or `bearman serve` creates it \
+                         with every migration below",
+                        file.display()
+                    );
+                    let status = MigrationStatus {
+                        known: bearman::store::sql::migrate::known(Backend::Sqlite),
+                        applied: Vec::new(),
+                    };
+                    return print_status(&status, output);
+                }
+            }
             let sql = connect_as_is(&url).await?;
             let status = sql
                 .migration_status()
