@@ -19,6 +19,7 @@ packages=(
   curl                # an independent TFTP client: pxe/tests/services.rs downloads a boot file with it
   iputils-ping        # ping: the L2 smoke checks each Ready node answers at its Bearman pool address
   cpio                # cpio -t checks the initramfs archives `cargo xtask images` writes (xtask tests)
+  systemd             # systemd-analyze: daemon/tests/deploy_systemd.rs verifies deploy/systemd/bearman.service with it
 )
 
 missing=()

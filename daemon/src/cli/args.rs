@@ -56,6 +56,69 @@ pub(super) enum Command {
     /// Several replicas on one PostgreSQL database: who leads, who is alive
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Show or apply the database schema's migrations (for upgrading before a rolling restart)
+    #[command(
+        subcommand,
+        long_about = "Show or apply the database schema's migrations.\n\n\
+`bearman serve` applies pending migrations itself at start; run `bearman migrate run` first \
+when several replicas share a PostgreSQL database, so the schema is upgraded once, before any \
+replica restarts on the new release. Migrations are expand-only within a release (see the \
+README, \"Upgrades\"), so replicas of the previous release keep running on the migrated schema."
+    )]
+    Migrate(MigrateCommand),
+    /// Copy the SQLite database to a file while the daemon keeps serving (PostgreSQL: use pg_dump)
+    #[command(
+        long_about = "Copy the SQLite database to FILE, consistently, while `bearman serve` \
+keeps running on it (SQLite's VACUUM INTO: the database as of one instant, compacted). \
+Restore it with `bearman restore --from FILE`. Run it as the daemon's user \
+(`sudo -u bearman …`): files SQLite creates beside the database must stay the daemon's.\n\n\
+PostgreSQL databases are refused: back them up with `pg_dump -Fc` and restore with `pg_restore` \
+(see the README, \"Backups\")."
+    )]
+    Backup {
+        /// The backup file to write; it must not exist (see --force)
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+        /// Replace FILE if it exists
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Replace the SQLite database with a backup (the daemon must be stopped)
+    #[command(
+        long_about = "Replace the SQLite database with a file made by `bearman backup`.\n\n\
+Refused while a `bearman serve` runs on the database (stop it first: `systemctl stop bearman`). \
+The file must be an SQLite database with Bearman's migrations table that passes SQLite's \
+integrity check, and must not carry migrations newer than this binary. The database is \
+replaced atomically (a copy written and synced beside it, then renamed over it); the \
+database it replaces is kept as <database>.before-restore. Run it as the daemon's user \
+(`sudo -u bearman …`), so the restored file is the daemon's."
+    )]
+    Restore {
+        /// The backup file to restore
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum MigrateCommand {
+    /// List this binary's migrations and whether the database has applied each; exit 2 if
+    /// the database has one this binary does not know (a newer release migrated it)
+    Status {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Apply the pending migrations and print each one applied
+    Run {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Subcommand)]

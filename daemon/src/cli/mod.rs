@@ -7,6 +7,7 @@ mod client;
 mod cluster;
 mod config;
 mod flavor;
+mod migrate;
 mod node;
 mod pool;
 mod remediation;
@@ -40,6 +41,7 @@ use client::ApiClient;
 use cluster::*;
 use config::{FileConfig, Overrides};
 use flavor::*;
+use migrate::*;
 use node::*;
 use pool::*;
 use remediation::*;
@@ -69,6 +71,16 @@ pub fn main() -> ExitCode {
         // `set -o pipefail` scripts do not fail on a pipe they closed on purpose; and
         // quietly, since there is nobody to tell on stdout and nothing went wrong.
         Err(error) if table::is_broken_pipe(&error) => ExitCode::SUCCESS,
+        // `migrate status` on a database a newer release migrated: 2, so a rollout
+        // script tells "too new for this binary" from "could not look".
+        Err(error) if error.downcast_ref::<NewerSchema>().is_some() => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: {}",
+                table::escape(&format!("{error:#}"))
+            );
+            ExitCode::from(2)
+        }
         Err(error) => {
             // The error may quote what the daemon or a BMC said; escape it like any output.
             // Writing to stderr can fail too (`2>&1 | head`): never panic over it.
@@ -95,6 +107,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Remediation(command) => remediation(command).await,
         Command::Bmc(command) => bmc(command).await,
         Command::Cluster(ClusterCommand::Status { api }) => cluster_status(&api).await,
+        Command::Migrate(command) => migrate(command).await,
+        Command::Backup { to, force, store } => backup(&to, force, &store).await,
+        Command::Restore { from, store } => restore(&from, &store).await,
         Command::Events { api, node, limit } => {
             let client = ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())?;
             let mut path = format!("/events?limit={limit}");

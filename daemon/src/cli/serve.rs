@@ -178,9 +178,29 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         boot: boot_listener,
     };
     let _reloader = tls.map(bearman::edge::tls::spawn_reload_on_sighup);
-    bearman::server::run_daemon_on(listeners, parts, shutdown_signal()).await?;
+    // Everything that can fail start-up is behind us (listeners bound, store open): a
+    // `Type=notify` unit is started now, and units ordered after it may go.
+    notify_systemd("READY=1");
+    // STOPPING=1 as soon as shutdown begins (systemd then shows "deactivating" while
+    // requests drain), and again after the daemon returns, for an exit without a signal.
+    let shutdown = async {
+        shutdown_signal().await;
+        notify_systemd("STOPPING=1");
+    };
+    let served = bearman::server::run_daemon_on(listeners, parts, shutdown).await;
+    notify_systemd("STOPPING=1");
+    served?;
     tracing::info!("bearman stopped");
     Ok(())
+}
+
+/// Tells systemd `state`, logging (never failing on) a socket that refuses it.
+fn notify_systemd(state: &str) {
+    match bearman::runtime::system::notify_systemd(state) {
+        Ok(true) => tracing::debug!(state, "told systemd"),
+        Ok(false) => {}
+        Err(error) => tracing::warn!(state, %error, "cannot notify systemd (NOTIFY_SOCKET)"),
+    }
 }
 
 /// File descriptors the daemon keeps for itself beyond client connections: the database

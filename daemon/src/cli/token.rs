@@ -5,6 +5,15 @@ use super::*;
 pub(super) async fn open_store_for_cli(
     store: &StoreArgs,
 ) -> anyhow::Result<Arc<dyn bearman::store::Store>> {
+    let url = database_url_for_cli(store)?;
+    bearman::server::open_sql_store(&url)
+        .await
+        .map_err(|e| anyhow!("opening the database: {e}"))
+}
+
+/// The database the store flags, the configuration file or the data directory's default
+/// name, resolved as `bearman serve` does (the data directory is created if missing).
+pub(super) fn database_url_for_cli(store: &StoreArgs) -> anyhow::Result<String> {
     let file = FileConfig::load(store.config.as_deref())?;
     let data_dir = store
         .data_dir
@@ -23,9 +32,7 @@ pub(super) async fn open_store_for_cli(
             config::sqlite_url(&data_dir)?
         }
     };
-    bearman::server::open_sql_store(&url)
-        .await
-        .map_err(|e| anyhow!("opening the database: {e}"))
+    Ok(url)
 }
 
 pub(super) async fn token(command: TokenCommand) -> anyhow::Result<()> {

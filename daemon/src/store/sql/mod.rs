@@ -29,9 +29,6 @@ use crate::core::model::{
 use crate::core::power_sync::PowerReading;
 use crate::core::remediation::Remediation;
 
-static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-
 /// Attempts at a transaction that lost a race on a unique constraint.
 const CONFLICT_RETRIES_MAX: usize = 8;
 
@@ -113,7 +110,17 @@ fn corrupt(what: &str, error: impl std::fmt::Display) -> StoreError {
 
 impl SqlStore {
     /// Connects and runs migrations. `url` is `sqlite://PATH?mode=rwc` or `postgres://…`.
+    /// A database migrated by a newer release (a version this binary does not know) is
+    /// refused with the reason rather than served with a schema this code never saw.
     pub async fn connect(url: &str) -> Result<SqlStore, StoreError> {
+        let store = SqlStore::connect_without_migrating(url).await?;
+        store.migrate(url).await?;
+        Ok(store)
+    }
+
+    /// Connects without touching the schema: for `bearman migrate status` and backups,
+    /// which must see the database as it is.
+    pub async fn connect_without_migrating(url: &str) -> Result<SqlStore, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = Backend::from_url(url).ok_or_else(|| {
             StoreError::Backend(format!(
@@ -177,14 +184,6 @@ impl SqlStore {
                 .await
                 .map_err(backend_error)?;
         }
-        let migrator = match backend {
-            Backend::Sqlite => &SQLITE_MIGRATIONS,
-            Backend::Postgres => &POSTGRES_MIGRATIONS,
-        };
-        migrator
-            .run(&pool)
-            .await
-            .map_err(|error| StoreError::Backend(format!("migration failed: {error}")))?;
         Ok(SqlStore {
             pool,
             backend,
@@ -234,9 +233,11 @@ pub fn redact_url(url: &str) -> String {
 }
 
 mod addresses;
+pub mod backup;
 mod cluster;
 mod events;
 mod flavors;
+pub mod migrate;
 mod named_docs;
 mod nodes;
 pub mod notify;
