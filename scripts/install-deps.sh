@@ -19,6 +19,9 @@ packages=(
   curl                # an independent TFTP client: pxe/tests/services.rs downloads a boot file with it
   iputils-ping        # ping: the L2 smoke checks each Ready node answers at its Bearman pool address
   cpio                # cpio -t checks the initramfs archives `cargo xtask images` writes (xtask tests)
+  podman              # builds and runs the container image once in daemon/tests/container_image.rs
+  runc                # podman's runtime there: crun refuses this machine kind's hybrid cgroup v1/v2 layout
+  debootstrap         # the image's Debian rootfs (deploy/container/build-image.sh)
   systemd             # systemd-analyze: daemon/tests/deploy_systemd.rs verifies deploy/systemd/bearman.service with it
 )
 
