@@ -6,8 +6,7 @@
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,24 +17,12 @@ use tokio_rustls::rustls;
 mod ca;
 use ca::Ca;
 
-const BIN: &str = env!("CARGO_BIN_EXE_bearman");
+#[allow(dead_code)]
+#[path = "support/serve.rs"]
+mod serve;
+use serve::{bearman, run as output};
+
 const BOUND: Duration = Duration::from_secs(30);
-
-fn bearman(dir: &Path) -> Command {
-    let mut command = Command::new(BIN);
-    command.current_dir(dir).stdin(Stdio::null());
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("BEARMAN_") {
-            command.env_remove(key);
-        }
-    }
-    command
-}
-
-fn output(mut command: Command) -> Output {
-    command.stdout(Stdio::piped()).stderr(Stdio::piped());
-    command.output().expect("run bearman")
-}
 
 fn free_address() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
