@@ -211,14 +211,7 @@ pub(super) fn parse_rfc3339_ms(text: &str) -> anyhow::Result<i64> {
         }
         _ => return Err(problem()),
     };
-    // Days-from-civil (Howard Hinnant's algorithm), the inverse of `table::timestamp`.
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = bearman::core::calendar::days_from_civil(year, month, day);
     let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_s;
     Ok(seconds * 1000 + fraction_ms)
 }

@@ -6,6 +6,7 @@
 //! `now_ms`; the daemon, the simulator and the tests all drive these same functions.
 
 pub mod boot;
+pub mod calendar;
 pub mod cluster;
 pub mod controller;
 pub mod enrollment;

@@ -436,18 +436,12 @@ mod der {
         Some((text, unix))
     }
 
-    /// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+    /// Days since 1970-01-01, for a month and day in range.
     fn days_from_civil(year: i64, month: i64, day: i64) -> Option<i64> {
         if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
             return None;
         }
-        let year = if month <= 2 { year - 1 } else { year };
-        let era = year.div_euclid(400);
-        let year_of_era = year - era * 400;
-        let month_index = (month + 9) % 12;
-        let day_of_year = (153 * month_index + 2) / 5 + day - 1;
-        let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-        Some(era * 146_097 + day_of_era - 719_468)
+        Some(crate::core::calendar::days_from_civil(year, month, day))
     }
 
     #[cfg(test)]
