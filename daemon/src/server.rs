@@ -98,6 +98,9 @@ pub struct DaemonParts {
     /// One replica of several on one PostgreSQL database: this one runs the controller
     /// only while it holds the lease. `None`: the database's only daemon.
     pub cluster: Option<ClusterMembership>,
+    /// What `GET /metrics` reports; the BMC provider records its calls in the same one
+    /// (`DriverBmcs::with_metrics`).
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 /// Who this replica is in the cluster, and the lease settings.
@@ -150,6 +153,7 @@ where
     L: axum::serve::Listener<Addr = std::net::SocketAddr>,
 {
     let mut state = AppState::new(parts.store, parts.clock, parts.images, parts.service);
+    state.app = state.app.with_metrics(parts.metrics);
     // Operator power actions go through the controller's own BMC provider, so the
     // per-BMC guard serialises them with fencing and power polls. Verified within the
     // remediation's readback bounds.

@@ -102,8 +102,8 @@ async fn calls_to_one_bmc_take_turns() {
             overlap_max.clone(),
         ))
     };
-    let first = Arc::new(guards.guard("10.0.0.5:623", "cn0001", fake()));
-    let second = Arc::new(guards.guard("10.0.0.5:623", "cn0001", fake()));
+    let first = Arc::new(guards.guard("10.0.0.5:623", "cn0001", "fake", fake()));
+    let second = Arc::new(guards.guard("10.0.0.5:623", "cn0001", "fake", fake()));
     let mut calls = tokio::task::JoinSet::new();
     for index in 0..10 {
         let bmc = if index % 2 == 0 {
@@ -129,6 +129,7 @@ async fn different_bmcs_run_at_once_within_the_fleet_limit() {
         let bmc = guards.guard(
             &format!("10.0.0.{index}:623"),
             &format!("cn{index:04}"),
+            "fake",
             Arc::new(FakeBmc::new(
                 Duration::from_millis(30),
                 in_flight.clone(),
@@ -151,17 +152,49 @@ async fn a_hung_call_is_cut_at_its_bound_and_names_bmc_and_operation() {
     let hung = guards.guard(
         "10.0.0.9:623",
         "cn0009",
+        "fake",
         Arc::new(FakeBmc {
             hang: true,
             ..FakeBmc::simple()
         }),
     );
-    let healthy = guards.guard("10.0.0.10:623", "cn0010", Arc::new(FakeBmc::simple()));
+    let healthy = guards.guard("10.0.0.10:623", "cn0010", "fake", Arc::new(FakeBmc::simple()));
     let error = hung.power_off().await.unwrap_err();
     assert!(matches!(error, BmcError::Timeout { .. }), "{error}");
     assert_eq!(error.to_string(), "bmc cn0009: power_off timed out");
     // The hung call's permit (the only one) came back when it was cut.
     assert_eq!(healthy.power_state().await.unwrap(), PowerState::Off);
+}
+
+#[tokio::test]
+async fn every_guarded_call_is_counted_by_driver_operation_and_outcome() {
+    let metrics = Arc::new(bearman::telemetry::Metrics::new());
+    let guards =
+        Guards::new(1, limits(Duration::from_millis(200))).with_metrics(metrics.clone());
+    let hung = guards.guard(
+        "10.0.0.11:623",
+        "cn0011",
+        "ipmi",
+        Arc::new(FakeBmc {
+            hang: true,
+            ..FakeBmc::simple()
+        }),
+    );
+    let healthy = guards.guard("10.0.0.12:623", "cn0012", "redfish", Arc::new(FakeBmc::simple()));
+    hung.power_off().await.unwrap_err();
+    healthy.power_state().await.unwrap();
+    healthy.power_state().await.unwrap();
+    let text = metrics
+        .render(&bearman::telemetry::FleetSnapshot::default())
+        .await;
+    for line in [
+        "bearman_bmc_calls_total{driver=\"ipmi\",operation=\"power_off\",outcome=\"timeout\"} 1",
+        "bearman_bmc_calls_total{driver=\"redfish\",operation=\"power_state\",outcome=\"ok\"} 2",
+        "bearman_bmc_call_duration_seconds_count{driver=\"redfish\",operation=\"power_state\"} 2",
+        "bearman_bmc_call_duration_seconds_count{driver=\"ipmi\",operation=\"power_off\"} 1",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
 }
 
 #[tokio::test]
@@ -178,8 +211,8 @@ async fn a_call_queued_too_long_gives_up_without_running() {
         Arc::default(),
         Arc::default(),
     ));
-    let busy = Arc::new(guards.guard("10.0.0.7:623", "cn0007", fake.clone()));
-    let waiting = guards.guard("10.0.0.7:623", "cn0007", fake.clone());
+    let busy = Arc::new(guards.guard("10.0.0.7:623", "cn0007", "fake", fake.clone()));
+    let waiting = guards.guard("10.0.0.7:623", "cn0007", "fake", fake.clone());
     let running = tokio::spawn({
         let busy = busy.clone();
         async move { busy.power_off().await }
@@ -213,8 +246,8 @@ async fn a_call_that_waited_its_turn_is_sent_only_if_still_permitted() {
         Arc::default(),
         Arc::default(),
     ));
-    let busy = Arc::new(guards.guard("10.0.0.8:623", "cn0008", fake.clone()));
-    let waiting = guards.guard("10.0.0.8:623", "cn0008", fake.clone());
+    let busy = Arc::new(guards.guard("10.0.0.8:623", "cn0008", "fake", fake.clone()));
+    let waiting = guards.guard("10.0.0.8:623", "cn0008", "fake", fake.clone());
     let leading = Arc::new(AtomicBool::new(true));
     let permission: SendPermission = {
         let leading = leading.clone();
@@ -277,7 +310,7 @@ async fn power_off_that_never_reads_back_off_fails_clearly() {
         reads_until_off: u32::MAX,
         ..FakeBmc::simple()
     });
-    let bmc = guards.guard("10.0.0.3:623", "cn0003 at 10.0.0.3:623", fake.clone());
+    let bmc = guards.guard("10.0.0.3:623", "cn0003 at 10.0.0.3:623", "fake", fake.clone());
     let error = bmc
         .power_off_verified(4, Duration::from_millis(1))
         .await

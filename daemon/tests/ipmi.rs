@@ -471,6 +471,7 @@ async fn hung_bmc_times_out_while_a_healthy_one_answers() {
     let hung = Arc::new(guards.guard(
         &hung_address.key(),
         "hung",
+        "ipmi",
         Arc::new(IpmiBmc::new(
             "hung",
             hung_address.clone(),
@@ -488,6 +489,7 @@ async fn hung_bmc_times_out_while_a_healthy_one_answers() {
     let healthy = guards.guard(
         &healthy_address.key(),
         "healthy",
+        "ipmi",
         Arc::new(sim.driver(PASSWORD, test_ipmi_settings())),
     );
 

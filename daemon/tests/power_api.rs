@@ -147,11 +147,13 @@ async fn start(bmc: Arc<FakeBmc>) -> Daemon {
             body_limit_bytes: bearman::server::BODY_LIMIT_BYTES_DEFAULT,
             edge: bearman::edge::EdgeLimits::default(),
             heartbeat_fresh_ms: 30_000,
+            metrics_public: false,
         },
         bmcs: Arc::new(OneBmc(bmc)),
         cloud: None,
         remediation,
         cluster: None,
+        metrics: Arc::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();

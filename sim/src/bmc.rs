@@ -250,6 +250,12 @@ impl SimBmcs {
             ),
         }
     }
+
+    /// Counts and times the daemon's BMC calls in its `metrics`, as production does.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<bearman::telemetry::Metrics>) -> Self {
+        self.guards = self.guards.with_metrics(metrics);
+        self
+    }
 }
 
 impl bearman::bmc::BmcProvider for SimBmcs {
@@ -267,6 +273,6 @@ impl bearman::bmc::BmcProvider for SimBmcs {
             node_index: index,
             timeout: self.timeout,
         });
-        Ok(std::sync::Arc::new(self.guards.guard(&name, &name, driver)))
+        Ok(std::sync::Arc::new(self.guards.guard(&name, &name, "sim", driver)))
     }
 }

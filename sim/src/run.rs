@@ -565,6 +565,8 @@ pub fn run(
                     membership.replica.started_at_ms = SimClock.now_ms();
                     membership
                 });
+                // Each daemon (each replica) counts its own, as in production.
+                let metrics = Arc::new(bearman::telemetry::Metrics::new());
                 let parts = bearman::server::DaemonParts {
                     store,
                     clock: Arc::new(SimClock),
@@ -582,13 +584,17 @@ pub fn run(
                         body_limit_bytes: bearman::server::BODY_LIMIT_BYTES_DEFAULT,
                         edge: bearman::edge::EdgeLimits::default(),
                         heartbeat_fresh_ms: 30_000,
+                        metrics_public: false,
                     },
-                    bmcs: Arc::new(bmc::SimBmcs::new(Duration::from_secs(10))),
+                    bmcs: Arc::new(
+                        bmc::SimBmcs::new(Duration::from_secs(10)).with_metrics(metrics.clone()),
+                    ),
                     cloud: Some(Arc::new(cloud::SimCloud {
                         timeout: Duration::from_secs(10),
                     })),
                     remediation,
                     cluster: membership,
+                    metrics,
                 };
                 bearman::server::run_daemon(
                     net::TurmoilListener(listener),

@@ -102,6 +102,7 @@ impl TestDaemon {
                 body_limit_bytes: options.body_limit_bytes,
                 edge: options.edge,
                 heartbeat_fresh_ms: 30_000,
+                metrics_public: false,
             },
         );
         let mut tokens = Vec::new();

@@ -10,22 +10,24 @@ use std::path::{Path, PathBuf};
 /// modules and are not checked.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("core", &[]),
+    // Metrics: recorded by the layers above, names nothing of the daemon.
+    ("telemetry", &[]),
     ("runtime", &["core"]),
     ("images", &[]),
     ("store", &["core"]),
-    ("bmc", &["core", "runtime"]),
+    ("bmc", &["core", "runtime", "telemetry"]),
     ("cloud", &["core", "runtime"]),
-    ("app", &["core", "store", "runtime"]),
+    ("app", &["core", "store", "runtime", "telemetry"]),
     (
         "controller",
-        &["app", "core", "store", "bmc", "cloud", "runtime"],
+        &["app", "core", "store", "bmc", "cloud", "runtime", "telemetry"],
     ),
     // The network edge: connections, timeouts, rate limits, TLS; below the HTTP
     // application, above nothing but the pure core.
     ("edge", &["core"]),
     (
         "api",
-        &["app", "core", "store", "runtime", "images", "edge"],
+        &["app", "core", "store", "runtime", "images", "edge", "telemetry"],
     ),
     (
         "server",
@@ -40,6 +42,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "runtime",
             "images",
             "edge",
+            "telemetry",
         ],
     ),
     // The CLI is a client of the HTTP API and the server's launcher: it names the server
@@ -57,6 +60,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "runtime",
             "images",
             "edge",
+            "telemetry",
         ],
     ),
 ];

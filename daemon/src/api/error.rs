@@ -18,7 +18,14 @@ pub struct ApiError {
     pub message: String,
     /// Sent as `Retry-After` (seconds): the failure is temporary.
     pub retry_after_s: Option<u32>,
+    /// The database's fault behind this answer, if it is one (counted in metrics).
+    pub store_fault: Option<&'static str>,
 }
+
+/// A response extension: this answer is a database fault of that kind (see
+/// `StoreError::fault_kind`); the HTTP service counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreFault(pub &'static str);
 
 /// What a 503 for an unreachable database tells the client to wait before retrying.
 pub const UNAVAILABLE_RETRY_AFTER_S: u32 = 5;
@@ -30,6 +37,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after_s: None,
+            store_fault: None,
         }
     }
 
@@ -81,6 +89,9 @@ impl IntoResponse for ApiError {
             message: self.message,
         };
         let mut response = (self.status, Json(body)).into_response();
+        if let Some(kind) = self.store_fault {
+            response.extensions_mut().insert(StoreFault(kind));
+        }
         if let Some(seconds) = self.retry_after_s {
             response
                 .headers_mut()
@@ -98,7 +109,8 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        match &error {
+        let store_fault = error.fault_kind();
+        let answer = match &error {
             StoreError::NotFound { .. } => ApiError::not_found(error.to_string()),
             StoreError::AlreadyExists { .. } => {
                 ApiError::conflict("already_exists", error.to_string())
@@ -121,6 +133,10 @@ impl From<StoreError> for ApiError {
             StoreError::Corrupt(_) | StoreError::Backend(_) => {
                 ApiError::internal(error.to_string())
             }
+        };
+        ApiError {
+            store_fault,
+            ..answer
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod boot;
 pub mod error;
 pub mod extract;
+pub mod metrics;
 
 use std::sync::Arc;
 
@@ -43,6 +44,8 @@ pub struct ServiceConfig {
     pub edge: crate::edge::EdgeLimits,
     /// A heartbeat younger than this counts as "the node is up" (leaving maintenance).
     pub heartbeat_fresh_ms: TimestampMs,
+    /// `GET /metrics` without a token (`[metrics] public`); otherwise role viewer.
+    pub metrics_public: bool,
 }
 
 #[derive(Clone)]
@@ -129,7 +132,9 @@ fn routes(state: AppState, with_admin: bool) -> Router {
     let body_limit = state.config.body_limit_bytes;
     let mut router = Router::new().merge(boot::router());
     if with_admin {
-        router = router.nest("/api/v1", admin::router(state.clone()));
+        router = router
+            .nest("/api/v1", admin::router(state.clone()))
+            .merge(metrics::router(&state));
     }
     router
         .route("/healthz", axum::routing::get(healthz))
@@ -250,6 +255,8 @@ where
 
     fn call(&mut self, request: Request) -> Self::Future {
         let started = tokio::time::Instant::now();
+        let route = route_label(request.uri().path());
+        let method = method_label(request.method());
         // The lookup logs nothing, so it may run before the span exists.
         let ready = rate_limited(&self.state, &request)
             .or_else(|| boot::cached_target_script(&self.state, &request));
@@ -283,7 +290,80 @@ where
             answer,
             span,
             started,
+            route,
+            method,
+            metrics: self.state.app.metrics.clone(),
         }
+    }
+}
+
+/// The route template a request path matches, as metrics label it: one of a fixed set
+/// (the boot routes, `/api/v1` + the admin route table, the probes), `other` for anything
+/// else, so no label ever carries a uuid or a client's invention.
+pub fn route_label(path: &str) -> &'static str {
+    static TEMPLATES: std::sync::OnceLock<Vec<(Vec<&'static str>, &'static str)>> =
+        std::sync::OnceLock::new();
+    let templates = TEMPLATES.get_or_init(|| {
+        let mut all: Vec<&'static str> = vec![
+            "/ipxe",
+            "/ipxe/{uuid}",
+            "/ipxe/{uuid}/register",
+            "/ipxe/{uuid}/profile",
+            "/ipxe/{uuid}/detail",
+            "/ipxe/{uuid}/installed",
+            "/ipxe/{uuid}/progress",
+            "/ipxe/{uuid}/heartbeat",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+        ];
+        let mut admin: Vec<&'static str> = admin::route_table()
+            .into_iter()
+            .map(|spec| format!("/api/v1{}", spec.path))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            // Built once per process from the route table: a bounded set of strings.
+            .map(|template| &*Box::leak(template.into_boxed_str()))
+            .collect();
+        all.append(&mut admin);
+        all.into_iter()
+            .map(|template| (template.split('/').skip(1).collect(), template))
+            .collect()
+    });
+    if path.starts_with("/images/") {
+        return "/images/{path}";
+    }
+    let segments = path.split('/').skip(1);
+    'templates: for (pattern, template) in templates {
+        let mut segments = segments.clone();
+        for want in pattern {
+            match segments.next() {
+                Some(segment) if want.starts_with('{') && !segment.is_empty() => {}
+                Some(segment) if segment == *want => {}
+                _ => continue 'templates,
+            }
+        }
+        if segments.next().is_none() {
+            return template;
+        }
+    }
+    if path.starts_with("/ui") || path == "/" {
+        return "/ui";
+    }
+    "other"
+}
+
+/// The request method as metrics label it, from a fixed set.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        _ => "other",
     }
 }
 
@@ -346,6 +426,9 @@ pin_project_lite::pin_project! {
         answer: Answer<F>,
         span: tracing::Span,
         started: tokio::time::Instant,
+        route: &'static str,
+        method: &'static str,
+        metrics: std::sync::Arc<crate::telemetry::Metrics>,
     }
 }
 
@@ -380,7 +463,13 @@ where
             }
         };
         let status = response.status().as_u16();
-        let elapsed_us = this.started.elapsed().as_micros() as u64;
+        let elapsed = this.started.elapsed();
+        this.metrics
+            .http_request(this.route, this.method, status, elapsed);
+        if let Some(error::StoreFault(kind)) = response.extensions().get() {
+            this.metrics.store_error(kind);
+        }
+        let elapsed_us = elapsed.as_micros() as u64;
         if status >= 500 {
             tracing::warn!(status, elapsed_us, "request failed");
         } else {

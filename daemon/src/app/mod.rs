@@ -59,6 +59,9 @@ pub struct App {
     /// The way to nodes' BMCs for operator power actions; `None` in a daemon assembled
     /// without one (power actions then answer that they are unavailable).
     pub power: Option<Arc<dyn power::PowerSwitch>>,
+    /// What the daemon counts for `GET /metrics`; the server assembly shares one with
+    /// the BMC guards.
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 impl App {
@@ -71,7 +74,29 @@ impl App {
             leader: Arc::default(),
             throttle: Arc::default(),
             power: None,
+            metrics: Arc::default(),
         }
+    }
+
+    /// Counts `stored`, a remediation just written, as finished when it no longer is
+    /// active, with the durations of its phases.
+    pub(crate) fn count_if_finished(&self, stored: &crate::core::remediation::Remediation) {
+        if stored.status == crate::core::remediation::Status::Active {
+            return;
+        }
+        let phases: Vec<(&'static str, f64)> = stored
+            .phase_durations_ms()
+            .into_iter()
+            .map(|(phase, ms)| (phase, ms as f64 / 1000.0))
+            .collect();
+        self.metrics
+            .remediation_finished(stored.kind.as_str(), stored.status.as_str(), &phases);
+    }
+
+    /// Records what the application counts in `metrics` (shared with the BMC guards).
+    pub fn with_metrics(mut self, metrics: Arc<crate::telemetry::Metrics>) -> App {
+        self.metrics = metrics;
+        self
     }
 
     /// Appends `event` unless the same `key` (a node and what it did) already wrote one

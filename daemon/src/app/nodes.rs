@@ -315,6 +315,7 @@ impl App {
             Ok(events)
         })
         .await
+        .inspect(|_| self.metrics.installed())
     }
 
     /// A heartbeat. The hot path (a Ready node) records liveness without a generation
@@ -330,6 +331,7 @@ impl App {
             .ok_or_else(|| AppError::NodeNotRegistered { uuid: uuid.clone() })?;
         if transition(node.state, LifecycleEvent::Heartbeat).is_ok_and(|next| next == node.state) {
             self.store.node_record_heartbeat(uuid, now).await?;
+            self.metrics.heartbeat();
             return Ok(node);
         }
         let result = self
@@ -348,6 +350,9 @@ impl App {
                 Ok(events.into_iter().collect())
             })
             .await;
+        if result.is_ok() {
+            self.metrics.heartbeat();
+        }
         if let Err(AppError::IllegalTransition(illegal)) = &result {
             let event = NewEvent::for_node(
                 uuid,

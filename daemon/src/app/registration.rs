@@ -36,6 +36,21 @@ impl App {
         uuid: &NodeUuid,
         request: &RegisterRequest,
     ) -> Result<Registration, AppError> {
+        let result = self.register_hardware(uuid, request).await;
+        self.metrics.registration(match &result {
+            Ok(registration) if registration.awaiting_acceptance => "awaiting_acceptance",
+            Ok(_) => "registered",
+            Err(AppError::Store(_)) => "failed",
+            Err(_) => "refused",
+        });
+        result
+    }
+
+    async fn register_hardware(
+        &self,
+        uuid: &NodeUuid,
+        request: &RegisterRequest,
+    ) -> Result<Registration, AppError> {
         validate::check_register(request)?;
         let now = self.now_ms();
         let mut last_conflict = None;

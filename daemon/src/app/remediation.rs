@@ -46,6 +46,7 @@ impl App {
                 }
                 other => other.into(),
             })?;
+        self.metrics.remediation_started(kind.as_str());
         tracing::info!(%uuid, id = created.id, kind = kind.as_str(), actor = %actor, "operator remediation");
         Ok(created)
     }
@@ -111,7 +112,10 @@ impl App {
                 .remediation_update(&cancelled, node.as_ref(), &events, None)
                 .await
             {
-                Ok((stored, _)) => return Ok(stored),
+                Ok((stored, _)) => {
+                    self.count_if_finished(&stored);
+                    return Ok(stored);
+                }
                 Err(StoreError::Conflict { .. } | StoreError::GenerationMismatch { .. }) => {
                     continue
                 }

@@ -98,7 +98,10 @@ impl App {
             .remediation_create(&remediation, &[event], fence)
             .await
         {
-            Ok(created) => Ok(Some(created)),
+            Ok(created) => {
+                self.metrics.remediation_started(created.kind.as_str());
+                Ok(Some(created))
+            }
             Err(StoreError::AlreadyExists { .. }) => Ok(None),
             Err(error) => Err(error),
         }
@@ -142,7 +145,10 @@ impl App {
                     .store
                     .remediation_update(&stamped(cancelled, fence), None, &[event], fence)
                     .await
-                    .map(|_| Begun::StoodDown),
+                    .map(|(stored, _)| {
+                        self.count_if_finished(&stored);
+                        Begun::StoodDown
+                    }),
                 StepStart::Attempt {
                     attempt,
                     node: moved,
@@ -164,7 +170,10 @@ impl App {
                         fence,
                     )
                     .await
-                    .map(|_| Begun::Refused(write)),
+                    .map(|(stored, _)| {
+                        self.count_if_finished(&stored);
+                        Begun::Refused(write)
+                    }),
             };
             match written {
                 Ok(begun) => return Ok(begun),
@@ -211,6 +220,7 @@ impl App {
                 .await
             {
                 Ok((stored, _)) => {
+                    self.count_if_finished(&stored);
                     return Ok(Recorded::Written(OutcomeWrite {
                         remediation: stored,
                         ..write

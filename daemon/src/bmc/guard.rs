@@ -86,6 +86,7 @@ pub struct Guards {
     locks: BmcLocks,
     permits: Arc<Semaphore>,
     limits: GuardLimits,
+    metrics: Option<Arc<crate::telemetry::Metrics>>,
 }
 
 impl Guards {
@@ -100,23 +101,39 @@ impl Guards {
             locks: BmcLocks::default(),
             permits,
             limits,
+            metrics: None,
         }
+    }
+
+    /// Counts and times every call of the guarded BMCs in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::telemetry::Metrics>) -> Guards {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn limits(&self) -> GuardLimits {
         self.limits
     }
 
-    /// Wraps `inner`, the driver for the BMC `key` (normalised `host:port`), named `name`
-    /// in errors and logs.
-    pub fn guard(&self, key: &str, name: &str, inner: Arc<dyn Bmc>) -> GuardedBmc {
-        GuardedBmc::new(
+    /// Wraps `inner`, the driver (`ipmi`, `redfish`, … as metrics name it) for the BMC
+    /// `key` (normalised `host:port`), named `name` in errors and logs.
+    pub fn guard(
+        &self,
+        key: &str,
+        name: &str,
+        driver: &'static str,
+        inner: Arc<dyn Bmc>,
+    ) -> GuardedBmc {
+        let mut guarded = GuardedBmc::new(
             name,
             inner,
             self.locks.lock_for(key),
             self.permits.clone(),
             self.limits,
-        )
+        );
+        guarded.driver = driver;
+        guarded.metrics = self.metrics.clone();
+        guarded
     }
 }
 
@@ -128,6 +145,9 @@ pub struct GuardedBmc {
     lock: Arc<tokio::sync::Mutex<()>>,
     permits: Arc<Semaphore>,
     limits: GuardLimits,
+    /// The driver's name in metrics.
+    driver: &'static str,
+    metrics: Option<Arc<crate::telemetry::Metrics>>,
 }
 
 impl GuardedBmc {
@@ -144,6 +164,14 @@ impl GuardedBmc {
             lock,
             permits,
             limits,
+            driver: "unnamed",
+            metrics: None,
+        }
+    }
+
+    fn count(&self, operation: &'static str, outcome: &'static str, took: Option<Duration>) {
+        if let Some(metrics) = &self.metrics {
+            metrics.bmc_call(self.driver, operation, outcome, took);
         }
     }
 
@@ -175,6 +203,7 @@ impl GuardedBmc {
         };
         let (_turn, permit) = tokio::time::timeout(self.limits.queue_timeout, turn)
             .await
+            .inspect_err(|_| self.count(operation, "not_started", None))
             .map_err(|_| BmcError::Failed {
                 bmc: self.name.clone(),
                 operation,
@@ -183,12 +212,15 @@ impl GuardedBmc {
                     self.limits.queue_timeout.as_secs_f64()
                 ),
             })?;
-        let _permit = permit.map_err(|_| BmcError::Failed {
+        let _permit = permit
+            .inspect_err(|_| self.count(operation, "not_started", None))
+            .map_err(|_| BmcError::Failed {
             bmc: self.name.clone(),
             operation,
             detail: "not started: BMC calls are shutting down".into(),
         })?;
         if !MAY_SEND.try_with(|may_send| may_send()).unwrap_or(true) {
+            self.count(operation, "not_sent", None);
             return Err(BmcError::Failed {
                 bmc: self.name.clone(),
                 operation,
@@ -196,14 +228,21 @@ impl GuardedBmc {
                     .into(),
             });
         }
+        let started = tokio::time::Instant::now();
         match tokio::time::timeout(self.limits.call_timeout, call).await {
             Ok(result) => {
-                if let Err(error) = &result {
-                    tracing::warn!(bmc = %self.name, operation, %error, "bmc call failed");
-                }
+                let outcome = match &result {
+                    Ok(_) => "ok",
+                    Err(error) => {
+                        tracing::warn!(bmc = %self.name, operation, %error, "bmc call failed");
+                        "error"
+                    }
+                };
+                self.count(operation, outcome, Some(started.elapsed()));
                 result
             }
             Err(_) => {
+                self.count(operation, "timeout", Some(started.elapsed()));
                 tracing::warn!(
                     bmc = %self.name,
                     operation,

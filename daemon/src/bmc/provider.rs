@@ -285,6 +285,12 @@ impl DriverBmcs {
         })
     }
 
+    /// Counts and times every BMC call in `metrics` (`GET /metrics`).
+    pub fn with_metrics(mut self, metrics: Arc<crate::telemetry::Metrics>) -> DriverBmcs {
+        self.guards = self.guards.with_metrics(metrics);
+        self
+    }
+
     pub fn settings(&self) -> &BmcSettings {
         &self.settings
     }
@@ -341,7 +347,7 @@ impl DriverBmcs {
                 }
                 let inner: Arc<dyn Bmc> =
                     Arc::new(IpmiBmc::new(&name, address, credentials, settings));
-                Ok(Arc::new(self.guards.guard(&key, &name, inner)))
+                Ok(Arc::new(self.guards.guard(&key, &name, "ipmi", inner)))
             }
             BmcDriver::Redfish => {
                 let settings = &self.settings.redfish;
@@ -359,7 +365,7 @@ impl DriverBmcs {
                     Arc::new(RedfishBmc::new(config).map_err(|error| address_error(error.into()))?);
                 let key = redfish_key(text);
                 let name = format!("{node} at {key}");
-                Ok(Arc::new(self.guards.guard(&key, &name, inner)))
+                Ok(Arc::new(self.guards.guard(&key, &name, "redfish", inner)))
             }
             BmcDriver::Qmp => {
                 let socket = self
@@ -370,7 +376,7 @@ impl DriverBmcs {
                 let timeout = Duration::from_millis(self.settings.call_timeout_ms)
                     .min(super::qmp::QMP_TIMEOUT_DEFAULT);
                 let inner: Arc<dyn Bmc> = Arc::new(QmpBmc::new(socket, timeout));
-                Ok(Arc::new(self.guards.guard(&key, &name, inner)))
+                Ok(Arc::new(self.guards.guard(&key, &name, "qmp", inner)))
             }
             other => Err(unavailable(node, other)),
         }

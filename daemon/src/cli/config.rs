@@ -44,6 +44,18 @@ pub struct FileConfig {
     pub http: Option<HttpFile>,
     /// TLS on the admin listener, and the plain-HTTP listener the boot protocol moves to.
     pub tls: Option<TlsFile>,
+    /// `GET /metrics`.
+    pub metrics: Option<MetricsFile>,
+}
+
+/// `[metrics]`: who may read `GET /metrics` (on the main listener).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    /// Serve it without a token. Default false: a token of role viewer, because it
+    /// names racks and counts the fleet's nodes.
+    #[serde(default)]
+    pub public: bool,
 }
 
 /// `[tls]` as written: with it, `listen` speaks HTTPS (the admin API, the boot
@@ -223,6 +235,8 @@ pub struct ServeConfig {
     pub enrollment: bearman::core::enrollment::EnrollmentPolicy,
     pub edge: bearman::edge::EdgeLimits,
     pub tls: Option<TlsConfig>,
+    /// `GET /metrics` without a token.
+    pub metrics_public: bool,
 }
 
 /// Values given on the command line or in the environment (clap merges those two).
@@ -389,6 +403,7 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
         enrollment,
         edge,
         tls,
+        metrics_public: file.metrics.unwrap_or_default().public,
     })
 }
 

@@ -115,8 +115,10 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             None
         }
     };
+    let metrics = Arc::new(bearman::telemetry::Metrics::new());
     let bmcs = bearman::bmc::provider::DriverBmcs::new(config.bmc.clone())
-        .map_err(|e| anyhow!("bmc configuration: {e}"))?;
+        .map_err(|e| anyhow!("bmc configuration: {e}"))?
+        .with_metrics(metrics.clone());
     let parts = bearman::server::DaemonParts {
         store,
         clock: Arc::new(SystemClock),
@@ -140,6 +142,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 ..config.edge
             },
             heartbeat_fresh_ms: config.heartbeat_fresh_s as i64 * 1000,
+            metrics_public: config.metrics_public,
         },
         bmcs: Arc::new(bmcs),
         cloud,
@@ -161,6 +164,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 },
                 config: config.cluster.clone(),
             }),
+        metrics,
     };
     if let Some(membership) = &parts.cluster {
         tracing::info!(

@@ -145,6 +145,9 @@ impl Controller {
         loop {
             ticker.tick().await;
             if let Err(error) = self.clone().tick().await {
+                if let Some(kind) = error.fault_kind() {
+                    self.app.metrics.store_error(kind);
+                }
                 tracing::warn!(%error, "controller tick failed");
             }
         }

@@ -454,7 +454,44 @@ impl Remediation {
         self.step()
             .is_some_and(|step| step.cancellable() || self.awaiting_fence_retry())
     }
+
+    /// How long a finished remediation spent in each phase it went through, in ms, for
+    /// the phase histograms: [`PHASE_FENCE`], [`PHASE_EVACUATE`], [`PHASE_RECOVER`] (only
+    /// for one that brought its node back to Ready) and [`PHASE_TOTAL`]. Empty while it
+    /// is active.
+    pub fn phase_durations_ms(&self) -> Vec<(&'static str, i64)> {
+        let Some(finished) = self.finished_at_ms.filter(|_| self.status != Status::Active)
+        else {
+            return Vec::new();
+        };
+        let mut phases = Vec::with_capacity(4);
+        if let Some(fenced) = self.fenced_at_ms {
+            phases.push((PHASE_FENCE, fenced - self.created_at_ms));
+            if let Some(evacuated) = self.evacuated_at_ms {
+                phases.push((PHASE_EVACUATE, evacuated - fenced));
+            }
+        }
+        let rebuilds = self.plan.contains(&Step::AwaitReady);
+        if self.status == Status::Done && rebuilds {
+            let from = self
+                .evacuated_at_ms
+                .or(self.fenced_at_ms)
+                .unwrap_or(self.created_at_ms);
+            phases.push((PHASE_RECOVER, finished - from));
+        }
+        phases.push((PHASE_TOTAL, finished - self.created_at_ms));
+        phases
+    }
 }
+
+/// Remediation started → fence verified (power read back off).
+pub const PHASE_FENCE: &str = "fence";
+/// Fence verified → every VM evacuated.
+pub const PHASE_EVACUATE: &str = "evacuate";
+/// Fence verified or VMs evacuated, whichever came last → the node Ready again.
+pub const PHASE_RECOVER: &str = "recover";
+/// Remediation started → finished, whatever the outcome.
+pub const PHASE_TOTAL: &str = "total";
 
 /// What running the current step once produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -729,6 +766,49 @@ mod tests {
 
     fn fresh(kind: RemediationKind) -> Remediation {
         Remediation::new(NodeUuid::from_index(3, 1), kind, "test", "because", 1_000)
+    }
+
+    #[test]
+    fn phase_durations_follow_what_the_remediation_went_through() {
+        let timed = |kind, status, fenced, evacuated, finished| Remediation {
+            status,
+            fenced_at_ms: fenced,
+            evacuated_at_ms: evacuated,
+            finished_at_ms: finished,
+            ..fresh(kind)
+        };
+        use RemediationKind::*;
+        use Status::*;
+        let check = |r: Remediation, expect: &[(&str, i64)]| {
+            assert_eq!(r.phase_durations_ms(), expect, "{:?} {:?}", r.kind, r.status)
+        };
+        // Still active: nothing observed yet.
+        check(timed(Automatic, Active, Some(5_000), None, None), &[]);
+        // A full automatic run: fence, evacuate, recover, total.
+        check(
+            timed(Automatic, Done, Some(6_000), Some(16_000), Some(100_000)),
+            &[
+                ("fence", 5_000),
+                ("evacuate", 10_000),
+                ("recover", 84_000),
+                ("total", 99_000),
+            ],
+        );
+        // An operator's fence: no recovery phase.
+        check(
+            timed(Fence, Done, Some(3_000), None, Some(3_000)),
+            &[("fence", 2_000), ("total", 2_000)],
+        );
+        // Failed before the fence verified: only the total.
+        check(
+            timed(Automatic, Failed, None, None, Some(61_000)),
+            &[("total", 60_000)],
+        );
+        // A boot retry rebuilds without fencing: recovery counts from the start.
+        check(
+            timed(BootRetry, Done, None, None, Some(301_000)),
+            &[("recover", 300_000), ("total", 300_000)],
+        );
     }
 
     /// Runs `remediation` to its end, giving each step the outcomes `script` returns.

@@ -320,6 +320,10 @@ impl Store for CachedStore {
         self.inner.node_count_by_state().await
     }
 
+    async fn node_tally(&self) -> Result<Vec<crate::store::NodeTally>, StoreError> {
+        self.inner.node_tally().await
+    }
+
     async fn node_create(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError> {
         let before = self.evictions(node.uuid.as_str());
         let created = self.inner.node_create(node, events).await?;

@@ -183,6 +183,26 @@ async fn nodes_round_trip_and_filter(store: &dyn Store) {
         .all(|h| h.state == LifecycleState::Ready && h.last_heard_at_ms == 1_000));
     let counts = store.node_count_by_state().await.unwrap();
     assert!(counts.get(&LifecycleState::Ready).copied().unwrap_or(0) >= 3);
+
+    // The metrics' tally: three Ready and two Discovered nodes in this rack, one row each.
+    let mut tally: Vec<_> = store
+        .node_tally()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.rack.as_deref() == Some(rack))
+        .map(|t| (t.state, t.role, t.count))
+        .collect();
+    tally.sort_by_key(|(state, _, _)| state.as_str());
+    let role = node(101, 0, rack).role;
+    assert_eq!(
+        tally,
+        vec![
+            (LifecycleState::Discovered, role, 2),
+            (LifecycleState::Ready, role, 3)
+        ],
+        "node_tally for {rack}"
+    );
 }
 
 async fn node_updates_are_optimistic(store: &dyn Store) {

@@ -226,6 +226,19 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// For a fault of the database itself (unreachable, failing, corrupt data), how
+    /// metrics name it; `None` for refusals that are answers (not found, conflicts, …).
+    pub fn fault_kind(&self) -> Option<&'static str> {
+        match self {
+            StoreError::Unavailable(_) => Some("unavailable"),
+            StoreError::Backend(_) => Some("backend"),
+            StoreError::Corrupt(_) => Some("corrupt"),
+            _ => None,
+        }
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Which implementation this is, for logs (`sqlite`, `postgres`, `memory`).
@@ -252,6 +265,38 @@ pub trait Store: Send + Sync + 'static {
     /// Nodes in uuid order matching `filter`, at most `filter.limit`.
     async fn node_list(&self, filter: &NodeFilter) -> Result<Vec<Node>, StoreError>;
     async fn node_count_by_state(&self) -> Result<StateCounts, StoreError>;
+    /// How many nodes are in each (state, rack, role), in that order, for metrics. The
+    /// default pages through [`Store::node_list`]; SQL stores count with one query.
+    async fn node_tally(&self) -> Result<Vec<NodeTally>, StoreError> {
+        let mut tally = std::collections::BTreeMap::<_, u64>::new();
+        let mut filter = NodeFilter {
+            limit: LIST_LIMIT_MAX,
+            ..Default::default()
+        };
+        // Bounded: a hundred pages are a million nodes.
+        for _ in 0..100 {
+            let page = self.node_list(&filter).await?;
+            let full = page.len() == LIST_LIMIT_MAX;
+            filter.after = page.last().map(|n| n.uuid.clone());
+            for node in &page {
+                *tally
+                    .entry((node.state, node.rack.clone(), node.role))
+                    .or_default() += 1;
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(tally
+            .into_iter()
+            .map(|((state, rack, role), count)| NodeTally {
+                state,
+                rack,
+                role,
+                count,
+            })
+            .collect())
+    }
     /// Light health records of every node expected to heartbeat (Ready or Suspect), with
     /// their last power reading, for the controller's every-second judgement.
     async fn node_health_list(&self) -> Result<Vec<crate::core::health::NodeHealth>, StoreError> {
@@ -455,6 +500,15 @@ pub trait Store: Send + Sync + 'static {
     async fn token_list(&self) -> Result<Vec<ApiToken>, StoreError>;
     /// Deletes a token with its audit events; `NotFound` when there is none of that name.
     async fn token_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError>;
+}
+
+/// Nodes in one (state, rack, role), for metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeTally {
+    pub state: crate::core::lifecycle::LifecycleState,
+    pub rack: Option<String>,
+    pub role: crate::core::model::NodeRole,
+    pub count: u64,
 }
 
 /// Upper bound on any listing, whatever the caller asks for.

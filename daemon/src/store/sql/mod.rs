@@ -278,6 +278,10 @@ impl Store for SqlStore {
         self.bounded(nodes::count_by_state(self)).await
     }
 
+    async fn node_tally(&self) -> Result<Vec<crate::store::NodeTally>, StoreError> {
+        self.bounded(nodes::tally(self)).await
+    }
+
     async fn node_create(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError> {
         self.bounded(nodes::create(self, node, events)).await
     }

@@ -159,6 +159,32 @@ pub(super) async fn count_by_state(store: &SqlStore) -> Result<StateCounts, Stor
     Ok(counts)
 }
 
+/// Nodes per (state, rack, role): one grouped count, no document decoding.
+pub(super) async fn tally(store: &SqlStore) -> Result<Vec<crate::store::NodeTally>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT state, rack, role, COUNT(*) AS n FROM nodes GROUP BY state, rack, role \
+         ORDER BY state, rack, role",
+    )
+    .fetch_all(&store.pool)
+    .await
+    .map_err(backend_error)?;
+    rows.iter()
+        .map(|row| {
+            let state: String = row.try_get("state").map_err(backend_error)?;
+            let role: String = row.try_get("role").map_err(backend_error)?;
+            let count: i64 = row.try_get("n").map_err(backend_error)?;
+            Ok(crate::store::NodeTally {
+                state: LifecycleState::parse(&state)
+                    .ok_or_else(|| corrupt("node state", &state))?,
+                rack: row.try_get("rack").map_err(backend_error)?,
+                role: crate::core::model::NodeRole::parse(&role)
+                    .ok_or_else(|| corrupt("node role", &role))?,
+                count: u64::try_from(count).unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
 pub(super) async fn create(
     store: &SqlStore,
     node: &Node,
