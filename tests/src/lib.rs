@@ -42,6 +42,8 @@ pub struct Options {
     /// Connection bounds and rate limits: the production defaults unless a test is
     /// about them.
     pub edge: bearman::edge::EdgeLimits,
+    /// `GET /metrics` without a token (`[metrics] public`).
+    pub metrics_public: bool,
 }
 
 impl Default for Options {
@@ -51,6 +53,7 @@ impl Default for Options {
             body_limit_bytes: bearman::api::BODY_LIMIT_BYTES_DEFAULT,
             enrollment: bearman::core::enrollment::EnrollmentPolicy::accept_all(),
             edge: bearman::edge::EdgeLimits::default(),
+            metrics_public: false,
         }
     }
 }
@@ -102,7 +105,7 @@ impl TestDaemon {
                 body_limit_bytes: options.body_limit_bytes,
                 edge: options.edge,
                 heartbeat_fresh_ms: 30_000,
-                metrics_public: false,
+                metrics_public: options.metrics_public,
             },
         );
         let mut tokens = Vec::new();
