@@ -22,6 +22,7 @@ packages=(
   podman              # builds and runs the container image once in daemon/tests/container_image.rs
   runc                # podman's runtime there: crun refuses this machine kind's hybrid cgroup v1/v2 layout
   debootstrap         # the image's Debian rootfs (deploy/container/build-image.sh)
+  prometheus          # promtool checks and unit-tests deploy/prometheus/bearman-alerts.yml; a real Prometheus scrapes a daemon in tests/tests/prometheus.rs
   systemd             # systemd-analyze: daemon/tests/deploy_systemd.rs verifies deploy/systemd/bearman.service with it
 )
 

@@ -136,6 +136,8 @@ pub struct FleetSnapshot {
     pub nodes: Vec<((&'static str, String, &'static str), u64)>,
     /// Remediations in progress by kind.
     pub remediations_active: Vec<(&'static str, u64)>,
+    /// Age of the oldest remediation in progress, in seconds (0 when none).
+    pub oldest_active_remediation_s: u64,
     /// What the controller last published; `None` when this replica runs no controller
     /// (a standby) or before its first tick.
     pub guards: Option<GuardSnapshot>,
@@ -176,6 +178,7 @@ pub struct Metrics {
     store_errors: Family<ErrorKindLabels, Counter>,
     nodes: Family<NodeLabels, Gauge>,
     remediations_active: Family<KindLabels, Gauge>,
+    oldest_active: Gauge,
     power_readings: Family<ReadingLabels, Gauge>,
     rack_paused: Family<RackLabels, Gauge>,
     fleet_fencing_stopped: Gauge,
@@ -295,6 +298,12 @@ impl Metrics {
             "Remediations in progress, by kind",
             remediations_active.clone(),
         );
+        let oldest_active = Gauge::default();
+        registry.register(
+            "remediation_oldest_active_age_seconds",
+            "Age of the oldest remediation in progress (0 when none): a rebuild or evacuation that does not finish",
+            oldest_active.clone(),
+        );
         let power_readings = Family::<ReadingLabels, Gauge>::default();
         registry.register(
             "node_power_readings",
@@ -378,6 +387,7 @@ impl Metrics {
             store_errors,
             nodes,
             remediations_active,
+            oldest_active,
             power_readings,
             rack_paused,
             fleet_fencing_stopped,
@@ -514,6 +524,8 @@ impl Metrics {
                 .get_or_create(&KindLabels { kind })
                 .set(gauge_value(*count));
         }
+        self.oldest_active
+            .set(gauge_value(snapshot.oldest_active_remediation_s));
         self.power_readings.clear();
         self.rack_paused.clear();
         let guards = snapshot.guards.clone().unwrap_or_default();
@@ -560,8 +572,18 @@ mod tests {
     #[tokio::test]
     async fn render_names_every_family_and_sets_fleet_gauges() {
         let metrics = Metrics::new();
-        metrics.http_request("/ipxe/{uuid}", "GET", 200, std::time::Duration::from_millis(2));
-        metrics.bmc_call("ipmi", "power_state", "ok", Some(std::time::Duration::from_millis(120)));
+        metrics.http_request(
+            "/ipxe/{uuid}",
+            "GET",
+            200,
+            std::time::Duration::from_millis(2),
+        );
+        metrics.bmc_call(
+            "ipmi",
+            "power_state",
+            "ok",
+            Some(std::time::Duration::from_millis(120)),
+        );
         metrics.remediation_finished("automatic", "done", &[("fence", 12.0)]);
         let snapshot = FleetSnapshot {
             nodes: vec![(("ready", "r1".into(), "compute"), 3)],

@@ -158,7 +158,12 @@ async fn a_hung_call_is_cut_at_its_bound_and_names_bmc_and_operation() {
             ..FakeBmc::simple()
         }),
     );
-    let healthy = guards.guard("10.0.0.10:623", "cn0010", "fake", Arc::new(FakeBmc::simple()));
+    let healthy = guards.guard(
+        "10.0.0.10:623",
+        "cn0010",
+        "fake",
+        Arc::new(FakeBmc::simple()),
+    );
     let error = hung.power_off().await.unwrap_err();
     assert!(matches!(error, BmcError::Timeout { .. }), "{error}");
     assert_eq!(error.to_string(), "bmc cn0009: power_off timed out");
@@ -169,8 +174,7 @@ async fn a_hung_call_is_cut_at_its_bound_and_names_bmc_and_operation() {
 #[tokio::test]
 async fn every_guarded_call_is_counted_by_driver_operation_and_outcome() {
     let metrics = Arc::new(bearman::telemetry::Metrics::new());
-    let guards =
-        Guards::new(1, limits(Duration::from_millis(200))).with_metrics(metrics.clone());
+    let guards = Guards::new(1, limits(Duration::from_millis(200))).with_metrics(metrics.clone());
     let hung = guards.guard(
         "10.0.0.11:623",
         "cn0011",
@@ -180,7 +184,12 @@ async fn every_guarded_call_is_counted_by_driver_operation_and_outcome() {
             ..FakeBmc::simple()
         }),
     );
-    let healthy = guards.guard("10.0.0.12:623", "cn0012", "redfish", Arc::new(FakeBmc::simple()));
+    let healthy = guards.guard(
+        "10.0.0.12:623",
+        "cn0012",
+        "redfish",
+        Arc::new(FakeBmc::simple()),
+    );
     hung.power_off().await.unwrap_err();
     healthy.power_state().await.unwrap();
     healthy.power_state().await.unwrap();
@@ -310,7 +319,12 @@ async fn power_off_that_never_reads_back_off_fails_clearly() {
         reads_until_off: u32::MAX,
         ..FakeBmc::simple()
     });
-    let bmc = guards.guard("10.0.0.3:623", "cn0003 at 10.0.0.3:623", "fake", fake.clone());
+    let bmc = guards.guard(
+        "10.0.0.3:623",
+        "cn0003 at 10.0.0.3:623",
+        "fake",
+        fake.clone(),
+    );
     let error = bmc
         .power_off_verified(4, Duration::from_millis(1))
         .await

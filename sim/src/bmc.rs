@@ -273,6 +273,8 @@ impl bearman::bmc::BmcProvider for SimBmcs {
             node_index: index,
             timeout: self.timeout,
         });
-        Ok(std::sync::Arc::new(self.guards.guard(&name, &name, "sim", driver)))
+        Ok(std::sync::Arc::new(
+            self.guards.guard(&name, &name, "sim", driver),
+        ))
     }
 }

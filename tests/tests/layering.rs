@@ -20,14 +20,30 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("app", &["core", "store", "runtime", "telemetry"]),
     (
         "controller",
-        &["app", "core", "store", "bmc", "cloud", "runtime", "telemetry"],
+        &[
+            "app",
+            "core",
+            "store",
+            "bmc",
+            "cloud",
+            "runtime",
+            "telemetry",
+        ],
     ),
     // The network edge: connections, timeouts, rate limits, TLS; below the HTTP
     // application, above nothing but the pure core.
     ("edge", &["core"]),
     (
         "api",
-        &["app", "core", "store", "runtime", "images", "edge", "telemetry"],
+        &[
+            "app",
+            "core",
+            "store",
+            "runtime",
+            "images",
+            "edge",
+            "telemetry",
+        ],
     ),
     (
         "server",

@@ -38,7 +38,10 @@ async fn metrics_need_a_viewer_token_and_speak_openmetrics() {
     );
     let body = text(&viewer);
     assert!(body.ends_with("# EOF\n"), "{body}");
-    assert!(body.contains("# TYPE bearman_http_requests counter"), "{body}");
+    assert!(
+        body.contains("# TYPE bearman_http_requests counter"),
+        "{body}"
+    );
     assert!(body.contains("bearman_build_info{version=\""), "{body}");
     // The daemon in this harness runs no controller: it says so.
     assert!(body.contains("bearman_controller_up 0"), "{body}");
@@ -131,8 +134,14 @@ fn route_labels_are_templates_from_a_fixed_set() {
         ),
         ("/images/hv/vmlinuz", "/images/{path}"),
         ("/api/v1/nodes", "/api/v1/nodes"),
-        ("/api/v1/nodes/anything/maintenance", "/api/v1/nodes/{uuid}/maintenance"),
-        ("/api/v1/remediations/17/cancel", "/api/v1/remediations/{id}/cancel"),
+        (
+            "/api/v1/nodes/anything/maintenance",
+            "/api/v1/nodes/{uuid}/maintenance",
+        ),
+        (
+            "/api/v1/remediations/17/cancel",
+            "/api/v1/remediations/{id}/cancel",
+        ),
         ("/metrics", "/metrics"),
         ("/healthz", "/healthz"),
         ("/ipxe//heartbeat", "other"),

@@ -47,12 +47,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         Err(error) => return error.into_response(),
     };
     let body = state.app.metrics.render(&snapshot).await;
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        body,
-    )
-        .into_response()
+    (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response()
 }
 
 async fn fleet_snapshot(state: &AppState) -> Result<FleetSnapshot, ApiError> {
@@ -72,18 +67,18 @@ async fn fleet_snapshot(state: &AppState) -> Result<FleetSnapshot, ApiError> {
             )
         })
         .collect();
+    let now_ms = state.app.now_ms();
     let mut active = std::collections::BTreeMap::<&'static str, u64>::new();
+    let mut oldest_created_ms = now_ms;
     for remediation in state
         .store
         .remediation_list(true, None, ACTIVE_REMEDIATIONS_READ_MAX)
         .await?
     {
         *active.entry(remediation.kind.as_str()).or_default() += 1;
+        oldest_created_ms = oldest_created_ms.min(remediation.created_at_ms);
     }
-    let leader = !matches!(
-        state.app.leader.acting(state.app.now_ms()),
-        Acting::Standby
-    );
+    let leader = !matches!(state.app.leader.acting(now_ms), Acting::Standby);
     // A standby's board is stale (its controller stood down): only the acting
     // replica reports the guards.
     let guards = state
@@ -108,6 +103,8 @@ async fn fleet_snapshot(state: &AppState) -> Result<FleetSnapshot, ApiError> {
     Ok(FleetSnapshot {
         nodes,
         remediations_active: active.into_iter().collect(),
+        oldest_active_remediation_s: u64::try_from((now_ms - oldest_created_ms) / 1000)
+            .unwrap_or(0),
         guards,
         controller_up: state.app.guards.liveness().is_running(),
         leader,

@@ -224,7 +224,7 @@ impl App {
                     return Ok(Recorded::Written(OutcomeWrite {
                         remediation: stored,
                         ..write
-                    }))
+                    }));
                 }
                 // The node changed between our read and write (a heartbeat that moved
                 // it, an operator): decide again with the fresh copy.

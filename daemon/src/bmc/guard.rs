@@ -215,10 +215,10 @@ impl GuardedBmc {
         let _permit = permit
             .inspect_err(|_| self.count(operation, "not_started", None))
             .map_err(|_| BmcError::Failed {
-            bmc: self.name.clone(),
-            operation,
-            detail: "not started: BMC calls are shutting down".into(),
-        })?;
+                bmc: self.name.clone(),
+                operation,
+                detail: "not started: BMC calls are shutting down".into(),
+            })?;
         if !MAY_SEND.try_with(|may_send| may_send()).unwrap_or(true) {
             self.count(operation, "not_sent", None);
             return Err(BmcError::Failed {

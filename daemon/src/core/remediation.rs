@@ -460,7 +460,9 @@ impl Remediation {
     /// for one that brought its node back to Ready) and [`PHASE_TOTAL`]. Empty while it
     /// is active.
     pub fn phase_durations_ms(&self) -> Vec<(&'static str, i64)> {
-        let Some(finished) = self.finished_at_ms.filter(|_| self.status != Status::Active)
+        let Some(finished) = self
+            .finished_at_ms
+            .filter(|_| self.status != Status::Active)
         else {
             return Vec::new();
         };
@@ -780,7 +782,13 @@ mod tests {
         use RemediationKind::*;
         use Status::*;
         let check = |r: Remediation, expect: &[(&str, i64)]| {
-            assert_eq!(r.phase_durations_ms(), expect, "{:?} {:?}", r.kind, r.status)
+            assert_eq!(
+                r.phase_durations_ms(),
+                expect,
+                "{:?} {:?}",
+                r.kind,
+                r.status
+            )
         };
         // Still active: nothing observed yet.
         check(timed(Automatic, Active, Some(5_000), None, None), &[]);
