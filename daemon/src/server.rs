@@ -101,7 +101,14 @@ pub struct DaemonParts {
     /// What `GET /metrics` reports; the BMC provider records its calls in the same one
     /// (`DriverBmcs::with_metrics`).
     pub metrics: Arc<crate::telemetry::Metrics>,
+    /// Shown the assembled application once, before serving: how a watcher outside the
+    /// daemon (the simulator's `--serve` window) gets at its guard board, leader board and
+    /// metrics. It must only keep what it is given; `None` in production.
+    pub observer: Option<DaemonObserver>,
 }
+
+/// See [`DaemonParts::observer`].
+pub type DaemonObserver = Arc<dyn Fn(&crate::app::App) + Send + Sync>;
 
 /// Who this replica is in the cluster, and the lease settings.
 #[derive(Clone, Debug)]
@@ -165,6 +172,9 @@ where
     state.app = state.app.with_power_switch(Arc::new(
         crate::controller::operator_power::OperatorPower::new(parts.bmcs.clone(), readback),
     ));
+    if let Some(observer) = &parts.observer {
+        observer(&state.app);
+    }
     // Reported, never fatal: the daemon serves with them, an operator decides.
     if let Err(error) = state.app.report_orphan_addresses().await {
         tracing::warn!(%error, "start-up check for orphan address allocations failed");

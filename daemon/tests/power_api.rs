@@ -154,6 +154,7 @@ async fn start(bmc: Arc<FakeBmc>) -> Daemon {
         remediation,
         cluster: None,
         metrics: Arc::default(),
+        observer: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();

@@ -21,3 +21,4 @@ pub mod rng;
 pub mod run;
 pub mod scenario;
 pub mod trace;
+pub mod watch;

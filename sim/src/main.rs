@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use bearman_sim::report;
-use bearman_sim::run::{run, RunOptions};
+use bearman_sim::run::{run_watched, RunOptions};
 use bearman_sim::scenario::Scenario;
 use clap::{Parser, Subcommand};
 
@@ -49,7 +49,69 @@ enum Command {
         /// Only the summary line per seed
         #[arg(long)]
         quiet: bool,
+        /// Serve the simulated daemon's /metrics on ADDR (e.g. 127.0.0.1:9464) while the
+        /// scenario runs, for Prometheus or a browser; `?daemon=NAME` picks a replica
+        /// (default: the one leading). Read-only: a watched run replays byte for byte
+        #[arg(long, value_name = "ADDR")]
+        serve: Option<std::net::SocketAddr>,
+        /// Virtual seconds per wall-clock second (1 = real time, 0.5 = slowed down, 0 =
+        /// as fast as it goes). Default: 1 with --serve, else 0
+        #[arg(long, value_name = "RATIO")]
+        pace: Option<f64>,
     },
+}
+
+/// The `--serve` window: a plain HTTP server on its own thread, outside the simulation,
+/// answering from `watch` (see `bearman_sim::watch` for why that keeps the run the same).
+fn serve_window(
+    address: std::net::SocketAddr,
+    watch: bearman_sim::watch::Watch,
+) -> anyhow::Result<()> {
+    use axum::extract::{Query, State};
+    use axum::response::IntoResponse;
+    let listener = std::net::TcpListener::bind(address)
+        .with_context(|| format!("--serve {address}: cannot listen there"))?;
+    listener.set_nonblocking(true)?;
+    std::thread::Builder::new()
+        .name("sim-window".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("the window's runtime");
+            runtime.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).expect("the window's listener");
+                async fn metrics(
+                    State(watch): State<bearman_sim::watch::Watch>,
+                    Query(query): Query<std::collections::BTreeMap<String, String>>,
+                ) -> axum::response::Response {
+                    let (status, body) = watch.metrics(query.get("daemon").map(String::as_str)).await;
+                    (
+                        axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::OK),
+                        [(axum::http::header::CONTENT_TYPE, bearman::telemetry::CONTENT_TYPE)],
+                        body,
+                    )
+                        .into_response()
+                }
+                async fn index(State(watch): State<bearman_sim::watch::Watch>) -> String {
+                    let virtual_s = (watch.now_ms() - bearman_sim::run::EPOCH_MS).max(0) / 1000;
+                    format!(
+                        "bearman-sim: {} at t={virtual_s} s (virtual)\ndaemons: {}\n/metrics (?daemon=NAME)\n",
+                        watch.title(),
+                        watch.daemons().join(", ")
+                    )
+                }
+                let app = axum::Router::new()
+                    .route("/", axum::routing::get(index))
+                    .route("/metrics", axum::routing::get(metrics))
+                    .with_state(watch);
+                if let Err(error) = axum::serve(listener, app).await {
+                    eprintln!("bearman-sim: the --serve window stopped: {error}");
+                }
+            });
+        })?;
+    Ok(())
 }
 
 fn parse_seeds(text: &str) -> anyhow::Result<Vec<u64>> {
@@ -90,7 +152,24 @@ fn real_main() -> anyhow::Result<bool> {
         nodes_per_rack,
         trace,
         quiet,
+        serve,
+        pace,
     } = Cli::parse().command;
+    let pace = pace.unwrap_or(if serve.is_some() { 1.0 } else { 0.0 });
+    if !pace.is_finite() || pace < 0.0 {
+        bail!("--pace {pace}: expected a ratio of at least 0 (1 = real time, 0 = unpaced)");
+    }
+    let watch = match serve {
+        Some(address) => {
+            let watch = bearman_sim::watch::Watch::default();
+            serve_window(address, watch.clone())?;
+            eprintln!(
+                "bearman-sim: serving the simulated daemon's metrics at http://{address}/metrics (pace {pace}x real time)"
+            );
+            Some(watch)
+        }
+        None => None,
+    };
     let mut scenario = Scenario::load(&path)?;
     if let Some(nodes) = nodes {
         scenario = scenario.with_nodes(nodes, nodes_per_rack)?;
@@ -121,9 +200,19 @@ fn real_main() -> anyhow::Result<bool> {
             scenario.tick_ms
         );
         let started = Instant::now();
-        let report = run(
+        let mut paced = |virtual_elapsed: std::time::Duration| {
+            if pace > 0.0 {
+                let due = virtual_elapsed.div_f64(pace);
+                if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(ahead);
+                }
+            }
+        };
+        let report = run_watched(
             &scenario,
             &RunOptions { seed: *seed },
+            watch.as_ref(),
+            &mut paced,
             |sample, fraction| {
                 if !quiet {
                     let ready = sample

@@ -480,6 +480,39 @@ pub struct LeaderStrike {
 pub fn run(
     scenario: &Scenario,
     options: &RunOptions,
+    progress: impl FnMut(&Sample, f64),
+) -> anyhow::Result<Report> {
+    run_watched(scenario, options, None, &mut |_| {}, progress)
+}
+
+/// The settings every simulated daemon serves with (and the `--serve` window renders
+/// with).
+pub fn service_config() -> ServiceConfig {
+    ServiceConfig {
+        public_url: node::DAEMON_URL.into(),
+        stage1: Stage1Config::default(),
+        defaults: RegistrationDefaults {
+            role: NodeRole::Compute,
+            flavor: Some("hv".into()),
+        },
+        // The simulated racks are the operator's own machines, as if every one were on
+        // an allow-list.
+        enrollment: bearman::core::enrollment::EnrollmentPolicy::accept_all(),
+        body_limit_bytes: bearman::server::BODY_LIMIT_BYTES_DEFAULT,
+        edge: bearman::edge::EdgeLimits::default(),
+        heartbeat_fresh_ms: 30_000,
+        metrics_public: false,
+    }
+}
+
+/// [`run`], shown to `watch` (see [`crate::watch`]) and calling `on_step` with the
+/// virtual time after every step (the CLI paces a watched run there). Neither feeds
+/// anything into the simulation: a watched run is the same run.
+pub fn run_watched(
+    scenario: &Scenario,
+    options: &RunOptions,
+    watch: Option<&crate::watch::Watch>,
+    on_step: &mut dyn FnMut(Duration),
     mut progress: impl FnMut(&Sample, f64),
 ) -> anyhow::Result<Report> {
     let fixture: RegisterRequest =
@@ -494,6 +527,12 @@ pub fn run(
     lock(&world).place_vms(fleet.vms_per_node);
     let store = Arc::new(MemoryStore::new());
     seed_store(&store);
+    if let Some(watch) = watch {
+        watch.start(
+            format!("{} seed {}", scenario.name, options.seed),
+            store.clone(),
+        );
+    }
 
     let duration = Duration::from_secs(scenario.duration_s);
     let tick = Duration::from_millis(scenario.tick_ms);
@@ -546,11 +585,13 @@ pub fn run(
                 });
         let remediation = scenario.remediation.clone();
         let images = images.clone();
+        let observer = watch.map(|watch| watch.observer(name));
         sim.host(name.as_str(), move || {
             let data = data.clone();
             let membership = membership.clone();
             let remediation = remediation.clone();
             let images = images.clone();
+            let observer = observer.clone();
             async move {
                 let listener = turmoil::net::TcpListener::bind(("0.0.0.0", DAEMON_PORT)).await?;
                 let store: Arc<dyn Store> = match &membership {
@@ -571,21 +612,7 @@ pub fn run(
                     store,
                     clock: Arc::new(SimClock),
                     images,
-                    service: ServiceConfig {
-                        public_url: node::DAEMON_URL.into(),
-                        stage1: Stage1Config::default(),
-                        defaults: RegistrationDefaults {
-                            role: NodeRole::Compute,
-                            flavor: Some("hv".into()),
-                        },
-                        // The simulated racks are the operator's own machines, as if
-                        // every one were on an allow-list.
-                        enrollment: bearman::core::enrollment::EnrollmentPolicy::accept_all(),
-                        body_limit_bytes: bearman::server::BODY_LIMIT_BYTES_DEFAULT,
-                        edge: bearman::edge::EdgeLimits::default(),
-                        heartbeat_fresh_ms: 30_000,
-                        metrics_public: false,
-                    },
+                    service: service_config(),
                     bmcs: Arc::new(
                         bmc::SimBmcs::new(Duration::from_secs(10)).with_metrics(metrics.clone()),
                     ),
@@ -595,6 +622,7 @@ pub fn run(
                     remediation,
                     cluster: membership,
                     metrics,
+                    observer,
                 };
                 bearman::server::run_daemon(
                     net::TurmoilListener(listener),
@@ -860,6 +888,10 @@ pub fn run(
         sim.step()
             .map_err(|error| anyhow::anyhow!("simulation failed at t={}: {error}", seconds(now)))?;
         steps += 1;
+        if let Some(watch) = watch {
+            watch.set_now_ms(EPOCH_MS + sim.elapsed().as_millis() as i64);
+        }
+        on_step(sim.elapsed());
     }
     let end = sim.elapsed();
     checker.check_step(&lock(&world), &store, end);

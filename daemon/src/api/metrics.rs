@@ -40,7 +40,13 @@ pub fn router(state: &AppState) -> axum::Router<AppState> {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let snapshot = match fleet_snapshot(&state).await {
+    render(&state).await
+}
+
+/// The `GET /metrics` answer for `state`: also what the simulator's `--serve` window
+/// answers, over a state that shares the simulated daemon's boards and metrics.
+pub async fn render(state: &AppState) -> Response {
+    let snapshot = match fleet_snapshot(state).await {
         Ok(snapshot) => snapshot,
         // A scrape that cannot read the fleet fails whole, so Prometheus marks the
         // target down (`up == 0`) rather than recording zeros.

@@ -165,6 +165,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 config: config.cluster.clone(),
             }),
         metrics,
+        observer: None,
     };
     if let Some(membership) = &parts.cluster {
         tracing::info!(
