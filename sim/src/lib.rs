@@ -20,5 +20,6 @@ pub mod report;
 pub mod rng;
 pub mod run;
 pub mod scenario;
+pub mod sweep;
 pub mod trace;
 pub mod watch;

@@ -58,7 +58,74 @@ enum Command {
         /// as fast as it goes). Default: 1 with --serve, else 0
         #[arg(long, value_name = "RATIO")]
         pace: Option<f64>,
+        /// Run N seeds at once, one per thread (0: one per core). Each seed is still its
+        /// own deterministic run; reports and the aggregate come out in seed order, the
+        /// same as a serial run's. Progress lines are left out when N > 1
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        jobs: usize,
+        /// Run only shard I of N of the seeds (every Nth seed from the Ith, I counted from
+        /// 0), for a CI matrix or a Kubernetes Indexed Job; merge the shards' --json
+        /// reports with `bearman-sim merge`
+        #[arg(long, value_name = "I/N")]
+        shard: Option<String>,
+        /// Write the sweep's report (every seed's verdict, trace hash and recovery
+        /// figures) as JSON to FILE
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
     },
+    /// Merge the --json reports of shards of one sweep and print its aggregate, as the
+    /// whole sweep run in one place would (exit 1 when a seed failed)
+    Merge {
+        /// The shards' reports
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// Write the merged report as JSON to FILE
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
+}
+
+/// `--shard I/N` → (I, N).
+fn parse_shard(text: &str) -> anyhow::Result<(usize, usize)> {
+    let (index, count) = text
+        .split_once('/')
+        .with_context(|| format!("--shard {text:?}: expected I/N, e.g. 0/4"))?;
+    let index: usize = index
+        .parse()
+        .with_context(|| format!("--shard {text:?}: bad I"))?;
+    let count: usize = count
+        .parse()
+        .with_context(|| format!("--shard {text:?}: bad N"))?;
+    if count == 0 || count > 10_000 || index >= count {
+        bail!("--shard {text:?}: need 0 <= I < N <= 10000");
+    }
+    Ok((index, count))
+}
+
+fn write_json(
+    path: &std::path::Path,
+    report: &bearman_sim::sweep::SweepReport,
+) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(report)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+fn merge_main(reports: Vec<PathBuf>, json: Option<PathBuf>) -> anyhow::Result<bool> {
+    let mut loaded = Vec::new();
+    for path in &reports {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        loaded.push(
+            serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a bearman-sim --json report", path.display()))?,
+        );
+    }
+    let merged = bearman_sim::sweep::merge(loaded)?;
+    print!("{}", bearman_sim::sweep::aggregate_text(&merged));
+    if let Some(path) = json {
+        write_json(&path, &merged)?;
+    }
+    Ok(merged.passed())
 }
 
 /// The `--serve` window: a plain HTTP server on its own thread, outside the simulation,
@@ -144,17 +211,44 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> anyhow::Result<bool> {
-    let Command::Run {
-        scenario: path,
-        seed,
-        seeds,
-        nodes,
-        nodes_per_rack,
-        trace,
-        quiet,
-        serve,
-        pace,
-    } = Cli::parse().command;
+    let (path, seed, seeds, nodes, nodes_per_rack, trace, quiet, serve, pace, jobs, shard, json) =
+        match Cli::parse().command {
+            Command::Merge { reports, json } => return merge_main(reports, json),
+            Command::Run {
+                scenario,
+                seed,
+                seeds,
+                nodes,
+                nodes_per_rack,
+                trace,
+                quiet,
+                serve,
+                pace,
+                jobs,
+                shard,
+                json,
+            } => (
+                scenario,
+                seed,
+                seeds,
+                nodes,
+                nodes_per_rack,
+                trace,
+                quiet,
+                serve,
+                pace,
+                jobs,
+                shard,
+                json,
+            ),
+        };
+    let jobs = match jobs {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n.min(256),
+    };
+    if serve.is_some() && jobs > 1 {
+        bail!("--serve watches one run at a time: leave --jobs at 1");
+    }
     let pace = pace.unwrap_or(if serve.is_some() { 1.0 } else { 0.0 });
     if !pace.is_finite() || pace < 0.0 {
         bail!("--pace {pace}: expected a ratio of at least 0 (1 = real time, 0 = unpaced)");
@@ -183,13 +277,30 @@ fn real_main() -> anyhow::Result<bool> {
             _ => vec![1],
         },
     };
-    let mut all_passed = true;
-    let mut all_recoveries: Vec<bearman_sim::recovery::Recovery> = Vec::new();
-    let mut fences_total = 0usize;
-    let mut all_takeovers: Vec<std::time::Duration> = Vec::new();
-    let mut clustered = false;
-    let mut actions_judged = 0u64;
-    for seed in &seeds {
+    let seeds = match &shard {
+        Some(text) => {
+            let (index, count) = parse_shard(text)?;
+            bearman_sim::sweep::shard(&seeds, index, count)
+        }
+        None => seeds,
+    };
+    if seeds.is_empty() {
+        bail!("no seeds to run in this shard");
+    }
+    let replay_command = |seed: u64| {
+        let mut replay = format!("bearman-sim run {} --seed {seed}", path.display());
+        if let Some(nodes) = nodes {
+            replay.push_str(&format!(" --nodes {nodes}"));
+        }
+        if let Some(per_rack) = nodes_per_rack {
+            replay.push_str(&format!(" --nodes-per-rack {per_rack}"));
+        }
+        replay
+    };
+    // One seed's run, start to end; `show_progress` only when nothing runs beside it.
+    let run_one = |seed: u64,
+                   show_progress: bool|
+     -> anyhow::Result<(bearman_sim::run::Report, std::time::Duration)> {
         eprintln!(
             "bearman-sim: {} seed {seed}: {} nodes ({} racks x {}), {} s virtual, tick {} ms",
             scenario.name,
@@ -210,11 +321,11 @@ fn real_main() -> anyhow::Result<bool> {
         };
         let report = run_watched(
             &scenario,
-            &RunOptions { seed: *seed },
+            &RunOptions { seed },
             watch.as_ref(),
             &mut paced,
             |sample, fraction| {
-                if !quiet {
+                if show_progress && !quiet {
                     let ready = sample
                         .counts
                         .get(&bearman::core::LifecycleState::Ready)
@@ -231,7 +342,14 @@ fn real_main() -> anyhow::Result<bool> {
                 }
             },
         )?;
-        let wall = started.elapsed();
+        Ok((report, started.elapsed()))
+    };
+    // What is printed of one finished seed, in seed order whatever order they finish in.
+    let mut outcomes = Vec::new();
+    let mut finish = |seed: u64,
+                      report: bearman_sim::run::Report,
+                      wall: std::time::Duration|
+     -> anyhow::Result<()> {
         if let Some(trace_path) = &trace {
             let target = if seeds.len() == 1 {
                 trace_path.clone()
@@ -252,94 +370,73 @@ fn real_main() -> anyhow::Result<bool> {
         } else {
             println!("{}", report::render(&report, wall));
         }
-        all_recoveries.extend(report.recoveries.iter().cloned());
-        fences_total += report.fences;
-        all_takeovers.extend(report.takeovers.iter().copied());
-        clustered |= report.lease_terms > 0;
-        actions_judged += report.actions_judged;
         if !report.passed() {
-            all_passed = false;
-            let mut replay = format!("bearman-sim run {} --seed {seed}", path.display());
-            if let Some(nodes) = nodes {
-                replay.push_str(&format!(" --nodes {nodes}"));
-            }
-            if let Some(per_rack) = nodes_per_rack {
-                replay.push_str(&format!(" --nodes-per-rack {per_rack}"));
-            }
             eprintln!(
-                "FAILED: {} seed {seed} (tick {} ms, {} racks x {} nodes). Replay: {replay}",
+                "FAILED: {} seed {seed} (tick {} ms, {} racks x {} nodes). Replay: {}",
                 scenario.name,
                 scenario.tick_ms,
                 scenario.fleet.racks,
-                scenario.fleet.nodes_per_rack
+                scenario.fleet.nodes_per_rack,
+                replay_command(seed)
             );
         }
-    }
-    if seeds.len() > 1 {
-        print_aggregate(&scenario.name, seeds.len(), &all_recoveries, fences_total);
-        if clustered {
-            println!(
-                "  leader lost -> new lease term {}  ({} takeover(s)); {actions_judged} action(s) judged against the lease",
-                distribution(&all_takeovers),
-                all_takeovers.len()
-            );
-        }
-    }
-    Ok(all_passed)
-}
-
-/// "p50 … p99 … max …" of `values` (seconds, one decimal; "-" when empty).
-fn distribution(values: &[std::time::Duration]) -> String {
-    use bearman_sim::recovery::percentile;
-    let fmt = |d: Option<std::time::Duration>| {
-        d.map_or("-".to_string(), |d| format!("{:.1} s", d.as_secs_f64()))
+        outcomes.push(bearman_sim::sweep::SeedOutcome::of(seed, &report, wall));
+        Ok(())
     };
-    format!(
-        "p50 {}  p99 {}  max {}",
-        fmt(percentile(values, 50)),
-        fmt(percentile(values, 99)),
-        fmt(values.iter().max().copied())
-    )
-}
-
-/// Recovery figures over every crashed node of every seed.
-fn print_aggregate(
-    name: &str,
-    runs: usize,
-    recoveries: &[bearman_sim::recovery::Recovery],
-    fences: usize,
-) {
-    println!(
-        "{name}: {runs} seeds, {} crashed node(s), {fences} fence(s) started",
-        recoveries.len()
-    );
-    let show = |label: &str, values: Vec<std::time::Duration>, missing: usize| {
-        if values.is_empty() && missing == 0 {
-            return;
+    if jobs <= 1 {
+        for seed in &seeds {
+            let (report, wall) = run_one(*seed, true)?;
+            finish(*seed, report, wall)?;
         }
-        println!(
-            "  {label:<28} {}{}",
-            distribution(&values),
-            if missing > 0 {
-                format!("  ({missing} never)")
-            } else {
-                String::new()
+    } else {
+        // Workers take the next seed in order; the main thread prints each result once
+        // every seed before it has been printed, so the output is a serial run's.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let (done, results) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            for _ in 0..jobs.min(seeds.len()) {
+                let done = done.clone();
+                let (next, seeds, run_one) = (&next, &seeds, &run_one);
+                scope.spawn(move || loop {
+                    let position = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(seed) = seeds.get(position) else {
+                        return;
+                    };
+                    let result = run_one(*seed, false);
+                    let failed = result.is_err();
+                    if done.send((position, result)).is_err() || failed {
+                        return;
+                    }
+                });
             }
-        );
-    };
-    let split = |f: fn(&bearman_sim::recovery::Recovery) -> Option<std::time::Duration>| {
-        let values: Vec<_> = recoveries.iter().filter_map(f).collect();
-        let missing = recoveries.len() - values.len();
-        (values, missing)
-    };
-    let (v, m) = split(|r| r.detected_after);
-    show("crash -> detected", v, m);
-    let (v, m) = split(|r| r.fenced_after);
-    show("crash -> fence verified", v, m);
-    let (v, m) = split(|r| r.vms_elsewhere_after);
-    show("crash -> VMs running elsewhere", v, m);
-    // A recovery cut short by the node's next crash has no Ready time of its own.
-    let (v, m) = split(|r| r.ready_after);
-    let interrupted = recoveries.iter().filter(|r| r.interrupted()).count();
-    show("crash -> node Ready again", v, m - interrupted);
+            drop(done);
+            let mut waiting = std::collections::BTreeMap::new();
+            let mut printed = 0;
+            for (position, result) in results {
+                waiting.insert(position, result);
+                while let Some(result) = waiting.remove(&printed) {
+                    let (report, wall) = result?;
+                    finish(seeds[printed], report, wall)?;
+                    printed += 1;
+                }
+            }
+            if printed < seeds.len() {
+                bail!("{} seed(s) did not finish", seeds.len() - printed);
+            }
+            Ok(())
+        })?;
+    }
+    let sweep = bearman_sim::sweep::SweepReport::new(
+        &scenario.name,
+        scenario.node_count(),
+        scenario.fleet.racks,
+        outcomes,
+    );
+    if seeds.len() > 1 {
+        print!("{}", bearman_sim::sweep::aggregate_text(&sweep));
+    }
+    if let Some(path) = json {
+        write_json(&path, &sweep)?;
+    }
+    Ok(sweep.passed())
 }

@@ -242,3 +242,25 @@ fn replicas_probes_ports_mounts_and_budget_fit_together() {
     let min_available = budget["spec"]["minAvailable"].as_u64().unwrap();
     assert!(min_available >= 2 && min_available < replicas);
 }
+
+#[test]
+fn the_seed_sweep_job_passes_the_schemas_and_covers_every_shard() {
+    let file = repo().join("deploy/sim-sweep/indexed-job.yaml");
+    let output = validate(std::slice::from_ref(&file));
+    assert!(
+        output.status.success(),
+        "kubernetes-validate:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    // One pod per shard, and the shard count the command names is the Job's.
+    assert!(text.contains("completionMode: Indexed"));
+    assert!(text.contains("completions: 8"));
+    assert!(text.contains("--shard \"${JOB_COMPLETION_INDEX}/8\""));
+    let workflow =
+        std::fs::read_to_string(repo().join("deploy/sim-sweep/github-actions.yml")).unwrap();
+    assert!(workflow.contains("shard: [0, 1, 2, 3]"));
+    assert!(workflow.contains("--shard ${{ matrix.shard }}/4"));
+    assert!(workflow.contains("bearman-sim merge reports/*.json"));
+}
