@@ -160,6 +160,50 @@ async fn a_kept_alive_connection_serves_several_requests_then_is_closed_when_idl
 }
 
 #[tokio::test]
+async fn a_later_head_on_a_kept_alive_connection_has_the_header_bound_not_the_idle_one() {
+    // A long idle bound: the watchdog must still notice the second head's 1 s bound
+    // though nothing wakes it when that head starts (it looks at least every 1 s).
+    let mut edge = limits(64);
+    edge.connections.idle_timeout = Duration::from_secs(30);
+    edge.connections.send_stall_timeout = Duration::from_secs(30);
+    let daemon = daemon_with(edge).await;
+    let mut stream = TcpStream::connect(daemon.address).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("answer")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let trickle = async {
+        for _ in 0..50 {
+            if stream.write_all(b"X").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let started = tokio::time::Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(10), trickle).await;
+    let outcome = read_until_closed(&mut stream, Duration::from_secs(5)).await;
+    assert!(outcome.is_ok(), "the trickled second head was closed");
+    // Far below the 30 s idle bound (the head's bound is 1 s; the margin is for a busy
+    // machine, not a measurement).
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "closed after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn a_body_that_never_arrives_is_refused_and_the_connection_freed() {
     let daemon = daemon_with(limits(64)).await;
     let mut stream = TcpStream::connect(daemon.address).await.unwrap();

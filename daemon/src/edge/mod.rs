@@ -108,9 +108,16 @@ struct ActivityState {
 }
 
 /// Shared between a connection's I/O, its service and its watchdog.
+///
+/// Why the I/O and the requests never wake the watchdog: it re-arms its one timer at
+/// most [`watchdog_horizon`] ahead, and every deadline that an event creates (a head
+/// starting, a request ending, a write finding the peer not reading) lies at least that
+/// far after the event. So a deadline never lands before the timer and is seen when it
+/// fires; a request costs a few field writes under an uncontended lock, not a task
+/// wake and a new timer. Only eviction, which must act now, wakes it.
 struct Activity {
     state: Mutex<ActivityState>,
-    /// Something the deadline depends on changed.
+    /// The accept loop asked this connection to close (eviction).
     wake: Notify,
 }
 
@@ -190,8 +197,6 @@ impl Activity {
         let mut state = self.lock();
         if state.in_flight > 0 && state.send_stalled_since.is_none() {
             state.send_stalled_since = Some(tokio::time::Instant::now());
-            drop(state);
-            self.wake.notify_one();
         }
     }
 
@@ -219,8 +224,12 @@ impl Drop for InFlight {
         state.served += 1;
         state.idle_since = tokio::time::Instant::now();
         state.send_stalled_since = None;
+        // An eviction that found this connection busy closes it now that it is idle.
+        let evicted = state.evict && state.in_flight == 0;
         drop(state);
-        self.0.wake.notify_one();
+        if evicted {
+            self.0.wake.notify_one();
+        }
     }
 }
 
@@ -609,10 +618,12 @@ async fn drive<I, S>(
         .max_buf_size(HEAD_BYTES_MAX)
         .serve_connection(hyper_util::rt::TokioIo::new(io), service);
     tokio::pin!(connection);
+    let horizon = watchdog_horizon(&limits);
+    let check = tokio::time::sleep_until(next_check(&activity, &limits, horizon));
+    tokio::pin!(check);
     let mut stopping = false;
     loop {
-        let deadline = activity.deadline(&limits);
-        let woken = activity.wake.notified();
+        let evicted = activity.wake.notified();
         tokio::select! {
             biased;
             served = connection.as_mut() => {
@@ -625,23 +636,48 @@ async fn drive<I, S>(
                 stopping = true;
                 connection.as_mut().graceful_shutdown();
             }
-            _ = woken => {}
-            _ = sleep_until(deadline.map(|(at, _)| at)) => {
-                if let Some((at, why)) = activity.deadline(&limits) {
-                    if at <= tokio::time::Instant::now() {
-                        tracing::debug!(%peer, reason = ?why, "closing connection");
-                        return;
-                    }
+            _ = evicted => {
+                if expired(&activity, &limits, peer) {
+                    return;
                 }
+            }
+            _ = check.as_mut() => {
+                if expired(&activity, &limits, peer) {
+                    return;
+                }
+                check.as_mut().reset(next_check(&activity, &limits, horizon));
             }
         }
     }
 }
 
-/// Sleeps until `at`, or forever without one.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// How far ahead the watchdog's timer is ever set: the shortest of the phase bounds, so
+/// no deadline an event creates can fall before it (see [`Activity`]).
+fn watchdog_horizon(limits: &ConnectionLimits) -> Duration {
+    limits
+        .header_read_timeout
+        .min(limits.idle_timeout)
+        .min(limits.send_stall_timeout)
+        .max(Duration::from_millis(1))
+}
+
+/// When the watchdog looks next: the connection's deadline, or sooner (`horizon` from
+/// now) so that a deadline created meanwhile is never missed.
+fn next_check(activity: &Activity, limits: &ConnectionLimits, horizon: Duration) -> Instant {
+    let latest = tokio::time::Instant::now() + horizon;
+    match activity.deadline(limits) {
+        Some((at, _)) => at.min(latest),
+        None => latest,
+    }
+}
+
+/// Whether the connection's deadline has passed (logged once, when it has).
+fn expired(activity: &Activity, limits: &ConnectionLimits, peer: SocketAddr) -> bool {
+    match activity.deadline(limits) {
+        Some((at, why)) if at <= tokio::time::Instant::now() => {
+            tracing::debug!(%peer, reason = ?why, "closing connection");
+            true
+        }
+        _ => false,
     }
 }
