@@ -147,6 +147,7 @@ async fn start(bmc: Arc<FakeBmc>) -> Daemon {
             body_limit_bytes: bearman::server::BODY_LIMIT_BYTES_DEFAULT,
             edge: bearman::edge::EdgeLimits::default(),
             heartbeat_fresh_ms: 30_000,
+            dashboard: Default::default(),
         },
         bmcs: Arc::new(OneBmc(bmc)),
         cloud: None,

@@ -582,6 +582,7 @@ pub fn run(
                         body_limit_bytes: bearman::server::BODY_LIMIT_BYTES_DEFAULT,
                         edge: bearman::edge::EdgeLimits::default(),
                         heartbeat_fresh_ms: 30_000,
+                        dashboard: Default::default(),
                     },
                     bmcs: Arc::new(bmc::SimBmcs::new(Duration::from_secs(10))),
                     cloud: Some(Arc::new(cloud::SimCloud {

@@ -102,6 +102,7 @@ impl TestDaemon {
                 body_limit_bytes: options.body_limit_bytes,
                 edge: options.edge,
                 heartbeat_fresh_ms: 30_000,
+                dashboard: Default::default(),
             },
         );
         let mut tokens = Vec::new();

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod auth;
 pub mod boot;
+pub mod dashboard;
 pub mod error;
 pub mod extract;
 
@@ -43,6 +44,8 @@ pub struct ServiceConfig {
     pub edge: crate::edge::EdgeLimits,
     /// A heartbeat younger than this counts as "the node is up" (leaving maintenance).
     pub heartbeat_fresh_ms: TimestampMs,
+    /// Session length and the cookie's `Secure` flag (the admin listener is TLS).
+    pub dashboard: crate::core::session::DashboardSettings,
 }
 
 #[derive(Clone)]
@@ -129,7 +132,9 @@ fn routes(state: AppState, with_admin: bool) -> Router {
     let body_limit = state.config.body_limit_bytes;
     let mut router = Router::new().merge(boot::router());
     if with_admin {
-        router = router.nest("/api/v1", admin::router(state.clone()));
+        router = router
+            .nest("/api/v1", admin::router(state.clone()))
+            .merge(dashboard::router());
     }
     router
         .route("/healthz", axum::routing::get(healthz))

@@ -394,6 +394,10 @@ actions! {
     PoolDelete = "pool_delete",
     TokenCreate = "token_create",
     TokenDelete = "token_delete",
+    /// A dashboard login (a session cookie was issued for a token).
+    SessionOpened = "session_opened",
+    /// A dashboard logout.
+    SessionClosed = "session_closed",
     // What nodes said that was refused or noteworthy.
     IdentityRefused = "identity_refused",
     FirmwareMismatch = "firmware_mismatch",
