@@ -25,7 +25,7 @@ function el(tag, attrs, ...children) {
     else if (key === "class") node.className = value;
     else node.setAttribute(key, value === true ? "" : String(value));
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === undefined || child === null || child === false) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -222,7 +222,10 @@ async function nodePage(uuid) {
   const kv = (id, pairs) => el("dl", { class: "kv", id }, pairs.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v === undefined || v === null || v === "" ? "—" : v)]));
   const hw = node.hardware || {};
   const net = node.network || {};
-  const addresses = Object.entries(net).filter(([, v]) => v && typeof v !== "object").map(([k, v]) => [k, String(v)]);
+  const addresses = Object.entries(net)
+    .map(([k, v]) => [k, Array.isArray(v) ? v.join(", ") : v])
+    .filter(([, v]) => v !== null && v !== undefined && v !== "" && typeof v !== "object")
+    .map(([k, v]) => [k, String(v)]);
   const actions = el("div", { class: "actions", id: "node-actions" });
   if (may("operator")) {
     if (node.state === "maintenance") {
@@ -286,7 +289,7 @@ function remediationTimelines(list) {
 function eventRows(list) {
   return list.map(e => el("tr", { "data-id": e.id, "data-action": e.action },
     el("td", {}, e.id), el("td", {}, when(e.at_ms)),
-    el("td", { class: "mono" }, e.node_uuid ? el("a", { href: "#/node/" + e.node_uuid }, e.node_uuid.slice(0, 8)) : "—"),
+    el("td", { class: "mono" }, e.node_uuid ? el("a", { href: "#/node/" + e.node_uuid, title: e.node_uuid }, e.node_uuid.slice(0, 8) + "…" + e.node_uuid.slice(-4)) : "—"),
     el("td", {}, e.actor), el("td", {}, e.action),
     el("td", {}, e.from_state && e.to_state ? e.from_state + " → " + e.to_state : ""),
     el("td", {}, e.reason)));
