@@ -612,3 +612,37 @@ async fn fleet_grid_at_ten_thousand_nodes_stays_under_a_megabyte() {
     println!("fleet grid at 10,000 nodes: {bytes} bytes");
     assert!(bytes < 1024 * 1024, "{bytes} bytes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_after_an_id_follow_the_trail_forward_without_gaps() {
+    let daemon = TestDaemon::sqlite(Options::default()).await;
+    let (_, newest) = daemon.admin("GET", "/events?limit=1", None).await;
+    let mark = newest[0]["id"].as_i64().unwrap();
+    for i in 0..5 {
+        let uuid = format!("00000000-0000-4000-8000-00000000000{i}");
+        enroll(&daemon, &uuid, &format!("n{i}"), "r1").await;
+    }
+    let (status, page) = daemon
+        .admin("GET", &format!("/events?after={mark}&limit=2"), None)
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let ids: Vec<i64> = page
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![mark + 2, mark + 1],
+        "the oldest two above, newest first"
+    );
+    let (_, rest) = daemon
+        .admin("GET", &format!("/events?after={}&limit=10", ids[0]), None)
+        .await;
+    assert_eq!(rest.as_array().unwrap().len(), 3, "{rest}");
+    assert_eq!(rest[0]["reason"], "enrolled by operator");
+    let (status, bad) = daemon.admin("GET", "/events?after=soon", None).await;
+    assert_eq!(status, 400, "{bad}");
+    assert!(bad["message"].as_str().unwrap().contains("after"), "{bad}");
+}

@@ -622,6 +622,10 @@ pub struct EventFilter {
     pub node_uuid: Option<NodeUuid>,
     /// Return events with id below this one (newest first, keyset pagination).
     pub before_id: Option<i64>,
+    /// Return only events with id above this one, and of those the `limit` *oldest*
+    /// (still listed newest first): a client following the trail asks again from the
+    /// newest it got until a page comes back short, and misses none.
+    pub after_id: Option<i64>,
     pub limit: usize,
 }
 
