@@ -206,6 +206,7 @@ impl Daemon {
         let filter = EventFilter {
             node_uuid: Some(NodeUuid::parse(UUID).unwrap()),
             before_id: None,
+            after_id: None,
             limit: 100,
         };
         let mut events: Vec<Event> = self
