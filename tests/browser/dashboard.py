@@ -13,7 +13,7 @@ import tempfile
 
 from playwright.sync_api import expect, sync_playwright
 
-TIMEOUT_MS = 15_000
+TIMEOUT_MS = 30_000
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [
     "--headless",
@@ -106,6 +106,10 @@ def operator_session(playwright, config):
     events = context.new_page()
     events.goto(url + "/ui/#/events")
     ready(events, "events")
+    # So must an overview left open.
+    overview = context.new_page()
+    overview.goto(url + "/ui/#/overview")
+    ready(overview, "overview")
 
     # Node list: filter by state and rack.
     page.click("#nav a[data-page=nodes]")
@@ -155,6 +159,11 @@ def operator_session(playwright, config):
     expect(row).to_have_count(1)
     expect(row).to_contain_text("token:operator")
     log("the maintenance event appeared in the live events view")
+    card = '#counts .card[data-state="{}"] .n'
+    expect(overview.locator(card.format("maintenance"))).to_have_text(str(counts["maintenance"] + 1))
+    expect(overview.locator(card.format("ready"))).to_have_text(str(counts["ready"] - 1))
+    log("the open overview's counts followed")
+    overview.close()
     shot(events, config, "events")
 
     # A rebuild through its dialog: the remediation list then shows it.

@@ -100,24 +100,28 @@ async function route() {
 }
 
 // ---- Overview ------------------------------------------------------------------------
-async function overviewPage() {
-  const [summary, grid, guards, active] = await Promise.all([
-    api("GET", "/summary"), api("GET", "/fleet/grid"),
-    api("GET", "/remediation/guards"), api("GET", "/remediations?active=true&limit=50"),
-  ]);
-  gridCache = grid;
-  const cards = el("div", { class: "cards", id: "counts" },
+const OVERVIEW_POLL_MS = 5000;
+// The grid (~65 bytes a node) is re-read every this many polls, the rest every poll.
+const GRID_EVERY_POLLS = 6;
+
+function countCards(summary) {
+  return el("div", { class: "cards", id: "counts" },
     el("div", { class: "card", "data-state": "total" }, el("div", { class: "n" }, summary.total), "total"),
     STATES.map(s => el("div", { class: "card", "data-state": s },
       el("div", { class: "n" }, summary.by_state[s] || 0), badge(s))));
-  const racks = el("div", { id: "racks" }, grid.racks.map(rack =>
+}
+
+function rackGrid(grid) {
+  return el("div", { id: "racks" }, grid.racks.map(rack =>
     el("div", { class: "rack", "data-rack": rack.rack },
       el("div", {}, el("b", {}, rack.rack || "(no rack)"), " · ", rack.nodes.length, " nodes"),
       el("div", { class: "cells" }, rack.nodes.map(([uuid, hostname, state]) =>
         el("a", { class: "cell st-" + state, href: "#/node/" + uuid, title: hostname + " · " + state }))))));
-  const legend = el("div", { class: "legend" }, STATES.map(s => el("span", {}, el("i", { class: "cell st-" + s }), s)));
+}
+
+function guardList(guards) {
   const g = guards.guards;
-  const guardRows = g ? [
+  const rows = g ? [
     ["automatic remediation", g.automatic ? "on" : "off"],
     ["fleet fencing", g.fleet_fencing_stopped ? "STOPPED" : "allowed"],
     ["racks paused", g.racks_paused.length ? g.racks_paused.join(", ") : "none"],
@@ -125,14 +129,40 @@ async function overviewPage() {
     ["remediations active", g.remediations_active + " / " + g.remediations_active_max],
     ["evaluated", when(g.evaluated_at_ms)],
   ] : [["guards", "not published yet"]];
-  guardRows.unshift(["controller", guards.controller_running ? "running" : "DOWN"]);
+  rows.unshift(["controller", guards.controller_running ? "running" : "DOWN"]);
+  return el("dl", { class: "kv", id: "guards" }, rows.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+}
+
+async function overviewPage() {
+  const [summary, grid, guards, active] = await Promise.all([
+    api("GET", "/summary"), api("GET", "/fleet/grid"),
+    api("GET", "/remediation/guards"), api("GET", "/remediations?active=true&limit=50"),
+  ]);
+  gridCache = grid;
+  const legend = el("div", { class: "legend" }, STATES.map(s => el("span", {}, el("i", { class: "cell st-" + s }), s)));
   setPage("Fleet overview",
-    cards,
-    el("h2", {}, "Guards"),
-    el("dl", { class: "kv", id: "guards" }, guardRows.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v)])),
-    el("h2", {}, "Remediations in progress"),
-    remediationTable(active, "active-remediations"),
-    el("h2", {}, "Racks"), legend, racks);
+    countCards(summary),
+    el("h2", {}, "Guards"), guardList(guards),
+    el("h2", {}, "Remediations in progress"), remediationTable(active, "active-remediations"),
+    el("h2", {}, "Racks"), legend, rackGrid(grid));
+  // Kept current while it is shown: detection, fencing and recovery as they happen.
+  let polls = 0;
+  liveTimer = setInterval(async () => {
+    polls += 1;
+    try {
+      const [summary, guards, active] = await Promise.all([
+        api("GET", "/summary"), api("GET", "/remediation/guards"),
+        api("GET", "/remediations?active=true&limit=50"),
+      ]);
+      $("counts").replaceWith(countCards(summary));
+      $("guards").replaceWith(guardList(guards));
+      $("active-remediations").replaceWith(remediationTable(active, "active-remediations"));
+      if (polls % GRID_EVERY_POLLS === 0) {
+        gridCache = await api("GET", "/fleet/grid");
+        $("racks").replaceWith(rackGrid(gridCache));
+      }
+    } catch (_) { /* shown again on the next poll; a 401 already went to the login */ }
+  }, OVERVIEW_POLL_MS);
 }
 
 function remediationTable(list, id) {
