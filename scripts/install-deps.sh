@@ -24,6 +24,8 @@ packages=(
   debootstrap         # the image's Debian rootfs (deploy/container/build-image.sh)
   prometheus          # promtool checks and unit-tests deploy/prometheus/bearman-alerts.yml; a real Prometheus scrapes a daemon in tests/tests/prometheus.rs
   systemd             # systemd-analyze: daemon/tests/deploy_systemd.rs verifies deploy/systemd/bearman.service with it
+  chromium            # the real browser daemon/tests/dashboard_browser.rs drives headless (Playwright cannot download one here)
+  fonts-dejavu-core   # a font for that browser's screenshots of the dashboard (docs/screenshots/)
 )
 
 missing=()
@@ -82,3 +84,8 @@ venv_tool "$repo/.venv-sushy" sushy-tools 2.2.0
 # download at check time), which tests/tests/deploy_kubernetes.rs checks
 # deploy/kubernetes/ against (.venv-k8s/).
 venv_tool "$repo/.venv-k8s" kubernetes-validate 1.37.0
+
+# playwright: drives the Debian chromium above (executable_path=/usr/bin/chromium, never
+# a downloaded browser) in daemon/tests/dashboard_browser.rs through
+# tests/browser/dashboard.py (.venv-browser/).
+venv_tool "$repo/.venv-browser" playwright 1.63.0

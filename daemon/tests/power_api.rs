@@ -147,6 +147,7 @@ async fn start(bmc: Arc<FakeBmc>) -> Daemon {
             body_limit_bytes: bearman::server::BODY_LIMIT_BYTES_DEFAULT,
             edge: bearman::edge::EdgeLimits::default(),
             heartbeat_fresh_ms: 30_000,
+            dashboard: Default::default(),
             metrics_public: false,
         },
         bmcs: Arc::new(OneBmc(bmc)),
@@ -208,6 +209,7 @@ impl Daemon {
         let filter = EventFilter {
             node_uuid: Some(NodeUuid::parse(UUID).unwrap()),
             before_id: None,
+            after_id: None,
             limit: 100,
         };
         let mut events: Vec<Event> = self

@@ -43,8 +43,11 @@ async fn plain(address: SocketAddr, path: &str) -> std::io::Result<http::Respons
     .map_err(std::io::Error::other)
 }
 
-/// The leaf certificate the daemon presents on `address`, verified against `ca_pem`.
-async fn served_leaf(address: SocketAddr, ca_pem: &str) -> Vec<u8> {
+/// A TLS connection to `address`, its certificate verified against `ca_pem`.
+async fn tls_connect(
+    address: SocketAddr,
+    ca_pem: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -60,11 +63,36 @@ async fn served_leaf(address: SocketAddr, ca_pem: &str) -> Vec<u8> {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = tokio::time::timeout(BOUND, connector.connect(name, tcp))
+    tokio::time::timeout(BOUND, connector.connect(name, tcp))
         .await
         .expect("handshake within the bound")
-        .expect("handshake verified against the test CA");
+        .expect("handshake verified against the test CA")
+}
+
+/// The leaf certificate the daemon presents on `address`, verified against `ca_pem`.
+async fn served_leaf(address: SocketAddr, ca_pem: &str) -> Vec<u8> {
+    let tls = tls_connect(address, ca_pem).await;
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// A dashboard login over HTTPS.
+async fn tls_login(address: SocketAddr, ca_pem: &str, secret: &str) -> http::Response {
+    let mut tls = tls_connect(address, ca_pem).await;
+    let body = format!("{{\"token\":\"{secret}\"}}");
+    tokio::time::timeout(
+        BOUND,
+        http::send(
+            &mut tls,
+            "POST",
+            &address.to_string(),
+            "/ui/login",
+            &[("Content-Type", "application/json")],
+            Some(body.as_bytes()),
+        ),
+    )
+    .await
+    .expect("an answer within the bound")
+    .expect("http exchange")
 }
 
 fn der_of(pem: &str) -> Vec<u8> {
@@ -177,6 +205,20 @@ async fn tls_admin_listener_plain_boot_listener_and_certificate_reload_on_sighup
     // The admin API is not there: no token is answered in clear text.
     let admin_on_boot = plain(boot, "/api/v1/nodes").await.unwrap();
     assert_eq!(admin_on_boot.status, 404, "{}", admin_on_boot.text());
+    // Nor is the dashboard: its login takes a token.
+    for path in ["/ui/", "/ui/app.js", "/ui/session", "/"] {
+        let dashboard_on_boot = plain(boot, path).await.unwrap();
+        assert_eq!(dashboard_on_boot.status, 404, "{path} on the boot listener");
+    }
+    // On the TLS admin listener the session cookie is Secure.
+    let login = tls_login(admin, &ca.pem, &secret).await;
+    assert_eq!(login.status, 200, "{}", login.text());
+    let cookie = login.header("set-cookie").expect("a session cookie");
+    assert!(
+        cookie.split("; ").any(|attribute| attribute == "Secure"),
+        "{cookie}"
+    );
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
 
     // The admin API over HTTPS, through the CLI.
     let cli = |extra: &[&str]| {

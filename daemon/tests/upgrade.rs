@@ -144,6 +144,7 @@ async fn every_row_reads_back(store: &dyn Store) {
         .event_list(&EventFilter {
             node_uuid: None,
             before_id: None,
+            after_id: None,
             limit: 100,
         })
         .await

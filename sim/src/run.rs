@@ -502,6 +502,7 @@ pub fn service_config() -> ServiceConfig {
         edge: bearman::edge::EdgeLimits::default(),
         heartbeat_fresh_ms: 30_000,
         metrics_public: false,
+        dashboard: Default::default(),
     }
 }
 

@@ -42,8 +42,30 @@ pub struct Options {
     /// Connection bounds and rate limits: the production defaults unless a test is
     /// about them.
     pub edge: bearman::edge::EdgeLimits,
+    /// The daemon's wall clock: the system's, unless a test moves time ([`OffsetClock`]).
+    pub clock: Arc<dyn bearman::runtime::Clock>,
     /// `GET /metrics` without a token (`[metrics] public`).
     pub metrics_public: bool,
+}
+
+/// The system clock plus an offset a test moves forward, so expiry is tested without
+/// waiting (the daemon's clock seam; timers are unaffected).
+#[derive(Default)]
+pub struct OffsetClock {
+    offset_ms: std::sync::atomic::AtomicI64,
+}
+
+impl OffsetClock {
+    pub fn advance(&self, ms: i64) {
+        self.offset_ms
+            .fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl bearman::runtime::Clock for OffsetClock {
+    fn now_ms(&self) -> bearman::core::model::TimestampMs {
+        SystemClock.now_ms() + self.offset_ms.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl Default for Options {
@@ -53,6 +75,7 @@ impl Default for Options {
             body_limit_bytes: bearman::api::BODY_LIMIT_BYTES_DEFAULT,
             enrollment: bearman::core::enrollment::EnrollmentPolicy::accept_all(),
             edge: bearman::edge::EdgeLimits::default(),
+            clock: Arc::new(SystemClock),
             metrics_public: false,
         }
     }
@@ -92,7 +115,7 @@ impl TestDaemon {
         let images = Arc::new(MemoryImages::default());
         let state = AppState::new(
             store.clone(),
-            Arc::new(SystemClock),
+            options.clock,
             images.clone(),
             ServiceConfig {
                 public_url: PUBLIC_URL.into(),
@@ -105,6 +128,7 @@ impl TestDaemon {
                 body_limit_bytes: options.body_limit_bytes,
                 edge: options.edge,
                 heartbeat_fresh_ms: 30_000,
+                dashboard: Default::default(),
                 metrics_public: options.metrics_public,
             },
         );

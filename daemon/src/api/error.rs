@@ -196,7 +196,10 @@ impl From<AppError> for ApiError {
                 "power_unavailable",
                 message,
             ),
-            AppError::TokenInvalid | AppError::TokenExpired { .. } => {
+            AppError::TokenInvalid
+            | AppError::TokenExpired { .. }
+            | AppError::SessionInvalid
+            | AppError::SessionExpired => {
                 ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
             }
             AppError::RandomSource(_) => ApiError::internal(message),

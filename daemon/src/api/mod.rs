@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod auth;
 pub mod boot;
+pub mod dashboard;
 pub mod error;
 pub mod extract;
 pub mod metrics;
@@ -44,6 +45,8 @@ pub struct ServiceConfig {
     pub edge: crate::edge::EdgeLimits,
     /// A heartbeat younger than this counts as "the node is up" (leaving maintenance).
     pub heartbeat_fresh_ms: TimestampMs,
+    /// Session length and the cookie's `Secure` flag (the admin listener is TLS).
+    pub dashboard: crate::core::session::DashboardSettings,
     /// `GET /metrics` without a token (`[metrics] public`); otherwise role viewer.
     pub metrics_public: bool,
 }
@@ -134,6 +137,7 @@ fn routes(state: AppState, with_admin: bool) -> Router {
     if with_admin {
         router = router
             .nest("/api/v1", admin::router(state.clone()))
+            .merge(dashboard::router())
             .merge(metrics::router(&state));
     }
     router

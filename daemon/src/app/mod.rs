@@ -16,6 +16,7 @@ pub mod power;
 pub mod registration;
 pub mod remediation;
 pub mod saga;
+pub mod sessions;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -210,6 +211,10 @@ pub enum AppError {
     TokenInvalid,
     #[error("token {name} expired at {expired_at_ms} ms since the epoch; create a new one")]
     TokenExpired { name: String, expired_at_ms: i64 },
+    #[error("invalid session or its token was revoked; log in again")]
+    SessionInvalid,
+    #[error("session expired; log in again")]
+    SessionExpired,
     #[error("the operating system's random generator failed: {0}")]
     RandomSource(std::io::Error),
     #[error(transparent)]

@@ -44,6 +44,8 @@ pub struct FileConfig {
     pub http: Option<HttpFile>,
     /// TLS on the admin listener, and the plain-HTTP listener the boot protocol moves to.
     pub tls: Option<TlsFile>,
+    /// The web dashboard's sessions.
+    pub dashboard: Option<bearman::core::session::DashboardConfig>,
     /// `GET /metrics`.
     pub metrics: Option<MetricsFile>,
 }
@@ -235,6 +237,7 @@ pub struct ServeConfig {
     pub enrollment: bearman::core::enrollment::EnrollmentPolicy,
     pub edge: bearman::edge::EdgeLimits,
     pub tls: Option<TlsConfig>,
+    pub dashboard: bearman::core::session::DashboardConfig,
     /// `GET /metrics` without a token.
     pub metrics_public: bool,
 }
@@ -384,6 +387,10 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
     )
     .map_err(|problem| anyhow!("[enrollment] {problem}"))?;
     let edge = file.http.unwrap_or_default().resolve()?;
+    let dashboard = file.dashboard.unwrap_or_default();
+    if let Err(problem) = dashboard.validate() {
+        bail!("[dashboard] {problem}");
+    }
     Ok(ServeConfig {
         listen,
         public_url,
@@ -403,6 +410,7 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
         enrollment,
         edge,
         tls,
+        dashboard,
         metrics_public: file.metrics.unwrap_or_default().public,
     })
 }
@@ -556,6 +564,26 @@ mod tests {
         let error = resolve(Overrides::default(), file).unwrap_err().to_string();
         assert!(
             error.contains("[pxe] pxe.server_address is required"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn dashboard_sessions_default_to_eight_hours_and_are_bounded() {
+        let config = resolve(Overrides::default(), FileConfig::default()).unwrap();
+        assert_eq!(config.dashboard.session_max_s, 8 * 3600);
+        let file: FileConfig = toml::from_str("[dashboard]\nsession_max_s = 600\n").unwrap();
+        assert_eq!(
+            resolve(Overrides::default(), file)
+                .unwrap()
+                .dashboard
+                .session_max_s,
+            600
+        );
+        let file: FileConfig = toml::from_str("[dashboard]\nsession_max_s = 86400\n").unwrap();
+        let error = resolve(Overrides::default(), file).unwrap_err().to_string();
+        assert!(
+            error.contains("[dashboard] dashboard.session_max_s 86400"),
             "{error}"
         );
     }

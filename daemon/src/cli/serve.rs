@@ -142,6 +142,12 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 ..config.edge
             },
             heartbeat_fresh_ms: config.heartbeat_fresh_s as i64 * 1000,
+            dashboard: bearman::core::session::DashboardSettings {
+                session_max_s: config.dashboard.session_max_s,
+                // The cookie crosses only the listener the dashboard is on: the admin
+                // one, which is TLS exactly when [tls] is set.
+                secure_cookie: config.tls.is_some(),
+            },
             metrics_public: config.metrics_public,
         },
         bmcs: Arc::new(bmcs),

@@ -20,6 +20,7 @@ pub mod rate_limit;
 pub mod registration;
 pub mod remediation;
 pub mod secret;
+pub mod session;
 pub mod validate;
 
 pub use lifecycle::{LifecycleEvent, LifecycleState};

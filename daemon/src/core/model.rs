@@ -394,6 +394,10 @@ actions! {
     PoolDelete = "pool_delete",
     TokenCreate = "token_create",
     TokenDelete = "token_delete",
+    /// A dashboard login (a session cookie was issued for a token).
+    SessionOpened = "session_opened",
+    /// A dashboard logout.
+    SessionClosed = "session_closed",
     // What nodes said that was refused or noteworthy.
     IdentityRefused = "identity_refused",
     FirmwareMismatch = "firmware_mismatch",
@@ -618,6 +622,10 @@ pub struct EventFilter {
     pub node_uuid: Option<NodeUuid>,
     /// Return events with id below this one (newest first, keyset pagination).
     pub before_id: Option<i64>,
+    /// Return only events with id above this one, and of those the `limit` *oldest*
+    /// (still listed newest first): a client following the trail asks again from the
+    /// newest it got until a page comes back short, and misses none.
+    pub after_id: Option<i64>,
     pub limit: usize,
 }
 

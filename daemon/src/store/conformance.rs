@@ -557,12 +557,33 @@ async fn events_page_newest_first(store: &dyn Store) {
     let second = store
         .event_list(&EventFilter {
             before_id: Some(first[2].id),
-            ..filter
+            ..filter.clone()
         })
         .await
         .unwrap();
     let reasons: Vec<&str> = second.iter().map(|e| e.reason.as_str()).collect();
     assert_eq!(reasons, vec!["event 1", "event 0"]);
+    // Following the trail forward: the oldest above `after_id`, newest first.
+    let newer = |after_id, limit| EventFilter {
+        after_id: Some(after_id),
+        limit,
+        ..filter.clone()
+    };
+    let next = store.event_list(&newer(second[1].id, 2)).await.unwrap();
+    let reasons: Vec<&str> = next.iter().map(|e| e.reason.as_str()).collect();
+    assert_eq!(reasons, vec!["event 2", "event 1"]);
+    let rest = store.event_list(&newer(next[0].id, 10)).await.unwrap();
+    let reasons: Vec<&str> = rest.iter().map(|e| e.reason.as_str()).collect();
+    assert_eq!(
+        reasons,
+        vec!["event 4", "event 3"],
+        "nothing skipped, nothing twice"
+    );
+    assert!(store
+        .event_list(&newer(rest[0].id, 10))
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(second[0].actor, "test");
     assert_eq!(second[0].node_uuid.as_ref(), Some(&uuid));
 }

@@ -616,18 +616,33 @@ impl Store for MemoryStore {
 
     async fn event_list(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
         let state = self.lock();
+        let matches = |e: &&Event| {
+            filter.before_id.is_none_or(|before| e.id < before)
+                && filter.after_id.is_none_or(|after| e.id > after)
+                && filter
+                    .node_uuid
+                    .as_ref()
+                    .is_none_or(|u| e.node_uuid.as_ref() == Some(u))
+        };
+        let limit = clamp_limit(filter.limit);
+        if filter.after_id.is_some() {
+            // The oldest above `after_id`, listed newest first like every page.
+            let mut oldest: Vec<Event> = state
+                .events
+                .iter()
+                .filter(matches)
+                .take(limit)
+                .cloned()
+                .collect();
+            oldest.reverse();
+            return Ok(oldest);
+        }
         Ok(state
             .events
             .iter()
             .rev()
-            .filter(|e| filter.before_id.is_none_or(|before| e.id < before))
-            .filter(|e| {
-                filter
-                    .node_uuid
-                    .as_ref()
-                    .is_none_or(|u| e.node_uuid.as_ref() == Some(u))
-            })
-            .take(clamp_limit(filter.limit))
+            .filter(matches)
+            .take(limit)
             .cloned()
             .collect())
     }

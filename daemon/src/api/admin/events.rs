@@ -1,4 +1,5 @@
-//! The audit trail, newest first.
+//! The audit trail, newest first; `before` pages back, `after` follows it forward (the
+//! dashboard's live view).
 
 use axum::extract::State;
 use axum::Json;
@@ -13,7 +14,7 @@ pub(super) async fn event_list(
     State(state): State<AppState>,
     query: QueryParams,
 ) -> Result<Json<Vec<Event>>, ApiError> {
-    query.allow_only(&["node", "limit", "before"])?;
+    query.allow_only(&["node", "limit", "before", "after"])?;
     let node_uuid = query
         .get("node")
         .map(|text| {
@@ -25,6 +26,7 @@ pub(super) async fn event_list(
     let filter = EventFilter {
         node_uuid,
         before_id: query.parse("before")?,
+        after_id: query.parse("after")?,
         limit: query.parse::<usize>("limit")?.unwrap_or(100),
     };
     Ok(Json(state.store.event_list(&filter).await?))

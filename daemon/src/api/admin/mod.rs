@@ -1,5 +1,5 @@
 //! The admin API under `/api/v1`, one file per resource: nodes (and their lifecycle
-//! actions), remediations, flavors, IP pools, events, tokens, the cluster.
+//! actions), remediations, flavors, IP pools, events, tokens, the cluster, the fleet grid.
 //!
 //! Every route is declared once in [`routes`] together with the least role it needs; the
 //! router is built from that table, so no route can exist without an authorization check,
@@ -9,6 +9,7 @@
 mod cluster;
 mod events;
 mod flavors;
+mod fleet;
 mod nodes;
 mod pools;
 mod remediations;
@@ -28,6 +29,7 @@ use crate::core::validate;
 use cluster::*;
 use events::*;
 use flavors::*;
+use fleet::*;
 use nodes::*;
 use pools::*;
 use remediations::*;
@@ -50,6 +52,7 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
     vec![
         (spec(Method::GET, "/whoami", Viewer), get(whoami)),
         (spec(Method::GET, "/summary", Viewer), get(summary)),
+        (spec(Method::GET, "/fleet/grid", Viewer), get(fleet_grid)),
         (spec(Method::GET, "/nodes", Viewer), get(node_list)),
         (spec(Method::POST, "/nodes", Admin), post(node_enroll)),
         (spec(Method::GET, "/nodes/{uuid}", Viewer), get(node_show)),

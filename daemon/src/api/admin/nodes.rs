@@ -169,6 +169,7 @@ pub(super) async fn node_events(
     let filter = EventFilter {
         node_uuid: Some(uuid),
         before_id: query.parse("before")?,
+        after_id: None,
         limit: query.parse::<usize>("limit")?.unwrap_or(100),
     };
     Ok(Json(state.store.event_list(&filter).await?))

@@ -62,8 +62,14 @@ pub(super) async fn append(store: &SqlStore, events: &[NewEvent]) -> Result<(), 
 }
 
 pub(super) async fn list(store: &SqlStore, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
+    // With `after_id`, the oldest events above it (then reversed to newest first).
+    let order = if filter.after_id.is_some() {
+        "ASC"
+    } else {
+        "DESC"
+    };
     let rows = sqlx::query(&format!(
-        "SELECT {EVENT_COLUMNS} FROM events WHERE ($1 = '' OR node_uuid = $1) AND id < $2 ORDER BY id DESC LIMIT {}",
+        "SELECT {EVENT_COLUMNS} FROM events WHERE ($1 = '' OR node_uuid = $1) AND id < $2 AND id > $3 ORDER BY id {order} LIMIT {}",
         clamp_limit(filter.limit)
     ))
     .bind(
@@ -74,8 +80,16 @@ pub(super) async fn list(store: &SqlStore, filter: &EventFilter) -> Result<Vec<E
             .unwrap_or_default(),
     )
     .bind(filter.before_id.unwrap_or(i64::MAX))
+    .bind(filter.after_id.unwrap_or(i64::MIN))
     .fetch_all(&store.pool)
     .await
     .map_err(backend_error)?;
-    rows.iter().map(event_from_row).collect()
+    let mut events = rows
+        .iter()
+        .map(event_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    if filter.after_id.is_some() {
+        events.reverse();
+    }
+    Ok(events)
 }
