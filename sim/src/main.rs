@@ -49,9 +49,10 @@ enum Command {
         /// Only the summary line per seed
         #[arg(long)]
         quiet: bool,
-        /// Serve the simulated daemon's /metrics on ADDR (e.g. 127.0.0.1:9464) while the
-        /// scenario runs, for Prometheus or a browser; `?daemon=NAME` picks a replica
-        /// (default: the one leading). Read-only: a watched run replays byte for byte
+        /// Serve the simulated daemon's dashboard (/ui/, read-only) and /metrics on ADDR
+        /// (e.g. 127.0.0.1:9464) while the scenario runs; `/metrics?daemon=NAME` picks a
+        /// replica (default: the one leading). Read-only: a watched run replays byte for
+        /// byte
         #[arg(long, value_name = "ADDR")]
         serve: Option<std::net::SocketAddr>,
         /// Virtual seconds per wall-clock second (1 = real time, 0.5 = slowed down, 0 =
@@ -164,14 +165,21 @@ fn serve_window(
                 async fn index(State(watch): State<bearman_sim::watch::Watch>) -> String {
                     let virtual_s = (watch.now_ms() - bearman_sim::run::EPOCH_MS).max(0) / 1000;
                     format!(
-                        "bearman-sim: {} at t={virtual_s} s (virtual)\ndaemons: {}\n/metrics (?daemon=NAME)\n",
+                        "bearman-sim: {} at t={virtual_s} s (virtual)\ndaemons: {}\n/ui/ the dashboard (read-only), /metrics (?daemon=NAME)\n",
                         watch.title(),
                         watch.daemons().join(", ")
                     )
                 }
+                async fn dashboard(
+                    State(watch): State<bearman_sim::watch::Watch>,
+                    request: axum::extract::Request,
+                ) -> axum::response::Response {
+                    watch.dashboard(request).await
+                }
                 let app = axum::Router::new()
-                    .route("/", axum::routing::get(index))
+                    .route("/status", axum::routing::get(index))
                     .route("/metrics", axum::routing::get(metrics))
+                    .fallback(dashboard)
                     .with_state(watch);
                 if let Err(error) = axum::serve(listener, app).await {
                     eprintln!("bearman-sim: the --serve window stopped: {error}");
@@ -258,7 +266,7 @@ fn real_main() -> anyhow::Result<bool> {
             let watch = bearman_sim::watch::Watch::default();
             serve_window(address, watch.clone())?;
             eprintln!(
-                "bearman-sim: serving the simulated daemon's metrics at http://{address}/metrics (pace {pace}x real time)"
+                "bearman-sim: watching at http://{address}/ui/ (dashboard, read-only) and http://{address}/metrics (pace {pace}x real time)"
             );
             Some(watch)
         }

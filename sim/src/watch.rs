@@ -92,11 +92,12 @@ impl Watch {
         lock(&self.inner.daemons).keys().cloned().collect()
     }
 
-    /// `daemon`'s `/metrics` answer (status, body); `None` names the one acting for the
-    /// fleet now (the leader of a clustered run), else the first.
-    pub async fn metrics(&self, daemon: Option<&str>) -> (u16, String) {
+    /// A state over the run for `daemon` (`None`: the one acting for the fleet now, the
+    /// leader of a clustered run, else the first): the shared store, that daemon's
+    /// boards and metrics, the run's virtual time. Reads only.
+    fn state(&self, daemon: Option<&str>) -> Result<bearman::api::AppState, (u16, String)> {
         let Some(store) = lock(&self.inner.store).clone() else {
-            return (503, "the simulation has not started\n".into());
+            return Err((503, "the simulation has not started\n".into()));
         };
         let now_ms = self.now_ms();
         let chosen = {
@@ -116,10 +117,10 @@ impl Watch {
             }
         };
         let Some(boards) = chosen else {
-            return (
+            return Err((
                 404,
                 format!("no simulated daemon {}\n", daemon.unwrap_or("yet")),
-            );
+            ));
         };
         let clock: Arc<dyn bearman::runtime::Clock> = Arc::new(WatchClock(self.clone()));
         let mut state = bearman::api::AppState::new(
@@ -131,6 +132,16 @@ impl Watch {
         state.app.guards = boards.guards;
         state.app.leader = boards.leader;
         state.app.metrics = boards.metrics;
+        Ok(state)
+    }
+
+    /// `daemon`'s `/metrics` answer (status, body); `None` names the one acting for the
+    /// fleet now (the leader of a clustered run), else the first.
+    pub async fn metrics(&self, daemon: Option<&str>) -> (u16, String) {
+        let state = match self.state(daemon) {
+            Ok(state) => state,
+            Err(refusal) => return refusal,
+        };
         let response = bearman::api::metrics::render(&state).await;
         let status = response.status().as_u16();
         let body = axum::body::to_bytes(response.into_body(), 64 * 1024 * 1024)
@@ -147,5 +158,34 @@ struct WatchClock(Watch);
 impl bearman::runtime::Clock for WatchClock {
     fn now_ms(&self) -> i64 {
         self.0.now_ms()
+    }
+}
+
+impl Watch {
+    /// The dashboard's pages and the admin API's viewer `GET` routes over the run (the
+    /// acting daemon's view), with no login: the window is read-only, the page shows no
+    /// action, and anything but a `GET` is answered 405.
+    pub async fn dashboard(&self, request: axum::extract::Request) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        if request.method() != axum::http::Method::GET {
+            return (
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "the simulation window is read-only\n",
+            )
+                .into_response();
+        }
+        let state = match self.state(None) {
+            Ok(state) => state,
+            Err((status, text)) => {
+                let status = axum::http::StatusCode::from_u16(status)
+                    .unwrap_or(axum::http::StatusCode::SERVICE_UNAVAILABLE);
+                return (status, text).into_response();
+            }
+        };
+        let router = bearman::api::dashboard::read_only_window_router()
+            .nest("/api/v1", bearman::api::admin::read_only_window_router())
+            .with_state(state);
+        let Ok(response) = tower::ServiceExt::oneshot(router, request).await;
+        response
     }
 }

@@ -36,6 +36,14 @@ fn watched(scenario: &Scenario, seed: u64) -> (String, Vec<String>) {
                 if status == 200 {
                     scrapes.lock().unwrap().push(body);
                 }
+                // What the read-only dashboard asks of the run, too.
+                for path in [
+                    "/api/v1/summary",
+                    "/api/v1/fleet/grid",
+                    "/api/v1/events?limit=50",
+                ] {
+                    runtime.block_on(get(&watch, path));
+                }
             }
         }
     });
@@ -52,6 +60,70 @@ fn watched(scenario: &Scenario, seed: u64) -> (String, Vec<String>) {
     assert!(report.passed(), "the watched run itself must pass");
     let scrapes = std::mem::take(&mut *scrapes.lock().unwrap());
     (report.trace.hash(), scrapes)
+}
+
+/// One request to the window's dashboard side: (status, body).
+async fn request(watch: &Watch, method: &str, path: &str) -> (u16, String) {
+    let request = axum::extract::Request::builder()
+        .method(method)
+        .uri(path)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = watch.dashboard(request).await;
+    let status = response.status().as_u16();
+    let body = axum::body::to_bytes(response.into_body(), 16 * 1024 * 1024)
+        .await
+        .unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn get(watch: &Watch, path: &str) -> (u16, String) {
+    request(watch, "GET", path).await
+}
+
+#[test]
+fn the_window_serves_the_dashboard_read_only() {
+    let scenario = scenario("node-crash");
+    let watch = Watch::default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Before the run: nothing to show yet, said plainly.
+    assert_eq!(runtime.block_on(get(&watch, "/api/v1/summary")).0, 503);
+    run_watched(
+        &scenario,
+        &RunOptions { seed: 2 },
+        Some(&watch),
+        &mut |_| {},
+        |_, _| {},
+    )
+    .unwrap();
+    let (status, summary) = runtime.block_on(get(&watch, "/api/v1/summary"));
+    assert_eq!(status, 200, "{summary}");
+    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    assert_eq!(
+        summary["total"],
+        u64::from(scenario.node_count()),
+        "{summary}"
+    );
+    let (status, session) = runtime.block_on(get(&watch, "/ui/session"));
+    assert_eq!(status, 200);
+    assert!(session.contains("\"role\":\"viewer\""), "{session}");
+    let (status, page) = runtime.block_on(get(&watch, "/ui/"));
+    assert_eq!(status, 200);
+    assert!(page.contains("<script src=\"/ui/app.js\""), "{page}");
+    // Nothing but reads: no action, no login, no admin-only read.
+    let uuid = "00000000-0000-4000-8000-000000000001";
+    for (method, path) in [
+        ("POST", format!("/api/v1/nodes/{uuid}/maintenance")),
+        ("POST", "/ui/login".to_string()),
+        ("DELETE", format!("/api/v1/nodes/{uuid}/maintenance")),
+    ] {
+        let (status, _) = runtime.block_on(request(&watch, method, &path));
+        assert_eq!(status, 405, "{method} {path}");
+    }
+    assert_eq!(runtime.block_on(get(&watch, "/api/v1/tokens")).0, 404);
 }
 
 fn value(scrape: &str, series: &str) -> Option<f64> {

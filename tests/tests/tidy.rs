@@ -193,3 +193,47 @@ fn every_module_says_what_it_owns() {
         missing.join("\n")
     );
 }
+
+#[test]
+fn only_the_simulator_mounts_the_unauthenticated_read_only_routers() {
+    // `read_only_window_router` answers the admin API's viewer reads with no token: the
+    // simulator's window onto a simulated fleet. The daemon itself must never mount it.
+    let root = workspace_root();
+    let mut files = Vec::new();
+    for dir in [
+        "daemon/src",
+        "daemon/tests",
+        "tests",
+        "xtask/src",
+        "agent/src",
+        "pxe/src",
+    ] {
+        rust_files(&root.join(dir), &mut files);
+    }
+    let mut offenders = Vec::new();
+    for file in &files {
+        let name = relative(file);
+        // Where they are defined, and this test.
+        if name == "daemon/src/api/admin/mod.rs"
+            || name == "daemon/src/api/dashboard/mod.rs"
+            || name == "tests/tests/tidy.rs"
+        {
+            continue;
+        }
+        let text = std::fs::read_to_string(file).unwrap();
+        for (number, line) in code_lines(&text) {
+            if line.contains("read_only_window_router") {
+                offenders.push(format!("{name}:{number}"));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "mounted outside the simulator: {offenders:?}"
+    );
+    let window = std::fs::read_to_string(root.join("sim/src/watch.rs")).unwrap();
+    assert!(
+        window.contains("read_only_window_router"),
+        "the check looks for the right name"
+    );
+}

@@ -174,6 +174,32 @@ pub fn router(state: AppState) -> Router<AppState> {
     router
 }
 
+/// Every `GET` route a viewer may call, with no authentication: the caller is a fixed
+/// viewer. Only for a read-only window onto a daemon that is not this process's to serve
+/// (the simulator's `bearman-sim run --serve`, whose store is a simulation's); never
+/// mounted by `bearman serve` (`tests/tests/tidy.rs` checks only the simulator names it).
+pub fn read_only_window_router() -> Router<AppState> {
+    let mut router = Router::new();
+    for (spec, handler) in routes() {
+        if spec.method != Method::GET || spec.role != TokenRole::Viewer {
+            continue;
+        }
+        router = router.route(
+            spec.path,
+            handler.route_layer(axum::middleware::from_fn(
+                |mut request: axum::extract::Request, next: axum::middleware::Next| async move {
+                    request.extensions_mut().insert(Caller {
+                        token_name: "read-only window".into(),
+                        role: TokenRole::Viewer,
+                    });
+                    next.run(request).await
+                },
+            )),
+        );
+    }
+    router
+}
+
 fn field_error(field: &str, problem: impl Into<String>) -> ApiError {
     ApiError::unprocessable(format!("field {field}: {}", problem.into()))
 }

@@ -45,6 +45,31 @@ pub fn router() -> Router<AppState> {
         .layer(map_response(security_headers))
 }
 
+/// The dashboard for a read-only window onto a daemon that is not this process's to
+/// serve (the simulator's `bearman-sim run --serve`): the same pages, and a fixed viewer
+/// "session" with no cookie and no CSRF token, so the page shows no action. Never
+/// mounted by `bearman serve` (`tests/tests/tidy.rs` checks only the simulator names it).
+pub fn read_only_window_router() -> Router<AppState> {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/ui/") }))
+        .route("/ui", get(|| async { Redirect::to("/ui/") }))
+        .route("/ui/", get(index))
+        .route("/ui/app.js", get(app_js))
+        .route("/ui/app.css", get(app_css))
+        .route(
+            "/ui/session",
+            get(|| async {
+                Json(SessionView {
+                    token: "read-only window".into(),
+                    role: TokenRole::Viewer,
+                    csrf: String::new(),
+                    expires_at_ms: i64::MAX,
+                })
+            }),
+        )
+        .layer(map_response(security_headers))
+}
+
 /// The headers every dashboard response carries, errors included.
 async fn security_headers(mut response: Response) -> Response {
     let headers = response.headers_mut();
