@@ -277,7 +277,7 @@ impl Metrics {
         );
         registry.register(
             "remediation_phase_duration_seconds",
-            "Durations of finished remediations' phases: fence (start to verified off), evacuate (verified off to VMs elsewhere), recover (to Ready), total",
+            "Remediation phases: detect (node last heard to automatic remediation started), fence (start to verified off), evacuate (verified off to VMs elsewhere), recover (to Ready), total",
             phase_duration.clone(),
         );
         let store_errors = Family::<ErrorKindLabels, Counter>::default();
@@ -496,6 +496,14 @@ impl Metrics {
                 .get_or_create(&PhaseLabels { phase })
                 .observe(seconds.max(0.0));
         }
+    }
+
+    /// One phase's duration observed on its own (the detection phase, when an automatic
+    /// remediation starts).
+    pub fn phase_observed(&self, phase: &'static str, seconds: f64) {
+        self.phase_duration
+            .get_or_create(&PhaseLabels { phase })
+            .observe(seconds.max(0.0));
     }
 
     /// A database error reached a caller (`unavailable`, `backend`, `corrupt`, …).

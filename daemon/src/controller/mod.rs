@@ -222,6 +222,13 @@ impl Controller {
                         .await?
                     {
                         tracing::warn!(%uuid, id = created.id, "automatic remediation started");
+                        // The detection phase: last heard → fencing begins.
+                        if let Some(heard) = view.nodes.iter().find(|node| node.uuid == uuid) {
+                            self.app.metrics.phase_observed(
+                                crate::core::remediation::PHASE_DETECT,
+                                (now - heard.last_heard_at_ms) as f64 / 1000.0,
+                            );
+                        }
                         let next = self.lock_core().handle_started(now, &created);
                         if let Some(Command::RunStep { id }) = next {
                             started.tasks.extend(self.spawn_step(id));

@@ -486,6 +486,9 @@ impl Remediation {
     }
 }
 
+/// A node last heard → its automatic remediation started (silence, grace, quiet period,
+/// the BMC's confirmation): how long a crash took to be acted on.
+pub const PHASE_DETECT: &str = "detect";
 /// Remediation started → fence verified (power read back off).
 pub const PHASE_FENCE: &str = "fence";
 /// Fence verified → every VM evacuated.
