@@ -536,8 +536,15 @@ mod tests {
     #[test]
     fn the_preferred_source_changes_only_where_the_pool_address_would_be_secondary() {
         let lease = route("10.77.0.0/24", "eth0", Some("10.77.0.150"));
-        // (why, the detail's addresses, the host's, its routes, the actions)
-        let cases: &[(&str, &[&str], &[&str], Vec<SubnetRoute>, &[&str])] = &[
+        /// Why, the detail's addresses, the host's, its routes, the actions.
+        type Case<'a> = (
+            &'a str,
+            &'a [&'a str],
+            &'a [&'a str],
+            Vec<SubnetRoute>,
+            &'a [&'a str],
+        );
+        let cases: &[Case] = &[
             (
                 "another subnet: the kernel prefers the pool address there already",
                 &["10.1.0.21/24"],
