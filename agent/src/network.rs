@@ -4,11 +4,20 @@
 //! Architecture invariant: no I/O. And the plan only ever adds: it never removes or
 //! replaces an address or a route, because the address that reaches Bearman right now
 //! (a DHCP lease, possibly on a network where the allocated address is not routable) must
-//! keep working. The default route is added only when there is none; the MTU is changed
-//! only when it differs and is within [`MTU_MIN`]..=[`MTU_MAX`].
+//! keep working. Where a pool address joins an address the interface already had on the
+//! same subnet (the lease), the kernel makes the pool address secondary and keeps sending
+//! from the lease; so the plan adds, ahead of the kernel's route for that subnet, the same
+//! on-link route with the pool address as its source ([`NetAction::PreferSource`]): the
+//! node's traffic to that subnet — Bearman's heartbeats when Bearman is on the boot
+//! network — leaves from the address Bearman gave it, and the lease's address and route
+//! stay and keep answering. A pool address on any other subnet changes no route (the
+//! kernel prefers it on its own subnet already, and elsewhere whether it is routable is
+//! not known). The default route is added only when there is none, and never given a
+//! source (see [`plan_network`]); the MTU is changed only when it differs and is within
+//! [`MTU_MIN`]..=[`MTU_MAX`].
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use bearman_proto::NetworkDetail;
 
@@ -31,7 +40,20 @@ pub struct HostState {
     pub interfaces: Vec<Interface>,
     /// True when the main table already has a default route.
     pub has_default_route: bool,
+    /// The main table's IPv4 routes without a gateway (the subnets the host is on).
+    pub subnet_routes: Vec<SubnetRoute>,
     pub resolv_conf: ResolvConf,
+}
+
+/// An on-link IPv4 route: `10.77.0.0/24 dev eth0 scope link src 10.77.0.150`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SubnetRoute {
+    /// Normalised network/prefix (`10.77.0.0/24`).
+    pub subnet: String,
+    pub dev: String,
+    /// The preferred source; the kernel's own route for a subnet names the subnet's
+    /// first (primary) address.
+    pub src: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -58,10 +80,29 @@ pub enum ResolvConf {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NetAction {
     SetHostname(String),
-    WriteResolvConf { contents: String },
-    SetMtu { dev: String, mtu: u32 },
-    AddAddress { dev: String, cidr: String },
-    AddDefaultRoute { gateway: String, dev: String },
+    WriteResolvConf {
+        contents: String,
+    },
+    SetMtu {
+        dev: String,
+        mtu: u32,
+    },
+    AddAddress {
+        dev: String,
+        cidr: String,
+    },
+    /// An on-link route of `subnet` on `dev` with `src` as preferred source, put ahead of
+    /// the kernel's own route for the subnet, which stays (`ip route prepend SUBNET dev
+    /// DEV scope link src SRC`).
+    PreferSource {
+        dev: String,
+        subnet: String,
+        src: String,
+    },
+    AddDefaultRoute {
+        gateway: String,
+        dev: String,
+    },
 }
 
 impl fmt::Display for NetAction {
@@ -77,6 +118,9 @@ impl fmt::Display for NetAction {
             }
             NetAction::SetMtu { dev, mtu } => write!(f, "mtu {mtu} on {dev}"),
             NetAction::AddAddress { dev, cidr } => write!(f, "address {cidr} on {dev}"),
+            NetAction::PreferSource { dev, subnet, src } => {
+                write!(f, "source {src} preferred for {subnet} on {dev}")
+            }
             NetAction::AddDefaultRoute { gateway, dev } => {
                 write!(f, "default route via {gateway} dev {dev}")
             }
@@ -93,8 +137,18 @@ pub struct NetPlan {
 }
 
 /// Plans how to apply `detail` to a host in `state`. Order: hostname, resolv.conf, MTU
-/// (before addresses, so a jumbo network's routes see it), addresses, then the default
-/// route (its gateway must be reachable through an address added just before).
+/// (before addresses, so a jumbo network's routes see it), addresses, the preferred
+/// source of a subnet the lease shares with a pool address (the source must be an
+/// address of the host by then), then the default route (its gateway must be reachable
+/// through an address added just before).
+///
+/// The default route's source is left to the kernel (for a route without one: the
+/// outgoing interface's primary address on the gateway's subnet, i.e. the lease's),
+/// whether the route was there or is added here. Off the subnet, the pool address is
+/// only as good as the site's routers make it: a router filtering sources it did not
+/// lease (uRPF, DHCP snooping with IP source guard) would drop every packet, heartbeats
+/// included, and the node cannot tell from inside. On its own subnet the pool address is
+/// on the same wire as the lease, which is what Bearman's PXE setup puts it on.
 pub fn plan_network(detail: &NetworkDetail, state: &HostState) -> NetPlan {
     let mut plan = NetPlan::default();
 
@@ -138,18 +192,24 @@ pub fn plan_network(detail: &NetworkDetail, state: &HostState) -> NetPlan {
         }
     }
 
+    let mut pool_addresses = Vec::new();
     for cidr in &detail.bond0_addresses {
         match parse_cidr(cidr) {
             Err(problem) => plan
                 .notes
                 .push(format!("address {cidr:?} not added: {problem}")),
-            Ok(normal) if target.addresses.contains(&normal) => {}
-            Ok(normal) => plan.actions.push(NetAction::AddAddress {
-                dev: dev.clone(),
-                cidr: normal,
-            }),
+            Ok(normal) => {
+                if !target.addresses.contains(&normal) {
+                    plan.actions.push(NetAction::AddAddress {
+                        dev: dev.clone(),
+                        cidr: normal.clone(),
+                    });
+                }
+                pool_addresses.push(normal);
+            }
         }
     }
+    plan_preferred_sources(&pool_addresses, target, state, &mut plan);
 
     if let Some(gateway) = &detail.gateway {
         match gateway.parse::<IpAddr>() {
@@ -172,6 +232,62 @@ pub fn plan_network(detail: &NetworkDetail, state: &HostState) -> NetPlan {
         ));
     }
     plan
+}
+
+/// For each subnet where a pool address (the first of the detail's on that subnet) meets
+/// an address the interface had before stage 2, a route preferring the pool address as
+/// source, unless one is there already (a second prepend would be refused: "File
+/// exists"). The kernel makes the second
+/// address of a subnet (same network, same prefix) a secondary one, never chosen as
+/// source; an address on a subnet of its own is the source of its own prefix route
+/// already, so nothing is needed there. IPv6 is left alone: its source selection (RFC
+/// 6724) has no primary/secondary rule to undo.
+fn plan_preferred_sources(
+    pool_addresses: &[String],
+    target: &Interface,
+    state: &HostState,
+    plan: &mut NetPlan,
+) {
+    let mut subnets_seen: Vec<String> = Vec::new();
+    for cidr in pool_addresses {
+        let Some((address, subnet)) = ipv4_subnet(cidr) else {
+            continue;
+        };
+        if subnets_seen.contains(&subnet) {
+            continue;
+        }
+        subnets_seen.push(subnet.clone());
+        let shares_subnet = target.addresses.iter().any(|existing| {
+            existing != cidr
+                && !pool_addresses.contains(existing)
+                && ipv4_subnet(existing).is_some_and(|(_, other)| other == subnet)
+        });
+        if !shares_subnet {
+            continue;
+        }
+        let src = address.to_string();
+        let already = state.subnet_routes.iter().any(|route| {
+            route.dev == target.name && route.subnet == subnet && route.src.as_deref() == Some(&src)
+        });
+        if !already {
+            plan.actions.push(NetAction::PreferSource {
+                dev: target.name.clone(),
+                subnet,
+                src,
+            });
+        }
+    }
+}
+
+/// An IPv4 `address/prefix`'s address and normalised subnet (`10.77.0.150/24` →
+/// `10.77.0.0/24`); `None` for IPv6 and anything unparsable.
+pub fn ipv4_subnet(cidr: &str) -> Option<(Ipv4Addr, String)> {
+    let (address, prefix) = cidr.split_once('/')?;
+    let address: Ipv4Addr = address.parse().ok()?;
+    let prefix: u32 = prefix.parse().ok().filter(|prefix| *prefix <= 32)?;
+    let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
+    let network = Ipv4Addr::from(u32::from(address) & mask);
+    Some((address, format!("{network}/{prefix}")))
 }
 
 fn plan_resolv_conf(detail: &NetworkDetail, state: &HostState, plan: &mut NetPlan) {
@@ -286,7 +402,37 @@ mod tests {
                 nic("lo", false, 65536, &["127.0.0.1/8"]),
             ],
             has_default_route: true,
+            subnet_routes: vec![route("10.0.2.0/24", "eth0", Some("10.0.2.15"))],
             resolv_conf: ResolvConf::File("nameserver 10.0.2.3\n".into()),
+        }
+    }
+
+    fn route(subnet: &str, dev: &str, src: Option<&str>) -> SubnetRoute {
+        SubnetRoute {
+            subnet: subnet.into(),
+            dev: dev.into(),
+            src: src.map(String::from),
+        }
+    }
+
+    /// A VM on the smoke's L2 after stage 1's DHCP: dnsmasq's lease on the subnet the
+    /// Bearman pool allocates from, hostname and resolver already as the detail says.
+    fn l2_host(addresses: &[&str], routes: Vec<SubnetRoute>) -> HostState {
+        HostState {
+            hostname: "hv-001".into(),
+            interfaces: vec![nic("eth0", true, 1500, addresses)],
+            has_default_route: true,
+            subnet_routes: routes,
+            resolv_conf: ResolvConf::Symlink("/run/resolv.conf".into()),
+        }
+    }
+
+    fn l2_detail(addresses: &[&str]) -> NetworkDetail {
+        NetworkDetail {
+            bond0_addresses: addresses.iter().map(|a| a.to_string()).collect(),
+            gateway: None,
+            dns: vec![],
+            ..detail()
         }
     }
 
@@ -357,6 +503,139 @@ mod tests {
             }
         }
         assert_eq!(plan_network(&detail(), &host).actions, vec![]);
+    }
+
+    #[test]
+    fn a_pool_address_on_the_lease_subnet_becomes_its_preferred_source_once() {
+        let lease_route = route("10.77.0.0/24", "eth0", Some("10.77.0.150"));
+        let detail = l2_detail(&["10.77.0.10/24"]);
+        let mut host = l2_host(&["10.77.0.150/24"], vec![lease_route]);
+        let plan = plan_network(&detail, &host);
+        assert_eq!(
+            plan.actions,
+            vec![
+                NetAction::AddAddress {
+                    dev: "eth0".into(),
+                    cidr: "10.77.0.10/24".into()
+                },
+                NetAction::PreferSource {
+                    dev: "eth0".into(),
+                    subnet: "10.77.0.0/24".into(),
+                    src: "10.77.0.10".into()
+                },
+            ]
+        );
+        // What the host looks like after: both addresses and the lease's route (nothing
+        // is removed), our route ahead of it. Planning again changes nothing.
+        host.interfaces[0].addresses.push("10.77.0.10/24".into());
+        host.subnet_routes
+            .insert(0, route("10.77.0.0/24", "eth0", Some("10.77.0.10")));
+        assert_eq!(plan_network(&detail, &host), NetPlan::default());
+    }
+
+    #[test]
+    fn the_preferred_source_changes_only_where_the_pool_address_would_be_secondary() {
+        let lease = route("10.77.0.0/24", "eth0", Some("10.77.0.150"));
+        /// Why, the detail's addresses, the host's, its routes, the actions.
+        type Case<'a> = (
+            &'a str,
+            &'a [&'a str],
+            &'a [&'a str],
+            Vec<SubnetRoute>,
+            &'a [&'a str],
+        );
+        let cases: &[Case] = &[
+            (
+                "another subnet: the kernel prefers the pool address there already",
+                &["10.1.0.21/24"],
+                &["10.77.0.150/24"],
+                vec![lease.clone()],
+                &["address 10.1.0.21/24 on eth0"],
+            ),
+            (
+                "same network, other prefix: a primary address of its own prefix",
+                &["10.77.0.10/25"],
+                &["10.77.0.150/24"],
+                vec![lease.clone()],
+                &["address 10.77.0.10/25 on eth0"],
+            ),
+            (
+                "present and already preferred (stage 2 run again)",
+                &["10.77.0.10/24"],
+                &["10.77.0.150/24", "10.77.0.10/24"],
+                vec![route("10.77.0.0/24", "eth0", Some("10.77.0.10"))],
+                &[],
+            ),
+            (
+                "the subnet's route is on another device only: ours is added on eth0",
+                &["10.77.0.10/24"],
+                &["10.77.0.150/24"],
+                vec![route("10.77.0.0/24", "eth1", Some("10.77.0.150"))],
+                &[
+                    "address 10.77.0.10/24 on eth0",
+                    "source 10.77.0.10 preferred for 10.77.0.0/24 on eth0",
+                ],
+            ),
+            (
+                "two pool addresses on the subnet: the first is the source",
+                &["10.77.0.10/24", "10.77.0.11/24"],
+                &["10.77.0.150/24"],
+                vec![lease.clone()],
+                &[
+                    "address 10.77.0.10/24 on eth0",
+                    "address 10.77.0.11/24 on eth0",
+                    "source 10.77.0.10 preferred for 10.77.0.0/24 on eth0",
+                ],
+            ),
+            (
+                "IPv6 on the lease's prefix: RFC 6724 selection, left alone",
+                &["fd00::10/64"],
+                &["fd00::150/64"],
+                vec![],
+                &["address fd00::10/64 on eth0"],
+            ),
+        ];
+        for (why, detail_addresses, host_addresses, routes, actions) in cases {
+            let host = l2_host(host_addresses, routes.clone());
+            let plan = plan_network(&l2_detail(detail_addresses), &host);
+            let got: Vec<String> = plan.actions.iter().map(ToString::to_string).collect();
+            assert_eq!(got, *actions, "{why}");
+        }
+    }
+
+    #[test]
+    fn the_source_is_preferred_before_a_missing_default_route_is_added() {
+        let mut host = l2_host(
+            &["10.77.0.150/24"],
+            vec![route("10.77.0.0/24", "eth0", Some("10.77.0.150"))],
+        );
+        host.has_default_route = false;
+        let detail = NetworkDetail {
+            gateway: Some("10.77.0.1".into()),
+            ..l2_detail(&["10.77.0.10/24"])
+        };
+        check(
+            &detail,
+            &host,
+            &[
+                "address 10.77.0.10/24 on eth0",
+                "source 10.77.0.10 preferred for 10.77.0.0/24 on eth0",
+                "default route via 10.77.0.1 dev eth0",
+            ],
+            &[],
+        );
+    }
+
+    #[test]
+    fn ipv4_subnets_are_normalised() {
+        assert_eq!(
+            ipv4_subnet("10.77.0.150/24"),
+            Some(("10.77.0.150".parse().unwrap(), "10.77.0.0/24".into()))
+        );
+        assert_eq!(ipv4_subnet("10.77.0.150/0").unwrap().1, "0.0.0.0/0");
+        assert_eq!(ipv4_subnet("10.77.0.150/32").unwrap().1, "10.77.0.150/32");
+        assert_eq!(ipv4_subnet("10.77.0.150/33"), None);
+        assert_eq!(ipv4_subnet("fd00::1/64"), None);
     }
 
     #[test]
@@ -443,6 +722,7 @@ mod tests {
             hostname: "hv-001".into(),
             interfaces: vec![nic("lo", false, 65536, &["127.0.0.1/8"])],
             has_default_route: false,
+            subnet_routes: vec![],
             resolv_conf: ResolvConf::Missing,
         };
         check(

@@ -773,6 +773,7 @@ impl FakeHost {
                     },
                 ],
                 has_default_route: true,
+                subnet_routes: vec![],
                 resolv_conf: ResolvConf::File("nameserver 10.0.2.3\n".into()),
             },
             applied: Vec::new(),
@@ -782,7 +783,7 @@ impl FakeHost {
 }
 
 impl HostNetwork for FakeHost {
-    fn state(&self) -> Result<HostState, String> {
+    async fn state(&self) -> Result<HostState, String> {
         Ok(self.state.clone())
     }
 

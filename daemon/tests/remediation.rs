@@ -592,7 +592,7 @@ async fn a_node_that_comes_back_while_its_fence_retry_waits_stands_the_saga_down
         if h.remediation().await.status != Status::Active {
             break;
         }
-        h.controller.app.node_heartbeat(&h.uuid).await.ok();
+        h.controller.app.node_heartbeat(&h.uuid, None).await.ok();
         h.advance_all_alive(1_000).await;
     }
     let remediation = h.remediation().await;

@@ -29,7 +29,7 @@ use std::time::Duration;
 use bearman_agent::facts::{Facts, FactsError};
 use bearman_agent::host::{Host, WorkDir};
 use bearman_agent::lldp::{NicLldp, Outcome};
-use bearman_agent::network::{HostState, Interface, NetAction, ResolvConf};
+use bearman_agent::network::{HostState, Interface, NetAction, ResolvConf, SubnetRoute};
 use bearman_agent::stage1::bmc::Ipmitool;
 use bearman_agent::stage1::kexec::{KexecError, KexecFiles};
 use bearman_agent::stage1::netconf::HostNetwork;
@@ -107,6 +107,7 @@ impl SimHost {
             hostname: "localhost".into(),
             interfaces,
             has_default_route: true,
+            subnet_routes: Vec::new(),
             resolv_conf: ResolvConf::Missing,
         };
         SimHost {
@@ -305,7 +306,7 @@ pub struct SimNetwork {
 }
 
 impl HostNetwork for SimNetwork {
-    fn state(&self) -> Result<HostState, String> {
+    async fn state(&self) -> Result<HostState, String> {
         Ok(self.state.clone())
     }
 
@@ -317,6 +318,18 @@ impl HostNetwork for SimNetwork {
             }
             NetAction::SetMtu { dev, mtu } => self.device(dev)?.mtu = *mtu,
             NetAction::AddAddress { dev, cidr } => self.device(dev)?.addresses.push(cidr.clone()),
+            NetAction::PreferSource { dev, subnet, src } => {
+                self.device(dev)?;
+                // `ip route prepend`: ahead of the routes already there.
+                self.state.subnet_routes.insert(
+                    0,
+                    SubnetRoute {
+                        subnet: subnet.clone(),
+                        dev: dev.clone(),
+                        src: Some(src.clone()),
+                    },
+                );
+            }
             NetAction::AddDefaultRoute { .. } => self.state.has_default_route = true,
         }
         Ok(())
@@ -441,7 +454,7 @@ mod tests {
         };
         block_on(host.network().apply(&add)).unwrap();
         block_on(host.network().apply(&NetAction::SetHostname("hv-1".into()))).unwrap();
-        let state = host.network().state().unwrap();
+        let state = block_on(host.network().state()).unwrap();
         assert_eq!(state.hostname, "hv-1");
         assert_eq!(state.interfaces[0].addresses, ["10.64.0.11/12"]);
         let missing = NetAction::SetMtu {
@@ -450,7 +463,10 @@ mod tests {
         };
         assert!(block_on(host.network().apply(&missing)).is_err());
         host.power_on();
-        assert_eq!(host.network().state().unwrap().hostname, "localhost");
+        assert_eq!(
+            block_on(host.network().state()).unwrap().hostname,
+            "localhost"
+        );
     }
 
     /// Runs a future that never waits on a timer or socket to completion.

@@ -660,6 +660,40 @@ async fn maintenance_off_without_heartbeat_goes_back_to_registered() {
     .await;
 }
 
+/// The node record shows which address the node's heartbeats arrive from (here the
+/// loopback address the test connects from), written by the first heartbeat with one
+/// audit event; heartbeats from the same address after it change neither the record's
+/// generation nor the audit trail (the hot path stays a timestamp write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heartbeat_source_is_shown_and_recorded_once() {
+    let daemon = daemon().await;
+    bring_up(&daemon, NODE_A, 1).await;
+    let first = node(&daemon, NODE_A).await;
+    assert_eq!(first["heartbeat_source"]["address"], "127.0.0.1", "{first}");
+    assert_eq!(
+        first["heartbeat_source"]["since_ms"], first["last_heartbeat_at_ms"],
+        "{first}"
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            boot(&daemon, "POST", NODE_A, "/heartbeat", None).await["state"],
+            "ready"
+        );
+    }
+    let later = node(&daemon, NODE_A).await;
+    assert_eq!(later["heartbeat_source"], first["heartbeat_source"]);
+    assert_eq!(later["generation"], first["generation"]);
+    let events = get(&daemon, &format!("/nodes/{NODE_A}/events")).await;
+    let changes: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|event| event["action"] == "heartbeat_source_changed")
+        .map(|event| event["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(changes, ["heartbeats from 127.0.0.1"]);
+}
+
 /// Stage 2's `installed` report is the first sign of life from the installed OS; the
 /// daemon records it as a heartbeat, and that must survive the trip through the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

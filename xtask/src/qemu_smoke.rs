@@ -8,7 +8,8 @@
 //! boot OVMF, whose own PXE client gets `ipxe.efi` over Bearman's TFTP, which then asks
 //! again as iPXE and is sent to `/ipxe`. Then the stage-1 image from `cargo xtask images`,
 //! the agent registering and kexecing into stage 2, and stage 2 applying its pool address
-//! (checked with ping across the bridge), reporting itself installed and heartbeating.
+//! (checked with ping across the bridge), reporting itself installed and heartbeating
+//! from that address (the source the daemon records for the node's heartbeats).
 //! `--network user` keeps the older variant: QEMU's user network, whose built-in DHCP
 //! hands iPXE the `/ipxe` URL (BIOS only, no root needed). The daemon runs on a fresh SQLite data
 //! directory with the QMP BMC driver allowed for this run's sockets, so it powers the VMs
@@ -66,6 +67,9 @@ const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
 const POLL: Duration = Duration::from_secs(1);
 const SERIAL_TAIL_LINES: usize = 40;
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a Ready node has to send a heartbeat after `installed`: the agent sends one
+/// at once, then one every 10 s (± jitter); three periods leave room for a slow TCG guest.
+const HEARTBEAT_WAIT: Duration = Duration::from_secs(45);
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -1174,6 +1178,8 @@ async fn check_l2_boot(
         l2::BRIDGE,
         String::from_utf8_lossy(&output.stdout).trim()
     );
+    let heard = wait_heartbeat_source(api, vm, &address, &leased).await?;
+    progress(format!("{}: {heard}", vm.name));
     progress(format!(
         "{}: {} network boot on the L2: dnsmasq leased {leased}; proxyDHCP sent {}; stage 2's pool address {cidr} answers ping{}",
         vm.name,
@@ -1191,6 +1197,63 @@ async fn check_l2_boot(
         }
     ));
     Ok(())
+}
+
+/// Waits (at most [`HEARTBEAT_WAIT`]) for a heartbeat after this boot's `installed` and
+/// checks the daemon saw it come from the node's pool address `pool`, not from the
+/// address dnsmasq `leased` it (which stage 2 keeps beside the pool address).
+async fn wait_heartbeat_source(
+    api: &Api,
+    vm: &Vm,
+    pool: &str,
+    leased: &str,
+) -> anyhow::Result<String> {
+    let deadline = Instant::now() + HEARTBEAT_WAIT;
+    loop {
+        let node = api.get(&format!("/api/v1/nodes/{}", vm.uuid)).await?;
+        if let Some(verdict) = heartbeat_source_verdict(&node, pool, leased) {
+            return verdict.map_err(|error| anyhow!("{}: {error}", vm.name));
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{}: no heartbeat within {} s of its installed report: {node}",
+            vm.name,
+            HEARTBEAT_WAIT.as_secs()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// `None` while the node record shows no heartbeat after its `installed` report (which
+/// sets the heartbeat time itself); then whether the recorded heartbeat source is the
+/// pool address.
+fn heartbeat_source_verdict(
+    node: &Value,
+    pool: &str,
+    leased: &str,
+) -> Option<Result<String, String>> {
+    let installed = node["installed_at_ms"].as_i64()?;
+    let heard = node["last_heartbeat_at_ms"].as_i64()?;
+    if heard <= installed {
+        return None;
+    }
+    let source = &node["heartbeat_source"];
+    let address = source["address"].as_str().unwrap_or("none");
+    Some(if address == pool {
+        Ok(format!(
+            "heartbeats arrive from its pool address {address} (heartbeat_source since_ms {}; dnsmasq's lease {leased} kept beside it)",
+            source["since_ms"]
+        ))
+    } else {
+        Err(format!(
+            "heartbeats arrive from {address}{}, not from its pool address {pool}",
+            if address == leased {
+                " (dnsmasq's lease)"
+            } else {
+                ""
+            }
+        ))
+    })
 }
 
 /// What the boot network carried during the whole run, counted from the witnesses' logs:
@@ -1491,6 +1554,36 @@ fn qmp_command(socket: &Path, command: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_heartbeat_check_waits_for_a_heartbeat_then_wants_the_pool_address() {
+        let node = |heard: i64, source: Option<&str>| {
+            json!({
+                "installed_at_ms": 1_000,
+                "last_heartbeat_at_ms": heard,
+                "heartbeat_source": source.map(|address| json!({"address": address, "since_ms": 1_001})),
+            })
+        };
+        let verdict = |node: Value| heartbeat_source_verdict(&node, "10.77.0.10", "10.77.0.150");
+        assert_eq!(verdict(node(1_000, None)), None, "installed only");
+        assert_eq!(verdict(json!({"state": "ready"})), None, "never installed");
+        assert!(matches!(
+            verdict(node(1_001, Some("10.77.0.10"))),
+            Some(Ok(line)) if line.starts_with("heartbeats arrive from its pool address 10.77.0.10")
+        ));
+        assert_eq!(
+            verdict(node(1_001, Some("10.77.0.150"))),
+            Some(Err(
+                "heartbeats arrive from 10.77.0.150 (dnsmasq's lease), not from its pool address 10.77.0.10".into()
+            ))
+        );
+        assert_eq!(
+            verdict(node(1_001, None)),
+            Some(Err(
+                "heartbeats arrive from none, not from its pool address 10.77.0.10".into()
+            ))
+        );
+    }
 
     #[test]
     fn markers_are_found_in_order_across_reads() {

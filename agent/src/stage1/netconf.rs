@@ -1,5 +1,6 @@
 //! Stage 2's hands on the host network: reads the current state (hostname, interfaces and
-//! their addresses, default route, `/etc/resolv.conf`) and performs the actions
+//! their addresses, default route, the subnets' on-link routes and their preferred
+//! sources, `/etc/resolv.conf`) and performs the actions
 //! [`crate::network::plan_network`] decided, with `sethostname(2)`, a file write and
 //! `ip` (busybox or iproute2), each command bounded in time.
 //!
@@ -13,17 +14,20 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::network::{HostState, Interface, NetAction, ResolvConf};
+use crate::network::{HostState, Interface, NetAction, ResolvConf, SubnetRoute};
 
 /// Bound on one `ip` command.
 pub const IP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interfaces read at most from `/sys/class/net`.
 const INTERFACES_MAX: usize = 1024;
 const STDERR_CHARS_MAX: usize = 400;
+/// Routes read at most from `ip -4 route show` (more are ignored: a stage-2 host has a
+/// handful, and the planner only looks for its own interface's subnets).
+const ROUTES_MAX: usize = 4096;
 
 /// Reads the host's network state and changes it, one action at a time.
 pub trait HostNetwork {
-    fn state(&self) -> Result<HostState, String>;
+    fn state(&self) -> impl Future<Output = Result<HostState, String>>;
     fn apply(&mut self, action: &NetAction) -> impl Future<Output = Result<(), String>>;
 }
 
@@ -44,6 +48,11 @@ impl SystemNetwork {
     }
 
     async fn ip(&self, args: &[String]) -> Result<(), String> {
+        self.ip_output(args).await.map(drop)
+    }
+
+    /// Runs `ip` with `args`, bounded by `timeout`; its standard output on success.
+    async fn ip_output(&self, args: &[String]) -> Result<String, String> {
         let shown = format!("ip {}", args.join(" "));
         let mut command = tokio::process::Command::new("ip");
         command
@@ -56,7 +65,9 @@ impl SystemNetwork {
                 self.timeout.as_secs()
             )),
             Ok(Err(error)) => Err(format!("{shown}: {error}")),
-            Ok(Ok(output)) if output.status.success() => Ok(()),
+            Ok(Ok(output)) if output.status.success() => {
+                Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+            }
             Ok(Ok(output)) => {
                 let stderr: String = String::from_utf8_lossy(&output.stderr)
                     .trim()
@@ -80,6 +91,15 @@ pub fn ip_args(action: &NetAction) -> Option<Vec<String>> {
             )
         }
         NetAction::AddAddress { dev, cidr } => vec!["addr", "add", cidr, "dev", dev],
+        // Same key as the kernel's own prefix route (table main, metric 0, no TOS):
+        // `prepend` puts it first among routes of that key, so lookups find it, and
+        // leaves the kernel's route (and any other device's) in place. `replace` would
+        // overwrite the first route of the key, on whichever device that is.
+        NetAction::PreferSource { dev, subnet, src } => {
+            vec![
+                "route", "prepend", subnet, "dev", dev, "scope", "link", "src", src,
+            ]
+        }
         NetAction::AddDefaultRoute { gateway, dev } => {
             vec!["route", "add", "default", "via", gateway, "dev", dev]
         }
@@ -88,8 +108,41 @@ pub fn ip_args(action: &NetAction) -> Option<Vec<String>> {
     Some(words.into_iter().map(String::from).collect())
 }
 
+/// The on-link IPv4 routes in `ip -4 route show`'s output (iproute2's or busybox's: one
+/// route a line, `SUBNET dev DEV … [src SRC]`); routes with a gateway (`via`), the
+/// default route and host routes without a prefix are not subnets and are skipped.
+pub fn parse_subnet_routes(text: &str) -> Vec<SubnetRoute> {
+    let mut routes = Vec::new();
+    for line in text.lines().take(ROUTES_MAX) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some((&first, rest)) = words.split_first() else {
+            continue;
+        };
+        if rest.contains(&"via") {
+            continue;
+        }
+        let Some((_, subnet)) = crate::network::ipv4_subnet(first) else {
+            continue;
+        };
+        let after = |key: &str| {
+            rest.windows(2)
+                .find(|pair| pair[0] == key)
+                .map(|pair| pair[1].to_string())
+        };
+        let Some(dev) = after("dev") else {
+            continue;
+        };
+        routes.push(SubnetRoute {
+            subnet,
+            dev,
+            src: after("src"),
+        });
+    }
+    routes
+}
+
 impl HostNetwork for SystemNetwork {
-    fn state(&self) -> Result<HostState, String> {
+    async fn state(&self) -> Result<HostState, String> {
         let read = |relative: &str| std::fs::read_to_string(self.root.join(relative));
         let hostname = read("proc/sys/kernel/hostname")
             .map(|text| text.trim().to_string())
@@ -108,10 +161,16 @@ impl HostNetwork for SystemNetwork {
         };
         let addresses = interface_addresses().map_err(|error| format!("getifaddrs: {error}"))?;
         let interfaces = interfaces(&self.root.join("sys/class/net"), &addresses)?;
+        // The preferred source is not in /proc/net/route; `ip` is the tool that applies
+        // the plan anyway, so a host where it cannot run could not apply much of it.
+        let routes = self
+            .ip_output(&["-4", "route", "show"].map(String::from))
+            .await?;
         Ok(HostState {
             hostname,
             interfaces,
             has_default_route,
+            subnet_routes: parse_subnet_routes(&routes),
             resolv_conf,
         })
     }
@@ -264,13 +323,59 @@ mod tests {
             }),
             Some("route add default via 10.1.0.1 dev eth0".into())
         );
+        assert_eq!(
+            args(NetAction::PreferSource {
+                dev: "eth0".into(),
+                subnet: "10.77.0.0/24".into(),
+                src: "10.77.0.10".into()
+            }),
+            Some("route prepend 10.77.0.0/24 dev eth0 scope link src 10.77.0.10".into())
+        );
         assert_eq!(args(NetAction::SetHostname("h".into())), None);
     }
 
     #[test]
-    fn the_real_host_state_has_loopback() {
+    fn subnet_routes_are_read_from_iproute2_and_busybox_output() {
+        // iproute2 (Debian 12), then busybox 1.35 on the stage-2 image, same table.
+        let iproute2 = "default via 10.77.0.1 dev eth0\n\
+                        10.77.0.0/24 dev eth0 proto kernel scope link src 10.77.0.150 \n\
+                        10.78.0.0/16 dev eth1 proto kernel scope link src 10.78.3.4 linkdown\n\
+                        10.79.0.0/24 via 10.77.0.254 dev eth0\n\
+                        192.0.2.7 dev eth0 scope link\n\
+                        198.51.100.0/24 dev eth0 scope link\n";
+        let busybox = "default via 10.77.0.1 dev eth0 \n\
+                       10.77.0.0/24 dev eth0 scope link  src 10.77.0.150 \n\
+                       10.78.0.0/16 dev eth1 scope link  src 10.78.3.4 \n\
+                       10.79.0.0/24 via 10.77.0.254 dev eth0 \n\
+                       192.0.2.7 dev eth0 scope link \n\
+                       198.51.100.0/24 dev eth0 scope link \n";
+        let expected = vec![
+            SubnetRoute {
+                subnet: "10.77.0.0/24".into(),
+                dev: "eth0".into(),
+                src: Some("10.77.0.150".into()),
+            },
+            SubnetRoute {
+                subnet: "10.78.0.0/16".into(),
+                dev: "eth1".into(),
+                src: Some("10.78.3.4".into()),
+            },
+            SubnetRoute {
+                subnet: "198.51.100.0/24".into(),
+                dev: "eth0".into(),
+                src: None,
+            },
+        ];
+        assert_eq!(parse_subnet_routes(iproute2), expected);
+        assert_eq!(parse_subnet_routes(busybox), expected);
+        assert_eq!(parse_subnet_routes(""), vec![]);
+        assert_eq!(parse_subnet_routes("garbage\n10.0.0.0/8\n"), vec![]);
+    }
+
+    #[tokio::test]
+    async fn the_real_host_state_has_loopback() {
         // Reads, never writes: the test machine's state with its loopback address.
-        let state = SystemNetwork::new("/".into()).state().unwrap();
+        let state = SystemNetwork::new("/".into()).state().await.unwrap();
         let lo = state
             .interfaces
             .iter()

@@ -419,7 +419,7 @@ async fn apply_detail<C: Connector, H: Host>(
             }
         }
     };
-    let state = match host.network().state() {
+    let state = match host.network().state().await {
         Ok(state) => state,
         Err(error) => {
             host.say(&format!(

@@ -6,11 +6,13 @@
 //! inventory is that they only ever change the calling node's own record, and that a
 //! registration which does not match the hardware on record is refused and audited.
 
-use axum::extract::{Path, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use bearman_proto::uuid::NodeUuid;
 use bearman_proto::{
     BootProfile, Heartbeat, InstalledReport, NetworkDetail, RegisterRequest, RegisterResponse,
@@ -354,12 +356,16 @@ async fn progress(
     }))
 }
 
+/// The peer address is the heartbeat's source as the node record shows it; the edge puts
+/// it in every request it serves, in-process test callers have none.
 async fn heartbeat(
     State(state): State<AppState>,
     UuidPath(uuid): UuidPath,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     OptionalJson(_beat): OptionalJson<Heartbeat>,
 ) -> Result<Json<StateReply>, ApiError> {
-    let node = state.app.node_heartbeat(&uuid).await?;
+    let source = peer.map(|Extension(ConnectInfo(address))| address.ip());
+    let node = state.app.node_heartbeat(&uuid, source).await?;
     Ok(Json(StateReply {
         uuid: uuid.to_string(),
         state: node.state.as_str().to_string(),

@@ -1,6 +1,8 @@
 //! Node records: enrolment and edits by operators, lifecycle actions, and what a node
 //! says about itself after registering (boot started, installed, heartbeats).
 
+use std::net::IpAddr;
+
 use bearman_proto::uuid::NodeUuid;
 
 use super::{App, AppError, NODE_ACTOR, SYSTEM_ACTOR};
@@ -318,25 +320,33 @@ impl App {
         .inspect(|_| self.metrics.installed())
     }
 
-    /// A heartbeat. The hot path (a Ready node) records liveness without a generation
-    /// bump; one that moves the state (a Suspect node heard again) is a full write; one
-    /// from a node that should be silent (fenced, never installed) is refused and
-    /// recorded loudly.
-    pub async fn node_heartbeat(&self, uuid: &NodeUuid) -> Result<Node, AppError> {
+    /// A heartbeat from `source` (the peer address; `None` when the caller has none). The
+    /// hot path (a Ready node heard from where it was last heard from) records liveness
+    /// without a generation bump; one that moves the state (a Suspect node heard again)
+    /// or comes from a new address is a full write, the latter with a
+    /// `heartbeat_source_changed` event; one from a node that should be silent (fenced,
+    /// never installed) is refused and recorded loudly.
+    pub async fn node_heartbeat(
+        &self,
+        uuid: &NodeUuid,
+        source: Option<IpAddr>,
+    ) -> Result<Node, AppError> {
         let now = self.now_ms();
         let node = self
             .store
             .node_get(uuid)
             .await?
             .ok_or_else(|| AppError::NodeNotRegistered { uuid: uuid.clone() })?;
-        if transition(node.state, LifecycleEvent::Heartbeat).is_ok_and(|next| next == node.state) {
+        let steady =
+            transition(node.state, LifecycleEvent::Heartbeat).is_ok_and(|next| next == node.state);
+        if steady && node.heartbeat_source_change(source, now).is_none() {
             self.store.node_record_heartbeat(uuid, now).await?;
             self.metrics.heartbeat();
             return Ok(node);
         }
         let result = self
             .mutate_node(uuid, |node| {
-                let events = apply_event(
+                let mut events: Vec<NewEvent> = apply_event(
                     node,
                     LifecycleEvent::Heartbeat,
                     now,
@@ -345,9 +355,29 @@ impl App {
                 )
                 .inspect_err(|_| {
                     tracing::warn!(%uuid, state = %node.state, "heartbeat from a node that should be silent");
-                })?;
+                })?
+                .into_iter()
+                .collect();
                 node.last_heartbeat_at_ms = Some(now);
-                Ok(events.into_iter().collect())
+                if let Some(change) = node.heartbeat_source_change(source, now) {
+                    let reason = match node.heartbeat_source {
+                        Some(before) => format!(
+                            "heartbeats from {} (were from {})",
+                            change.address, before.address
+                        ),
+                        None => format!("heartbeats from {}", change.address),
+                    };
+                    tracing::info!(%uuid, source = %change.address, "{reason}");
+                    events.push(NewEvent::for_node(
+                        uuid,
+                        now,
+                        NODE_ACTOR,
+                        Action::HeartbeatSourceChanged,
+                        reason,
+                    ));
+                    node.heartbeat_source = Some(change);
+                }
+                Ok(events)
             })
             .await;
         if result.is_ok() {

@@ -126,6 +126,26 @@ pub struct Node {
     /// records written before enrollment policies existed.
     #[serde(default)]
     pub pending_acceptance: Option<PendingAcceptance>,
+    /// The address the node's heartbeats arrive from, as the daemon's socket saw it (a
+    /// proxy's, behind one), and since when: which of a node's addresses its liveness
+    /// travels over. Written only when it changes ([`Node::heartbeat_source_change`]),
+    /// so a heartbeat from where the last one came from stays one timestamp write.
+    #[serde(default)]
+    pub heartbeat_source: Option<HeartbeatSource>,
+}
+
+/// A node's heartbeat source is rewritten at most this often. A node whose heartbeats
+/// alternate between addresses (a proxy with several egress addresses in front of the
+/// daemon) would otherwise cost a full node write and an audit event per heartbeat; a
+/// node that moved for good is shown within this much of its first heartbeat from there.
+pub const HEARTBEAT_SOURCE_CHANGE_INTERVAL_MS: TimestampMs = 60_000;
+
+/// Where a node's heartbeats come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatSource {
+    pub address: std::net::IpAddr,
+    /// The first heartbeat from `address` since the previous source.
+    pub since_ms: TimestampMs,
 }
 
 /// A machine that enlisted itself and is not accepted yet.
@@ -228,7 +248,32 @@ impl Node {
             boot: None,
             maintenance: None,
             pending_acceptance: None,
+            heartbeat_source: None,
         }
+    }
+
+    /// The heartbeat source to record for a heartbeat from `peer` at `now_ms`: `None`
+    /// when nothing is to be written (the same address as recorded, no peer known — an
+    /// in-process caller —, or a change within [`HEARTBEAT_SOURCE_CHANGE_INTERVAL_MS`] of
+    /// the last one). An IPv4 peer on a dual-stack socket (`::ffff:a.b.c.d`) is recorded
+    /// as the IPv4 address it is.
+    pub fn heartbeat_source_change(
+        &self,
+        peer: Option<std::net::IpAddr>,
+        now_ms: TimestampMs,
+    ) -> Option<HeartbeatSource> {
+        let address = peer?.to_canonical();
+        if let Some(source) = self.heartbeat_source {
+            if source.address == address
+                || now_ms.saturating_sub(source.since_ms) < HEARTBEAT_SOURCE_CHANGE_INTERVAL_MS
+            {
+                return None;
+            }
+        }
+        Some(HeartbeatSource {
+            address,
+            since_ms: now_ms,
+        })
     }
 
     /// Records that the node reached `phase` at `now_ms`; whether that changed anything.
@@ -402,6 +447,9 @@ actions! {
     IdentityRefused = "identity_refused",
     FirmwareMismatch = "firmware_mismatch",
     UnexpectedHeartbeat = "unexpected_heartbeat",
+    /// A node's heartbeats arrive from another address than the last ones did (or for the
+    /// first time): at most one per change, never one per heartbeat.
+    HeartbeatSourceChanged = "heartbeat_source_changed",
     /// A machine no one accepted registered by itself; it waits, Discovered, for
     /// `bearman node accept` or an allow-list.
     Enlisted = "enlisted",
@@ -631,3 +679,58 @@ pub struct EventFilter {
 
 /// Counts of nodes per state, for summaries.
 pub type StateCounts = BTreeMap<LifecycleState, usize>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_source_is_recorded_only_when_it_changes() {
+        let mut node = Node::new(
+            NodeUuid::parse("4c4c4544-0000-1000-8000-000000000001").unwrap(),
+            "hv-001".into(),
+            NodeRole::Compute,
+            0,
+        );
+        let peer = |text: &str| Some(text.parse::<std::net::IpAddr>().unwrap());
+        let source = |text: &str, since_ms| HeartbeatSource {
+            address: text.parse().unwrap(),
+            since_ms,
+        };
+        let now = 100_000;
+        let held_since = now - HEARTBEAT_SOURCE_CHANGE_INTERVAL_MS + 1;
+        let due_since = now - HEARTBEAT_SOURCE_CHANGE_INTERVAL_MS;
+        // (recorded before, peer, what to record)
+        let cases = [
+            (None, None, None),
+            (None, peer("10.77.0.150"), Some(source("10.77.0.150", now))),
+            (Some(source("10.77.0.150", 1)), peer("10.77.0.150"), None),
+            (
+                Some(source("10.77.0.150", due_since)),
+                peer("10.77.0.10"),
+                Some(source("10.77.0.10", now)),
+            ),
+            // Alternating sources: the next change waits out the interval.
+            (
+                Some(source("10.77.0.150", held_since)),
+                peer("10.77.0.10"),
+                None,
+            ),
+            (Some(source("10.77.0.150", 1)), None, None),
+            (
+                Some(source("10.77.0.10", 1)),
+                peer("::ffff:10.77.0.10"),
+                None,
+            ),
+            (None, peer("fd00::10"), Some(source("fd00::10", now))),
+        ];
+        for (before, from, expected) in cases {
+            node.heartbeat_source = before;
+            assert_eq!(
+                node.heartbeat_source_change(from, now),
+                expected,
+                "{before:?} then {from:?}"
+            );
+        }
+    }
+}

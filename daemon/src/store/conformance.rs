@@ -305,6 +305,20 @@ async fn heartbeats_do_not_bump_generation(store: &dyn Store) {
         .node_record_heartbeat(&NodeUuid::from_index(103, 99), 1)
         .await;
     assert!(matches!(unknown, Err(StoreError::NotFound { .. })));
+
+    // The heartbeat source is part of the record a full write stores, and the hot path's
+    // timestamp write leaves it as it was.
+    let mut moved = store.node_get(&n.uuid).await.unwrap().unwrap();
+    let source = crate::core::model::HeartbeatSource {
+        address: "10.77.0.10".parse().unwrap(),
+        since_ms: 9_500,
+    };
+    moved.heartbeat_source = Some(source);
+    store.node_update(&moved, &[]).await.unwrap();
+    store.node_record_heartbeat(&n.uuid, 10_000).await.unwrap();
+    let stored = store.node_get(&n.uuid).await.unwrap().unwrap();
+    assert_eq!(stored.heartbeat_source, Some(source));
+    assert_eq!(stored.last_heartbeat_at_ms, Some(10_000));
 }
 
 async fn retiring_releases_addresses(store: &dyn Store) {
