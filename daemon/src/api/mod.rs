@@ -337,6 +337,10 @@ pub fn route_label(path: &str) -> &'static str {
     if path.starts_with("/images/") {
         return "/images/{path}";
     }
+    // The boot protocol is most of the traffic: matched by hand, without the walk below.
+    if let Some(rest) = path.strip_prefix("/ipxe") {
+        return boot_route_label(rest);
+    }
     let segments = path.split('/').skip(1);
     'templates: for (pattern, template) in templates {
         let mut segments = segments.clone();
@@ -355,6 +359,29 @@ pub fn route_label(path: &str) -> &'static str {
         return "/ui";
     }
     "other"
+}
+
+/// [`route_label`] of `/ipxe` + `rest`.
+fn boot_route_label(rest: &str) -> &'static str {
+    if rest.is_empty() {
+        return "/ipxe";
+    }
+    let Some(rest) = rest.strip_prefix('/') else {
+        return "other";
+    };
+    match rest.split_once('/') {
+        None if !rest.is_empty() => "/ipxe/{uuid}",
+        Some((uuid, action)) if !uuid.is_empty() => match action {
+            "register" => "/ipxe/{uuid}/register",
+            "profile" => "/ipxe/{uuid}/profile",
+            "detail" => "/ipxe/{uuid}/detail",
+            "installed" => "/ipxe/{uuid}/installed",
+            "progress" => "/ipxe/{uuid}/progress",
+            "heartbeat" => "/ipxe/{uuid}/heartbeat",
+            _ => "other",
+        },
+        _ => "other",
+    }
 }
 
 /// The request method as metrics label it, from a fixed set.
