@@ -27,54 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a scenario file on one seed or a range of seeds
-    Run {
-        /// Scenario TOML file (see scenarios/)
-        scenario: PathBuf,
-        /// Seed (default: SIM_SEED, else 1)
-        #[arg(long, conflicts_with = "seeds")]
-        seed: Option<u64>,
-        /// Seed range A..B, B exclusive (default: SIM_SEEDS when set)
-        #[arg(long)]
-        seeds: Option<String>,
-        /// Resize the fleet to N nodes (whole racks), keeping nodes per rack
-        #[arg(long)]
-        nodes: Option<u32>,
-        /// With --nodes: nodes per rack (each rack is one turmoil host; fewer, larger
-        /// racks simulate faster)
-        #[arg(long, requires = "nodes")]
-        nodes_per_rack: Option<u32>,
-        /// Write the trace to FILE (one run) or FILE.<seed> (several)
-        #[arg(long)]
-        trace: Option<PathBuf>,
-        /// Only the summary line per seed
-        #[arg(long)]
-        quiet: bool,
-        /// Serve the simulated daemon's dashboard (/ui/, read-only) and /metrics on ADDR
-        /// (e.g. 127.0.0.1:9464) while the scenario runs; `/metrics?daemon=NAME` picks a
-        /// replica (default: the one leading). Read-only: a watched run replays byte for
-        /// byte
-        #[arg(long, value_name = "ADDR")]
-        serve: Option<std::net::SocketAddr>,
-        /// Virtual seconds per wall-clock second (1 = real time, 0.5 = slowed down, 0 =
-        /// as fast as it goes). Default: 1 with --serve, else 0
-        #[arg(long, value_name = "RATIO")]
-        pace: Option<f64>,
-        /// Run N seeds at once (0: one per core). Every seed of a multi-seed run runs in
-        /// a process of its own, so its result is what `--seed S` replays; reports and
-        /// the aggregate come out in seed order, whatever N. A seed's progress lines are
-        /// shown when it finishes
-        #[arg(long, value_name = "N", default_value_t = 1)]
-        jobs: usize,
-        /// Run only shard I of N of the seeds (every Nth seed from the Ith, I counted from
-        /// 0), for a CI matrix or a Kubernetes Indexed Job; merge the shards' --json
-        /// reports with `bearman-sim merge`
-        #[arg(long, value_name = "I/N")]
-        shard: Option<String>,
-        /// Write the sweep's report (every seed's verdict, trace hash and recovery
-        /// figures) as JSON to FILE
-        #[arg(long, value_name = "FILE")]
-        json: Option<PathBuf>,
-    },
+    Run(RunArgs),
     /// Merge the --json reports of shards of one sweep and print its aggregate, as the
     /// whole sweep run in one place would (exit 1 when a seed failed)
     Merge {
@@ -98,6 +51,56 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     ));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Scenario TOML file (see scenarios/)
+    scenario: PathBuf,
+    /// Seed (default: SIM_SEED, else 1)
+    #[arg(long, conflicts_with = "seeds")]
+    seed: Option<u64>,
+    /// Seed range A..B, B exclusive (default: SIM_SEEDS when set)
+    #[arg(long)]
+    seeds: Option<String>,
+    /// Resize the fleet to N nodes (whole racks), keeping nodes per rack
+    #[arg(long)]
+    nodes: Option<u32>,
+    /// With --nodes: nodes per rack (each rack is one turmoil host; fewer, larger
+    /// racks simulate faster)
+    #[arg(long, requires = "nodes")]
+    nodes_per_rack: Option<u32>,
+    /// Write the trace to FILE (one run) or FILE.<seed> (several)
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Only the summary line per seed
+    #[arg(long)]
+    quiet: bool,
+    /// Serve the simulated daemon's dashboard (/ui/, read-only) and /metrics on ADDR
+    /// (e.g. 127.0.0.1:9464) while the scenario runs; `/metrics?daemon=NAME` picks a
+    /// replica (default: the one leading). Read-only: a watched run replays byte for
+    /// byte
+    #[arg(long, value_name = "ADDR")]
+    serve: Option<std::net::SocketAddr>,
+    /// Virtual seconds per wall-clock second (1 = real time, 0.5 = slowed down, 0 =
+    /// as fast as it goes). Default: 1 with --serve, else 0
+    #[arg(long, value_name = "RATIO")]
+    pace: Option<f64>,
+    /// Run N seeds at once (0: one per core). Every seed of a multi-seed run runs in
+    /// a process of its own, so its result is what `--seed S` replays; reports and
+    /// the aggregate come out in seed order, whatever N. A seed's progress lines are
+    /// shown when it finishes
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    jobs: usize,
+    /// Run only shard I of N of the seeds (every Nth seed from the Ith, I counted from
+    /// 0), for a CI matrix or a Kubernetes Indexed Job; merge the shards' --json
+    /// reports with `bearman-sim merge`
+    #[arg(long, value_name = "I/N")]
+    shard: Option<String>,
+    /// Write the sweep's report (every seed's verdict, trace hash and recovery
+    /// figures) as JSON to FILE
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 /// `--shard I/N` → (I, N).
@@ -233,37 +236,23 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> anyhow::Result<bool> {
-    let (path, seed, seeds, nodes, nodes_per_rack, trace, quiet, serve, pace, jobs, shard, json) =
-        match Cli::parse().command {
-            Command::Merge { reports, json } => return merge_main(reports, json),
-            Command::Run {
-                scenario,
-                seed,
-                seeds,
-                nodes,
-                nodes_per_rack,
-                trace,
-                quiet,
-                serve,
-                pace,
-                jobs,
-                shard,
-                json,
-            } => (
-                scenario,
-                seed,
-                seeds,
-                nodes,
-                nodes_per_rack,
-                trace,
-                quiet,
-                serve,
-                pace,
-                jobs,
-                shard,
-                json,
-            ),
-        };
+    let RunArgs {
+        scenario: path,
+        seed,
+        seeds,
+        nodes,
+        nodes_per_rack,
+        trace,
+        quiet,
+        serve,
+        pace,
+        jobs,
+        shard,
+        json,
+    } = match Cli::parse().command {
+        Command::Merge { reports, json } => return merge_main(reports, json),
+        Command::Run(args) => args,
+    };
     let jobs = match jobs {
         0 => std::thread::available_parallelism().map_or(1, usize::from),
         n => n.min(256),

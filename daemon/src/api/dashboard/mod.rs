@@ -33,12 +33,7 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
 
 /// The dashboard's routes, for the admin listener.
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/", get(|| async { Redirect::to("/ui/") }))
-        .route("/ui", get(|| async { Redirect::to("/ui/") }))
-        .route("/ui/", get(index))
-        .route("/ui/app.js", get(app_js))
-        .route("/ui/app.css", get(app_css))
+    pages()
         .route("/ui/login", post(login))
         .route("/ui/logout", post(logout))
         .route("/ui/session", get(session_show))
@@ -50,12 +45,7 @@ pub fn router() -> Router<AppState> {
 /// "session" with no cookie and no CSRF token, so the page shows no action. Never
 /// mounted by `bearman serve` (`tests/tests/tidy.rs` checks only the simulator names it).
 pub fn read_only_window_router() -> Router<AppState> {
-    Router::new()
-        .route("/", get(|| async { Redirect::to("/ui/") }))
-        .route("/ui", get(|| async { Redirect::to("/ui/") }))
-        .route("/ui/", get(index))
-        .route("/ui/app.js", get(app_js))
-        .route("/ui/app.css", get(app_css))
+    pages()
         .route(
             "/ui/session",
             get(|| async {
@@ -68,6 +58,16 @@ pub fn read_only_window_router() -> Router<AppState> {
             }),
         )
         .layer(map_response(security_headers))
+}
+
+/// The page and its assets, which both dashboards serve.
+fn pages() -> Router<AppState> {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/ui/") }))
+        .route("/ui", get(|| async { Redirect::to("/ui/") }))
+        .route("/ui/", get(index))
+        .route("/ui/app.js", get(app_js))
+        .route("/ui/app.css", get(app_css))
 }
 
 /// The headers every dashboard response carries, errors included.
