@@ -110,6 +110,7 @@ async fn replica(url: &str, name: &str, machine: &Arc<Machine>) -> TestReplica {
             },
             enrollment: bearman::core::enrollment::EnrollmentPolicy::accept_all(),
             heartbeat_fresh_ms: 30_000,
+            firmware: Default::default(),
         },
     );
     app.leader.join(name, &LEASE);

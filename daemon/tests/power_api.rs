@@ -96,6 +96,7 @@ fn settings() -> Settings {
         },
         enrollment: bearman::core::enrollment::EnrollmentPolicy::default(),
         heartbeat_fresh_ms: 30_000,
+        firmware: Default::default(),
     }
 }
 
@@ -147,6 +148,7 @@ async fn start(bmc: Arc<FakeBmc>) -> Daemon {
             body_limit_bytes: bearman::server::BODY_LIMIT_BYTES_DEFAULT,
             edge: bearman::edge::EdgeLimits::default(),
             heartbeat_fresh_ms: 30_000,
+            firmware: Default::default(),
             dashboard: Default::default(),
             metrics_public: false,
         },

@@ -172,6 +172,7 @@ async fn a_database_outage_answers_503_quickly_and_recovers() {
                 body_limit_bytes: bearman::api::BODY_LIMIT_BYTES_DEFAULT,
                 edge: bearman::edge::EdgeLimits::default(),
                 heartbeat_fresh_ms: 30_000,
+                firmware: Default::default(),
                 dashboard: Default::default(),
                 metrics_public: false,
             },

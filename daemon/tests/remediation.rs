@@ -269,6 +269,7 @@ async fn harness_with(
             },
             enrollment: bearman::core::enrollment::EnrollmentPolicy::accept_all(),
             heartbeat_fresh_ms: 30_000,
+            firmware: Default::default(),
         },
     );
     let config = ControllerConfig {
@@ -1262,6 +1263,7 @@ async fn victim_first_boot_stalled_since(h: &Harness, at_ms: i64) {
     node.boot = Some(BootProgress {
         phase: BootPhase::OsFetched,
         at_ms,
+        until_ms: None,
     });
     h.store.node_update(&node, &[]).await.unwrap();
 }

@@ -206,6 +206,7 @@ async fn an_expired_token_is_refused_saying_so_and_use_is_recorded() {
             body_limit_bytes: bearman::api::BODY_LIMIT_BYTES_DEFAULT,
             edge: bearman::edge::EdgeLimits::default(),
             heartbeat_fresh_ms: 30_000,
+            firmware: Default::default(),
             dashboard: Default::default(),
             metrics_public: false,
         },

@@ -3,10 +3,46 @@
 
 use crate::FirmwareVersions;
 
+/// The BIOS (DMI `bios_version`).
+pub const COMPONENT_BIOS: &str = "bios";
+/// The BMC (`ipmitool mc info`'s firmware revision).
+pub const COMPONENT_BMC: &str = "bmc";
+/// Prefix of a NIC's component name: `nic:<interface name>`.
+pub const COMPONENT_NIC_PREFIX: &str = "nic:";
+
+/// The component name of the NIC called `name`.
+pub fn nic_component(name: &str) -> String {
+    format!("{COMPONENT_NIC_PREFIX}{name}")
+}
+
+/// Every component `versions` names, with its version, in one fixed order: BIOS, BMC,
+/// then NICs by name.
+pub fn components(versions: &FirmwareVersions) -> Vec<(String, Option<String>)> {
+    let mut listed = vec![
+        (COMPONENT_BIOS.to_string(), versions.bios.clone()),
+        (COMPONENT_BMC.to_string(), versions.bmc.clone()),
+    ];
+    for (nic, version) in &versions.nics {
+        listed.push((nic_component(nic), Some(version.clone())));
+    }
+    listed
+}
+
+/// The version `versions` gives `component`, if it gives one.
+pub fn version_of<'a>(versions: &'a FirmwareVersions, component: &str) -> Option<&'a String> {
+    match component {
+        COMPONENT_BIOS => versions.bios.as_ref(),
+        COMPONENT_BMC => versions.bmc.as_ref(),
+        other => other
+            .strip_prefix(COMPONENT_NIC_PREFIX)
+            .and_then(|nic| versions.nics.get(nic)),
+    }
+}
+
 /// One firmware component that is not at the version the node's flavor expects.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FirmwareDifference {
-    /// `bios`, `bmc` or `nic <name>`.
+    /// `bios`, `bmc` or `nic:<name>`.
     pub component: String,
     pub expected: String,
     /// `None` when the agent could not read the version.
@@ -48,11 +84,11 @@ pub fn differences(
             }
         }
     };
-    compare("bios".into(), &expected.bios, reported.bios.as_ref());
-    compare("bmc".into(), &expected.bmc, reported.bmc.as_ref());
+    compare(COMPONENT_BIOS.into(), &expected.bios, reported.bios.as_ref());
+    compare(COMPONENT_BMC.into(), &expected.bmc, reported.bmc.as_ref());
     for (nic, version) in &expected.nics {
         compare(
-            format!("nic {nic}"),
+            nic_component(nic),
             &Some(version.clone()),
             reported.nics.get(nic),
         );
@@ -84,7 +120,7 @@ mod tests {
             lines,
             vec![
                 "bios firmware 2.0, expected 2.1",
-                "nic eno1 firmware unknown, expected 22.31"
+                "nic:eno1 firmware unknown, expected 22.31"
             ]
         );
         assert!(differences(&expected, &expected).is_empty());

@@ -110,6 +110,107 @@ pub struct RegisterResponse {
     /// again. Absent (false) from daemons without enrollment policies.
     #[serde(default)]
     pub awaiting_acceptance: bool,
+    /// A firmware update stage 1 must apply before it boots anything: download, verify,
+    /// run the updater, report (`POST /ipxe/{uuid}/firmware`), restart. Absent from
+    /// daemons without firmware bundles.
+    #[serde(default)]
+    pub firmware_update: Option<FirmwareOrder>,
+    /// Why the machine must wait in stage 1 instead of booting: a firmware update it needs
+    /// waits for a rollout slot, the rollout is paused, or its updates failed too often
+    /// (the node is then in maintenance). The agent says it on the console and registers
+    /// again after its backoff.
+    #[serde(default)]
+    pub firmware_hold: Option<String>,
+}
+
+/// One firmware update ordered by the daemon: a bundle and how to apply it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirmwareOrder {
+    /// The bundle's name, echoed back in the report.
+    pub bundle: String,
+    /// `bios`, `bmc` or `nic:<name>`.
+    pub component: String,
+    /// The version the machine reported (`None`: it could not be read).
+    pub from_version: Option<String>,
+    /// The version the bundle installs.
+    pub to_version: String,
+    /// Where the bundle file is and its sha256, verified before the updater runs.
+    pub artifact: Artifact,
+    /// The bundle file's exact size; a download that grows past it is cut off.
+    pub size_bytes: u64,
+    /// The updater's argument vector; `{file}` is replaced by the downloaded file's path.
+    pub command: Vec<String>,
+    /// The updater is killed after this long and the update counts as failed.
+    pub timeout_s: u64,
+    /// Exit codes that mean the firmware was written.
+    pub success_exit_codes: Vec<i32>,
+    /// How the new firmware is brought into use once written.
+    pub restart: FirmwareRestart,
+}
+
+/// How a machine starts on its new firmware.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FirmwareRestart {
+    /// Stage 1 reboots the machine itself.
+    Reboot,
+    /// The daemon power-cycles it through its BMC (firmware that only loads from cold).
+    PowerCycle,
+}
+
+impl FirmwareRestart {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FirmwareRestart::Reboot => "reboot",
+            FirmwareRestart::PowerCycle => "power_cycle",
+        }
+    }
+}
+
+/// Body of `POST /ipxe/{uuid}/firmware`: what came of a [`FirmwareOrder`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirmwareReport {
+    pub bundle: String,
+    pub outcome: FirmwareOutcome,
+    /// The updater's exit code, when it ran to an exit.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// Why it failed, or the updater's last output lines (at most
+    /// [`FIRMWARE_REPORT_DETAIL_MAX`] bytes).
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// Longest `detail` a firmware report may carry.
+pub const FIRMWARE_REPORT_DETAIL_MAX: usize = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FirmwareOutcome {
+    /// The updater exited with a success code: the firmware is written and takes effect
+    /// after the restart.
+    Applied,
+    /// Download, verification or the updater failed; nothing was restarted.
+    Failed,
+}
+
+/// The daemon's answer to a [`FirmwareReport`]: what stage 1 does next.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirmwareReportAnswer {
+    pub next: FirmwareNext,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FirmwareNext {
+    /// Reboot the machine now.
+    Reboot,
+    /// The daemon is power-cycling the machine through its BMC: wait for it.
+    AwaitPowerCycle,
+    /// Register again (a failed update: the daemon decides whether to retry or hold).
+    RegisterAgain,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bearman::core::firmware::{FirmwareBundle, FirmwareRollout};
 use bearman::core::cluster::{ClusterStatus, Lease, Replica};
 use bearman::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
@@ -319,6 +320,51 @@ impl Store for RemoteStore {
     async fn flavor_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError> {
         let (name, events) = (name.to_string(), events.to_vec());
         remote!(self, |store| store.flavor_delete(&name, &events))
+    }
+
+    async fn firmware_bundle_create(
+        &self,
+        bundle: &FirmwareBundle,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError> {
+        let (bundle, events) = (bundle.clone(), events.to_vec());
+        remote!(self, |store| store.firmware_bundle_create(&bundle, &events))
+    }
+
+    async fn firmware_bundle_list(&self) -> Result<Vec<FirmwareBundle>, StoreError> {
+        remote!(self, |store| store.firmware_bundle_list())
+    }
+
+    async fn firmware_bundle_delete(
+        &self,
+        name: &str,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError> {
+        let (name, events) = (name.to_string(), events.to_vec());
+        remote!(self, |store| store.firmware_bundle_delete(&name, &events))
+    }
+
+    async fn firmware_rollout_get(&self) -> Result<FirmwareRollout, StoreError> {
+        remote!(self, |store| store.firmware_rollout_get())
+    }
+
+    async fn firmware_rollout_put(
+        &self,
+        rollout: &FirmwareRollout,
+        events: &[NewEvent],
+    ) -> Result<FirmwareRollout, StoreError> {
+        let (rollout, events) = (rollout.clone(), events.to_vec());
+        remote!(self, |store| store.firmware_rollout_put(&rollout, &events))
+    }
+
+    async fn node_update_with_rollout(
+        &self,
+        node: &Node,
+        rollout: &FirmwareRollout,
+        events: &[NewEvent],
+    ) -> Result<Node, StoreError> {
+        let (node, rollout, events) = (node.clone(), rollout.clone(), events.to_vec());
+        remote!(self, |store| store.node_update_with_rollout(&node, &rollout, &events))
     }
 
     async fn pool_create(&self, pool: &IpPool, events: &[NewEvent]) -> Result<(), StoreError> {

@@ -501,6 +501,7 @@ pub fn service_config() -> ServiceConfig {
         body_limit_bytes: bearman::server::BODY_LIMIT_BYTES_DEFAULT,
         edge: bearman::edge::EdgeLimits::default(),
         heartbeat_fresh_ms: 30_000,
+        firmware: Default::default(),
         metrics_public: false,
         dashboard: Default::default(),
     }

@@ -128,6 +128,7 @@ impl TestDaemon {
                 body_limit_bytes: options.body_limit_bytes,
                 edge: options.edge,
                 heartbeat_fresh_ms: 30_000,
+                firmware: Default::default(),
                 dashboard: Default::default(),
                 metrics_public: options.metrics_public,
             },

@@ -104,6 +104,7 @@ pub fn router() -> Router<AppState> {
         .route("/ipxe/{uuid}/installed", post(installed))
         .route("/ipxe/{uuid}/progress", post(progress))
         .route("/ipxe/{uuid}/heartbeat", post(heartbeat))
+        .route("/ipxe/{uuid}/firmware", post(firmware_report))
         .route("/images/{*path}", get(image))
 }
 
@@ -287,8 +288,21 @@ async fn register(
             bmc: registered.bmc,
             firmware_expected: registered.firmware_expected,
             awaiting_acceptance: registered.awaiting_acceptance,
+            firmware_update: registered
+                .firmware_update
+                .map(|(bundle, from)| bundle.order(from, &state.config.public_url)),
+            firmware_hold: registered.firmware_hold,
         }),
     ))
+}
+
+/// Stage 1's report of a firmware update it was ordered: what it does next.
+async fn firmware_report(
+    State(state): State<AppState>,
+    UuidPath(uuid): UuidPath,
+    JsonBody(report): JsonBody<bearman_proto::FirmwareReport>,
+) -> Result<Json<bearman_proto::FirmwareReportAnswer>, ApiError> {
+    Ok(Json(state.app.node_firmware_report(&uuid, &report).await?))
 }
 
 async fn profile(

@@ -182,7 +182,16 @@ impl From<AppError> for ApiError {
             AppError::EnlistmentFull { .. } => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "enlistment_full", message)
             }
-            AppError::FlavorExists { .. } => ApiError::conflict("already_exists", message),
+            AppError::FlavorExists { .. } | AppError::FirmwareBundleExists { .. } => {
+                ApiError::conflict("already_exists", message)
+            }
+            AppError::FirmwareBundleNotFound { .. } => ApiError::not_found(message),
+            AppError::RolloutPaused { .. } => ApiError::conflict("already_paused", message),
+            AppError::RolloutNotPaused => ApiError::conflict("not_paused", message),
+            AppError::FirmwareReportRefused { .. } => {
+                ApiError::conflict("no_update_in_flight", message)
+            }
+            AppError::NoFirmwareFailures { .. } => ApiError::conflict("nothing_to_retry", message),
             AppError::FlavorMissing { .. } => ApiError::conflict("flavor_missing", message),
             AppError::NoFlavor { .. } => ApiError::conflict("no_flavor", message),
             AppError::PowerRefused { .. } => ApiError::conflict("power_refused", message),

@@ -49,6 +49,8 @@ pub struct ServiceConfig {
     pub dashboard: crate::core::session::DashboardSettings,
     /// `GET /metrics` without a token (`[metrics] public`); otherwise role viewer.
     pub metrics_public: bool,
+    /// The firmware rollout's rules (`[firmware]`).
+    pub firmware: crate::core::firmware::RolloutPolicy,
 }
 
 #[derive(Clone)]
@@ -87,6 +89,7 @@ impl AppState {
                 defaults: config.defaults.clone(),
                 enrollment: config.enrollment.clone(),
                 heartbeat_fresh_ms: config.heartbeat_fresh_ms,
+                firmware: config.firmware.clone(),
             },
         );
         let rate_limiter = Arc::new(std::sync::Mutex::new(
@@ -378,6 +381,7 @@ fn boot_route_label(rest: &str) -> &'static str {
             "installed" => "/ipxe/{uuid}/installed",
             "progress" => "/ipxe/{uuid}/progress",
             "heartbeat" => "/ipxe/{uuid}/heartbeat",
+            "firmware" => "/ipxe/{uuid}/firmware",
             _ => "other",
         },
         _ => "other",

@@ -8,6 +8,7 @@
 //! `core`; this layer only sequences reads, decisions and writes.
 
 pub mod cluster;
+pub mod firmware;
 pub mod flavors;
 pub mod guards;
 pub mod nodes;
@@ -44,6 +45,8 @@ pub struct Settings {
     pub enrollment: crate::core::enrollment::EnrollmentPolicy,
     /// A heartbeat younger than this counts as "the node is up" (leaving maintenance).
     pub heartbeat_fresh_ms: TimestampMs,
+    /// The firmware rollout's rules (`[firmware]`).
+    pub firmware: crate::core::firmware::RolloutPolicy,
 }
 
 /// The application: the store and clock every operation uses, and what the controller
@@ -217,6 +220,21 @@ pub enum AppError {
     SessionExpired,
     #[error("the operating system's random generator failed: {0}")]
     RandomSource(std::io::Error),
+    #[error("firmware bundle {name} already exists; delete it first to replace it")]
+    FirmwareBundleExists { name: String },
+    #[error("firmware bundle {name} does not exist")]
+    FirmwareBundleNotFound { name: String },
+    #[error("the firmware rollout is already paused by {by}: {reason}")]
+    RolloutPaused { by: String, reason: String },
+    #[error("the firmware rollout is not paused")]
+    RolloutNotPaused,
+    #[error("node {uuid}: firmware report refused: {refused}")]
+    FirmwareReportRefused {
+        uuid: NodeUuid,
+        refused: crate::core::firmware::ReportRefused,
+    },
+    #[error("node {uuid} has no failed firmware update to retry")]
+    NoFirmwareFailures { uuid: NodeUuid },
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -6,6 +6,8 @@
 use bearman_proto::uuid::NodeUuid;
 use bearman_proto::{BmcSettings, FirmwareVersions, RegisterRequest};
 
+use crate::core::firmware::{self, FirmwareBundle, FirmwareRollout};
+
 use super::{App, AppError, NODE_ACTOR, NODE_WRITE_ATTEMPTS_MAX};
 use crate::core::ipam;
 use crate::core::lifecycle::LifecycleState;
@@ -24,7 +26,17 @@ pub struct Registration {
     pub firmware_expected: FirmwareVersions,
     /// The machine is recorded but not accepted: no address, no boot files yet.
     pub awaiting_acceptance: bool,
+    /// The firmware bundle stage 1 is ordered to apply now, and the version it updates
+    /// from (`core::firmware::on_registration`).
+    pub firmware_update: Option<(FirmwareBundle, Option<String>)>,
+    /// Why stage 1 must wait instead of booting.
+    pub firmware_hold: Option<String>,
 }
+
+/// How long the boot watchdog leaves a machine that waits in stage 1 for a firmware
+/// rollout slot: it registers again well within this while it waits (its backoff is
+/// capped far below), so only a machine that stopped asking is judged stalled.
+pub const FIRMWARE_HOLD_WATCH_MS: TimestampMs = 10 * 60_000;
 
 impl App {
     /// Records the hardware a machine reports about itself. A uuid whose recorded
@@ -83,7 +95,7 @@ impl App {
                 }
                 Err(RegistrationRefused::Illegal(error)) => return Err(error.into()),
             };
-            let (node, newly_accepted) = match plan {
+            let (mut node, newly_accepted) = match plan {
                 RegistrationPlan::Register {
                     node,
                     newly_accepted,
@@ -113,6 +125,13 @@ impl App {
                 Some(name) => self.store.flavor_get(name).await?,
                 None => None,
             };
+            let expected = flavor
+                .as_ref()
+                .map(|f| f.firmware_expected.clone())
+                .unwrap_or_default();
+            let (firmware, rollout) = self
+                .plan_firmware(&mut node, request, &expected, now)
+                .await?;
             let mut events = Vec::new();
             if let Some(by) = &newly_accepted {
                 events.push(NewEvent::for_node(
@@ -143,9 +162,10 @@ impl App {
                     node.state,
                 ),
             );
-            if let Some(flavor) = &flavor {
-                if let Some(mismatch) = firmware_mismatch(&flavor.firmware_expected, &node.firmware)
-                {
+            events.extend(firmware.events);
+            // Behind with no bundle to fix it: said at every registration, as before.
+            if firmware.update.is_none() && firmware.hold.is_none() {
+                if let Some(mismatch) = firmware_mismatch(&expected, &node.firmware) {
                     events.push(NewEvent::for_node(
                         uuid,
                         now,
@@ -161,6 +181,7 @@ impl App {
                 addresses,
                 events,
                 at_ms: now,
+                rollout,
             };
             match self.store.node_register(&write).await {
                 Ok(registered) => {
@@ -194,13 +215,16 @@ impl App {
                     return Ok(Registration {
                         node,
                         bmc,
-                        firmware_expected: flavor.map(|f| f.firmware_expected).unwrap_or_default(),
+                        firmware_expected: expected,
                         awaiting_acceptance: false,
+                        firmware_update: firmware.update,
+                        firmware_hold: firmware.hold,
                     });
                 }
                 Err(
                     error @ (StoreError::GenerationMismatch { .. }
-                    | StoreError::AlreadyExists { .. }),
+                    | StoreError::AlreadyExists { .. }
+                    | StoreError::Conflict { .. }),
                 ) => {
                     // Lost a race with a concurrent registration of the same node (or its
                     // default hostname is taken): look again from the top. The lost
@@ -235,6 +259,8 @@ impl App {
             bmc: None,
             firmware_expected: FirmwareVersions::default(),
             awaiting_acceptance: true,
+            firmware_update: None,
+            firmware_hold: None,
         };
         if !changed {
             return Ok(waiting(node));
@@ -276,6 +302,7 @@ impl App {
             addresses: Vec::new(),
             events: vec![event],
             at_ms: now,
+            rollout: None,
         };
         let registered = self.store.node_register(&write).await?;
         tracing::info!(%uuid, "enlisted; waits for acceptance");
@@ -337,6 +364,84 @@ impl App {
             )])
         })
         .await
+    }
+}
+
+/// What a registration decided about the node's firmware, for the write and the answer.
+struct RegistrationFirmwarePlan {
+    events: Vec<NewEvent>,
+    update: Option<(FirmwareBundle, Option<String>)>,
+    hold: Option<String>,
+}
+
+impl App {
+    /// The firmware part of a registration (`core::firmware::on_registration`): records
+    /// the inventory into `node`, ends an update in flight, orders the next one or holds
+    /// the machine, and returns the rollout to write with the node when it changed.
+    async fn plan_firmware(
+        &self,
+        node: &mut Node,
+        request: &RegisterRequest,
+        expected: &FirmwareVersions,
+        now: TimestampMs,
+    ) -> Result<(RegistrationFirmwarePlan, Option<FirmwareRollout>), AppError> {
+        let uuid = node.uuid.clone();
+        if *expected == FirmwareVersions::default() && node.firmware_update.is_none() {
+            // Nothing expected and nothing in flight: the inventory is all there is; the
+            // bundles and the rollout are not read on this path.
+            let notes = firmware::record_inventory(node, &request.firmware, now);
+            return Ok((
+                RegistrationFirmwarePlan {
+                    events: super::firmware::note_events(&uuid, &notes, now),
+                    update: None,
+                    hold: None,
+                },
+                None,
+            ));
+        }
+        let bundles = self.store.firmware_bundle_list().await?;
+        let mut rollout = self.store.firmware_rollout_get().await?;
+        let decision = firmware::on_registration(
+            node,
+            &request.firmware,
+            expected,
+            &bundles,
+            &mut rollout,
+            &self.settings.firmware,
+            now,
+        );
+        let mut events = super::firmware::note_events(&uuid, &decision.notes, now);
+        if let Some(reason) = &decision.maintenance {
+            events.extend(super::firmware::park(node, reason, now));
+        }
+        let update = decision.order.map(|bundle| {
+            let from = node
+                .firmware_update
+                .as_ref()
+                .and_then(|update| update.from_version.clone());
+            (bundle, from)
+        });
+        if let Some(in_flight) = node
+            .firmware_update
+            .as_ref()
+            .and_then(|update| update.in_flight)
+            .filter(|_| update.is_some())
+        {
+            node.enter_firmware_update(now, in_flight.deadline_ms);
+        } else if decision.hold.is_some() {
+            node.enter_firmware_update(now, now + FIRMWARE_HOLD_WATCH_MS);
+        }
+        if let Some(hold) = &decision.hold {
+            tracing::info!(%uuid, %hold, "firmware: machine held in stage 1");
+        }
+        Ok((
+            RegistrationFirmwarePlan {
+                events,
+                update,
+                hold: decision.hold,
+            },
+            decision.rollout_changed.then_some(rollout),
+        ))
     }
 }
 
@@ -427,6 +532,7 @@ mod tests {
                 },
                 enrollment: crate::core::enrollment::EnrollmentPolicy::default(),
                 heartbeat_fresh_ms: 0,
+                firmware: Default::default(),
             },
         );
         assert_eq!(app.report_orphan_addresses().await.unwrap(), 0);

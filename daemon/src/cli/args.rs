@@ -32,6 +32,21 @@ pub(super) enum Command {
     /// Manage IP pools
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// Firmware compliance: drift across the fleet, update bundles, the rollout
+    #[command(
+        subcommand,
+        long_about = "Firmware compliance.\n\n\
+Each node reports its BIOS, BMC and NIC firmware versions when stage 1 registers it; its \
+flavor's `firmware_expected` says what they should be. `bearman firmware status` shows which \
+nodes drift and which bundle can fix them. A bundle (`bearman firmware bundle add FILE`) is a \
+file and an updater command that bring one component to one version; stage 1 downloads it, \
+verifies its sha256, runs the updater and restarts onto the new firmware, and the daemon \
+records the version flashed. The rollout lets at most `firmware.updates_max` nodes (and \
+`firmware.updates_per_rack_max` per rack) flash at once, gives a new bundle to \
+`firmware.canary_nodes` nodes first, and pauses itself when more than \
+`firmware.failure_pause_percent` % of a bundle's updates fail (see the README, \"Firmware\")."
+    )]
+    Firmware(FirmwareCommand),
     /// Remediations (fence, evacuate, rebuild sagas) and their guards
     #[command(subcommand)]
     Remediation(RemediationCommand),
@@ -662,6 +677,82 @@ pub(super) enum FlavorCommand {
         name: String,
         #[command(flatten)]
         api: ApiArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum FirmwareCommand {
+    /// Drift across the fleet: component, expected, actual, how many nodes, which; and the rollout
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Firmware update bundles
+    #[command(subcommand)]
+    Bundle(FirmwareBundleCommand),
+    /// The rollout: who is flashing, each bundle's tally, pause and resume
+    #[command(subcommand)]
+    Rollout(FirmwareRolloutCommand),
+    /// Clear a node's failed update attempts and release it from the maintenance they put it in
+    Retry {
+        uuid: String,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Why (kept in the audit trail)
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum FirmwareBundleCommand {
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    Show {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Add a bundle from a TOML or JSON file (see the README, "Firmware bundles")
+    Add {
+        /// The bundle file: name, component, version, artifact {url, sha256}, size_bytes,
+        /// applies_to, command, timeout_s, success_exit_codes, restart
+        file: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete a bundle: nodes flashing it finish, no node is ordered it again
+    Delete {
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum FirmwareRolloutCommand {
+    /// Who is flashing now, each bundle's tally, whether the rollout is paused
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Stop new updates (those flashing finish); nodes that need one wait in stage 1
+    Pause {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Let updates start again (after an automatic pause too)
+    Resume {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 

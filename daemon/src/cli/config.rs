@@ -48,6 +48,9 @@ pub struct FileConfig {
     pub dashboard: Option<bearman::core::session::DashboardConfig>,
     /// `GET /metrics`.
     pub metrics: Option<MetricsFile>,
+    /// The firmware rollout: how many nodes flash at once, the canary group, the
+    /// automatic pause, attempts per node.
+    pub firmware: Option<bearman::core::firmware::RolloutPolicy>,
 }
 
 /// `[metrics]`: who may read `GET /metrics` (on the main listener).
@@ -240,6 +243,7 @@ pub struct ServeConfig {
     pub dashboard: bearman::core::session::DashboardConfig,
     /// `GET /metrics` without a token.
     pub metrics_public: bool,
+    pub firmware: bearman::core::firmware::RolloutPolicy,
 }
 
 /// Values given on the command line or in the environment (clap merges those two).
@@ -391,6 +395,10 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
     if let Err(problem) = dashboard.validate() {
         bail!("[dashboard] {problem}");
     }
+    let firmware = file.firmware.unwrap_or_default();
+    if let Err(problem) = firmware.validate() {
+        bail!("[firmware] {problem}");
+    }
     Ok(ServeConfig {
         listen,
         public_url,
@@ -412,6 +420,7 @@ pub fn resolve(overrides: Overrides, file: FileConfig) -> anyhow::Result<ServeCo
         tls,
         dashboard,
         metrics_public: file.metrics.unwrap_or_default().public,
+        firmware,
     })
 }
 

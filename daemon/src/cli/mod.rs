@@ -6,6 +6,7 @@ mod bmc;
 mod client;
 mod cluster;
 mod config;
+mod firmware;
 mod flavor;
 mod migrate;
 mod node;
@@ -40,6 +41,7 @@ use bmc::*;
 use client::ApiClient;
 use cluster::*;
 use config::{FileConfig, Overrides};
+use firmware::*;
 use flavor::*;
 use migrate::*;
 use node::*;
@@ -104,6 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(command) => node(command).await,
         Command::Flavor(command) => flavor(command).await,
         Command::Pool(command) => pool(command).await,
+        Command::Firmware(command) => firmware(command).await,
         Command::Remediation(command) => remediation(command).await,
         Command::Bmc(command) => bmc(command).await,
         Command::Cluster(ClusterCommand::Status { api }) => cluster_status(&api).await,

@@ -130,9 +130,14 @@ pub(super) async fn node(command: NodeCommand) -> anyhow::Result<()> {
             let phase = serde_json::from_value::<Node>(node.clone())
                 .ok()
                 .and_then(|n| boot_phase_text(&n, now_ms()));
+            // Each firmware component against what the node's flavor expects.
+            let firmware: Value = client
+                .call("GET", &format!("/nodes/{uuid}/firmware"), None::<&()>)
+                .await?;
             if let Some(fields) = node.as_object_mut() {
                 fields.insert("last_power_reading".into(), power["power"].clone());
                 fields.insert("boot_phase".into(), phase.into());
+                fields.insert("firmware_status".into(), firmware["components"].clone());
             }
             // A node has nested hardware facts; JSON is the readable form either way.
             print_json(&node)

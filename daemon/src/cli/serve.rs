@@ -149,6 +149,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 secure_cookie: config.tls.is_some(),
             },
             metrics_public: config.metrics_public,
+            firmware: config.firmware.clone(),
         },
         bmcs: Arc::new(bmcs),
         cloud,

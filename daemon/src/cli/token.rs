@@ -124,6 +124,7 @@ pub(super) fn offline_app(store: Arc<dyn bearman::store::Store>) -> App {
             },
             enrollment: bearman::core::enrollment::EnrollmentPolicy::default(),
             heartbeat_fresh_ms: 0,
+            firmware: Default::default(),
         },
     )
 }

@@ -687,7 +687,7 @@ impl ControllerCore {
                 let boot = node.boot?;
                 let since_ms = boot.at_ms.max(self.started_at_ms);
                 let (stuck_ms, deadline_ms) =
-                    past_deadline(now_ms, boot.phase, since_ms, &config.limits)?;
+                    past_deadline(now_ms, boot, since_ms, &config.limits)?;
                 Some((node, boot, stuck_ms, deadline_ms))
             })
             .collect();
@@ -1460,7 +1460,7 @@ fn boot_stall(
     if boot.at_ms < attempt.step_started_at_ms {
         return None;
     }
-    let (stuck_ms, deadline) = past_deadline(now_ms, boot.phase, boot.at_ms, limits)?;
+    let (stuck_ms, deadline) = past_deadline(now_ms, boot, boot.at_ms, limits)?;
     Some(format!(
         "boot stalled: {} for {} s (deadline {} s)",
         boot.phase.as_str(),
@@ -1473,11 +1473,15 @@ fn boot_stall(
 /// deadline, when it is past it; `None` while within it, or for a milestone without one.
 fn past_deadline(
     now_ms: TimestampMs,
-    phase: BootPhase,
+    boot: BootProgress,
     since_ms: TimestampMs,
     limits: &Limits,
 ) -> Option<(i64, i64)> {
-    let deadline = limits.boot_phase_timeout_ms(phase)?;
+    // A milestone with a deadline of its own (a firmware update) is judged by it alone.
+    let deadline = match boot.until_ms {
+        Some(until_ms) => until_ms - since_ms,
+        None => limits.boot_phase_timeout_ms(boot.phase)?,
+    };
     let stuck_ms = now_ms - since_ms;
     (stuck_ms >= deadline).then_some((stuck_ms, deadline))
 }
@@ -1520,6 +1524,7 @@ pub fn handle_outcome(
         next.boot = Some(BootProgress {
             phase: BootPhase::PoweredOn,
             at_ms: now_ms,
+            until_ms: None,
         });
     }
     let node_write = (!audit.is_empty() || powered_on).then_some(next);
@@ -2630,7 +2635,11 @@ mod tests {
         waiting.step_started_at_ms = T - 200_000;
         let outcome = |phase: BootPhase, at_ms: i64| {
             let mut booting = node(LifecycleState::Rebuilding);
-            booting.boot = Some(BootProgress { phase, at_ms });
+            booting.boot = Some(BootProgress {
+                phase,
+                at_ms,
+                until_ms: None,
+            });
             let mut program = StepProgram::new(T, &waiting, &booting, false, &limits).unwrap();
             match program.next(None) {
                 Next::Finish(outcome) => outcome,
@@ -2667,7 +2676,11 @@ mod tests {
             } else {
                 LifecycleState::Registered
             },
-            boot: Some(BootProgress { phase, at_ms }),
+            boot: Some(BootProgress {
+                phase,
+                at_ms,
+                until_ms: None,
+            }),
             bmc_configured: true,
         }
     }
@@ -2897,6 +2910,7 @@ mod tests {
             n.boot = Some(BootProgress {
                 phase: BootPhase::Registered,
                 at_ms: boot_at,
+                until_ms: None,
             });
             n
         };

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod controller;
 pub mod enrollment;
 pub mod event_throttle;
+pub mod firmware;
 pub mod health;
 pub mod ipam;
 pub mod lifecycle;

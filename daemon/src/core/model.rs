@@ -132,6 +132,13 @@ pub struct Node {
     /// so a heartbeat from where the last one came from stays one timestamp write.
     #[serde(default)]
     pub heartbeat_source: Option<HeartbeatSource>,
+    /// Per firmware component (`bios`, `bmc`, `nic:<name>`): the version now, the one
+    /// first seen, the last one a Bearman bundle flashed (`core::firmware`).
+    #[serde(default)]
+    pub firmware_components: BTreeMap<String, super::firmware::ComponentRecord>,
+    /// The firmware update the node is going through, or last failed.
+    #[serde(default)]
+    pub firmware_update: Option<super::firmware::NodeFirmwareUpdate>,
 }
 
 /// A node's heartbeat source is rewritten at most this often. A node whose heartbeats
@@ -171,15 +178,19 @@ pub enum BootPhase {
     OsFetched,
     /// Stage 2 reported installed.
     Installed,
+    /// Stage 1 was ordered a firmware update: download, the updater and a restart come
+    /// next, bounded by the update's own deadline ([`BootProgress::until_ms`]).
+    Firmware,
 }
 
 impl BootPhase {
-    pub const ALL: [BootPhase; 5] = [
+    pub const ALL: [BootPhase; 6] = [
         BootPhase::PoweredOn,
         BootPhase::Stage1,
         BootPhase::Registered,
         BootPhase::OsFetched,
         BootPhase::Installed,
+        BootPhase::Firmware,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -189,6 +200,7 @@ impl BootPhase {
             BootPhase::Registered => "registered",
             BootPhase::OsFetched => "os_fetched",
             BootPhase::Installed => "installed",
+            BootPhase::Firmware => "firmware",
         }
     }
 
@@ -201,6 +213,10 @@ impl BootPhase {
 pub struct BootProgress {
     pub phase: BootPhase,
     pub at_ms: TimestampMs,
+    /// A deadline of this milestone's own, instead of the configured one for its phase
+    /// (a firmware update's: its updater timeout and restart grace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<TimestampMs>,
 }
 
 /// Why a node is in maintenance: who put it there (an operator's name, or the controller
@@ -249,6 +265,8 @@ impl Node {
             maintenance: None,
             pending_acceptance: None,
             heartbeat_source: None,
+            firmware_components: BTreeMap::new(),
+            firmware_update: None,
         }
     }
 
@@ -284,8 +302,19 @@ impl Node {
         self.boot = Some(BootProgress {
             phase,
             at_ms: now_ms,
+            until_ms: None,
         });
         true
+    }
+
+    /// Records that stage 1 was ordered a firmware update at `now_ms`, which the boot
+    /// watchdog gives until `until_ms`.
+    pub fn enter_firmware_update(&mut self, now_ms: TimestampMs, until_ms: TimestampMs) {
+        self.boot = Some(BootProgress {
+            phase: BootPhase::Firmware,
+            at_ms: now_ms,
+            until_ms: Some(until_ms),
+        });
     }
 
     /// Lowercase MACs of every NIC, sorted: the identity the anti-spoofing check compares.
@@ -496,6 +525,25 @@ actions! {
     PowerRequested = "power_requested",
     PowerDone = "power_done",
     PowerFailed = "power_failed",
+    // Firmware (`core::firmware`).
+    /// A component's reported version changed, or was seen the first time.
+    FirmwareChanged = "firmware_changed",
+    /// Stage 1 was ordered a firmware update (a rollout slot taken).
+    FirmwareUpdateStarted = "firmware_update_started",
+    /// The updater wrote the firmware; the machine restarts onto it.
+    FirmwareApplied = "firmware_applied",
+    /// The machine came back reading the bundle's version: `last_version_flashed` set.
+    FirmwareFlashed = "firmware_flashed",
+    FirmwareUpdateFailed = "firmware_update_failed",
+    /// The daemon power-cycled a machine through its BMC for its new firmware.
+    FirmwarePowerCycle = "firmware_power_cycle",
+    /// A node's failed-attempt count was cleared by an operator.
+    FirmwareRetry = "firmware_retry",
+    FirmwareBundleCreate = "firmware_bundle_create",
+    FirmwareBundleDelete = "firmware_bundle_delete",
+    /// The rollout was paused: by an operator, or by itself past its failure threshold.
+    FirmwareRolloutPaused = "firmware_rollout_paused",
+    FirmwareRolloutResumed = "firmware_rollout_resumed",
 }
 
 impl std::fmt::Display for Action {

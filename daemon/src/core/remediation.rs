@@ -260,6 +260,8 @@ impl Limits {
             BootPhase::Registered => Some(self.boot_registered_timeout_ms),
             BootPhase::OsFetched => Some(self.boot_os_fetched_timeout_ms),
             BootPhase::Installed => None,
+            // Bounded by the update's own deadline (`BootProgress::until_ms`).
+            BootPhase::Firmware => None,
         }
     }
 

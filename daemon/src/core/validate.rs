@@ -22,6 +22,12 @@ pub struct FieldError {
     pub problem: String,
 }
 
+impl FieldError {
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        field_error(field, problem)
+    }
+}
+
 /// A configuration value refused at start-up; `key` is the setting as written in the
 /// config file (`health.heartbeat_grace_ms`, `tick_ms`), so the message says what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

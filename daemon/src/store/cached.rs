@@ -26,6 +26,7 @@ use bearman_proto::uuid::NodeUuid;
 
 use super::{OrphanAllocation, Registered, RegistrationWrite, Store, StoreError};
 use crate::core::cluster::{ClusterStatus, Lease, Replica};
+use crate::core::firmware::{FirmwareBundle, FirmwareRollout};
 use crate::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
@@ -373,6 +374,63 @@ impl Store for CachedStore {
         self.inner.node_record_heartbeat(uuid, at_ms).await?;
         self.note_heartbeat(uuid, at_ms);
         Ok(())
+    }
+
+    async fn firmware_bundle_create(
+        &self,
+        bundle: &FirmwareBundle,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError> {
+        self.inner.firmware_bundle_create(bundle, events).await
+    }
+
+    async fn firmware_bundle_list(&self) -> Result<Vec<FirmwareBundle>, StoreError> {
+        self.inner.firmware_bundle_list().await
+    }
+
+    async fn firmware_bundle_delete(
+        &self,
+        name: &str,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError> {
+        self.inner.firmware_bundle_delete(name, events).await
+    }
+
+    async fn firmware_rollout_get(&self) -> Result<FirmwareRollout, StoreError> {
+        self.inner.firmware_rollout_get().await
+    }
+
+    async fn firmware_rollout_put(
+        &self,
+        rollout: &FirmwareRollout,
+        events: &[NewEvent],
+    ) -> Result<FirmwareRollout, StoreError> {
+        self.inner.firmware_rollout_put(rollout, events).await
+    }
+
+    async fn node_update_with_rollout(
+        &self,
+        node: &Node,
+        rollout: &FirmwareRollout,
+        events: &[NewEvent],
+    ) -> Result<Node, StoreError> {
+        let before = self.evictions(node.uuid.as_str());
+        match self
+            .inner
+            .node_update_with_rollout(node, rollout, events)
+            .await
+        {
+            Ok(updated) => {
+                self.remember(&updated, before);
+                self.bump();
+                Ok(updated)
+            }
+            Err(error) => {
+                self.nodes().remove(&node.uuid);
+                self.bump();
+                Err(error)
+            }
+        }
     }
 
     async fn flavor_create(

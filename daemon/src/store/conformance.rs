@@ -897,6 +897,7 @@ fn registration(
             reason,
         )],
         at_ms: 5_000,
+        rollout: None,
     }
 }
 

@@ -12,6 +12,7 @@ use super::{
     StoreError,
 };
 use crate::core::cluster::{claim, ClusterStatus, Lease, Replica};
+use crate::core::firmware::{FirmwareBundle, FirmwareRollout};
 use crate::core::ipam::{self, validate_pool};
 use crate::core::lifecycle::LifecycleState;
 use crate::core::model::{
@@ -40,6 +41,29 @@ struct State {
     power: BTreeMap<NodeUuid, PowerReading>,
     lease: Option<Lease>,
     replicas: BTreeMap<String, Replica>,
+    firmware_bundles: BTreeMap<String, FirmwareBundle>,
+    firmware_rollout: FirmwareRollout,
+}
+
+/// `Conflict` unless the stored rollout is at `rollout.generation`.
+fn check_rollout(state: &State, rollout: &FirmwareRollout) -> Result<(), StoreError> {
+    if state.firmware_rollout.generation == rollout.generation {
+        return Ok(());
+    }
+    Err(StoreError::Conflict {
+        what: "firmware rollout".into(),
+        detail: format!(
+            "changed concurrently (expected generation {}, found {})",
+            rollout.generation, state.firmware_rollout.generation
+        ),
+    })
+}
+
+fn write_rollout(state: &mut State, rollout: &FirmwareRollout) -> FirmwareRollout {
+    let mut stored = rollout.clone();
+    stored.generation = rollout.generation + 1;
+    state.firmware_rollout = stored.clone();
+    stored
 }
 
 #[derive(Default)]
@@ -351,6 +375,9 @@ impl Store for MemoryStore {
                 check_update(&state, &node)?;
             }
         }
+        if let Some(rollout) = &write.rollout {
+            check_rollout(&state, rollout)?;
+        }
         let mut held = Vec::new();
         let mut unfilled = Vec::new();
         let mut new_allocations = Vec::new();
@@ -425,6 +452,9 @@ impl Store for MemoryStore {
         for (allocation, address) in &new_allocations {
             insert_allocation(&mut state, allocation, *address);
         }
+        if let Some(rollout) = &write.rollout {
+            write_rollout(&mut state, rollout);
+        }
         append_events(&mut state, &write.events);
         Ok(Registered {
             node: stored,
@@ -445,6 +475,72 @@ impl Store for MemoryStore {
             .ok_or_else(|| StoreError::not_found(format!("node {uuid}")))?;
         node.last_heartbeat_at_ms = Some(node.last_heartbeat_at_ms.unwrap_or(at_ms).max(at_ms));
         Ok(())
+    }
+
+    async fn firmware_bundle_create(
+        &self,
+        bundle: &FirmwareBundle,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if state.firmware_bundles.contains_key(&bundle.name) {
+            return Err(StoreError::AlreadyExists {
+                what: format!("firmware bundle {}", bundle.name),
+            });
+        }
+        state
+            .firmware_bundles
+            .insert(bundle.name.clone(), bundle.clone());
+        append_events(&mut state, events);
+        Ok(())
+    }
+
+    async fn firmware_bundle_list(&self) -> Result<Vec<FirmwareBundle>, StoreError> {
+        Ok(self.lock().firmware_bundles.values().cloned().collect())
+    }
+
+    async fn firmware_bundle_delete(
+        &self,
+        name: &str,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if state.firmware_bundles.remove(name).is_none() {
+            return Err(StoreError::not_found(format!("firmware bundle {name}")));
+        }
+        append_events(&mut state, events);
+        Ok(())
+    }
+
+    async fn firmware_rollout_get(&self) -> Result<FirmwareRollout, StoreError> {
+        Ok(self.lock().firmware_rollout.clone())
+    }
+
+    async fn firmware_rollout_put(
+        &self,
+        rollout: &FirmwareRollout,
+        events: &[NewEvent],
+    ) -> Result<FirmwareRollout, StoreError> {
+        let mut state = self.lock();
+        check_rollout(&state, rollout)?;
+        let stored = write_rollout(&mut state, rollout);
+        append_events(&mut state, events);
+        Ok(stored)
+    }
+
+    async fn node_update_with_rollout(
+        &self,
+        node: &Node,
+        rollout: &FirmwareRollout,
+        events: &[NewEvent],
+    ) -> Result<Node, StoreError> {
+        let mut state = self.lock();
+        check_update(&state, node)?;
+        check_rollout(&state, rollout)?;
+        let updated = write_updated(&mut state, node);
+        write_rollout(&mut state, rollout);
+        append_events(&mut state, events);
+        Ok(updated)
     }
 
     async fn flavor_create(

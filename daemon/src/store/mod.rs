@@ -24,6 +24,7 @@ use async_trait::async_trait;
 use bearman_proto::uuid::NodeUuid;
 
 use crate::core::cluster::{ClusterStatus, Lease, Replica};
+use crate::core::firmware::{FirmwareBundle, FirmwareRollout};
 use crate::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
@@ -51,6 +52,10 @@ pub struct RegistrationWrite {
     pub addresses: Vec<AddressWant>,
     pub events: Vec<NewEvent>,
     pub at_ms: TimestampMs,
+    /// The firmware rollout as the registration changed it (a slot taken or freed), written
+    /// in the same transaction only if the stored one is still at `rollout.generation`
+    /// (`Conflict` otherwise), and stored one higher.
+    pub rollout: Option<FirmwareRollout>,
 }
 
 impl RegistrationWrite {
@@ -379,6 +384,35 @@ pub trait Store: Send + Sync + 'static {
     async fn flavor_list(&self) -> Result<Vec<Flavor>, StoreError>;
     /// Deletes a flavor no node uses, with its audit events; `InUse` otherwise.
     async fn flavor_delete(&self, name: &str, events: &[NewEvent]) -> Result<(), StoreError>;
+
+    /// Adds a firmware bundle with its audit events; `AlreadyExists` when the name is taken.
+    async fn firmware_bundle_create(
+        &self,
+        bundle: &FirmwareBundle,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError>;
+    /// Every bundle, by name.
+    async fn firmware_bundle_list(&self) -> Result<Vec<FirmwareBundle>, StoreError>;
+    /// Deletes a bundle with its audit events; `NotFound` when there is none of that name.
+    async fn firmware_bundle_delete(&self, name: &str, events: &[NewEvent])
+        -> Result<(), StoreError>;
+    /// The fleet's firmware rollout; generation 0 (and empty) before the first write.
+    async fn firmware_rollout_get(&self) -> Result<FirmwareRollout, StoreError>;
+    /// Writes the rollout if the stored one is still at `rollout.generation` (`Conflict`
+    /// otherwise), with its audit events; returns it at its new generation.
+    async fn firmware_rollout_put(
+        &self,
+        rollout: &FirmwareRollout,
+        events: &[NewEvent],
+    ) -> Result<FirmwareRollout, StoreError>;
+    /// Writes `node` (at its generation, as [`Store::node_update`]) and `rollout` (at its
+    /// generation, as [`Store::firmware_rollout_put`]) in one transaction, with events.
+    async fn node_update_with_rollout(
+        &self,
+        node: &Node,
+        rollout: &FirmwareRollout,
+        events: &[NewEvent],
+    ) -> Result<Node, StoreError>;
 
     /// Creates a pool with its audit events; `AlreadyExists` when the name is taken.
     async fn pool_create(&self, pool: &IpPool, events: &[NewEvent]) -> Result<(), StoreError>;

@@ -8,6 +8,7 @@
 
 mod cluster;
 mod events;
+mod firmware;
 mod flavors;
 mod fleet;
 mod nodes;
@@ -28,6 +29,7 @@ use crate::core::model::TokenRole;
 use crate::core::validate;
 use cluster::*;
 use events::*;
+use firmware::*;
 use flavors::*;
 use fleet::*;
 use nodes::*;
@@ -138,6 +140,46 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
         (
             spec(Method::DELETE, "/flavors/{name}", Admin),
             delete(flavor_delete),
+        ),
+        (
+            spec(Method::GET, "/firmware/status", Viewer),
+            get(firmware_status),
+        ),
+        (
+            spec(Method::GET, "/firmware/bundles", Viewer),
+            get(firmware_bundle_list),
+        ),
+        (
+            spec(Method::POST, "/firmware/bundles", Admin),
+            post(firmware_bundle_create),
+        ),
+        (
+            spec(Method::GET, "/firmware/bundles/{name}", Viewer),
+            get(firmware_bundle_show),
+        ),
+        (
+            spec(Method::DELETE, "/firmware/bundles/{name}", Admin),
+            delete(firmware_bundle_delete),
+        ),
+        (
+            spec(Method::GET, "/firmware/rollout", Viewer),
+            get(firmware_rollout_show),
+        ),
+        (
+            spec(Method::POST, "/firmware/rollout/pause", Operator),
+            post(firmware_rollout_pause),
+        ),
+        (
+            spec(Method::POST, "/firmware/rollout/resume", Operator),
+            post(firmware_rollout_resume),
+        ),
+        (
+            spec(Method::GET, "/nodes/{uuid}/firmware", Viewer),
+            get(node_firmware),
+        ),
+        (
+            spec(Method::POST, "/nodes/{uuid}/firmware/retry", Operator),
+            post(node_firmware_retry),
         ),
         (spec(Method::GET, "/pools", Viewer), get(pool_list)),
         (spec(Method::POST, "/pools", Admin), post(pool_create)),

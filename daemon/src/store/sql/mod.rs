@@ -22,6 +22,7 @@ use sqlx::AnyPool;
 
 use super::{OrphanAllocation, Registered, RegistrationWrite, Store, StoreError};
 use crate::core::cluster::{ClusterStatus, Lease, Replica};
+use crate::core::firmware::{FirmwareBundle, FirmwareRollout};
 use crate::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
@@ -238,6 +239,7 @@ mod cluster;
 mod events;
 mod flavors;
 pub mod migrate;
+mod firmware;
 mod named_docs;
 mod nodes;
 pub mod notify;
@@ -319,6 +321,53 @@ impl Store for SqlStore {
 
     async fn node_power_get(&self, uuid: &NodeUuid) -> Result<Option<PowerReading>, StoreError> {
         self.bounded(power::get(self, uuid)).await
+    }
+
+    async fn firmware_bundle_create(
+        &self,
+        bundle: &FirmwareBundle,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError> {
+        self.bounded(firmware::bundle_create(self, bundle, events))
+            .await
+    }
+
+    async fn firmware_bundle_list(&self) -> Result<Vec<FirmwareBundle>, StoreError> {
+        self.bounded(firmware::bundle_list(self)).await
+    }
+
+    async fn firmware_bundle_delete(
+        &self,
+        name: &str,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError> {
+        self.bounded(firmware::bundle_delete(self, name, events))
+            .await
+    }
+
+    async fn firmware_rollout_get(&self) -> Result<FirmwareRollout, StoreError> {
+        self.bounded(firmware::rollout_get(self)).await
+    }
+
+    async fn firmware_rollout_put(
+        &self,
+        rollout: &FirmwareRollout,
+        events: &[NewEvent],
+    ) -> Result<FirmwareRollout, StoreError> {
+        self.bounded(firmware::rollout_put(self, rollout, events))
+            .await
+    }
+
+    async fn node_update_with_rollout(
+        &self,
+        node: &Node,
+        rollout: &FirmwareRollout,
+        events: &[NewEvent],
+    ) -> Result<Node, StoreError> {
+        self.bounded(firmware::node_update_with_rollout(
+            self, node, rollout, events,
+        ))
+        .await
     }
 
     async fn flavor_create(
