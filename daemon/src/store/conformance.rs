@@ -91,6 +91,7 @@ pub async fn run_all(store: Arc<dyn Store>, wall_ms: WallClock) {
     admin_writes_carry_their_events(&*store).await;
     concurrent_flavor_creates_have_one_winner(store.clone()).await;
     leases_pass_on_only_when_lapsed_and_fence_stale_writers(&*store, wall_ms).await;
+    firmware_bundles_and_the_rollout_are_kept_with_generation_checks(&*store).await;
 }
 
 async fn nodes_round_trip_and_filter(store: &dyn Store) {
@@ -1703,4 +1704,172 @@ async fn leases_pass_on_only_when_lapsed_and_fence_stale_writers(
         .iter()
         .all(|r| r.last_seen_at_ms > 0 && r.last_seen_at_ms <= status.db_now_ms + 1_000));
     assert_eq!(status.lease.map(|l| l.holder), Some("conf-a".to_string()));
+}
+
+async fn firmware_bundles_and_the_rollout_are_kept_with_generation_checks(store: &dyn Store) {
+    use crate::core::firmware::{AppliesTo, FirmwareBundle, RolloutPause, RolloutSlot};
+    let bundle = FirmwareBundle {
+        name: "conf-bios-2".into(),
+        component: "bios".into(),
+        version: "2.0".into(),
+        artifact: Artifact {
+            url: "/images/bios.bin".into(),
+            sha256: "b".repeat(64),
+        },
+        size_bytes: 4096,
+        applies_to: AppliesTo {
+            vendor: Some("Dell Inc.".into()),
+            ..AppliesTo::default()
+        },
+        command: vec!["/bin/flash".into(), "{file}".into()],
+        timeout_s: 60,
+        success_exit_codes: vec![0, 2],
+        restart: bearman_proto::FirmwareRestart::PowerCycle,
+        created_at_ms: 7_000,
+    };
+    let added = NewEvent::global(
+        7_000,
+        "test",
+        Action::FirmwareBundleCreate,
+        "conf-bios-2 added",
+    );
+    store
+        .firmware_bundle_create(&bundle, &[added])
+        .await
+        .unwrap();
+    let again = store.firmware_bundle_create(&bundle, &[]).await;
+    assert!(
+        matches!(again, Err(StoreError::AlreadyExists { .. })),
+        "a second bundle of one name: {again:?}"
+    );
+    let listed = store.firmware_bundle_list().await.unwrap();
+    assert_eq!(
+        listed.iter().find(|b| b.name == bundle.name),
+        Some(&bundle),
+        "the bundle reads back as written"
+    );
+
+    // The rollout: one record, written only at the generation it was read at.
+    let before = store.firmware_rollout_get().await.unwrap();
+    let mut paused = before.clone();
+    paused.paused = Some(RolloutPause {
+        by: "test".into(),
+        at_ms: 7_100,
+        reason: "conformance".into(),
+    });
+    let pause_event = NewEvent::global(7_100, "test", Action::FirmwareRolloutPaused, "conformance");
+    let stored = store
+        .firmware_rollout_put(&paused, &[pause_event])
+        .await
+        .unwrap();
+    assert_eq!(stored.generation, before.generation + 1);
+    assert_eq!(store.firmware_rollout_get().await.unwrap(), stored);
+    let stale = store.firmware_rollout_put(&paused, &[]).await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { .. })),
+        "a rollout written from a stale read: {stale:?}"
+    );
+
+    // A node and the rollout go together or not at all.
+    let n = node(160, 1, "conf-rack-fw");
+    let created = store.node_create(&n, &[]).await.unwrap();
+    let mut flashing = created.clone();
+    flashing.state = LifecycleState::Registered;
+    let mut with_slot = stored.clone();
+    with_slot.slots.push(RolloutSlot {
+        uuid: n.uuid.clone(),
+        rack: n.rack.clone(),
+        bundle: bundle.name.clone(),
+        started_at_ms: 7_200,
+        deadline_ms: 9_000,
+    });
+    let stale_rollout = store
+        .node_update_with_rollout(&flashing, &paused, &[])
+        .await;
+    assert!(
+        matches!(stale_rollout, Err(StoreError::Conflict { .. })),
+        "{stale_rollout:?}"
+    );
+    assert_eq!(
+        store.node_get(&n.uuid).await.unwrap().unwrap().generation,
+        created.generation,
+        "a refused rollout leaves the node unwritten"
+    );
+    let mut stale_node = flashing.clone();
+    stale_node.generation -= 1;
+    let refused = store
+        .node_update_with_rollout(&stale_node, &with_slot, &[])
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::GenerationMismatch { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.firmware_rollout_get().await.unwrap(),
+        stored,
+        "a refused node leaves the rollout unwritten"
+    );
+    let written = store
+        .node_update_with_rollout(&flashing, &with_slot, &[])
+        .await
+        .unwrap();
+    assert_eq!(written.generation, created.generation + 1);
+    let now = store.firmware_rollout_get().await.unwrap();
+    assert_eq!(now.generation, stored.generation + 1);
+    assert_eq!(now.slots.len(), stored.slots.len() + 1);
+
+    // A registration carrying a stale rollout writes nothing at all.
+    store
+        .pool_create(
+            &pool(
+                "conf-fw-node",
+                PoolPurpose::Node,
+                "10.160.0.0/24",
+                "10.160.0.10",
+                "10.160.0.20",
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let fresh = node(160, 2, "conf-rack-fw");
+    let mut write = registration(&fresh, None, "conf-fw-node", None, "fw");
+    write.rollout = Some(with_slot.clone());
+    let lost = store.node_register(&write).await;
+    assert!(matches!(lost, Err(StoreError::Conflict { .. })), "{lost:?}");
+    assert!(store.node_get(&fresh.uuid).await.unwrap().is_none());
+    assert!(held(store, &fresh.uuid).await.is_empty());
+    write.rollout = Some(now.clone());
+    store.node_register(&write).await.unwrap();
+    assert_eq!(
+        store.firmware_rollout_get().await.unwrap().generation,
+        now.generation + 1
+    );
+
+    let removed = NewEvent::global(
+        7_300,
+        "test",
+        Action::FirmwareBundleDelete,
+        "conf-bios-2 gone",
+    );
+    store
+        .firmware_bundle_delete(&bundle.name, &[removed])
+        .await
+        .unwrap();
+    let missing = store.firmware_bundle_delete(&bundle.name, &[]).await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound { .. })),
+        "{missing:?}"
+    );
+    let reasons = admin_event_reasons(store).await;
+    for reason in [
+        "firmware_bundle_create conf-bios-2 added",
+        "firmware_rollout_paused conformance",
+        "firmware_bundle_delete conf-bios-2 gone",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "event {reason} in {reasons:?}"
+        );
+    }
 }
