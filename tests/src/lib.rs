@@ -46,6 +46,8 @@ pub struct Options {
     pub clock: Arc<dyn bearman::runtime::Clock>,
     /// `GET /metrics` without a token (`[metrics] public`).
     pub metrics_public: bool,
+    /// The firmware rollout's rules (`[firmware]`).
+    pub firmware: bearman::core::firmware::RolloutPolicy,
 }
 
 /// The system clock plus an offset a test moves forward, so expiry is tested without
@@ -77,6 +79,7 @@ impl Default for Options {
             edge: bearman::edge::EdgeLimits::default(),
             clock: Arc::new(SystemClock),
             metrics_public: false,
+            firmware: Default::default(),
         }
     }
 }
@@ -128,7 +131,7 @@ impl TestDaemon {
                 body_limit_bytes: options.body_limit_bytes,
                 edge: options.edge,
                 heartbeat_fresh_ms: 30_000,
-                firmware: Default::default(),
+                firmware: options.firmware,
                 dashboard: Default::default(),
                 metrics_public: options.metrics_public,
             },
