@@ -1059,3 +1059,166 @@ fn two_replicas_on_postgres_elect_one_leader_and_the_other_finishes_its_fence_af
         std::panic::resume_unwind(panic);
     }
 }
+
+/// The body of a registration from machine `index` reporting BIOS `bios`.
+fn registration_with_bios(index: u8, bios: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hardware/r640.json");
+    let mut body: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    body["serial"] = format!("FW{index}").into();
+    body["nics"][0]["mac"] = format!("52:54:00:00:f0:{index:02x}").into();
+    body["nics"][1]["mac"] = format!("52:54:00:00:f1:{index:02x}").into();
+    body["firmware"] = serde_json::json!({ "bios": bios });
+    serde_json::to_vec(&body).unwrap()
+}
+
+#[test]
+fn firmware_status_shows_drift_bundles_and_the_rollout_on_a_populated_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let token = create_admin_token(dir.path(), &data_dir);
+    let serve = Serve::start(dir.path(), &data_dir);
+    let client = |args: &[&str]| serve.client(dir.path(), Some(&token), args);
+
+    std::fs::write(
+        dir.path().join("hv.toml"),
+        format!(
+            "name = \"hv\"\ncmdline_template = \"console=ttyS0\"\n\
+             [kernel]\nurl = \"/images/hv/vmlinuz\"\nsha256 = \"{}\"\n\
+             [firmware_expected]\nbios = \"2.0\"\nbmc = \"5.10\"\n",
+            "1".repeat(64)
+        ),
+    )
+    .unwrap();
+    assert_success(
+        "flavor create --file",
+        &client(&["flavor", "create", "--file", "hv.toml"]),
+    );
+    assert_success(
+        "pool create",
+        &client(&[
+            "pool",
+            "create",
+            "rack-a",
+            "--purpose",
+            "node",
+            "--cidr",
+            "10.10.0.0/24",
+            "--range",
+            "10.10.0.10-10.10.0.200",
+        ]),
+    );
+    let uuids = [
+        "4c4c4544-0042-3510-8052-b4c04f4ff001",
+        "4c4c4544-0042-3510-8052-b4c04f4ff002",
+        "4c4c4544-0042-3510-8052-b4c04f4ff003",
+    ];
+    for (index, (uuid, bios)) in uuids.iter().zip(["1.0", "1.0", "2.0"]).enumerate() {
+        assert_success(
+            "node enroll",
+            &client(&["node", "enroll", uuid, "--flavor", "hv"]),
+        );
+        let registered = request(
+            serve.address,
+            "POST",
+            &format!("/ipxe/{uuid}/register"),
+            Some(&registration_with_bios(index as u8, bios)),
+        )
+        .unwrap();
+        assert_eq!(registered.status, 200, "{}", registered.text());
+    }
+
+    // Before any bundle: drift, and nothing can fix it.
+    let status = client(&["firmware", "status"]);
+    assert_success("firmware status", &status);
+    let text = stdout(&status);
+    assert!(
+        text.contains("0 compliant, 3 drifting"),
+        "every node lacks the BMC version: {text}"
+    );
+    let bios_line = text
+        .lines()
+        .find(|line| line.starts_with("bios") && line.contains("1.0"))
+        .unwrap_or_else(|| panic!("a bios line for 1.0: {text}"));
+    for column in ["hv", "2.0", " 2 ", "none", uuids[0], uuids[1]] {
+        assert!(bios_line.contains(column), "{column} in {bios_line:?}");
+    }
+    assert!(
+        text.contains("unknown"),
+        "the BMC version nobody reported: {text}"
+    );
+    assert!(text.contains("rollout: running"), "{text}");
+
+    std::fs::write(
+        dir.path().join("bios.toml"),
+        format!(
+            "name = \"bios-2\"\ncomponent = \"bios\"\nversion = \"2.0\"\nsize_bytes = 1024\n\
+             command = [\"/usr/sbin/flash\", \"{{file}}\"]\n\
+             [artifact]\nurl = \"/images/fw/bios.bin\"\nsha256 = \"{}\"\n\
+             [applies_to]\nvendor = \"Dell Inc.\"\n",
+            "d".repeat(64)
+        ),
+    )
+    .unwrap();
+    let added = client(&["firmware", "bundle", "add", "bios.toml"]);
+    assert_success("firmware bundle add", &added);
+    assert!(stdout(&added).contains("bios-2"), "{}", stdout(&added));
+    let listed = client(&["firmware", "bundle", "list"]);
+    assert!(stdout(&listed).contains("Dell Inc."), "{}", stdout(&listed));
+    let again = client(&["firmware", "bundle", "add", "bios.toml"]);
+    assert_refused("a second bundle of one name", &again, "already exists");
+    std::fs::write(dir.path().join("bad.toml"), "name = \"x\"\n").unwrap();
+    assert_refused(
+        "a bundle file missing fields",
+        &client(&["firmware", "bundle", "add", "bad.toml"]),
+        "bad.toml",
+    );
+
+    let status = stdout(&client(&["firmware", "status"]));
+    assert!(
+        status.contains("bios-2"),
+        "the bundle that fixes them: {status}"
+    );
+
+    let paused = client(&[
+        "firmware",
+        "rollout",
+        "pause",
+        "--reason",
+        "vendor advisory",
+    ]);
+    assert_success("rollout pause", &paused);
+    assert!(
+        stdout(&paused).contains("PAUSED by token:admin"),
+        "{}",
+        stdout(&paused)
+    );
+    assert_refused(
+        "pausing twice",
+        &client(&["firmware", "rollout", "pause"]),
+        "already paused",
+    );
+    let resumed = client(&["firmware", "rollout", "resume"]);
+    assert_success("rollout resume", &resumed);
+    assert!(stdout(&resumed).contains("rollout: running"));
+    let json = client(&["firmware", "status", "--output", "json"]);
+    let parsed: Value = serde_json::from_str(&stdout(&json)).expect("JSON status");
+    assert_eq!(parsed["drift"]["drifting_nodes"], 3, "{parsed}");
+    assert_eq!(parsed["policy"]["updates_max"], 10);
+
+    let shown = client(&["node", "show", uuids[2]]);
+    let node: Value = serde_json::from_str(&stdout(&shown)).unwrap();
+    let bios = node["firmware_status"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["component"] == "bios")
+        .cloned()
+        .unwrap();
+    assert_eq!(bios["compliant"], true, "{node}");
+    assert_eq!(bios["first_seen"], "2.0");
+    assert_refused(
+        "retry on a node that never failed",
+        &client(&["firmware", "retry", uuids[2]]),
+        "no failed firmware update",
+    );
+}
