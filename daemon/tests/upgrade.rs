@@ -24,7 +24,8 @@ use bearman::store::Store;
 use bearman_proto::uuid::NodeUuid;
 use support::*;
 
-/// The migrations of the previous release: everything before 0005 (token expiry).
+/// The migrations of the previous release: everything before 0005 (token expiry); this
+/// one adds 0005 and 0006 (firmware bundles and rollout).
 const PREVIOUS_RELEASE_LAST: i64 = 4;
 
 const NODE_A: &str = "00000500-0000-0000-0000-000000000001";
@@ -116,6 +117,13 @@ async fn every_row_reads_back(store: &dyn Store) {
     assert_eq!(node.generation, 3);
     assert_eq!(node.last_heartbeat_at_ms, Some(4000));
     assert_eq!(node.hardware.memory_bytes, 549_755_813_888);
+    // Records from before firmware compliance read with an empty inventory, no update.
+    assert!(node.firmware_components.is_empty());
+    assert_eq!(node.firmware_update, None);
+    assert_eq!(node.firmware.bios.as_deref(), Some("2.1.0"));
+    let rollout = store.firmware_rollout_get().await.unwrap();
+    assert_eq!((rollout.generation, rollout.slots.len()), (0, 0));
+    assert!(store.firmware_bundle_list().await.unwrap().is_empty());
     assert_eq!(
         node.network.bond0_addresses,
         vec!["10.50.0.10/24".to_string()]
@@ -224,10 +232,14 @@ async fn sqlite_from_the_previous_release_upgrades_with_migrate_run_and_keeps_ev
     let table = text(&status.stdout);
     assert!(table.contains("0004     cluster       applied"), "{table}");
     assert!(table.contains("0005     token expiry  pending"), "{table}");
+    assert!(table.contains("0006     firmware      pending"), "{table}");
 
     let applied = migrate(&["run"]);
     assert_success("migrate run", &applied);
-    assert_eq!(text(&applied.stdout), "applied 0005 token expiry\n");
+    assert_eq!(
+        text(&applied.stdout),
+        "applied 0005 token expiry\napplied 0006 firmware\n"
+    );
     let again = migrate(&["run"]);
     assert_success("migrate run again", &again);
     assert_eq!(text(&again.stdout), "", "nothing left to apply");
@@ -244,7 +256,7 @@ async fn postgres_from_the_previous_release_upgrades_at_connect_and_keeps_every_
         previous_release_database(&url, Backend::Postgres).await;
         let before = SqlStore::connect_without_migrating(&url).await.unwrap();
         let status = before.migration_status().await.unwrap();
-        assert_eq!(versions(&status.pending()), vec![5]);
+        assert_eq!(versions(&status.pending()), vec![5, 6]);
         assert!(status.unknown().is_empty());
         before.close().await;
         // The operator's view, through the binary, changing nothing.

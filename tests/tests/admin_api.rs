@@ -188,7 +188,8 @@ async fn enrolled_node_is_discovered_until_it_registers() {
         .rev()
         .map(|e| e["action"].as_str().unwrap())
         .collect();
-    assert_eq!(actions, vec!["enroll", "register"]);
+    // The first registration also records the firmware versions it reported, in one event.
+    assert_eq!(actions, vec!["enroll", "register", "firmware_changed"]);
 
     check(
         &daemon,

@@ -1130,6 +1130,8 @@ pub struct StepProgram {
     soft_off_grace_ms: i64,
     /// AwaitReady: the boot milestone the node is stuck at past its deadline, if it is.
     boot_stall: Option<String>,
+    /// AwaitReady: the node applies a firmware update until this deadline.
+    flashing_until_ms: Option<TimestampMs>,
     /// VerifyEvacuated: the VMs this remediation evacuated, to check.
     to_verify: Vec<String>,
     /// VMs the cloud accepted to evacuate during this attempt.
@@ -1151,6 +1153,11 @@ impl StepProgram {
         to_verify.truncate(VERIFICATIONS_PER_ATTEMPT_MAX);
         Some(StepProgram {
             boot_stall: boot_stall(now_ms, attempt, node, limits),
+            flashing_until_ms: node
+                .boot
+                .filter(|boot| boot.phase == BootPhase::Firmware)
+                .and_then(|boot| boot.until_ms)
+                .filter(|until_ms| *until_ms > now_ms),
             to_verify,
             evacuated: Vec::new(),
             step: attempt.step()?,
@@ -1433,6 +1440,11 @@ impl StepProgram {
                 Stage::Finished,
                 Finish(if self.node_state == LifecycleState::Ready {
                     Outcome::Done
+                } else if let Some(until_ms) = self.flashing_until_ms {
+                    Outcome::Flashing(format!(
+                        "node is {} and applying a firmware update (deadline {until_ms} ms)",
+                        self.node_state
+                    ))
                 } else if let Some(stall) = &self.boot_stall {
                     Outcome::Stalled(stall.clone())
                 } else {
@@ -2664,6 +2676,26 @@ mod tests {
             outcome(BootPhase::Stage1, T - 300_000),
             Outcome::NotYet(_)
         ));
+        // A firmware update is judged by its own deadline, and never cut off before it.
+        let flashing = |until_ms: i64| {
+            let mut booting = node(LifecycleState::Rebuilding);
+            booting.boot = Some(BootProgress {
+                phase: BootPhase::Firmware,
+                at_ms: T - 100_000,
+                until_ms: Some(until_ms),
+            });
+            let mut program = StepProgram::new(T, &waiting, &booting, false, &limits).unwrap();
+            match program.next(None) {
+                Next::Finish(outcome) => outcome,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(matches!(flashing(T + 1), Outcome::Flashing(_)));
+        assert!(
+            matches!(flashing(T), Outcome::Stalled(ref why) if why.contains("firmware for 100 s")),
+            "{:?}",
+            flashing(T)
+        );
     }
 
     /// A node booting on its own, at `phase` since `at_ms`, with a BMC address.

@@ -699,26 +699,22 @@ pub struct RegistrationFirmware {
 }
 
 /// Records the versions a registration reports in the node's per-component inventory;
-/// a note for each component seen the first time or changed.
+/// one note listing every component seen the first time or changed (none when nothing
+/// did), so a registration writes at most one such event however many NICs it has.
 pub fn record_inventory(
     node: &mut Node,
     reported: &FirmwareVersions,
     now_ms: TimestampMs,
 ) -> Vec<FirmwareNote> {
-    let mut notes = Vec::new();
+    let mut first_seen = Vec::new();
+    let mut changed = Vec::new();
     for (component, version) in components(reported) {
         match node.firmware_components.get_mut(&component) {
             None => {
-                if version.is_none() {
+                let Some(text) = version.clone() else {
                     continue;
-                }
-                notes.push(FirmwareNote {
-                    kind: NoteKind::Changed,
-                    text: format!(
-                        "{component} firmware {} first seen",
-                        version.as_deref().unwrap_or("unknown")
-                    ),
-                });
+                };
+                first_seen.push(format!("{component} {text}"));
                 node.firmware_components.insert(
                     component,
                     ComponentRecord {
@@ -733,14 +729,11 @@ pub fn record_inventory(
             }
             Some(record) => {
                 if record.current != version {
-                    notes.push(FirmwareNote {
-                        kind: NoteKind::Changed,
-                        text: format!(
-                            "{component} firmware {} -> {}",
-                            record.current.as_deref().unwrap_or("unknown"),
-                            version.as_deref().unwrap_or("unknown")
-                        ),
-                    });
+                    changed.push(format!(
+                        "{component} {} -> {}",
+                        record.current.as_deref().unwrap_or("unknown"),
+                        version.as_deref().unwrap_or("unknown")
+                    ));
                     record.current = version;
                     record.changed_at_ms = now_ms;
                 }
@@ -748,7 +741,20 @@ pub fn record_inventory(
         }
     }
     node.firmware = reported.clone();
-    notes
+    let mut parts = Vec::new();
+    if !changed.is_empty() {
+        parts.push(format!("changed: {}", changed.join(", ")));
+    }
+    if !first_seen.is_empty() {
+        parts.push(format!("first seen: {}", first_seen.join(", ")));
+    }
+    if parts.is_empty() {
+        return Vec::new();
+    }
+    vec![FirmwareNote {
+        kind: NoteKind::Changed,
+        text: format!("firmware {}", parts.join("; ")),
+    }]
 }
 
 /// The first component behind its expectation that a bundle can update, with the bundle.

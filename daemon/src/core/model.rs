@@ -173,14 +173,15 @@ pub enum BootPhase {
     Stage1,
     /// Stage 1 registered the hardware.
     Registered,
+    /// Stage 1 was ordered a firmware update (or waits for a rollout slot): download, the
+    /// updater and a restart come next, bounded by the update's own deadline
+    /// ([`BootProgress::until_ms`]).
+    Firmware,
     /// Stage 1 fetched the target OS script (`GET /ipxe/{uuid}`): download, kexec and
     /// stage 2 come next.
     OsFetched,
     /// Stage 2 reported installed.
     Installed,
-    /// Stage 1 was ordered a firmware update: download, the updater and a restart come
-    /// next, bounded by the update's own deadline ([`BootProgress::until_ms`]).
-    Firmware,
 }
 
 impl BootPhase {
@@ -188,9 +189,9 @@ impl BootPhase {
         BootPhase::PoweredOn,
         BootPhase::Stage1,
         BootPhase::Registered,
+        BootPhase::Firmware,
         BootPhase::OsFetched,
         BootPhase::Installed,
-        BootPhase::Firmware,
     ];
 
     pub fn as_str(self) -> &'static str {

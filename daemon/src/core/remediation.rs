@@ -512,6 +512,10 @@ pub enum Outcome {
     /// Waiting is pointless: the node stopped short of its next boot milestone past its
     /// deadline (the boot watchdog). A rebuild power-cycles it now.
     Stalled(String),
+    /// The node is applying a firmware update within that update's deadline: never
+    /// power-cycled for it (a flash cut off can brick the machine), and the wait for Ready
+    /// (`ready_timeout_ms`) starts again from here.
+    Flashing(String),
 }
 
 /// What the controller must do to the node's lifecycle along with an advance.
@@ -661,9 +665,17 @@ pub fn advance(
                 next.finished_at_ms = Some(now_ms);
             }
         }
-        Outcome::NotYet(detail) | Outcome::Failed(detail) | Outcome::Stalled(detail) => {
+        Outcome::NotYet(detail)
+        | Outcome::Failed(detail)
+        | Outcome::Stalled(detail)
+        | Outcome::Flashing(detail) => {
             next.last_error = Some(detail.clone());
+            let flashing = matches!(outcome, Outcome::Flashing(_));
+            if flashing {
+                next.step_started_at_ms = now_ms;
+            }
             let timed_out = step == Step::AwaitReady
+                && !flashing
                 && (matches!(outcome, Outcome::Stalled(_))
                     || now_ms - remediation.step_started_at_ms >= limits.ready_timeout_ms);
             let exhausted = remediation.attempts >= step.attempts_max(limits);
@@ -748,7 +760,9 @@ pub fn advance(
             } else {
                 let delay = match outcome {
                     Outcome::NotYet(_) if step == Step::SoftOff => limits.soft_off_grace_ms,
-                    Outcome::NotYet(_) if step == Step::AwaitReady => limits.ready_poll_ms,
+                    Outcome::NotYet(_) | Outcome::Flashing(_) if step == Step::AwaitReady => {
+                        limits.ready_poll_ms
+                    }
                     _ => backoff_ms(remediation.attempts, limits),
                 };
                 next.next_attempt_at_ms = now_ms + delay;
@@ -1142,6 +1156,39 @@ mod tests {
             },
         );
         assert_eq!((failed.status, failed.fence_retries), (Status::Failed, 0));
+    }
+
+    #[test]
+    fn a_node_flashing_firmware_is_never_power_cycled_and_its_wait_for_ready_starts_after() {
+        let limits = Limits::default();
+        let mut waiting = fresh(RemediationKind::Automatic);
+        waiting.step_index = waiting.plan.len() - 1;
+        waiting.attempts = 1;
+        waiting.step_started_at_ms = 10_000;
+        // Long past ready_timeout_ms, but flashing: keep waiting, and count from now.
+        let late = 10_000 + limits.ready_timeout_ms * 3;
+        let flashing = Outcome::Flashing("applying a firmware update".into());
+        let advance = super::advance(&waiting, &flashing, late, &limits);
+        assert_eq!(advance.remediation.step(), Some(Step::AwaitReady));
+        assert_eq!(advance.remediation.rebuilds, 0);
+        assert_eq!(advance.remediation.step_started_at_ms, late);
+        assert_eq!(
+            advance.remediation.next_attempt_at_ms,
+            late + limits.ready_poll_ms
+        );
+        // Once it is no longer flashing, the ordinary timeout runs from there.
+        let mut after = advance.remediation.clone();
+        after.attempts += 1;
+        let not_yet = Outcome::NotYet("node is registered".into());
+        let soon = super::advance(
+            &after,
+            &not_yet,
+            late + limits.ready_timeout_ms - 1,
+            &limits,
+        );
+        assert_eq!(soon.remediation.step(), Some(Step::AwaitReady));
+        let timed_out = super::advance(&after, &not_yet, late + limits.ready_timeout_ms, &limits);
+        assert_eq!(timed_out.remediation.step(), Some(Step::Rebuild));
     }
 
     #[test]
