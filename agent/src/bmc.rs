@@ -1,5 +1,6 @@
 //! Pure BMC decisions for stage 1: which `ipmitool lan set` commands give the BMC the LAN
-//! settings Bearman allocated, and what `ipmitool lan print` says about the BMC.
+//! settings Bearman allocated, what `ipmitool lan print` says about the BMC, and its
+//! firmware revision from `ipmitool mc info`.
 //!
 //! Architecture invariant: no I/O. The planner turns [`BmcSettings`] into argument vectors
 //! (without the `ipmitool` program name); running them is `stage1::bmc`'s job. Every
@@ -146,6 +147,31 @@ pub fn parse_lan_print(text: &str) -> Option<BmcFacts> {
         .filter(|address| !address.is_unspecified())
         .map(|address| address.to_string());
     Some(BmcFacts { mac, address })
+}
+
+/// The `ipmitool mc info` arguments.
+pub fn mc_info_args() -> Vec<String> {
+    vec!["mc".into(), "info".into()]
+}
+
+/// Longest firmware revision taken from `mc info`; BMCs print a few characters.
+const FIRMWARE_REVISION_CHARS_MAX: usize = 64;
+
+/// The BMC's firmware revision from `ipmitool mc info` output (`Firmware Revision :
+/// 1.23`), as ipmitool prints it; `None` without the line or with an empty or overlong
+/// value.
+pub fn parse_mc_info(text: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        if key.trim() != "Firmware Revision" {
+            return None;
+        }
+        let value = value.trim();
+        (!value.is_empty()
+            && value.chars().count() <= FIRMWARE_REVISION_CHARS_MAX
+            && !value.chars().any(char::is_control))
+        .then(|| value.to_string())
+    })
 }
 
 #[cfg(test)]
@@ -318,5 +344,31 @@ mod tests {
         assert_eq!(parse_lan_print("IP Address : 10.0.0.1\n"), None);
         assert_eq!(parse_lan_print("MAC Address : 0c:c4:7a:12:34\n"), None);
         assert_eq!(parse_lan_print(""), None);
+    }
+
+    #[test]
+    fn mc_info_gives_the_firmware_revision() {
+        // What ipmitool prints for a Supermicro X11 and for QEMU's ipmi-bmc-sim.
+        let supermicro = "Device ID                 : 32\n\
+                          Device Revision           : 1\n\
+                          Firmware Revision         : 1.73\n\
+                          IPMI Version              : 2.0\n\
+                          Manufacturer ID           : 10876\n\
+                          Aux Firmware Rev Info     : \n\
+                          \x20   0x00\n";
+        let qemu = "Device ID                 : 32\nFirmware Revision         : 0.00\n";
+        for (text, expect) in [
+            (supermicro, Some("1.73")),
+            (qemu, Some("0.00")),
+            ("Firmware Revision :   \n", None),
+            ("Device ID : 32\n", None),
+            ("", None),
+            ("Firmware Revision : 1.23:45\n", Some("1.23:45")),
+        ] {
+            assert_eq!(parse_mc_info(text).as_deref(), expect, "{text:?}");
+        }
+        let overlong = format!("Firmware Revision : {}\n", "9".repeat(65));
+        assert_eq!(parse_mc_info(&overlong), None);
+        assert_eq!(mc_info_args(), ["mc", "info"]);
     }
 }

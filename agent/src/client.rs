@@ -1,5 +1,6 @@
 //! The boot-protocol client: every call the original `register.sh` and `kexec.sh` made,
-//! typed, bounded in time, and with errors that say what went wrong.
+//! typed, bounded in time, and with errors that say what went wrong; and the firmware
+//! report stage 1 sends after applying an update.
 
 use std::future::Future;
 use std::time::Duration;
@@ -8,11 +9,13 @@ use bearman_proto::http::{self, HttpUrl};
 use bearman_proto::ipxe::{self, BootScript};
 use bearman_proto::uuid::NodeUuid;
 use bearman_proto::{
-    BootProfile, ErrorBody, Heartbeat, InstalledReport, NetworkDetail, RegisterRequest,
-    RegisterResponse,
+    BootProfile, ErrorBody, FirmwareOrder, FirmwareReport, FirmwareReportAnswer, Heartbeat,
+    InstalledReport, NetworkDetail, RegisterRequest, RegisterResponse,
 };
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::firmware::{self, Instruction};
 
 /// Opens byte streams to the daemon: TCP in production, turmoil in the simulator.
 pub trait Connector: Send + Sync {
@@ -66,6 +69,14 @@ pub enum ClientError {
     /// Bearman recorded this machine but nobody accepted it into the fleet yet.
     #[error("bearman recorded this machine ({uuid}) but it is not accepted yet: an operator runs `bearman node accept {uuid}` (or lists it in [enrollment]); waiting")]
     AwaitingAcceptance { uuid: String },
+    /// Bearman wants a firmware update on this machine first, and it must wait for it
+    /// (a rollout slot, a paused rollout, too many failures).
+    #[error("firmware: waiting: {reason}")]
+    FirmwareHold { reason: String },
+    /// Bearman ordered a firmware update before anything boots; only stage 1 applies it
+    /// ([`BootClient::prepare`]).
+    #[error("bearman ordered firmware bundle {bundle} for {component} before booting")]
+    FirmwareUpdateOrdered { bundle: String, component: String },
 }
 
 impl ClientError {
@@ -74,6 +85,45 @@ impl ClientError {
         match self {
             ClientError::Status { status, .. } => Some(*status),
             _ => None,
+        }
+    }
+}
+
+/// What a registration leads to in stage 1.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prepared {
+    /// Boot stage 2 with this plan.
+    Boot(Box<BootPlan>),
+    /// Apply this firmware update first. Script, profile and detail were not fetched;
+    /// the order was taken out of the registration.
+    UpdateFirmware {
+        registration: RegisterResponse,
+        order: Box<FirmwareOrder>,
+    },
+    /// Wait (register again after the backoff) for this reason; nothing was fetched.
+    HoldFirmware {
+        registration: RegisterResponse,
+        reason: String,
+    },
+}
+
+impl Prepared {
+    /// What the daemon answered to the registration.
+    pub fn registration(&self) -> &RegisterResponse {
+        match self {
+            Prepared::Boot(plan) => &plan.registration,
+            Prepared::UpdateFirmware { registration, .. }
+            | Prepared::HoldFirmware { registration, .. } => registration,
+        }
+    }
+
+    /// What the registration said about firmware (its order taken out of the
+    /// registration and held here).
+    pub fn firmware_instruction(&self) -> Instruction<'_> {
+        match self {
+            Prepared::Boot(_) => Instruction::Boot,
+            Prepared::UpdateFirmware { order, .. } => Instruction::Update(order),
+            Prepared::HoldFirmware { reason, .. } => Instruction::Hold(reason),
         }
     }
 }
@@ -263,14 +313,60 @@ impl<C: Connector> BootClient<C> {
         Ok(reply["state"].as_str().unwrap_or_default().to_string())
     }
 
-    /// Stage 1's whole conversation, in the original's order: register, then the target
-    /// script, profile and detail. The script and profile must name the same kernel.
+    /// `POST /ipxe/{uuid}/firmware`: what came of a firmware update; the daemon answers
+    /// what stage 1 does next (409 when it has no update of that bundle in flight).
+    pub async fn report_firmware(
+        &self,
+        report: &FirmwareReport,
+    ) -> Result<FirmwareReportAnswer, ClientError> {
+        let body = serde_json::to_vec(report).map_err(|e| ClientError::Decode {
+            path: "firmware".into(),
+            detail: e.to_string(),
+        })?;
+        self.json("POST", &format!("/ipxe/{}/firmware", self.uuid), Some(body))
+            .await
+    }
+
+    /// Stage 1's whole conversation when the machine is to boot: [`BootClient::prepare`],
+    /// with a firmware order or hold as an error (only stage 1 applies updates).
     pub async fn prepare_boot(&self, request: &RegisterRequest) -> Result<BootPlan, ClientError> {
-        let registration = self.register(request).await?;
+        match self.prepare(request).await? {
+            Prepared::Boot(plan) => Ok(*plan),
+            Prepared::UpdateFirmware { order, .. } => Err(ClientError::FirmwareUpdateOrdered {
+                bundle: order.bundle,
+                component: order.component,
+            }),
+            Prepared::HoldFirmware { reason, .. } => Err(ClientError::FirmwareHold { reason }),
+        }
+    }
+
+    /// Stage 1's conversation, in the original's order: register, then (unless the
+    /// registration orders a firmware update or a wait) the target script, profile and
+    /// detail. The script and profile must name the same kernel.
+    pub async fn prepare(&self, request: &RegisterRequest) -> Result<Prepared, ClientError> {
+        let mut registration = self.register(request).await?;
         if registration.awaiting_acceptance {
             return Err(ClientError::AwaitingAcceptance {
                 uuid: registration.uuid,
             });
+        }
+        match firmware::instruction(&registration) {
+            Instruction::Boot => {}
+            Instruction::Hold(reason) => {
+                let reason = reason.to_string();
+                return Ok(Prepared::HoldFirmware {
+                    registration,
+                    reason,
+                });
+            }
+            Instruction::Update(order) => {
+                let order = Box::new(order.clone());
+                registration.firmware_update = None;
+                return Ok(Prepared::UpdateFirmware {
+                    registration,
+                    order,
+                });
+            }
         }
         let script = self.target_script().await?;
         let profile = self.profile().await?;
@@ -284,11 +380,11 @@ impl<C: Connector> BootClient<C> {
                 kernel.url, profile.kernel.url
             )));
         }
-        Ok(BootPlan {
+        Ok(Prepared::Boot(Box::new(BootPlan {
             registration,
             script,
             profile,
             detail,
-        })
+        })))
     }
 }

@@ -1,7 +1,8 @@
 //! The machine under the agent: everything stage 1 and stage 2 do that touches the
-//! operating system, behind one [`Host`] trait (with [`WorkDir`] for the download
-//! directory), so [`crate::stages`] runs unchanged on a real machine
-//! ([`crate::stage1::SystemHost`]) and on a simulated one (the simulator's virtual nodes).
+//! operating system (firmware updaters and the reboot after them included), behind one
+//! [`Host`] trait (with [`WorkDir`] for the download directory), so [`crate::stages`] runs
+//! unchanged on a real machine ([`crate::stage1::SystemHost`]) and on a simulated one (the
+//! simulator's virtual nodes).
 //!
 //! Architecture invariant: the sequences in [`crate::stages`] reach the outside world
 //! only through a `Host`, a [`crate::Connector`] and tokio's timer (which turmoil
@@ -16,6 +17,7 @@ use bearman_proto::NicFacts;
 use tokio::io::AsyncWrite;
 
 use crate::facts::{Facts, FactsError};
+use crate::firmware::UpdaterRun;
 use crate::lldp::NicLldp;
 use crate::stage1::bmc::Ipmitool;
 use crate::stage1::kexec::{KexecError, KexecFiles};
@@ -57,6 +59,23 @@ pub trait Host {
     fn bmc_device(&self) -> Option<PathBuf>;
     /// How BMC commands are run.
     fn ipmitool(&self) -> &dyn Ipmitool;
+
+    /// The firmware version of `nic`, as `ethtool -i` shows it; `None` when its driver
+    /// gives none (or `N/A`), or does not answer.
+    fn nic_firmware(&self, nic: &str) -> Option<String>;
+
+    /// Runs a firmware updater: `argv` as is (no shell), killed with whatever it started
+    /// once `timeout` has passed; how it ended and the end of its output. Each output line
+    /// is a console line.
+    fn run_updater(
+        &mut self,
+        argv: &[String],
+        timeout: Duration,
+    ) -> impl Future<Output = UpdaterRun>;
+
+    /// Restarts the machine so new firmware is brought into use. A real machine does not
+    /// return on success; a host that returns `Ok` ends stage 1 there.
+    fn reboot(&mut self) -> impl Future<Output = Result<(), KexecError>>;
 
     /// The download directory.
     fn work_dir(&self) -> &Self::WorkDir;

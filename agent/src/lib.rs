@@ -9,6 +9,7 @@
 pub mod bmc;
 pub mod client;
 pub mod facts;
+pub mod firmware;
 pub mod host;
 pub mod lldp;
 pub mod net;
@@ -17,4 +18,4 @@ pub mod plan;
 pub mod stage1;
 pub mod stages;
 
-pub use client::{BootClient, BootPlan, ClientError, Connector};
+pub use client::{BootClient, BootPlan, ClientError, Connector, Prepared};

@@ -1,5 +1,5 @@
 //! `bearman-agent`: the binary in the stage-1 RAM disk (`stage1`: LLDP, register, BMC,
-//! fetch, verify, kexec) and in the stage-2 OS (`stage2`: apply the network detail, report
+//! firmware updates, fetch, verify, kexec) and in the stage-2 OS (`stage2`: apply the network detail, report
 //! installed, heartbeat).
 //!
 //! Exit codes: 0 never in practice (stage 1 kexecs, stage 2 runs forever); 1 when stage 1
@@ -26,8 +26,11 @@ listens for an LLDP frame on every NIC at once (bearman.lldp_wait_s=N seconds, d
 disables, at most 120), reads the BMC with ipmitool when /dev/ipmi0 exists, registers the \
 machine's hardware facts and LLDP neighbours, sets the BMC's LAN address with ipmitool lan set \
 (channel bearman.bmc_channel=N, default 1) when Bearman sends BMC settings, fetches its boot \
-plan, downloads and sha256-verifies the kernel and initrds, and kexecs into them. LLDP and BMC \
-problems are console lines, never a stopped boot. Run `stage2` from the booted OS: it fetches \
+plan, downloads and sha256-verifies the kernel and initrds, and kexecs into them. When Bearman \
+orders a firmware update instead, it downloads and sha256-verifies the bundle, runs the ordered \
+updater on it, reports the outcome, and reboots, waits for Bearman's power cycle or registers \
+again as Bearman answers; when Bearman says to wait, it registers again after its backoff. LLDP \
+and BMC problems are console lines, never a stopped boot. Run `stage2` from the booted OS: it fetches \
 the network detail and applies it additively (hostname, /etc/resolv.conf, the pool addresses \
 beside the current ones, MTU, a default route only when there is none), reports the \
 installation finished and then heartbeats every 10 s."
@@ -39,8 +42,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Listen for LLDP, register, configure the BMC, fetch the boot plan, download and
-    /// verify stage 2, kexec into it. Retries every failure with a capped backoff (1 s to
+    /// Listen for LLDP, register, configure the BMC, apply a firmware update Bearman
+    /// orders, fetch the boot plan, download and verify stage 2, kexec into it. Retries every failure with a capped backoff (1 s to
     /// 60 s) unless --once.
     Stage1 {
         /// Kernel command line to read bearman.url=, bearman.uuid=, bearman.lldp_wait_s=
@@ -51,7 +54,7 @@ enum Command {
         /// read from.
         #[arg(long, default_value = "/")]
         root: PathBuf,
-        /// Directory (a tmpfs) the kernel and initrds are downloaded to.
+        /// Directory (a tmpfs) the kernel, initrds and firmware bundles are downloaded to.
         #[arg(long, default_value = WORK_DIR)]
         work_dir: PathBuf,
         /// Stop after one failed attempt (exit 1) instead of retrying.

@@ -259,7 +259,8 @@ impl KexecPlan {
     }
 }
 
-fn is_sha256_hex(text: &str) -> bool {
+/// True for 64 lowercase hex digits, the form every sha256 in the protocol takes.
+pub(crate) fn is_sha256_hex(text: &str) -> bool {
     text.len() == 64
         && text
             .bytes()
@@ -491,6 +492,8 @@ mod tests {
                 bmc: None,
                 firmware_expected: FirmwareVersions::default(),
                 awaiting_acceptance: false,
+                firmware_update: None,
+                firmware_hold: None,
             },
             script: BootScript {
                 kernel: Some(KernelLine {
@@ -609,7 +612,7 @@ mod tests {
             differences,
             vec![
                 "bios firmware 2.0, expected 2.1",
-                "nic eno1 firmware unknown, expected 22.31"
+                "nic:eno1 firmware unknown, expected 22.31"
             ]
         );
         assert!(firmware_differences(&expected, &expected).is_empty());

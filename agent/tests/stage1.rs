@@ -1,6 +1,7 @@
 //! Stage 1 and stage 2 against a fake boot server on 127.0.0.1:0: registration, boot plan,
 //! verified downloads, and the kexec plan stage 1 would execute (kexec itself is injected);
-//! the BMC through a fake ipmitool; stage 2's network changes through a fake host.
+//! the BMC through a fake ipmitool; firmware updates with shell-script updaters run for
+//! real and the restart recorded; stage 2's network changes through a fake host.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -9,6 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bearman_agent::firmware::REPORT_ATTEMPTS_MAX;
 use bearman_agent::net::TcpConnector;
 use bearman_agent::network::{HostState, Interface, NetAction, ResolvConf};
 use bearman_agent::stage1::bmc::Ipmitool;
@@ -17,6 +19,7 @@ use bearman_agent::stage1::kexec::{Kexec, KexecError, KexecFiles};
 use bearman_agent::stage1::netconf::HostNetwork;
 use bearman_agent::stage1::{Console, SystemHost};
 use bearman_agent::stages::{self, Options, Stage2Options};
+use bearman_proto::{FirmwareOutcome, FirmwareReport};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -135,6 +138,16 @@ impl FakeBoot {
         .to_string()
     }
 
+    /// The registration with `fields` added (`firmware_update`, `firmware_hold`).
+    fn registration_with(&self, fields: serde_json::Value) -> String {
+        let mut registration: serde_json::Value =
+            serde_json::from_str(&self.registration()).unwrap();
+        for (key, value) in fields.as_object().unwrap() {
+            registration[key] = value.clone();
+        }
+        registration.to_string()
+    }
+
     fn script(&self) -> String {
         bearman_proto::ipxe::render_boot(
             "stage 2",
@@ -228,10 +241,12 @@ async fn serve(mut stream: tokio::net::TcpStream, state: Arc<Mutex<ServerState>>
     let _ = stream.shutdown().await;
 }
 
-/// Records what it would have kexec'd, with the files' contents read at that moment.
+/// Records what it would have kexec'd, with the files' contents read at that moment, and
+/// how often it would have restarted the machine.
 #[derive(Default)]
 struct RecordingKexec {
     calls: Vec<(KexecFiles, Vec<u8>, Vec<Vec<u8>>)>,
+    restarts: u32,
 }
 
 impl Kexec for RecordingKexec {
@@ -245,15 +260,21 @@ impl Kexec for RecordingKexec {
         self.calls.push((files.clone(), kernel, initrds));
         Ok(())
     }
+
+    fn restart(&mut self) -> Result<(), KexecError> {
+        self.restarts += 1;
+        Ok(())
+    }
 }
 
 /// ipmitool as a script: records every argument vector, prints `lan_print` for
-/// `lan print`, and fails any command containing `fail_on`.
+/// `lan print` and `mc_info` for `mc info`, and fails any command containing `fail_on`.
 #[derive(Clone)]
 struct FakeIpmitool {
     calls: Arc<Mutex<Vec<String>>>,
     available: bool,
     lan_print: String,
+    mc_info: String,
     fail_on: Option<String>,
 }
 
@@ -265,6 +286,11 @@ impl Default for FakeIpmitool {
             lan_print: "IP Address Source       : DHCP Address\n\
                         IP Address              : 0.0.0.0\n\
                         MAC Address             : 0C:C4:7A:12:34:56\n"
+                .into(),
+            mc_info: "Device ID                 : 32\n\
+                      Device Revision           : 1\n\
+                      Firmware Revision         : 1.73\n\
+                      IPMI Version              : 2.0\n"
                 .into(),
             fail_on: None,
         }
@@ -293,6 +319,7 @@ impl Ipmitool for FakeIpmitool {
                 Err("exit status: 1: Invalid data field in request".to_string())
             }
             _ if args.get(1).is_some_and(|word| word == "print") => Ok(self.lan_print.clone()),
+            _ if line == "mc info" => Ok(self.mc_info.clone()),
             _ => Ok(String::new()),
         };
         Box::pin(async move { result })
@@ -423,7 +450,10 @@ async fn stage1_registers_verifies_downloads_and_stops_at_kexec() {
     assert_eq!(initrds, &vec![INITRD.to_vec()]);
     let lines = node.lines();
     assert!(
-        lines.contains(&"bearman-agent: warning: bios firmware 2.0, expected 2.1 (firmware updates are not automated yet)".to_string()),
+        lines.contains(
+            &"bearman-agent: warning: bios firmware 2.0, expected 2.1 (no firmware bundle applies)"
+                .to_string()
+        ),
         "{lines:#?}"
     );
     // No /dev/ipmi0 under the root: one line, ipmitool never run, no BMC facts sent.
@@ -954,6 +984,7 @@ async fn stage1_registers_the_bmc_mac_and_sets_bearmans_address_on_the_chosen_ch
         node.ipmitool.calls(),
         vec![
             "lan print 2",
+            "mc info",
             "lan set 2 ipsrc static",
             "lan set 2 ipaddr 10.2.0.17",
             "lan set 2 netmask 255.255.255.0",
@@ -996,6 +1027,7 @@ async fn a_bmc_that_refuses_a_setting_is_reported_and_the_boot_goes_on() {
         node.ipmitool.calls(),
         vec![
             "lan print 1",
+            "mc info",
             "lan set 1 ipsrc static",
             "lan set 1 ipaddr 10.2.0.17"
         ]
@@ -1021,7 +1053,7 @@ async fn a_bmc_without_settings_from_bearman_is_left_alone() {
         .await
         .unwrap();
 
-    assert_eq!(node.ipmitool.calls(), vec!["lan print 1"]);
+    assert_eq!(node.ipmitool.calls(), vec!["lan print 1", "mc info"]);
     let lines = node.lines();
     assert!(
         lines.contains(
@@ -1086,5 +1118,535 @@ async fn an_lldp_socket_error_is_a_line_and_registration_goes_on() {
     let register = boot.body("POST /ipxe/{uuid}/register");
     assert_eq!(register["nics"][0]["name"], "bmnosuch0");
     assert_eq!(register["nics"][0]["lldp"], serde_json::Value::Null);
+    assert_eq!(host.kexec.calls.len(), 1);
+}
+
+// Firmware updates (issue 17): the daemon orders a bundle at registration; stage 1
+// downloads and verifies it, runs the updater (a shell script here), reports, and does
+// what the answer says.
+
+const BUNDLE: &[u8] = b"pretend this is a BIOS image";
+const BUNDLE_NAME: &str = "x11-bios-2.1";
+const BUNDLE_FILE: &str = "firmware-X11_2.1.bin";
+
+/// A firmware updater written to a temporary directory: it records its arguments, copies
+/// the bundle it was given, counts its runs, prints to both streams, and exits with
+/// `exit_code` (or runs `body` instead, when given).
+struct Updater {
+    dir: tempfile::TempDir,
+}
+
+impl Updater {
+    fn exiting(exit_code: i32) -> Updater {
+        Updater::with_body(&format!(
+            "echo erasing\necho 'verify failed at block 7' >&2\nexit {exit_code}\n"
+        ))
+    }
+
+    fn with_body(body: &str) -> Updater {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().display();
+        let script = format!(
+            "printf '%s\\n' \"$@\" > {out}/argv\ncat \"$1\" > {out}/flashed\necho run >> {out}/runs\n{body}"
+        );
+        std::fs::write(dir.path().join("flash.sh"), script).unwrap();
+        Updater { dir }
+    }
+
+    /// The order's command: the bundle twice, once inside a longer argument.
+    fn command(&self) -> Vec<String> {
+        vec![
+            "/bin/sh".into(),
+            self.dir.path().join("flash.sh").display().to_string(),
+            "{file}".into(),
+            "--log={file}.log".into(),
+        ]
+    }
+
+    fn argv(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("argv"))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn flashed(&self) -> Vec<u8> {
+        std::fs::read(self.dir.path().join("flashed")).unwrap()
+    }
+
+    fn runs(&self) -> usize {
+        std::fs::read_to_string(self.dir.path().join("runs"))
+            .map(|text| text.lines().count())
+            .unwrap_or(0)
+    }
+}
+
+impl FakeBoot {
+    /// A bundle served at /images/fw/X11_2.1.bin, ordered at registration with `command`,
+    /// and `answer` to its report.
+    fn order_firmware(
+        &self,
+        command: Vec<String>,
+        change: impl FnOnce(&mut serde_json::Value),
+        answer: &str,
+    ) {
+        let mut order = serde_json::json!({
+            "bundle": BUNDLE_NAME, "component": "bios", "from_version": "2.0", "to_version": "2.1",
+            "artifact": {"url": format!("{}/images/fw/X11_2.1.bin", self.base), "sha256": sha256(BUNDLE)},
+            "size_bytes": BUNDLE.len(), "command": command, "timeout_s": 30,
+            "success_exit_codes": [0], "restart": "reboot"
+        });
+        change(&mut order);
+        self.route(
+            "POST /ipxe/{uuid}/register",
+            Reply::ok(self.registration_with(serde_json::json!({ "firmware_update": order }))),
+        );
+        self.route("GET /images/fw/X11_2.1.bin", Reply::ok(BUNDLE));
+        self.route("POST /ipxe/{uuid}/firmware", Reply::ok(next(answer)));
+    }
+
+    /// The last firmware report, as the daemon would decode it.
+    fn firmware_report(&self) -> FirmwareReport {
+        serde_json::from_value(self.body("POST /ipxe/{uuid}/firmware")).unwrap()
+    }
+}
+
+fn next(answer: &str) -> String {
+    serde_json::json!({ "next": answer }).to_string()
+}
+
+/// Asserts the requests the server saw, by short name.
+fn assert_requests(boot: &FakeBoot, names: &[&str]) {
+    let expected: Vec<String> = names
+        .iter()
+        .map(|name| match *name {
+            "progress" | "register" | "firmware" => format!("POST /ipxe/{UUID}/{name}"),
+            "bundle" => "GET /images/fw/X11_2.1.bin".to_string(),
+            other => panic!("no request called {other}"),
+        })
+        .collect();
+    assert_eq!(boot.requests(), expected);
+}
+
+fn has_line(node: &Node, line: &str) -> bool {
+    node.lines().iter().any(|said| said == line)
+}
+
+/// Files left in the work directory (none, when it was never created).
+fn work_files(node: &Node) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(node.work_dir())
+        .into_iter()
+        .flatten()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn an_ordered_update_is_downloaded_verified_run_reported_and_the_machine_restarts() {
+    let boot = FakeBoot::start().await;
+    let updater = Updater::exiting(0);
+    boot.order_firmware(updater.command(), |_| {}, "reboot");
+    let node = Node::for_server(&boot);
+    let mut host = node.host();
+
+    let error = stages::run_stage1(&node.options(), &TcpConnector, &mut host)
+        .await
+        .unwrap_err();
+
+    assert_eq!(error.what, "firmware");
+    assert_eq!(
+        error.why,
+        "restarted to bring bundle x11-bios-2.1 into use; stage 1 ends here"
+    );
+    assert_eq!(host.kexec.restarts, 1);
+    assert!(host.kexec.calls.is_empty());
+    // No script, profile or detail: nothing boots before the firmware is right.
+    assert_requests(&boot, &["progress", "register", "bundle", "firmware"]);
+    // The updater got the verified bundle, `{file}` replaced everywhere.
+    let file = node.work_dir().join(BUNDLE_FILE).display().to_string();
+    assert_eq!(
+        updater.argv(),
+        vec![file.clone(), format!("--log={file}.log")]
+    );
+    assert_eq!(updater.flashed(), BUNDLE);
+    assert_eq!(updater.runs(), 1);
+    let report = boot.firmware_report();
+    assert_eq!(
+        (report.bundle.as_str(), report.outcome, report.exit_code),
+        (BUNDLE_NAME, FirmwareOutcome::Applied, Some(0))
+    );
+    assert!(report.detail.contains("erasing"), "{report:?}");
+    assert!(
+        report.detail.contains("verify failed at block 7"),
+        "{report:?}"
+    );
+    // The bundle is gone again: the work directory is RAM.
+    assert!(work_files(&node).is_empty(), "{:?}", work_files(&node));
+    for line in [
+        "bearman-agent: firmware: updating bios 2.0 -> 2.1 with bundle x11-bios-2.1",
+        "bearman-agent: firmware updater: erasing",
+        "bearman-agent: firmware updater: verify failed at block 7",
+        "bearman-agent: firmware: bundle x11-bios-2.1 applied (exit code 0)",
+        "bearman-agent: firmware: bearman says reboot to bring bundle x11-bios-2.1 into use; rebooting",
+    ] {
+        assert!(has_line(&node, line), "{line}: {:#?}", node.lines());
+    }
+    // The update line says what happens to the BIOS; no warning repeats it.
+    assert!(
+        !node
+            .lines()
+            .iter()
+            .any(|line| line.contains("warning: bios")),
+        "{:#?}",
+        node.lines()
+    );
+}
+
+#[tokio::test]
+async fn an_updater_exit_code_outside_the_success_list_is_reported_failed_and_nothing_restarts() {
+    let boot = FakeBoot::start().await;
+    let updater = Updater::exiting(3);
+    boot.order_firmware(updater.command(), |_| {}, "register_again");
+    let node = Node::for_server(&boot);
+    let mut options = node.options();
+    options.once = true;
+    let mut host = node.host();
+
+    let error = stages::run_stage1(&options, &TcpConnector, &mut host)
+        .await
+        .unwrap_err();
+
+    assert_eq!(
+        error.to_string(),
+        "firmware: bearman says register again after bundle x11-bios-2.1 (failed)"
+    );
+    let report = boot.firmware_report();
+    assert_eq!(
+        (report.outcome, report.exit_code),
+        (FirmwareOutcome::Failed, Some(3))
+    );
+    assert!(
+        report
+            .detail
+            .starts_with("updater exited with code 3, not a success code [0]\n"),
+        "{report:?}"
+    );
+    for output in ["erasing", "verify failed at block 7"] {
+        assert!(report.detail.contains(output), "{report:?}");
+    }
+    assert_eq!(host.kexec.restarts, 0);
+    assert!(host.kexec.calls.is_empty());
+    assert!(has_line(
+        &node,
+        "bearman-agent: firmware: bundle x11-bios-2.1 failed: updater exited with code 3, not a success code [0]"
+    ));
+}
+
+#[tokio::test]
+async fn a_bundle_that_fails_verification_is_reported_failed_and_the_updater_never_runs() {
+    let boot = FakeBoot::start().await;
+    let updater = Updater::exiting(0);
+    boot.order_firmware(updater.command(), |_| {}, "register_again");
+    boot.route("GET /images/fw/X11_2.1.bin", Reply::ok(&b"tampered"[..]));
+    let node = Node::for_server(&boot);
+    let mut options = node.options();
+    options.once = true;
+    let mut host = node.host();
+
+    stages::run_stage1(&options, &TcpConnector, &mut host)
+        .await
+        .unwrap_err();
+
+    assert_eq!(updater.runs(), 0);
+    let report = boot.firmware_report();
+    assert_eq!(
+        (report.outcome, report.exit_code),
+        (FirmwareOutcome::Failed, None)
+    );
+    assert_eq!(
+        report.detail,
+        format!(
+            "bundle download failed: {}/images/fw/X11_2.1.bin: sha256 mismatch: expected {}, got {}",
+            boot.base,
+            sha256(BUNDLE),
+            sha256(b"tampered")
+        )
+    );
+    assert!(work_files(&node).is_empty(), "{:?}", work_files(&node));
+    assert_eq!(host.kexec.restarts, 0);
+}
+
+#[tokio::test]
+async fn an_order_larger_than_the_agents_download_limit_is_refused_and_reported() {
+    let boot = FakeBoot::start().await;
+    let updater = Updater::exiting(0);
+    boot.order_firmware(updater.command(), |_| {}, "register_again");
+    let node = Node::for_server(&boot);
+    let mut options = node.options();
+    options.once = true;
+    options.limits.bytes_max = 10;
+    let mut host = node.host();
+
+    stages::run_stage1(&options, &TcpConnector, &mut host)
+        .await
+        .unwrap_err();
+
+    assert_requests(&boot, &["progress", "register", "firmware"]);
+    assert_eq!(updater.runs(), 0);
+    assert_eq!(
+        boot.firmware_report().detail,
+        format!(
+            "order refused: the bundle is {} bytes, more than this agent's 10-byte download limit",
+            BUNDLE.len()
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_firmware_hold_is_a_console_line_and_stage_1_registers_again_without_downloading() {
+    let boot = FakeBoot::start().await;
+    boot.route(
+        "POST /ipxe/{uuid}/register",
+        Reply::ok(boot.registration_with(
+            serde_json::json!({ "firmware_hold": "rollout x11-bios-2.1 is paused" }),
+        )),
+    );
+    let node = Node::for_server(&boot);
+    let mut options = node.options();
+    options.attempts_max = Some(2);
+    let mut host = node.host();
+
+    let error = stages::run_stage1(&options, &TcpConnector, &mut host)
+        .await
+        .unwrap_err();
+
+    assert_eq!(
+        error.to_string(),
+        "firmware: waiting: rollout x11-bios-2.1 is paused"
+    );
+    assert_requests(&boot, &["progress", "register", "register"]);
+    assert!(work_files(&node).is_empty());
+    let lines = node.lines();
+    assert!(
+        lines.iter().any(|line| line.starts_with(
+            "bearman-agent: firmware: waiting: rollout x11-bios-2.1 is paused; retrying in "
+        )),
+        "{lines:#?}"
+    );
+    assert!(
+        has_line(
+            &node,
+            "bearman-agent: warning: bios firmware 2.0, expected 2.1 (its update waits; see below)"
+        ),
+        "{lines:#?}"
+    );
+    assert_eq!(host.kexec.restarts, 0);
+    assert!(host.kexec.calls.is_empty());
+}
+
+#[tokio::test]
+async fn an_updater_past_its_time_limit_is_killed_with_what_it_started_and_reported_failed() {
+    let boot = FakeBoot::start().await;
+    let updater = Updater::with_body("echo started\nsleep 600 &\necho $! > \"$0.helper\"\nwait\n");
+    let helper_pid_file = updater.dir.path().join("flash.sh.helper");
+    boot.order_firmware(
+        updater.command(),
+        |order| order["timeout_s"] = 1.into(),
+        "register_again",
+    );
+    let node = Node::for_server(&boot);
+    let mut options = node.options();
+    options.once = true;
+    let mut host = node.host();
+
+    stages::run_stage1(&options, &TcpConnector, &mut host)
+        .await
+        .unwrap_err();
+
+    let report = boot.firmware_report();
+    assert_eq!(
+        (report.outcome, report.exit_code),
+        (FirmwareOutcome::Failed, None)
+    );
+    assert_eq!(
+        report.detail,
+        "updater timed out after 1 s and was killed\nstarted"
+    );
+    // The script's background helper was in the updater's process group: killed too.
+    let helper: u32 = std::fs::read_to_string(&helper_pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        gone_or_zombie(helper).await,
+        "helper {helper} still running"
+    );
+    assert_eq!(host.kexec.restarts, 0);
+}
+
+/// Waits (bounded) for a killed process to disappear or become a zombie no one reaps.
+async fn gone_or_zombie(pid: u32) -> bool {
+    for _ in 0..500 {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return true,
+            Ok(stat)
+                if stat
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|rest| rest.trim_start().starts_with('Z')) =>
+            {
+                return true
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    false
+}
+
+#[tokio::test]
+async fn an_undelivered_firmware_report_is_retried_and_never_re_earned_by_flashing_twice() {
+    let boot = FakeBoot::start().await;
+    let updater = Updater::exiting(0);
+    boot.order_firmware(updater.command(), |_| {}, "reboot");
+    // Every try of the first attempt fails, and the first of the second.
+    let failures = REPORT_ATTEMPTS_MAX + 1;
+    boot.fail(
+        "POST /ipxe/{uuid}/firmware",
+        failures,
+        Reply::status(503, "busy"),
+    );
+    let node = Node::for_server(&boot);
+    let mut host = node.host();
+
+    stages::run_stage1(&node.options(), &TcpConnector, &mut host)
+        .await
+        .unwrap_err();
+
+    assert_eq!(updater.runs(), 1);
+    // Retried in place first: registering again before reporting would tell the daemon
+    // the update failed. Once the attempt gave up, the same order gets the same report.
+    let mut expected = vec!["progress", "register", "bundle"];
+    expected.extend(std::iter::repeat_n(
+        "firmware",
+        REPORT_ATTEMPTS_MAX as usize,
+    ));
+    expected.extend(["register", "firmware", "firmware"]);
+    assert_requests(&boot, &expected);
+    assert_eq!(boot.firmware_report().outcome, FirmwareOutcome::Applied);
+    let lines = node.lines();
+    assert!(
+        lines.iter().any(|line| line.starts_with(&format!(
+            "bearman-agent: reporting firmware bundle x11-bios-2.1: POST /ipxe/{UUID}/firmware: HTTP 503: busy (after {REPORT_ATTEMPTS_MAX} tries); retrying in "
+        ))),
+        "{lines:#?}"
+    );
+    assert!(has_line(
+        &node,
+        "bearman-agent: firmware: bundle x11-bios-2.1 already ran in this boot; sending its report again"
+    ));
+    assert_eq!(host.kexec.restarts, 1);
+}
+
+#[tokio::test]
+async fn an_order_repeated_after_register_again_runs_the_updater_again() {
+    let boot = FakeBoot::start().await;
+    let updater = Updater::exiting(0);
+    boot.order_firmware(updater.command(), |_| {}, "reboot");
+    boot.fail(
+        "POST /ipxe/{uuid}/firmware",
+        1,
+        Reply::ok(next("register_again")),
+    );
+    let node = Node::for_server(&boot);
+    let mut host = node.host();
+
+    stages::run_stage1(&node.options(), &TcpConnector, &mut host)
+        .await
+        .unwrap_err();
+
+    assert_eq!(updater.runs(), 2);
+    assert_requests(
+        &boot,
+        &[
+            "progress", "register", "bundle", "firmware", "register", "bundle", "firmware",
+        ],
+    );
+    assert_eq!(host.kexec.restarts, 1);
+}
+
+#[tokio::test]
+async fn awaiting_a_power_cycle_waits_then_registers_again() {
+    let boot = FakeBoot::start().await;
+    let updater = Updater::exiting(0);
+    boot.order_firmware(
+        updater.command(),
+        |order| order["restart"] = "power_cycle".into(),
+        "await_power_cycle",
+    );
+    let node = Node::for_server(&boot);
+    let mut options = node.options();
+    options.once = true;
+    options.power_cycle_wait = Duration::from_millis(5);
+    let mut host = node.host();
+
+    let error = stages::run_stage1(&options, &TcpConnector, &mut host)
+        .await
+        .unwrap_err();
+
+    assert_eq!(
+        error.to_string(),
+        "firmware: no power cycle within 0 s of bundle x11-bios-2.1; registering again"
+    );
+    assert!(has_line(
+        &node,
+        "bearman-agent: firmware: bearman power-cycles this machine through its BMC; waiting up to 0 s"
+    ));
+    assert_eq!(host.kexec.restarts, 0);
+}
+
+#[tokio::test]
+async fn the_bmc_firmware_revision_from_mc_info_is_registered() {
+    let boot = FakeBoot::start().await;
+    let node = Node::for_server(&boot).with_bmc_device();
+    let mut host = node.host();
+
+    stages::run_stage1(&node.options(), &TcpConnector, &mut host)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        boot.body("POST /ipxe/{uuid}/register")["firmware"],
+        serde_json::json!({"bios": "2.0", "bmc": "1.73", "nics": {}})
+    );
+    assert!(has_line(&node, "bearman-agent: BMC firmware revision 1.73"));
+}
+
+#[tokio::test]
+async fn a_bmc_that_cannot_tell_its_firmware_revision_registers_without_it_and_boots() {
+    let boot = FakeBoot::start().await;
+    let mut node = Node::for_server(&boot).with_bmc_device();
+    node.ipmitool.fail_on = Some("mc info".into());
+    let mut host = node.host();
+
+    stages::run_stage1(&node.options(), &TcpConnector, &mut host)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        boot.body("POST /ipxe/{uuid}/register")["firmware"]["bmc"],
+        serde_json::Value::Null
+    );
+    assert!(
+        has_line(
+            &node,
+            "bearman-agent: reading the BMC firmware revision: ipmitool mc info: exit status: 1: Invalid data field in request; registering without it"
+        ),
+        "{:#?}",
+        node.lines()
+    );
     assert_eq!(host.kexec.calls.len(), 1);
 }

@@ -27,6 +27,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use bearman_agent::facts::{Facts, FactsError};
+use bearman_agent::firmware::{UpdaterEnd, UpdaterRun};
 use bearman_agent::host::{Host, WorkDir};
 use bearman_agent::lldp::{NicLldp, Outcome};
 use bearman_agent::network::{HostState, Interface, NetAction, ResolvConf, SubnetRoute};
@@ -216,6 +217,23 @@ impl Host for SimHost {
 
     fn ipmitool(&self) -> &dyn Ipmitool {
         &self.ipmitool
+    }
+
+    fn nic_firmware(&self, _nic: &str) -> Option<String> {
+        None
+    }
+
+    async fn run_updater(&mut self, _argv: &[String], _timeout: Duration) -> UpdaterRun {
+        UpdaterRun {
+            ended: UpdaterEnd::NotRun("the simulator does not flash firmware yet".into()),
+            output_tail: String::new(),
+        }
+    }
+
+    async fn reboot(&mut self) -> Result<(), KexecError> {
+        Err(KexecError::Restart(io::Error::other(
+            "the simulator does not restart from stage 1 yet",
+        )))
     }
 
     fn work_dir(&self) -> &SimWorkDir {

@@ -1,5 +1,6 @@
 //! The last step of stage 1: load the verified stage-2 kernel with `kexec_file_load(2)` and
-//! reboot into it with `reboot(LINUX_REBOOT_CMD_KEXEC)`.
+//! reboot into it with `reboot(LINUX_REBOOT_CMD_KEXEC)`; or, after a firmware update, a
+//! plain restart (`reboot(LINUX_REBOOT_CMD_RESTART)`) through the firmware.
 //!
 //! The step sits behind the [`Kexec`] trait so tests can run all of stage 1 and assert the
 //! plan it would have executed; only [`SystemKexec`] makes syscalls. `kexec_file_load` takes
@@ -42,11 +43,16 @@ pub enum KexecError {
     Load(io::Error),
     #[error("reboot(LINUX_REBOOT_CMD_KEXEC): {0}")]
     Reboot(io::Error),
+    #[error("reboot(LINUX_REBOOT_CMD_RESTART): {0}")]
+    Restart(io::Error),
 }
 
-/// The kexec step. The real one does not return on success.
+/// The steps that leave the stage-1 kernel: into stage 2, or through the firmware again
+/// (a firmware update). The real ones do not return on success.
 pub trait Kexec {
     fn kexec(&mut self, files: &KexecFiles) -> Result<(), KexecError>;
+    /// Restarts the machine through its firmware.
+    fn restart(&mut self) -> Result<(), KexecError>;
 }
 
 /// The command line as `kexec_file_load` wants it: NUL-terminated, length including NUL.
@@ -153,6 +159,20 @@ impl Kexec for SystemKexec {
             libc::reboot(libc::LINUX_REBOOT_CMD_KEXEC)
         };
         Err(KexecError::Reboot(if result != 0 {
+            io::Error::last_os_error()
+        } else {
+            io::Error::other("returned without rebooting")
+        }))
+    }
+
+    fn restart(&mut self) -> Result<(), KexecError> {
+        // SAFETY: plain syscalls without pointers. `sync` first, as for kexec: a flasher
+        // may have written logs to a mounted disk.
+        let result = unsafe {
+            libc::sync();
+            libc::reboot(libc::LINUX_REBOOT_CMD_RESTART)
+        };
+        Err(KexecError::Restart(if result != 0 {
             io::Error::last_os_error()
         } else {
             io::Error::other("returned without rebooting")

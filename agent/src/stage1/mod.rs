@@ -1,6 +1,7 @@
 //! The production [`Host`]: everything in the agent that touches the operating system
 //! (kernel command line, `/sys` and `/proc` facts, DHCP via busybox `udhcpc`, LLDP raw
-//! sockets, ipmitool, the download directory, kexec and reboot; in stage 2 the hostname,
+//! sockets, ipmitool, NIC firmware versions (`SIOCETHTOOL`), firmware updaters, the
+//! download directory, kexec and reboot; in stage 2 the hostname,
 //! resolv.conf, addresses and routes, os-release, uptime; the console on stderr).
 //!
 //! The stage-1 and stage-2 sequences themselves are [`crate::stages`]'s; this module and
@@ -11,12 +12,15 @@ pub mod download;
 pub mod kexec;
 pub mod lldp_listen;
 pub mod netconf;
+pub mod nic_firmware;
+pub mod updater;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::facts::{Facts, FactsError};
+use crate::firmware::UpdaterRun;
 use crate::host::Host;
 use crate::lldp::NicLldp;
 use crate::stages::StepError;
@@ -37,8 +41,9 @@ pub fn stderr_console() -> Console {
 pub const DHCP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A real machine: files under `root` (`/` in production), the command line at
-/// `cmdline_path`, downloads in `work_dir`. The kexec step and stage 2's network are
-/// parameters so tests can run everything else for real and record what those would do.
+/// `cmdline_path`, downloads in `work_dir`. The kexec step (and the restart after a
+/// firmware update) and stage 2's network are parameters so tests can run everything else
+/// for real and record what those would do.
 pub struct SystemHost<K = SystemKexec, N = SystemNetwork> {
     /// `/proc/cmdline`, or a file standing in for it.
     pub cmdline_path: PathBuf,
@@ -162,6 +167,19 @@ impl<K: Kexec, N: HostNetwork> Host for SystemHost<K, N> {
 
     fn ipmitool(&self) -> &dyn Ipmitool {
         self.ipmitool.as_ref()
+    }
+
+    fn nic_firmware(&self, nic: &str) -> Option<String> {
+        nic_firmware::firmware_version(nic)
+    }
+
+    async fn run_updater(&mut self, argv: &[String], timeout: Duration) -> UpdaterRun {
+        let say = |line: &str| self.say(line);
+        updater::run(argv, timeout, &say).await
+    }
+
+    async fn reboot(&mut self) -> Result<(), KexecError> {
+        self.kexec.restart()
     }
 
     fn work_dir(&self) -> &FsWorkDir {

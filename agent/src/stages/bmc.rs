@@ -1,6 +1,7 @@
-//! The BMC steps of stage 1: find it, read its MAC for registration (`ipmitool lan
-//! print`), and give it the LAN settings Bearman answered with (`ipmitool lan set`,
-//! planned by [`crate::bmc::plan_lan`]), through the host's [`Ipmitool`].
+//! The BMC steps of stage 1: find it, read its MAC (`ipmitool lan print`) and firmware
+//! revision (`ipmitool mc info`) for registration, and give it the LAN settings Bearman
+//! answered with (`ipmitool lan set`, planned by [`crate::bmc::plan_lan`]), through the
+//! host's [`Ipmitool`].
 //!
 //! Never fatal: registration has already happened when the BMC is configured, and a BMC
 //! that refuses a setting must not stop the machine from booting. Every problem is one
@@ -10,7 +11,7 @@ use std::path::PathBuf;
 
 use bearman_proto::{BmcFacts, BmcSettings};
 
-use crate::bmc::{lan_print_args, parse_lan_print, plan_lan};
+use crate::bmc::{lan_print_args, mc_info_args, parse_lan_print, parse_mc_info, plan_lan};
 use crate::stage1::bmc::Ipmitool;
 
 /// What stage 1 found out about the BMC before registering.
@@ -18,21 +19,33 @@ use crate::stage1::bmc::Ipmitool;
 pub enum Presence {
     /// No BMC to configure; the line has been printed.
     Absent,
-    /// A BMC reachable in-band; `facts` when `lan print` gave its MAC.
-    Present { facts: Option<BmcFacts> },
+    /// A BMC reachable in-band; `facts` when `lan print` gave its MAC, `firmware` when
+    /// `mc info` gave its firmware revision.
+    Present {
+        facts: Option<BmcFacts>,
+        firmware: Option<String>,
+    },
 }
 
 impl Presence {
     pub fn facts(&self) -> Option<&BmcFacts> {
         match self {
-            Presence::Present { facts } => facts.as_ref(),
+            Presence::Present { facts, .. } => facts.as_ref(),
+            Presence::Absent => None,
+        }
+    }
+
+    /// The BMC's firmware revision, for the registration's `firmware.bmc`.
+    pub fn firmware(&self) -> Option<&String> {
+        match self {
+            Presence::Present { firmware, .. } => firmware.as_ref(),
             Presence::Absent => None,
         }
     }
 }
 
-/// Looks for the BMC and reads its MAC and address, printing one line with the result.
-/// `device` is the IPMI device node the host found, if any.
+/// Looks for the BMC and reads its MAC and address, then its firmware revision, printing
+/// one line for each. `device` is the IPMI device node the host found, if any.
 pub async fn discover(
     device: Option<PathBuf>,
     ipmitool: &dyn Ipmitool,
@@ -77,7 +90,36 @@ pub async fn discover(
             }
         },
     };
-    Presence::Present { facts }
+    let firmware = read_firmware(ipmitool, say).await;
+    Presence::Present { facts, firmware }
+}
+
+/// The BMC's firmware revision from `ipmitool mc info`; a failure is a line, and the
+/// machine registers without it (the daemon then sees the BMC's version as unknown).
+async fn read_firmware(ipmitool: &dyn Ipmitool, say: &dyn Fn(&str)) -> Option<String> {
+    let args = mc_info_args();
+    match ipmitool.run(&args).await {
+        Err(error) => {
+            say(&format!(
+                "reading the BMC firmware revision: ipmitool {}: {error}; registering without it",
+                args.join(" ")
+            ));
+            None
+        }
+        Ok(text) => match parse_mc_info(&text) {
+            None => {
+                say(&format!(
+                    "reading the BMC firmware revision: ipmitool {} shows none; registering without it",
+                    args.join(" ")
+                ));
+                None
+            }
+            Some(revision) => {
+                say(&format!("BMC firmware revision {revision}"));
+                Some(revision)
+            }
+        },
+    }
 }
 
 /// How configuring ended.

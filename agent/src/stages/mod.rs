@@ -3,9 +3,11 @@
 //! [`crate::stage1::SystemHost`] over TCP, the simulator on its virtual nodes over turmoil.
 //!
 //! Stage 1: read the command line, collect facts, bring the network up, listen for LLDP
-//! (once per run, all NICs at once, `bearman.lldp_wait_s`), read the BMC, register, configure
-//! the BMC with what Bearman answered, download, kexec. LLDP and the BMC never stop a boot:
-//! their problems are console lines.
+//! (once per run, all NICs at once, `bearman.lldp_wait_s`), read the BMC and the NICs'
+//! firmware versions, register, configure the BMC with what Bearman answered, then either
+//! apply the firmware update Bearman ordered ([`firmware`]: download, run the updater,
+//! report, reboot or register again), wait as Bearman says, or download and kexec. LLDP
+//! and the BMC never stop a boot: their problems are console lines.
 //!
 //! Stage 1 never hangs and never gives up silently: every failure prints one console line
 //! (`bearman-agent: <what failed>: <why>; retrying in N s`) and the whole attempt starts
@@ -15,12 +17,15 @@
 
 pub mod bmc;
 pub mod fetch;
+pub mod firmware;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bearman_proto::{Heartbeat, InstalledReport, LldpNeighbor};
 
-use crate::client::{BootClient, Connector, REQUEST_TIMEOUT};
+use crate::client::{BootClient, Connector, Prepared, REQUEST_TIMEOUT};
+use crate::firmware::LastUpdate;
 use crate::host::{Host, WorkDir};
 use crate::lldp::NicLldp;
 use crate::plan::{self, Backoff, BootArgs, KexecPlan, SplitMix64, Tuning};
@@ -48,6 +53,9 @@ pub struct Options {
     pub limits: Limits,
     /// Bring the network up (`udhcpc` in production) when none is up.
     pub dhcp: bool,
+    /// How long to wait for Bearman to power-cycle the machine after a firmware update
+    /// before registering again.
+    pub power_cycle_wait: Duration,
 }
 
 impl Default for Options {
@@ -61,6 +69,7 @@ impl Default for Options {
             request_timeout: REQUEST_TIMEOUT,
             limits: Limits::default(),
             dhcp: true,
+            power_cycle_wait: crate::firmware::POWER_CYCLE_WAIT,
         }
     }
 }
@@ -87,7 +96,9 @@ fn seed_for(uuid: &str, salt: u64) -> u64 {
 }
 
 /// Runs stage 1 until the kexec step is reached. On a real machine a successful run does
-/// not return; a host whose kexec returns `Ok` ends the run with the files it was given.
+/// not return; a host whose kexec returns `Ok` ends the run with the files it was given,
+/// and one whose reboot (after a firmware update) returns `Ok` ends it with an error
+/// saying so.
 pub async fn run_stage1<C: Connector + Clone, H: Host>(
     options: &Options,
     connector: &C,
@@ -104,7 +115,15 @@ pub async fn run_stage1<C: Connector + Clone, H: Host>(
     let mut run = RunState::default();
     loop {
         let error = match attempt(options, connector, host, &mut run).await {
-            Ok(files) => return Ok(files),
+            Ok(Ended::Kexec(files)) => return Ok(files),
+            Ok(Ended::Restarted { bundle }) => {
+                let error = StepError {
+                    what: "firmware".into(),
+                    why: format!("restarted to bring bundle {bundle} into use; stage 1 ends here"),
+                };
+                host.say(&error.to_string());
+                return Err(error);
+            }
             Err(error) => error,
         };
         failures += 1;
@@ -121,20 +140,33 @@ pub async fn run_stage1<C: Connector + Clone, H: Host>(
     }
 }
 
+/// How a successful attempt ended.
+enum Ended {
+    /// The host's kexec returned with these files.
+    Kexec(KexecFiles),
+    /// The host's reboot after a firmware update returned.
+    Restarted { bundle: String },
+}
+
 /// What one stage-1 run learns once and keeps across retries: listening for LLDP again
-/// would add the whole wait to every retry, and the BMC is configured once.
+/// would add the whole wait to every retry, the BMC is configured once, and a firmware
+/// updater runs once per order.
 #[derive(Default)]
 struct RunState {
     discovered: Option<Discovered>,
     bmc_configured: bool,
     /// Whether stage 1 told Bearman it started (tried once per run, whatever came of it).
     announced: bool,
+    /// The last firmware update this run applied or tried, and Bearman's answer to it.
+    last_update: Option<LastUpdate>,
 }
 
 struct Discovered {
     tuning: Tuning,
     lldp: Vec<NicLldp>,
     bmc: bmc::Presence,
+    /// Firmware version by NIC name, for the NICs that gave one.
+    nic_firmware: BTreeMap<String, String>,
 }
 
 impl Discovered {
@@ -146,8 +178,8 @@ impl Discovered {
     }
 }
 
-/// Reads the tuning keys, listens for LLDP on every NIC and looks for the BMC, printing
-/// what it found. Never fails.
+/// Reads the tuning keys, listens for LLDP on every NIC, looks for the BMC and reads the
+/// NICs' firmware versions, printing what it found. Never fails.
 async fn discover<H: Host>(host: &mut H, nics: &[bearman_proto::NicFacts]) -> Discovered {
     let tuning = host
         .read_cmdline()
@@ -181,7 +213,20 @@ async fn discover<H: Host>(host: &mut H, nics: &[bearman_proto::NicFacts]) -> Di
     let host = &*host;
     let say = |line: &str| host.say(line);
     let bmc = bmc::discover(host.bmc_device(), host.ipmitool(), tuning.bmc_channel, &say).await;
-    Discovered { tuning, lldp, bmc }
+    let nic_firmware = crate::firmware::nic_versions(nics, |nic| host.nic_firmware(nic));
+    if !nic_firmware.is_empty() {
+        let listed: Vec<String> = nic_firmware
+            .iter()
+            .map(|(nic, version)| format!("{nic} {version}"))
+            .collect();
+        host.say(&format!("nic firmware: {}", listed.join(", ")));
+    }
+    Discovered {
+        tuning,
+        lldp,
+        bmc,
+        nic_firmware,
+    }
 }
 
 async fn attempt<C: Connector + Clone, H: Host>(
@@ -189,7 +234,7 @@ async fn attempt<C: Connector + Clone, H: Host>(
     connector: &C,
     host: &mut H,
     run: &mut RunState,
-) -> Result<KexecFiles, StepError> {
+) -> Result<Ended, StepError> {
     let args = read_cmdline(host)?;
     let facts = host.facts().map_err(step("collecting hardware facts"))?;
     if facts.uuid != args.uuid {
@@ -227,31 +272,56 @@ async fn attempt<C: Connector + Clone, H: Host>(
         nic.lldp = discovered.neighbor(&nic.name);
     }
     register.bmc = discovered.bmc.facts().cloned();
-    let boot_plan = client
-        .prepare_boot(&register)
+    register.firmware.bmc = discovered.bmc.firmware().cloned();
+    register.firmware.nics = discovered.nic_firmware.clone();
+    let prepared = client
+        .prepare(&register)
         .await
         .map_err(step("asking bearman what to boot"))?;
+    // Before any firmware step: Bearman power-cycles through the BMC after some updates.
     if !run.bmc_configured {
         run.bmc_configured = true;
         let host = &*host;
         let say = |line: &str| host.say(line);
         bmc::configure(
             &discovered.bmc,
-            boot_plan.registration.bmc.as_ref(),
+            prepared.registration().bmc.as_ref(),
             discovered.tuning.bmc_channel,
             host.ipmitool(),
             &say,
         )
         .await;
     }
-    for difference in plan::firmware_differences(
-        &boot_plan.registration.firmware_expected,
-        &facts.register.firmware,
-    ) {
-        host.say(&format!(
-            "warning: {difference} (firmware updates are not automated yet)"
-        ));
+    let differences = plan::firmware_differences(
+        &prepared.registration().firmware_expected,
+        &register.firmware,
+    );
+    for line in crate::firmware::difference_lines(&differences, prepared.firmware_instruction()) {
+        host.say(&line);
     }
+    let boot_plan = match prepared {
+        Prepared::Boot(plan) => plan,
+        Prepared::HoldFirmware { reason, .. } => {
+            return Err(StepError {
+                what: "firmware".into(),
+                why: format!("waiting: {}", crate::firmware::hold_reason_line(&reason)),
+            })
+        }
+        Prepared::UpdateFirmware { order, .. } => {
+            let firmware::Restarted = firmware::update(
+                options,
+                connector,
+                &client,
+                host,
+                &order,
+                &mut run.last_update,
+            )
+            .await?;
+            return Ok(Ended::Restarted {
+                bundle: order.bundle,
+            });
+        }
+    };
     let kexec_plan = KexecPlan::from_boot_plan(&boot_plan).map_err(step("planning kexec"))?;
     host.say(&format!(
         "booting {} ({}) as {}",
@@ -261,7 +331,7 @@ async fn attempt<C: Connector + Clone, H: Host>(
     host.kexec(&files)
         .await
         .map_err(step(format!("kexec into {}", kexec_plan.kernel.url)))?;
-    Ok(files)
+    Ok(Ended::Kexec(files))
 }
 
 /// Downloads and verifies the kernel and initrds into `work_dir`.
