@@ -18,6 +18,11 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// A verdict with no checks yet, for the run to fill.
+    pub fn named(name: &'static str, kind: &'static str) -> Self {
+        Self::new(name, kind)
+    }
+
     fn new(name: &'static str, kind: &'static str) -> Self {
         Verdict {
             name,
@@ -49,6 +54,10 @@ pub struct Checker {
     pub expectations: Verdict,
     /// Clustered runs only: their verdicts (absent, not vacuously passed, otherwise).
     pub cluster: Option<ClusterVerdicts>,
+    /// Firmware runs only: no board flashes past the rollout's caps and no node reaches
+    /// stage 2 on BIOS behind its flavor, judged on the machines.
+    pub firmware: Option<Verdict>,
+    firmware_violations_seen: usize,
     reported_doubled: BTreeSet<u32>,
     events_seen: i64,
     violations_seen: usize,
@@ -76,6 +85,8 @@ impl Default for Checker {
                 "scenario expectations (faults struck, fences, recovery)",
                 "expect",
             ),
+            firmware: None,
+            firmware_violations_seen: 0,
             reported_doubled: BTreeSet::new(),
             events_seen: 0,
             violations_seen: 0,
@@ -103,6 +114,9 @@ impl Checker {
             &self.no_vm_lost,
             &self.vms_placed_at_end,
         ];
+        if let Some(firmware) = &self.firmware {
+            verdicts.push(firmware);
+        }
         if let Some(cluster) = &self.cluster {
             verdicts.extend([
                 &cluster.one_leader_per_epoch,
@@ -202,6 +216,13 @@ impl Checker {
     /// unverified evacuations at the moment they happen, and the daemon's new audit events
     /// are replayed against the lifecycle, so each step costs only what changed.
     pub fn check_step(&mut self, world: &World, store: &MemoryStore, now: Duration) {
+        if let (Some(verdict), Some(truth)) = (self.firmware.as_mut(), world.firmware.as_ref()) {
+            verdict.checks += 1;
+            for violation in &truth.violations[self.firmware_violations_seen..] {
+                verdict.fail(violation.clone());
+            }
+            self.firmware_violations_seen = truth.violations.len();
+        }
         self.no_vm_twice.checks += 1;
         for failure in &world.double_runs[self.double_runs_seen..] {
             self.no_vm_twice.fail(failure.clone());
@@ -284,6 +305,15 @@ impl Checker {
             if node.power != Power::On || node.os == Os::Crashed {
                 continue;
             }
+            // A board behind its flavor's BIOS is the firmware rollout's to hold (it may
+            // not boot on old firmware); the firmware verdicts judge it.
+            if world
+                .firmware
+                .as_ref()
+                .is_some_and(|truth| truth.bios[node.index as usize] != truth.target)
+            {
+                continue;
+            }
             let state = states.get(node.uuid.as_str()).copied();
             if state != Some(LifecycleState::Ready) || node.os != Os::Running {
                 not_ready.push(format!(
@@ -323,6 +353,36 @@ impl Checker {
 }
 
 impl Checker {
+    /// Firmware runs, at the end: the scenario's firmware expectations against the
+    /// daemon's rollout record and its nodes' inventories.
+    pub fn check_firmware_end(
+        &mut self,
+        expect: &crate::scenario::Expect,
+        rollout: &bearman::core::firmware::FirmwareRollout,
+        flashed: u64,
+    ) {
+        self.expectations.checks += 1;
+        if let Some(paused) = expect.firmware_rollout_paused {
+            if rollout.paused.is_some() != paused {
+                self.expectations.fail(format!(
+                    "firmware rollout {} at the end; expected {}",
+                    match &rollout.paused {
+                        Some(pause) => format!("paused by {}: {}", pause.by, pause.reason),
+                        None => "running".to_string(),
+                    },
+                    if paused { "paused" } else { "running" }
+                ));
+            }
+        }
+        if let Some(min) = expect.firmware_flashed_min {
+            if flashed < min {
+                self.expectations.fail(format!(
+                    "{flashed} node(s) recorded flashed by the daemon; expected at least {min}"
+                ));
+            }
+        }
+    }
+
     /// Liveness at the end of every run, whatever the deadlines: each VM runs on exactly
     /// one host, and that host is powered on with its OS running. At most `down_allowed`
     /// VMs may run nowhere (`expect.vms_down_allowed`); a VM on two hosts always fails.

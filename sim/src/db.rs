@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bearman::core::firmware::{FirmwareBundle, FirmwareRollout};
 use bearman::core::cluster::{ClusterStatus, Lease, Replica};
+use bearman::core::firmware::{FirmwareBundle, FirmwareRollout};
 use bearman::core::model::{
     ApiToken, Event, EventFilter, Flavor, IpAllocation, IpPool, NewEvent, Node, NodeFilter,
     PoolPurpose, StateCounts, TimestampMs, TokenRole,
@@ -364,7 +364,8 @@ impl Store for RemoteStore {
         events: &[NewEvent],
     ) -> Result<Node, StoreError> {
         let (node, rollout, events) = (node.clone(), rollout.clone(), events.to_vec());
-        remote!(self, |store| store.node_update_with_rollout(&node, &rollout, &events))
+        remote!(self, |store| store
+            .node_update_with_rollout(&node, &rollout, &events))
     }
 
     async fn pool_create(&self, pool: &IpPool, events: &[NewEvent]) -> Result<(), StoreError> {

@@ -125,6 +125,35 @@ pub struct World {
     /// Those actions as "replica target operation argument", for `when_action` faults
     /// (drained by the run loop).
     pub actions_new: Vec<String>,
+    /// A firmware rollout's ground truth, in runs that have one.
+    pub firmware: Option<FirmwareTruth>,
+}
+
+/// Ground truth of a firmware rollout (`[firmware]` in the scenario): what each board's
+/// BIOS reads, which boards the bundle fails on, who is flashing now; and what must never
+/// happen — more boards flashing at once than the rollout allows, or a node reaching
+/// stage 2 on BIOS behind its flavor.
+#[derive(Clone, Debug)]
+pub struct FirmwareTruth {
+    /// The version the flavor expects and the bundle installs.
+    pub target: String,
+    pub updates_max: usize,
+    pub updates_per_rack_max: usize,
+    /// Per node: the BIOS version the board reads.
+    pub bios: Vec<String>,
+    /// Per node: the bundle fails on this board (every attempt).
+    pub fails: Vec<bool>,
+    /// Nodes running the updater now.
+    pub flashing: BTreeSet<u32>,
+    pub flashes_ok: u64,
+    pub flashes_failed: u64,
+    /// Flashes cut short by a power or OS change.
+    pub flashes_interrupted: u64,
+    /// The most boards flashing at once, fleet-wide and in one rack.
+    pub most_flashing: usize,
+    pub most_flashing_in_rack: usize,
+    /// Caps exceeded and nodes provisioned behind, as they happened.
+    pub violations: Vec<String>,
 }
 
 pub type SharedWorld = Arc<Mutex<World>>;
@@ -189,6 +218,7 @@ impl World {
             stale_actions: Vec::new(),
             actions_judged: 0,
             actions_new: Vec::new(),
+            firmware: None,
         }
     }
 
@@ -246,6 +276,85 @@ impl World {
         let node = &mut self.nodes[index as usize];
         node.epoch += 1;
         node.epoch_tx.send_replace(node.epoch);
+        // Whatever the board was flashing stops with its power or OS (it is not rewritten:
+        // the simulated flash writes only when it completes).
+        if let Some(firmware) = self.firmware.as_mut() {
+            if firmware.flashing.remove(&index) {
+                firmware.flashes_interrupted += 1;
+            }
+        }
+    }
+
+    /// The machine restarts by itself (stage 1's reboot): power stays on, a new boot
+    /// starts.
+    pub fn reboot(&mut self, index: u32, now: Duration, why: &str) {
+        if self.nodes[index as usize].power != Power::On {
+            return;
+        }
+        self.stop_instances(index, now);
+        self.nodes[index as usize].os = Os::Booting;
+        self.bump(index);
+        let name = self.node_name(index);
+        self.trace.record(now, format!("reboot {name} ({why})"));
+    }
+
+    /// `index`'s updater starts writing its BIOS; the rollout's caps are judged here, on
+    /// the machines themselves.
+    pub fn flash_start(&mut self, index: u32, now: Duration) {
+        let name = self.node_name(index);
+        let rack = self.nodes[index as usize].rack;
+        let racks: Vec<u32> = self.nodes.iter().map(|node| node.rack).collect();
+        let Some(firmware) = self.firmware.as_mut() else {
+            return;
+        };
+        firmware.flashing.insert(index);
+        let now_flashing = firmware.flashing.len();
+        let in_rack = firmware
+            .flashing
+            .iter()
+            .filter(|other| racks[**other as usize] == rack)
+            .count();
+        firmware.most_flashing = firmware.most_flashing.max(now_flashing);
+        firmware.most_flashing_in_rack = firmware.most_flashing_in_rack.max(in_rack);
+        if now_flashing > firmware.updates_max {
+            firmware.violations.push(format!(
+                "t={} {name}: {now_flashing} boards flashing at once, more than updates_max {}",
+                seconds(now),
+                firmware.updates_max
+            ));
+        }
+        if in_rack > firmware.updates_per_rack_max {
+            firmware.violations.push(format!(
+                "t={} {name}: {in_rack} boards flashing in rack {rack}, more than updates_per_rack_max {}",
+                seconds(now),
+                firmware.updates_per_rack_max
+            ));
+        }
+        self.trace.record(now, format!("flash_start {name}"));
+    }
+
+    /// `index`'s updater finished: the board reads `version` when it succeeded. A flash
+    /// its power or OS already cut short ends nothing.
+    pub fn flash_end(&mut self, index: u32, now: Duration, written: Option<&str>) {
+        let name = self.node_name(index);
+        let Some(firmware) = self.firmware.as_mut() else {
+            return;
+        };
+        if !firmware.flashing.remove(&index) {
+            return;
+        }
+        match written {
+            Some(version) => {
+                firmware.bios[index as usize] = version.to_string();
+                firmware.flashes_ok += 1;
+                self.trace
+                    .record(now, format!("flash_done {name} bios={version}"));
+            }
+            None => {
+                firmware.flashes_failed += 1;
+                self.trace.record(now, format!("flash_failed {name}"));
+            }
+        }
     }
 
     /// Every VM instance on `index` dies with its OS.
@@ -329,6 +438,18 @@ impl World {
         node.os = Os::Running;
         node.os_down_since = None;
         node.boots_completed += 1;
+        if let Some(firmware) = self.firmware.as_mut() {
+            let bios = &firmware.bios[index as usize];
+            if *bios != firmware.target {
+                let line = format!(
+                    "t={} node {index} reached stage 2 on BIOS {bios}, behind its flavor's {}",
+                    seconds(now),
+                    firmware.target
+                );
+                firmware.violations.push(line);
+            }
+        }
+        let node = &mut self.nodes[index as usize];
         node.next_boot_pxe = false;
         let mut started = 0;
         let mut doubled = Vec::new();
@@ -466,4 +587,76 @@ pub fn index_of(uuid: &NodeUuid) -> Option<u32> {
         return None;
     }
     u32::try_from(u64::from_str_radix(&hex[8..], 16).ok()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn world_with_firmware() -> World {
+        let mut world = World::new(2, 3, 0, 16);
+        for index in 0..6 {
+            world.power_on(index, Duration::ZERO, "test");
+        }
+        world.firmware = Some(FirmwareTruth {
+            target: "2.0".into(),
+            updates_max: 3,
+            updates_per_rack_max: 2,
+            bios: vec!["1.0".into(); 6],
+            fails: vec![false; 6],
+            flashing: BTreeSet::new(),
+            flashes_ok: 0,
+            flashes_failed: 0,
+            flashes_interrupted: 0,
+            most_flashing: 0,
+            most_flashing_in_rack: 0,
+            violations: Vec::new(),
+        });
+        world
+    }
+
+    #[test]
+    fn flashing_past_the_rollout_caps_or_booting_behind_is_a_violation() {
+        let mut world = world_with_firmware();
+        let at = Duration::from_secs(10);
+        world.flash_start(0, at);
+        world.flash_start(1, at);
+        assert!(world.firmware.as_ref().unwrap().violations.is_empty());
+        // A third board in rack 0: past updates_per_rack_max.
+        world.flash_start(2, at);
+        // A fourth board fleet-wide: past updates_max.
+        world.flash_start(3, at);
+        let truth = world.firmware.as_ref().unwrap();
+        assert_eq!(truth.violations.len(), 2, "{:?}", truth.violations);
+        assert!(truth.violations[0].contains("in rack 0"));
+        assert!(truth.violations[1].contains("more than updates_max 3"));
+        assert_eq!((truth.most_flashing, truth.most_flashing_in_rack), (4, 3));
+
+        world.flash_end(0, at, Some("2.0"));
+        world.flash_end(1, at, None);
+        // Power cut mid-flash: the flash ends with nothing written; a late end is ignored.
+        world.power_off(2, at, "test");
+        world.flash_end(2, at, Some("2.0"));
+        let truth = world.firmware.as_ref().unwrap();
+        assert_eq!(truth.bios[0], "2.0");
+        assert_eq!(truth.bios[2], "1.0");
+        assert_eq!(
+            (
+                truth.flashes_ok,
+                truth.flashes_failed,
+                truth.flashes_interrupted
+            ),
+            (1, 1, 1)
+        );
+
+        // Stage 2 on a board still behind its flavor is called out; on one flashed, not.
+        let epoch = |world: &World, index: usize| world.nodes[index].epoch;
+        let e0 = epoch(&world, 0);
+        assert!(world.os_running(0, e0, at));
+        let e4 = epoch(&world, 4);
+        assert!(world.os_running(4, e4, at));
+        let truth = world.firmware.as_ref().unwrap();
+        assert_eq!(truth.violations.len(), 3, "{:?}", truth.violations);
+        assert!(truth.violations[2].contains("node 4 reached stage 2 on BIOS 1.0"));
+    }
 }

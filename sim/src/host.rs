@@ -76,7 +76,21 @@ pub struct SimHost {
     /// What stage 2's network looks like before the agent changes it.
     network_at_boot: HostState,
     booted_at: Duration,
+    /// The board's BIOS as a firmware rollout sees and rewrites it, in runs that have one.
+    firmware: Option<SimFirmware>,
 }
+
+/// A board's BIOS flash, simulated: the updater runs for a drawn time; on a board the
+/// bundle fails on it exits 1, elsewhere it writes the version its command names. The
+/// version the board reads is the world's ([`crate::fleet::FirmwareTruth`]).
+pub struct SimFirmware {
+    pub world: crate::fleet::SharedWorld,
+    pub index: u32,
+    pub flash_s: [u64; 2],
+}
+
+/// The simulated updater's argument vector: `sim-flash {file} <version it writes>`.
+pub const SIM_UPDATER: &str = "sim-flash";
 
 impl SimHost {
     pub fn new(hardware: Hardware, rng: SimRng, kexec_s: [u64; 2]) -> SimHost {
@@ -125,7 +139,14 @@ impl SimHost {
             },
             network_at_boot,
             booted_at: Duration::ZERO,
+            firmware: None,
         }
+    }
+
+    /// Gives the board a BIOS a firmware rollout flashes.
+    pub fn with_firmware(mut self, firmware: SimFirmware) -> SimHost {
+        self.firmware = Some(firmware);
+        self
     }
 
     /// The node's random draws (boot phase durations, LLDP phases).
@@ -167,9 +188,16 @@ impl Host for SimHost {
     }
 
     fn facts(&self) -> Result<Facts, FactsError> {
+        let mut register = self.hardware.register.clone();
+        if let Some(firmware) = &self.firmware {
+            register.firmware.bios = crate::fleet::lock(&firmware.world)
+                .firmware
+                .as_ref()
+                .map(|truth| truth.bios[firmware.index as usize].clone());
+        }
         Ok(Facts {
             uuid: self.hardware.uuid.clone(),
-            register: self.hardware.register.clone(),
+            register,
         })
     }
 
@@ -223,17 +251,57 @@ impl Host for SimHost {
         None
     }
 
-    async fn run_updater(&mut self, _argv: &[String], _timeout: Duration) -> UpdaterRun {
-        UpdaterRun {
-            ended: UpdaterEnd::NotRun("the simulator does not flash firmware yet".into()),
+    async fn run_updater(&mut self, argv: &[String], timeout: Duration) -> UpdaterRun {
+        let not_run = |why: String| UpdaterRun {
+            ended: UpdaterEnd::NotRun(why),
             output_tail: String::new(),
+        };
+        let Some(firmware) = &self.firmware else {
+            return not_run("this simulated board has no flashable firmware".into());
+        };
+        let (Some(SIM_UPDATER), Some(version)) = (argv.first().map(String::as_str), argv.get(2))
+        else {
+            return not_run(format!("{argv:?}: not `{SIM_UPDATER} FILE VERSION`"));
+        };
+        let (world, index) = (firmware.world.clone(), firmware.index);
+        let fails = crate::fleet::lock(&world)
+            .firmware
+            .as_ref()
+            .is_some_and(|truth| truth.fails[index as usize]);
+        let seconds = self.rng.range(firmware.flash_s[0], firmware.flash_s[1]);
+        crate::fleet::lock(&world).flash_start(index, now());
+        if Duration::from_secs(seconds) > timeout {
+            tokio::time::sleep(timeout).await;
+            crate::fleet::lock(&world).flash_end(index, now(), None);
+            return UpdaterRun {
+                ended: UpdaterEnd::TimedOut(timeout),
+                output_tail: "sim-flash: writing the BIOS region\n".into(),
+            };
+        }
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        if fails {
+            crate::fleet::lock(&world).flash_end(index, now(), None);
+            UpdaterRun {
+                ended: UpdaterEnd::Exited(1),
+                output_tail: "sim-flash: image rejected by this board's flash controller\n".into(),
+            }
+        } else {
+            crate::fleet::lock(&world).flash_end(index, now(), Some(version));
+            UpdaterRun {
+                ended: UpdaterEnd::Exited(0),
+                output_tail: format!("sim-flash: BIOS {version} written\n"),
+            }
         }
     }
 
     async fn reboot(&mut self) -> Result<(), KexecError> {
-        Err(KexecError::Restart(io::Error::other(
-            "the simulator does not restart from stage 1 yet",
-        )))
+        let Some(firmware) = &self.firmware else {
+            return Err(KexecError::Restart(io::Error::other(
+                "this simulated board has no flashable firmware to restart for",
+            )));
+        };
+        crate::fleet::lock(&firmware.world).reboot(firmware.index, now(), "firmware update");
+        Ok(())
     }
 
     fn work_dir(&self) -> &SimWorkDir {

@@ -87,6 +87,7 @@ pub async fn supervise(
     timing: Timing,
     fixture: RegisterRequest,
     seed: u64,
+    flash_s: Option<[u64; 2]>,
 ) {
     let (mut epochs, rack, uuid) = {
         let world = lock(&world);
@@ -98,6 +99,13 @@ pub async fn supervise(
         SimRng::derive(seed, NODE_STREAM | index as u64),
         timing.kexec_s,
     );
+    if let Some(flash_s) = flash_s {
+        host = host.with_firmware(crate::host::SimFirmware {
+            world: world.clone(),
+            index,
+            flash_s,
+        });
+    }
     let boot = Boot::new(&timing, seed, index);
     loop {
         let epoch = *epochs.borrow_and_update();

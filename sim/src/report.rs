@@ -138,6 +138,32 @@ pub fn render(report: &Report, wall: Duration) -> String {
             }
         );
     }
+    if let Some(firmware) = &report.firmware {
+        let _ = writeln!(
+            out,
+            "\nfirmware: {} node(s) recorded flashed; updater runs {} ok, {} failed, {} cut short; \
+             at most {} flashing at once ({} in one rack); {} board(s) still behind",
+            firmware.flashed_recorded,
+            firmware.flashes_ok,
+            firmware.flashes_failed,
+            firmware.flashes_interrupted,
+            firmware.most_flashing,
+            firmware.most_flashing_in_rack,
+            firmware.behind_at_end
+        );
+        match (&firmware.paused_at, &firmware.pause_reason) {
+            (Some(at), Some(reason)) => {
+                let _ = writeln!(
+                    out,
+                    "  rollout paused at t={:.0} s: {reason}",
+                    at.as_secs_f64()
+                );
+            }
+            _ => {
+                let _ = writeln!(out, "  rollout running at the end");
+            }
+        }
+    }
     let _ = writeln!(out, "\ninvariants");
     for verdict in report.checker.verdicts() {
         let _ = writeln!(

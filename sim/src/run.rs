@@ -30,6 +30,8 @@ const DAEMON_PORT: u16 = 8080;
 /// Full scans (VM census, address allocations) run this often; the incremental safety
 /// checks run after every step.
 const SCAN_INTERVAL: Duration = Duration::from_secs(10);
+/// Seed stream of which boards the firmware bundle fails on (see [`SimRng::derive`]).
+const FIRMWARE_FAIL_STREAM: u64 = 0x6677_6661_696c_0000;
 
 /// The daemon's clock inside the simulation: the simulated calendar.
 struct SimClock;
@@ -77,6 +79,27 @@ pub struct Report {
     pub lease_terms: usize,
     pub takeovers: Vec<Duration>,
     pub actions_judged: u64,
+    /// Firmware runs: what the rollout came to.
+    pub firmware: Option<FirmwareSummary>,
+}
+
+/// What a firmware rollout came to in one run.
+#[derive(Clone, Debug)]
+pub struct FirmwareSummary {
+    /// Nodes the daemon recorded flashed to the target (`last_flashed`).
+    pub flashed_recorded: u64,
+    /// Updater runs on the boards: succeeded, failed, cut short by power or OS changes.
+    pub flashes_ok: u64,
+    pub flashes_failed: u64,
+    pub flashes_interrupted: u64,
+    /// The most boards flashing at once, fleet-wide and in one rack.
+    pub most_flashing: usize,
+    pub most_flashing_in_rack: usize,
+    /// Boards still behind at the end.
+    pub behind_at_end: usize,
+    /// When the rollout paused (its first `firmware_rollout_paused` event), and why.
+    pub paused_at: Option<Duration>,
+    pub pause_reason: Option<String>,
 }
 
 impl Report {
@@ -108,14 +131,18 @@ fn artifact(index: usize) -> Artifact {
 /// The image store the daemon serves `/images/…` from.
 fn images() -> MemoryImages {
     let images = MemoryImages::default();
-    for (path, bytes) in ARTIFACTS {
+    for (path, bytes) in ARTIFACTS.into_iter().chain([BIOS_BUNDLE]) {
         images.insert(path, bytes.to_vec());
     }
     images
 }
 
-fn seed_store(store: &MemoryStore) {
-    let flavor = Flavor {
+/// The simulated BIOS bundle's file (the simulated updater does not read it; the agent
+/// downloads and verifies it as it would a real one).
+const BIOS_BUNDLE: (&str, &[u8]) = ("fw/bios.bin", b"bearman-sim BIOS image");
+
+fn seed_store(store: &MemoryStore, firmware: Option<&crate::scenario::SimFirmware>) {
+    let mut flavor = Flavor {
         name: "hv".into(),
         kernel: artifact(0),
         initrds: vec![artifact(1)],
@@ -148,6 +175,36 @@ fn seed_store(store: &MemoryStore) {
             mtu: 1500,
         },
     ];
+    if let Some(firmware) = firmware {
+        flavor.firmware_expected.bios = Some(firmware.bios_target.clone());
+        let (path, bytes) = BIOS_BUNDLE;
+        let bundle = bearman::core::firmware::FirmwareBundle {
+            name: format!("bios-{}", firmware.bios_target),
+            component: "bios".into(),
+            version: firmware.bios_target.clone(),
+            artifact: Artifact {
+                url: format!("/images/{path}"),
+                sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes)),
+            },
+            size_bytes: bytes.len() as u64,
+            applies_to: bearman::core::firmware::AppliesTo {
+                vendor: firmware.bundle_vendor.clone(),
+                ..Default::default()
+            },
+            command: vec![
+                crate::host::SIM_UPDATER.into(),
+                "{file}".into(),
+                firmware.bios_target.clone(),
+            ],
+            timeout_s: firmware.timeout_s,
+            success_exit_codes: vec![0],
+            restart: bearman_proto::FirmwareRestart::Reboot,
+            created_at_ms: EPOCH_MS,
+        };
+        bundle.validate().expect("the simulated bundle is valid");
+        MemoryStore::now_or_never(store.firmware_bundle_create(&bundle, &[]))
+            .expect("seed firmware bundle");
+    }
     MemoryStore::now_or_never(store.flavor_put(&flavor, EPOCH_MS, &[])).expect("seed flavor");
     for pool in &pools {
         MemoryStore::now_or_never(store.pool_create(pool, &[])).expect("seed pool");
@@ -527,8 +584,37 @@ pub fn run_watched(
         fleet.vm_capacity,
     )));
     lock(&world).place_vms(fleet.vms_per_node);
+    if let Some(firmware) = &scenario.firmware {
+        let count = lock(&world).nodes.len();
+        // Exactly fail_percent of the boards (rounded down), picked from the seed: the
+        // rollout is judged against the rate the scenario names, not a draw around it.
+        let mut rng = crate::rng::SimRng::derive(options.seed, FIRMWARE_FAIL_STREAM);
+        let mut order: Vec<usize> = (0..count).collect();
+        for i in (1..count).rev() {
+            order.swap(i, rng.range(0, i as u64) as usize);
+        }
+        let failing = count * firmware.fail_percent as usize / 100;
+        let mut fails = vec![false; count];
+        for index in &order[..failing] {
+            fails[*index] = true;
+        }
+        lock(&world).firmware = Some(crate::fleet::FirmwareTruth {
+            target: firmware.bios_target.clone(),
+            updates_max: firmware.rollout.updates_max,
+            updates_per_rack_max: firmware.rollout.updates_per_rack_max,
+            bios: vec![firmware.bios_start.clone(); count],
+            fails,
+            flashing: Default::default(),
+            flashes_ok: 0,
+            flashes_failed: 0,
+            flashes_interrupted: 0,
+            most_flashing: 0,
+            most_flashing_in_rack: 0,
+            violations: Vec::new(),
+        });
+    }
     let store = Arc::new(MemoryStore::new());
-    seed_store(&store);
+    seed_store(&store, scenario.firmware.as_ref());
     if let Some(watch) = watch {
         watch.start(
             format!("{} seed {}", scenario.name, options.seed),
@@ -588,12 +674,18 @@ pub fn run_watched(
         let remediation = scenario.remediation.clone();
         let images = images.clone();
         let observer = watch.map(|watch| watch.observer(name));
+        let firmware_policy = scenario
+            .firmware
+            .as_ref()
+            .map(|firmware| firmware.rollout.clone())
+            .unwrap_or_default();
         sim.host(name.as_str(), move || {
             let data = data.clone();
             let membership = membership.clone();
             let remediation = remediation.clone();
             let images = images.clone();
             let observer = observer.clone();
+            let firmware_policy = firmware_policy.clone();
             async move {
                 let listener = turmoil::net::TcpListener::bind(("0.0.0.0", DAEMON_PORT)).await?;
                 let store: Arc<dyn Store> = match &membership {
@@ -614,7 +706,10 @@ pub fn run_watched(
                     store,
                     clock: Arc::new(SimClock),
                     images,
-                    service: service_config(),
+                    service: ServiceConfig {
+                        firmware: firmware_policy.clone(),
+                        ..service_config()
+                    },
                     bmcs: Arc::new(
                         bmc::SimBmcs::new(Duration::from_secs(10)).with_metrics(metrics.clone()),
                     ),
@@ -672,6 +767,7 @@ pub fn run_watched(
         let fixture = fixture.clone();
         let seed = options.seed;
         let per_rack = fleet.nodes_per_rack;
+        let flash_s = scenario.firmware.as_ref().map(|firmware| firmware.flash_s);
         sim.host(rack_host(rack), move || {
             let world = world.clone();
             let timing = timing.clone();
@@ -685,6 +781,7 @@ pub fn run_watched(
                         timing.clone(),
                         fixture.clone(),
                         seed,
+                        flash_s,
                     ));
                 }
                 std::future::pending::<()>().await;
@@ -737,6 +834,12 @@ pub fn run_watched(
     let mut deadlines = deadlines.into_iter().peekable();
 
     let mut checker = Checker::default();
+    if scenario.firmware.is_some() {
+        checker.firmware = Some(crate::check::Verdict::named(
+            "no board flashes past the rollout's caps, none boots on old firmware",
+            "safety",
+        ));
+    }
     let mut fault_state = FaultState {
         affected: BTreeMap::new(),
         event_nodes: BTreeMap::new(),
@@ -947,6 +1050,44 @@ pub fn run_watched(
     let recoveries = crate::recovery::recoveries(&world, &events);
     let fences = crate::recovery::fences_started(&events);
     checker.check_expectations(scenario, &recoveries, fences, &fault_state.problems);
+    let firmware = scenario.firmware.as_ref().map(|firmware| {
+        let rollout = MemoryStore::now_or_never(store.firmware_rollout_get()).unwrap_or_default();
+        let flashed = store
+            .snapshot()
+            .nodes
+            .iter()
+            .filter(|node| {
+                node.firmware_components
+                    .get("bios")
+                    .and_then(|record| record.last_flashed.as_deref())
+                    == Some(firmware.bios_target.as_str())
+            })
+            .count() as u64;
+        checker.check_firmware_end(&scenario.expect, &rollout, flashed);
+        let truth = world
+            .firmware
+            .clone()
+            .expect("firmware runs have their truth");
+        let paused_at = events
+            .iter()
+            .find(|event| event.action == bearman::core::model::Action::FirmwareRolloutPaused)
+            .map(|event| Duration::from_millis((event.at_ms - EPOCH_MS).max(0) as u64));
+        FirmwareSummary {
+            flashed_recorded: flashed,
+            flashes_ok: truth.flashes_ok,
+            flashes_failed: truth.flashes_failed,
+            flashes_interrupted: truth.flashes_interrupted,
+            most_flashing: truth.most_flashing,
+            most_flashing_in_rack: truth.most_flashing_in_rack,
+            behind_at_end: truth
+                .bios
+                .iter()
+                .filter(|bios| **bios != truth.target)
+                .count(),
+            paused_at,
+            pause_reason: rollout.paused.map(|pause| pause.reason),
+        }
+    });
     let grants = database.as_ref().map(|db| db.grants()).unwrap_or_default();
     let takeovers: Vec<Duration> = fault_state
         .leader_strikes
@@ -1036,5 +1177,6 @@ pub fn run_watched(
         lease_terms: grants.len(),
         takeovers,
         actions_judged: world.actions_judged,
+        firmware,
     })
 }

@@ -35,6 +35,46 @@ pub struct Scenario {
     /// daemon calling its own in-memory store.
     #[serde(default)]
     pub cluster: Option<SimCluster>,
+    /// A firmware rollout: every node starts behind its flavor's BIOS and a bundle
+    /// updates it; absent: no firmware expectation, no bundle.
+    #[serde(default)]
+    pub firmware: Option<SimFirmware>,
+}
+
+/// `[firmware]`: the fleet's BIOS, the bundle that updates it, the boards it fails on, and
+/// the daemon's rollout rules (`[firmware.rollout]`, the daemon's `[firmware]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimFirmware {
+    /// The BIOS version every node reads at the start.
+    pub bios_start: String,
+    /// The version the flavor expects and the bundle installs.
+    pub bios_target: String,
+    /// Percentage of boards (picked from the seed) the bundle fails on: its updater exits
+    /// 1 there, every attempt.
+    #[serde(default)]
+    pub fail_percent: u32,
+    /// How long the updater runs, `[min, max]` seconds per run.
+    #[serde(default = "flash_s_default")]
+    pub flash_s: [u64; 2],
+    /// The bundle's `applies_to.vendor` (default: any vendor). A vendor the fleet is not
+    /// (its boards are "Dell Inc.") makes a bundle that applies to no board: the fleet
+    /// then boots behind, which the checker must call out.
+    #[serde(default)]
+    pub bundle_vendor: Option<String>,
+    /// The bundle's updater time limit, seconds.
+    #[serde(default = "flash_timeout_s_default")]
+    pub timeout_s: u64,
+    #[serde(default)]
+    pub rollout: bearman::core::firmware::RolloutPolicy,
+}
+
+fn flash_s_default() -> [u64; 2] {
+    [60, 240]
+}
+
+fn flash_timeout_s_default() -> u64 {
+    600
 }
 
 /// `[cluster]`: the replicas and their lease settings (production defaults unless set).
@@ -345,6 +385,14 @@ pub struct Expect {
     /// within this many seconds (virtual).
     #[serde(default)]
     pub takeover_within_s: Option<u64>,
+    /// Firmware runs: whether the rollout is paused at the end (by itself, past its
+    /// failure threshold, when true).
+    #[serde(default)]
+    pub firmware_rollout_paused: Option<bool>,
+    /// Firmware runs: at least this many boards flashed (and came back reading the new
+    /// version, as the daemon recorded).
+    #[serde(default)]
+    pub firmware_flashed_min: Option<u64>,
 }
 
 impl Scenario {
@@ -415,6 +463,34 @@ impl Scenario {
         }
         if self.fleet.storage_per_rack > self.fleet.nodes_per_rack {
             bail!("fleet.storage_per_rack exceeds nodes_per_rack");
+        }
+        if let Some(firmware) = &self.firmware {
+            if firmware.bios_start.trim().is_empty() || firmware.bios_target.trim().is_empty() {
+                bail!("firmware.bios_start and firmware.bios_target must be versions");
+            }
+            if firmware.bios_start == firmware.bios_target {
+                bail!("firmware.bios_start equals bios_target: nothing to roll out");
+            }
+            if firmware.fail_percent > 100 {
+                bail!(
+                    "firmware.fail_percent: {} is above 100",
+                    firmware.fail_percent
+                );
+            }
+            range("firmware.flash_s", firmware.flash_s)?;
+            if !(1..=bearman::core::firmware::UPDATER_TIMEOUT_S_MAX).contains(&firmware.timeout_s) {
+                bail!(
+                    "firmware.timeout_s: {} is outside 1-14400",
+                    firmware.timeout_s
+                );
+            }
+            firmware.rollout.validate().map_err(|problem| {
+                anyhow::anyhow!("{}", problem.replacen("firmware.", "firmware.rollout.", 1))
+            })?;
+        } else if self.expect.firmware_rollout_paused.is_some()
+            || self.expect.firmware_flashed_min.is_some()
+        {
+            bail!("expect.firmware_*: needs a [firmware] section");
         }
         if self.fleet.vms_per_node > self.fleet.vm_capacity {
             bail!("fleet.vms_per_node exceeds vm_capacity");

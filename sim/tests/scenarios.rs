@@ -47,6 +47,67 @@ fn boot_storm() {
 }
 
 #[test]
+fn firmware_rollout_pause() {
+    check_scenario("firmware-rollout-pause");
+}
+
+/// The size: a rollout across 1,000 nodes (25 racks of 40) whose bundle fails on
+/// 10 % of the boards pauses itself at the threshold, within the caps, with nobody booted
+/// on the old BIOS. One seed (the first of `SIM_SEEDS`): the 100-node scenario takes the
+/// seed range.
+#[test]
+fn firmware_rollout_across_1000_nodes_pauses_itself() {
+    let scenario = Scenario::load(&scenario_path("firmware-rollout-pause"))
+        .unwrap()
+        .with_nodes(1000, Some(40))
+        .unwrap();
+    let seed = seeds()[0];
+    let report = run(&scenario, &RunOptions { seed }, |_, _| {}).unwrap();
+    assert!(
+        report.passed(),
+        "seed {seed}: {:?}",
+        report
+            .checker
+            .verdicts()
+            .iter()
+            .filter(|v| !v.passed())
+            .map(|v| (&v.name, &v.failures))
+            .collect::<Vec<_>>()
+    );
+    let firmware = report.firmware.expect("a firmware run");
+    assert!(firmware.paused_at.is_some(), "the rollout paused itself");
+    assert!(
+        firmware.most_flashing <= 20 && firmware.most_flashing_in_rack <= 4,
+        "{firmware:?}"
+    );
+    assert!(
+        firmware.behind_at_end > 500,
+        "the pause held most of the fleet: {firmware:?}"
+    );
+}
+
+/// The checker is not vacuous: a bundle that applies to no board (the wrong vendor) lets
+/// the fleet boot on its old BIOS, and the firmware verdict says so.
+#[test]
+fn a_bundle_for_another_vendor_lets_nodes_boot_behind_and_the_checker_says_so() {
+    let mut scenario = Scenario::load(&scenario_path("firmware-rollout-pause")).unwrap();
+    scenario.firmware.as_mut().unwrap().bundle_vendor = Some("HPE".into());
+    scenario.duration_s = 600;
+    let report = run(&scenario, &RunOptions { seed: 1 }, |_, _| {}).unwrap();
+    let verdict = report
+        .checker
+        .firmware
+        .as_ref()
+        .expect("a firmware verdict");
+    assert!(!verdict.passed(), "nodes booted behind and nothing noticed");
+    assert!(
+        verdict.failures[0].contains("reached stage 2 on BIOS 2.10.2"),
+        "{:?}",
+        verdict.failures
+    );
+}
+
+#[test]
 fn node_crash() {
     check_scenario("node-crash");
 }

@@ -132,6 +132,27 @@ impl App {
             let (firmware, rollout) = self
                 .plan_firmware(&mut node, request, &expected, now)
                 .await?;
+            // A machine waiting in stage 1 for the rollout registers again every minute
+            // or so: while nothing changes, its record is rewritten (and a `register`
+            // event written) at most every half hold window, so a paused rollout over a
+            // thousand machines is not a thousand writes a minute.
+            if let (Some(existing), Some(hold)) = (&existing, &firmware.hold) {
+                if rollout.is_none()
+                    && firmware.events.is_empty()
+                    && existing.state == node.state
+                    && held_until(existing)
+                        .is_some_and(|until| until - now > FIRMWARE_HOLD_WATCH_MS / 2)
+                {
+                    return Ok(Registration {
+                        node: existing.clone(),
+                        bmc: None,
+                        firmware_expected: expected,
+                        awaiting_acceptance: false,
+                        firmware_update: None,
+                        firmware_hold: Some(hold.clone()),
+                    });
+                }
+            }
             let mut events = Vec::new();
             if let Some(by) = &newly_accepted {
                 events.push(NewEvent::for_node(
@@ -365,6 +386,19 @@ impl App {
         })
         .await
     }
+}
+
+/// Until when the boot watchdog leaves `node` waiting for a firmware rollout slot, when it
+/// waits for one (and has no update in flight).
+fn held_until(node: &Node) -> Option<TimestampMs> {
+    let boot = node.boot?;
+    let in_flight = node
+        .firmware_update
+        .as_ref()
+        .is_some_and(|update| update.in_flight.is_some());
+    (boot.phase == crate::core::model::BootPhase::Firmware && !in_flight)
+        .then_some(boot.until_ms)
+        .flatten()
 }
 
 /// What a registration decided about the node's firmware, for the write and the answer.

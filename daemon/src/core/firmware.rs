@@ -1054,9 +1054,12 @@ pub fn on_report(
             })
         }
         FirmwareOutcome::Failed => {
-            let why = match report.exit_code {
-                Some(code) => format!("updater exit {code}: {detail}"),
-                None => detail,
+            // Stage 1's detail already says how the updater ended; an empty one says it
+            // here.
+            let why = match (detail.trim().is_empty(), report.exit_code) {
+                (false, _) => detail,
+                (true, Some(code)) => format!("updater exit {code}"),
+                (true, None) => "stage 1 reported a failure without detail".to_string(),
             };
             let mut notes = Vec::new();
             fail(update, &why, &mut notes);
