@@ -342,10 +342,11 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
     assert!(daemon.power_events().await.is_empty());
 }
 
-/// A power switch that records whether it was ever used.
+/// A power switch that records whether it was ever used, and for what.
 #[derive(Default)]
 struct CountingSwitch {
     calls: Mutex<u32>,
+    actions: Mutex<Vec<PowerAction>>,
 }
 
 #[async_trait]
@@ -356,9 +357,10 @@ impl PowerSwitch for CountingSwitch {
     async fn execute(
         &self,
         _node: &Node,
-        _action: PowerAction,
+        action: PowerAction,
     ) -> Result<PowerDone, PowerSwitchError> {
         *self.calls.lock().unwrap() += 1;
+        self.actions.lock().unwrap().push(action);
         Ok(PowerDone {
             power: "off".into(),
             readbacks: 1,
@@ -528,4 +530,128 @@ async fn cycle_and_pxe_are_off_verified_then_on_verified() {
     );
     assert_eq!(daemon.node().await.state, LifecycleState::Maintenance);
     assert_eq!(daemon.power_events().await.len(), 4);
+}
+
+/// A bundle whose firmware loads only from cold (`restart = "power_cycle"`): once stage 1
+/// reports it written, the daemon power-cycles the machine into the network boot through
+/// the same power switch operators use, tells stage 1 to wait for it, and audits it; the
+/// node is not put in maintenance for it.
+#[tokio::test]
+async fn a_power_cycle_bundle_is_brought_into_use_through_the_power_switch_and_audited() {
+    use bearman::core::firmware::FirmwareBundle;
+    use bearman_proto::{
+        Artifact, FirmwareNext, FirmwareOutcome, FirmwareReport, FirmwareRestart, FirmwareVersions,
+        NicFacts, RegisterRequest,
+    };
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let flavor = bearman::core::model::Flavor {
+        name: "hv".into(),
+        kernel: Artifact {
+            url: "/images/vmlinuz".into(),
+            sha256: "1".repeat(64),
+        },
+        initrds: vec![],
+        cmdline_template: String::new(),
+        firmware_expected: FirmwareVersions {
+            bmc: Some("5.10".into()),
+            ..FirmwareVersions::default()
+        },
+    };
+    store.flavor_put(&flavor, 1, &[]).await.unwrap();
+    let switch = Arc::new(CountingSwitch::default());
+    let app = App::new(
+        store.clone(),
+        Arc::new(SystemClock),
+        Settings {
+            defaults: RegistrationDefaults {
+                role: NodeRole::Compute,
+                flavor: Some("hv".into()),
+            },
+            enrollment: bearman::core::enrollment::EnrollmentPolicy::accept_all(),
+            ..settings()
+        },
+    )
+    .with_power_switch(switch.clone());
+    app.firmware_bundle_add(
+        "token:admin",
+        FirmwareBundle {
+            name: "bmc-5.10".into(),
+            component: "bmc".into(),
+            version: "5.10".into(),
+            artifact: Artifact {
+                url: "/images/fw/bmc.bin".into(),
+                sha256: "e".repeat(64),
+            },
+            size_bytes: 2048,
+            applies_to: Default::default(),
+            command: vec!["/usr/bin/bmc-flash".into(), "{file}".into()],
+            timeout_s: 300,
+            success_exit_codes: vec![0],
+            restart: FirmwareRestart::PowerCycle,
+            created_at_ms: 0,
+        },
+    )
+    .await
+    .unwrap();
+    let uuid = NodeUuid::parse(UUID).unwrap();
+    let request = RegisterRequest {
+        serial: "SER1".into(),
+        nics: vec![NicFacts {
+            name: "eth0".into(),
+            mac: "52:54:00:00:00:01".into(),
+            speed_mbps: None,
+            lldp: None,
+        }],
+        firmware: FirmwareVersions {
+            bmc: Some("5.01".into()),
+            ..FirmwareVersions::default()
+        },
+        ..RegisterRequest::default()
+    };
+    let registered = app.node_register_hardware(&uuid, &request).await.unwrap();
+    let (bundle, from) = registered.firmware_update.expect("an update is ordered");
+    assert_eq!(
+        (bundle.name.as_str(), from.as_deref()),
+        ("bmc-5.10", Some("5.01"))
+    );
+    assert_eq!(
+        *switch.calls.lock().unwrap(),
+        0,
+        "nothing is cycled before the report"
+    );
+
+    let answer = app
+        .node_firmware_report(
+            &uuid,
+            &FirmwareReport {
+                bundle: "bmc-5.10".into(),
+                outcome: FirmwareOutcome::Applied,
+                exit_code: Some(0),
+                detail: "bmc-flash: done".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.next, FirmwareNext::AwaitPowerCycle);
+    assert_eq!(*switch.actions.lock().unwrap(), vec![PowerAction::Pxe]);
+    let node = store.node_get(&uuid).await.unwrap().unwrap();
+    assert_eq!(
+        node.state,
+        LifecycleState::Registered,
+        "no maintenance for a firmware cycle"
+    );
+    let events = store
+        .event_list(&EventFilter {
+            node_uuid: Some(uuid.clone()),
+            limit: 50,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let cycle = events
+        .iter()
+        .find(|event| event.action == Action::FirmwarePowerCycle)
+        .expect("the power cycle is audited");
+    assert!(cycle.reason.contains("power-cycled"), "{}", cycle.reason);
+    assert_eq!(cycle.actor, "system");
 }
