@@ -69,6 +69,12 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BundleOutcomeLabels {
+    bundle: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindOutcomeLabels {
     kind: &'static str,
     outcome: &'static str,
@@ -145,6 +151,11 @@ pub struct FleetSnapshot {
     pub controller_up: bool,
     /// This replica acts for the fleet (alone, or holding the lease).
     pub leader: bool,
+    /// The firmware rollout: nodes flashing now, whether it is paused, and each bundle's
+    /// (started, succeeded, failed) attempts.
+    pub firmware_flashing: u64,
+    pub firmware_paused: bool,
+    pub firmware_tallies: Vec<(String, [u64; 3])>,
 }
 
 /// The controller's guard board, as gauges.
@@ -189,6 +200,9 @@ pub struct Metrics {
     boots_stalled: Gauge,
     controller_up: Gauge,
     leader: Gauge,
+    firmware_flashing: Gauge,
+    firmware_paused: Gauge,
+    firmware_updates: Family<BundleOutcomeLabels, Gauge>,
     /// One scrape at a time: a scrape clears and refills the fleet gauges.
     scrape: tokio::sync::Mutex<()>,
 }
@@ -364,6 +378,24 @@ impl Metrics {
             "1 when this daemon acts for the fleet: alone, or holding the controller lease",
             leader.clone(),
         );
+        let firmware_flashing = Gauge::default();
+        registry.register(
+            "firmware_updates_in_flight",
+            "Nodes holding a firmware rollout slot (flashing or restarting onto new firmware)",
+            firmware_flashing.clone(),
+        );
+        let firmware_paused = Gauge::default();
+        registry.register(
+            "firmware_rollout_paused",
+            "1 while the firmware rollout is paused (by an operator, or by itself)",
+            firmware_paused.clone(),
+        );
+        let firmware_updates = Family::<BundleOutcomeLabels, Gauge>::default();
+        registry.register(
+            "firmware_updates",
+            "Firmware update attempts per bundle since it was added: started, succeeded, failed",
+            firmware_updates.clone(),
+        );
         let build = Family::<VersionLabels, Gauge>::default();
         registry.register("build_info", "The daemon's version", build.clone());
         build
@@ -398,6 +430,9 @@ impl Metrics {
             boots_stalled,
             controller_up,
             leader,
+            firmware_flashing,
+            firmware_paused,
+            firmware_updates,
             scrape: tokio::sync::Mutex::new(()),
         }
     }
@@ -559,6 +594,21 @@ impl Metrics {
         self.boots_stalled.set(gauge_value(guards.boots_stalled));
         self.controller_up.set(i64::from(snapshot.controller_up));
         self.leader.set(i64::from(snapshot.leader));
+        self.firmware_flashing
+            .set(gauge_value(snapshot.firmware_flashing));
+        self.firmware_paused
+            .set(i64::from(snapshot.firmware_paused));
+        self.firmware_updates.clear();
+        for (bundle, counts) in &snapshot.firmware_tallies {
+            for (outcome, count) in ["started", "succeeded", "failed"].into_iter().zip(counts) {
+                self.firmware_updates
+                    .get_or_create(&BundleOutcomeLabels {
+                        bundle: bundle.clone(),
+                        outcome,
+                    })
+                    .set(gauge_value(*count));
+            }
+        }
         let mut out = String::with_capacity(16 * 1024);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -601,6 +651,9 @@ mod tests {
             }),
             controller_up: true,
             leader: true,
+            firmware_flashing: 2,
+            firmware_paused: true,
+            firmware_tallies: vec![("bios-2".into(), [5, 2, 1])],
             ..FleetSnapshot::default()
         };
         let text = metrics.render(&snapshot).await;
@@ -613,6 +666,9 @@ mod tests {
             "bearman_remediations_finished_total{kind=\"automatic\",outcome=\"done\"} 1",
             "bearman_controller_up 1",
             "bearman_controller_leader 1",
+            "bearman_firmware_updates_in_flight 2",
+            "bearman_firmware_rollout_paused 1",
+            "bearman_firmware_updates{bundle=\"bios-2\",outcome=\"failed\"} 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

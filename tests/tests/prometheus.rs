@@ -49,7 +49,7 @@ fn alert_rules_pass_promtool_and_their_unit_tests() {
     let said = String::from_utf8_lossy(&checked.stdout).to_string()
         + &String::from_utf8_lossy(&checked.stderr);
     assert!(checked.status.success(), "promtool check rules: {said}");
-    assert!(said.contains("SUCCESS: 10 rules found"), "{said}");
+    assert!(said.contains("SUCCESS: 11 rules found"), "{said}");
     // The unit tests name the rules file relative to themselves.
     let tested = Command::new(&promtool)
         .current_dir(repo().join("deploy/prometheus"))
@@ -326,7 +326,7 @@ async fn a_real_prometheus_scrapes_the_daemon_and_answers_a_query() {
     let group = &rules["data"]["groups"][0];
     assert_eq!(group["name"], "bearman", "{rules}");
     let all = group["rules"].as_array().expect("rules");
-    assert_eq!(all.len(), 10, "{rules}");
+    assert_eq!(all.len(), 11, "{rules}");
     for rule in all {
         assert_eq!(rule["health"], "ok", "{rule}");
     }

@@ -106,7 +106,20 @@ async fn fleet_snapshot(state: &AppState) -> Result<FleetSnapshot, ApiError> {
             fences_unverified: status.fences_unverified.len() as u64,
             boots_stalled: status.boots_stalled.len() as u64,
         });
+    let rollout = state.store.firmware_rollout_get().await?;
     Ok(FleetSnapshot {
+        firmware_flashing: rollout.slots.len() as u64,
+        firmware_paused: rollout.paused.is_some(),
+        firmware_tallies: rollout
+            .tallies
+            .iter()
+            .map(|(bundle, tally)| {
+                (
+                    bundle.clone(),
+                    [tally.started, tally.succeeded, tally.failed],
+                )
+            })
+            .collect(),
         nodes,
         remediations_active: active.into_iter().collect(),
         oldest_active_remediation_s: u64::try_from((now_ms - oldest_created_ms) / 1000)

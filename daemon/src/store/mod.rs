@@ -394,8 +394,11 @@ pub trait Store: Send + Sync + 'static {
     /// Every bundle, by name.
     async fn firmware_bundle_list(&self) -> Result<Vec<FirmwareBundle>, StoreError>;
     /// Deletes a bundle with its audit events; `NotFound` when there is none of that name.
-    async fn firmware_bundle_delete(&self, name: &str, events: &[NewEvent])
-        -> Result<(), StoreError>;
+    async fn firmware_bundle_delete(
+        &self,
+        name: &str,
+        events: &[NewEvent],
+    ) -> Result<(), StoreError>;
     /// The fleet's firmware rollout; generation 0 (and empty) before the first write.
     async fn firmware_rollout_get(&self) -> Result<FirmwareRollout, StoreError>;
     /// Writes the rollout if the stored one is still at `rollout.generation` (`Conflict`
