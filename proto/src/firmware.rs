@@ -84,7 +84,11 @@ pub fn differences(
             }
         }
     };
-    compare(COMPONENT_BIOS.into(), &expected.bios, reported.bios.as_ref());
+    compare(
+        COMPONENT_BIOS.into(),
+        &expected.bios,
+        reported.bios.as_ref(),
+    );
     compare(COMPONENT_BMC.into(), &expected.bmc, reported.bmc.as_ref());
     for (nic, version) in &expected.nics {
         compare(

@@ -1336,7 +1336,8 @@ mod tests {
 
     #[test]
     fn a_bundle_refuses_what_it_cannot_run_safely_naming_the_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut FirmwareBundle)>)> = vec![
+        type BreakIt = Box<dyn Fn(&mut FirmwareBundle)>;
+        let cases: Vec<(&str, BreakIt)> = vec![
             ("name", Box::new(|b| b.name = "a b".into())),
             ("component", Box::new(|b| b.component = "gpu".into())),
             ("component", Box::new(|b| b.component = "nic:".into())),
