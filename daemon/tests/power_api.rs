@@ -620,7 +620,7 @@ async fn a_power_cycle_bundle_is_brought_into_use_through_the_power_switch_and_a
         "nothing is cycled before the report"
     );
 
-    let answer = app
+    let (answer, to_cycle) = app
         .node_firmware_report(
             &uuid,
             &FirmwareReport {
@@ -633,6 +633,13 @@ async fn a_power_cycle_bundle_is_brought_into_use_through_the_power_switch_and_a
         .await
         .unwrap();
     assert_eq!(answer.next, FirmwareNext::AwaitPowerCycle);
+    let to_cycle = to_cycle.expect("the node to power-cycle");
+    assert_eq!(
+        *switch.calls.lock().unwrap(),
+        0,
+        "the cycle is the caller's to run"
+    );
+    app.firmware_power_cycle(&to_cycle).await;
     assert_eq!(*switch.actions.lock().unwrap(), vec![PowerAction::Pxe]);
     let node = store.node_get(&uuid).await.unwrap().unwrap();
     assert_eq!(

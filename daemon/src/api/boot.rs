@@ -302,7 +302,14 @@ async fn firmware_report(
     UuidPath(uuid): UuidPath,
     JsonBody(report): JsonBody<bearman_proto::FirmwareReport>,
 ) -> Result<Json<bearman_proto::FirmwareReportAnswer>, ApiError> {
-    Ok(Json(state.app.node_firmware_report(&uuid, &report).await?))
+    let (answer, power_cycle) = state.app.node_firmware_report(&uuid, &report).await?;
+    if let Some(node) = power_cycle {
+        // Its own task: the machine's connection may close before the cycle ends (the
+        // cycle cuts it), and a BMC sequence dropped half-way leaves a machine off.
+        let app = state.app.clone();
+        tokio::spawn(async move { app.firmware_power_cycle(&node).await });
+    }
+    Ok(Json(answer))
 }
 
 async fn profile(

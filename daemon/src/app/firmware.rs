@@ -239,11 +239,15 @@ impl App {
     /// the new firmware (power-cycled here through its BMC when the bundle says so).
     /// Failed: counted; the node registers again and is retried or, past
     /// `firmware.attempts_max`, taken out of service.
+    ///
+    /// The answer comes back at once; a power cycle the bundle asks for is returned as
+    /// the node to cycle, for the caller to run with [`App::firmware_power_cycle`] where a
+    /// dropped request cannot cut it short (the machine may be half-way through it).
     pub async fn node_firmware_report(
         &self,
         uuid: &NodeUuid,
         report: &FirmwareReport,
-    ) -> Result<FirmwareReportAnswer, AppError> {
+    ) -> Result<(FirmwareReportAnswer, Option<Node>), AppError> {
         if report.detail.len() > bearman_proto::FIRMWARE_REPORT_DETAIL_MAX {
             return Err(AppError::InvalidField(validate::FieldError::new(
                 "detail",
@@ -289,10 +293,10 @@ impl App {
                 .await
             {
                 Ok(stored) => {
-                    if effect.power_cycle {
-                        self.firmware_power_cycle(&stored).await;
-                    }
-                    return Ok(FirmwareReportAnswer { next: effect.next });
+                    return Ok((
+                        FirmwareReportAnswer { next: effect.next },
+                        effect.power_cycle.then_some(stored),
+                    ));
                 }
                 Err(StoreError::GenerationMismatch { .. } | StoreError::Conflict { .. }) => {
                     continue
@@ -308,7 +312,7 @@ impl App {
     /// Power-cycles a node (next boot from the network) for its new firmware, through the
     /// same guarded BMC path as every power action, and audits what came of it. A failure
     /// is only reported: the update's deadline then counts the attempt as failed.
-    async fn firmware_power_cycle(&self, node: &Node) {
+    pub async fn firmware_power_cycle(&self, node: &Node) {
         let now = self.now_ms();
         let reason = match &self.power {
             None => "no BMC access in this daemon; the machine must be power-cycled by hand".to_string(),
