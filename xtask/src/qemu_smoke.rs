@@ -17,6 +17,14 @@
 //! the driver reads as Off) and the smoke waits for Bearman to notice, fence it (verified
 //! off), rebuild it and see it Ready again — with every other node left alone.
 //!
+//! Before those boots, a firmware phase: vm1's flavor expects BIOS [`BIOS_NEW`] and its
+//! first boot reads [`BIOS_OLD`] (QEMU's `-smbios type=0,version=…`, which SeaBIOS and
+//! OVMF both hand the guest's DMI), so Bearman orders a bundle whose updater is a fixture
+//! script; stage 1 downloads and runs it, reports it applied and restarts the machine,
+//! which ends that QEMU (`-no-reboot`). The smoke then starts vm1 again reading the new
+//! version, as a real flash and reboot would leave it, and after Ready checks its firmware
+//! record (`last_flashed`, `first_seen`) and events.
+//!
 //! Each VM has QEMU's simulated BMC on an ISA KCS interface and the daemon a bmc pool; on
 //! every stage-1 boot the smoke checks what the IPMI modules, ipmitool and the agent did
 //! with it (QEMU 7.2's BMC refuses the LAN commands: see [`BMC_LAN_PRINT_REFUSED`]).
@@ -37,6 +45,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use crate::images;
 use crate::l2::{self, L2};
@@ -61,6 +70,46 @@ const HOST_FROM_GUEST: &str = "10.0.2.2";
 /// Where the daemon listens on the L2 bridge.
 const L2_PORT: u16 = 8080;
 const FLAVOR: &str = "smoke";
+/// The flavor of the VM that is flashed first: `smoke`'s images, and a BIOS expectation
+/// its first boot does not meet.
+const FW_FLAVOR: &str = "smoke-fw";
+/// The VM (index) whose BIOS is behind: vm1, the legacy-BIOS VM of a mixed run.
+const FLASHED_VM: u32 = 0;
+/// The SMBIOS type 0 BIOS versions QEMU gives the VMs (`-smbios type=0,version=…`): the
+/// flashed VM's first boot reads the old one, every other boot the new one, as a machine
+/// reads its new firmware after a real flash and reboot.
+const BIOS_OLD: &str = "BEARMAN-1.0";
+const BIOS_NEW: &str = "BEARMAN-2.0";
+/// The bundle that brings the BIOS from [`BIOS_OLD`] to [`BIOS_NEW`].
+const FW_BUNDLE: &str = "smoke-bios-2.0";
+/// The fixture updater, under the daemon's image directory (`/images/…`).
+const FW_UPDATER_PATH: &str = "fw/bios-update.sh";
+/// The updater's time limit in the bundle: the fixture takes well under a second.
+const FW_UPDATER_TIMEOUT_S: u64 = 60;
+/// The line the fixture updater prints (stage 1 echoes it to the console), up to the
+/// versions and the file.
+const FW_UPDATER_SAYS: &str = "bearman-fixture-updater: flashing bios";
+/// The stand-in for a vendor's BIOS flasher, run by stage 1's busybox `sh` (every busybox
+/// applet is linked into the initramfs' /bin, `sh` among the required ones): it reads the
+/// version the machine runs from DMI as a flasher would, checks it was given its own
+/// downloaded file, says what it would flash and exits 0. It writes nothing: the smoke
+/// restarts the VM with the new SMBIOS version, which is what a real flash and reboot
+/// change. Arguments: the target version, the bundle file.
+const FW_UPDATER_SCRIPT: &str = r#"#!/bin/sh
+# Written by cargo xtask qemu-smoke: the QEMU smoke's stand-in for a vendor's BIOS flasher.
+target="$1"
+file="$2"
+from="$(cat /sys/class/dmi/id/bios_version 2>/dev/null)"
+if [ ! -f "$file" ]; then
+  echo "bearman-fixture-updater: no bundle file at $file" >&2
+  exit 3
+fi
+echo "bearman-fixture-updater: flashing bios ${from:-unknown} -> $target from $file"
+exit 0
+"#;
+/// The kernel's line when the guest asks for a restart (`reboot(2)`): the flashed VM's
+/// QEMU runs with `-no-reboot`, so the process exits there.
+const GUEST_RESTART: &str = "reboot: Restarting system";
 const BMC_POOL: &str = "smoke-bmc";
 const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// How often the daemon and the serial logs are looked at.
@@ -83,7 +132,8 @@ pub struct Args {
     /// to reset in the iPXE ROM on these machines; kvm is used only when asked for.
     #[arg(long, value_enum, default_value_t = Accel::Tcg)]
     accel: Accel,
-    /// Bound on each phase (all nodes Ready; the killed node Ready again), seconds
+    /// Bound on each phase (vm1's flash boot; all nodes Ready; the killed node Ready
+    /// again), seconds
     #[arg(long, default_value_t = 900, value_parser = clap::value_parser!(u64).range(30..=7200))]
     phase_timeout_s: u64,
     /// Stop after the first boots: skip the power-kill → fence → rebuild step
@@ -431,24 +481,49 @@ async fn smoke(args: &Args, setup: &Setup, mut network: Option<&mut L2>) -> anyh
     )?;
     wait_until_serving(&mut bearman, addr, "/healthz", &daemon_log).await?;
     let api = Api { addr, token };
-    configure(&api, &manifest, args.nodes).await?;
+    configure(&api, &manifest, args.nodes, &data_dir).await?;
 
+    // The flash boot's VM (its QEMU ended by then) and the normal flow's, kept here so a
+    // failure in either phase prints every serial log's tail.
+    let mut flash_vm = None;
     let mut vms = Vec::new();
-    for index in 0..args.nodes {
-        vms.push(start_vm(args, setup, addr, index)?);
+    let outcome = async {
+        let flash = flash_phase(
+            args,
+            setup,
+            &api,
+            &mut bearman,
+            addr,
+            &mut flash_vm,
+            &daemon_log,
+        )
+        .await?;
+        // The witnesses of the first boots are read from here on: the flash boot's DHCP
+        // and proxyDHCP lines are not the normal boot's.
+        let first_boot_logs = LogOffsets {
+            daemon: file_len(&daemon_log),
+            dnsmasq: file_len(&setup.work.join("dnsmasq.log")),
+            serial: 0,
+        };
+        for index in 0..args.nodes {
+            vms.push(start_vm(args, setup, addr, index, Boot::Normal)?);
+        }
+        boots_and_rebuild(
+            args,
+            setup,
+            &api,
+            &mut bearman,
+            network.as_deref_mut(),
+            &mut vms,
+            &daemon_log,
+            first_boot_logs,
+            &flash,
+        )
+        .await
     }
-    let outcome = boots_and_rebuild(
-        args,
-        setup,
-        &api,
-        &mut bearman,
-        network.as_deref_mut(),
-        &mut vms,
-        &daemon_log,
-    )
     .await;
     if outcome.is_err() {
-        for vm in &vms {
+        for vm in flash_vm.iter().chain(&vms) {
             eprintln!("{}", serial_tail(vm));
         }
         eprintln!("--- bearman: {}", log_tail(&daemon_log));
@@ -560,8 +635,9 @@ impl Api {
     }
 }
 
-/// Flavor (stage 2), node address pool, and every node enrolled with its QMP "BMC".
-async fn configure(api: &Api, manifest: &Value, nodes: u32) -> anyhow::Result<()> {
+/// Flavors (stage 2; [`FW_FLAVOR`] with a BIOS expectation), the firmware bundle and its
+/// fixture updater, node address pool, and every node enrolled with its QMP "BMC".
+async fn configure(api: &Api, manifest: &Value, nodes: u32, data_dir: &Path) -> anyhow::Result<()> {
     let sha = |artifact: &str| -> anyhow::Result<String> {
         manifest["artifacts"][artifact]["sha256"]
             .as_str()
@@ -569,17 +645,29 @@ async fn configure(api: &Api, manifest: &Value, nodes: u32) -> anyhow::Result<()
             .with_context(|| format!("manifest.json has no sha256 for {artifact}"))
     };
     progress(format!(
-        "creating flavor {FLAVOR}, pools smoke and {BMC_POOL} and {nodes} node(s)"
+        "creating flavors {FLAVOR} and {FW_FLAVOR} (firmware_expected bios {BIOS_NEW}), bundle {FW_BUNDLE}, pools smoke and {BMC_POOL} and {nodes} node(s)"
     ));
+    for (name, firmware_expected) in [
+        (FLAVOR, json!({})),
+        (FW_FLAVOR, json!({ "bios": BIOS_NEW })),
+    ] {
+        api.send(
+            "POST",
+            "/api/v1/flavors",
+            &json!({
+                "name": name,
+                "kernel": {"url": "/images/stage2/vmlinuz", "sha256": sha("stage2/vmlinuz")?},
+                "initrds": [{"url": "/images/stage2/initrd.img", "sha256": sha("stage2/initrd.img")?}],
+                "cmdline_template": "console=ttyS0 hostname={hostname}",
+                "firmware_expected": firmware_expected,
+            }),
+        )
+        .await?;
+    }
     api.send(
         "POST",
-        "/api/v1/flavors",
-        &json!({
-            "name": FLAVOR,
-            "kernel": {"url": "/images/stage2/vmlinuz", "sha256": sha("stage2/vmlinuz")?},
-            "initrds": [{"url": "/images/stage2/initrd.img", "sha256": sha("stage2/initrd.img")?}],
-            "cmdline_template": "console=ttyS0 hostname={hostname}",
-        }),
+        "/api/v1/firmware/bundles",
+        &stage_fw_updater(data_dir)?,
     )
     .await?;
     api.send(
@@ -624,7 +712,7 @@ async fn configure(api: &Api, manifest: &Value, nodes: u32) -> anyhow::Result<()
                 // One rack each: two VMs are too few for the rack guard anyway (it needs
                 // rack_nodes_min), and this is how a small lab is usually described.
                 "rack": format!("smoke-{}", index + 1),
-                "flavor": FLAVOR,
+                "flavor": if index == FLASHED_VM { FW_FLAVOR } else { FLAVOR },
                 "bmc": {"driver": "qmp", "address": format!("vm{}.qmp", index + 1)},
             }),
         )
@@ -633,7 +721,57 @@ async fn configure(api: &Api, manifest: &Value, nodes: u32) -> anyhow::Result<()
     Ok(())
 }
 
-fn start_vm(args: &Args, setup: &Setup, addr: SocketAddr, index: u32) -> anyhow::Result<Vm> {
+/// Writes the fixture updater into the daemon's images and returns the bundle that
+/// runs it: [`BIOS_OLD`] → [`BIOS_NEW`], restart by reboot.
+fn stage_fw_updater(data_dir: &Path) -> anyhow::Result<Value> {
+    let path = data_dir.join("images").join(FW_UPDATER_PATH);
+    let dir = path
+        .parent()
+        .context("the updater's path has a directory")?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::write(&path, FW_UPDATER_SCRIPT).with_context(|| format!("writing {}", path.display()))?;
+    Ok(fw_bundle(FW_UPDATER_SCRIPT.as_bytes()))
+}
+
+/// The bundle for the fixture updater whose bytes are `updater`.
+fn fw_bundle(updater: &[u8]) -> Value {
+    json!({
+        "name": FW_BUNDLE,
+        "component": "bios",
+        "version": BIOS_NEW,
+        "artifact": {
+            "url": format!("/images/{FW_UPDATER_PATH}"),
+            "sha256": hex::encode(Sha256::digest(updater)),
+        },
+        "size_bytes": updater.len(),
+        "applies_to": {"from_version_min": BIOS_OLD, "from_version_max": BIOS_OLD},
+        // No shell in the command itself: busybox sh runs the downloaded script.
+        "command": ["/bin/sh", "{file}", BIOS_NEW, "{file}"],
+        "timeout_s": FW_UPDATER_TIMEOUT_S,
+        "success_exit_codes": [0],
+        "restart": "reboot",
+    })
+}
+
+/// How one QEMU process of a VM boots.
+#[derive(Clone, Copy)]
+enum Boot {
+    /// A boot of the normal flow: the new BIOS version, and QEMU stays up whatever the
+    /// guest does (Bearman powers it through QMP).
+    Normal,
+    /// The flashed VM's first boot: the old BIOS version, its own serial log, and
+    /// `-no-reboot` so the guest's restart after the update ends the process instead of
+    /// resetting it with the old SMBIOS tables.
+    Flash,
+}
+
+fn start_vm(
+    args: &Args,
+    setup: &Setup,
+    addr: SocketAddr,
+    index: u32,
+    boot: Boot,
+) -> anyhow::Result<Vm> {
     let name = format!("vm{}", index + 1);
     let uuid = node_uuid(index);
     let firmware = firmware_of(args.firmware, index);
@@ -659,16 +797,22 @@ fn start_vm(args: &Args, setup: &Setup, addr: SocketAddr, index: u32) -> anyhow:
             format!("virtio-net-pci,netdev=net0,mac={mac},romfile=,bootindex=1")
         }
     };
-    let serial_log = setup.work.join(format!("{name}.serial.log"));
+    let (bios_version, logs, exits) = match boot {
+        Boot::Normal => (BIOS_NEW, name.clone(), ["-no-shutdown"]),
+        // Without -no-shutdown: with it, -no-reboot's shutdown would pause QEMU, not end it.
+        Boot::Flash => (BIOS_OLD, format!("{name}.flash"), ["-no-reboot"]),
+    };
+    let serial_log = setup.work.join(format!("{logs}.serial.log"));
     let qmp = setup.sockets.join(format!("{name}.qmp"));
-    let qemu_log = setup.work.join(format!("{name}.qemu.log"));
+    let qemu_log = setup.work.join(format!("{logs}.qemu.log"));
     let qemu_output =
         File::create(&qemu_log).with_context(|| format!("creating {}", qemu_log.display()))?;
     let mut command = Command::new(&setup.qemu);
     command
         .args(["-machine", &format!("pc,accel={}", args.accel.name())])
         .args(["-m", &args.memory_mib.to_string(), "-smp", "1"])
-        .args(["-nodefaults", "-display", "none", "-no-shutdown"])
+        .args(["-nodefaults", "-display", "none"])
+        .args(exits)
         .arg("-serial")
         .arg(format!("file:{}", serial_log.display()))
         .arg("-qmp")
@@ -680,6 +824,8 @@ fn start_vm(args: &Args, setup: &Setup, addr: SocketAddr, index: u32) -> anyhow:
                 index + 1
             ),
         ])
+        // SeaBIOS and OVMF both pass QEMU's type 0 on to the guest's DMI.
+        .args(["-smbios", &format!("type=0,version={bios_version}")])
         .args(["-netdev", &netdev])
         .args(["-device", &nic])
         // An emulated BMC on the in-band KCS interface, found by ipmi_si through ACPI/SMBIOS:
@@ -705,8 +851,12 @@ fn start_vm(args: &Args, setup: &Setup, addr: SocketAddr, index: u32) -> anyhow:
         .stdout(qemu_output.try_clone()?)
         .stderr(qemu_output);
     progress(format!(
-        "powering on {name} ({}, mac {mac}, uuid {uuid}, {} MiB, {}; serial log {})",
+        "powering on {name} ({}, SMBIOS BIOS version {bios_version}{}, mac {mac}, uuid {uuid}, {} MiB, {}; serial log {})",
         firmware.name(),
+        match boot {
+            Boot::Normal => "",
+            Boot::Flash => ", -no-reboot",
+        },
         args.memory_mib,
         args.accel.name(),
         serial_log.display()
@@ -843,8 +993,11 @@ async fn check_bmc(api: &Api, vm: &Vm, offset: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One boot cycle of one VM, watched from power-on to Ready.
+/// One boot cycle of one VM, watched from power-on to Ready (or, for the flash boot,
+/// to the guest's restart).
 struct Cycle {
+    /// The serial console lines that mark its stages, in order: (name, text).
+    markers: Vec<(&'static str, String)>,
     started: Instant,
     /// Seconds after `started` at which each marker was first seen.
     seen: Vec<f64>,
@@ -855,8 +1008,22 @@ struct Cycle {
 }
 
 impl Cycle {
+    /// A cycle from power-on to Ready ([`MARKERS`]).
     fn new(offset: usize, started: Instant) -> Cycle {
+        let markers = MARKERS
+            .iter()
+            .map(|(name, needle)| (*name, needle.to_string()))
+            .collect();
+        Cycle::with_markers(markers, offset, started)
+    }
+
+    fn with_markers(
+        markers: Vec<(&'static str, String)>,
+        offset: usize,
+        started: Instant,
+    ) -> Cycle {
         Cycle {
+            markers,
             started,
             seen: Vec::new(),
             cursor: offset,
@@ -867,7 +1034,7 @@ impl Cycle {
     /// Looks for the next markers in the log; returns the names of those newly seen.
     fn scan(&mut self, log: &[u8]) -> Vec<&'static str> {
         let mut new = Vec::new();
-        while let Some((name, needle)) = MARKERS.get(self.seen.len()) {
+        while let Some((name, needle)) = self.markers.get(self.seen.len()) {
             let haystack = log.get(self.cursor..).unwrap_or_default();
             let Some(at) = find(haystack, needle.as_bytes()) else {
                 break;
@@ -877,6 +1044,15 @@ impl Cycle {
             new.push(*name);
         }
         new
+    }
+
+    fn done(&self) -> bool {
+        self.seen.len() == self.markers.len()
+    }
+
+    /// The name of the next marker not seen yet.
+    fn next(&self) -> Option<&'static str> {
+        self.markers.get(self.seen.len()).map(|(name, _)| *name)
     }
 }
 
@@ -888,10 +1064,34 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 async fn node_state(api: &Api, uuid: &str) -> anyhow::Result<String> {
     let node = api.get(&format!("/api/v1/nodes/{uuid}")).await?;
+    state_of(&node)
+}
+
+fn state_of(node: &Value) -> anyhow::Result<String> {
     node["state"]
         .as_str()
         .map(str::to_string)
-        .with_context(|| format!("node {uuid} has no state: {node}"))
+        .with_context(|| format!("node {} has no state: {node}", node["uuid"]))
+}
+
+/// A failed firmware attempt in the node's record (`firmware_update.failures`): Bearman
+/// retries it, but no smoke boot should fail one, so the smoke stops at once instead of
+/// waiting out the phase.
+fn firmware_failure(node: &Value) -> Option<String> {
+    let update = &node["firmware_update"];
+    let failures = update["failures"].as_u64().unwrap_or(0);
+    (failures > 0).then(|| {
+        let text = |key: &str| update[key].as_str().unwrap_or("?").to_string();
+        format!(
+            "firmware update by bundle {} ({} → {}) failed {failures} time(s), the last: {}",
+            text("bundle"),
+            text("from_version"),
+            text("to_version"),
+            update["last_failure"]
+                .as_str()
+                .unwrap_or("(no reason recorded)")
+        )
+    })
 }
 
 /// Watches every VM's cycle until each node is Ready (and its serial log shows every
@@ -923,18 +1123,20 @@ async fn watch_until_ready(
                     cycle.started.elapsed().as_secs_f64()
                 ));
             }
-            if cycle.ready_s.is_none() && node_state(api, &vm.uuid).await? == "ready" {
+            let node = api.get(&format!("/api/v1/nodes/{}", vm.uuid)).await?;
+            if let Some(failure) = firmware_failure(&node) {
+                bail!("{}: {failure}", vm.name);
+            }
+            if cycle.ready_s.is_none() && state_of(&node)? == "ready" {
                 // Ready counts once the serial log shows the cycle that made it so.
-                if cycle.seen.len() == MARKERS.len() {
+                if cycle.done() {
                     let seconds = cycle.started.elapsed().as_secs_f64();
                     cycle.ready_s = Some(seconds);
                     progress(format!("{} {seconds:>6.1} s  Ready (admin API)", vm.name));
                 }
             }
             if cycle.ready_s.is_none() {
-                let next = MARKERS
-                    .get(cycle.seen.len())
-                    .map_or("Ready", |(name, _)| name);
+                let next = cycle.next().unwrap_or("Ready");
                 waiting.push(format!("{} (next: {next})", vm.name));
             }
         }
@@ -1326,7 +1528,9 @@ fn print_traffic(setup: &Setup, vms: &[Vm], boots: usize) {
         .count();
     let ipxe_efi = fs::metadata(Path::new(IPXE_DIR).join("ipxe.efi")).map_or(0, |m| m.len());
     println!(
-        "boot network, whole run ({boots} boot(s) to Ready): dnsmasq DHCPACKs {}; proxyDHCP offers {} + 4011 acks {}; TFTP transfers {} ({} bytes), {} ended early (EDK2's tsize probe aborts one per PXE boot); PXE-service warnings (dropped packets, rate limits) {}; HTTP computed from the manifest: {} bytes per boot{}",
+        "boot network, whole run ({boots} boot(s) to Ready, and vm{}'s flash boot: stage 1 and the {}-byte bundle): dnsmasq DHCPACKs {}; proxyDHCP offers {} + 4011 acks {}; TFTP transfers {} ({} bytes), {} ended early (EDK2's tsize probe aborts one per PXE boot); PXE-service warnings (dropped packets, rate limits) {}; HTTP computed from the manifest: {} bytes per boot{}",
+        FLASHED_VM + 1,
+        FW_UPDATER_SCRIPT.len(),
         traffic.dhcp_acks,
         traffic.proxy_offers,
         traffic.proxy_acks,
@@ -1343,6 +1547,7 @@ fn print_traffic(setup: &Setup, vms: &[Vm], boots: usize) {
     );
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn boots_and_rebuild(
     args: &Args,
     setup: &Setup,
@@ -1351,6 +1556,8 @@ async fn boots_and_rebuild(
     mut network: Option<&mut L2>,
     vms: &mut [Vm],
     daemon_log: &Path,
+    first_boot_logs: LogOffsets,
+    flash: &FlashPhase,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut cycles: Vec<Option<Cycle>> = vms.iter().map(|_| Some(Cycle::new(0, started))).collect();
@@ -1361,19 +1568,17 @@ async fn boots_and_rebuild(
             .map_err(|error| anyhow!("{}: {error}", vm.name))?;
         check_bmc(api, vm, 0).await?;
         if let Some(network) = network.as_deref_mut() {
-            check_l2_boot(
-                api,
-                setup,
-                network,
-                vm,
-                &args.uefi_file,
-                LogOffsets::default(),
-            )
-            .await?;
+            check_l2_boot(api, setup, network, vm, &args.uefi_file, first_boot_logs).await?;
         }
     }
     let first: Vec<Cycle> = cycles.into_iter().flatten().collect();
+    check_firmware(api, vms).await?;
     print_cycles("first boot", "power-on", vms, &first);
+    print_flash(
+        flash,
+        &vms[FLASHED_VM as usize],
+        &first[FLASHED_VM as usize],
+    );
     if args.no_power_kill {
         if network.is_some() {
             print_traffic(setup, vms, vms.len());
@@ -1487,6 +1692,368 @@ async fn boots_and_rebuild(
         since_kill(times[4]),
     );
     Ok(())
+}
+
+/// The serial console lines of the flash boot, in order: the kernel reads the old BIOS
+/// version from DMI, stage 1 is ordered the bundle, the fixture updater runs and succeeds,
+/// and the guest restarts.
+fn flash_markers() -> Vec<(&'static str, String)> {
+    vec![
+        ("stage-1 kernel", "Linux version ".into()),
+        // The kernel's "DMI: <vendor> <product>, BIOS <version> <date>" line.
+        ("DMI: old BIOS", format!(", BIOS {BIOS_OLD}")),
+        ("stage-1 init", "bearman-init: stage1".into()),
+        (
+            "update ordered",
+            format!(
+                "bearman-agent: firmware: updating bios {BIOS_OLD} -> {BIOS_NEW} with bundle {FW_BUNDLE}"
+            ),
+        ),
+        (
+            "updater ran",
+            format!("{FW_UPDATER_SAYS} {BIOS_OLD} -> {BIOS_NEW} from "),
+        ),
+        (
+            "applied",
+            format!("bearman-agent: firmware: bundle {FW_BUNDLE} applied (exit code 0)"),
+        ),
+        ("guest restart", GUEST_RESTART.into()),
+    ]
+}
+
+/// What the flash boot showed, for the summary.
+struct FlashPhase {
+    cycle: Cycle,
+    /// Seconds after power-on at which the admin API first showed `firmware_applied`.
+    applied_api_s: f64,
+    /// Seconds after power-on at which QEMU exited (the guest's restart, `-no-reboot`).
+    exited_s: f64,
+}
+
+/// The kernel's DMI line in a console text, for messages.
+fn dmi_line(console: &str) -> String {
+    console
+        .lines()
+        .find(|line| line.contains("DMI: "))
+        .map_or_else(
+            || "no DMI line on the console".into(),
+            |line| format!("its kernel says {:?}", line.trim()),
+        )
+}
+
+/// Why the flash boot cannot succeed, from its console so far, if it cannot.
+fn flash_boot_failure(console: &str) -> Option<String> {
+    let failed = format!("firmware: bundle {FW_BUNDLE} failed");
+    if let Some(line) = console.lines().find(|line| line.contains(&failed)) {
+        return Some(format!("stage 1 says the update failed: {:?}", line.trim()));
+    }
+    if console.contains("bearman-agent: booting ") {
+        return Some(format!(
+            "Bearman sent it to boot instead of ordering bundle {FW_BUNDLE} ({})",
+            dmi_line(console)
+        ));
+    }
+    None
+}
+
+/// The firmware phase, before the normal boots: the flashed VM powers on alone reading
+/// [`BIOS_OLD`]; Bearman must order [`FW_BUNDLE`], stage 1 must download it, run the
+/// fixture updater, report it applied and restart the machine, which ends that QEMU
+/// (`-no-reboot`). The normal flow then starts it again reading [`BIOS_NEW`], as the
+/// machine would after a real flash.
+async fn flash_phase(
+    args: &Args,
+    setup: &Setup,
+    api: &Api,
+    bearman: &mut ChildGuard,
+    addr: SocketAddr,
+    slot: &mut Option<Vm>,
+    daemon_log: &Path,
+) -> anyhow::Result<FlashPhase> {
+    let name = format!("vm{}", FLASHED_VM + 1);
+    progress(format!(
+        "firmware: {name} first boots alone on BIOS {BIOS_OLD}; its flavor {FW_FLAVOR} expects {BIOS_NEW}, so Bearman must order bundle {FW_BUNDLE} (fixture updater /images/{FW_UPDATER_PATH})"
+    ));
+    let vm = slot.insert(start_vm(args, setup, addr, FLASHED_VM, Boot::Flash)?);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.phase_timeout_s);
+    let mut cycle = Cycle::with_markers(flash_markers(), 0, started);
+    let mut applied_api_s = None;
+    loop {
+        if let Some(status) = bearman.exit_status()? {
+            bail!("bearman exited ({status}); {}", log_tail(daemon_log));
+        }
+        // Exit status before the log: whatever QEMU wrote before it ended is then read.
+        let exited = vm.guard.exit_status()?;
+        let log = fs::read(&vm.serial_log).unwrap_or_default();
+        let seconds = || started.elapsed().as_secs_f64();
+        for stage in cycle.scan(&log) {
+            progress(format!(
+                "{} {:>6.1} s  {stage} (flash boot)",
+                vm.name,
+                seconds()
+            ));
+        }
+        let console = strip_ansi(&String::from_utf8_lossy(&log));
+        if let Some(failure) = flash_boot_failure(&console) {
+            bail!("{} on BIOS {BIOS_OLD}: {failure}", vm.name);
+        }
+        let node = api.get(&format!("/api/v1/nodes/{}", vm.uuid)).await?;
+        if let Some(failure) = firmware_failure(&node) {
+            bail!("{}: {failure}", vm.name);
+        }
+        if applied_api_s.is_none()
+            && events(api, &vm.uuid)
+                .await?
+                .iter()
+                .any(|event| event["action"] == json!("firmware_applied"))
+        {
+            applied_api_s = Some(seconds());
+            progress(format!(
+                "{} {:>6.1} s  firmware_applied (admin API)",
+                vm.name,
+                seconds()
+            ));
+        }
+        if let Some(status) = exited {
+            ensure!(
+                status.success(),
+                "{}'s QEMU failed in the flash boot ({status}); see {}",
+                vm.name,
+                setup
+                    .work
+                    .join(format!("{}.flash.qemu.log", vm.name))
+                    .display()
+            );
+            ensure!(
+                cycle.done(),
+                "{}'s QEMU ended before the flash boot's {:?} line ({}): the guest restarted or powered off before the update was applied",
+                vm.name,
+                cycle.next().unwrap_or_default(),
+                dmi_line(&console)
+            );
+            let exited_s = seconds();
+            progress(format!(
+                "{} {exited_s:>6.1} s  QEMU exited: the guest restarted (-no-reboot)",
+                vm.name
+            ));
+            let applied_api_s = applied_api_s.with_context(|| {
+                format!(
+                    "{}: stage 1 said bundle {FW_BUNDLE} applied and restarted, but the admin API shows no firmware_applied event",
+                    vm.name
+                )
+            })?;
+            let view = api
+                .get(&format!("/api/v1/nodes/{}/firmware", vm.uuid))
+                .await?;
+            applied_in_flight(&view).map_err(|error| anyhow!("{}: {error}", vm.name))?;
+            progress(format!(
+                "{}: flashed by the fixture in {exited_s:.1} s; Bearman holds the update in flight (applied) until it registers on {BIOS_NEW}",
+                vm.name
+            ));
+            return Ok(FlashPhase {
+                cycle,
+                applied_api_s,
+                exited_s,
+            });
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{}'s flash boot did not end within {} s (next: {}{})",
+                vm.name,
+                args.phase_timeout_s,
+                cycle.next().unwrap_or("the guest's restart"),
+                if applied_api_s.is_none() {
+                    "; no firmware_applied in the admin API"
+                } else {
+                    ""
+                }
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The bios component of `GET /nodes/{uuid}/firmware`.
+fn bios_component(view: &Value) -> Result<&Value, String> {
+    view["components"]
+        .as_array()
+        .and_then(|components| {
+            components
+                .iter()
+                .find(|component| component["component"] == json!("bios"))
+        })
+        .ok_or_else(|| format!("no bios component in its firmware view: {view}"))
+}
+
+/// After the flash boot: the node still reads [`BIOS_OLD`], and its update of
+/// [`FW_BUNDLE`] is in flight, applied, with no failure.
+fn applied_in_flight(view: &Value) -> Result<(), String> {
+    let bios = bios_component(view)?;
+    let update = &view["update"];
+    if bios["current"] != json!(BIOS_OLD)
+        || update["bundle"] != json!(FW_BUNDLE)
+        || update["in_flight"]["applied_at_ms"].as_i64().is_none()
+        || update["failures"].as_u64().unwrap_or(0) != 0
+    {
+        return Err(format!(
+            "after the flash boot Bearman should hold bundle {FW_BUNDLE} in flight and applied on BIOS {BIOS_OLD}; its firmware view: {view}"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `actions` occur in this order among the events (others may come between)
+/// and returns each one's index in `events`.
+fn actions_in_order(events: &[Value], actions: &[&str]) -> Result<Vec<usize>, String> {
+    let mut found = Vec::new();
+    let mut from = 0;
+    for wanted in actions {
+        match events[from..]
+            .iter()
+            .position(|event| event["action"] == json!(wanted))
+        {
+            Some(at) => {
+                found.push(from + at);
+                from += at + 1;
+            }
+            None => {
+                let seen: Vec<&str> = events
+                    .iter()
+                    .filter_map(|event| event["action"].as_str())
+                    .filter(|action| action.starts_with("firmware"))
+                    .collect();
+                return Err(format!(
+                    "expected the events {actions:?} in order; its firmware events were {seen:?}"
+                ));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The flashed node after its normal boot: its bios reads [`BIOS_NEW`], which a bundle
+/// flashed (`last_flashed`), first seen at [`BIOS_OLD`], compliant with nothing in
+/// flight; its events went update started → applied → flashed, then provisioning → ready.
+fn flashed_verdict(view: &Value, events: &[Value]) -> Result<String, String> {
+    let bios = bios_component(view)?;
+    let wanted = [
+        ("current", json!(BIOS_NEW)),
+        ("last_flashed", json!(BIOS_NEW)),
+        ("first_seen", json!(BIOS_OLD)),
+        ("expected", json!(BIOS_NEW)),
+        ("compliant", json!(true)),
+    ];
+    for (key, value) in wanted {
+        if bios[key] != value {
+            return Err(format!("bios {key} is {}, not {value}: {bios}", bios[key]));
+        }
+    }
+    if bios["last_flashed_at_ms"].as_i64().is_none() {
+        return Err(format!("bios has no last_flashed_at_ms: {bios}"));
+    }
+    if !view["update"].is_null() {
+        return Err(format!(
+            "an update is still recorded after it came back flashed: {}",
+            view["update"]
+        ));
+    }
+    if let Some(failed) = events
+        .iter()
+        .find(|event| event["action"] == json!("firmware_update_failed"))
+    {
+        return Err(format!("a firmware attempt failed: {failed}"));
+    }
+    let found = actions_in_order(
+        events,
+        &[
+            "firmware_update_started",
+            "firmware_applied",
+            "firmware_flashed",
+        ],
+    )?;
+    let flashed = found[2];
+    states_in_order(&events[flashed + 1..], &["provisioning", "ready"])
+        .map_err(|error| format!("after firmware_flashed: {error}"))?;
+    Ok(format!(
+        "bios {BIOS_OLD} → {BIOS_NEW} by bundle {FW_BUNDLE}: current = last_flashed = {BIOS_NEW} (at_ms {}), first_seen {BIOS_OLD}, compliant; events firmware_update_started → firmware_applied → firmware_flashed → provisioning → ready",
+        bios["last_flashed_at_ms"]
+    ))
+}
+
+/// A node of the plain flavor: its bios reads what its SMBIOS says ([`BIOS_NEW`]), and
+/// it was never ordered an update (its flavor expects nothing).
+fn unflashed_verdict(view: &Value, events: &[Value]) -> Result<String, String> {
+    let bios = bios_component(view)?;
+    if bios["current"] != json!(BIOS_NEW) {
+        return Err(format!(
+            "its DMI bios version is {}, not the SMBIOS type 0 version {BIOS_NEW} QEMU was given: {bios}",
+            bios["current"]
+        ));
+    }
+    if !bios["last_flashed"].is_null() {
+        return Err(format!("flashed although nothing was expected: {bios}"));
+    }
+    if let Some(event) = events.iter().find(|event| {
+        event["action"].as_str().is_some_and(|action| {
+            action.starts_with("firmware_update") || action == "firmware_applied"
+        })
+    }) {
+        return Err(format!("its flavor expects no firmware, yet: {event}"));
+    }
+    Ok(format!(
+        "bios reads {BIOS_NEW} from its SMBIOS; no update ordered"
+    ))
+}
+
+/// After the first boots: the flashed VM's firmware record and events, and every other
+/// VM's (see [`flashed_verdict`], [`unflashed_verdict`]).
+async fn check_firmware(api: &Api, vms: &[Vm]) -> anyhow::Result<()> {
+    for vm in vms {
+        let view = api
+            .get(&format!("/api/v1/nodes/{}/firmware", vm.uuid))
+            .await?;
+        let events = events(api, &vm.uuid).await?;
+        let verdict = if vm.uuid == node_uuid(FLASHED_VM) {
+            flashed_verdict(&view, &events)
+        } else {
+            unflashed_verdict(&view, &events)
+        };
+        let verdict = verdict.map_err(|error| anyhow!("{} firmware: {error}", vm.name))?;
+        progress(format!(
+            "{}: firmware ({}): {verdict}",
+            vm.name,
+            vm.firmware.name()
+        ));
+    }
+    Ok(())
+}
+
+/// The firmware phase's summary line: the flash boot's stages, and the normal boot that
+/// brought the node back on the new version.
+fn print_flash(flash: &FlashPhase, vm: &Vm, back: &Cycle) {
+    let mut stages: Vec<String> = flash
+        .cycle
+        .markers
+        .iter()
+        .zip(&flash.cycle.seen)
+        .map(|((name, _), at)| format!("{name} {at:.1} s"))
+        .collect();
+    stages.push(format!(
+        "firmware_applied (API) {:.1} s",
+        flash.applied_api_s
+    ));
+    stages.push(format!("QEMU exited {:.1} s", flash.exited_s));
+    println!(
+        "firmware: {} ({}) flashed {BIOS_OLD} → {BIOS_NEW} by bundle {FW_BUNDLE}: flash boot {:.1} s ({}); restarted on {BIOS_NEW}, Ready {} s later; flash-and-reboot to Ready {} s",
+        vm.name,
+        vm.firmware.name(),
+        flash.exited_s,
+        stages.join(", "),
+        back.ready_s.map_or("?".into(), |at| format!("{at:.1}")),
+        back.ready_s
+            .map_or("?".into(), |at| format!("{:.1}", flash.exited_s + at)),
+    );
 }
 
 /// Prints each VM's stage times: seconds since `origin`, and each stage's own length.
@@ -1860,6 +2427,288 @@ mod tests {
                 Firmware::Bios
             ]
         );
+    }
+
+    #[test]
+    fn the_fixture_updater_says_what_it_flashes_and_needs_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("firmware-bios-update.sh");
+        fs::write(&script, FW_UPDATER_SCRIPT).unwrap();
+        let file = script.to_str().unwrap();
+        // As stage 1 runs it: the bundle's command with {file} replaced.
+        let run = |args: &[&str]| Command::new("/bin/sh").args(args).output().unwrap();
+        let output = run(&[file, BIOS_NEW, file]);
+        assert!(output.status.success(), "{output:?}");
+        let said = String::from_utf8(output.stdout).unwrap();
+        assert!(
+            said.starts_with(&format!("{FW_UPDATER_SAYS} "))
+                && said
+                    .trim_end()
+                    .ends_with(&format!("-> {BIOS_NEW} from {file}")),
+            "{said}"
+        );
+        let missing = dir.path().join("gone");
+        let output = run(&[file, BIOS_NEW, missing.to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(3), "{output:?}");
+    }
+
+    #[test]
+    fn the_bundle_is_the_updater_it_names() {
+        let bundle = fw_bundle(FW_UPDATER_SCRIPT.as_bytes());
+        assert_eq!(
+            bundle["artifact"]["sha256"],
+            json!(hex::encode(Sha256::digest(FW_UPDATER_SCRIPT.as_bytes())))
+        );
+        assert_eq!(bundle["size_bytes"], json!(FW_UPDATER_SCRIPT.len()));
+        assert_eq!(
+            bundle["artifact"]["url"],
+            json!(format!("/images/{FW_UPDATER_PATH}"))
+        );
+        assert_eq!(
+            bundle["command"],
+            json!(["/bin/sh", "{file}", BIOS_NEW, "{file}"])
+        );
+        assert_eq!(
+            (
+                &bundle["version"],
+                &bundle["applies_to"]["from_version_min"],
+                &bundle["applies_to"]["from_version_max"]
+            ),
+            (&json!(BIOS_NEW), &json!(BIOS_OLD), &json!(BIOS_OLD))
+        );
+    }
+
+    /// A flash boot's console, from a real run (kernel lines shortened).
+    const FLASH_CONSOLE: &str = "[    0.000000] Linux version 6.1.0-57-amd64\r
+[    0.000000] DMI: Bearman qemu-smoke, BIOS BEARMAN-1.0 \r
+bearman-init: stage1 on 6.1.0-57-amd64\r
+bearman-agent: firmware: updating bios BEARMAN-1.0 -> BEARMAN-2.0 with bundle smoke-bios-2.0\r
+bearman-agent: firmware: downloading bundle smoke-bios-2.0 (373 bytes)\r
+bearman-agent: firmware: running /bin/sh /run/bearman/firmware-bios-update.sh BEARMAN-2.0 /run/bearman/firmware-bios-update.sh (up to 60 s)\r
+bearman-agent: firmware updater: bearman-fixture-updater: flashing bios BEARMAN-1.0 -> BEARMAN-2.0 from /run/bearman/firmware-bios-update.sh\r
+bearman-agent: firmware: bundle smoke-bios-2.0 applied (exit code 0)\r
+bearman-agent: firmware: bearman says reboot to bring bundle smoke-bios-2.0 into use; rebooting\r
+[    6.751256] reboot: Restarting system\r
+";
+
+    #[test]
+    fn the_flash_boot_is_read_from_its_console() {
+        let mut cycle = Cycle::with_markers(flash_markers(), 0, Instant::now());
+        let restart = FLASH_CONSOLE.find(GUEST_RESTART).unwrap();
+        cycle.scan(&FLASH_CONSOLE.as_bytes()[..restart]);
+        assert_eq!(cycle.next(), Some("guest restart"));
+        cycle.scan(FLASH_CONSOLE.as_bytes());
+        assert!(cycle.done());
+        assert_eq!(flash_boot_failure(FLASH_CONSOLE), None);
+
+        // Another BIOS version: the DMI marker is never seen, so the phase waits (and
+        // the daemon, ordering nothing, sends it to boot: the failure below).
+        let newer = FLASH_CONSOLE.replace(", BIOS BEARMAN-1.0", ", BIOS BEARMAN-2.0");
+        let mut cycle = Cycle::with_markers(flash_markers(), 0, Instant::now());
+        cycle.scan(newer.as_bytes());
+        assert_eq!(cycle.next(), Some("DMI: old BIOS"));
+
+        let failed = FLASH_CONSOLE.replace(
+            "applied (exit code 0)",
+            "failed: updater exited with code 1, not a success code [0]",
+        );
+        let error = flash_boot_failure(&failed).unwrap();
+        assert!(
+            error.starts_with("stage 1 says the update failed: "),
+            "{error}"
+        );
+        let booted = "[    0.0] DMI: Bearman qemu-smoke, BIOS BEARMAN-2.0 \r\nbearman-agent: booting http://x/images/stage2/vmlinuz (smoke-fw) as vm1\r\n";
+        let error = flash_boot_failure(booted).unwrap();
+        assert!(
+            error.contains("instead of ordering bundle smoke-bios-2.0")
+                && error.contains("BIOS BEARMAN-2.0"),
+            "{error}"
+        );
+    }
+
+    fn firmware_view(bios: Value, update: Value) -> Value {
+        json!({"uuid": "u", "flavor": FW_FLAVOR, "components": [bios], "update": update})
+    }
+
+    fn flashed_bios() -> Value {
+        json!({
+            "component": "bios", "expected": BIOS_NEW, "current": BIOS_NEW, "compliant": true,
+            "first_seen": BIOS_OLD, "first_seen_at_ms": 1, "changed_at_ms": 5,
+            "last_flashed": BIOS_NEW, "last_flashed_at_ms": 5,
+        })
+    }
+
+    /// Events as the node's trail lists them: `(action, to_state)`, ids in order.
+    fn trail(entries: &[(&str, Option<&str>)]) -> Vec<Value> {
+        entries
+            .iter()
+            .enumerate()
+            .map(|(id, (action, to_state))| {
+                json!({"id": id, "at_ms": id, "action": action, "to_state": to_state})
+            })
+            .collect()
+    }
+
+    const FLASHED_TRAIL: &[(&str, Option<&str>)] = &[
+        ("register", Some("registered")),
+        ("firmware_changed", None),
+        ("firmware_update_started", None),
+        ("firmware_applied", None),
+        ("register", Some("registered")),
+        ("firmware_changed", None),
+        ("firmware_flashed", None),
+        ("provision", Some("provisioning")),
+        ("installed", Some("ready")),
+    ];
+
+    #[test]
+    fn a_flashed_node_needs_its_record_and_its_events_in_order() {
+        let good = firmware_view(flashed_bios(), Value::Null);
+        let verdict = flashed_verdict(&good, &trail(FLASHED_TRAIL)).unwrap();
+        assert!(
+            verdict.starts_with("bios BEARMAN-1.0 → BEARMAN-2.0"),
+            "{verdict}"
+        );
+
+        let fails = |view: &Value, events: &[(&str, Option<&str>)], expect: &str| {
+            let error = flashed_verdict(view, &trail(events)).unwrap_err();
+            assert!(error.contains(expect), "{expect:?} not in {error:?}");
+        };
+        let with = |key: &str, value: Value| {
+            let mut bios = flashed_bios();
+            bios[key] = value;
+            firmware_view(bios, Value::Null)
+        };
+        fails(
+            &with("current", json!(BIOS_OLD)),
+            FLASHED_TRAIL,
+            "bios current",
+        );
+        fails(
+            &with("last_flashed", Value::Null),
+            FLASHED_TRAIL,
+            "bios last_flashed",
+        );
+        fails(
+            &with("first_seen", json!(BIOS_NEW)),
+            FLASHED_TRAIL,
+            "bios first_seen",
+        );
+        fails(
+            &with("compliant", json!(false)),
+            FLASHED_TRAIL,
+            "bios compliant",
+        );
+        fails(
+            &with("last_flashed_at_ms", Value::Null),
+            FLASHED_TRAIL,
+            "last_flashed_at_ms",
+        );
+        fails(
+            &firmware_view(json!({"component": "bmc"}), Value::Null),
+            FLASHED_TRAIL,
+            "no bios component",
+        );
+        fails(
+            &firmware_view(flashed_bios(), json!({"bundle": FW_BUNDLE})),
+            FLASHED_TRAIL,
+            "still recorded",
+        );
+        let mut failed = FLASHED_TRAIL.to_vec();
+        failed.insert(5, ("firmware_update_failed", None));
+        fails(&good, &failed, "a firmware attempt failed");
+        let mut swapped = FLASHED_TRAIL.to_vec();
+        swapped.swap(2, 3);
+        fails(&good, &swapped, "in order");
+        let unflashed: Vec<_> = FLASHED_TRAIL
+            .iter()
+            .copied()
+            .filter(|(action, _)| *action != "firmware_flashed")
+            .collect();
+        fails(&good, &unflashed, "in order");
+        // Provisioned on the old firmware, then flashed: not what happened here.
+        let mut early = FLASHED_TRAIL.to_vec();
+        let provision = early.remove(7);
+        early.insert(1, provision);
+        fails(&good, &early, "after firmware_flashed");
+    }
+
+    #[test]
+    fn a_node_of_the_plain_flavor_reads_its_smbios_and_is_never_ordered_an_update() {
+        let bios = json!({"component": "bios", "expected": null, "current": BIOS_NEW, "compliant": true, "last_flashed": null});
+        let plain: &[(&str, Option<&str>)] = &[
+            ("register", Some("registered")),
+            ("firmware_changed", None),
+            ("provision", Some("provisioning")),
+        ];
+        assert!(
+            unflashed_verdict(&firmware_view(bios.clone(), Value::Null), &trail(plain)).is_ok()
+        );
+        let mut uefi_default = bios.clone();
+        uefi_default["current"] = json!("0.0.0");
+        let error = unflashed_verdict(&firmware_view(uefi_default, Value::Null), &trail(plain))
+            .unwrap_err();
+        assert!(error.contains("not the SMBIOS type 0 version"), "{error}");
+        let error = unflashed_verdict(
+            &firmware_view(bios, Value::Null),
+            &trail(&[("firmware_update_started", None)]),
+        )
+        .unwrap_err();
+        assert!(error.contains("expects no firmware"), "{error}");
+    }
+
+    #[test]
+    fn after_the_flash_boot_the_update_is_in_flight_and_applied() {
+        let bios = json!({"component": "bios", "current": BIOS_OLD});
+        let update = |applied: Value, failures: u32| {
+            json!({"bundle": FW_BUNDLE, "component": "bios", "from_version": BIOS_OLD,
+                   "to_version": BIOS_NEW, "failures": failures,
+                   "in_flight": {"started_at_ms": 1, "applied_at_ms": applied, "deadline_ms": 9}})
+        };
+        assert_eq!(
+            applied_in_flight(&firmware_view(bios.clone(), update(json!(2), 0))),
+            Ok(())
+        );
+        for view in [
+            firmware_view(bios.clone(), update(Value::Null, 0)),
+            firmware_view(bios.clone(), update(json!(2), 1)),
+            firmware_view(bios, Value::Null),
+            firmware_view(
+                json!({"component": "bios", "current": BIOS_NEW}),
+                update(json!(2), 0),
+            ),
+        ] {
+            assert!(applied_in_flight(&view).is_err(), "{view}");
+        }
+    }
+
+    #[test]
+    fn a_failed_firmware_attempt_stops_the_smoke_with_its_reason() {
+        assert_eq!(firmware_failure(&json!({"firmware_update": null})), None);
+        assert_eq!(
+            firmware_failure(&json!({"firmware_update": {"bundle": FW_BUNDLE, "failures": 0}})),
+            None
+        );
+        let node = json!({"firmware_update": {
+            "bundle": FW_BUNDLE, "from_version": BIOS_OLD, "to_version": BIOS_NEW, "failures": 1,
+            "last_failure": "the updater reported success but bios reads BEARMAN-1.0 after the restart, not BEARMAN-2.0",
+        }});
+        assert_eq!(
+            firmware_failure(&node).unwrap(),
+            "firmware update by bundle smoke-bios-2.0 (BEARMAN-1.0 → BEARMAN-2.0) failed 1 time(s), the last: the updater reported success but bios reads BEARMAN-1.0 after the restart, not BEARMAN-2.0"
+        );
+    }
+
+    #[test]
+    fn actions_are_found_in_order() {
+        let events = trail(FLASHED_TRAIL);
+        assert_eq!(
+            actions_in_order(&events, &["register", "firmware_applied", "register"]).unwrap(),
+            vec![0, 3, 4]
+        );
+        let error =
+            actions_in_order(&events, &["firmware_flashed", "firmware_applied"]).unwrap_err();
+        assert!(error.contains("firmware_applied"), "{error}");
     }
 
     #[test]
