@@ -171,19 +171,19 @@ fn progress(message: impl Display) {
     eprintln!("bench-ipxe: {message}");
 }
 
-fn uuid(index: u32) -> String {
+pub(crate) fn uuid(index: u32) -> String {
     format!("00000000-0000-4000-8000-{index:012x}")
 }
 
 /// A locally administered MAC (02:…), unique per index.
-fn mac(index: u32) -> String {
+pub(crate) fn mac(index: u32) -> String {
     let [a, b, c, d] = index.to_be_bytes();
     format!("02:00:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
 }
 
 /// Runs `call` once per node index with at most `concurrency` in flight; the first error
 /// stops the phase (dropping the JoinSet aborts the other workers).
-async fn for_each_node<F, Fut>(
+pub(crate) async fn for_each_node<F, Fut>(
     phase: &'static str,
     nodes: u32,
     concurrency: u32,
@@ -273,7 +273,7 @@ async fn bench(args: &Args, tools: &Tools, daemon: &Path, work: &Path) -> anyhow
     Ok(())
 }
 
-async fn start_bearman(
+pub(crate) async fn start_bearman(
     daemon: &Path,
     data_dir: &Path,
     log_path: &Path,

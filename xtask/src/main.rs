@@ -3,6 +3,7 @@
 //! Each command lives in its own module; add a variant to `Command` for a new one.
 
 mod bench_ipxe;
+mod bench_rss;
 mod elf;
 mod images;
 mod l2;
@@ -28,6 +29,8 @@ struct Cli {
 enum Command {
     /// Benchmark GET /ipxe/{uuid} against nginx serving the same script as a static file
     BenchIpxe(bench_ipxe::Args),
+    /// Measure the daemon's resident memory with 10,000 and 100,000 nodes inventoried
+    BenchRss(bench_rss::Args),
     /// Build the stage-1 and stage-2 boot images (kernel + initramfs) from Debian packages
     Images(images::Args),
     /// Boot QEMU VMs over the network through a real daemon (iPXE → stage 1 → kexec →
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::BenchIpxe(args) => bench_ipxe::run(args),
+        Command::BenchRss(args) => bench_rss::run(args),
         Command::Images(args) => images::run(args),
         Command::QemuSmoke(args) => qemu_smoke::run(args),
     };

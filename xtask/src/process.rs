@@ -101,6 +101,11 @@ impl ChildGuard {
         Ok(ChildGuard { name, child })
     }
 
+    /// The child's process id (for reading its `/proc` entry).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn exit_status(&mut self) -> anyhow::Result<Option<ExitStatus>> {
         self.child
             .try_wait()
