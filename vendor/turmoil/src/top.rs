@@ -19,6 +19,11 @@ pub(crate) struct Topology {
     /// Specific configuration overrides between specific hosts.
     links: IndexMap<Pair, Link>,
 
+    /// Each host's links, as indices into `links` in increasing order (links are never
+    /// removed, so indices are stable): delivering to a host visits its own links, in the
+    /// order a scan of every link would, instead of every link. (Bearman patch.)
+    links_by_host: IndexMap<IpAddr, Vec<usize>>,
+
     /// We don't use a Rt for async. Right now, we just use it to tick time
     /// forward in the same way we do it elsewhere. We'd like to represent
     /// network state with async in the future.
@@ -177,6 +182,7 @@ impl Topology {
         Topology {
             config,
             links: IndexMap::new(),
+            links_by_host: IndexMap::new(),
             rt: Rt::no_software(),
         }
     }
@@ -184,7 +190,11 @@ impl Topology {
     /// Register a link between two hosts
     pub(crate) fn register(&mut self, a: IpAddr, b: IpAddr) {
         let pair = Pair::new(a, b);
+        let index = self.links.len();
         assert!(self.links.insert(pair, Link::new(self.rt.now())).is_none());
+        for host in [a, b] {
+            self.links_by_host.entry(host).or_default().push(index);
+        }
     }
 
     pub(crate) fn set_max_message_latency(&mut self, value: Duration) {
@@ -250,10 +260,15 @@ impl Topology {
 
     // Move messages from any network links to the `dst` host.
     pub(crate) fn deliver_messages(&mut self, rand: &mut dyn RngCore, dst: &mut Host) {
-        for (pair, link) in &mut self.links {
-            if pair.0 == dst.addr || pair.1 == dst.addr {
-                link.deliver_messages(&self.config, rand, dst);
-            }
+        let Some(indices) = self.links_by_host.get(&dst.addr) else {
+            return;
+        };
+        for &index in indices {
+            let (_, link) = self
+                .links
+                .get_index_mut(index)
+                .expect("links are never removed");
+            link.deliver_messages(&self.config, rand, dst);
         }
     }
 
@@ -285,8 +300,11 @@ impl Topology {
 
     pub(crate) fn tick_by(&mut self, duration: Duration) {
         let _ = self.rt.tick(duration);
+        // One clock read per step, not one per link: reading it enters the runtime.
+        // (Bearman patch.)
+        let now = self.rt.now();
         for link in self.links.values_mut() {
-            link.tick(self.rt.now());
+            link.tick(now);
         }
     }
 
@@ -446,12 +464,19 @@ impl Link {
         rand: &mut dyn RngCore,
         host: &mut Host,
     ) {
-        let deliverable = self
-            .deliverable
-            .entry(host.addr)
-            .or_default()
-            .drain(..)
-            .collect::<Vec<Envelope>>();
+        // Nothing queued for this host (the usual case, asked every step for every
+        // link): no entry inserted, nothing collected. (Bearman patch.)
+        // At most two queues (one per end), so this check costs no hashing.
+        if self.deliverable.values().all(VecDeque::is_empty) {
+            return;
+        }
+        let Some(queue) = self.deliverable.get_mut(&host.addr) else {
+            return;
+        };
+        if queue.is_empty() {
+            return;
+        }
+        let deliverable = queue.drain(..).collect::<Vec<Envelope>>();
 
         for message in deliverable {
             let (src, dst) = (message.src, message.dst);
