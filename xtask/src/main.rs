@@ -4,6 +4,7 @@
 
 mod bench_ipxe;
 mod bench_rss;
+mod bench_sim;
 mod elf;
 mod images;
 mod l2;
@@ -31,6 +32,8 @@ enum Command {
     BenchIpxe(bench_ipxe::Args),
     /// Measure the daemon's resident memory with 10,000 and 100,000 nodes inventoried
     BenchRss(bench_rss::Args),
+    /// Run the simulator beside turmoil's floor harness at fleet shapes and print the ratios
+    BenchSim(bench_sim::Args),
     /// Build the stage-1 and stage-2 boot images (kernel + initramfs) from Debian packages
     Images(images::Args),
     /// Boot QEMU VMs over the network through a real daemon (iPXE → stage 1 → kexec →
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::BenchIpxe(args) => bench_ipxe::run(args),
         Command::BenchRss(args) => bench_rss::run(args),
+        Command::BenchSim(args) => bench_sim::run(args),
         Command::Images(args) => images::run(args),
         Command::QemuSmoke(args) => qemu_smoke::run(args),
     };
