@@ -229,6 +229,25 @@ impl CachedStore {
         self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// After a write of `node` (begun when the eviction count was `before`): caches what
+    /// was stored, or forgets the node when the write failed (it may have committed
+    /// anyway, or the record changed under it).
+    fn after_node_write(
+        &self,
+        node: &Node,
+        before: u64,
+        written: Result<Node, StoreError>,
+    ) -> Result<Node, StoreError> {
+        match &written {
+            Ok(updated) => self.remember(updated, before),
+            Err(_) => {
+                self.nodes().remove(&node.uuid);
+            }
+        }
+        self.bump();
+        written
+    }
+
     /// Caches `node` as read or written when the eviction count was `before`, unless
     /// something was evicted since: that eviction may be for a write newer than `node`
     /// (a notification that overtook this read or write), and the next read refetches.
@@ -335,18 +354,8 @@ impl Store for CachedStore {
 
     async fn node_update(&self, node: &Node, events: &[NewEvent]) -> Result<Node, StoreError> {
         let before = self.evictions(node.uuid.as_str());
-        match self.inner.node_update(node, events).await {
-            Ok(updated) => {
-                self.remember(&updated, before);
-                self.bump();
-                Ok(updated)
-            }
-            Err(error) => {
-                self.nodes().remove(&node.uuid);
-                self.bump();
-                Err(error)
-            }
-        }
+        let written = self.inner.node_update(node, events).await;
+        self.after_node_write(node, before, written)
     }
 
     async fn node_register(&self, write: &RegistrationWrite) -> Result<Registered, StoreError> {
@@ -415,22 +424,11 @@ impl Store for CachedStore {
         events: &[NewEvent],
     ) -> Result<Node, StoreError> {
         let before = self.evictions(node.uuid.as_str());
-        match self
+        let written = self
             .inner
             .node_update_with_rollout(node, rollout, events)
-            .await
-        {
-            Ok(updated) => {
-                self.remember(&updated, before);
-                self.bump();
-                Ok(updated)
-            }
-            Err(error) => {
-                self.nodes().remove(&node.uuid);
-                self.bump();
-                Err(error)
-            }
-        }
+            .await;
+        self.after_node_write(node, before, written)
     }
 
     async fn flavor_create(

@@ -14,9 +14,9 @@ use crate::store::StoreError;
 const BUNDLES: NamedDocs = NamedDocs {
     table: "firmware_bundles",
     what: "firmware bundle",
-    // Unused by `bundle_delete`: a bundle in flight on a node is not held by the
-    // database; the node's next registration finds it gone.
-    uses_query: "",
+    // A bundle in flight on a node is not held by the database: the node's next
+    // registration finds it gone.
+    uses_query: None,
     uses_are: "",
 };
 
@@ -58,18 +58,7 @@ pub(super) async fn bundle_delete(
     name: &str,
     events: &[NewEvent],
 ) -> Result<(), StoreError> {
-    let mut tx = store.pool.begin().await.map_err(backend_error)?;
-    let deleted = sqlx::query("DELETE FROM firmware_bundles WHERE name = $1")
-        .bind(name)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend_error)?
-        .rows_affected();
-    if deleted == 0 {
-        return Err(StoreError::not_found(format!("firmware bundle {name}")));
-    }
-    insert_events(&mut tx, events).await?;
-    tx.commit().await.map_err(backend_error)
+    BUNDLES.delete_unused(store, name, events, None).await
 }
 
 pub(super) async fn rollout_get(store: &SqlStore) -> Result<FirmwareRollout, StoreError> {

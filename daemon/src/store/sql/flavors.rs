@@ -10,7 +10,7 @@ use crate::store::StoreError;
 const FLAVORS: NamedDocs = NamedDocs {
     table: "flavors",
     what: "flavor",
-    uses_query: "SELECT COUNT(*) AS n FROM nodes WHERE flavor = $1",
+    uses_query: Some("SELECT COUNT(*) AS n FROM nodes WHERE flavor = $1"),
     uses_are: "node(s) use it",
 };
 

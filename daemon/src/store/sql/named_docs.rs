@@ -1,4 +1,5 @@
-//! Tables of named JSON documents (`name` primary key, `doc`): flavors and IP pools. They
+//! Tables of named JSON documents (`name` primary key, `doc`): flavors, IP pools and
+//! firmware bundles. They
 //! are read, listed and deleted-while-unused the same way; only the table, the words in
 //! errors and what counts as a use differ.
 
@@ -18,7 +19,8 @@ pub(super) struct NamedDocs {
     /// What one row is, in errors: "flavor", "ip pool".
     pub what: &'static str,
     /// Counts the rows that use the named one (`$1`), as `n`; a delete is refused above 0.
-    pub uses_query: &'static str,
+    /// `None`: nothing the database holds uses one (a delete only needs it to exist).
+    pub uses_query: Option<&'static str>,
     /// What those uses are, after their count: "node(s) use it".
     pub uses_are: &'static str,
 }
@@ -50,7 +52,8 @@ impl NamedDocs {
         rows.iter().map(|row| self.decode(row)).collect()
     }
 
-    /// Deletes `name` with `events`, in one transaction, unless something uses it;
+    /// Deletes `name` with `events`, in one transaction, unless something uses it (or
+    /// `NotFound`);
     /// announces `change` to other replicas' caches (for what they cache).
     pub async fn delete_unused(
         &self,
@@ -60,17 +63,19 @@ impl NamedDocs {
         change: Option<&CacheChange>,
     ) -> Result<(), StoreError> {
         let mut tx = store.pool.begin().await.map_err(backend_error)?;
-        let uses: i64 = sqlx::query(self.uses_query)
-            .bind(name)
-            .fetch_one(&mut *tx)
-            .await
-            .and_then(|row| row.try_get("n"))
-            .map_err(backend_error)?;
-        if uses > 0 {
-            return Err(StoreError::InUse {
-                what: format!("{} {name}", self.what),
-                detail: format!("{uses} {}", self.uses_are),
-            });
+        if let Some(uses_query) = self.uses_query {
+            let uses: i64 = sqlx::query(uses_query)
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await
+                .and_then(|row| row.try_get("n"))
+                .map_err(backend_error)?;
+            if uses > 0 {
+                return Err(StoreError::InUse {
+                    what: format!("{} {name}", self.what),
+                    detail: format!("{uses} {}", self.uses_are),
+                });
+            }
         }
         let deleted = sqlx::query(&format!("DELETE FROM {} WHERE name = $1", self.table))
             .bind(name)

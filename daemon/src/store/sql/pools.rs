@@ -11,7 +11,7 @@ use crate::store::StoreError;
 const POOLS: NamedDocs = NamedDocs {
     table: "ip_pools",
     what: "ip pool",
-    uses_query: "SELECT COUNT(*) AS n FROM ip_allocations WHERE pool = $1",
+    uses_query: Some("SELECT COUNT(*) AS n FROM ip_allocations WHERE pool = $1"),
     uses_are: "address(es) allocated",
 };
 
