@@ -280,6 +280,21 @@ impl Bmc for GuardedBmc {
         self.guarded("set_next_boot_pxe", self.inner.set_next_boot_pxe())
             .await
     }
+
+    fn supports_nmi(&self) -> bool {
+        self.inner.supports_nmi()
+    }
+
+    async fn inject_nmi(&self) -> Result<(), BmcError> {
+        if !self.inner.supports_nmi() {
+            return Err(BmcError::Unsupported {
+                bmc: self.name.clone(),
+                driver: self.driver,
+                operation: "inject_nmi",
+            });
+        }
+        self.guarded("inject_nmi", self.inner.inject_nmi()).await
+    }
 }
 
 /// Reads the power state until it is `want`: up to `readbacks` reads, the first after

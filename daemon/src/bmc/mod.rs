@@ -35,6 +35,14 @@ pub enum BmcError {
         bmc: String,
         operation: &'static str,
     },
+    /// The driver cannot do this at all (a chaos drill's fault its BMC has no command
+    /// for): nothing was sent.
+    #[error("bmc {bmc}: {operation} is not supported by the {driver} driver")]
+    Unsupported {
+        bmc: String,
+        driver: &'static str,
+        operation: &'static str,
+    },
     #[error("bmc {bmc}: {operation} failed: {detail}")]
     Failed {
         bmc: String,
@@ -64,4 +72,20 @@ pub trait Bmc: Send + Sync {
     }
     /// Network boot (PXE) on the next boot only.
     async fn set_next_boot_pxe(&self) -> Result<(), BmcError>;
+    /// Whether [`Bmc::inject_nmi`] is a real command on this driver (a chaos drill's
+    /// preflight asks before it plans a `kernel_panic`).
+    fn supports_nmi(&self) -> bool {
+        false
+    }
+    /// Sends a non-maskable interrupt to the host (IPMI `chassis power diag`, Redfish
+    /// `ResetType: Nmi`, QMP `inject-nmi`): with `unknown_nmi_panic=1` on its kernel
+    /// command line the operating system panics — a chaos drill's `kernel_panic`, sent
+    /// out of band only. Drivers without one refuse without sending anything.
+    async fn inject_nmi(&self) -> Result<(), BmcError> {
+        Err(BmcError::Unsupported {
+            bmc: "unknown".into(),
+            driver: "this",
+            operation: "inject_nmi",
+        })
+    }
 }
