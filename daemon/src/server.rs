@@ -172,6 +172,14 @@ where
     state.app = state.app.with_power_switch(Arc::new(
         crate::controller::operator_power::OperatorPower::new(parts.bmcs.clone(), readback),
     ));
+    // Chaos drills inject through the same provider and guards.
+    state.app =
+        state
+            .app
+            .with_fault_injector(Arc::new(crate::controller::drill_faults::BmcFaults::new(
+                parts.bmcs.clone(),
+                readback,
+            )));
     if let Some(observer) = &parts.observer {
         observer(&state.app);
     }

@@ -344,6 +344,28 @@ impl Store for RemoteStore {
         remote!(self, |store| store.firmware_bundle_delete(&name, &events))
     }
 
+    async fn drill_board_get(&self) -> Result<bearman::core::drill::DrillBoard, StoreError> {
+        remote!(self, |store| store.drill_board_get())
+    }
+
+    async fn drill_board_put(
+        &self,
+        board: &bearman::core::drill::DrillBoard,
+        finished: Option<&bearman::core::drill::Drill>,
+        events: &[NewEvent],
+    ) -> Result<bearman::core::drill::DrillBoard, StoreError> {
+        let (board, finished, events) = (board.clone(), finished.cloned(), events.to_vec());
+        remote!(self, |store| store.drill_board_put(&board, finished.as_ref(), &events))
+    }
+
+    async fn drill_list(&self, limit: usize) -> Result<Vec<bearman::core::drill::Drill>, StoreError> {
+        remote!(self, |store| store.drill_list(limit))
+    }
+
+    async fn drill_get(&self, id: i64) -> Result<Option<bearman::core::drill::Drill>, StoreError> {
+        remote!(self, |store| store.drill_get(id))
+    }
+
     async fn firmware_rollout_get(&self) -> Result<FirmwareRollout, StoreError> {
         remote!(self, |store| store.firmware_rollout_get())
     }

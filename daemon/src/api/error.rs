@@ -185,7 +185,13 @@ impl From<AppError> for ApiError {
             AppError::FlavorExists { .. } | AppError::FirmwareBundleExists { .. } => {
                 ApiError::conflict("already_exists", message)
             }
-            AppError::FirmwareBundleNotFound { .. } => ApiError::not_found(message),
+            AppError::FirmwareBundleNotFound { .. } | AppError::DrillNotFound { .. } => {
+                ApiError::not_found(message)
+            }
+            AppError::DrillInvalid(_) => ApiError::unprocessable(message),
+            AppError::DrillRefused { .. } => ApiError::conflict("drill_refused", message),
+            AppError::DrillsBlocked { .. } => ApiError::conflict("drills_blocked", message),
+            AppError::DrillsNotBlocked => ApiError::conflict("not_blocked", message),
             AppError::RolloutPaused { .. } => ApiError::conflict("already_paused", message),
             AppError::RolloutNotPaused => ApiError::conflict("not_paused", message),
             AppError::FirmwareReportRefused { .. } => {

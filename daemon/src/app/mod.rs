@@ -8,6 +8,7 @@
 //! `core`; this layer only sequences reads, decisions and writes.
 
 pub mod cluster;
+pub mod drill;
 pub mod firmware;
 pub mod flavors;
 pub mod guards;
@@ -63,6 +64,8 @@ pub struct App {
     /// The way to nodes' BMCs for operator power actions; `None` in a daemon assembled
     /// without one (power actions then answer that they are unavailable).
     pub power: Option<Arc<dyn power::PowerSwitch>>,
+    /// The out-of-band path chaos drills inject through; `None` without BMC access.
+    pub faults: Option<Arc<dyn drill::FaultInjector>>,
     /// What the daemon counts for `GET /metrics`; the server assembly shares one with
     /// the BMC guards.
     pub metrics: Arc<crate::telemetry::Metrics>,
@@ -78,6 +81,7 @@ impl App {
             leader: Arc::default(),
             throttle: Arc::default(),
             power: None,
+            faults: None,
             metrics: Arc::default(),
         }
     }
@@ -235,6 +239,16 @@ pub enum AppError {
     },
     #[error("node {uuid} has no failed firmware update to retry")]
     NoFirmwareFailures { uuid: NodeUuid },
+    #[error("invalid drill: {0}")]
+    DrillInvalid(String),
+    #[error("drill refused: {why}")]
+    DrillRefused { why: String },
+    #[error("drills are blocked by {by}: {reason} (`bearman drill unblock` clears it)")]
+    DrillsBlocked { by: String, reason: String },
+    #[error("drills are not blocked")]
+    DrillsNotBlocked,
+    #[error("drill {id} does not exist")]
+    DrillNotFound { id: i64 },
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -337,6 +337,14 @@ impl App {
             .node_get(uuid)
             .await?
             .ok_or_else(|| AppError::NodeNotRegistered { uuid: uuid.clone() })?;
+        if node
+            .drill_silenced_until_ms
+            .is_some_and(|until| now < until)
+        {
+            // A drill's `silence`: the daemon does not hear this node (nothing recorded,
+            // so its health judgement sees it go quiet, exactly as behind a partition).
+            return Ok(node);
+        }
         let steady =
             transition(node.state, LifecycleEvent::Heartbeat).is_ok_and(|next| next == node.state);
         if steady && node.heartbeat_source_change(source, now).is_none() {

@@ -47,6 +47,22 @@ records the version flashed. The rollout lets at most `firmware.updates_max` nod
 `firmware.failure_pause_percent` % of a bundle's updates fail (see the README, \"Firmware\")."
     )]
     Firmware(FirmwareCommand),
+    /// Chaos drills: break chosen nodes on purpose, out of band, and watch the fleet heal
+    #[command(
+        subcommand,
+        long_about = "Chaos drills.\n\n\
+A drill file (TOML; see the README, \"Chaos drills\") names the fault (`power_loss`: a hard \
+power-off through the BMC; `kernel_panic`: an NMI through the BMC; `silence`: the daemon \
+ignores the node's heartbeats), the targets (uuids, or a rack/role/state selector with a count \
+or percent), the hypothesis (VMs elsewhere within, Ready again within, fences at most, no \
+other node touched), the blast-radius budget, the abort conditions and the allowed window.\n\n\
+`bearman drill check FILE` validates it offline; `preview` chooses the targets and runs the \
+preflight without touching anything; `run` shows the plan, asks you to type the drill's name \
+(or `--yes`), starts it, follows it and prints the report. The daemon aborts the drill on any \
+abort condition and restores what it did; `bearman drill abort` is the kill switch, which also \
+blocks new drills until `bearman drill unblock`."
+    )]
+    Drill(DrillCommand),
     /// Remediations (fence, evacuate, rebuild sagas) and their guards
     #[command(subcommand)]
     Remediation(RemediationCommand),
@@ -701,6 +717,61 @@ pub(super) enum FirmwareCommand {
         /// Why (kept in the audit trail)
         #[arg(long)]
         reason: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum DrillCommand {
+    /// Validate a drill file offline (no daemon needed); prints it as understood
+    Check { file: PathBuf },
+    /// Choose the targets and run every preflight check; nothing is injected or written
+    Preview {
+        file: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Preview, confirm, start the drill, follow it to the end and print the report
+    /// (exit 0 only when every hypothesis item passed)
+    Run {
+        file: PathBuf,
+        /// Start without asking to type the drill's name (for automation)
+        #[arg(long)]
+        yes: bool,
+        /// The rehearsal's prediction (JSON: seeds, phases.{detected,fence_verified,
+        /// vms_elsewhere,ready}.{p50_s,p99_s}), kept with the drill and set beside the
+        /// actual timeline in the report
+        #[arg(long)]
+        prediction: Option<PathBuf>,
+        /// Start it and return; follow it later with `bearman drill show ID`
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The kill switch: abort the running drill (the daemon restores what it did) and
+    /// block new drills until `bearman drill unblock`
+    Abort {
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Allow drills again after `bearman drill abort`
+    Unblock {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The running drill, the kill switch and past drills
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// One drill's report: per target the actual phase times beside the prediction, each
+    /// hypothesis item, anything unexpected
+    Show {
+        id: i64,
+        #[command(flatten)]
+        api: ApiArgs,
     },
 }
 

@@ -6,6 +6,7 @@ mod bmc;
 mod client;
 mod cluster;
 mod config;
+mod drill;
 mod firmware;
 mod flavor;
 mod migrate;
@@ -41,6 +42,7 @@ use bmc::*;
 use client::ApiClient;
 use cluster::*;
 use config::{FileConfig, Overrides};
+use drill::*;
 use firmware::*;
 use flavor::*;
 use migrate::*;
@@ -107,6 +109,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Flavor(command) => flavor(command).await,
         Command::Pool(command) => pool(command).await,
         Command::Firmware(command) => firmware(command).await,
+        Command::Drill(command) => drill(command).await,
         Command::Remediation(command) => remediation(command).await,
         Command::Bmc(command) => bmc(command).await,
         Command::Cluster(ClusterCommand::Status { api }) => cluster_status(&api).await,

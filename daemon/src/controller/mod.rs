@@ -14,6 +14,7 @@
 //! the outside world, and persists before and after acting. A task it spawns that panics
 //! frees its slot (a drop guard), so nothing stays "in flight" forever.
 
+pub mod drill_faults;
 pub mod elector;
 pub mod operator_power;
 mod power;
@@ -55,6 +56,8 @@ pub struct Controller {
     /// the other replicas), so a replica that takes the lease later does not wait out
     /// the startup quiet period again.
     started_at_ms: i64,
+    /// Whether a drill step is in flight (one at a time).
+    drill_running: Arc<Mutex<BTreeSet<()>>>,
 }
 
 /// The tasks one tick started (saga steps and power polls); dropping it lets them run on
@@ -135,6 +138,7 @@ impl Controller {
             polls_in_flight: Arc::default(),
             epoch: Mutex::default(),
             started_at_ms,
+            drill_running: Arc::default(),
         })
     }
 
@@ -243,7 +247,33 @@ impl Controller {
             }
         }
         self.app.saga_alerts_record(&alerts).await?;
+        started.tasks.extend(self.spawn_drill_step());
         Ok(started)
+    }
+
+    /// The running chaos drill's step, if none is in flight: a task of its own, because
+    /// its BMC calls may take as long as the guard allows.
+    fn spawn_drill_step(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        let running = InFlight::claim(&self.drill_running, ())?;
+        let controller = self.clone();
+        Some(tokio::spawn(async move {
+            let _running = running;
+            let (leader, clock) = (controller.app.leader.clone(), controller.app.clock.clone());
+            let permission: crate::bmc::guard::SendPermission =
+                Arc::new(move || leader.acting(clock.now_ms()).may_act());
+            let step =
+                crate::bmc::guard::with_send_permission(permission, controller.app.drill_step());
+            match CatchUnwind::new(step).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "drill step failed; the next tick tries again")
+                }
+                Err(panic) => tracing::error!(
+                    reason = %panic_message(panic),
+                    "drill step panicked; the next tick tries again"
+                ),
+            }
+        }))
     }
 
     /// Follows the leader board: whether this tick may act. A replica that is not

@@ -9,6 +9,7 @@ pub mod boot;
 pub mod calendar;
 pub mod cluster;
 pub mod controller;
+pub mod drill;
 pub mod enrollment;
 pub mod event_throttle;
 pub mod firmware;

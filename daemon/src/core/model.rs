@@ -139,6 +139,11 @@ pub struct Node {
     /// The firmware update the node is going through, or last failed.
     #[serde(default)]
     pub firmware_update: Option<super::firmware::NodeFirmwareUpdate>,
+    /// A chaos drill's `silence`: until then the daemon ignores this node's heartbeats
+    /// (a partition as the daemon sees it). Lifted by the drill once the node is fenced,
+    /// and bounded by itself if the drill is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill_silenced_until_ms: Option<TimestampMs>,
 }
 
 /// A node's heartbeat source is rewritten at most this often. A node whose heartbeats
@@ -268,6 +273,7 @@ impl Node {
             heartbeat_source: None,
             firmware_components: BTreeMap::new(),
             firmware_update: None,
+            drill_silenced_until_ms: None,
         }
     }
 
@@ -545,6 +551,19 @@ actions! {
     /// The rollout was paused: by an operator, or by itself past its failure threshold.
     FirmwareRolloutPaused = "firmware_rollout_paused",
     FirmwareRolloutResumed = "firmware_rollout_resumed",
+    // Chaos drills (`core::drill`).
+    DrillStarted = "drill_started",
+    /// A drill's fault went out to a target (or failed to).
+    DrillInjected = "drill_injected",
+    /// A drill's `silence` set or lifted on a node.
+    DrillSilence = "drill_silence",
+    DrillAborted = "drill_aborted",
+    /// What an aborted drill did to put a target back.
+    DrillRestored = "drill_restored",
+    DrillFinished = "drill_finished",
+    /// The kill switch: no drill starts until an operator clears it.
+    DrillsBlocked = "drills_blocked",
+    DrillsUnblocked = "drills_unblocked",
 }
 
 impl std::fmt::Display for Action {

@@ -405,6 +405,27 @@ impl Store for CachedStore {
         self.inner.firmware_bundle_delete(name, events).await
     }
 
+    async fn drill_board_get(&self) -> Result<crate::core::drill::DrillBoard, StoreError> {
+        self.inner.drill_board_get().await
+    }
+
+    async fn drill_board_put(
+        &self,
+        board: &crate::core::drill::DrillBoard,
+        finished: Option<&crate::core::drill::Drill>,
+        events: &[NewEvent],
+    ) -> Result<crate::core::drill::DrillBoard, StoreError> {
+        self.inner.drill_board_put(board, finished, events).await
+    }
+
+    async fn drill_list(&self, limit: usize) -> Result<Vec<crate::core::drill::Drill>, StoreError> {
+        self.inner.drill_list(limit).await
+    }
+
+    async fn drill_get(&self, id: i64) -> Result<Option<crate::core::drill::Drill>, StoreError> {
+        self.inner.drill_get(id).await
+    }
+
     async fn firmware_rollout_get(&self) -> Result<FirmwareRollout, StoreError> {
         self.inner.firmware_rollout_get().await
     }

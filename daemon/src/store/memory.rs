@@ -43,6 +43,8 @@ struct State {
     replicas: BTreeMap<String, Replica>,
     firmware_bundles: BTreeMap<String, FirmwareBundle>,
     firmware_rollout: FirmwareRollout,
+    drill_board: crate::core::drill::DrillBoard,
+    drills: BTreeMap<i64, crate::core::drill::Drill>,
 }
 
 /// `Conflict` unless the stored rollout is at `rollout.generation`.
@@ -510,6 +512,56 @@ impl Store for MemoryStore {
         }
         append_events(&mut state, events);
         Ok(())
+    }
+
+    async fn drill_board_get(&self) -> Result<crate::core::drill::DrillBoard, StoreError> {
+        Ok(self.lock().drill_board.clone())
+    }
+
+    async fn drill_board_put(
+        &self,
+        board: &crate::core::drill::DrillBoard,
+        finished: Option<&crate::core::drill::Drill>,
+        events: &[NewEvent],
+    ) -> Result<crate::core::drill::DrillBoard, StoreError> {
+        let mut state = self.lock();
+        if state.drill_board.generation != board.generation {
+            return Err(StoreError::Conflict {
+                what: "drill board".into(),
+                detail: format!(
+                    "changed concurrently (expected generation {}, found {})",
+                    board.generation, state.drill_board.generation
+                ),
+            });
+        }
+        if let Some(drill) = finished {
+            if state.drills.contains_key(&drill.id) {
+                return Err(StoreError::AlreadyExists {
+                    what: format!("drill {}", drill.id),
+                });
+            }
+            state.drills.insert(drill.id, drill.clone());
+        }
+        let mut stored = board.clone();
+        stored.generation = board.generation + 1;
+        state.drill_board = stored.clone();
+        append_events(&mut state, events);
+        Ok(stored)
+    }
+
+    async fn drill_list(&self, limit: usize) -> Result<Vec<crate::core::drill::Drill>, StoreError> {
+        Ok(self
+            .lock()
+            .drills
+            .values()
+            .rev()
+            .take(clamp_limit(limit))
+            .cloned()
+            .collect())
+    }
+
+    async fn drill_get(&self, id: i64) -> Result<Option<crate::core::drill::Drill>, StoreError> {
+        Ok(self.lock().drills.get(&id).cloned())
     }
 
     async fn firmware_rollout_get(&self) -> Result<FirmwareRollout, StoreError> {

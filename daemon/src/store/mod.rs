@@ -417,6 +417,22 @@ pub trait Store: Send + Sync + 'static {
         events: &[NewEvent],
     ) -> Result<Node, StoreError>;
 
+    /// The drill board: the drill running now and the kill switch; generation 0 (empty)
+    /// before the first write.
+    async fn drill_board_get(&self) -> Result<crate::core::drill::DrillBoard, StoreError>;
+    /// Writes the board if the stored one is still at `board.generation` (`Conflict`
+    /// otherwise) with its audit events; `finished` (a drill the write ends) is filed in
+    /// the history in the same transaction. Returns the board at its new generation.
+    async fn drill_board_put(
+        &self,
+        board: &crate::core::drill::DrillBoard,
+        finished: Option<&crate::core::drill::Drill>,
+        events: &[NewEvent],
+    ) -> Result<crate::core::drill::DrillBoard, StoreError>;
+    /// Finished drills, newest first.
+    async fn drill_list(&self, limit: usize) -> Result<Vec<crate::core::drill::Drill>, StoreError>;
+    async fn drill_get(&self, id: i64) -> Result<Option<crate::core::drill::Drill>, StoreError>;
+
     /// Creates a pool with its audit events; `AlreadyExists` when the name is taken.
     async fn pool_create(&self, pool: &IpPool, events: &[NewEvent]) -> Result<(), StoreError>;
     async fn pool_get(&self, name: &str) -> Result<Option<IpPool>, StoreError>;

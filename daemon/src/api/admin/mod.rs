@@ -7,6 +7,7 @@
 //! application layer for every change, and read through the store.
 
 mod cluster;
+mod drills;
 mod events;
 mod firmware;
 mod flavors;
@@ -28,6 +29,7 @@ use super::AppState;
 use crate::core::model::TokenRole;
 use crate::core::validate;
 use cluster::*;
+use drills::*;
 use events::*;
 use firmware::*;
 use flavors::*;
@@ -181,6 +183,21 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             spec(Method::POST, "/nodes/{uuid}/firmware/retry", Operator),
             post(node_firmware_retry),
         ),
+        (spec(Method::GET, "/drills", Viewer), get(drill_list)),
+        (spec(Method::POST, "/drills", Operator), post(drill_start)),
+        (
+            spec(Method::POST, "/drills/preview", Operator),
+            post(drill_preview),
+        ),
+        (
+            spec(Method::POST, "/drills/abort", Operator),
+            post(drill_abort),
+        ),
+        (
+            spec(Method::POST, "/drills/unblock", Operator),
+            post(drill_unblock),
+        ),
+        (spec(Method::GET, "/drills/{id}", Viewer), get(drill_show)),
         (spec(Method::GET, "/pools", Viewer), get(pool_list)),
         (spec(Method::POST, "/pools", Admin), post(pool_create)),
         (spec(Method::GET, "/pools/{name}", Viewer), get(pool_show)),

@@ -236,6 +236,7 @@ pub fn redact_url(url: &str) -> String {
 mod addresses;
 pub mod backup;
 mod cluster;
+mod drills;
 mod events;
 mod firmware;
 mod flavors;
@@ -246,6 +247,7 @@ pub mod notify;
 mod pools;
 mod power;
 mod remediations;
+mod singleton_doc;
 mod tokens;
 
 #[async_trait]
@@ -343,6 +345,28 @@ impl Store for SqlStore {
     ) -> Result<(), StoreError> {
         self.bounded(firmware::bundle_delete(self, name, events))
             .await
+    }
+
+    async fn drill_board_get(&self) -> Result<crate::core::drill::DrillBoard, StoreError> {
+        self.bounded(drills::board_get(self)).await
+    }
+
+    async fn drill_board_put(
+        &self,
+        board: &crate::core::drill::DrillBoard,
+        finished: Option<&crate::core::drill::Drill>,
+        events: &[NewEvent],
+    ) -> Result<crate::core::drill::DrillBoard, StoreError> {
+        self.bounded(drills::board_put(self, board, finished, events))
+            .await
+    }
+
+    async fn drill_list(&self, limit: usize) -> Result<Vec<crate::core::drill::Drill>, StoreError> {
+        self.bounded(drills::list(self, limit)).await
+    }
+
+    async fn drill_get(&self, id: i64) -> Result<Option<crate::core::drill::Drill>, StoreError> {
+        self.bounded(drills::get(self, id)).await
     }
 
     async fn firmware_rollout_get(&self) -> Result<FirmwareRollout, StoreError> {

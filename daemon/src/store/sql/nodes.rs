@@ -327,7 +327,9 @@ async fn try_register(
         Some(_) => write_node(store.backend, &mut tx, &node).await?,
     };
     if let Some(rollout) = &write.rollout {
-        super::firmware::write_rollout(&mut tx, rollout, write.at_ms).await?;
+        super::firmware::ROLLOUT
+            .write(&mut tx, rollout, write.at_ms)
+            .await?;
     }
     insert_events(&mut tx, &write.events).await?;
     tx.commit().await.map_err(backend_error)?;
