@@ -172,6 +172,10 @@ where
     state.app = state.app.with_power_switch(Arc::new(
         crate::controller::operator_power::OperatorPower::new(parts.bmcs.clone(), readback),
     ));
+    state.app = state.app.with_twin_sources(crate::app::drill::TwinSources {
+        remediation: parts.remediation.clone(),
+        cloud: parts.cloud.clone(),
+    });
     // Chaos drills inject through the same provider and guards.
     state.app =
         state

@@ -39,6 +39,15 @@ pub trait FaultInjector: Send + Sync {
     async fn power_on(&self, node: &Node) -> Result<(), String>;
 }
 
+/// See [`App::twin_sources`].
+pub struct TwinSources {
+    pub remediation: crate::core::controller::ControllerConfig,
+    pub cloud: Option<Arc<dyn crate::cloud::Cloud>>,
+}
+
+/// A cloud call for the twin's VM sample is given this long.
+const TWIN_CLOUD_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What `POST /drills/preview` answers, and `POST /drills` before it starts one.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DrillPlan {
@@ -76,6 +85,68 @@ impl App {
     pub fn with_fault_injector(mut self, faults: Arc<dyn FaultInjector>) -> Self {
         self.faults = Some(faults);
         self
+    }
+
+    /// Gives the application what the drill twin reads beyond the store.
+    pub fn with_twin_sources(mut self, sources: TwinSources) -> Self {
+        self.twin_sources = Some(Arc::new(sources));
+        self
+    }
+
+    /// A twin of the live fleet for a rehearsal: racks, nodes, the remediation settings,
+    /// and VMs per compute node from a sample of at most `TWIN_VM_SAMPLE_MAX` Ready
+    /// compute nodes asked of the cloud (sequentially, each call bounded).
+    pub async fn drill_twin(&self) -> Result<drill::FleetTwin, AppError> {
+        let nodes = self.all_nodes().await?;
+        let fleet: Vec<Candidate> = nodes.iter().map(Candidate::of).collect();
+        let sources = self.twin_sources.clone();
+        let remediation = sources
+            .as_ref()
+            .map(|s| s.remediation.clone())
+            .unwrap_or_default();
+        let mut vms = None;
+        if let Some(cloud) = sources.as_ref().and_then(|s| s.cloud.clone()) {
+            let sample: Vec<&Candidate> = fleet
+                .iter()
+                .filter(|n| {
+                    n.role == crate::core::model::NodeRole::Compute
+                        && n.state == LifecycleState::Ready
+                })
+                .take(drill::TWIN_VM_SAMPLE_MAX)
+                .collect();
+            let mut counts = Vec::new();
+            for node in &sample {
+                match tokio::time::timeout(
+                    TWIN_CLOUD_CALL_TIMEOUT,
+                    cloud.vms_on_host(&node.hostname),
+                )
+                .await
+                {
+                    Ok(Ok(list)) => counts.push(list.len() as u32),
+                    Ok(Err(error)) => {
+                        tracing::warn!(host = %node.hostname, %error, "twin: the cloud did not list VMs")
+                    }
+                    Err(_) => {
+                        tracing::warn!(host = %node.hostname, "twin: the cloud did not answer in time")
+                    }
+                }
+            }
+            if !counts.is_empty() {
+                vms = Some(drill::TwinVms {
+                    sampled_hosts: sample.len(),
+                    answered: counts.len(),
+                    mean_per_host: counts.iter().map(|c| f64::from(*c)).sum::<f64>()
+                        / counts.len() as f64,
+                    max_per_host: counts.iter().copied().max().unwrap_or(0),
+                });
+            }
+        }
+        Ok(drill::FleetTwin {
+            taken_at_ms: self.now_ms(),
+            racks: drill::FleetTwin::racks_of(&fleet),
+            remediation,
+            vms,
+        })
     }
 
     fn faults(&self) -> Result<&Arc<dyn FaultInjector>, AppError> {

@@ -66,6 +66,9 @@ pub struct App {
     pub power: Option<Arc<dyn power::PowerSwitch>>,
     /// The out-of-band path chaos drills inject through; `None` without BMC access.
     pub faults: Option<Arc<dyn drill::FaultInjector>>,
+    /// What a drill's twin of the fleet needs beyond the store: the controller's
+    /// settings and the cloud (for VM counts).
+    pub twin_sources: Option<Arc<drill::TwinSources>>,
     /// What the daemon counts for `GET /metrics`; the server assembly shares one with
     /// the BMC guards.
     pub metrics: Arc<crate::telemetry::Metrics>,
@@ -82,6 +85,7 @@ impl App {
             throttle: Arc::default(),
             power: None,
             faults: None,
+            twin_sources: None,
             metrics: Arc::default(),
         }
     }

@@ -748,6 +748,15 @@ pub(super) enum DrillCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Save a twin of the live fleet (racks, nodes, remediation settings, VMs per compute
+    /// node sampled from the cloud) as JSON, for `bearman-sim rehearse`
+    Twin {
+        /// Where to write it (default: stdout)
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// The kill switch: abort the running drill (the daemon restores what it did) and
     /// block new drills until `bearman drill unblock`
     Abort {

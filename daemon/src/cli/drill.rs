@@ -363,6 +363,34 @@ pub(super) async fn drill(command: DrillCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        DrillCommand::Twin { out, api } => {
+            let twin: bearman::core::drill::FleetTwin = client(&api)?
+                .call("GET", "/drills/twin", None::<&()>)
+                .await?;
+            let nodes: usize = twin.racks.iter().map(|r| r.nodes.len()).sum();
+            match out {
+                Some(path) => {
+                    let text = serde_json::to_string_pretty(&twin)?;
+                    std::fs::write(&path, text + "\n")
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!(
+                        "twin of {nodes} node(s) in {} rack(s) written to {}{}",
+                        twin.racks.len(),
+                        path.display(),
+                        match &twin.vms {
+                            Some(vms) => format!(
+                                "; {:.1} VMs per compute node (mean of {} asked)",
+                                vms.mean_per_host, vms.answered
+                            ),
+                            None =>
+                                "; no VM counts (no cloud configured, or it did not answer)".into(),
+                        }
+                    );
+                    Ok(())
+                }
+                None => print_json(&twin),
+            }
+        }
         DrillCommand::Unblock { api } => {
             let _: DrillOverview = client(&api)?
                 .call("POST", "/drills/unblock", None::<&()>)

@@ -1315,6 +1315,72 @@ pub struct HypothesisItem {
     pub passed: bool,
 }
 
+/// Ready compute nodes the twin asks the cloud about for their VM count (one call each).
+pub const TWIN_VM_SAMPLE_MAX: usize = 50;
+
+/// A twin of the live fleet, for rehearsing a drill in the simulator: the racks and their
+/// nodes (role, state), the remediation settings the controller runs by, and how many VMs
+/// compute nodes carry (sampled from the cloud). `bearman drill twin` saves it;
+/// `bearman-sim` turns it into a scenario.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FleetTwin {
+    pub taken_at_ms: TimestampMs,
+    /// By rack name (nodes without one under `-`), each rack's nodes by uuid.
+    pub racks: Vec<TwinRack>,
+    pub remediation: super::controller::ControllerConfig,
+    /// `None` without a cloud, or when no Ready compute node could be asked.
+    pub vms: Option<TwinVms>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TwinRack {
+    pub name: String,
+    pub nodes: Vec<TwinNode>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TwinNode {
+    pub uuid: NodeUuid,
+    pub hostname: String,
+    pub role: NodeRole,
+    pub state: LifecycleState,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TwinVms {
+    /// Compute nodes asked.
+    pub sampled_hosts: usize,
+    /// Of those, how many the cloud answered for.
+    pub answered: usize,
+    pub mean_per_host: f64,
+    pub max_per_host: u32,
+}
+
+impl FleetTwin {
+    /// The racks of `fleet`, sorted by name, their nodes by uuid.
+    pub fn racks_of(fleet: &[Candidate]) -> Vec<TwinRack> {
+        let mut racks: BTreeMap<String, Vec<TwinNode>> = BTreeMap::new();
+        for node in fleet {
+            racks
+                .entry(node.rack.clone().unwrap_or_else(|| "-".into()))
+                .or_default()
+                .push(TwinNode {
+                    uuid: node.uuid.clone(),
+                    hostname: node.hostname.clone(),
+                    role: node.role,
+                    state: node.state,
+                });
+        }
+        racks
+            .into_iter()
+            .map(|(name, mut nodes)| {
+                nodes.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+                TwinRack { name, nodes }
+            })
+            .collect()
+    }
+}
+
 /// The fleet's drill board: the one drill running, if any, and the kill switch. One
 /// record, written with a generation check, so two replicas never start two drills.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -56,6 +56,12 @@ pub(super) async fn drill_unblock(
     Ok(Json(state.app.drill_unblock(&caller.actor()).await?))
 }
 
+pub(super) async fn drill_twin(
+    State(state): State<AppState>,
+) -> Result<Json<crate::core::drill::FleetTwin>, ApiError> {
+    Ok(Json(state.app.drill_twin().await?))
+}
+
 pub(super) async fn drill_list(
     State(state): State<AppState>,
 ) -> Result<Json<DrillOverview>, ApiError> {

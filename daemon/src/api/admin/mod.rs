@@ -197,6 +197,7 @@ fn routes() -> Vec<(RouteSpec, MethodRouter<AppState>)> {
             spec(Method::POST, "/drills/unblock", Operator),
             post(drill_unblock),
         ),
+        (spec(Method::GET, "/drills/twin", Viewer), get(drill_twin)),
         (spec(Method::GET, "/drills/{id}", Viewer), get(drill_show)),
         (spec(Method::GET, "/pools", Viewer), get(pool_list)),
         (spec(Method::POST, "/pools", Admin), post(pool_create)),
