@@ -332,6 +332,12 @@ impl App {
         if let Some(prediction) = &prediction {
             prediction.check().map_err(invalid)?;
         }
+        if let Some(block) = self.store.drill_board_get().await?.blocked {
+            return Err(AppError::DrillsBlocked {
+                by: block.by,
+                reason: block.reason,
+            });
+        }
         let plan = self.drill_preview(file).await?;
         if confirm != plan.spec.name {
             return Err(AppError::DrillRefused {

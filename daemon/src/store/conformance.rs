@@ -92,6 +92,7 @@ pub async fn run_all(store: Arc<dyn Store>, wall_ms: WallClock) {
     concurrent_flavor_creates_have_one_winner(store.clone()).await;
     leases_pass_on_only_when_lapsed_and_fence_stale_writers(&*store, wall_ms).await;
     firmware_bundles_and_the_rollout_are_kept_with_generation_checks(&*store).await;
+    the_drill_board_is_generation_checked_and_files_finished_drills(&*store).await;
 }
 
 async fn nodes_round_trip_and_filter(store: &dyn Store) {
@@ -1866,6 +1867,77 @@ async fn firmware_bundles_and_the_rollout_are_kept_with_generation_checks(store:
         "firmware_bundle_create conf-bios-2 added",
         "firmware_rollout_paused conformance",
         "firmware_bundle_delete conf-bios-2 gone",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "event {reason} in {reasons:?}"
+        );
+    }
+}
+
+async fn the_drill_board_is_generation_checked_and_files_finished_drills(store: &dyn Store) {
+    use crate::core::drill::{Drill, DrillBoard, DrillPhase, DrillSpec, Observation};
+    let spec = DrillSpec::parse(
+        "name = \"conf-drill\"\nfault = \"power_loss\"\n[targets]\ncount = 1\n[budget]\nnodes_max = 1\n",
+    )
+    .unwrap();
+    let board = store.drill_board_get().await.unwrap();
+    let id = board.last_id + 1;
+    let observation = Observation {
+        nodes: &[],
+        remediations: &[],
+        guards: &[],
+    };
+    let drill = Drill::new(id, spec, &[], "test", 8_000, &observation, Vec::new(), None);
+    let started = DrillBoard {
+        last_id: id,
+        active: Some(drill.clone()),
+        ..board.clone()
+    };
+    let event = NewEvent::global(8_000, "test", Action::DrillStarted, "conformance");
+    let stored = store
+        .drill_board_put(&started, None, &[event])
+        .await
+        .unwrap();
+    assert_eq!(stored.generation, board.generation + 1);
+    assert_eq!(store.drill_board_get().await.unwrap(), stored);
+    // A second start from the same stale read loses: two replicas never run two drills.
+    let stale = store.drill_board_put(&started, None, &[]).await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { .. })),
+        "a board written from a stale read: {stale:?}"
+    );
+    // A stale write that would also file a drill files nothing.
+    let mut finished = drill.clone();
+    finished.phase = DrillPhase::Finished;
+    finished.finished_at_ms = Some(9_000);
+    let ended = DrillBoard {
+        active: None,
+        ..stored.clone()
+    };
+    let stale_end = DrillBoard {
+        generation: board.generation,
+        ..ended.clone()
+    };
+    assert!(store
+        .drill_board_put(&stale_end, Some(&finished), &[])
+        .await
+        .is_err());
+    assert_eq!(store.drill_get(id).await.unwrap(), None, "nothing filed");
+    let event = NewEvent::global(9_000, "test", Action::DrillFinished, "conformance done");
+    let after = store
+        .drill_board_put(&ended, Some(&finished), &[event])
+        .await
+        .unwrap();
+    assert!(after.active.is_none());
+    assert_eq!(after.last_id, id);
+    assert_eq!(store.drill_get(id).await.unwrap(), Some(finished.clone()));
+    let listed = store.drill_list(10).await.unwrap();
+    assert_eq!(listed.first(), Some(&finished), "newest first");
+    let reasons = admin_event_reasons(store).await;
+    for reason in [
+        "drill_started conformance",
+        "drill_finished conformance done",
     ] {
         assert!(
             reasons.iter().any(|r| r == reason),
