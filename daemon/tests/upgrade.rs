@@ -25,7 +25,7 @@ use bearman_proto::uuid::NodeUuid;
 use support::*;
 
 /// The migrations of the previous release: everything before 0005 (token expiry); this
-/// one adds 0005 and 0006 (firmware bundles and rollout).
+/// one adds 0005, 0006 (firmware bundles and rollout) and 0007 (chaos drills).
 const PREVIOUS_RELEASE_LAST: i64 = 4;
 
 const NODE_A: &str = "00000500-0000-0000-0000-000000000001";
@@ -124,6 +124,11 @@ async fn every_row_reads_back(store: &dyn Store) {
     let rollout = store.firmware_rollout_get().await.unwrap();
     assert_eq!((rollout.generation, rollout.slots.len()), (0, 0));
     assert!(store.firmware_bundle_list().await.unwrap().is_empty());
+    // No drill before drills existed; a record without the silence field is not silenced.
+    let board = store.drill_board_get().await.unwrap();
+    assert_eq!((board.generation, board.active.is_none()), (0, true));
+    assert!(store.drill_list(10).await.unwrap().is_empty());
+    assert_eq!(node.drill_silenced_until_ms, None);
     assert_eq!(
         node.network.bond0_addresses,
         vec!["10.50.0.10/24".to_string()]
@@ -233,12 +238,13 @@ async fn sqlite_from_the_previous_release_upgrades_with_migrate_run_and_keeps_ev
     assert!(table.contains("0004     cluster       applied"), "{table}");
     assert!(table.contains("0005     token expiry  pending"), "{table}");
     assert!(table.contains("0006     firmware      pending"), "{table}");
+    assert!(table.contains("0007     drills        pending"), "{table}");
 
     let applied = migrate(&["run"]);
     assert_success("migrate run", &applied);
     assert_eq!(
         text(&applied.stdout),
-        "applied 0005 token expiry\napplied 0006 firmware\n"
+        "applied 0005 token expiry\napplied 0006 firmware\napplied 0007 drills\n"
     );
     let again = migrate(&["run"]);
     assert_success("migrate run again", &again);
@@ -256,7 +262,7 @@ async fn postgres_from_the_previous_release_upgrades_at_connect_and_keeps_every_
         previous_release_database(&url, Backend::Postgres).await;
         let before = SqlStore::connect_without_migrating(&url).await.unwrap();
         let status = before.migration_status().await.unwrap();
-        assert_eq!(versions(&status.pending()), vec![5, 6]);
+        assert_eq!(versions(&status.pending()), vec![5, 6, 7]);
         assert!(status.unknown().is_empty());
         before.close().await;
         // The operator's view, through the binary, changing nothing.
