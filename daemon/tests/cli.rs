@@ -1222,3 +1222,115 @@ fn firmware_status_shows_drift_bundles_and_the_rollout_on_a_populated_daemon() {
         "no failed firmware update",
     );
 }
+
+#[test]
+fn drill_commands_check_preview_refuse_block_and_save_a_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let token = create_admin_token(dir.path(), &data_dir);
+    // Offline: no daemon needed to validate a file.
+    let uuid = "4c4c4544-0042-3510-8052-b4c04f4ff0d1";
+    let drill = format!(
+        "name = \"panic-one\"\nfault = \"kernel_panic\"\n[targets]\nuuids = [\"{uuid}\"]\n\
+         [hypothesis]\nready_within_s = 900\n[budget]\nnodes_max = 1\n"
+    );
+    std::fs::write(dir.path().join("drill.toml"), &drill).unwrap();
+    let checked = run({
+        let mut command = bearman(dir.path());
+        command.args(["drill", "check", "drill.toml"]);
+        command
+    });
+    assert_success("drill check", &checked);
+    assert!(
+        stdout(&checked).contains("\"fault\": \"kernel_panic\""),
+        "{}",
+        stdout(&checked)
+    );
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        drill.replace("nodes_max = 1", "nodes_max = 0"),
+    )
+    .unwrap();
+    let bad = run({
+        let mut command = bearman(dir.path());
+        command.args(["drill", "check", "bad.toml"]);
+        command
+    });
+    assert_refused("a drill with no budget", &bad, "budget.nodes_max");
+
+    let serve = Serve::start(dir.path(), &data_dir);
+    let client = |args: &[&str]| serve.client(dir.path(), Some(&token), args);
+    assert_success("node enroll", &client(&["node", "enroll", uuid]));
+    let registered = request(
+        serve.address,
+        "POST",
+        &format!("/ipxe/{uuid}/register"),
+        Some(&registration_with_bios(0xd1, "1.0")),
+    )
+    .unwrap();
+    assert_eq!(registered.status, 200, "{}", registered.text());
+
+    // A registered node is not Ready and has no reachable BMC: the preflight says both.
+    let preview = client(&["drill", "preview", "drill.toml"]);
+    assert_success("drill preview", &preview);
+    let text = stdout(&preview);
+    assert!(text.contains("preflight FAILED"), "{text}");
+    for line in ["state", "bmc"] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(line) && l.contains("FAILED")),
+            "{line} failed in {text}"
+        );
+    }
+    let refused = client(&["drill", "run", "drill.toml", "--yes"]);
+    assert_refused(
+        "a drill whose preflight failed",
+        &refused,
+        "preflight failed: nothing started",
+    );
+    let listed = client(&["drill", "list"]);
+    assert_success("drill list", &listed);
+    assert!(!stdout(&listed).contains("running"), "{}", stdout(&listed));
+
+    // The kill switch blocks; unblock clears it.
+    assert_success(
+        "drill abort",
+        &client(&["drill", "abort", "--reason", "freeze"]),
+    );
+    let listed = stdout(&client(&["drill", "list"]));
+    assert!(listed.contains("drills BLOCKED by token:admin"), "{listed}");
+    assert!(listed.contains("freeze"), "{listed}");
+    let blocked = client(&["drill", "preview", "drill.toml"]);
+    assert!(
+        stdout(&blocked).contains("kill_switch"),
+        "{}",
+        stdout(&blocked)
+    );
+    assert_success("drill unblock", &client(&["drill", "unblock"]));
+    assert_refused(
+        "unblocking twice",
+        &client(&["drill", "unblock"]),
+        "not blocked",
+    );
+    assert_refused(
+        "a drill that does not exist",
+        &client(&["drill", "show", "7"]),
+        "does not exist",
+    );
+
+    let twin = client(&["drill", "twin", "--out", "twin.json"]);
+    assert_success("drill twin", &twin);
+    assert!(
+        stderr(&twin).contains("twin of 1 node(s)"),
+        "{}",
+        stderr(&twin)
+    );
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("twin.json")).unwrap())
+            .unwrap();
+    assert_eq!(saved["racks"][0]["nodes"][0]["uuid"], uuid);
+    let events = stdout(&client(&["events"]));
+    for action in ["drills_blocked", "drills_unblocked"] {
+        assert!(events.contains(action), "{action} in {events}");
+    }
+}
