@@ -174,7 +174,10 @@ where
     ));
     state.app = state.app.with_twin_sources(crate::app::drill::TwinSources {
         remediation: parts.remediation.clone(),
-        cloud: parts.cloud.clone(),
+        vms: parts.cloud.clone().map(|cloud| {
+            Arc::new(crate::controller::drill_faults::CloudVms(cloud))
+                as Arc<dyn crate::app::drill::HostVms>
+        }),
     });
     // Chaos drills inject through the same provider and guards.
     state.app =

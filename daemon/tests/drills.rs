@@ -208,7 +208,9 @@ async fn harness(adjust: impl Fn(u64, &mut Machine)) -> Harness {
     .with_fault_injector(Arc::new(BmcFaults::new(provider.clone(), readback)))
     .with_twin_sources(TwinSources {
         remediation: config.clone(),
-        cloud: Some(cloud.clone()),
+        vms: Some(Arc::new(bearman::controller::drill_faults::CloudVms(
+            cloud.clone(),
+        ))),
     });
     let controller = Controller::new(app.clone(), provider, Some(cloud.clone()), config);
     Harness {

@@ -42,7 +42,14 @@ pub trait FaultInjector: Send + Sync {
 /// See [`App::twin_sources`].
 pub struct TwinSources {
     pub remediation: crate::core::controller::ControllerConfig,
-    pub cloud: Option<Arc<dyn crate::cloud::Cloud>>,
+    /// How many VMs a host runs, from the cloud (`controller::drill_faults::CloudVms`).
+    pub vms: Option<Arc<dyn HostVms>>,
+}
+
+/// The twin's view of the cloud: the number of VMs on one host.
+#[async_trait]
+pub trait HostVms: Send + Sync {
+    async fn vms_on_host(&self, host: &str) -> Result<usize, String>;
 }
 
 /// A cloud call for the twin's VM sample is given this long.
@@ -105,7 +112,7 @@ impl App {
             .map(|s| s.remediation.clone())
             .unwrap_or_default();
         let mut vms = None;
-        if let Some(cloud) = sources.as_ref().and_then(|s| s.cloud.clone()) {
+        if let Some(cloud) = sources.as_ref().and_then(|s| s.vms.clone()) {
             let sample: Vec<&Candidate> = fleet
                 .iter()
                 .filter(|n| {
@@ -122,7 +129,7 @@ impl App {
                 )
                 .await
                 {
-                    Ok(Ok(list)) => counts.push(list.len() as u32),
+                    Ok(Ok(count)) => counts.push(count as u32),
                     Ok(Err(error)) => {
                         tracing::warn!(host = %node.hostname, %error, "twin: the cloud did not list VMs")
                     }

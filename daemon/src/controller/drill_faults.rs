@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::app::drill::FaultInjector;
+use crate::app::drill::{FaultInjector, HostVms};
 use crate::bmc::ops::{self, Readback};
 use crate::bmc::provider::node_label;
 use crate::bmc::{BmcProvider, PowerState};
@@ -64,5 +64,19 @@ impl FaultInjector for BmcFaults {
         .await
         .map(drop)
         .map_err(|error| error.to_string())
+    }
+}
+
+/// The drill twin's VM counts from the cloud seam.
+pub struct CloudVms(pub Arc<dyn crate::cloud::Cloud>);
+
+#[async_trait]
+impl HostVms for CloudVms {
+    async fn vms_on_host(&self, host: &str) -> Result<usize, String> {
+        self.0
+            .vms_on_host(host)
+            .await
+            .map(|vms| vms.len())
+            .map_err(|error| error.to_string())
     }
 }
