@@ -35,7 +35,7 @@ impl Verdict {
         self.failures.is_empty()
     }
 
-    fn fail(&mut self, failure: String) {
+    pub fn fail(&mut self, failure: String) {
         // Keep the report readable: the first failures say enough.
         if self.failures.len() < 20 {
             self.failures.push(failure);
@@ -57,6 +57,8 @@ pub struct Checker {
     /// Firmware runs only: no board flashes past the rollout's caps and no node reaches
     /// stage 2 on BIOS behind its flavor, judged on the machines.
     pub firmware: Option<Verdict>,
+    /// Runs with drills only: each came to its `expect_outcome`.
+    pub drills: Option<Verdict>,
     firmware_violations_seen: usize,
     reported_doubled: BTreeSet<u32>,
     events_seen: i64,
@@ -86,6 +88,7 @@ impl Default for Checker {
                 "expect",
             ),
             firmware: None,
+            drills: None,
             firmware_violations_seen: 0,
             reported_doubled: BTreeSet::new(),
             events_seen: 0,
@@ -116,6 +119,9 @@ impl Checker {
         ];
         if let Some(firmware) = &self.firmware {
             verdicts.push(firmware);
+        }
+        if let Some(drills) = &self.drills {
+            verdicts.push(drills);
         }
         if let Some(cluster) = &self.cluster {
             verdicts.extend([

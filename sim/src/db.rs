@@ -355,10 +355,17 @@ impl Store for RemoteStore {
         events: &[NewEvent],
     ) -> Result<bearman::core::drill::DrillBoard, StoreError> {
         let (board, finished, events) = (board.clone(), finished.cloned(), events.to_vec());
-        remote!(self, |store| store.drill_board_put(&board, finished.as_ref(), &events))
+        remote!(self, |store| store.drill_board_put(
+            &board,
+            finished.as_ref(),
+            &events
+        ))
     }
 
-    async fn drill_list(&self, limit: usize) -> Result<Vec<bearman::core::drill::Drill>, StoreError> {
+    async fn drill_list(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<bearman::core::drill::Drill>, StoreError> {
         remote!(self, |store| store.drill_list(limit))
     }
 

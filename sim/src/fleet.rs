@@ -127,6 +127,10 @@ pub struct World {
     pub actions_new: Vec<String>,
     /// A firmware rollout's ground truth, in runs that have one.
     pub firmware: Option<FirmwareTruth>,
+    /// Nodes that stay powered off the whole run (`fleet.off_nodes`): no VMs, no boot.
+    pub off_nodes: BTreeSet<u32>,
+    /// The scenario's drills as the simulated operator ran them, by `[[drill]]` index.
+    pub drills: Vec<crate::drill::DrillRun>,
 }
 
 /// Ground truth of a firmware rollout (`[firmware]` in the scenario): what each board's
@@ -170,16 +174,25 @@ pub fn seconds(at: Duration) -> String {
 
 impl World {
     pub fn new(racks: u32, nodes_per_rack: u32, storage_per_rack: u32, vm_capacity: u32) -> World {
+        let sizes = vec![nodes_per_rack; racks as usize];
+        let storage = vec![storage_per_rack; racks as usize];
+        World::with_racks(&sizes, &storage, vm_capacity)
+    }
+
+    /// Racks of `sizes[r]` nodes each, the first `storage[r]` of each rack storage nodes;
+    /// nodes are numbered rack by rack.
+    pub fn with_racks(sizes: &[u32], storage: &[u32], vm_capacity: u32) -> World {
         let mut nodes = Vec::new();
-        for rack in 0..racks {
-            for slot in 0..nodes_per_rack {
-                let index = rack * nodes_per_rack + slot;
+        let mut index = 0;
+        for (rack, size) in sizes.iter().enumerate() {
+            let storage_in_rack = storage.get(rack).copied().unwrap_or(0);
+            for slot in 0..*size {
                 let (epoch_tx, _) = watch::channel(0);
                 nodes.push(NodeTruth {
                     index,
-                    rack,
+                    rack: rack as u32,
                     uuid: NodeUuid::from_index(UUID_NAMESPACE, index as u64),
-                    role: if slot < storage_per_rack {
+                    role: if slot < storage_in_rack {
                         Role::Storage
                     } else {
                         Role::Compute
@@ -192,6 +205,7 @@ impl World {
                     boots_completed: 0,
                     next_boot_pxe: false,
                 });
+                index += 1;
             }
         }
         let bmcs = vec![BmcState::default(); nodes.len()];
@@ -219,6 +233,8 @@ impl World {
             actions_judged: 0,
             actions_new: Vec::new(),
             firmware: None,
+            off_nodes: BTreeSet::new(),
+            drills: Vec::new(),
         }
     }
 
@@ -475,7 +491,7 @@ impl World {
     pub fn place_vms(&mut self, per_node: u32) {
         let mut id = 0;
         for node in &self.nodes {
-            if node.role != Role::Compute {
+            if node.role != Role::Compute || self.off_nodes.contains(&node.index) {
                 continue;
             }
             for _ in 0..per_node {

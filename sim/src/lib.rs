@@ -10,6 +10,7 @@ pub mod bmc;
 pub mod check;
 pub mod cloud;
 pub mod db;
+pub mod drill;
 pub mod fleet;
 pub mod host;
 pub mod net;

@@ -164,6 +164,43 @@ pub fn render(report: &Report, wall: Duration) -> String {
             }
         }
     }
+    for run in &report.drills {
+        let _ = writeln!(
+            out,
+            "\ndrill {}: {}{}",
+            run.name,
+            run.outcome(),
+            run.abort_reason()
+                .map(|reason| format!(" ({reason})"))
+                .unwrap_or_default()
+        );
+        if let Some(drill_report) = &run.report {
+            for target in &drill_report.targets {
+                let phases: Vec<String> = target
+                    .phases
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{} {}",
+                            p.phase,
+                            p.actual_s.map_or("-".to_string(), |s| format!("{s:.1} s"))
+                        )
+                    })
+                    .collect();
+                let _ = writeln!(out, "  {}: {}", target.hostname, phases.join(", "));
+            }
+            for item in &drill_report.hypothesis {
+                let _ = writeln!(
+                    out,
+                    "  {:<24} {:<6} expected {}, actual {}",
+                    item.item,
+                    if item.passed { "ok" } else { "BROKEN" },
+                    item.expected,
+                    item.actual
+                );
+            }
+        }
+    }
     let _ = writeln!(out, "\ninvariants");
     for verdict in report.checker.verdicts() {
         let _ = writeln!(

@@ -26,7 +26,7 @@ use crate::{bmc, cloud, net, node};
 /// The simulated calendar starts here (2026-01-01T00:00:00Z), so event timestamps in the
 /// daemon's audit trail are the same on every run.
 pub const EPOCH_MS: i64 = 1_767_225_600_000;
-const DAEMON_PORT: u16 = 8080;
+pub const DAEMON_PORT: u16 = 8080;
 /// Full scans (VM census, address allocations) run this often; the incremental safety
 /// checks run after every step.
 const SCAN_INTERVAL: Duration = Duration::from_secs(10);
@@ -81,6 +81,8 @@ pub struct Report {
     pub actions_judged: u64,
     /// Firmware runs: what the rollout came to.
     pub firmware: Option<FirmwareSummary>,
+    /// The scenario's drills as the operator ran them, by `[[drill]]` index.
+    pub drills: Vec<crate::drill::DrillRun>,
 }
 
 /// What a firmware rollout came to in one run.
@@ -141,7 +143,22 @@ fn images() -> MemoryImages {
 /// downloads and verifies it as it would a real one).
 const BIOS_BUNDLE: (&str, &[u8]) = ("fw/bios.bin", b"bearman-sim BIOS image");
 
-fn seed_store(store: &MemoryStore, firmware: Option<&crate::scenario::SimFirmware>) {
+fn seed_store(
+    store: &MemoryStore,
+    firmware: Option<&crate::scenario::SimFirmware>,
+    operator_secret: Option<&str>,
+) {
+    if let Some(secret) = operator_secret {
+        MemoryStore::now_or_never(store.token_create(
+            crate::drill::OPERATOR_TOKEN_NAME,
+            bearman::core::model::TokenRole::Admin,
+            &bearman::app::tokens::hash_secret(secret),
+            EPOCH_MS,
+            None,
+            &[],
+        ))
+        .expect("seed the operator's token");
+    }
     let mut flavor = Flavor {
         name: "hv".into(),
         kernel: artifact(0),
@@ -577,13 +594,17 @@ pub fn run_watched(
     let fixture: RegisterRequest =
         serde_json::from_str(include_str!("../../fixtures/hardware/r640.json"))?;
     let fleet = &scenario.fleet;
-    let world: SharedWorld = Arc::new(Mutex::new(World::new(
-        fleet.racks,
-        fleet.nodes_per_rack,
-        fleet.storage_per_rack,
+    let world: SharedWorld = Arc::new(Mutex::new(World::with_racks(
+        &fleet.sizes(),
+        &fleet.storage(),
         fleet.vm_capacity,
     )));
-    lock(&world).place_vms(fleet.vms_per_node);
+    {
+        let mut world = lock(&world);
+        world.off_nodes = fleet.off_nodes.iter().copied().collect();
+        world.drills = vec![Default::default(); scenario.drills.len()];
+        world.place_vms(fleet.vms_per_node);
+    }
     if let Some(firmware) = &scenario.firmware {
         let count = lock(&world).nodes.len();
         // Exactly fail_percent of the boards (rounded down), picked from the seed: the
@@ -614,7 +635,13 @@ pub fn run_watched(
         });
     }
     let store = Arc::new(MemoryStore::new());
-    seed_store(&store, scenario.firmware.as_ref());
+    let operator_secret =
+        (!scenario.drills.is_empty()).then(|| crate::drill::operator_secret(options.seed));
+    seed_store(
+        &store,
+        scenario.firmware.as_ref(),
+        operator_secret.as_deref(),
+    );
     if let Some(watch) = watch {
         watch.start(
             format!("{} seed {}", scenario.name, options.seed),
@@ -757,24 +784,66 @@ pub fn run_watched(
     }
     {
         let world = world.clone();
+        // The operator's drills, and the storage roles it records first so that drill
+        // selectors and budgets see the fleet's roles (the nodes register as compute).
+        let operator = operator_secret.map(|secret| crate::drill::Operator {
+            world: world.clone(),
+            secret,
+            daemons: daemons.clone(),
+            port: DAEMON_PORT,
+        });
+        let storage: Vec<bearman_proto::uuid::NodeUuid> = {
+            let world = lock(&world);
+            world
+                .nodes
+                .iter()
+                .filter(|n| n.role == crate::fleet::Role::Storage)
+                .filter(|n| !world.off_nodes.contains(&n.index))
+                .map(|n| n.uuid.clone())
+                .collect()
+        };
+        let drills = scenario.drills.clone();
         sim.host(crate::ops::OPS_HOST, move || {
+            if let Some(operator) = &operator {
+                if !storage.is_empty() {
+                    tokio::task::spawn_local(
+                        operator.clone().record_storage_roles(storage.clone()),
+                    );
+                }
+                for (index, drill) in drills.iter().enumerate() {
+                    tokio::task::spawn_local(operator.clone().run_drill(index, drill.clone()));
+                }
+            }
             crate::ops::serve(world.clone())
         });
     }
+    let rack_nodes: Vec<Vec<u32>> = {
+        let world = lock(&world);
+        (0..fleet.racks)
+            .map(|rack| {
+                world
+                    .nodes
+                    .iter()
+                    .filter(|n| n.rack == rack)
+                    .map(|n| n.index)
+                    .collect()
+            })
+            .collect()
+    };
     for rack in 0..fleet.racks {
         let world = world.clone();
         let timing = scenario.timing.clone();
         let fixture = fixture.clone();
         let seed = options.seed;
-        let per_rack = fleet.nodes_per_rack;
+        let indices = rack_nodes[rack as usize].clone();
         let flash_s = scenario.firmware.as_ref().map(|firmware| firmware.flash_s);
         sim.host(rack_host(rack), move || {
             let world = world.clone();
             let timing = timing.clone();
             let fixture = fixture.clone();
+            let indices = indices.clone();
             async move {
-                for slot in 0..per_rack {
-                    let index = rack * per_rack + slot;
+                for index in indices {
                     tokio::task::spawn_local(node::supervise(
                         world.clone(),
                         index,
@@ -793,7 +862,9 @@ pub fn run_watched(
     if fleet.power_on_at_start {
         let mut world = lock(&world);
         for index in 0..world.nodes.len() as u32 {
-            world.power_on(index, Duration::ZERO, "initial power on");
+            if !world.off_nodes.contains(&index) {
+                world.power_on(index, Duration::ZERO, "initial power on");
+            }
         }
     }
 
@@ -825,7 +896,8 @@ pub fn run_watched(
             scenario.last_heal_s().unwrap_or(0) + after,
         ));
     }
-    if deadlines.is_empty() {
+    // With drills, the end is a deadline too: every target is Ready again by then.
+    if deadlines.is_empty() || !scenario.drills.is_empty() {
         deadlines.push(duration);
     }
     let mut deadlines: Vec<Duration> = deadlines.into_iter().map(|d| d.min(duration)).collect();
@@ -834,6 +906,12 @@ pub fn run_watched(
     let mut deadlines = deadlines.into_iter().peekable();
 
     let mut checker = Checker::default();
+    if !scenario.drills.is_empty() {
+        checker.drills = Some(crate::check::Verdict::named(
+            "every drill came to its expected outcome through the API",
+            "expect",
+        ));
+    }
     if scenario.firmware.is_some() {
         checker.firmware = Some(crate::check::Verdict::named(
             "no board flashes past the rollout's caps, none boots on old firmware",
@@ -1050,6 +1128,13 @@ pub fn run_watched(
     let recoveries = crate::recovery::recoveries(&world, &events);
     let fences = crate::recovery::fences_started(&events);
     checker.check_expectations(scenario, &recoveries, fences, &fault_state.problems);
+    if let Some(verdict) = checker.drills.as_mut() {
+        verdict.checks += 1;
+        for failure in crate::drill::judge(&scenario.drills, &world.drills) {
+            verdict.fail(failure);
+        }
+    }
+    let drills = world.drills.clone();
     let firmware = scenario.firmware.as_ref().map(|firmware| {
         let rollout = MemoryStore::now_or_never(store.firmware_rollout_get()).unwrap_or_default();
         let flashed = store
@@ -1178,5 +1263,6 @@ pub fn run_watched(
         takeovers,
         actions_judged: world.actions_judged,
         firmware,
+        drills,
     })
 }

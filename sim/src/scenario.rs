@@ -39,6 +39,109 @@ pub struct Scenario {
     /// updates it; absent: no firmware expectation, no bundle.
     #[serde(default)]
     pub firmware: Option<SimFirmware>,
+    /// Chaos drills a simulated operator runs through the daemon's admin API, as
+    /// `bearman drill run --yes` does, and what each must come to.
+    #[serde(default, rename = "drill")]
+    pub drills: Vec<SimDrill>,
+}
+
+/// `[[drill]]`: a drill file (inline `spec`, or `file` relative to the scenario), when
+/// the simulated operator starts it, and the outcome it must reach.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimDrill {
+    /// When the operator first previews it (seconds); it starts once the preflight
+    /// passes, previewing again every `poll_s` for at most `start_within_s`.
+    pub at_s: u64,
+    /// The drill file's text (TOML, `bearman drill` format).
+    #[serde(default)]
+    pub spec: Option<String>,
+    /// Or the drill file, relative to the scenario file (read by `Scenario::load`).
+    #[serde(default)]
+    pub file: Option<String>,
+    /// Convenience: the drill's `targets.uuids` as simulator node indices (the file's
+    /// own `targets` are replaced by these nodes).
+    #[serde(default)]
+    pub target_nodes: Vec<u32>,
+    /// `passed`, `failed` (a hypothesis item broken), `aborted`, or `refused` (the
+    /// preflight, budget or window never let it start).
+    pub expect_outcome: DrillOutcome,
+    /// With `aborted` (or `refused`): text the abort reason (the refusal) must contain.
+    #[serde(default)]
+    pub expect_abort_contains: Option<String>,
+    /// How long the operator keeps previewing before giving up (default 900 s).
+    #[serde(default = "drill_start_within_s_default")]
+    pub start_within_s: u64,
+    /// How often the operator previews and, once started, polls the drill (default 5 s).
+    #[serde(default = "drill_poll_s_default")]
+    pub poll_s: u64,
+}
+
+fn drill_start_within_s_default() -> u64 {
+    900
+}
+
+fn drill_poll_s_default() -> u64 {
+    5
+}
+
+/// What a drill came to, as its report says (`refused`: it never started).
+#[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DrillOutcome {
+    Passed,
+    Failed,
+    Aborted,
+    Refused,
+}
+
+impl DrillOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrillOutcome::Passed => "passed",
+            DrillOutcome::Failed => "failed",
+            DrillOutcome::Aborted => "aborted",
+            DrillOutcome::Refused => "refused",
+        }
+    }
+}
+
+impl SimDrill {
+    /// The drill file the operator sends: `spec` with `target_nodes` as `targets.uuids`.
+    pub fn file_text(&self) -> anyhow::Result<String> {
+        let text = self
+            .spec
+            .as_deref()
+            .context("the drill has no spec (a file is read by Scenario::load)")?;
+        if self.target_nodes.is_empty() {
+            return Ok(text.to_string());
+        }
+        let mut spec = bearman::core::drill::DrillSpec::parse(text)
+            .map_err(|error| anyhow::anyhow!("{error}"))?;
+        spec.targets = bearman::core::drill::TargetSpec {
+            uuids: self
+                .target_nodes
+                .iter()
+                .map(|index| {
+                    bearman_proto::uuid::NodeUuid::from_index(
+                        crate::fleet::UUID_NAMESPACE,
+                        u64::from(*index),
+                    )
+                })
+                .collect(),
+            ..Default::default()
+        };
+        Ok(toml::to_string(&spec)?)
+    }
+
+    /// The drill's name, from its file.
+    pub fn name(&self) -> String {
+        self.spec
+            .as_deref()
+            .and_then(|text| bearman::core::drill::DrillSpec::parse(text).ok())
+            .map(|spec| spec.name)
+            .unwrap_or_default()
+    }
 }
 
 /// `[firmware]`: the fleet's BIOS, the bundle that updates it, the boards it fails on, and
@@ -127,11 +230,25 @@ fn default_tick_ms() -> u64 {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fleet {
+    /// Uniform racks: how many, and nodes in each (or `rack_sizes`).
+    #[serde(default)]
     pub racks: u32,
+    #[serde(default)]
     pub nodes_per_rack: u32,
     /// Nodes per rack that are storage nodes (no VMs); the rest are compute nodes.
     #[serde(default)]
     pub storage_per_rack: u32,
+    /// Racks of different sizes, instead of `racks` x `nodes_per_rack`: nodes per rack.
+    #[serde(default)]
+    pub rack_sizes: Vec<u32>,
+    /// With `rack_sizes`: storage nodes per rack (the first slots), instead of
+    /// `storage_per_rack`.
+    #[serde(default)]
+    pub rack_storage: Vec<u32>,
+    /// Nodes (by index) that stay powered off the whole run: not part of the live fleet
+    /// (a rehearsal's nodes the twin shows not Ready). They carry no VMs.
+    #[serde(default)]
+    pub off_nodes: Vec<u32>,
     /// VMs placed on each compute node at the start.
     #[serde(default)]
     pub vms_per_node: u32,
@@ -141,6 +258,41 @@ pub struct Fleet {
     /// Whether the fleet starts powered on (a boot storm at t=0) — the default.
     #[serde(default = "default_true")]
     pub power_on_at_start: bool,
+}
+
+impl Fleet {
+    /// Nodes per rack, rack by rack.
+    pub fn sizes(&self) -> Vec<u32> {
+        if self.rack_sizes.is_empty() {
+            vec![self.nodes_per_rack; self.racks as usize]
+        } else {
+            self.rack_sizes.clone()
+        }
+    }
+
+    /// Storage nodes per rack (its first slots), rack by rack.
+    pub fn storage(&self) -> Vec<u32> {
+        if self.rack_storage.is_empty() {
+            self.sizes()
+                .iter()
+                .map(|size| self.storage_per_rack.min(*size))
+                .collect()
+        } else {
+            self.rack_storage.clone()
+        }
+    }
+
+    /// With `rack_sizes`, `racks` and `nodes_per_rack` say how many and the largest.
+    fn normalize(&mut self) {
+        if !self.rack_sizes.is_empty() {
+            if self.racks == 0 {
+                self.racks = self.rack_sizes.len() as u32;
+            }
+            if self.nodes_per_rack == 0 {
+                self.nodes_per_rack = self.rack_sizes.iter().copied().max().unwrap_or(0);
+            }
+        }
+    }
 }
 
 fn default_vm_capacity() -> u32 {
@@ -399,11 +551,27 @@ impl Scenario {
     pub fn load(path: &Path) -> anyhow::Result<Scenario> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading scenario {}", path.display()))?;
-        let scenario: Scenario = toml::from_str(&text)
-            .with_context(|| format!("parsing scenario {}", path.display()))?;
-        scenario
-            .validate()
-            .with_context(|| format!("scenario {}", path.display()))?;
+        Scenario::parse(&text, path.parent())
+            .with_context(|| format!("scenario {}", path.display()))
+    }
+
+    /// Parses and checks a scenario's text; drill `file`s are read relative to `dir`.
+    pub fn parse(text: &str, dir: Option<&Path>) -> anyhow::Result<Scenario> {
+        let mut scenario: Scenario = toml::from_str(text).context("parsing")?;
+        scenario.fleet.normalize();
+        for (index, drill) in scenario.drills.iter_mut().enumerate() {
+            if drill.file.is_some() && drill.spec.is_some() {
+                bail!("drill[{index}]: spec or file, not both");
+            }
+            if let (Some(file), None) = (&drill.file, &drill.spec) {
+                let path = dir.unwrap_or(Path::new(".")).join(file);
+                drill.spec =
+                    Some(std::fs::read_to_string(&path).with_context(|| {
+                        format!("drill[{index}].file: reading {}", path.display())
+                    })?);
+            }
+        }
+        scenario.validate()?;
         Ok(scenario)
     }
 
@@ -417,6 +585,9 @@ impl Scenario {
             bail!("--nodes-per-rack must be at least 1");
         }
         let per_rack = per_rack.unwrap_or(self.fleet.nodes_per_rack).min(nodes);
+        if !self.fleet.rack_sizes.is_empty() || !self.fleet.off_nodes.is_empty() {
+            bail!("--nodes: the scenario's fleet has racks of their own sizes or nodes kept off; edit the file instead");
+        }
         self.fleet.storage_per_rack = self.fleet.storage_per_rack.min(per_rack);
         self.fleet.nodes_per_rack = per_rack;
         self.fleet.racks = nodes.div_ceil(per_rack);
@@ -425,18 +596,23 @@ impl Scenario {
     }
 
     pub fn node_count(&self) -> u32 {
-        self.fleet.racks * self.fleet.nodes_per_rack
+        self.fleet.sizes().iter().sum()
     }
 
-    /// VMs placed at the start: `vms_per_node` on every compute node.
+    /// VMs placed at the start: `vms_per_node` on every compute node not kept off.
     pub fn vm_count(&self) -> u64 {
-        u64::from(self.fleet.racks)
-            * u64::from(
-                self.fleet
-                    .nodes_per_rack
-                    .saturating_sub(self.fleet.storage_per_rack),
-            )
-            * u64::from(self.fleet.vms_per_node)
+        let fleet = &self.fleet;
+        let mut index = 0;
+        let mut compute = 0u64;
+        for (size, storage) in fleet.sizes().iter().zip(fleet.storage()) {
+            for slot in 0..*size {
+                if slot >= storage && !fleet.off_nodes.contains(&index) {
+                    compute += 1;
+                }
+                index += 1;
+            }
+        }
+        compute * u64::from(fleet.vms_per_node)
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -452,8 +628,43 @@ impl Scenario {
         if !(1..=1000).contains(&self.tick_ms) {
             bail!("tick_ms: {} is outside 1-1000", self.tick_ms);
         }
-        if self.fleet.racks == 0 || self.fleet.nodes_per_rack == 0 {
-            bail!("fleet: racks and nodes_per_rack must be at least 1");
+        if self.fleet.rack_sizes.is_empty() {
+            if self.fleet.racks == 0 || self.fleet.nodes_per_rack == 0 {
+                bail!("fleet: racks and nodes_per_rack must be at least 1 (or give rack_sizes)");
+            }
+            if !self.fleet.rack_storage.is_empty() {
+                bail!("fleet.rack_storage goes with rack_sizes; use storage_per_rack");
+            }
+        } else {
+            let sizes = &self.fleet.rack_sizes;
+            if sizes.contains(&0) {
+                bail!("fleet.rack_sizes: every rack needs at least 1 node");
+            }
+            if self.fleet.racks as usize != sizes.len()
+                || self.fleet.nodes_per_rack != sizes.iter().copied().max().unwrap_or(0)
+            {
+                bail!("fleet.rack_sizes: leave racks and nodes_per_rack out (they follow from it)");
+            }
+            if self.fleet.storage_per_rack != 0 {
+                bail!("fleet.storage_per_rack: with rack_sizes, give rack_storage");
+            }
+            let storage = &self.fleet.rack_storage;
+            if !storage.is_empty()
+                && (storage.len() != sizes.len() || storage.iter().zip(sizes).any(|(s, n)| s > n))
+            {
+                bail!("fleet.rack_storage: one count per rack, each at most its rack_sizes entry");
+            }
+        }
+        if let Some(node) = self
+            .fleet
+            .off_nodes
+            .iter()
+            .find(|n| **n >= self.node_count())
+        {
+            bail!(
+                "fleet.off_nodes: node {node} does not exist ({} nodes)",
+                self.node_count()
+            );
         }
         if self.node_count() > 100_000 {
             bail!(
@@ -674,6 +885,41 @@ impl Scenario {
             bail!(
                 "expect.vms_elsewhere_after_heal_within_s: no fault heals (needs heal_at_s or heal_after_s)"
             );
+        }
+        for (index, drill) in self.drills.iter().enumerate() {
+            let field = format!("drill[{index}]");
+            if drill.spec.is_none() {
+                bail!("{field}: needs spec (the drill file inline) or file");
+            }
+            if drill.at_s >= self.duration_s {
+                bail!(
+                    "{field}: at_s {} is not before the end ({} s)",
+                    drill.at_s,
+                    self.duration_s
+                );
+            }
+            if drill.poll_s == 0 || drill.poll_s > 600 {
+                bail!("{field}: poll_s must be 1-600");
+            }
+            if let Some(node) = drill.target_nodes.iter().find(|n| **n >= self.node_count()) {
+                bail!(
+                    "{field}: target_nodes: node {node} does not exist ({} nodes)",
+                    self.node_count()
+                );
+            }
+            if drill.expect_abort_contains.is_some()
+                && !matches!(
+                    drill.expect_outcome,
+                    DrillOutcome::Aborted | DrillOutcome::Refused
+                )
+            {
+                bail!("{field}: expect_abort_contains goes with expect_outcome = \"aborted\" or \"refused\"");
+            }
+            let text = drill
+                .file_text()
+                .map_err(|error| anyhow::anyhow!("{field}: the drill file: {error}"))?;
+            bearman::core::drill::DrillSpec::parse(&text)
+                .map_err(|error| anyhow::anyhow!("{field}: the drill file: {error}"))?;
         }
         Ok(())
     }

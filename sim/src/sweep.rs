@@ -65,6 +65,10 @@ pub struct SeedOutcome {
     pub virtual_ms: u64,
     /// How long the run took here; not part of the aggregate.
     pub wall_ms: u64,
+    /// The scenario's drills as the operator ran them (their reports, as the daemon
+    /// wrote them): what `bearman-sim rehearse` predicts from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drills: Vec<crate::drill::DrillRun>,
 }
 
 impl SeedOutcome {
@@ -93,6 +97,7 @@ impl SeedOutcome {
             actions_judged: report.actions_judged,
             virtual_ms: ms(report.virtual_time),
             wall_ms: ms(wall),
+            drills: report.drills.clone(),
         }
     }
 }
@@ -303,6 +308,7 @@ mod tests {
             actions_judged: 0,
             virtual_ms: 60_000,
             wall_ms: seed * 7,
+            drills: Vec::new(),
         }
     }
 
