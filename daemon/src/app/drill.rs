@@ -393,16 +393,16 @@ impl App {
             });
         }
         let id = board.last_id + 1;
-        let drill = Drill::new(
+        let mut drill = Drill::new(
             id,
             plan.spec.clone(),
             &plan.targets,
             actor,
             now,
             &observation,
-            plan.preflight,
-            prediction,
         );
+        drill.preflight = plan.preflight;
+        drill.prediction = prediction;
         let event = NewEvent::global(
             now,
             actor,

@@ -748,6 +748,32 @@ pub(super) enum DrillCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Rehearse a drill on a twin of the live fleet: fetches the twin, runs the drill in
+    /// the simulator (`bearman-sim rehearse`, the real daemon code) over many seeds, prints
+    /// the predicted timeline (p50/p99) and a verdict per hypothesis item; exits non-zero
+    /// when the prediction breaks the hypothesis or the budget
+    Rehearse {
+        file: PathBuf,
+        /// Seeds to run, A..B (B excluded)
+        #[arg(long, default_value = "1..21")]
+        seeds: String,
+        /// Seeds run at once (child processes)
+        #[arg(long, default_value_t = 2)]
+        jobs: u32,
+        /// Write the prediction (JSON) here, for `bearman drill run --prediction`
+        #[arg(long)]
+        prediction_out: Option<PathBuf>,
+        /// Also save the twin-made scenario, so the what-if becomes a replayable
+        /// `bearman-sim run`
+        #[arg(long)]
+        scenario_out: Option<PathBuf>,
+        /// The simulator binary (default: $BEARMAN_SIM, else bearman-sim beside this
+        /// binary, else on PATH)
+        #[arg(long, env = "BEARMAN_SIM")]
+        sim: Option<PathBuf>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Save a twin of the live fleet (racks, nodes, remediation settings, VMs per compute
     /// node sampled from the cloud) as JSON, for `bearman-sim rehearse`
     Twin {

@@ -324,6 +324,86 @@ async fn run_drill(
     }
 }
 
+/// The simulator binary: the one named, else `bearman-sim` beside this binary, else PATH.
+fn simulator(named: Option<PathBuf>) -> PathBuf {
+    if let Some(path) = named {
+        return path;
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("bearman-sim")));
+    match beside {
+        Some(path) if path.is_file() => path,
+        _ => PathBuf::from("bearman-sim"),
+    }
+}
+
+struct Rehearsal<'a> {
+    file: &'a std::path::Path,
+    seeds: &'a str,
+    jobs: u32,
+    prediction_out: Option<&'a std::path::Path>,
+    scenario_out: Option<&'a std::path::Path>,
+    sim: PathBuf,
+}
+
+async fn rehearse(rehearsal: Rehearsal<'_>, api: &ApiArgs) -> anyhow::Result<()> {
+    // Checked here first, so a bad file is named before the daemon or the simulator.
+    let text = read_file(rehearsal.file)?;
+    DrillSpec::parse(&text).map_err(|error| anyhow!("{}: {error}", rehearsal.file.display()))?;
+    let twin: bearman::core::drill::FleetTwin = client(api)?
+        .call("GET", "/drills/twin", None::<&()>)
+        .await?;
+    let twin_path = std::env::temp_dir().join(format!("bearman-twin-{}.json", std::process::id()));
+    std::fs::write(&twin_path, serde_json::to_vec_pretty(&twin)?)
+        .with_context(|| format!("writing {}", twin_path.display()))?;
+    // Removed however the rehearsal ends.
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _remove = Remove(twin_path.clone());
+    let nodes: usize = twin.racks.iter().map(|r| r.nodes.len()).sum();
+    eprintln!(
+        "rehearsing {} on a twin of {nodes} node(s) in {} rack(s), seeds {}",
+        rehearsal.file.display(),
+        twin.racks.len(),
+        rehearsal.seeds
+    );
+    let mut command = std::process::Command::new(&rehearsal.sim);
+    command
+        .arg("rehearse")
+        .arg("--twin")
+        .arg(&twin_path)
+        .arg(rehearsal.file)
+        .arg("--seeds")
+        .arg(rehearsal.seeds)
+        .arg("--jobs")
+        .arg(rehearsal.jobs.to_string());
+    if let Some(path) = rehearsal.prediction_out {
+        command.arg("--json").arg(path);
+    }
+    if let Some(path) = rehearsal.scenario_out {
+        command.arg("--scenario-out").arg(path);
+    }
+    let sim = rehearsal.sim.clone();
+    let status = tokio::task::spawn_blocking(move || command.status())
+        .await
+        .context("waiting for the simulator")?
+        .with_context(|| {
+            format!(
+                "running {} (install bearman-sim beside bearman, or pass --sim / BEARMAN_SIM)",
+                sim.display()
+            )
+        })?;
+    if !status.success() {
+        bail!("the rehearsal says the drill breaks its hypothesis or budget ({status})");
+    }
+    Ok(())
+}
+
 pub(super) async fn drill(command: DrillCommand) -> anyhow::Result<()> {
     match command {
         DrillCommand::Check { file } => {
@@ -362,6 +442,28 @@ pub(super) async fn drill(command: DrillCommand) -> anyhow::Result<()> {
                     .unwrap_or_default()
             );
             Ok(())
+        }
+        DrillCommand::Rehearse {
+            file,
+            seeds,
+            jobs,
+            prediction_out,
+            scenario_out,
+            sim,
+            api,
+        } => {
+            rehearse(
+                Rehearsal {
+                    file: &file,
+                    seeds: &seeds,
+                    jobs,
+                    prediction_out: prediction_out.as_deref(),
+                    scenario_out: scenario_out.as_deref(),
+                    sim: simulator(sim),
+                },
+                &api,
+            )
+            .await
         }
         DrillCommand::Twin { out, api } => {
             let twin: bearman::core::drill::FleetTwin = client(&api)?

@@ -680,7 +680,8 @@ fn unwell(state: LifecycleState) -> bool {
 }
 
 impl Drill {
-    /// A drill about to start, its targets chosen and its preflight passed.
+    /// A drill about to start, its targets chosen (the caller adds its preflight and
+    /// the rehearsal's prediction).
     pub fn new(
         id: i64,
         spec: DrillSpec,
@@ -688,8 +689,6 @@ impl Drill {
         started_by: &str,
         now: TimestampMs,
         observation: &Observation<'_>,
-        preflight: Vec<PreflightCheck>,
-        prediction: Option<Prediction>,
     ) -> Drill {
         let mut already_unwell: BTreeSet<NodeUuid> = observation
             .nodes
@@ -731,8 +730,8 @@ impl Drill {
             unexpected: Vec::new(),
             abort: None,
             finished_at_ms: None,
-            prediction,
-            preflight,
+            prediction: None,
+            preflight: Vec::new(),
         }
     }
 
@@ -1592,51 +1591,44 @@ ready_compute_left_min = 2
     fn started(spec: &str, fleet: &[Candidate]) -> Drill {
         let spec = DrillSpec::parse(spec).unwrap();
         let targets = vec![fleet[0].clone()];
-        Drill::new(
-            1,
-            spec,
-            &targets,
-            "ops",
-            1_000,
-            &observe(fleet, &[], &[]),
-            Vec::new(),
-            Some(Prediction {
-                seeds: 20,
-                phases: [
-                    (
-                        "detected".to_string(),
-                        PhaseSpread {
-                            p50_s: 20.0,
-                            p99_s: 30.0,
-                        },
-                    ),
-                    (
-                        "fence_verified".to_string(),
-                        PhaseSpread {
-                            p50_s: 40.0,
-                            p99_s: 50.0,
-                        },
-                    ),
-                    (
-                        "vms_elsewhere".to_string(),
-                        PhaseSpread {
-                            p50_s: 60.0,
-                            p99_s: 70.0,
-                        },
-                    ),
-                    (
-                        "ready".to_string(),
-                        PhaseSpread {
-                            p50_s: 200.0,
-                            p99_s: 250.0,
-                        },
-                    ),
-                ]
-                .into_iter()
-                .collect(),
-                broken: Vec::new(),
-            }),
-        )
+        let mut drill = Drill::new(1, spec, &targets, "ops", 1_000, &observe(fleet, &[], &[]));
+        drill.prediction = Some(Prediction {
+            seeds: 20,
+            phases: [
+                (
+                    "detected".to_string(),
+                    PhaseSpread {
+                        p50_s: 20.0,
+                        p99_s: 30.0,
+                    },
+                ),
+                (
+                    "fence_verified".to_string(),
+                    PhaseSpread {
+                        p50_s: 40.0,
+                        p99_s: 50.0,
+                    },
+                ),
+                (
+                    "vms_elsewhere".to_string(),
+                    PhaseSpread {
+                        p50_s: 60.0,
+                        p99_s: 70.0,
+                    },
+                ),
+                (
+                    "ready".to_string(),
+                    PhaseSpread {
+                        p50_s: 200.0,
+                        p99_s: 250.0,
+                    },
+                ),
+            ]
+            .into_iter()
+            .collect(),
+            broken: Vec::new(),
+        });
+        drill
     }
 
     #[test]
@@ -1787,16 +1779,7 @@ ready_compute_left_min = 2
         let fleet = fleet();
         let spec = DrillSpec::parse(&text).unwrap();
         let targets = select_targets(&spec.targets, &fleet).unwrap();
-        let mut drill = Drill::new(
-            2,
-            spec,
-            &targets,
-            "ops",
-            0,
-            &observe(&fleet, &[], &[]),
-            Vec::new(),
-            None,
-        );
+        let mut drill = Drill::new(2, spec, &targets, "ops", 0, &observe(&fleet, &[], &[]));
         let first = drill.poll(&observe(&fleet, &[], &[]), 0);
         assert_eq!(first.len(), 1);
         drill.inject_sending(&targets[0].uuid, 0);

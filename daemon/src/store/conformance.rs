@@ -1888,7 +1888,7 @@ async fn the_drill_board_is_generation_checked_and_files_finished_drills(store: 
         remediations: &[],
         guards: &[],
     };
-    let drill = Drill::new(id, spec, &[], "test", 8_000, &observation, Vec::new(), None);
+    let drill = Drill::new(id, spec, &[], "test", 8_000, &observation);
     let started = DrillBoard {
         last_id: id,
         active: Some(drill.clone()),
