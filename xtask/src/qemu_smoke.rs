@@ -47,6 +47,8 @@ use anyhow::{anyhow, bail, ensure, Context};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+mod drill;
+
 use crate::images;
 use crate::l2::{self, L2};
 use crate::process::{
@@ -136,9 +138,18 @@ pub struct Args {
     /// again), seconds
     #[arg(long, default_value_t = 900, value_parser = clap::value_parser!(u64).range(30..=7200))]
     phase_timeout_s: u64,
-    /// Stop after the first boots: skip the power-kill → fence → rebuild step
+    /// Stop after the first boots: skip the power-kill → fence → rebuild step (and the
+    /// drills)
     #[arg(long)]
     no_power_kill: bool,
+    /// Skip the chaos drills after the rebuild (a rehearsed kernel_panic drill on vm1, and
+    /// a power_loss drill that aborts when vm2 is cut off)
+    #[arg(long)]
+    no_drill: bool,
+    /// The bearman-sim binary the drill's rehearsal runs (default: built here with cargo
+    /// build -p bearman-sim)
+    #[arg(long)]
+    sim: Option<PathBuf>,
     /// The bearman binary to run (default: built here with cargo build -p bearman). CI
     /// passes the one its workspace build made, saving a second build with other features.
     #[arg(long)]
@@ -519,7 +530,12 @@ async fn smoke(args: &Args, setup: &Setup, mut network: Option<&mut L2>) -> anyh
             first_boot_logs,
             &flash,
         )
-        .await
+        .await?;
+        if args.no_drill || args.no_power_kill {
+            progress("skipping the chaos drills");
+            return Ok(());
+        }
+        drill::drill_phase(args, setup, &api, &mut bearman, &mut vms, &daemon_log).await
     }
     .await;
     if outcome.is_err() {
@@ -658,7 +674,9 @@ async fn configure(api: &Api, manifest: &Value, nodes: u32, data_dir: &Path) -> 
                 "name": name,
                 "kernel": {"url": "/images/stage2/vmlinuz", "sha256": sha("stage2/vmlinuz")?},
                 "initrds": [{"url": "/images/stage2/initrd.img", "sha256": sha("stage2/initrd.img")?}],
-                "cmdline_template": "console=ttyS0 hostname={hostname}",
+                // unknown_nmi_panic=1: an NMI through the BMC (a drill's kernel_panic)
+                // panics the kernel, as it would a production hypervisor's.
+                "cmdline_template": "console=ttyS0 hostname={hostname} unknown_nmi_panic=1",
                 "firmware_expected": firmware_expected,
             }),
         )
