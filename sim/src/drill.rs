@@ -436,32 +436,31 @@ mod tests {
     }
 
     fn run(outcome: &str, reason: Option<&str>, finished: bool) -> DrillRun {
-        let spec = bearman::core::drill::DrillSpec::parse(
-            "name = \"d\"\nfault = \"power_loss\"\n[targets]\ncount = 1\n[budget]\nnodes_max = 1\n",
-        )
-        .unwrap();
-        let mut drill = bearman::core::drill::Drill::new(
-            1,
-            spec,
-            &[],
-            "ops",
-            0,
-            &bearman::core::drill::Observation {
-                nodes: &[],
-                remediations: &[],
-                guards: &[],
+        use bearman::core::drill::{Abort, DrillPhase, FaultKind};
+        let report = DrillReport {
+            id: 1,
+            name: "d".into(),
+            fault: FaultKind::PowerLoss,
+            outcome: outcome.to_string(),
+            phase: if finished {
+                DrillPhase::Finished
+            } else {
+                DrillPhase::Watching
             },
-            Vec::new(),
-            None,
-        );
-        if let Some(reason) = reason {
-            drill.abort(10, "drill", reason);
-        }
-        let mut report = drill.report();
-        report.outcome = outcome.to_string();
-        if finished {
-            report.finished_at_ms = Some(20);
-        }
+            started_by: "token:sim-operator".into(),
+            started_at_ms: 0,
+            finished_at_ms: finished.then_some(20),
+            abort: reason.map(|reason| Abort {
+                at_ms: 10,
+                by: "drill".into(),
+                reason: reason.into(),
+            }),
+            targets: Vec::new(),
+            hypothesis: Vec::new(),
+            unexpected: Vec::new(),
+            divergences: Vec::new(),
+            prediction_seeds: None,
+        };
         DrillRun {
             name: "d".into(),
             id: Some(1),

@@ -17,6 +17,7 @@ pub mod net;
 pub mod node;
 pub mod ops;
 pub mod recovery;
+pub mod rehearse;
 pub mod report;
 pub mod rng;
 pub mod run;

@@ -28,6 +28,12 @@ struct Cli {
 enum Command {
     /// Run a scenario file on one seed or a range of seeds
     Run(RunArgs),
+    /// Rehearse a drill on a twin of the live fleet (`bearman drill twin --out`): the
+    /// twin becomes a scenario, each seed runs the real daemon through the drill, and the
+    /// daemon's reports give the predicted timeline (p50/p99 per phase) and a verdict
+    /// per hypothesis item. Exit 1 when a seed breaks the hypothesis, the budget or the
+    /// preflight refuses, or an invariant fails
+    Rehearse(RehearseArgs),
     /// Merge the --json reports of shards of one sweep and print its aggregate, as the
     /// whole sweep run in one place would (exit 1 when a seed failed)
     Merge {
@@ -101,6 +107,105 @@ struct RunArgs {
     /// figures) as JSON to FILE
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct RehearseArgs {
+    /// The drill file (TOML, as `bearman drill run` takes)
+    drill: PathBuf,
+    /// The fleet twin (JSON, from `bearman drill twin --out`)
+    #[arg(long)]
+    twin: PathBuf,
+    /// Seed range A..B, B exclusive
+    #[arg(long, default_value = "1..21")]
+    seeds: String,
+    /// Seeds run at once, each in a process of its own (0: one per core)
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    jobs: usize,
+    /// Write the prediction (what `bearman drill run --prediction` reads) to FILE
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Save the generated scenario to FILE: any what-if becomes a replayable
+    /// `bearman-sim run FILE --seed N`
+    #[arg(long, value_name = "FILE")]
+    scenario_out: Option<PathBuf>,
+    /// VMs per compute node (default: the twin's sample mean, rounded)
+    #[arg(long, value_name = "N")]
+    vms_per_node: Option<u32>,
+}
+
+fn rehearse_main(args: RehearseArgs) -> anyhow::Result<bool> {
+    let twin_text = std::fs::read_to_string(&args.twin)
+        .with_context(|| format!("reading the twin {}", args.twin.display()))?;
+    let twin: bearman::core::drill::FleetTwin = serde_json::from_str(&twin_text)
+        .with_context(|| format!("{}: not a fleet twin", args.twin.display()))?;
+    let drill_text = std::fs::read_to_string(&args.drill)
+        .with_context(|| format!("reading the drill {}", args.drill.display()))?;
+    parse_seeds(&args.seeds)?;
+    let generated =
+        bearman_sim::rehearse::scenario_from_twin(&twin, &drill_text, args.vms_per_node)?;
+    let dir = tempfile_dir()?;
+    let scenario_path = match &args.scenario_out {
+        Some(path) => path.clone(),
+        None => dir.join("rehearsal.toml"),
+    };
+    std::fs::write(&scenario_path, &generated.text)
+        .with_context(|| format!("writing {}", scenario_path.display()))?;
+    let node_count: usize = twin.racks.iter().map(|r| r.nodes.len()).sum();
+    eprintln!(
+        "bearman-sim: rehearsing {} on a twin of {node_count} node(s) in {} rack(s) ({} kept off: not Ready in the twin), {} VM(s) per compute node ({}), seeds {}",
+        args.drill.display(),
+        twin.racks.len(),
+        generated.nodes_off,
+        generated.vms_per_node,
+        generated.vms_source,
+        args.seeds
+    );
+    for (name, sim) in &generated.racks {
+        eprintln!("  rack {name} -> {sim}");
+    }
+    let json = dir.join("sweep.json");
+    let output = std::process::Command::new(std::env::current_exe()?)
+        .arg("run")
+        .arg(&scenario_path)
+        .arg("--seeds")
+        .arg(&args.seeds)
+        .arg("--jobs")
+        .arg(args.jobs.to_string())
+        .arg("--quiet")
+        .arg("--json")
+        .arg(&json)
+        .env_remove("SIM_SEED")
+        .env_remove("SIM_SEEDS")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("starting the rehearsal's runs")?;
+    if !matches!(output.status.code(), Some(0 | 1)) {
+        bail!(
+            "the rehearsal's runs failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let text =
+        std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
+    let sweep: bearman_sim::sweep::SweepReport = serde_json::from_str(&text)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let rehearsal = bearman_sim::rehearse::predict(&sweep);
+    print!("{}", bearman_sim::rehearse::render(&rehearsal));
+    if let Some(path) = &args.scenario_out {
+        println!(
+            "scenario saved: {} (replay a seed: bearman-sim run {} --seed {})",
+            path.display(),
+            path.display(),
+            sweep.seeds.first().map_or(1, |s| s.seed)
+        );
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&rehearsal.prediction)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(rehearsal.passed())
 }
 
 /// `--shard I/N` → (I, N).
@@ -251,6 +356,7 @@ fn real_main() -> anyhow::Result<bool> {
         json,
     } = match Cli::parse().command {
         Command::Merge { reports, json } => return merge_main(reports, json),
+        Command::Rehearse(args) => return rehearse_main(args),
         Command::Run(args) => args,
     };
     let jobs = match jobs {
