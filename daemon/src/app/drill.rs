@@ -580,10 +580,17 @@ impl App {
                 | DrillAction::LiftSilence { uuid }
                 | DrillAction::PowerOn { uuid } => &n.uuid == uuid,
             });
+            let before = drill.clone();
             let Some(node) = node.cloned() else {
+                // Deleted since it was chosen: nothing to inject into or restore.
+                drill.record(
+                    &action,
+                    ActionOutcome::Failed("the node no longer exists".into()),
+                    now,
+                );
+                board = self.drill_write(board, &before, &drill, now).await?;
                 continue;
             };
-            let before = drill.clone();
             if let DrillAction::Inject { uuid, .. } = &action {
                 drill.inject_sending(uuid, now);
                 board = self.drill_write(board, &before, &drill, now).await?;
