@@ -1,9 +1,10 @@
 //! The IPMI driver against a real IPMI v2 (RMCP+) peer: OpenIPMI's `ipmi_sim`, started per
 //! test on 127.0.0.1 and a free UDP port, with `fixtures/ipmi/chassis_control` as the
 //! machine, so `ipmitool` really opens lanplus sessions. Power changes are verified by
-//! readback, PXE is set for the next boot only, a wrong password is a clear error that
-//! never quotes it, and a BMC that never answers is cut off at its bound while a healthy
-//! one answers.
+//! readback, PXE is set for the next boot only, an NMI goes out as `chassis power diag`
+//! (which ipmi_sim refuses, so only the sending and the refusal are proven), a wrong
+//! password is a clear error that never quotes it, and a BMC that never answers is cut off
+//! at its bound while a healthy one answers.
 //!
 //! Needs `ipmi_sim` and `ipmitool` (Debian `openipmi`, `ipmitool`); without them every test
 //! fails telling you to run scripts/install-deps.sh.
@@ -579,6 +580,77 @@ async fn check_all_reports_every_bmc_with_power_or_error() {
     assert_eq!(table.len(), 4);
     assert_eq!(table[0].len(), ops::CHECK_HEADERS.len());
     assert!(table[2][3].starts_with("error: "), "{:?}", table[2]);
+}
+
+/// ipmi_sim answers Chassis Control 4 ("pulse diagnostic interrupt", what `chassis power
+/// diag` sends) with completion code 0xCC whatever its chassis-control script says
+/// (OpenIPMI 2.0.33 lanserv/bmc_chassis.c), so no NMI effect can be seen here. What can:
+/// ipmitool opened a session and sent the Diag control (its own refusal message names
+/// it), the refusal is a clear error that says no NMI was sent, it is not repeated, and
+/// nothing else happened to the machine. A wrong password fails before anything is sent.
+#[tokio::test]
+async fn nmi_is_sent_as_chassis_diag_and_a_bmc_without_it_refuses_clearly() {
+    let sim = SimBmc::start().await;
+    let ipmi = sim.driver(PASSWORD, test_ipmi_settings());
+    assert!(ipmi.supports_nmi());
+    ipmi.power_on().await.unwrap();
+
+    let error = ipmi.inject_nmi().await.unwrap_err();
+    let text = error.to_string();
+    assert!(
+        matches!(
+            &error,
+            BmcError::Failed {
+                operation: "inject_nmi",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        text.contains("Set Chassis Power Control to Diag failed: Invalid data field in request"),
+        "{text}"
+    );
+    assert!(
+        text.contains("does not offer the diagnostic interrupt") && text.contains("no NMI"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("after"),
+        "a refused NMI is not repeated: {text}"
+    );
+    assert_eq!(sim.machine(), ("1".to_string(), "default".to_string()));
+    assert_eq!(ipmi.power_state().await.unwrap(), PowerState::On);
+
+    // Through the provider's guard, as a drill gets it: the same refusal, named.
+    let tmp = tempfile::tempdir().unwrap();
+    let node = node("cn0020", sim.bmc_config());
+    let guarded = provider(tmp.path(), PASSWORD).bmc_for(&node).unwrap();
+    assert!(guarded.supports_nmi());
+    let text = guarded.inject_nmi().await.unwrap_err().to_string();
+    assert!(
+        text.contains("inject_nmi") && text.contains("cn0020 at 127.0.0.1:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("does not offer the diagnostic interrupt"),
+        "{text}"
+    );
+
+    // A wrong password: an authentication error that never quotes it.
+    let wrong = "WrongPassw0rd-nmi";
+    let error = sim
+        .driver(wrong, test_ipmi_settings())
+        .inject_nmi()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("inject_nmi failed: authentication failed"),
+        "{error}"
+    );
+    assert!(!error.contains(wrong), "{error}");
+    assert_eq!(sim.machine().0, "1");
 }
 
 #[tokio::test]

@@ -1,8 +1,8 @@
 //! The QMP driver against a real QEMU: `qemu-system-x86_64` started per test with no disk
 //! and no kernel (it sits in its firmware), `-S` (paused at start) and `-no-shutdown`, so
-//! power on, hard power off and power on again are read back through `query-status`. A
-//! socket nobody listens on is a clear error; a peer that never answers is cut off at the
-//! driver's bound.
+//! power on, hard power off and power on again are read back through `query-status`. An
+//! NMI is seen arriving by a tiny probe kernel's handler. A socket nobody listens on is a
+//! clear error; a peer that never answers is cut off at the driver's bound.
 //!
 //! Needs `qemu-system-x86_64` (Debian `qemu-system-x86`); without it every test fails
 //! telling you to run scripts/install-deps.sh.
@@ -28,9 +28,16 @@ struct Qemu {
 
 impl Qemu {
     fn start() -> Qemu {
+        Qemu::start_with(|_, _| {})
+    }
+
+    /// Starts QEMU with the common arguments plus what `extra` adds in its temp dir.
+    fn start_with(extra: impl FnOnce(&mut Command, &Path)) -> Qemu {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("qmp.sock");
-        let child = Command::new("qemu-system-x86_64")
+        let mut command = Command::new("qemu-system-x86_64");
+        extra(&mut command, dir.path());
+        let child = command
             .args([
                 "-machine",
                 "q35,accel=tcg",
@@ -265,4 +272,140 @@ async fn the_provider_drives_a_vm_whose_socket_is_in_the_allowed_directory() {
     .unwrap_err()
     .to_string();
     assert!(error.contains("absolute"), "{error}");
+}
+
+/// A 32-bit multiboot kernel of a few hundred bytes for `-kernel`: it loads its own GDT and
+/// an IDT whose only present gate is vector 2 (NMI), writes `R` to the debug console (port
+/// 0xe9) and halts; its NMI handler writes `N` and halts for good. The guest observes the
+/// NMI itself, so a test can prove delivery rather than QEMU's acceptance alone.
+fn nmi_probe_kernel() -> Vec<u8> {
+    const BASE: u32 = 0x0010_0000; // multiboot's conventional load address (1 MiB)
+    let mut image = vec![0u8; 0x308];
+    let put = |image: &mut Vec<u8>, at: usize, bytes: &[u8]| {
+        image[at..at + bytes.len()].copy_from_slice(bytes);
+    };
+    // Multiboot header with the "a.out kludge" (flag 16): load the file as-is at BASE.
+    let (magic, flags) = (0x1BAD_B002u32, 0x0001_0000u32);
+    let header = [
+        magic,
+        flags,
+        0u32.wrapping_sub(magic.wrapping_add(flags)),
+        BASE,        // header_addr
+        BASE,        // load_addr
+        0,           // load_end_addr: the whole file
+        0,           // bss_end_addr: none
+        BASE + 0x20, // entry
+    ];
+    for (n, word) in header.iter().enumerate() {
+        put(&mut image, n * 4, &word.to_le_bytes());
+    }
+    let le = |value: u32| value.to_le_bytes();
+    let mut code = vec![0xFA]; // cli
+    code.extend([0x0F, 0x01, 0x15]); // lgdt [BASE+0x2A0]
+    code.extend(le(BASE + 0x2A0));
+    code.push(0xEA); // jmp 0x08:BASE+0x2F (reload CS from our GDT)
+    code.extend(le(BASE + 0x2F));
+    code.extend([0x08, 0x00]);
+    assert_eq!(
+        0x20 + code.len(),
+        0x2F,
+        "the far jump lands right after itself"
+    );
+    code.extend([0x66, 0xB8, 0x10, 0x00]); // mov ax, 0x10
+    code.extend([0x8E, 0xD8, 0x8E, 0xC0, 0x8E, 0xD0]); // mov ds/es/ss, ax
+    code.push(0xBC); // mov esp, BASE+0x400
+    code.extend(le(BASE + 0x400));
+    code.extend([0x0F, 0x01, 0x1D]); // lidt [BASE+0x300]
+    code.extend(le(BASE + 0x300));
+    code.extend([0xB0, b'R', 0xE6, 0xE9]); // out 0xe9, 'R'
+    code.extend([0xF4, 0xEB, 0xFD]); // hlt; jmp hlt (an NMI wakes hlt even with IF=0)
+    assert!(
+        0x20 + code.len() <= 0x100,
+        "the code runs into the NMI handler"
+    );
+    put(&mut image, 0x20, &code);
+    // The NMI handler at BASE+0x100: out 0xe9, 'N'; hlt forever (no iret: NMIs stay masked).
+    put(
+        &mut image,
+        0x100,
+        &[0xB0, b'N', 0xE6, 0xE9, 0xF4, 0xEB, 0xFD],
+    );
+    // IDT at BASE+0x200: vector 2, a 32-bit interrupt gate to BASE+0x100 via selector 8.
+    put(
+        &mut image,
+        0x210,
+        &[0x00, 0x01, 0x08, 0x00, 0x00, 0x8E, 0x10, 0x00],
+    );
+    // GDT at BASE+0x280: null, flat 4 GiB code (0x08), flat data (0x10).
+    put(&mut image, 0x288, &[0xFF, 0xFF, 0, 0, 0, 0x9A, 0xCF, 0]);
+    put(&mut image, 0x290, &[0xFF, 0xFF, 0, 0, 0, 0x92, 0xCF, 0]);
+    put(&mut image, 0x2A0, &[0x17, 0x00]); // GDTR: limit, base
+    put(&mut image, 0x2A2, &le(BASE + 0x280));
+    put(&mut image, 0x300, &[0x17, 0x00]); // IDTR: limit (vectors 0-2), base
+    put(&mut image, 0x302, &le(BASE + 0x200));
+    image
+}
+
+/// Waits, with a bound, until the guest has written `want` to its debug console.
+async fn wait_for_console(console: &Path, want: &str) -> String {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        if text.contains(want) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest's console has {text:?}, never {want:?}, within {STARTUP_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The NMI reaches the guest: a probe kernel's NMI handler runs only when `inject_nmi`
+/// was sent (a Linux with `unknown_nmi_panic=1` would panic there). A VM that is not
+/// running is refused, and nothing is delivered to it.
+#[tokio::test]
+async fn an_nmi_reaches_the_running_guest_and_a_stopped_vm_is_refused() {
+    let mut console = PathBuf::new();
+    let qemu = Qemu::start_with(|command, dir| {
+        let kernel = dir.join("nmi-probe.bin");
+        std::fs::write(&kernel, nmi_probe_kernel()).unwrap();
+        console = dir.join("console.txt");
+        command
+            .arg("-kernel")
+            .arg(&kernel)
+            .arg("-debugcon")
+            .arg(format!("file:{}", console.display()));
+    });
+    let bmc = qemu.bmc();
+    assert!(bmc.supports_nmi());
+
+    // Paused at start (-S): refused, and the guest never sees an NMI.
+    let error = bmc.inject_nmi().await.unwrap_err();
+    let text = error.to_string();
+    assert!(
+        matches!(
+            &error,
+            BmcError::Failed {
+                operation: "inject_nmi",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        text.contains("not running (status prelaunch)") && text.contains("qmp.sock"),
+        "{text}"
+    );
+
+    bmc.power_on().await.unwrap();
+    assert_eq!(
+        wait_for_console(&console, "R").await,
+        "R",
+        "the probe is up, and no NMI arrived while it was off"
+    );
+    bmc.inject_nmi().await.unwrap();
+    assert_eq!(wait_for_console(&console, "N").await, "RN");
+    assert_eq!(bmc.power_state().await.unwrap(), PowerState::On);
 }

@@ -118,6 +118,40 @@ async fn graceful_shutdown_and_restart_are_accepted() {
     wait_for_power(&bmc, PowerState::Off).await;
 }
 
+/// sushy-tools 2.2.0 advertises `Nmi` among the system's reset types, so the driver posts
+/// it; its fake driver has no NMI (`set_power_state` raises NotSupportedError: http 501).
+/// So this proves the request reached the BMC as `ResetType: Nmi` (the emulator's answer
+/// names it) and that its refusal is a clear error — not an NMI's effect.
+#[tokio::test]
+async fn nmi_is_posted_and_an_emulator_without_it_refuses_clearly() {
+    let emulator = Emulator::start(Options {
+        power: "On",
+        ..Options::default()
+    });
+    let bmc = emulator.bmc(emulator.config());
+    assert!(bmc.supports_nmi());
+    let error = bmc.inject_nmi().await.unwrap_err();
+    let text = error.to_string();
+    assert!(
+        matches!(
+            &error,
+            BmcError::Failed {
+                operation: "inject_nmi",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        text.contains(&format!(
+            "POST {}/Actions/ComputerSystem.Reset: http 501",
+            system_path(NODE_A)
+        )) && text.contains("Power state Nmi is not supported"),
+        "{text}"
+    );
+    assert_eq!(bmc.power_state().await.unwrap(), PowerState::On);
+}
+
 #[tokio::test]
 async fn pxe_once_is_set_and_read_back() {
     let emulator = Emulator::start(Options::default());
@@ -538,4 +572,102 @@ async fn pxe_patch_asks_for_once_and_retries_with_the_etag() {
     }
     assert_eq!(patches[0].header("If-Match"), None);
     assert_eq!(patches[1].header("If-Match"), Some("W/\"42\""));
+}
+
+/// A system whose reset action advertises `allowed` (or no allow-list at all).
+fn system_with_resets(allowed: Option<&[&str]>) -> String {
+    let mut reset = json!({"target": "/redfish/v1/Systems/1/Actions/ComputerSystem.Reset"});
+    if let Some(allowed) = allowed {
+        reset["ResetType@Redfish.AllowableValues"] = json!(allowed);
+    }
+    json!({
+        "@odata.id": "/redfish/v1/Systems/1",
+        "Id": "1",
+        "PowerState": "On",
+        "Actions": {"#ComputerSystem.Reset": reset}
+    })
+    .to_string()
+}
+
+/// A BMC serving one system with `allowed` reset types that accepts every reset.
+async fn bmc_offering(
+    allowed: Option<&'static [&'static str]>,
+) -> (RedfishBmc, Arc<Mutex<Vec<Recorded>>>) {
+    let system = system_with_resets(allowed);
+    let (address, requests) = loopback(Arc::new(move |request: &Recorded, _: &[Recorded]| {
+        let json = [("Content-Type", "application/json")];
+        Some(match (request.method.as_str(), request.path.as_str()) {
+            ("GET", "/redfish/v1/Systems") => http(
+                "200 OK",
+                &json,
+                r#"{"Members": [{"@odata.id": "/redfish/v1/Systems/1"}]}"#,
+            ),
+            ("GET", "/redfish/v1/Systems/1") => http("200 OK", &json, &system),
+            ("POST", "/redfish/v1/Systems/1/Actions/ComputerSystem.Reset") => {
+                http("204 No Content", &[], "")
+            }
+            _ => http("404 Not Found", &json, r#"{"error": {"message": "no"}}"#),
+        })
+    }))
+    .await;
+    (
+        RedfishBmc::new(loopback_config(address, CALL_TIMEOUT)).unwrap(),
+        requests,
+    )
+}
+
+fn posts(requests: &Mutex<Vec<Recorded>>) -> Vec<Value> {
+    requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|request| request.method == "POST")
+        .map(|request| serde_json::from_slice(&request.body).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn nmi_is_a_reset_of_type_nmi_when_offered_or_when_nothing_is_listed() {
+    for allowed in [Some(&["On", "ForceOff", "Nmi"][..]), None] {
+        let (bmc, requests) = bmc_offering(allowed).await;
+        bmc.inject_nmi().await.unwrap();
+        assert_eq!(
+            posts(&requests),
+            [json!({"ResetType": "Nmi"})],
+            "{allowed:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn nmi_the_bmc_does_not_offer_is_refused_before_anything_is_sent() {
+    let (bmc, requests) = bmc_offering(Some(&["On", "ForceOff", "ForceRestart"])).await;
+    assert!(
+        bmc.supports_nmi(),
+        "the allow-list is read when the NMI is sent"
+    );
+    let error = bmc.inject_nmi().await.unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            BmcError::Failed {
+                operation: "inject_nmi",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().ends_with(
+            "inject_nmi failed: the bmc does not offer ResetType Nmi for /redfish/v1/Systems/1 \
+             (it offers On, ForceOff, ForceRestart)"
+        ),
+        "{error}"
+    );
+    assert!(posts(&requests).is_empty(), "nothing was posted");
+
+    let (bmc, requests) = bmc_offering(Some(&[])).await;
+    let text = bmc.inject_nmi().await.unwrap_err().to_string();
+    assert!(text.ends_with("(it offers none)"), "{text}");
+    assert!(posts(&requests).is_empty());
 }

@@ -4,6 +4,7 @@
 //! Each BMC is a small state machine over the fleet's ground truth: power changes take a
 //! transition time (readback shows the old state meanwhile), calls have latency, and a
 //! scenario can make BMCs time out, lock up after a burst of calls, or report stale power.
+//! An NMI crashes a powered, booting or running OS at once, as the crash fault does.
 
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use async_trait::async_trait;
 use bearman::bmc::{Bmc, BmcError, PowerState};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use crate::fleet::{lock, Power, SharedWorld};
+use crate::fleet::{lock, Os, Power, SharedWorld};
 use crate::rng::SimRng;
 use crate::scenario::BmcBehaviour;
 
@@ -60,7 +61,7 @@ async fn handle(
     };
     let answer = {
         let mut world = lock(&world);
-        if matches!(op, "ON" | "OFF" | "SOFT" | "PXE") {
+        if matches!(op, "ON" | "OFF" | "SOFT" | "PXE" | "NMI") {
             // A power command is an action the moment it reaches the BMC, answered or not.
             world.judge_action(sender, &format!("bmc {op} {target}"), now());
         }
@@ -120,7 +121,7 @@ async fn handle(
         }
         "SOFT" => {
             // The ACPI power button: only a running operating system obeys, after a while.
-            let obeys = lock(&world).nodes[index as usize].os == crate::fleet::Os::Running;
+            let obeys = lock(&world).nodes[index as usize].os == Os::Running;
             if obeys {
                 let world = world.clone();
                 tokio::task::spawn_local(async move {
@@ -154,6 +155,25 @@ async fn handle(
         "PXE" => {
             lock(&world).nodes[index as usize].next_boot_pxe = true;
             "OK".to_string()
+        }
+        // A diagnostic interrupt (a chaos drill's `kernel_panic`): the stage-2 kernel runs
+        // with `unknown_nmi_panic=1`, so it panics at once, exactly as a crash fault. A
+        // kernel that already panicked has nothing left to crash; a host without power has
+        // no CPU to interrupt, and the BMC says so.
+        "NMI" => {
+            let mut world = lock(&world);
+            let node = &world.nodes[index as usize];
+            match (node.power, node.os) {
+                (Power::Off, _) => "ERR power is off".to_string(),
+                (Power::On, Os::Running | Os::Booting) => {
+                    let at = now();
+                    let name = world.node_name(index);
+                    world.trace.record(at, format!("bmc_nmi {name}"));
+                    world.crash(index, at);
+                    "OK accepted".to_string()
+                }
+                (Power::On, Os::Crashed | Os::Off) => "OK accepted".to_string(),
+            }
         }
         _ => "ERR unknown operation".to_string(),
     };
@@ -226,6 +246,14 @@ impl Bmc for SimBmc {
 
     async fn set_next_boot_pxe(&self) -> Result<(), BmcError> {
         self.call("PXE").await.map(|_| ())
+    }
+
+    fn supports_nmi(&self) -> bool {
+        true
+    }
+
+    async fn inject_nmi(&self) -> Result<(), BmcError> {
+        self.call("NMI").await.map(|_| ())
     }
 }
 

@@ -157,6 +157,79 @@ fn a_burst_of_calls_locks_a_bmc_up() {
 }
 
 #[test]
+fn an_nmi_crashes_the_running_or_booting_node_it_is_sent_to_and_nothing_else() {
+    let world = world(4);
+    {
+        let mut world = lock(&world);
+        for index in 0..3 {
+            world.power_on(index, Duration::ZERO, "test");
+        }
+        // Nodes 0 and 1 reach stage 2 (their VMs start); node 2 stays booting; 3 is off.
+        for index in 0..2 {
+            let epoch = world.nodes[index as usize].epoch;
+            assert!(world.os_running(index, epoch, Duration::ZERO));
+        }
+    }
+    fn running_on(world: &SharedWorld, index: u32) -> usize {
+        lock(world)
+            .vms
+            .values()
+            .filter(|vm| vm.instances.contains(&index))
+            .count()
+    }
+    assert_eq!(running_on(&world, 0), 2);
+    with_bmc_fabric(world.clone(), |world| async move {
+        let bmc = |node_index| SimBmc {
+            node_index,
+            timeout: Duration::from_secs(5),
+        };
+        assert!(bmc(0).supports_nmi());
+        let epoch_before = lock(&world).nodes[0].epoch;
+        bmc(0).inject_nmi().await?;
+        {
+            let world = lock(&world);
+            let node = &world.nodes[0];
+            assert_eq!((node.power, node.os), (Power::On, Os::Crashed));
+            assert!(node.epoch > epoch_before, "the node's tasks stop");
+            assert_eq!(world.crashes[&0].len(), 1, "recorded like a crash fault");
+            assert_eq!(world.crashes[&0][0].1, vec![0, 1], "with the VMs it ran");
+        }
+        assert_eq!(running_on(&world, 0), 0, "its VMs died with it");
+        // The BMC still reads power on: a panicked host is not a powered-off one.
+        assert_eq!(bmc(0).power_state().await?, PowerState::On);
+
+        // A second NMI to the dead kernel changes nothing.
+        bmc(0).inject_nmi().await?;
+        assert_eq!(lock(&world).crashes[&0].len(), 1);
+
+        // A booting node crashes too; a powered-off one is refused and stays off.
+        bmc(2).inject_nmi().await?;
+        assert_eq!(lock(&world).nodes[2].os, Os::Crashed);
+        let error = bmc(3).inject_nmi().await.unwrap_err();
+        assert!(
+            matches!(&error, BmcError::Failed { detail, .. } if detail.contains("power is off")),
+            "{error:?}"
+        );
+        {
+            let world = lock(&world);
+            assert_eq!(
+                (world.nodes[3].power, world.nodes[3].os),
+                (Power::Off, Os::Off)
+            );
+            assert!(!world.crashes.contains_key(&3));
+            // The neighbour nobody interrupted runs on, VMs and all.
+            assert_eq!(
+                (world.nodes[1].power, world.nodes[1].os),
+                (Power::On, Os::Running)
+            );
+            assert_eq!(world.crashes.keys().copied().collect::<Vec<_>>(), [0, 2]);
+        }
+        assert_eq!(running_on(&world, 1), 2);
+        Ok(())
+    });
+}
+
+#[test]
 fn evacuation_waits_for_service_down_or_force_down() {
     let mut world = World::new(1, 3, 0, 8);
     world.place_vms(1);

@@ -360,6 +360,10 @@ pub fn classify_failure(stderr: &str) -> IpmiFailure {
     IpmiFailure::Rejected(excerpt(stderr))
 }
 
+/// What ipmitool prints when a BMC answers `chassis power diag` with completion code 0xCC.
+const DIAG_REFUSED: &str =
+    "Set Chassis Power Control to Diag failed: Invalid data field in request";
+
 /// Reads "Chassis Power is on|off" from `chassis power status` output.
 pub fn parse_power_status(stdout: &str) -> Option<PowerState> {
     stdout.lines().find_map(|line| {
@@ -627,6 +631,41 @@ impl Bmc for IpmiBmc {
 
     async fn power_off_soft(&self) -> Result<(), BmcError> {
         self.power_soft().await
+    }
+
+    fn supports_nmi(&self) -> bool {
+        true
+    }
+
+    /// `chassis power diag`: IPMI Chassis Control 4, "pulse diagnostic interrupt", which
+    /// BMCs deliver to the host as an NMI. Not repeated once it may have reached the BMC:
+    /// a drill asked for one fault, and a second NMI would be a second fault.
+    async fn inject_nmi(&self) -> Result<(), BmcError> {
+        self.command(
+            "inject_nmi",
+            &["chassis", "power", "diag"],
+            Repeat::OnlyIfNotSent,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|error| match error {
+            // Completion code 0xCC to a well-formed Chassis Control: the BMC does not do
+            // this control at all (OpenIPMI's ipmi_sim, some vendors' BMCs). Say so, rather
+            // than leave the operator to decode ipmitool's words.
+            BmcError::Failed {
+                bmc,
+                operation,
+                detail,
+            } if detail.contains(DIAG_REFUSED) => BmcError::Failed {
+                bmc,
+                operation,
+                detail: format!(
+                    "{detail}; this BMC does not offer the diagnostic interrupt (IPMI chassis \
+                     control 4), so no NMI was sent"
+                ),
+            },
+            other => other,
+        })
     }
 
     /// `chassis bootdev pxe` without `options=persistent`: the next boot only.

@@ -16,6 +16,8 @@
 //!   server), else `system_reset` then `cont`.
 //! - `set_next_boot_pxe`: accepted and does nothing: the VMs Bearman drives are diskless
 //!   and boot from the network every time (their only boot device is the NIC).
+//! - `inject_nmi`: `inject-nmi` to a running VM (an NMI on every vCPU); refused when the
+//!   VM is not running, as a real BMC refuses a diagnostic interrupt to a powered-off host.
 //!
 //! Every call opens its own connection (QEMU serves one QMP client at a time), reads the
 //! greeting, negotiates capabilities and runs its commands, all within one timeout.
@@ -61,6 +63,8 @@ pub enum QmpError {
     NoGreeting { got: String },
     #[error("query-status: no status in {reply}")]
     NoStatus { reply: String },
+    #[error("the VM is not running (status {status}): it is powered off")]
+    NotRunning { status: String },
     #[error("{command}: {reason}")]
     Encode { command: String, reason: String },
     #[error("{command}: send: {error}")]
@@ -192,6 +196,32 @@ impl Bmc for QmpBmc {
     async fn set_next_boot_pxe(&self) -> Result<(), BmcError> {
         // Diskless VMs boot from the network every time: nothing to set.
         Ok(())
+    }
+
+    fn supports_nmi(&self) -> bool {
+        true
+    }
+
+    async fn inject_nmi(&self) -> Result<(), BmcError> {
+        self.run("inject_nmi", async {
+            let mut session = self.session().await?;
+            let status = session.execute("query-status").await?;
+            // QEMU accepts inject-nmi on a paused or shut-down VM too, where no operating
+            // system can panic: the drill would believe it caused a fault that never
+            // happened. Refuse, as a BMC does a diagnostic interrupt to a powered-off host.
+            if power_state_of(&status)? != PowerState::On {
+                return Err(QmpError::NotRunning {
+                    status: status
+                        .get("status")
+                        .and_then(Value::as_str)
+                        .unwrap_or("unknown")
+                        .to_string(),
+                });
+            }
+            session.execute("inject-nmi").await?;
+            Ok(())
+        })
+        .await
     }
 }
 

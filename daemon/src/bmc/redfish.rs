@@ -4,7 +4,7 @@
 //! What it speaks: `GET /redfish/v1/Systems` to find the system (the first member, or the
 //! configured `system_id`), `GET` of that system for `PowerState`, `POST` of its
 //! `#ComputerSystem.Reset` action (the `target` the system advertises) with `ResetType`
-//! `On`, `ForceOff`, `GracefulShutdown` or `ForceRestart`, and `PATCH` of its `Boot`
+//! `On`, `ForceOff`, `GracefulShutdown`, `ForceRestart` or `Nmi`, and `PATCH` of its `Boot`
 //! object for a one-time PXE boot override. Authentication is HTTP Basic or a Redfish
 //! session (`POST /redfish/v1/SessionService/Sessions`, then `X-Auth-Token`), chosen per
 //! BMC; a session is logged out by [`RedfishBmc::close`], or best-effort on drop.
@@ -130,6 +130,8 @@ pub enum ResetType {
     ForceOff,
     GracefulShutdown,
     ForceRestart,
+    /// A non-maskable interrupt to the host: a chaos drill's `kernel_panic`.
+    Nmi,
 }
 
 impl ResetType {
@@ -139,6 +141,7 @@ impl ResetType {
             ResetType::ForceOff => "ForceOff",
             ResetType::GracefulShutdown => "GracefulShutdown",
             ResetType::ForceRestart => "ForceRestart",
+            ResetType::Nmi => "Nmi",
         }
     }
 
@@ -149,6 +152,7 @@ impl ResetType {
             ResetType::ForceOff => "power_off",
             ResetType::GracefulShutdown => "power_off_graceful",
             ResetType::ForceRestart => "power_restart",
+            ResetType::Nmi => "inject_nmi",
         }
     }
 
@@ -157,7 +161,7 @@ impl ResetType {
         match self {
             ResetType::On => Some(PowerState::On),
             ResetType::ForceOff | ResetType::GracefulShutdown => Some(PowerState::Off),
-            ResetType::ForceRestart => None,
+            ResetType::ForceRestart | ResetType::Nmi => None,
         }
     }
 }
@@ -385,7 +389,11 @@ impl RedfishBmc {
                     "the bmc does not offer ResetType {} for {} (it offers {})",
                     kind.as_str(),
                     links.path,
-                    offered.join(", ")
+                    if offered.is_empty() {
+                        "none".to_string()
+                    } else {
+                        offered.join(", ")
+                    }
                 )));
             }
         }
@@ -757,6 +765,17 @@ impl Bmc for RedfishBmc {
     async fn set_next_boot_pxe(&self) -> Result<(), BmcError> {
         self.run("set_next_boot_pxe", self.set_boot_pxe_once())
             .await
+    }
+
+    /// True for every Redfish BMC: whether this one offers `Nmi` is in its system's
+    /// `ResetType@Redfish.AllowableValues`, read when the NMI is sent (and refused then,
+    /// before anything is posted, when it is not offered).
+    fn supports_nmi(&self) -> bool {
+        true
+    }
+
+    async fn inject_nmi(&self) -> Result<(), BmcError> {
+        self.reset(ResetType::Nmi).await
     }
 }
 
