@@ -4,7 +4,7 @@
 //! Each BMC is a small state machine over the fleet's ground truth: power changes take a
 //! transition time (readback shows the old state meanwhile), calls have latency, and a
 //! scenario can make BMCs time out, lock up after a burst of calls, or report stale power.
-//! An NMI crashes a powered, booting or running OS at once, as the crash fault does.
+//! An NMI crashes a running stage 2 at once, as the crash fault does.
 
 use std::time::Duration;
 
@@ -157,22 +157,23 @@ async fn handle(
             "OK".to_string()
         }
         // A diagnostic interrupt (a chaos drill's `kernel_panic`): the stage-2 kernel runs
-        // with `unknown_nmi_panic=1`, so it panics at once, exactly as a crash fault. A
-        // kernel that already panicked has nothing left to crash; a host without power has
-        // no CPU to interrupt, and the BMC says so.
+        // with `unknown_nmi_panic=1`, so it panics at once, exactly as a crash fault.
+        // Firmware and stage 1 do not (stage 1's command line has no such flag: Linux logs
+        // the unknown NMI and carries on), nor does a kernel that already panicked; a host
+        // without power has no CPU to interrupt, and the BMC says so.
         "NMI" => {
             let mut world = lock(&world);
             let node = &world.nodes[index as usize];
             match (node.power, node.os) {
                 (Power::Off, _) => "ERR power is off".to_string(),
-                (Power::On, Os::Running | Os::Booting) => {
+                (Power::On, Os::Running) => {
                     let at = now();
                     let name = world.node_name(index);
                     world.trace.record(at, format!("bmc_nmi {name}"));
                     world.crash(index, at);
                     "OK accepted".to_string()
                 }
-                (Power::On, Os::Crashed | Os::Off) => "OK accepted".to_string(),
+                (Power::On, Os::Booting | Os::Crashed | Os::Off) => "OK accepted".to_string(),
             }
         }
         _ => "ERR unknown operation".to_string(),
