@@ -125,6 +125,9 @@ pub fn scenario_from_twin(
             .with_context(|| format!("targets.rack: the twin has no rack {rack:?}"))?
             .clone();
     }
+    // The window is the real run's to obey: the simulated calendar starts at midnight
+    // UTC on a Thursday, which a window would refuse for reasons that are not the drill's.
+    let window_dropped = spec.window.take().is_some();
     let drill_toml = toml::to_string(&spec)?;
     let deadline = spec.abort.deadline_s;
     let spacing = spec.spacing_s * u64::from(spec.targets.count.unwrap_or(1).max(1));
@@ -189,8 +192,13 @@ pub fn scenario_from_twin(
         "# Non-compute nodes (storage, load balancers, control plane) carry no VMs and are\n\
          # recorded as storage in the simulated daemon; the {} node(s) the twin shows not\n\
          # Ready stay powered off (never registered: no drill can pick them). VMs per compute\n\
-         # node: {vms} ({vms_source}). Targets named by uuid are mapped in twin order.",
-        off.len()
+         # node: {vms} ({vms_source}). Targets named by uuid are mapped in twin order.{}",
+        off.len(),
+        if window_dropped {
+            "\n# The drill's [window] is left out: the real run obeys it, the rehearsal does not."
+        } else {
+            ""
+        }
     );
     text.push_str(&toml::to_string(&table)?);
     // What the simulator makes of it must be a valid scenario.

@@ -328,6 +328,11 @@ fn drill_silence() {
 }
 
 #[test]
+fn drill_kernel_panic() {
+    check_scenario("drill-kernel-panic");
+}
+
+#[test]
 fn drill_abort() {
     check_scenario("drill-abort");
 }
@@ -368,6 +373,7 @@ fn drill_runs_replay_byte_for_byte() {
     for name in [
         "drill-power-loss",
         "drill-silence",
+        "drill-kernel-panic",
         "drill-abort",
     ] {
         let scenario = Scenario::load(&scenario_path(name)).unwrap();
