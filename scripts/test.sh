@@ -3,7 +3,8 @@
 # PostgreSQL server the conformance suite uses is up, then runs the whole workspace's
 # tests (unit, store conformance on memory/SQLite/PostgreSQL, HTTP end-to-end, CLI, tidy,
 # and every simulator scenario on a few seeds), then the QEMU smoke boot: real iPXE →
-# stage 1 → kexec → stage 2 → Ready for SMOKE_NODES VMs, one power-killed and rebuilt.
+# stage 1 → kexec → stage 2 → Ready for SMOKE_NODES VMs, one power-killed and rebuilt,
+# then two chaos drills (a rehearsed kernel panic; a power loss whose abort trips).
 #
 # Environment:
 #   DATABASE_URL  PostgreSQL for the conformance suite
@@ -44,7 +45,7 @@ if [ "$SMOKE_NODES" != 0 ]; then
   # alone would build them again with other feature sets.
   target_dir="${CARGO_TARGET_DIR:-target}"
   "$target_dir/debug/xtask" qemu-smoke --nodes "$SMOKE_NODES" --daemon "$target_dir/debug/bearman" \
-    || failed+=("cargo xtask qemu-smoke")
+    --sim "$target_dir/debug/bearman-sim" || failed+=("cargo xtask qemu-smoke")
 else
   echo "test: SMOKE_NODES=0: QEMU smoke boot SKIPPED"
 fi

@@ -12,6 +12,11 @@ use super::*;
 /// How often `drill run` looks at the running drill.
 const FOLLOW_EVERY: Duration = Duration::from_secs(2);
 
+/// A line (or lines) on stdout; `table::out` adds the last newline itself.
+fn say(text: &str) -> std::io::Result<()> {
+    table::out(text.strip_suffix('\n').unwrap_or(text))
+}
+
 fn client(api: &ApiArgs) -> anyhow::Result<ApiClient> {
     ApiClient::new(&api.url, api.token.clone(), api.ca_file.as_deref())
 }
@@ -32,7 +37,7 @@ fn read_file(path: &std::path::Path) -> anyhow::Result<String> {
 
 fn print_plan(plan: &DrillPlan) -> anyhow::Result<()> {
     let spec = &plan.spec;
-    table::out(&format!(
+    say(&format!(
         "drill {}: {} on {} target(s){}\n\n",
         spec.name,
         spec.fault.as_str(),
@@ -56,7 +61,7 @@ fn print_plan(plan: &DrillPlan) -> anyhow::Result<()> {
         })
         .collect();
     table::print(&["TARGET", "UUID", "RACK", "ROLE"], &targets)?;
-    table::out("\n")?;
+    say("\n")?;
     let checks: Vec<Vec<String>> = plan
         .preflight
         .iter()
@@ -73,7 +78,7 @@ fn print_plan(plan: &DrillPlan) -> anyhow::Result<()> {
         })
         .collect();
     table::print(&["FOR", "CHECK", "RESULT", "DETAIL"], &checks)?;
-    table::out(if plan.ready {
+    say(if plan.ready {
         "\npreflight passed\n"
     } else {
         "\npreflight FAILED: the drill cannot start\n"
@@ -108,8 +113,8 @@ pub(super) fn print_report(report: &DrillReport, output: Output) -> anyhow::Resu
     if let Some(abort) = &report.abort {
         head.push_str(&format!("aborted by {}: {}\n", abort.by, abort.reason));
     }
-    table::out(&head)?;
-    table::out(&match report.prediction_seeds {
+    say(&head)?;
+    say(&match report.prediction_seeds {
         Some(seeds) => format!("predicted: the rehearsal's p50 / p99 over {seeds} seeds\n\n"),
         None => "predicted: no rehearsal given\n\n".to_string(),
     })?;
@@ -153,7 +158,7 @@ pub(super) fn print_report(report: &DrillReport, output: Output) -> anyhow::Resu
         &["TARGET", "PHASE", "ACTUAL", "PREDICTED p50 / p99", ""],
         &rows,
     )?;
-    table::out("\n")?;
+    say("\n")?;
     let items: Vec<Vec<String>> = report
         .hypothesis
         .iter()
@@ -168,10 +173,10 @@ pub(super) fn print_report(report: &DrillReport, output: Output) -> anyhow::Resu
         .collect();
     if !items.is_empty() {
         table::print(&["HYPOTHESIS", "EXPECTED", "ACTUAL", "RESULT"], &items)?;
-        table::out("\n")?;
+        say("\n")?;
     }
     for unexpected in &report.unexpected {
-        table::out(&format!(
+        say(&format!(
             "unexpected at {}: {}{}\n",
             table::timestamp(unexpected.at_ms),
             unexpected
@@ -183,11 +188,11 @@ pub(super) fn print_report(report: &DrillReport, output: Output) -> anyhow::Resu
         ))?;
     }
     if !report.divergences.is_empty() {
-        table::out(
+        say(
             "the run diverged from the rehearsal beyond its p99: the twin or the daemon is wrong; these numbers disagree:\n",
         )?;
         for divergence in &report.divergences {
-            table::out(&format!("  {divergence}\n"))?;
+            say(&format!("  {divergence}\n"))?;
         }
     }
     Ok(())
@@ -266,18 +271,20 @@ async fn run_drill(
         .await?;
     print_plan(&plan)?;
     if let Some(prediction) = &prediction {
-        table::out(&format!(
+        say(&format!(
             "\nthe rehearsal predicts ({} seeds, seconds from injection, p50 / p99):\n",
             prediction.seeds
         ))?;
-        for (phase, spread) in &prediction.phases {
-            table::out(&format!(
-                "  {phase}: {:.1} / {:.1}\n",
-                spread.p50_s, spread.p99_s
-            ))?;
+        for phase in bearman::core::drill::PHASES {
+            if let Some(spread) = prediction.phases.get(phase) {
+                say(&format!(
+                    "  {phase}: {:.1} / {:.1}",
+                    spread.p50_s, spread.p99_s
+                ))?;
+            }
         }
         for broken in &prediction.broken {
-            table::out(&format!("  the rehearsal already breaks: {broken}\n"))?;
+            say(&format!("  the rehearsal already breaks: {broken}\n"))?;
         }
     }
     if !plan.ready {
@@ -410,7 +417,7 @@ pub(super) async fn drill(command: DrillCommand) -> anyhow::Result<()> {
             let text = read_file(&file)?;
             let spec =
                 DrillSpec::parse(&text).map_err(|error| anyhow!("{}: {error}", file.display()))?;
-            table::out(&format!("{}: valid\n", file.display()))?;
+            say(&format!("{}: valid\n", file.display()))?;
             print_json(&spec)
         }
         DrillCommand::Preview { file, api } => {
@@ -506,7 +513,7 @@ pub(super) async fn drill(command: DrillCommand) -> anyhow::Result<()> {
                 return print_json(&overview);
             }
             if let Some(block) = &overview.blocked {
-                table::out(&format!(
+                say(&format!(
                     "drills BLOCKED by {} at {}: {}\n",
                     block.by,
                     table::timestamp(block.at_ms),
@@ -514,7 +521,7 @@ pub(super) async fn drill(command: DrillCommand) -> anyhow::Result<()> {
                 ))?;
             }
             if let Some(active) = &overview.active {
-                table::out(&format!("running: {}\n", progress_line(active)))?;
+                say(&format!("running: {}\n", progress_line(active)))?;
             }
             let rows: Vec<Vec<String>> = overview
                 .history

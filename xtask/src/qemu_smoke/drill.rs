@@ -304,6 +304,7 @@ pub(super) async fn drill_phase(
     ));
     qmp_command(&vms[1].qmp, "stop")?;
     next_heartbeat(api, &target, cut_after + 3_000).await?;
+    let lead_s = cut.elapsed().as_secs_f64();
     let mut run = cli(setup, api);
     run.args(["drill", "run"]).arg(&abort_file).arg("--yes");
     let out = setup.work.join("drill-2.out");
@@ -326,10 +327,9 @@ pub(super) async fn drill_phase(
         vms[0].name
     );
     println!(
-        "drill 2 (power_loss on {}, {} cut {:.1} s before): aborted — {reason}; {} powered back on",
+        "drill 2 (power_loss on {}, started {lead_s:.1} s after {}'s power cut): aborted — {reason}; {} powered back on",
         vms[0].name,
         vms[1].name,
-        cut.elapsed().as_secs_f64(),
         vms[0].name
     );
     // Everyone back: vm1 boots from its restored power, vm2 through its remediation.
