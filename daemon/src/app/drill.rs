@@ -621,10 +621,20 @@ impl App {
                 Err(error) => Err(error.to_string()),
             },
             DrillAction::LiftSilence { .. } => self.drill_silence(&node.uuid, None, drill).await,
-            DrillAction::PowerOn { .. } => match self.faults() {
-                Ok(faults) => faults.power_on(node).await,
-                Err(error) => Err(error.to_string()),
-            },
+            DrillAction::PowerOn { .. } => {
+                // Looked at again just before the call: a remediation that started since
+                // the step's observation owns the node's power now (a power-on after its
+                // verified fence would undo the fence).
+                match self.remediation_owning(&node.uuid).await {
+                    Ok(Some(why)) => return ActionOutcome::Skipped(why),
+                    Ok(None) => {}
+                    Err(error) => return ActionOutcome::Failed(error.to_string()),
+                }
+                match self.faults() {
+                    Ok(faults) => faults.power_on(node).await,
+                    Err(error) => Err(error.to_string()),
+                }
+            }
         };
         match result {
             Ok(()) => ActionOutcome::Done,
@@ -633,6 +643,27 @@ impl App {
                 ActionOutcome::Failed(error)
             }
         }
+    }
+
+    /// Why a remediation owns `uuid`'s power now, if one does.
+    async fn remediation_owning(&self, uuid: &NodeUuid) -> Result<Option<String>, AppError> {
+        let node = self.node(uuid).await?;
+        if matches!(
+            node.state,
+            LifecycleState::Fencing | LifecycleState::Fenced | LifecycleState::Rebuilding
+        ) {
+            return Ok(Some(format!(
+                "not powered on: the node is {} (its remediation owns its power)",
+                node.state.as_str()
+            )));
+        }
+        let active = self.store.remediation_list(true, Some(uuid), 1).await?;
+        Ok(active.first().map(|r| {
+            format!(
+                "not powered on: remediation {} took it over (it owns its power)",
+                r.id
+            )
+        }))
     }
 
     /// Sets (or lifts, `None`) the daemon's deafness to one node's heartbeats.

@@ -667,6 +667,9 @@ pub enum DrillAction {
 pub enum ActionOutcome {
     Done,
     Failed(String),
+    /// Not carried out, and rightly so (why): a restore power-on found a remediation had
+    /// taken the node over since the step looked.
+    Skipped(String),
 }
 
 fn unwell(state: LifecycleState) -> bool {
@@ -797,7 +800,7 @@ impl Drill {
                 };
                 match outcome {
                     ActionOutcome::Done => target.injected_at_ms = Some(now),
-                    ActionOutcome::Failed(error) => {
+                    ActionOutcome::Failed(error) | ActionOutcome::Skipped(error) => {
                         let hostname = target.hostname.clone();
                         target.injection_error = Some(error.clone());
                         self.abort(
@@ -817,6 +820,7 @@ impl Drill {
                     ActionOutcome::Failed(error) => {
                         target.restored = Some(format!("lifting the silence failed: {error}"))
                     }
+                    ActionOutcome::Skipped(why) => target.restored = Some(why),
                 }
             }
             DrillAction::PowerOn { uuid } => {
@@ -826,6 +830,7 @@ impl Drill {
                 target.restored = Some(match outcome {
                     ActionOutcome::Done => "powered on".into(),
                     ActionOutcome::Failed(error) => format!("power on failed: {error}"),
+                    ActionOutcome::Skipped(why) => why,
                 });
             }
         }
@@ -1712,6 +1717,23 @@ ready_compute_left_min = 2
                 .unwrap()
                 .passed
         );
+    }
+
+    #[test]
+    fn a_restore_skipped_because_a_remediation_took_over_says_so_and_finishes() {
+        let text = FILE.replace("kernel_panic", "power_loss");
+        let fleet = fleet();
+        let mut drill = started(&text, &fleet);
+        let inject = drill.poll(&observe(&fleet, &[], &[]), 1_000).remove(0);
+        drill.inject_sending(&uuid(0), 1_000);
+        drill.record(&inject, ActionOutcome::Done, 1_000);
+        drill.abort(2_000, "ops", "stop");
+        let restore = drill.poll(&observe(&fleet, &[], &[]), 2_000);
+        assert_eq!(restore, vec![DrillAction::PowerOn { uuid: uuid(0) }]);
+        let why = "not powered on: remediation 4 took it over (it owns its power)";
+        drill.record(&restore[0], ActionOutcome::Skipped(why.into()), 2_100);
+        assert!(drill.is_finished());
+        assert_eq!(drill.report().targets[0].restored.as_deref(), Some(why));
     }
 
     #[test]
