@@ -281,6 +281,12 @@ fn ha_leader_killed_mid_fence() {
     check_ha_scenario("ha-leader-killed-mid-fence", 1);
 }
 
+/// A drill outlives its leader: the replica that takes over resumes it and it passes.
+#[test]
+fn ha_drill_leader_killed() {
+    check_ha_scenario("ha-drill-leader-killed", 1);
+}
+
 #[test]
 fn ha_leader_cut_from_database() {
     check_ha_scenario("ha-leader-cut-from-database", 1);
