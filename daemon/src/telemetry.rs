@@ -156,6 +156,9 @@ pub struct FleetSnapshot {
     pub firmware_flashing: u64,
     pub firmware_paused: bool,
     pub firmware_tallies: Vec<(String, [u64; 3])>,
+    /// A chaos drill runs now; the drill kill switch is set.
+    pub drill_running: bool,
+    pub drills_blocked: bool,
 }
 
 /// The controller's guard board, as gauges.
@@ -202,6 +205,8 @@ pub struct Metrics {
     leader: Gauge,
     firmware_flashing: Gauge,
     firmware_paused: Gauge,
+    drill_running: Gauge,
+    drills_blocked: Gauge,
     firmware_updates: Family<BundleOutcomeLabels, Gauge>,
     /// One scrape at a time: a scrape clears and refills the fleet gauges.
     scrape: tokio::sync::Mutex<()>,
@@ -390,6 +395,18 @@ impl Metrics {
             "1 while the firmware rollout is paused (by an operator, or by itself)",
             firmware_paused.clone(),
         );
+        let drill_running = Gauge::default();
+        registry.register(
+            "drill_running",
+            "1 while a chaos drill runs (injecting, watching or restoring)",
+            drill_running.clone(),
+        );
+        let drills_blocked = Gauge::default();
+        registry.register(
+            "drills_blocked",
+            "1 while the drill kill switch blocks new drills (`bearman drill unblock` clears it)",
+            drills_blocked.clone(),
+        );
         let firmware_updates = Family::<BundleOutcomeLabels, Gauge>::default();
         registry.register(
             "firmware_updates",
@@ -432,6 +449,8 @@ impl Metrics {
             leader,
             firmware_flashing,
             firmware_paused,
+            drill_running,
+            drills_blocked,
             firmware_updates,
             scrape: tokio::sync::Mutex::new(()),
         }
@@ -598,6 +617,8 @@ impl Metrics {
             .set(gauge_value(snapshot.firmware_flashing));
         self.firmware_paused
             .set(i64::from(snapshot.firmware_paused));
+        self.drill_running.set(i64::from(snapshot.drill_running));
+        self.drills_blocked.set(i64::from(snapshot.drills_blocked));
         self.firmware_updates.clear();
         for (bundle, counts) in &snapshot.firmware_tallies {
             for (outcome, count) in ["started", "succeeded", "failed"].into_iter().zip(counts) {
@@ -654,6 +675,7 @@ mod tests {
             firmware_flashing: 2,
             firmware_paused: true,
             firmware_tallies: vec![("bios-2".into(), [5, 2, 1])],
+            drill_running: true,
             ..FleetSnapshot::default()
         };
         let text = metrics.render(&snapshot).await;
@@ -669,6 +691,8 @@ mod tests {
             "bearman_firmware_updates_in_flight 2",
             "bearman_firmware_rollout_paused 1",
             "bearman_firmware_updates{bundle=\"bios-2\",outcome=\"failed\"} 1",
+            "bearman_drill_running 1",
+            "bearman_drills_blocked 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -45,6 +45,9 @@ async fn metrics_need_a_viewer_token_and_speak_openmetrics() {
     assert!(body.contains("bearman_build_info{version=\""), "{body}");
     // The daemon in this harness runs no controller: it says so.
     assert!(body.contains("bearman_controller_up 0"), "{body}");
+    // Read from the database's drill board: no drill, no kill switch.
+    assert!(body.contains("bearman_drill_running 0"), "{body}");
+    assert!(body.contains("bearman_drills_blocked 0"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

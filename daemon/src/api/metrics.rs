@@ -107,7 +107,10 @@ async fn fleet_snapshot(state: &AppState) -> Result<FleetSnapshot, ApiError> {
             boots_stalled: status.boots_stalled.len() as u64,
         });
     let rollout = state.store.firmware_rollout_get().await?;
+    let drills = state.store.drill_board_get().await?;
     Ok(FleetSnapshot {
+        drill_running: drills.active.is_some(),
+        drills_blocked: drills.blocked.is_some(),
         firmware_flashing: rollout.slots.len() as u64,
         firmware_paused: rollout.paused.is_some(),
         firmware_tallies: rollout
