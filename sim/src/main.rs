@@ -107,6 +107,11 @@ struct RunArgs {
     /// figures) as JSON to FILE
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Run every simulated host in every tick, even one with nothing to do (turmoil's
+    /// own way). Slower, and the same run to the byte: the trace hash is the one you
+    /// get without it. For checking that skipping idle hosts changes nothing
+    #[arg(long)]
+    run_idle_hosts: bool,
 }
 
 #[derive(clap::Args)]
@@ -354,6 +359,7 @@ fn real_main() -> anyhow::Result<bool> {
         jobs,
         shard,
         json,
+        run_idle_hosts,
     } = match Cli::parse().command {
         Command::Merge { reports, json } => return merge_main(reports, json),
         Command::Rehearse(args) => return rehearse_main(args),
@@ -441,7 +447,10 @@ fn real_main() -> anyhow::Result<bool> {
         };
         let report = run_watched(
             &scenario,
-            &RunOptions { seed },
+            &RunOptions {
+                seed,
+                run_idle_hosts,
+            },
             watch.as_ref(),
             &mut paced,
             |sample, fraction| {
@@ -541,6 +550,9 @@ fn real_main() -> anyhow::Result<bool> {
             }
             if quiet {
                 command.arg("--quiet");
+            }
+            if run_idle_hosts {
+                command.arg("--run-idle-hosts");
             }
             let output = command
                 .env_remove("SIM_SEED")

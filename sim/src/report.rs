@@ -225,6 +225,14 @@ pub fn render(report: &Report, wall: Duration) -> String {
         "\ndaemon events {}, heartbeats {} ({} failed), agent request failures {}, turmoil steps {}",
         report.daemon_events, report.heartbeats_sent, report.heartbeats_failed, report.requests_failed, report.steps
     );
+    let host_ticks = report.host_ticks_run + report.host_ticks_skipped;
+    let _ = writeln!(
+        out,
+        "host ticks {host_ticks}: {} run, {} skipped as idle ({:.1} %)",
+        report.host_ticks_run,
+        report.host_ticks_skipped,
+        100.0 * report.host_ticks_skipped as f64 / host_ticks.max(1) as f64
+    );
     let _ = writeln!(
         out,
         "virtual {:.0} s, wall {:.1} s, ratio {:.1}x real time",

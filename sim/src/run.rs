@@ -45,6 +45,20 @@ impl Clock for SimClock {
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub seed: u64,
+    /// Run every host in every tick, even one with nothing to do, as turmoil does by
+    /// default. Slower, and the same run: only for showing that skipping idle hosts
+    /// changes nothing (`bearman-sim run --run-idle-hosts`).
+    pub run_idle_hosts: bool,
+}
+
+impl RunOptions {
+    /// The default run of one seed.
+    pub fn seed(seed: u64) -> Self {
+        Self {
+            seed,
+            run_idle_hosts: false,
+        }
+    }
 }
 
 /// Counts of daemon node states at one moment.
@@ -70,6 +84,10 @@ pub struct Report {
     pub heartbeats_failed: u64,
     pub requests_failed: u64,
     pub steps: u64,
+    /// Host ticks run and skipped as idle (turmoil's `skip_idle_hosts`): what the
+    /// simulator's speed at fleet scale comes from.
+    pub host_ticks_run: u64,
+    pub host_ticks_skipped: u64,
     pub recoveries: Vec<crate::recovery::Recovery>,
     pub fences: usize,
     /// The scenario's last heal (`Scenario::last_heal_s`), when some fault heals.
@@ -654,6 +672,7 @@ pub fn run_watched(
     let mut sim = turmoil::Builder::new()
         .simulation_duration(duration + Duration::from_secs(3600))
         .tick_duration(tick)
+        .skip_idle_hosts(!options.run_idle_hosts)
         .rng_seed(options.seed)
         .epoch(std::time::UNIX_EPOCH + Duration::from_millis(EPOCH_MS as u64))
         .tcp_capacity(4096)
@@ -1077,6 +1096,7 @@ pub fn run_watched(
         on_step(sim.elapsed());
     }
     let end = sim.elapsed();
+    let (host_ticks_run, host_ticks_skipped) = sim.host_ticks();
     checker.check_step(&lock(&world), &store, end);
     checker.check_scan(&lock(&world), &store, end);
     for _ in deadlines {
@@ -1254,6 +1274,8 @@ pub fn run_watched(
         heartbeats_failed: world.heartbeats_failed,
         requests_failed: world.requests_failed,
         steps,
+        host_ticks_run,
+        host_ticks_skipped,
         recoveries,
         fences,
         last_heal: scenario

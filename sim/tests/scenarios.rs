@@ -21,7 +21,7 @@ fn seeds() -> Vec<u64> {
 fn check_scenario(name: &str) {
     let scenario = Scenario::load(&scenario_path(name)).expect("scenario loads");
     for seed in seeds() {
-        let report = run(&scenario, &RunOptions { seed }, |_, _| {}).expect("simulation runs");
+        let report = run(&scenario, &RunOptions::seed(seed), |_, _| {}).expect("simulation runs");
         let failures: Vec<String> = report
             .checker
             .verdicts()
@@ -62,7 +62,7 @@ fn firmware_rollout_across_1000_nodes_pauses_itself() {
         .with_nodes(1000, Some(40))
         .unwrap();
     let seed = seeds()[0];
-    let report = run(&scenario, &RunOptions { seed }, |_, _| {}).unwrap();
+    let report = run(&scenario, &RunOptions::seed(seed), |_, _| {}).unwrap();
     assert!(
         report.passed(),
         "seed {seed}: {:?}",
@@ -93,7 +93,7 @@ fn a_bundle_for_another_vendor_lets_nodes_boot_behind_and_the_checker_says_so() 
     let mut scenario = Scenario::load(&scenario_path("firmware-rollout-pause")).unwrap();
     scenario.firmware.as_mut().unwrap().bundle_vendor = Some("HPE".into());
     scenario.duration_s = 600;
-    let report = run(&scenario, &RunOptions { seed: 1 }, |_, _| {}).unwrap();
+    let report = run(&scenario, &RunOptions::seed(1), |_, _| {}).unwrap();
     let verdict = report
         .checker
         .firmware
@@ -129,7 +129,7 @@ fn power_sync_fences_a_powered_off_node_sooner() {
         std::time::Duration::from_millis(without.remediation.health.fence_confirm_ms as u64);
     for seed in seeds() {
         let detect_to_fence = |scenario: &Scenario| {
-            let report = run(scenario, &RunOptions { seed }, |_, _| {}).unwrap();
+            let report = run(scenario, &RunOptions::seed(seed), |_, _| {}).unwrap();
             assert!(report.passed(), "{} seed {seed} failed", scenario.name);
             let times: Vec<_> = report
                 .recoveries
@@ -243,15 +243,15 @@ fn every_scenario_file_has_a_test() {
 #[test]
 fn same_seed_replays_byte_for_byte() {
     let scenario = Scenario::load(&scenario_path("daemon-restart-mid-boot")).unwrap();
-    let first = run(&scenario, &RunOptions { seed: 7 }, |_, _| {}).unwrap();
-    let second = run(&scenario, &RunOptions { seed: 7 }, |_, _| {}).unwrap();
+    let first = run(&scenario, &RunOptions::seed(7), |_, _| {}).unwrap();
+    let second = run(&scenario, &RunOptions::seed(7), |_, _| {}).unwrap();
     assert_eq!(
         first.trace.lines(),
         second.trace.lines(),
         "traces differ between identical runs"
     );
     assert_eq!(first.trace.hash(), second.trace.hash());
-    let other = run(&scenario, &RunOptions { seed: 8 }, |_, _| {}).unwrap();
+    let other = run(&scenario, &RunOptions::seed(8), |_, _| {}).unwrap();
     assert_ne!(
         first.trace.hash(),
         other.trace.hash(),
@@ -267,7 +267,7 @@ fn check_ha_scenario(name: &str, takeovers: usize) {
     check_scenario(name);
     let scenario = Scenario::load(&scenario_path(name)).unwrap();
     let seed = seeds()[0];
-    let report = run(&scenario, &RunOptions { seed }, |_, _| {}).unwrap();
+    let report = run(&scenario, &RunOptions::seed(seed), |_, _| {}).unwrap();
     assert!(report.lease_terms >= 1, "{name}: no lease term was granted");
     assert_eq!(report.takeovers.len(), takeovers, "{name}: takeovers");
     assert!(
@@ -312,8 +312,8 @@ fn ha_database_restart_during_boot_storm() {
 #[test]
 fn ha_runs_replay_byte_for_byte() {
     let scenario = Scenario::load(&scenario_path("ha-stalled-leader-wakes")).unwrap();
-    let first = run(&scenario, &RunOptions { seed: 7 }, |_, _| {}).unwrap();
-    let second = run(&scenario, &RunOptions { seed: 7 }, |_, _| {}).unwrap();
+    let first = run(&scenario, &RunOptions::seed(7), |_, _| {}).unwrap();
+    let second = run(&scenario, &RunOptions::seed(7), |_, _| {}).unwrap();
     assert_eq!(first.trace.hash(), second.trace.hash());
     assert!(first.actions_judged > 0);
 }
@@ -358,7 +358,7 @@ fn a_drill_whose_hypothesis_breaks_is_failed_and_the_verdict_says_so() {
             .replace("ready_within_s = 600", "ready_within_s = 30"),
     );
     scenario.validate().unwrap();
-    let report = run(&scenario, &RunOptions { seed: 1 }, |_, _| {}).unwrap();
+    let report = run(&scenario, &RunOptions::seed(1), |_, _| {}).unwrap();
     let verdict = report.checker.drills.as_ref().expect("a drills verdict");
     assert!(!verdict.passed(), "a broken hypothesis went unnoticed");
     assert!(
@@ -368,7 +368,7 @@ fn a_drill_whose_hypothesis_breaks_is_failed_and_the_verdict_says_so() {
         verdict.failures
     );
     scenario.drills[0].expect_outcome = bearman_sim::scenario::DrillOutcome::Failed;
-    let report = run(&scenario, &RunOptions { seed: 1 }, |_, _| {}).unwrap();
+    let report = run(&scenario, &RunOptions::seed(1), |_, _| {}).unwrap();
     assert!(report.passed(), "{:?}", report.checker.drills);
 }
 
@@ -383,8 +383,8 @@ fn drill_runs_replay_byte_for_byte() {
         "drill-abort",
     ] {
         let scenario = Scenario::load(&scenario_path(name)).unwrap();
-        let first = run(&scenario, &RunOptions { seed: 5 }, |_, _| {}).unwrap();
-        let second = run(&scenario, &RunOptions { seed: 5 }, |_, _| {}).unwrap();
+        let first = run(&scenario, &RunOptions::seed(5), |_, _| {}).unwrap();
+        let second = run(&scenario, &RunOptions::seed(5), |_, _| {}).unwrap();
         assert_eq!(first.trace.hash(), second.trace.hash(), "{name}");
         assert!(first.drills[0].finished, "{name}: {:?}", first.drills[0]);
         if name == "drill-abort" {
@@ -405,5 +405,52 @@ fn drill_runs_replay_byte_for_byte() {
                 "the restore's power-on never reached {name}"
             );
         }
+    }
+}
+
+/// Skipping idle hosts (turmoil patched, see vendor/README.md) changes nothing: a run
+/// that steps every host in every tick gives the same trace, line for line. One
+/// scenario per way a host's runtime is touched between ticks: a daemon restart
+/// (bounce), node crashes with fencing and evacuation, and a paused leader that wakes.
+#[test]
+fn skipping_idle_hosts_changes_nothing() {
+    for (name, seed) in [
+        ("daemon-restart-mid-boot", 7),
+        ("node-crash", 3),
+        ("ha-stalled-leader-wakes", 7),
+    ] {
+        let scenario = Scenario::load(&scenario_path(name)).unwrap();
+        let skipping = run(&scenario, &RunOptions::seed(seed), |_, _| {}).unwrap();
+        let every_host = run(
+            &scenario,
+            &RunOptions {
+                seed,
+                run_idle_hosts: true,
+            },
+            |_, _| {},
+        )
+        .unwrap();
+        assert!(
+            skipping.host_ticks_skipped > 0 && every_host.host_ticks_skipped == 0,
+            "{name}: {} host ticks skipped when skipping, {} when stepping every host",
+            skipping.host_ticks_skipped,
+            every_host.host_ticks_skipped
+        );
+        assert_eq!(
+            skipping.host_ticks_run + skipping.host_ticks_skipped,
+            every_host.host_ticks_run,
+            "{name}: every host is run or skipped once per step"
+        );
+        assert!(
+            skipping.steps > 0 && skipping.steps == every_host.steps,
+            "{name}: {} steps skipping, {} stepping every host",
+            skipping.steps,
+            every_host.steps
+        );
+        assert_eq!(
+            skipping.trace.lines(),
+            every_host.trace.lines(),
+            "{name} seed {seed}: skipping idle hosts changed the run"
+        );
     }
 }

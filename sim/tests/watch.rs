@@ -49,7 +49,7 @@ fn watched(scenario: &Scenario, seed: u64) -> (String, Vec<String>) {
     });
     let report = run_watched(
         scenario,
-        &RunOptions { seed },
+        &RunOptions::seed(seed),
         Some(&watch),
         &mut |_| {},
         |_, _| {},
@@ -93,7 +93,7 @@ fn the_window_serves_the_dashboard_read_only() {
     assert_eq!(runtime.block_on(get(&watch, "/api/v1/summary")).0, 503);
     run_watched(
         &scenario,
-        &RunOptions { seed: 2 },
+        &RunOptions::seed(2),
         Some(&watch),
         &mut |_| {},
         |_, _| {},
@@ -135,7 +135,7 @@ fn value(scrape: &str, series: &str) -> Option<f64> {
 #[test]
 fn a_watched_run_is_the_same_run() {
     let scenario = scenario("node-crash");
-    let plain = run(&scenario, &RunOptions { seed: 7 }, |_, _| {}).unwrap();
+    let plain = run(&scenario, &RunOptions::seed(7), |_, _| {}).unwrap();
     let (hash, scrapes) = watched(&scenario, 7);
     assert_eq!(hash, plain.trace.hash(), "watching changed the run");
     assert!(
@@ -168,7 +168,7 @@ fn a_watched_run_is_the_same_run() {
 #[test]
 fn the_window_follows_the_leader_of_a_clustered_run() {
     let scenario = scenario("ha-leader-killed-mid-fence");
-    let plain = run(&scenario, &RunOptions { seed: 3 }, |_, _| {}).unwrap();
+    let plain = run(&scenario, &RunOptions::seed(3), |_, _| {}).unwrap();
     let (hash, scrapes) = watched(&scenario, 3);
     assert_eq!(
         hash,

@@ -204,6 +204,31 @@ impl<'a> Rt<'a> {
         self.tick(duration)
     }
 
+    /// Whether ticking this host for `span` would run nothing: no task queued (in its
+    /// runtime or its local set), software not finished, and no timer due within `span`
+    /// (a timer due exactly at its end counts as due). (Bearman patch, for idle-host
+    /// skipping in `Sim::step`.)
+    pub(crate) fn is_idle_for(&self, span: Duration) -> bool {
+        if self.local.has_queued_tasks() {
+            return false;
+        }
+        if self.handle.as_ref().is_some_and(|handle| handle.is_finished()) {
+            return false;
+        }
+        matches!(self.tokio.idle_for(), Some(idle) if idle > span)
+    }
+
+    /// Does to this host what `ticks` calls of [`Rt::tick`] that ran nothing would have
+    /// done: its clock, timer wheel, scheduler counters and seed generator move on
+    /// exactly as they would. Only after [`Rt::is_idle_for`] said so for that span.
+    /// (Bearman patch.)
+    pub(crate) fn skip_idle(&mut self, ticks: u32, tick: Duration) {
+        if ticks > 0 {
+            self.tokio.skip_idle(ticks, tick);
+            self.local.skip_idle(ticks);
+        }
+    }
+
     pub(crate) fn crash(&mut self) {
         if !self.is_host() {
             panic!("can only crash host's software");

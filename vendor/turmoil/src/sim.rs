@@ -44,6 +44,14 @@ pub struct Sim<'a> {
     /// Hosts resumed since the last step, with the time they missed: their clock jumps
     /// forward by it before they run again. (Bearman patch.)
     waking: IndexMap<IpAddr, Duration>,
+
+    /// Running hosts whose last ticks were skipped because they had nothing to do, with
+    /// how many: before anything else happens to them they are brought up to date
+    /// ([`Rt::skip_idle`]), exactly as if those ticks had run. (Bearman patch.)
+    behind: IndexMap<IpAddr, u32>,
+
+    /// Host ticks run and skipped so far. (Bearman patch.)
+    host_ticks: (u64, u64),
 }
 
 impl<'a> Sim<'a> {
@@ -62,6 +70,8 @@ impl<'a> Sim<'a> {
             steps: 1, // bumped after each step
             paused: IndexMap::new(),
             waking: IndexMap::new(),
+            behind: IndexMap::new(),
+            host_ticks: (0, 0),
         }
     }
 
@@ -173,6 +183,7 @@ impl<'a> Sim<'a> {
     pub fn crash(&mut self, addrs: impl ToIpAddrs) {
         let hosts = self.world.borrow_mut().lookup_many(addrs);
         for h in hosts {
+            self.settle(h);
             let rt = self.rts.get_mut(&h).expect("missing host");
             // A crashed host is no longer stopped: it is gone, and its clock catches up
             // with the time it was paused. (Bearman patch.)
@@ -210,6 +221,7 @@ impl<'a> Sim<'a> {
     pub fn pause(&mut self, addrs: impl ToIpAddrs) {
         let hosts = self.world.borrow_mut().lookup_many(addrs);
         for h in hosts {
+            self.settle(h);
             let missed = self.waking.swap_remove(&h).unwrap_or_default();
             self.paused.entry(h).or_insert(missed);
             tracing::trace!(target: TRACING_TARGET, addr = ?h, "Pause");
@@ -245,10 +257,29 @@ impl<'a> Sim<'a> {
         });
     }
 
+    /// Host ticks run and skipped (see [`crate::Builder::skip_idle_hosts`]) so far: a
+    /// running host is run or skipped once per step. (Bearman patch.)
+    pub fn host_ticks(&self) -> (u64, u64) {
+        self.host_ticks
+    }
+
+    /// Brings a host whose idle ticks were skipped up to date, as if they had run.
+    /// (Bearman patch.)
+    fn settle(&mut self, addr: IpAddr) {
+        if let Some(ticks) = self.behind.swap_remove(&addr) {
+            let tick = self.config.tick;
+            self.rts
+                .get_mut(&addr)
+                .expect("missing host")
+                .skip_idle(ticks, tick);
+        }
+    }
+
     /// Run `f` with the resolved hosts at `addrs` set on the world.
     fn run_with_hosts(&mut self, addrs: impl ToIpAddrs, mut f: impl FnMut(IpAddr, &mut Rt)) {
         let hosts = self.world.borrow_mut().lookup_many(addrs);
         for h in hosts {
+            self.settle(h);
             let rt = self.rts.get_mut(&h).expect("missing host");
 
             self.world.borrow_mut().current = Some(h);
@@ -489,7 +520,6 @@ impl<'a> Sim<'a> {
         }
 
         for (&addr, rt) in running {
-            let _span_guard = tracing::span!(Level::INFO, "node", name = &*rt.nodename,).entered();
             {
                 let mut world = self.world.borrow_mut();
                 // We need to move deliverable messages off the network and
@@ -501,7 +531,37 @@ impl<'a> Sim<'a> {
                     ..
                 } = world.deref_mut();
                 topology.deliver_messages(rng, hosts.get_mut(&addr).expect("missing host"));
+            }
 
+            // A host with nothing to do this tick (no task queued, not even by the
+            // messages just delivered, and no timer due) is not run: it falls one tick
+            // behind, and is brought up to date, as if the tick had run, when it next has
+            // work ([`Sim::settle`]). Most of a large fleet's hosts are idle in most
+            // ticks, and running one costs a runtime entry and a timer-wheel turn.
+            // (Bearman patch.)
+            if self.config.skip_idle_hosts
+                && !self.config.enable_tokio_io
+                && tick.subsec_nanos() % 1_000_000 == 0
+                && !self.waking.contains_key(&addr) {
+                let behind = self.behind.get(&addr).copied().unwrap_or(0);
+                if rt.is_idle_for(tick * (behind + 1)) {
+                    self.behind.insert(addr, behind + 1);
+                    self.host_ticks.1 += 1;
+                    if rt.is_client() {
+                        is_finished = false;
+                    }
+                    self.world.borrow_mut().tick(addr, tick);
+                    continue;
+                }
+                if let Some(ticks) = self.behind.swap_remove(&addr) {
+                    rt.skip_idle(ticks, tick);
+                }
+            }
+
+            self.host_ticks.0 += 1;
+            let _span_guard = tracing::span!(Level::INFO, "node", name = &*rt.nodename,).entered();
+            {
+                let mut world = self.world.borrow_mut();
                 // Set the current host (see method docs)
                 world.current = Some(addr);
 
