@@ -280,10 +280,10 @@ impl Checker {
                 ));
             }
         }
-        let snapshot = store.snapshot();
+        let allocations = store.allocations();
         self.unique_addresses.checks += 1;
         let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
-        for allocation in &snapshot.allocations {
+        for allocation in &allocations {
             if let Some(other) = owners.insert(&allocation.address, allocation.node_uuid.as_str()) {
                 self.unique_addresses.fail(format!(
                     "t={} {} is held by {} and {}",

@@ -386,10 +386,10 @@ async fn heartbeat(
     OptionalJson(_beat): OptionalJson<Heartbeat>,
 ) -> Result<Json<StateReply>, ApiError> {
     let source = peer.map(|Extension(ConnectInfo(address))| address.ip());
-    let node = state.app.node_heartbeat(&uuid, source).await?;
+    let node_state = state.app.node_heartbeat(&uuid, source).await?;
     Ok(Json(StateReply {
         uuid: uuid.to_string(),
-        state: node.state.as_str().to_string(),
+        state: node_state.as_str().to_string(),
     }))
 }
 

@@ -325,16 +325,18 @@ impl App {
     /// without a generation bump; one that moves the state (a Suspect node heard again)
     /// or comes from a new address is a full write, the latter with a
     /// `heartbeat_source_changed` event; one from a node that should be silent (fenced,
-    /// never installed) is refused and recorded loudly.
+    /// never installed) is refused and recorded loudly. Answers the node's state after it.
     pub async fn node_heartbeat(
         &self,
         uuid: &NodeUuid,
         source: Option<IpAddr>,
-    ) -> Result<Node, AppError> {
+    ) -> Result<LifecycleState, AppError> {
         let now = self.now_ms();
+        // The shared copy: a steady heartbeat reads the record and writes one timestamp,
+        // and copying the whole record (hardware facts and all) was most of its cost.
         let node = self
             .store
-            .node_get(uuid)
+            .node_get_shared(uuid)
             .await?
             .ok_or_else(|| AppError::NodeNotRegistered { uuid: uuid.clone() })?;
         if node
@@ -343,14 +345,18 @@ impl App {
         {
             // A drill's `silence`: the daemon does not hear this node (nothing recorded,
             // so its health judgement sees it go quiet, exactly as behind a partition).
-            return Ok(node);
+            return Ok(node.state);
         }
         let steady =
             transition(node.state, LifecycleEvent::Heartbeat).is_ok_and(|next| next == node.state);
         if steady && node.heartbeat_source_change(source, now).is_none() {
+            let state = node.state;
+            // Let go of the shared copy first: a caching store moves its copy's timestamp
+            // in place only while no one else holds it, and copies it otherwise.
+            drop(node);
             self.store.node_record_heartbeat(uuid, now).await?;
             self.metrics.heartbeat();
-            return Ok(node);
+            return Ok(state);
         }
         let result = self
             .mutate_node(uuid, |node| {
@@ -403,7 +409,7 @@ impl App {
             self.append_throttled(&format!("{uuid} unexpected_heartbeat"), event)
                 .await?;
         }
-        result
+        result.map(|node| node.state)
     }
 
     /// The controller's verdict on a Ready node that stopped heartbeating. A node that

@@ -212,10 +212,17 @@ pub fn judge(
     history: &GuardHistory,
 ) -> Judgement {
     let mut judgement = Judgement::default();
-    let mut silent_nodes: Vec<(&NodeHealth, String, i64)> = Vec::new();
+    let mut silent_nodes: Vec<(&NodeHealth, &str, i64)> = Vec::new();
     for node in nodes.iter().filter(|n| is_monitored(n.state)) {
-        let rack = node.rack.clone().unwrap_or_default();
-        let entry = judgement.racks.entry(rack.clone()).or_default();
+        let rack = node.rack.as_deref().unwrap_or_default();
+        // Looked up before inserting: the controller judges every node every tick, and
+        // a key copied per node was most of this loop's cost.
+        if !judgement.racks.contains_key(rack) {
+            judgement
+                .racks
+                .insert(rack.to_string(), RackHealth::default());
+        }
+        let entry = judgement.racks.get_mut(rack).expect("inserted above");
         entry.monitored += 1;
         judgement.monitored += 1;
         let silence = now_ms - node.last_heard_at_ms;
@@ -255,11 +262,11 @@ pub fn judge(
     judgement.fleet_fencing_stopped =
         judgement.fleet_stopped_now || held(history.fleet_stopped_at_ms.as_ref());
     if !judgement.fleet_fencing_stopped {
-        let paused: BTreeSet<&String> = judgement
+        let paused: BTreeSet<&str> = judgement
             .racks
             .iter()
             .filter(|(_, r)| r.fencing_paused)
-            .map(|(name, _)| name)
+            .map(|(name, _)| name.as_str())
             .collect();
         let confirmed_after = config.heartbeat_grace_ms + config.fence_confirm_ms;
         judgement.fenceable = silent_nodes

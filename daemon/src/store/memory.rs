@@ -235,6 +235,12 @@ impl MemoryStore {
         }
     }
 
+    /// Every address allocation, without copying the nodes (the simulator's checker scans
+    /// these every few virtual seconds).
+    pub fn allocations(&self) -> Vec<IpAllocation> {
+        self.lock().allocations.values().cloned().collect()
+    }
+
     /// Events with id greater than `after_id`, oldest first.
     pub fn events_after(&self, after_id: i64) -> Vec<Event> {
         let state = self.lock();

@@ -500,7 +500,8 @@ impl<'a> Sim<'a> {
         // Tick the networking, processing messages. This is done before
         // ticking any other runtime, as they might be waiting on network
         // IO. (It also might be waiting on something else, such as time.)
-        self.world.borrow_mut().topology.tick_by(tick);
+        let skip_idle = self.config.skip_idle_hosts && !self.config.enable_tokio_io;
+        self.world.borrow_mut().topology.tick_by(tick, skip_idle);
 
         // Tick each host runtimes with running software. If the software
         // completes, extract the result and return early if an error is
