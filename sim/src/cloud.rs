@@ -54,10 +54,8 @@ fn answer(world: &mut World, op: &str, argument: &str) -> String {
             match op {
                 "VMS" => {
                     let ids: Vec<String> = world
-                        .vms
-                        .values()
-                        .filter(|vm| vm.assigned == index)
-                        .map(|vm| vm.id.to_string())
+                        .vms_assigned_to(index)
+                        .map(|id| id.to_string())
                         .collect();
                     format!("OK {}", ids.join(","))
                 }

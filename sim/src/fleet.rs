@@ -90,6 +90,10 @@ pub struct BmcFaults {
 pub struct World {
     pub nodes: Vec<NodeTruth>,
     pub vms: BTreeMap<u32, VmTruth>,
+    /// The VMs the cloud has assigned to each host (`VmTruth::assigned`, indexed), kept
+    /// with it by [`World::place_vms`] and [`World::evacuate`]: a booting hypervisor and
+    /// the cloud's host listing look up their own instead of scanning every VM.
+    vms_assigned: BTreeMap<u32, BTreeSet<u32>>,
     pub vm_capacity: u32,
     pub forced_down: BTreeSet<u32>,
     pub bmcs: Vec<BmcState>,
@@ -212,6 +216,7 @@ impl World {
         World {
             nodes,
             vms: BTreeMap::new(),
+            vms_assigned: BTreeMap::new(),
             vm_capacity,
             forced_down: BTreeSet::new(),
             bmcs,
@@ -469,8 +474,10 @@ impl World {
         node.next_boot_pxe = false;
         let mut started = 0;
         let mut doubled = Vec::new();
-        for vm in self.vms.values_mut() {
-            if vm.assigned == index && vm.instances.insert(index) {
+        // In VM id order, as a scan of every VM would visit them.
+        for vm_id in self.vms_assigned.get(&index).into_iter().flatten() {
+            let vm = self.vms.get_mut(vm_id).expect("indexed VMs exist");
+            if vm.instances.insert(index) {
                 started += 1;
                 if vm.instances.len() > 1 {
                     doubled.push((vm.id, vm.instances.clone()));
@@ -503,9 +510,15 @@ impl World {
                         instances: BTreeSet::new(),
                     },
                 );
+                self.vms_assigned.entry(node.index).or_default().insert(id);
                 id += 1;
             }
         }
+    }
+
+    /// The VMs the cloud has assigned to `index`, in id order.
+    pub fn vms_assigned_to(&self, index: u32) -> impl Iterator<Item = u32> + '_ {
+        self.vms_assigned.get(&index).into_iter().flatten().copied()
     }
 
     /// Whether the cloud considers `index`'s compute service alive.
@@ -535,16 +548,17 @@ impl World {
                 self.node_name(source)
             ));
         }
-        let mut load: BTreeMap<u32, u32> = BTreeMap::new();
-        for other in self.vms.values() {
-            *load.entry(other.assigned).or_default() += 1;
-        }
+        let load = |index: u32| {
+            self.vms_assigned
+                .get(&index)
+                .map_or(0, |vms| vms.len() as u32)
+        };
         let target = self
             .nodes
             .iter()
             .filter(|n| n.role == Role::Compute && n.os == Os::Running && n.index != source)
             .filter(|n| !self.forced_down.contains(&n.index))
-            .map(|n| (load.get(&n.index).copied().unwrap_or(0), n.index))
+            .map(|n| (load(n.index), n.index))
             .filter(|(used, _)| *used < self.vm_capacity)
             .min()
             .map(|(_, index)| index)
@@ -562,6 +576,10 @@ impl World {
         self.evacuated_at.insert(vm_id, now);
         let vm = self.vms.get_mut(&vm_id).expect("checked above");
         vm.assigned = target;
+        if let Some(on_source) = self.vms_assigned.get_mut(&source) {
+            on_source.remove(&vm_id);
+        }
+        self.vms_assigned.entry(target).or_default().insert(vm_id);
         vm.instances.insert(target);
         if vm.instances.len() > 1 {
             let hosts = vm.instances.clone();

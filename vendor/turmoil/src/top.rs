@@ -6,7 +6,7 @@ use crate::{config, TRACING_TARGET};
 use indexmap::IndexMap;
 use rand::{Rng, RngCore};
 use rand_distr::{Distribution, Exp};
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::io::{Error, ErrorKind, Result};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -19,10 +19,21 @@ pub(crate) struct Topology {
     /// Specific configuration overrides between specific hosts.
     links: IndexMap<Pair, Link>,
 
-    /// Each host's links, as indices into `links` in increasing order (links are never
-    /// removed, so indices are stable): delivering to a host visits its own links, in the
-    /// order a scan of every link would, instead of every link. (Bearman patch.)
-    links_by_host: IndexMap<IpAddr, Vec<usize>>,
+    /// The network's time as of the last [`Topology::tick_by`]. Every host pair has a
+    /// link, so most links carry nothing in most steps: only the links with messages in
+    /// flight (`in_flight`) are ticked, and a link's own clock is brought up to this one
+    /// whenever it is used, so it reads what ticking every link would have given it.
+    /// (Bearman patch.)
+    now: Instant,
+
+    /// Indices of the links with sent messages (in flight or held): a superset, pruned as
+    /// they empty. (Bearman patch.)
+    in_flight: BTreeSet<usize>,
+
+    /// For each host, the indices of the links that may hold messages ready for it: a
+    /// superset, pruned as they are delivered. Delivering to a host visits these in
+    /// increasing order, as a scan of its every link would. (Bearman patch.)
+    ready_for: IndexMap<IpAddr, BTreeSet<usize>>,
 
     /// We don't use a Rt for async. Right now, we just use it to tick time
     /// forward in the same way we do it elsewhere. We'd like to represent
@@ -179,22 +190,21 @@ enum State {
 
 impl Topology {
     pub(crate) fn new(config: config::Link) -> Topology {
+        let rt = Rt::no_software();
         Topology {
             config,
             links: IndexMap::new(),
-            links_by_host: IndexMap::new(),
-            rt: Rt::no_software(),
+            now: rt.now(),
+            in_flight: BTreeSet::new(),
+            ready_for: IndexMap::new(),
+            rt,
         }
     }
 
     /// Register a link between two hosts
     pub(crate) fn register(&mut self, a: IpAddr, b: IpAddr) {
         let pair = Pair::new(a, b);
-        let index = self.links.len();
         assert!(self.links.insert(pair, Link::new(self.rt.now())).is_none());
-        for host in [a, b] {
-            self.links_by_host.entry(host).or_default().push(index);
-        }
     }
 
     pub(crate) fn set_max_message_latency(&mut self, value: Duration) {
@@ -248,8 +258,11 @@ impl Topology {
         dst: SocketAddr,
         message: Protocol,
     ) -> Result<()> {
-        if let Some(link) = self.links.get_mut(&Pair::new(src.ip(), dst.ip())) {
-            link.enqueue_message(&self.config, rand, src, dst, message)
+        if let Some((index, _, link)) = self.links.get_full_mut(&Pair::new(src.ip(), dst.ip())) {
+            link.now = self.now;
+            let result = link.enqueue_message(&self.config, rand, src, dst, message);
+            self.note_link(index);
+            result
         } else {
             Err(Error::new(
                 ErrorKind::ConnectionRefused,
@@ -260,15 +273,37 @@ impl Topology {
 
     // Move messages from any network links to the `dst` host.
     pub(crate) fn deliver_messages(&mut self, rand: &mut dyn RngCore, dst: &mut Host) {
-        let Some(indices) = self.links_by_host.get(&dst.addr) else {
+        let Some(indices) = self.ready_for.get_mut(&dst.addr) else {
             return;
         };
-        for &index in indices {
+        if indices.is_empty() {
+            return;
+        }
+        // Only the links that may hold something for this host; the others would
+        // deliver nothing. (Bearman patch.)
+        let indices = std::mem::take(indices);
+        for index in indices {
             let (_, link) = self
                 .links
                 .get_index_mut(index)
                 .expect("links are never removed");
+            link.now = self.now;
             link.deliver_messages(&self.config, rand, dst);
+            self.note_link(index);
+        }
+    }
+
+    /// Records what link `index` now holds: whether it has messages in flight, and for
+    /// which of its ends it has messages ready. (Bearman patch.)
+    fn note_link(&mut self, index: usize) {
+        let (_, link) = self.links.get_index(index).expect("links are never removed");
+        if !link.sent.is_empty() {
+            self.in_flight.insert(index);
+        }
+        for (host, queue) in &link.deliverable {
+            if !queue.is_empty() {
+                self.ready_for.entry(*host).or_default().insert(index);
+            }
         }
     }
 
@@ -309,12 +344,26 @@ impl Topology {
         // One clock read per step, not one per link: reading it enters the runtime.
         // (Bearman patch.)
         let now = self.rt.now();
-        for link in self.links.values_mut() {
+        self.now = now;
+        for index in std::mem::take(&mut self.in_flight) {
+            let (_, link) = self
+                .links
+                .get_index_mut(index)
+                .expect("links are never removed");
             link.tick(now);
+            self.note_link(index);
         }
     }
 
     pub(crate) fn iter_mut(&mut self) -> LinksIter<'_> {
+        // What the caller does to a link's messages is only seen at the next tick: keep
+        // every link with messages ticked, with its clock current. (Bearman patch.)
+        for (index, link) in self.links.values_mut().enumerate() {
+            link.now = self.now;
+            if !link.sent.is_empty() {
+                self.in_flight.insert(index);
+            }
+        }
         LinksIter {
             iter: self.links.iter_mut(),
         }
@@ -322,9 +371,17 @@ impl Topology {
 
     #[inline]
     fn get_link_mut(&mut self, pair: &Pair) -> &mut Link {
-        self.links
-            .get_mut(pair)
-            .unwrap_or_else(|| panic!("unable to find link between {pair:?}"))
+        let (index, _, link) = self
+            .links
+            .get_full_mut(pair)
+            .unwrap_or_else(|| panic!("unable to find link between {pair:?}"));
+        link.now = self.now;
+        // Whatever is done to it (hold, release, partition, repair), the next tick looks
+        // at it. (Bearman patch.)
+        if !link.sent.is_empty() {
+            self.in_flight.insert(index);
+        }
+        link
     }
 }
 
