@@ -164,9 +164,13 @@ where
     read_response(stream).await
 }
 
+/// How much more room each read of a response asks for.
+const READ_CHUNK_BYTES: usize = 8192;
+
 async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Response, HttpError> {
-    let mut buffer = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 8192];
+    // Read straight into the response's buffer: a fixed read buffer in this future
+    // would be zeroed on every call and copied whenever the future moves.
+    let mut buffer = Vec::with_capacity(READ_CHUNK_BYTES);
     let header_end = loop {
         if let Some(position) = find(&buffer, b"\r\n\r\n") {
             break position;
@@ -174,13 +178,13 @@ async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Response,
         if buffer.len() > 64 * 1024 {
             return Err(HttpError::Malformed("headers exceed 64 KiB".into()));
         }
-        let read = stream.read(&mut chunk).await?;
+        buffer.reserve(READ_CHUNK_BYTES);
+        let read = stream.read_buf(&mut buffer).await?;
         if read == 0 {
             return Err(HttpError::Malformed(
                 "connection closed before headers ended".into(),
             ));
         }
-        buffer.extend_from_slice(&chunk[..read]);
     };
     let head = std::str::from_utf8(&buffer[..header_end])
         .map_err(|_| HttpError::Malformed("headers are not utf-8".into()))?;
@@ -218,7 +222,8 @@ async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Response,
                 break;
             }
         }
-        let read = stream.read(&mut chunk).await?;
+        response.body.reserve(READ_CHUNK_BYTES);
+        let read = stream.read_buf(&mut response.body).await?;
         if read == 0 {
             if let Some(length) = content_length {
                 if response.body.len() < length {
@@ -229,7 +234,6 @@ async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Response,
             }
             break;
         }
-        response.body.extend_from_slice(&chunk[..read]);
         if response.body.len() > RESPONSE_BYTES_MAX {
             return Err(HttpError::TooLarge);
         }

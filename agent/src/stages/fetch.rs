@@ -23,6 +23,8 @@ pub const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Bound on one read: a stalled server fails fast instead of waiting out the whole budget.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 const HEADER_BYTES_MAX: usize = 64 * 1024;
+/// Room made for each read of an artifact body.
+const BODY_READ_BYTES: usize = 64 * 1024;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -154,8 +156,8 @@ async fn fetch<C: Connector, W: WorkDir>(
     stream.flush().await.map_err(io)?;
 
     // Headers.
+    // Reads go straight into spare capacity (`read_buf`): no read buffer to zero.
     let mut buffer = Vec::with_capacity(4096);
-    let mut chunk = vec![0u8; 64 * 1024];
     let header_end = loop {
         if let Some(position) = buffer.windows(4).position(|window| window == b"\r\n\r\n") {
             break position;
@@ -163,14 +165,14 @@ async fn fetch<C: Connector, W: WorkDir>(
         if buffer.len() > HEADER_BYTES_MAX {
             return Err(malformed("headers exceed 64 KiB"));
         }
-        let read = tokio::time::timeout(limits.read, stream.read(&mut chunk))
+        buffer.reserve(4096);
+        let read = tokio::time::timeout(limits.read, stream.read_buf(&mut buffer))
             .await
             .map_err(|_| timed_out())?
             .map_err(io)?;
         if read == 0 {
             return Err(malformed("connection closed before headers ended"));
         }
-        buffer.extend_from_slice(&chunk[..read]);
     };
     let head = std::str::from_utf8(&buffer[..header_end])
         .map_err(|_| malformed("headers are not utf-8"))?;
@@ -253,7 +255,9 @@ async fn fetch<C: Connector, W: WorkDir>(
         if received >= expected {
             break;
         }
-        let read = tokio::time::timeout(limits.read, stream.read(&mut chunk))
+        pending.clear();
+        pending.reserve(BODY_READ_BYTES);
+        let read = tokio::time::timeout(limits.read, stream.read_buf(&mut pending))
             .await
             .map_err(|_| timed_out())?
             .map_err(io)?;
@@ -264,8 +268,6 @@ async fn fetch<C: Connector, W: WorkDir>(
                 expected,
             });
         }
-        pending.clear();
-        pending.extend_from_slice(&chunk[..read]);
     }
     file.flush().await.map_err(file_error)?;
     dir.sync(&mut file).await.map_err(file_error)?;

@@ -318,6 +318,14 @@ impl Store for CachedStore {
         self.inner.node_health_list().await
     }
 
+    // The booting list is not cached either: it needs every booting node, and the cache
+    // holds only those read lately.
+    async fn node_booting_list(
+        &self,
+    ) -> Result<Vec<crate::core::controller::BootingNode>, StoreError> {
+        self.inner.node_booting_list().await
+    }
+
     // Power readings are not cached: only the controller reads them, once per tick, and
     // they are not part of the node record the boot path serves.
     async fn node_power_record(

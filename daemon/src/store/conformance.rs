@@ -3,7 +3,7 @@
 //! which guarantee broke. Checks use disjoint uuids, racks and names so they can share one
 //! (possibly non-empty) database.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use bearman_proto::uuid::NodeUuid;
@@ -84,6 +84,8 @@ pub async fn run_all(store: Arc<dyn Store>, wall_ms: WallClock) {
     token_expiry_and_last_use_are_kept(&*store).await;
     remediations_are_one_active_per_node_and_optimistic(&*store).await;
     power_readings_are_kept_per_node_without_touching_it(&*store).await;
+    the_health_list_pairs_each_node_with_its_own_reading(&*store).await;
+    the_booting_list_is_every_booting_node_in_state_then_uuid_order(&*store).await;
     registration_writes_addresses_and_node_together(&*store).await;
     failed_registrations_write_nothing(&*store).await;
     concurrent_registrations_of_one_uuid_have_one_winner(store.clone()).await;
@@ -780,6 +782,91 @@ async fn remediations_are_one_active_per_node_and_optimistic(store: &dyn Store) 
     assert!(next.id > created.id);
     let listed = store.remediation_list(false, None, 10).await.unwrap();
     assert_eq!(listed.first().map(|r| r.id), Some(next.id), "newest first");
+}
+
+async fn the_health_list_pairs_each_node_with_its_own_reading(store: &dyn Store) {
+    // Readings for nodes in and out of the list, in and out of uuid order: each listed
+    // node gets exactly its own reading (the memory store walks both in uuid order).
+    let rack = "conf-rack-health-power";
+    let mut expected = BTreeMap::new();
+    for index in 0..12u64 {
+        let mut n = node(137, index, rack);
+        // Every third node is not monitored (still booting) and so not listed.
+        if index % 3 != 2 {
+            n.state = LifecycleState::Ready;
+        }
+        store.node_create(&n, &[]).await.unwrap();
+        // Readings on some monitored and some unmonitored nodes, none on the rest.
+        let reading = (index % 4 != 1)
+            .then(|| PowerReading::known(PowerReadingState::On, 10_000 + index as i64));
+        if let Some(reading) = &reading {
+            assert!(store
+                .node_power_record(&n.uuid, reading, &[])
+                .await
+                .unwrap());
+        }
+        if n.state == LifecycleState::Ready {
+            expected.insert(n.uuid.clone(), reading);
+        }
+    }
+    let listed: BTreeMap<_, _> = store
+        .node_health_list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|h| h.rack.as_deref() == Some(rack))
+        .map(|h| (h.uuid, h.power))
+        .collect();
+    assert_eq!(listed, expected);
+}
+
+async fn the_booting_list_is_every_booting_node_in_state_then_uuid_order(store: &dyn Store) {
+    use crate::core::controller::BootingNode;
+    use crate::core::model::{BootPhase, BootProgress};
+    let rack = "conf-rack-booting";
+    let states = [
+        LifecycleState::Provisioning,
+        LifecycleState::Registered,
+        LifecycleState::Ready,
+        LifecycleState::Maintenance,
+    ];
+    let mut created = Vec::new();
+    for index in 0..12u64 {
+        let mut n = node(139, index, rack);
+        n.state = states[index as usize % states.len()];
+        n.boot = (index % 3 != 0).then_some(BootProgress {
+            phase: BootPhase::Registered,
+            at_ms: 2_000 + index as i64,
+            until_ms: (index % 5 == 0).then_some(9_000),
+        });
+        // Some with a BMC address, one with only blanks (not configured), some without.
+        n.bmc.address = match index % 4 {
+            0 => Some(format!("10.9.0.{index}")),
+            1 => Some("  ".into()),
+            _ => None,
+        };
+        created.push(store.node_create(&n, &[]).await.unwrap());
+    }
+    let mut expected: Vec<BootingNode> = Vec::new();
+    for state in [LifecycleState::Registered, LifecycleState::Provisioning] {
+        let mut of_state: Vec<BootingNode> = created
+            .iter()
+            .filter(|n| n.state == state)
+            .map(BootingNode::of)
+            .collect();
+        of_state.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+        expected.extend(of_state);
+    }
+    assert!(expected.iter().any(|b| b.bmc_configured));
+    assert!(expected.iter().any(|b| !b.bmc_configured));
+    let listed: Vec<BootingNode> = store
+        .node_booting_list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|b| b.rack.as_deref() == Some(rack))
+        .collect();
+    assert_eq!(listed, expected);
 }
 
 async fn power_readings_are_kept_per_node_without_touching_it(store: &dyn Store) {

@@ -308,15 +308,26 @@ impl Store for MemoryStore {
 
     async fn node_health_list(&self) -> Result<Vec<crate::core::health::NodeHealth>, StoreError> {
         let state = self.lock();
-        Ok(state
+        // The controller asks every tick for every node. Nodes and power readings are
+        // both ordered by uuid, so they are walked together rather than a reading
+        // looked up (a dozen uuid comparisons) per node.
+        let mut power = state.power.iter().peekable();
+        let mut list = Vec::with_capacity(state.nodes.len());
+        for node in state
             .nodes
             .values()
             .filter(|n| crate::core::health::is_monitored(n.state))
-            .map(|node| crate::core::health::NodeHealth {
-                power: state.power.get(&node.uuid).cloned(),
+        {
+            while power.next_if(|(uuid, _)| **uuid < node.uuid).is_some() {}
+            let reading = power
+                .next_if(|(uuid, _)| **uuid == node.uuid)
+                .map(|(_, reading)| reading.clone());
+            list.push(crate::core::health::NodeHealth {
+                power: reading,
                 ..crate::core::health::NodeHealth::of(node)
-            })
-            .collect())
+            });
+        }
+        Ok(list)
     }
 
     async fn node_power_record(

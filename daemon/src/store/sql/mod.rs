@@ -311,6 +311,12 @@ impl Store for SqlStore {
         self.bounded(power::health_list(self)).await
     }
 
+    async fn node_booting_list(
+        &self,
+    ) -> Result<Vec<crate::core::controller::BootingNode>, StoreError> {
+        self.bounded(nodes::booting_list(self)).await
+    }
+
     async fn node_power_record(
         &self,
         uuid: &NodeUuid,

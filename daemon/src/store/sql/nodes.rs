@@ -144,6 +144,62 @@ pub(super) async fn list(store: &SqlStore, filter: &NodeFilter) -> Result<Vec<No
     rows.iter().map(node_from_row).collect()
 }
 
+/// The parts of a node document the boot watchdog reads; serde skips the rest (hardware
+/// facts, firmware inventory, addresses) without building it.
+#[derive(serde::Deserialize)]
+struct BootingDoc {
+    #[serde(default)]
+    boot: Option<crate::core::model::BootProgress>,
+    #[serde(default)]
+    bmc: BootingBmc,
+}
+
+#[derive(Default, serde::Deserialize)]
+struct BootingBmc {
+    #[serde(default)]
+    address: Option<String>,
+}
+
+/// Every booting node (Registered, then Provisioning, each in uuid order: the order of
+/// the paged default) as the boot watchdog sees it. It runs every `boot_scan_ms` over
+/// the whole boot storm, so it reads three columns and two fields of the document
+/// instead of decoding every node whole.
+pub(super) async fn booting_list(
+    store: &SqlStore,
+) -> Result<Vec<crate::core::controller::BootingNode>, StoreError> {
+    use crate::core::lifecycle::LifecycleState as S;
+    let rows = sqlx::query(
+        "SELECT uuid, rack, state, doc FROM nodes WHERE state = $1 OR state = $2 \
+         ORDER BY CASE WHEN state = $1 THEN 0 ELSE 1 END, uuid",
+    )
+    .bind(S::Registered.as_str())
+    .bind(S::Provisioning.as_str())
+    .fetch_all(&store.pool)
+    .await
+    .map_err(backend_error)?;
+    rows.iter()
+        .map(|row| {
+            let uuid: String = row.try_get("uuid").map_err(backend_error)?;
+            let state: String = row.try_get("state").map_err(backend_error)?;
+            let doc: String = row.try_get("doc").map_err(backend_error)?;
+            let doc: BootingDoc =
+                serde_json::from_str(&doc).map_err(|e| corrupt("node document", e))?;
+            Ok(crate::core::controller::BootingNode {
+                uuid: NodeUuid::parse(&uuid).map_err(|e| corrupt("node uuid", e))?,
+                rack: row.try_get("rack").map_err(backend_error)?,
+                state: LifecycleState::parse(&state)
+                    .ok_or_else(|| corrupt("node state", &state))?,
+                boot: doc.boot,
+                bmc_configured: doc
+                    .bmc
+                    .address
+                    .as_deref()
+                    .is_some_and(|address| !address.trim().is_empty()),
+            })
+        })
+        .collect()
+}
+
 pub(super) async fn count_by_state(store: &SqlStore) -> Result<StateCounts, StoreError> {
     let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM nodes GROUP BY state")
         .fetch_all(&store.pool)
