@@ -215,6 +215,12 @@ pub mod net;
 mod rt;
 use rt::Rt;
 
+/// The maps the step looks hosts, links and sockets up in on every tick, hashed with
+/// Fx instead of SipHash: the keys are the simulation's own (addresses, socket pairs),
+/// never an attacker's, and SipHash was most of the lookups' cost. Iteration order is
+/// insertion order either way (IndexMap), so runs replay as before. (Bearman patch.)
+pub(crate) type FastMap<K, V> = indexmap::IndexMap<K, V, rustc_hash::FxBuildHasher>;
+
 mod sim;
 pub use sim::Sim;
 

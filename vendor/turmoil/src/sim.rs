@@ -6,7 +6,6 @@ use std::ops::DerefMut;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
-use indexmap::IndexMap;
 use tokio::time::Duration;
 use tracing::Level;
 
@@ -26,7 +25,7 @@ pub struct Sim<'a> {
     world: RefCell<World>,
 
     /// Per simulated host runtimes
-    rts: IndexMap<IpAddr, Rt<'a>>,
+    rts: crate::FastMap<IpAddr, Rt<'a>>,
 
     /// Simulation duration since unix epoch. Set when the simulation is
     /// created.
@@ -39,16 +38,16 @@ pub struct Sim<'a> {
 
     /// Hosts stopped the world (see [`Sim::pause`]), with the virtual time each has
     /// missed so far. (Bearman patch.)
-    paused: IndexMap<IpAddr, Duration>,
+    paused: crate::FastMap<IpAddr, Duration>,
 
     /// Hosts resumed since the last step, with the time they missed: their clock jumps
     /// forward by it before they run again. (Bearman patch.)
-    waking: IndexMap<IpAddr, Duration>,
+    waking: crate::FastMap<IpAddr, Duration>,
 
     /// Running hosts whose last ticks were skipped because they had nothing to do, with
     /// how many: before anything else happens to them they are brought up to date
     /// ([`Rt::skip_idle`]), exactly as if those ticks had run. (Bearman patch.)
-    behind: IndexMap<IpAddr, u32>,
+    behind: crate::FastMap<IpAddr, u32>,
 
     /// Host ticks run and skipped so far. (Bearman patch.)
     host_ticks: (u64, u64),
@@ -64,13 +63,13 @@ impl<'a> Sim<'a> {
         Self {
             config,
             world: RefCell::new(world),
-            rts: IndexMap::new(),
+            rts: crate::FastMap::default(),
             since_epoch,
             elapsed: Duration::ZERO,
             steps: 1, // bumped after each step
-            paused: IndexMap::new(),
-            waking: IndexMap::new(),
-            behind: IndexMap::new(),
+            paused: crate::FastMap::default(),
+            waking: crate::FastMap::default(),
+            behind: crate::FastMap::default(),
             host_ticks: (0, 0),
         }
     }

@@ -3,7 +3,6 @@ use crate::host::Host;
 use crate::rt::Rt;
 use crate::{config, TRACING_TARGET};
 
-use indexmap::IndexMap;
 use rand::{Rng, RngCore};
 use rand_distr::{Distribution, Exp};
 use std::collections::{BTreeSet, VecDeque};
@@ -17,7 +16,7 @@ pub(crate) struct Topology {
     config: config::Link,
 
     /// Specific configuration overrides between specific hosts.
-    links: IndexMap<Pair, Link>,
+    links: crate::FastMap<Pair, Link>,
 
     /// The network's time as of the last [`Topology::tick_by`]. Every host pair has a
     /// link, so most links carry nothing in most steps: only the links with messages in
@@ -33,7 +32,7 @@ pub(crate) struct Topology {
     /// For each host, the indices of the links that may hold messages ready for it: a
     /// superset, pruned as they are delivered. Delivering to a host visits these in
     /// increasing order, as a scan of its every link would. (Bearman patch.)
-    ready_for: IndexMap<IpAddr, BTreeSet<usize>>,
+    ready_for: crate::FastMap<IpAddr, BTreeSet<usize>>,
 
     /// We don't use a Rt for async. Right now, we just use it to tick time
     /// forward in the same way we do it elsewhere. We'd like to represent
@@ -166,7 +165,7 @@ struct Link {
     sent: VecDeque<Sent>,
 
     /// Messages that are ready to be delivered.
-    deliverable: IndexMap<IpAddr, VecDeque<Envelope>>,
+    deliverable: crate::FastMap<IpAddr, VecDeque<Envelope>>,
 
     /// The current network time, moved forward with [`Link::tick`].
     now: Instant,
@@ -193,10 +192,10 @@ impl Topology {
         let rt = Rt::no_software();
         Topology {
             config,
-            links: IndexMap::new(),
+            links: crate::FastMap::default(),
             now: rt.now(),
             in_flight: BTreeSet::new(),
-            ready_for: IndexMap::new(),
+            ready_for: crate::FastMap::default(),
             rt,
         }
     }
@@ -411,7 +410,7 @@ impl Link {
             state_b_a: State::Healthy,
             config: config::Link::default(),
             sent: VecDeque::new(),
-            deliverable: IndexMap::new(),
+            deliverable: crate::FastMap::default(),
             now,
         }
     }
