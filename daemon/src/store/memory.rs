@@ -306,6 +306,26 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn node_booting_list(
+        &self,
+    ) -> Result<Vec<crate::core::controller::BootingNode>, StoreError> {
+        use crate::core::lifecycle::LifecycleState as S;
+        // What the paged default returns (Registered, then Provisioning, each in uuid
+        // order) without copying every booting node whole first.
+        let state = self.lock();
+        let mut list = Vec::new();
+        for wanted in [S::Registered, S::Provisioning] {
+            list.extend(
+                state
+                    .nodes
+                    .values()
+                    .filter(|node| node.state == wanted)
+                    .map(crate::core::controller::BootingNode::of),
+            );
+        }
+        Ok(list)
+    }
+
     async fn node_health_list(&self) -> Result<Vec<crate::core::health::NodeHealth>, StoreError> {
         let state = self.lock();
         // The controller asks every tick for every node. Nodes and power readings are

@@ -514,10 +514,7 @@ impl Runtime {
         if let Scheduler::CurrentThread(exec) = &self.scheduler {
             exec.skip_ticks(parks);
         }
-        let generator = self.handle.inner.seed_generator();
-        for _ in 0..ticks {
-            let _ = generator.next_seed();
-        }
+        self.handle.inner.seed_generator().skip_seeds(ticks);
         driver
             .clock()
             .advance(tick * ticks)

@@ -38,6 +38,20 @@ impl RngSeedGenerator {
         RngSeed::from_pair(s, r)
     }
 
+    /// Moves on as `count` calls of [`Self::next_seed`] would, under one lock.
+    /// (Bearman patch, for `Runtime::skip_idle`.)
+    #[cfg(all(feature = "time", feature = "test-util", not(loom)))]
+    pub(crate) fn skip_seeds(&self, count: u32) {
+        let mut rng = self
+            .state
+            .lock()
+            .expect("RNG seed generator is internally corrupt");
+        for _ in 0..count {
+            rng.fastrand();
+            rng.fastrand();
+        }
+    }
+
     /// Directly creates a generator using the next seed.
     pub(crate) fn next_generator(&self) -> Self {
         RngSeedGenerator::new(self.next_seed())
