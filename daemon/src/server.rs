@@ -160,7 +160,7 @@ where
     L: axum::serve::Listener<Addr = std::net::SocketAddr>,
 {
     let mut state = AppState::new(parts.store, parts.clock, parts.images, parts.service);
-    state.app = state.app.with_metrics(parts.metrics);
+    state.app = state.app.clone().with_metrics(parts.metrics);
     // Operator power actions go through the controller's own BMC provider, so the
     // per-BMC guard serialises them with fencing and power polls. Verified within the
     // remediation's readback bounds.
@@ -169,24 +169,23 @@ where
         readbacks_max: limits.readbacks_max.max(1),
         backoff: std::time::Duration::from_millis(limits.backoff_initial_ms.max(10) as u64),
     };
-    state.app = state.app.with_power_switch(Arc::new(
+    state.app = state.app.clone().with_power_switch(Arc::new(
         crate::controller::operator_power::OperatorPower::new(parts.bmcs.clone(), readback),
     ));
-    state.app = state.app.with_twin_sources(crate::app::drill::TwinSources {
-        remediation: parts.remediation.clone(),
-        vms: parts.cloud.clone().map(|cloud| {
-            Arc::new(crate::controller::drill_faults::CloudVms(cloud))
-                as Arc<dyn crate::app::drill::HostVms>
-        }),
-    });
+    state.app = state
+        .app
+        .clone()
+        .with_twin_sources(crate::app::drill::TwinSources {
+            remediation: parts.remediation.clone(),
+            vms: parts.cloud.clone().map(|cloud| {
+                Arc::new(crate::controller::drill_faults::CloudVms(cloud))
+                    as Arc<dyn crate::app::drill::HostVms>
+            }),
+        });
     // Chaos drills inject through the same provider and guards.
-    state.app =
-        state
-            .app
-            .with_fault_injector(Arc::new(crate::controller::drill_faults::BmcFaults::new(
-                parts.bmcs.clone(),
-                readback,
-            )));
+    state.app = state.app.clone().with_fault_injector(Arc::new(
+        crate::controller::drill_faults::BmcFaults::new(parts.bmcs.clone(), readback),
+    ));
     if let Some(observer) = &parts.observer {
         observer(&state.app);
     }

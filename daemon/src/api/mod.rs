@@ -53,8 +53,31 @@ pub struct ServiceConfig {
     pub firmware: crate::core::firmware::RolloutPolicy,
 }
 
+/// What every handler is given. Handlers and the router clone it for every request,
+/// so it is one shared allocation: a clone is one reference count, not one per part
+/// (the parts are about twenty `Arc`s). Set-up code changes parts through `DerefMut`
+/// before anything shares it.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppStateParts>);
+
+impl std::ops::Deref for AppState {
+    type Target = AppStateParts;
+
+    fn deref(&self) -> &AppStateParts {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for AppState {
+    /// Copies the parts first if the state is already shared (it is not, while the
+    /// daemon is assembled).
+    fn deref_mut(&mut self) -> &mut AppStateParts {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+#[derive(Clone)]
+pub struct AppStateParts {
     /// Every state change goes through here.
     pub app: crate::app::App,
     /// For reads (the same store the application writes to).
@@ -95,7 +118,7 @@ impl AppState {
         let rate_limiter = Arc::new(std::sync::Mutex::new(
             crate::core::rate_limit::SourceRateLimiter::new(config.edge.rate),
         ));
-        AppState {
+        AppState(Arc::new(AppStateParts {
             app,
             store,
             clock,
@@ -104,7 +127,7 @@ impl AppState {
             rate_limiter,
             config: Arc::new(config),
             scripts: Arc::default(),
-        }
+        }))
     }
 }
 
