@@ -173,11 +173,15 @@ pub fn due_polls(
             (at <= now_ms).then_some((reason, at, &node.uuid))
         })
         .collect();
+    // Only the first `max` are polled: pick them before sorting (the order is total,
+    // uuids being unique, so this is the head of the full sort), not sort all of a fleet
+    // whose polls fell due together.
+    if due.len() > max {
+        due.select_nth_unstable(max);
+        due.truncate(max);
+    }
     due.sort();
-    due.into_iter()
-        .take(max)
-        .map(|(_, _, uuid)| uuid.clone())
-        .collect()
+    due.into_iter().map(|(_, _, uuid)| uuid.clone()).collect()
 }
 
 /// Last-heard times of the monitored nodes, sorted, per rack and fleet-wide: answers "how
@@ -381,6 +385,10 @@ mod tests {
         assert_eq!(due[0], nodes[19].uuid, "the confirmation first");
         assert_eq!(due[1], nodes[17].uuid, "then the longest overdue");
         assert!(!due.contains(&in_flight));
+        // Exactly the head of the whole order, in that order.
+        let all = due_polls(&nodes, now, &config, usize::MAX, |uuid| *uuid == in_flight);
+        assert!(all.len() > 8);
+        assert_eq!(due, all[..8]);
     }
 
     /// One row of the judgement table: rack r0 of `rack_size` nodes (node 0 the subject,
