@@ -8,6 +8,26 @@ use std::fmt;
 /// Characters in the hyphenated form.
 const UUID_LEN: usize = 36;
 
+/// Where the layout puts its hyphens (`8-4-4-4-12`).
+const HYPHEN_AT: [usize; 4] = [8, 13, 18, 23];
+
+/// What each byte of a uuid's text stands for: hex digits their lowercase form, `-`
+/// itself, everything else 0 (not allowed).
+const UUID_CHAR: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let c = byte as u8;
+        table[byte] = match c {
+            b'0'..=b'9' | b'a'..=b'f' | b'-' => c,
+            b'A'..=b'F' => c.to_ascii_lowercase(),
+            _ => 0,
+        };
+        byte += 1;
+    }
+    table
+};
+
 /// A DMI system-uuid in canonical lowercase `8-4-4-4-12` form.
 ///
 /// Kept inline as its 36 ASCII bytes rather than a `String`: parsing one (every boot
@@ -31,18 +51,19 @@ impl NodeUuid {
         let Ok(bytes) = <[u8; UUID_LEN]>::try_from(input.as_bytes()) else {
             return Err(invalid());
         };
+        // One table lookup a byte (every boot request parses one): a hex digit maps to
+        // its lowercase form, a hyphen to itself, anything else to 0. Then the hyphens
+        // must be exactly the four of the layout.
         let mut normalised = [0u8; UUID_LEN];
-        for (index, (byte, out)) in bytes.iter().zip(normalised.iter_mut()).enumerate() {
-            let hyphen_expected = matches!(index, 8 | 13 | 18 | 23);
-            let ok = if hyphen_expected {
-                *byte == b'-'
-            } else {
-                byte.is_ascii_hexdigit()
-            };
-            if !ok {
-                return Err(invalid());
-            }
-            *out = byte.to_ascii_lowercase();
+        let mut all_known = true;
+        for (byte, out) in bytes.iter().zip(normalised.iter_mut()) {
+            *out = UUID_CHAR[*byte as usize];
+            all_known &= *out != 0;
+        }
+        let hyphens_in_place = HYPHEN_AT.iter().all(|&at| normalised[at] == b'-');
+        let hyphens = normalised.iter().filter(|&&byte| byte == b'-').count();
+        if !all_known || !hyphens_in_place || hyphens != HYPHEN_AT.len() {
+            return Err(invalid());
         }
         Ok(NodeUuid(normalised))
     }
@@ -116,6 +137,13 @@ mod tests {
             "4c4c4544-0042-3510-8052-b4c04f4e4a3z",
             "4c4c4544-0042-3510-8052-b4c04f4e4a32-",
             "../../etc/passwd-aaaa-bbbb-cccccccccccc",
+            // Right length, hyphens moved, doubled or replaced.
+            "4c4c454-40042-3510-8052-b4c04f4e4a32",
+            "4c4c4544--042-3510-8052-b4c04f4e4a32",
+            "4c4c4544-0042-3510-8052-b4c04f4e4a-2",
+            "4c4c4544x0042-3510-8052-b4c04f4e4a32",
+            "4c4c4544-0042-3510-8052-b4c04f4e4a3\u{0}",
+            "4c4c4544-0042-3510-8052-b4c04f4e4aé",
         ] {
             assert!(NodeUuid::parse(bad).is_err(), "{bad:?} accepted");
         }
