@@ -16,6 +16,11 @@ cfg_not_test_util! {
         Instant::from_std(std::time::Instant::now())
     }
 
+    /// Whether any runtime's clock was ever paused: never without `test-util`.
+    pub(crate) fn ever_paused() -> bool {
+        false
+    }
+
     impl Clock {
         pub(crate) fn new(_enable_pausing: bool, _start_paused: bool) -> Clock {
             Clock {}
@@ -281,6 +286,11 @@ cfg_test_util! {
     }
 
     /// Returns the current instant, factoring in frozen time.
+    /// Whether any runtime's clock was ever paused (a simulation's). (Bearman patch.)
+    pub(crate) fn ever_paused() -> bool {
+        DID_PAUSE_CLOCK.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn now() -> Instant {
         if !DID_PAUSE_CLOCK.load(Ordering::Acquire) {
             return Instant::from_std(std::time::Instant::now());

@@ -92,6 +92,7 @@ fn safe_delay(duration: Duration) -> Duration {
 
 mod clock;
 pub(crate) use self::clock::Clock;
+pub(crate) use self::clock::ever_paused;
 cfg_test_util! {
     pub use clock::{advance, pause, resume};
 }

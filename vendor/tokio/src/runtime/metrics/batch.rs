@@ -210,7 +210,7 @@ impl MetricsBatch {
 
     /// Start processing a batch of tasks
     pub(crate) fn start_processing_scheduled_tasks(&mut self) {
-        self.processing_scheduled_tasks_started_at = now();
+        self.processing_scheduled_tasks_started_at = busy_clock();
     }
 
     /// Stop processing a batch of tasks
@@ -384,6 +384,18 @@ cfg_rt_multi_thread! {
 
 pub(crate) fn duration_as_u64(dur: Duration) -> u64 {
     u64::try_from(dur.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// When a batch of tasks starts, for the busy-duration metric: not read in a process
+/// where a runtime's clock was paused (a simulation stepping hundreds of runtimes, where
+/// reading the real clock twice a batch was 2 % of the run and busy time means nothing).
+/// Everywhere else exactly `now()`. (Bearman patch.)
+fn busy_clock() -> Option<Instant> {
+    #[cfg(feature = "time")]
+    if crate::time::ever_paused() {
+        return None;
+    }
+    now()
 }
 
 /// Gate unsupported time metrics for `wasm32-unknown-unknown`
