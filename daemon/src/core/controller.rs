@@ -202,13 +202,14 @@ impl BootingNode {
             rack: node.rack.clone(),
             state: node.state,
             boot: node.boot,
-            bmc_configured: node
-                .bmc
-                .address
-                .as_deref()
-                .is_some_and(|a| !a.trim().is_empty()),
+            bmc_configured: bmc_address_configured(node.bmc.address.as_deref()),
         }
     }
+}
+
+/// Whether a node's BMC address is one to power-cycle it through (set, not blank).
+pub fn bmc_address_configured(address: Option<&str>) -> bool {
+    address.is_some_and(|address| !address.trim().is_empty())
 }
 
 /// A node booting on its own, with no remediation on it, stuck at a boot milestone past

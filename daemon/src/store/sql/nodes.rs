@@ -190,11 +190,9 @@ pub(super) async fn booting_list(
                 state: LifecycleState::parse(&state)
                     .ok_or_else(|| corrupt("node state", &state))?,
                 boot: doc.boot,
-                bmc_configured: doc
-                    .bmc
-                    .address
-                    .as_deref()
-                    .is_some_and(|address| !address.trim().is_empty()),
+                bmc_configured: crate::core::controller::bmc_address_configured(
+                    doc.bmc.address.as_deref(),
+                ),
             })
         })
         .collect()
