@@ -144,6 +144,20 @@ pub(super) async fn list(store: &SqlStore, filter: &NodeFilter) -> Result<Vec<No
     rows.iter().map(node_from_row).collect()
 }
 
+/// A `nodes` row's `uuid`, `rack` and `state` columns, decoded: what the controller's
+/// lean lists (health, booting) read instead of the document.
+pub(super) fn identity_columns(
+    row: &AnyRow,
+) -> Result<(NodeUuid, Option<String>, LifecycleState), StoreError> {
+    let uuid: String = row.try_get("uuid").map_err(backend_error)?;
+    let state: String = row.try_get("state").map_err(backend_error)?;
+    Ok((
+        NodeUuid::parse(&uuid).map_err(|e| corrupt("node uuid", e))?,
+        row.try_get("rack").map_err(backend_error)?,
+        LifecycleState::parse(&state).ok_or_else(|| corrupt("node state", &state))?,
+    ))
+}
+
 /// The parts of a node document the boot watchdog reads; serde skips the rest (hardware
 /// facts, firmware inventory, addresses) without building it.
 #[derive(serde::Deserialize)]
@@ -179,16 +193,14 @@ pub(super) async fn booting_list(
     .map_err(backend_error)?;
     rows.iter()
         .map(|row| {
-            let uuid: String = row.try_get("uuid").map_err(backend_error)?;
-            let state: String = row.try_get("state").map_err(backend_error)?;
+            let (uuid, rack, state) = identity_columns(row)?;
             let doc: String = row.try_get("doc").map_err(backend_error)?;
             let doc: BootingDoc =
                 serde_json::from_str(&doc).map_err(|e| corrupt("node document", e))?;
             Ok(crate::core::controller::BootingNode {
-                uuid: NodeUuid::parse(&uuid).map_err(|e| corrupt("node uuid", e))?,
-                rack: row.try_get("rack").map_err(backend_error)?,
-                state: LifecycleState::parse(&state)
-                    .ok_or_else(|| corrupt("node state", &state))?,
+                uuid,
+                rack,
+                state,
                 boot: doc.boot,
                 bmc_configured: crate::core::controller::bmc_address_configured(
                     doc.bmc.address.as_deref(),

@@ -6,7 +6,6 @@ use sqlx::Row;
 
 use super::events::insert_events;
 use super::{backend_error, corrupt, SqlStore};
-use crate::core::lifecycle::LifecycleState;
 use crate::core::model::NewEvent;
 use crate::core::power_sync::{PowerReading, PowerReadingState};
 use crate::store::StoreError;
@@ -47,13 +46,11 @@ pub(super) async fn health_list(
     .map_err(backend_error)?;
     rows.iter()
         .map(|row| {
-            let uuid: String = row.try_get("uuid").map_err(backend_error)?;
-            let state: String = row.try_get("state").map_err(backend_error)?;
+            let (uuid, rack, state) = super::nodes::identity_columns(row)?;
             Ok(crate::core::health::NodeHealth {
-                uuid: NodeUuid::parse(&uuid).map_err(|e| corrupt("node uuid", e))?,
-                rack: row.try_get("rack").map_err(backend_error)?,
-                state: LifecycleState::parse(&state)
-                    .ok_or_else(|| corrupt("node state", &state))?,
+                uuid,
+                rack,
+                state,
                 last_heard_at_ms: row.try_get("heard").map_err(backend_error)?,
                 power: power_from_row(row, "power_")?,
             })
