@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
-use bearman::edge::{serve_listener, ConnectionLimits};
+use bearman::edge::{serve_listener, ConnectionLimits, WithConnectInfo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -26,7 +26,13 @@ async fn start(limits: ConnectionLimits) -> (SocketAddr, watch::Sender<bool>) {
         Ok::<_, std::convert::Infallible>(Response::new(Body::from("done")))
     });
     let (stop, stopped) = watch::channel(false);
-    tokio::spawn(serve_listener(listener, service, limits, None, stopped));
+    tokio::spawn(serve_listener(
+        listener,
+        WithConnectInfo(service),
+        limits,
+        None,
+        stopped,
+    ));
     (address, stop)
 }
 
@@ -107,7 +113,7 @@ async fn shutdown_lets_the_request_in_flight_finish_then_returns() {
     let (stop, stopped) = watch::channel(false);
     let served = tokio::spawn(serve_listener(
         listener,
-        service,
+        WithConnectInfo(service),
         ConnectionLimits::default(),
         None,
         stopped,

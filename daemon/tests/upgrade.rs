@@ -15,8 +15,11 @@ mod support;
 
 use std::path::Path;
 
+use bearman::core::controller::BootingNode;
 use bearman::core::lifecycle::LifecycleState;
-use bearman::core::model::{EventFilter, NodeFilter, PoolPurpose, TokenRole};
+use bearman::core::model::{
+    BootPhase, BootProgress, EventFilter, NodeFilter, PoolPurpose, TokenRole,
+};
 use bearman::core::power_sync::PowerReadingState;
 use bearman::store::sql::migrate::MigrationInfo;
 use bearman::store::sql::{Backend, SqlStore};
@@ -25,16 +28,17 @@ use bearman_proto::uuid::NodeUuid;
 use support::*;
 
 /// The migrations of the previous release: everything before 0005 (token expiry); this
-/// one adds 0005, 0006 (firmware bundles and rollout) and 0007 (chaos drills).
+/// one adds 0005, 0006 (firmware bundles and rollout), 0007 (chaos drills) and 0008 (the
+/// boot watchdog's columns, filled from the documents).
 const PREVIOUS_RELEASE_LAST: i64 = 4;
 
 const NODE_A: &str = "00000500-0000-0000-0000-000000000001";
 const NODE_B: &str = "00000500-0000-0000-0000-000000000002";
 
 /// A node document exactly as the previous release stored it.
-fn node_doc(uuid: &str, hostname: &str, state: &str, address: &str) -> String {
+fn node_doc(uuid: &str, hostname: &str, state: &str, address: &str, boot: &str) -> String {
     format!(
-        r#"{{"uuid":"{uuid}","hostname":"{hostname}","serial":"SER-{hostname}","vendor":"Dell","model":"R650","role":"compute","flavor":"hv-2025","rack":"r12","state":"{state}","generation":3,"hardware":{{"cpu":{{"model":"EPYC","sockets":2,"cores":64,"threads":128}},"memory_bytes":549755813888,"disks":[],"nics":[{{"name":"eth0","mac":"02:00:00:05:00:01","speed_mbps":25000,"lldp":null}}]}},"firmware":{{"bios":"2.1.0","bmc":null,"nics":{{}}}},"bmc":{{"address":"10.50.1.10","mac":null,"driver":null,"credentials_ref":null}},"network":{{"vlan":null,"bond0_addresses":["{address}/24"],"gateway":"10.50.0.1","dns":["10.50.0.2"],"mtu":9000}},"created_at_ms":1000,"updated_at_ms":3000,"registered_at_ms":2000,"installed_at_ms":null,"last_heartbeat_at_ms":null,"boot":null,"maintenance":null,"pending_acceptance":null}}"#
+        r#"{{"uuid":"{uuid}","hostname":"{hostname}","serial":"SER-{hostname}","vendor":"Dell","model":"R650","role":"compute","flavor":"hv-2025","rack":"r12","state":"{state}","generation":3,"hardware":{{"cpu":{{"model":"EPYC","sockets":2,"cores":64,"threads":128}},"memory_bytes":549755813888,"disks":[],"nics":[{{"name":"eth0","mac":"02:00:00:05:00:01","speed_mbps":25000,"lldp":null}}]}},"firmware":{{"bios":"2.1.0","bmc":null,"nics":{{}}}},"bmc":{{"address":"10.50.1.10","mac":null,"driver":null,"credentials_ref":null}},"network":{{"vlan":null,"bond0_addresses":["{address}/24"],"gateway":"10.50.0.1","dns":["10.50.0.2"],"mtu":9000}},"created_at_ms":1000,"updated_at_ms":3000,"registered_at_ms":2000,"installed_at_ms":null,"last_heartbeat_at_ms":null,"boot":{boot},"maintenance":null,"pending_acceptance":null}}"#
     )
 }
 
@@ -51,12 +55,18 @@ fn previous_release_rows() -> Vec<String> {
         format!(
             "INSERT INTO nodes (uuid, hostname, serial, rack, role, state, flavor, generation, created_at_ms, updated_at_ms, last_heartbeat_at_ms, doc) \
              VALUES ('{NODE_A}', 'cn-a', 'SER-cn-a', 'r12', 'compute', 'ready', 'hv-2025', 3, 1000, 3000, 4000, '{}')",
-            quote(&node_doc(NODE_A, "cn-a", "ready", "10.50.0.10"))
+            quote(&node_doc(NODE_A, "cn-a", "ready", "10.50.0.10", "null"))
         ),
         format!(
             "INSERT INTO nodes (uuid, hostname, serial, rack, role, state, flavor, generation, created_at_ms, updated_at_ms, last_heartbeat_at_ms, doc) \
              VALUES ('{NODE_B}', 'cn-b', 'SER-cn-b', 'r12', 'compute', 'registered', 'hv-2025', 3, 1000, 3000, NULL, '{}')",
-            quote(&node_doc(NODE_B, "cn-b", "registered", "10.50.0.11"))
+            quote(&node_doc(
+                NODE_B,
+                "cn-b",
+                "registered",
+                "10.50.0.11",
+                r#"{"phase":"registered","at_ms":2000}"#
+            ))
         ),
         format!("INSERT INTO ip_allocations (pool, address, address_num, node_uuid, purpose, allocated_at_ms) VALUES ('rack12', '10.50.0.10', 171048970, '{NODE_A}', 'node', 2000)"),
         format!("INSERT INTO ip_allocations (pool, address, address_num, node_uuid, purpose, allocated_at_ms) VALUES ('rack12', '10.50.0.11', 171048971, '{NODE_B}', 'node', 2001)"),
@@ -136,6 +146,23 @@ async fn every_row_reads_back(store: &dyn Store) {
     let node_b = store.node_get(&b).await.unwrap().expect("node B survives");
     assert_eq!(node_b.state, LifecycleState::Registered);
     assert_eq!(node_b.last_heartbeat_at_ms, None);
+    // Migration 0008 filled the boot watchdog's columns from the documents.
+    let boot = Some(BootProgress {
+        phase: BootPhase::Registered,
+        at_ms: 2000,
+        until_ms: None,
+    });
+    assert_eq!(node_b.boot, boot);
+    assert_eq!(
+        store.node_booting_list().await.unwrap(),
+        vec![BootingNode {
+            uuid: b.clone(),
+            rack: Some("r12".to_string()),
+            state: LifecycleState::Registered,
+            boot,
+            bmc_configured: true,
+        }]
+    );
     assert_eq!(
         store.node_list(&NodeFilter::default()).await.unwrap().len(),
         2
@@ -235,16 +262,33 @@ async fn sqlite_from_the_previous_release_upgrades_with_migrate_run_and_keeps_ev
     let status = migrate(&["status"]);
     assert_success("migrate status", &status);
     let table = text(&status.stdout);
-    assert!(table.contains("0004     cluster       applied"), "{table}");
-    assert!(table.contains("0005     token expiry  pending"), "{table}");
-    assert!(table.contains("0006     firmware      pending"), "{table}");
-    assert!(table.contains("0007     drills        pending"), "{table}");
+    assert!(
+        table.contains("0004     cluster            applied"),
+        "{table}"
+    );
+    assert!(
+        table.contains("0005     token expiry       pending"),
+        "{table}"
+    );
+    assert!(
+        table.contains("0006     firmware           pending"),
+        "{table}"
+    );
+    assert!(
+        table.contains("0007     drills             pending"),
+        "{table}"
+    );
+    assert!(
+        table.contains("0008     node boot columns  pending"),
+        "{table}"
+    );
 
     let applied = migrate(&["run"]);
     assert_success("migrate run", &applied);
     assert_eq!(
         text(&applied.stdout),
-        "applied 0005 token expiry\napplied 0006 firmware\napplied 0007 drills\n"
+        "applied 0005 token expiry\napplied 0006 firmware\napplied 0007 drills\n\
+         applied 0008 node boot columns\n"
     );
     let again = migrate(&["run"]);
     assert_success("migrate run again", &again);
@@ -262,7 +306,7 @@ async fn postgres_from_the_previous_release_upgrades_at_connect_and_keeps_every_
         previous_release_database(&url, Backend::Postgres).await;
         let before = SqlStore::connect_without_migrating(&url).await.unwrap();
         let status = before.migration_status().await.unwrap();
-        assert_eq!(versions(&status.pending()), vec![5, 6, 7]);
+        assert_eq!(versions(&status.pending()), vec![5, 6, 7, 8]);
         assert!(status.unknown().is_empty());
         before.close().await;
         // The operator's view, through the binary, changing nothing.
@@ -272,7 +316,7 @@ async fn postgres_from_the_previous_release_upgrades_at_connect_and_keeps_every_
         let listed = run(command);
         assert_success("migrate status on PostgreSQL", &listed);
         assert!(
-            text(&listed.stdout).contains("0005     token expiry  pending"),
+            text(&listed.stdout).contains("0005     token expiry       pending"),
             "{}",
             text(&listed.stdout)
         );
@@ -349,7 +393,7 @@ fn migrate_status_creates_no_database() {
         .arg(&data_dir);
     let status = run(command);
     assert_success("migrate status", &status);
-    assert!(text(&status.stdout).contains("0001     initial       pending"));
+    assert!(text(&status.stdout).contains("0001     initial            pending"));
     assert!(text(&status.stderr).contains("no database at"));
     assert!(!data_dir.join("bearman.db").exists());
 }

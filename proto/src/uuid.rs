@@ -11,21 +11,15 @@ const UUID_LEN: usize = 36;
 /// Where the layout puts its hyphens (`8-4-4-4-12`).
 const HYPHEN_AT: [usize; 4] = [8, 13, 18, 23];
 
-/// What each byte of a uuid's text stands for: hex digits their lowercase form, `-`
-/// itself, everything else 0 (not allowed).
-const UUID_CHAR: [u8; 256] = {
-    let mut table = [0u8; 256];
-    let mut byte = 0;
-    while byte < 256 {
-        let c = byte as u8;
-        table[byte] = match c {
-            b'0'..=b'9' | b'a'..=b'f' | b'-' => c,
-            b'A'..=b'F' => c.to_ascii_lowercase(),
-            _ => 0,
-        };
-        byte += 1;
+/// Whether the layout puts a hyphen at each position.
+const HYPHEN_HERE: [bool; UUID_LEN] = {
+    let mut here = [false; UUID_LEN];
+    let mut h = 0;
+    while h < HYPHEN_AT.len() {
+        here[HYPHEN_AT[h]] = true;
+        h += 1;
     }
-    table
+    here
 };
 
 /// A DMI system-uuid in canonical lowercase `8-4-4-4-12` form.
@@ -51,18 +45,23 @@ impl NodeUuid {
         let Ok(bytes) = <[u8; UUID_LEN]>::try_from(input.as_bytes()) else {
             return Err(invalid());
         };
-        // One table lookup a byte (every boot request parses one): a hex digit maps to
-        // its lowercase form, a hyphen to itself, anything else to 0. Then the hyphens
-        // must be exactly the four of the layout.
+        // Every boot request parses one, so it is arithmetic the compiler turns into
+        // vector instructions (about a quarter of a table lookup per byte): a hex digit
+        // where the layout wants one, a hyphen where it wants one. ASCII digits and `-`
+        // already have bit 0x20 set; setting it lowercases `A`–`F`.
         let mut normalised = [0u8; UUID_LEN];
-        let mut all_known = true;
-        for (byte, out) in bytes.iter().zip(normalised.iter_mut()) {
-            *out = UUID_CHAR[*byte as usize];
-            all_known &= *out != 0;
+        let mut misplaced = false;
+        for (position, &byte) in bytes.iter().enumerate() {
+            let lower = byte | 0x20;
+            let hex = (byte.wrapping_sub(b'0') < 10) | (lower.wrapping_sub(b'a') < 6);
+            misplaced |= if HYPHEN_HERE[position] {
+                byte != b'-'
+            } else {
+                !hex
+            };
+            normalised[position] = lower;
         }
-        let hyphens_in_place = HYPHEN_AT.iter().all(|&at| normalised[at] == b'-');
-        let hyphens = normalised.iter().filter(|&&byte| byte == b'-').count();
-        if !all_known || !hyphens_in_place || hyphens != HYPHEN_AT.len() {
+        if misplaced {
             return Err(invalid());
         }
         Ok(NodeUuid(normalised))
@@ -146,6 +145,34 @@ mod tests {
             "4c4c4544-0042-3510-8052-b4c04f4e4aé",
         ] {
             assert!(NodeUuid::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// Every byte value at every position of a valid uuid: accepted exactly when the
+    /// layout allows it there, and then normalised to lowercase.
+    #[test]
+    fn uuid_parse_judges_every_byte_at_every_position() {
+        let valid = *b"4c4c4544-0042-3510-8052-b4c04f4e4a32";
+        for position in 0..UUID_LEN {
+            for byte in 0..=255u8 {
+                let mut text = valid;
+                text[position] = byte;
+                let Ok(text) = std::str::from_utf8(&text) else {
+                    continue;
+                };
+                let allowed = if HYPHEN_AT.contains(&position) {
+                    byte == b'-'
+                } else {
+                    byte.is_ascii_hexdigit()
+                };
+                match NodeUuid::parse(text) {
+                    Ok(parsed) => {
+                        assert!(allowed, "{text:?} accepted");
+                        assert_eq!(parsed.as_str(), text.to_ascii_lowercase());
+                    }
+                    Err(_) => assert!(!allowed, "{text:?} refused"),
+                }
+            }
         }
     }
 

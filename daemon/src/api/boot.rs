@@ -36,9 +36,16 @@ const CACHED_SCRIPTS_MAX: usize = 200_000;
 /// update bumps the generation and any flavor write replaces the record, so a stale
 /// script is never served. Stores that do not cache hand out fresh flavor records, which
 /// simply never hit.
+///
+/// A hash map: a boot storm looks a script up on every request, and a tree of 10,000
+/// uuids compared 36 bytes at a time was about 800 instructions a lookup. Seeded per
+/// process (foldhash's `RandomState`), since any machine on the provisioning network
+/// chooses its own uuid; std's SipHash was another 250 a lookup.
 #[derive(Default)]
 pub struct ScriptCache {
-    entries: std::sync::Mutex<std::collections::BTreeMap<NodeUuid, CachedScript>>,
+    entries: std::sync::Mutex<
+        std::collections::HashMap<NodeUuid, CachedScript, foldhash::fast::RandomState>,
+    >,
 }
 
 struct CachedScript {

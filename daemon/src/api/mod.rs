@@ -268,6 +268,60 @@ pub struct HttpService<S> {
     router: S,
 }
 
+/// Answers before routing when it can (a rate-limit refusal, a cached script);
+/// otherwise hands `request` to `route` inside the request's span. `peer` is the source
+/// the rate limit counts (`None` only for in-process callers).
+fn answer<F>(
+    state: &AppState,
+    peer: Option<std::net::SocketAddr>,
+    request: Request,
+    route: impl FnOnce(Request) -> F,
+) -> ResponseFuture<F> {
+    let started = tokio::time::Instant::now();
+    let route_name = route_label(request.uri().path());
+    let method = method_label(request.method());
+    // The lookup logs nothing, so it may run before the span exists.
+    let ready =
+        rate_limited(state, peer, &request).or_else(|| boot::cached_target_script(state, &request));
+    let (answer, span) = match ready {
+        Some(response) => {
+            // A ready answer (a cached script, a 429) logs nothing but the debug
+            // completion line, so the span exists only when that line is enabled:
+            // creating and closing one was about 1,400 instructions a request.
+            let span = if tracing::enabled!(tracing::Level::DEBUG) {
+                tracing::info_span!(
+                    "request",
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                )
+            } else {
+                tracing::Span::none()
+            };
+            let response = Some(response);
+            (Answer::Cached { response }, span)
+        }
+        None => {
+            let span = tracing::info_span!(
+                "request",
+                method = %request.method(),
+                path = %request.uri().path(),
+            );
+            let inner = span.in_scope(|| route(request));
+            (Answer::Routed { inner }, span)
+        }
+    };
+    ResponseFuture {
+        answer,
+        span,
+        started,
+        route: route_name,
+        method,
+        metrics: state.app.metrics.clone(),
+    }
+}
+
+/// In-process callers (tests, `oneshot`): the peer, if any, is the request's
+/// `ConnectInfo` extension.
 impl<S> tower::Service<Request> for HttpService<S>
 where
     S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>,
@@ -284,47 +338,34 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let started = tokio::time::Instant::now();
-        let route = route_label(request.uri().path());
-        let method = method_label(request.method());
-        // The lookup logs nothing, so it may run before the span exists.
-        let ready = rate_limited(&self.state, &request)
-            .or_else(|| boot::cached_target_script(&self.state, &request));
-        let (answer, span) = match ready {
-            Some(response) => {
-                // A ready answer (a cached script, a 429) logs nothing but the debug
-                // completion line, so the span exists only when that line is enabled:
-                // creating and closing one was about 1,400 instructions a request.
-                let span = if tracing::enabled!(tracing::Level::DEBUG) {
-                    tracing::info_span!(
-                        "request",
-                        method = %request.method(),
-                        path = %request.uri().path(),
-                    )
-                } else {
-                    tracing::Span::none()
-                };
-                let response = Some(response);
-                (Answer::Cached { response }, span)
-            }
-            None => {
-                let span = tracing::info_span!(
-                    "request",
-                    method = %request.method(),
-                    path = %request.uri().path(),
-                );
-                let inner = span.in_scope(|| self.router.call(request));
-                (Answer::Routed { inner }, span)
-            }
-        };
-        ResponseFuture {
-            answer,
-            span,
-            started,
-            route,
-            method,
-            metrics: self.state.app.metrics.clone(),
-        }
+        let peer = request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|info| info.0);
+        let router = &mut self.router;
+        answer(&self.state, peer, request, |request| router.call(request))
+    }
+}
+
+/// At the edge the peer comes with each request: an answer ready before routing needs
+/// no extension map; a routed request gets `ConnectInfo` for its handlers.
+impl<S> crate::edge::EdgeService for HttpService<S>
+where
+    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Future = ResponseFuture<tower::util::Oneshot<S, Request>>;
+
+    fn serve(&self, peer: std::net::SocketAddr, request: Request) -> Self::Future {
+        answer(&self.state, Some(peer), request, |mut request| {
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            tower::ServiceExt::oneshot(self.router.clone(), request)
+        })
     }
 }
 
@@ -434,16 +475,17 @@ fn is_unauthenticated_path(path: &str) -> bool {
 /// 429 with `Retry-After` when the request is to an unauthenticated endpoint and its
 /// source has used its budget ([`crate::core::rate_limit`]); `None` to go on. Requests
 /// without a peer address (only in-process tests call the router that way) pass.
-fn rate_limited(state: &AppState, request: &Request) -> Option<Response> {
+fn rate_limited(
+    state: &AppState,
+    peer: Option<std::net::SocketAddr>,
+    request: &Request,
+) -> Option<Response> {
     use crate::core::rate_limit::RateVerdict;
     use axum::response::IntoResponse;
     if !is_unauthenticated_path(request.uri().path()) {
         return None;
     }
-    let peer = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()?
-        .0;
+    let peer = peer?;
     let verdict = state
         .rate_limiter
         .lock()

@@ -380,16 +380,24 @@ impl HttpBody for TimedBody {
 
 use std::future::Future;
 
-/// One connection's view of the HTTP application: marks requests in flight, bounds
-/// their bodies, and tells handlers the peer's address (`ConnectInfo`).
-struct ConnectionService<S> {
-    inner: S,
-    activity: Arc<Activity>,
-    peer: SocketAddr,
-    body_read_timeout: Duration,
+/// The HTTP application the edge serves, told each request's peer directly.
+///
+/// A plain `tower` service learns the peer from a `ConnectInfo` extension instead
+/// ([`WithConnectInfo`]); inserting one allocates the request's extension map and the
+/// entry (three allocations a request), which an application that answers most requests
+/// before routing (the boot path's cached scripts) needs only on the routed ones.
+pub trait EdgeService: Clone + Send + 'static {
+    type Future: Future<Output = Result<Response, std::convert::Infallible>> + Send + 'static;
+
+    fn serve(&self, peer: SocketAddr, request: Request) -> Self::Future;
 }
 
-impl<S> hyper::service::Service<hyper::Request<hyper::body::Incoming>> for ConnectionService<S>
+/// Any `tower` service at the edge: the peer goes into the request's extensions as
+/// axum's `ConnectInfo`, where its handlers look for it.
+#[derive(Clone)]
+pub struct WithConnectInfo<S>(pub S);
+
+impl<S> EdgeService for WithConnectInfo<S>
 where
     S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>
         + Clone
@@ -397,31 +405,80 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    type Response = Response;
+    type Future = tower::util::Oneshot<S, Request>;
+
+    fn serve(&self, peer: SocketAddr, mut request: Request) -> Self::Future {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        tower::ServiceExt::oneshot(self.0.clone(), request)
+    }
+}
+
+/// One connection's view of the HTTP application: marks requests in flight, bounds
+/// their bodies, and tells the application the peer's address.
+struct ConnectionService<S> {
+    inner: S,
+    activity: Arc<Activity>,
+    peer: SocketAddr,
+    body_read_timeout: Duration,
+}
+
+impl<S: EdgeService> hyper::service::Service<hyper::Request<hyper::body::Incoming>>
+    for ConnectionService<S>
+{
+    type Response = hyper::Response<InFlightBody>;
     type Error = std::convert::Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, std::convert::Infallible>> + Send>>;
+    type Future = ConnectionFuture<S::Future>;
 
     fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
         let in_flight = self.activity.request_started();
         let timeout = self.body_read_timeout;
-        let mut request = request.map(|inner| {
-            Body::new(TimedBody {
-                inner,
-                timeout,
-                deadline: None,
-            })
-        });
-        request.extensions_mut().insert(ConnectInfo(self.peer));
-        let answer = tower::ServiceExt::oneshot(self.inner.clone(), request);
-        Box::pin(async move {
-            let Ok(response) = answer.await;
-            Ok(response.map(|inner| {
-                Body::new(InFlightBody {
+        let request = request.map(|inner| {
+            if inner.is_end_stream() {
+                // Nothing to read (a GET, `Content-Length: 0`), so nothing to time:
+                // an empty body is not even allocated.
+                Body::empty()
+            } else {
+                Body::new(TimedBody {
                     inner,
-                    _in_flight: in_flight,
+                    timeout,
+                    deadline: None,
                 })
-            }))
-        })
+            }
+        });
+        ConnectionFuture {
+            answer: self.inner.serve(self.peer, request),
+            in_flight: Some(in_flight),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The application's answer, its body then carrying the request's [`InFlight`] mark
+    /// (a named future: hyper holds it in place, no box per request).
+    struct ConnectionFuture<F> {
+        #[pin]
+        answer: F,
+        in_flight: Option<InFlight>,
+    }
+}
+
+impl<F> Future for ConnectionFuture<F>
+where
+    F: Future<Output = Result<Response, std::convert::Infallible>>,
+{
+    type Output = Result<hyper::Response<InFlightBody>, std::convert::Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(response) = std::task::ready!(this.answer.poll(cx));
+        let in_flight = this
+            .in_flight
+            .take()
+            .expect("a ConnectionFuture is not polled after it completed");
+        Poll::Ready(Ok(response.map(|inner| InFlightBody {
+            inner,
+            _in_flight: in_flight,
+        })))
     }
 }
 
@@ -508,11 +565,7 @@ pub async fn serve_listener<L, S>(
 ) -> std::io::Result<()>
 where
     L: axum::serve::Listener<Addr = SocketAddr>,
-    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: EdgeService,
 {
     let registry = Arc::new(Registry::default());
     let mut last_saturated_log: Option<Instant> = None;
@@ -607,11 +660,7 @@ async fn drive<I, S>(
     peer: SocketAddr,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<Request, Response = Response, Error = std::convert::Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: EdgeService,
 {
     let connection = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)

@@ -867,6 +867,51 @@ async fn the_booting_list_is_every_booting_node_in_state_then_uuid_order(store: 
         .filter(|b| b.rack.as_deref() == Some(rack))
         .collect();
     assert_eq!(listed, expected);
+
+    // An update moves what the list shows: a new milestone, a BMC address taken away,
+    // and a node that finished booting leaves it.
+    let mut moved = created
+        .iter()
+        .find(|n| n.state == LifecycleState::Registered && n.bmc.address.is_some())
+        .unwrap()
+        .clone();
+    moved.boot = Some(BootProgress {
+        phase: BootPhase::OsFetched,
+        at_ms: 7_000,
+        until_ms: None,
+    });
+    moved.bmc.address = None;
+    let moved = store.node_update(&moved, &[]).await.unwrap();
+    let mut done = created
+        .iter()
+        .find(|n| n.state == LifecycleState::Provisioning)
+        .unwrap()
+        .clone();
+    done.state = LifecycleState::Ready;
+    done.boot = None;
+    let done = store.node_update(&done, &[]).await.unwrap();
+    let expected: Vec<BootingNode> = expected
+        .into_iter()
+        .filter(|b| b.uuid != done.uuid)
+        .map(|b| {
+            if b.uuid == moved.uuid {
+                BootingNode::of(&moved)
+            } else {
+                b
+            }
+        })
+        .collect();
+    assert!(expected
+        .iter()
+        .any(|b| b.uuid == moved.uuid && !b.bmc_configured));
+    let listed: Vec<BootingNode> = store
+        .node_booting_list()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|b| b.rack.as_deref() == Some(rack))
+        .collect();
+    assert_eq!(listed, expected);
 }
 
 async fn power_readings_are_kept_per_node_without_touching_it(store: &dyn Store) {
