@@ -85,8 +85,6 @@ fn apply(text: &str, schema: &mut Schema, origin: &str) {
                 assert!(previous.is_none(), "{origin}: table {name} created twice");
             }
             ["CREATE", "INDEX" | "UNIQUE", ..] => {}
-            // Data (a backfill of new columns) changes no table or column.
-            ["UPDATE", ..] => {}
             ["DROP", "INDEX", ..] => {}
             ["DROP", "TABLE", rest @ ..] => {
                 let name = identifier(rest.last().expect("table name"));

@@ -235,6 +235,46 @@ async fn every_row_reads_back(store: &dyn Store) {
     assert_eq!((lease.holder.as_str(), lease.epoch), ("replica-1", 7));
 }
 
+/// The previous release, still running during a rolling upgrade, writes a node as it
+/// always did (the document and the columns it knows): the boot watchdog's columns
+/// follow, since the database derives them from the document.
+async fn an_older_writer_keeps_the_boot_columns_true(url: &str, store: &dyn Store) {
+    let b = NodeUuid::parse(NODE_B).unwrap();
+    let doc = node_doc(
+        NODE_B,
+        "cn-b",
+        "provisioning",
+        "10.50.0.11",
+        r#"{"phase":"os_fetched","at_ms":5000}"#,
+    )
+    .replace(r#""address":"10.50.1.10""#, r#""address":null"#);
+    let pool = sqlx::AnyPool::connect(url).await.unwrap();
+    sqlx::query(
+        "UPDATE nodes SET state = 'provisioning', generation = 4, updated_at_ms = 5000, \
+         doc = $1 WHERE uuid = $2",
+    )
+    .bind(doc)
+    .bind(NODE_B)
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    assert_eq!(
+        store.node_booting_list().await.unwrap(),
+        vec![BootingNode {
+            uuid: b,
+            rack: Some("r12".to_string()),
+            state: LifecycleState::Provisioning,
+            boot: Some(BootProgress {
+                phase: BootPhase::OsFetched,
+                at_ms: 5000,
+                until_ms: None,
+            }),
+            bmc_configured: false,
+        }]
+    );
+}
+
 fn versions(migrations: &[MigrationInfo]) -> Vec<i64> {
     migrations.iter().map(|m| m.version).collect()
 }
@@ -298,6 +338,7 @@ async fn sqlite_from_the_previous_release_upgrades_with_migrate_run_and_keeps_ev
     let store = SqlStore::connect(&url).await.unwrap();
     assert!(store.migration_status().await.unwrap().pending().is_empty());
     every_row_reads_back(&store).await;
+    an_older_writer_keeps_the_boot_columns_true(&url, &store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,6 +365,7 @@ async fn postgres_from_the_previous_release_upgrades_at_connect_and_keeps_every_
         let store = SqlStore::connect(&url).await.unwrap();
         assert!(store.migration_status().await.unwrap().pending().is_empty());
         every_row_reads_back(&store).await;
+        an_older_writer_keeps_the_boot_columns_true(&url, &store).await;
         store.close().await;
     })
     .await;
@@ -360,7 +402,7 @@ async fn a_newer_schema_is_refused_by_this_binary() {
     let status = bearman_in(&["migrate", "status"]);
     assert_refused("migrate status", &status, 2, "newer than this binary");
     assert!(
-        text(&status.stdout).contains("9999     from the future  NEWER THAN THIS BINARY"),
+        text(&status.stdout).contains("9999     from the future    NEWER THAN THIS BINARY"),
         "{}",
         text(&status.stdout)
     );
