@@ -167,12 +167,34 @@ pub(super) fn identity_columns(
 /// instructions a node, several times what the array costs to build and parse.
 /// The `boot` column inside the array: its JSON text as a string (read from the index),
 /// or the object itself where the database still knows the value is JSON (SQLite's
-/// `json_extract` result computed on the fly).
-#[derive(serde::Deserialize)]
-#[serde(untagged)]
-enum BootColumn {
-    Object(crate::core::model::BootProgress),
-    Text(String),
+/// `json_extract` result computed on the fly). One visitor for both: serde's untagged
+/// enum buffered every value and built an error for the variant that did not match,
+/// most of the scan's cost.
+struct BootColumn(crate::core::model::BootProgress);
+
+impl<'de> serde::Deserialize<'de> for BootColumn {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextOrObject;
+        impl<'de> serde::de::Visitor<'de> for TextOrObject {
+            type Value = crate::core::model::BootProgress;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a boot progress object or its JSON text")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                serde_json::from_str(text).map_err(E::custom)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                serde::Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer.deserialize_any(TextOrObject).map(BootColumn)
+    }
 }
 
 pub(super) async fn booting_list(
@@ -215,14 +237,7 @@ pub(super) async fn booting_list(
                 rack,
                 state: LifecycleState::parse(&state)
                     .ok_or_else(|| corrupt("node state", &state))?,
-                boot: match boot {
-                    None => None,
-                    Some(BootColumn::Object(boot)) => Some(boot),
-                    Some(BootColumn::Text(text)) => Some(
-                        serde_json::from_str(&text)
-                            .map_err(|e| corrupt("node boot progress", e))?,
-                    ),
-                },
+                boot: boot.map(|BootColumn(boot)| boot),
                 bmc_configured: crate::core::controller::bmc_address_configured(
                     bmc_address.as_deref(),
                 ),
@@ -509,4 +524,33 @@ async fn insert_node(
         other => other.map(|_| ()).map_err(backend_error),
     }?;
     notify::send(backend, tx, &CacheChange::Node(node.uuid.clone())).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BootColumn;
+    use crate::core::model::{BootPhase, BootProgress};
+
+    /// The scan's `boot` arrives as JSON text from an index, or as the object where the
+    /// database computed it: both read the same; anything else is refused.
+    #[test]
+    fn a_boot_column_reads_as_text_or_object() {
+        let expected = BootProgress {
+            phase: BootPhase::Firmware,
+            at_ms: 7,
+            until_ms: Some(9),
+        };
+        for json in [
+            r#"{"phase":"firmware","at_ms":7,"until_ms":9}"#,
+            r#""{\"phase\":\"firmware\",\"at_ms\":7,\"until_ms\":9}""#,
+        ] {
+            let BootColumn(boot) = serde_json::from_str(json).unwrap();
+            assert_eq!(boot, expected, "{json}");
+        }
+        let none: Option<BootColumn> = serde_json::from_str("null").unwrap();
+        assert!(none.is_none());
+        for bad in [r#""{not json""#, "7", r#"{"phase":"nowhere","at_ms":7}"#] {
+            assert!(serde_json::from_str::<BootColumn>(bad).is_err(), "{bad}");
+        }
+    }
 }
