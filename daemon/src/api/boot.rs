@@ -37,15 +37,13 @@ const CACHED_SCRIPTS_MAX: usize = 200_000;
 /// script is never served. Stores that do not cache hand out fresh flavor records, which
 /// simply never hit.
 ///
-/// A hash map: a boot storm looks a script up on every request, and a tree of 10,000
-/// uuids compared 36 bytes at a time was about 800 instructions a lookup. Seeded per
-/// process (foldhash's `RandomState`), since any machine on the provisioning network
-/// chooses its own uuid; std's SipHash was another 250 a lookup.
+/// Keyed by the uuid's 128-bit value: a boot storm looks a script up on every request,
+/// and a tree of 10,000 uuids compared as 36-byte strings was about 800 instructions a
+/// lookup (a tree, not a hash map: nothing the simulator runs may depend on a
+/// per-process hash seed).
 #[derive(Default)]
 pub struct ScriptCache {
-    entries: std::sync::Mutex<
-        std::collections::HashMap<NodeUuid, CachedScript, foldhash::fast::RandomState>,
-    >,
+    entries: std::sync::Mutex<std::collections::BTreeMap<u128, CachedScript>>,
 }
 
 struct CachedScript {
@@ -63,7 +61,7 @@ impl ScriptCache {
     fn get_at_epoch(&self, uuid: &NodeUuid, epoch: u64) -> Option<axum::body::Bytes> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries
-            .get(uuid)
+            .get(&uuid.to_u128())
             .filter(|e| e.epoch == Some(epoch))
             .map(|e| e.script.clone())
     }
@@ -71,7 +69,7 @@ impl ScriptCache {
     fn get(&self, node: &Node, flavor: &std::sync::Arc<Flavor>) -> Option<axum::body::Bytes> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries
-            .get(&node.uuid)
+            .get(&node.uuid.to_u128())
             .filter(|e| {
                 e.generation == node.generation && std::sync::Arc::ptr_eq(&e.flavor, flavor)
             })
@@ -86,11 +84,12 @@ impl ScriptCache {
         epoch: Option<u64>,
     ) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if entries.len() >= CACHED_SCRIPTS_MAX && !entries.contains_key(&node.uuid) {
+        let key = node.uuid.to_u128();
+        if entries.len() >= CACHED_SCRIPTS_MAX && !entries.contains_key(&key) {
             entries.clear();
         }
         entries.insert(
-            node.uuid.clone(),
+            key,
             CachedScript {
                 epoch,
                 generation: node.generation,
