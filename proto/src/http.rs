@@ -171,10 +171,14 @@ async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Response,
     // Read straight into the response's buffer: a fixed read buffer in this future
     // would be zeroed on every call and copied whenever the future moves.
     let mut buffer = Vec::with_capacity(READ_CHUNK_BYTES);
+    // Where the search for the head's end resumes: bytes already searched are not
+    // searched again after each read (all but the last three, which may begin it).
+    let mut searched = 0;
     let header_end = loop {
-        if let Some(position) = find(&buffer, b"\r\n\r\n") {
-            break position;
+        if let Some(position) = find(&buffer[searched..], b"\r\n\r\n") {
+            break searched + position;
         }
+        searched = buffer.len().saturating_sub(3);
         if buffer.len() > 64 * 1024 {
             return Err(HttpError::Malformed("headers exceed 64 KiB".into()));
         }
@@ -266,10 +270,20 @@ fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, HttpError> {
     }
 }
 
+/// Where `needle` (a few bytes: a line or head end) first occurs in `haystack`.
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
+    let (&first, rest) = needle.split_first()?;
+    let mut from = 0;
+    // Scan for the first byte and compare the rest only there: a window per byte
+    // compared a slice at every position.
+    while let Some(offset) = haystack[from..].iter().position(|byte| *byte == first) {
+        let at = from + offset;
+        if haystack[at + 1..].starts_with(rest) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
 }
 
 #[cfg(test)]

@@ -2,9 +2,11 @@
 //! by the scenario's deadlines, after its faults have healed, and at the end of every run.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use bearman::core::lifecycle::{transition, LifecycleEvent, LifecycleState};
+use bearman::core::model::IpAllocation;
 use bearman::store::memory::MemoryStore;
 
 use crate::fleet::{seconds, Os, Power, World};
@@ -282,15 +284,26 @@ impl Checker {
         }
         let allocations = store.allocations();
         self.unique_addresses.checks += 1;
-        let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
-        for allocation in &allocations {
-            if let Some(other) = owners.insert(&allocation.address, allocation.node_uuid.as_str()) {
+        // Sorted by address, parsed (a string-keyed map of the whole fleet's addresses
+        // was most of this scan); the sort is stable, so holders pair up in
+        // allocation order. Text that is no address sorts after every address.
+        let mut held: Vec<(Result<IpAddr, &str>, &IpAllocation)> = allocations
+            .iter()
+            .map(|allocation| {
+                let address = &allocation.address;
+                (address.parse().map_err(|_| address.as_str()), allocation)
+            })
+            .collect();
+        held.sort_by(|a, b| a.0.cmp(&b.0));
+        for pair in held.windows(2) {
+            let ((first_key, first), (second_key, second)) = (&pair[0], &pair[1]);
+            if first_key == second_key {
                 self.unique_addresses.fail(format!(
                     "t={} {} is held by {} and {}",
                     seconds(now),
-                    allocation.address,
-                    other,
-                    allocation.node_uuid
+                    second.address,
+                    first.node_uuid,
+                    second.node_uuid
                 ));
             }
         }

@@ -806,15 +806,13 @@ impl ControllerCore {
         if room == 0 {
             return Vec::new();
         }
-        let before: BTreeMap<&NodeUuid, &Option<PowerReading>> =
-            view.nodes.iter().map(|n| (&n.uuid, &n.power)).collect();
         power_sync::due_polls(&view.nodes, now_ms, &self.config.health, room, |uuid| {
             view.polls_in_flight.contains(uuid) || busy.contains(uuid)
         })
         .into_iter()
-        .map(|uuid| Command::PollPower {
-            before: before.get(&uuid).and_then(|p| (*p).clone()),
-            uuid,
+        .map(|node| Command::PollPower {
+            uuid: node.uuid.clone(),
+            before: node.power.clone(),
         })
         .collect()
     }
@@ -827,11 +825,12 @@ impl ControllerCore {
         remediations_active: usize,
         power_polls_in_flight: usize,
     ) -> GuardReport {
-        let mut power_readings = BTreeMap::new();
+        // Counted under borrowed names, copied once per name: not a string per node.
+        let mut readings: BTreeMap<&str, usize> = BTreeMap::new();
         let mut power_off = Vec::new();
         for node in &view.nodes {
             let state = node.power.as_ref().map_or("none", |p| p.state.as_str());
-            *power_readings.entry(state.to_string()).or_default() += 1;
+            *readings.entry(state).or_default() += 1;
             if let Some(reading) = node
                 .power
                 .as_ref()
@@ -840,6 +839,10 @@ impl ControllerCore {
                 power_off.push((node.uuid.clone(), reading.read_at_ms, node.last_heard_at_ms));
             }
         }
+        let power_readings = readings
+            .into_iter()
+            .map(|(state, count)| (state.to_string(), count))
+            .collect();
         GuardReport {
             evaluated_at_ms: now_ms,
             monitored: judgement.monitored,

@@ -213,16 +213,27 @@ pub fn judge(
 ) -> Judgement {
     let mut judgement = Judgement::default();
     let mut silent_nodes: Vec<(&NodeHealth, &str, i64)> = Vec::new();
+    // The controller judges every node every tick. Tallies go to a slot per rack, found
+    // by name once per run of nodes in the same rack (lists come in rack order when the
+    // store keeps them so, and the lookup borrows the name): string lookups per node
+    // were most of this loop's cost.
+    let mut slots: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut tallies: Vec<(&str, RackHealth)> = Vec::new();
+    let mut current: Option<(&str, usize)> = None;
     for node in nodes.iter().filter(|n| is_monitored(n.state)) {
         let rack = node.rack.as_deref().unwrap_or_default();
-        // Looked up before inserting: the controller judges every node every tick, and
-        // a key copied per node was most of this loop's cost.
-        if !judgement.racks.contains_key(rack) {
-            judgement
-                .racks
-                .insert(rack.to_string(), RackHealth::default());
-        }
-        let entry = judgement.racks.get_mut(rack).expect("inserted above");
+        let slot = match current {
+            Some((name, slot)) if name == rack => slot,
+            _ => {
+                let slot = *slots.entry(rack).or_insert_with(|| {
+                    tallies.push((rack, RackHealth::default()));
+                    tallies.len() - 1
+                });
+                current = Some((rack, slot));
+                slot
+            }
+        };
+        let entry = &mut tallies[slot].1;
         entry.monitored += 1;
         judgement.monitored += 1;
         let silence = now_ms - node.last_heard_at_ms;
@@ -235,6 +246,10 @@ pub fn judge(
             silent_nodes.push((node, rack, silence));
         }
     }
+    judgement.racks = tallies
+        .into_iter()
+        .map(|(name, health)| (name.to_string(), health))
+        .collect();
     // A silent node whose BMC reads Off needs no confirmation period; the guards below
     // still decide whether anyone may be fenced at all.
     let power_confirmed: Vec<NodeUuid> = if config.power_poll_interval_ms > 0

@@ -158,30 +158,35 @@ pub fn poll_due(
 /// The nodes to poll now, most urgent first (confirmations, then the longest overdue),
 /// at most `max`; `skip` says which nodes not to poll (a poll already in flight, a
 /// remediation reading the BMC itself).
-pub fn due_polls(
-    nodes: &[NodeHealth],
+pub fn due_polls<'a>(
+    nodes: &'a [NodeHealth],
     now_ms: TimestampMs,
     config: &HealthConfig,
     max: usize,
     skip: impl Fn(&NodeUuid) -> bool,
-) -> Vec<NodeUuid> {
-    let mut due: Vec<(PollReason, TimestampMs, &NodeUuid)> = nodes
+) -> Vec<&'a NodeHealth> {
+    // Whether a node is due is arithmetic; `skip` looks it up: ask it only of the few
+    // that are due, not of every node every tick.
+    let mut due: Vec<(PollReason, TimestampMs, &NodeUuid, &NodeHealth)> = nodes
         .iter()
-        .filter(|node| !skip(&node.uuid))
         .filter_map(|node| {
             let (reason, at) = poll_due(node, now_ms, config)?;
-            (at <= now_ms).then_some((reason, at, &node.uuid))
+            (at <= now_ms && !skip(&node.uuid)).then_some((reason, at, &node.uuid, node))
         })
         .collect();
     // Only the first `max` are polled: pick them before sorting (the order is total,
     // uuids being unique, so this is the head of the full sort), not sort all of a fleet
     // whose polls fell due together.
+    let order = |a: &(PollReason, TimestampMs, &NodeUuid, _),
+                 b: &(PollReason, TimestampMs, &NodeUuid, _)| {
+        (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2))
+    };
     if due.len() > max {
-        due.select_nth_unstable(max);
+        due.select_nth_unstable_by(max, order);
         due.truncate(max);
     }
-    due.sort();
-    due.into_iter().map(|(_, _, uuid)| uuid.clone()).collect()
+    due.sort_unstable_by(order);
+    due.into_iter().map(|(_, _, _, node)| node).collect()
 }
 
 /// Last-heard times of the monitored nodes, sorted, per rack and fleet-wide: answers "how
@@ -380,13 +385,20 @@ mod tests {
         nodes[19].last_heard_at_ms = now - config.power_check_silence_ms;
         nodes[19].power = on(now - config.power_check_silence_ms - 1);
         let in_flight = nodes[18].uuid.clone();
-        let due = due_polls(&nodes, now, &config, 8, |uuid| *uuid == in_flight);
+        let uuids = |due: Vec<&NodeHealth>| -> Vec<NodeUuid> {
+            due.into_iter().map(|node| node.uuid.clone()).collect()
+        };
+        let due = uuids(due_polls(&nodes, now, &config, 8, |uuid| {
+            *uuid == in_flight
+        }));
         assert_eq!(due.len(), 8);
         assert_eq!(due[0], nodes[19].uuid, "the confirmation first");
         assert_eq!(due[1], nodes[17].uuid, "then the longest overdue");
         assert!(!due.contains(&in_flight));
         // Exactly the head of the whole order, in that order.
-        let all = due_polls(&nodes, now, &config, usize::MAX, |uuid| *uuid == in_flight);
+        let all = uuids(due_polls(&nodes, now, &config, usize::MAX, |uuid| {
+            *uuid == in_flight
+        }));
         assert!(all.len() > 8);
         assert_eq!(due, all[..8]);
     }
