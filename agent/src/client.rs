@@ -139,7 +139,10 @@ pub struct BootPlan {
 
 pub struct BootClient<C> {
     connector: C,
-    base: HttpUrl,
+    /// `host:port` of the daemon, and its URL's path without a trailing slash: worked
+    /// out once, not for every request.
+    authority: String,
+    base_path: String,
     uuid: NodeUuid,
     timeout: Duration,
 }
@@ -148,9 +151,11 @@ impl<C: Connector> BootClient<C> {
     /// `base_url` is the daemon's public URL, as passed on the kernel command line
     /// (`bearman.url=`).
     pub fn new(connector: C, base_url: &str, uuid: NodeUuid) -> Result<Self, http::HttpError> {
+        let base = HttpUrl::parse(base_url)?;
         Ok(BootClient {
             connector,
-            base: HttpUrl::parse(base_url)?,
+            authority: base.authority(),
+            base_path: base.path.trim_end_matches('/').to_string(),
             uuid,
             timeout: REQUEST_TIMEOUT,
         })
@@ -171,35 +176,36 @@ impl<C: Connector> BootClient<C> {
         suffix: &str,
         body: Option<Vec<u8>>,
     ) -> Result<http::Response, ClientError> {
-        let path = format!("{}{}", self.base.path.trim_end_matches('/'), suffix);
-        let authority = self.base.authority();
-        let attempt = async {
-            let mut stream = self.connector.connect(&authority).await.map_err(|source| {
-                ClientError::Connect {
-                    authority: authority.clone(),
+        let path = [self.base_path.as_str(), suffix].concat();
+        let authority = &self.authority;
+        let attempt =
+            async {
+                let mut stream = self.connector.connect(authority).await.map_err(|source| {
+                    ClientError::Connect {
+                        authority: authority.clone(),
+                        source,
+                    }
+                })?;
+                let headers: &[(&str, &str)] = if body.is_some() {
+                    &[("Content-Type", "application/json")]
+                } else {
+                    &[]
+                };
+                http::send(
+                    &mut stream,
+                    method,
+                    authority,
+                    &path,
+                    headers,
+                    body.as_deref(),
+                )
+                .await
+                .map_err(|source| ClientError::Transport {
+                    method,
+                    path: path.clone(),
                     source,
-                }
-            })?;
-            let headers: &[(&str, &str)] = if body.is_some() {
-                &[("Content-Type", "application/json")]
-            } else {
-                &[]
+                })
             };
-            http::send(
-                &mut stream,
-                method,
-                &authority,
-                &path,
-                headers,
-                body.as_deref(),
-            )
-            .await
-            .map_err(|source| ClientError::Transport {
-                method,
-                path: path.clone(),
-                source,
-            })
-        };
         let response = tokio::time::timeout(self.timeout, attempt)
             .await
             .map_err(|_| ClientError::Timeout {

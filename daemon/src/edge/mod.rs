@@ -611,13 +611,20 @@ where
             peer,
             body_read_timeout: limits.body_read_timeout,
         };
-        let tls = tls.as_ref().map(|source| source());
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _registered = registered;
-            match tls {
-                None => drive(io, service, activity, limits, shutdown, peer).await,
-                Some(acceptor) => {
+        // A task per kind of connection: one future for both would be the size of the
+        // TLS one (the handshake's state), and a task's future is copied in whole when
+        // it is spawned and again when it ends.
+        match tls.as_ref().map(|source| source()) {
+            None => {
+                tokio::spawn(async move {
+                    let _registered = registered;
+                    drive(io, service, activity, limits, shutdown, peer).await
+                });
+            }
+            Some(acceptor) => {
+                tokio::spawn(async move {
+                    let _registered = registered;
                     // The handshake is part of the first head's time.
                     match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(io))
                         .await
@@ -630,9 +637,9 @@ where
                         }
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                }
+                });
             }
-        });
+        }
     }
     // Stop accepting, let what is in flight finish.
     drop(listener);
@@ -662,11 +669,14 @@ async fn drive<I, S>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: EdgeService,
 {
-    let connection = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .max_buf_size(HEAD_BYTES_MAX)
-        .serve_connection(hyper_util::rt::TokioIo::new(io), service);
-    tokio::pin!(connection);
+    // On the heap: the connection is the bulk of this future, which would otherwise be
+    // copied whole into its task and out again.
+    let mut connection = Box::pin(
+        hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .max_buf_size(HEAD_BYTES_MAX)
+            .serve_connection(hyper_util::rt::TokioIo::new(io), service),
+    );
     let horizon = watchdog_horizon(&limits);
     let check = tokio::time::sleep_until(next_check(&activity, &limits, horizon));
     tokio::pin!(check);

@@ -66,6 +66,12 @@ pub struct Rt<'a> {
 
     /// Runtime configuration.
     config: Config,
+
+    /// Ticks skipped because the host was idle, not yet made up for: before anything
+    /// else happens to it, it is brought up to date ([`Rt::skip_idle`]) as if they had
+    /// run. Kept here, not in a map keyed by address, because the step reads it for
+    /// every running host every tick. (Bearman patch.)
+    pub(crate) ticks_behind: u32,
 }
 
 impl<'a> Rt<'a> {
@@ -84,6 +90,7 @@ impl<'a> Rt<'a> {
             nodename,
             handle: Some(handle),
             config,
+            ticks_behind: 0,
         }
     }
 
@@ -104,6 +111,7 @@ impl<'a> Rt<'a> {
             nodename,
             handle: Some(handle),
             config,
+            ticks_behind: 0,
         }
     }
 
@@ -118,6 +126,7 @@ impl<'a> Rt<'a> {
             nodename: String::new().into(),
             handle: None,
             config,
+            ticks_behind: 0,
         }
     }
 

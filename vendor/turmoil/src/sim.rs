@@ -44,11 +44,6 @@ pub struct Sim<'a> {
     /// forward by it before they run again. (Bearman patch.)
     waking: crate::FastMap<IpAddr, Duration>,
 
-    /// Running hosts whose last ticks were skipped because they had nothing to do, with
-    /// how many: before anything else happens to them they are brought up to date
-    /// ([`Rt::skip_idle`]), exactly as if those ticks had run. (Bearman patch.)
-    behind: crate::FastMap<IpAddr, u32>,
-
     /// Host ticks run and skipped so far. (Bearman patch.)
     host_ticks: (u64, u64),
 }
@@ -69,7 +64,6 @@ impl<'a> Sim<'a> {
             steps: 1, // bumped after each step
             paused: crate::FastMap::default(),
             waking: crate::FastMap::default(),
-            behind: crate::FastMap::default(),
             host_ticks: (0, 0),
         }
     }
@@ -265,12 +259,12 @@ impl<'a> Sim<'a> {
     /// Brings a host whose idle ticks were skipped up to date, as if they had run.
     /// (Bearman patch.)
     fn settle(&mut self, addr: IpAddr) {
-        if let Some(ticks) = self.behind.swap_remove(&addr) {
-            let tick = self.config.tick;
-            self.rts
-                .get_mut(&addr)
-                .expect("missing host")
-                .skip_idle(ticks, tick);
+        let tick = self.config.tick;
+        if let Some(rt) = self.rts.get_mut(&addr) {
+            let ticks = std::mem::take(&mut rt.ticks_behind);
+            if ticks > 0 {
+                rt.skip_idle(ticks, tick);
+            }
         }
     }
 
@@ -543,9 +537,8 @@ impl<'a> Sim<'a> {
                 && !self.config.enable_tokio_io
                 && tick.subsec_nanos() % 1_000_000 == 0
                 && !self.waking.contains_key(&addr) {
-                let behind = self.behind.get(&addr).copied().unwrap_or(0);
-                if rt.is_idle_for(tick * (behind + 1)) {
-                    self.behind.insert(addr, behind + 1);
+                if rt.is_idle_for(tick * (rt.ticks_behind + 1)) {
+                    rt.ticks_behind += 1;
                     self.host_ticks.1 += 1;
                     if rt.is_client() {
                         is_finished = false;
@@ -553,7 +546,8 @@ impl<'a> Sim<'a> {
                     self.world.borrow_mut().tick(addr, tick);
                     continue;
                 }
-                if let Some(ticks) = self.behind.swap_remove(&addr) {
+                let ticks = std::mem::take(&mut rt.ticks_behind);
+                if ticks > 0 {
                     rt.skip_idle(ticks, tick);
                 }
             }
