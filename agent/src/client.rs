@@ -137,6 +137,14 @@ pub struct BootPlan {
     pub detail: NetworkDetail,
 }
 
+/// The part of a boot-protocol answer the agent reads: the node's state as the daemon
+/// sees it (read into this and not a whole JSON tree, other fields skipped).
+#[derive(serde::Deserialize)]
+struct StateReply {
+    #[serde(default)]
+    state: String,
+}
+
 pub struct BootClient<C> {
     connector: C,
     /// `host:port` of the daemon, and its URL's path without a trailing slash: worked
@@ -284,14 +292,14 @@ impl<C: Connector> BootClient<C> {
     /// `POST /ipxe/{uuid}/installed`; returns the state the daemon moved the node to.
     pub async fn installed(&self, report: &InstalledReport) -> Result<String, ClientError> {
         let body = serde_json::to_vec(report).unwrap_or_default();
-        let reply: serde_json::Value = self
+        let reply: StateReply = self
             .json(
                 "POST",
                 &format!("/ipxe/{}/installed", self.uuid),
                 Some(body),
             )
             .await?;
-        Ok(reply["state"].as_str().unwrap_or_default().to_string())
+        Ok(reply.state)
     }
 
     /// `POST /ipxe/{uuid}/progress`: a boot milestone only the node sees (`stage1`).
@@ -300,23 +308,23 @@ impl<C: Connector> BootClient<C> {
             phase: phase.to_string(),
         })
         .unwrap_or_default();
-        let reply: serde_json::Value = self
+        let reply: StateReply = self
             .json("POST", &format!("/ipxe/{}/progress", self.uuid), Some(body))
             .await?;
-        Ok(reply["state"].as_str().unwrap_or_default().to_string())
+        Ok(reply.state)
     }
 
     /// `POST /ipxe/{uuid}/heartbeat`; returns the node's state as the daemon sees it.
     pub async fn heartbeat(&self, beat: &Heartbeat) -> Result<String, ClientError> {
         let body = serde_json::to_vec(beat).unwrap_or_default();
-        let reply: serde_json::Value = self
+        let reply: StateReply = self
             .json(
                 "POST",
                 &format!("/ipxe/{}/heartbeat", self.uuid),
                 Some(body),
             )
             .await?;
-        Ok(reply["state"].as_str().unwrap_or_default().to_string())
+        Ok(reply.state)
     }
 
     /// `POST /ipxe/{uuid}/firmware`: what came of a firmware update; the daemon answers

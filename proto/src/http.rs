@@ -145,19 +145,36 @@ pub async fn send<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        request.push_str(name);
-        request.push_str(": ");
-        request.push_str(value);
-        request.push_str("\r\n");
-    }
     let body = body.unwrap_or_default();
-    if !body.is_empty() || method != "GET" {
-        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    // Built piece by piece into one buffer sized up front (the agent sends one of these
+    // per heartbeat; formatting machinery was a visible part of it).
+    let headers_len: usize = headers
+        .iter()
+        .map(|(name, value)| name.len() + value.len() + 4)
+        .sum();
+    let mut bytes =
+        Vec::with_capacity(method.len() + path.len() + host.len() + headers_len + body.len() + 96);
+    for piece in [
+        method,
+        " ",
+        path,
+        " HTTP/1.1\r\nHost: ",
+        host,
+        "\r\nConnection: close\r\n",
+    ] {
+        bytes.extend_from_slice(piece.as_bytes());
     }
-    request.push_str("\r\n");
-    let mut bytes = request.into_bytes();
+    for (name, value) in headers {
+        for piece in [*name, ": ", *value, "\r\n"] {
+            bytes.extend_from_slice(piece.as_bytes());
+        }
+    }
+    if !body.is_empty() || method != "GET" {
+        bytes.extend_from_slice(b"Content-Length: ");
+        bytes.extend_from_slice(body.len().to_string().as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+    }
+    bytes.extend_from_slice(b"\r\n");
     bytes.extend_from_slice(body);
     stream.write_all(&bytes).await?;
     stream.flush().await?;
@@ -192,7 +209,10 @@ async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Response,
     };
     let head = std::str::from_utf8(&buffer[..header_end])
         .map_err(|_| HttpError::Malformed("headers are not utf-8".into()))?;
-    let mut lines = head.split("\r\n");
+    // Lines end in CRLF: split at the LF (a byte search) and drop the CR.
+    let mut lines = head
+        .split('\n')
+        .map(|line| line.strip_suffix('\r').unwrap_or(line));
     let status_line = lines.next().unwrap_or_default();
     let status = status_line
         .split_whitespace()
@@ -345,6 +365,79 @@ mod tests {
             (url.host.as_str(), url.port, url.path.as_str()),
             ("fd00::1", 8443, "/p")
         );
+    }
+
+    #[test]
+    fn find_locates_the_first_whole_needle() {
+        assert_eq!(find(b"ab\r\n\r\ncd", b"\r\n\r\n"), Some(2));
+        assert_eq!(find(b"\r\r\n\r\n", b"\r\n\r\n"), Some(1));
+        assert_eq!(find(b"a\r\nb\r\n\r", b"\r\n\r\n"), None);
+        assert_eq!(find(b"x\r\n", b"\r\n"), Some(1));
+        assert_eq!(find(b"", b"\r\n"), None);
+        assert_eq!(find(b"abc", b""), None);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn writes_the_request_head_and_body_as_http_1_1() {
+        for (method, body, expected) in [
+            (
+                "POST",
+                Some(&b"{}"[..]),
+                &b"POST /p HTTP/1.1\r\nHost: h:80\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"[..],
+            ),
+            (
+                "GET",
+                None,
+                b"GET /p HTTP/1.1\r\nHost: h:80\r\nConnection: close\r\nContent-Type: application/json\r\n\r\n",
+            ),
+            (
+                "POST",
+                None,
+                b"POST /p HTTP/1.1\r\nHost: h:80\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n",
+            ),
+        ] {
+            let (mut client, mut server) = tokio::io::duplex(1 << 16);
+            // Reads what is expected, then hangs up without answering.
+            let server_task = async move {
+                let mut request = Vec::new();
+                while request.len() < expected.len() {
+                    let mut chunk = [0u8; 512];
+                    let read = server.read(&mut chunk).await.unwrap();
+                    if read == 0 {
+                        break;
+                    }
+                    request.extend_from_slice(&chunk[..read]);
+                }
+                request
+            };
+            let headers = [("Content-Type", "application/json")];
+            let client_task = send(&mut client, method, "h:80", "/p", &headers, body);
+            let (request, sent) = tokio::join!(server_task, client_task);
+            assert_eq!(String::from_utf8_lossy(&request), String::from_utf8_lossy(expected));
+            assert!(sent.is_err(), "no answer came");
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn reads_headers_by_line() {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let server_task = async move {
+            let mut request = vec![0u8; 1024];
+            let _ = server.read(&mut request).await.unwrap();
+            server
+                .write_all(
+                    b"HTTP/1.1 404 Not Found\r\nX-One:  a b \r\ncontent-length: 3\r\n\r\nabc",
+                )
+                .await
+                .unwrap();
+        };
+        let client_task = send(&mut client, "GET", "h", "/", &[], None);
+        let (_, response) = tokio::join!(server_task, client_task);
+        let response = response.unwrap();
+        assert_eq!(response.status, 404);
+        assert_eq!(response.header("x-one"), Some("a b"));
+        assert_eq!(response.headers.len(), 2);
+        assert_eq!(response.body, b"abc");
     }
 
     #[tokio::test(flavor = "current_thread")]

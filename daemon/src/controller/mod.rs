@@ -261,8 +261,13 @@ impl Controller {
             let (leader, clock) = (controller.app.leader.clone(), controller.app.clock.clone());
             let permission: crate::bmc::guard::SendPermission =
                 Arc::new(move || leader.acting(clock.now_ms()).may_act());
-            let step =
-                crate::bmc::guard::with_send_permission(permission, controller.app.drill_step());
+            // On the heap, made when the task first runs: the step's future is large, and
+            // this task is spawned every tick, drill or not (a spawned future is copied
+            // whole into its task and out again).
+            let step = Box::pin(crate::bmc::guard::with_send_permission(
+                permission,
+                controller.app.drill_step(),
+            ));
             match CatchUnwind::new(step).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => {

@@ -72,6 +72,12 @@ pub struct Rt<'a> {
     /// run. Kept here, not in a map keyed by address, because the step reads it for
     /// every running host every tick. (Bearman patch.)
     pub(crate) ticks_behind: u32,
+
+    /// The time from this runtime's clock to its next timer, as last read; `None` once
+    /// the runtime ran or its clock moved. Timers are only set by the host's own
+    /// software, which runs only when it is not idle, so while a host is skipped the
+    /// answer stands and is not read from the wheel again every step. (Bearman patch.)
+    timer_due_in: std::cell::Cell<Option<Duration>>,
 }
 
 impl<'a> Rt<'a> {
@@ -91,6 +97,7 @@ impl<'a> Rt<'a> {
             handle: Some(handle),
             config,
             ticks_behind: 0,
+            timer_due_in: std::cell::Cell::new(None),
         }
     }
 
@@ -112,6 +119,7 @@ impl<'a> Rt<'a> {
             handle: Some(handle),
             config,
             ticks_behind: 0,
+            timer_due_in: std::cell::Cell::new(None),
         }
     }
 
@@ -127,6 +135,7 @@ impl<'a> Rt<'a> {
             handle: None,
             config,
             ticks_behind: 0,
+            timer_due_in: std::cell::Cell::new(None),
         }
     }
 
@@ -170,6 +179,7 @@ impl<'a> Rt<'a> {
     // that caused failure. Subsequent calls do not return the error as it is
     // expected to fail the simulation.
     pub(crate) fn tick(&mut self, duration: Duration) -> Result<bool> {
+        self.timer_due_in.set(None);
         self.tokio.block_on(async {
             self.local
                 .run_until(async {
@@ -201,6 +211,7 @@ impl<'a> Rt<'a> {
     /// every timer due meanwhile completes at once (a host waking from a pause).
     /// (Bearman patch, for `Sim::resume`.)
     pub(crate) fn tick_after(&mut self, jump: Duration, duration: Duration) -> Result<bool> {
+        self.timer_due_in.set(None);
         if !jump.is_zero() {
             self.tokio.block_on(async {
                 self.local
@@ -224,7 +235,18 @@ impl<'a> Rt<'a> {
         if self.handle.as_ref().is_some_and(|handle| handle.is_finished()) {
             return false;
         }
-        matches!(self.tokio.idle_for(), Some(idle) if idle > span)
+        if self.tokio.has_queued_tasks() {
+            return false;
+        }
+        let due_in = match self.timer_due_in.get() {
+            Some(due_in) => due_in,
+            None => {
+                let due_in = self.tokio.timer_due_in();
+                self.timer_due_in.set(Some(due_in));
+                due_in
+            }
+        };
+        due_in > span
     }
 
     /// Does to this host what `ticks` calls of [`Rt::tick`] that ran nothing would have
@@ -232,6 +254,7 @@ impl<'a> Rt<'a> {
     /// exactly as they would. Only after [`Rt::is_idle_for`] said so for that span.
     /// (Bearman patch.)
     pub(crate) fn skip_idle(&mut self, ticks: u32, tick: Duration) {
+        self.timer_due_in.set(None);
         if ticks > 0 {
             self.tokio.skip_idle(ticks, tick);
             self.local.skip_idle(ticks);
@@ -239,6 +262,7 @@ impl<'a> Rt<'a> {
     }
 
     pub(crate) fn crash(&mut self) {
+        self.timer_due_in.set(None);
         if !self.is_host() {
             panic!("can only crash host's software");
         }
@@ -249,6 +273,7 @@ impl<'a> Rt<'a> {
     }
 
     pub(crate) fn bounce(&mut self) {
+        self.timer_due_in.set(None);
         if !self.is_host() {
             panic!("can only bounce host's software");
         }
@@ -272,6 +297,7 @@ impl<'a> Rt<'a> {
     ///
     /// Both the [`Runtime`] and [`LocalSet`] are replaced with new instances.
     fn cancel_tasks(&mut self) {
+        self.timer_due_in.set(None);
         let (tokio, local) = init(&mut self.config);
 
         _ = mem::replace(&mut self.tokio, tokio);

@@ -533,23 +533,40 @@ impl Runtime {
     #[doc(hidden)]
     #[cfg(all(feature = "time", not(loom)))]
     pub fn idle_for(&self) -> Option<std::time::Duration> {
+        if self.has_queued_tasks() {
+            return None;
+        }
+        Some(self.timer_due_in())
+    }
+
+    /// Whether a task is queued in the current-thread scheduler (its injection queue or
+    /// core run queue); always true for other schedulers. The first half of
+    /// [`Runtime::idle_for`]. (Bearman patch.)
+    #[doc(hidden)]
+    #[cfg(all(feature = "time", not(loom)))]
+    pub fn has_queued_tasks(&self) -> bool {
         match (&self.scheduler, &self.handle.inner) {
             (Scheduler::CurrentThread(exec), crate::runtime::scheduler::Handle::CurrentThread(handle)) => {
-                if exec.has_queued_tasks(handle) {
-                    return None;
-                }
+                exec.has_queued_tasks(handle)
             }
             #[allow(unreachable_patterns)]
-            _ => return None,
+            _ => true,
         }
+    }
+
+    /// The time until the timer wheel's next expiration (a higher level's cascade point
+    /// counts), `Duration::MAX` with none: the second half of [`Runtime::idle_for`].
+    /// It changes only when this runtime runs or its clock moves, so a caller may keep
+    /// it meanwhile. (Bearman patch.)
+    #[doc(hidden)]
+    #[cfg(all(feature = "time", not(loom)))]
+    pub fn timer_due_in(&self) -> std::time::Duration {
         let driver = self.handle.inner.driver();
         let Some(time) = driver.time.as_ref() else {
-            return Some(std::time::Duration::MAX);
+            return std::time::Duration::MAX;
         };
-        Some(
-            time.next_expiration_after(driver.clock())
-                .unwrap_or(std::time::Duration::MAX),
-        )
+        time.next_expiration_after(driver.clock())
+            .unwrap_or(std::time::Duration::MAX)
     }
 
     /// Returns a view that lets you get information about how the runtime
