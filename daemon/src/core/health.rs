@@ -350,6 +350,55 @@ mod tests {
     }
 
     #[test]
+    fn racks_are_tallied_alike_whatever_order_the_nodes_come_in() {
+        // Nodes of three racks interleaved (the order a store keyed by random uuids
+        // gives), some silent, some not monitored: the same judgement as rack by rack.
+        let mut nodes: Vec<Node> = (0..30)
+            .map(|i| {
+                node(
+                    i,
+                    &format!("r{}", i % 3),
+                    LifecycleState::Ready,
+                    if i % 4 == 0 { 10_000 } else { 100_000 },
+                )
+            })
+            .collect();
+        nodes[5].state = LifecycleState::Maintenance;
+        nodes[7].rack = None;
+        let config = HealthConfig::default();
+        let interleaved = judge(&health(&nodes), 100_000, &config, &GuardHistory::default());
+        let mut by_rack = nodes.clone();
+        by_rack.sort_by(|a, b| (&a.rack, &a.uuid).cmp(&(&b.rack, &b.uuid)));
+        let sorted = judge(
+            &health(&by_rack),
+            100_000,
+            &config,
+            &GuardHistory::default(),
+        );
+        assert_eq!(interleaved.racks, sorted.racks);
+        assert_eq!(
+            interleaved.racks.keys().collect::<Vec<_>>(),
+            vec!["", "r0", "r1", "r2"]
+        );
+        let monitored: Vec<usize> = interleaved.racks.values().map(|r| r.monitored).collect();
+        assert_eq!(
+            monitored,
+            vec![1, 10, 9, 9],
+            "node 7 has no rack, node 5 is not monitored"
+        );
+        assert_eq!(
+            interleaved.racks.values().map(|r| r.silent).sum::<usize>(),
+            interleaved.silent
+        );
+        assert_eq!((interleaved.monitored, interleaved.silent), (29, 8));
+        let mut newly_silent = interleaved.newly_silent.clone();
+        newly_silent.sort();
+        let mut sorted_silent = sorted.newly_silent.clone();
+        sorted_silent.sort();
+        assert_eq!(newly_silent, sorted_silent);
+    }
+
+    #[test]
     fn a_freshly_silent_node_is_suspected_but_not_yet_fenceable() {
         let mut nodes = fleet(2, 10);
         let config = HealthConfig::default();
