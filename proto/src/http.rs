@@ -418,22 +418,25 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn reads_headers_by_line() {
+    /// `GET /` answered with `answer` by a server that reads the request once.
+    async fn get_answered_with(answer: &'static [u8]) -> Result<Response, HttpError> {
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
         let server_task = async move {
             let mut request = vec![0u8; 1024];
             let _ = server.read(&mut request).await.unwrap();
-            server
-                .write_all(
-                    b"HTTP/1.1 404 Not Found\r\nX-One:  a b \r\ncontent-length: 3\r\n\r\nabc",
-                )
-                .await
-                .unwrap();
+            server.write_all(answer).await.unwrap();
         };
         let client_task = send(&mut client, "GET", "h", "/", &[], None);
-        let (_, response) = tokio::join!(server_task, client_task);
-        let response = response.unwrap();
+        tokio::join!(server_task, client_task).1
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn reads_headers_by_line() {
+        let response = get_answered_with(
+            b"HTTP/1.1 404 Not Found\r\nX-One:  a b \r\ncontent-length: 3\r\n\r\nabc",
+        )
+        .await
+        .unwrap();
         assert_eq!(response.status, 404);
         assert_eq!(response.header("x-one"), Some("a b"));
         assert_eq!(response.headers.len(), 2);
@@ -442,18 +445,11 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn reads_content_length_and_chunked_bodies() {
-        let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let server_task = async move {
-            let mut request = vec![0u8; 1024];
-            let _ = server.read(&mut request).await.unwrap();
-            server
-                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
-                .await
-                .unwrap();
-        };
-        let client_task = send(&mut client, "GET", "h", "/", &[], None);
-        let (_, response) = tokio::join!(server_task, client_task);
-        let response = response.unwrap();
+        let response = get_answered_with(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
         assert_eq!(response.status, 200);
         assert_eq!(response.body, b"abcde");
     }
