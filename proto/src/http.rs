@@ -14,16 +14,35 @@ pub const RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     pub status: u16,
-    pub headers: Vec<(String, String)>,
+    /// The head as received (status line and header lines), and where each header's
+    /// trimmed name and value lie in it: one copy of the head, where a pair of strings
+    /// per header cost two allocations each on every answer the agent reads.
+    head: String,
+    headers: Vec<HeaderSpan>,
     pub body: Vec<u8>,
 }
 
+/// Byte ranges of one header's name and value in [`Response`]'s head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HeaderSpan {
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
 impl Response {
+    /// The first header called `name` (compared ignoring ASCII case), trimmed.
     pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value)
+    }
+
+    /// Every header as (name, value), in the order received.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        let part = |(start, end): (u32, u32)| &self.head[start as usize..end as usize];
         self.headers
             .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
+            .map(move |span| (part(span.name), part(span.value)))
     }
 
     pub fn text(&self) -> String {
@@ -207,28 +226,16 @@ async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Response,
             ));
         }
     };
-    let head = std::str::from_utf8(&buffer[..header_end])
+    let body = buffer[header_end + 4..].to_vec();
+    buffer.truncate(header_end);
+    let head = String::from_utf8(buffer)
         .map_err(|_| HttpError::Malformed("headers are not utf-8".into()))?;
-    // Lines end in CRLF: split at the LF (a byte search) and drop the CR.
-    let mut lines = head
-        .split('\n')
-        .map(|line| line.strip_suffix('\r').unwrap_or(line));
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse::<u16>().ok())
-        .ok_or_else(|| HttpError::Malformed(format!("bad status line {status_line:?}")))?;
-    let mut headers = Vec::new();
-    for line in lines {
-        if let Some((name, value)) = line.split_once(':') {
-            headers.push((name.trim().to_string(), value.trim().to_string()));
-        }
-    }
+    let (status, headers) = parse_head(&head)?;
     let mut response = Response {
         status,
+        head,
         headers,
-        body: buffer[header_end + 4..].to_vec(),
+        body,
     };
     let content_length = response
         .header("content-length")
@@ -266,6 +273,50 @@ async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Response,
         response.body = dechunk(&response.body)?;
     }
     Ok(response)
+}
+
+/// The status code and the header spans of a response head (lines end in CRLF; a bare
+/// LF is taken too). Header names and values are trimmed of ASCII blanks.
+fn parse_head(head: &str) -> Result<(u16, Vec<HeaderSpan>), HttpError> {
+    let offset_of = |part: &[u8]| (part.as_ptr() as usize - head.as_ptr() as usize) as u32;
+    // Lines are split at the LF byte by byte: they are a few dozen bytes each, where a
+    // memchr call per line cost more than it saved.
+    let mut lines = head
+        .as_bytes()
+        .split(|byte| *byte == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line));
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(|byte| byte.is_ascii_whitespace())
+        .filter(|word| !word.is_empty())
+        .nth(1)
+        .and_then(|code| std::str::from_utf8(code).ok())
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| {
+            HttpError::Malformed(format!(
+                "bad status line {:?}",
+                String::from_utf8_lossy(status_line)
+            ))
+        })?;
+    let mut headers = Vec::with_capacity(12);
+    for line in lines {
+        let Some(colon) = line.iter().position(|byte| *byte == b':') else {
+            continue;
+        };
+        // Trimming ASCII blanks next to the colon keeps both parts on character
+        // boundaries: the head is UTF-8 and blanks are single bytes.
+        let name = line[..colon].trim_ascii();
+        let value = line[colon + 1..].trim_ascii();
+        let span = |part: &[u8]| {
+            let start = offset_of(part);
+            (start, start + part.len() as u32)
+        };
+        headers.push(HeaderSpan {
+            name: span(name),
+            value: span(value),
+        });
+    }
+    Ok((status, headers))
 }
 
 fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, HttpError> {
@@ -439,8 +490,41 @@ mod tests {
         .unwrap();
         assert_eq!(response.status, 404);
         assert_eq!(response.header("x-one"), Some("a b"));
-        assert_eq!(response.headers.len(), 2);
+        assert_eq!(response.headers().count(), 2);
         assert_eq!(response.body, b"abc");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn keeps_every_header_in_order_trimmed_with_bare_line_feeds_too() {
+        let response = get_answered_with(
+            "HTTP/1.1 200 OK\nServer:\tbearman \r\nno colon here\r\nX-Note: caf\u{e9} : ok\r\nContent-Length:0\r\n\r\n"
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let headers: Vec<_> = response.headers().collect();
+        assert_eq!(
+            headers,
+            [
+                ("Server", "bearman"),
+                ("X-Note", "caf\u{e9} : ok"),
+                ("Content-Length", "0")
+            ]
+        );
+        assert_eq!(response.header("CONTENT-LENGTH"), Some("0"));
+        assert_eq!(response.header("missing"), None);
+        assert!(response.body.is_empty());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn refuses_a_head_without_a_status_code() {
+        let error = get_answered_with(b"HTTP/1.1\r\nA: b\r\n\r\n")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, HttpError::Malformed(ref text) if text.contains("bad status line")),
+            "{error}"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]

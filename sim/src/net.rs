@@ -2,9 +2,10 @@
 //! listener (axum's `Listener`) and the agent's `Connector`, plus [`TapConnector`], which
 //! counts a node's requests for the world's statistics the way a network tap would.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use bearman_agent::Connector;
@@ -43,6 +44,10 @@ pub struct TapConnector {
     /// The hosts behind the daemon's name, and which one the next connection tries first.
     daemons: Arc<[String]>,
     next: Arc<AtomicUsize>,
+    /// The address the last connection to a single daemon reached, under the authority
+    /// it was asked for: names never move in the simulated DNS, and parsing and looking
+    /// up the name again cost as much as the rest of the connect.
+    resolved: Arc<OnceLock<(Box<str>, SocketAddr)>>,
 }
 
 impl TapConnector {
@@ -55,6 +60,7 @@ impl TapConnector {
             installed: Arc::new(AtomicBool::new(false)),
             daemons,
             next: Arc::new(AtomicUsize::new(first)),
+            resolved: Arc::default(),
         }
     }
 
@@ -64,7 +70,20 @@ impl TapConnector {
             Some((host, port)) if host == crate::node::DAEMON_HOST && self.daemons.len() > 1 => {
                 port
             }
-            _ => return turmoil::net::TcpStream::connect(authority).await,
+            _ => {
+                if let Some((_, address)) = self
+                    .resolved
+                    .get()
+                    .filter(|(resolved, _)| **resolved == *authority)
+                {
+                    return turmoil::net::TcpStream::connect(*address).await;
+                }
+                let stream = turmoil::net::TcpStream::connect(authority).await?;
+                if let Ok(address) = stream.peer_addr() {
+                    let _ = self.resolved.set((authority.into(), address));
+                }
+                return Ok(stream);
+            }
         };
         // Every connection takes the next replica in turn, so one that hangs (paused)
         // costs this request its timeout and not the ones after it.

@@ -400,6 +400,26 @@ impl StreamSocket {
     fn buffer(&mut self, seq: u64, segment: SequencedSegment) -> Result<(), Protocol> {
         use mpsc::error::TrySendError::*;
 
+        // The next segment in order with nothing held back (the usual case): straight
+        // to the reader when it has room, without passing through the reorder buffer.
+        // (Bearman patch.)
+        if seq == self.recv_seq + 1 && self.buf.is_empty() {
+            match self.sender.try_reserve() {
+                Ok(permit) => {
+                    self.recv_seq = seq;
+                    permit.send(segment);
+                    return Ok(());
+                }
+                Err(Closed(())) => {
+                    // As the reorder path leaves it: counted as received, still held.
+                    self.recv_seq = seq;
+                    self.buf.insert(seq, segment);
+                    return Err(Protocol::Tcp(Segment::Rst));
+                }
+                Err(Full(())) => {}
+            }
+        }
+
         let exists = self.buf.insert(seq, segment);
 
         assert!(exists.is_none(), "duplicate segment {seq}");

@@ -9,7 +9,7 @@ use std::time::UNIX_EPOCH;
 use tokio::time::Duration;
 use tracing::Level;
 
-use crate::host::HostTimer;
+use crate::host::{Host, HostTimer};
 use crate::{
     for_pairs, rt, Config, LinksIter, Result, Rt, ToIpAddr, ToIpAddrs, World, TRACING_TARGET,
 };
@@ -186,7 +186,7 @@ impl<'a> Sim<'a> {
                 self.world.borrow_mut().tick(h, missed);
             }
 
-            self.world.borrow_mut().current = Some(h);
+            self.world.borrow_mut().set_current(Some(h));
 
             World::enter(&self.world, || {
                 rt.crash();
@@ -204,7 +204,7 @@ impl<'a> Sim<'a> {
             });
         }
 
-        self.world.borrow_mut().current = None;
+        self.world.borrow_mut().set_current(None);
     }
 
     /// Stops the world on the resolved hosts, as a process stopped by `SIGSTOP` or a long
@@ -275,12 +275,12 @@ impl<'a> Sim<'a> {
             self.settle(h);
             let rt = self.rts.get_mut(&h).expect("missing host");
 
-            self.world.borrow_mut().current = Some(h);
+            self.world.borrow_mut().set_current(Some(h));
 
             World::enter(&self.world, || f(h, rt));
         }
 
-        self.world.borrow_mut().current = None;
+        self.world.borrow_mut().set_current(None);
     }
 
     /// Check whether a host has software running.
@@ -501,10 +501,14 @@ impl<'a> Sim<'a> {
         // encountered.
 
         let paused = &self.paused;
+        // Each runtime's index is its host's in the world: both are inserted together
+        // and never removed, so a host is reached without hashing its address.
+        // (Bearman patch.)
         let (mut running, stopped): (Vec<_>, Vec<_>) = self
             .rts
             .iter_mut()
-            .partition(|(addr, rt)| rt.is_software_running() && !paused.contains_key(*addr));
+            .enumerate()
+            .partition(|(_, (addr, rt))| rt.is_software_running() && !paused.contains_key(*addr));
         // Paused hosts miss this tick (Bearman patch).
         for missed in self.paused.values_mut() {
             *missed += tick;
@@ -513,7 +517,7 @@ impl<'a> Sim<'a> {
             running.shuffle(&mut self.world.borrow_mut().rng);
         }
 
-        for (&addr, rt) in running {
+        for (index, (&addr, rt)) in running {
             {
                 let mut world = self.world.borrow_mut();
                 // We need to move deliverable messages off the network and
@@ -524,7 +528,7 @@ impl<'a> Sim<'a> {
                     hosts,
                     ..
                 } = world.deref_mut();
-                topology.deliver_messages(rng, hosts.get_mut(&addr).expect("missing host"));
+                topology.deliver_messages(rng, host_at(hosts, index, addr));
             }
 
             // A host with nothing to do this tick (no task queued, not even by the
@@ -543,7 +547,7 @@ impl<'a> Sim<'a> {
                     if rt.is_client() {
                         is_finished = false;
                     }
-                    self.world.borrow_mut().tick(addr, tick);
+                    self.world.borrow_mut().tick_index(index, tick);
                     continue;
                 }
                 let ticks = std::mem::take(&mut rt.ticks_behind);
@@ -557,7 +561,7 @@ impl<'a> Sim<'a> {
             {
                 let mut world = self.world.borrow_mut();
                 // Set the current host (see method docs)
-                world.current = Some(addr);
+                world.set_current_index(index);
 
                 world.current_host_mut().timer.now(rt.now());
             }
@@ -573,14 +577,14 @@ impl<'a> Sim<'a> {
 
             // Unset the current host
             let mut world = self.world.borrow_mut();
-            world.current = None;
+            world.set_current(None);
 
-            world.tick(addr, tick + missed);
+            world.tick_index(index, tick + missed);
         }
 
         // Tick the nodes that are not actively running (i.e., crashed) to ensure their clock keeps up
         // with the rest of the simulation when they are restarted (bounced).
-        for (&addr, _rt) in stopped {
+        for (index, (&addr, _rt)) in stopped {
             let mut world = self.world.borrow_mut();
             // A paused host hears nothing, and its clock catches up when it wakes
             // (`tick_after`). (Bearman patch.)
@@ -596,8 +600,8 @@ impl<'a> Sim<'a> {
                 hosts,
                 ..
             } = world.deref_mut();
-            topology.deliver_messages(rng, hosts.get_mut(&addr).expect("missing host"));
-            world.tick(addr, tick);
+            topology.deliver_messages(rng, host_at(hosts, index, addr));
+            world.tick_index(index, tick);
         }
 
         self.elapsed += tick;
@@ -612,6 +616,14 @@ impl<'a> Sim<'a> {
 
         Ok(is_finished)
     }
+}
+
+/// The host at `index` in the world's hosts, which is the one at `addr`: runtimes and
+/// hosts are inserted in the same order. (Bearman patch.)
+fn host_at(hosts: &mut crate::FastMap<IpAddr, Host>, index: usize, addr: IpAddr) -> &mut Host {
+    let (at, host) = hosts.get_index_mut(index).expect("missing host");
+    debug_assert_eq!(*at, addr, "runtimes and hosts out of step");
+    host
 }
 
 #[cfg(test)]

@@ -123,6 +123,9 @@ impl<'a> Iterator for LinksIter<'a> {
 
     fn next(&mut self) -> Option<Self::Item> {
         let (pair, link) = self.iter.next()?;
+        // The caller may schedule any of these messages for now: the next tick scans.
+        // (Bearman patch.)
+        link.earliest_due = Some(link.now);
 
         Some(LinkIter {
             a: pair.0,
@@ -177,6 +180,11 @@ struct Link {
 
     /// The ends under whose `ready_for` this link's index is listed. (Bearman patch.)
     listed_ready_for: Vec<IpAddr>,
+
+    /// No message in `sent` is due before this (`None`: none is scheduled, all are held
+    /// or there are none). A lower bound, exact after each scan: until then a tick or a
+    /// send has nothing to move and skips the scan. (Bearman patch.)
+    earliest_due: Option<Instant>,
 }
 
 /// States that a link between two nodes can be in.
@@ -364,8 +372,13 @@ impl Topology {
                 .get_index_mut(index)
                 .expect("links are never removed");
             link.listed_in_flight = false;
-            link.tick(now);
-            self.note_link(index);
+            if link.tick(now) {
+                self.note_link(index);
+            } else {
+                // Nothing became deliverable: what is ready for each end is listed
+                // already. (Bearman patch.)
+                list_in_flight(&mut self.in_flight, index, link);
+            }
         }
     }
 
@@ -433,6 +446,7 @@ impl Link {
             deliverable: crate::FastMap::default(),
             listed_in_flight: false,
             listed_ready_for: Vec::new(),
+            earliest_due: None,
             now,
         }
     }
@@ -485,7 +499,9 @@ impl Link {
         let status = match state {
             State::Healthy => {
                 let delay = self.delay(global_config.latency(), rand);
-                DeliveryStatus::DeliverAfter(self.now + delay)
+                let due = self.now + delay;
+                self.note_due(due);
+                DeliveryStatus::DeliverAfter(due)
             }
             // Only A->B is blocked, so B can send, so we can send if src is B
             State::Hold => {
@@ -509,12 +525,20 @@ impl Link {
         Ok(())
     }
 
-    fn tick(&mut self, now: Instant) {
+    /// Moves the link's clock to `now`; whether that made any message deliverable.
+    fn tick(&mut self, now: Instant) -> bool {
         self.now = now;
-        self.process_deliverables();
+        self.process_deliverables()
     }
 
-    fn process_deliverables(&mut self) {
+    /// Moves the messages due by now to `deliverable`, in the order they were sent;
+    /// whether there were any.
+    fn process_deliverables(&mut self) -> bool {
+        match self.earliest_due {
+            Some(due) if due <= self.now => {}
+            _ => return false,
+        }
+        let mut earliest_due: Option<Instant> = None;
         // TODO: `drain_filter` is not yet stable, and so we have a low quality
         // implementation here that avoids clones.
         let mut deliverable = 0;
@@ -522,7 +546,9 @@ impl Link {
             let index = i - deliverable;
             let sent = &self.sent[index];
             if let DeliveryStatus::DeliverAfter(time) = sent.status {
-                if time <= self.now {
+                if time > self.now {
+                    earliest_due = Some(earliest_due.map_or(time, |due| due.min(time)));
+                } else {
                     let sent = self.sent.remove(index).unwrap();
                     let envelope = Envelope {
                         src: sent.src,
@@ -537,6 +563,13 @@ impl Link {
                 }
             }
         }
+        self.earliest_due = earliest_due;
+        deliverable > 0
+    }
+
+    /// Lowers `earliest_due` to `time`, for a message now scheduled then. (Bearman patch.)
+    fn note_due(&mut self, time: Instant) {
+        self.earliest_due = Some(self.earliest_due.map_or(time, |due| due.min(time)));
     }
 
     // FIXME: This implementation does not respect message delivery order. If
@@ -596,6 +629,7 @@ impl Link {
         for sent in &mut self.sent {
             sent.status = DeliveryStatus::Hold;
         }
+        self.earliest_due = None;
     }
 
     // This link becomes healthy, and any held messages are scheduled for delivery.
@@ -607,6 +641,7 @@ impl Link {
                 sent.deliver(self.now);
             }
         }
+        self.note_due(self.now);
     }
 
     fn explicit_partition(&mut self) {
