@@ -342,6 +342,26 @@ async fn bad_requests_are_refused_naming_the_field_and_change_nothing() {
     assert!(daemon.power_events().await.is_empty());
 }
 
+/// The body limit holds at the daemon's edge: the service sets it on each request (not
+/// a router layer), so a body one byte over `body_limit_bytes` is refused as too large
+/// and nothing is done.
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_as_too_large_and_changes_nothing() {
+    let bmc = powered_on();
+    let daemon = start(bmc.clone()).await;
+    let padding = "x".repeat(bearman::server::BODY_LIMIT_BYTES_DEFAULT);
+    let (status, answer) = daemon
+        .power(
+            &daemon.operator,
+            json!({"action": "off", "reason": padding}),
+        )
+        .await;
+    assert_eq!(status, 413, "{answer}");
+    assert!(bmc.commands.lock().unwrap().is_empty());
+    assert_eq!(daemon.node().await.state, LifecycleState::Ready);
+    assert!(daemon.power_events().await.is_empty());
+}
+
 /// A power switch that records whether it was ever used, and for what.
 #[derive(Default)]
 struct CountingSwitch {

@@ -135,8 +135,9 @@ impl AppState {
 /// the router.
 pub fn service(state: AppState) -> HttpService<Router> {
     HttpService {
+        body_limit: DefaultBodyLimit::max(state.config.body_limit_bytes),
         state: Arc::new(state.clone()),
-        router: router(state),
+        router: routes(state, true),
     }
 }
 
@@ -144,7 +145,8 @@ pub fn service(state: AppState) -> HttpService<Router> {
 /// in another boxed service, cloned on every request, and `middleware::from_fn` boxes
 /// both the inner service and the future; [`HttpService`] around the whole does neither.
 pub fn router(state: AppState) -> Router {
-    routes(state, true)
+    let body_limit = state.config.body_limit_bytes;
+    routes(state, true).layer(DefaultBodyLimit::max(body_limit))
 }
 
 /// The boot protocol and the probes only, for the plain-HTTP listener beside a TLS
@@ -152,13 +154,15 @@ pub fn router(state: AppState) -> Router {
 /// in clear text by mistake and answered.
 pub fn boot_service(state: AppState) -> HttpService<Router> {
     HttpService {
+        body_limit: DefaultBodyLimit::max(state.config.body_limit_bytes),
         state: Arc::new(state.clone()),
         router: routes(state, false),
     }
 }
 
+/// The routes without the body limit: [`HttpService`] sets it on each request, where a
+/// router layer would wrap every route in another boxed service, cloned per request.
 fn routes(state: AppState, with_admin: bool) -> Router {
-    let body_limit = state.config.body_limit_bytes;
     let mut router = Router::new().merge(boot::router());
     if with_admin {
         router = router
@@ -170,7 +174,6 @@ fn routes(state: AppState, with_admin: bool) -> Router {
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such endpoint") })
-        .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 
@@ -265,6 +268,8 @@ async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> 
 #[derive(Clone)]
 pub struct HttpService<S> {
     state: Arc<AppState>,
+    /// `body_limit_bytes`, set on every request before routing (see [`routes`]).
+    body_limit: DefaultBodyLimit,
     router: S,
 }
 
@@ -343,7 +348,11 @@ where
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|info| info.0);
         let router = &mut self.router;
-        answer(&self.state, peer, request, |request| router.call(request))
+        let body_limit = self.body_limit;
+        answer(&self.state, peer, request, |mut request| {
+            body_limit.apply(&mut request);
+            router.call(request)
+        })
     }
 }
 
@@ -361,6 +370,7 @@ where
 
     fn serve(&self, peer: std::net::SocketAddr, request: Request) -> Self::Future {
         answer(&self.state, Some(peer), request, |mut request| {
+            self.body_limit.apply(&mut request);
             request
                 .extensions_mut()
                 .insert(axum::extract::ConnectInfo(peer));

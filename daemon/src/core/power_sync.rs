@@ -190,19 +190,20 @@ pub fn due_polls<'a>(
 }
 
 /// Last-heard times of the monitored nodes, sorted, per rack and fleet-wide: answers "how
-/// many were not heard after time R" in O(log n).
-pub struct HeardIndex {
-    racks: BTreeMap<String, Vec<TimestampMs>>,
+/// many were not heard after time R" in O(log n). Racks are keyed by the names the nodes
+/// hold (built on ticks with silent nodes, for the whole fleet: no string per node).
+pub struct HeardIndex<'a> {
+    racks: BTreeMap<&'a str, Vec<TimestampMs>>,
     fleet: Vec<TimestampMs>,
 }
 
-impl HeardIndex {
-    pub fn new(nodes: &[NodeHealth]) -> HeardIndex {
-        let mut racks: BTreeMap<String, Vec<TimestampMs>> = BTreeMap::new();
+impl<'a> HeardIndex<'a> {
+    pub fn new(nodes: &'a [NodeHealth]) -> HeardIndex<'a> {
+        let mut racks: BTreeMap<&'a str, Vec<TimestampMs>> = BTreeMap::new();
         let mut fleet = Vec::new();
         for node in nodes.iter().filter(|n| is_monitored(n.state)) {
             racks
-                .entry(node.rack.clone().unwrap_or_default())
+                .entry(node.rack.as_deref().unwrap_or_default())
                 .or_default()
                 .push(node.last_heard_at_ms);
             fleet.push(node.last_heard_at_ms);
@@ -232,7 +233,7 @@ impl HeardIndex {
 /// Whether `node`'s BMC confirms it dead: it reads Off, the reading was taken after the
 /// node was last heard, and the silence it belongs to is not rack- or fleet-wide (see the
 /// module comment). Always false while polling is disabled.
-pub fn confirmed_off(node: &NodeHealth, heard: &HeardIndex, config: &HealthConfig) -> bool {
+pub fn confirmed_off(node: &NodeHealth, heard: &HeardIndex<'_>, config: &HealthConfig) -> bool {
     if config.power_poll_interval_ms <= 0 {
         return false;
     }
