@@ -46,6 +46,10 @@ pub struct Sim<'a> {
 
     /// Host ticks run and skipped so far. (Bearman patch.)
     host_ticks: (u64, u64),
+
+    /// Indices of the runtimes a step runs and of those it only keeps up to date, kept
+    /// between steps so a step allocates nothing for them. (Bearman patch.)
+    step_lists: (Vec<usize>, Vec<usize>),
 }
 
 impl<'a> Sim<'a> {
@@ -65,6 +69,7 @@ impl<'a> Sim<'a> {
             paused: crate::FastMap::default(),
             waking: crate::FastMap::default(),
             host_ticks: (0, 0),
+            step_lists: Default::default(),
         }
     }
 
@@ -500,15 +505,19 @@ impl<'a> Sim<'a> {
         // completes, extract the result and return early if an error is
         // encountered.
 
-        let paused = &self.paused;
         // Each runtime's index is its host's in the world: both are inserted together
         // and never removed, so a host is reached without hashing its address.
         // (Bearman patch.)
-        let (mut running, stopped): (Vec<_>, Vec<_>) = self
-            .rts
-            .iter_mut()
-            .enumerate()
-            .partition(|(_, (addr, rt))| rt.is_software_running() && !paused.contains_key(*addr));
+        let (mut running, mut stopped) = std::mem::take(&mut self.step_lists);
+        running.clear();
+        stopped.clear();
+        for (index, (addr, rt)) in self.rts.iter().enumerate() {
+            if rt.is_software_running() && !self.paused.contains_key(addr) {
+                running.push(index);
+            } else {
+                stopped.push(index);
+            }
+        }
         // Paused hosts miss this tick (Bearman patch).
         for missed in self.paused.values_mut() {
             *missed += tick;
@@ -517,7 +526,8 @@ impl<'a> Sim<'a> {
             running.shuffle(&mut self.world.borrow_mut().rng);
         }
 
-        for (index, (&addr, rt)) in running {
+        for &index in &running {
+            let (&addr, rt) = self.rts.get_index_mut(index).expect("missing host");
             {
                 let mut world = self.world.borrow_mut();
                 // We need to move deliverable messages off the network and
@@ -584,7 +594,8 @@ impl<'a> Sim<'a> {
 
         // Tick the nodes that are not actively running (i.e., crashed) to ensure their clock keeps up
         // with the rest of the simulation when they are restarted (bounced).
-        for (index, (&addr, _rt)) in stopped {
+        for &index in &stopped {
+            let (&addr, _) = self.rts.get_index(index).expect("missing host");
             let mut world = self.world.borrow_mut();
             // A paused host hears nothing, and its clock catches up when it wakes
             // (`tick_after`). (Bearman patch.)
@@ -604,6 +615,7 @@ impl<'a> Sim<'a> {
             world.tick_index(index, tick);
         }
 
+        self.step_lists = (running, stopped);
         self.elapsed += tick;
         self.steps += 1;
 

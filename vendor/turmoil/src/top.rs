@@ -593,12 +593,20 @@ impl Link {
         if queue.is_empty() {
             return;
         }
-        let deliverable = queue.drain(..).collect::<Vec<Envelope>>();
+        // Taken whole (a reset sent back below goes to the other end's queue, never
+        // this one), and its buffer handed back after: no list collected per delivery.
+        // (Bearman patch.)
+        let mut deliverable = std::mem::take(queue);
 
-        for message in deliverable {
+        for message in deliverable.drain(..) {
             let (src, dst) = (message.src, message.dst);
             if let Err(message) = host.receive_from_network(message) {
                 let _ = self.enqueue_message(global_config, rand, dst, src, message);
+            }
+        }
+        if let Some(queue) = self.deliverable.get_mut(&host.addr) {
+            if queue.is_empty() {
+                *queue = deliverable;
             }
         }
     }
