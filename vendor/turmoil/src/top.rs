@@ -1,4 +1,4 @@
-use crate::envelope::{Envelope, Protocol};
+use crate::envelope::{Envelope, Protocol, Segment};
 use crate::host::Host;
 use crate::rt::Rt;
 use crate::{config, TRACING_TARGET};
@@ -538,33 +538,36 @@ impl Link {
             Some(due) if due <= self.now => {}
             _ => return false,
         }
+        let now = self.now;
         let mut earliest_due: Option<Instant> = None;
-        // TODO: `drain_filter` is not yet stable, and so we have a low quality
-        // implementation here that avoids clones.
-        let mut deliverable = 0;
-        for i in 0..self.sent.len() {
-            let index = i - deliverable;
-            let sent = &self.sent[index];
-            if let DeliveryStatus::DeliverAfter(time) = sent.status {
-                if time > self.now {
-                    earliest_due = Some(earliest_due.map_or(time, |due| due.min(time)));
-                } else {
-                    let sent = self.sent.remove(index).unwrap();
-                    let envelope = Envelope {
+        let mut moved = false;
+        let deliverable = &mut self.deliverable;
+        // One pass that keeps the order of both what stays and what moves: removing each
+        // due message from the middle of the queue shifted the rest every time.
+        // (Bearman patch.)
+        self.sent.retain_mut(|sent| match sent.status {
+            DeliveryStatus::DeliverAfter(time) if time <= now => {
+                // The message moves out; the placeholder goes with the removed entry.
+                let message = std::mem::replace(&mut sent.protocol, Protocol::Tcp(Segment::Rst));
+                deliverable
+                    .entry(sent.dst.ip())
+                    .or_default()
+                    .push_back(Envelope {
                         src: sent.src,
                         dst: sent.dst,
-                        message: sent.protocol,
-                    };
-                    self.deliverable
-                        .entry(sent.dst.ip())
-                        .or_default()
-                        .push_back(envelope);
-                    deliverable += 1;
-                }
+                        message,
+                    });
+                moved = true;
+                false
             }
-        }
+            DeliveryStatus::DeliverAfter(time) => {
+                earliest_due = Some(earliest_due.map_or(time, |due| due.min(time)));
+                true
+            }
+            DeliveryStatus::Hold => true,
+        });
         self.earliest_due = earliest_due;
-        deliverable > 0
+        moved
     }
 
     /// Lowers `earliest_due` to `time`, for a message now scheduled then. (Bearman patch.)
