@@ -361,7 +361,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// The simulator prints its own report and nothing of the code it runs logs anywhere. With
+/// no subscriber at all, every span and event of the daemon and of turmoil still went
+/// through `tracing`'s `log` compatibility (a dependency turns it on) to find no logger:
+/// a few hundred instructions a span, several spans a request. A subscriber that takes
+/// nothing turns each into a level check.
+fn silence_tracing() {
+    // Only fails when one is already set, which is then the one to keep.
+    let _ = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::default());
+}
+
 fn real_main() -> anyhow::Result<bool> {
+    silence_tracing();
     let RunArgs {
         scenario: path,
         seed,

@@ -569,6 +569,14 @@ impl Runtime {
             .unwrap_or(std::time::Duration::MAX)
     }
 
+    /// What `Instant::now()` returns inside this runtime, read without entering it
+    /// (entering swaps the thread's runtime context in and out). (Bearman patch.)
+    #[doc(hidden)]
+    #[cfg(all(feature = "time", not(loom)))]
+    pub fn clock_now(&self) -> crate::time::Instant {
+        self.handle.inner.driver().clock().now()
+    }
+
     /// Returns a view that lets you get information about how the runtime
     /// is performing.
     pub fn metrics(&self) -> crate::runtime::RuntimeMetrics {
