@@ -278,14 +278,24 @@ async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Response,
 /// The status code and the header spans of a response head (lines end in CRLF; a bare
 /// LF is taken too). Header names and values are trimmed of ASCII blanks.
 fn parse_head(head: &str) -> Result<(u16, Vec<HeaderSpan>), HttpError> {
-    let offset_of = |part: &[u8]| (part.as_ptr() as usize - head.as_ptr() as usize) as u32;
-    // Lines are split at the LF byte by byte: they are a few dozen bytes each, where a
-    // memchr call per line cost more than it saved.
-    let mut lines = head
-        .as_bytes()
-        .split(|byte| *byte == b'\n')
-        .map(|line| line.strip_suffix(b"\r").unwrap_or(line));
-    let status_line = lines.next().unwrap_or_default();
+    let bytes = head.as_bytes();
+    // Each line found with `memchr` (vector compares), and its colon too: a byte loop
+    // over the head for each was most of what reading an answer cost the agent.
+    let mut next_line = {
+        let mut start = 0;
+        move || {
+            if start > bytes.len() {
+                return None;
+            }
+            let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |at| start + at);
+            let line = &bytes[start..end];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let line_start = start;
+            start = end + 1;
+            Some((line_start, line))
+        }
+    };
+    let (_, status_line) = next_line().unwrap_or_default();
     let status = status_line
         .split(|byte| byte.is_ascii_whitespace())
         .filter(|word| !word.is_empty())
@@ -299,21 +309,21 @@ fn parse_head(head: &str) -> Result<(u16, Vec<HeaderSpan>), HttpError> {
             ))
         })?;
     let mut headers = Vec::with_capacity(12);
-    for line in lines {
-        let Some(colon) = line.iter().position(|byte| *byte == b':') else {
+    while let Some((line_start, line)) = next_line() {
+        let Some(colon) = memchr::memchr(b':', line) else {
             continue;
         };
         // Trimming ASCII blanks next to the colon keeps both parts on character
         // boundaries: the head is UTF-8 and blanks are single bytes.
-        let name = line[..colon].trim_ascii();
-        let value = line[colon + 1..].trim_ascii();
-        let span = |part: &[u8]| {
-            let start = offset_of(part);
-            (start, start + part.len() as u32)
+        let span = |from: usize, part: &[u8]| {
+            let trimmed = part.trim_ascii_start();
+            let start = from + (part.len() - trimmed.len());
+            let trimmed = trimmed.trim_ascii_end();
+            (start as u32, (start + trimmed.len()) as u32)
         };
         headers.push(HeaderSpan {
-            name: span(name),
-            value: span(value),
+            name: span(line_start, &line[..colon]),
+            value: span(line_start + colon + 1, &line[colon + 1..]),
         });
     }
     Ok((status, headers))
@@ -347,7 +357,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     let mut from = 0;
     // Scan for the first byte and compare the rest only there: a window per byte
     // compared a slice at every position.
-    while let Some(offset) = haystack[from..].iter().position(|byte| *byte == first) {
+    while let Some(offset) = memchr::memchr(first, &haystack[from..]) {
         let at = from + offset;
         if haystack[at + 1..].starts_with(rest) {
             return Some(at);
