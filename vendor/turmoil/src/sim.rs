@@ -526,6 +526,10 @@ impl<'a> Sim<'a> {
             running.shuffle(&mut self.world.borrow_mut().rng);
         }
 
+        // Whether idle hosts may be skipped this step, asked once. (Bearman patch.)
+        let skipping = self.config.skip_idle_hosts
+            && !self.config.enable_tokio_io
+            && tick.subsec_nanos() % 1_000_000 == 0;
         for &index in &running {
             let (&addr, rt) = self.rts.get_index_mut(index).expect("missing host");
             {
@@ -538,7 +542,7 @@ impl<'a> Sim<'a> {
                     hosts,
                     ..
                 } = world.deref_mut();
-                topology.deliver_messages(rng, host_at(hosts, index, addr));
+                topology.deliver_messages(rng, host_at(hosts, index, addr), index);
             }
 
             // A host with nothing to do this tick (no task queued, not even by the
@@ -547,10 +551,7 @@ impl<'a> Sim<'a> {
             // work ([`Sim::settle`]). Most of a large fleet's hosts are idle in most
             // ticks, and running one costs a runtime entry and a timer-wheel turn.
             // (Bearman patch.)
-            if self.config.skip_idle_hosts
-                && !self.config.enable_tokio_io
-                && tick.subsec_nanos() % 1_000_000 == 0
-                && !self.waking.contains_key(&addr) {
+            if skipping && !self.waking.contains_key(&addr) {
                 if rt.is_idle_for(tick * (rt.ticks_behind + 1)) {
                     rt.ticks_behind += 1;
                     self.host_ticks.1 += 1;
@@ -611,7 +612,7 @@ impl<'a> Sim<'a> {
                 hosts,
                 ..
             } = world.deref_mut();
-            topology.deliver_messages(rng, host_at(hosts, index, addr));
+            topology.deliver_messages(rng, host_at(hosts, index, addr), index);
             world.tick_index(index, tick);
         }
 

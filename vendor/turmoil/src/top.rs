@@ -33,7 +33,8 @@ pub(crate) struct Topology {
     /// For each host, the indices of the links that may hold messages ready for it: a
     /// superset, pruned as they are delivered, each listed once (its link's
     /// `listed_ready_for`). Delivering to a host visits these in increasing order, as a
-    /// scan of its every link would. (Bearman patch.)
+    /// scan of its every link would. Every host has its entry from registration, in the
+    /// world's order of hosts, so a step reaches it by the host's index. (Bearman patch.)
     ready_for: crate::FastMap<IpAddr, Vec<usize>>,
 
     /// We don't use a Rt for async. Right now, we just use it to tick time
@@ -216,6 +217,12 @@ impl Topology {
         }
     }
 
+    /// Registers a host, at the next index: the world's hosts are registered in the same
+    /// order. (Bearman patch.)
+    pub(crate) fn register_host(&mut self, addr: IpAddr) -> usize {
+        self.ready_for.insert_full(addr, Vec::new()).0
+    }
+
     /// Register a link between two hosts
     pub(crate) fn register(&mut self, a: IpAddr, b: IpAddr) {
         let pair = Pair::new(a, b);
@@ -286,11 +293,18 @@ impl Topology {
         }
     }
 
-    // Move messages from any network links to the `dst` host.
-    pub(crate) fn deliver_messages(&mut self, rand: &mut dyn RngCore, dst: &mut Host) {
-        let Some(indices) = self.ready_for.get_mut(&dst.addr) else {
+    // Move messages from any network links to the `dst` host, the world's host at
+    // `host_index` (its index in `ready_for` too).
+    pub(crate) fn deliver_messages(
+        &mut self,
+        rand: &mut dyn RngCore,
+        dst: &mut Host,
+        host_index: usize,
+    ) {
+        let Some((addr, indices)) = self.ready_for.get_index_mut(host_index) else {
             return;
         };
+        debug_assert_eq!(*addr, dst.addr, "topology and world list hosts alike");
         if indices.is_empty() {
             return;
         }

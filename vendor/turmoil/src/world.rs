@@ -247,6 +247,9 @@ impl World {
         for existing in self.hosts.keys() {
             self.topology.register(*existing, addr);
         }
+        // At the index the host is about to get. (Bearman patch.)
+        let index = self.topology.register_host(addr);
+        assert_eq!(index, self.hosts.len(), "topology and world list hosts alike");
 
         // Initialize host state
         #[cfg(feature = "unstable-fs")]
