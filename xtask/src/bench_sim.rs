@@ -32,7 +32,27 @@ pub struct Args {
     /// The floor harness's Cargo.toml
     #[arg(long, default_value = "../shared/bench/turmoil-floor/Cargo.toml")]
     floor_manifest: PathBuf,
+    /// Which builds of the floor to run: `shipped` (its own release profile), `like-sim`
+    /// (the simulator's release settings: fat LTO, one codegen unit), or `both`, so the
+    /// part of the ratio that comes from the compiler settings shows
+    #[arg(long, value_enum, default_value_t = FloorBuild::Both)]
+    floor: FloorBuild,
 }
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FloorBuild {
+    Shipped,
+    LikeSim,
+    Both,
+}
+
+/// The workspace's `[profile.release]` settings that are not cargo's defaults, as the
+/// environment overrides that give another workspace's release build the same (the
+/// floor's, for a like-for-like comparison). A test checks them against Cargo.toml.
+const SIM_RELEASE_SETTINGS: [(&str, &str); 2] = [
+    ("CARGO_PROFILE_RELEASE_LTO", "fat"),
+    ("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1"),
+];
 
 fn progress(message: impl Display) {
     eprintln!("bench-sim: {message}");
@@ -96,17 +116,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &[],
         "bearman-sim",
     )?;
-    progress(format!("building the floor: {}", floor_manifest.display()));
-    let floor_target = workspace.join("target/turmoil-floor");
-    let status = Command::new("cargo")
-        .args(["build", "--release", "--manifest-path"])
-        .arg(&floor_manifest)
-        .arg("--target-dir")
-        .arg(&floor_target)
-        .status()
-        .context("running cargo for the floor harness")?;
-    ensure!(status.success(), "building the floor harness failed");
-    let floor = floor_target.join("release/tproto");
+    let mut floors: Vec<(&str, PathBuf)> = Vec::new();
+    if args.floor != FloorBuild::LikeSim {
+        floors.push(("floor", build_floor(workspace, &floor_manifest, false)?));
+    }
+    if args.floor != FloorBuild::Shipped {
+        floors.push(("floor-lto", build_floor(workspace, &floor_manifest, true)?));
+    }
 
     let work = tempfile::Builder::new()
         .prefix("bench-sim-")
@@ -129,22 +145,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     std::fs::write(&scenario, text.join("\n")).context("writing the scenario")?;
 
     println!(
-        "{:>10}  {:>7}  {:>5}  {:>9}  {:>9}  {:>16}",
-        "shape", "nodes", "round", "floor s", "sim s", "sim vs floor"
+        "{:>10}  {:>7}  {:>5}  {:>9}  {:>9}  {:>9}  {:>16}",
+        "shape", "nodes", "round", "floor", "floor s", "sim s", "sim vs floor"
     );
     for (racks, per_rack) in shapes {
         let nodes = racks * per_rack;
         for round in 1..=args.rounds {
-            let mut floor_run = Command::new(&floor);
-            floor_run.args([
-                racks.to_string(),
-                per_rack.to_string(),
-                args.virtual_s.to_string(),
-                "10".into(),
-            ]);
-            let floor_s = timed(floor_run, "the floor harness", |text| {
-                text.contains("ratio=")
-            })?;
+            // Each floor build, then the simulator, back to back: the ratio of runs
+            // minutes apart would carry the machine's drift.
+            let mut floor_times = Vec::new();
+            for (label, floor) in &floors {
+                let mut floor_run = Command::new(floor);
+                floor_run.args([
+                    racks.to_string(),
+                    per_rack.to_string(),
+                    args.virtual_s.to_string(),
+                    "10".into(),
+                ]);
+                let floor_s = timed(floor_run, "the floor harness", |text| {
+                    text.contains("ratio=")
+                })?;
+                floor_times.push((*label, floor_s));
+            }
             let mut sim_run = Command::new(&sim);
             sim_run.args(["run"]).arg(&scenario).args([
                 "--nodes",
@@ -155,21 +177,87 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "1",
             ]);
             let sim_s = timed(sim_run, "the simulator", |text| text.contains("trace hash"))?;
-            let ratio = floor_s / sim_s;
-            println!(
-                "{:>10}  {:>7}  {:>5}  {:>9.1}  {:>9.1}  {:>15.2}×",
-                format!("{racks}x{per_rack}"),
-                nodes,
-                round,
-                floor_s,
-                sim_s,
-                ratio
-            );
+            for (label, floor_s) in floor_times {
+                println!(
+                    "{:>10}  {:>7}  {:>5}  {:>9}  {:>9.1}  {:>9.1}  {:>15.2}×",
+                    format!("{racks}x{per_rack}"),
+                    nodes,
+                    round,
+                    label,
+                    floor_s,
+                    sim_s,
+                    floor_s / sim_s
+                );
+            }
         }
     }
     println!(
         "(sim vs floor: the floor's wall time over the simulator's; above 1 the simulator, \
-         running the real daemon and agent, is faster than turmoil alone with heartbeats)"
+         running the real daemon and agent, is faster than turmoil alone with heartbeats. \
+         floor: the harness as shipped; floor-lto: built with the simulator's release \
+         settings)"
     );
     Ok(())
+}
+
+/// Builds the floor harness in release, as shipped or with [`SIM_RELEASE_SETTINGS`]
+/// (each in its own target directory); returns its binary.
+fn build_floor(workspace: &Path, manifest: &Path, like_sim: bool) -> anyhow::Result<PathBuf> {
+    let (target, how) = if like_sim {
+        (
+            "target/turmoil-floor-lto",
+            "with the simulator's release settings",
+        )
+    } else {
+        ("target/turmoil-floor", "as shipped")
+    };
+    progress(format!("building the floor {how}: {}", manifest.display()));
+    let floor_target = workspace.join(target);
+    let mut cargo = Command::new("cargo");
+    cargo
+        .args(["build", "--release", "--manifest-path"])
+        .arg(manifest)
+        .arg("--target-dir")
+        .arg(&floor_target);
+    for (name, value) in SIM_RELEASE_SETTINGS {
+        if like_sim {
+            cargo.env(name, value);
+        } else {
+            cargo.env_remove(name);
+        }
+    }
+    let status = cargo
+        .status()
+        .context("running cargo for the floor harness")?;
+    ensure!(status.success(), "building the floor harness failed");
+    Ok(floor_target.join("release/tproto"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The floor built "like the simulator" must get what the workspace's release
+    /// profile really says.
+    #[test]
+    fn the_floors_like_sim_settings_are_the_workspaces_release_profile() {
+        let manifest =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"))
+                .unwrap();
+        let release = manifest
+            .split("\n[")
+            .find(|section| section.starts_with("profile.release]"))
+            .expect("a [profile.release] section");
+        let setting = |key: &str| {
+            release
+                .lines()
+                .find_map(|line| line.strip_prefix(key)?.trim().strip_prefix('='))
+                .map(|value| value.trim().trim_matches('"').to_string())
+        };
+        assert_eq!(setting("lto").as_deref(), Some(SIM_RELEASE_SETTINGS[0].1));
+        assert_eq!(
+            setting("codegen-units").as_deref(),
+            Some(SIM_RELEASE_SETTINGS[1].1)
+        );
+    }
 }
