@@ -8,11 +8,7 @@ use bearman_proto::uuid::NodeUuid;
 use bearman_proto::{Heartbeat, InstalledReport};
 
 fn header<'a>(response: &'a bearman_proto::http::Response, name: &str) -> Option<&'a str> {
-    response
-        .headers
-        .iter()
-        .find(|(key, _)| key.eq_ignore_ascii_case(name))
-        .map(|(_, value)| value.as_str())
+    response.header(name)
 }
 
 fn text(response: &bearman_proto::http::Response) -> String {
