@@ -18,7 +18,9 @@
 //! a stale record over a fresh one; a write refused as stale evicts the entry, so the
 //! next read fetches the record another replica wrote.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use indexmap::IndexMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -63,9 +65,11 @@ pub struct CachedStore {
     /// Bumped after every node or flavor write (see `Store::content_epoch`), and when
     /// the cache is emptied for its age.
     epoch: std::sync::atomic::AtomicU64,
-    /// Looked up on every boot request and heartbeat and never walked in order: hashed,
-    /// where ordered lookups compared a dozen and more uuids each.
-    nodes: Mutex<HashMap<NodeUuid, Arc<Node>>>,
+    /// Looked up on every boot request and heartbeat: hashed, where ordered lookups
+    /// compared a dozen and more uuids each. An `IndexMap` iterates in insertion order
+    /// whatever its hasher (nothing walks this one, but simulated code keeps to maps whose
+    /// order is the same in every run).
+    nodes: Mutex<IndexMap<NodeUuid, Arc<Node>>>,
     flavors: Mutex<BTreeMap<String, Arc<Flavor>>>,
     max_age: Option<MaxAge>,
     /// Evictions from outside (a notification, the age), counted per shard of keys and
@@ -91,7 +95,7 @@ impl CachedStore {
         CachedStore {
             inner,
             epoch: std::sync::atomic::AtomicU64::new(1),
-            nodes: Mutex::new(HashMap::new()),
+            nodes: Mutex::new(IndexMap::new()),
             flavors: Mutex::new(BTreeMap::new()),
             max_age: None,
             evictions: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
@@ -103,7 +107,7 @@ impl CachedStore {
     pub fn evict_node(&self, uuid: &NodeUuid) {
         {
             let mut nodes = self.nodes();
-            nodes.remove(uuid);
+            nodes.swap_remove(uuid);
             self.evicted(uuid.as_str());
         }
         self.bump();
@@ -217,7 +221,7 @@ impl CachedStore {
         }
     }
 
-    fn nodes(&self) -> std::sync::MutexGuard<'_, HashMap<NodeUuid, Arc<Node>>> {
+    fn nodes(&self) -> std::sync::MutexGuard<'_, IndexMap<NodeUuid, Arc<Node>>> {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -243,7 +247,7 @@ impl CachedStore {
         match &written {
             Ok(updated) => self.remember(updated, before),
             Err(_) => {
-                self.nodes().remove(&node.uuid);
+                self.nodes().swap_remove(&node.uuid);
             }
         }
         self.bump();
@@ -256,7 +260,7 @@ impl CachedStore {
     fn remember(&self, node: &Node, before: u64) {
         let mut nodes = self.nodes();
         if before != self.evictions(node.uuid.as_str()) {
-            nodes.remove(&node.uuid);
+            nodes.swap_remove(&node.uuid);
             return;
         }
         if nodes.len() >= CACHED_NODES_MAX && !nodes.contains_key(&node.uuid) {
@@ -378,7 +382,7 @@ impl Store for CachedStore {
             }
             Err(error) => {
                 // As for a failed update: the cached copy may be the stale one that lost.
-                self.nodes().remove(&write.node.uuid);
+                self.nodes().swap_remove(&write.node.uuid);
                 self.bump();
                 Err(error)
             }
@@ -609,7 +613,7 @@ impl Store for CachedStore {
             }
             Err(error) => {
                 if let Some(node) = node {
-                    self.nodes().remove(&node.uuid);
+                    self.nodes().swap_remove(&node.uuid);
                     self.bump();
                 }
                 Err(error)
